@@ -1,0 +1,35 @@
+# Fresh-machine set-up and the two everyday commands:  make demo  |  make test
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+ARCH   := $(shell uname -m)
+# The CUDA build (it runs on the CPU too) that this project is tested with; aarch64 gets the CPU build.
+ifeq ($(ARCH),aarch64)
+TORCH   = torch==2.9.1 torchvision==0.24.1
+else
+TORCH   = torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test,report]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/empssl train --preset cpu-demo --out runs/cpu-demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m pip install --quiet ruff
+	$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf runs/cpu-demo data/cache

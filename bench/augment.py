@@ -1,0 +1,161 @@
+"""Throughput of EMP-SSL patch generation: ours (empssl.patches) vs kornia vs a torchvision.v2 loop.
+
+All three make the same workload: a uint8 batch (B, 3, S, S) in, B * n_patches normalised 32 px patches out,
+with per-patch random parameters (crop 1/4 of the area + flip + ColorJitter p0.8 + grayscale p0.2 +
+Gaussian blur p0.1 + solarize p0.1 + normalise).
+
+    PYTHONPATH=src python bench/augment.py --device cpu --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+
+from empssl.patches import Augment, make_patches
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> list[float]:
+    """Seconds per call, after one warm-up call."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def ours(images: torch.Tensor, n: int, aug: Augment) -> Callable[[], torch.Tensor]:
+    g = torch.Generator(device=images.device).manual_seed(0)
+    return lambda: make_patches(images, n, aug, g)
+
+
+def kornia_pipeline(images: torch.Tensor, n: int, aug: Augment) -> Callable[[], torch.Tensor]:
+    import kornia.augmentation as K
+
+    blur_k = 2 * int(torch.tensor(3 * aug.blur_sigma[1]).ceil()) + 1
+    pipe = K.AugmentationSequential(
+        K.RandomResizedCrop((aug.size, aug.size), scale=aug.scale, ratio=aug.ratio),
+        K.RandomHorizontalFlip(p=aug.flip_p),
+        K.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue, p=aug.jitter_p),
+        K.RandomGrayscale(p=aug.gray_p),
+        K.RandomGaussianBlur((blur_k, blur_k), aug.blur_sigma, p=aug.blur_p),
+        K.RandomSolarize(thresholds=0.0, additions=0.0, p=aug.solarize_p),  # threshold exactly 0.5
+        K.Normalize(mean=torch.tensor(aug.mean), std=torch.tensor(aug.std)),
+    ).to(images.device)
+
+    def run() -> torch.Tensor:
+        # Same contract as ours: uint8 in, (n, B, ...) out; kornia needs each patch as its own batch row.
+        x = images.float().div(255).repeat(n, 1, 1, 1)
+        return pipe(x).view(n, images.shape[0], 3, aug.size, aug.size)
+
+    return run
+
+
+def torchvision_loop(images: torch.Tensor, n: int, aug: Augment) -> Callable[[], torch.Tensor]:
+    import torchvision.transforms.v2 as T
+
+    blur_k = 2 * int(torch.tensor(3 * aug.blur_sigma[1]).ceil()) + 1
+    pipe = T.Compose(
+        [
+            T.RandomResizedCrop(aug.size, scale=aug.scale, ratio=aug.ratio, antialias=True),
+            T.RandomHorizontalFlip(aug.flip_p),
+            T.RandomApply(
+                [T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)], p=aug.jitter_p
+            ),
+            T.RandomGrayscale(aug.gray_p),
+            T.RandomApply([T.GaussianBlur(blur_k, sigma=aug.blur_sigma)], p=aug.blur_p),
+            T.RandomSolarize(0.5, p=aug.solarize_p),
+            T.Normalize(aug.mean, aug.std),
+        ]
+    )
+
+    def run() -> torch.Tensor:
+        # v2 draws one set of parameters per call, so per-patch parameters need one call per patch.
+        x = images.float().div(255)
+        return torch.stack([torch.stack([pipe(img) for img in x]) for _ in range(n)])
+
+    return run
+
+
+METHODS = {"ours": ours, "kornia": kornia_pipeline, "torchvision": torchvision_loop}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda if available)")
+    ap.add_argument("--batch", type=int, default=100, help="images per step")
+    ap.add_argument("--patches", type=int, default=20, help="patches per image")
+    ap.add_argument("--image-size", type=int, default=32, help="side of the (random uint8) source images")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per method, after one warm-up step")
+    ap.add_argument(
+        "--methods", default="ours,kornia,torchvision", help="comma-separated: " + ",".join(METHODS)
+    )
+    args = ap.parse_args(argv)
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    versions = f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+    try:
+        import kornia
+
+        versions += f", kornia {kornia.__version__}"
+    except ImportError:
+        versions += ", kornia not installed"
+    print(f"device: {describe(device)}; {versions}")
+    print(
+        f"workload: {args.batch} images of {args.image_size}px x {args.patches} patches "
+        f"= {args.batch * args.patches} patches/step, {args.repeats} timed steps"
+    )
+
+    aug = Augment()
+    images = torch.randint(
+        0,
+        256,
+        (args.batch, 3, args.image_size, args.image_size),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(0),
+    ).to(device)
+    n_out = args.batch * args.patches
+    for name in args.methods.split(","):
+        if name not in METHODS:
+            print(f"{name}: unknown method, choose from {', '.join(METHODS)}")
+            return 2
+        try:
+            fn = METHODS[name](images, args.patches, aug)
+        except ImportError as e:
+            print(f"{name:12s} skipped ({e})")
+            continue
+        secs = time_it(fn, device, args.repeats)
+        rates = [n_out / s for s in secs]
+        spread = statistics.stdev(rates) if len(rates) > 1 else 0.0
+        print(
+            f"{name:12s} {statistics.mean(rates):12,.0f} patches/s  (+- {spread:,.0f}; "
+            f"{1000 * statistics.mean(secs):8.1f} ms/step)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

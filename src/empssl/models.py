@@ -1,0 +1,165 @@
+"""ResNet backbones and the EMP-SSL encoder (backbone -> 4096-d pre-feature -> projector -> unit sphere).
+
+The backbone uses torchvision's parameter names (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), so a
+width-64 backbone's state_dict loads into ``torchvision.models.resnet18`` with ``strict=True`` once the
+stem (``conv1``, 3x3 in the CIFAR variant) and ``fc`` are set aside; see :func:`to_torchvision_resnet18`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHS: dict[str, Callable[..., ResNet]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., ResNet]], Callable[..., ResNet]]:
+    def wrap(fn: Callable[..., ResNet]) -> Callable[..., ResNet]:
+        ARCHS[name] = fn
+        return fn
+
+    return wrap
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes:
+            # Named like torchvision's (downsample.0 = conv, downsample.1 = BN).
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet with BasicBlocks. ``stem="cifar"``: 3x3 stride-1 conv, no max-pool (for 32 px inputs);
+    ``stem="imagenet"``: 7x7 stride-2 conv + 3x3 max-pool. ``width`` is the first stage's channels
+    (64 for the standard network; smaller for the CPU demo). Output: (B, 8*width) after global pooling."""
+
+    def __init__(self, layers: tuple[int, ...] = (2, 2, 2, 2), width: int = 64, stem: str = "cifar") -> None:
+        super().__init__()
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        elif stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            raise ValueError(f"unknown stem {stem!r}")
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        stages = []
+        inplanes = width
+        for i, n in enumerate(layers):
+            planes = width * 2**i
+            blocks = [BasicBlock(inplanes, planes, 1 if i == 0 else 2)]
+            blocks += [BasicBlock(planes, planes) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.out_dim = inplanes
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, 3, H, W) -> (B, out_dim)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+@register("resnet18-cifar")
+def resnet18_cifar(width: int = 64) -> ResNet:
+    return ResNet((2, 2, 2, 2), width, stem="cifar")
+
+
+@register("resnet18-imagenet")
+def resnet18_imagenet(width: int = 64) -> ResNet:
+    return ResNet((2, 2, 2, 2), width, stem="imagenet")
+
+
+@register("resnet34-cifar")
+def resnet34_cifar(width: int = 64) -> ResNet:
+    return ResNet((3, 4, 6, 3), width, stem="cifar")
+
+
+def create_backbone(arch: str, width: int = 64) -> ResNet:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(sorted(ARCHS))}")
+    return ARCHS[arch](width=width)
+
+
+class EMPSSLModel(nn.Module):
+    """The official EMP-SSL encoder.
+
+    backbone (B, 512) -> pre_feature: Linear(512, 4096) + BN + ReLU  (the representation evaluated)
+                      -> projection: Linear(4096, 4096) + BN + ReLU + Linear(4096, 1024)
+                      -> L2 normalisation (z on the unit sphere).
+    BatchNorm sees every patch of the step at once, as in the official code.
+    """
+
+    def __init__(self, arch: str = "resnet18-cifar", width: int = 64, hidden_dim: int = 4096, z_dim: int = 1024):
+        super().__init__()
+        self.backbone = create_backbone(arch, width)
+        d = self.backbone.out_dim
+        self.pre_feature = nn.Sequential(nn.Linear(d, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True))
+        self.projection = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, z_dim),
+        )
+        self.hidden_dim, self.z_dim = hidden_dim, z_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) normalised patches -> z: (B, z_dim), unit L2 norm (float32)."""
+        z = self.projection(self.pre_feature(self.backbone(x)))
+        return F.normalize(z.float(), dim=-1)
+
+    def features(self, x: torch.Tensor, kind: str = "pre") -> torch.Tensor:
+        """Representation used for evaluation: ``"pre"`` -> (B, hidden_dim), ``"backbone"`` -> (B, 8*width)."""
+        h = self.backbone(x)
+        if kind == "backbone":
+            return h
+        if kind == "pre":
+            return self.pre_feature(h)
+        raise ValueError(f"unknown feature kind {kind!r}; use 'pre' or 'backbone'")
+
+
+def to_torchvision_resnet18(backbone: ResNet) -> nn.Module:
+    """Copy a width-64 backbone into a fresh ``torchvision.models.resnet18``.
+
+    Everything but the stem conv (3x3 in the CIFAR variant, 7x7 in torchvision) and ``fc`` is loaded with
+    strict key matching; the CIFAR stem is replaced by an equal 3x3 stride-1 conv and the max-pool by
+    Identity, so the returned network computes exactly what the backbone computes (plus torchvision's fc).
+    """
+    import torchvision
+
+    if backbone.out_dim != 512:
+        raise ValueError("only a width-64 ResNet-18 backbone matches torchvision.models.resnet18")
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = nn.Conv2d(3, 64, backbone.conv1.kernel_size, backbone.conv1.stride, backbone.conv1.padding, bias=False)
+    if isinstance(backbone.maxpool, nn.Identity):
+        net.maxpool = nn.Identity()
+    state = backbone.state_dict()
+    state.update({k: v for k, v in net.state_dict().items() if k.startswith("fc.")})
+    net.load_state_dict(state, strict=True)
+    return net

@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from empssl.data import ImageData, load_data
+
+TINY = ["--width", "4", "--hidden-dim", "32", "--z-dim", "16", "--patch-size", "8", "--num-patches", "4",
+        "--batch-size", "20", "--test-patches", "2", "--probe-epochs", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data dir whose cache already holds the decoded bundled demo subset (decoded once per session)."""
+    d = tmp_path_factory.mktemp("data")
+    load_data("demo", str(d), progress=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def demo_data(data_dir) -> tuple[ImageData, ImageData]:
+    return load_data("demo", str(data_dir), progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    # Subprocesses started by tests get the same thread count as this process, so runs compare bitwise.
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))

@@ -1,0 +1,135 @@
+"""The command line: every user mistake answers with one line on stderr and a non-zero exit, no traceback."""
+
+import io
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+from empssl.cli import build_parser, main
+
+from .conftest import TINY
+
+
+def run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    code = main(["train", "--data", "demo", "--data-dir", str(data_dir), "--out", str(out), "--no-progress",
+                 "--train-subset", "100", "--test-subset", "50", "--epochs", "1", *TINY])
+    assert code == 0
+    return out
+
+
+def test_train_then_eval_roundtrip(tiny_run, data_dir, capsys, tmp_path):
+    out = tmp_path / "eval.json"
+    code, stdout, err = run(["eval", "--checkpoint", str(tiny_run), "--out", str(out), "--no-progress",
+                             "--test-patches", "3", "--probe-epochs", "1"], capsys)
+    assert code == 0, err
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["test_patches"] == 3 and "linear_top1" in res and "knn_top1" in res
+    assert "test patches" in stdout
+
+
+def test_rerun_of_finished_run_does_not_retrain(tiny_run, capsys):
+    before = torch.load(tiny_run / "checkpoint.pt", weights_only=True)["model"]
+    code, stdout, _ = run(["train", "--out", str(tiny_run), "--no-eval", "--no-progress"], capsys)
+    assert code == 0 and "already trained" in stdout
+    after = torch.load(tiny_run / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["train", "--data", "/no/such/place", "--out", "{tmp}/r"], ["/no/such/place"]),
+    (["train", "--num-patches", "0", "--out", "{tmp}/r"], ["--num-patches"]),
+    (["train", "--num-patches", "many", "--out", "{tmp}/r"], ["--num-patches"]),
+    (["train", "--crop-scale", "0.5", "0.2", "--out", "{tmp}/r"], ["--crop-scale"]),
+    (["train", "--preset", "nope", "--out", "{tmp}/r"], ["nope"]),
+    (["train", "--config", "{tmp}/missing.json", "--out", "{tmp}/r"], ["missing.json"]),
+    (["train", "--arch", "vgg11", "--out", "{tmp}/r"], ["vgg11"]),
+    (["train", "--device", "tpu", "--out", "{tmp}/r"], ["--device"]),
+    (["train", "--channels-last", "maybe", "--out", "{tmp}/r"], ["maybe"]),
+    (["train", "--bogus-flag", "--out", "{tmp}/r"], ["--bogus-flag"]),
+    (["train"], ["--out"]),
+    (["eval", "--checkpoint", "{tmp}/nothing.pt"], ["nothing.pt"]),
+    (["frobnicate"], ["frobnicate"]),
+])
+def test_user_mistakes(argv, needles, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, *needles)
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path, tiny_run, capsys):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    code, _, err = run(["eval", "--checkpoint", str(bad)], capsys)
+    assert_one_line_error(code, err, "garbage.pt")
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    code, _, err = run(["eval", "--checkpoint", str(foreign)], capsys)
+    assert_one_line_error(code, err, "not an empssl checkpoint")
+
+    code, _, err = run(["eval", "--checkpoint", str(tiny_run)], capsys)  # sanity: it is a good checkpoint
+    ckpt = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["width"] = 8  # claims another architecture than its weights have
+    mismatched = tmp_path / "mismatch.pt"
+    torch.save(ckpt, mismatched)
+    code, _, err = run(["eval", "--checkpoint", str(mismatched)], capsys)
+    assert_one_line_error(code, err, "does not match the architecture", "width 8")
+
+
+def test_resume_refuses_changed_training_settings(tiny_run, capsys):
+    code, _, err = run(["train", "--out", str(tiny_run), "--lr", "0.1", "--no-progress"], capsys)
+    assert_one_line_error(code, err, "lr=0.3", "0.1")
+
+
+def test_corrupt_image_is_named(tmp_path, capsys):
+    archive = tmp_path / "broken.tar.gz"
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            for cls in ("a", "b"):
+                for i, payload in enumerate([png.getvalue(), b"\x89PNG broken" if split == "train" and cls == "b"
+                                            else png.getvalue()]):
+                    info = tarfile.TarInfo(f"{split}/{cls}/{i}.png")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    code, _, err = run(["train", "--data", str(archive), "--data-dir", str(tmp_path / "d"),
+                        "--out", str(tmp_path / "r"), "--no-progress"], capsys)
+    assert_one_line_error(code, err, "b/1.png")
+
+
+def test_every_flag_has_help():
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices["train"]._actions:
+        assert action.help, action.dest
+
+
+def test_console_script_entry_point_reports_errors(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "empssl.cli", "train", "--data", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert_one_line_error(proc.returncode, proc.stderr, "nope")

@@ -1,0 +1,439 @@
+"""Tests for empssl.data on small ImageFolder trees built here (folders, .tar.gz, .tar and .zip)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+import urllib.error
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from empssl import data
+from empssl.data import DataError, ImageData, demo_archive, load_data
+
+CLASSES = ["cat", "dog", "frog"]  # created in a different order below; loading must sort them
+
+
+def pixel(label: int, index: int) -> int:
+    """The grey level of image ``index`` of class ``label``, so each image can be recognised after loading."""
+    return 40 * label + index + 1
+
+
+def make_tree(root: Path, n_train: int = 4, n_test: int = 2, size: tuple[int, int] = (8, 8),
+              mode: str = "RGB", test_name: str = "test", classes: list[str] = CLASSES) -> Path:
+    """root/{train,<test_name>}/<class>/NNNN.png, lossless, one flat grey level per image."""
+    for split, n in (("train", n_train), (test_name, n_test)):
+        for label in reversed(range(len(classes))):
+            d = root / split / classes[label]
+            d.mkdir(parents=True)
+            for i in range(n):
+                v = pixel(label, i)
+                Image.new(mode, size, v if mode == "L" else (v, v, v)).save(d / f"{i:04d}.png")
+    return root
+
+
+def archive(tree: Path, out: Path, wrap: str | None = "wrapped") -> Path:
+    """Pack ``tree`` into ``out`` (.tar, .tar.gz or .zip), under one top-level folder ``wrap`` if given."""
+    files = sorted(p for p in tree.rglob("*") if p.is_file())
+
+    def name(p: Path) -> str:
+        rel = p.relative_to(tree).as_posix()
+        return f"{wrap}/{rel}" if wrap else rel
+
+    if out.name.endswith(".zip"):
+        with zipfile.ZipFile(out, "w") as zf:
+            for p in files:
+                zf.write(p, name(p))
+    else:
+        with tarfile.open(out, "w:gz" if out.name.endswith(".gz") else "w") as tf:
+            for p in files:
+                tf.add(p, name(p))
+    return out
+
+
+def check_tree_data(train: ImageData, test: ImageData, n_train: int = 4, n_test: int = 2, hw: int = 8
+                    ) -> None:
+    for ds, n in ((train, n_train), (test, n_test)):
+        assert ds.classes == CLASSES
+        assert ds.images.shape == (n * len(CLASSES), 3, hw, hw)
+        assert ds.images.dtype == torch.uint8 and ds.images.is_contiguous() and ds.images.device.type == "cpu"
+        assert ds.labels.dtype == torch.int64
+        assert ds.labels.tolist() == [c for c in range(len(CLASSES)) for _ in range(n)]
+        # each image's pixels identify its class and index: labels and images stay aligned
+        expected = torch.tensor([pixel(c, i) for c in range(len(CLASSES)) for i in range(n)]).to(torch.uint8)
+        assert torch.equal(ds.images[:, :, 0, 0], expected[:, None].expand(-1, 3))
+        assert len(ds) == n * len(CLASSES)
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def test_folder_loads_with_sorted_classes_and_aligned_labels(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    train, test = load_data(str(root), data_dir=str(tmp_path / "cache"), progress=False)
+    check_tree_data(train, test)
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tgz", ".tar", ".zip"])
+@pytest.mark.parametrize("wrap", [None, "wrapped"])
+def test_archive_matches_folder(tmp_path: Path, suffix: str, wrap: str | None) -> None:
+    path = archive(make_tree(tmp_path / "tree"), tmp_path / f"tree{suffix}", wrap)
+    train, test = load_data(str(path), data_dir=str(tmp_path / "cache"), progress=False)
+    check_tree_data(train, test)
+    # nothing but the finished cache is left behind
+    assert [p.name.startswith("tree-") for p in (tmp_path / "cache" / "cache").iterdir()] == [True]
+
+
+def test_val_split_is_accepted(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree", test_name="val")
+    train, test = load_data(str(root), data_dir=str(tmp_path / "cache"), progress=False)
+    check_tree_data(train, test)
+
+
+def test_hidden_and_non_image_files_are_ignored(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "train" / "cat" / "._0000.png").write_bytes(b"resource fork")
+    (root / "train" / ".hidden_class").mkdir()
+    (root / "train" / "cat" / ".cache").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "train" / "cat" / ".cache" / "x.png")
+    # an upper-case extension counts
+    Image.new("RGB", (8, 8), (1, 1, 1)).save(root / "test" / "dog" / "0002.JPEG")
+    train, test = load_data(str(root), data_dir=str(tmp_path / "cache"), progress=False)
+    assert len(train) == 12 and train.classes == CLASSES
+    assert len(test) == 7 and test.labels.tolist() == [0, 0, 1, 1, 1, 2, 2]
+
+
+def test_grayscale_is_replicated_to_three_channels(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree", mode="L")
+    train, test = load_data(str(root), data_dir=str(tmp_path / "cache"), progress=False)
+    check_tree_data(train, test)
+    assert torch.equal(train.images[:, 0], train.images[:, 2])
+
+
+def test_mixed_sizes_need_image_size(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    Image.new("RGB", (12, 10), (9, 9, 9)).save(root / "train" / "dog" / "0009.png")
+    with pytest.raises(DataError, match=r"--image-size.*|.*0009\.png.*"):
+        load_data(str(root), data_dir=str(tmp_path / "cache"), progress=False)
+    with pytest.raises(DataError) as e:
+        load_data(str(root), data_dir=str(tmp_path / "cache"), progress=False)
+    msg = str(e.value)
+    assert "--image-size" in msg and "train/dog/0009.png" in msg and "\n" not in msg
+
+
+def test_image_size_resizes_shorter_side_and_centre_crops(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree", size=(8, 8))
+    # 24 x 12: left, middle and right thirds in different colours
+    img = np.zeros((12, 24, 3), dtype=np.uint8)
+    img[:, :8] = 200
+    img[:, 8:16] = 100
+    img[:, 16:] = 50
+    Image.fromarray(img).save(root / "train" / "dog" / "0009.png")
+    train, test = load_data(str(root), data_dir=str(tmp_path / "cache"), image_size=6, progress=False)
+    assert train.images.shape == (13, 3, 6, 6) and test.images.shape == (6, 3, 6, 6)
+    wide = train.images[train.labels.tolist().index(1) + 4]  # the 24 x 12 image, last of class dog
+    # resized to 12 x 6 (thirds 4 wide), crop = columns 3..8: pure middle in the centre, blended at the edges
+    assert torch.equal(wide[:, :, 2:4], torch.full((3, 6, 2), 100, dtype=torch.uint8))
+    assert wide[:, :, 0].float().mean() > 100 and wide[:, :, 5].float().mean() < 100  # bilinear edges blend
+    # flat images stay flat
+    assert torch.equal(train.images[0], torch.full((3, 6, 6), pixel(0, 0), dtype=torch.uint8))
+
+
+# --- the cache --------------------------------------------------------------------------------------
+
+
+def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoded again instead of using the cache")
+
+    monkeypatch.setattr(data, "_decode_split", fail)
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_second_load_uses_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    root = make_tree(tmp_path / "tree")
+    spec = str(root if kind == "folder" else archive(root, tmp_path / "tree.zip"))
+    first = load_data(spec, data_dir=str(tmp_path / "d"), progress=False)
+    caches = list((tmp_path / "d" / "cache").iterdir())
+    assert len(caches) == 1 and (caches[0] / "meta.json").is_file()
+    forbid_decoding(monkeypatch)
+    second = load_data(spec, data_dir=str(tmp_path / "d"), progress=False)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.classes == b.classes
+    with pytest.raises(AssertionError, match="decoded again"):  # another image size is another cache
+        load_data(spec, data_dir=str(tmp_path / "d"), image_size=4, progress=False)
+
+
+def test_changed_folder_is_decoded_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_tree(tmp_path / "tree")
+    load_data(str(root), data_dir=str(tmp_path / "d"), progress=False)
+    Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "0100.png")
+    train, _ = load_data(str(root), data_dir=str(tmp_path / "d"), progress=False)
+    assert len(train) == 13
+    forbid_decoding(monkeypatch)
+    assert len(load_data(str(root), data_dir=str(tmp_path / "d"), progress=False)[0]) == 13
+
+
+def test_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    load_data(str(root), data_dir=str(tmp_path / "d"), progress=False)
+    (cache,) = (tmp_path / "d" / "cache").iterdir()
+    (cache / "train_images.npy").write_bytes(b"garbage")
+    check_tree_data(*load_data(str(root), data_dir=str(tmp_path / "d"), progress=False))
+    assert np.load(cache / "train_images.npy").shape == (12, 3, 8, 8)
+    (cache / "test_labels.npy").unlink()
+    check_tree_data(*load_data(str(root), data_dir=str(tmp_path / "d"), progress=False))
+    assert np.load(cache / "test_labels.npy").shape == (6,)
+
+
+# --- the process pool -------------------------------------------------------------------------------
+
+
+def test_pool_decoding_matches_and_reports_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_POOL_MIN_IMAGES", 1)
+    root = make_tree(tmp_path / "tree")
+    check_tree_data(*load_data(str(root), data_dir=str(tmp_path / "d"), progress=True))
+    (root / "test" / "frog" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    with pytest.raises(DataError, match=r"test/frog/0001\.png"):
+        load_data(str(root), data_dir=str(tmp_path / "d"), progress=False)
+
+
+# --- subset -----------------------------------------------------------------------------------------
+
+
+def make_image_data(labels: list[int], n_classes: int) -> ImageData:
+    n = len(labels)
+    images = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 3, 2, 2).contiguous()
+    return ImageData(images, torch.tensor(labels, dtype=torch.int64), [f"c{i}" for i in range(n_classes)])
+
+
+def test_subset_is_class_balanced_first_images() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(4), 10)).tolist()  # 4 classes x 10, shuffled like CIFAR
+    ds = make_image_data(labels, 4)
+    sub = ds.subset(10)
+    assert len(sub) == 10
+    # ceil(10 / 4) for the first 10 % 4 classes, floor for the rest
+    assert torch.bincount(sub.labels, minlength=4).tolist() == [3, 3, 2, 2]
+    for c, k in enumerate([3, 3, 2, 2]):  # the first k of each class, in stored order
+        first_k = [i for i, label in enumerate(labels) if label == c][:k]
+        assert sorted(sub.images[sub.labels == c, 0, 0, 0].tolist()) == first_k
+    kept = sub.images[:, 0, 0, 0].tolist()
+    assert kept == sorted(kept)  # stored order is kept
+    assert torch.equal(ds.subset(10).images, sub.images)  # deterministic
+    assert torch.equal(sub.subset(6).images, ds.subset(6).images)
+    assert sub.classes == ds.classes and sub.images.is_contiguous()
+
+
+def test_subset_small_class_leaves_its_share_to_others() -> None:
+    ds = make_image_data([0] * 8 + [1] * 2, 2)
+    assert torch.bincount(ds.subset(6).labels).tolist() == [4, 2]
+    assert ds.subset(100) is ds
+    with pytest.raises(DataError, match="subset"):
+        ds.subset(0)
+
+
+# --- user errors ------------------------------------------------------------------------------------
+
+
+def load_error(spec: str | Path, tmp_path: Path, **kwargs: object) -> str:
+    with pytest.raises(DataError) as e:
+        load_data(str(spec), data_dir=str(tmp_path / "d"), progress=False, **kwargs)  # type: ignore[arg-type]
+    msg = str(e.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    assert "nowhere" in load_error(tmp_path / "nowhere", tmp_path)
+
+
+def test_neither_folder_nor_archive(tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text("a,b\n")
+    msg = load_error(tmp_path / "data.csv", tmp_path)
+    assert "data.csv" in msg and "archive" in msg
+
+
+def test_no_train_split(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    shutil.rmtree(root / "train")
+    assert "train/" in load_error(root, tmp_path)
+
+
+@pytest.mark.parametrize("suffix", ["", ".zip"])
+def test_no_test_or_val_split(tmp_path: Path, suffix: str) -> None:
+    root = make_tree(tmp_path / "tree")
+    shutil.rmtree(root / "test")
+    spec = archive(root, tmp_path / f"tree{suffix}") if suffix else root
+    msg = load_error(spec, tmp_path)
+    assert "test/" in msg and "val/" in msg and f"tree{suffix}" in msg
+
+
+def test_split_without_class_folders(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    shutil.rmtree(root / "test")
+    (root / "test").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "test" / "loose.png")
+    assert "test/ has no class folders" in load_error(root, tmp_path)
+
+
+def test_class_without_images(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    for p in (root / "train" / "dog").iterdir():
+        p.unlink()
+    (root / "train" / "dog" / "readme.txt").write_text("x")
+    assert "train/dog/ has no images" in load_error(root, tmp_path)
+
+
+def test_corrupt_image_names_the_file(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    (root / "train" / "cat" / "0002.png").write_bytes(b"not a png at all")
+    assert "train/cat/0002.png" in load_error(root, tmp_path)
+
+
+def test_truncated_jpeg_names_the_file(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(buf, "JPEG")
+    (root / "test" / "dog" / "0005.jpg").write_bytes(buf.getvalue()[:200])
+    assert "test/dog/0005.jpg" in load_error(archive(root, tmp_path / "t.tar.gz"), tmp_path)
+
+
+def test_train_and_test_classes_differ(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    shutil.rmtree(root / "test" / "frog")
+    shutil.copytree(root / "test" / "dog", root / "test" / "zebra")
+    msg = load_error(root, tmp_path)
+    assert "only in train: frog" in msg and "only in test: zebra" in msg
+
+
+@pytest.mark.parametrize("name", ["bad.tar.gz", "bad.zip", "bad.tar"])
+def test_corrupt_archive(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(bytes(range(256)) * 8)
+    msg = load_error(tmp_path / name, tmp_path)
+    assert name in msg and "corrupt" in msg
+
+
+def test_truncated_archive(tmp_path: Path) -> None:
+    good = archive(make_tree(tmp_path / "tree"), tmp_path / "good.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(good[: len(good) // 2])
+    assert "cut.tar.gz" in load_error(tmp_path / "cut.tar.gz", tmp_path)
+
+
+@pytest.mark.parametrize("evil", ["../escape.png", "/abs/escape.png", "tree/../../escape.png"])
+def test_archive_member_escaping_root_is_refused(tmp_path: Path, evil: str) -> None:
+    path = archive(make_tree(tmp_path / "tree"), tmp_path / "evil.tar", wrap="tree")
+    with tarfile.open(path, "a") as tf:
+        info = tarfile.TarInfo(evil)
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    msg = load_error(path, tmp_path)
+    assert "outside its root" in msg and evil in msg
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path / "d" / "escape.png").exists()
+
+
+def test_archive_symlinks_are_not_followed(tmp_path: Path) -> None:
+    path = archive(make_tree(tmp_path / "tree"), tmp_path / "links.tar", wrap="tree")
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    with tarfile.open(path, "a") as tf:
+        info = tarfile.TarInfo("tree/train/cat/link.png")
+        info.type, info.linkname = tarfile.SYMTYPE, str(secret)
+        tf.addfile(info)
+    train, _ = load_data(str(path), data_dir=str(tmp_path / "d"), progress=False)
+    assert len(train) == 12
+
+
+def test_train_and_test_sizes_differ(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    shutil.rmtree(root / "test")
+    make_tree(tmp_path / "other", size=(10, 10))
+    shutil.move(tmp_path / "other" / "test", root / "test")
+    assert "--image-size" in load_error(root, tmp_path)
+    train, test = load_data(str(root), data_dir=str(tmp_path / "d"), image_size=8, progress=False)
+    assert train.images.shape[2:] == test.images.shape[2:] == (8, 8)
+
+
+def test_unwritable_cache_dir(tmp_path: Path) -> None:
+    (tmp_path / "d").write_text("a file where the cache folder should go")
+    assert "cache" in load_error(make_tree(tmp_path / "tree"), tmp_path)
+
+
+def test_negative_image_size(tmp_path: Path) -> None:
+    assert "image size" in load_error(make_tree(tmp_path / "tree"), tmp_path, image_size=-1)
+
+
+# --- torchvision datasets (faked: nothing can be downloaded here) --------------------------------------
+
+
+class FakeCIFAR:
+    def __init__(self, root: str, train: bool, download: bool) -> None:
+        if not download:
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        n = 6 if train else 4
+        self.data = np.arange(n * 32 * 32 * 3, dtype=np.int64).reshape(n, 32, 32, 3).astype(np.uint8)
+        self.targets = [i % 2 for i in range(n)]
+        self.classes = ["a", "b"]
+
+
+def test_cifar_arrays_are_converted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR)
+    train, test = load_data("cifar10", data_dir=str(tmp_path))
+    assert train.images.shape == (6, 3, 32, 32) and test.images.shape == (4, 3, 32, 32)
+    assert train.images.is_contiguous() and train.labels.dtype == torch.int64
+    assert torch.equal(train.images[1], torch.from_numpy(FakeCIFAR(".", True, True).data[1]).permute(2, 0, 1))
+    assert train.classes == ["a", "b"] and train.labels.tolist() == [0, 1, 0, 1, 0, 1]
+    assert load_data("cifar10", data_dir=str(tmp_path), image_size=16)[0].images.shape == (6, 3, 16, 16)
+
+
+def test_cifar_offline_says_where_it_looked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import torchvision
+
+    class Offline(FakeCIFAR):
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            if download:
+                raise urllib.error.URLError("no network")
+            super().__init__(root, train, download)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", Offline)
+    msg = load_error("cifar100", tmp_path)
+    assert "cifar100" in msg and str(tmp_path / "d") in msg and "downloaded" in msg and "ImageFolder" in msg
+
+
+# --- the bundled demo archive -------------------------------------------------------------------------
+
+
+def test_demo_archive_loads(tmp_path: Path) -> None:
+    assert demo_archive().is_file() and demo_archive().stat().st_size < 3_000_000
+    train, test = load_data("demo", data_dir=str(tmp_path), progress=False)
+    assert train.images.shape == (5000, 3, 32, 32) and test.images.shape == (1000, 3, 32, 32)
+    assert train.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                             "truck"]
+    assert torch.bincount(train.labels).tolist() == [500] * 10
+    assert torch.bincount(test.labels).tolist() == [100] * 10
+    assert 60 < train.images.float().mean() < 200  # real photos, not blank
+
+
+SHARED_CIFAR = Path("/work/shared/data/cifar10-jpeg75.tar.gz")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason="needs the offline CIFAR-10 JPEG archive")
+def test_demo_archive_rebuilds_byte_for_byte(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "make_demo_subset.py"
+    out = tmp_path / "demo.tar.gz"
+    subprocess.run([sys.executable, str(tool), "--source", str(SHARED_CIFAR), "--out", str(out)], check=True)
+    assert out.read_bytes() == demo_archive().read_bytes()

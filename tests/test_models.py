@@ -1,0 +1,55 @@
+"""Shapes, normalisation and torchvision compatibility of the encoder."""
+
+import pytest
+import torch
+import torchvision
+
+from empssl.models import ARCHS, EMPSSLModel, create_backbone, to_torchvision_resnet18
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_arch_forward_shapes(arch):
+    torch.manual_seed(0)
+    model = EMPSSLModel(arch, width=8, hidden_dim=32, z_dim=16)
+    size = 64 if "imagenet" in arch else 16
+    x = torch.randn(6, 3, size, size)
+    z = model(x)
+    assert z.shape == (6, 16) and torch.isfinite(z).all()
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(6))
+    assert model.features(x, "pre").shape == (6, 32)
+    assert model.features(x, "backbone").shape == (6, 64)
+    with pytest.raises(ValueError):
+        model.features(x, "nope")
+
+
+def test_official_dimensions():
+    model = EMPSSLModel()
+    assert model.backbone.out_dim == 512 and model.hidden_dim == 4096 and model.z_dim == 1024
+    assert model.backbone.conv1.kernel_size == (3, 3) and model.backbone.conv1.stride == (1, 1)
+    assert isinstance(model.backbone.maxpool, torch.nn.Identity)
+
+
+def test_backbone_keys_are_torchvision_resnet18_keys():
+    ours = set(create_backbone("resnet18-cifar").state_dict())
+    theirs = set(torchvision.models.resnet18(weights=None).state_dict())
+    assert ours == {k for k in theirs if not k.startswith("fc.")}
+
+
+@pytest.mark.parametrize("arch", ["resnet18-cifar", "resnet18-imagenet"])
+def test_export_to_torchvision_computes_the_same(arch):
+    torch.manual_seed(0)
+    backbone = create_backbone(arch).eval()
+    net = to_torchvision_resnet18(backbone).eval()
+    net.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(net(x), backbone(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_rejects_narrow_backbone():
+    with pytest.raises(ValueError, match="width-64"):
+        to_torchvision_resnet18(create_backbone("resnet18-cifar", width=16))
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        create_backbone("vgg")

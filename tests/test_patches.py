@@ -1,0 +1,359 @@
+"""Batched patch augmentation: parameter statistics, each op against torchvision, end-to-end properties."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+
+from empssl import patches as pm
+from empssl.patches import Augment, AugmentError, PatchParams, apply_params, make_patches, sample_params
+
+# Every random op off, full-image crop: the pipeline should reduce to resize + normalise.
+IDENTITY = Augment(scale=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+NO_COLOR = {"flip_p": 0.0, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def images(b: int = 4, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=gen(seed))
+
+
+def normalised(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255 * 2 - 1
+
+
+# --- parameters ------------------------------------------------------------------------------------------
+
+
+def test_param_rates_match_probabilities() -> None:
+    p = sample_params(200, 100, Augment(), gen(), "cpu")  # 20 000 patches
+    tol = 4 * math.sqrt(0.25 / 20_000)  # 4 sigma of a Bernoulli mean
+    assert abs(p.flip.float().mean() - 0.5) < tol
+    assert abs(p.jitter.float().mean() - 0.8) < tol
+    assert abs(p.gray.float().mean() - 0.2) < tol
+    assert abs(p.blur.float().mean() - 0.1) < tol
+    assert abs(p.solarize.float().mean() - 0.1) < tol
+    assert p.sigma.min() >= 0.1 and p.sigma.max() <= 2.0
+    for col, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.2, 0.2)]):
+        f = p.factors[:, col]
+        assert f.min() >= lo and f.max() <= hi
+        assert abs(f.mean() - (lo + hi) / 2) < 0.01
+    # Each row of `order` is a permutation, and every op is equally likely in every slot.
+    assert torch.equal(p.order.sort(dim=1).values, torch.arange(4).expand(20_000, 4))
+    slot_freq = F.one_hot(p.order, 4).float().mean(0)  # (slot, op)
+    assert torch.allclose(slot_freq, torch.full((4, 4), 0.25), atol=0.02)
+
+
+def test_official_crop_is_a_quarter_of_the_image() -> None:
+    p = sample_params(20, 100, Augment(), gen(), "cpu")
+    left, top, w, h = p.crop.unbind(1)
+    assert torch.equal(w, torch.full_like(w, 0.5)) and torch.equal(h, torch.full_like(h, 0.5))
+    assert (left >= 0).all() and (left + w <= 1).all() and (top >= 0).all() and (top + h <= 1).all()
+    # Positions are uniform over the allowed range [0, 0.5].
+    assert abs(left.mean() - 0.25) < 0.01 and abs(top.mean() - 0.25) < 0.01
+
+
+def test_crop_scale_range_and_aspect_in_pixels() -> None:
+    hw = (48, 64)  # non-square: the aspect ratio is in pixels, as in torchvision
+    p = sample_params(100, 100, Augment(scale=(0.1, 0.3), ratio=(0.5, 2.0)), gen(), "cpu", image_hw=hw)
+    _, _, w, h = p.crop.unbind(1)
+    area = w * h
+    assert area.min() >= 0.1 - 1e-6 and area.max() <= 0.3 + 1e-6
+    assert abs(area.mean() - 0.2) < 0.005
+    aspect = (w * hw[1]) / (h * hw[0])
+    assert aspect.min() >= 0.5 - 1e-5 and aspect.max() <= 2.0 + 1e-5
+    assert abs(aspect.log().mean()) < 0.02  # log-uniform around 1
+
+
+def test_crop_distribution_matches_torchvision_with_rejections() -> None:
+    """scale (0.08, 1), ratio (3/4, 4/3): large draws are rejected and redrawn, as in torchvision."""
+    aug = Augment(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    p = sample_params(100, 100, aug, gen(), "cpu", image_hw=(224, 224))
+    ours = p.crop[:, 2] * p.crop[:, 3]
+    torch.manual_seed(0)
+    img = torch.zeros(3, 224, 224)
+    ref = torch.tensor(
+        [
+            h * w / 224**2
+            for _, _, h, w in (
+                T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)
+            )
+        ]
+    )
+    assert abs(ours.mean() - ref.mean()) < 0.015
+    assert abs(ours.std() - ref.std()) < 0.015
+
+
+def test_crop_fallback_is_the_centred_crop() -> None:
+    # A full-area square crop cannot fit a 48 x 64 image: torchvision falls back to the centred 48 x 48.
+    p = sample_params(2, 3, Augment(scale=(1.0, 1.0)), gen(), "cpu", image_hw=(48, 64))
+    assert torch.allclose(p.crop, torch.tensor([0.125, 0.0, 0.75, 1.0]).expand(6, 4))
+
+
+# --- each op against torchvision.transforms.v2.functional ---------------------------------------------
+
+
+def rgb(n: int = 3, size: int = 16) -> torch.Tensor:
+    x = torch.rand(n, 3, size, size, generator=gen(1))
+    x[0, :, :4] = x[0, :1, :4]  # gray pixels (zero chroma) are a special case for hue
+    x[1, :, :2] = 1.0  # saturated pixels
+    return x
+
+
+@pytest.mark.parametrize("hue", [-0.2, -0.05, 0.0, 0.13, 0.2, 0.5])
+def test_hue_matches_torchvision(hue: float) -> None:
+    x = rgb()
+    ours = pm._adjust_hue(x, torch.full((3,), hue))
+    torch.testing.assert_close(ours, TF.adjust_hue(x, hue), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("factor", [0.6, 0.93, 1.4])
+def test_brightness_contrast_saturation_match_torchvision(factor: float) -> None:
+    x = rgb()
+    for op, ref in enumerate([TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]):
+        ours = pm._blend_ops_(x.clone(), torch.full((3,), op), torch.full((3,), factor))
+        torch.testing.assert_close(ours, ref(x, factor), atol=1e-5, rtol=0)
+
+
+def test_jitter_follows_each_patchs_own_order() -> None:
+    """Every one of the 24 orders, per patch in one batch, against torchvision applied in that order."""
+    import itertools
+
+    orders = torch.tensor(list(itertools.permutations(range(4))))  # (24, 4)
+    n = len(orders)
+    x = torch.rand(n, 3, 8, 8, generator=gen(2))
+    factors = torch.tensor([1.35, 0.65, 1.3, 0.17]).expand(n, 4).clone()
+    factors[::2] = torch.tensor([0.7, 1.38, 0.62, -0.19])
+    jitter = torch.ones(n, dtype=torch.bool)
+    jitter[5] = False  # not jittered: unchanged
+    params = _params(n, jitter=jitter, factors=factors, order=orders)
+    ours = pm._color_jitter(x.clone(), params, Augment())
+    fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(n):
+        ref = x[i]
+        if jitter[i]:
+            for op in orders[i].tolist():
+                ref = fns[op](ref, factors[i, op].item())
+        torch.testing.assert_close(ours[i], ref, atol=1e-5, rtol=0, msg=f"order {orders[i].tolist()}")
+
+
+def test_blur_matches_torchvision() -> None:
+    x = torch.rand(3, 3, 32, 32, generator=gen(3))
+    sigma = torch.tensor([0.1, 0.9, 2.0])
+    ours = pm._gaussian_blur(x, sigma, 2.0)
+    for i, s in enumerate(sigma.tolist()):
+        ref = TF.gaussian_blur(x[i], kernel_size=[13, 13], sigma=[s, s])
+        torch.testing.assert_close(ours[i], ref, atol=1e-5, rtol=0)
+
+
+def _params(n: int, **kw: torch.Tensor) -> PatchParams:
+    """Parameters of n patches with every op off (full-image crop), overridden by kw."""
+    off = torch.zeros(n, dtype=torch.bool)
+    base = {
+        "crop": torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(n, 4),
+        "flip": off,
+        "jitter": off,
+        "factors": torch.tensor([1.0, 1.0, 1.0, 0.0]).expand(n, 4),
+        "order": torch.arange(4).expand(n, 4),
+        "gray": off,
+        "blur": off,
+        "sigma": torch.ones(n),
+        "solarize": off,
+    }
+    base.update(kw)
+    return PatchParams(**base)
+
+
+# --- the whole pipeline -----------------------------------------------------------------------------------
+
+
+def test_output_shape_dtype_and_range() -> None:
+    imgs = images(5)
+    out = make_patches(imgs, 7, Augment(), gen())
+    assert out.shape == (7, 5, 3, 32, 32) and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1 and torch.isfinite(out).all()
+    bf = make_patches(imgs, 7, Augment(), gen(), out_dtype=torch.bfloat16)
+    assert bf.dtype == torch.bfloat16
+    torch.testing.assert_close(bf.float(), out, atol=1e-2, rtol=0)
+
+
+def test_same_seed_same_patches_and_different_seeds_differ() -> None:
+    imgs = images(4)
+    a = make_patches(imgs, 6, Augment(), gen(7))
+    b = make_patches(imgs, 6, Augment(), gen(7))
+    c = make_patches(imgs, 6, Augment(), gen(8))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert not torch.allclose(a[0], a[1])  # the patches of one image differ from each other
+
+
+def test_identity_config_reproduces_the_normalised_image() -> None:
+    imgs = images(3)
+    out = make_patches(imgs, 4, IDENTITY, gen())
+    torch.testing.assert_close(out, normalised(imgs).expand(4, -1, -1, -1, -1), atol=1e-6, rtol=0)
+
+
+def test_float_input_equals_uint8_input() -> None:
+    imgs = images(3)
+    a = make_patches(imgs, 4, Augment(), gen())
+    b = make_patches(imgs.float() / 255, 4, Augment(), gen())
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def ramp(b: int, h: int, w: int) -> torch.Tensor:
+    """(b, 3, h, w) float image whose red is the x fraction, green the y fraction of each pixel centre.
+
+    Bilinear sampling reproduces a linear function exactly, so a patch pixel's red/green is exactly the
+    position (as fractions of the image) it was sampled from.
+    """
+    x = ((torch.arange(w) + 0.5) / w).expand(h, w)
+    y = ((torch.arange(h) + 0.5) / h).unsqueeze(1).expand(h, w)
+    return torch.stack([x, y, torch.full((h, w), 0.5)]).expand(b, 3, h, w).clone()
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (48, 64)])
+def test_crop_and_flip_sample_the_drawn_box(hw: tuple[int, int]) -> None:
+    n, b = 10, 4
+    aug = Augment(
+        flip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0, mean=(0.0,) * 3, std=(1.0,) * 3
+    )
+    out = make_patches(ramp(b, *hw), n, aug, gen(5))  # values = sample positions
+    p = sample_params(n, b, aug, gen(5), "cpu", image_hw=hw)  # the same draws
+    left, top, w, h = (v.view(n, b, 1) for v in p.crop.unbind(1))
+    u = (torch.arange(32) + 0.5) / 32
+    ux = torch.where(p.flip.view(n, b, 1), 1 - u, u)
+    want_x = (left + w * ux)[..., 1:-1]  # (n, b, 30); the border pixels may be clamped at the image edge
+    want_y = (top + h * u)[..., 1:-1]
+    torch.testing.assert_close(
+        out[:, :, 0, 1:-1, 1:-1], want_x.unsqueeze(-2).expand(-1, -1, 30, -1), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        out[:, :, 1, 1:-1, 1:-1], want_y.unsqueeze(-1).expand(-1, -1, -1, 30), atol=1e-5, rtol=0
+    )
+    assert 0.2 < p.flip.float().mean() < 0.8
+
+
+def test_non_square_and_larger_images() -> None:
+    imgs = images(3, h=48, w=64)
+    out = make_patches(imgs, 5, Augment(), gen())
+    assert out.shape == (5, 3, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
+    # A full-image crop with the image's own aspect is the (smooth) image resized to 32 x 32.
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 64), indexing="ij")
+    smooth = torch.stack([torch.sin(6 * xx) * 0.4 + 0.5, torch.cos(5 * yy) * 0.4 + 0.5, xx * yy]).unsqueeze(0)
+    full = make_patches(smooth, 2, dataclasses.replace(IDENTITY, ratio=(4 / 3, 4 / 3)), gen())
+    ref = F.interpolate(smooth, size=(32, 32), mode="bilinear", antialias=True) * 2 - 1
+    assert (full[0] - ref)[..., 1:-1, 1:-1].abs().max() < 0.01
+
+
+def test_downscaled_crops_are_box_filtered() -> None:
+    """64 -> 32 takes 2 x 2 samples per pixel, so a full-image crop is exactly a 2 x 2 average pool."""
+    imgs = images(2, h=64, w=64)
+    out = make_patches(imgs, 3, IDENTITY, gen())
+    ref = F.avg_pool2d(imgs.float() / 255, 2) * 2 - 1
+    torch.testing.assert_close(out, ref.expand(3, -1, -1, -1, -1), atol=1e-5, rtol=0)
+
+
+def test_flip_gray_solarize_blur_show_in_the_output() -> None:
+    n, b = 50, 20
+    imgs = images(b)
+    x = normalised(imgs).expand(n, -1, -1, -1, -1)
+    aug = dataclasses.replace(IDENTITY, flip_p=0.5, gray_p=0.2, solarize_p=0.3, blur_p=0.3)
+    params = sample_params(n, b, aug, gen(), "cpu")
+    out = apply_params(imgs, params, aug, n)
+    flip, gray, sol, blur = (m.view(n, b) for m in (params.flip, params.gray, params.solarize, params.blur))
+    plain = ~(gray | sol | blur)
+    assert plain.sum() > 100
+    assert torch.equal(out[plain & ~flip], x[plain & ~flip])
+    assert torch.equal(out[plain & flip], x[plain & flip].flip(-1))
+    channels_equal = ((out[:, :, 0] == out[:, :, 1]) & (out[:, :, 1] == out[:, :, 2])).flatten(2).all(-1)
+    assert torch.equal(channels_equal, gray)
+    only_sol = sol & ~gray & ~blur & ~flip
+    xs = x[only_sol]
+    torch.testing.assert_close(out[only_sol], torch.where(xs >= 0, -xs, xs))  # 1 - v, normalised: -x
+    only_blur = blur & ~gray & ~sol
+    assert only_blur.sum() > 10
+    assert not torch.isclose(out[only_blur], x[only_blur]).all()
+    # Blur lowers the high-frequency energy of a noise image.
+    assert out[only_blur].diff(dim=-1).abs().mean() < 0.8 * x[only_blur].diff(dim=-1).abs().mean()
+
+
+def test_brightness_only_scales_each_patch_by_its_factor() -> None:
+    n, b = 20, 10
+    imgs = images(b)
+    aug = dataclasses.replace(IDENTITY, jitter_p=1.0, brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0)
+    params = sample_params(n, b, aug, gen(), "cpu")
+    out = apply_params(imgs, params, aug, n)
+    f = params.factors[:, 0].view(n, b, 1, 1, 1)
+    ref = (imgs.float() / 255 * f).clamp(0, 1) * 2 - 1
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    # Mean brightness change over many patches: E[f] = 1, spread 0.4 / sqrt(3).
+    many = sample_params(200, 100, aug, gen(1), "cpu").factors
+    assert abs(many[:, 0].mean() - 1) < 0.01 and abs(many[:, 0].std() - 0.4 / math.sqrt(3)) < 0.01
+    assert torch.equal(many[:, 1:3], torch.ones(20_000, 2)) and torch.equal(many[:, 3], torch.zeros(20_000))
+
+
+def test_output_rates_over_many_patches() -> None:
+    imgs = images(100)
+    aug = dataclasses.replace(Augment(), jitter_p=0.0, blur_p=0.0, solarize_p=0.0)
+    out = make_patches(imgs, 20, aug, gen())  # 2000 patches
+    gray = ((out[:, :, 0] == out[:, :, 1]) & (out[:, :, 1] == out[:, :, 2])).flatten(2).all(-1)
+    assert abs(gray.float().mean() - 0.2) < 4 * math.sqrt(0.16 / 2000)
+
+
+def test_chunked_cpu_path_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    imgs = images(6)
+    whole = make_patches(imgs, 5, Augment(), gen())
+    monkeypatch.setattr(pm, "_CPU_CHUNK_ELEMENTS", 7 * 3 * 32 * 32)  # chunks of 7 patches, ragged end
+    chunked = make_patches(imgs, 5, Augment(), gen())
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+
+
+def test_autocast_does_not_change_the_result() -> None:
+    imgs = images(3)
+    ref = make_patches(imgs, 4, Augment(), gen())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = make_patches(imgs, 4, Augment(), gen())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"scale": (0.5, 0.25)},
+        {"scale": (0.0, 0.5)},
+        {"ratio": (2.0, 1.0)},
+        {"flip_p": 1.5},
+        {"hue": 0.7},
+        {"brightness": -0.1},
+        {"blur_sigma": (0.0, 1.0)},
+        {"size": 0},
+        {"std": (0.5, 0.0, 0.5)},
+    ],
+)
+def test_invalid_settings_raise(kw: dict) -> None:
+    with pytest.raises(AugmentError):
+        Augment(**kw)
+
+
+def test_list_settings_become_tuples() -> None:
+    aug = Augment(scale=[0.25, 0.25], mean=[0.5, 0.5, 0.5])  # type: ignore[arg-type]  # as read from JSON
+    assert aug == Augment() and hash(aug) == hash(Augment())
+    with pytest.raises(AugmentError, match="scale needs 2"):
+        Augment(scale=(0.25,))  # type: ignore[arg-type]
+
+
+def test_bad_inputs_raise() -> None:
+    with pytest.raises(AugmentError, match="shape"):
+        make_patches(torch.zeros(2, 1, 32, 32), 2, Augment(), gen())
+    with pytest.raises(AugmentError, match="patches"):
+        apply_params(images(2), sample_params(3, 2, Augment(), gen(), "cpu"), Augment(), n_patches=2)
