@@ -100,8 +100,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, data_dir):
 def test_end_to_end_trained_beats_random_init(tmp_path, data_dir):
     """Real images (the bundled CIFAR-10 subset): a short EMP-SSL run must beat its own initialisation."""
     cfg = tiny_cfg(data_dir, width=8, hidden_dim=256, z_dim=64, patch_size=16, num_patches=8, batch_size=50,
-                   train_subset=1000, test_subset=500, epochs=2, test_patches=4, probe_epochs=30,
+                   train_subset=1000, test_subset=500, epochs=3, test_patches=4, probe_epochs=30,
                    compare_random_init=True)
     results = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     trained, random_init = results["linear_top1"], results["random_init"]["linear_top1"]
-    assert trained > random_init + 3.0, (trained, random_init)
+    # Measured: 26.8 vs 17.8 (seed 0), 25.0 vs 16.4 (seed 1) with torch 2.14.1 on 2 CPU cores.
+    assert trained > random_init + 5.0, (trained, random_init)
