@@ -1,0 +1,323 @@
+"""Training on several processes (one per GPU) launched by torchrun, comparable to one process on the same batch.
+
+    torchrun --nproc-per-node 8 -m empssl.cli train --batch-size 800 ...
+
+``--batch-size`` stays the *global* batch B: with N processes each takes b = B / N images of every step.
+What makes the N-process run the single-process run on the same global batch:
+
+* **images**: every rank draws the same per-epoch permutation and takes its slice r*b:(r+1)*b of the step's
+  B images (:mod:`empssl.batches`);
+* **patches**: every rank draws the random parameters of all n*B patches of the step from the same seeded
+  generator (a few kB of numbers per step) and cuts only its own images' patches (:func:`rank_patches`), so
+  rank r's patches are bit for bit the single process's patches of those images;
+* **coding rate** (``--tcr-global``, the default): R(Z_i) is computed over the all-gathered (n, B, d) batch
+  (:func:`gather_batch`, differentiable), the invariance term over the local images, and DDP averages the
+  gradients. With ``--tcr-global false`` each rank computes R over its own b images only;
+* **BatchNorm** (``--sync-bn``): statistics over all ranks' patches (torch's SyncBatchNorm on CUDA; on CPU,
+  where that one refuses to run, :class:`CPUSyncBatchNorm`). Without it each rank normalises over its own
+  b images' patches.
+
+With ``--tcr-global true --sync-bn true`` the loss and the update equal the single-process ones up to float
+rounding (tests/test_distributed.py checks this with two CPU processes over gloo).
+
+Why the coding rate is global by default: the official code trains with ``nn.DataParallel``, which gathers
+every GPU's output before the loss, so its R(Z_i) spans the whole batch; and R at batch b is a different
+objective (its scale d / (b eps) and its b x b log-determinant depend on b), so a local coding rate would
+change the method with the number of GPUs. The price is one all-gather of the (n, b, z_dim) projections per
+step (the gathered tensor is 8 MB at 20 patches x 100 images) and the same n small Cholesky factorisations on
+every rank.
+BatchNorm is *not* synchronised by default: DataParallel's BatchNorm is per GPU too, and SyncBatchNorm costs
+two collectives per layer. The local coding rate remains as ``--tcr-global false`` (cheaper, the usual
+per-GPU loss of DDP code); it matches a single process that averages the per-rank losses of the b-image
+slices, not the B-image loss.
+
+Only rank 0 writes files and logs; every rank reads the checkpoint to resume.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError
+from .losses import EMPSSLLoss, emp_ssl_loss, total_coding_rate
+from .patches import Augment, PatchParams, apply_params, make_patches, sample_params
+
+# Generous: the other ranks wait in a collective while rank 0 runs the --eval-every monitor, and while it
+# decodes a dataset into the cache before them.
+_COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run: rank of world_size processes, and its GPU index on the node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files, logs and shows progress."""
+        return self.rank == 0
+
+
+SINGLE = Dist()
+
+
+def env_dist() -> Dist:
+    """The process's rank from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); SINGLE without it."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as e:
+        raise ConfigError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
+    return Dist(rank, world, local)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: cuda:LOCAL_RANK when CUDA is available, else the CPU; ``cuda``: cuda:LOCAL_RANK."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} requested but CUDA is not available")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
+    """Join the torchrun process group (env:// rendezvous; NCCL on CUDA, gloo on the CPU) if there is one.
+
+    Returns (dist, device, created): ``created`` says this call initialised the group, so the caller
+    should :func:`teardown` it. A single process (no WORLD_SIZE > 1) gets SINGLE and no group.
+    """
+    d = env_dist()
+    if d.enabled and device_name.startswith("cuda:"):
+        raise ConfigError(f"--device {device_name} names one GPU for all {d.world_size} processes; use auto or "
+                          "cuda (each process takes cuda:LOCAL_RANK)")
+    device = resolve_device(device_name, d.local_rank)
+    if not d.enabled or tdist.is_initialized():
+        return d, device, False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                             rank=d.rank, world_size=d.world_size, timeout=_COLLECTIVE_TIMEOUT)
+    return d, device, True
+
+
+def teardown(created: bool) -> None:
+    if created and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+@contextmanager
+def main_process_first(d: Dist) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. downloads or decodes a dataset into the cache), then the others."""
+    if d.enabled and not d.is_main:
+        tdist.barrier()
+    yield
+    if d.enabled and d.is_main:
+        tdist.barrier()
+
+
+def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any (one collective; use outside the step)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    tdist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def agree(sums: torch.Tensor, stop: bool, d: Dist) -> bool:
+    """Average the running loss sums (3,) over ranks in place; True on every rank if any rank asked to stop.
+
+    One 4-float all-reduce. Called at the same steps on every rank (log and checkpoint steps), so that all
+    ranks see the same losses (and stop together on a non-finite one) and an interrupt stops them together.
+    """
+    if not d.enabled:
+        return stop
+    buf = torch.cat([sums, sums.new_tensor([float(stop)])])
+    tdist.all_reduce(buf)
+    sums.copy_(buf[:-1] / d.world_size)
+    return bool(buf[-1] > 0)  # a host sync, at log/checkpoint steps only
+
+
+# --- patches ------------------------------------------------------------------------------------------
+
+
+def slice_params(params: PatchParams, n_patches: int, batch: int, start: int, stop: int) -> PatchParams:
+    """The parameters of images start:stop from those of a (n_patches x batch)-patch step (patch-major)."""
+    out = {}
+    for f in fields(params):
+        t = getattr(params, f.name)  # (n_patches * batch, ...)
+        out[f.name] = t.view(n_patches, batch, *t.shape[1:])[:, start:stop].reshape(-1, *t.shape[1:])
+    return PatchParams(**out)
+
+
+def rank_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: torch.Generator, d: Dist,
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Patches of this rank's images, equal to the single-process patches of the same images.
+
+    Args:
+        images: (b, 3, H, W) this rank's slice r*b:(r+1)*b of the step's global batch of B = b * world images.
+        generator: in the same state on every rank (same seed, same draws).
+
+    Returns:
+        (n_patches, b, 3, s, s). The parameters of all n_patches * B patches are drawn on every rank (as
+        the single process draws them) and only this rank's are applied; with one process this is
+        :func:`empssl.patches.make_patches`.
+    """
+    if not d.enabled:
+        return make_patches(images, n_patches, aug, generator, out_dtype)
+    b, _, H, W = images.shape
+    params = sample_params(n_patches, b * d.world_size, aug, generator, images.device, image_hw=(H, W))
+    mine = slice_params(params, n_patches, b * d.world_size, d.rank * b, (d.rank + 1) * b)
+    return apply_params(images, mine, aug, n_patches, out_dtype)
+
+
+# --- the loss -------------------------------------------------------------------------------------------
+
+
+class _GatherBatch(torch.autograd.Function):
+    """(n, b, d) on every rank -> (n, world*b, d), rank-major along dim 1; gradients flow back to each rank.
+
+    Backward sums the gradient over ranks before taking this rank's slice: every rank's loss depends on
+    every rank's projections, and DDP then averages the parameter gradients, which together give the
+    gradient of the mean of the ranks' losses.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        z = z.contiguous()
+        parts = [torch.empty_like(z) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(parts, z)
+        ctx.rank, ctx.b = tdist.get_rank(), z.shape[1]
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        tdist.all_reduce(grad)
+        return grad.narrow(1, ctx.rank * ctx.b, ctx.b)
+
+
+def gather_batch(z: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Differentiable all-gather of (n_patches, b, dim) along the batch: (n_patches, world*b, dim)."""
+    return _GatherBatch.apply(z) if d.enabled else z
+
+
+def rank_loss(z: torch.Tensor, eps: float, invariance_weight: float, d: Dist, tcr_global: bool) -> EMPSSLLoss:
+    """The EMP-SSL loss (paper Eq. 3) of this rank's projections z (n_patches, b, d), unit rows.
+
+    ``tcr_global``: the coding rate R(Z_i) over the all-gathered (n_patches, world*b, d) batch, the same on
+    every rank; else over the local b images. The invariance term is always the local mean (DDP's gradient
+    average turns it into the global mean, all ranks having b images). One process: :func:`emp_ssl_loss`.
+    """
+    if not (d.enabled and tcr_global):
+        return emp_ssl_loss(z, eps, invariance_weight)
+    z = z.float()
+    tcr = total_coding_rate(gather_batch(z, d), eps).mean()
+    invariance = F.cosine_similarity(z, z.mean(dim=0, keepdim=True), dim=-1).mean()
+    return EMPSSLLoss(-tcr - invariance_weight * invariance, tcr, invariance)
+
+
+# --- the model ------------------------------------------------------------------------------------------
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum); the gradient of the sum is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.clone()
+        tdist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        tdist.all_reduce(grad)
+        return grad
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics span all ranks, for CPU tensors (gloo).
+
+    torch's ``nn.SyncBatchNorm`` refuses CPU input, so CPU runs and tests use this instead: the same
+    mathematics (global mean and biased variance for the output, unbiased variance for the running
+    estimate) written with two differentiable all-reduces. Same parameters and buffers as BatchNorm, so
+    checkpoints are interchangeable. Outside training or without a process group: plain BatchNorm.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {input.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and tdist.is_initialized() and tdist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = x.new_tensor([x.numel() // x.shape[1]], dtype=torch.float32)
+        sums = _AllReduceSum.apply(torch.cat([x.float().sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:-1] / n
+        xc = x.float() - mean.view(shape)
+        var = _AllReduceSum.apply((xc * xc).sum(dims)) / n  # biased, as BatchNorm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)
+        y = xc * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm of ``module`` by a cross-rank one (nn.SyncBatchNorm on CUDA, CPUSyncBatchNorm on
+    the CPU), keeping its parameters and statistics. Parameters are new objects: build the optimiser after."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
+        new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child, device))
+    return module
+
+
+def training_module(model: nn.Module, device: torch.device, d: Dist, *, compile: bool) -> nn.Module:
+    """The module the training step calls: ``model`` wrapped in DDP (several ranks) and/or torch.compile.
+
+    ``model`` itself is left as it is, so ``model.state_dict()`` (what checkpoints hold) keeps plain keys
+    (no ``module.`` or ``_orig_mod.`` prefixes) and evaluation uses the plain model.
+    """
+    net: nn.Module = model
+    if d.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+    return net
