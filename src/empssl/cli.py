@@ -1,4 +1,5 @@
-"""The ``empssl`` command line: ``train``, ``eval``. Thin: parses flags into a Config and calls the library."""
+"""The ``empssl`` command line: ``train``, ``eval``, ``ablate-patches``, ``ablate-test-patches``, ``tsne``,
+``report``. Thin: parses flags into a Config and calls the library."""
 
 from __future__ import annotations
 
@@ -58,6 +59,20 @@ FLAGS: dict[str, tuple[str, str]] = {
     "knn_k": ("evaluation", "neighbours in the weighted kNN"),
     "knn_temperature": ("evaluation", "kNN temperature"),
     "compare_random_init": ("evaluation", "also evaluate the untrained encoder (same initialisation)"),
+    # --- monitoring ---
+    "eval_every": ("monitoring", "kNN accuracy during training (RUN/monitor.jsonl) every N steps (N >= 1) or "
+                                 "every fraction of an epoch (0 < N < 1); 0 = off"),
+    "monitor_patches": ("monitoring", "test patches per image in the kNN during training"),
+    "monitor_bank": ("monitoring", "training images (class-balanced) in its kNN memory bank"),
+    "monitor_test": ("monitoring", "test images (class-balanced) it classifies"),
+    # --- scale-out / speed ---
+    "tcr_global": ("speed", "under torchrun: coding rate over the all-gathered global batch, as one process "
+                            "on --batch-size images would compute it (false: over each rank's images)"),
+    "sync_bn": ("speed", "under torchrun: BatchNorm statistics over all ranks' patches (SyncBatchNorm)"),
+    "grad_checkpointing": ("speed", "recompute each residual block in the backward pass (exact, ~1/3 more "
+                                    "compute, far less memory): auto (on CUDA only when the step would not "
+                                    "fit), on or off"),
+    "compile": ("speed", "torch.compile the model for training (measure it on your GPU first)"),
 }
 EVAL_FIELDS = [k for k, (g, _) in FLAGS.items() if g == "evaluation"] + [
     "data", "data_dir", "image_size", "train_subset", "test_subset", "device", "precision"]
@@ -86,7 +101,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> 
         default = getattr(defaults, name)
         kw: dict[str, Any] = {"default": None, "help": f"{help_text} (default: {default})"}
         if isinstance(default, bool):
-            kw.update(type=parse_bool, metavar="BOOL")
+            kw.update(type=parse_bool, metavar="BOOL", nargs="?", const=True)  # a bare --flag means true
         elif isinstance(default, tuple):
             kw.update(type=float, nargs=2, metavar=("MIN", "MAX"))
         else:
@@ -108,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="pretrain (or resume) a run, then evaluate it",
-                       description="Pretrain with EMP-SSL into --out; an existing --out is resumed.")
+                       description="Pretrain with EMP-SSL into --out; an existing --out is resumed. Several "
+                                   "GPUs: torchrun --nproc-per-node N -m empssl.cli train ... (--batch-size "
+                                   "is the global batch).")
     p.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, checkpoint.pt, "
                                                 "results.json); an existing one is resumed")
     p.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
@@ -123,12 +140,68 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="where to write the results JSON (default: results-eval.json beside the checkpoint)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(e, EVAL_FIELDS)
+    _add_experiment_parsers(sub)
     return parser
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .train import finished, run_config, train
+# --- experiments and reports ---
 
+
+def parse_counts(text: str) -> list[int]:
+    """``"2,5,10"`` -> [2, 5, 10] (sorted, unique); argparse turns the error into a one-line message."""
+    try:
+        counts = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 1, got {text!r}")
+    return counts
+
+
+def _add_experiment_parsers(sub: Any) -> None:
+    a = sub.add_parser("ablate-patches", help="train and evaluate the same recipe at several numbers of patches",
+                       description="Patch-count ablation: one run per number of training patches in OUT/n{n}/ "
+                                   "(finished runs are skipped, interrupted ones resumed), then OUT/ablation.json, "
+                                   "ablation.md and ablation.png.")
+    a.add_argument("--out", required=True, help="ablation folder (one run directory per count inside)")
+    a.add_argument("--patches", type=parse_counts, default=[2, 5, 10, 20, 50, 100, 200],
+                   help="comma-separated numbers of training patches (default: 2,5,10,20,50,100,200)")
+    a.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
+    a.add_argument("--config", help="JSON file of config overrides (applied after --preset, before flags)")
+    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_flags(a, [k for k in FLAGS if k != "num_patches"])
+
+    t = sub.add_parser("ablate-test-patches", help="evaluate one checkpoint at several numbers of test patches",
+                       description="Test-patch ablation: features of the largest count are extracted once and "
+                                   "the bag of m patches averages the first m; writes test_patch_ablation.json/"
+                                   ".md/.png beside the checkpoint.")
+    t.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
+    t.add_argument("--counts", type=parse_counts, default=[1, 4, 16, 64, 128],
+                   help="comma-separated numbers of test patches (default: 1,4,16,64,128)")
+    t.add_argument("--out", help="folder for the outputs (default: the run directory)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_flags(t, [k for k in EVAL_FIELDS if k != "test_patches"])
+
+    s = sub.add_parser("tsne", help="t-SNE map of a checkpoint's test-set features, coloured by class",
+                       description="2-D t-SNE (scikit-learn) of the bag-of-features of test images -> RUN/tsne.png.")
+    s.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
+    s.add_argument("--test-patches", type=int, default=16, help="patches averaged per image (default: 16)")
+    s.add_argument("--max-points", type=int, default=5000,
+                   help="test images shown, class-balanced (default: 5000)")
+    s.add_argument("--tsne-seed", type=int, default=0, help="t-SNE random state (default: 0)")
+    s.add_argument("--out", help="PNG path (default: tsne.png in the run directory)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_flags(s, [k for k in EVAL_FIELDS if k != "test_patches"])
+
+    r = sub.add_parser("report", help="Markdown report with tables and plots of one or several runs",
+                       description="Write report.md and PNG plots for run directories (or patch-ablation "
+                                   "folders); several runs are compared side by side.")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or ablation folders")
+    r.add_argument("--out", help="output folder (default: the run directory when there is one)")
+
+
+def _base_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The overrides of ``--preset`` then ``--config`` (flags come on top of these)."""
     base: dict[str, Any] = {}
     if args.preset:
         base.update(load_preset(args.preset))
@@ -140,13 +213,63 @@ def cmd_train(args: argparse.Namespace) -> int:
             base.update(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
             raise ConfigError(f"--config {path} is not valid JSON: {e}") from None
-    explicit = {**base, **_explicit(args, list(FLAGS))}
+    return base
+
+
+def cmd_ablate_patches(args: argparse.Namespace) -> int:
+    from .experiments import ablate_patches
+
+    explicit = {**_base_overrides(args), **_explicit(args, [k for k in FLAGS if k != "num_patches"])}
+    explicit.pop("num_patches", None)
+    cfg = Config.from_dict(explicit).validate()
+    ablate_patches(cfg, args.out, args.patches, explicit=explicit, progress=not args.no_progress)
+    print(f"ablation written to {Path(args.out) / 'ablation.md'}")
+    return 0
+
+
+def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
+    from .experiments import ablate_test_patches, run_dir_of
+
+    ablate_test_patches(args.checkpoint, args.counts, _explicit(args, [k for k in EVAL_FIELDS if k != "test_patches"]),
+                        out_dir=args.out, progress=not args.no_progress)
+    print(f"results written to {Path(args.out or run_dir_of(args.checkpoint)) / 'test_patch_ablation.md'}")
+    return 0
+
+
+def cmd_tsne(args: argparse.Namespace) -> int:
+    from .experiments import tsne_map
+
+    path = tsne_map(args.checkpoint, _explicit(args, [k for k in EVAL_FIELDS if k != "test_patches"]),
+                    test_patches=args.test_patches, max_points=args.max_points, out=args.out, seed=args.tsne_seed,
+                    progress=not args.no_progress)
+    print(f"t-SNE map written to {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if args.out is None and len(args.runs) > 1:
+        raise ConfigError("give --out DIR when reporting several runs")
+    path = write_report(args.runs, args.out or args.runs[0])
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import finished, run_config, train
+
+    explicit = {**_base_overrides(args), **_explicit(args, list(FLAGS))}
     cfg = run_config(Path(args.out), Config.from_dict(explicit).validate(), explicit)
     out = Path(args.out)
     if finished(out) and args.no_eval:
         print(f"{out} is already trained to the end; nothing to do")
         return 0
     results = train(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
+    from .distributed import env_dist
+
+    if not env_dist().is_main:  # under torchrun, rank 0 reports
+        return 0
     if not args.no_eval:
         print(f"results written to {out / 'results.json'}")
     else:
@@ -155,19 +278,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
-    from .data import load_data
     from .evaluate import evaluate
-    from .train import resolve_device, write_results
+    from .experiments import load_for_eval
+    from .train import write_results
 
-    model, cfg, ckpt = load_checkpoint(args.checkpoint, _explicit(args, EVAL_FIELDS))
-    device = resolve_device(cfg.device)
-    train_data, test_data = load_data(cfg.data, cfg.data_dir, cfg.image_size, not args.no_progress)
-    if cfg.train_subset:
-        train_data = train_data.subset(cfg.train_subset)
-    if cfg.test_subset:
-        test_data = test_data.subset(cfg.test_subset)
-    results = evaluate(model.to(device), train_data, test_data, cfg, device, progress=not args.no_progress)
+    # load_for_eval: another --data than the run's (transfer) gets all its images unless subsets are given
+    model, cfg, ckpt, train_data, test_data, device = load_for_eval(
+        args.checkpoint, _explicit(args, EVAL_FIELDS), progress=not args.no_progress)
+    results = evaluate(model, train_data, test_data, cfg, device, progress=not args.no_progress)
     results.update(checkpoint=str(args.checkpoint), step=ckpt.get("step"), data=cfg.data)
     ckpt_path = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / "results-eval.json"
@@ -183,11 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError)
     try:
         from .evaluate import EvalError
+        from .report import ReportError
         from .train import TrainError
 
-        user_errors += (EvalError, TrainError)
+        user_errors += (EvalError, TrainError, ReportError)
         args = build_parser().parse_args(argv)
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "ablate-patches": cmd_ablate_patches,
+                    "ablate-test-patches": cmd_ablate_test_patches, "tsne": cmd_tsne, "report": cmd_report}
+        return commands[args.command](args)
     except user_errors as e:
         print(f"empssl: error: {e}", file=sys.stderr)
         return 2

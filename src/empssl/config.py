@@ -63,6 +63,16 @@ class Config:
     knn_k: int = 20
     knn_temperature: float = 0.07
     compare_random_init: bool = False  # also evaluate the untrained encoder (same init) with the same protocol
+    # --- monitoring -------------------------------------------------------------------------------
+    eval_every: float = 0.0  # kNN probe during training: N >= 1 steps, or a fraction (< 1) of an epoch; 0: off
+    monitor_patches: int = 4  # test patches per image in that probe
+    monitor_bank: int = 5000  # training images (class-balanced) in its kNN memory bank
+    monitor_test: int = 2000  # test images (class-balanced) it classifies
+    # --- scale-out / speed ------------------------------------------------------------------------
+    tcr_global: bool = True  # under torchrun: coding rate over the all-gathered global batch (else per rank)
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over all ranks' patches
+    grad_checkpointing: str = "auto"  # auto (on CUDA when the step would not fit) | on | off
+    compile: bool = False  # torch.compile the model for training
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
     def validate(self) -> Config:
@@ -103,6 +113,16 @@ class Config:
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not 0 <= self.probe_val_fraction < 1:
             raise ConfigError(f"--probe-val-fraction must be in [0, 1), got {self.probe_val_fraction}")
+        # --- monitoring ---
+        for name in ["monitor_patches", "monitor_bank", "monitor_test"]:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0 or (self.eval_every >= 1 and self.eval_every != int(self.eval_every)):
+            raise ConfigError(f"--eval-every must be 0 (off), a whole number of steps, or a fraction of an epoch "
+                              f"below 1, got {self.eval_every}")
+        # --- scale-out / speed ---
+        if self.grad_checkpointing not in ("auto", "on", "off"):
+            raise ConfigError(f"--grad-checkpointing must be auto, on or off, got {self.grad_checkpointing!r}")
         from .models import ARCHS
 
         if self.arch not in ARCHS:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +51,6 @@ def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Gener
     return g
 
 
-@torch.no_grad()
 def extract_features(model: EMPSSLModel, images: torch.Tensor, aug: Augment, n_patches: int, *, kind: str = "pre",
                      seed: int = 0, batch_images: int = 0, device: torch.device | str = "cpu",
                      amp_dtype: torch.dtype | None = None, progress: bool = False,
@@ -72,12 +71,34 @@ def extract_features(model: EMPSSLModel, images: torch.Tensor, aug: Augment, n_p
         amp_dtype: autocast dtype for the forward pass on CUDA (e.g. torch.bfloat16); ignored on CPU.
             Features are accumulated in float32 either way.
     """
+    return extract_prefix_features(model, images, aug, [n_patches], kind=kind, seed=seed,
+                                   batch_images=batch_images, device=device, amp_dtype=amp_dtype,
+                                   progress=progress, desc=desc)[n_patches]
+
+
+@torch.no_grad()
+def extract_prefix_features(model: EMPSSLModel, images: torch.Tensor, aug: Augment, counts: Sequence[int], *,
+                            kind: str = "pre", seed: int = 0, batch_images: int = 0,
+                            device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+                            progress: bool = False, desc: str = "features") -> dict[int, torch.Tensor]:
+    """Bag-of-features at several patch counts from one pass: ``P = max(counts)`` patches are cut and encoded
+    per image, once, and for every m in ``counts`` the feature is the mean of the first m of them.
+
+    Returns ``{m: (N, D) float32 CPU features}``. ``extract_features(..., n_patches=P)`` equals
+    ``extract_prefix_features(..., [P])[P]``; for m < P the m patches are a prefix of the P drawn ones, so
+    they differ from what ``extract_features(..., n_patches=m)`` draws (another sample of the same
+    augmentation), which is why the test-patch ablation uses this function throughout. Memory: one (N, D)
+    result per count (a per-patch (N, P, D) tensor would need 105 GB for CIFAR-10 at P=128, D=4096);
+    other arguments and the determinism guarantees as :func:`extract_features`.
+    """
+    counts = sorted(set(int(m) for m in counts))
+    if not counts or counts[0] < 1:
+        raise EvalError(f"patch counts must be >= 1, got {counts}")
+    n_patches = counts[-1]
     if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
         raise EvalError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
     if images.shape[0] == 0:
         raise EvalError("no images to extract features from")
-    if n_patches < 1:
-        raise EvalError(f"n_patches must be >= 1, got {n_patches}")
     if kind not in ("pre", "backbone"):
         raise EvalError(f"unknown feature kind {kind!r}; use 'pre' or 'backbone'")
     device = torch.device(device)
@@ -94,7 +115,7 @@ def extract_features(model: EMPSSLModel, images: torch.Tensor, aug: Augment, n_p
 
     was_training = model.training
     model.eval()
-    out: torch.Tensor | None = None  # (N, D) on device; one host copy at the end
+    out: dict[int, torch.Tensor] = {}  # m -> (N, D) on device; one host copy at the end
     try:
         with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
             for start in range(0, n, group):
@@ -109,15 +130,15 @@ def extract_features(model: EMPSSLModel, images: torch.Tensor, aug: Augment, n_p
                 for i in range(0, patches.shape[0], per_forward):
                     with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=use_amp):
                         feats.append(model.features(patches[i:i + per_forward], kind).float())
-                f = torch.cat(feats).view(n_patches, b, -1).mean(0)  # (b, D)
-                if out is None:
-                    out = torch.empty(n, f.shape[1], dtype=torch.float32, device=device)
-                out[start:start + b] = f
+                f = torch.cat(feats).view(n_patches, b, -1)  # (n_patches, b, D)
+                for m in counts:
+                    if m not in out:
+                        out[m] = torch.empty(n, f.shape[2], dtype=torch.float32, device=device)
+                    out[m][start:start + b] = f[:m].mean(0)  # (b, D)
                 bar.update(b)
     finally:
         model.train(was_training)
-    assert out is not None
-    return out.cpu()
+    return {m: feats.cpu() for m, feats in out.items()}
 
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
@@ -315,6 +336,51 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
                        history=history, seconds=time.perf_counter() - t0)
 
 
+def check_splits(train: ImageData, test: ImageData) -> int:
+    """Raise EvalError unless ``train`` and ``test`` share their classes and hold valid labels; return C."""
+    if list(train.classes) != list(test.classes):
+        raise EvalError(f"train and test splits have different classes ({len(train.classes)} vs "
+                        f"{len(test.classes)})")
+    num_classes = len(train.classes)
+    for name, split in (("train", train), ("test", test)):
+        if split.labels.numel() == 0:
+            raise EvalError(f"the {name} split is empty")
+        if int(split.labels.min()) < 0 or int(split.labels.max()) >= num_classes:
+            raise EvalError(f"{name} labels must lie in [0, {num_classes})")
+    return num_classes
+
+
+def feature_options(cfg: Config, device: torch.device, n_patches: int, progress: bool) -> dict[str, Any]:
+    """The keyword arguments of :func:`extract_features` that ``cfg`` sets (kind, seed, batch, autocast)."""
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
+    batch_images = max(1, cfg.eval_batch_size // n_patches) if cfg.eval_batch_size > 0 else 0
+    return {"kind": cfg.eval_feature, "seed": cfg.eval_seed, "batch_images": batch_images, "device": device,
+            "amp_dtype": amp_dtype, "progress": progress}
+
+
+def score_features(train_f: torch.Tensor, train_labels: torch.Tensor, test_f: torch.Tensor,
+                   test_labels: torch.Tensor, num_classes: int, cfg: Config, device: torch.device | str, *,
+                   progress: bool = False) -> dict[str, Any]:
+    """Weighted kNN (``cfg.knn_k``, ``cfg.knn_temperature``) and the linear probe (``cfg.probe_*``) on
+    (N, D) train and (M, D) test features. Returns linear_top1, knn_top1 (in %), probe_epoch, probe_val_top1,
+    knn_k (after clamping to the training set), knn_seconds, probe_seconds."""
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    k = min(cfg.knn_k, train_f.shape[0])
+    pred = knn_predict(train_f.to(device), train_labels.to(device), test_f.to(device), num_classes,
+                       k=k, temperature=cfg.knn_temperature)
+    knn_top1 = (pred.cpu() == test_labels.cpu()).double().mean().item() * 100
+    knn_seconds = time.perf_counter() - t0
+
+    probe = linear_probe(train_f, train_labels, test_f, test_labels, num_classes, epochs=cfg.probe_epochs,
+                         lr=cfg.probe_lr, momentum=cfg.probe_momentum, weight_decay=cfg.probe_weight_decay,
+                         batch_size=cfg.probe_batch_size, val_fraction=cfg.probe_val_fraction,
+                         seed=cfg.eval_seed, device=device, progress=progress)
+    return {"linear_top1": probe.top1, "knn_top1": knn_top1, "probe_epoch": probe.epoch,
+            "probe_val_top1": probe.val_top1, "knn_k": k, "knn_seconds": knn_seconds,
+            "probe_seconds": probe.seconds}
+
+
 def evaluate(model: EMPSSLModel, train: ImageData, test: ImageData, cfg: Config, device: torch.device | str,
              *, progress: bool = True, log: Callable[[str], Any] = print) -> dict[str, Any]:
     """The full protocol of ``cfg``: bag-of-features for the train and test images (``cfg.test_patches``
@@ -326,58 +392,38 @@ def evaluate(model: EMPSSLModel, train: ImageData, test: ImageData, cfg: Config,
     knn_k (after clamping to the training set), knn_temperature, eval_seed, probe_epochs. Logs one line.
     """
     device = torch.device(device)
-    if list(train.classes) != list(test.classes):
-        raise EvalError(f"train and test splits have different classes ({len(train.classes)} vs "
-                        f"{len(test.classes)})")
-    num_classes = len(train.classes)
-    for name, split in (("train", train), ("test", test)):
-        if split.labels.numel() == 0:
-            raise EvalError(f"the {name} split is empty")
-        if int(split.labels.min()) < 0 or int(split.labels.max()) >= num_classes:
-            raise EvalError(f"{name} labels must lie in [0, {num_classes})")
+    num_classes = check_splits(train, test)
     aug = augment_from_config(cfg)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
-    batch_images = max(1, cfg.eval_batch_size // cfg.test_patches) if cfg.eval_batch_size > 0 else 0
-    common: dict[str, Any] = {"kind": cfg.eval_feature, "seed": cfg.eval_seed, "batch_images": batch_images,
-                              "device": device, "amp_dtype": amp_dtype, "progress": progress}
+    common = feature_options(cfg, device, cfg.test_patches, progress)
 
     t0 = time.perf_counter()
     train_f = extract_features(model, train.images, aug, cfg.test_patches, desc="train features", **common)
     test_f = extract_features(model, test.images, aug, cfg.test_patches, desc="test features", **common)
     feature_seconds = time.perf_counter() - t0  # .cpu() at the end of extraction synchronised
 
-    t0 = time.perf_counter()
-    k = min(cfg.knn_k, train_f.shape[0])
-    pred = knn_predict(train_f.to(device), train.labels.to(device), test_f.to(device), num_classes,
-                       k=k, temperature=cfg.knn_temperature)
-    knn_top1 = (pred.cpu() == test.labels.cpu()).double().mean().item() * 100
-    knn_seconds = time.perf_counter() - t0
-
-    probe = linear_probe(train_f, train.labels, test_f, test.labels, num_classes, epochs=cfg.probe_epochs,
-                         lr=cfg.probe_lr, momentum=cfg.probe_momentum, weight_decay=cfg.probe_weight_decay,
-                         batch_size=cfg.probe_batch_size, val_fraction=cfg.probe_val_fraction,
-                         seed=cfg.eval_seed, device=device, progress=progress)
-
+    scores = score_features(train_f, train.labels, test_f, test.labels, num_classes, cfg, device,
+                            progress=progress)
     feature_name = "pre-feature" if cfg.eval_feature == "pre" else "backbone feature"
-    selected = "" if probe.val_top1 is None else f" (epoch {probe.epoch}, val {probe.val_top1:.1f}%)"
-    log(f"linear {probe.top1:.1f}%{selected} | kNN {knn_top1:.1f}% "
+    selected = "" if scores["probe_val_top1"] is None else \
+        f" (epoch {scores['probe_epoch']}, val {scores['probe_val_top1']:.1f}%)"
+    log(f"linear {scores['linear_top1']:.1f}%{selected} | kNN {scores['knn_top1']:.1f}% "
         f"({cfg.test_patches} test patches, {feature_name})")
     return {
-        "linear_top1": probe.top1,
-        "knn_top1": knn_top1,
+        "linear_top1": scores["linear_top1"],
+        "knn_top1": scores["knn_top1"],
         "test_patches": cfg.test_patches,
         "feature": cfg.eval_feature,
         "feature_dim": int(train_f.shape[1]),
-        "probe_epoch": probe.epoch,
+        "probe_epoch": scores["probe_epoch"],
         "probe_epochs": cfg.probe_epochs,
-        "probe_val_top1": probe.val_top1,
+        "probe_val_top1": scores["probe_val_top1"],
         "probe_val_fraction": cfg.probe_val_fraction,
-        "knn_k": k,
+        "knn_k": scores["knn_k"],
         "knn_temperature": cfg.knn_temperature,
         "eval_seed": cfg.eval_seed,
         "feature_seconds": feature_seconds,
-        "knn_seconds": knn_seconds,
-        "probe_seconds": probe.seconds,
+        "knn_seconds": scores["knn_seconds"],
+        "probe_seconds": scores["probe_seconds"],
         "n_train": int(train_f.shape[0]),
         "n_test": int(test_f.shape[0]),
         "num_classes": num_classes,

@@ -1,0 +1,241 @@
+"""The paper's experiments as functions: the patch-count ablation (train once per number of patches), the
+test-patch ablation (evaluate one checkpoint at several bag sizes from one feature pass) and the t-SNE map.
+
+Each writes JSON (the numbers), Markdown (a table) and PNG (a plot, via :mod:`empssl.report`) into a folder,
+and is resumable or cheap to re-run. Nothing here changes how a run is trained or evaluated: these are loops
+over :func:`empssl.train.train` and :mod:`empssl.evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_checkpoint, read_checkpoint
+from .config import Config, ConfigError
+from .data import ImageData, load_data
+from .evaluate import (
+    augment_from_config,
+    check_splits,
+    extract_features,
+    extract_prefix_features,
+    feature_options,
+    score_features,
+)
+from .models import EMPSSLModel
+from .report import (
+    ReportError,
+    patch_ablation_table,
+    plot_patch_ablation,
+    plot_test_patch_ablation,
+    plot_tsne,
+    test_patch_ablation_table,
+)
+from .train import finished, resolve_device, run_config, train
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# --- evaluating a checkpoint, possibly on another dataset ---------------------------------------------------
+
+
+def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress: bool = False,
+                  log: Callable[[str], Any] = print
+                  ) -> tuple[EMPSSLModel, Config, dict[str, Any], ImageData, ImageData, torch.device]:
+    """The model of ``checkpoint`` (on its device) and the (train, test) data to evaluate it on.
+
+    ``overrides`` are evaluation flags (``cli.EVAL_FIELDS``). Transfer: when ``overrides["data"]`` names
+    another dataset than the run was trained on, the run's ``train_subset`` / ``test_subset`` (sizes chosen
+    for *its* data) are reset to "all images" unless given again, so a CIFAR run trained on a 200-image
+    subset is not silently evaluated on 2 images per class of a 100-class set. Other classes, image sizes and
+    one-channel images need nothing else: labels come from the new data, patches are cut at a fraction of the
+    image area and resized to the patch size, and gray images are replicated to three channels on loading.
+
+    Returns (model, config, raw checkpoint dict, train, test, device).
+    """
+    overrides = dict(overrides)
+    saved = _saved_config(checkpoint) if overrides.get("data") else {}
+    if overrides.get("data") and overrides["data"] != saved.get("data"):
+        reset = [k for k in ("train_subset", "test_subset") if k not in overrides and saved.get(k)]
+        for k in reset:
+            overrides[k] = 0
+        if reset:
+            log(f"evaluating on {overrides['data']} (trained on {saved.get('data')}): "
+                f"{' and '.join('--' + k.replace('_', '-') for k in reset)} reset to all images")
+    model, cfg, ckpt = load_checkpoint(checkpoint, overrides)
+    device = resolve_device(cfg.device)
+    train, test = load_data(cfg.data, cfg.data_dir, cfg.image_size, progress)
+    if cfg.train_subset:
+        train = train.subset(cfg.train_subset)
+    if cfg.test_subset:
+        test = test.subset(cfg.test_subset)
+    return model.to(device), cfg, ckpt, train, test, device
+
+
+def _saved_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The config saved with a run (config.json beside the checkpoint, else the checkpoint's own copy)."""
+    path = Path(checkpoint)
+    run = path if path.is_dir() else path.parent
+    if (run / "config.json").is_file():
+        return json.loads((run / "config.json").read_text())["config"]
+    return read_checkpoint(path).get("config", {})
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent
+
+
+# --- patch-count ablation ----------------------------------------------------------------------------------
+
+
+def ablate_patches(cfg: Config, out_dir: str | Path, patch_counts: Sequence[int], *,
+                   explicit: dict[str, Any] | None = None, data: tuple[ImageData, ImageData] | None = None,
+                   progress: bool = True, log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    """Train and evaluate the recipe ``cfg`` once per number of training patches n, in ``out_dir/n{n}/``.
+
+    Resumable: a run that is finished and evaluated (results.json) is read back, not retrained; an
+    interrupted one resumes from its checkpoint. ``explicit`` holds the flags the user gave, so a rerun with
+    changed weight-affecting flags is refused (as ``empssl train`` does). Writes ``ablation.json``,
+    ``ablation.md`` and ``ablation.png`` into ``out_dir`` (after every run, so partial results are visible).
+
+    Returns one row per n: n, linear_top1, knn_top1, test_patches, train_seconds, eval_seconds, steps,
+    train_patches_per_s, run (folder name).
+    """
+    counts = sorted(set(patch_counts))
+    if not counts or counts[0] < 2:
+        raise ConfigError(f"--patches must list numbers >= 2 (the invariance term compares patches), got {counts}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = load_data(cfg.data, cfg.data_dir, cfg.image_size, progress)
+    rows = []
+    for n in counts:
+        run = out / f"n{n}"
+        run_cfg = run_config(run, cfg.replace(num_patches=n).validate(), {**(explicit or {}), "num_patches": n})
+        if (run / "results.json").is_file() and finished(run):
+            log(f"n={n}: finished run found in {run}, not retrained")
+            results = json.loads((run / "results.json").read_text())
+        else:
+            log(f"n={n}: training {run}")
+            results = train(run_cfg, run, progress=progress, log=log, data=data)
+        rows.append(ablation_row(n, run.name, results, run_cfg))
+        write_patch_ablation(out, rows, cfg)
+    return rows
+
+
+def ablation_row(n: int, run: str, results: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """One row of the patch-count table from a run's results.json."""
+    train_s = results.get("train_seconds")
+    eval_s = sum(results.get(k, 0.0) for k in ("feature_seconds", "knn_seconds", "probe_seconds"))
+    steps = results.get("steps")
+    pps = steps * cfg.batch_size * n / train_s if train_s and steps else None
+    return {"n": n, "linear_top1": results.get("linear_top1"), "knn_top1": results.get("knn_top1"),
+            "test_patches": results.get("test_patches"), "train_seconds": train_s, "eval_seconds": eval_s,
+            "steps": steps, "train_patches_per_s": pps, "device": results.get("device"), "run": run}
+
+
+def write_patch_ablation(out: Path, rows: list[dict[str, Any]], cfg: Config) -> None:
+    meta = {"data": cfg.data, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "arch": cfg.arch,
+            "width": cfg.width, "test_patches": cfg.test_patches, "eval_feature": cfg.eval_feature}
+    _write_json(out / "ablation.json", {"experiment": "patch-count ablation", "config": meta, "rows": rows})
+    device = next((r["device"] for r in rows if r.get("device")), None)
+    lines = [f"# Patch-count ablation: {cfg.data}, {cfg.epochs:g} epoch(s), batch {cfg.batch_size}, "
+             f"{cfg.arch} width {cfg.width}", "", *patch_ablation_table(rows),
+             "Train time: training loop wall time, monitoring excluded; eval time: feature extraction + kNN "
+             "+ linear probe." + (f" Device: {device}." if device else ""), ""]
+    (out / "ablation.md").write_text("\n".join(lines))
+    plot_patch_ablation(rows, out / "ablation.png")
+
+
+# --- test-patch ablation -----------------------------------------------------------------------------------
+
+
+def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int], overrides: dict[str, Any] | None = None, *,
+                        out_dir: str | Path | None = None, progress: bool = True,
+                        log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Evaluate one checkpoint with bags of m test patches for every m in ``counts``, from one feature pass.
+
+    The features of ``max(counts)`` patches per image are computed once; the bag of m is the mean of the
+    first m of them (:func:`empssl.evaluate.extract_prefix_features`), so the counts differ only in how
+    many of the same patches are averaged. kNN and the linear probe run per count as in ``empssl eval``.
+    Writes test_patch_ablation.json / .md / .png into ``out_dir`` (default: the run directory).
+
+    Returns the JSON dict: checkpoint, step, data, feature, feature_seconds, rows (test_patches,
+    linear_top1, knn_top1, knn_seconds, probe_seconds, probe_epoch, ...).
+    """
+    counts = sorted(set(counts))
+    if not counts or counts[0] < 1:
+        raise ConfigError(f"--counts must list numbers >= 1, got {counts}")
+    model, cfg, ckpt, train, test, device = load_for_eval(checkpoint, overrides or {}, progress=progress, log=log)
+    num_classes = check_splits(train, test)
+    aug = augment_from_config(cfg)
+    opts = feature_options(cfg, device, counts[-1], progress)
+    t0 = time.perf_counter()
+    train_f = extract_prefix_features(model, train.images, aug, counts, desc="train features", **opts)
+    test_f = extract_prefix_features(model, test.images, aug, counts, desc="test features", **opts)
+    feature_seconds = time.perf_counter() - t0
+    rows = []
+    for m in counts:
+        scores = score_features(train_f[m], train.labels, test_f[m], test.labels, num_classes, cfg, device,
+                                progress=progress)
+        log(f"{m} test patches: linear {scores['linear_top1']:.1f}% | kNN {scores['knn_top1']:.1f}%")
+        rows.append({"test_patches": m, **scores})
+    result = {"experiment": "test-patch ablation", "checkpoint": str(checkpoint), "step": ckpt.get("step"),
+              "data": cfg.data, "feature": cfg.eval_feature, "eval_seed": cfg.eval_seed,
+              "n_train": len(train), "n_test": len(test), "feature_seconds": feature_seconds,
+              "max_patches": counts[-1], "rows": rows}
+    out = Path(out_dir) if out_dir else run_dir_of(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "test_patch_ablation.json", result)
+    lines = [f"# Test-patch ablation: {checkpoint} (step {ckpt.get('step')}) on {cfg.data}", "",
+             *test_patch_ablation_table(rows),
+             f"Features of {counts[-1]} patches per image extracted once ({feature_seconds:.1f} s for "
+             f"{len(train)} train + {len(test)} test images); the bag of m patches averages the first m.", ""]
+    (out / "test_patch_ablation.md").write_text("\n".join(lines))
+    plot_test_patch_ablation(rows, out / "test_patch_ablation.png")
+    return result
+
+
+# --- t-SNE -------------------------------------------------------------------------------------------------
+
+
+def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *, test_patches: int = 16,
+             max_points: int = 5000, out: str | Path | None = None, seed: int = 0, progress: bool = True,
+             log: Callable[[str], Any] = print) -> Path:
+    """2-D t-SNE (scikit-learn) of the bag-of-features of up to ``max_points`` test images (class-balanced),
+    coloured by class, saved as a PNG (default ``RUN/tsne.png``) with a ``.json`` of its settings beside it.
+    Returns the PNG path."""
+    if test_patches < 1 or max_points < 2:
+        raise ConfigError(f"--test-patches must be >= 1 and --max-points >= 2, got {test_patches}, {max_points}")
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise ReportError("t-SNE needs scikit-learn: pip install 'empssl[report]'") from None
+    model, cfg, ckpt, _, test, device = load_for_eval(checkpoint, overrides or {}, progress=progress, log=log)
+    test = test.subset(max_points)
+    feats = extract_features(model, test.images, augment_from_config(cfg), test_patches, desc="test features",
+                             **feature_options(cfg, device, test_patches, progress))
+    n = feats.shape[0]
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))  # sklearn requires perplexity < n
+    t0 = time.perf_counter()
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        torch.nn.functional.normalize(feats, dim=1).numpy())
+    log(f"t-SNE of {n} test images ({test_patches} test patches) in {time.perf_counter() - t0:.1f} s")
+    path = Path(out) if out else run_dir_of(checkpoint) / "tsne.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    title = f"t-SNE of {cfg.data} test features (step {ckpt.get('step')}, {test_patches} test patches)"
+    plot_tsne(xy, test.labels.numpy(), list(test.classes), path, title=title)
+    _write_json(path.with_suffix(".json"), {"checkpoint": str(checkpoint), "step": ckpt.get("step"),
+                                            "data": cfg.data, "test_patches": test_patches, "n_points": n,
+                                            "perplexity": perplexity, "seed": seed, "feature": cfg.eval_feature})
+    return path

@@ -1,0 +1,162 @@
+"""Time-to-accuracy during training: a cheap kNN probe every few steps, and the run's wall-time clock.
+
+Every ``cfg.eval_every`` steps (an integer number of steps, or a fraction of an epoch when < 1) the encoder's
+bag-of-features (``cfg.monitor_patches`` patches) of a fixed class-balanced subset of the test set are
+classified by a weighted kNN (``cfg.knn_k``, ``cfg.knn_temperature``) against a fixed class-balanced subset of
+the training set, and one line is appended to ``RUN/monitor.jsonl``::
+
+    {"step", "epoch", "elapsed_s", "train_s", "patches_seen", "knn_top1", "monitor_patches", "monitor_s",
+     "n_bank", "n_test"}
+
+``train_s`` is the training wall time excluding every monitor evaluation, ``elapsed_s`` includes them; both
+continue across resumes (the clock is saved in the checkpoint). The probe does not disturb training: the
+model runs in eval mode (BatchNorm on its running statistics, which are not updated) and is put back in
+train mode, the patches come from generators seeded by ``cfg.eval_seed`` (the global RNG and the training
+patch generator are untouched), and no gradient is computed, so a run with and without monitoring ends with
+bitwise-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config
+from .data import ImageData
+from .evaluate import augment_from_config, extract_features, feature_options, knn_predict
+from .models import EMPSSLModel
+
+
+def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
+    """Steps between monitor evaluations: ``eval_every`` steps when >= 1, that fraction of an epoch when
+    in (0, 1) (at least one step), 0 (never) when 0."""
+    if eval_every <= 0:
+        return 0
+    if eval_every >= 1:
+        return int(eval_every)
+    return max(1, round(eval_every * steps_per_epoch))
+
+
+def device_name(device: torch.device) -> str:
+    """The device as reports should name it: "cpu", or "cuda (NVIDIA H100 80GB HBM3)"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+def _sync(device: torch.device) -> None:
+    # Wall-clock readings must not run ahead of queued GPU work; only done at monitor steps and at the end.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Monitor:
+    """The run's clock (training vs monitoring wall time) and, when ``cfg.eval_every > 0``, the kNN probe.
+
+    Use: ``start()`` right before the loop, ``after_step(model, step)`` after every optimisation step (it
+    returns the seconds it spent, so the caller can leave them out of its own throughput figures), and
+    ``clock()`` for the checkpoint and the run summary.
+
+    Args:
+        train, test: the run's splits; their first ``cfg.monitor_bank`` / ``cfg.monitor_test`` images
+            (class-balanced, :meth:`ImageData.subset`) are the memory bank and the probe set.
+        out_dir: the run directory (``monitor.jsonl`` is written there when ``enabled``).
+        patches_per_step: patches processed per optimisation step over all processes.
+        start_step: the step the run starts or resumes at; records after it (written by an interrupted
+            session whose last steps were lost) are dropped.
+        clock_state: the ``clock()`` dict saved in the checkpoint being resumed, or None.
+        enabled: False on processes other than rank 0: they keep the clock but never evaluate or write.
+    """
+
+    def __init__(self, cfg: Config, train: ImageData, test: ImageData, device: torch.device, out_dir: Path, *,
+                 steps_per_epoch: int, total_steps: int, patches_per_step: int, start_step: int = 0,
+                 clock_state: dict[str, float] | None = None, enabled: bool = True) -> None:
+        self.cfg, self.device = cfg, torch.device(device)
+        self.steps_per_epoch, self.total_steps, self.patches_per_step = steps_per_epoch, total_steps, patches_per_step
+        self.start_step = start_step
+        self.interval = monitor_interval(cfg.eval_every, steps_per_epoch) if enabled else 0
+        prior = clock_state or {}
+        self._train_before = float(prior.get("train_seconds", 0.0))
+        self._monitor_before = float(prior.get("monitor_seconds", 0.0))
+        self._t0: float | None = None
+        self._monitor_now = 0.0  # monitor seconds spent in this session
+        self.path = Path(out_dir) / "monitor.jsonl"
+        if not self.interval:
+            return
+        self.bank, self.probe = train.subset(cfg.monitor_bank), test.subset(cfg.monitor_test)
+        self.bank_images = self.bank.images.to(device)
+        self.probe_images = self.probe.images.to(device)
+        self.bank_labels = self.bank.labels.to(device)
+        self._drop_records_after(start_step)
+
+    def _drop_records_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        records = read_jsonl(self.path)
+        keep = [r for r in records if r.get("step", 0) <= step]
+        if len(keep) != len(self.path.read_text().splitlines()):  # also drops a line torn by a kill
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            tmp.replace(self.path)
+
+    def start(self, model: EMPSSLModel) -> None:
+        """Start the clock; on a fresh run, also record the untrained encoder (step 0)."""
+        _sync(self.device)
+        self._t0 = time.perf_counter()
+        if self.interval and self.start_step == 0:
+            self._evaluate(model, 0)
+
+    def clock(self) -> dict[str, float]:
+        """Wall time so far: ``train_seconds`` (excluding monitoring), ``monitor_seconds``, ``elapsed_seconds``."""
+        now = 0.0 if self._t0 is None else time.perf_counter() - self._t0
+        train = self._train_before + now - self._monitor_now
+        monitor = self._monitor_before + self._monitor_now
+        return {"train_seconds": train, "monitor_seconds": monitor, "elapsed_seconds": train + monitor}
+
+    def after_step(self, model: EMPSSLModel, step: int) -> float:
+        """Evaluate if ``step`` is due (every ``interval`` steps and the last one); return the seconds spent."""
+        if not self.interval or (step % self.interval and step != self.total_steps):
+            return 0.0
+        return self._evaluate(model, step)
+
+    @torch.no_grad()
+    def _evaluate(self, model: EMPSSLModel, step: int) -> float:
+        _sync(self.device)
+        t = time.perf_counter()
+        clock = self.clock()
+        cfg = self.cfg
+        opts = feature_options(cfg, self.device, cfg.monitor_patches, progress=False)
+        aug = augment_from_config(cfg)
+        bank = extract_features(model, self.bank_images, aug, cfg.monitor_patches, **opts).to(self.device)
+        probe = extract_features(model, self.probe_images, aug, cfg.monitor_patches, **opts).to(self.device)
+        pred = knn_predict(bank, self.bank_labels, probe, len(self.bank.classes), k=min(cfg.knn_k, len(self.bank)),
+                           temperature=cfg.knn_temperature)
+        top1 = (pred.cpu() == self.probe.labels).double().mean().item() * 100  # the probe's one host sync
+        spent = time.perf_counter() - t
+        self._monitor_now += spent
+        rec: dict[str, Any] = {
+            "step": step, "epoch": round(step / self.steps_per_epoch, 4),
+            "elapsed_s": clock["elapsed_seconds"], "train_s": clock["train_seconds"],
+            "patches_seen": step * self.patches_per_step, "knn_top1": top1,
+            "monitor_patches": cfg.monitor_patches, "monitor_s": spent,
+            "n_bank": len(self.bank), "n_test": len(self.probe),
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return spent
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (metrics.jsonl, monitor.jsonl); a torn last line is skipped."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
