@@ -285,7 +285,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         results["random_init"] = {k: base[k] for k in ("linear_top1", "knn_top1")}
         gap = results["linear_top1"] - base["linear_top1"]
         log(f"linear probe: trained {results['linear_top1']:.1f}% vs random init {base['linear_top1']:.1f}% "
-            f"(+{gap:.1f} points, {cfg.test_patches} test patches)")
+            f"({gap:+.1f} points, {cfg.test_patches} test patches)")
     write_results(out / "results.json", results)
     return results
 
