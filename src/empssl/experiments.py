@@ -36,7 +36,7 @@ from .report import (
     plot_tsne,
     test_patch_ablation_table,
 )
-from .train import finished, resolve_device, run_config, train
+from .train import config_data, finished, resolve_device, run_config, train
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -73,11 +73,7 @@ def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress
                 f"{' and '.join('--' + k.replace('_', '-') for k in reset)} reset to all images")
     model, cfg, ckpt = load_checkpoint(checkpoint, overrides)
     device = resolve_device(cfg.device)
-    train, test = load_data(cfg.data, cfg.data_dir, cfg.image_size, progress)
-    if cfg.train_subset:
-        train = train.subset(cfg.train_subset)
-    if cfg.test_subset:
-        test = test.subset(cfg.test_subset)
+    train, test = config_data(cfg, progress)
     return model.to(device), cfg, ckpt, train, test, device
 
 

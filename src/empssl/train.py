@@ -72,6 +72,17 @@ def run_config(out_dir: Path, cfg: Config, explicit: dict[str, Any]) -> Config:
     return saved.replace(**{k: v for k, v in explicit.items() if k in RESUMABLE_CHANGES}).validate()
 
 
+def config_data(cfg: Config, progress: bool = True,
+                data: tuple[ImageData, ImageData] | None = None) -> tuple[ImageData, ImageData]:
+    """(train, test) of ``cfg.data`` (or ``data`` as given), cut to ``cfg.train_subset`` / ``cfg.test_subset``."""
+    train_data, test_data = data if data is not None else load_data(cfg.data, cfg.data_dir, cfg.image_size, progress)
+    if cfg.train_subset:
+        train_data = train_data.subset(cfg.train_subset)
+    if cfg.test_subset:
+        test_data = test_data.subset(cfg.test_subset)
+    return train_data, test_data
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, aug: Augment,
                cfg: Config, gen: torch.Generator, amp: torch.dtype | None, channels_last: bool,
                dist: distributed.Dist = distributed.SINGLE) -> EMPSSLLoss:
@@ -142,12 +153,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         torch.backends.cudnn.benchmark = True
 
     with distributed.main_process_first(dist):  # rank 0 downloads / fills the decoded-image cache first
-        train_data, test_data = data if data is not None else load_data(cfg.data, cfg.data_dir, cfg.image_size,
-                                                                         progress)
-    if cfg.train_subset:
-        train_data = train_data.subset(cfg.train_subset)
-    if cfg.test_subset:
-        test_data = test_data.subset(cfg.test_subset)
+        train_data, test_data = config_data(cfg, progress, data)
     steps_per_epoch = len(train_data) // cfg.batch_size  # drop_last, as the official loader
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_data)} training images")
