@@ -76,6 +76,8 @@ FLAGS: dict[str, tuple[str, str]] = {
 }
 EVAL_FIELDS = [k for k, (g, _) in FLAGS.items() if g == "evaluation"] + [
     "data", "data_dir", "image_size", "train_subset", "test_subset", "device", "precision"]
+# The evaluation flags of the commands that take the number of test patches as their own option.
+EVAL_FIELDS_NO_PATCHES = [k for k in EVAL_FIELDS if k != "test_patches"]
 
 
 def parse_bool(text: str) -> bool:
@@ -180,7 +182,7 @@ def _add_experiment_parsers(sub: Any) -> None:
                    help="comma-separated numbers of test patches (default: 1,4,16,64,128)")
     t.add_argument("--out", help="folder for the outputs (default: the run directory)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_flags(t, [k for k in EVAL_FIELDS if k != "test_patches"])
+    _add_config_flags(t, EVAL_FIELDS_NO_PATCHES)
 
     s = sub.add_parser("tsne", help="t-SNE map of a checkpoint's test-set features, coloured by class",
                        description="2-D t-SNE (scikit-learn) of the bag-of-features of test images -> RUN/tsne.png.")
@@ -191,7 +193,7 @@ def _add_experiment_parsers(sub: Any) -> None:
     s.add_argument("--tsne-seed", type=int, default=0, help="t-SNE random state (default: 0)")
     s.add_argument("--out", help="PNG path (default: tsne.png in the run directory)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_flags(s, [k for k in EVAL_FIELDS if k != "test_patches"])
+    _add_config_flags(s, EVAL_FIELDS_NO_PATCHES)
 
     r = sub.add_parser("report", help="Markdown report with tables and plots of one or several runs",
                        description="Write report.md and PNG plots for run directories (or patch-ablation "
@@ -230,7 +232,7 @@ def cmd_ablate_patches(args: argparse.Namespace) -> int:
 def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
     from .experiments import ablate_test_patches, run_dir_of
 
-    ablate_test_patches(args.checkpoint, args.counts, _explicit(args, [k for k in EVAL_FIELDS if k != "test_patches"]),
+    ablate_test_patches(args.checkpoint, args.counts, _explicit(args, EVAL_FIELDS_NO_PATCHES),
                         out_dir=args.out, progress=not args.no_progress)
     print(f"results written to {Path(args.out or run_dir_of(args.checkpoint)) / 'test_patch_ablation.md'}")
     return 0
@@ -239,7 +241,7 @@ def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
 def cmd_tsne(args: argparse.Namespace) -> int:
     from .experiments import tsne_map
 
-    path = tsne_map(args.checkpoint, _explicit(args, [k for k in EVAL_FIELDS if k != "test_patches"]),
+    path = tsne_map(args.checkpoint, _explicit(args, EVAL_FIELDS_NO_PATCHES),
                     test_patches=args.test_patches, max_points=args.max_points, out=args.out, seed=args.tsne_seed,
                     progress=not args.no_progress)
     print(f"t-SNE map written to {path}")
@@ -279,7 +281,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .experiments import load_for_eval
+    from .experiments import load_for_eval, run_dir_of
     from .train import write_results
 
     # load_for_eval: another --data than the run's (transfer) gets all its images unless subsets are given
@@ -287,8 +289,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.checkpoint, _explicit(args, EVAL_FIELDS), progress=not args.no_progress)
     results = evaluate(model, train_data, test_data, cfg, device, progress=not args.no_progress)
     results.update(checkpoint=str(args.checkpoint), step=ckpt.get("step"), data=cfg.data)
-    ckpt_path = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / "results-eval.json"
+    out = Path(args.out) if args.out else run_dir_of(args.checkpoint) / "results-eval.json"
     write_results(out, results)
     print(f"results written to {out}")
     return 0

@@ -78,7 +78,8 @@ class Config:
     def validate(self) -> Config:
         """Raise ConfigError (one line) for values that cannot work; return self."""
         pos_int = ["num_patches", "patch_size", "width", "hidden_dim", "z_dim", "batch_size", "log_every",
-                   "checkpoint_every", "test_patches", "probe_epochs", "probe_batch_size", "knn_k"]
+                   "checkpoint_every", "test_patches", "probe_epochs", "probe_batch_size", "knn_k",
+                   "monitor_patches", "monitor_bank", "monitor_test"]
         for name in pos_int:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -114,9 +115,6 @@ class Config:
         if not 0 <= self.probe_val_fraction < 1:
             raise ConfigError(f"--probe-val-fraction must be in [0, 1), got {self.probe_val_fraction}")
         # --- monitoring ---
-        for name in ["monitor_patches", "monitor_bank", "monitor_test"]:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0 or (self.eval_every >= 1 and self.eval_every != int(self.eval_every)):
             raise ConfigError(f"--eval-every must be 0 (off), a whole number of steps, or a fraction of an epoch "
                               f"below 1, got {self.eval_every}")

@@ -409,21 +409,15 @@ def evaluate(model: EMPSSLModel, train: ImageData, test: ImageData, cfg: Config,
     log(f"linear {scores['linear_top1']:.1f}%{selected} | kNN {scores['knn_top1']:.1f}% "
         f"({cfg.test_patches} test patches, {feature_name})")
     return {
-        "linear_top1": scores["linear_top1"],
-        "knn_top1": scores["knn_top1"],
+        **scores,  # linear_top1, knn_top1, probe_epoch, probe_val_top1, knn_k, knn_seconds, probe_seconds
         "test_patches": cfg.test_patches,
         "feature": cfg.eval_feature,
         "feature_dim": int(train_f.shape[1]),
-        "probe_epoch": scores["probe_epoch"],
         "probe_epochs": cfg.probe_epochs,
-        "probe_val_top1": scores["probe_val_top1"],
         "probe_val_fraction": cfg.probe_val_fraction,
-        "knn_k": scores["knn_k"],
         "knn_temperature": cfg.knn_temperature,
         "eval_seed": cfg.eval_seed,
         "feature_seconds": feature_seconds,
-        "knn_seconds": scores["knn_seconds"],
-        "probe_seconds": scores["probe_seconds"],
         "n_train": int(train_f.shape[0]),
         "n_test": int(test_f.shape[0]),
         "num_classes": num_classes,

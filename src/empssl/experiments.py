@@ -36,14 +36,7 @@ from .report import (
     plot_tsne,
     test_patch_ablation_table,
 )
-from .train import config_data, finished, resolve_device, run_config, train
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
+from .train import config_data, finished, resolve_device, run_config, train, write_results
 
 # --- evaluating a checkpoint, possibly on another dataset ---------------------------------------------------
 
@@ -79,11 +72,10 @@ def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress
 
 def _saved_config(checkpoint: str | Path) -> dict[str, Any]:
     """The config saved with a run (config.json beside the checkpoint, else the checkpoint's own copy)."""
-    path = Path(checkpoint)
-    run = path if path.is_dir() else path.parent
+    run = run_dir_of(checkpoint)
     if (run / "config.json").is_file():
         return json.loads((run / "config.json").read_text())["config"]
-    return read_checkpoint(path).get("config", {})
+    return read_checkpoint(checkpoint).get("config", {})
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:
@@ -143,7 +135,7 @@ def ablation_row(n: int, run: str, results: dict[str, Any], cfg: Config) -> dict
 def write_patch_ablation(out: Path, rows: list[dict[str, Any]], cfg: Config) -> None:
     meta = {"data": cfg.data, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "arch": cfg.arch,
             "width": cfg.width, "test_patches": cfg.test_patches, "eval_feature": cfg.eval_feature}
-    _write_json(out / "ablation.json", {"experiment": "patch-count ablation", "config": meta, "rows": rows})
+    write_results(out / "ablation.json", {"experiment": "patch-count ablation", "config": meta, "rows": rows})
     device = next((r["device"] for r in rows if r.get("device")), None)
     lines = [f"# Patch-count ablation: {cfg.data}, {cfg.epochs:g} epoch(s), batch {cfg.batch_size}, "
              f"{cfg.arch} width {cfg.width}", "", *patch_ablation_table(rows),
@@ -192,7 +184,7 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int], overrides
               "max_patches": counts[-1], "rows": rows}
     out = Path(out_dir) if out_dir else run_dir_of(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "test_patch_ablation.json", result)
+    write_results(out / "test_patch_ablation.json", result)
     lines = [f"# Test-patch ablation: {checkpoint} (step {ckpt.get('step')}) on {cfg.data}", "",
              *test_patch_ablation_table(rows),
              f"Features of {counts[-1]} patches per image extracted once ({feature_seconds:.1f} s for "
@@ -231,7 +223,7 @@ def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     title = f"t-SNE of {cfg.data} test features (step {ckpt.get('step')}, {test_patches} test patches)"
     plot_tsne(xy, test.labels.numpy(), list(test.classes), path, title=title)
-    _write_json(path.with_suffix(".json"), {"checkpoint": str(checkpoint), "step": ckpt.get("step"),
+    write_results(path.with_suffix(".json"), {"checkpoint": str(checkpoint), "step": ckpt.get("step"),
                                             "data": cfg.data, "test_patches": test_patches, "n_points": n,
                                             "perplexity": perplexity, "seed": seed, "feature": cfg.eval_feature})
     return path
