@@ -5,6 +5,12 @@ with per-patch random parameters (crop 1/4 of the area + flip + ColorJitter p0.8
 Gaussian blur p0.1 + solarize p0.1 + normalise).
 
     PYTHONPATH=src python bench/augment.py --device cpu --repeats 3
+    PYTHONPATH=src python bench/augment.py --methods ours --memory-format channels_last --dtype bfloat16
+    PYTHONPATH=src python bench/augment.py --device cpu --traffic   # ops and bytes of one step of ours
+
+``--traffic`` counts, for one step of ``ours`` with the pixel ops in one chunk as on a GPU, the aten ops run
+(each a kernel launch on a GPU) and the bytes they read and write, in units of one float32 patch tensor
+(P, 3, 32, 32): a device-independent measure of the work, since these ops are memory- or launch-bound.
 """
 
 from __future__ import annotations
@@ -17,8 +23,13 @@ from collections.abc import Callable
 
 import torch
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from empssl import patches
 from empssl.patches import Augment, make_patches
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def describe(device: torch.device) -> str:
@@ -45,9 +56,51 @@ def time_it(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) 
     return times
 
 
-def ours(images: torch.Tensor, n: int, aug: Augment) -> Callable[[], torch.Tensor]:
+def ours(images: torch.Tensor, n: int, aug: Augment, out_dtype: torch.dtype = torch.float32,
+         memory_format: torch.memory_format = torch.contiguous_format) -> Callable[[], torch.Tensor]:
     g = torch.Generator(device=images.device).manual_seed(0)
-    return lambda: make_patches(images, n, aug, g)
+    return lambda: make_patches(images, n, aug, g, out_dtype=out_dtype, memory_format=memory_format)
+
+
+class Traffic(TorchDispatchMode):
+    """Counts the aten ops run under it and the bytes of the tensors each one reads and writes (views and
+    allocations are free; a broadcast operand counts at its own size)."""
+
+    FREE = {"empty", "empty_strided", "empty_like", "lift_fresh", "detach", "alias", "_unsafe_view",
+            "_record_function_enter_new", "_record_function_exit"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.is_view or func.__name__.split(".")[0] in self.FREE:
+            return out
+        self.ops += 1
+        if func.__name__.startswith("copy_"):  # reads the source, writes the destination
+            self.bytes += 2 * args[1].numel() * args[1].element_size()
+            return out
+        read = [*args, *(v for k, v in kwargs.items() if k != "out")]
+        read = [t for a in read for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)]
+        written = [t for t in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(t, torch.Tensor)]
+        self.bytes += sum(t.numel() * t.element_size() for t in read + written)
+        return out
+
+
+def traffic(fn: Callable[[], torch.Tensor], n_patches: int, size: int) -> tuple[int, float]:
+    """(aten ops, bytes moved in float32 (P, 3, size, size) tensors) of one call of ``fn``, after a warm-up
+    call, with the pixel ops in one chunk as on a GPU."""
+    chunk, patches._CPU_CHUNK_ELEMENTS = patches._CPU_CHUNK_ELEMENTS, 1 << 62
+    try:
+        fn()
+        with Traffic() as t:
+            fn()
+    finally:
+        patches._CPU_CHUNK_ELEMENTS = chunk
+    return t.ops, t.bytes / (n_patches * 3 * size * size * 4)
 
 
 def kornia_pipeline(images: torch.Tensor, n: int, aug: Augment) -> Callable[[], torch.Tensor]:
@@ -111,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--methods", default="ours,kornia,torchvision", help="comma-separated: " + ",".join(METHODS)
     )
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of our patches")
+    ap.add_argument("--memory-format", default="contiguous", choices=list(MEMORY_FORMATS),
+                    help="layout of our (P, 3, s, s) patches (channels_last: a channels_last network's input)")
+    ap.add_argument("--traffic", action="store_true",
+                    help="also print the aten ops and bytes moved by one step of ours (see the module docstring)")
     args = ap.parse_args(argv)
 
     device = torch.device(
@@ -126,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {describe(device)}; {versions}")
     print(
         f"workload: {args.batch} images of {args.image_size}px x {args.patches} patches "
-        f"= {args.batch * args.patches} patches/step, {args.repeats} timed steps"
+        f"= {args.batch * args.patches} patches/step, {args.repeats} timed steps; "
+        f"ours in {args.dtype}, {args.memory_format}"
     )
 
     aug = Augment()
@@ -143,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: unknown method, choose from {', '.join(METHODS)}")
             return 2
         try:
-            fn = METHODS[name](images, args.patches, aug)
+            if name == "ours":
+                fn = ours(images, args.patches, aug, DTYPES[args.dtype], MEMORY_FORMATS[args.memory_format])
+            else:
+                fn = METHODS[name](images, args.patches, aug)
         except ImportError as e:
             print(f"{name:12s} skipped ({e})")
             continue
@@ -154,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:12s} {statistics.mean(rates):12,.0f} patches/s  (+- {spread:,.0f}; "
             f"{1000 * statistics.mean(secs):8.1f} ms/step)"
         )
+        if name == "ours" and args.traffic:
+            ops, moved = traffic(fn, n_out, aug.size)
+            print(f"{'':12s} {ops} aten ops per step, {moved:.1f} x P*3*{aug.size}*{aug.size}*4 bytes moved")
     return 0
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from empssl import patches as pm
 from empssl.patches import Augment, AugmentError, PatchParams, apply_params, make_patches, sample_params
@@ -315,6 +316,67 @@ def test_chunked_cpu_path_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(pm, "_CPU_CHUNK_ELEMENTS", 7 * 3 * 32 * 32)  # chunks of 7 patches, ragged end
     chunked = make_patches(imgs, 5, Augment(), gen())
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+
+
+class PatchPasses(TorchDispatchMode):
+    """Records every op, and as passes the ops that write (k, 3, 32, 32) patch tensors (allocations and views
+    are not passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes: list[tuple[str, int]] = []
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(func.__name__)
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.shape[-3:] == (3, 32, 32) and not func.is_view \
+                    and not func.__name__.startswith("empty"):
+                self.passes.append((func.__name__, t.numel()))
+        return out
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor, laid out contiguously."""
+    return x.contiguous().view(torch.int32 if x.dtype == torch.float32 else torch.int16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_dtype_and_memory_format_keep_the_values_and_add_no_pass(
+    dtype: torch.dtype, memory_format: torch.memory_format, chunked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if chunked:
+        monkeypatch.setattr(pm, "_CPU_CHUNK_ELEMENTS", 7 * 3 * 32 * 32)  # chunks of 7 patches, ragged end
+    else:
+        monkeypatch.setattr(pm, "_CPU_CHUNK_ELEMENTS", 1 << 40)  # one chunk, as on a GPU
+    imgs, n = images(6, h=40, w=36), 5
+    aug = dataclasses.replace(Augment(), blur_p=0.5, solarize_p=0.5)
+    with PatchPasses() as plain:
+        ref = make_patches(imgs, n, aug, gen(3))  # float32, contiguous
+    with PatchPasses() as mode:
+        out = make_patches(imgs, n, aug, gen(3), out_dtype=dtype, memory_format=memory_format)
+    assert out.shape == (n, 6, 3, 32, 32) and out.dtype == dtype
+    flat = out.flatten(0, 1)
+    assert flat.is_contiguous(memory_format=memory_format)
+    assert flat.contiguous(memory_format=memory_format).data_ptr() == flat.data_ptr()  # a caller's copy is free
+    assert torch.equal(bits(flat), bits(ref.flatten(0, 1).to(dtype)))  # bit for bit the float32 values, cast
+    # The cast and the layout ride on the normalisation: the same passes over the patches as float32.
+    assert mode.passes == plain.passes and ("div.out", 7 * 3 * 32 * 32 if chunked else out.numel()) in plain.passes
+
+
+def test_no_host_synchronisation() -> None:
+    """.item(), bool(tensor) and .tolist() on a GPU tensor wait for the GPU; none of them runs here."""
+    with PatchPasses() as mode:
+        make_patches(images(4), 3, dataclasses.replace(Augment(), blur_p=0.5), gen(), memory_format=torch.channels_last)
+    assert not {"_local_scalar_dense.default", "is_nonzero.default", "equal.default"} & set(mode.ops)
+
+
+def test_bad_memory_format_raises() -> None:
+    with pytest.raises(AugmentError, match="memory_format"):
+        make_patches(images(2), 2, Augment(), gen(), memory_format=torch.preserve_format)
 
 
 def test_autocast_does_not_change_the_result() -> None:

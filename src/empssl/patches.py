@@ -17,8 +17,10 @@ Patch ``p`` of the flat parameter tensors is patch ``p // B`` of image ``p % B``
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,12 @@ class Augment:
         if any(s <= 0 for s in self.std):
             raise AugmentError(f"std must be > 0, got {self.std}")
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> Augment:
+        """EMP-SSL's patch augmentation as a config (:class:`empssl.config.Config`) sets it: patch size, crop
+        scale and ratio; the colour augmentations are the official ones."""
+        return cls(size=cfg.patch_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio))
+
 
 @dataclass
 class PatchParams:
@@ -119,7 +127,8 @@ def sample_params(
         return torch.rand(*shape, generator=generator, device=device)
 
     def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
-        return lo + (hi - lo) * rand(*shape)
+        # Consumes the generator exactly as rand does, in one op instead of three.
+        return torch.empty(*shape, device=device).uniform_(lo, hi, generator=generator)
 
     # RandomResizedCrop.get_params in fractions: area s = fw * fh, pixel aspect a = (fw W) / (fh H).
     height, width = image_hw if image_hw is not None else (1, 1)
@@ -174,20 +183,32 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
 
 
-def _blend_ops_(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """One colour-jitter slot for brightness (op 0), contrast (1) or saturation (2), per patch, in place.
+def _blend_coefficients(op: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(f, a, c) of :func:`_blend_` for brightness (op 0), contrast (1) or saturation (2); any shape.
 
-    All three are torchvision's ``_blend``: clamp(f * x + (1 - f) * ref, 0, 1) with ref = 0, the mean
-    luma of the patch, or the per-pixel luma. x: (P, 3, h, w); op, factor: (P,). Factor 1 leaves a
-    patch bit-exactly unchanged, which is how patches that skip this slot are masked.
+    torchvision's ``_blend`` is clamp(f * x + (1 - f) * ref, 0, 1) with ref = 0, the mean luma of the patch
+    or the per-pixel luma; (1 - f) * ref = a * luma + c * mean(luma), with a, c zero for the ops that do not
+    use them. Factor 1 gives a = c = 0 and leaves a patch bit-exactly unchanged, which is how patches that
+    skip a slot are masked.
     """
+    one_minus = 1 - factor
+    return factor, torch.where(op == 2, one_minus, 0.0), torch.where(op == 1, one_minus, 0.0)
+
+
+def _blend_(x: torch.Tensor, f: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """x <- clamp(f * x + a * luma + c * mean(luma), 0, 1) in place, per patch. x: (P, 3, h, w);
+    f, a, c: (P, 1, 1, 1)."""
     gray = _grayscale(x)  # (P, 1, h, w)
     mean = gray.mean(dim=(-2, -1), keepdim=True)  # (P, 1, 1, 1)
-    op, f = op.view(-1, 1, 1, 1), factor.view(-1, 1, 1, 1)
-    # ref * (1 - f) = gray * a + c, with a, c zero for the ops that do not use them.
-    a = torch.where(op == 2, 1 - f, 0.0)
-    c = torch.where(op == 1, (1 - f) * mean, 0.0)
-    return x.mul_(f).add_(gray.mul_(a).add_(c)).clamp_(0, 1)
+    # Two multiply-adds (one pass over x instead of two) and the clamp, all in place.
+    ref = torch.addcmul(c * mean, gray, a, out=gray)
+    return torch.addcmul(ref, x, f, out=x).clamp_(0, 1)
+
+
+def _blend_ops_(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """One colour-jitter slot for brightness (op 0), contrast (1) or saturation (2), per patch, in place.
+    x: (P, 3, h, w); op, factor: (P,)."""
+    return _blend_(x, *_blend_coefficients(op.view(-1, 1, 1, 1), factor.view(-1, 1, 1, 1)))
 
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -211,32 +232,48 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = h.add_(shift.view(-1, 1, 1)).remainder_(1.0).mul_(6.0).unsqueeze(1)  # (P, 1, h, w), in [0, 6)
     n = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = (h + n).remainder_(6.0)  # (P, 3, h, w)
-    return k.sub_(2.0).abs_().sub_(1.0).clamp_(0, 1).mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
+    k = k.sub_(2.0).abs_().sub_(1.0).clamp_(0, 1)
+    return torch.addcmul(minc.unsqueeze(1), k, chroma.unsqueeze(1), out=k)
 
 
 def _color_jitter(x: torch.Tensor, params: PatchParams, aug: Augment) -> torch.Tensor:
     """ColorJitter with a per-patch random order, applied where ``params.jitter``. x: (P, 3, h, w).
 
-    The hue shift (the one costly op) runs once for all patches: slots before each patch's hue slot are
-    applied first, then hue, then the slots after it. Brightness/contrast/saturation share one blend pass
-    per slot, so this is 3 + 1 + 3 passes rather than 4 slots x 4 ops.
+    The hue shift (the one costly op) runs once for all patches: the order slots before each patch's hue
+    slot are applied first, then hue, then the slots after it. Brightness/contrast/saturation share one blend
+    pass per slot, so this is 3 + 1 + 3 passes rather than 4 slots x 4 ops. The coefficients of all six
+    blend passes are computed together, as (P, 6) tensors.
     """
-    jit = params.jitter
-    hue_slot = params.order.argsort(dim=1)[:, 3]  # (P,) position of the hue op in each patch's order
-    factors = params.factors
-
-    def slot(x: torch.Tensor, k: int, active: torch.Tensor) -> torch.Tensor:
-        op = params.order[:, k]
-        f = factors.gather(1, op.clamp(max=2).unsqueeze(1)).squeeze(1)
-        return _blend_ops_(x, op, torch.where(active & (op != 3), f, 1.0))
-
-    for k in range(3):  # the slots that can precede hue
-        x = slot(x, k, jit & (k < hue_slot))
+    jit, order, factors = params.jitter, params.order, params.factors
+    hue_slot = order.argsort(dim=1)[:, 3:]  # (P, 1) position of the hue op in each patch's order
+    ops = torch.cat([order[:, :3], order[:, 1:]], dim=1)  # (P, 6): slots 0, 1, 2 before hue, 1, 2, 3 after
+    pos = torch.arange(4, device=x.device)
+    active = torch.cat([pos[:3] < hue_slot, pos[1:] > hue_slot], dim=1) & jit.unsqueeze(1) & (ops != 3)
+    f = torch.where(active, factors.gather(1, ops.clamp(max=2)), 1.0)
+    P = x.shape[0]
+    coefs = [t.view(P, 6, 1, 1, 1).unbind(1) for t in _blend_coefficients(ops, f)]  # 3 x 6 x (P, 1, 1, 1)
+    for k in range(3):
+        x = _blend_(x, *(t[k] for t in coefs))
     if aug.hue > 0:
-        x = torch.where(jit.view(-1, 1, 1, 1), _adjust_hue(x, factors[:, 3]), x)
-    for k in range(1, 4):  # the slots that can follow hue
-        x = slot(x, k, jit & (k > hue_slot))
+        x = torch.where(jit.view(-1, 1, 1, 1), _adjust_hue(x, factors[:, 3]), x, out=x)
+    for k in range(3, 6):
+        x = _blend_(x, *(t[k] for t in coefs))
     return x
+
+
+@functools.lru_cache(maxsize=16)
+def _blur_basis(s: int, radius: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constants of the blur of an s-pixel side with ``radius`` taps each way, made once per device:
+    -t^2 for the taps t (k,), and onehot (k, s * s) with onehot[t, i * s + j] = 1 where tap t of output pixel
+    i reads input pixel j (reflected at the borders)."""
+    with torch.inference_mode(False):  # plain tensors even if first made under inference mode
+        taps = torch.arange(-radius, radius + 1, device=device)  # (k,)
+        i = torch.arange(s, device=device)
+        src = i.view(1, -1) + taps.view(-1, 1)  # (k, s)
+        src = torch.where(src < 0, -src, src)
+        src = torch.where(src > s - 1, 2 * (s - 1) - src, src)
+        onehot = (src.unsqueeze(-1) == i).float().view(len(taps), s * s)
+        return -(taps.float() ** 2), onehot
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> torch.Tensor:
@@ -247,17 +284,10 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> to
     matmuls, several times faster on CPU than a grouped convolution with P * 3 groups or 2k shifted adds.
     """
     s = x.shape[-1]
-    radius = min(math.ceil(3 * sigma_max), (s - 1) // 2)
-    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (k,)
-    w = torch.exp(-(taps**2) / (2 * sigma.view(-1, 1) ** 2))
+    neg_sq_taps, onehot = _blur_basis(s, min(math.ceil(3 * sigma_max), (s - 1) // 2), x.device)
+    w = torch.exp(neg_sq_taps / (2 * sigma.view(-1, 1) ** 2))
     w = w / w.sum(dim=1, keepdim=True)  # (P, k)
-    # onehot[t, i, j] = 1 where tap t of output pixel i reads input pixel j (reflected at the borders).
-    i = torch.arange(s, device=x.device)
-    src = i.view(1, -1) + taps.long().view(-1, 1)  # (k, s)
-    src = torch.where(src < 0, -src, src)
-    src = torch.where(src > s - 1, 2 * (s - 1) - src, src)
-    onehot = (src.unsqueeze(-1) == i).to(x.dtype)  # (k, s, s)
-    m = (w @ onehot.view(len(taps), s * s)).view(-1, s, s)  # (P, s, s)
+    m = (w @ onehot).view(-1, s, s)  # (P, s, s)
     P = x.shape[0]
     # Rows first through a (P, 3s, s) view (no copy), then columns with m broadcast over the channels.
     x = (x.reshape(P, 3 * s, s) @ m.transpose(1, 2)).view(P, 3, s, s)
@@ -310,24 +340,38 @@ def _take(params: PatchParams, start: int, stop: int) -> PatchParams:
     return PatchParams(**{f.name: getattr(params, f.name)[start:stop] for f in fields(params)})
 
 
-def _pixel_augment_(x: torch.Tensor, params: PatchParams, aug: Augment) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _per_channel(values: tuple[float, float, float], device: torch.device) -> torch.Tensor:
+    """(1, 3, 1, 1) float32 tensor of per-channel constants, made once per device and filled there from Python
+    floats (a tensor copied from pageable host memory would wait for the GPU)."""
+    with torch.inference_mode(False):  # plain tensors even if first made under inference mode
+        t = torch.empty(1, 3, 1, 1, device=device)
+        for c, v in enumerate(values):
+            t[:, c].fill_(v)
+    return t
+
+
+def _pixel_augment_(x: torch.Tensor, params: PatchParams, aug: Augment, out: torch.Tensor, mean: torch.Tensor,
+                    std: torch.Tensor) -> torch.Tensor:
     """Colour jitter, grayscale, blur, solarize and normalisation of cropped patches x: (P, 3, s, s) float32.
 
-    Works in place where it can (x is overwritten); returns the result, (P, 3, s, s).
+    x is overwritten. The normalised result is written into ``out`` (P, 3, s, s), which may have another dtype
+    and memory format (the cast and the layout change ride on the last pass) or be ``x`` itself.
+    mean, std: (1, 3, 1, 1) float32. Returns ``out``.
     """
     if aug.jitter_p > 0:
         x = _color_jitter(x, params, aug)
     if aug.gray_p > 0:
-        x = torch.where(params.gray.view(-1, 1, 1, 1), _grayscale(x).expand_as(x), x)
+        x = torch.where(params.gray.view(-1, 1, 1, 1), _grayscale(x), x, out=x)
     if aug.blur_p > 0:
         # Blurred for every patch and selected: a data-dependent subset would need a host sync.
-        x = torch.where(params.blur.view(-1, 1, 1, 1), _gaussian_blur(x, params.sigma, aug.blur_sigma[1]), x)
+        x = torch.where(params.blur.view(-1, 1, 1, 1), _gaussian_blur(x, params.sigma, aug.blur_sigma[1]), x, out=x)
     if aug.solarize_p > 0:
-        # PIL's ImageOps.solarize inverts pixels >= 128, i.e. >= 0.5 here.
-        x = torch.where(params.solarize.view(-1, 1, 1, 1) & (x >= 0.5), 1 - x, x)
-    for c in range(3):  # Python-float constants: no small host-to-device copy per step
-        x[:, c].sub_(aug.mean[c]).div_(aug.std[c])
-    return x
+        # PIL's ImageOps.solarize inverts pixels >= 128, i.e. >= 0.5 here; an infinite threshold (patches not
+        # solarized) folds the per-patch draw into the one comparison.
+        threshold = torch.where(params.solarize, 0.5, math.inf).view(-1, 1, 1, 1)
+        x = torch.where(x >= threshold, 1 - x, x, out=x)
+    return torch.div(x.sub_(mean), std, out=out)
 
 
 @torch.no_grad()
@@ -337,30 +381,42 @@ def apply_params(
     aug: Augment,
     n_patches: int,
     out_dtype: torch.dtype = torch.float32,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """Make the patches described by ``params`` from ``images`` (B, 3, H, W), uint8 or float in [0, 1].
 
-    Returns (n_patches, B, 3, size, size) in ``out_dtype``, normalised with ``aug.mean`` / ``aug.std``.
-    All work is done in float32 (autocast is switched off here) and cast once at the end.
+    Returns (n_patches, B, 3, size, size) in ``out_dtype``, normalised with ``aug.mean`` / ``aug.std``; with
+    ``memory_format=torch.channels_last`` its ``.flatten(0, 1)`` is a channels_last (P, 3, size, size) tensor.
+    All work is done in float32 (autocast is switched off here); the normalisation writes the result in the
+    requested dtype and layout directly, so neither costs a pass of its own, and the values are those of the
+    float32 contiguous result (cast once, for another dtype).
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise AugmentError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if memory_format not in (torch.contiguous_format, torch.channels_last):
+        raise AugmentError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format}")
     B = images.shape[0]
     P = n_patches * B
     if params.flip.shape[0] != P:
         raise AugmentError(f"params hold {params.flip.shape[0]} patches, expected {n_patches} x {B}")
-    with torch.autocast(device_type=images.device.type, enabled=False):
+    size, device = aug.size, images.device
+    with torch.autocast(device_type=device.type, enabled=False):
         # Converted once per batch; grid_sample then reads each image for all of its patches.
         x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
         x = _crop_flip(x, params, aug, n_patches)  # (P, 3, size, size)
+        if out_dtype == torch.float32 and memory_format == torch.contiguous_format:
+            out = x  # normalised in place
+        else:
+            out = torch.empty(P, 3, size, size, dtype=out_dtype, device=device, memory_format=memory_format)
+        mean, std = _per_channel(aug.mean, device), _per_channel(aug.std, device)
         # The pixel ops are a chain of memory-bound elementwise passes. On CPU, chunks whose temporaries
         # stay in cache and get reused by the allocator are faster; on GPU one chunk keeps launches few.
-        chunk = P if x.device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // x[0].numel())
-        out = x if out_dtype == torch.float32 else torch.empty_like(x, dtype=out_dtype)
+        chunk = P if device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // x[0].numel())
         for start in range(0, P, chunk):
             stop = min(start + chunk, P)
-            out[start:stop] = _pixel_augment_(x[start:stop], _take(params, start, stop), aug)
-    return out.view(n_patches, B, 3, aug.size, aug.size)
+            _pixel_augment_(x[start:stop], _take(params, start, stop), aug, out[start:stop], mean, std)
+    # Splitting the leading dim keeps the strides of `out`: flatten(0, 1) gives back the (P, 3, s, s) layout.
+    return out.view(n_patches, B, 3, size, size)
 
 
 def make_patches(
@@ -369,6 +425,7 @@ def make_patches(
     aug: Augment,
     generator: torch.Generator,
     out_dtype: torch.dtype = torch.float32,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """Cut ``n_patches`` augmented patches from every image.
 
@@ -378,6 +435,8 @@ def make_patches(
         aug: the augmentation recipe.
         generator: a ``torch.Generator`` on the images' device; the same seed gives the same patches.
         out_dtype: dtype of the result (e.g. torch.bfloat16 to feed an autocast model).
+        memory_format: ``torch.channels_last`` to make ``.flatten(0, 1)`` channels_last, the layout of a
+            channels_last network's input, at no extra pass (the values do not change).
 
     Returns:
         (n_patches, B, 3, aug.size, aug.size) normalised patches; ``patches[i]`` holds patch i of every image,
@@ -389,4 +448,4 @@ def make_patches(
         raise AugmentError(f"the generator is on {generator.device} but the images are on {images.device}")
     B, _, H, W = images.shape
     params = sample_params(n_patches, B, aug, generator, images.device, image_hw=(H, W))
-    return apply_params(images, params, aug, n_patches, out_dtype)
+    return apply_params(images, params, aug, n_patches, out_dtype, memory_format)
