@@ -1,0 +1,470 @@
+"""Linear probe on frozen features: EMP-SSL's evaluation recipe (arXiv 2304.03977), run without launch overhead.
+
+The recipe (the official one): a linear head ``nn.Linear(D, C)`` in its default initialisation, cross-entropy,
+SGD with momentum and weight decay (on the bias too, as ``torch.optim.SGD`` does), batch 100, a learning rate
+annealed per step by a cosine to 0 over all epochs, the training set reshuffled every epoch. It reports the
+final epoch or the epoch with the best accuracy on a validation split carved from the *training* features,
+never an epoch chosen on the test set.
+
+Two implementations of that recipe, tested equal on CPU:
+
+- :func:`reference_linear_probe`: ``nn.Linear`` + ``torch.optim.SGD``, one Python step at a time (the reference).
+- :func:`linear_probe`: the step written out as a few tensor ops on one (K, H, C) weight tensor (the bias is
+  row D, the features carry a ones column), so that H heads, one per learning rate, train together by one
+  matmul. Shuffles, learning rates and counters live on the device; on CUDA one whole epoch is captured as a
+  CUDA graph and replayed, so the GPU never waits on Python. With several learning rates it is a sweep: the
+  head with the best validation accuracy is reported, nothing is retrained.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKENDS = ("auto", "eager", "cuda-graph")
+# Eager epochs run (and undone) on a side stream before capture: lazy initialisations (cuBLAS handles and
+# workspaces) must not happen inside the graph, as the CUDA-graph documentation requires.
+GRAPH_WARMUP_EPOCHS = 2
+# The augmented feature rows (D features, a one, zero padding) are rounded up to this many floats so that every
+# row starts 32-byte aligned for the matmuls; the padded weights get exactly zero gradient and stay zero.
+ROW_ALIGN = 8
+# Rows per accuracy matmul: (chunk, H * C) logits in memory at a time.
+ACCURACY_CHUNK = 8192
+
+
+class ProbeError(ValueError):
+    """A user-facing probe error (bad shapes, bad hyper-parameters, a sweep without a validation split): one line."""
+
+
+@dataclass
+class ProbeResult:
+    top1: float  # test accuracy in % of the reported head at the reported epoch
+    epoch: int  # the reported epoch (1-based): the final one, or the one selected on validation
+    val_top1: float | None  # validation accuracy in % of that epoch (None without a validation split)
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, train_loss, (val_top1)
+    seconds: float = 0.0
+    lr: float = 0.0  # the reported head's learning rate
+    protocol: str = "final-epoch"  # "final-epoch" | "val-epoch" | "lr-sweep"
+    sweep: list[dict[str, float]] | None = None  # per learning rate, in the given order: lr, val_top1, epoch
+    backend: str = "eager"  # "eager" | "cuda-graph" | "reference"
+    weight: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (C, D) reported head, CPU float32
+    bias: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (C,)
+
+
+@dataclass
+class _Heads:
+    """H linear heads after training, the reported epoch's weights of each (its best on validation, else final)."""
+    weight: torch.Tensor  # (H, C, D) on the training device
+    bias: torch.Tensor  # (H, C)
+    train_loss: list[list[float]]  # [epoch][head] mean training cross-entropy
+    val_top1: list[list[float]] | None  # [epoch][head] validation accuracy in % (None without a validation set)
+    epoch: list[int]  # [head] reported epoch, 1-based
+    backend: str
+
+
+# ------------------------------------------------------------------------------------------- the recipe
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded class-stratified split of indices 0..N-1: (train_idx, val_idx), both sorted int64 CPU.
+
+    Each class c with n_c members gives round(fraction * n_c) of them to validation, but keeps at least
+    one for training. Raises ProbeError if that leaves the validation set empty.
+    """
+    if not 0 < fraction < 1:
+        raise ProbeError(f"validation fraction must be in (0, 1), got {fraction}")
+    labels = labels.cpu()
+    g = torch.Generator().manual_seed(seed)
+    train_parts, val_parts = [], []
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(members.numel(), generator=g)]
+        n_val = min(math.floor(fraction * members.numel() + 0.5), members.numel() - 1)
+        val_parts.append(members[:n_val])
+        train_parts.append(members[n_val:])
+    val_idx = torch.cat(val_parts).sort().values
+    if val_idx.numel() == 0:
+        raise ProbeError(f"validation fraction {fraction} leaves no validation example in {labels.numel()} "
+                         "training features")
+    return torch.cat(train_parts).sort().values, val_idx
+
+
+def _init_head(dim: int, num_classes: int, seed: int) -> nn.Linear:
+    """The head's start: ``nn.Linear(D, C)`` on the CPU in its default initialisation under ``seed``."""
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        torch.manual_seed(seed)
+        return nn.Linear(dim, num_classes)
+
+
+def _shuffles(n: int, epochs: int, seed: int) -> torch.Tensor:
+    """(epochs, N) int64 CPU: every epoch's order, from a CPU generator so that it is the same on every device."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.stack([torch.randperm(n, generator=g) for _ in range(epochs)])
+
+
+def _cosine(lr: float, total_steps: int) -> list[float]:
+    """Learning rate of every step: 0.5 * lr * (1 + cos(pi * t / T)), annealed to 0 at step T."""
+    return [0.5 * lr * (1 + math.cos(math.pi * t / total_steps)) for t in range(total_steps)]
+
+
+@torch.no_grad()
+def _correct(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Top-1 hits of H heads, (H,) float32 counts on the device, without a host sync (percentages are taken
+    on the host, in double precision, so that 45 of 45 reads 100.0).
+
+    x: (M, D); y: (M,); weight: (D, H, C); bias: (H, C).
+    """
+    d, h, c = weight.shape
+    w, b = weight.reshape(d, h * c), bias.reshape(1, h * c)
+    correct = torch.zeros(h, device=x.device)
+    for i in range(0, x.shape[0], ACCURACY_CHUNK):
+        logits = torch.addmm(b, x[i:i + ACCURACY_CHUNK], w).view(-1, h, c)  # (m, H, C)
+        correct += (logits.argmax(2) == y[i:i + ACCURACY_CHUNK, None]).sum(0)
+    return correct
+
+
+def _check(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+           test_labels: torch.Tensor, num_classes: int, epochs: int, lrs: Sequence[float], batch_size: int,
+           val_fraction: float) -> None:
+    if train_feats.dim() != 2 or test_feats.dim() != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ProbeError(f"linear probe needs (N, D) and (M, D) features, got {tuple(train_feats.shape)} and "
+                         f"{tuple(test_feats.shape)}")
+    if train_labels.shape != (train_feats.shape[0],) or test_labels.shape != (test_feats.shape[0],):
+        raise ProbeError("linear probe needs one label per feature")
+    if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
+        raise ProbeError("linear probe needs at least one training and one test feature")
+    if epochs < 1 or batch_size < 1 or not all(lr > 0 and math.isfinite(lr) for lr in lrs):
+        raise ProbeError(f"linear probe needs epochs >= 1, batch size >= 1 and lr > 0, got {epochs}, "
+                         f"{batch_size}, {','.join(f'{lr:g}' for lr in lrs)}")
+    if len(set(lrs)) != len(lrs):
+        raise ProbeError(f"linear probe learning rates must differ, got {','.join(f'{lr:g}' for lr in lrs)}")
+    if not 0 <= val_fraction < 1:
+        raise ProbeError(f"probe validation fraction must be in [0, 1), got {val_fraction}")
+    if num_classes < 1:
+        raise ProbeError(f"linear probe needs num_classes >= 1, got {num_classes}")
+    for name, labels in (("training", train_labels), ("test", test_labels)):
+        # Checked here because out-of-range labels would be a device-side assert inside the CUDA graph.
+        if labels.dtype.is_floating_point or int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise ProbeError(f"linear probe {name} labels must be integers in [0, {num_classes})")
+
+
+def _prepare(train_feats: torch.Tensor, train_labels: torch.Tensor, val_fraction: float, seed: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Training (and validation) features as float32 and labels as int64 on ``device``; the split is taken
+    where the features already are, so features on the GPU never travel to the host."""
+    if val_fraction > 0:
+        tr_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
+        src = train_feats.device
+        x_val = train_feats.index_select(0, val_idx.to(src)).to(device, torch.float32)
+        y_val = train_labels.index_select(0, val_idx.to(train_labels.device)).to(device, torch.long)
+        x_tr = train_feats.index_select(0, tr_idx.to(src))
+        y_tr = train_labels.index_select(0, tr_idx.to(train_labels.device))
+    else:
+        x_tr, y_tr, x_val, y_val = train_feats, train_labels, None, None
+    return x_tr.to(device, torch.float32), y_tr.to(device, torch.long), x_val, y_val
+
+
+def _history(losses: list[float], vals: list[float] | None) -> list[dict[str, float]]:
+    rows: list[dict[str, float]] = []
+    for e, loss in enumerate(losses):
+        row: dict[str, float] = {"epoch": e + 1, "train_loss": loss}
+        if vals is not None:
+            row["val_top1"] = vals[e]
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- the reference
+
+
+def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                           test_labels: torch.Tensor, num_classes: int, *, epochs: int = 100, lr: float = 0.03,
+                           momentum: float = 0.9, weight_decay: float = 5e-5, batch_size: int = 100,
+                           val_fraction: float = 0.0, seed: int = 0, device: torch.device | str = "cpu",
+                           progress: bool = False) -> ProbeResult:
+    """The recipe as a plain PyTorch loop (``nn.Linear``, ``F.cross_entropy``, ``torch.optim.SGD``): the
+    reference :func:`linear_probe` is tested against; about 1 ms of launches per step on a GPU.
+
+    Arguments and result as :func:`linear_probe` with a single ``lr``; ``backend`` is "reference".
+    """
+    _check(train_feats, train_labels, test_feats, test_labels, num_classes, epochs, [lr], batch_size, val_fraction)
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    use_val = val_fraction > 0
+    x_tr, y_tr, x_val, y_val = _prepare(train_feats, train_labels, val_fraction, seed, device)
+    n, d = x_tr.shape
+
+    head = _init_head(d, num_classes, seed).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(n / batch_size)
+    schedule = _cosine(lr, epochs * steps_per_epoch)
+    orders = _shuffles(n, epochs, seed)
+
+    epoch_loss = torch.zeros(epochs, device=device)
+    val_acc = torch.full((epochs,), float("nan"), device=device)
+    best_val = torch.full((), -1.0, device=device)
+    best_epoch = torch.full((), epochs, dtype=torch.long, device=device)
+    best_w, best_b = head.weight.detach().clone(), head.bias.detach().clone()
+
+    def correct(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _correct(x, y, head.weight.detach().T[:, None, :], head.bias.detach()[None])[0]
+
+    from tqdm import tqdm
+
+    step = 0
+    for epoch in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
+        head.train()
+        perm = orders[epoch].to(device)
+        for s in range(steps_per_epoch):
+            idx = perm[s * batch_size:(s + 1) * batch_size]
+            for group in opt.param_groups:
+                group["lr"] = schedule[step]
+            loss = F.cross_entropy(head(x_tr[idx]), y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            epoch_loss[epoch] += loss.detach() * idx.numel()
+            step += 1
+        if use_val:
+            acc = correct(x_val, y_val)
+            val_acc[epoch] = acc
+            with torch.no_grad():
+                better = acc > best_val  # strict: the earliest epoch wins ties
+                best_val = torch.where(better, acc, best_val)
+                best_epoch = torch.where(better, torch.full_like(best_epoch, epoch + 1), best_epoch)
+                best_w = torch.where(better, head.weight, best_w)
+                best_b = torch.where(better, head.bias, best_b)
+
+    if use_val:
+        with torch.no_grad():
+            head.weight.copy_(best_w)
+            head.bias.copy_(best_b)
+    test_hits = correct(test_feats.to(device, torch.float32), test_labels.to(device, torch.long))
+
+    losses = (epoch_loss / n).tolist()  # the one host synchronisation of the probe
+    vals = [100.0 * v / x_val.shape[0] for v in val_acc.tolist()] if x_val is not None else None
+    epoch = int(best_epoch) if use_val else epochs
+    return ProbeResult(top1=100.0 * float(test_hits) / test_feats.shape[0], epoch=epoch,
+                       val_top1=vals[epoch - 1] if vals else None,
+                       history=_history(losses, vals), seconds=time.perf_counter() - t0, lr=lr,
+                       protocol="val-epoch" if use_val else "final-epoch", sweep=None, backend="reference",
+                       weight=head.weight.detach().cpu().clone(), bias=head.bias.detach().cpu().clone())
+
+
+# ------------------------------------------------------------------------------------------ the fast probe
+
+
+class _HeadTrainer:
+    """H linear heads trained together with the recipe, every tensor on the device and read by device counters.
+
+    ``epoch()`` runs one epoch with no host synchronisation and no host-to-device copy, so that on CUDA it can
+    be captured once as a graph and replayed; ``state()`` lists the tensors it changes.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequence[float], *, epochs: int,
+                 momentum: float, weight_decay: float, batch_size: int, seed: int,
+                 x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None) -> None:
+        dev = x.device
+        n, d = x.shape
+        h, c = len(lrs), num_classes
+        k = -(-(d + 1) // ROW_ALIGN) * ROW_ALIGN
+        self.n, self.d, self.h, self.c, self.k = n, d, h, c, k
+        self.batch_size, self.momentum, self.weight_decay = batch_size, momentum, weight_decay
+        self.steps = math.ceil(n / batch_size)
+        self.x_val, self.y_val = x_val, y_val
+
+        # Read-only tables, built once.
+        self.x1 = torch.zeros(n, k, device=dev)  # (N, K): features, a one (the bias input) at D, zero padding
+        self.x1[:, :d] = x
+        self.x1[:, d] = 1.0
+        self.y = y
+        self.classes = torch.arange(c, device=dev)
+        # (epochs, N), the reference's orders; int32 halves the table (index_select takes either).
+        self.orders = _shuffles(n, epochs, seed).to(dev, torch.int32 if n < 2**31 else torch.int64)
+        lr_steps = torch.tensor([_cosine(lr, epochs * self.steps) for lr in lrs], dtype=torch.float32)  # (H, T)
+        self.lr_table = lr_steps.T.reshape(epochs, self.steps, h).contiguous().to(dev)  # (epochs, steps, H)
+
+        # Mutable state. All heads start from the same seeded nn.Linear initialisation.
+        head = _init_head(d, c, seed)
+        self.wb = torch.zeros(k, h, c, device=dev)  # (K, H, C): rows 0..D-1 weights, row D bias, then zeros
+        self.wb[:d] = head.weight.detach().T[:, None, :].to(dev)
+        self.wb[d] = head.bias.detach().to(dev)
+        self.buf = torch.zeros_like(self.wb)  # momentum; from zeros == torch's buf = g on the first step
+        self.epoch_t = torch.zeros(1, dtype=torch.long, device=dev)  # epochs done
+        self.rows = torch.arange(epochs, device=dev)[:, None]  # (epochs, 1): picks this epoch's row of a table
+        self.loss = torch.zeros(epochs, h, device=dev)  # (epochs, H) mean training cross-entropy
+        self.nll = torch.zeros(n, h, 1, device=dev)  # (N, H, 1) this epoch's log-likelihoods, overwritten
+        self.val = torch.full((epochs, h), float("nan"), device=dev)  # (epochs, H) validation hits
+        self.best_val = torch.full((h,), -1.0, device=dev)
+        self.best_epoch = torch.full((h,), epochs, dtype=torch.long, device=dev)
+        self.best_wb = self.wb.clone()
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.wb, self.buf, self.epoch_t, self.loss, self.nll, self.val, self.best_val, self.best_epoch,
+                self.best_wb]
+
+    @torch.no_grad()
+    def epoch(self) -> None:
+        n, d, h, c, k, bs = self.n, self.d, self.h, self.c, self.k, self.batch_size
+        w2 = self.wb.view(k, h * c)
+        order = self.orders.index_select(0, self.epoch_t).view(n)  # (N,) this epoch's shuffle
+        y = self.y.index_select(0, order)  # (N,) labels in that order
+        # (N, 1, C): one_hot would check the labels' range on the host; a comparison does not.
+        onehot = (y[:, None] == self.classes).to(torch.float32)[:, None, :]
+        lrs = self.lr_table.index_select(0, self.epoch_t).view(self.steps, 1, h, 1)  # (steps, 1, H, 1)
+        for s in range(self.steps):
+            lo, hi = s * bs, min(n, (s + 1) * bs)
+            x = self.x1.index_select(0, order[lo:hi])  # (b, K)
+            logp = torch.log_softmax((x @ w2).view(-1, h, c), dim=2)  # (b, H, C)
+            torch.gather(logp, 2, y[lo:hi, None, None].expand(-1, h, 1), out=self.nll[lo:hi])
+            # d(mean cross-entropy)/d(logits) = (softmax - onehot) / b, the 1/b folded into the matmul below.
+            p = logp.exp_().sub_(onehot[lo:hi])
+            # torch.optim.SGD: g = grad + wd * w; buf = momentum * buf + g; w -= lr * buf.
+            g = torch.addmm(w2, x.T, p.view(-1, h * c), beta=self.weight_decay, alpha=1.0 / (hi - lo))  # (K, H*C)
+            torch.add(g.view(k, h, c), self.buf, alpha=self.momentum, out=self.buf)
+            self.wb.addcmul_(self.buf, lrs[s], value=-1.0)
+        # Rows are written by torch.where rather than index_copy_, which has no deterministic CUDA kernel.
+        this = self.rows == self.epoch_t  # (epochs, 1)
+        self.loss.copy_(torch.where(this, self.nll.sum(0).view(1, h).div_(-n), self.loss))
+        if self.x_val is not None:
+            acc = _correct(self.x_val, self.y_val, self.wb[:d], self.wb[d])  # (H,) hits
+            self.val.copy_(torch.where(this, acc.view(1, h), self.val))
+            better = acc > self.best_val  # strict: the earliest epoch wins ties
+            self.best_val.copy_(torch.where(better, acc, self.best_val))
+            self.best_epoch.copy_(torch.where(better, self.epoch_t + 1, self.best_epoch))
+            self.best_wb.copy_(torch.where(better.view(1, h, 1), self.wb, self.best_wb))
+        self.epoch_t.add_(1)
+
+    def rehearse(self, epochs: int) -> None:
+        """Run ``epochs`` epochs, each from the current state, and put the state back as it was."""
+        start = [t.clone() for t in self.state()]
+        for _ in range(epochs):
+            self.epoch()
+            for t, t0 in zip(self.state(), start):
+                t.copy_(t0)
+
+    def heads(self, backend: str) -> _Heads:
+        """Every head at its reported epoch (best on validation, else final); the one host sync of training."""
+        wb = self.wb if self.x_val is None else self.best_wb
+        d = self.d
+        epochs = self.loss.shape[0]
+        vals = [[100.0 * v / self.x_val.shape[0] for v in row] for row in self.val.tolist()] \
+            if self.x_val is not None else None
+        return _Heads(weight=wb[:d].permute(1, 2, 0).contiguous(), bias=wb[d].clone(),
+                      train_loss=self.loss.tolist(), val_top1=vals,
+                      epoch=self.best_epoch.tolist() if self.x_val is not None else [epochs] * self.h,
+                      backend=backend)
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to run: "auto" is cuda-graph on CUDA and eager elsewhere; ProbeError if the device cannot."""
+    if backend not in BACKENDS:
+        raise ProbeError(f"probe backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "cuda-graph" if device.type == "cuda" else "eager"
+    if backend == "cuda-graph" and device.type != "cuda":
+        raise ProbeError(f"the cuda-graph probe backend needs a CUDA device, got {device}")
+    return backend
+
+
+def _capture_epoch(trainer: _HeadTrainer) -> torch.cuda.CUDAGraph:
+    """One epoch of ``trainer`` as a CUDA graph, after warm-up epochs on a side stream that are then undone."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        trainer.rehearse(GRAPH_WARMUP_EPOCHS)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # Captured on the warm-up stream: BLAS handles and workspaces are cached per stream, and one created
+    # lazily during capture is not capturable on every platform.
+    with torch.cuda.graph(graph, stream=side):
+        trainer.epoch()  # recorded, not run: the state is still the starting one
+    return graph
+
+
+def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequence[float], *, epochs: int,
+                 momentum: float, weight_decay: float, batch_size: int, seed: int,
+                 x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None, backend: str = "auto",
+                 progress: bool = False) -> _Heads:
+    """Train one head per learning rate on x: (N, D) float32, y: (N,) int64, on x's device; with (x_val, y_val)
+    each head keeps the weights of its best validation epoch (earliest on ties)."""
+    device = x.device
+    backend = _resolve_backend(backend, device)
+    from tqdm import tqdm
+
+    trainer = _HeadTrainer(x, y, num_classes, lrs, epochs=epochs, momentum=momentum, weight_decay=weight_decay,
+                           batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val)
+    if backend == "cuda-graph":
+        with torch.cuda.device(device):
+            graph = _capture_epoch(trainer)
+            for _ in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
+                graph.replay()
+                if progress:  # a bar that tells the truth costs one sync per epoch; none without one
+                    torch.cuda.current_stream().synchronize()
+    else:
+        for _ in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
+            trainer.epoch()
+    return trainer.heads(backend)
+
+
+def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 test_labels: torch.Tensor, num_classes: int, *, epochs: int = 100, lr: float = 0.03,
+                 lrs: Sequence[float] | None = None, momentum: float = 0.9, weight_decay: float = 5e-5,
+                 batch_size: int = 100, val_fraction: float = 0.0, seed: int = 0,
+                 device: torch.device | str = "cpu", progress: bool = False, backend: str = "auto") -> ProbeResult:
+    """Linear probe on frozen features with the official recipe (see the module docstring), launch-free.
+
+    Args:
+        train_feats: (N, D), train_labels: (N,); test_feats: (M, D), test_labels: (M,); on any device, moved to
+            ``device`` (features already there are not copied to the host).
+        lr: the learning rate of the official single-head probe; ignored when ``lrs`` is given.
+        lrs: a sweep: one head per learning rate, trained together (one matmul); the head with the best
+            validation accuracy (at its best epoch; ties: the smallest learning rate) is reported. Needs
+            ``val_fraction`` > 0. Protocol "lr-sweep".
+        val_fraction: 0 -> report the final epoch ("final-epoch"). > 0 -> carve a seeded class-stratified split
+            off the *training* features (:func:`stratified_split`), train on the rest, and report the epoch
+            with the best validation accuracy, earliest on ties ("val-epoch"). The test set is used once,
+            after training, for the reported head only.
+        seed: seeds the head's initialisation, the split and the per-epoch shuffles (global RNG untouched);
+            the same seed gives the same orders and start as :func:`reference_linear_probe`.
+        backend: "cuda-graph" (one epoch captured as a CUDA graph and replayed), "eager" (the same ops run one
+            by one), or "auto": cuda-graph on CUDA, eager elsewhere. ``ProbeResult.backend`` says which ran.
+    """
+    sweeping = lrs is not None
+    heads_lrs = [float(v) for v in lrs] if lrs is not None else [float(lr)]
+    if sweeping and not heads_lrs:
+        raise ProbeError("a linear-probe sweep needs at least one learning rate")
+    _check(train_feats, train_labels, test_feats, test_labels, num_classes, epochs, heads_lrs, batch_size,
+           val_fraction)
+    if sweeping and val_fraction <= 0:
+        raise ProbeError("a linear-probe learning-rate sweep chooses on a validation split: val_fraction must be > 0")
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    backend = _resolve_backend(backend, device)
+    use_val = val_fraction > 0
+    x_tr, y_tr, x_val, y_val = _prepare(train_feats, train_labels, val_fraction, seed, device)
+
+    heads = _train_heads(x_tr, y_tr, num_classes, heads_lrs, epochs=epochs, momentum=momentum,
+                         weight_decay=weight_decay, batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val,
+                         backend=backend, progress=progress)
+    vals = [[row[i] for row in heads.val_top1] for i in range(len(heads_lrs))] if heads.val_top1 else None
+    best = [vals[i][heads.epoch[i] - 1] for i in range(len(heads_lrs))] if vals else None
+    # The best validation accuracy wins; on a tie the smallest learning rate, whatever the order given.
+    chosen = max(range(len(heads_lrs)), key=lambda i: (best[i], -heads_lrs[i])) if best else 0
+    weight, bias = heads.weight[chosen], heads.bias[chosen]  # (C, D), (C,)
+    test_hits = _correct(test_feats.to(device, torch.float32), test_labels.to(device, torch.long),
+                         weight.T[:, None, :], bias[None])[0]
+    sweep = [{"lr": v, "val_top1": best[i], "epoch": heads.epoch[i]} for i, v in enumerate(heads_lrs)] \
+        if sweeping and best else None
+    return ProbeResult(top1=100.0 * float(test_hits) / test_feats.shape[0], epoch=heads.epoch[chosen],
+                       val_top1=best[chosen] if best else None,
+                       history=_history([row[chosen] for row in heads.train_loss], vals[chosen] if vals else None),
+                       seconds=time.perf_counter() - t0, lr=heads_lrs[chosen],
+                       protocol="lr-sweep" if sweeping else "val-epoch" if use_val else "final-epoch",
+                       sweep=sweep, backend=heads.backend, weight=weight.cpu().clone(), bias=bias.cpu().clone())
