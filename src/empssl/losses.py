@@ -1,4 +1,5 @@
-"""The EMP-SSL objective (Tong et al., 2023, arXiv 2304.03977, Eq. 2-3), batched over patches."""
+"""The self-supervised objectives: EMP-SSL (Tong et al., 2023, arXiv 2304.03977, Eq. 2-3), batched over patches,
+and the two-view baselines SimCLR, VICReg and BYOL (:mod:`empssl.methods`)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,109 @@ def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 2
     z_mean = z.mean(dim=0, keepdim=True)  # (1, b, d)
     invariance = F.cosine_similarity(z, z_mean, dim=-1).mean()  # mean over (n, b)
     return EMPSSLLoss(-tcr - invariance_weight * invariance, tcr, invariance)
+
+
+# --- the two-view baselines (SimCLR, VICReg, BYOL), as solo-learn computes them ---------------------------------
+
+
+def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor, min_batch: int = 1) -> None:
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"{name} needs two (b, d) tensors of the same shape; got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if a.shape[0] < min_batch:
+        raise ValueError(f"{name} needs a batch of at least {min_batch}; got {a.shape[0]}")
+
+
+def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """NT-Xent (SimCLR, Chen et al. 2020, Eq. 1) over the 2b views, both directions, to *minimise*:
+
+        l(i, j) = -log exp(cos(z_i, z_j) / T) / sum_{k != i} exp(cos(z_i, z_k) / T)
+        loss = 1/(2b) sum_n [l(n, n + b) + l(n + b, n)]
+
+    Args:
+        z1, z2: (b, d) projections of view 1 and view 2; row n of both comes from image n. Not normalised.
+        temperature: T (0.2 in solo-learn's CIFAR recipe).
+
+    Returns:
+        0-d float32 loss (a cross-entropy over 2b - 1 candidates: log(2b - 1) at chance). Computed in float32
+        with autocast off, whatever the input dtype.
+    """
+    _check_pair("simclr_loss", z1, z2, min_batch=2)  # negatives
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        b = z1.shape[0]
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)  # (2b, d)
+        logits = z @ z.T / temperature  # (2b, 2b) cosine similarities / T
+        # k != i: a view is never its own candidate
+        logits = logits.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+        positive = torch.arange(2 * b, device=z.device).roll(b)  # view n pairs with n + b, and n + b with n
+        return F.cross_entropy(logits, positive)
+
+
+class VICRegLoss(NamedTuple):
+    """``loss`` is what to minimise; the three terms are unweighted, for logging."""
+
+    loss: torch.Tensor  # sim_weight * invariance + var_weight * variance + cov_weight * covariance
+    invariance: torch.Tensor  # mean squared difference of the two views' projections
+    variance: torch.Tensor  # v(Z1) + v(Z2)
+    covariance: torch.Tensor  # c(Z1) + c(Z2)
+
+
+def _variance_covariance(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's v(Z) (Eq. 1-2, gamma 1, epsilon 1e-4) and c(Z) (Eq. 3-4) of (n, d) float32 embeddings."""
+    n, d = z.shape
+    z = z - z.mean(dim=0)
+    var = z.pow(2).sum(dim=0) / (n - 1)  # (d,) the diagonal of C(Z), unbiased as in the official code
+    v = F.relu(1 - torch.sqrt(var + 1e-4)).mean()
+    cov = z.T @ z / (n - 1)  # (d, d); 2 x 2048 x 2048 x 256 flops, small beside the backbone
+    # the diagonal masked out rather than subtracted: no cancellation when the off-diagonal part is small
+    off_diagonal = cov.masked_fill(torch.eye(d, dtype=torch.bool, device=z.device), 0.0)
+    return v, off_diagonal.pow(2).sum() / d
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0, var_weight: float = 25.0,
+                cov_weight: float = 1.0) -> VICRegLoss:
+    """VICReg (Bardes, Ponce, LeCun 2022, Eq. 1-6), the quantity to *minimise*:
+
+        loss = sim_weight * s(Z1, Z2) + var_weight * [v(Z1) + v(Z2)] + cov_weight * [c(Z1) + c(Z2)]
+        s = mean_{n, k} (z1_nk - z2_nk)^2                       (Eq. 5, as a mean over dims too: see below)
+        v(Z) = 1/d sum_j max(0, 1 - sqrt(Var(z^j) + 1e-4))      (Eq. 1-2)
+        c(Z) = 1/d sum_{i != j} C(Z)_ij^2,  C(Z) = 1/(n-1) sum_n (z_n - mean)(z_n - mean)^T   (Eq. 3-4)
+
+    Eq. 5 sums the squared distance over the d dimensions; the official code and solo-learn use
+    ``F.mse_loss`` (a mean over them), with the coefficients 25 / 25 / 1.
+
+    Args:
+        z1, z2: (n, d) projections of view 1 and view 2; row n of both comes from image n.
+
+    Returns:
+        VICRegLoss(loss, invariance, variance, covariance), 0-d float32 tensors, computed in float32 with
+        autocast off whatever the input dtype.
+    """
+    _check_pair("vicreg_loss", z1, z2, min_batch=2)  # a variance
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        z1, z2 = z1.float(), z2.float()
+        invariance = F.mse_loss(z1, z2)
+        v1, c1 = _variance_covariance(z1)
+        v2, c2 = _variance_covariance(z2)
+        variance, covariance = v1 + v2, c1 + c2
+        loss = sim_weight * invariance + var_weight * variance + cov_weight * covariance
+    return VICRegLoss(loss, invariance, variance, covariance)
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression loss (Grill et al. 2020, Eq. 2), to *minimise*:
+
+        loss = mean_n || p_n / ||p_n|| - z_n / ||z_n|| ||^2 = mean_n (2 - 2 cos(p_n, z_n))
+
+    Args:
+        p: (b, d) online predictions q(z) of one view.
+        z: (b, d) target projections of the other view; a constant (stop-gradient, as in the paper): no
+            gradient flows into it.
+
+    Returns:
+        0-d float32 loss in [0, 4]: 0 when every p_n points along z_n, 4 when opposite. BYOL's symmetrised
+        loss is the sum over the two directions (Eq. 2 plus its swapped twin).
+    """
+    _check_pair("byol_loss", p, z)
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        return 2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
