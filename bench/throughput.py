@@ -2,13 +2,13 @@
 
 Prints one table for a configuration (flags mirror ``empssl train``):
 
-    augment      patches made per second (uint8 images on the device -> normalised float patches)
-    step         train step alone on pre-made patches (forward, loss, backward, LARS update)
-    end-to-end   the training loop's step: batch from the on-device images + patches + step
-    eval         evaluation feature extraction (eval mode, seeded patches, bf16 on CUDA)
+    augment      views made per second (uint8 images on the device -> normalised views in the network's layout)
+    step         train step alone on pre-made views (forward, loss, backward, LARS update)
+    end-to-end   the training loop's step: batch from the on-device images + views + step
+    eval         evaluation feature extraction (the method's own view; EMP-SSL: seeded patches, bf16 on CUDA)
 
-with patches/s, ms per step and peak memory (CUDA: max_memory_allocated during that part; CPU: the
-process's peak RSS so far). CUDA times come from CUDA events around the timed steps, after ``--warmup``
+with views (EMP-SSL: patches) per second, ms per step and peak memory (CUDA: max_memory_allocated during that part;
+CPU: the process's peak RSS so far). CUDA times come from CUDA events around the timed steps, after ``--warmup``
 untimed steps and a synchronize.
 
     PYTHONPATH=src python bench/throughput.py --device cpu --width 16 --patch-size 16 --num-patches 4 \\
@@ -29,13 +29,12 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from empssl.checkpoint import build_model
-from empssl.config import Config
-from empssl.evaluate import extract_features
-from empssl.losses import emp_ssl_loss
+from empssl.config import Config, load_preset
+from empssl.devices import autocast_dtype, resolve_device
+from empssl.evaluate import image_features
+from empssl.methods import create_method
 from empssl.optim import LARS, lars_param_groups
-from empssl.patches import Augment, make_patches
-from empssl.train import autocast_dtype, train_step
+from empssl.train import train_step
 
 
 def parse_bool(text: str) -> bool:
@@ -109,14 +108,20 @@ def load_images(spec: str, n: int, size: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return 0 if run(argv) is not None else 1
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, time the requested rows, print the table; return the figures as a dict (for gpu_check)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--method", default="emp-ssl", help="emp-ssl | simclr | vicreg | byol (its own preset)")
     ap.add_argument("--arch", default="resnet18-cifar")
     ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--hidden-dim", type=int, default=4096)
-    ap.add_argument("--z-dim", type=int, default=1024)
+    ap.add_argument("--hidden-dim", type=int, default=None, help="default: the method's")
+    ap.add_argument("--z-dim", type=int, default=None, help="default: the method's")
     ap.add_argument("--patch-size", type=int, default=32)
-    ap.add_argument("--num-patches", type=int, default=20, help="patches per image per step")
+    ap.add_argument("--num-patches", type=int, default=20, help="patches per image per step (EMP-SSL)")
     ap.add_argument("--batch-size", type=int, default=100, help="images per step")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--channels-last", type=parse_bool, default=True, metavar="BOOL", help="on CUDA only")
@@ -134,44 +139,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="augment,step,end-to-end,eval", help="comma-separated rows to run")
     args = ap.parse_args(argv)
 
-    cfg = Config(arch=args.arch, width=args.width, hidden_dim=args.hidden_dim, z_dim=args.z_dim,
-                 patch_size=args.patch_size, num_patches=args.num_patches, batch_size=args.batch_size,
-                 precision=args.precision, channels_last=args.channels_last, device=args.device).validate()
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    amp = autocast_dtype(cfg, device)
+    from empssl.config import method_preset
+
+    preset = method_preset(args.method)
+    overrides = {k: v for k, v in dict(hidden_dim=args.hidden_dim, z_dim=args.z_dim).items() if v is not None}
+    cfg = Config.from_dict({**(load_preset(preset) if preset else {}), "method": args.method, "arch": args.arch,
+                            "width": args.width, "patch_size": args.patch_size, "num_patches": args.num_patches,
+                            "batch_size": args.batch_size, "precision": args.precision,
+                            "channels_last": args.channels_last, "device": args.device, **overrides}).validate()
+    device = resolve_device(args.device)
+    amp = autocast_dtype(cfg.precision, device)
     channels_last = args.channels_last and device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    n, B, s = args.num_patches, args.batch_size, args.patch_size
-    P = n * B
-    aug = Augment(size=s, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio))
+    method = create_method(cfg)
+    B, s = args.batch_size, args.patch_size
+    V = len(method.view_augments())  # views per image: the patches of EMP-SSL, 2 for the baselines
+    P = V * B
     timer = Timer(device)
 
     print(f"device: {device_description(device)}")
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}")
-    print(f"config: {args.arch} width {args.width}, {n} patches x {B} images = {P} patches/step of {s}px, "
-          f"precision {'bf16' if amp else 'fp32'}, channels_last {channels_last}, compile {args.compile}, "
+    print(f"config: {args.method}, {args.arch} width {args.width}, {V} views x {B} images = {P} views/step of "
+          f"{s}px, precision {'bf16' if amp else 'fp32'}, channels_last {channels_last}, compile {args.compile}, "
           f"grad_checkpointing {args.grad_checkpointing}, data {args.data}, {args.steps} timed steps after "
           f"{args.warmup} warm-up")
 
     n_images = max(B * 4, args.eval_images)
     images = load_images(args.data, n_images, args.image_size).to(device)
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = method.build_model().to(device, memory_format=memory_format)
     if args.grad_checkpointing:
         from empssl.memory import checkpoint_backbone
 
         checkpoint_backbone(model)
     net = torch.compile(model) if args.compile else model
     opt = LARS(lars_param_groups(model), lr=0.1, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-               eta=cfg.lars_eta)
+               eta=cfg.lars_eta, nesterov=cfg.nesterov)
     gen = torch.Generator(device=device).manual_seed(0)
-    rows: list[tuple[str, float, float, float, float]] = []  # name, patches/s, its std, ms per step, peak GiB
+    rows: list[tuple[str, float, float, float, float]] = []  # name, views/s, its std, ms per step, peak GiB
     wanted = args.rows.split(",")
 
     def row(name: str, fn: Callable[[], object], patches: int, steps: int, warmup: int) -> None:
@@ -180,22 +187,18 @@ def main(argv: list[str] | None = None) -> int:
         rates = [patches / sec for sec in secs]
         std = statistics.stdev(rates) if len(rates) > 1 else 0.0
         rows.append((name, statistics.mean(rates), std, 1000 * statistics.mean(secs), peak_gib(device)))
-        print(f"  {name:12s} {statistics.mean(rates):12,.0f} patches/s", file=sys.stderr)
+        print(f"  {name:12s} {statistics.mean(rates):12,.0f} views/s", file=sys.stderr)
 
     if "augment" in wanted:
         batch = images[:B]
-        row("augment", lambda: make_patches(batch, n, aug, gen), P, args.steps, args.warmup)
+        row("augment", lambda: method.views(batch, gen, memory_format=memory_format), P, args.steps, args.warmup)
 
     if "step" in wanted:
-        patches = torch.randn(P, 3, s, s, device=device)
-        if channels_last:
-            patches = patches.contiguous(memory_format=torch.channels_last)
+        views = method.views(images[:B], gen, memory_format=memory_format)  # made once, reused every step
         model.train()
 
         def step() -> None:
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                z = net(patches).view(n, B, -1)
-            loss = emp_ssl_loss(z, cfg.eps, cfg.invariance_weight).loss
+            loss = method.loss(net, views, amp)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -210,31 +213,38 @@ def main(argv: list[str] | None = None) -> int:
 
         def end_to_end() -> None:
             i = next(counter) % n_steps
-            train_step(net, opt, images.index_select(0, order[i * B:(i + 1) * B]), aug, cfg, gen, amp, channels_last)
+            batch = images.index_select(0, order[i * B:(i + 1) * B])
+            train_step(net, opt, method, batch, gen, amp, memory_format)
+            method.after_step(model, i + 1, 10**6, torch.ones((), dtype=torch.bool, device=device))
 
         row("end-to-end", end_to_end, P, args.steps, args.warmup)
 
     if "eval" in wanted:
         eval_images = images[:args.eval_images]
-        eval_amp = torch.bfloat16 if device.type == "cuda" and args.precision != "fp32" else None
+        eval_cfg = cfg.replace(test_patches=args.eval_patches)
 
         def features() -> None:
-            extract_features(model, eval_images, aug, args.eval_patches, device=device, amp_dtype=eval_amp)
+            image_features(model, eval_images, eval_cfg, device)
 
-        row("eval", features, args.eval_images * args.eval_patches, max(1, args.steps // 5), 1)
+        view = "patches" if method.eval_view == "patches" else "full"
+        per_image = args.eval_patches if view == "patches" else 1
+        row("eval", features, args.eval_images * per_image, max(1, args.steps // 5), 1)
 
     print()
-    print(f"| {'part':12s} | {'patches/s':>22s} | {'ms/step':>9s} | {'peak GiB':>8s} |")
+    print(f"| {'part':12s} | {'views/s':>22s} | {'ms/step':>9s} | {'peak GiB':>8s} |")
     print(f"|{'-' * 14}|{'-' * 23}:|{'-' * 10}:|{'-' * 9}:|")
     for name, rate, std, ms, peak in rows:
         print(f"| {name:12s} | {f'{rate:,.0f} +- {std:,.0f}':>22s} | {ms:9.1f} | {peak:8.2f} |")
     for name, rate, _, _, _ in rows:
-        if name == "eval":
+        if name == "eval" and method.eval_view == "patches":
             print(f"eval: {args.eval_images} images x {args.eval_patches} patches per pass; "
                   f"60,000 images x {args.eval_patches} patches would take {60000 * args.eval_patches / rate:,.0f} s")
     if device.type == "cpu":
         print("peak GiB on CPU: the process's peak resident memory so far (it never decreases)")
-    return 0
+    return {"device": device_description(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "config": {k: getattr(args, k) for k in vars(args)},
+            "rows": {name: {"views_per_s": rate, "std": std, "ms_per_step": ms, "peak_gib": peak}
+                     for name, rate, std, ms, peak in rows}}
 
 
 if __name__ == "__main__":

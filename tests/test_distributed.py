@@ -26,7 +26,7 @@ from empssl.config import Config
 from empssl.losses import emp_ssl_loss
 from empssl.optim import LARS, cosine_lr, lars_param_groups
 from empssl.patches import Augment, make_patches
-from empssl.train import TrainError, augment_for, train
+from empssl.train import TrainError, train
 
 WORLD = 2
 
@@ -181,8 +181,8 @@ def test_speed_flags_parse_bare_or_with_a_value():
 
     args = build_parser().parse_args(["train", "--out", "x", "--sync-bn", "--tcr-global", "false", "--compile",
                                       "--grad-checkpointing", "on"])
-    assert (args.sync_bn, args.tcr_global, args.compile, args.grad_checkpointing) == (True, False, True, "on")
-    assert Config().tcr_global and not Config().sync_bn and not Config().compile
+    assert (args.sync_bn, args.tcr_global, args.compile, args.grad_checkpointing) == (True, False, "on", "on")
+    assert Config().tcr_global and not Config().sync_bn and Config().compile == "auto"
 
 
 # --- two ranks ---------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_local_tcr_matches_the_mean_of_per_rank_losses(tmp_path, data_dir, demo_
     ref_losses = []
     for step in range(2):
         images = train_images[step_indices(step, len(train_images), cfg.batch_size, cfg.seed)]
-        patches = make_patches(images, n, augment_for(cfg), gen)  # (n, B, 3, s, s)
+        patches = make_patches(images, n, Augment.from_config(cfg), gen)  # (n, B, 3, s, s)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, 4, cfg.lr)
         per_rank = [emp_ssl_loss(model(patches[:, r * b:(r + 1) * b].flatten(0, 1)).view(n, b, -1), cfg.eps,

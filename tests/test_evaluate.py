@@ -13,9 +13,9 @@ from empssl.data import ImageData
 from empssl.evaluate import (
     RNG_CHUNK,
     EvalError,
+    ProbeError,
     ProbeResult,
     _chunk_generator,
-    augment_from_config,
     evaluate,
     extract_features,
     knn_predict,
@@ -140,7 +140,7 @@ def test_stratified_split_sizes_and_determinism():
     # Every class keeps a training example; a too-small fraction is an error, not an empty val set.
     tr, val = stratified_split(torch.tensor([0, 0, 1]), 0.9, seed=0)
     assert set(torch.tensor([0, 0, 1])[tr].tolist()) == {0, 1}
-    with pytest.raises(EvalError):
+    with pytest.raises(ProbeError):
         stratified_split(torch.arange(5), 0.3, seed=0)  # singleton classes: nothing to hold out
 
 
@@ -165,11 +165,11 @@ def test_probe_selects_on_validation_never_on_test():
 
 def test_probe_input_errors():
     x, y = torch.randn(10, 4), torch.zeros(10, dtype=torch.long)
-    with pytest.raises(EvalError):
+    with pytest.raises(ProbeError):
         linear_probe(x, y, torch.randn(3, 5), y[:3], 2)
-    with pytest.raises(EvalError):
+    with pytest.raises(ProbeError):
         linear_probe(x, y, x, y, 2, epochs=0)
-    with pytest.raises(EvalError):
+    with pytest.raises(ProbeError):
         linear_probe(x, y, x, y, 2, val_fraction=1.0)
 
 
@@ -259,7 +259,7 @@ def test_evaluate_returns_the_protocol(tiny, val_fraction):
     model, _, _ = tiny
     cfg = Config(patch_size=16, test_patches=2, probe_epochs=3, probe_batch_size=10, knn_k=100,
                  probe_val_fraction=val_fraction)
-    assert augment_from_config(cfg).size == 16
+    assert Augment.from_config(cfg).size == 16
     lines: list[str] = []
     res = evaluate(model, random_split(24, 0), random_split(12, 1), cfg, "cpu", progress=False, log=lines.append)
     for key in ("linear_top1", "knn_top1"):

@@ -40,7 +40,7 @@ def test_run_directory_contents(tmp_path, data_dir):
     assert on_disk["test_patches"] == 2 and 0 <= on_disk["linear_top1"] <= 100 and 0 <= on_disk["knn_top1"] <= 100
     assert results["linear_top1"] == on_disk["linear_top1"]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 10 and ckpt["finished"] and set(ckpt["rng"]) == {"patches", "torch"}
+    assert ckpt["step"] == 10 and ckpt["finished"] and set(ckpt["rng"]) == {"patches", "torch", "device"}
     model, cfg2, _ = load_checkpoint(out)
     assert cfg2.width == 4
 
@@ -106,3 +106,92 @@ def test_end_to_end_trained_beats_random_init(tmp_path, data_dir):
     trained, random_init = results["linear_top1"], results["random_init"]["linear_top1"]
     # Measured: 26.8 vs 17.8 (seed 0), 25.0 vs 16.4 (seed 1) with torch 2.14.1 on 2 CPU cores.
     assert trained > random_init + 5.0, (trained, random_init)
+
+
+def test_a_non_finite_loss_never_reaches_the_weights(tmp_path, data_dir, monkeypatch):
+    """A NaN injected into the loss of step 3: its update is skipped on the device (no host sync), the run goes on
+    to the next step that syncs (the checkpoint step 4), stops there naming step 3, and keeps the last good
+    checkpoint (step 2)."""
+    import empssl.train as train_module
+    from empssl.methods.emp_ssl import EMPSSL
+
+    real_loss, real_step = EMPSSL.loss, train_module.train_step
+    calls, states = [0], []
+
+    def loss(self, net, views, amp, dist=None):
+        calls[0] += 1
+        terms = real_loss(self, net, views, amp)
+        return terms * float("nan") if calls[0] == 3 else terms
+
+    def step(net, *args, **kw):
+        out = real_step(net, *args, **kw)
+        states.append({k: v.clone() for k, v in net.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(EMPSSL, "loss", loss)
+    monkeypatch.setattr(train_module, "train_step", step)
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match="non-finite at step 3 .*stopped at step 4.*checkpoint \\(step 2\\)"):
+        train(tiny_cfg(data_dir, epochs=1, log_every=5, checkpoint_every=2), out, progress=False,
+              log=lambda s: None)
+    assert len(states) == 4  # step 4 ran on the device before the check at the checkpoint step
+    params = [k for k, v in states[0].items() if "running" not in k and "num_batches" not in k]
+    for k in params:  # the weights after step 3 are those after step 2; step 4 (finite) trained again
+        assert torch.equal(states[2][k], states[1][k]), k
+    assert any(not torch.equal(states[3][k], states[2][k]) for k in params)
+    assert all(torch.isfinite(states[3][k]).all() for k in params)
+    ckpt = read_checkpoint(out)
+    assert ckpt["step"] == 2
+    assert not (out / "results.json").exists()
+
+
+def test_a_checkpoint_of_another_device_resumes_with_a_note(tmp_path, data_dir):
+    """A CUDA generator state (16 bytes) cannot be loaded into a CPU generator: the run says so in one line,
+    reseeds the views' generator from (seed, step) and goes on."""
+    out = tmp_path / "run"
+    cfg = tiny_cfg(data_dir, epochs=1, schedule_epochs=2)
+    train(cfg, out, progress=False, log=lambda s: None, evaluate_at_end=False)
+    ckpt = read_checkpoint(out)
+    ckpt["rng"]["patches"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA (Philox) generator state
+    ckpt["rng"]["device"] = "cuda"
+    ckpt["finished"] = False
+    torch.save(ckpt, out / "checkpoint.pt")
+    lines: list[str] = []
+    train(cfg.replace(epochs=2), out, progress=False, log=lines.append, evaluate_at_end=False)
+    notes = [line for line in lines if "not bitwise" in line]
+    assert len(notes) == 1 and "written on cuda" in notes[0] and "resumes on cpu" in notes[0]
+    assert read_checkpoint(out)["step"] == 20 and read_checkpoint(out)["rng"]["device"] == "cpu"
+
+
+def test_results_account_for_the_wall_clock(tmp_path, data_dir, monkeypatch):
+    import empssl.train as train_module
+
+    monkeypatch.setattr(train_module, "_CLOCK_ORIGIN", None)  # as in a fresh process
+    lines: list[str] = []
+    results = train(tiny_cfg(data_dir, epochs=1), tmp_path / "run", progress=False, log=lines.append)
+    timing = results["timing"]
+    assert {"startup", "data", "train", "features", "knn", "probe", "total"} <= set(timing)
+    assert timing["total"] >= sum(v for k, v in timing.items() if k != "total") - 1e-6
+    assert lines[-2] == f"results written to {tmp_path / 'run' / 'results.json'}"
+    assert lines[-1].startswith(f"time: {timing['total']:.1f} s from process start = startup")
+    assert results["method"] == "emp-ssl" and results["compile"] == "auto: eager on the CPU"
+    # a second run in the same process accounts from its own start, not the process's
+    lines.clear()
+    again = train(tiny_cfg(data_dir, epochs=1), tmp_path / "run2", progress=False, log=lines.append)["timing"]
+    other = again["total"] - sum(v for k, v in again.items() if k != "total")
+    assert "startup" not in again and 0 <= other < 10  # set-up and bookkeeping only
+    assert lines[-1].startswith(f"time: {again['total']:.1f} s from the start of this run = data")
+
+
+def test_compile_auto_compiles_only_runs_long_enough_to_win_it_back():
+    from empssl.train import COMPILE_GAIN, COMPILE_SECONDS, want_compile
+
+    cuda = torch.device("cuda")
+    assert want_compile("on", torch.device("cpu"), 10, None)[0]
+    assert not want_compile("off", cuda, 10**6, 1.0)[0]
+    assert not want_compile("auto", torch.device("cpu"), 10**6, 1.0)[0]
+    assert not want_compile("auto", cuda, 10**6, None)[0]  # not measured yet
+    one_epoch = want_compile("auto", cuda, 500, 0.0335)  # one CIFAR epoch at 20 patches on an H200
+    assert not one_epoch[0] and "-> eager" in one_epoch[1]
+    steps = int(COMPILE_SECONDS / (0.0335 * COMPILE_GAIN)) + 1
+    assert want_compile("auto", cuda, steps, 0.0335)[0]

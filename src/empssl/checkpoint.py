@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .config import Config, ConfigError
-from .models import EMPSSLModel
+from .rundir import write_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -18,39 +17,44 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``: a run killed
-    mid-write leaves the previous checkpoint intact."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``
+    (:func:`empssl.rundir.write_atomic`): a run killed mid-write leaves the previous checkpoint intact."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict with ``weights_only=True`` (no pickled code is executed)."""
+    """Load a checkpoint dict with ``weights_only=True`` (no pickled code is executed).
+
+    Anything that is not an empssl checkpoint (an empty or truncated file, another format, a pickle of Python
+    objects) is a one-line CheckpointError. It never suggests ``weights_only=False``: loading a file that way
+    would run whatever code it holds.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is not an empssl checkpoint (an empty file)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, pickled objects...
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text:
+            why = "it holds pickled Python objects, which empssl does not load"
+        else:
+            why = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"{path} is not an empssl checkpoint ({why})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not an empssl checkpoint (no 'model' entry)")
     return ckpt
 
 
-def build_model(cfg: Config) -> EMPSSLModel:
-    return EMPSSLModel(cfg.arch, cfg.width, cfg.hidden_dim, cfg.z_dim)
+def build_model(cfg: Config) -> nn.Module:
+    """A new model of ``cfg.method`` as ``cfg`` configures it (EMP-SSL: :class:`EMPSSLModel`)."""
+    from .methods import create_method
+
+    return create_method(cfg).build_model()
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -74,7 +78,7 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], wha
         raise CheckpointError(f"{what} does not match the architecture: {detail}") from None
 
 
-def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[EMPSSLModel, Config, dict]:
+def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[nn.Module, Config, dict]:
     """Rebuild the model a checkpoint was trained with (its saved config, updated by ``overrides``) and load
     its weights strictly. Returns (model on CPU, config, raw checkpoint dict)."""
     ckpt = read_checkpoint(path)
@@ -83,6 +87,6 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from None
     model = build_model(cfg)
-    load_model_state(model, ckpt["model"], f"checkpoint {path} ({cfg.arch}, width {cfg.width}, "
+    load_model_state(model, ckpt["model"], f"checkpoint {path} ({cfg.method}, {cfg.arch}, width {cfg.width}, "
                                            f"hidden {cfg.hidden_dim}, z {cfg.z_dim})")
     return model, cfg, ckpt

@@ -13,6 +13,12 @@ class ConfigError(ValueError):
     """A user mistake in the configuration (bad value, unknown preset, ...): reported in one line."""
 
 
+# The names that configs may use, declared here so that validating a config imports neither torch nor the
+# models; empssl.models and empssl.methods register an implementation under each (a test checks both lists).
+ARCH_NAMES = ("resnet18-cifar", "resnet18-imagenet", "resnet34-cifar")
+METHOD_NAMES = ("emp-ssl", "simclr", "vicreg", "byol")
+
+
 @dataclass
 class Config:
     # --- data -----------------------------------------------------------------------------------
@@ -26,14 +32,23 @@ class Config:
     patch_size: int = 32
     crop_scale: tuple[float, float] = (0.25, 0.25)
     crop_ratio: tuple[float, float] = (1.0, 1.0)
+    # --- method -----------------------------------------------------------------------------------
+    method: str = "emp-ssl"  # emp-ssl | simclr | vicreg | byol (see empssl.methods)
     # --- model ----------------------------------------------------------------------------------
     arch: str = "resnet18-cifar"
     width: int = 64
-    hidden_dim: int = 4096
-    z_dim: int = 1024
+    hidden_dim: int = 4096  # EMP-SSL: pre-feature and projector width; baselines: projector hidden width
+    z_dim: int = 1024  # projector output
+    pred_hidden_dim: int = 4096  # BYOL: predictor hidden width
     # --- loss -----------------------------------------------------------------------------------
-    eps: float = 0.2
-    invariance_weight: float = 200.0
+    eps: float = 0.2  # EMP-SSL: coding-rate epsilon
+    invariance_weight: float = 200.0  # EMP-SSL: lambda
+    temperature: float = 0.2  # SimCLR: NT-Xent temperature
+    sim_weight: float = 25.0  # VICReg: invariance coefficient
+    var_weight: float = 25.0  # VICReg: variance coefficient
+    cov_weight: float = 1.0  # VICReg: covariance coefficient
+    tau_base: float = 0.99  # BYOL: target momentum at the start (cosine to tau_final)
+    tau_final: float = 1.0
     # --- optimisation (SGD + LARS, cosine per step) ---------------------------------------------
     epochs: float = 1.0
     schedule_epochs: float = 0.0  # 0: the cosine schedule spans `epochs`; else this many epochs
@@ -42,6 +57,10 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lars_eta: float = 0.005
+    nesterov: bool = True
+    warmup_epochs: float = 0.0  # linear warm-up from warmup_start_lr before the cosine decay
+    warmup_start_lr: float = 0.0
+    min_lr: float = 0.0  # the cosine decays to this
     # --- run ------------------------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -51,15 +70,17 @@ class Config:
     checkpoint_every: int = 200  # steps between checkpoints (and one at every epoch end)
     # --- evaluation -----------------------------------------------------------------------------
     test_patches: int = 128
-    eval_feature: str = "pre"  # pre (4096-d) | backbone (512-d)
+    eval_view: str = "auto"  # auto (the method's own) | patches (bag of features) | full (the whole image)
+    eval_feature: str = "auto"  # auto (the method's own) | pre (EMP-SSL's 4096-d) | backbone (512-d)
     eval_seed: int = 0
     eval_batch_size: int = 0  # patches per forward pass in feature extraction; 0: automatic
     probe_epochs: int = 100
     probe_lr: float = 0.03
+    probe_lrs: tuple[float, ...] = ()  # a sweep: one head per lr, chosen on a validation split; (): probe_lr alone
     probe_momentum: float = 0.9
     probe_weight_decay: float = 5e-5
     probe_batch_size: int = 100
-    probe_val_fraction: float = 0.0  # >0: select the probe epoch on this much of the train set
+    probe_val_fraction: float | None = None  # >0: select on this much of the train set; None: 0.1 if sweeping, else 0
     knn_k: int = 20
     knn_temperature: float = 0.07
     compare_random_init: bool = False  # also evaluate the untrained encoder (same init) with the same protocol
@@ -72,32 +93,21 @@ class Config:
     tcr_global: bool = True  # under torchrun: coding rate over the all-gathered global batch (else per rank)
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over all ranks' patches
     grad_checkpointing: str = "auto"  # auto (on CUDA when the step would not fit) | on | off
-    compile: bool = False  # torch.compile the model for training
+    compile: str = "auto"  # auto (on CUDA when the run is long enough to win back the compile time) | on | off
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
     def validate(self) -> Config:
         """Raise ConfigError (one line) for values that cannot work; return self."""
-        pos_int = ["num_patches", "patch_size", "width", "hidden_dim", "z_dim", "batch_size", "log_every",
-                   "checkpoint_every", "test_patches", "probe_epochs", "probe_batch_size", "knn_k",
-                   "monitor_patches", "monitor_bank", "monitor_test"]
-        for name in pos_int:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ["image_size", "train_subset", "test_subset", "eval_batch_size"]:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        pos_float = ["eps", "lr", "epochs", "knn_temperature", "probe_lr"]
-        for name in pos_float:
+        for name, (lowest, why) in _AT_LEAST.items():  # one rule and one message per field
+            value = getattr(self, name)
+            if value < lowest:
+                raise ConfigError(f"{flag(name)} must be >= {lowest:g}{why}, got {value:g}")
+        for name in _POSITIVE:
             if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ["invariance_weight", "weight_decay", "lars_eta", "momentum", "probe_weight_decay",
-                     "probe_momentum", "schedule_epochs"]:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.num_patches < 2:
-            raise ConfigError("--num-patches must be >= 2 (the invariance term compares patches)")
-        if self.batch_size < 2:
-            raise ConfigError("--batch-size must be >= 2 (BatchNorm and the coding rate need a batch)")
+                raise ConfigError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if 0 < self.schedule_epochs < self.epochs:
             raise ConfigError(f"--schedule-epochs ({self.schedule_epochs}) must be >= --epochs ({self.epochs})")
         lo, hi = self.crop_scale
@@ -106,26 +116,31 @@ class Config:
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ConfigError(f"--crop-ratio must satisfy 0 < min <= max, got {lo} {hi}")
-        if self.eval_feature not in ("pre", "backbone"):
-            raise ConfigError(f"--eval-feature must be 'pre' or 'backbone', got {self.eval_feature!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if not 0 <= self.probe_val_fraction < 1:
+        if self.probe_val_fraction is not None and not 0 <= self.probe_val_fraction < 1:
             raise ConfigError(f"--probe-val-fraction must be in [0, 1), got {self.probe_val_fraction}")
-        # --- monitoring ---
+        if any(not lr > 0 for lr in self.probe_lrs):
+            raise ConfigError(f"--probe-lrs must all be > 0, got {','.join(f'{lr:g}' for lr in self.probe_lrs)}")
+        if self.probe_lrs and self.probe_val_fraction == 0:
+            raise ConfigError("--probe-lrs chooses a learning rate on a validation split: "
+                              "--probe-val-fraction must be > 0")
+        if not 0 <= self.tau_base <= self.tau_final <= 1:
+            raise ConfigError(f"--tau-base and --tau-final must satisfy 0 <= base <= final <= 1, got "
+                              f"{self.tau_base} {self.tau_final}")
+        if self.warmup_epochs and self.warmup_epochs >= (self.schedule_epochs or self.epochs):
+            raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than the schedule "
+                              f"({self.schedule_epochs or self.epochs:g} epochs)")
         if self.eval_every < 0 or (self.eval_every >= 1 and self.eval_every != int(self.eval_every)):
             raise ConfigError(f"--eval-every must be 0 (off), a whole number of steps, or a fraction of an epoch "
                               f"below 1, got {self.eval_every}")
-        # --- scale-out / speed ---
-        if self.grad_checkpointing not in ("auto", "on", "off"):
-            raise ConfigError(f"--grad-checkpointing must be auto, on or off, got {self.grad_checkpointing!r}")
-        from .models import ARCHS
-
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unknown --arch {self.arch!r}; choose from {', '.join(sorted(ARCHS))}")
         return self
+
+    def probe_val(self) -> float:
+        """The validation fraction the probe uses: as given, else 0.1 when sweeping --probe-lrs and 0 otherwise."""
+        if self.probe_val_fraction is not None:
+            return self.probe_val_fraction
+        return 0.1 if self.probe_lrs else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,13 +152,50 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         d = dict(d)
-        for key in ("crop_scale", "crop_ratio"):
+        for key in ("crop_scale", "crop_ratio", "probe_lrs"):
             if key in d:
                 d[key] = tuple(d[key])
+        if isinstance(d.get("compile"), bool):  # runs saved by empssl 0.1 stored a bool
+            d["compile"] = "on" if d["compile"] else "off"
         return cls(**d)
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a Config field: ``num_patches`` -> ``--num-patches``."""
+    return "--" + name.replace("_", "-")
+
+
+# Validation rules, one per field. (lowest allowed value, why) for counts and sizes:
+_AT_LEAST: dict[str, tuple[float, str]] = {
+    **{name: (1, "") for name in ("patch_size", "width", "hidden_dim", "z_dim", "pred_hidden_dim", "log_every",
+                                  "checkpoint_every", "test_patches", "probe_epochs", "probe_batch_size", "knn_k",
+                                  "monitor_patches", "monitor_bank", "monitor_test")},
+    "num_patches": (2, " (the invariance term compares patches)"),
+    "batch_size": (2, " (BatchNorm and the losses need a batch)"),
+    **{name: (0, "") for name in ("image_size", "train_subset", "test_subset", "eval_batch_size",
+                                  "invariance_weight", "weight_decay", "lars_eta", "momentum", "probe_weight_decay",
+                                  "probe_momentum", "schedule_epochs", "warmup_epochs", "warmup_start_lr", "min_lr",
+                                  "sim_weight", "var_weight", "cov_weight")},
+}
+_POSITIVE = ("eps", "lr", "epochs", "knn_temperature", "probe_lr", "temperature")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHOD_NAMES,
+    "arch": ARCH_NAMES,
+    "eval_view": ("auto", "patches", "full"),
+    "eval_feature": ("auto", "pre", "backbone"),
+    "precision": ("auto", "bf16", "fp32"),
+    "grad_checkpointing": ("auto", "on", "off"),
+    "compile": ("auto", "on", "off"),
+}
+
+
+def method_preset(method: str) -> str | None:
+    """The preset a method's runs start from when no --preset is given: a baseline's standard CIFAR recipe
+    (``simclr-cifar10`` ...); None for EMP-SSL, whose recipe is the defaults."""
+    return None if method == "emp-ssl" else f"{method}-cifar10"
 
 
 def preset_names() -> list[str]:

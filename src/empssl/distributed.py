@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
+from .devices import resolve_device
 from .losses import EMPSSLLoss, emp_ssl_loss, total_coding_rate
 from .patches import Augment, PatchParams, apply_params, make_patches, sample_params
 
@@ -88,17 +89,6 @@ def env_dist() -> Dist:
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
     return Dist(rank, world, local)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: cuda:LOCAL_RANK when CUDA is available, else the CPU; ``cuda``: cuda:LOCAL_RANK."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} requested but CUDA is not available")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
 
 
 def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
@@ -172,7 +162,8 @@ def slice_params(params: PatchParams, n_patches: int, batch: int, start: int, st
 
 
 def rank_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: torch.Generator, d: Dist,
-                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 out_dtype: torch.dtype = torch.float32,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """Patches of this rank's images, equal to the single-process patches of the same images.
 
     Args:
@@ -185,11 +176,11 @@ def rank_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: 
         :func:`empssl.patches.make_patches`.
     """
     if not d.enabled:
-        return make_patches(images, n_patches, aug, generator, out_dtype)
+        return make_patches(images, n_patches, aug, generator, out_dtype, memory_format=memory_format)
     b, _, H, W = images.shape
     params = sample_params(n_patches, b * d.world_size, aug, generator, images.device, image_hw=(H, W))
     mine = slice_params(params, n_patches, b * d.world_size, d.rank * b, (d.rank + 1) * b)
-    return apply_params(images, mine, aug, n_patches, out_dtype)
+    return apply_params(images, mine, aug, n_patches, out_dtype, memory_format=memory_format)
 
 
 # --- the loss -------------------------------------------------------------------------------------------

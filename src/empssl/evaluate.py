@@ -1,19 +1,24 @@
-"""Bag-of-features evaluation (EMP-SSL, Tong et al. 2023, arXiv 2304.03977): every image is cut into ``n_patches``
-augmented patches, its feature is the mean of the patch features, and a weighted kNN and a linear probe
-are run on those features.
+"""Evaluation of a trained encoder: features of every image, a weighted kNN and a linear probe on them.
+
+Two views of an image (``--eval-view``): EMP-SSL's bag of features (Tong et al. 2023, arXiv 2304.03977), where
+every image is cut into ``n_patches`` augmented patches and its feature is the mean of the patch features; or
+the whole image, un-augmented, as solo-learn evaluates SimCLR, VICReg and BYOL. The kNN and the probe are the
+same for every method.
 
 Honest protocol: the test patches are seeded (same arguments -> same features), the linear probe reports
 its final epoch or the epoch chosen on a validation split carved from the *training* features (never the
 best epoch on the test set, as the official code printed), and the number of test patches is always
 reported with the accuracy.
+
+Speed: the patches of a group of images are cut in one pass, straight into the network's layout and dtype
+(channels_last, bf16 under autocast on CUDA), on a second CUDA stream while the previous group runs through
+the network; features stay on the device for the kNN and the probe.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,24 +28,27 @@ from torch import nn
 
 from .config import Config
 from .data import ImageData
-from .models import EMPSSLModel
-from .patches import Augment, make_patches
+from .devices import autocast, autocast_dtype
+from .patches import Augment, PatchParams, apply_params, sample_params
+from .probe import ProbeError, ProbeResult, linear_probe, stratified_split
+
+__all__ = ["EvalError", "ProbeError", "ProbeResult", "evaluate", "extract_features", "extract_full_features",
+           "extract_prefix_features", "image_features", "knn_predict", "linear_probe", "score_features",
+           "stratified_split"]
 
 # Images per seeded generator draw. Fixed (not tied to the forward batch) so that the patches, and hence
 # the features, do not depend on ``batch_images``: chunk c of the images is always augmented by a generator
 # seeded from (seed, c).
 RNG_CHUNK = 32
-# Patches per forward pass when the caller does not say (about 50 MB of float32 32x32 patches).
+# Patches per forward pass when the caller does not say: about 50 MB of float32 32x32 patches on the CPU; on
+# CUDA four times more (the forward of ResNet-18 on 32 px patches is compute-bound there from a few thousand
+# patches on, and fewer, larger passes launch fewer kernels).
 DEFAULT_PATCHES_PER_FORWARD = 4096
+DEFAULT_PATCHES_PER_FORWARD_CUDA = 16384
 
 
 class EvalError(Exception):
     """A user-facing evaluation error (bad shapes, empty data, mismatched classes ...): one line."""
-
-
-def augment_from_config(cfg: Config) -> Augment:
-    """The patch augmentation of training, as the config sets it (size, crop scale and ratio)."""
-    return Augment(size=cfg.patch_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio))
 
 
 def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
@@ -51,12 +59,13 @@ def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Gener
     return g
 
 
-def extract_features(model: EMPSSLModel, images: torch.Tensor, aug: Augment, n_patches: int, *, kind: str = "pre",
+def extract_features(model: nn.Module, images: torch.Tensor, aug: Augment, n_patches: int, *, kind: str = "pre",
                      seed: int = 0, batch_images: int = 0, device: torch.device | str = "cpu",
                      amp_dtype: torch.dtype | None = None, progress: bool = False,
                      desc: str = "features") -> torch.Tensor:
-    """Bag-of-features: (N, 3, H, W) uint8 images -> (N, D) float32 CPU features, the mean over ``n_patches``
-    augmented patches of ``model.features(patch, kind)`` (D = hidden_dim for "pre", 8*width for "backbone").
+    """Bag-of-features: (N, 3, H, W) uint8 images -> (N, D) float32 features on ``device``, the mean over
+    ``n_patches`` augmented patches of ``model.features(patch, kind)`` (D = hidden_dim for "pre", 8*width for
+    "backbone").
 
     The model must already be on ``device``; it runs in eval mode (BatchNorm on running statistics, so a
     patch's feature does not depend on its batch) and its train/eval mode is restored afterwards.
@@ -66,25 +75,81 @@ def extract_features(model: EMPSSLModel, images: torch.Tensor, aug: Augment, n_p
 
     Args:
         batch_images: images per forward pass (each contributes ``n_patches`` patches); 0 -> about
-            ``DEFAULT_PATCHES_PER_FORWARD`` patches. At least one chunk (``RNG_CHUNK`` images) is
-            augmented at a time, so memory is bounded by max(batch_images, RNG_CHUNK) * n_patches patches.
-        amp_dtype: autocast dtype for the forward pass on CUDA (e.g. torch.bfloat16); ignored on CPU.
-            Features are accumulated in float32 either way.
+            ``DEFAULT_PATCHES_PER_FORWARD`` patches (``DEFAULT_PATCHES_PER_FORWARD_CUDA`` on CUDA). At least one
+            chunk (``RNG_CHUNK`` images) is augmented at a time, so memory is bounded by
+            max(batch_images, RNG_CHUNK) * n_patches patches.
+        amp_dtype: autocast dtype of the forward pass (e.g. torch.bfloat16; see :mod:`empssl.devices`); None
+            computes in float32. Features are accumulated in float32 either way.
     """
     return extract_prefix_features(model, images, aug, [n_patches], kind=kind, seed=seed,
                                    batch_images=batch_images, device=device, amp_dtype=amp_dtype,
                                    progress=progress, desc=desc)[n_patches]
 
 
+def _cat_params(parts: Sequence[PatchParams], n_patches: int) -> PatchParams:
+    """The parameters of several image chunks as those of one batch: each field is patch-major
+    (n_patches * b_c, ...), so chunks are joined along the image axis of its (n_patches, b_c, ...) view."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for name in PatchParams.__dataclass_fields__:
+        ts = [getattr(p, name) for p in parts]
+        joined = torch.cat([t.view(n_patches, -1, *t.shape[1:]) for t in ts], dim=1)
+        out[name] = joined.reshape(-1, *ts[0].shape[1:])
+    return PatchParams(**out)
+
+
+def _group_patches(images: torch.Tensor, start: int, n_patches: int, aug: Augment, seed: int,
+                   device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
+    """The seeded patches of images ``start .. start + len(images)`` (a whole number of RNG chunks, but for the
+    last group): (n_patches * b, 3, s, s), patch-major. The parameters are drawn chunk by chunk from each chunk's
+    own generator and applied in one pass, which gives exactly the patches each chunk would get on its own."""
+    x = images.to(device, non_blocking=True)  # (b, 3, H, W) uint8
+    b, _, H, W = x.shape
+    params = _cat_params([sample_params(n_patches, min(RNG_CHUNK, b - c), aug,
+                                        _chunk_generator(seed, (start + c) // RNG_CHUNK, device), device,
+                                        image_hw=(H, W)) for c in range(0, b, RNG_CHUNK)], n_patches)
+    return apply_params(x, params, aug, n_patches, dtype, memory_format=memory_format).flatten(0, 1)
+
+
+def _prefetched(starts: Sequence[int], make: Callable[[int], torch.Tensor], device: torch.device
+                ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, make(start))`` for every start. On CUDA the next group is made on a second stream while the
+    caller's forward pass of the current one runs on the main stream: the augmentation (memory-bound) overlaps
+    the network (compute-bound). Elsewhere: one after the other."""
+    if device.type != "cuda":
+        for start in starts:
+            yield start, make(start)
+        return
+    main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(main)  # whatever put the images on the device is done before the first group is cut
+
+    def launch(start: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+        with torch.cuda.stream(side):
+            patches = make(start)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return patches, ready
+
+    pending = launch(starts[0]) if starts else None
+    for i, start in enumerate(starts):
+        assert pending is not None
+        patches, ready = pending
+        main.wait_event(ready)
+        patches.record_stream(main)  # the allocator must not reuse them before the main stream is done
+        pending = launch(starts[i + 1]) if i + 1 < len(starts) else None
+        yield start, patches
+
+
 @torch.no_grad()
-def extract_prefix_features(model: EMPSSLModel, images: torch.Tensor, aug: Augment, counts: Sequence[int], *,
+def extract_prefix_features(model: nn.Module, images: torch.Tensor, aug: Augment, counts: Sequence[int], *,
                             kind: str = "pre", seed: int = 0, batch_images: int = 0,
                             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
                             progress: bool = False, desc: str = "features") -> dict[int, torch.Tensor]:
     """Bag-of-features at several patch counts from one pass: ``P = max(counts)`` patches are cut and encoded
     per image, once, and for every m in ``counts`` the feature is the mean of the first m of them.
 
-    Returns ``{m: (N, D) float32 CPU features}``. ``extract_features(..., n_patches=P)`` equals
+    Returns ``{m: (N, D) float32 features on device}``. ``extract_features(..., n_patches=P)`` equals
     ``extract_prefix_features(..., [P])[P]``; for m < P the m patches are a prefix of the P drawn ones, so
     they differ from what ``extract_features(..., n_patches=m)`` draws (another sample of the same
     augmentation), which is why the test-patch ablation uses this function throughout. Memory: one (N, D)
@@ -107,28 +172,30 @@ def extract_prefix_features(model: EMPSSLModel, images: torch.Tensor, aug: Augme
         raise EvalError(f"model is on {param.device} but features were asked for on {device}")
 
     n = images.shape[0]
-    per_forward = batch_images * n_patches if batch_images > 0 else DEFAULT_PATCHES_PER_FORWARD
+    default = DEFAULT_PATCHES_PER_FORWARD_CUDA if device.type == "cuda" else DEFAULT_PATCHES_PER_FORWARD
+    per_forward = batch_images * n_patches if batch_images > 0 else default
     group = max(1, per_forward // (n_patches * RNG_CHUNK)) * RNG_CHUNK  # images augmented together
-    use_amp = amp_dtype is not None and device.type == "cuda"
+    # Patches in the layout and dtype the network reads (autocast would cast float32 patches to bf16 in the
+    # first convolution anyway, so the features are the same).
+    patch_dtype = amp_dtype if amp_dtype is not None else torch.float32
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+    def make(start: int) -> torch.Tensor:
+        return _group_patches(images[start:start + group], start, n_patches, aug, seed, device, patch_dtype,
+                              memory_format)
 
     from tqdm import tqdm
 
     was_training = model.training
     model.eval()
-    out: dict[int, torch.Tensor] = {}  # m -> (N, D) on device; one host copy at the end
+    out: dict[int, torch.Tensor] = {}  # m -> (N, D) on device
     try:
         with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-            for start in range(0, n, group):
-                x = images[start:start + group].to(device, non_blocking=True)  # (b, 3, H, W) uint8
-                b = x.shape[0]
-                patches = torch.cat([
-                    make_patches(x[c:c + RNG_CHUNK], n_patches, aug,
-                                 _chunk_generator(seed, (start + c) // RNG_CHUNK, device))
-                    for c in range(0, b, RNG_CHUNK)
-                ], dim=1).flatten(0, 1)  # (n_patches * b, 3, s, s), patch-major
+            for start, patches in _prefetched(range(0, n, group), make, device):
+                b = patches.shape[0] // n_patches
                 feats = []
                 for i in range(0, patches.shape[0], per_forward):
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=use_amp):
+                    with autocast(device, amp_dtype):
                         feats.append(model.features(patches[i:i + per_forward], kind).float())
                 f = torch.cat(feats).view(n_patches, b, -1)  # (n_patches, b, D)
                 for m in counts:
@@ -138,7 +205,60 @@ def extract_prefix_features(model: EMPSSLModel, images: torch.Tensor, aug: Augme
                 bar.update(b)
     finally:
         model.train(was_training)
-    return {m: feats.cpu() for m, feats in out.items()}
+    return out
+
+
+@torch.no_grad()
+def extract_full_features(model: nn.Module, images: torch.Tensor, aug: Augment, *, kind: str = "backbone",
+                          batch_images: int = 0, device: torch.device | str = "cpu",
+                          amp_dtype: torch.dtype | None = None, progress: bool = False,
+                          desc: str = "features") -> torch.Tensor:
+    """Whole-image features, as solo-learn evaluates its methods: every (N, 3, H, W) uint8 image, un-augmented
+    and at its own size, normalised with ``aug.mean`` / ``aug.std``, through ``model.features(x, kind)`` in eval
+    mode. Returns (N, D) float32 on ``device``."""
+    if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise EvalError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+    if images.shape[0] == 0:
+        raise EvalError("no images to extract features from")
+    device = torch.device(device)
+    batch = batch_images or (DEFAULT_PATCHES_PER_FORWARD_CUDA if device.type == "cuda" else
+                             DEFAULT_PATCHES_PER_FORWARD)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in tqdm(range(0, images.shape[0], batch), desc=desc, unit="batch", disable=not progress,
+                          leave=False):
+            x = images[start:start + batch].to(device, non_blocking=True).float().div_(255)
+            for c in range(3):  # Python-float constants, as the patches are normalised
+                x[:, c].sub_(aug.mean[c]).div_(aug.std[c])
+            with autocast(device, amp_dtype):
+                out.append(model.features(x.contiguous(memory_format=memory_format), kind).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def image_features(model: nn.Module, images: torch.Tensor, cfg: Config, device: torch.device | str, *,
+                   n_patches: int | None = None, progress: bool = False, desc: str = "features") -> torch.Tensor:
+    """(N, D) float32 features on ``device`` of (N, 3, H, W) uint8 images under ``cfg``'s evaluation protocol:
+    the view (``cfg.eval_view``: a bag of ``n_patches`` (default ``cfg.test_patches``) seeded augmented patches,
+    or the whole image) and the feature (``cfg.eval_feature``), "auto" meaning the method's own
+    (:func:`empssl.methods.eval_protocol`). Call ``.cpu()`` on the result for host memory."""
+    from .methods import create_method, eval_protocol
+
+    view, kind = eval_protocol(cfg)
+    aug = create_method(cfg).eval_augment()
+    device = torch.device(device)
+    if view == "patches":
+        n_patches = n_patches or cfg.test_patches
+        return extract_features(model, images, aug, n_patches, desc=desc,
+                                **feature_options(cfg, device, n_patches, progress))
+    return extract_full_features(model, images, aug, kind=kind, batch_images=cfg.eval_batch_size, device=device,
+                                 amp_dtype=autocast_dtype(cfg.precision, device), progress=progress, desc=desc)
 
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
@@ -188,154 +308,6 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     return torch.cat(preds)
 
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded class-stratified split of indices 0..N-1: (train_idx, val_idx), both sorted int64 CPU.
-
-    Each class c with n_c members gives round(fraction * n_c) of them to validation, but keeps at least
-    one for training. Raises EvalError if that leaves the validation set empty.
-    """
-    if not 0 < fraction < 1:
-        raise EvalError(f"validation fraction must be in (0, 1), got {fraction}")
-    labels = labels.cpu()
-    g = torch.Generator().manual_seed(seed)
-    train_parts, val_parts = [], []
-    for c in torch.unique(labels).tolist():
-        members = (labels == c).nonzero().flatten()
-        members = members[torch.randperm(members.numel(), generator=g)]
-        n_val = min(math.floor(fraction * members.numel() + 0.5), members.numel() - 1)
-        val_parts.append(members[:n_val])
-        train_parts.append(members[n_val:])
-    val_idx = torch.cat(val_parts).sort().values
-    if val_idx.numel() == 0:
-        raise EvalError(f"validation fraction {fraction} leaves no validation example in {labels.numel()} "
-                        "training features")
-    return torch.cat(train_parts).sort().values, val_idx
-
-
-@dataclass
-class ProbeResult:
-    top1: float  # test accuracy in % of the reported epoch
-    epoch: int  # the reported epoch (1-based): the final one, or the one selected on validation
-    val_top1: float | None  # validation accuracy in % of that epoch (None without a validation split)
-    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, train_loss, (val_top1)
-    seconds: float = 0.0
-
-
-@torch.no_grad()
-def _accuracy(head: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Top-1 accuracy in % as a 0-d device tensor (no host sync)."""
-    correct = torch.zeros((), device=x.device)
-    for i in range(0, x.shape[0], chunk):
-        correct += (head(x[i:i + chunk]).argmax(1) == y[i:i + chunk]).sum()
-    return correct * (100.0 / max(x.shape[0], 1))
-
-
-def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                 test_labels: torch.Tensor, num_classes: int, *, epochs: int = 100, lr: float = 0.03,
-                 momentum: float = 0.9, weight_decay: float = 5e-5, batch_size: int = 100,
-                 val_fraction: float = 0.0, seed: int = 0, device: torch.device | str = "cpu",
-                 progress: bool = False) -> ProbeResult:
-    """Linear probe on frozen features, the official recipe: nn.Linear(D, C), SGD(lr, momentum, wd),
-    cross-entropy, batch 100, cosine learning rate annealed per step to 0 over all epochs.
-
-    Args:
-        train_feats: (N, D), train_labels: (N,); test_feats: (M, D), test_labels: (M,).
-        val_fraction: 0 -> report the final epoch. > 0 -> carve a seeded class-stratified split of the
-            *training* features off (see :func:`stratified_split`), train on the rest, and report the test
-            accuracy of the weights of the epoch with the best validation accuracy (earliest on ties).
-            The test set is used once, after training, in both cases.
-        seed: seeds the head's initialisation, the split and the per-epoch shuffles (global RNG untouched).
-
-    Everything runs on ``device`` without per-step host synchronisation; the best weights are tracked
-    with ``torch.where`` rather than by reading the validation accuracy on the host.
-    """
-    if train_feats.dim() != 2 or test_feats.dim() != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise EvalError(f"linear probe needs (N, D) and (M, D) features, got {tuple(train_feats.shape)} and "
-                        f"{tuple(test_feats.shape)}")
-    if train_labels.shape != (train_feats.shape[0],) or test_labels.shape != (test_feats.shape[0],):
-        raise EvalError("linear probe needs one label per feature")
-    if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
-        raise EvalError("linear probe needs at least one training and one test feature")
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise EvalError(f"linear probe needs epochs >= 1, batch size >= 1 and lr > 0, got {epochs}, "
-                        f"{batch_size}, {lr}")
-    if not 0 <= val_fraction < 1:
-        raise EvalError(f"probe validation fraction must be in [0, 1), got {val_fraction}")
-    t0 = time.perf_counter()
-    device = torch.device(device)
-    use_val = val_fraction > 0
-    if use_val:
-        tr_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
-        x_val = train_feats.cpu()[val_idx].to(device, torch.float32)
-        y_val = train_labels.cpu()[val_idx].to(device, torch.long)
-        x_tr, y_tr = train_feats.cpu()[tr_idx], train_labels.cpu()[tr_idx]
-    else:
-        x_tr, y_tr = train_feats, train_labels
-    x_tr, y_tr = x_tr.to(device, torch.float32), y_tr.to(device, torch.long)
-    n = x_tr.shape[0]
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = nn.Linear(x_tr.shape[1], num_classes)  # default init, as the official probe
-    head.to(device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total_steps = epochs * steps_per_epoch
-    schedule = [0.5 * lr * (1 + math.cos(math.pi * t / total_steps)) for t in range(total_steps)]
-    shuffle = torch.Generator().manual_seed(seed + 1)  # CPU: the same order on every device
-
-    epoch_loss = torch.zeros(epochs, device=device)
-    val_acc = torch.full((epochs,), float("nan"), device=device)
-    best_val = torch.full((), -1.0, device=device)
-    best_epoch = torch.full((), epochs, dtype=torch.long, device=device)
-    best_w, best_b = head.weight.detach().clone(), head.bias.detach().clone()
-
-    from tqdm import tqdm
-
-    step = 0
-    for epoch in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
-        head.train()
-        perm = torch.randperm(n, generator=shuffle).to(device)
-        for s in range(steps_per_epoch):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
-            for group in opt.param_groups:
-                group["lr"] = schedule[step]
-            loss = F.cross_entropy(head(x_tr[idx]), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            epoch_loss[epoch] += loss.detach() * idx.numel()
-            step += 1
-        if use_val:
-            acc = _accuracy(head, x_val, y_val)
-            val_acc[epoch] = acc
-            with torch.no_grad():
-                better = acc > best_val  # strict: the earliest epoch wins ties
-                best_val = torch.where(better, acc, best_val)
-                best_epoch = torch.where(better, torch.full_like(best_epoch, epoch + 1), best_epoch)
-                best_w = torch.where(better, head.weight, best_w)
-                best_b = torch.where(better, head.bias, best_b)
-
-    if use_val:
-        with torch.no_grad():
-            head.weight.copy_(best_w)
-            head.bias.copy_(best_b)
-    test_top1 = _accuracy(head, test_feats.to(device, torch.float32), test_labels.to(device, torch.long))
-
-    # The one host synchronisation of the probe.
-    losses = (epoch_loss / n).tolist()
-    vals = val_acc.tolist()
-    history: list[dict[str, float]] = []
-    for e in range(epochs):
-        row: dict[str, float] = {"epoch": e + 1, "train_loss": losses[e]}
-        if use_val:
-            row["val_top1"] = vals[e]
-        history.append(row)
-    epoch = int(best_epoch) if use_val else epochs
-    return ProbeResult(top1=float(test_top1), epoch=epoch, val_top1=vals[epoch - 1] if use_val else None,
-                       history=history, seconds=time.perf_counter() - t0)
-
-
 def check_splits(train: ImageData, test: ImageData) -> int:
     """Raise EvalError unless ``train`` and ``test`` share their classes and hold valid labels; return C."""
     if list(train.classes) != list(test.classes):
@@ -351,70 +323,81 @@ def check_splits(train: ImageData, test: ImageData) -> int:
 
 
 def feature_options(cfg: Config, device: torch.device, n_patches: int, progress: bool) -> dict[str, Any]:
-    """The keyword arguments of :func:`extract_features` that ``cfg`` sets (kind, seed, batch, autocast)."""
-    amp_dtype = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
+    """The keyword arguments of :func:`extract_features` / :func:`extract_prefix_features` that ``cfg`` sets for
+    ``n_patches`` patches per image: the feature kind, seed, batch and autocast dtype."""
+    from .methods import eval_protocol
+
     batch_images = max(1, cfg.eval_batch_size // n_patches) if cfg.eval_batch_size > 0 else 0
-    return {"kind": cfg.eval_feature, "seed": cfg.eval_seed, "batch_images": batch_images, "device": device,
-            "amp_dtype": amp_dtype, "progress": progress}
+    return {"kind": eval_protocol(cfg)[1], "seed": cfg.eval_seed, "batch_images": batch_images, "device": device,
+            "amp_dtype": autocast_dtype(cfg.precision, device), "progress": progress}
 
 
 def score_features(train_f: torch.Tensor, train_labels: torch.Tensor, test_f: torch.Tensor,
                    test_labels: torch.Tensor, num_classes: int, cfg: Config, device: torch.device | str, *,
                    progress: bool = False) -> dict[str, Any]:
     """Weighted kNN (``cfg.knn_k``, ``cfg.knn_temperature``) and the linear probe (``cfg.probe_*``) on
-    (N, D) train and (M, D) test features. Returns linear_top1, knn_top1 (in %), probe_epoch, probe_val_top1,
-    knn_k (after clamping to the training set), knn_seconds, probe_seconds."""
+    (N, D) train and (M, D) test features (on any device; they are moved to ``device`` once). Returns linear_top1,
+    knn_top1 (in %), probe_epoch, probe_val_top1, knn_k (after clamping to the training set), knn_seconds,
+    probe_seconds, and the probe's protocol ("final-epoch" | "val-epoch" | "lr-sweep"), lr, sweep and backend."""
     device = torch.device(device)
     t0 = time.perf_counter()
+    train_f, test_f = train_f.to(device), test_f.to(device)
+    train_labels, test_labels = train_labels.to(device), test_labels.to(device)
     k = min(cfg.knn_k, train_f.shape[0])
-    pred = knn_predict(train_f.to(device), train_labels.to(device), test_f.to(device), num_classes,
-                       k=k, temperature=cfg.knn_temperature)
-    knn_top1 = (pred.cpu() == test_labels.cpu()).double().mean().item() * 100
+    pred = knn_predict(train_f, train_labels, test_f, num_classes, k=k, temperature=cfg.knn_temperature)
+    knn_top1 = (pred == test_labels).double().mean().item() * 100
     knn_seconds = time.perf_counter() - t0
 
     probe = linear_probe(train_f, train_labels, test_f, test_labels, num_classes, epochs=cfg.probe_epochs,
-                         lr=cfg.probe_lr, momentum=cfg.probe_momentum, weight_decay=cfg.probe_weight_decay,
-                         batch_size=cfg.probe_batch_size, val_fraction=cfg.probe_val_fraction,
-                         seed=cfg.eval_seed, device=device, progress=progress)
-    return {"linear_top1": probe.top1, "knn_top1": knn_top1, "probe_epoch": probe.epoch,
-            "probe_val_top1": probe.val_top1, "knn_k": k, "knn_seconds": knn_seconds,
+                         lr=cfg.probe_lr, lrs=cfg.probe_lrs or None, momentum=cfg.probe_momentum,
+                         weight_decay=cfg.probe_weight_decay, batch_size=cfg.probe_batch_size,
+                         val_fraction=cfg.probe_val(), seed=cfg.eval_seed, device=device, progress=progress)
+    return {"linear_top1": probe.top1, "knn_top1": knn_top1, "probe_protocol": probe.protocol,
+            "probe_lr": probe.lr, "probe_epoch": probe.epoch, "probe_val_top1": probe.val_top1,
+            "probe_sweep": probe.sweep, "probe_backend": probe.backend, "knn_k": k, "knn_seconds": knn_seconds,
             "probe_seconds": probe.seconds}
 
 
-def evaluate(model: EMPSSLModel, train: ImageData, test: ImageData, cfg: Config, device: torch.device | str,
+def evaluate(model: nn.Module, train: ImageData, test: ImageData, cfg: Config, device: torch.device | str,
              *, progress: bool = True, log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """The full protocol of ``cfg``: bag-of-features for the train and test images (``cfg.test_patches``
-    patches each, ``cfg.eval_feature``, seeded by ``cfg.eval_seed``), weighted kNN (``cfg.knn_k``,
+    """The full protocol of ``cfg``: features of the train and test images (:func:`image_features`: the
+    method's own view and feature unless ``cfg.eval_view`` / ``cfg.eval_feature`` say otherwise; bags of
+    ``cfg.test_patches`` patches seeded by ``cfg.eval_seed``), weighted kNN (``cfg.knn_k``,
     ``cfg.knn_temperature``) and the linear probe (``cfg.probe_*``).
 
-    Returns a JSON-serialisable dict: linear_top1, knn_top1 (in %), test_patches, feature, probe_epoch,
-    probe_val_top1, feature_seconds, knn_seconds, probe_seconds, n_train, n_test, num_classes, feature_dim,
-    knn_k (after clamping to the training set), knn_temperature, eval_seed, probe_epochs. Logs one line.
+    Returns a JSON-serialisable dict: linear_top1, knn_top1 (in %), eval_view, feature, test_patches (None for
+    the whole-image view), probe_epoch, probe_val_top1, feature_seconds, knn_seconds, probe_seconds, n_train,
+    n_test, num_classes, feature_dim, knn_k (after clamping to the training set), knn_temperature, eval_seed,
+    probe_epochs. Logs one line.
     """
+    from .devices import synchronize
+    from .methods import eval_protocol
+
     device = torch.device(device)
     num_classes = check_splits(train, test)
-    aug = augment_from_config(cfg)
-    common = feature_options(cfg, device, cfg.test_patches, progress)
-
+    view, kind = eval_protocol(cfg)
     t0 = time.perf_counter()
-    train_f = extract_features(model, train.images, aug, cfg.test_patches, desc="train features", **common)
-    test_f = extract_features(model, test.images, aug, cfg.test_patches, desc="test features", **common)
-    feature_seconds = time.perf_counter() - t0  # .cpu() at the end of extraction synchronised
+    train_f = image_features(model, train.images, cfg, device, progress=progress, desc="train features")
+    test_f = image_features(model, test.images, cfg, device, progress=progress, desc="test features")
+    synchronize(device)
+    feature_seconds = time.perf_counter() - t0
 
     scores = score_features(train_f, train.labels, test_f, test.labels, num_classes, cfg, device,
                             progress=progress)
-    feature_name = "pre-feature" if cfg.eval_feature == "pre" else "backbone feature"
+    feature_name = "pre-feature" if kind == "pre" else "backbone feature"
+    how = f"{cfg.test_patches} test patches" if view == "patches" else "whole image"
+    chosen = f"lr {scores['probe_lr']:g}, " if scores["probe_protocol"] == "lr-sweep" else ""
     selected = "" if scores["probe_val_top1"] is None else \
-        f" (epoch {scores['probe_epoch']}, val {scores['probe_val_top1']:.1f}%)"
-    log(f"linear {scores['linear_top1']:.1f}%{selected} | kNN {scores['knn_top1']:.1f}% "
-        f"({cfg.test_patches} test patches, {feature_name})")
+        f" ({chosen}epoch {scores['probe_epoch']}, val {scores['probe_val_top1']:.1f}%)"
+    log(f"linear {scores['linear_top1']:.1f}%{selected} | kNN {scores['knn_top1']:.1f}% ({how}, {feature_name})")
     return {
         **scores,  # linear_top1, knn_top1, probe_epoch, probe_val_top1, knn_k, knn_seconds, probe_seconds
-        "test_patches": cfg.test_patches,
-        "feature": cfg.eval_feature,
+        "eval_view": view,
+        "test_patches": cfg.test_patches if view == "patches" else None,
+        "feature": kind,
         "feature_dim": int(train_f.shape[1]),
         "probe_epochs": cfg.probe_epochs,
-        "probe_val_fraction": cfg.probe_val_fraction,
+        "probe_val_fraction": cfg.probe_val(),
         "knn_temperature": cfg.knn_temperature,
         "eval_seed": cfg.eval_seed,
         "feature_seconds": feature_seconds,

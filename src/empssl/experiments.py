@@ -15,19 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .checkpoint import load_checkpoint, read_checkpoint
 from .config import Config, ConfigError
 from .data import ImageData, load_data
-from .evaluate import (
-    augment_from_config,
-    check_splits,
-    extract_features,
-    extract_prefix_features,
-    feature_options,
-    score_features,
-)
-from .models import EMPSSLModel
+from .devices import resolve_device, synchronize
+from .evaluate import check_splits, extract_prefix_features, feature_options, image_features, score_features
+from .methods import create_method, eval_protocol
 from .report import (
     ReportError,
     patch_ablation_table,
@@ -36,14 +31,15 @@ from .report import (
     plot_tsne,
     test_patch_ablation_table,
 )
-from .train import config_data, finished, resolve_device, run_config, train, write_results
+from .rundir import config_data, run_config, run_dir_of, write_json
+from .train import train_once
 
 # --- evaluating a checkpoint, possibly on another dataset ---------------------------------------------------
 
 
 def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress: bool = False,
                   log: Callable[[str], Any] = print
-                  ) -> tuple[EMPSSLModel, Config, dict[str, Any], ImageData, ImageData, torch.device]:
+                  ) -> tuple[nn.Module, Config, dict[str, Any], ImageData, ImageData, torch.device]:
     """The model of ``checkpoint`` (on its device) and the (train, test) data to evaluate it on.
 
     ``overrides`` are evaluation flags (``cli.EVAL_FIELDS``). Transfer: when ``overrides["data"]`` names
@@ -78,11 +74,6 @@ def _saved_config(checkpoint: str | Path) -> dict[str, Any]:
     return read_checkpoint(checkpoint).get("config", {})
 
 
-def run_dir_of(checkpoint: str | Path) -> Path:
-    path = Path(checkpoint)
-    return path if path.is_dir() else path.parent
-
-
 # --- patch-count ablation ----------------------------------------------------------------------------------
 
 
@@ -110,12 +101,7 @@ def ablate_patches(cfg: Config, out_dir: str | Path, patch_counts: Sequence[int]
     for n in counts:
         run = out / f"n{n}"
         run_cfg = run_config(run, cfg.replace(num_patches=n).validate(), {**(explicit or {}), "num_patches": n})
-        if (run / "results.json").is_file() and finished(run):
-            log(f"n={n}: finished run found in {run}, not retrained")
-            results = json.loads((run / "results.json").read_text())
-        else:
-            log(f"n={n}: training {run}")
-            results = train(run_cfg, run, progress=progress, log=log, data=data)
+        results = train_once(run_cfg, run, name=f"n={n}", progress=progress, log=log, data=data)
         rows.append(ablation_row(n, run.name, results, run_cfg))
         write_patch_ablation(out, rows, cfg)
     return rows
@@ -134,8 +120,9 @@ def ablation_row(n: int, run: str, results: dict[str, Any], cfg: Config) -> dict
 
 def write_patch_ablation(out: Path, rows: list[dict[str, Any]], cfg: Config) -> None:
     meta = {"data": cfg.data, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "arch": cfg.arch,
-            "width": cfg.width, "test_patches": cfg.test_patches, "eval_feature": cfg.eval_feature}
-    write_results(out / "ablation.json", {"experiment": "patch-count ablation", "config": meta, "rows": rows})
+            "width": cfg.width, "method": cfg.method, "test_patches": cfg.test_patches, "eval_view": cfg.eval_view,
+            "eval_feature": cfg.eval_feature}
+    write_json(out / "ablation.json", {"experiment": "patch-count ablation", "config": meta, "rows": rows})
     device = next((r["device"] for r in rows if r.get("device")), None)
     lines = [f"# Patch-count ablation: {cfg.data}, {cfg.epochs:g} epoch(s), batch {cfg.batch_size}, "
              f"{cfg.arch} width {cfg.width}", "", *patch_ablation_table(rows),
@@ -148,7 +135,13 @@ def write_patch_ablation(out: Path, rows: list[dict[str, Any]], cfg: Config) -> 
 # --- test-patch ablation -----------------------------------------------------------------------------------
 
 
-def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int], overrides: dict[str, Any] | None = None, *,
+def default_test_patch_counts(test_patches: int) -> list[int]:
+    """1, 4, 16, 64 ... below ``test_patches``, and ``test_patches`` itself (the run's own bag size)."""
+    return sorted({4**i for i in range(16) if 4**i < test_patches} | {test_patches})
+
+
+def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = None,
+                        overrides: dict[str, Any] | None = None, *,
                         out_dir: str | Path | None = None, progress: bool = True,
                         log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Evaluate one checkpoint with bags of m test patches for every m in ``counts``, from one feature pass.
@@ -161,16 +154,20 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int], overrides
     Returns the JSON dict: checkpoint, step, data, feature, feature_seconds, rows (test_patches,
     linear_top1, knn_top1, knn_seconds, probe_seconds, probe_epoch, ...).
     """
-    counts = sorted(set(counts))
-    if not counts or counts[0] < 1:
-        raise ConfigError(f"--counts must list numbers >= 1, got {counts}")
     model, cfg, ckpt, train, test, device = load_for_eval(checkpoint, overrides or {}, progress=progress, log=log)
+    counts = sorted(set(counts)) if counts else default_test_patch_counts(cfg.test_patches)
+    if counts[0] < 1:
+        raise ConfigError(f"--counts must list numbers >= 1, got {counts}")
+    if eval_protocol(cfg)[0] != "patches":
+        raise ConfigError(f"the test-patch ablation averages patches, but {cfg.method} is evaluated on the whole "
+                          f"image; add --eval-view patches")
     num_classes = check_splits(train, test)
-    aug = augment_from_config(cfg)
+    aug = create_method(cfg).eval_augment()
     opts = feature_options(cfg, device, counts[-1], progress)
     t0 = time.perf_counter()
     train_f = extract_prefix_features(model, train.images, aug, counts, desc="train features", **opts)
     test_f = extract_prefix_features(model, test.images, aug, counts, desc="test features", **opts)
+    synchronize(device)
     feature_seconds = time.perf_counter() - t0
     rows = []
     for m in counts:
@@ -179,12 +176,12 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int], overrides
         log(f"{m} test patches: linear {scores['linear_top1']:.1f}% | kNN {scores['knn_top1']:.1f}%")
         rows.append({"test_patches": m, **scores})
     result = {"experiment": "test-patch ablation", "checkpoint": str(checkpoint), "step": ckpt.get("step"),
-              "data": cfg.data, "feature": cfg.eval_feature, "eval_seed": cfg.eval_seed,
+              "data": cfg.data, "feature": opts["kind"], "eval_seed": cfg.eval_seed,
               "n_train": len(train), "n_test": len(test), "feature_seconds": feature_seconds,
               "max_patches": counts[-1], "rows": rows}
     out = Path(out_dir) if out_dir else run_dir_of(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    write_results(out / "test_patch_ablation.json", result)
+    write_json(out / "test_patch_ablation.json", result)
     lines = [f"# Test-patch ablation: {checkpoint} (step {ckpt.get('step')}) on {cfg.data}", "",
              *test_patch_ablation_table(rows),
              f"Features of {counts[-1]} patches per image extracted once ({feature_seconds:.1f} s for "
@@ -197,33 +194,35 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int], overrides
 # --- t-SNE -------------------------------------------------------------------------------------------------
 
 
-def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *, test_patches: int = 16,
-             max_points: int = 5000, out: str | Path | None = None, seed: int = 0, progress: bool = True,
+def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *, max_points: int = 5000,
+             out: str | Path | None = None, seed: int = 0, progress: bool = True,
              log: Callable[[str], Any] = print) -> Path:
-    """2-D t-SNE (scikit-learn) of the bag-of-features of up to ``max_points`` test images (class-balanced),
-    coloured by class, saved as a PNG (default ``RUN/tsne.png``) with a ``.json`` of its settings beside it.
-    Returns the PNG path."""
-    if test_patches < 1 or max_points < 2:
-        raise ConfigError(f"--test-patches must be >= 1 and --max-points >= 2, got {test_patches}, {max_points}")
+    """2-D t-SNE (scikit-learn) of the evaluation features (the run's protocol; ``overrides`` may set
+    test_patches, eval_view ...) of up to ``max_points`` test images (class-balanced), coloured by class, saved as
+    a PNG (default ``RUN/tsne.png``) with a ``.json`` of its settings beside it. Returns the PNG path."""
+    if max_points < 2:
+        raise ConfigError(f"--max-points must be >= 2, got {max_points}")
     try:
         from sklearn.manifold import TSNE
     except ImportError:
         raise ReportError("t-SNE needs scikit-learn: pip install 'empssl[report]'") from None
     model, cfg, ckpt, _, test, device = load_for_eval(checkpoint, overrides or {}, progress=progress, log=log)
     test = test.subset(max_points)
-    feats = extract_features(model, test.images, augment_from_config(cfg), test_patches, desc="test features",
-                             **feature_options(cfg, device, test_patches, progress))
+    feats = image_features(model, test.images, cfg, device, progress=progress, desc="test features").cpu()
+    view, kind = eval_protocol(cfg)
+    test_patches = cfg.test_patches if view == "patches" else None
+    how = f"{test_patches} test patches" if test_patches else "whole image"
     n = feats.shape[0]
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))  # sklearn requires perplexity < n
     t0 = time.perf_counter()
     xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
         torch.nn.functional.normalize(feats, dim=1).numpy())
-    log(f"t-SNE of {n} test images ({test_patches} test patches) in {time.perf_counter() - t0:.1f} s")
+    log(f"t-SNE of {n} test images ({how}) in {time.perf_counter() - t0:.1f} s")
     path = Path(out) if out else run_dir_of(checkpoint) / "tsne.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    title = f"t-SNE of {cfg.data} test features (step {ckpt.get('step')}, {test_patches} test patches)"
+    title = f"t-SNE of {cfg.data} test features ({cfg.method}, step {ckpt.get('step')}, {how})"
     plot_tsne(xy, test.labels.numpy(), list(test.classes), path, title=title)
-    write_results(path.with_suffix(".json"), {"checkpoint": str(checkpoint), "step": ckpt.get("step"),
+    write_json(path.with_suffix(".json"), {"checkpoint": str(checkpoint), "step": ckpt.get("step"),
                                             "data": cfg.data, "test_patches": test_patches, "n_points": n,
-                                            "perplexity": perplexity, "seed": seed, "feature": cfg.eval_feature})
+                                            "perplexity": perplexity, "seed": seed, "eval_view": view, "feature": kind})
     return path

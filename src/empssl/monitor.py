@@ -1,7 +1,8 @@
 """Time-to-accuracy during training: a cheap kNN probe every few steps, and the run's wall-time clock.
 
 Every ``cfg.eval_every`` steps (an integer number of steps, or a fraction of an epoch when < 1) the encoder's
-bag-of-features (``cfg.monitor_patches`` patches) of a fixed class-balanced subset of the test set are
+features (the run's evaluation view: for EMP-SSL a bag of ``cfg.monitor_patches`` patches, for the baselines
+the whole image) of a fixed class-balanced subset of the test set are
 classified by a weighted kNN (``cfg.knn_k``, ``cfg.knn_temperature``) against a fixed class-balanced subset of
 the training set, and one line is appended to ``RUN/monitor.jsonl``::
 
@@ -24,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .config import Config
 from .data import ImageData
-from .evaluate import augment_from_config, extract_features, feature_options, knn_predict
-from .models import EMPSSLModel
+from .devices import synchronize
+from .evaluate import image_features, knn_predict
+from .rundir import read_jsonl
 
 
 def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
@@ -39,20 +42,6 @@ def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
     if eval_every >= 1:
         return int(eval_every)
     return max(1, round(eval_every * steps_per_epoch))
-
-
-def device_name(device: torch.device) -> str:
-    """The device as reports should name it: "cpu", or "cuda (NVIDIA H100 80GB HBM3)"."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return device.type
-
-
-def _sync(device: torch.device) -> None:
-    # Wall-clock readings must not run ahead of queued GPU work; only done at monitor steps and at the end.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Monitor:
@@ -104,9 +93,9 @@ class Monitor:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             tmp.replace(self.path)
 
-    def start(self, model: EMPSSLModel) -> None:
+    def start(self, model: nn.Module) -> None:
         """Start the clock; on a fresh run, also record the untrained encoder (step 0)."""
-        _sync(self.device)
+        synchronize(self.device)
         self._t0 = time.perf_counter()
         if self.interval and self.start_step == 0:
             self._evaluate(model, 0)
@@ -118,22 +107,21 @@ class Monitor:
         monitor = self._monitor_before + self._monitor_now
         return {"train_seconds": train, "monitor_seconds": monitor, "elapsed_seconds": train + monitor}
 
-    def after_step(self, model: EMPSSLModel, step: int) -> float:
+    def after_step(self, model: nn.Module, step: int) -> float:
         """Evaluate if ``step`` is due (every ``interval`` steps and the last one); return the seconds spent."""
         if not self.interval or (step % self.interval and step != self.total_steps):
             return 0.0
         return self._evaluate(model, step)
 
     @torch.no_grad()
-    def _evaluate(self, model: EMPSSLModel, step: int) -> float:
-        _sync(self.device)
+    def _evaluate(self, model: nn.Module, step: int) -> float:
+        synchronize(self.device)
         t = time.perf_counter()
         clock = self.clock()
         cfg = self.cfg
-        opts = feature_options(cfg, self.device, cfg.monitor_patches, progress=False)
-        aug = augment_from_config(cfg)
-        bank = extract_features(model, self.bank_images, aug, cfg.monitor_patches, **opts).to(self.device)
-        probe = extract_features(model, self.probe_images, aug, cfg.monitor_patches, **opts).to(self.device)
+        # the run's evaluation view and feature (a bag of monitor_patches patches for EMP-SSL)
+        bank = image_features(model, self.bank_images, cfg, self.device, n_patches=cfg.monitor_patches)
+        probe = image_features(model, self.probe_images, cfg, self.device, n_patches=cfg.monitor_patches)
         pred = knn_predict(bank, self.bank_labels, probe, len(self.bank.classes), k=min(cfg.knn_k, len(self.bank)),
                            temperature=cfg.knn_temperature)
         top1 = (pred.cpu() == self.probe.labels).double().mean().item() * 100  # the probe's one host sync
@@ -149,14 +137,3 @@ class Monitor:
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         return spent
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (metrics.jsonl, monitor.jsonl); a torn last line is skipped."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out

@@ -1,4 +1,10 @@
-"""The EMP-SSL training loop: patches -> encoder -> loss -> LARS step, with logging, checkpoints and resume."""
+"""The training loop, the same for every method: views -> method loss -> LARS step, with logging, checkpoints,
+resume and a wall-clock account of the whole run.
+
+``train()`` reads top to bottom: set up (data, run directory, model, optimiser, resume), the loop (one
+:func:`train_step` per batch; logging and checkpoints at their steps), then the evaluation. The method
+(:mod:`empssl.methods`) supplies the model, the views and the loss; the loop knows nothing else about it.
+"""
 
 from __future__ import annotations
 
@@ -9,104 +15,238 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from . import __version__, distributed
+from . import distributed
 from .batches import StepBatches
-from .checkpoint import build_model, load_model_state, read_checkpoint, save_atomic
+from .checkpoint import load_model_state, read_checkpoint, save_atomic
 from .config import Config, ConfigError
-from .data import ImageData, load_data
-from .losses import EMPSSLLoss
+from .data import ImageData
+from .devices import autocast_dtype, device_name, resolve_device, synchronize
+from .distributed import SINGLE, Dist
 from .memory import checkpoint_backbone, want_checkpointing
-from .monitor import Monitor, device_name
-from .optim import LARS, cosine_lr, lars_param_groups
-from .patches import Augment
+from .methods import Method, create_method
+from .monitor import Monitor
+from .optim import LARS, lars_param_groups, lr_at
+from .rundir import config_data, finished, write_config, write_json
 
 
 class TrainError(RuntimeError):
     """Training cannot go on (non-finite loss, incompatible run directory...): reported in one line."""
 
 
-# Keys that may differ between a run directory's saved config and the command that resumes it: they change
-# where things are read or how often they are written, or the evaluation, never the trained weights.
-RESUMABLE_CHANGES = {"device", "data_dir", "log_every", "checkpoint_every", "test_patches", "eval_feature",
-                     "eval_seed", "eval_batch_size", "probe_epochs", "probe_lr", "probe_momentum",
-                     "probe_weight_decay", "probe_batch_size", "probe_val_fraction", "knn_k",
-                     "knn_temperature", "compare_random_init", "extra",
-                     "eval_every", "monitor_patches", "monitor_bank", "monitor_test",  # monitoring
-                     "grad_checkpointing", "compile"}  # speed: exact or numerically equivalent
+# --compile auto: after this many eager steps (cudnn autotuning done) the step time is measured and the model
+# compiled only if the rest of the run saves more than compiling costs. The two estimates come from one H200
+# (torch 2.11, 20 patches x 100 images): eager 59,636 vs compiled 77,069 patches/s, i.e. 23% of the step time;
+# the compile time is an assumption until bench/gpu_check.py has measured it.
+COMPILE_PROBE_STEPS = 25
+COMPILE_GAIN = 0.2  # fraction of an eager step's time that compiling saves
+COMPILE_SECONDS = 60.0  # what compiling the training step costs, once
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device of a single process (under torchrun, train() takes cuda:LOCAL_RANK instead)."""
-    return distributed.resolve_device(name)
+def want_compile(mode: str, device: torch.device, remaining_steps: int, step_seconds: float | None
+                 ) -> tuple[bool, str]:
+    """Decide ``--compile`` (auto | on | off). Returns (compile now, a one-line reason for the log and results).
 
-
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA (official recipe trains fp32; bf16 is our speed default), fp32 on CPU."""
-    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
-
-
-def augment_for(cfg: Config) -> Augment:
-    return Augment(size=cfg.patch_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio))
-
-
-def run_config(out_dir: Path, cfg: Config, explicit: dict[str, Any]) -> Config:
-    """The config to use for ``out_dir``: ``cfg`` for a new run; for an existing run its saved config with the
-    explicitly given flags applied, refusing flags that would change the weights being resumed."""
-    saved_path = Path(out_dir) / "config.json"
-    if not saved_path.is_file():
-        return cfg
-    saved = Config.from_dict(json.loads(saved_path.read_text())["config"])
-    changed = [k for k, v in explicit.items() if k not in RESUMABLE_CHANGES and getattr(saved, k) != v]
-    if changed:
-        k = changed[0]
-        raise ConfigError(f"{out_dir} holds a run with {k}={getattr(saved, k)!r}, not {explicit[k]!r}; "
-                          f"drop the flag to resume it or choose a new --out")
-    return saved.replace(**{k: v for k, v in explicit.items() if k in RESUMABLE_CHANGES}).validate()
-
-
-def config_data(cfg: Config, progress: bool = True,
-                data: tuple[ImageData, ImageData] | None = None) -> tuple[ImageData, ImageData]:
-    """(train, test) of ``cfg.data`` (or ``data`` as given), cut to ``cfg.train_subset`` / ``cfg.test_subset``."""
-    train_data, test_data = data if data is not None else load_data(cfg.data, cfg.data_dir, cfg.image_size, progress)
-    if cfg.train_subset:
-        train_data = train_data.subset(cfg.train_subset)
-    if cfg.test_subset:
-        test_data = test_data.subset(cfg.test_subset)
-    return train_data, test_data
-
-
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, aug: Augment,
-               cfg: Config, gen: torch.Generator, amp: torch.dtype | None, channels_last: bool,
-               dist: distributed.Dist = distributed.SINGLE) -> EMPSSLLoss:
-    """One optimisation step on a (B, 3, H, W) uint8 batch; returns the detached loss terms.
-
-    Under torchrun ``images`` is this rank's (b, 3, H, W) slice and ``model`` the DDP-wrapped one; the
-    patches and (with ``cfg.tcr_global``) the coding rate are those of the global batch (see distributed).
+    ``auto`` compiles only on CUDA, and only when ``remaining_steps * step_seconds * COMPILE_GAIN`` exceeds
+    ``COMPILE_SECONDS``: a one-epoch CIFAR run (500 steps of ~34 ms) saves ~3 s and stays eager.
     """
-    n, b = cfg.num_patches, images.shape[0]
-    # (n*B, 3, s, s), patch-major like the official
-    patches = distributed.rank_patches(images, n, aug, gen, dist).flatten(0, 1)
-    if channels_last:
-        patches = patches.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        z = model(patches).view(n, b, -1)  # (n_patches, B, z_dim), unit rows, float32
-    out = distributed.rank_loss(z, cfg.eps, cfg.invariance_weight, dist, cfg.tcr_global)
+    if mode in ("on", "off"):
+        return mode == "on", f"--compile {mode}"
+    if device.type != "cuda":
+        return False, "auto: eager on the CPU"
+    if step_seconds is None:
+        return False, "auto: eager while the step time is measured"
+    saving = remaining_steps * step_seconds * COMPILE_GAIN
+    use = saving > COMPILE_SECONDS
+    return use, (f"auto: {remaining_steps} steps of {1000 * step_seconds:.1f} ms would save ~{saving:.0f} s "
+                 f"against ~{COMPILE_SECONDS:.0f} s of compiling -> {'compile' if use else 'eager'}")
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere: since empssl was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
+def train_step(net: nn.Module, opt: LARS, method: Method, images: torch.Tensor, generator: torch.Generator,
+               amp: torch.dtype | None, memory_format: torch.memory_format,
+               dist: Dist = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a (b, 3, H, W) uint8 batch (this rank's slice of the step's images).
+
+    Returns (the method's detached (T,) loss terms, a 0-d bool tensor: was the update applied). A non-finite
+    loss or gradient skips the update on the device (parameters and momentum unchanged) without a host sync.
+    """
+    views = method.views(images, generator, dist, memory_format)  # (V, b, 3, s, s)
+    terms = method.loss(net, views, amp, dist)  # (T,) float32, the minimised loss first
     opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    opt.step()
-    return EMPSSLLoss(*(t.detach() for t in out))
+    terms[0].backward()
+    applied = opt.step(finite=torch.isfinite(terms[0]))
+    return terms.detach(), applied
 
 
-def _silent(message: str) -> None:
-    """The log of ranks other than 0."""
+@dataclass
+class Run:
+    """Everything a training session works with, built by :func:`setup`."""
+
+    cfg: Config
+    out: Path
+    dist: Dist
+    device: torch.device
+    own_group: bool  # this session created the process group (torchrun) and tears it down
+    train_data: ImageData
+    test_data: ImageData
+    method: Method
+    model: nn.Module  # what checkpoints hold and evaluation uses
+    opt: LARS
+    generator: torch.Generator  # the views' random parameters
+    steps_per_epoch: int
+    total_steps: int
+    schedule_steps: int
+    warmup_steps: int
+    amp: torch.dtype | None
+    memory_format: torch.memory_format
+    step: int = 0
+    clock_state: dict[str, float] | None = None  # the monitor clock of the sessions before a resume
+    timing: dict[str, float] = field(default_factory=dict)  # seconds per phase of this session
+    compile_reason: str = ""
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def lr(self, step: int) -> float:
+        cfg = self.cfg
+        return lr_at(step, self.schedule_steps, cfg.lr, warmup_steps=self.warmup_steps,
+                     warmup_start_lr=cfg.warmup_start_lr, min_lr=cfg.min_lr)
+
+
+# --- set-up -------------------------------------------------------------------------------------------------
+
+
+def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | None, dist: Dist, progress: bool
+               ) -> tuple[ImageData, ImageData, int]:
+    """(train, test, steps per epoch); a batch that the data cannot fill is a user error."""
+    if dist.enabled:
+        with distributed.main_process_first(dist):  # rank 0 downloads / fills the decoded-image cache first
+            train_data, test_data = config_data(cfg, progress, data)
+    else:
+        train_data, test_data = config_data(cfg, progress, data)
+    steps_per_epoch = len(train_data) // cfg.batch_size  # drop_last, as the official loader
+    if steps_per_epoch == 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_data)} training images")
+    if cfg.batch_size % dist.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                          f"{dist.world_size} processes")
+    return train_data, test_data, steps_per_epoch
+
+
+def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, progress: bool,
+          log: Callable[[str], None]) -> Run:
+    """Data, run directory, model, optimiser and generator; resumed from ``out/checkpoint.pt`` if there is one.
+
+    The run directory is created only once the data has loaded and the batch fits it, so a failed start leaves
+    nothing behind; an existing directory is never removed.
+    """
+    t0 = time.perf_counter()
+    dist = distributed.env_dist()
+    if dist.enabled:  # torchrun: join the process group; each rank takes cuda:LOCAL_RANK
+        dist, device, own_group = distributed.setup(cfg.device)
+    else:
+        device, own_group = resolve_device(cfg.device), False
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_data, test_data, steps_per_epoch = _load_data(cfg, data, dist, progress)
+    timing = {"data": time.perf_counter() - t0}
+    if dist.is_main and not (out / "config.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(out, cfg)
+
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    schedule_steps = max(total_steps, round((cfg.schedule_epochs or cfg.epochs) * steps_per_epoch))
+    method = create_method(cfg)
+    torch.manual_seed(cfg.seed)  # model initialisation
+    channels_last = cfg.channels_last and device.type == "cuda"
+    model = method.build_model().to(device, memory_format=torch.channels_last if channels_last else
+                                    torch.contiguous_format)
+    if dist.enabled and cfg.sync_bn:  # before the optimiser: the converted layers have new parameters
+        model = distributed.convert_sync_batchnorm(model, device)
+    opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+               eta=cfg.lars_eta, nesterov=cfg.nesterov)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+    run = Run(cfg=cfg, out=out, dist=dist, device=device, own_group=own_group, train_data=train_data,
+              test_data=test_data, method=method, model=model, opt=opt, generator=generator,
+              steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule_steps=schedule_steps,
+              warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), amp=autocast_dtype(cfg.precision, device),
+              memory_format=torch.channels_last if channels_last else torch.contiguous_format, timing=timing)
+    if run.ckpt_path.exists():
+        resume(run, log)
+    return run
+
+
+def resume(run: Run, log: Callable[[str], None]) -> None:
+    """Load the checkpoint of ``run.out`` into the run: weights, optimiser, step, RNG states, clock."""
+    ckpt = read_checkpoint(run.ckpt_path)  # every rank loads it
+    cfg, dist = run.cfg, run.dist
+    if ckpt.get("world_size", 1) != dist.world_size and not (cfg.tcr_global and cfg.sync_bn):
+        raise TrainError(f"{run.out} was trained by {ckpt.get('world_size', 1)} processes; resume it with as many "
+                         f"(only --tcr-global and --sync-bn make the run independent of that number)")
+    load_model_state(run.model, ckpt["model"], f"checkpoint {run.ckpt_path}")
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.step, run.clock_state = int(ckpt["step"]), ckpt.get("clock")
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    saved_on = ckpt["rng"].get("device")
+    try:
+        if saved_on not in (None, run.device.type):
+            raise RuntimeError(f"generator state of {saved_on}")
+        run.generator.set_state(ckpt["rng"]["patches"].to("cpu"))
+    except RuntimeError:  # CUDA and CPU generators keep states of different sizes
+        state = np.random.SeedSequence([cfg.seed, run.step]).generate_state(1, dtype=np.uint64)[0]
+        run.generator.manual_seed(int(state))
+        log(f"{run.ckpt_path} was written on {saved_on or 'another device'} and resumes on {run.device.type}: "
+            f"the views' generator is reseeded from (seed, step), so the continuation is not bitwise what the "
+            f"first device would have computed")
+    if run.step < run.total_steps:
+        log(f"resuming {run.out} at step {run.step}/{run.total_steps}")
+
+
+def save(run: Run, step: int, clock: dict[str, float]) -> None:
+    """An atomic checkpoint of the run at ``step`` (rank 0 only)."""
+    if not run.dist.is_main:
+        return
+    save_atomic({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "step": step,
+                 "epoch": step / run.steps_per_epoch, "total_steps": run.total_steps,
+                 "schedule_steps": run.schedule_steps, "finished": step >= run.total_steps,
+                 "rng": {"patches": run.generator.get_state(), "torch": torch.get_rng_state(),
+                         "device": run.device.type},
+                 "clock": clock, "config": run.cfg.to_dict(), "version": _version(),
+                 "world_size": run.dist.world_size}, run.ckpt_path)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
 
 
 class _StopFlag:
@@ -132,177 +272,265 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _training_module(run: Run, compile: bool) -> nn.Module:
+    """What the step calls: the model itself, or wrapped in DDP (several processes) and/or torch.compile."""
+    if not (run.dist.enabled or compile):
+        return run.model
+    return distributed.training_module(run.model, run.device, run.dist, compile=compile)
+
+
+class _Compiler:
+    """``--compile``: the module the step calls (``net``), compiled from the start (``on``), never (``off``), or
+    (``auto``, CUDA) after ``COMPILE_PROBE_STEPS`` eager steps were timed and :func:`want_compile` found the rest of
+    the run long enough. Records the decision in ``run.compile_reason`` and the compile time in ``run.timing``."""
+
+    def __init__(self, run: Run, log: Callable[[str], None]) -> None:
+        self.run, self.log = run, log
+        compiled, run.compile_reason = want_compile(run.cfg.compile, run.device, run.total_steps - run.step, None)
+        self.net = _training_module(run, compiled)
+        self.compile_from = run.step if compiled else None  # the step whose wall time includes compiling
+        self.decide_at = -1
+        if run.cfg.compile == "auto" and run.device.type == "cuda":
+            self.decide_at = run.step + COMPILE_PROBE_STEPS
+            if self.decide_at > run.total_steps:
+                self.decide_at = -1
+                run.compile_reason = f"auto: {run.total_steps - run.step} steps, too few to win back compiling"
+        self.t_compile = self.t_probe = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (e.g. monitoring) out of the step-time measurement."""
+        self.t_probe += seconds
+
+    def before(self, step: int) -> None:
+        if step == self.compile_from:
+            synchronize(self.run.device)
+            self.t_compile = time.perf_counter()
+
+    def after(self, step: int) -> None:
+        """After ``step`` steps are done: account the compile time, or time the eager steps and decide."""
+        run = self.run
+        if self.compile_from is not None and step == self.compile_from + 1:
+            synchronize(run.device)
+            run.timing["compile"] = run.timing.get("compile", 0.0) + time.perf_counter() - self.t_compile
+        if step == self.decide_at - COMPILE_PROBE_STEPS + 5:  # cudnn has autotuned: start timing
+            synchronize(run.device)
+            self.t_probe = time.perf_counter()
+        if step == self.decide_at:
+            synchronize(run.device)
+            step_s = (time.perf_counter() - self.t_probe) / (COMPILE_PROBE_STEPS - 5)
+            compiled, run.compile_reason = want_compile("auto", run.device, run.total_steps - step, step_s)
+            if compiled:
+                self.net, self.compile_from = _training_module(run, True), step
+            self.log(f"--compile {run.compile_reason}")
+
+
+class _Metrics:
+    """The running loss terms (summed on the device) and a metrics.jsonl line every ``--log-every`` steps."""
+
+    def __init__(self, run: Run, file: Any, bar: tqdm, views_per_step: int) -> None:
+        self.run, self.file, self.bar, self.views_per_step = run, file, bar, views_per_step
+        self.sums = torch.zeros(len(run.method.terms), device=run.device)
+        self.n, self.t_last = 0, time.perf_counter()
+
+    def add(self, values: torch.Tensor) -> None:
+        self.sums += values
+        self.n += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (e.g. monitoring) out of the throughput."""
+        self.t_last += seconds
+
+    def write(self, step: int, lr: float) -> None:
+        terms = self.run.method.terms
+        dt = time.perf_counter() - self.t_last
+        rec = {"step": step, "epoch": round(step / self.run.steps_per_epoch, 4),
+               **dict(zip(terms, (self.sums / self.n).tolist())), "lr": lr,
+               "patches_per_s": self.n * self.views_per_step / max(dt, 1e-9)}
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self.bar.set_postfix({k: f"{rec[k]:.3g}" for k in terms[:3]} | {"views/s": f"{rec['patches_per_s']:.0f}"})
+        self.sums.zero_()
+        self.n, self.t_last = 0, time.perf_counter()
+
+
+def _check_finite(run: Run, first_bad: torch.Tensor, sums: torch.Tensor, step: int, last_good: int) -> None:
+    """At a step that syncs anyway: stop if an update was skipped for a non-finite loss or gradient."""
+    bad = int(first_bad)
+    if bad >= 0 or not torch.isfinite(sums).all():
+        raise TrainError(f"the loss or a gradient became non-finite at step {bad if bad >= 0 else step} (its update "
+                         f"was skipped); training stopped at step {step}, and the last good checkpoint (step "
+                         f"{last_good}) is kept in {run.ckpt_path}; try a lower --lr")
+
+
+def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None]) -> None:
+    """Train from ``run.step`` to ``run.total_steps``: one :func:`train_step` per batch, a metrics line every
+    ``log_every`` steps, a checkpoint every ``checkpoint_every`` steps, at every epoch end and at the end."""
+    cfg, dist, device, model, opt = run.cfg, run.dist, run.device, run.model, run.opt
+    # Training images live on the device as uint8 when they fit (CIFAR-10: 150 MB); views are cut there.
+    images = run.train_data.images
+    images = images.to(device) if images.numel() < 4 * 2**30 else images
+    # speed: exact activation checkpointing when a step would not fit (the same choice on every rank)
+    views_per_step = len(run.method.view_augments()) * cfg.batch_size  # over all ranks
+    use_ckpt, why = want_checkpointing(cfg.grad_checkpointing, model, views_per_step // dist.world_size,
+                                       cfg.patch_size, device, run.amp, run.memory_format == torch.channels_last)
+    if distributed.any_rank(use_ckpt, dist, device) if dist.enabled else use_ckpt:
+        log(f"activation checkpointing of {checkpoint_backbone(model)} residual blocks ({why})")
+    compiler = _Compiler(run, log)
+    batches = StepBatches(images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=run.step,
+                          total_steps=run.total_steps, device=device, rank=dist.rank, world=dist.world_size)
+    log(f"training {cfg.method} ({cfg.arch}, width {cfg.width}) on {len(run.train_data)} images, batch "
+        f"{cfg.batch_size}, {run.total_steps - run.step} steps on {device}{' (bf16)' if run.amp else ''}")
+
+    model.train()
+    monitor.start(model)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step whose update was skipped
+    step = last_good = run.step
+    bar = tqdm(total=run.total_steps, initial=step, disable=not progress, file=sys.stderr, dynamic_ncols=True,
+               desc="train", unit="step")
+    metrics_path = run.out / "metrics.jsonl" if dist.is_main else Path(os.devnull)
+    with _StopFlag() as stop, metrics_path.open("a") as file, batches, bar:
+        metrics = _Metrics(run, file, bar, views_per_step)
+        stream = iter(batches)  # a fixed permutation per epoch, so a resumed run sees the same batches
+        while step < run.total_steps:
+            lr = run.lr(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            compiler.before(step)
+            values, applied = train_step(compiler.net, opt, run.method, next(stream), run.generator, run.amp,
+                                         run.memory_format, dist)
+            run.method.after_step(model, step + 1, run.schedule_steps, applied)  # e.g. BYOL's target
+            first_bad = torch.where(applied | (first_bad >= 0), first_bad, step + 1)
+            metrics.add(values)
+            step += 1
+            bar.update(1)
+            compiler.after(step)
+
+            at_log = step % cfg.log_every == 0 or step == run.total_steps
+            at_ckpt = step % cfg.checkpoint_every == 0 or step % run.steps_per_epoch == 0 or step == run.total_steps
+            # A host sync only at log/checkpoint steps. Under torchrun the ranks meet there (and at every step on
+            # the CPU, where it is free) at the same steps: losses are averaged and a stop request reaches all.
+            stopping = stop.requested and not dist.enabled
+            if dist.enabled and (at_log or at_ckpt or device.type == "cpu"):
+                stopping = distributed.agree(metrics.sums, stop.requested, dist)
+            if at_log or at_ckpt or stopping:  # never log or save after a skipped (non-finite) update
+                _check_finite(run, first_bad, metrics.sums, step, last_good)
+            if at_log:
+                metrics.write(step, lr)
+            spent = monitor.after_step(model, step)
+            metrics.exclude(spent)  # monitoring time stays out of patches_per_s and the compile decision
+            compiler.exclude(spent)
+            if at_ckpt or stopping:
+                save(run, step, monitor.clock())
+                last_good = step
+            if stopping and step < run.total_steps:
+                raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved, run the same command to resume")
+    run.step = step
+
+
+# --- the whole run ------------------------------------------------------------------------------------------
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
 def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
           data: tuple[ImageData, ImageData] | None = None, evaluate_at_end: bool = True) -> dict[str, Any]:
-    """Train (or resume) an EMP-SSL run in ``out_dir`` and, unless ``evaluate_at_end`` is False, evaluate it.
+    """Train (or resume) a run of ``cfg.method`` in ``out_dir`` and, unless ``evaluate_at_end`` is False, evaluate it.
 
     ``out_dir`` receives config.json, metrics.jsonl, checkpoint.pt and results.json. ``data`` may pass
     (train, test) directly (used by tests and notebooks); otherwise ``cfg.data`` is loaded.
-    Returns the results dict (or a summary when evaluation is skipped).
+    Returns the results dict (or a summary when evaluation is skipped). Its ``timing`` entry accounts for the
+    wall clock from process start: startup, data, compile, train, monitor, features, knn, probe and total.
     """
+    global _CLOCK_ORIGIN
     cfg.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # scale-out: under torchrun, join the process group; only rank 0 writes files, logs and shows progress
-    dist, device, own_group = distributed.setup(cfg.device)
-    if not dist.is_main:
+    # The wall-clock account starts at process start for the first run of a process (the CLI's case) and at the
+    # call for later ones (a notebook, the experiments' loops), so that runs do not count each other's time.
+    if _CLOCK_ORIGIN is None:
+        _CLOCK_ORIGIN, startup = 0.0, {"startup": process_seconds()}
+    else:
+        _CLOCK_ORIGIN, startup = process_seconds(), {}
+    if not distributed.env_dist().is_main:
         progress, log = False, _silent
-    amp = autocast_dtype(cfg, device)
-    channels_last = cfg.channels_last and device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    with distributed.main_process_first(dist):  # rank 0 downloads / fills the decoded-image cache first
-        train_data, test_data = config_data(cfg, progress, data)
-    steps_per_epoch = len(train_data) // cfg.batch_size  # drop_last, as the official loader
-    if steps_per_epoch == 0:
-        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_data)} training images")
-    if cfg.batch_size % dist.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
-                          f"{dist.world_size} processes")
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    schedule_steps = max(total_steps, round((cfg.schedule_epochs or cfg.epochs) * steps_per_epoch))
-
-    torch.manual_seed(cfg.seed)  # model initialisation
-    model = build_model(cfg).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if dist.enabled and cfg.sync_bn:  # before the optimiser: the converted layers have new parameters
-        model = distributed.convert_sync_batchnorm(model, device)
-    opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-               eta=cfg.lars_eta)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
-    step = 0
-    clock_state: dict[str, float] | None = None  # monitoring: wall time of the sessions before a resume
-
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = read_checkpoint(ckpt_path)  # every rank loads it
-        if ckpt.get("world_size", 1) != dist.world_size and not (cfg.tcr_global and cfg.sync_bn):
-            raise TrainError(f"{out} was trained by {ckpt.get('world_size', 1)} processes; resume it with as many "
-                             f"(only --tcr-global and --sync-bn make the run independent of that number)")
-        load_model_state(model, ckpt["model"], f"checkpoint {ckpt_path}")
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["rng"]["patches"].to("cpu"))
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        step = ckpt["step"]
-        clock_state = ckpt.get("clock")
-        log(f"resuming {out} at step {step}/{total_steps}")
-    elif dist.is_main:
-        (out / "config.json").write_text(json.dumps({"version": __version__, "config": cfg.to_dict()}, indent=2))
-
-    def save(at_step: int) -> None:
-        if not dist.is_main:
-            return
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": at_step,
-                     "epoch": at_step / steps_per_epoch, "total_steps": total_steps,
-                     "schedule_steps": schedule_steps, "finished": at_step >= total_steps,
-                     "rng": {"patches": gen.get_state(), "torch": torch.get_rng_state()},
-                     "clock": monitor.clock(),
-                     "config": cfg.to_dict(), "version": __version__, "world_size": dist.world_size}, ckpt_path)
-
-    # Training images live on the device as uint8 when they fit (CIFAR-10: 150 MB); patches are cut there.
-    images = train_data.images.to(device) if train_data.images.numel() < 4 * 2**30 else train_data.images
-    aug = augment_for(cfg)
-    # speed: exact activation checkpointing when a step would not fit (the same choice on every rank)
-    local_patches = cfg.num_patches * cfg.batch_size // dist.world_size
-    use_ckpt, why = want_checkpointing(cfg.grad_checkpointing, model, local_patches, cfg.patch_size, device, amp,
-                                       channels_last)
-    if distributed.any_rank(use_ckpt, dist, device):
-        log(f"activation checkpointing of {checkpoint_backbone(model)} residual blocks ({why})")
-    # the DDP / compiled wrapper used for training; checkpoints and evaluation use `model` itself
-    net = distributed.training_module(model, device, dist, compile=cfg.compile)
-    batches = StepBatches(images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step, total_steps=total_steps,
-                          device=device, rank=dist.rank, world=dist.world_size)
-    log(f"training {cfg.arch} (width {cfg.width}) on {len(train_data)} images, {cfg.num_patches} patches of "
-        f"{cfg.patch_size}px, batch {cfg.batch_size}, {total_steps} steps on {device}"
-        f"{' (bf16)' if amp else ''}")
-
-    # monitoring: the wall-time clock and, with --eval-every, the kNN probe (monitor.jsonl)
-    monitor = Monitor(cfg, train_data, test_data, device, out, steps_per_epoch=steps_per_epoch,
-                      total_steps=total_steps, patches_per_step=cfg.batch_size * cfg.num_patches,
-                      start_step=step, clock_state=clock_state, enabled=dist.is_main)
-    model.train()
-    monitor.start(model)
-    sums = torch.zeros(3, device=device)  # running (loss, tcr, invariance) since the last log line
-    last_good_step, t_last, n_since = step, time.perf_counter(), 0
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, file=sys.stderr, dynamic_ncols=True,
-               desc="train", unit="step")
-    metrics_path = out / "metrics.jsonl" if dist.is_main else Path(os.devnull)
-    with _StopFlag() as stop, metrics_path.open("a") as metrics, batches:
-        stream = iter(batches)  # a fixed permutation per epoch, so a resumed run sees the same batches
-        while step < total_steps:
-            batch = next(stream)
-            lr = cosine_lr(step, schedule_steps, cfg.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            terms = train_step(net, opt, batch, aug, cfg, gen, amp, channels_last, dist)
-            sums += torch.stack(list(terms))
-            step += 1
-            n_since += 1
-            bar.update(1)
-
-            at_log = step % cfg.log_every == 0 or step == total_steps
-            at_ckpt = step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == total_steps
-            # A host sync only at log/checkpoint steps (every step on CPU, where it is free). Under torchrun
-            # the ranks meet there at the same steps: losses are averaged and a stop request reaches all.
-            stopping = False
-            if at_log or at_ckpt or device.type == "cpu" or (stop.requested and not dist.enabled):
-                stopping = distributed.agree(sums, stop.requested, dist)
-                if not torch.isfinite(sums).all():
-                    bar.close()
-                    raise TrainError(f"loss became non-finite by step {step}; training stopped, the last good "
-                                     f"checkpoint (step {last_good_step}) is kept in {ckpt_path}; try a lower --lr")
-            if at_log:
-                loss, tcr, inv = (sums / n_since).tolist()
-                dt = time.perf_counter() - t_last
-                rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "tcr": tcr,
-                       "invariance": inv, "lr": lr,
-                       "patches_per_s": n_since * cfg.batch_size * cfg.num_patches / max(dt, 1e-9)}
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{loss:.2f}", tcr=f"{tcr:.1f}", inv=f"{inv:.3f}",
-                                pps=f"{rec['patches_per_s']:.0f}")
-                sums.zero_()
-                t_last, n_since = time.perf_counter(), 0
-            t_last += monitor.after_step(model, step)  # monitoring time stays out of patches_per_s
-            if at_ckpt or stopping:
-                save(step)
-                last_good_step = step
-            if stopping and step < total_steps:
-                bar.close()
-                raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved, run the same command to resume")
-    bar.close()
-    distributed.teardown(own_group)  # evaluation below runs on rank 0 alone
-
-    summary = {"steps": total_steps, "epochs": cfg.epochs, "images": len(train_data),
-               **monitor.clock(), "device": device_name(device)}  # monitoring: wall time and hardware
-    if not evaluate_at_end or not dist.is_main:
-        return summary
+    run = setup(cfg, Path(out_dir), data, progress, log)
+    run.timing = {**startup, **run.timing}
+    monitor = Monitor(cfg, run.train_data, run.test_data, run.device, run.out, steps_per_epoch=run.steps_per_epoch,
+                      total_steps=run.total_steps,
+                      patches_per_step=cfg.batch_size * len(run.method.view_augments()), start_step=run.step,
+                      clock_state=run.clock_state, enabled=run.dist.is_main)
+    if run.step < run.total_steps:
+        loop(run, monitor, progress, log)
+    elif run.ckpt_path.exists():
+        log(f"{run.out} is trained to the end (step {run.step}); nothing to train")
+    synchronize(run.device)
+    clock = monitor.clock()
+    if run.dist.enabled:
+        distributed.teardown(run.own_group)  # evaluation below runs on rank 0 alone
+    session_train = clock["train_seconds"] - (run.clock_state or {}).get("train_seconds", 0.0)
+    run.timing.update(train=session_train - run.timing.get("compile", 0.0),
+                      monitor=clock["monitor_seconds"] - (run.clock_state or {}).get("monitor_seconds", 0.0))
+    summary = {"method": cfg.method, "steps": run.total_steps, "epochs": cfg.epochs, "images": len(run.train_data),
+               **clock, "device": device_name(run.device),
+               "compile": run.compile_reason or None}  # monitoring: wall time and hardware
+    if not evaluate_at_end or not run.dist.is_main:
+        return {**summary, "timing": _timing(run.timing)}
     from .evaluate import evaluate
 
-    results = {**summary, **evaluate(model, train_data, test_data, cfg, device, progress=progress, log=log)}
+    results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
+                                     log=log)}
+    for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
+        run.timing[key] = results[name]
     if cfg.compare_random_init:
         torch.manual_seed(cfg.seed)  # the same initialisation the run started from
-        baseline = build_model(cfg).to(device)
+        baseline = run.method.build_model().to(run.device)
         log("evaluating the randomly initialised encoder with the same protocol")
-        base = evaluate(baseline, train_data, test_data, cfg, device, progress=progress, log=log)
+        t0 = time.perf_counter()
+        base = evaluate(baseline, run.train_data, run.test_data, cfg, run.device, progress=progress, log=log)
+        run.timing["random_init_eval"] = time.perf_counter() - t0
         results["random_init"] = {k: base[k] for k in ("linear_top1", "knn_top1")}
         gap = results["linear_top1"] - base["linear_top1"]
         log(f"linear probe: trained {results['linear_top1']:.1f}% vs random init {base['linear_top1']:.1f}% "
             f"({gap:+.1f} points, {cfg.test_patches} test patches)")
-    write_results(out / "results.json", results)
+    results["timing"] = _timing(run.timing)
+    write_json(run.out / "results.json", results)
+    log(f"results written to {run.out / 'results.json'}")
+    log(time_line(results["timing"]))  # the run's last line: where the time went
     return results
 
 
-def write_results(path: Path, results: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
+def train_once(cfg: Config, out_dir: str | Path, *, name: str, progress: bool = True,
+               log: Callable[[str], None] = print, data: tuple[ImageData, ImageData] | None = None) -> dict[str, Any]:
+    """The results of the run in ``out_dir``: read back when it is finished and evaluated, else trained (or
+    resumed) and evaluated by :func:`train`. ``name`` labels the log lines (for the loops over runs of the
+    experiments and the comparison)."""
+    out = Path(out_dir)
+    if (out / "results.json").is_file() and finished(out):
+        log(f"{name}: finished run found in {out}, not retrained")
+        return json.loads((out / "results.json").read_text())
+    log(f"{name}: training {cfg.epochs:g} epochs in {out}")
+    return train(cfg, out, progress=progress, log=log, data=data)
 
 
-def finished(out_dir: str | Path) -> bool:
-    p = Path(out_dir) / "checkpoint.pt"
-    return p.exists() and bool(read_checkpoint(p).get("finished", False))
+_CLOCK_ORIGIN: float | None = None  # process_seconds() at which the current run's account starts
 
+_TIMING_ORDER = ("startup", "data", "compile", "train", "monitor", "features", "knn", "probe", "random_init_eval")
+
+
+def _timing(parts: dict[str, float]) -> dict[str, float]:
+    """The phases in a fixed order, with ``total`` = seconds from process start (or, for a later run of the same
+    process, from the start of its train() call) to now."""
+    out = {k: round(parts[k], 3) for k in _TIMING_ORDER if parts.get(k)}
+    out["total"] = round(process_seconds() - (_CLOCK_ORIGIN or 0.0), 3)
+    return out
+
+
+def time_line(timing: dict[str, float]) -> str:
+    """The run's last line: where the wall-clock time went, e.g.
+    ``time: 58.1 s from process start = startup 2.1 + data 3.2 + train 23.3 + features 20.1 + ... (other 0.4)``."""
+    parts = [(k, v) for k, v in timing.items() if k != "total"]
+    other = timing["total"] - sum(v for _, v in parts)
+    names = {"knn": "kNN", "random_init_eval": "random-init eval"}
+    start = "process start" if "startup" in timing else "the start of this run"
+    return (f"time: {timing['total']:.1f} s from {start} = "
+            + " + ".join(f"{names.get(k, k)} {v:.1f}" for k, v in parts) + f" (other {other:.1f})")

@@ -1,0 +1,52 @@
+"""VICReg (Bardes, Ponce, LeCun 2022, arXiv 2105.04906) with solo-learn's CIFAR recipe.
+
+Two views per image with the augmentation written in solo-learn's ``scripts/pretrain/cifar/vicreg.yaml`` (its own,
+not symmetric.yaml: crops of 20-100 % of the image, solarization, no blur); ResNet -> projector
+Linear(512, 2048) + BN + ReLU + Linear(2048, 2048) + BN + ReLU + Linear(2048, 2048) (``solo/methods/vicreg.py``);
+the VICReg loss (:func:`empssl.losses.vicreg_loss`) over the projections of the whole step's batch, all-gathered
+from every rank. Evaluated on the 512-d backbone feature of the whole image. Settings and sources: docs/RECIPE.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..devices import autocast
+from ..distributed import SINGLE, Dist
+from ..losses import vicreg_loss
+from ..models import create_backbone
+from ..patches import Augment
+from .heads import TwoViewMethod, TwoViewModel, mlp, solo_augment
+
+# vicreg.yaml (solo-learn e74719b9): the same recipe for both views.
+COLOUR = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2,
+              blur_p=0.0, solarize_p=0.1)
+
+
+class VICReg(TwoViewMethod):
+    name = "vicreg"
+    terms = ("loss", "invariance", "variance", "covariance")
+
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        backbone = create_backbone(cfg.arch, cfg.width)
+        dims = [backbone.out_dim, cfg.hidden_dim, cfg.hidden_dim, cfg.z_dim]
+        return TwoViewModel(backbone, mlp(dims, batch_norm=True))
+
+    def view_augments(self) -> list[Augment]:
+        return [solo_augment(self.cfg, **COLOUR)] * 2
+
+    def loss(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None,
+             dist: Dist = SINGLE) -> torch.Tensor:
+        cfg = self.cfg
+        with autocast(views.device, amp):
+            z = net(views)  # (2, b, z_dim)
+        # Variance and covariance are statistics of the whole (2, B, z_dim) batch (solo-learn and the official
+        # code gather for them). The invariance term is a mean over images, so computing it on the gathered
+        # batch too gives the same value and, through DDP's gradient average, the same gradient as solo-learn's
+        # per-rank mean.
+        z = distributed.gather_batch(z.float(), dist)
+        out = vicreg_loss(z[0], z[1], cfg.sim_weight, cfg.var_weight, cfg.cov_weight)
+        return torch.stack(list(out))  # (loss, invariance, variance, covariance)

@@ -1,0 +1,354 @@
+"""The two-view baselines (SimCLR, VICReg, BYOL) as plug-ins: views, models, losses, steps, BYOL's target."""
+
+import math
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+
+from empssl.config import Config, load_preset
+from empssl.distributed import Dist
+from empssl.losses import byol_loss, simclr_loss, vicreg_loss
+from empssl.methods.base import Method
+from empssl.methods.byol import BYOL, byol_tau, ema_update_
+from empssl.methods.heads import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, TwoViewModel, mlp
+from empssl.methods.simclr import SimCLR
+from empssl.methods.vicreg import VICReg
+from empssl.optim import LARS, lars_param_groups
+
+BASELINES = {"simclr": SimCLR, "vicreg": VICReg, "byol": BYOL}
+B = 8  # images per step
+
+
+def tiny_cfg(name: str, **kw) -> Config:
+    """The method's preset at toy size: width-4 ResNet, 32-d heads, 8 px views."""
+    preset = Config.from_dict(load_preset(f"{name}-cifar10"))
+    return preset.replace(width=4, hidden_dim=32, z_dim=16, pred_hidden_dim=32, patch_size=8, device="cpu", **kw)
+
+
+def tiny(name: str, **kw) -> tuple[Method, torch.nn.Module]:
+    torch.manual_seed(0)
+    method = BASELINES[name](tiny_cfg(name, **kw))
+    return method, method.build_model()
+
+
+def images(b: int = B, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (b, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def views_of(method: Method, seed: int = 0, b: int = B) -> torch.Tensor:
+    return method.views(images(b), torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_preset_names_the_method_and_its_class_states_its_protocol(name):
+    cls = BASELINES[name]
+    assert cls.name == name == tiny_cfg(name).method
+    assert (cls.eval_view, cls.eval_feature) == ("full", "backbone")
+    assert cls.terms[0] == "loss"
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_views_shape_dtype_and_determinism(name):
+    method, _ = tiny(name)
+    v = views_of(method, seed=1)
+    assert v.shape == (2, B, 3, 8, 8) and v.dtype == torch.float32
+    torch.testing.assert_close(v, views_of(method, seed=1), rtol=0, atol=0)
+    assert not torch.equal(v, views_of(method, seed=2))
+    assert not torch.equal(v[0], v[1])  # two independent draws of the same images
+
+
+def test_view_augments_follow_solo_learn():
+    simclr, vicreg, byol = (BASELINES[n](tiny_cfg(n)) for n in ("simclr", "vicreg", "byol"))
+    for method in (simclr, vicreg, byol):
+        augs = method.view_augments()
+        assert len(augs) == 2
+        assert all(a.size == 8 and a.mean == CIFAR10_MEAN and a.std == CIFAR10_STD for a in augs)
+        assert all(a.ratio == pytest.approx((0.75, 4 / 3)) and a.flip_p == 0.5 and a.gray_p == 0.2 for a in augs)
+    s = simclr.view_augments()
+    assert s[0] == s[1] and s[0].scale == (0.08, 1.0) and s[0].blur_p == 0.5 and s[0].brightness == 0.8
+    v = vicreg.view_augments()
+    assert v[0] == v[1] and v[0].scale == (0.2, 1.0) and v[0].solarize_p == 0.1 and v[0].blur_p == 0.0
+    b = byol.view_augments()
+    assert (b[0].solarize_p, b[1].solarize_p) == (0.0, 0.2) and b[0].blur_p == b[1].blur_p == 0.0
+    assert SimCLR(tiny_cfg("simclr", data="cifar100")).view_augments()[0].mean == CIFAR100_MEAN
+
+
+def test_views_keep_the_requested_memory_format():
+    method, _ = tiny("simclr")
+    v = method.views(images(), torch.Generator().manual_seed(0), memory_format=torch.channels_last)
+    assert v[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(v, views_of(method), rtol=0, atol=0)
+
+
+def test_mlp_shapes_and_batch_norm():
+    head = mlp([12, 32, 32, 16], batch_norm=True)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in mlp([12, 32, 16], batch_norm=False)] == ["Linear", "ReLU", "Linear"]
+    assert head(torch.randn(5, 12)).shape == (5, 16)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_model_forward_shapes_and_features(name):
+    method, model = tiny(name)
+    v = views_of(method)
+    out = model(v)
+    if name == "byol":
+        p, z, tau = out
+        assert p.shape == z.shape == (2, B, 16) and tau.shape == () and tau.item() == pytest.approx(0.99)
+        assert not z.requires_grad
+    else:
+        assert out.shape == (2, B, 16)
+    x = v[0]
+    assert model.features(x, "backbone").shape == (B, 32)  # 8 * width
+    with pytest.raises(ValueError, match="no pre-feature"):
+        model.features(x, "pre")
+
+
+def test_model_shapes_follow_solo_learn():
+    _, simclr = tiny("simclr")
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in simclr.projector.modules())
+    _, vicreg = tiny("vicreg")
+    assert sum(isinstance(m, torch.nn.Linear) for m in vicreg.projector) == 3
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in vicreg.projector) == 2
+    _, byol = tiny("byol")
+    assert [m.out_features for m in byol.projector if isinstance(m, torch.nn.Linear)] == [32, 16]
+    assert [m.out_features for m in byol.predictor if isinstance(m, torch.nn.Linear)] == [32, 16]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_each_view_is_forwarded_on_its_own(name):
+    # BatchNorm statistics per view (solo-learn forwards each crop separately): view v of a two-view forward
+    # equals a forward of view v alone, and differs from normalising both views together.
+    method, model = tiny(name)
+    v = views_of(method)
+    out = model(v)
+    first = out[0] if name != "byol" else out[0][0]
+    alone = model(v[:1])
+    alone = alone[0] if name != "byol" else alone[0][0]
+    torch.testing.assert_close(first, alone)
+    joint = model(v.reshape(1, 2 * B, *v.shape[2:]))
+    joint = joint[0, :B] if name != "byol" else joint[0][0, :B]
+    assert not torch.allclose(first, joint, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_loss_terms_are_finite_float32_and_match_the_loss_function(name):
+    method, model = tiny(name)
+    v = views_of(method)
+    terms = method.loss(model, v, None)
+    assert terms.shape == (len(method.terms),) and terms.dtype == torch.float32
+    assert torch.isfinite(terms).all()
+    out = model(v)
+    cfg = method.cfg
+    if name == "simclr":
+        want = torch.stack([simclr_loss(out[0], out[1], cfg.temperature)])
+    elif name == "vicreg":
+        want = torch.stack(list(vicreg_loss(out[0], out[1], cfg.sim_weight, cfg.var_weight, cfg.cov_weight)))
+    else:
+        p, z, tau = out
+        want = torch.stack([byol_loss(p[0], z[1]) + byol_loss(p[1], z[0]), tau])
+    torch.testing.assert_close(terms, want)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_loss_under_bf16_autocast_is_float32(name):
+    method, model = tiny(name)
+    terms = method.loss(model, views_of(method), torch.bfloat16)
+    assert terms.dtype == torch.float32 and torch.isfinite(terms).all()
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_a_few_lars_steps_reduce_the_loss(name):
+    method, model = tiny(name)
+    v = views_of(method, seed=2, b=16)  # the same views every step
+    cfg = method.cfg
+    opt = LARS(lars_param_groups(model), lr=0.2, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+               eta=cfg.lars_eta, nesterov=cfg.nesterov)
+    model.train()
+    losses = []
+    for step in range(10):
+        terms = method.loss(model, v, None)
+        opt.zero_grad(set_to_none=True)
+        terms[0].backward()
+        opt.step()
+        method.after_step(model, step + 1, 10, torch.tensor(True))
+        losses.append(terms[0].item())
+    assert all(math.isfinite(x) for x in losses)
+    # a toy network on 16 images is noisy step to step: compare the mean of the last three with the first
+    assert sum(losses[-3:]) / 3 < 0.95 * losses[0], losses
+
+
+# --- BYOL's target network ----------------------------------------------------------------------------------
+
+
+def test_byol_target_starts_as_the_online_copy_and_is_not_trained():
+    _, model = tiny("byol")
+    for online, target in ((model.backbone, model.target_backbone), (model.projector, model.target_projector)):
+        for po, pt in zip(online.parameters(), target.parameters()):
+            assert torch.equal(po, pt) and po is not pt
+            assert not pt.requires_grad
+    trained = {id(p) for group in lars_param_groups(model) for p in group["params"]}
+    assert trained.isdisjoint(id(p) for p in model.target_backbone.parameters())
+    assert trained.issuperset(id(p) for p in model.predictor.parameters())
+
+
+def _pair(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(seed)
+    return mlp([5, 7, 3]), mlp([5, 7, 3])
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0, 0.3, torch.tensor(0.75)])
+def test_ema_update_is_a_lerp(tau):
+    target, online = _pair(0)
+    before = [p.clone() for p in target.parameters()]
+    ema_update_(target, online, tau)
+    t = float(tau)
+    for b, o, new in zip(before, online.parameters(), target.parameters()):
+        if t == 1.0:
+            assert torch.equal(new, b)
+        elif t == 0.0:
+            assert torch.equal(new, o)
+        else:
+            torch.testing.assert_close(new, t * b + (1 - t) * o)
+
+
+def test_ema_update_rejects_different_networks():
+    with pytest.raises(ValueError, match="differ"):
+        ema_update_(mlp([5, 7, 3]), mlp([5, 3]), 0.5)
+
+
+def test_byol_tau_schedule():
+    assert byol_tau(0, 100, 0.99, 1.0) == pytest.approx(0.99)
+    assert byol_tau(100, 100, 0.99, 1.0) == pytest.approx(1.0)
+    assert byol_tau(50, 100, 0.99, 1.0) == pytest.approx(0.995)
+    assert byol_tau(25, 100, 0.9, 1.0) == pytest.approx(1.0 - 0.1 * (math.cos(math.pi / 4) + 1) / 2)
+    taus = [byol_tau(s, 10, 0.9, 1.0) for s in range(11)]
+    assert taus == sorted(taus)
+    assert byol_tau(120, 100, 0.99, 1.0) == pytest.approx(1.0)  # clamped past the end
+
+
+def _perturb_online(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in [*model.backbone.parameters(), *model.projector.parameters()]:
+            p.add_(0.1)
+
+
+def test_byol_after_step_moves_the_target_only_when_applied():
+    method, model = tiny("byol", tau_base=0.9)
+    _perturb_online(model)
+    target_before = [p.clone() for p in model.target_backbone.parameters()]
+    online = [p.clone() for p in model.backbone.parameters()]
+
+    method.after_step(model, 1, 10, torch.tensor(False))  # a skipped update
+    assert all(torch.equal(p, b) for p, b in zip(model.target_backbone.parameters(), target_before))
+    assert model.tau.item() == pytest.approx(byol_tau(1, 10, 0.9, 1.0))
+
+    method.after_step(model, 1, 10, torch.tensor(True))  # the first step's update uses tau_base
+    for p, b, o in zip(model.target_backbone.parameters(), target_before, online):
+        torch.testing.assert_close(p, 0.9 * b + 0.1 * o)
+    assert model.tau.item() == pytest.approx(byol_tau(1, 10, 0.9, 1.0))
+
+    method.after_step(model, 10, 10, torch.tensor(True))  # the last update: tau of step 9
+    assert model.tau.item() == pytest.approx(1.0)
+
+
+def test_byol_loss_logs_the_tau_of_the_coming_update():
+    method, model = tiny("byol", tau_base=0.9)
+    method.after_step(model, 3, 10, torch.tensor(True))
+    terms = method.loss(model, views_of(method), None)
+    assert terms[1].item() == pytest.approx(byol_tau(3, 10, 0.9, 1.0))
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_state_dict_round_trip(name):
+    method, model = tiny(name)
+    opt = LARS(lars_param_groups(model), lr=0.1, momentum=0.9)
+    v = views_of(method)
+    method.loss(model, v, None)[0].backward()
+    opt.step()
+    method.after_step(model, 1, 10, torch.tensor(True))
+    state = model.state_dict()
+    fresh = BASELINES[name](method.cfg).build_model()
+    fresh.load_state_dict(state, strict=True)
+    if name == "byol":
+        assert "tau" in state and any(k.startswith("target_backbone.") for k in state)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.features(v[0], "backbone"), model.features(v[0], "backbone"), rtol=0, atol=0)
+        a, b = model(v), fresh(v)
+    for x, y in zip(a if name == "byol" else [a], b if name == "byol" else [b]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_two_view_model_rejects_unknown_feature_kind():
+    _, model = tiny("simclr")
+    assert isinstance(model, TwoViewModel)
+    with pytest.raises(ValueError, match="unknown feature kind"):
+        model.features(torch.randn(2, 3, 8, 8), "projector")
+
+
+# --- two ranks: the gathered losses equal the single-process loss of the global batch --------------------------
+
+
+class PixelNet(torch.nn.Module):
+    """A BatchNorm-free per-view embedding, so that per-rank and single-process forwards agree exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3 * 8 * 8, 16)
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return self.lin(views.flatten(2))  # (V, b, 16)
+
+
+def _rank_main(rank: int, port: int, name: str, views: torch.Tensor, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+        method, net = BASELINES[name](tiny_cfg(name)), PixelNet()
+        b = views.shape[1] // 2
+        terms = method.loss(net, views[:, rank * b:(rank + 1) * b], None, Dist(rank, 2, rank))
+        terms[0].backward()
+        grad = net.lin.weight.grad
+        torch.distributed.all_reduce(grad)  # what DDP does: the mean of the ranks' gradients
+        queue.put((rank, terms.detach(), grad / 2))
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        queue.put((rank, None, None))
+
+
+@pytest.mark.parametrize("name", ["simclr", "vicreg"])
+def test_two_ranks_gather_to_the_single_process_loss_and_gradient(name):
+    method = BASELINES[name](tiny_cfg(name))
+    views = views_of(method, b=8)
+    net = PixelNet()
+    want = method.loss(net, views, None)
+    want[0].backward()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, name, views, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = {r: (t, g) for r, t, g in (queue.get(timeout=120) for _ in procs)}
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for rank in range(2):
+        terms, grad = results[rank]
+        assert terms is not None, f"rank {rank} failed"
+        torch.testing.assert_close(terms, want.detach())
+        torch.testing.assert_close(grad, net.lin.weight.grad)
