@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from empssl import data
-from empssl.data import DataError, ImageData, demo_archive, load_data
+from empssl.data import DataError, ImageData, demo_archive, load_data, load_images
 
 CLASSES = ["cat", "dog", "frog"]  # created in a different order below; loading must sort them
 
@@ -307,6 +307,16 @@ def test_truncated_jpeg_names_the_file(tmp_path: Path) -> None:
     assert "test/dog/0005.jpg" in load_error(archive(root, tmp_path / "t.tar.gz"), tmp_path)
 
 
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_bad_image_in_archive_names_the_member(tmp_path: Path, suffix: str) -> None:
+    root = make_tree(tmp_path / "tree")
+    (root / "train" / "cat" / "0002.png").write_bytes(b"not a png at all")
+    msg = load_error(archive(root, tmp_path / f"t{suffix}"), tmp_path)
+    # the member's path inside the archive, and the archive; not PIL's "<_io.BytesIO object at 0x7f...>"
+    assert "cannot decode image wrapped/train/cat/0002.png" in msg and f"t{suffix}" in msg
+    assert "BytesIO" not in msg and "0x" not in msg
+
+
 def test_train_and_test_classes_differ(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "tree")
     shutil.rmtree(root / "test" / "frog")
@@ -437,3 +447,119 @@ def test_demo_archive_rebuilds_byte_for_byte(tmp_path: Path) -> None:
     out = tmp_path / "demo.tar.gz"
     subprocess.run([sys.executable, str(tool), "--source", str(SHARED_CIFAR), "--out", str(out)], check=True)
     assert out.read_bytes() == demo_archive().read_bytes()
+
+
+# --- load_images: every image with its relative name ------------------------------------------------------
+
+
+def images_of(spec: str | Path, tmp_path: Path, **kwargs: object) -> data.ImageSet:
+    return load_images(str(spec), data_dir=str(tmp_path / "d"), progress=False, **kwargs)  # type: ignore[arg-type]
+
+
+def tree_names(split: str, n: int) -> list[str]:
+    return [f"{split}/{c}/{i:04d}.png" for c in CLASSES for i in range(n)]
+
+
+def test_load_images_split_root_keeps_split_prefix_and_matches_load_data(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    s = images_of(root, tmp_path)
+    assert s.names == tree_names("train", 4) + tree_names("test", 2)
+    assert s.splits == [("train", 12), ("test", 6)] and s.classes == CLASSES and s.class_names is None
+    train, test = load_data(str(root), data_dir=str(tmp_path / "d"), progress=False)
+    assert torch.equal(s.images, torch.cat([train.images, test.images]))
+    assert torch.equal(s.labels, torch.cat([train.labels, test.labels]))
+
+
+def test_load_images_takes_every_split(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    shutil.copytree(root / "test", root / "val")
+    s = images_of(root, tmp_path)
+    assert s.splits == [("train", 12), ("val", 6), ("test", 6)]
+    assert s.names[12:18] == tree_names("val", 2)
+    shutil.rmtree(root / "val" / "frog")
+    assert "only in train: frog" in str(pytest.raises(DataError, images_of, root, tmp_path).value)
+
+
+def test_load_images_class_tree(tmp_path: Path) -> None:
+    make_tree(tmp_path / "tree")
+    s = images_of(tmp_path / "tree" / "train", tmp_path)
+    assert s.names == [f"{c}/{i:04d}.png" for c in CLASSES for i in range(4)]
+    assert s.classes == CLASSES and s.labels.tolist() == [c for c in range(3) for _ in range(4)]
+    assert s.splits == [("", 12)]
+    expected = torch.tensor([pixel(c, i) for c in range(3) for i in range(4)], dtype=torch.uint8)
+    assert torch.equal(s.images[:, 0, 0, 0], expected)
+
+
+def test_load_images_flat_folder_has_no_labels(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, v in (("b.png", 2), ("a.png", 1), ("C.jpeg", 3)):
+        Image.new("RGB", (8, 8), (v, v, v)).save(folder / name)
+    (folder / "more").mkdir()
+    Image.new("RGB", (8, 8), (4, 4, 4)).save(folder / "more" / "d.png")
+    (folder / "notes.txt").write_text("skipped")
+    s = images_of(folder, tmp_path)
+    assert s.names == ["C.jpeg", "a.png", "b.png", "more/d.png"]  # sorted; images below the top keep their path
+    assert s.labels is None and s.classes is None and s.splits == [("", 4)]
+    assert s.images[:, 0, 0, 0].tolist()[1:] == [1, 2, 4]
+
+
+@pytest.mark.parametrize("layout", ["split", "classes", "flat"])
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+@pytest.mark.parametrize("wrap", [None, "wrapped"])
+def test_load_images_archive_matches_folder(tmp_path: Path, layout: str, suffix: str, wrap: str | None) -> None:
+    make_tree(tmp_path / "tree")
+    folder = {"split": tmp_path / "tree", "classes": tmp_path / "tree" / "train",
+              "flat": tmp_path / "tree" / "train" / "dog"}[layout]
+    from_folder = images_of(folder, tmp_path)
+    from_archive = images_of(archive(folder, tmp_path / f"a{suffix}", wrap), tmp_path)
+    assert from_archive.names == from_folder.names and from_archive.splits == from_folder.splits
+    assert torch.equal(from_archive.images, from_folder.images)
+    assert from_archive.classes == from_folder.classes
+    assert (from_archive.labels is None) == (from_folder.labels is None) == (layout == "flat")
+
+
+def test_load_images_mixed_sizes_need_image_size(tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (5, 5, 5)).save(folder / "a.png")
+    Image.new("RGB", (12, 10), (7, 7, 7)).save(folder / "b.png")
+    msg = str(pytest.raises(DataError, images_of, folder, tmp_path).value)
+    assert "--image-size" in msg and "b.png is 12x10" in msg and "\n" not in msg
+    s = images_of(folder, tmp_path, image_size=6)
+    assert s.images.shape == (2, 3, 6, 6) and s.names == ["a.png", "b.png"]
+
+
+def test_load_images_uses_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_tree(tmp_path / "tree")
+    first = images_of(root, tmp_path)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoded again instead of using the cache")
+
+    monkeypatch.setattr(data, "_decode", fail)
+    second = images_of(root, tmp_path)
+    assert second.names == first.names and second.splits == first.splits and torch.equal(second.images, first.images)
+    Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "0100.png")
+    with pytest.raises(AssertionError, match="decoded again"):
+        images_of(root, tmp_path)
+
+
+def test_load_images_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images")
+    assert "no images" in str(pytest.raises(DataError, images_of, tmp_path / "empty", tmp_path).value)
+    assert "nowhere" in str(pytest.raises(DataError, images_of, tmp_path / "nowhere", tmp_path).value)
+    root = make_tree(tmp_path / "tree")
+    (root / "train" / "dog" / "0001.png").write_bytes(b"broken")
+    assert "train/dog/0001.png" in str(pytest.raises(DataError, images_of, root, tmp_path).value)
+
+
+def test_load_images_torchvision_names_are_indices(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR)
+    s = load_images("cifar10", data_dir=str(tmp_path))
+    assert s.names == [f"train/{i:05d}" for i in range(6)] + [f"test/{i:05d}" for i in range(4)]
+    assert s.splits == [("train", 6), ("test", 4)] and s.classes == ["a", "b"]
+    assert s.labels.tolist() == [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]

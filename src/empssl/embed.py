@@ -1,0 +1,205 @@
+"""Embeddings of every image of a folder, class tree, archive or dataset under a checkpoint's evaluation protocol.
+
+One row per image, in :func:`empssl.data.load_images`'s stable order, with the image's relative file name and
+its label where the data has classes. A row is the feature evaluation computes: by default the bag of features
+(the mean of the pre-feature over ``test_patches`` seeded augmented patches, as ``empssl eval``); each split of
+the data (train/, val/, test/) is embedded as its own array, exactly as evaluation extracts it (the seeded
+patches follow an image's index in its split), so a row equals the feature ``empssl eval`` computes for that
+image when it evaluates the whole split (no --train-subset/--test-subset), and the same images + checkpoint +
+flags give the same features.
+
+Outputs (written atomically: an interrupted run leaves no partial file):
+
+- ``.npz``: ``features`` (N, D) float32, ``names`` (N,) str, and where known ``labels`` (N,) int64,
+  ``classes`` (C,) str, ``class_names`` (C,) str; ``protocol``: a JSON string (checkpoint, step, test_patches,
+  feature, view, eval_seed, patch and crop settings, data, image_size, splits, empssl version).
+- ``.safetensors``: tensors ``features`` and ``labels``; ``names``, ``classes``, ``class_names`` and
+  ``protocol`` as JSON strings in the metadata.
+
+:func:`load_embedding` reads either back.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import load_checkpoint
+from .data import load_images
+from .devices import resolve_device
+from .evaluate import image_features
+from .rundir import OutputError, write_atomic
+
+SUFFIXES = (".npz", ".safetensors")
+
+
+class EmbedError(Exception):
+    """A user mistake in an embedding run (unsupported output suffix, unwritable output, unreadable file)."""
+
+
+@dataclass
+class Embedding:
+    """An embedding file read back by :func:`load_embedding`.
+
+    Attributes:
+        features: (N, D) float32.
+        names: N relative file names.
+        labels: (N,) int64, or None for data without classes.
+        classes, class_names: the class list (and human-readable names) or None.
+        protocol: how the features were computed (checkpoint, step, test_patches, feature, eval_seed, ...).
+    """
+
+    features: torch.Tensor
+    names: list[str]
+    labels: torch.Tensor | None
+    classes: list[str] | None
+    class_names: list[str] | None
+    protocol: dict[str, Any]
+
+
+def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: int | None = None,
+          eval_feature: str | None = None, eval_view: str | None = None, eval_seed: int | None = None,
+          eval_batch_size: int | None = None, device: str | None = None, image_size: int = 0,
+          data_dir: str = "./data", progress: bool = True) -> dict[str, Any]:
+    """Embed every image of ``data`` with ``checkpoint`` and write the result to ``out`` (.npz or .safetensors).
+
+    Args:
+        checkpoint: a run folder or checkpoint file.
+        data: anything :func:`empssl.data.load_images` reads (folder, class tree, split root, Tiny ImageNet,
+            archive, demo, tiny-imagenet, cifar10, cifar100).
+        test_patches, eval_feature, eval_view, eval_seed, eval_batch_size, device: override the checkpoint's
+            config (None keeps it), as the same flags of ``empssl eval`` do.
+        image_size: 0 keeps the images' own size (they must all agree); S > 0 resizes them to S x S first.
+        data_dir: where datasets and the decoded-image cache live.
+
+    Returns:
+        A summary: out, format, n, dim, labelled, num_classes, seconds, and the protocol (checkpoint, step,
+        test_patches, feature, view, eval_seed, ...).
+
+    Raises:
+        EmbedError: another suffix than .npz/.safetensors, or an output that cannot be written (checked before
+            any work). DataError, CheckpointError, ConfigError: bad data, checkpoint or flag values.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    fmt = _output_format(out)
+    _check_writable(out)
+    overrides = {"test_patches": test_patches, "eval_feature": eval_feature, "eval_view": eval_view,
+                 "eval_seed": eval_seed, "eval_batch_size": eval_batch_size, "device": device}
+    model, cfg, ckpt = load_checkpoint(checkpoint, {k: v for k, v in overrides.items() if v is not None})
+    dev = resolve_device(cfg.device)
+    images = load_images(data, data_dir, image_size, progress)
+    model.to(dev)
+    parts, start = [], 0
+    for split, count in images.splits:  # each split alone, as evaluation extracts it (the patch seeds follow the index)
+        block = images.images[start:start + count]
+        parts.append(image_features(model, block, cfg, dev, progress=progress,
+                                    desc=f"embedding {split}".strip()).cpu())
+        start += count
+    features = torch.cat(parts).float().contiguous()  # (N, D)
+
+    from .methods import eval_protocol
+
+    view, kind = eval_protocol(cfg)
+    protocol = {"checkpoint": str(checkpoint), "step": ckpt.get("step"), "method": cfg.method, "arch": cfg.arch,
+                "test_patches": cfg.test_patches, "view": view, "feature": kind, "eval_seed": cfg.eval_seed,
+                "patch_size": cfg.patch_size, "crop_scale": list(cfg.crop_scale), "crop_ratio": list(cfg.crop_ratio),
+                "data": data, "image_size": image_size, "splits": [list(s) for s in images.splits],
+                "empssl_version": __version__}
+    result = Embedding(features, images.names, images.labels, images.classes, images.class_names, protocol)
+    try:
+        write_atomic(out, lambda tmp: (_write_npz if fmt == "npz" else _write_safetensors)(tmp, result))
+    except OutputError as e:
+        raise EmbedError(str(e)) from None
+    return {"out": str(out), "format": fmt, "n": len(images), "dim": int(features.shape[1]),
+            "labelled": images.labels is not None, "num_classes": len(images.classes or []),
+            "seconds": time.perf_counter() - t0, **protocol}
+
+
+def load_embedding(path: str | Path) -> Embedding:
+    """Read an embedding written by :func:`embed` (.npz or .safetensors)."""
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    fmt = _output_format(path)
+    if not path.is_file():
+        raise EmbedError(f"embedding file not found: {path}")
+    try:
+        return _read_npz(path) if fmt == "npz" else _read_safetensors(path)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise EmbedError(f"cannot read embedding {path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+
+
+def _read_npz(path: Path) -> Embedding:
+    with np.load(path, allow_pickle=False) as z:
+        def strings(key: str) -> list[str] | None:
+            return z[key].tolist() if key in z.files else None
+
+        labels = torch.from_numpy(z["labels"]) if "labels" in z.files else None
+        return Embedding(torch.from_numpy(z["features"]), z["names"].tolist(), labels, strings("classes"),
+                         strings("class_names"), json.loads(str(z["protocol"])))
+
+
+def _read_safetensors(path: Path) -> Embedding:
+    from safetensors.torch import load_file, safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(str(path))
+    return Embedding(tensors["features"], json.loads(meta["names"]), tensors.get("labels"),
+                     json.loads(meta.get("classes", "null")), json.loads(meta.get("class_names", "null")),
+                     json.loads(meta["protocol"]))
+
+
+def _output_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise EmbedError(f"embedding output must end in {' or '.join(SUFFIXES)}, got {path.name!r}")
+    return suffix[1:]
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any work when ``out`` cannot be written (its folder is created if missing)."""
+    if out.is_dir():
+        raise EmbedError(f"output {out} is a folder; give a file name ending in .npz or .safetensors")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise EmbedError(f"cannot write {out}: {e.strerror or e}") from None
+
+
+def _write_npz(path: Path, e: Embedding) -> None:
+    arrays: dict[str, np.ndarray] = {"features": e.features.numpy(), "names": np.asarray(e.names, dtype=str),
+                                     "protocol": np.asarray(json.dumps(e.protocol))}
+    if e.labels is not None:
+        arrays["labels"] = e.labels.numpy().astype(np.int64)
+    if e.classes is not None:
+        arrays["classes"] = np.asarray(e.classes, dtype=str)
+    if e.class_names is not None:
+        arrays["class_names"] = np.asarray(e.class_names, dtype=str)
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
+
+
+def _write_safetensors(path: Path, e: Embedding) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"features": e.features}
+    if e.labels is not None:
+        tensors["labels"] = e.labels.to(torch.int64).contiguous()
+    meta = {"names": json.dumps(e.names), "protocol": json.dumps(e.protocol)}
+    if e.classes is not None:
+        meta["classes"] = json.dumps(e.classes)
+    if e.class_names is not None:
+        meta["class_names"] = json.dumps(e.class_names)
+    save_file(tensors, str(path), metadata=meta)

@@ -1,0 +1,116 @@
+"""Export a trained backbone for use without empssl: a torchvision ResNet state dict, or safetensors.
+
+The backbone (:class:`empssl.models.ResNet`) uses torchvision's parameter names, so its state dict loads with
+``strict=True`` into ``torchvision.models.resnet18()`` (``resnet34()`` for resnet34-cifar) once the network is
+given the same stem and no classifier::
+
+    net = torchvision.models.resnet18()
+    net.conv1, net.maxpool, net.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
+    net.load_state_dict(torch.load("backbone.pt", weights_only=True))   # net(x): (B, 512) features
+
+(the CIFAR stem: a 3x3 stride-1 first convolution and no max-pool; for resnet18-imagenet only ``fc`` changes).
+Only width 64 matches torchvision's networks; other widths export as safetensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import load_checkpoint
+from .models import ResNet, create_backbone
+from .rundir import OutputError, write_atomic
+
+FORMATS = ("torchvision", "safetensors")
+# arch -> (torchvision constructor name, CIFAR stem?)
+_TORCHVISION = {"resnet18-cifar": ("resnet18", True), "resnet18-imagenet": ("resnet18", False),
+                "resnet34-cifar": ("resnet34", True)}
+
+
+def _write(out: str | Path, write: Callable[[Path], None]) -> Path:
+    try:
+        return write_atomic(out, write)
+    except OutputError as e:
+        raise ExportError(str(e)) from None
+
+
+class ExportError(Exception):
+    """A user mistake in an export (unknown format, a width torchvision has no network for, bad output path)."""
+
+
+def torchvision_backbone(arch: str) -> nn.Module:
+    """The torchvision network that an exported ``arch`` backbone loads into with ``strict=True``: resnet18 or
+    resnet34 with ``fc = Identity``, and for the CIFAR stem ``conv1 = Conv2d(3, 64, 3, 1, 1, bias=False)`` and
+    ``maxpool = Identity``. Its forward gives the (B, 512) backbone feature."""
+    import torchvision
+
+    if arch not in _TORCHVISION:
+        raise ExportError(f"no torchvision network for --arch {arch}; choose from {', '.join(_TORCHVISION)}")
+    name, cifar_stem = _TORCHVISION[arch]
+    net = getattr(torchvision.models, name)(weights=None)
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str = "torchvision") -> Path:
+    """Write the backbone of ``checkpoint`` (a run folder or checkpoint file) to ``out``; return ``out``.
+
+    Args:
+        fmt: ``torchvision``: a ``torch.save``d state dict that loads into :func:`torchvision_backbone` (plain
+            torchvision, see the module docstring) with ``strict=True``; width 64 only. ``safetensors``: the
+            same state dict as a .safetensors file whose metadata holds arch, width, method, step and the
+            empssl version (any width; :func:`load_backbone` rebuilds it).
+
+    Raises:
+        ExportError: unknown format, a width torchvision has no network for, or an unwritable ``out``.
+        CheckpointError: a missing or unreadable checkpoint.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    model, cfg, ckpt = load_checkpoint(checkpoint)
+    backbone: ResNet = model.backbone
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    if fmt == "torchvision":
+        if cfg.width != 64:
+            raise ExportError(f"torchvision's {_TORCHVISION.get(cfg.arch, ('resnet',))[0]} has width 64, this "
+                              f"backbone has width {cfg.width}; use --format safetensors")
+        if cfg.arch not in _TORCHVISION:
+            raise ExportError(f"no torchvision network for --arch {cfg.arch}; use --format safetensors")
+        return _write(out, lambda tmp: torch.save(state, tmp))
+    from safetensors.torch import save_file
+
+    meta = {"format": "empssl-backbone", "arch": cfg.arch, "width": str(cfg.width), "method": cfg.method,
+            "step": str(ckpt.get("step", "")), "empssl_version": __version__,
+            "out_dim": str(backbone.out_dim)}
+    return _write(out, lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+def load_backbone(path: str | Path) -> tuple[ResNet, dict[str, Any]]:
+    """Rebuild an empssl backbone from a safetensors export (strict load); returns (backbone in eval mode,
+    metadata)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise ExportError(f"cannot read {path}: {' '.join(str(e).split())}") from None
+    if meta.get("format") != "empssl-backbone":
+        raise ExportError(f"{path} is not an empssl backbone export (no format=empssl-backbone metadata)")
+    backbone = create_backbone(meta["arch"], int(meta["width"]))
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{path} does not match {meta['arch']} width {meta['width']}: "
+                          f"{str(e).splitlines()[0]}") from None
+    return backbone.eval(), meta
