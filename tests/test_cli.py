@@ -133,3 +133,106 @@ def test_console_script_entry_point_reports_errors(tmp_path):
                            "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert_one_line_error(proc.returncode, proc.stderr, "nope")
+
+
+# --- every bad input: one line on stderr, exit 2, nothing left behind ------------------------------------------
+
+
+def test_unknown_top_level_flag_has_one_prefix(capsys):
+    code, _, err = run(["--frobnicate"], capsys)
+    assert_one_line_error(code, err, "--frobnicate")
+    assert err.startswith("empssl: error: unrecognized option --frobnicate") and "empssl: error: empssl" not in err
+
+
+def test_subcommand_errors_name_the_subcommand_once(tmp_path, capsys):
+    code, _, err = run(["train", "--num-patches", "many", "--out", str(tmp_path / "r")], capsys)
+    assert_one_line_error(code, err, "train: argument --num-patches")
+    assert err.startswith("empssl: error: train: ") and err.count("empssl") == 1
+
+
+def test_bare_empssl_prints_a_usage_line(capsys):
+    code, _, err = run([], capsys)
+    assert_one_line_error(code, err, "usage: empssl", "train", "eval", "--help")
+    assert code == 2
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_num_patches_has_one_rule(value, tmp_path, capsys):
+    code, _, err = run(["train", "--num-patches", value, "--out", str(tmp_path / "r")], capsys)
+    assert_one_line_error(code, err, "--num-patches must be >= 2")
+
+
+def test_choice_flags_list_their_choices_in_help():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    text = train.format_help()
+    for choices in ("resnet18-cifar,resnet18-imagenet,resnet34-cifar", "emp-ssl,simclr,vicreg,byol",
+                    "auto,patches,full"):
+        assert choices in text.replace("\n", "").replace(" ", ""), choices
+
+
+@pytest.mark.parametrize("payload, needle", [(b"", "an empty file"), (b"\x00" * 3, "not an empssl checkpoint")])
+def test_empty_and_tiny_checkpoints(payload, needle, tmp_path, capsys):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(payload)
+    code, _, err = run(["eval", "--checkpoint", str(bad)], capsys)
+    assert_one_line_error(code, err, needle)
+
+
+def test_pickled_objects_are_refused_without_suggesting_weights_only_false(tmp_path, capsys):
+    import argparse
+
+    bad = tmp_path / "pickled.pt"
+    torch.save({"model": {}, "config": {}, "extra": argparse.Namespace(a=1)}, bad)
+    code, _, err = run(["eval", "--checkpoint", str(bad)], capsys)
+    assert_one_line_error(code, err, "not an empssl checkpoint")
+    assert "weights_only" not in err and "False" not in err
+
+
+def _corrupt_archive(tmp_path):
+    archive = tmp_path / "broken.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, payload in (("train/a/0.png", b"\x89PNG broken"), ("test/a/0.png", b"\x89PNG broken")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return archive
+
+
+def _flat_archive(tmp_path):
+    archive = tmp_path / "flat.tar"
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("just/one.png")
+        info.size = len(png.getvalue())
+        tar.addfile(info, io.BytesIO(png.getvalue()))
+    return archive
+
+
+@pytest.mark.parametrize("case", ["missing data", "corrupt image", "bad layout", "batch too large"])
+def test_failed_train_leaves_no_run_directory(case, tmp_path, data_dir, capsys):
+    out = tmp_path / "new-run"
+    flags = {"missing data": ["--data", str(tmp_path / "nowhere")],
+             "corrupt image": ["--data", str(_corrupt_archive(tmp_path)), "--data-dir", str(tmp_path / "d")],
+             "bad layout": ["--data", str(_flat_archive(tmp_path)), "--data-dir", str(tmp_path / "d")],
+             "batch too large": ["--data", "demo", "--data-dir", str(data_dir), "--train-subset", "10"]}[case]
+    code, _, err = run(["train", *flags, "--out", str(out), "--no-progress", *TINY], capsys)
+    assert_one_line_error(code, err)
+    assert not out.exists()
+
+
+def test_failed_resume_keeps_the_run_directory(tiny_run, tmp_path, capsys):
+    before = sorted(p.name for p in tiny_run.iterdir())
+    code, _, err = run(["train", "--out", str(tiny_run), "--lr", "0.5", "--no-progress"], capsys)
+    assert_one_line_error(code, err, "lr=0.3")
+    code, _, err = run(["train", "--out", str(tiny_run), "--data", str(tmp_path / "gone"), "--no-progress"], capsys)
+    assert_one_line_error(code, err)
+    assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
+def test_resuming_a_finished_run_trains_nothing(tiny_run, capsys):
+    code, out, err = run(["train", "--out", str(tiny_run), "--no-progress", "--probe-epochs", "1"], capsys)
+    assert code == 0, err
+    assert "training" not in out and "nothing to train" in out

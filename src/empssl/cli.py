@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, load_preset, preset_names
+from .config import CHOICES, METHOD_NAMES, Config, ConfigError, load_preset, method_preset, preset_names
 
 # (group, help) for every Config field exposed as a flag; defaults are shown from Config itself.
 FLAGS: dict[str, tuple[str, str]] = {
-    "data": ("data", "cifar10, cifar100, demo (bundled 5,000-image CIFAR-10 subset), or a path to an ImageFolder "
-                     "root with train/ and test/ (or val/), or a .tar/.tar.gz/.zip of one"),
+    "data": ("data", "cifar10, cifar100, tiny-imagenet, demo (bundled 5,000-image CIFAR-10 subset), or a path to an "
+                     "ImageFolder root with train/ and test/ (or val/), Tiny ImageNet as distributed, or a "
+                     ".tar/.tar.gz/.zip of one"),
     "data_dir": ("data", "folder for torchvision datasets and the decoded-image cache"),
     "image_size": ("data", "resize images (shorter side + centre crop) to this size; 0 keeps their own size"),
     "train_subset": ("data", "use only the first N training images (class-balanced); 0 = all"),
@@ -25,12 +26,21 @@ FLAGS: dict[str, tuple[str, str]] = {
     "patch_size": ("patches", "patch side in pixels after resizing"),
     "crop_scale": ("patches", "crop area as a fraction of the image (min max)"),
     "crop_ratio": ("patches", "crop aspect ratio range (min max)"),
+    "method": ("method", "self-supervised method; a baseline without --preset starts from its CIFAR preset "
+                         "(simclr-cifar10, ...)"),
     "arch": ("model", "backbone architecture"),
     "width": ("model", "channels of the first ResNet stage (64 = standard ResNet-18)"),
-    "hidden_dim": ("model", "pre-feature (evaluated representation) dimension"),
+    "hidden_dim": ("model", "EMP-SSL: pre-feature and projector width; baselines: projector hidden width"),
     "z_dim": ("model", "projector output dimension"),
-    "eps": ("loss", "coding-rate distortion epsilon"),
-    "invariance_weight": ("loss", "weight of the cosine invariance term (lambda)"),
+    "pred_hidden_dim": ("model", "BYOL: predictor hidden width"),
+    "eps": ("loss", "EMP-SSL: coding-rate distortion epsilon"),
+    "invariance_weight": ("loss", "EMP-SSL: weight of the cosine invariance term (lambda)"),
+    "temperature": ("loss", "SimCLR: NT-Xent temperature"),
+    "sim_weight": ("loss", "VICReg: invariance coefficient"),
+    "var_weight": ("loss", "VICReg: variance coefficient"),
+    "cov_weight": ("loss", "VICReg: covariance coefficient"),
+    "tau_base": ("loss", "BYOL: target momentum at the start (cosine schedule to --tau-final)"),
+    "tau_final": ("loss", "BYOL: target momentum at the end"),
     "epochs": ("optimisation", "training epochs (fractions allowed)"),
     "schedule_epochs": ("optimisation", "length of the cosine schedule in epochs; 0 = --epochs (use 2 with "
                                         "--epochs 1 for the official README's 1-epoch figure)"),
@@ -39,6 +49,10 @@ FLAGS: dict[str, tuple[str, str]] = {
     "momentum": ("optimisation", "SGD (Nesterov) momentum"),
     "weight_decay": ("optimisation", "weight decay (not applied to biases and norm parameters)"),
     "lars_eta": ("optimisation", "LARS trust coefficient"),
+    "nesterov": ("optimisation", "Nesterov momentum"),
+    "warmup_epochs": ("optimisation", "linear learning-rate warm-up before the cosine decay, in epochs"),
+    "warmup_start_lr": ("optimisation", "learning rate at the start of the warm-up"),
+    "min_lr": ("optimisation", "learning rate at the end of the cosine decay"),
     "seed": ("run", "random seed (model init, batch order, patches)"),
     "device": ("run", "auto, cpu, cuda or cuda:N"),
     "precision": ("run", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32"),
@@ -46,16 +60,22 @@ FLAGS: dict[str, tuple[str, str]] = {
     "log_every": ("run", "steps between lines in metrics.jsonl"),
     "checkpoint_every": ("run", "steps between checkpoints (one is also written at every epoch end)"),
     "test_patches": ("evaluation", "augmented patches averaged per image (bag of features)"),
-    "eval_feature": ("evaluation", "pre (4096-d pre-feature) or backbone (512-d)"),
+    "eval_view": ("evaluation", "patches (bag of features, EMP-SSL's own) or full (the whole image, the "
+                                "baselines' own); auto = the method's own"),
+    "eval_feature": ("evaluation", "pre (EMP-SSL's 4096-d pre-feature) or backbone (512-d); auto = the method's own"),
     "eval_seed": ("evaluation", "seed of the test patches"),
     "eval_batch_size": ("evaluation", "patches per forward pass when extracting features; 0 = automatic"),
     "probe_epochs": ("evaluation", "linear-probe epochs"),
     "probe_lr": ("evaluation", "linear-probe learning rate"),
+    "probe_lrs": ("evaluation", "comma-separated learning rates: one probe head each, trained together; the one "
+                                "best on a validation split of the training set is reported (beyond the official "
+                                "recipe)"),
     "probe_momentum": ("evaluation", "linear-probe SGD momentum"),
     "probe_weight_decay": ("evaluation", "linear-probe weight decay"),
     "probe_batch_size": ("evaluation", "linear-probe batch size"),
-    "probe_val_fraction": ("evaluation", "if > 0, select the probe epoch on this fraction of the training set "
-                                         "(never on the test set); 0 reports the final epoch"),
+    "probe_val_fraction": ("evaluation", "if > 0, select the probe epoch (and lr) on this fraction of the training "
+                                         "set, never on the test set; 0 reports the final epoch (default: 0.1 with "
+                                         "--probe-lrs, else 0)"),
     "knn_k": ("evaluation", "neighbours in the weighted kNN"),
     "knn_temperature": ("evaluation", "kNN temperature"),
     "compare_random_init": ("evaluation", "also evaluate the untrained encoder (same initialisation)"),
@@ -72,12 +92,16 @@ FLAGS: dict[str, tuple[str, str]] = {
     "grad_checkpointing": ("speed", "recompute each residual block in the backward pass (exact, ~1/3 more "
                                     "compute, far less memory): auto (on CUDA only when the step would not "
                                     "fit), on or off"),
-    "compile": ("speed", "torch.compile the model for training (measure it on your GPU first)"),
+    "compile": ("speed", "torch.compile the training step: auto (on CUDA when the run is long enough to win back "
+                         "the compile time, decided after measuring the eager step), on or off"),
 }
 EVAL_FIELDS = [k for k, (g, _) in FLAGS.items() if g == "evaluation"] + [
     "data", "data_dir", "image_size", "train_subset", "test_subset", "device", "precision"]
 # The evaluation flags of the commands that take the number of test patches as their own option.
 EVAL_FIELDS_NO_PATCHES = [k for k in EVAL_FIELDS if k != "test_patches"]
+# What `empssl compare` lets one set for every method: data, run, evaluation and monitoring (each method keeps
+# its own recipe for the rest).
+COMPARE_FIELDS = [k for k, (g, _) in FLAGS.items() if g in ("data", "run", "evaluation", "monitoring")]
 
 
 def parse_bool(text: str) -> bool:
@@ -89,9 +113,35 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def parse_names(text: str) -> list[str]:
+    """``"simclr,byol"`` -> ["simclr", "byol"], each a known method."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in METHOD_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected comma-separated methods from {','.join(METHOD_NAMES)}, got "
+                                         f"{text!r}")
+    return names
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """``"0.01,0.1"`` -> (0.01, 0.1); argparse turns the error into a one-line message."""
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise ConfigError(f"{self.prog}: {message}")
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        raise ConfigError(f"{command}: {message}" if command else message)
+
+
+# Flags whose Config default is None: their value type.
+_NONE_DEFAULT_TYPES: dict[str, Any] = {"probe_val_fraction": float}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
@@ -101,13 +151,20 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> 
         group_name, help_text = FLAGS[name]
         group = groups.setdefault(group_name, parser.add_argument_group(group_name))
         default = getattr(defaults, name)
-        kw: dict[str, Any] = {"default": None, "help": f"{help_text} (default: {default})"}
-        if isinstance(default, bool):
+        shown = ",".join(f"{v:g}" for v in default) or "none" if name == "probe_lrs" else default
+        kw: dict[str, Any] = {"default": None, "help": f"{help_text} (default: {shown})"}
+        if name in CHOICES:
+            kw.update(choices=CHOICES[name], metavar="{" + ",".join(CHOICES[name]) + "}")
+            if "on" in CHOICES[name]:
+                kw.update(nargs="?", const="on")  # a bare --compile means on
+        elif isinstance(default, bool):
             kw.update(type=parse_bool, metavar="BOOL", nargs="?", const=True)  # a bare --flag means true
+        elif name == "probe_lrs":
+            kw.update(type=parse_floats, metavar="LR,LR,...")
         elif isinstance(default, tuple):
             kw.update(type=float, nargs=2, metavar=("MIN", "MAX"))
         else:
-            kw["type"] = type(default)
+            kw["type"] = _NONE_DEFAULT_TYPES.get(name, type(default))
         group.add_argument("--" + name.replace("_", "-"), dest=name, **kw)
 
 
@@ -125,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="pretrain (or resume) a run, then evaluate it",
-                       description="Pretrain with EMP-SSL into --out; an existing --out is resumed. Several "
-                                   "GPUs: torchrun --nproc-per-node N -m empssl.cli train ... (--batch-size "
-                                   "is the global batch).")
+                       description="Pretrain with EMP-SSL (or --method simclr|vicreg|byol) into --out; an existing "
+                                   "--out is resumed. Several GPUs: torchrun --nproc-per-node N -m empssl.cli train "
+                                   "... (--batch-size is the global batch).")
     p.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, checkpoint.pt, "
                                                 "results.json); an existing one is resumed")
     p.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
@@ -136,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(p, list(FLAGS))
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint (linear probe + kNN on bag-of-features)",
-                       description="Evaluate a checkpoint with the bag-of-features protocol.")
+    e = sub.add_parser("eval", help="evaluate a checkpoint (linear probe + kNN)",
+                       description="Evaluate a checkpoint with its method's protocol (EMP-SSL: the bag of features; "
+                                   "baselines: the whole image), or the one --eval-view / --eval-feature choose.")
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
     e.add_argument("--out", help="where to write the results JSON (default: results-eval.json beside the checkpoint)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -178,8 +236,9 @@ def _add_experiment_parsers(sub: Any) -> None:
                                    "the bag of m patches averages the first m; writes test_patch_ablation.json/"
                                    ".md/.png beside the checkpoint.")
     t.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
-    t.add_argument("--counts", type=parse_counts, default=[1, 4, 16, 64, 128],
-                   help="comma-separated numbers of test patches (default: 1,4,16,64,128)")
+    t.add_argument("--counts", type=parse_counts, default=None,
+                   help="comma-separated numbers of test patches (default: 1, 4, 16, 64 ... up to the run's "
+                        "--test-patches, which is included)")
     t.add_argument("--out", help="folder for the outputs (default: the run directory)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(t, EVAL_FIELDS_NO_PATCHES)
@@ -187,35 +246,93 @@ def _add_experiment_parsers(sub: Any) -> None:
     s = sub.add_parser("tsne", help="t-SNE map of a checkpoint's test-set features, coloured by class",
                        description="2-D t-SNE (scikit-learn) of the bag-of-features of test images -> RUN/tsne.png.")
     s.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
-    s.add_argument("--test-patches", type=int, default=16, help="patches averaged per image (default: 16)")
     s.add_argument("--max-points", type=int, default=5000,
                    help="test images shown, class-balanced (default: 5000)")
     s.add_argument("--tsne-seed", type=int, default=0, help="t-SNE random state (default: 0)")
     s.add_argument("--out", help="PNG path (default: tsne.png in the run directory)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_flags(s, EVAL_FIELDS_NO_PATCHES)
+    _add_config_flags(s, EVAL_FIELDS)
+
+    c = sub.add_parser("compare", help="train several methods for the same wall-clock budget and report time to "
+                                       "accuracy",
+                       description="Time-to-accuracy comparison: each method's own recipe, calibrated on this "
+                                   "device and sized to end at --budget-seconds of training, with the kNN monitor "
+                                   "on; then each is evaluated with its own protocol and OUT/report.md compares "
+                                   "them. Resumable: run the same command again.")
+    c.add_argument("--out", required=True, help="comparison folder (one run directory per method inside)")
+    c.add_argument("--methods", type=parse_names, default=list(METHOD_NAMES),
+                   help=f"comma-separated methods (default: {','.join(METHOD_NAMES)})")
+    c.add_argument("--budget-seconds", type=float, default=None,
+                   help="training wall time per method, in seconds (required unless --smoke)")
+    c.add_argument("--targets", type=parse_floats, default=(), metavar="PCT,PCT,...",
+                   help="kNN accuracies (%%) to time besides 50,60,70,80")
+    c.add_argument("--smoke", action="store_true",
+                   help="toy size on the CPU with the bundled data (seconds per method): checks the command")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_flags(c, COMPARE_FIELDS)
+
+    m = sub.add_parser("embed", help="features of every image of a folder, archive or dataset (.npz or .safetensors)",
+                       description="One row per image of --data, in a stable order, with its relative file name "
+                                   "and label (where the data has classes), under the checkpoint's evaluation "
+                                   "protocol (EMP-SSL: the seeded bag of features).")
+    m.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
+    m.add_argument("--data", required=True,
+                   help="a folder of images, a class tree, an ImageFolder root (train/ val/ test/), Tiny ImageNet, "
+                        "a .zip/.tar/.tar.gz of one, or demo, tiny-imagenet, cifar10, cifar100")
+    m.add_argument("--out", required=True, help="output file: .npz (features, names, labels, classes, protocol) "
+                                                "or .safetensors")
+    m.add_argument("--test-patches", type=int, help="patches averaged per image (default: the checkpoint's)")
+    m.add_argument("--eval-view", choices=CHOICES["eval_view"],
+                   help="bag of patches or the whole image (default: the checkpoint's)")
+    m.add_argument("--eval-feature", choices=CHOICES["eval_feature"], help="representation (default: the checkpoint's)")
+    m.add_argument("--eval-seed", type=int, help="seed of the patches (default: the checkpoint's)")
+    m.add_argument("--eval-batch-size", type=int, help="patches per forward pass; 0 = automatic")
+    m.add_argument("--image-size", type=int, default=0,
+                   help="resize every image to N x N first (shorter side + centre crop); needed when the images "
+                        "differ in size")
+    m.add_argument("--data-dir", default=Config().data_dir, help="datasets and the decoded-image cache")
+    m.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the checkpoint's)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    x = sub.add_parser("export", help="the trained backbone as a torchvision state dict or safetensors",
+                       description="Write the backbone of a checkpoint for use elsewhere (README: Using the "
+                                   "encoder).")
+    x.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
+    x.add_argument("--out", required=True, help="output file")
+    x.add_argument("--format", default="torchvision", choices=["torchvision", "safetensors"],
+                   help="torchvision: loads into torchvision.models.resnet18() with strict=True after the CIFAR "
+                        "stem is set (width 64); safetensors: any width, with arch/width/step metadata "
+                        "(default: torchvision)")
 
     r = sub.add_parser("report", help="Markdown report with tables and plots of one or several runs",
                        description="Write report.md and PNG plots for run directories (or patch-ablation "
                                    "folders); several runs are compared side by side.")
     r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or ablation folders")
     r.add_argument("--out", help="output folder (default: the run directory when there is one)")
+    r.add_argument("--targets", type=parse_floats, default=(), metavar="PCT,PCT,...",
+                   help="kNN accuracies (%%) to time besides 50,60,70,80 in the time-to-accuracy table")
 
 
 def _base_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The overrides of ``--preset`` then ``--config`` (flags come on top of these)."""
-    base: dict[str, Any] = {}
-    if args.preset:
-        base.update(load_preset(args.preset))
+    """The overrides of ``--preset`` (or, for ``--method`` X without one, X's own preset) then ``--config``
+    (flags come on top of these)."""
+    from_file: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"--config file not found: {path}")
         try:
-            base.update(json.loads(path.read_text()))
+            from_file = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"--config {path} is not valid JSON: {e}") from None
-    return base
+        if not isinstance(from_file, dict):
+            raise ConfigError(f"--config {path} must hold a JSON object of settings")
+    preset = args.preset
+    method = getattr(args, "method", None) or from_file.get("method")
+    if preset is None and method is not None:
+        preset = method_preset(method)
+    base = load_preset(preset) if preset else {}
+    return {**base, **from_file}
 
 
 def cmd_ablate_patches(args: argparse.Namespace) -> int:
@@ -230,7 +347,8 @@ def cmd_ablate_patches(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
-    from .experiments import ablate_test_patches, run_dir_of
+    from .experiments import ablate_test_patches
+    from .rundir import run_dir_of
 
     ablate_test_patches(args.checkpoint, args.counts, _explicit(args, EVAL_FIELDS_NO_PATCHES),
                         out_dir=args.out, progress=not args.no_progress)
@@ -241,9 +359,8 @@ def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
 def cmd_tsne(args: argparse.Namespace) -> int:
     from .experiments import tsne_map
 
-    path = tsne_map(args.checkpoint, _explicit(args, EVAL_FIELDS_NO_PATCHES),
-                    test_patches=args.test_patches, max_points=args.max_points, out=args.out, seed=args.tsne_seed,
-                    progress=not args.no_progress)
+    path = tsne_map(args.checkpoint, _explicit(args, EVAL_FIELDS), max_points=args.max_points, out=args.out,
+                    seed=args.tsne_seed, progress=not args.no_progress)
     print(f"t-SNE map written to {path}")
     return 0
 
@@ -253,13 +370,51 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.out is None and len(args.runs) > 1:
         raise ConfigError("give --out DIR when reporting several runs")
-    path = write_report(args.runs, args.out or args.runs[0])
+    path = write_report(args.runs, args.out or args.runs[0], targets=args.targets)
     print(f"report written to {path}")
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import SMOKE_BUDGET_SECONDS, compare, smoke_overrides
+
+    overrides = _explicit(args, COMPARE_FIELDS)
+    budget = args.budget_seconds
+    if args.smoke:
+        overrides = {**smoke_overrides(), **overrides}
+        budget = budget or SMOKE_BUDGET_SECONDS
+    if budget is None:
+        raise ConfigError("--budget-seconds is required (the training wall time each method gets)")
+    summary = compare(args.methods, args.out, budget, overrides, targets=args.targets,
+                      progress=not args.no_progress)
+    for row in summary["rows"]:
+        print(f"{row['method']}: linear {row['linear_top1']:.1f}% | kNN {row['knn_top1']:.1f}% after "
+              f"{row['train_seconds']:.0f} s ({row['epochs']:.2f} epochs)")
+    print(f"comparison written to {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .embed import embed
+
+    s = embed(args.checkpoint, args.data, args.out, test_patches=args.test_patches, eval_feature=args.eval_feature,
+              eval_view=args.eval_view, eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size,
+              device=args.device, image_size=args.image_size, data_dir=args.data_dir, progress=not args.no_progress)
+    how = f"{s['test_patches']} test patches, seed {s['eval_seed']}" if s["view"] == "patches" else "whole image"
+    print(f"{s['n']} images x {s['dim']}-d {s['feature']} features ({how}) written to {s['out']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_backbone
+
+    print(f"backbone ({args.format}) written to {export_backbone(args.checkpoint, args.out, args.format)}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import finished, run_config, train
+    from .rundir import finished, run_config
+    from .train import train
 
     explicit = {**_base_overrides(args), **_explicit(args, list(FLAGS))}
     cfg = run_config(Path(args.out), Config.from_dict(explicit).validate(), explicit)
@@ -272,17 +427,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not env_dist().is_main:  # under torchrun, rank 0 reports
         return 0
-    if not args.no_eval:
-        print(f"results written to {out / 'results.json'}")
-    else:
+    if args.no_eval:  # with evaluation, train() ends with the results file and where the time went
         print(f"trained {results['steps']} steps; checkpoint in {out / 'checkpoint.pt'}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .experiments import load_for_eval, run_dir_of
-    from .train import write_results
+    from .experiments import load_for_eval
+    from .rundir import run_dir_of, write_json
 
     # load_for_eval: another --data than the run's (transfer) gets all its images unless subsets are given
     model, cfg, ckpt, train_data, test_data, device = load_for_eval(
@@ -290,7 +443,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate(model, train_data, test_data, cfg, device, progress=not args.no_progress)
     results.update(checkpoint=str(args.checkpoint), step=ckpt.get("step"), data=cfg.data)
     out = Path(args.out) if args.out else run_dir_of(args.checkpoint) / "results-eval.json"
-    write_results(out, results)
+    write_json(out, results)
     print(f"results written to {out}")
     return 0
 
@@ -301,14 +454,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError)
     try:
+        from .embed import EmbedError
         from .evaluate import EvalError
+        from .export import ExportError
+        from .probe import ProbeError
         from .report import ReportError
+        from .rundir import OutputError
         from .train import TrainError
 
-        user_errors += (EvalError, TrainError, ReportError)
-        args = build_parser().parse_args(argv)
+        user_errors += (EvalError, ProbeError, TrainError, ReportError, EmbedError, ExportError, OutputError)
+        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        commands_of = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        usage = f"usage: empssl {{{','.join(commands_of)}}} [flags] (empssl COMMAND --help lists its flags)"
+        if not argv:  # bare `empssl`: say how to use it
+            raise ConfigError(f"no command given; {usage}")
+        if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+            raise ConfigError(f"unrecognized option {argv[0]} before the command; {usage}")
+        args = parser.parse_args(argv)
         commands = {"train": cmd_train, "eval": cmd_eval, "ablate-patches": cmd_ablate_patches,
-                    "ablate-test-patches": cmd_ablate_test_patches, "tsne": cmd_tsne, "report": cmd_report}
+                    "ablate-test-patches": cmd_ablate_test_patches, "tsne": cmd_tsne, "report": cmd_report,
+                    "compare": cmd_compare, "embed": cmd_embed, "export": cmd_export}
         return commands[args.command](args)
     except user_errors as e:
         print(f"empssl: error: {e}", file=sys.stderr)
