@@ -1,0 +1,23 @@
+"""bench/gpu_check.py --smoke: the GPU check's code paths at toy size on the CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_smoke(tmp_path):
+    out = tmp_path / "check"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert set(data["parts"]) == {"throughput", "probe", "run"}
+    rows = data["parts"]["throughput"]["20 patches, eager"]["rows"]
+    assert {"augment", "step", "end-to-end", "eval"} <= set(rows)
+    run = data["parts"]["run"]
+    assert 0 <= run["eval16"]["linear_top1"] <= 100 and run["timing"]["total"] > 0
+    table = (out / "gpu_check.md").read_text()
+    assert "probe <= 3 s" in table and "linear @16 >= 75.0" in table
