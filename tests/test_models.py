@@ -53,3 +53,24 @@ def test_export_rejects_narrow_backbone():
 def test_unknown_arch():
     with pytest.raises(ValueError, match="unknown architecture"):
         create_backbone("vgg")
+
+
+@pytest.mark.parametrize("arch", ["resnet18-cifar", "resnet18-imagenet"])
+def test_inference_copy_folds_batchnorm_and_keeps_the_features(arch):
+    from empssl.models import inference_copy
+
+    torch.manual_seed(0)
+    model = EMPSSLModel(arch, width=8, hidden_dim=32, z_dim=16)
+    model.train()
+    for _ in range(3):  # non-trivial running statistics
+        model(torch.randn(16, 3, 32, 32) * 2 + 0.5)
+    model.eval()
+    x = torch.randn(6, 3, 32, 32)
+    net = inference_copy(model)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.backbone.modules())
+    assert not isinstance(net.pre_feature[1], torch.nn.BatchNorm1d)
+    with torch.no_grad():
+        for kind in ("pre", "backbone"):
+            torch.testing.assert_close(net.features(x, kind), model.features(x, kind), rtol=1e-5, atol=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model itself is untouched
+    assert not any(p.requires_grad for p in net.parameters())

@@ -12,7 +12,8 @@ reported with the accuracy.
 
 Speed: the patches of a group of images are cut in one pass, straight into the network's layout and dtype
 (channels_last, bf16 under autocast on CUDA), on a second CUDA stream while the previous group runs through
-the network; features stay on the device for the kNN and the probe.
+the network, which is an eval-mode copy with its BatchNorm layers folded into the convolutions; features stay
+on the device for the kNN and the probe.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 from .config import Config
 from .data import ImageData
 from .devices import autocast, autocast_dtype
+from .models import inference_copy
 from .patches import Augment, PatchParams, apply_params, sample_params
 from .probe import ProbeError, ProbeResult, linear_probe, stratified_split
 
@@ -67,8 +69,9 @@ def extract_features(model: nn.Module, images: torch.Tensor, aug: Augment, n_pat
     ``n_patches`` augmented patches of ``model.features(patch, kind)`` (D = hidden_dim for "pre", 8*width for
     "backbone").
 
-    The model must already be on ``device``; it runs in eval mode (BatchNorm on running statistics, so a
-    patch's feature does not depend on its batch) and its train/eval mode is restored afterwards.
+    The model must already be on ``device``; an eval-mode copy of it runs (BatchNorm on running statistics, so a
+    patch's feature does not depend on its batch, and folded into the preceding layers:
+    :func:`empssl.models.inference_copy`); the model itself, and its train/eval mode, are left as they are.
     Determinism: images are augmented in fixed chunks of ``RNG_CHUNK`` images, chunk c with a generator
     seeded from (seed, c), so the features depend on (seed, n_patches, image order) but not on
     ``batch_images`` (up to floating-point differences between convolution algorithms).
@@ -186,25 +189,21 @@ def extract_prefix_features(model: nn.Module, images: torch.Tensor, aug: Augment
 
     from tqdm import tqdm
 
-    was_training = model.training
-    model.eval()
+    net = inference_copy(model)  # eval mode, BatchNorm folded; the model itself is not touched
     out: dict[int, torch.Tensor] = {}  # m -> (N, D) on device
-    try:
-        with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-            for start, patches in _prefetched(range(0, n, group), make, device):
-                b = patches.shape[0] // n_patches
-                feats = []
-                for i in range(0, patches.shape[0], per_forward):
-                    with autocast(device, amp_dtype):
-                        feats.append(model.features(patches[i:i + per_forward], kind).float())
-                f = torch.cat(feats).view(n_patches, b, -1)  # (n_patches, b, D)
-                for m in counts:
-                    if m not in out:
-                        out[m] = torch.empty(n, f.shape[2], dtype=torch.float32, device=device)
-                    out[m][start:start + b] = f[:m].mean(0)  # (b, D)
-                bar.update(b)
-    finally:
-        model.train(was_training)
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for start, patches in _prefetched(range(0, n, group), make, device):
+            b = patches.shape[0] // n_patches
+            feats = []
+            for i in range(0, patches.shape[0], per_forward):
+                with autocast(device, amp_dtype):
+                    feats.append(net.features(patches[i:i + per_forward], kind).float())
+            f = torch.cat(feats).view(n_patches, b, -1)  # (n_patches, b, D)
+            for m in counts:
+                if m not in out:
+                    out[m] = torch.empty(n, f.shape[2], dtype=torch.float32, device=device)
+                out[m][start:start + b] = f[:m].mean(0)  # (b, D)
+            bar.update(b)
     return out
 
 
@@ -226,19 +225,15 @@ def extract_full_features(model: nn.Module, images: torch.Tensor, aug: Augment, 
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     from tqdm import tqdm
 
-    was_training = model.training
-    model.eval()
+    net = inference_copy(model)  # eval mode, BatchNorm folded; the model itself is not touched
     out = []
-    try:
-        for start in tqdm(range(0, images.shape[0], batch), desc=desc, unit="batch", disable=not progress,
-                          leave=False):
-            x = images[start:start + batch].to(device, non_blocking=True).float().div_(255)
-            for c in range(3):  # Python-float constants, as the patches are normalised
-                x[:, c].sub_(aug.mean[c]).div_(aug.std[c])
-            with autocast(device, amp_dtype):
-                out.append(model.features(x.contiguous(memory_format=memory_format), kind).float())
-    finally:
-        model.train(was_training)
+    for start in tqdm(range(0, images.shape[0], batch), desc=desc, unit="batch", disable=not progress,
+                      leave=False):
+        x = images[start:start + batch].to(device, non_blocking=True).float().div_(255)
+        for c in range(3):  # Python-float constants, as the patches are normalised
+            x[:, c].sub_(aug.mean[c]).div_(aug.std[c])
+        with autocast(device, amp_dtype):
+            out.append(net.features(x.contiguous(memory_format=memory_format), kind).float())
     return torch.cat(out)
 
 

@@ -7,6 +7,7 @@ stem (``conv1``, 3x3 in the CIFAR variant) and ``fc`` are set aside; see :func:`
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -142,6 +143,37 @@ class EMPSSLModel(nn.Module):
         if kind == "pre":
             return self.pre_feature(h)
         raise ValueError(f"unknown feature kind {kind!r}; use 'pre' or 'backbone'")
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode, gradient-free copy of ``model`` for feature extraction, with every BatchNorm that follows a
+    convolution of its ResNet ``backbone`` (and the BatchNorm1d of an EMP-SSL ``pre_feature``) folded into that
+    layer's weights and bias: in eval mode BatchNorm is an affine map, so the features are the same up to float
+    rounding, and each forward skips the 20 BatchNorm passes over the activations. ``model`` is left as it is;
+    modules without this structure are copied unchanged."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    net = copy.deepcopy(model).eval().requires_grad_(False)
+    backbone = getattr(net, "backbone", None)
+    if isinstance(backbone, ResNet):
+        channels_last = backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        pairs = [(backbone, "conv1", "bn1")]
+        for block in backbone.modules():
+            if isinstance(block, BasicBlock):
+                pairs += [(block, "conv1", "bn1"), (block, "conv2", "bn2")]
+                if block.downsample is not None:
+                    pairs.append((block.downsample, "0", "1"))
+        for owner, conv, bn in pairs:
+            fused = fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn))
+            if channels_last:
+                fused = fused.to(memory_format=torch.channels_last)
+            setattr(owner, conv, fused)
+            setattr(owner, bn, nn.Identity())
+    pre = getattr(net, "pre_feature", None)
+    if isinstance(pre, nn.Sequential) and isinstance(pre[0], nn.Linear) and isinstance(pre[1], nn.BatchNorm1d):
+        pre[0] = fuse_linear_bn_eval(pre[0], pre[1])
+        pre[1] = nn.Identity()
+    return net
 
 
 def to_torchvision_resnet18(backbone: ResNet) -> nn.Module:
