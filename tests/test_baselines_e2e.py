@@ -47,18 +47,18 @@ BATCH = 50
 # initialisation, for seeds 0 / 1 / 2 / 3 / 4, and the seconds of one case:
 #   simclr  33.8 vs 23.4, 32.8 vs 26.0, 29.7 vs 24.4, 32.3 vs 27.6, 34.7 vs 24.2  (gap >= 4.7)   40-48 s
 #   vicreg  33.4 vs 23.4, 33.4 vs 26.0, 33.5 vs 24.4, 35.4 vs 27.6, 32.9 vs 24.2  (gap >= 7.4)   39-50 s
-#   byol    24.2 vs 23.4, 23.5 vs 26.0 (seeds 0, 1)                                          55-60 s
-# BYOL does not beat its initialisation at this size in this time: in a 400-step run (seed 0, kNN monitored every
-# 20 steps) its kNN accuracy dips from 22.9 to ~20 and ends at 24.3; in a 1,200-step run on 32 px views (4 min) it
-# passes 25 only after ~300 steps and ends at ~28 (linear 29.3 vs 23.4). 800 steps on 32 px views (2 min) gave
-# 28.8 vs 23.4 for seed 0 but 21.3 vs 26.0 for seed 1.
-MARGIN = {"simclr": 2.0, "vicreg": 3.5, "byol": 2.0}
-SLOW_BYOL = pytest.mark.xfail(run=False, reason="BYOL needs more than ~1,000 steps of this toy network to beat its "
-                                                "random initialisation (measured above); run with --runxfail")
+#   byol    24.2 vs 23.4, 23.5 vs 26.0 (seeds 0, 1; 20 epochs, as the others)               55-60 s
+# BYOL learns more slowly: at 800 steps it does not beat its initialisation (above; in a 400-step run its kNN
+# accuracy dips from 22.9 to ~20 before it recovers), so its case trains twice as long (40 epochs, 1,600 steps,
+# warm-up 2 epochs): 32.2 vs 23.4, 32.7 vs 26.0, 32.5 vs 24.4, 33.5 vs 27.6 for seeds 0-3 (one thread, ~140 s
+# each under load), and with two threads 29.5 vs 23.4 (seed 0, 113 s) but 22.8 vs 24.2 (seed 4, 104 s): at this
+# size BYOL beats its initialisation in 5 of the 6 measured runs, so this case checks seed 0 only.
+MARGIN = {"simclr": 2.0, "vicreg": 3.5, "byol": 3.0}
+LONGER = {"byol": {"epochs": 40, "warmup_epochs": 2}}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["simclr", "vicreg", pytest.param("byol", marks=SLOW_BYOL)])
+@pytest.mark.parametrize("method", ["simclr", "vicreg", "byol"])
 def test_baseline_beats_its_random_init(tmp_path, data_dir, method):
     """A short run of the method's own recipe (its preset, shrunk to CPU size) must beat the untrained encoder,
     both evaluated with the method's own protocol (linear probe on the whole image's backbone feature)."""
@@ -70,7 +70,7 @@ def test_baseline_beats_its_random_init(tmp_path, data_dir, method):
     # VICReg +11.2 and +0.8 at batch 100). Evaluation stays on the whole 32 px image.
     cfg = recipe(method, data_dir, width=8, hidden_dim=256, z_dim=64, pred_hidden_dim=256, patch_size=16,
                  train_subset=2000, test_subset=1000, batch_size=BATCH, lr=lr, epochs=20, warmup_epochs=1,
-                 probe_epochs=30, compare_random_init=True)
+                 probe_epochs=30, compare_random_init=True).replace(**LONGER.get(method, {}))
     results = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     assert (results["eval_view"], results["feature"]) == PROTOCOL[method]
     trained, random_init = results["linear_top1"], results["random_init"]["linear_top1"]
