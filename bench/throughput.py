@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from empssl.config import Config, load_preset
+from empssl.config import Config, method_recipe
 from empssl.devices import autocast_dtype, resolve_device
 from empssl.evaluate import image_features
 from empssl.methods import create_method
@@ -139,11 +139,8 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rows", default="augment,step,end-to-end,eval", help="comma-separated rows to run")
     args = ap.parse_args(argv)
 
-    from empssl.config import method_preset
-
-    preset = method_preset(args.method)
     overrides = {k: v for k, v in dict(hidden_dim=args.hidden_dim, z_dim=args.z_dim).items() if v is not None}
-    cfg = Config.from_dict({**(load_preset(preset) if preset else {}), "method": args.method, "arch": args.arch,
+    cfg = Config.from_dict({**method_recipe(args.method), "method": args.method, "arch": args.arch,
                             "width": args.width, "patch_size": args.patch_size, "num_patches": args.num_patches,
                             "batch_size": args.batch_size, "precision": args.precision,
                             "channels_last": args.channels_last, "device": args.device, **overrides}).validate()
@@ -155,7 +152,7 @@ def run(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = True
     method = create_method(cfg)
     B, s = args.batch_size, args.patch_size
-    V = len(method.view_augments())  # views per image: the patches of EMP-SSL, 2 for the baselines
+    V = method.views_per_image  # the patches of EMP-SSL, 2 for the baselines
     P = V * B
     timer = Timer(device)
 

@@ -376,12 +376,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import SMOKE_BUDGET_SECONDS, compare, smoke_overrides
+    from .compare import SMOKE, SMOKE_BUDGET_SECONDS, compare
 
     overrides = _explicit(args, COMPARE_FIELDS)
     budget = args.budget_seconds
     if args.smoke:
-        overrides = {**smoke_overrides(), **overrides}
+        overrides = {**SMOKE, **overrides}
         budget = budget or SMOKE_BUDGET_SECONDS
     if budget is None:
         raise ConfigError("--budget-seconds is required (the training wall time each method gets)")
@@ -396,11 +396,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from .embed import embed
+    from .evaluate import view_label
 
     s = embed(args.checkpoint, args.data, args.out, test_patches=args.test_patches, eval_feature=args.eval_feature,
               eval_view=args.eval_view, eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size,
               device=args.device, image_size=args.image_size, data_dir=args.data_dir, progress=not args.no_progress)
-    how = f"{s['test_patches']} test patches, seed {s['eval_seed']}" if s["view"] == "patches" else "whole image"
+    how = view_label(s["view"], s["test_patches"]) + (f", seed {s['eval_seed']}" if s["view"] == "patches" else "")
     print(f"{s['n']} images x {s['dim']}-d {s['feature']} features ({how}) written to {s['out']}")
     return 0
 

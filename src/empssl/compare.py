@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_preset, method_preset
+from .config import Config, ConfigError, method_recipe
 from .data import ImageData
 from .report import write_report
 from .rundir import config_data, read_jsonl, run_config, write_json
@@ -46,8 +46,7 @@ SMOKE_BUDGET_SECONDS = 6.0
 
 def method_config(method: str, overrides: dict[str, Any]) -> Config:
     """The method's own recipe (its preset, or the defaults for EMP-SSL) with ``overrides`` on top."""
-    preset = method_preset(method)
-    return Config.from_dict({**(load_preset(preset) if preset else {}), **overrides, "method": method}).validate()
+    return Config.from_dict({**method_recipe(method), **overrides, "method": method}).validate()
 
 
 def calibrate(cfg: Config, data: tuple[ImageData, ImageData], log: Callable[[str], Any]) -> float:
@@ -64,7 +63,7 @@ def calibrate(cfg: Config, data: tuple[ImageData, ImageData], log: Callable[[str
     rate = statistics.median(rates[1:] if len(rates) > 1 else rates)  # views per second
     from .methods import create_method
 
-    views_per_step = cfg.batch_size * len(create_method(cfg).view_augments())
+    views_per_step = cfg.batch_size * create_method(cfg).views_per_image
     steps_per_s = rate / views_per_step
     log(f"{cfg.method}: {rate:,.0f} views/s = {steps_per_s:.2f} steps/s of batch {cfg.batch_size}")
     return steps_per_s
@@ -128,9 +127,4 @@ def compare(methods: Sequence[str], out_dir: str | Path, budget_seconds: float, 
     report = write_report([out / m for m in methods], out, targets=targets)
     log(f"report written to {report}")
     return summary
-
-
-def smoke_overrides(data_dir: str | None = None) -> dict[str, Any]:
-    """The toy settings of ``--smoke``."""
-    return {**SMOKE, **({"data_dir": data_dir} if data_dir else {})}
 

@@ -198,6 +198,12 @@ def method_preset(method: str) -> str | None:
     return None if method == "emp-ssl" else f"{method}-cifar10"
 
 
+def method_recipe(method: str) -> dict[str, Any]:
+    """The overrides of ``method``'s own recipe: its preset (:func:`method_preset`), none for EMP-SSL."""
+    preset = method_preset(method)
+    return load_preset(preset) if preset else {}
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("empssl").joinpath("presets").iterdir()
                   if p.name.endswith(".json"))

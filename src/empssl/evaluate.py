@@ -29,7 +29,8 @@ from torch import nn
 
 from .config import Config
 from .data import ImageData
-from .devices import autocast, autocast_dtype
+from .devices import autocast, autocast_dtype, synchronize
+from .methods import create_method, eval_protocol
 from .models import inference_copy
 from .patches import Augment, PatchParams, apply_params, sample_params
 from .probe import ProbeError, ProbeResult, linear_probe, stratified_split
@@ -237,14 +238,17 @@ def extract_full_features(model: nn.Module, images: torch.Tensor, aug: Augment, 
     return torch.cat(out)
 
 
+def view_label(view: str, test_patches: int) -> str:
+    """How an accuracy was measured, as the logs and plots say it: "16 test patches" or "whole image"."""
+    return f"{test_patches} test patches" if view == "patches" else "whole image"
+
+
 def image_features(model: nn.Module, images: torch.Tensor, cfg: Config, device: torch.device | str, *,
                    n_patches: int | None = None, progress: bool = False, desc: str = "features") -> torch.Tensor:
     """(N, D) float32 features on ``device`` of (N, 3, H, W) uint8 images under ``cfg``'s evaluation protocol:
     the view (``cfg.eval_view``: a bag of ``n_patches`` (default ``cfg.test_patches``) seeded augmented patches,
     or the whole image) and the feature (``cfg.eval_feature``), "auto" meaning the method's own
     (:func:`empssl.methods.eval_protocol`). Call ``.cpu()`` on the result for host memory."""
-    from .methods import create_method, eval_protocol
-
     view, kind = eval_protocol(cfg)
     aug = create_method(cfg).eval_augment()
     device = torch.device(device)
@@ -320,8 +324,6 @@ def check_splits(train: ImageData, test: ImageData) -> int:
 def feature_options(cfg: Config, device: torch.device, n_patches: int, progress: bool) -> dict[str, Any]:
     """The keyword arguments of :func:`extract_features` / :func:`extract_prefix_features` that ``cfg`` sets for
     ``n_patches`` patches per image: the feature kind, seed, batch and autocast dtype."""
-    from .methods import eval_protocol
-
     batch_images = max(1, cfg.eval_batch_size // n_patches) if cfg.eval_batch_size > 0 else 0
     return {"kind": eval_protocol(cfg)[1], "seed": cfg.eval_seed, "batch_images": batch_images, "device": device,
             "amp_dtype": autocast_dtype(cfg.precision, device), "progress": progress}
@@ -365,9 +367,6 @@ def evaluate(model: nn.Module, train: ImageData, test: ImageData, cfg: Config, d
     n_test, num_classes, feature_dim, knn_k (after clamping to the training set), knn_temperature, eval_seed,
     probe_epochs. Logs one line.
     """
-    from .devices import synchronize
-    from .methods import eval_protocol
-
     device = torch.device(device)
     num_classes = check_splits(train, test)
     view, kind = eval_protocol(cfg)
@@ -380,7 +379,7 @@ def evaluate(model: nn.Module, train: ImageData, test: ImageData, cfg: Config, d
     scores = score_features(train_f, train.labels, test_f, test.labels, num_classes, cfg, device,
                             progress=progress)
     feature_name = "pre-feature" if kind == "pre" else "backbone feature"
-    how = f"{cfg.test_patches} test patches" if view == "patches" else "whole image"
+    how = view_label(view, cfg.test_patches)
     chosen = f"lr {scores['probe_lr']:g}, " if scores["probe_protocol"] == "lr-sweep" else ""
     selected = "" if scores["probe_val_top1"] is None else \
         f" ({chosen}epoch {scores['probe_epoch']}, val {scores['probe_val_top1']:.1f}%)"

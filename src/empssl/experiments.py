@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint, read_checkpoint
 from .config import Config, ConfigError
 from .data import ImageData, load_data
 from .devices import resolve_device, synchronize
-from .evaluate import check_splits, extract_prefix_features, feature_options, image_features, score_features
+from .evaluate import check_splits, extract_prefix_features, feature_options, image_features, score_features, view_label
 from .methods import create_method, eval_protocol
 from .report import (
     ReportError,
@@ -211,7 +211,7 @@ def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *,
     feats = image_features(model, test.images, cfg, device, progress=progress, desc="test features").cpu()
     view, kind = eval_protocol(cfg)
     test_patches = cfg.test_patches if view == "patches" else None
-    how = f"{test_patches} test patches" if test_patches else "whole image"
+    how = view_label(view, cfg.test_patches)
     n = feats.shape[0]
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))  # sklearn requires perplexity < n
     t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from .config import Config
 from .data import ImageData
 from .devices import synchronize
 from .evaluate import image_features, knn_predict
-from .rundir import read_jsonl
+from .rundir import read_jsonl, write_atomic
 
 
 def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
@@ -89,9 +89,8 @@ class Monitor:
         records = read_jsonl(self.path)
         keep = [r for r in records if r.get("step", 0) <= step]
         if len(keep) != len(self.path.read_text().splitlines()):  # also drops a line torn by a kill
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            tmp.replace(self.path)
+            text = "".join(json.dumps(r) + "\n" for r in keep)
+            write_atomic(self.path, lambda tmp: tmp.write_text(text))
 
     def start(self, model: nn.Module) -> None:
         """Start the clock; on a fresh run, also record the untrained encoder (step 0)."""

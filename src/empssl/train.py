@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed
+from . import __version__, distributed
 from .batches import StepBatches
 from .checkpoint import load_model_state, read_checkpoint, save_atomic
 from .config import Config, ConfigError
@@ -131,6 +131,11 @@ class Run:
     def ckpt_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
+    @property
+    def views_per_step(self) -> int:
+        """Views made per step over all processes (EMP-SSL: patches)."""
+        return self.method.views_per_image * self.cfg.batch_size
+
     def lr(self, step: int) -> float:
         cfg = self.cfg
         return lr_at(step, self.schedule_steps, cfg.lr, warmup_steps=self.warmup_steps,
@@ -182,9 +187,8 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
     schedule_steps = max(total_steps, round((cfg.schedule_epochs or cfg.epochs) * steps_per_epoch))
     method = create_method(cfg)
     torch.manual_seed(cfg.seed)  # model initialisation
-    channels_last = cfg.channels_last and device.type == "cuda"
-    model = method.build_model().to(device, memory_format=torch.channels_last if channels_last else
-                                    torch.contiguous_format)
+    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+    model = method.build_model().to(device, memory_format=memory_format)
     if dist.enabled and cfg.sync_bn:  # before the optimiser: the converted layers have new parameters
         model = distributed.convert_sync_batchnorm(model, device)
     opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -195,7 +199,7 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
               test_data=test_data, method=method, model=model, opt=opt, generator=generator,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule_steps=schedule_steps,
               warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), amp=autocast_dtype(cfg.precision, device),
-              memory_format=torch.channels_last if channels_last else torch.contiguous_format, timing=timing)
+              memory_format=memory_format, timing=timing)
     if run.ckpt_path.exists():
         resume(run, log)
     return run
@@ -236,14 +240,8 @@ def save(run: Run, step: int, clock: dict[str, float]) -> None:
                  "schedule_steps": run.schedule_steps, "finished": step >= run.total_steps,
                  "rng": {"patches": run.generator.get_state(), "torch": torch.get_rng_state(),
                          "device": run.device.type},
-                 "clock": clock, "config": run.cfg.to_dict(), "version": _version(),
+                 "clock": clock, "config": run.cfg.to_dict(), "version": __version__,
                  "world_size": run.dist.world_size}, run.ckpt_path)
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
@@ -327,8 +325,8 @@ class _Compiler:
 class _Metrics:
     """The running loss terms (summed on the device) and a metrics.jsonl line every ``--log-every`` steps."""
 
-    def __init__(self, run: Run, file: Any, bar: tqdm, views_per_step: int) -> None:
-        self.run, self.file, self.bar, self.views_per_step = run, file, bar, views_per_step
+    def __init__(self, run: Run, file: Any, bar: tqdm) -> None:
+        self.run, self.file, self.bar = run, file, bar
         self.sums = torch.zeros(len(run.method.terms), device=run.device)
         self.n, self.t_last = 0, time.perf_counter()
 
@@ -345,7 +343,7 @@ class _Metrics:
         dt = time.perf_counter() - self.t_last
         rec = {"step": step, "epoch": round(step / self.run.steps_per_epoch, 4),
                **dict(zip(terms, (self.sums / self.n).tolist())), "lr": lr,
-               "patches_per_s": self.n * self.views_per_step / max(dt, 1e-9)}
+               "patches_per_s": self.n * self.run.views_per_step / max(dt, 1e-9)}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
         self.bar.set_postfix({k: f"{rec[k]:.3g}" for k in terms[:3]} | {"views/s": f"{rec['patches_per_s']:.0f}"})
@@ -370,8 +368,7 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
     images = run.train_data.images
     images = images.to(device) if images.numel() < 4 * 2**30 else images
     # speed: exact activation checkpointing when a step would not fit (the same choice on every rank)
-    views_per_step = len(run.method.view_augments()) * cfg.batch_size  # over all ranks
-    use_ckpt, why = want_checkpointing(cfg.grad_checkpointing, model, views_per_step // dist.world_size,
+    use_ckpt, why = want_checkpointing(cfg.grad_checkpointing, model, run.views_per_step // dist.world_size,
                                        cfg.patch_size, device, run.amp, run.memory_format == torch.channels_last)
     if distributed.any_rank(use_ckpt, dist, device) if dist.enabled else use_ckpt:
         log(f"activation checkpointing of {checkpoint_backbone(model)} residual blocks ({why})")
@@ -389,7 +386,7 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
                desc="train", unit="step")
     metrics_path = run.out / "metrics.jsonl" if dist.is_main else Path(os.devnull)
     with _StopFlag() as stop, metrics_path.open("a") as file, batches, bar:
-        metrics = _Metrics(run, file, bar, views_per_step)
+        metrics = _Metrics(run, file, bar)
         stream = iter(batches)  # a fixed permutation per epoch, so a resumed run sees the same batches
         while step < run.total_steps:
             lr = run.lr(step)
@@ -457,7 +454,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     run.timing = {**startup, **run.timing}
     monitor = Monitor(cfg, run.train_data, run.test_data, run.device, run.out, steps_per_epoch=run.steps_per_epoch,
                       total_steps=run.total_steps,
-                      patches_per_step=cfg.batch_size * len(run.method.view_augments()), start_step=run.step,
+                      patches_per_step=run.views_per_step, start_step=run.step,
                       clock_state=run.clock_state, enabled=run.dist.is_main)
     if run.step < run.total_steps:
         loop(run, monitor, progress, log)
@@ -475,7 +472,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
                "compile": run.compile_reason or None}  # monitoring: wall time and hardware
     if not evaluate_at_end or not run.dist.is_main:
         return {**summary, "timing": _timing(run.timing)}
-    from .evaluate import evaluate
+    from .evaluate import evaluate, view_label
 
     results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
                                      log=log)}
@@ -491,7 +488,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         results["random_init"] = {k: base[k] for k in ("linear_top1", "knn_top1")}
         gap = results["linear_top1"] - base["linear_top1"]
         log(f"linear probe: trained {results['linear_top1']:.1f}% vs random init {base['linear_top1']:.1f}% "
-            f"({gap:+.1f} points, {cfg.test_patches} test patches)")
+            f"({gap:+.1f} points, {view_label(results['eval_view'], cfg.test_patches)})")
     results["timing"] = _timing(run.timing)
     write_json(run.out / "results.json", results)
     log(f"results written to {run.out / 'results.json'}")

@@ -50,6 +50,11 @@ class Method:
         """The augmentation of every view of an image (one entry per view)."""
         raise NotImplementedError
 
+    @property
+    def views_per_image(self) -> int:
+        """Views each image gives per step (EMP-SSL: ``num_patches``; the baselines: 2)."""
+        return len(self.view_augments())
+
     def eval_augment(self) -> Augment:
         """The augmentation of the patches of the bag-of-features evaluation (``--eval-view patches``), and the
         normalisation of the whole-image view (``--eval-view full``)."""

@@ -33,9 +33,6 @@ class EMPSSL(Method):
     def view_augments(self) -> list[Augment]:
         return [Augment.from_config(self.cfg)] * self.cfg.num_patches
 
-    def eval_augment(self) -> Augment:
-        return Augment.from_config(self.cfg)
-
     def views(self, images: torch.Tensor, generator: torch.Generator, dist: Dist = SINGLE,
               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         # (n_patches, b, 3, s, s), patch-major like the official code's concatenation
