@@ -154,7 +154,7 @@ def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(data, "_decode_split", fail)
+    monkeypatch.setattr(data.decode, "decode_catalog", fail)
 
 
 @pytest.mark.parametrize("kind", ["folder", "zip"])
@@ -186,19 +186,19 @@ def test_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "tree")
     load_data(str(root), data_dir=str(tmp_path / "d"), progress=False)
     (cache,) = (tmp_path / "d" / "cache").iterdir()
-    (cache / "train_images.npy").write_bytes(b"garbage")
+    (cache / "images.npy").write_bytes(b"garbage")
     check_tree_data(*load_data(str(root), data_dir=str(tmp_path / "d"), progress=False))
-    assert np.load(cache / "train_images.npy").shape == (12, 3, 8, 8)
-    (cache / "test_labels.npy").unlink()
+    assert np.load(cache / "images.npy").shape == (18, 3, 8, 8)
+    (cache / "labels.npy").unlink()
     check_tree_data(*load_data(str(root), data_dir=str(tmp_path / "d"), progress=False))
-    assert np.load(cache / "test_labels.npy").shape == (6,)
+    assert np.load(cache / "labels.npy").shape == (18,)
 
 
 # --- the process pool -------------------------------------------------------------------------------
 
 
 def test_pool_decoding_matches_and_reports_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "_POOL_MIN_IMAGES", 1)
+    monkeypatch.setattr(data.decode, "POOL_MIN_IMAGES", 1)
     root = make_tree(tmp_path / "tree")
     check_tree_data(*load_data(str(root), data_dir=str(tmp_path / "d"), progress=True))
     (root / "test" / "frog" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
@@ -372,9 +372,11 @@ def test_train_and_test_sizes_differ(tmp_path: Path) -> None:
     assert train.images.shape[2:] == test.images.shape[2:] == (8, 8)
 
 
-def test_unwritable_cache_dir(tmp_path: Path) -> None:
+def test_unwritable_cache_dir_loads_without_caching(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "d").write_text("a file where the cache folder should go")
-    assert "cache" in load_error(make_tree(tmp_path / "tree"), tmp_path)
+    check_tree_data(*load_data(str(make_tree(tmp_path / "tree")), data_dir=str(tmp_path / "d"), progress=False))
+    note = capsys.readouterr().err.strip()
+    assert note.startswith("note: the decoded images were not cached") and "--data-dir" in note and "\n" not in note
 
 
 def test_negative_image_size(tmp_path: Path) -> None:
@@ -537,7 +539,7 @@ def test_load_images_uses_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(data, "_decode", fail)
+    monkeypatch.setattr(data.decode, "decode_catalog", fail)
     second = images_of(root, tmp_path)
     assert second.names == first.names and second.splits == first.splits and torch.equal(second.images, first.images)
     Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "0100.png")
