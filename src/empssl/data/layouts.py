@@ -8,6 +8,7 @@ a catalog whole (:func:`empssl.data.load_images`); a streamed tier can read the 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -116,18 +117,24 @@ def _catalog(tree: Tree, shown: str, root: str, names: list[str], labels: list[i
     return Catalog(shown, root, records, classes, class_names, splits, list(tree.skipped))
 
 
-def require_train_test(tree: Tree, shown: str) -> None:
-    """DataError unless ``tree`` has the splits :func:`empssl.data.load_data` needs: train/ and test/ (or val/),
-    at the top or in a single wrapping folder, or the Tiny ImageNet layout."""
+def split_names(tree: Tree) -> set[str]:
+    """The splits :func:`catalog_tree` will find in ``tree`` (at the top or in a single wrapping folder)."""
     root = _layout_root(tree)
     if _is_tiny_imagenet(tree, root):
-        return
-    if root + "train" not in tree.dirs:
+        return {"train", "val"}
+    return {s for s in ("train", "val", "test") if root + s in tree.dirs}
+
+
+def held_out_split(splits: Collection[str], shown: str) -> str:
+    """The split :func:`empssl.data.load_data` tests on: ``test``, else ``val``; DataError (one line) when
+    ``splits`` lack ``train`` or both of those."""
+    if "train" not in splits:
         raise DataError(f"no train/ folder in {shown} (expected train/ and test/, each <class>/<images>)")
-    if root + "test" not in tree.dirs and root + "val" not in tree.dirs:
+    if "test" not in splits and "val" not in splits:
         raise DataError(
             f"no test/ or val/ folder in {shown} (expected train/ and test/, each <class>/<images>)"
         )
+    return "test" if "test" in splits else "val"
 
 
 # --- the layouts ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from . import decode
 from .cache import cache_dir, read_cache, remove_stale_temps, write_cache
 from .images import DataError, ImageData, ImageSet
-from .layouts import TORCHVISION_DATASETS, Catalog, catalog_tree, load_torchvision, require_train_test
+from .layouts import TORCHVISION_DATASETS, Catalog, catalog_tree, held_out_split, load_torchvision, split_names
 from .sources import ARCHIVE_SUFFIXES, Tree, demo_archive, read_archive, walk_folder
 
 TINY_IMAGENET = "tiny-imagenet"
@@ -53,10 +53,7 @@ def load_data(
     for name, count in images.splits:
         starts[name] = (at, at + count)
         at += count
-    if "train" not in starts:  # a cache written by load_images for a folder without splits
-        raise DataError(f"no train/ folder in {path} (expected train/ and test/, each <class>/<images>)")
-    if "test" not in starts and "val" not in starts:
-        raise DataError(f"no test/ or val/ folder in {path} (expected train/ and test/, each <class>/<images>)")
+    test = held_out_split(starts, str(path))  # also refuses a cache that load_images wrote for another layout
     labels, classes = images.labels, images.classes
     assert labels is not None and classes is not None  # split roots have classes
 
@@ -64,7 +61,7 @@ def load_data(
         lo, hi = starts[name]
         return ImageData(images.images[lo:hi], labels[lo:hi], list(classes), images.class_names)
 
-    return split("train"), split("test" if "test" in starts else "val")
+    return split("train"), split(test)
 
 
 def load_images(spec: str, data_dir: str = "./data", image_size: int = 0, progress: bool = True) -> ImageSet:
@@ -144,7 +141,7 @@ def _tree(path: Path) -> Tree:
 
 def _catalog(path: Path, tree: Tree, train_test: bool) -> Catalog:
     if train_test:
-        require_train_test(tree, str(path))
+        held_out_split(split_names(tree), str(path))
     return catalog_tree(tree, str(path), unwrap_any=not path.is_dir())
 
 
