@@ -722,6 +722,16 @@ def test_archive_member_refused_by_its_header_size(tmp_path: Path, monkeypatch: 
     assert "t/train/cat/bomb.png" in msg and "1,073,741,824 bytes" in msg and "\n" not in msg
 
 
+def test_archive_bytes_bounded_by_the_memory_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = archive(make_tree(tmp_path / "tree"), tmp_path / "t.tar.gz")
+    total = sum(p.stat().st_size for p in (tmp_path / "tree").rglob("*.png"))
+    monkeypatch.setattr(data.sources, "memory_available", lambda: total)  # half of it is less than the images
+    msg = load_error(path, tmp_path)
+    assert "t.tar.gz" in msg and "half the memory available" in msg and "extract it" in msg
+    monkeypatch.setattr(data.sources, "memory_available", lambda: 2 * total)
+    check_tree_data(*load_data(str(path), data_dir=str(tmp_path / "d"), progress=False))
+
+
 # --- bounded, honest reading: only regular files -------------------------------------------------------------
 
 

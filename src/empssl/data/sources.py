@@ -133,10 +133,14 @@ def read_archive(archive: Path) -> Tree:
 
     Members are read into memory rather than extracted: writing tens of thousands of small files costs
     more than decoding them (0.7 ms vs 0.16 ms per CIFAR image on our machines). Links, devices and
-    non-image files are skipped. Memory: the archive's image bytes (55 MB for CIFAR-10 as JPEG); for a
-    much larger archive, extract it yourself and pass the folder, whose files are read by the workers.
+    non-image files are skipped. Memory: the archive's image bytes (55 MB for CIFAR-10 as JPEG), refused
+    (from the members' headers, as they come) once they pass half the memory available; for a much larger
+    archive, extract it yourself and pass the folder, whose files are read by the workers.
     """
     tree = Tree(set(), {})
+    budget = memory_available()
+    budget = None if budget is None else budget // 2
+    held = 0
 
     def add(name: str, kind: str, size: int, read: Callable[[], bytes]) -> None:
         """Record member ``name`` of ``kind`` "dir", "file" or "other" (links, devices: name checked only),
@@ -160,6 +164,12 @@ def read_archive(archive: Path) -> Tree:
             return
         if size > MAX_FILE_BYTES:  # refused by its header, before a byte of it is unpacked
             raise _too_big(f"member {path} of {archive}", size)
+        nonlocal held
+        held += size
+        if budget is not None and held > budget:  # many members, each under the cap
+            raise DataError(f"archive {archive} holds more than {held / 2**20:,.0f} MiB of image files, over half "
+                            f"the memory available ({2 * budget / 2**20:,.0f} MiB); extract it and pass the folder, "
+                            f"whose files are read one at a time")
         data = read()
         if len(data) > MAX_FILE_BYTES:  # the header lied
             raise _too_big(f"member {path} of {archive}", len(data))
@@ -174,6 +184,18 @@ def read_archive(archive: Path) -> Tree:
         detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise DataError(f"corrupt or unreadable archive {archive}: {type(e).__name__}: {detail}") from e
     return tree
+
+
+def memory_available() -> int | None:
+    """Bytes of memory available to new allocations (Linux: MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _members(archive: Path) -> Iterator[tuple[str, str, int, Callable[[], bytes]]]:
