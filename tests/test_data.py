@@ -862,3 +862,34 @@ def test_temp_folder_of_a_killed_process_is_removed_at_the_next_load(tmp_path: P
     assert left.name not in names and alive.name in names and len(names) == 2
     (cache,) = [p for p in (d / "cache").iterdir() if not p.name.startswith(".")]
     assert (cache / "meta.json").is_file()
+
+
+CTRL_C_WHILE_DECODING = """
+import os, signal, sys, threading, time
+import empssl.data.decode as dec
+from empssl.data import load_data
+
+dec.POOL_MIN_IMAGES, dec._n_workers = 1, lambda: 2
+real = dec._decode
+def slow(*args):
+    time.sleep(0.2)
+    return real(*args)
+dec._decode = slow
+# Ctrl-C reaches the whole process group, the pool's workers included
+threading.Timer(1.0, lambda: os.killpg(os.getpgid(0), signal.SIGINT)).start()
+try:
+    load_data(sys.argv[1], data_dir=sys.argv[2], progress=False)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+print("finished")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the pool forks on Linux")
+def test_ctrl_c_while_the_pool_decodes_stops_the_load(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree", n_train=8, n_test=8)
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_DECODING, str(root), str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert proc.returncode == 130 and proc.stdout == "", proc.stderr
+    assert proc.stderr.strip() == "interrupted"  # no traceback from any worker

@@ -26,6 +26,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -184,7 +185,9 @@ def decode_catalog(catalog: Catalog, image_size: int, progress: bool, desc: str 
     pool = None
     if workers > 1:
         # fork: workers need only PIL and numpy, and re-importing torch in each (spawn) costs seconds.
-        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+        # Workers ignore Ctrl-C: the parent alone gets KeyboardInterrupt and terminates them (no traceback per
+        # worker, and no worker that dies of it while the pool replaces it and decoding goes on).
+        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint)
         results: Iterator[_Done] = pool.imap_unordered(_decode_chunk, jobs)
     else:
         results = map(_decode_chunk, jobs)
@@ -217,6 +220,10 @@ def _raise_size_mismatch(catalog: Catalog, pair: Sequence[int]) -> NoReturn:
     raise DataError(
         f"images differ in size ({', '.join(sizes)}); pass --image-size N to resize them all to N x N"
     )
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _n_workers() -> int:
