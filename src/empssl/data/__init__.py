@@ -23,7 +23,10 @@ per-image decoder, and feed its own batches)::
     images.py    ImageData, ImageSet, DataError
 
 :func:`scan` gives a source's :class:`Catalog` without decoding; ``record.read()`` gives one image's bytes
-under the same checks, and :func:`decode_image` decodes them by the same rules as the in-memory tier.
+under the same checks, and :func:`decode_image` decodes them by the same rules as the in-memory tier (a test
+holds the two equal). A folder's records hold paths, read when asked; an archive's hold the member bytes,
+read in one pass (a streamed tier over an archive larger than memory would list the names in a first pass and
+read the members in a second, which :mod:`.sources` does not do yet).
 
 Tiny ImageNet is read as distributed (``tiny-imagenet-200.zip`` or its unpacked folder): ``train/<wnid>/images/``,
 ``val/images/`` labelled by ``val/val_annotations.txt``, classes from ``wnids.txt`` (sorted), human-readable names
