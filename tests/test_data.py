@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
 import tarfile
 import urllib.error
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +163,7 @@ def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(data, "_decode_split", fail)
+    monkeypatch.setattr(data.decode, "decode_catalog", fail)
 
 
 @pytest.mark.parametrize("kind", ["folder", "zip"])
@@ -186,19 +195,19 @@ def test_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "tree")
     load_data(str(root), data_dir=str(tmp_path / "d"), progress=False)
     (cache,) = (tmp_path / "d" / "cache").iterdir()
-    (cache / "train_images.npy").write_bytes(b"garbage")
+    (cache / "images.npy").write_bytes(b"garbage")
     check_tree_data(*load_data(str(root), data_dir=str(tmp_path / "d"), progress=False))
-    assert np.load(cache / "train_images.npy").shape == (12, 3, 8, 8)
-    (cache / "test_labels.npy").unlink()
+    assert np.load(cache / "images.npy").shape == (18, 3, 8, 8)
+    (cache / "labels.npy").unlink()
     check_tree_data(*load_data(str(root), data_dir=str(tmp_path / "d"), progress=False))
-    assert np.load(cache / "test_labels.npy").shape == (6,)
+    assert np.load(cache / "labels.npy").shape == (18,)
 
 
 # --- the process pool -------------------------------------------------------------------------------
 
 
 def test_pool_decoding_matches_and_reports_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "_POOL_MIN_IMAGES", 1)
+    monkeypatch.setattr(data.decode, "POOL_MIN_IMAGES", 1)
     root = make_tree(tmp_path / "tree")
     check_tree_data(*load_data(str(root), data_dir=str(tmp_path / "d"), progress=True))
     (root / "test" / "frog" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
@@ -372,9 +381,11 @@ def test_train_and_test_sizes_differ(tmp_path: Path) -> None:
     assert train.images.shape[2:] == test.images.shape[2:] == (8, 8)
 
 
-def test_unwritable_cache_dir(tmp_path: Path) -> None:
+def test_unwritable_cache_dir_loads_without_caching(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "d").write_text("a file where the cache folder should go")
-    assert "cache" in load_error(make_tree(tmp_path / "tree"), tmp_path)
+    check_tree_data(*load_data(str(make_tree(tmp_path / "tree")), data_dir=str(tmp_path / "d"), progress=False))
+    note = capsys.readouterr().err.strip()
+    assert note.startswith("note: the decoded images were not cached") and "--data-dir" in note and "\n" not in note
 
 
 def test_negative_image_size(tmp_path: Path) -> None:
@@ -434,18 +445,28 @@ def test_demo_archive_loads(tmp_path: Path) -> None:
     assert 60 < train.images.float().mean() < 200  # real photos, not blank
 
 
-SHARED_CIFAR = Path("/work/shared/data/cifar10-jpeg75.tar.gz")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def shared_cifar() -> Path:
+    """The offline CIFAR-10 JPEG archive: in $EMPSSL_SHARED_DATA, else in ../shared/data beside the repository
+    (where this machine's clones, CI's included, find it). Skips when neither is set up; fails when the
+    variable is set but the archive is not there, since that is a broken set-up rather than another machine."""
+    env = os.environ.get("EMPSSL_SHARED_DATA")
+    path = (Path(env) if env else REPO.parent / "shared" / "data") / "cifar10-jpeg75.tar.gz"
+    if not path.is_file():
+        if env:
+            pytest.fail(f"EMPSSL_SHARED_DATA={env} holds no cifar10-jpeg75.tar.gz")
+        pytest.skip(f"needs the offline CIFAR-10 JPEG archive ({path}, or set EMPSSL_SHARED_DATA)")
+    return path
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason="needs the offline CIFAR-10 JPEG archive")
-def test_demo_archive_rebuilds_byte_for_byte(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    tool = Path(__file__).resolve().parent.parent / "tools" / "make_demo_subset.py"
+def test_demo_archive_rebuilds_byte_for_byte(tmp_path: Path, shared_cifar: Path) -> None:
+    tool = REPO / "tools" / "make_demo_subset.py"
     out = tmp_path / "demo.tar.gz"
-    subprocess.run([sys.executable, str(tool), "--source", str(SHARED_CIFAR), "--out", str(out)], check=True)
+    subprocess.run([sys.executable, str(tool), "--source", str(shared_cifar), "--out", str(out)], check=True)
     assert out.read_bytes() == demo_archive().read_bytes()
 
 
@@ -537,7 +558,7 @@ def test_load_images_uses_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(data, "_decode", fail)
+    monkeypatch.setattr(data.decode, "decode_catalog", fail)
     second = images_of(root, tmp_path)
     assert second.names == first.names and second.splits == first.splits and torch.equal(second.images, first.images)
     Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "0100.png")
@@ -563,3 +584,312 @@ def test_load_images_torchvision_names_are_indices(monkeypatch: pytest.MonkeyPat
     assert s.names == [f"train/{i:05d}" for i in range(6)] + [f"test/{i:05d}" for i in range(4)]
     assert s.splits == [("train", 6), ("test", 4)] and s.classes == ["a", "b"]
     assert s.labels.tolist() == [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
+
+
+# --- the pieces a streamed tier builds on ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_scan_records_decoded_one_by_one_equal_load_images(tmp_path: Path, kind: str) -> None:
+    root = make_tree(tmp_path / "tree")
+    spec = str(root if kind == "folder" else archive(root, tmp_path / "t.zip"))
+    catalog = data.scan(spec, data_dir=str(tmp_path / "d"))
+    assert not (tmp_path / "d").exists()  # scanning decodes and caches nothing
+    s = images_of(spec, tmp_path)
+    assert [r.name for r in catalog.records] == s.names and catalog.splits == s.splits
+    assert [r.label for r in catalog.records] == s.labels.tolist() and catalog.classes == s.classes
+    one_by_one = np.stack([data.decode_image(r.read()) for r in catalog.records]).transpose(0, 3, 1, 2)
+    assert torch.equal(torch.from_numpy(one_by_one), s.images)
+
+
+# --- bounded, honest reading: bit depth and transparency ------------------------------------------------------
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_16_bit_gradient_is_scaled_to_0_255() -> None:
+    exact = np.repeat((np.arange(256, dtype=np.uint16) * 257)[None], 4, axis=0)  # 0, 257, ..., 65535
+    img = Image.fromarray(exact)
+    raw = png_bytes(img)
+    assert Image.open(io.BytesIO(raw)).mode in ("I;16", "I")  # a 16-bit greyscale PNG, as PIL reads it
+    out = data.decode_image(raw)
+    assert out.shape == (4, 256, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[0, :, 0], np.arange(256)) and np.array_equal(out[..., 0], out[..., 2])
+    # a full-range gradient: round(v * 255 / 65535), every level present, mean at mid-grey
+    full = np.linspace(0, 65535, 1024).round().astype(np.uint16)[None].repeat(2, axis=0)
+    out = data.decode_image(png_bytes(Image.fromarray(full)))
+    assert np.array_equal(out[0, :, 1], np.round(full[0].astype(np.int64) * 255 / 65535).astype(np.uint8))
+    assert len(np.unique(out)) == 256 and abs(out.mean() - 127.5) < 0.5
+
+
+def test_16_bit_images_load_through_the_pipeline(tmp_path: Path) -> None:
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    for v in (0, 100, 255):
+        Image.fromarray(np.full((8, 8), v * 257, dtype=np.uint16)).save(folder / f"{v:03d}.png")
+    s = images_of(folder, tmp_path)
+    assert s.images[:, :, 0, 0].tolist() == [[0] * 3, [100] * 3, [255] * 3]
+
+
+def test_transparency_is_composited_over_white() -> None:
+    rgba = np.array([[[200, 10, 10, 0], [10, 20, 30, 255], [0, 0, 0, 128], [100, 200, 50, 51]]], dtype=np.uint8)
+    out = data.decode_image(png_bytes(Image.fromarray(rgba, "RGBA")))
+    expected = (rgba[..., :3].astype(int) * rgba[..., 3:] + 255 * (255 - rgba[..., 3:].astype(int)) + 127) // 255
+    assert np.array_equal(out, expected)
+    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [10, 20, 30]  # hidden colour never shows
+    la = Image.fromarray(np.array([[[0, 0], [0, 255], [90, 128]]], dtype=np.uint8), "LA")
+    assert data.decode_image(png_bytes(la))[0, :, 0].tolist() == [255, 0, (90 * 128 + 255 * 127 + 127) // 255]
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.putpixel((0, 0), 0)
+    pal.putpixel((1, 0), 1)
+    pal.info["transparency"] = 0  # palette index 0 (red) is transparent
+    assert data.decode_image(png_bytes(pal))[0].tolist() == [[255, 255, 255], [0, 0, 255]]
+
+
+# --- bounded, honest reading: sizes --------------------------------------------------------------------------
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels but holds only a few bytes of data: what a
+    decompression bomb looks like from its header, at no cost to make."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_too_many_pixels_refused_from_the_header_without_pil_warnings(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    (root / "train" / "cat" / "bomb.png").write_bytes(huge_png_header(20000, 5000))
+    limit_before = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        msg = load_error(root, tmp_path)
+    assert "train/cat/bomb.png" in msg and "20000x5000 = 100,000,000 pixels" in msg and "89,478,485" in msg
+    assert not caught and Image.MAX_IMAGE_PIXELS == limit_before  # no PIL warning; its setting restored
+    with pytest.raises(DataError, match="2,000,000,000 pixels"):  # above twice PIL's limit: still our line
+        data.decode_image(huge_png_header(40000, 50000))
+
+
+def test_file_over_the_size_cap_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data.sources, "MAX_FILE_BYTES", 10_000)
+    root = make_tree(tmp_path / "tree")
+    (root / "train" / "cat" / "big.png").write_bytes(png_bytes(Image.new("RGB", (8, 8))) + b"\0" * 20_000)
+    msg = load_error(root, tmp_path)
+    assert "train/cat/big.png" in msg and "20,0" in msg and "10,000" in msg
+
+
+def lying_zip(path: Path, member: str, claimed: int) -> Path:
+    """A zip holding a small image whose central-directory entry claims ``claimed`` unpacked bytes."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("t/train/cat/0000.png", png_bytes(Image.new("RGB", (8, 8))))
+        zf.writestr("t/test/cat/0000.png", png_bytes(Image.new("RGB", (8, 8))))
+        zf.writestr(member, png_bytes(Image.new("RGB", (8, 8))))
+    raw = bytearray(path.read_bytes())
+    entry = raw.index(b"PK\x01\x02" + raw[raw.rindex(b"PK\x01\x02") + 4: raw.rindex(b"PK\x01\x02") + 8],
+                      raw.rindex(b"PK\x01\x02"))
+    struct.pack_into("<I", raw, entry + 24, claimed)  # uncompressed size of the last member
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_archive_member_refused_by_its_header_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a member over the cap was opened")
+
+    # zip: 1 GiB claimed in the header (a bomb as the header shows it), never opened
+    path = lying_zip(tmp_path / "bomb.zip", "t/train/cat/bomb.png", 2**30)
+    with monkeypatch.context() as m:
+        real_open = zipfile.ZipFile.open
+        m.setattr(zipfile.ZipFile, "open",
+                  lambda self, info, *a, **k: never() if "bomb" in str(getattr(info, "filename", info))
+                  else real_open(self, info, *a, **k))
+        msg = load_error(path, tmp_path)
+    assert "t/train/cat/bomb.png" in msg and "1,073,741,824 bytes" in msg and "bomb.zip" in msg
+    # tar: a header promising 1 GiB, with no data behind it: refused before tarfile is asked for any of it
+    tar = tmp_path / "bomb.tar"
+    with tarfile.open(tar, "w") as tf:
+        info = tarfile.TarInfo("t/train/cat/bomb.png")
+        info.size = 2**30
+        tf.fileobj.write(info.tobuf(tf.format, tf.encoding, tf.errors))  # the header only, no data
+    msg = load_error(tar, tmp_path)
+    assert "t/train/cat/bomb.png" in msg and "1,073,741,824 bytes" in msg and "\n" not in msg
+
+
+def test_archive_bytes_bounded_by_the_memory_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = archive(make_tree(tmp_path / "tree"), tmp_path / "t.tar.gz")
+    total = sum(p.stat().st_size for p in (tmp_path / "tree").rglob("*.png"))
+    monkeypatch.setattr(data.sources, "memory_available", lambda: total)  # half of it is less than the images
+    msg = load_error(path, tmp_path)
+    assert "t.tar.gz" in msg and "half the memory available" in msg and "extract it" in msg
+    monkeypatch.setattr(data.sources, "memory_available", lambda: 2 * total)
+    check_tree_data(*load_data(str(path), data_dir=str(tmp_path / "d"), progress=False))
+
+
+# --- bounded, honest reading: only regular files -------------------------------------------------------------
+
+
+@pytest.fixture
+def no_hang() -> object:
+    """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
+    def timeout(*_: object) -> None:
+        raise AssertionError("hung reading a data folder")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX file types")
+def test_non_regular_entries_are_skipped_with_a_count(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      no_hang: object) -> None:
+    root = make_tree(tmp_path / "tree")
+    cat = root / "train" / "cat"
+    os.mkfifo(cat / "fifo.png")
+    (cat / "gone.png").symlink_to(tmp_path / "nowhere.png")  # leads nowhere
+    (cat / "link.png").symlink_to(cat / "0000.png")  # a link to a regular file is read as that file
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(cat / "sock.png"))
+    try:
+        train, test = load_data(str(root), data_dir=str(tmp_path / "d"), progress=False)
+    finally:
+        sock.close()
+    assert len(train) == 13 and len(test) == 6
+    note = capsys.readouterr().err.strip()
+    assert note.startswith("note: skipped 3 entries of") and "not a regular file" in note and "\n" not in note
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX file types")
+def test_a_fifo_swapped_in_after_the_scan_is_refused_not_waited_on(tmp_path: Path, no_hang: object) -> None:
+    os.mkfifo(tmp_path / "x.png")
+    with pytest.raises(DataError, match="x.png: not a regular file"):
+        data.ImageRecord("x.png", None, str(tmp_path / "x.png")).read()
+
+
+def test_unreadable_image_file_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_tree(tmp_path / "tree")
+    locked = str(root / "test" / "dog" / "0001.png")
+    # chmod cannot lock out root (the CI user here), so os.access is told what a user without permission sees
+    real_access = os.access
+    monkeypatch.setattr(data.sources.os, "access", lambda p, mode: p != locked and real_access(p, mode))
+    msg = load_error(root, tmp_path)
+    assert "test/dog/0001.png" in msg and "permission denied" in msg
+
+
+def test_archive_links_and_devices_are_skipped_with_a_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    path = archive(make_tree(tmp_path / "tree"), tmp_path / "t.tar", wrap="t")
+    with tarfile.open(path, "a") as tf:
+        for name, kind in (("t/train/cat/fifo.png", tarfile.FIFOTYPE), ("t/train/cat/dev.png", tarfile.CHRTYPE),
+                           ("t/train/cat/hard.png", tarfile.LNKTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "t/train/cat/0000.png"
+            tf.addfile(info)
+    assert len(load_data(str(path), data_dir=str(tmp_path / "d"), progress=False)[0]) == 12
+    assert "skipped 3 entries" in capsys.readouterr().err
+    # a zip entry made from a symlink holds the link's target as its "contents": skipped, never decoded
+    z = archive(make_tree(tmp_path / "tree2"), tmp_path / "t.zip", wrap="t")
+    with zipfile.ZipFile(z, "a") as zf:
+        info = zipfile.ZipInfo("t/train/cat/link.png")
+        info.external_attr = 0o120777 << 16
+        zf.writestr(info, "/etc/passwd")
+    assert len(load_data(str(z), data_dir=str(tmp_path / "d"), progress=False)[0]) == 12
+    assert "skipped 1 entry" in capsys.readouterr().err
+
+
+# --- the cache under a full disk, and after a kill ---------------------------------------------------------------
+
+
+def test_full_disk_while_caching_loads_without_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_tree(tmp_path / "tree")
+    saved: list[str] = []
+    real_save = np.save
+
+    def full(file: Path, array: np.ndarray) -> None:
+        if saved:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        saved.append(str(file))
+        real_save(file, array)  # the first array fits, the second finds the disk full
+
+    monkeypatch.setattr(data.cache.np, "save", full)
+    check_tree_data(*load_data(str(root), data_dir=str(tmp_path / "d"), progress=False))
+    note = capsys.readouterr().err.strip()
+    assert "not cached" in note and os.strerror(errno.ENOSPC) in note and "\n" not in note
+    assert list((tmp_path / "d" / "cache").iterdir()) == []  # the half-written temp folder is gone
+    # a read-only data dir, as the OS reports it
+    monkeypatch.setattr(data.cache.tempfile, "mkdtemp",
+                        lambda **_: (_ for _ in ()).throw(OSError(errno.EROFS, os.strerror(errno.EROFS))))
+    check_tree_data(*load_data(str(root), data_dir=str(tmp_path / "d"), progress=False))
+    assert os.strerror(errno.EROFS) in capsys.readouterr().err
+
+
+KILL_WHILE_CACHING = """
+import os, signal, sys
+import numpy as np
+import empssl.data.cache as cache
+
+real_save = np.save
+def save_then_die(file, array):
+    real_save(file, array)
+    os.kill(os.getpid(), signal.SIGKILL)  # killed mid-write: one array saved, no meta.json, no rename
+cache.np.save = save_then_die
+from empssl.data import load_data
+load_data(sys.argv[1], data_dir=sys.argv[2], progress=False)
+"""
+
+
+def test_temp_folder_of_a_killed_process_is_removed_at_the_next_load(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree")
+    d = tmp_path / "d"
+    proc = subprocess.run([sys.executable, "-c", KILL_WHILE_CACHING, str(root), str(d)], env=os.environ.copy())
+    assert proc.returncode == -signal.SIGKILL
+    (left,) = (d / "cache").iterdir()
+    assert left.name.startswith(".tree-") and left.name.endswith(".tmp") and not (left / "meta.json").exists()
+    # a temp folder of a process that still runs (this one) is not touched
+    alive = d / "cache" / f".tree-0123456789abcdef.{data.cache._host()}.{os.getpid()}.x1y2.tmp"
+    alive.mkdir()
+    check_tree_data(*load_data(str(root), data_dir=str(d), progress=False))
+    names = sorted(p.name for p in (d / "cache").iterdir())
+    assert left.name not in names and alive.name in names and len(names) == 2
+    (cache,) = [p for p in (d / "cache").iterdir() if not p.name.startswith(".")]
+    assert (cache / "meta.json").is_file()
+
+
+CTRL_C_WHILE_DECODING = """
+import os, signal, sys, threading, time
+import empssl.data.decode as dec
+from empssl.data import load_data
+
+dec.POOL_MIN_IMAGES, dec._n_workers = 1, lambda: 2
+real = dec._decode
+def slow(*args):
+    time.sleep(0.2)
+    return real(*args)
+dec._decode = slow
+# Ctrl-C reaches the whole process group, the pool's workers included
+threading.Timer(1.0, lambda: os.killpg(os.getpgid(0), signal.SIGINT)).start()
+try:
+    load_data(sys.argv[1], data_dir=sys.argv[2], progress=False)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+print("finished")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the pool forks on Linux")
+def test_ctrl_c_while_the_pool_decodes_stops_the_load(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree", n_train=8, n_test=8)
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_DECODING, str(root), str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert proc.returncode == 130 and proc.stdout == "", proc.stderr
+    assert proc.stderr.strip() == "interrupted"  # no traceback from any worker

@@ -142,7 +142,7 @@ def test_second_load_uses_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(data, "_decode", fail)
+    monkeypatch.setattr(data.decode, "decode_catalog", fail)
     second = load_data(str(top), data_dir=str(tmp_path / "d"), progress=False)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a.images, b.images) and a.classes == b.classes and a.class_names == b.class_names

@@ -5,7 +5,10 @@ CIFAR's own order) and repacks their original JPEG bytes, not re-encoded, as
 ``cifar10-demo/{train,test}/<class>/NNNN.jpg``. The output is byte-for-byte reproducible: members sorted,
 fixed mtime/uid/gid/modes, USTAR headers, and a gzip header with mtime 0 and no file name.
 
-    python tools/make_demo_subset.py [--source /work/shared/data/cifar10-jpeg75.tar.gz] [--out ...]
+    python tools/make_demo_subset.py [--source ARCHIVE] [--out ...]
+
+``--source`` defaults to ``cifar10-jpeg75.tar.gz`` in ``$EMPSSL_SHARED_DATA``, else in ``../shared/data`` beside
+the repository (where this project's machines keep it; tests/test_data.py looks in the same places).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import gzip
 import hashlib
 import io
+import os
 import sys
 import tarfile
 from collections import defaultdict
@@ -21,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 REPO = Path(__file__).resolve().parent.parent
 MTIME = 1577836800  # 2020-01-01 00:00 UTC, as in the source archive
+SHARED_DATA = Path(os.environ.get("EMPSSL_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
 def select(source: Path, per_split: dict[str, int]) -> dict[tuple[str, str, str], bytes]:
@@ -74,8 +79,9 @@ def write(files: dict[tuple[str, str, str], bytes], out: Path, root: str) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", type=Path, default=Path("/work/shared/data/cifar10-jpeg75.tar.gz"),
-                   help="the full CIFAR-10 JPEG ImageFolder archive")
+    p.add_argument("--source", type=Path, default=SHARED_DATA / "cifar10-jpeg75.tar.gz",
+                   help="the full CIFAR-10 JPEG ImageFolder archive (default: in $EMPSSL_SHARED_DATA or "
+                        "../shared/data)")
     p.add_argument("--out", type=Path, default=REPO / "src/empssl/assets/cifar10-demo.tar.gz",
                    help="where to write the demo archive")
     p.add_argument("--train-per-class", type=int, default=500, help="training images kept per class")

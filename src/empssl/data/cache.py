@@ -1,0 +1,143 @@
+"""The decoded-image cache: ``data_dir/cache/<name>-<hash>/`` holding ``images.npy``, ``labels.npy`` (when the
+source has classes) and ``meta.json`` (names, classes, splits, the source and the cache version), one per source
+and image size; what :func:`empssl.data.load_images` returns, and :func:`empssl.data.load_data` splits.
+
+Guarantees:
+
+- A cache folder is complete or absent: it is written into a temp folder ``.<name>-<hash>.<host>.<pid>.*.tmp``
+  beside it and renamed into place. Temp folders of processes that died (killed while writing) are removed at
+  the next load on the same host; a damaged cache folder is removed and decoded again.
+- Writing is best effort: when the cache cannot be written (full disk, read-only or missing ``data_dir``, a
+  file in its way), the decoded images are returned all the same, with one note on stderr saying why the next
+  load decodes again. Nothing half-written is left behind.
+- The key covers the source's path, the image size and the cache version, and the archive's size and mtime or
+  every file of a folder (size and mtime): a folder's contents can change without its own mtime changing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .images import ImageSet
+from .sources import ARCHIVE_SUFFIXES, Tree
+
+# Bump when the cache layout or the decoding changes, so stale caches are not reused.
+# 2: one format for load_data and load_images; 16-bit images scaled, transparency composited over white.
+CACHE_VERSION = 2
+_TMP_SUFFIX = ".tmp"
+
+
+def cache_dir(source: Path, data_dir: Path, image_size: int, tree: Tree | None) -> Path:
+    """``data_dir/cache/<name>-<hash>`` for ``source`` decoded at ``image_size``. An archive (``tree`` None) is
+    keyed by its size and mtime, a folder by the stamps of every file the walk found."""
+    h = hashlib.sha256(f"{source}|{image_size}|{CACHE_VERSION}".encode())
+    stem = source.name
+    if tree is None:
+        st = source.stat()
+        h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
+        for suffix in ARCHIVE_SUFFIXES:
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+    else:
+        for name in sorted(tree.stamps):
+            size, mtime = tree.stamps[name]
+            h.update(f"|{name}|{size}|{mtime}".encode())
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "data"
+    return data_dir / "cache" / f"{safe}-{h.hexdigest()[:16]}"
+
+
+def write_cache(cache: Path, images: ImageSet, source: str, image_size: int) -> None:
+    """Save ``images`` under ``cache`` atomically; on an OS error, leave nothing behind and print a note."""
+    tmp: Path | None = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.{_host()}.{os.getpid()}.", suffix=_TMP_SUFFIX,
+                                    dir=cache.parent))
+        arrays = {"images": images.images.numpy()}
+        if images.labels is not None:
+            arrays["labels"] = images.labels.numpy()
+        for key, array in arrays.items():
+            np.save(tmp / f"{key}.npy", array)
+        meta = {"version": CACHE_VERSION, "arrays": sorted(arrays), "source": source, "image_size": image_size,
+                "names": images.names, "classes": images.classes, "class_names": images.class_names,
+                "splits": images.splits}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, cache)
+        except OSError:
+            if not (cache / "meta.json").is_file():
+                raise
+            # another process wrote the same cache first; theirs is as good as ours
+        else:
+            tmp = None
+    except OSError as e:
+        print(f"note: the decoded images were not cached under {cache.parent} ({e.strerror or e}); they are "
+              f"decoded again next time (free some space, or pass a writable --data-dir)", file=sys.stderr)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_cache(cache: Path) -> ImageSet | None:
+    """The cached :class:`ImageSet`, or None when absent or unreadable (then the caller decodes again)."""
+    if not cache.exists():
+        return None
+    try:
+        meta: dict[str, Any] = json.loads((cache / "meta.json").read_text())
+        if meta.get("version") != CACHE_VERSION or "images" not in meta["arrays"]:
+            raise ValueError("cache version or contents mismatch")
+        arrays = {key: np.load(cache / f"{key}.npy") for key in meta["arrays"]}
+        labels = torch.from_numpy(arrays["labels"]) if "labels" in arrays else None
+        return ImageSet(torch.from_numpy(arrays["images"]), list(meta["names"]), labels, meta["classes"],
+                        meta["class_names"], [(s, c) for s, c in meta["splits"]])
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        # Caches are renamed into place complete, so this one was damaged afterwards: rebuild it.
+        shutil.rmtree(cache, ignore_errors=True)
+        return None
+
+
+def remove_stale_temps(cache_root: Path) -> None:
+    """Remove the temp folders under ``cache_root`` left by processes of this host that no longer run."""
+    if os.name != "posix" or not cache_root.is_dir():  # os.kill(pid, 0) probes a process only on POSIX
+        return
+    host = _host()
+    try:
+        entries = list(os.scandir(cache_root))
+    except OSError:
+        return
+    for entry in entries:
+        parts = entry.name.split(".")
+        # "", <name>-<hash> (dots allowed), host, pid, random, "tmp"
+        if not (entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX) and len(parts) >= 6):
+            continue
+        if parts[-4] != host or not parts[-3].isdigit() or _alive(int(parts[-3])):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"

@@ -1,0 +1,231 @@
+"""Decoding: one image's bytes -> (H, W, 3) uint8 (:func:`decode_image`), and a catalog's images -> one
+(N, 3, H, W) uint8 tensor with a process pool (:func:`decode_catalog`).
+
+The rules :func:`decode_image` applies, in order:
+
+- **Size first.** The pixel count is read from the header, before anything is decoded; an image of more than
+  :data:`MAX_IMAGE_PIXELS` pixels is refused with one line naming it and its size. PIL's own
+  decompression-bomb check (a warning above ``PIL.Image.MAX_IMAGE_PIXELS``, an error above twice that) is
+  switched off while opening, so that this one rule applies and no warning lines are printed; the process's
+  PIL setting is restored afterwards.
+- **16-bit images** (PNG/TIFF modes ``I;16``, ``I;16B``, ``I;16L``, and ``I``, which PIL uses for 16-bit
+  PNGs) are scaled from 0..65535 to 0..255 (``round(v * 255 / 65535)``; ``I`` is clipped to 0..65535 first),
+  then replicated to three channels. 16-bit RGB PNGs are reduced to 8 bits by PIL itself (the high byte).
+- **Transparency** (RGBA, LA, PA, and P/L/RGB images with a transparent colour): composited over white,
+  ``out = (c * a + 255 * (255 - a)) / 255`` rounded, as an image viewer shows it on a white page. A fully
+  transparent pixel is white whatever colour it hides; an opaque one keeps its colour.
+- Everything else (L, 1, CMYK, YCbCr, F, ...) goes through PIL's ``convert("RGB")``; one-channel images
+  become three equal channels.
+- ``image_size`` S > 0: shorter side resized to S (bilinear, antialiased when shrinking), centre crop S x S.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing as mp
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NoReturn
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from .images import DataError
+from .layouts import Catalog
+from .sources import read_file
+
+# The largest image decoded, in pixels: PIL's default MAX_IMAGE_PIXELS (0.25 GiB as RGBA), enforced here as
+# an error rather than PIL's warning. 100 Mpx = 300 MB decoded; such an image is refused from its header.
+MAX_IMAGE_PIXELS = 89_478_485
+# Below this many images a process pool costs more to start than it saves.
+POOL_MIN_IMAGES = 512
+
+_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_ALPHA = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+def decode_image(data: bytes, image_size: int = 0, name: str = "image") -> np.ndarray:
+    """Decode one image file's bytes into (H, W, 3) uint8 (or (S, S, 3) with ``image_size`` S > 0).
+
+    The rules (size limit, 16-bit scaling, transparency over white) are in the module docstring. ``name``
+    is how messages name the image ("image train/cat/1.png in /data/x"). Raises :class:`DataError` with one
+    line for an image that is too large or cannot be decoded.
+    """
+    with _pil_bomb_check_off():
+        return _decode(data, image_size, name)
+
+
+def _decode(data: bytes, image_size: int, name: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(f"{name} is {w}x{h} = {w * h:,} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                                f"allowed (empssl.data.decode.MAX_IMAGE_PIXELS); shrink it or leave it out")
+            rgb = _to_rgb(img)
+        return resize_crop(rgb, image_size) if image_size else np.asarray(rgb, dtype=np.uint8)
+    except DataError:
+        raise
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise DataError(f"cannot decode {name}: {_why(e)}") from e
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB by the rules of the module docstring."""
+    mode = img.mode
+    if mode in ("RGB", "L") and "transparency" not in img.info:  # the common case: PIL's conversion
+        return img.convert("RGB")
+    if mode in _SIXTEEN_BIT:
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if mode in _ALPHA or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)  # (H, W, 4)
+        a = rgba[..., 3:]
+        over_white = (rgba[..., :3] * a + 255 * (255 - a) + 127) // 255
+        return Image.fromarray(over_white.astype(np.uint8), "RGB")
+    return img.convert("RGB")
+
+
+# PIL's bomb check is a module global; pool workers and threads share one switch, restored by the last user.
+_bomb_lock = threading.Lock()
+_bomb_users = 0
+_bomb_saved: int | None = None
+
+
+@contextmanager
+def _pil_bomb_check_off() -> Iterator[None]:
+    global _bomb_users, _bomb_saved
+    with _bomb_lock:
+        if _bomb_users == 0:
+            _bomb_saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _bomb_users += 1
+    try:
+        yield
+    finally:
+        with _bomb_lock:
+            _bomb_users -= 1
+            if _bomb_users == 0:
+                Image.MAX_IMAGE_PIXELS = _bomb_saved
+
+
+def resize_crop(img: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to ``size`` (bilinear; PIL antialiases when shrinking) and centre-crop.
+
+    Returns (size, size, 3) uint8.
+    """
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+        left, top = round((nw - size) / 2), round((nh - size) / 2)  # as torchvision's center_crop
+        img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+# PIL puts the repr of the file object it was given into some messages ("<_io.BytesIO object at 0x7f...>"
+# for archive members): meaningless to the user, who is told the member's name instead.
+_FILE_REPR = re.compile(r"\s*<_io\.\w+ (?:object at 0x[0-9a-fA-F]+|name=[^>]*)>")
+
+
+def _why(e: Exception) -> str:
+    """One line saying why an image could not be decoded, without PIL's file-object repr."""
+    if isinstance(e, UnidentifiedImageError):
+        return "UnidentifiedImageError: not an image format PIL recognises (or a damaged header)"
+    detail = _FILE_REPR.sub("", " ".join(str(e).split()))
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+
+
+_Job = tuple[int, list[str | bytes], list[str], int]
+_Done = tuple[int, np.ndarray | None, int, str]
+
+
+def _decode_chunk(job: _Job) -> _Done:
+    """Pool worker: decode images ``start, start + 1, ...`` given as paths or bytes, named ``names``.
+
+    Returns ``(start, (k, 3, H, W) uint8, -1, "")``, or ``(start, None, bad_index, message)`` for the first
+    image that cannot be read or decoded (``message`` the one-line error) or differs in size from the chunk's
+    first (``message`` empty). One stacked array per chunk keeps the pickling between processes cheap.
+    """
+    start, sources, names, image_size = job
+    arrays: list[np.ndarray] = []
+    with _pil_bomb_check_off():
+        for k, (src, name) in enumerate(zip(sources, names, strict=True)):
+            try:
+                a = _decode(src if isinstance(src, bytes) else read_file(src, name), image_size, name)
+            except DataError as e:
+                return start, None, start + k, str(e)
+            if arrays and a.shape != arrays[0].shape:
+                return start, None, start + k, ""
+            arrays.append(a)
+    return start, np.stack(arrays).transpose(0, 3, 1, 2), -1, ""
+
+
+def decode_catalog(catalog: Catalog, image_size: int, progress: bool, desc: str = "decoding") -> torch.Tensor:
+    """Decode every image of ``catalog`` into one (N, 3, H, W) uint8 tensor, with a process pool when there
+    are many. DataError names the first image that cannot be decoded, or two images of different size."""
+    records = catalog.records
+    n = len(records)
+    if n == 0:
+        raise DataError(f"no images to decode in {catalog.source}")
+    names = [f"image {catalog.where(i)}" for i in range(n)]
+    workers = _n_workers() if n >= POOL_MIN_IMAGES else 1
+    size = max(1, min(256, math.ceil(n / (4 * workers))))  # >= 4 chunks per worker to balance the load
+    jobs: list[_Job] = [(i, [r.data for r in records[i: i + size]], names[i: i + size], image_size)
+                        for i in range(0, n, size)]
+    out: np.ndarray | None = None  # (N, 3, H, W), allocated once the first chunk's image size is known
+    pool = None
+    if workers > 1:
+        # fork: workers need only PIL and numpy, and re-importing torch in each (spawn) costs seconds.
+        # Workers ignore Ctrl-C: the parent alone gets KeyboardInterrupt and terminates them (no traceback per
+        # worker, and no worker that dies of it while the pool replaces it and decoding goes on).
+        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint)
+        results: Iterator[_Done] = pool.imap_unordered(_decode_chunk, jobs)
+    else:
+        results = map(_decode_chunk, jobs)
+    try:
+        with tqdm(total=n, desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
+            for start, arr, bad, message in results:
+                if arr is None and message:
+                    raise DataError(message)
+                if arr is None:
+                    _raise_size_mismatch(catalog, (start, bad))
+                if out is None:
+                    out = np.empty((n, 3, *arr.shape[2:]), dtype=np.uint8)
+                elif arr.shape[2:] != out.shape[2:]:
+                    _raise_size_mismatch(catalog, (0, start))
+                out[start: start + len(arr)] = arr
+                bar.update(len(arr))
+    finally:
+        if pool is not None:
+            pool.terminate()
+    assert out is not None  # n >= 1 and every chunk either filled its rows or raised
+    return torch.from_numpy(out)
+
+
+def _raise_size_mismatch(catalog: Catalog, pair: Sequence[int]) -> NoReturn:
+    sizes = []
+    for i in pair:
+        record = catalog.records[i]
+        with _pil_bomb_check_off(), Image.open(io.BytesIO(record.read())) as img:
+            sizes.append(f"{catalog.root}{record.name} is {img.size[0]}x{img.size[1]}")
+    raise DataError(
+        f"images differ in size ({', '.join(sizes)}); pass --image-size N to resize them all to N x N"
+    )
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _n_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 16))

@@ -1,0 +1,106 @@
+"""What the data pipeline gives: :class:`ImageData` (one labelled split) and :class:`ImageSet` (every image of a
+source with its name), and :class:`DataError`, the one-line error for bad data. Imports nothing above it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+class DataError(Exception):
+    """A user mistake or bad data (missing path, bad layout, corrupt image, ...): reported in one line."""
+
+
+@dataclass
+class ImageData:
+    """A labelled image set held in memory.
+
+    Attributes:
+        images: (N, 3, H, W) uint8, contiguous, on the CPU.
+        labels: (N,) int64 class indices into ``classes``.
+        classes: class names; ``classes[i]`` is the name of label ``i`` (for Tiny ImageNet: the wnids).
+        class_names: human-readable names beside ``classes`` where the data gives them (Tiny ImageNet's
+            words.txt, e.g. "goldfish, Carassius auratus"), else None.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.uint8:
+            got = f"{tuple(self.images.shape)} {self.images.dtype}"
+            raise ValueError(f"images must be (N, 3, H, W) uint8, got {got}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must be ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, n: int) -> ImageData:
+        """The first ``n`` images, class-balanced, in stored order.
+
+        Classes are interleaved in stored order (first image of every class, then the second of every
+        class, ...) and the first ``n`` of that sequence are kept, so each class gets ceil or floor of
+        ``n / C`` images (a class that runs out leaves its share to the others). Deterministic, and
+        ``subset(n).subset(m) == subset(m)`` for ``m <= n``. ``n >= len(self)`` returns ``self``.
+        """
+        if n < 1:
+            raise DataError(f"subset size must be >= 1, got {n}")
+        if n >= len(self):
+            return self
+        labels = self.labels.numpy()
+        # rank[i] = how many earlier images share image i's label
+        order = np.argsort(labels, kind="stable")
+        rank = np.empty(len(labels), dtype=np.int64)
+        counts = np.bincount(labels, minlength=len(self.classes))
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        rank[order] = np.arange(len(labels)) - np.repeat(starts, counts)
+        interleaved = np.lexsort((labels, rank))  # by rank, then label
+        keep = torch.from_numpy(np.sort(interleaved[:n]))
+        return ImageData(self.images[keep].contiguous(), self.labels[keep], list(self.classes), self.class_names)
+
+
+@dataclass
+class ImageSet:
+    """Every image of a source, each with its relative file name (what ``empssl embed`` embeds).
+
+    Attributes:
+        images: (N, 3, H, W) uint8, contiguous, on the CPU.
+        names: N relative POSIX paths ("train/cat/0001.png", "val/images/val_0.JPEG", "00012.jpg"; for
+            torchvision arrays "train/00012"), unique, in the stored order.
+        labels: (N,) int64 indices into ``classes``, or None when the source has no classes (a flat folder).
+        classes: class names (Tiny ImageNet: wnids), or None.
+        class_names: human-readable class names where the data gives them (Tiny ImageNet), else None.
+        splits: consecutive blocks of the rows as (split, count): [("train", 50000), ("test", 10000)] for a
+            split root or a dataset, [("", N)] for a folder without splits. Each block holds the images that
+            :func:`load_data` gives for that split, in the same order.
+    """
+
+    images: torch.Tensor
+    names: list[str]
+    labels: torch.Tensor | None
+    classes: list[str] | None
+    class_names: list[str] | None = None
+    splits: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = self.images.shape[0]
+        if self.images.dim() != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.uint8:
+            raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(self.images.shape)} {self.images.dtype}")
+        if len(self.names) != n:
+            raise ValueError(f"need one name per image, got {len(self.names)} names for {n} images")
+        if self.labels is not None and self.labels.shape != (n,):
+            raise ValueError(f"labels must be ({n},), got {tuple(self.labels.shape)}")
+        if (self.labels is None) != (self.classes is None):
+            raise ValueError("labels and classes are given together or not at all")
+        if not self.splits:
+            self.splits = [("", n)]
+        if sum(count for _, count in self.splits) != n:
+            raise ValueError(f"splits {self.splits} do not add up to {n} images")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]

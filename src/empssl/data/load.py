@@ -1,0 +1,171 @@
+"""The in-memory pipeline: a spec -> its source -> one scan into a :class:`Catalog` -> decode -> cache.
+
+:func:`load_images` is the pipeline; :func:`load_data` is its (train, test) splits.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from . import decode
+from .cache import cache_dir, read_cache, remove_stale_temps, write_cache
+from .images import DataError, ImageData, ImageSet
+from .layouts import TORCHVISION_DATASETS, Catalog, catalog_tree, held_out_split, load_torchvision, split_names
+from .sources import ARCHIVE_SUFFIXES, Tree, demo_archive, read_archive, walk_folder
+
+TINY_IMAGENET = "tiny-imagenet"
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def load_data(
+    spec: str, data_dir: str = "./data", image_size: int = 0, progress: bool = True
+) -> tuple[ImageData, ImageData]:
+    """Load a dataset as ``(train, test)``, both :class:`ImageData` with (N, 3, H, W) uint8 images.
+
+    The two splits of :func:`load_images` (same scan, same cache): ``train/`` and ``test/`` (``val/`` when there
+    is no ``test/``; Tiny ImageNet: ``val/``). Both are views of one tensor, which also holds ``val/`` when a
+    root has ``train/``, ``val/`` and ``test/``.
+
+    Args:
+        spec: ``cifar10`` or ``cifar100`` (torchvision, under ``data_dir``); ``demo`` (the bundled
+            archive); ``tiny-imagenet`` (``data_dir/tiny-imagenet-200.zip`` or its unpacked folder); or a path
+            to an ImageFolder root holding ``train/`` and ``test/`` (or ``val/``), each ``<class>/<images>``,
+            to a Tiny ImageNet folder (test split: ``val/``), or to a .tar/.tar.gz/.tgz/.zip archive of one.
+        data_dir: where torchvision datasets and the decoded-image cache live.
+        image_size: 0 keeps the images' own size (they must all agree); S > 0 resizes the shorter side
+            to S (bilinear, antialiased) and centre-crops to S x S.
+        progress: show a progress bar on stderr while decoding.
+
+    Raises:
+        DataError: with a one-line message for any missing, malformed or undecodable data.
+    """
+    if image_size < 0:
+        raise DataError(f"image size must be >= 0, got {image_size}")
+    if spec in TORCHVISION_DATASETS:
+        return load_torchvision(spec, data_dir, image_size)
+    path = resolve(spec, Path(data_dir))
+    images = _image_set(path, Path(data_dir), image_size, progress, train_test=True)
+    starts: dict[str, tuple[int, int]] = {}
+    at = 0
+    for name, count in images.splits:
+        starts[name] = (at, at + count)
+        at += count
+    test = held_out_split(starts, str(path))  # also refuses a cache that load_images wrote for another layout
+    labels, classes = images.labels, images.classes
+    assert labels is not None and classes is not None  # split roots have classes
+
+    def split(name: str) -> ImageData:
+        lo, hi = starts[name]
+        return ImageData(images.images[lo:hi], labels[lo:hi], list(classes), images.class_names)
+
+    return split("train"), split(test)
+
+
+def load_images(spec: str, data_dir: str = "./data", image_size: int = 0, progress: bool = True) -> ImageSet:
+    """Every image of ``spec`` with its relative name, in a stable sorted order (see :class:`ImageSet`).
+
+    ``spec`` is one of:
+
+    - a folder of images (images directly in it, maybe more in subfolders): no classes; every image at any
+      depth, sorted by name;
+    - a class tree (all images in subfolders): label = first folder, classes sorted, images grouped by class
+      and sorted by name within it;
+    - a split root (``train/`` and any of ``val/``, ``test/``, each a class tree): the splits in that order,
+      names keep the split prefix ("train/cat/1.jpg"); the splits must share their classes;
+    - Tiny ImageNet as distributed: ``train/`` then ``val/`` (labelled by val_annotations.txt); ``test/`` has
+      no labels and is left out (pass ``tiny-imagenet-200/test/images`` itself to embed it);
+    - a .tar/.tar.gz/.tgz/.zip archive of any of these (a single folder wrapping the contents is dropped
+      from the names, so an archive and its unpacked folder give the same names);
+    - a dataset: ``demo``, ``tiny-imagenet`` (as in :func:`load_data`), ``cifar10``/``cifar100`` (names
+      "train/00012", "test/00012": the index in torchvision's arrays).
+
+    ``image_size`` and ``progress`` as in :func:`load_data`; folders and archives are decoded once into the
+    cache under ``data_dir``. Raises :class:`DataError` (one line) for missing or bad data, naming the file,
+    and suggesting ``--image-size`` when the images differ in size.
+    """
+    if image_size < 0:
+        raise DataError(f"image size must be >= 0, got {image_size}")
+    if spec in TORCHVISION_DATASETS:
+        train, test = load_torchvision(spec, data_dir, image_size)
+        return ImageSet(
+            torch.cat([train.images, test.images]),
+            [f"train/{i:05d}" for i in range(len(train))] + [f"test/{i:05d}" for i in range(len(test))],
+            torch.cat([train.labels, test.labels]), list(train.classes), None,
+            [("train", len(train)), ("test", len(test))])
+    return _image_set(resolve(spec, Path(data_dir)), Path(data_dir), image_size, progress, train_test=False)
+
+
+def scan(spec: str, data_dir: str = "./data") -> Catalog:
+    """The :class:`Catalog` of a folder, archive, ``demo`` or ``tiny-imagenet``: every image's relative name,
+    label and bytes (archives are read, nothing is decoded), in the order :func:`load_images` keeps.
+    torchvision's arrays (``cifar10``, ``cifar100``) have no files and no catalog."""
+    if spec in TORCHVISION_DATASETS:
+        raise DataError(f"{spec} is a torchvision array dataset, not a folder or archive: it has no catalog")
+    path = resolve(spec, Path(data_dir))
+    return _catalog(path, _tree(path), train_test=False)
+
+
+def _image_set(path: Path, data_dir: Path, image_size: int, progress: bool, train_test: bool) -> ImageSet:
+    """The pipeline: walk a folder (an archive is keyed without reading it), look in the cache, else read,
+    catalog and decode, and cache the result. ``train_test``: refuse, before decoding, a tree without the
+    splits :func:`load_data` needs."""
+    archive = not path.is_dir()
+    tree = None if archive else _tree(path)
+    cache = cache_dir(path, data_dir, image_size, tree)
+    remove_stale_temps(cache.parent)
+    cached = read_cache(cache)
+    if cached is not None:
+        return cached
+    catalog = _catalog(path, tree if tree is not None else _tree(path), train_test)
+    images = decode.decode_catalog(catalog, image_size, progress)
+    labels = None if catalog.classes is None else torch.tensor([r.label for r in catalog.records],
+                                                               dtype=torch.int64)
+    result = ImageSet(images, [r.name for r in catalog.records], labels, catalog.classes, catalog.class_names,
+                      catalog.splits)
+    write_cache(cache, result, str(path), image_size)
+    return result
+
+
+def _tree(path: Path) -> Tree:
+    tree = walk_folder(path) if path.is_dir() else read_archive(path)
+    if tree.skipped:
+        n = len(tree.skipped)
+        print(f"note: skipped {n} entr{'y' if n == 1 else 'ies'} of {path} that {'is' if n == 1 else 'are'} not "
+              f"a regular file (FIFO, socket, device, link, or a symlink that leads nowhere), e.g. "
+              f"{tree.skipped[0]}", file=sys.stderr)
+    return tree
+
+
+def _catalog(path: Path, tree: Tree, train_test: bool) -> Catalog:
+    if train_test:
+        held_out_split(split_names(tree), str(path))
+    return catalog_tree(tree, str(path), unwrap_any=not path.is_dir())
+
+
+def resolve(spec: str, data_dir: Path) -> Path:
+    """The folder or archive that ``spec`` (demo, tiny-imagenet or a path) names; DataError if there is none."""
+    if spec == "demo":
+        return demo_archive()
+    if spec == TINY_IMAGENET:
+        for candidate in (data_dir / "tiny-imagenet-200", data_dir / "tiny-imagenet-200.zip"):
+            if candidate.exists():
+                return candidate.resolve()
+        raise DataError(
+            f"tiny-imagenet was not found under {data_dir} (looked for tiny-imagenet-200/ and "
+            f"tiny-imagenet-200.zip); download {TINY_IMAGENET_URL} there, or pass --data PATH to the zip or its folder"
+        )
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"data not found: {spec} (expected cifar10, cifar100, demo, {TINY_IMAGENET}, "
+            "or a path to an ImageFolder root or archive)"
+        )
+    path = path.resolve()
+    if path.is_dir() or (path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)):
+        return path
+    raise DataError(
+        f"{path} is neither a folder nor a supported archive ({', '.join(ARCHIVE_SUFFIXES)})"
+    )
