@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from empssl.checkpoint import build_model, read_checkpoint
+from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
 from empssl.config import Config, ConfigError
 from empssl.evaluate import _chunk_generator, extract_features, extract_prefix_features
-from empssl.monitor import Monitor, monitor_interval, read_jsonl
+from empssl.files import read_jsonl
+from empssl.methods import create_method
+from empssl.monitor import Monitor, monitor_interval
 from empssl.patches import Augment, make_patches
 from empssl.train import train
 
@@ -70,7 +72,7 @@ def test_monitor_probe_touches_no_state(demo_data, tmp_path):
     cfg = Config(width=4, hidden_dim=32, z_dim=16, patch_size=8, eval_every=1, monitor_bank=30, monitor_test=10,
                  device="cpu")
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = create_method(cfg).build_model()
     with torch.no_grad():  # non-trivial running statistics
         model(torch.randn(8, 3, 8, 8))
     model.train()
@@ -102,7 +104,7 @@ def test_monitor_resume_keeps_clock_and_drops_lost_records(demo_data, tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "monitor.jsonl")] == [0, 2]
     clock = mon.clock()
     assert clock == {"train_seconds": 7.0, "monitor_seconds": 3.0, "elapsed_seconds": 10.0}
-    mon.start(build_model(Config(width=4, hidden_dim=32, z_dim=16)))  # resumed: no step-0 record
+    mon.start(create_method(Config(width=4, hidden_dim=32, z_dim=16)).build_model())  # resumed: no step-0 record
     assert mon.clock()["train_seconds"] >= 7.0 and len(read_jsonl(tmp_path / "monitor.jsonl")) == 2
 
 
@@ -120,7 +122,7 @@ def test_eval_every_rejects_bad_values(value, capsys, tmp_path):
 
 def test_prefix_features_average_the_first_patches():
     torch.manual_seed(0)
-    model = build_model(Config(width=4, hidden_dim=24, z_dim=8)).eval()
+    model = create_method(Config(width=4, hidden_dim=24, z_dim=8)).build_model().eval()
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     aug = Augment(size=8)
     got = extract_prefix_features(model, images, aug, [4, 1, 2], seed=3)

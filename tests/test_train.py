@@ -1,5 +1,6 @@
 """Training runs: the run directory, resume after SIGKILL (bitwise), non-finite loss, end-to-end accuracy."""
 
+import importlib
 import json
 import os
 import signal
@@ -10,8 +11,9 @@ import time
 import pytest
 import torch
 
-from empssl.checkpoint import load_checkpoint, read_checkpoint
+from empssl.checkpoint import read_checkpoint
 from empssl.config import Config
+from empssl.rundir import load_checkpoint
 from empssl.train import TrainError, train
 
 from .conftest import TINY
@@ -112,7 +114,7 @@ def test_a_non_finite_loss_never_reaches_the_weights(tmp_path, data_dir, monkeyp
     """A NaN injected into the loss of step 3: its update is skipped on the device (no host sync), the run goes on
     to the next step that syncs (the checkpoint step 4), stops there naming step 3, and keeps the last good
     checkpoint (step 2)."""
-    import empssl.train as train_module
+    train_module = importlib.import_module("empssl.train")
     from empssl.methods.emp_ssl import EMPSSL
 
     real_loss, real_step = EMPSSL.loss, train_module.train_step
@@ -164,9 +166,9 @@ def test_a_checkpoint_of_another_device_resumes_with_a_note(tmp_path, data_dir):
 
 
 def test_results_account_for_the_wall_clock(tmp_path, data_dir, monkeypatch):
-    import empssl.train as train_module
+    import empssl.rundir as rundir
 
-    monkeypatch.setattr(train_module, "_CLOCK_ORIGIN", None)  # as in a fresh process
+    monkeypatch.setattr(rundir, "_CLOCK_ORIGIN", None)  # as in a fresh process
     lines: list[str] = []
     results = train(tiny_cfg(data_dir, epochs=1), tmp_path / "run", progress=False, log=lines.append)
     timing = results["timing"]
@@ -184,7 +186,7 @@ def test_results_account_for_the_wall_clock(tmp_path, data_dir, monkeypatch):
 
 
 def test_compile_auto_compiles_only_runs_long_enough_to_win_it_back():
-    from empssl.train import COMPILE_GAIN, COMPILE_SECONDS, want_compile
+    from empssl.compiling import COMPILE_GAIN, COMPILE_SECONDS, want_compile
 
     cuda = torch.device("cuda")
     assert want_compile("on", torch.device("cpu"), 10, None)[0]

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import load_checkpoint
 from .data import load_images
 from .devices import resolve_device
 from .evaluate import image_features
-from .rundir import OutputError, write_atomic
+from .files import OutputError, write_atomic
+from .rundir import load_checkpoint
 
 SUFFIXES = (".npz", ".safetensors")
 
@@ -172,7 +172,7 @@ def _check_writable(out: Path) -> None:
         raise EmbedError(f"output {out} is a folder; give a file name ending in .npz or .safetensors")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".writable"):
             pass
     except OSError as e:
         raise EmbedError(f"cannot write {out}: {e.strerror or e}") from None

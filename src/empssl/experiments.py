@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, read_checkpoint
+from .checkpoint import read_checkpoint
 from .config import Config, ConfigError
 from .data import ImageData, load_data
 from .devices import resolve_device, synchronize
 from .evaluate import check_splits, extract_prefix_features, feature_options, image_features, score_features, view_label
+from .files import write_json
 from .methods import create_method, eval_protocol
 from .report import (
     ReportError,
@@ -31,8 +32,8 @@ from .report import (
     plot_tsne,
     test_patch_ablation_table,
 )
-from .rundir import config_data, run_config, run_dir_of, write_json
-from .train import train_once
+from .rundir import load_checkpoint, run_config, run_dir_of
+from .train import config_data, train_once
 
 # --- evaluating a checkpoint, possibly on another dataset ---------------------------------------------------
 

@@ -133,8 +133,9 @@ def lr_at(step: int, total_steps: int, base_lr: float, *, warmup_steps: int = 0,
     that steps ``warmup_steps - 1`` and ``warmup_steps`` both run at ``base_lr``; then
     min_lr + (base_lr - min_lr) (1 + cos(pi (step - warmup_steps) / (total_steps - warmup_steps))) / 2.
     With one warm-up step, step 0 runs at ``warmup_start_lr`` (the scheduler's stepped form; its closed form
-    divides by zero there). With ``warmup_steps=0`` this is :func:`cosine_lr` (``warmup_start_lr`` unused, as
-    solo-learn passes ``base_lr`` as the start when there is no warm-up).
+    divides by zero there). With ``warmup_steps=0`` this is the official ``CosineAnnealingLR(T_max=total_steps)``
+    stepped per optimisation step (``warmup_start_lr`` unused, as solo-learn passes ``base_lr`` as the start when
+    there is no warm-up).
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
@@ -147,8 +148,3 @@ def lr_at(step: int, total_steps: int, base_lr: float, *, warmup_steps: int = 0,
     t = (min(step, total_steps) - warmup_steps) / max(total_steps - warmup_steps, 1)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
-
-def cosine_lr(step: int, total_steps: int, base_lr: float, final_lr: float = 0.0) -> float:
-    """Learning rate for ``step`` (0-based) of a cosine decay over ``total_steps`` steps, stepped per
-    optimisation step like the official ``CosineAnnealingLR(T_max=total_steps)``."""
-    return lr_at(step, total_steps, base_lr, min_lr=final_lr)
