@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -188,7 +188,7 @@ def _write_npz(path: Path, e: Embedding) -> None:
     if e.class_names is not None:
         arrays["class_names"] = np.asarray(e.class_names, dtype=str)
     with open(path, "wb") as f:  # a file object: np.savez would append .npz to a name
-        np.savez(f, **arrays)
+        np.savez(f, **cast(dict[str, Any], arrays))  # (numpy's stubs type **kwds as allow_pickle)
 
 
 def _write_safetensors(path: Path, e: Embedding) -> None:

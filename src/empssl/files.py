@@ -18,7 +18,7 @@ class OutputError(RuntimeError):
     """An output path that cannot be written (a folder, no permission ...): reported in one line."""
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``: a process
     interrupted at any point (even killed) leaves either the previous file or none, never half of one.
 

@@ -65,7 +65,7 @@ class LARS(torch.optim.Optimizer):
             start += len(ps)
             if not ps:
                 continue
-            grads = [_like(p.grad, p) for p in ps]
+            grads: list[torch.Tensor] | tuple[torch.Tensor, ...] = [_like(p.grad, p) for p in ps]
             if group["lars"]:
                 grads = _lars_gradients(group, ps, grads, g_norms)
             bufs = self._momentum_buffers(ps) if group["momentum"] > 0 else []
@@ -97,8 +97,8 @@ def _like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return t if t.stride() == p.stride() else torch.empty_like(p).copy_(t)
 
 
-def _lars_gradients(group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
-                    g_norms: torch.Tensor) -> list[torch.Tensor]:
+def _lars_gradients(group: dict, params: list[torch.Tensor], grads: list[torch.Tensor] | tuple[torch.Tensor, ...],
+                    g_norms: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(g + weight_decay * p) * trust for every parameter of a LARS group, as new tensors laid out like the
     parameters. g_norms: (n,) the gradients' norms."""
     lr, wd = group["lr"], group["weight_decay"]

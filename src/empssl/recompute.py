@@ -38,16 +38,15 @@ _FREE_FRACTION = 0.85
 @contextlib.contextmanager
 def _keep_batchnorm_stats(module: nn.Module) -> Iterator[None]:
     """Restore the running statistics of ``module``'s BatchNorm layers on exit (the recomputation's update)."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [[t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+    saved = [(t, t.clone()) for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, (mean, var, count) in zip(bns, saved):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+            for stat, before in saved:
+                stat.copy_(before)
 
 
 def _recomputed(module: nn.Module, forward: Callable[..., Any], *args: Any) -> Any:

@@ -153,7 +153,7 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
     method = create_method(cfg)
     torch.manual_seed(cfg.seed)  # model initialisation
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
-    model = method.build_model().to(device, memory_format=memory_format)
+    model = method.build_model().to(device, memory_format=memory_format)  # type: ignore[call-overload]
     if dist.enabled and cfg.sync_bn:  # before the optimiser: the converted layers have new parameters
         model = distributed.convert_sync_batchnorm(model, device)
     opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
