@@ -36,6 +36,7 @@ from .data import load_images
 from .devices import resolve_device
 from .evaluate import image_features
 from .files import OutputError, write_atomic
+from .methods import eval_protocol
 from .rundir import load_checkpoint
 
 SUFFIXES = (".npz", ".safetensors")
@@ -105,8 +106,6 @@ def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: i
                                     desc=f"embedding {split}".strip()).cpu())
         start += count
     features = torch.cat(parts).float().contiguous()  # (N, D)
-
-    from .methods import eval_protocol
 
     view, kind = eval_protocol(cfg)
     protocol = {"checkpoint": str(checkpoint), "step": ckpt.get("step"), "method": cfg.method, "arch": cfg.arch,
