@@ -77,7 +77,7 @@ def test_monitor_records_and_leaves_weights_bitwise_identical(monitored_run, dat
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and torch.equal(a["rng"]["patches"], b["rng"]["patches"])
 
 
-def test_monitor_probe_touches_no_state(demo_data, tmp_path):
+def test_monitor_check_touches_no_state(demo_data, tmp_path):
     cfg = Config(width=4, hidden_dim=32, z_dim=16, patch_size=8, eval_every=1, monitor_bank=30, monitor_test=10,
                  device="cpu")
     torch.manual_seed(0)

@@ -300,7 +300,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     ``out_dir`` receives config.json, metrics.jsonl, checkpoint.pt and results.json. ``data`` may pass
     (train, test) directly (used by tests and notebooks); otherwise ``cfg.data`` is loaded.
     Returns the results dict (or a summary when evaluation is skipped). Its ``timing`` entry accounts for the
-    wall clock from process start: startup, data, compile, train, monitor, features, knn, probe and total.
+    wall clock from process start, phase by phase (:data:`empssl.rundir.TIMING_FIELDS`) and in ``total``.
     """
     cfg.validate()
     timing = TimingAccount()  # from process start for the first run of a process, else from this call

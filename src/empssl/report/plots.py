@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..files import write_atomic
 from .runs import ReportError, Run
 
 
@@ -27,10 +28,7 @@ def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def _log_x_at(ax: Any, values: Sequence[int]) -> None:
