@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from empssl.checkpoint import read_checkpoint
+from empssl.cli import main
 from empssl.config import Config
 from empssl.evaluate import evaluate
-from empssl.rundir import load_checkpoint
+from empssl.files import read_jsonl
+from empssl.rundir import RunLock, load_checkpoint
 from empssl.train import TrainError, config_data, train
 
 from .conftest import TINY
@@ -72,7 +74,7 @@ def test_non_finite_loss_stops_with_clear_error(tmp_path, data_dir):
 def _cli(out, data_dir, *extra):
     cmd = [sys.executable, "-m", "empssl.cli", "train", "--data", "demo", "--data-dir", str(data_dir),
            "--out", str(out), "--no-eval", "--no-progress", "--train-subset", "400", "--epochs", "5",
-           "--checkpoint-every", "4", *TINY, "--width", "8", "--patch-size", "16", *extra]
+           "--checkpoint-every", "4", "--log-every", "1", *TINY, "--width", "8", "--patch-size", "16", *extra]
     return cmd
 
 
@@ -99,6 +101,46 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, data_dir):
         assert torch.equal(value, b["model"][key]), key
     for pid, state in a["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
+    # metrics.jsonl was cut back to the checkpoint: one line per step, the same losses as the uninterrupted run
+    ref_lines, lines = (read_jsonl(d / "metrics.jsonl") for d in (ref, killed))
+    assert [r["step"] for r in lines] == [r["step"] for r in ref_lines] == list(range(1, total + 1))
+    assert [r["loss"] for r in lines] == [r["loss"] for r in ref_lines]
+    # the killed process's lock was taken over with a note; no lock and no temporary file are left behind
+    assert "which is no longer running; lock taken over" in done.stdout
+    assert not (killed / ".lock").exists() and not list(killed.glob(".*.tmp"))
+
+
+def test_a_second_writer_of_a_run_directory_is_refused(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunLock(out, log=print):  # this process writes the run, as another empssl process would
+        assert (out / ".lock").read_text().strip() == str(os.getpid())
+        code = main(["train", "--data", "demo", "--data-dir", str(data_dir), "--out", str(out), "--no-eval",
+                     "--no-progress", "--train-subset", "40", *TINY])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and f"another empssl process (PID {os.getpid()})" in err
+        assert not (out / "config.json").exists()  # refused before anything was written
+    assert not (out / ".lock").exists()  # released
+    assert main(["train", "--data", "demo", "--data-dir", str(data_dir), "--out", str(out), "--no-eval",
+                 "--no-progress", "--train-subset", "40", *TINY]) == 0
+
+
+def test_a_killed_writers_temporary_files_are_removed_at_the_next_start(tmp_path, data_dir):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(data_dir, epochs=0.5, schedule_epochs=1, train_subset=100)
+    train(cfg, out, progress=False, log=lambda s: None, evaluate_at_end=False)
+    debris = [out / ".checkpoint.pt.k1llme.tmp", out / ".results.json.x.tmp"]  # as a SIGKILL mid-write leaves them
+    for p in debris:
+        p.write_bytes(b"half a file")
+    (out / "keep.tmp").write_text("not ours")
+    # and the lines a killed session logged after its last checkpoint (step 2), one of them torn
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 4, "lo')
+    lines: list[str] = []
+    train(cfg.replace(epochs=1), out, progress=False, log=lines.append, evaluate_at_end=False)
+    assert not any(p.exists() for p in debris) and (out / "keep.tmp").exists()
+    assert any("removed 2 temporary file(s)" in line for line in lines)
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [2, 4, 5]
 
 
 @pytest.mark.slow

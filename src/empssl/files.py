@@ -56,6 +56,17 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def cut_jsonl(path: str | Path, step: int) -> None:
+    """Keep the records of a JSON-lines file up to ``step`` (their ``"step"`` <= ``step``), atomically; a line
+    torn by a kill goes too. For a resumed run: the steps after its checkpoint are trained, and logged, again."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    if len(keep) != len(path.read_text().splitlines()):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines file (metrics.jsonl, monitor.jsonl); a torn last line is skipped."""
     out = []

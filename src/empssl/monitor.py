@@ -31,7 +31,7 @@ from .config import Config
 from .data import ImageData
 from .devices import synchronize
 from .evaluate import image_features, knn_predict
-from .files import read_jsonl, write_text
+from .files import cut_jsonl
 
 
 def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
@@ -81,15 +81,7 @@ class Monitor:
         self.bank_images = self.bank.images.to(device)
         self.query_images = self.query.images.to(device)
         self.bank_labels = self.bank.labels.to(device)
-        self._drop_records_after(start_step)
-
-    def _drop_records_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        records = read_jsonl(self.path)
-        keep = [r for r in records if r.get("step", 0) <= step]
-        if len(keep) != len(self.path.read_text().splitlines()):  # also drops a line torn by a kill
-            write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        cut_jsonl(self.path, start_step)
 
     def start(self, model: nn.Module) -> None:
         """Start the clock; on a fresh run, also record the untrained encoder (step 0)."""

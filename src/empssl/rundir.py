@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,8 +25,13 @@ from torch import nn
 from . import __version__
 from .checkpoint import CheckpointError, load_model_state, read_checkpoint
 from .config import Config, ConfigError, flag
-from .files import write_json
+from .files import OutputError, cut_jsonl, write_json
 from .methods import create_method
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks there; keeping one writer per run is then the user's job
+    fcntl = None  # type: ignore[assignment]
 
 # Keys that may differ between a run directory's saved config and the command that resumes it: they change
 # where things are read or how often they are written, or the evaluation, never the trained weights.
@@ -92,6 +98,75 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
     load_model_state(model, ckpt["model"], f"checkpoint {path} ({cfg.method}, {cfg.arch}, width {cfg.width}, "
                                            f"hidden {cfg.hidden_dim}, z {cfg.z_dim})")
     return model, cfg, ckpt
+
+
+# --- one writer per run directory -------------------------------------------------------------------------
+
+
+class RunLock:
+    """An advisory lock on a run directory (``RUN/.lock``, ``fcntl.flock``) held while one process writes the run.
+
+    A second process is refused with a one-line OutputError naming the first one's PID. The kernel releases the
+    lock when its process ends, even killed, so the PID a dead process left in the file is only noted, and the
+    lock taken over. Released (and the file removed) on exit from the ``with`` block.
+    """
+
+    def __init__(self, out_dir: Path, log: Callable[[str], None]) -> None:
+        self.out, self.path, self.log = out_dir, out_dir / ".lock", log
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        if fcntl is None:
+            return self
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot write {self.out}: {e.strerror or e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _pid_in(fd)
+                os.close(fd)
+                raise OutputError(f"{self.out} is being written by another empssl process (PID {holder or '?'}); "
+                                  f"wait for it to finish or choose another --out") from None
+            try:  # a holder that released between our open and flock removed the file: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = _pid_in(fd)
+        if previous and previous != os.getpid():
+            self.log(f"{self.path} was left by PID {previous}, which is no longer running; lock taken over")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # before the unlock, so no one locks a file that is going away
+        os.close(self.fd)
+        self.fd = None
+
+
+def _pid_in(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def remove_orphans(out_dir: Path, log: Callable[[str], None]) -> None:
+    """Remove the temporary files (``.NAME.*.tmp``, :func:`empssl.files.write_atomic`) that killed processes left
+    in ``out_dir``; call it holding the run's :class:`RunLock`, so that no writer is using them."""
+    orphans = sorted(out_dir.glob(".*.tmp"))
+    for p in orphans:
+        p.unlink(missing_ok=True)
+    if orphans:
+        log(f"removed {len(orphans)} temporary file(s) that an interrupted process left in {out_dir} "
+            f"(e.g. {orphans[0].name})")
 
 
 # --- a training session's bookkeeping ----------------------------------------------------------------------
@@ -163,11 +238,14 @@ class MetricsLog:
     """The running loss terms (summed on the device, no host sync) and a metrics.jsonl line per log step.
 
     Also remembers the first step whose update was skipped (a non-finite loss or gradient), read at the steps
-    that sync anyway. ``path`` None (ranks other than 0) keeps the sums and writes nothing.
+    that sync anyway. ``path`` None (ranks other than 0) keeps the sums and writes nothing. The file is first
+    cut back to ``start_step`` (the checkpoint a resumed run starts from), so that every step has one line.
     """
 
-    def __init__(self, path: Path | None, terms: tuple[str, ...], device: torch.device, *, steps_per_epoch: int,
-                 views_per_step: int, bar: Any = None) -> None:
+    def __init__(self, path: Path | None, terms: tuple[str, ...], device: torch.device, *, start_step: int,
+                 steps_per_epoch: int, views_per_step: int, bar: Any = None) -> None:
+        if path is not None:
+            cut_jsonl(path, start_step)
         self.terms, self.steps_per_epoch, self.views_per_step, self.bar = terms, steps_per_epoch, views_per_step, bar
         self.file: IO[str] = open(path if path is not None else os.devnull, "a")  # noqa: SIM115 (closed in close())
         self.sums = torch.zeros(len(terms), device=device)

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,16 @@ from .methods import Method, create_method
 from .monitor import Monitor
 from .optim import LARS, lars_param_groups, lr_at
 from .recompute import recompute_backbone, want_recompute
-from .rundir import MetricsLog, StopFlag, TimingAccount, finished, time_line, write_config
+from .rundir import (
+    MetricsLog,
+    RunLock,
+    StopFlag,
+    TimingAccount,
+    finished,
+    remove_orphans,
+    time_line,
+    write_config,
+)
 
 
 class TrainError(RuntimeError):
@@ -131,12 +141,13 @@ def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | None, dist: Dist
 
 
 def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, progress: bool,
-          log: Callable[[str], None], timing: TimingAccount) -> Run:
+          log: Callable[[str], None], timing: TimingAccount, held: ExitStack) -> Run:
     """Data, run directory, model, optimiser and generator; resumed from ``out/checkpoint.pt`` if there is one;
     then the speed decisions, made once: activation recomputation (``--grad-checkpointing``) and ``--compile``.
 
     The run directory is created only once the data has loaded and the batch fits it, so a failed start leaves
-    nothing behind; an existing directory is never removed.
+    nothing behind; an existing directory is never removed. Its :class:`empssl.rundir.RunLock` joins ``held``
+    (one writer per run directory, until the caller leaves ``held``).
     """
     t0 = time.perf_counter()
     dist, device, own_group = distributed.setup(cfg.device)  # torchrun: join the group, take cuda:LOCAL_RANK
@@ -144,9 +155,12 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
         torch.backends.cudnn.benchmark = True
     train_data, test_data, steps_per_epoch = _load_data(cfg, data, dist, progress)
     timing.add("data", time.perf_counter() - t0)
-    if dist.is_main and not (out / "config.json").is_file():
+    if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_config(out, cfg)
+        held.enter_context(RunLock(out, log))
+        remove_orphans(out, log)  # temporary files of a killed process
+        if not (out / "config.json").is_file():
+            write_config(out, cfg)
 
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     schedule_steps = max(total_steps, round((cfg.schedule_epochs or cfg.epochs) * steps_per_epoch))
@@ -240,7 +254,7 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
     bar = tqdm(total=run.total_steps, initial=step, disable=not progress, file=sys.stderr, dynamic_ncols=True,
                desc="train", unit="step")
     metrics = MetricsLog(run.out / "metrics.jsonl" if dist.is_main else None, method.terms, device, bar=bar,
-                         steps_per_epoch=run.steps_per_epoch, views_per_step=run.views_per_step)
+                         start_step=step, steps_per_epoch=run.steps_per_epoch, views_per_step=run.views_per_step)
     with StopFlag() as stop, metrics, batches, bar:
         stream = iter(batches)  # a fixed permutation per epoch, so a resumed run sees the same batches
         while step < run.total_steps:
@@ -306,47 +320,48 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     timing = TimingAccount()  # from process start for the first run of a process, else from this call
     if not distributed.env_dist().is_main:
         progress, log = False, _silent
-    run = setup(cfg, Path(out_dir), data, progress, log, timing)
-    monitor = Monitor(cfg, run.train_data, run.test_data, run.device, run.out, steps_per_epoch=run.steps_per_epoch,
-                      total_steps=run.total_steps, patches_per_step=run.views_per_step, start_step=run.step,
-                      clock_state=run.clock_state, enabled=run.dist.is_main)
-    if run.step < run.total_steps:
-        loop(run, monitor, progress, log)
-    elif run.ckpt_path.exists():
-        log(f"{run.out} is trained to the end (step {run.step}); nothing to train")
-    synchronize(run.device)
-    clock = monitor.clock()
-    distributed.teardown(run.own_group)  # evaluation below runs on rank 0 alone
-    before = run.clock_state or {}
-    compile_seconds = run.compiler.compile_seconds if run.compiler else 0.0
-    timing.add("compile", compile_seconds)
-    timing.add("train", clock["train_seconds"] - before.get("train_seconds", 0.0) - compile_seconds)
-    timing.add("monitor", clock["monitor_seconds"] - before.get("monitor_seconds", 0.0))
-    summary = {"method": cfg.method, "steps": run.total_steps, "epochs": cfg.epochs, "images": len(run.train_data),
-               **clock, "device": device_name(run.device),
-               "compile": run.compiler.reason if run.compiler else None}  # monitoring: wall time and hardware
-    if not evaluate_at_end or not run.dist.is_main:
-        return {**summary, "timing": timing.summary()}
-    results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
-                                     log=log)}
-    for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
-        timing.add(key, results[name])
-    if cfg.compare_random_init:
-        torch.manual_seed(cfg.seed)  # the same initialisation the run started from
-        baseline = run.method.build_model().to(run.device)
-        log("evaluating the randomly initialised encoder with the same protocol")
-        t0 = time.perf_counter()
-        base = evaluate(baseline, run.train_data, run.test_data, cfg, run.device, progress=progress, log=log)
-        timing.add("random_init_eval", time.perf_counter() - t0)
-        results["random_init"] = {k: base[k] for k in ("linear_top1", "knn_top1")}
-        gap = results["linear_top1"] - base["linear_top1"]
-        log(f"linear probe: trained {results['linear_top1']:.1f}% vs random init {base['linear_top1']:.1f}% "
-            f"({gap:+.1f} points, {view_label(results['eval_view'], cfg.test_patches)})")
-    results["timing"] = timing.summary()
-    write_json(run.out / "results.json", results)
-    log(f"results written to {run.out / 'results.json'}")
-    log(time_line(results["timing"]))  # the run's last line: where the time went
-    return results
+    with ExitStack() as held:  # the run directory's lock, until its results are written
+        run = setup(cfg, Path(out_dir), data, progress, log, timing, held)
+        monitor = Monitor(cfg, run.train_data, run.test_data, run.device, run.out, steps_per_epoch=run.steps_per_epoch,
+                          total_steps=run.total_steps, patches_per_step=run.views_per_step, start_step=run.step,
+                          clock_state=run.clock_state, enabled=run.dist.is_main)
+        if run.step < run.total_steps:
+            loop(run, monitor, progress, log)
+        elif run.ckpt_path.exists():
+            log(f"{run.out} is trained to the end (step {run.step}); nothing to train")
+        synchronize(run.device)
+        clock = monitor.clock()
+        distributed.teardown(run.own_group)  # evaluation below runs on rank 0 alone
+        before = run.clock_state or {}
+        compile_seconds = run.compiler.compile_seconds if run.compiler else 0.0
+        timing.add("compile", compile_seconds)
+        timing.add("train", clock["train_seconds"] - before.get("train_seconds", 0.0) - compile_seconds)
+        timing.add("monitor", clock["monitor_seconds"] - before.get("monitor_seconds", 0.0))
+        summary = {"method": cfg.method, "steps": run.total_steps, "epochs": cfg.epochs, "images": len(run.train_data),
+                   **clock, "device": device_name(run.device),
+                   "compile": run.compiler.reason if run.compiler else None}  # monitoring: wall time and hardware
+        if not evaluate_at_end or not run.dist.is_main:
+            return {**summary, "timing": timing.summary()}
+        results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
+                                         log=log)}
+        for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
+            timing.add(key, results[name])
+        if cfg.compare_random_init:
+            torch.manual_seed(cfg.seed)  # the same initialisation the run started from
+            baseline = run.method.build_model().to(run.device)
+            log("evaluating the randomly initialised encoder with the same protocol")
+            t0 = time.perf_counter()
+            base = evaluate(baseline, run.train_data, run.test_data, cfg, run.device, progress=progress, log=log)
+            timing.add("random_init_eval", time.perf_counter() - t0)
+            results["random_init"] = {k: base[k] for k in ("linear_top1", "knn_top1")}
+            gap = results["linear_top1"] - base["linear_top1"]
+            log(f"linear probe: trained {results['linear_top1']:.1f}% vs random init {base['linear_top1']:.1f}% "
+                f"({gap:+.1f} points, {view_label(results['eval_view'], cfg.test_patches)})")
+        results["timing"] = timing.summary()
+        write_json(run.out / "results.json", results)
+        log(f"results written to {run.out / 'results.json'}")
+        log(time_line(results["timing"]))  # the run's last line: where the time went
+        return results
 
 
 def train_once(cfg: Config, out_dir: str | Path, *, name: str, progress: bool = True,
