@@ -27,8 +27,9 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(PY) -m pip install --quiet ruff
-	$(VENV)/bin/ruff check src tests bench
+	$(PY) -m pip install --quiet -e '.[lint]'
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
 
 clean:
 	rm -rf runs/cpu-demo data/cache

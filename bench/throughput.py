@@ -168,9 +168,9 @@ def run(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = method.build_model().to(device, memory_format=memory_format)
     if args.grad_checkpointing:
-        from empssl.memory import checkpoint_backbone
+        from empssl.recompute import recompute_backbone
 
-        checkpoint_backbone(model)
+        recompute_backbone(model)
     net = torch.compile(model) if args.compile else model
     opt = LARS(lars_param_groups(model), lr=0.1, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                eta=cfg.lars_eta, nesterov=cfg.nesterov)

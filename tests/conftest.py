@@ -9,6 +9,12 @@ TINY = ["--width", "4", "--hidden-dim", "32", "--z-dim", "16", "--patch-size", "
         "--batch-size", "20", "--test-patches", "2", "--probe-epochs", "2", "--device", "cpu"]
 
 
+def assert_hit_rate(top1: float, n: int) -> None:
+    """``top1`` (%) is k / n for a whole number k of the ``n`` test images: an accuracy measured on exactly those."""
+    hits = top1 * n / 100
+    assert abs(hits - round(hits)) < 1e-6 and 0 <= round(hits) <= n, (top1, n)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A data dir whose cache already holds the decoded bundled demo subset (decoded once per session)."""

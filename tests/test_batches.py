@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from empssl.batches import StepBatches, epoch_permutation, step_indices
+from empssl.batches import StepBatches, epoch_permutation
 
 N, B = 50, 8  # 6 steps per epoch, 2 images dropped
 
@@ -18,6 +18,14 @@ def images() -> torch.Tensor:
 
 def ids(batch: torch.Tensor) -> list[int]:
     return batch[:, 0, 0, 0].tolist()
+
+
+def step_indices(step: int, n_images: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The rule of the module docstring, written out: rank r of N takes its slice of perm_e[p*B:(p+1)*B]."""
+    epoch, pos = divmod(step, n_images // batch_size)
+    b = batch_size // world
+    start = pos * batch_size + rank * b
+    return epoch_permutation(n_images, seed, epoch)[start:start + b]
 
 
 def test_indices_are_the_seeded_per_epoch_permutation():

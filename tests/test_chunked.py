@@ -7,8 +7,8 @@ from torch.utils.checkpoint import checkpoint
 from empssl.checkpoint import read_checkpoint
 from empssl.config import Config, ConfigError
 from empssl.losses import emp_ssl_loss
-from empssl.memory import activation_bytes_per_patch, checkpoint_backbone, want_checkpointing
 from empssl.models import BasicBlock, EMPSSLModel
+from empssl.recompute import activation_bytes_per_patch, recompute_backbone, want_recompute
 from empssl.train import train
 
 
@@ -28,8 +28,8 @@ def step_loss(model: EMPSSLModel, patches: torch.Tensor, n: int) -> torch.Tensor
 
 def test_checkpointed_step_equals_plain_step():
     plain, ckpt = twin_models()
-    assert checkpoint_backbone(ckpt) == 8  # the 8 residual blocks of a ResNet-18
-    assert checkpoint_backbone(ckpt) == 0  # idempotent
+    assert recompute_backbone(ckpt) == 8  # the 8 residual blocks of a ResNet-18
+    assert recompute_backbone(ckpt) == 0  # idempotent
     assert list(ckpt.state_dict()) == list(plain.state_dict())
     patches = torch.randn(4 * 6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     assert torch.equal(step_loss(plain, patches, 4), step_loss(ckpt, patches, 4))
@@ -59,7 +59,7 @@ def test_plain_torch_checkpoint_would_update_batchnorm_twice():
 
 def test_checkpointing_saves_activation_memory_and_leaves_eval_alone():
     plain, ckpt = twin_models()
-    checkpoint_backbone(ckpt)
+    recompute_backbone(ckpt)
     cpu = torch.device("cpu")
     full, kept = (activation_bytes_per_patch(m, 16, cpu) for m in (plain, ckpt))
     assert 0 < kept < 0.5 * full, (kept, full)
@@ -73,9 +73,9 @@ def test_checkpointing_saves_activation_memory_and_leaves_eval_alone():
 def test_choice_of_checkpointing():
     model = EMPSSLModel(width=4, hidden_dim=32, z_dim=16)
     cpu = torch.device("cpu")
-    assert want_checkpointing("on", model, 100, 8, cpu, None, False)[0]
-    assert not want_checkpointing("off", model, 100, 8, cpu, None, False)[0]
-    use, why = want_checkpointing("auto", model, 10**9, 8, cpu, None, False)
+    assert want_recompute("on", model, 100, 8, cpu, None, False)[0]
+    assert not want_recompute("off", model, 100, 8, cpu, None, False)[0]
+    use, why = want_recompute("auto", model, 10**9, 8, cpu, None, False)
     assert not use and "CPU" in why
     with pytest.raises(ConfigError, match="grad-checkpointing"):
         Config(grad_checkpointing="yes").validate()

@@ -5,6 +5,7 @@ milliseconds) and join through the same env:// rendezvous torchrun sets up; one 
 ``torchrun ... -m empssl.cli train``.
 """
 
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -18,16 +19,17 @@ import traceback
 import pytest
 import torch
 
-import empssl.train as train_module
 from empssl import distributed
-from empssl.batches import step_indices
-from empssl.checkpoint import build_model, read_checkpoint
+from empssl.batches import epoch_permutation
+from empssl.checkpoint import read_checkpoint
 from empssl.config import Config
 from empssl.losses import emp_ssl_loss
-from empssl.optim import LARS, cosine_lr, lars_param_groups
+from empssl.methods import create_method
+from empssl.optim import LARS, lars_param_groups, lr_at
 from empssl.patches import Augment, make_patches
 from empssl.train import TrainError, train
 
+train_module = importlib.import_module("empssl.train")  # empssl.train is the function
 WORLD = 2
 
 
@@ -97,7 +99,7 @@ def losses(out) -> list[float]:
 
 def initial_state(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
-    return build_model(cfg).state_dict()
+    return create_method(cfg).build_model().state_dict()
 
 
 # The biases of the Linear layers followed by BatchNorm have an exactly zero gradient (BatchNorm removes any
@@ -167,7 +169,7 @@ def test_single_process_setup_uses_no_process_group(monkeypatch):
 
 def test_training_module_keeps_plain_state_dict_keys():
     cfg = Config(width=4, hidden_dim=32, z_dim=16)
-    model = build_model(cfg)
+    model = create_method(cfg).build_model()
     keys = list(model.state_dict())
     net = distributed.training_module(model, torch.device("cpu"), distributed.SINGLE, compile=True)
     assert net is not model and type(net).__name__ == "OptimizedModule"  # compiled lazily: nothing runs here
@@ -237,7 +239,7 @@ def test_local_tcr_matches_the_mean_of_per_rank_losses(tmp_path, data_dir, demo_
     # (BatchNorm over that half) with its own local coding rate, and the mean of the two losses minimised.
     train_images = demo_data[0].subset(cfg.train_subset).images
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
+    model = create_method(cfg).build_model()
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
     opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                eta=cfg.lars_eta)
@@ -245,10 +247,11 @@ def test_local_tcr_matches_the_mean_of_per_rank_losses(tmp_path, data_dir, demo_
     n, b = cfg.num_patches, cfg.batch_size // WORLD
     ref_losses = []
     for step in range(2):
-        images = train_images[step_indices(step, len(train_images), cfg.batch_size, cfg.seed)]
+        perm = epoch_permutation(len(train_images), cfg.seed, 0)  # steps 0 and 1 of epoch 0
+        images = train_images[perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
         patches = make_patches(images, n, Augment.from_config(cfg), gen)  # (n, B, 3, s, s)
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, 4, cfg.lr)
+            group["lr"] = lr_at(step, 4, cfg.lr)
         per_rank = [emp_ssl_loss(model(patches[:, r * b:(r + 1) * b].flatten(0, 1)).view(n, b, -1), cfg.eps,
                                  cfg.invariance_weight).loss for r in range(WORLD)]
         loss = torch.stack(per_rank).mean()

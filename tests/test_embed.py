@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -12,16 +13,17 @@ from PIL import Image
 from torch import nn
 
 from empssl import __version__
-from empssl import embed as embed_module
-from empssl.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from empssl.checkpoint import CheckpointError, save_atomic
 from empssl.config import Config
 from empssl.data import DataError, load_data
 from empssl.embed import EmbedError, embed, load_embedding
 from empssl.evaluate import image_features
 from empssl.methods import create_method
+from empssl.rundir import load_checkpoint
 
 from .test_data import CLASSES, archive, make_tree
 
+embed_module = importlib.import_module("empssl.embed")  # empssl.embed is the function
 TINY_MODEL = dict(data="demo", width=4, hidden_dim=24, z_dim=16, patch_size=8, num_patches=4, test_patches=3,
                   device="cpu")
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from empssl.config import Config
 from empssl.data import ImageData
@@ -24,6 +25,8 @@ from empssl.evaluate import (
 )
 from empssl.models import EMPSSLModel
 from empssl.patches import Augment, make_patches
+
+from .conftest import assert_hit_rate
 
 
 def blobs(n_per_class: int, num_classes: int, dim: int, spread: float, noise: float, seed: int,
@@ -261,9 +264,21 @@ def test_evaluate_returns_the_protocol(tiny, val_fraction):
                  probe_val_fraction=val_fraction)
     assert Augment.from_config(cfg).size == 16
     lines: list[str] = []
-    res = evaluate(model, random_split(24, 0), random_split(12, 1), cfg, "cpu", progress=False, log=lines.append)
-    for key in ("linear_top1", "knn_top1"):
-        assert 0.0 <= res[key] <= 100.0
+    train_split, test_split = random_split(24, 0), random_split(12, 1)
+    res = evaluate(model, train_split, test_split, cfg, "cpu", progress=False, log=lines.append)
+    # kNN against a loop written from its definition (cosine similarity, k nearest vote with exp(sim / T))
+    train_f, test_f = (F.normalize(extract_features(model, s.images, Augment.from_config(cfg), 2), dim=1)
+                       for s in (train_split, test_split))
+    hits = 0
+    for f, label in zip(test_f, test_split.labels):
+        sims = train_f @ f
+        top = sims.topk(res["knn_k"]).indices
+        votes = torch.zeros(3, dtype=torch.float64)
+        for i in top.tolist():
+            votes[train_split.labels[i]] += math.exp(sims[i].item() / cfg.knn_temperature)
+        hits += int(votes.argmax()) == int(label)
+    assert res["knn_top1"] == pytest.approx(100 * hits / 12)
+    assert_hit_rate(res["linear_top1"], 12)
     assert res["test_patches"] == 2 and res["feature"] == "pre" and res["feature_dim"] == 48
     assert (res["n_train"], res["n_test"], res["num_classes"]) == (24, 12, 3)
     assert res["knn_k"] == 24  # clamped to the training set

@@ -10,15 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from empssl.checkpoint import build_model, read_checkpoint
+from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
 from empssl.config import Config, ConfigError
 from empssl.evaluate import _chunk_generator, extract_features, extract_prefix_features
-from empssl.monitor import Monitor, monitor_interval, read_jsonl
+from empssl.files import read_jsonl
+from empssl.methods import create_method
+from empssl.monitor import Monitor, monitor_interval
 from empssl.patches import Augment, make_patches
-from empssl.train import train
+from empssl.rundir import load_checkpoint
+from empssl.train import config_data, train
 
-from .conftest import TINY
+from .conftest import TINY, assert_hit_rate
 from .test_report import assert_png
 from .test_train import tiny_cfg
 
@@ -46,10 +49,18 @@ def test_monitor_records_and_leaves_weights_bitwise_identical(monitored_run, dat
     recs = read_jsonl(monitored_run / "monitor.jsonl")
     assert [r["step"] for r in recs] == [0, 2, 3]  # the untrained encoder, every 2 steps, the last step
     for r in recs:
-        assert 0 <= r["knn_top1"] <= 100 and r["monitor_patches"] == 4
+        assert r["monitor_patches"] == 4
+        assert_hit_rate(r["knn_top1"], r["n_test"])
         assert r["patches_seen"] == r["step"] * 20 * 4 and (r["n_bank"], r["n_test"]) == (40, 20)
         assert 0 <= r["train_s"] <= r["elapsed_s"]
     assert recs[1]["train_s"] > 0 and recs[2]["elapsed_s"] - recs[1]["elapsed_s"] >= recs[1]["monitor_s"]
+    # the last record is the kNN of the final weights: the same check of the saved checkpoint gives it again
+    model, cfg, _ = load_checkpoint(monitored_run)
+    (tmp_path / "again").mkdir()
+    again = Monitor(cfg, *config_data(cfg, progress=False), torch.device("cpu"), tmp_path / "again", steps_per_epoch=3,
+                    total_steps=3, patches_per_step=80)
+    again.start(model)  # a fresh run records the encoder it is given at step 0
+    assert read_jsonl(tmp_path / "again" / "monitor.jsonl")[0]["knn_top1"] == recs[-1]["knn_top1"]
     results = json.loads((monitored_run / "results.json").read_text())
     assert results["monitor_seconds"] >= sum(r["monitor_s"] for r in recs) * 0.99
     assert results["train_seconds"] > 0 and results["device"] == "cpu"
@@ -66,11 +77,11 @@ def test_monitor_records_and_leaves_weights_bitwise_identical(monitored_run, dat
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and torch.equal(a["rng"]["patches"], b["rng"]["patches"])
 
 
-def test_monitor_probe_touches_no_state(demo_data, tmp_path):
+def test_monitor_check_touches_no_state(demo_data, tmp_path):
     cfg = Config(width=4, hidden_dim=32, z_dim=16, patch_size=8, eval_every=1, monitor_bank=30, monitor_test=10,
                  device="cpu")
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = create_method(cfg).build_model()
     with torch.no_grad():  # non-trivial running statistics
         model(torch.randn(8, 3, 8, 8))
     model.train()
@@ -102,7 +113,7 @@ def test_monitor_resume_keeps_clock_and_drops_lost_records(demo_data, tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "monitor.jsonl")] == [0, 2]
     clock = mon.clock()
     assert clock == {"train_seconds": 7.0, "monitor_seconds": 3.0, "elapsed_seconds": 10.0}
-    mon.start(build_model(Config(width=4, hidden_dim=32, z_dim=16)))  # resumed: no step-0 record
+    mon.start(create_method(Config(width=4, hidden_dim=32, z_dim=16)).build_model())  # resumed: no step-0 record
     assert mon.clock()["train_seconds"] >= 7.0 and len(read_jsonl(tmp_path / "monitor.jsonl")) == 2
 
 
@@ -120,7 +131,7 @@ def test_eval_every_rejects_bad_values(value, capsys, tmp_path):
 
 def test_prefix_features_average_the_first_patches():
     torch.manual_seed(0)
-    model = build_model(Config(width=4, hidden_dim=24, z_dim=8)).eval()
+    model = create_method(Config(width=4, hidden_dim=24, z_dim=8)).build_model().eval()
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     aug = Augment(size=8)
     got = extract_prefix_features(model, images, aug, [4, 1, 2], seed=3)
@@ -141,7 +152,8 @@ def test_ablate_test_patches_cli(monitored_run, capsys):
     assert [r["test_patches"] for r in res["rows"]] == [1, 2, 4] and res["max_patches"] == 4
     assert res["n_train"] == 60 and res["n_test"] == 30 and res["step"] == 3
     for r in res["rows"]:
-        assert 0 <= r["linear_top1"] <= 100 and 0 <= r["knn_top1"] <= 100
+        assert_hit_rate(r["linear_top1"], 30)
+        assert_hit_rate(r["knn_top1"], 30)
     md = (monitored_run / "test_patch_ablation.md").read_text()
     assert md.count("\n| ") == 4  # header + 3 rows
     assert_png(monitored_run / "test_patch_ablation.png")
@@ -185,7 +197,11 @@ def test_ablate_patches_is_resumable_and_reportable(tmp_path, data_dir, capsys):
     abl = json.loads((out / "ablation.json").read_text())
     assert [r["n"] for r in abl["rows"]] == [2, 3]
     for r in abl["rows"]:
-        assert 0 <= r["linear_top1"] <= 100 and 0 <= r["knn_top1"] <= 100 and r["test_patches"] == 2
+        results = json.loads((out / r["run"] / "results.json").read_text())
+        assert (r["linear_top1"], r["knn_top1"]) == (results["linear_top1"], results["knn_top1"])
+        assert_hit_rate(r["linear_top1"], 20)
+        assert_hit_rate(r["knn_top1"], 20)
+        assert r["test_patches"] == 2
         assert r["train_seconds"] > 0 and r["eval_seconds"] > 0 and r["steps"] == 2
         assert json.loads((out / r["run"] / "config.json").read_text())["config"]["num_patches"] == r["n"]
     assert "| 3 |" in (out / "ablation.md").read_text()
@@ -239,7 +255,8 @@ def test_transfer_to_other_classes_size_and_channels(tmp_path, capsys):
     assert res["num_classes"] == 2 and res["data"] == str(b)
     # the run's --train-subset 30 (chosen for its own data) is not applied to the new data
     assert (res["n_train"], res["n_test"]) == (40, 12) and "reset to all images" in captured.out
-    assert 0 <= res["linear_top1"] <= 100 and 0 <= res["knn_top1"] <= 100
+    assert_hit_rate(res["linear_top1"], 12)
+    assert_hit_rate(res["knn_top1"], 12)
     # given again, a subset is honoured
     assert main(["eval", "--checkpoint", str(run), "--data", str(b), "--out", str(res_path), "--no-progress",
                  "--train-subset", "10"]) == 0

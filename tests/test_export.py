@@ -10,9 +10,10 @@ import torchvision
 from torch import nn
 
 from empssl import __version__
-from empssl.checkpoint import CheckpointError, load_checkpoint
+from empssl.checkpoint import CheckpointError
 from empssl.export import ExportError, export_backbone, load_backbone, torchvision_backbone
 from empssl.models import create_backbone
+from empssl.rundir import load_checkpoint
 
 from .test_embed import make_checkpoint
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from empssl.optim import LARS, cosine_lr, lars_param_groups, lr_at
+from empssl.optim import LARS, lars_param_groups, lr_at
 
 
 class ReferenceLARS(torch.optim.Optimizer):
@@ -328,12 +328,17 @@ def test_param_groups_exclude_biases_and_norms():
 # --- schedule -------------------------------------------------------------------------------------------
 
 
+def cosine_lr(step: int, total: int, base: float, final: float = 0.0) -> float:
+    """The official CosineAnnealingLR(T_max=total) stepped per optimisation step, written out."""
+    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * (min(step, total) / max(total, 1))))
+
+
 def test_cosine_schedule():
-    assert cosine_lr(0, 100, 0.3) == pytest.approx(0.3)
-    assert cosine_lr(50, 100, 0.3) == pytest.approx(0.15)
-    assert cosine_lr(100, 100, 0.3) == pytest.approx(0.0, abs=1e-12)
-    assert cosine_lr(25, 100, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
-    lrs = [cosine_lr(s, 10, 1.0) for s in range(11)]
+    assert lr_at(0, 100, 0.3) == pytest.approx(0.3)
+    assert lr_at(50, 100, 0.3) == pytest.approx(0.15)
+    assert lr_at(100, 100, 0.3) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(25, 100, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    lrs = [lr_at(s, 10, 1.0) for s in range(11)]
     assert lrs == sorted(lrs, reverse=True)
 
 
@@ -383,7 +388,7 @@ def test_one_warmup_step_and_no_warmup() -> None:
         for s in range(total + 3):
             assert lr_at(s, total, 0.3, warmup_start_lr=0.05) == cosine_lr(s, total, 0.3)  # exactly
             assert lr_at(s, total, 0.3, min_lr=0.01) == cosine_lr(s, total, 0.3, 0.01)
-    assert cosine_lr(3, 10, 0.3, 0.01) == 0.01 + (0.3 - 0.01) * 0.5 * (1.0 + math.cos(math.pi * (3 / 10)))
+    assert lr_at(3, 10, 0.3, min_lr=0.01) == 0.01 + (0.3 - 0.01) * 0.5 * (1.0 + math.cos(math.pi * (3 / 10)))
 
 
 @pytest.mark.parametrize("warmup,total", [(-1, 10), (10, 10), (11, 10)])

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from empssl.cli import main
-from empssl.report import ReportError, plot_tsne, report_targets, time_to_targets, write_report
+from empssl.report import ReportError, plot_tsne, read_run, report_targets, time_to_targets, write_report
+from empssl.report.runs import loss_terms
 
 
 def assert_png(path: Path) -> None:
@@ -24,20 +25,19 @@ def assert_png(path: Path) -> None:
 
 
 def fake_run(path: Path, *, patches: int, speed: float, monitor: bool = True, results: bool = True,
-             method: str | None = None, knn: tuple[float, ...] = (10.0, 20.0, 30.0, 40.0, 50.0),
+             method: str = "emp-ssl", knn: tuple[float, ...] = (10.0, 20.0, 30.0, 40.0, 50.0),
              **extra_results: object) -> Path:
     """A run directory as `empssl train` leaves it, with made-up but plausible numbers.
 
-    ``method`` None writes a config without the key (a run from before methods existed); ``knn`` is the
+    ``knn`` is the
     monitor's accuracy at steps 0, 5, 10 ... (train_s 1.5 s and 0.25 epochs per 5 steps); ``extra_results``
     are added to results.json.
     """
     path.mkdir(parents=True)
     cfg = {"data": "demo", "arch": "resnet18-cifar", "width": 4, "num_patches": patches, "epochs": 1.0,
            "batch_size": 20, "lr": 0.3, "test_patches": 2, "eval_every": 2.0}
-    if method is not None:
-        cfg["method"] = method
-    (path / "config.json").write_text(json.dumps({"version": "0.1.0", "config": cfg}))
+    cfg["method"] = method
+    (path / "config.json").write_text(json.dumps({"version": "0.2.0", "config": cfg}))
     with (path / "metrics.jsonl").open("w") as f:
         for step in range(2, 22, 2):
             f.write(json.dumps({"step": step, "epoch": step / 20, "loss": -100.0 - step * patches, "tcr": 5.0 + step,
@@ -53,7 +53,8 @@ def fake_run(path: Path, *, patches: int, speed: float, monitor: bool = True, re
                                     "monitor_patches": 4, "monitor_s": 0.5, "n_bank": 100, "n_test": 50}) + "\n")
     if results:
         (path / "results.json").write_text(json.dumps({
-            "linear_top1": 40.0 + patches, "knn_top1": 35.0 + patches, "test_patches": 2, "feature": "pre",
+            "linear_top1": 40.0 + patches, "knn_top1": 35.0 + patches, "test_patches": 2, "eval_view": "patches",
+            "feature": "pre", "probe_protocol": "final-epoch",
             "probe_epoch": 2, "n_train": 200, "n_test": 100, "steps": 20, "train_seconds": 20.0 / speed,
             "monitor_seconds": 2.5, "feature_seconds": 1.0, "knn_seconds": 0.1, "probe_seconds": 0.5,
             "device": "cpu", **extra_results}))
@@ -64,7 +65,7 @@ def test_report_compares_runs_side_by_side(tmp_path, capsys):
     a = fake_run(tmp_path / "a", patches=4, speed=100.0)
     b = fake_run(tmp_path / "b", patches=8, speed=50.0)
     (a / "results-16.json").write_text(json.dumps({"linear_top1": 41.5, "knn_top1": 33.0, "test_patches": 16,
-                                                   "data": "other.tar.gz"}))
+                                                   "eval_view": "patches", "data": "other.tar.gz"}))
     assert main(["report", str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
     out = tmp_path / "rep"
     md = (out / "report.md").read_text()
@@ -81,6 +82,17 @@ def test_report_compares_runs_side_by_side(tmp_path, capsys):
         assert_png(out / f"{name}.png")
     assert "no test_patch_ablation.json" in md and "tsne.png" in md  # missing optional files are notes
     assert "report written to" in capsys.readouterr().out
+
+
+def test_loss_terms_are_the_ones_each_method_logged(tmp_path):
+    a = read_run(fake_run(tmp_path / "a", patches=4, speed=10.0))  # EMP-SSL: loss, tcr, invariance
+    v = fake_run(tmp_path / "v", patches=2, speed=10.0, method="vicreg")
+    (v / "metrics.jsonl").write_text(json.dumps({"step": 2, "epoch": 0.1, "loss": 20.0, "invariance": 0.5,
+                                                 "variance": 1.0, "covariance": 0.1, "lr": 0.3,
+                                                 "patches_per_s": 5.0}) + "\n")
+    assert loss_terms([a]) == ["loss", "tcr", "invariance"]
+    assert loss_terms([a, read_run(v)]) == ["loss", "tcr", "invariance", "variance", "covariance"]
+    assert loss_terms([read_run(v), a]) == ["loss", "invariance", "variance", "covariance", "tcr"]
 
 
 def rec(step: int, knn: float | None, train_s: float) -> dict[str, object]:
@@ -122,7 +134,7 @@ def section(md: str, title: str) -> str:
 
 
 def test_report_compares_methods_time_to_accuracy_and_where_the_time_went(tmp_path):
-    # a: an old EMP-SSL run (no method, no eval_view, no probe protocol) with random-init numbers and timing
+    # a: an EMP-SSL run with random-init numbers and timing
     a = fake_run(tmp_path / "a", patches=4, speed=100.0, knn=(10.0, 45.0, 60.0, 72.0, 75.0),
                  random_init={"linear_top1": 20.5, "knn_top1": 15.0},
                  timing={"startup": 1.0, "data": 2.0, "train": 15.0, "features": 1.0, "knn": 0.4, "probe": 0.6,
@@ -138,7 +150,7 @@ def test_report_compares_methods_time_to_accuracy_and_where_the_time_went(tmp_pa
     md = write_report([a, b, c], out, targets=[55]).read_text()
 
     assert "| a | emp-ssl | `" in md and "| b | simclr | `" in md  # the runs table
-    assert "| method | emp-ssl | simclr | vicreg |" in md  # config table: absent method = emp-ssl
+    assert "| method | emp-ssl | simclr | vicreg |" in md  # config table
     acc = section(md, "Accuracy")
     assert "| a | emp-ssl | results.json | demo | patches | 44.0 | 39.0 | 2 | pre | final-epoch | 2 |" in acc
     assert "| b | simclr | results.json | demo | full | 48.0 | 43.0 | - | backbone | lr-sweep, lr 0.1 | 100 |" in acc

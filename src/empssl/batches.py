@@ -29,14 +29,6 @@ def epoch_permutation(n_images: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 10007 + epoch))
 
 
-def step_indices(step: int, n_images: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """(batch_size // world,) int64 CPU indices of the images rank ``rank`` trains on at ``step``."""
-    epoch, pos = divmod(step, n_images // batch_size)
-    b = batch_size // world
-    start = pos * batch_size + rank * b
-    return epoch_permutation(n_images, seed, epoch)[start:start + b]
-
-
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 

@@ -1,4 +1,8 @@
-"""Checkpoints: one dict (model, optimiser, step, RNG states, config), written atomically, loaded safely."""
+"""Checkpoint files: one dict (model, optimiser, step, RNG states, config), written atomically, read safely.
+
+A leaf: it reads and writes dicts and loads a state dict into a model it is given. Rebuilding the model a
+run trained is :func:`empssl.rundir.load_checkpoint`.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from .config import Config, ConfigError
-from .rundir import write_atomic
+from .files import write_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -18,7 +20,7 @@ class CheckpointError(RuntimeError):
 
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``
-    (:func:`empssl.rundir.write_atomic`): a run killed mid-write leaves the previous checkpoint intact."""
+    (:func:`empssl.files.write_atomic`): a run killed mid-write leaves the previous checkpoint intact."""
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -50,13 +52,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """A new model of ``cfg.method`` as ``cfg`` configures it (EMP-SSL: :class:`EMPSSLModel`)."""
-    from .methods import create_method
-
-    return create_method(cfg).build_model()
-
-
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """``load_state_dict(strict=True)``, turning a key or shape mismatch into a one-line CheckpointError."""
     try:
@@ -76,17 +71,3 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], wha
             parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
         detail = "; ".join(parts) or str(e).splitlines()[0]
         raise CheckpointError(f"{what} does not match the architecture: {detail}") from None
-
-
-def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[nn.Module, Config, dict]:
-    """Rebuild the model a checkpoint was trained with (its saved config, updated by ``overrides``) and load
-    its weights strictly. Returns (model on CPU, config, raw checkpoint dict)."""
-    ckpt = read_checkpoint(path)
-    try:
-        cfg = Config.from_dict({**ckpt.get("config", {}), **(overrides or {})}).validate()
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from None
-    model = build_model(cfg)
-    load_model_state(model, ckpt["model"], f"checkpoint {path} ({cfg.method}, {cfg.arch}, width {cfg.width}, "
-                                           f"hidden {cfg.hidden_dim}, z {cfg.z_dim})")
-    return model, cfg, ckpt

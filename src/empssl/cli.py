@@ -436,7 +436,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .experiments import load_for_eval
-    from .rundir import run_dir_of, write_json
+    from .files import write_json
+    from .rundir import run_dir_of
 
     # load_for_eval: another --data than the run's (transfer) gets all its images unless subsets are given
     model, cfg, ckpt, train_data, test_data, device = load_for_eval(
@@ -458,9 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .embed import EmbedError
         from .evaluate import EvalError
         from .export import ExportError
+        from .files import OutputError
         from .probe import ProbeError
         from .report import ReportError
-        from .rundir import OutputError
         from .train import TrainError
 
         user_errors += (EvalError, ProbeError, TrainError, ReportError, EmbedError, ExportError, OutputError)

@@ -25,9 +25,10 @@ from typing import Any
 
 from .config import Config, ConfigError, method_recipe
 from .data import ImageData
+from .files import read_jsonl, write_json
 from .report import write_report
-from .rundir import config_data, read_jsonl, run_config, write_json
-from .train import train, train_once
+from .rundir import run_config
+from .train import config_data, train, train_once
 
 CALIBRATION_STEPS = 30  # timed in lines of 10 steps; the first line (warm-up, cudnn autotuning) is left out
 MONITOR_POINTS = 20  # kNN evaluations per run

@@ -26,17 +26,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import load_checkpoint
 from .data import load_images
 from .devices import resolve_device
 from .evaluate import image_features
-from .rundir import OutputError, write_atomic
+from .files import OutputError, write_atomic
+from .methods import eval_protocol
+from .rundir import load_checkpoint
 
 SUFFIXES = (".npz", ".safetensors")
 
@@ -106,8 +107,6 @@ def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: i
         start += count
     features = torch.cat(parts).float().contiguous()  # (N, D)
 
-    from .methods import eval_protocol
-
     view, kind = eval_protocol(cfg)
     protocol = {"checkpoint": str(checkpoint), "step": ckpt.get("step"), "method": cfg.method, "arch": cfg.arch,
                 "test_patches": cfg.test_patches, "view": view, "feature": kind, "eval_seed": cfg.eval_seed,
@@ -172,7 +171,7 @@ def _check_writable(out: Path) -> None:
         raise EmbedError(f"output {out} is a folder; give a file name ending in .npz or .safetensors")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".writable"):
             pass
     except OSError as e:
         raise EmbedError(f"cannot write {out}: {e.strerror or e}") from None
@@ -188,7 +187,7 @@ def _write_npz(path: Path, e: Embedding) -> None:
     if e.class_names is not None:
         arrays["class_names"] = np.asarray(e.class_names, dtype=str)
     with open(path, "wb") as f:  # a file object: np.savez would append .npz to a name
-        np.savez(f, **arrays)
+        np.savez(f, **cast(dict[str, Any], arrays))  # (numpy's stubs type **kwds as allow_pickle)
 
 
 def _write_safetensors(path: Path, e: Embedding) -> None:

@@ -62,6 +62,11 @@ def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Gener
     return g
 
 
+def _features_of(model: nn.Module) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """``model.features(x, kind)``: every method's model has it (:meth:`empssl.methods.Method.build_model`)."""
+    return model.features  # type: ignore[return-value]
+
+
 def extract_features(model: nn.Module, images: torch.Tensor, aug: Augment, n_patches: int, *, kind: str = "pre",
                      seed: int = 0, batch_images: int = 0, device: torch.device | str = "cpu",
                      amp_dtype: torch.dtype | None = None, progress: bool = False,
@@ -190,7 +195,7 @@ def extract_prefix_features(model: nn.Module, images: torch.Tensor, aug: Augment
 
     from tqdm import tqdm
 
-    net = inference_copy(model)  # eval mode, BatchNorm folded; the model itself is not touched
+    features = _features_of(inference_copy(model))  # eval mode, BatchNorm folded; the model itself is not touched
     out: dict[int, torch.Tensor] = {}  # m -> (N, D) on device
     with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start, patches in _prefetched(range(0, n, group), make, device):
@@ -198,7 +203,7 @@ def extract_prefix_features(model: nn.Module, images: torch.Tensor, aug: Augment
             feats = []
             for i in range(0, patches.shape[0], per_forward):
                 with autocast(device, amp_dtype):
-                    feats.append(net.features(patches[i:i + per_forward], kind).float())
+                    feats.append(features(patches[i:i + per_forward], kind).float())
             f = torch.cat(feats).view(n_patches, b, -1)  # (n_patches, b, D)
             for m in counts:
                 if m not in out:
@@ -226,7 +231,7 @@ def extract_full_features(model: nn.Module, images: torch.Tensor, aug: Augment, 
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     from tqdm import tqdm
 
-    net = inference_copy(model)  # eval mode, BatchNorm folded; the model itself is not touched
+    features = _features_of(inference_copy(model))  # eval mode, BatchNorm folded; the model itself is not touched
     out = []
     for start in tqdm(range(0, images.shape[0], batch), desc=desc, unit="batch", disable=not progress,
                       leave=False):
@@ -234,7 +239,7 @@ def extract_full_features(model: nn.Module, images: torch.Tensor, aug: Augment, 
         for c in range(3):  # Python-float constants, as the patches are normalised
             x[:, c].sub_(aug.mean[c]).div_(aug.std[c])
         with autocast(device, amp_dtype):
-            out.append(net.features(x.contiguous(memory_format=memory_format), kind).float())
+            out.append(features(x.contiguous(memory_format=memory_format), kind).float())
     return torch.cat(out)
 
 

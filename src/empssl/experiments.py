@@ -1,5 +1,6 @@
-"""The paper's experiments as functions: the patch-count ablation (train once per number of patches), the
-test-patch ablation (evaluate one checkpoint at several bag sizes from one feature pass) and the t-SNE map.
+"""The paper's experiments as functions: a checkpoint evaluated on its own or on other data (transfer), the
+patch-count ablation (train once per number of patches), the test-patch ablation (evaluate one checkpoint at
+several bag sizes from one feature pass) and the t-SNE map.
 
 Each writes JSON (the numbers), Markdown (a table) and PNG (a plot, via :mod:`empssl.report`) into a folder,
 and is resumable or cheap to re-run. Nothing here changes how a run is trained or evaluated: these are loops
@@ -17,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, read_checkpoint
+from .checkpoint import read_checkpoint
 from .config import Config, ConfigError
 from .data import ImageData, load_data
 from .devices import resolve_device, synchronize
 from .evaluate import check_splits, extract_prefix_features, feature_options, image_features, score_features, view_label
+from .files import write_json, write_text
 from .methods import create_method, eval_protocol
 from .report import (
     ReportError,
@@ -31,8 +33,8 @@ from .report import (
     plot_tsne,
     test_patch_ablation_table,
 )
-from .rundir import config_data, run_config, run_dir_of, write_json
-from .train import train_once
+from .rundir import load_checkpoint, run_config, run_dir_of
+from .train import config_data, train_once
 
 # --- evaluating a checkpoint, possibly on another dataset ---------------------------------------------------
 
@@ -128,7 +130,7 @@ def write_patch_ablation(out: Path, rows: list[dict[str, Any]], cfg: Config) -> 
              f"{cfg.arch} width {cfg.width}", "", *patch_ablation_table(rows),
              "Train time: training loop wall time, monitoring excluded; eval time: feature extraction + kNN "
              "+ linear probe." + (f" Device: {device}." if device else ""), ""]
-    (out / "ablation.md").write_text("\n".join(lines))
+    write_text(out / "ablation.md", "\n".join(lines))
     plot_patch_ablation(rows, out / "ablation.png")
 
 
@@ -186,7 +188,7 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = N
              *test_patch_ablation_table(rows),
              f"Features of {counts[-1]} patches per image extracted once ({feature_seconds:.1f} s for "
              f"{len(train)} train + {len(test)} test images); the bag of m patches averages the first m.", ""]
-    (out / "test_patch_ablation.md").write_text("\n".join(lines))
+    write_text(out / "test_patch_ablation.md", "\n".join(lines))
     plot_test_patch_ablation(rows, out / "test_patch_ablation.png")
     return result
 

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import load_checkpoint
+from .files import OutputError, write_atomic
 from .models import ResNet, create_backbone
-from .rundir import OutputError, write_atomic
+from .rundir import load_checkpoint
 
 FORMATS = ("torchvision", "safetensors")
 # arch -> (torchvision constructor name, CIFAR stem?)

@@ -1,4 +1,4 @@
-"""Time-to-accuracy during training: a cheap kNN probe every few steps, and the run's wall-time clock.
+"""Time-to-accuracy during training: a cheap kNN check every few steps, and the run's wall-time clock.
 
 Every ``cfg.eval_every`` steps (an integer number of steps, or a fraction of an epoch when < 1) the encoder's
 features (the run's evaluation view: for EMP-SSL a bag of ``cfg.monitor_patches`` patches, for the baselines
@@ -10,11 +10,11 @@ the training set, and one line is appended to ``RUN/monitor.jsonl``::
      "n_bank", "n_test"}
 
 ``train_s`` is the training wall time excluding every monitor evaluation, ``elapsed_s`` includes them; both
-continue across resumes (the clock is saved in the checkpoint). The probe does not disturb training: the
-model runs in eval mode (BatchNorm on its running statistics, which are not updated) and is put back in
-train mode, the patches come from generators seeded by ``cfg.eval_seed`` (the global RNG and the training
-patch generator are untouched), and no gradient is computed, so a run with and without monitoring ends with
-bitwise-identical weights.
+continue across resumes (the clock is saved in the checkpoint). The check does not disturb training: the
+features come from an eval-mode copy of the model (:func:`empssl.models.inference_copy`: BatchNorm on its
+running statistics, folded into the convolutions; the model itself is not touched), the patches come from
+generators seeded by ``cfg.eval_seed`` (the global RNG and the training patch generator are untouched), and
+no gradient is computed, so a run with and without monitoring ends with bitwise-identical weights.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .config import Config
 from .data import ImageData
 from .devices import synchronize
 from .evaluate import image_features, knn_predict
-from .rundir import read_jsonl, write_atomic
+from .files import cut_jsonl
 
 
 def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
@@ -45,7 +45,7 @@ def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
 
 
 class Monitor:
-    """The run's clock (training vs monitoring wall time) and, when ``cfg.eval_every > 0``, the kNN probe.
+    """The run's clock (training vs monitoring wall time) and, when ``cfg.eval_every > 0``, the kNN check.
 
     Use: ``start()`` right before the loop, ``after_step(model, step)`` after every optimisation step (it
     returns the seconds it spent, so the caller can leave them out of its own throughput figures), and
@@ -53,7 +53,7 @@ class Monitor:
 
     Args:
         train, test: the run's splits; their first ``cfg.monitor_bank`` / ``cfg.monitor_test`` images
-            (class-balanced, :meth:`ImageData.subset`) are the memory bank and the probe set.
+            (class-balanced, :meth:`ImageData.subset`) are the memory bank and the query set.
         out_dir: the run directory (``monitor.jsonl`` is written there when ``enabled``).
         patches_per_step: patches processed per optimisation step over all processes.
         start_step: the step the run starts or resumes at; records after it (written by an interrupted
@@ -77,20 +77,11 @@ class Monitor:
         self.path = Path(out_dir) / "monitor.jsonl"
         if not self.interval:
             return
-        self.bank, self.probe = train.subset(cfg.monitor_bank), test.subset(cfg.monitor_test)
+        self.bank, self.query = train.subset(cfg.monitor_bank), test.subset(cfg.monitor_test)
         self.bank_images = self.bank.images.to(device)
-        self.probe_images = self.probe.images.to(device)
+        self.query_images = self.query.images.to(device)
         self.bank_labels = self.bank.labels.to(device)
-        self._drop_records_after(start_step)
-
-    def _drop_records_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        records = read_jsonl(self.path)
-        keep = [r for r in records if r.get("step", 0) <= step]
-        if len(keep) != len(self.path.read_text().splitlines()):  # also drops a line torn by a kill
-            text = "".join(json.dumps(r) + "\n" for r in keep)
-            write_atomic(self.path, lambda tmp: tmp.write_text(text))
+        cut_jsonl(self.path, start_step)
 
     def start(self, model: nn.Module) -> None:
         """Start the clock; on a fresh run, also record the untrained encoder (step 0)."""
@@ -120,10 +111,10 @@ class Monitor:
         cfg = self.cfg
         # the run's evaluation view and feature (a bag of monitor_patches patches for EMP-SSL)
         bank = image_features(model, self.bank_images, cfg, self.device, n_patches=cfg.monitor_patches)
-        probe = image_features(model, self.probe_images, cfg, self.device, n_patches=cfg.monitor_patches)
-        pred = knn_predict(bank, self.bank_labels, probe, len(self.bank.classes), k=min(cfg.knn_k, len(self.bank)),
+        query = image_features(model, self.query_images, cfg, self.device, n_patches=cfg.monitor_patches)
+        pred = knn_predict(bank, self.bank_labels, query, len(self.bank.classes), k=min(cfg.knn_k, len(self.bank)),
                            temperature=cfg.knn_temperature)
-        top1 = (pred.cpu() == self.probe.labels).double().mean().item() * 100  # the probe's one host sync
+        top1 = (pred.cpu() == self.query.labels).double().mean().item() * 100  # the check's one host sync
         spent = time.perf_counter() - t
         self._monitor_now += spent
         rec: dict[str, Any] = {
@@ -131,7 +122,7 @@ class Monitor:
             "elapsed_s": clock["elapsed_seconds"], "train_s": clock["train_seconds"],
             "patches_seen": step * self.patches_per_step, "knn_top1": top1,
             "monitor_patches": cfg.monitor_patches, "monitor_s": spent,
-            "n_bank": len(self.bank), "n_test": len(self.probe),
+            "n_bank": len(self.bank), "n_test": len(self.query),
         }
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")

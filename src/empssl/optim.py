@@ -65,7 +65,7 @@ class LARS(torch.optim.Optimizer):
             start += len(ps)
             if not ps:
                 continue
-            grads = [_like(p.grad, p) for p in ps]
+            grads: list[torch.Tensor] | tuple[torch.Tensor, ...] = [_like(p.grad, p) for p in ps]
             if group["lars"]:
                 grads = _lars_gradients(group, ps, grads, g_norms)
             bufs = self._momentum_buffers(ps) if group["momentum"] > 0 else []
@@ -97,8 +97,8 @@ def _like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return t if t.stride() == p.stride() else torch.empty_like(p).copy_(t)
 
 
-def _lars_gradients(group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
-                    g_norms: torch.Tensor) -> list[torch.Tensor]:
+def _lars_gradients(group: dict, params: list[torch.Tensor], grads: list[torch.Tensor] | tuple[torch.Tensor, ...],
+                    g_norms: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(g + weight_decay * p) * trust for every parameter of a LARS group, as new tensors laid out like the
     parameters. g_norms: (n,) the gradients' norms."""
     lr, wd = group["lr"], group["weight_decay"]
@@ -133,8 +133,9 @@ def lr_at(step: int, total_steps: int, base_lr: float, *, warmup_steps: int = 0,
     that steps ``warmup_steps - 1`` and ``warmup_steps`` both run at ``base_lr``; then
     min_lr + (base_lr - min_lr) (1 + cos(pi (step - warmup_steps) / (total_steps - warmup_steps))) / 2.
     With one warm-up step, step 0 runs at ``warmup_start_lr`` (the scheduler's stepped form; its closed form
-    divides by zero there). With ``warmup_steps=0`` this is :func:`cosine_lr` (``warmup_start_lr`` unused, as
-    solo-learn passes ``base_lr`` as the start when there is no warm-up).
+    divides by zero there). With ``warmup_steps=0`` this is the official ``CosineAnnealingLR(T_max=total_steps)``
+    stepped per optimisation step (``warmup_start_lr`` unused, as solo-learn passes ``base_lr`` as the start when
+    there is no warm-up).
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
@@ -147,8 +148,3 @@ def lr_at(step: int, total_steps: int, base_lr: float, *, warmup_steps: int = 0,
     t = (min(step, total_steps) - warmup_steps) / max(total_steps - warmup_steps, 1)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
-
-def cosine_lr(step: int, total_steps: int, base_lr: float, final_lr: float = 0.0) -> float:
-    """Learning rate for ``step`` (0-based) of a cosine decay over ``total_steps`` steps, stepped per
-    optimisation step like the official ``CosineAnnealingLR(T_max=total_steps)``."""
-    return lr_at(step, total_steps, base_lr, min_lr=final_lr)

@@ -231,7 +231,7 @@ def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor
             opt.step()
             epoch_loss[epoch] += loss.detach() * idx.numel()
             step += 1
-        if use_val:
+        if x_val is not None and y_val is not None:  # use_val: a validation split was carved
             acc = correct(x_val, y_val)
             val_acc[epoch] = acc
             with torch.no_grad():
@@ -332,7 +332,7 @@ class _HeadTrainer:
         # Rows are written by torch.where rather than index_copy_, which has no deterministic CUDA kernel.
         this = self.rows == self.epoch_t  # (epochs, 1)
         self.loss.copy_(torch.where(this, self.nll.sum(0).view(1, h).div_(-n), self.loss))
-        if self.x_val is not None:
+        if self.x_val is not None and self.y_val is not None:
             acc = _correct(self.x_val, self.y_val, self.wb[:d], self.wb[d])  # (H,) hits
             self.val.copy_(torch.where(this, acc.view(1, h), self.val))
             better = acc > self.best_val  # strict: the earliest epoch wins ties

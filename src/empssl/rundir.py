@@ -1,25 +1,37 @@
-"""The run directory: its saved config, what may change on resume, whether it is finished, and its JSON files.
+"""The run directory and the run's bookkeeping.
 
 A run directory holds config.json (the resolved config and the empssl version), metrics.jsonl, checkpoint.pt
-(model, optimiser, step, RNG states, config), monitor.jsonl with --eval-every, and results.json. Training,
-evaluation, the experiments and the CLI share these rules (and :func:`config_data`, the images a run's config
-names); none of them needs the trainer to read a run.
+(model, optimiser, step, RNG states, config), monitor.jsonl with --eval-every, and results.json. This module
+holds the rules that training, evaluation, the experiments and the CLI share about it (which settings may
+change on resume, whether a run is finished, rebuilding its model), and what a training session keeps while
+it writes one: the wall-clock account from process start (:class:`TimingAccount`), the metrics file
+(:class:`MetricsLog`) and the stop flag (:class:`StopFlag`). None of them needs the trainer to read a run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, Any
+
+import torch
+from torch import nn
 
 from . import __version__
+from .checkpoint import CheckpointError, load_model_state, read_checkpoint
 from .config import Config, ConfigError, flag
+from .files import OutputError, cut_jsonl, write_json
+from .methods import create_method
 
-if TYPE_CHECKING:
-    from .data import ImageData
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks there; keeping one writer per run is then the user's job
+    fcntl = None  # type: ignore[assignment]
 
 # Keys that may differ between a run directory's saved config and the command that resumes it: they change
 # where things are read or how often they are written, or the evaluation, never the trained weights.
@@ -68,70 +80,237 @@ def write_config(out_dir: str | Path, cfg: Config) -> None:
     write_json(Path(out_dir) / "config.json", {"version": __version__, "config": cfg.to_dict()})
 
 
-class OutputError(RuntimeError):
-    """An output path that cannot be written (a folder, no permission ...): reported in one line."""
-
-
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``: a process
-    interrupted at any point (even killed) leaves either the previous file or none, never half of one.
-
-    Creates the output folder if needed; raises OutputError (one line) when it cannot be created or written.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"output {path} is a folder; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (:func:`write_atomic`): a reader never sees half a file."""
-    text = json.dumps(obj, indent=2) + "\n"
-    write_atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def config_data(cfg: Config, progress: bool = True, data: tuple[ImageData, ImageData] | None = None
-                ) -> tuple[ImageData, ImageData]:
-    """(train, test) of ``cfg.data`` (or ``data`` as given), cut to ``cfg.train_subset`` / ``cfg.test_subset``."""
-    from .data import load_data
-
-    train, test = data if data is not None else load_data(cfg.data, cfg.data_dir, cfg.image_size, progress)
-    if cfg.train_subset:
-        train = train.subset(cfg.train_subset)
-    if cfg.test_subset:
-        test = test.subset(cfg.test_subset)
-    return train, test
-
-
 def finished(out_dir: str | Path) -> bool:
     """True when ``out_dir`` holds a checkpoint trained to the end of its schedule."""
-    from .checkpoint import read_checkpoint
-
     p = Path(out_dir) / "checkpoint.pt"
     return p.exists() and bool(read_checkpoint(p).get("finished", False))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (metrics.jsonl, monitor.jsonl); a torn last line is skipped."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[nn.Module, Config, dict]:
+    """Rebuild the model a run (or its checkpoint file) trained, from its saved config updated by ``overrides``,
+    and load its weights strictly. Returns (model on CPU, config, raw checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    try:
+        cfg = Config.from_dict({**ckpt.get("config", {}), **(overrides or {})}).validate()
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from None
+    model = create_method(cfg).build_model()
+    load_model_state(model, ckpt["model"], f"checkpoint {path} ({cfg.method}, {cfg.arch}, width {cfg.width}, "
+                                           f"hidden {cfg.hidden_dim}, z {cfg.z_dim})")
+    return model, cfg, ckpt
+
+
+# --- one writer per run directory -------------------------------------------------------------------------
+
+
+class RunLock:
+    """An advisory lock on a run directory (``RUN/.lock``, ``fcntl.flock``) held while one process writes the run.
+
+    A second process is refused with a one-line OutputError naming the first one's PID. The kernel releases the
+    lock when its process ends, even killed, so the PID a dead process left in the file is only noted, and the
+    lock taken over. Released (and the file removed) on exit from the ``with`` block.
+    """
+
+    def __init__(self, out_dir: Path, log: Callable[[str], None]) -> None:
+        self.out, self.path, self.log = out_dir, out_dir / ".lock", log
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        if fcntl is None:
+            return self
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot write {self.out}: {e.strerror or e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _pid_in(fd)
+                os.close(fd)
+                raise OutputError(f"{self.out} is being written by another empssl process (PID {holder or '?'}); "
+                                  f"wait for it to finish or choose another --out") from None
+            try:  # a holder that released between our open and flock removed the file: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = _pid_in(fd)
+        if previous and previous != os.getpid():
+            self.log(f"{self.path} was left by PID {previous}, which is no longer running; lock taken over")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # before the unlock, so no one locks a file that is going away
+        os.close(self.fd)
+        self.fd = None
+
+
+def _pid_in(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def remove_orphans(out_dir: Path, log: Callable[[str], None]) -> None:
+    """Remove the temporary files (``.NAME.*.tmp``, :func:`empssl.files.write_atomic`) that killed processes left
+    in ``out_dir``; call it holding the run's :class:`RunLock`, so that no writer is using them."""
+    orphans = sorted(out_dir.glob(".*.tmp"))
+    for p in orphans:
+        p.unlink(missing_ok=True)
+    if orphans:
+        log(f"removed {len(orphans)} temporary file(s) that an interrupted process left in {out_dir} "
+            f"(e.g. {orphans[0].name})")
+
+
+# --- a training session's bookkeeping ----------------------------------------------------------------------
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere: since empssl.rundir was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+_CLOCK_ORIGIN: float | None = None  # process_seconds() at which the current run's account starts
+
+# The phases of results.json's "timing", in their order ("total" follows them); the report uses the same list.
+TIMING_FIELDS = ("startup", "data", "compile", "train", "monitor", "features", "knn", "probe", "random_init_eval")
+
+
+class TimingAccount:
+    """Where one train() call's wall time went: seconds per phase (:data:`TIMING_FIELDS`), and the total.
+
+    The account starts at process start for the first run of a process (the CLI's case; the time before the
+    call is ``startup``) and at the call for later ones (a notebook, the experiments' loops), so that runs do
+    not count each other's time.
+    """
+
+    def __init__(self) -> None:
+        global _CLOCK_ORIGIN
+        self.parts: dict[str, float] = {}
+        if _CLOCK_ORIGIN is None:
+            _CLOCK_ORIGIN, self.parts["startup"] = 0.0, process_seconds()
+        else:
+            _CLOCK_ORIGIN = process_seconds()
+        self.origin = _CLOCK_ORIGIN
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.parts[phase] = self.parts.get(phase, 0.0) + seconds
+
+    def summary(self) -> dict[str, float]:
+        """The phases in :data:`TIMING_FIELDS` order (those that took time), with ``total`` = seconds from the
+        account's start to now."""
+        out = {k: round(self.parts[k], 3) for k in TIMING_FIELDS if self.parts.get(k)}
+        out["total"] = round(process_seconds() - self.origin, 3)
+        return out
+
+
+def time_line(timing: dict[str, float]) -> str:
+    """The run's last line: where the wall-clock time went, e.g.
+    ``time: 58.1 s from process start = startup 2.1 + data 3.2 + train 23.3 + features 20.1 + ... (other 0.4)``."""
+    parts = [(k, v) for k, v in timing.items() if k != "total"]
+    other = timing["total"] - sum(v for _, v in parts)
+    names = {"knn": "kNN", "random_init_eval": "random-init eval"}
+    start = "process start" if "startup" in timing else "the start of this run"
+    return (f"time: {timing['total']:.1f} s from {start} = "
+            + " + ".join(f"{names.get(k, k)} {v:.1f}" for k, v in parts) + f" (other {other:.1f})")
+
+
+# The bookkeeping keys of a metrics.jsonl line; its other keys are the method's loss terms (Method.terms).
+METRICS_FIELDS = ("step", "epoch", "lr", "patches_per_s")
+
+
+class MetricsLog:
+    """The running loss terms (summed on the device, no host sync) and a metrics.jsonl line per log step.
+
+    Also remembers the first step whose update was skipped (a non-finite loss or gradient), read at the steps
+    that sync anyway. ``path`` None (ranks other than 0) keeps the sums and writes nothing. The file is first
+    cut back to ``start_step`` (the checkpoint a resumed run starts from), so that every step has one line.
+    """
+
+    def __init__(self, path: Path | None, terms: tuple[str, ...], device: torch.device, *, start_step: int,
+                 steps_per_epoch: int, views_per_step: int, bar: Any = None) -> None:
+        if path is not None:
+            cut_jsonl(path, start_step)
+        self.terms, self.steps_per_epoch, self.views_per_step, self.bar = terms, steps_per_epoch, views_per_step, bar
+        self.file: IO[str] = open(path if path is not None else os.devnull, "a")  # noqa: SIM115 (closed in close())
+        self.sums = torch.zeros(len(terms), device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step whose update was skipped
+        self.n, self.t_last = 0, time.perf_counter()
+
+    def add(self, values: torch.Tensor, applied: torch.Tensor, step: int) -> None:
+        """Add step ``step``'s (T,) loss terms; ``applied`` (0-d bool) says whether its update was applied."""
+        self.sums += values
+        self.first_bad = torch.where(applied | (self.first_bad >= 0), self.first_bad, step)
+        self.n += 1
+
+    def non_finite_step(self, step: int) -> int | None:
+        """The first step whose loss or gradient was non-finite (``step`` if only the sums show it), or None."""
+        bad = int(self.first_bad)
+        if bad >= 0:
+            return bad
+        return None if bool(torch.isfinite(self.sums).all()) else step
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (e.g. monitoring) out of the throughput."""
+        self.t_last += seconds
+
+    def write(self, step: int, lr: float) -> None:
+        """Append the mean terms since the last line, the lr and the throughput; reset the sums."""
+        dt = time.perf_counter() - self.t_last
+        rec = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
+               **dict(zip(self.terms, (self.sums / self.n).tolist())), "lr": lr,
+               "patches_per_s": self.n * self.views_per_step / max(dt, 1e-9)}
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{rec[k]:.3g}" for k in self.terms[:3]}
+                                 | {"views/s": f"{rec['patches_per_s']:.0f}"})
+        self.sums.zero_()
+        self.n, self.t_last = 0, time.perf_counter()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after the current step and save, instead of dying mid-update."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

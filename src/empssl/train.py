@@ -1,21 +1,21 @@
 """The training loop, the same for every method: views -> method loss -> LARS step, with logging, checkpoints,
 resume and a wall-clock account of the whole run.
 
-``train()`` reads top to bottom: set up (data, run directory, model, optimiser, resume), the loop (one
-:func:`train_step` per batch; logging and checkpoints at their steps), then the evaluation. The method
-(:mod:`empssl.methods`) supplies the model, the views and the loss; the loop knows nothing else about it.
+``train()`` reads top to bottom: :func:`setup` (data, run directory, model, optimiser, resume, and the speed
+decisions: activation recomputation and ``--compile``), :func:`loop` (one :func:`train_step` per batch; logging,
+monitoring and checkpoints at their steps), then the evaluation. The method (:mod:`empssl.methods`) supplies the
+model, the views and the loss; the loop knows nothing else about it. The run's bookkeeping (clock, metrics file,
+timing account, stop flag) lives in :mod:`empssl.rundir`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,62 +27,31 @@ from tqdm import tqdm
 from . import __version__, distributed
 from .batches import StepBatches
 from .checkpoint import load_model_state, read_checkpoint, save_atomic
+from .compiling import Compiler
 from .config import Config, ConfigError
-from .data import ImageData
-from .devices import autocast_dtype, device_name, resolve_device, synchronize
+from .data import ImageData, load_data
+from .devices import autocast_dtype, device_name, synchronize
 from .distributed import SINGLE, Dist
-from .memory import checkpoint_backbone, want_checkpointing
+from .evaluate import evaluate, view_label
+from .files import write_json
 from .methods import Method, create_method
 from .monitor import Monitor
 from .optim import LARS, lars_param_groups, lr_at
-from .rundir import config_data, finished, write_config, write_json
+from .recompute import recompute_backbone, want_recompute
+from .rundir import (
+    MetricsLog,
+    RunLock,
+    StopFlag,
+    TimingAccount,
+    finished,
+    remove_orphans,
+    time_line,
+    write_config,
+)
 
 
 class TrainError(RuntimeError):
     """Training cannot go on (non-finite loss, incompatible run directory...): reported in one line."""
-
-
-# --compile auto: after this many eager steps (cudnn autotuning done) the step time is measured and the model
-# compiled only if the rest of the run saves more than compiling costs. The two estimates come from one H200
-# (torch 2.11, 20 patches x 100 images): eager 59,636 vs compiled 77,069 patches/s, i.e. 23% of the step time;
-# the compile time is an assumption until bench/gpu_check.py has measured it.
-COMPILE_PROBE_STEPS = 25
-COMPILE_GAIN = 0.2  # fraction of an eager step's time that compiling saves
-COMPILE_SECONDS = 60.0  # what compiling the training step costs, once
-
-
-def want_compile(mode: str, device: torch.device, remaining_steps: int, step_seconds: float | None
-                 ) -> tuple[bool, str]:
-    """Decide ``--compile`` (auto | on | off). Returns (compile now, a one-line reason for the log and results).
-
-    ``auto`` compiles only on CUDA, and only when ``remaining_steps * step_seconds * COMPILE_GAIN`` exceeds
-    ``COMPILE_SECONDS``: a one-epoch CIFAR run (500 steps of ~34 ms) saves ~3 s and stays eager.
-    """
-    if mode in ("on", "off"):
-        return mode == "on", f"--compile {mode}"
-    if device.type != "cuda":
-        return False, "auto: eager on the CPU"
-    if step_seconds is None:
-        return False, "auto: eager while the step time is measured"
-    saving = remaining_steps * step_seconds * COMPILE_GAIN
-    use = saving > COMPILE_SECONDS
-    return use, (f"auto: {remaining_steps} steps of {1000 * step_seconds:.1f} ms would save ~{saving:.0f} s "
-                 f"against ~{COMPILE_SECONDS:.0f} s of compiling -> {'compile' if use else 'eager'}")
-
-
-def process_seconds() -> float:
-    """Seconds since this process started (Linux: from /proc; elsewhere: since empssl was imported)."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.perf_counter() - _IMPORTED
-
-
-_IMPORTED = time.perf_counter()
 
 
 def train_step(net: nn.Module, opt: LARS, method: Method, images: torch.Tensor, generator: torch.Generator,
@@ -97,6 +66,7 @@ def train_step(net: nn.Module, opt: LARS, method: Method, images: torch.Tensor, 
     terms = method.loss(net, views, amp, dist)  # (T,) float32, the minimised loss first
     opt.zero_grad(set_to_none=True)
     terms[0].backward()
+    # between backward and the update: where a method's gradient hook runs (before_optimizer_step)
     applied = opt.step(finite=torch.isfinite(terms[0]))
     return terms.detach(), applied
 
@@ -122,10 +92,10 @@ class Run:
     warmup_steps: int
     amp: torch.dtype | None
     memory_format: torch.memory_format
+    timing: TimingAccount
     step: int = 0
     clock_state: dict[str, float] | None = None  # the monitor clock of the sessions before a resume
-    timing: dict[str, float] = field(default_factory=dict)  # seconds per phase of this session
-    compile_reason: str = ""
+    compiler: Compiler | None = None  # the module the step calls (set up once the step to start from is known)
 
     @property
     def ckpt_path(self) -> Path:
@@ -145,13 +115,21 @@ class Run:
 # --- set-up -------------------------------------------------------------------------------------------------
 
 
+def config_data(cfg: Config, progress: bool = True, data: tuple[ImageData, ImageData] | None = None
+                ) -> tuple[ImageData, ImageData]:
+    """(train, test) of ``cfg.data`` (or ``data`` as given), cut to ``cfg.train_subset`` / ``cfg.test_subset``."""
+    train, test = data if data is not None else load_data(cfg.data, cfg.data_dir, cfg.image_size, progress)
+    if cfg.train_subset:
+        train = train.subset(cfg.train_subset)
+    if cfg.test_subset:
+        test = test.subset(cfg.test_subset)
+    return train, test
+
+
 def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | None, dist: Dist, progress: bool
                ) -> tuple[ImageData, ImageData, int]:
     """(train, test, steps per epoch); a batch that the data cannot fill is a user error."""
-    if dist.enabled:
-        with distributed.main_process_first(dist):  # rank 0 downloads / fills the decoded-image cache first
-            train_data, test_data = config_data(cfg, progress, data)
-    else:
+    with distributed.main_process_first(dist):  # torchrun: rank 0 downloads / fills the decoded-image cache first
         train_data, test_data = config_data(cfg, progress, data)
     steps_per_epoch = len(train_data) // cfg.batch_size  # drop_last, as the official loader
     if steps_per_epoch == 0:
@@ -163,32 +141,33 @@ def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | None, dist: Dist
 
 
 def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, progress: bool,
-          log: Callable[[str], None]) -> Run:
-    """Data, run directory, model, optimiser and generator; resumed from ``out/checkpoint.pt`` if there is one.
+          log: Callable[[str], None], timing: TimingAccount, held: ExitStack) -> Run:
+    """Data, run directory, model, optimiser and generator; resumed from ``out/checkpoint.pt`` if there is one;
+    then the speed decisions, made once: activation recomputation (``--grad-checkpointing``) and ``--compile``.
 
     The run directory is created only once the data has loaded and the batch fits it, so a failed start leaves
-    nothing behind; an existing directory is never removed.
+    nothing behind; an existing directory is never removed. Its :class:`empssl.rundir.RunLock` joins ``held``
+    (one writer per run directory, until the caller leaves ``held``).
     """
     t0 = time.perf_counter()
-    dist = distributed.env_dist()
-    if dist.enabled:  # torchrun: join the process group; each rank takes cuda:LOCAL_RANK
-        dist, device, own_group = distributed.setup(cfg.device)
-    else:
-        device, own_group = resolve_device(cfg.device), False
+    dist, device, own_group = distributed.setup(cfg.device)  # torchrun: join the group, take cuda:LOCAL_RANK
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train_data, test_data, steps_per_epoch = _load_data(cfg, data, dist, progress)
-    timing = {"data": time.perf_counter() - t0}
-    if dist.is_main and not (out / "config.json").is_file():
+    timing.add("data", time.perf_counter() - t0)
+    if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_config(out, cfg)
+        held.enter_context(RunLock(out, log))
+        remove_orphans(out, log)  # temporary files of a killed process
+        if not (out / "config.json").is_file():
+            write_config(out, cfg)
 
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     schedule_steps = max(total_steps, round((cfg.schedule_epochs or cfg.epochs) * steps_per_epoch))
     method = create_method(cfg)
     torch.manual_seed(cfg.seed)  # model initialisation
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
-    model = method.build_model().to(device, memory_format=memory_format)
+    model = method.build_model().to(device, memory_format=memory_format)  # type: ignore[call-overload]
     if dist.enabled and cfg.sync_bn:  # before the optimiser: the converted layers have new parameters
         model = distributed.convert_sync_batchnorm(model, device)
     opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -202,6 +181,14 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
               memory_format=memory_format, timing=timing)
     if run.ckpt_path.exists():
         resume(run, log)
+    if run.step < run.total_steps:
+        # exact activation recomputation when a step would not fit (the same choice on every rank)
+        use, why = want_recompute(cfg.grad_checkpointing, model, run.views_per_step // dist.world_size,
+                                  cfg.patch_size, device, run.amp, memory_format == torch.channels_last)
+        if distributed.any_rank(use, dist, device):
+            log(f"activation checkpointing of {recompute_backbone(model)} residual blocks ({why})")
+        run.compiler = Compiler(cfg.compile, model, device, dist, start_step=run.step, total_steps=total_steps,
+                                log=log)
     return run
 
 
@@ -247,132 +234,15 @@ def save(run: Run, step: int, clock: dict[str, float]) -> None:
 # --- the loop -----------------------------------------------------------------------------------------------
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the current step and save, instead of dying mid-update."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _training_module(run: Run, compile: bool) -> nn.Module:
-    """What the step calls: the model itself, or wrapped in DDP (several processes) and/or torch.compile."""
-    if not (run.dist.enabled or compile):
-        return run.model
-    return distributed.training_module(run.model, run.device, run.dist, compile=compile)
-
-
-class _Compiler:
-    """``--compile``: the module the step calls (``net``), compiled from the start (``on``), never (``off``), or
-    (``auto``, CUDA) after ``COMPILE_PROBE_STEPS`` eager steps were timed and :func:`want_compile` found the rest of
-    the run long enough. Records the decision in ``run.compile_reason`` and the compile time in ``run.timing``."""
-
-    def __init__(self, run: Run, log: Callable[[str], None]) -> None:
-        self.run, self.log = run, log
-        compiled, run.compile_reason = want_compile(run.cfg.compile, run.device, run.total_steps - run.step, None)
-        self.net = _training_module(run, compiled)
-        self.compile_from = run.step if compiled else None  # the step whose wall time includes compiling
-        self.decide_at = -1
-        if run.cfg.compile == "auto" and run.device.type == "cuda":
-            self.decide_at = run.step + COMPILE_PROBE_STEPS
-            if self.decide_at > run.total_steps:
-                self.decide_at = -1
-                run.compile_reason = f"auto: {run.total_steps - run.step} steps, too few to win back compiling"
-        self.t_compile = self.t_probe = 0.0
-
-    def exclude(self, seconds: float) -> None:
-        """Leave ``seconds`` (e.g. monitoring) out of the step-time measurement."""
-        self.t_probe += seconds
-
-    def before(self, step: int) -> None:
-        if step == self.compile_from:
-            synchronize(self.run.device)
-            self.t_compile = time.perf_counter()
-
-    def after(self, step: int) -> None:
-        """After ``step`` steps are done: account the compile time, or time the eager steps and decide."""
-        run = self.run
-        if self.compile_from is not None and step == self.compile_from + 1:
-            synchronize(run.device)
-            run.timing["compile"] = run.timing.get("compile", 0.0) + time.perf_counter() - self.t_compile
-        if step == self.decide_at - COMPILE_PROBE_STEPS + 5:  # cudnn has autotuned: start timing
-            synchronize(run.device)
-            self.t_probe = time.perf_counter()
-        if step == self.decide_at:
-            synchronize(run.device)
-            step_s = (time.perf_counter() - self.t_probe) / (COMPILE_PROBE_STEPS - 5)
-            compiled, run.compile_reason = want_compile("auto", run.device, run.total_steps - step, step_s)
-            if compiled:
-                self.net, self.compile_from = _training_module(run, True), step
-            self.log(f"--compile {run.compile_reason}")
-
-
-class _Metrics:
-    """The running loss terms (summed on the device) and a metrics.jsonl line every ``--log-every`` steps."""
-
-    def __init__(self, run: Run, file: Any, bar: tqdm) -> None:
-        self.run, self.file, self.bar = run, file, bar
-        self.sums = torch.zeros(len(run.method.terms), device=run.device)
-        self.n, self.t_last = 0, time.perf_counter()
-
-    def add(self, values: torch.Tensor) -> None:
-        self.sums += values
-        self.n += 1
-
-    def exclude(self, seconds: float) -> None:
-        """Leave ``seconds`` (e.g. monitoring) out of the throughput."""
-        self.t_last += seconds
-
-    def write(self, step: int, lr: float) -> None:
-        terms = self.run.method.terms
-        dt = time.perf_counter() - self.t_last
-        rec = {"step": step, "epoch": round(step / self.run.steps_per_epoch, 4),
-               **dict(zip(terms, (self.sums / self.n).tolist())), "lr": lr,
-               "patches_per_s": self.n * self.run.views_per_step / max(dt, 1e-9)}
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-        self.bar.set_postfix({k: f"{rec[k]:.3g}" for k in terms[:3]} | {"views/s": f"{rec['patches_per_s']:.0f}"})
-        self.sums.zero_()
-        self.n, self.t_last = 0, time.perf_counter()
-
-
-def _check_finite(run: Run, first_bad: torch.Tensor, sums: torch.Tensor, step: int, last_good: int) -> None:
-    """At a step that syncs anyway: stop if an update was skipped for a non-finite loss or gradient."""
-    bad = int(first_bad)
-    if bad >= 0 or not torch.isfinite(sums).all():
-        raise TrainError(f"the loss or a gradient became non-finite at step {bad if bad >= 0 else step} (its update "
-                         f"was skipped); training stopped at step {step}, and the last good checkpoint (step "
-                         f"{last_good}) is kept in {run.ckpt_path}; try a lower --lr")
-
-
 def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None]) -> None:
     """Train from ``run.step`` to ``run.total_steps``: one :func:`train_step` per batch, a metrics line every
     ``log_every`` steps, a checkpoint every ``checkpoint_every`` steps, at every epoch end and at the end."""
-    cfg, dist, device, model, opt = run.cfg, run.dist, run.device, run.model, run.opt
+    cfg, dist, device, model, opt, method = run.cfg, run.dist, run.device, run.model, run.opt, run.method
+    compiler = run.compiler
+    assert compiler is not None, "setup() prepares the compiler"
     # Training images live on the device as uint8 when they fit (CIFAR-10: 150 MB); views are cut there.
     images = run.train_data.images
     images = images.to(device) if images.numel() < 4 * 2**30 else images
-    # speed: exact activation checkpointing when a step would not fit (the same choice on every rank)
-    use_ckpt, why = want_checkpointing(cfg.grad_checkpointing, model, run.views_per_step // dist.world_size,
-                                       cfg.patch_size, device, run.amp, run.memory_format == torch.channels_last)
-    if distributed.any_rank(use_ckpt, dist, device) if dist.enabled else use_ckpt:
-        log(f"activation checkpointing of {checkpoint_backbone(model)} residual blocks ({why})")
-    compiler = _Compiler(run, log)
     batches = StepBatches(images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=run.step,
                           total_steps=run.total_steps, device=device, rank=dist.rank, world=dist.world_size)
     log(f"training {cfg.method} ({cfg.arch}, width {cfg.width}) on {len(run.train_data)} images, batch "
@@ -380,37 +250,34 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
 
     model.train()
     monitor.start(model)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step whose update was skipped
     step = last_good = run.step
     bar = tqdm(total=run.total_steps, initial=step, disable=not progress, file=sys.stderr, dynamic_ncols=True,
                desc="train", unit="step")
-    metrics_path = run.out / "metrics.jsonl" if dist.is_main else Path(os.devnull)
-    with _StopFlag() as stop, metrics_path.open("a") as file, batches, bar:
-        metrics = _Metrics(run, file, bar)
+    metrics = MetricsLog(run.out / "metrics.jsonl" if dist.is_main else None, method.terms, device, bar=bar,
+                         start_step=step, steps_per_epoch=run.steps_per_epoch, views_per_step=run.views_per_step)
+    with StopFlag() as stop, metrics, batches, bar:
         stream = iter(batches)  # a fixed permutation per epoch, so a resumed run sees the same batches
         while step < run.total_steps:
             lr = run.lr(step)
             for group in opt.param_groups:
                 group["lr"] = lr
             compiler.before(step)
-            values, applied = train_step(compiler.net, opt, run.method, next(stream), run.generator, run.amp,
+            values, applied = train_step(compiler.net, opt, method, next(stream), run.generator, run.amp,
                                          run.memory_format, dist)
-            run.method.after_step(model, step + 1, run.schedule_steps, applied)  # e.g. BYOL's target
-            first_bad = torch.where(applied | (first_bad >= 0), first_bad, step + 1)
-            metrics.add(values)
+            method.after_step(model, step + 1, run.schedule_steps, applied)  # e.g. BYOL's target
+            metrics.add(values, applied, step + 1)
             step += 1
             bar.update(1)
             compiler.after(step)
 
             at_log = step % cfg.log_every == 0 or step == run.total_steps
             at_ckpt = step % cfg.checkpoint_every == 0 or step % run.steps_per_epoch == 0 or step == run.total_steps
-            # A host sync only at log/checkpoint steps. Under torchrun the ranks meet there (and at every step on
-            # the CPU, where it is free) at the same steps: losses are averaged and a stop request reaches all.
-            stopping = stop.requested and not dist.enabled
-            if dist.enabled and (at_log or at_ckpt or device.type == "cpu"):
-                stopping = distributed.agree(metrics.sums, stop.requested, dist)
-            if at_log or at_ckpt or stopping:  # never log or save after a skipped (non-finite) update
-                _check_finite(run, first_bad, metrics.sums, step, last_good)
+            stopping = stop.requested
+            if dist.enabled:  # the ranks meet at the same steps (every step on the CPU, where it is free)
+                stopping = (at_log or at_ckpt or device.type == "cpu") and distributed.agree(metrics.sums,
+                                                                                             stop.requested, dist)
+            if at_log or at_ckpt or stopping:  # a host sync; never log or save after a skipped update
+                _check_finite(run, metrics, step, last_good)
             if at_log:
                 metrics.write(step, lr)
             spent = monitor.after_step(model, step)
@@ -422,6 +289,15 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
             if stopping and step < run.total_steps:
                 raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved, run the same command to resume")
     run.step = step
+
+
+def _check_finite(run: Run, metrics: MetricsLog, step: int, last_good: int) -> None:
+    """Stop if an update since the last check was skipped for a non-finite loss or gradient."""
+    bad = metrics.non_finite_step(step)
+    if bad is not None:
+        raise TrainError(f"the loss or a gradient became non-finite at step {bad} (its update was skipped); "
+                         f"training stopped at step {step}, and the last good checkpoint (step {last_good}) is "
+                         f"kept in {run.ckpt_path}; try a lower --lr")
 
 
 # --- the whole run ------------------------------------------------------------------------------------------
@@ -438,62 +314,54 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     ``out_dir`` receives config.json, metrics.jsonl, checkpoint.pt and results.json. ``data`` may pass
     (train, test) directly (used by tests and notebooks); otherwise ``cfg.data`` is loaded.
     Returns the results dict (or a summary when evaluation is skipped). Its ``timing`` entry accounts for the
-    wall clock from process start: startup, data, compile, train, monitor, features, knn, probe and total.
+    wall clock from process start, phase by phase (:data:`empssl.rundir.TIMING_FIELDS`) and in ``total``.
     """
-    global _CLOCK_ORIGIN
     cfg.validate()
-    # The wall-clock account starts at process start for the first run of a process (the CLI's case) and at the
-    # call for later ones (a notebook, the experiments' loops), so that runs do not count each other's time.
-    if _CLOCK_ORIGIN is None:
-        _CLOCK_ORIGIN, startup = 0.0, {"startup": process_seconds()}
-    else:
-        _CLOCK_ORIGIN, startup = process_seconds(), {}
+    timing = TimingAccount()  # from process start for the first run of a process, else from this call
     if not distributed.env_dist().is_main:
         progress, log = False, _silent
-    run = setup(cfg, Path(out_dir), data, progress, log)
-    run.timing = {**startup, **run.timing}
-    monitor = Monitor(cfg, run.train_data, run.test_data, run.device, run.out, steps_per_epoch=run.steps_per_epoch,
-                      total_steps=run.total_steps,
-                      patches_per_step=run.views_per_step, start_step=run.step,
-                      clock_state=run.clock_state, enabled=run.dist.is_main)
-    if run.step < run.total_steps:
-        loop(run, monitor, progress, log)
-    elif run.ckpt_path.exists():
-        log(f"{run.out} is trained to the end (step {run.step}); nothing to train")
-    synchronize(run.device)
-    clock = monitor.clock()
-    if run.dist.enabled:
+    with ExitStack() as held:  # the run directory's lock, until its results are written
+        run = setup(cfg, Path(out_dir), data, progress, log, timing, held)
+        monitor = Monitor(cfg, run.train_data, run.test_data, run.device, run.out, steps_per_epoch=run.steps_per_epoch,
+                          total_steps=run.total_steps, patches_per_step=run.views_per_step, start_step=run.step,
+                          clock_state=run.clock_state, enabled=run.dist.is_main)
+        if run.step < run.total_steps:
+            loop(run, monitor, progress, log)
+        elif run.ckpt_path.exists():
+            log(f"{run.out} is trained to the end (step {run.step}); nothing to train")
+        synchronize(run.device)
+        clock = monitor.clock()
         distributed.teardown(run.own_group)  # evaluation below runs on rank 0 alone
-    session_train = clock["train_seconds"] - (run.clock_state or {}).get("train_seconds", 0.0)
-    run.timing.update(train=session_train - run.timing.get("compile", 0.0),
-                      monitor=clock["monitor_seconds"] - (run.clock_state or {}).get("monitor_seconds", 0.0))
-    summary = {"method": cfg.method, "steps": run.total_steps, "epochs": cfg.epochs, "images": len(run.train_data),
-               **clock, "device": device_name(run.device),
-               "compile": run.compile_reason or None}  # monitoring: wall time and hardware
-    if not evaluate_at_end or not run.dist.is_main:
-        return {**summary, "timing": _timing(run.timing)}
-    from .evaluate import evaluate, view_label
-
-    results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
-                                     log=log)}
-    for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
-        run.timing[key] = results[name]
-    if cfg.compare_random_init:
-        torch.manual_seed(cfg.seed)  # the same initialisation the run started from
-        baseline = run.method.build_model().to(run.device)
-        log("evaluating the randomly initialised encoder with the same protocol")
-        t0 = time.perf_counter()
-        base = evaluate(baseline, run.train_data, run.test_data, cfg, run.device, progress=progress, log=log)
-        run.timing["random_init_eval"] = time.perf_counter() - t0
-        results["random_init"] = {k: base[k] for k in ("linear_top1", "knn_top1")}
-        gap = results["linear_top1"] - base["linear_top1"]
-        log(f"linear probe: trained {results['linear_top1']:.1f}% vs random init {base['linear_top1']:.1f}% "
-            f"({gap:+.1f} points, {view_label(results['eval_view'], cfg.test_patches)})")
-    results["timing"] = _timing(run.timing)
-    write_json(run.out / "results.json", results)
-    log(f"results written to {run.out / 'results.json'}")
-    log(time_line(results["timing"]))  # the run's last line: where the time went
-    return results
+        before = run.clock_state or {}
+        compile_seconds = run.compiler.compile_seconds if run.compiler else 0.0
+        timing.add("compile", compile_seconds)
+        timing.add("train", clock["train_seconds"] - before.get("train_seconds", 0.0) - compile_seconds)
+        timing.add("monitor", clock["monitor_seconds"] - before.get("monitor_seconds", 0.0))
+        summary = {"method": cfg.method, "steps": run.total_steps, "epochs": cfg.epochs, "images": len(run.train_data),
+                   **clock, "device": device_name(run.device),
+                   "compile": run.compiler.reason if run.compiler else None}  # monitoring: wall time and hardware
+        if not evaluate_at_end or not run.dist.is_main:
+            return {**summary, "timing": timing.summary()}
+        results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
+                                         log=log)}
+        for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
+            timing.add(key, results[name])
+        if cfg.compare_random_init:
+            torch.manual_seed(cfg.seed)  # the same initialisation the run started from
+            baseline = run.method.build_model().to(run.device)
+            log("evaluating the randomly initialised encoder with the same protocol")
+            t0 = time.perf_counter()
+            base = evaluate(baseline, run.train_data, run.test_data, cfg, run.device, progress=progress, log=log)
+            timing.add("random_init_eval", time.perf_counter() - t0)
+            results["random_init"] = {k: base[k] for k in ("linear_top1", "knn_top1")}
+            gap = results["linear_top1"] - base["linear_top1"]
+            log(f"linear probe: trained {results['linear_top1']:.1f}% vs random init {base['linear_top1']:.1f}% "
+                f"({gap:+.1f} points, {view_label(results['eval_view'], cfg.test_patches)})")
+        results["timing"] = timing.summary()
+        write_json(run.out / "results.json", results)
+        log(f"results written to {run.out / 'results.json'}")
+        log(time_line(results["timing"]))  # the run's last line: where the time went
+        return results
 
 
 def train_once(cfg: Config, out_dir: str | Path, *, name: str, progress: bool = True,
@@ -507,27 +375,3 @@ def train_once(cfg: Config, out_dir: str | Path, *, name: str, progress: bool = 
         return json.loads((out / "results.json").read_text())
     log(f"{name}: training {cfg.epochs:g} epochs in {out}")
     return train(cfg, out, progress=progress, log=log, data=data)
-
-
-_CLOCK_ORIGIN: float | None = None  # process_seconds() at which the current run's account starts
-
-_TIMING_ORDER = ("startup", "data", "compile", "train", "monitor", "features", "knn", "probe", "random_init_eval")
-
-
-def _timing(parts: dict[str, float]) -> dict[str, float]:
-    """The phases in a fixed order, with ``total`` = seconds from process start (or, for a later run of the same
-    process, from the start of its train() call) to now."""
-    out = {k: round(parts[k], 3) for k in _TIMING_ORDER if parts.get(k)}
-    out["total"] = round(process_seconds() - (_CLOCK_ORIGIN or 0.0), 3)
-    return out
-
-
-def time_line(timing: dict[str, float]) -> str:
-    """The run's last line: where the wall-clock time went, e.g.
-    ``time: 58.1 s from process start = startup 2.1 + data 3.2 + train 23.3 + features 20.1 + ... (other 0.4)``."""
-    parts = [(k, v) for k, v in timing.items() if k != "total"]
-    other = timing["total"] - sum(v for _, v in parts)
-    names = {"knn": "kNN", "random_init_eval": "random-init eval"}
-    start = "process start" if "startup" in timing else "the start of this run"
-    return (f"time: {timing['total']:.1f} s from {start} = "
-            + " + ".join(f"{names.get(k, k)} {v:.1f}" for k, v in parts) + f" (other {other:.1f})")

@@ -1,9 +1,10 @@
-"""Training memory for many patches: exact activation checkpointing of the backbone, and when to use it.
+"""Training memory for many patches: exact activation recomputation (what PyTorch calls activation
+checkpointing, ``--grad-checkpointing``) of the backbone, and when to use it.
 
 A step pushes n_patches * B patches through the encoder at once (20,000 at 200 x 100), and BatchNorm
 normalises over all of them, as in the official code. Splitting the patches into chunks that run forward
 and backward one after the other would change BatchNorm's statistics, so it is *not* the same training.
-Activation checkpointing is: each residual block keeps only its input during the forward pass and runs
+Recomputation is: each residual block keeps only its input during the forward pass and runs
 its forward again during the backward pass, on the same patches, so BatchNorm sees the same batch and
 the loss and gradients are unchanged. The one side effect, a second update of BatchNorm's running
 statistics by the recomputation, is undone (they are restored after each block's recomputation), so the
@@ -25,11 +26,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from .models import BasicBlock, EMPSSLModel
 
-# Fraction of the free GPU memory a step may plan to use before checkpointing is switched on (the caching
+# Fraction of the free GPU memory a step may plan to use before recomputation is switched on (the caching
 # allocator's fragmentation and cuDNN workspaces need the rest).
 _FREE_FRACTION = 0.85
 
@@ -37,40 +38,40 @@ _FREE_FRACTION = 0.85
 @contextlib.contextmanager
 def _keep_batchnorm_stats(module: nn.Module) -> Iterator[None]:
     """Restore the running statistics of ``module``'s BatchNorm layers on exit (the recomputation's update)."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [[t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+    saved = [(t, t.clone()) for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, (mean, var, count) in zip(bns, saved):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+            for stat, before in saved:
+                stat.copy_(before)
 
 
-def _checkpointed(module: nn.Module, forward: Callable[..., Any], *args: Any) -> Any:
+def _recomputed(module: nn.Module, forward: Callable[..., Any], *args: Any) -> Any:
     if not (module.training and torch.is_grad_enabled()):
         return forward(*args)
     if torch.compiler.is_compiling():
         # Compiled, the recomputation is part of the backward graph and the statistics update stays in the
-        # forward graph; a custom context_fn is not supported there (only selective checkpointing's).
-        return checkpoint(forward, *args, use_reentrant=False)
-    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False,  # the blocks draw no randomness
-                      context_fn=lambda: (contextlib.nullcontext(), _keep_batchnorm_stats(module)))
+        # forward graph; a custom context_fn is not supported there (only selective recomputation's).
+        return recompute_in_backward(forward, *args, use_reentrant=False)
+    return recompute_in_backward(forward, *args, use_reentrant=False,
+                                 preserve_rng_state=False,  # the blocks draw no randomness
+                                 context_fn=lambda: (contextlib.nullcontext(), _keep_batchnorm_stats(module)))
 
 
-def checkpoint_backbone(model: EMPSSLModel) -> int:
-    """Turn on activation checkpointing for every residual block of ``model.backbone``, in place.
+def recompute_backbone(model: EMPSSLModel) -> int:
+    """Turn on activation recomputation for every residual block of ``model.backbone``, in place.
 
     The blocks' ``forward`` is replaced (an instance attribute), so parameter names and the state_dict are
-    unchanged. Only training-mode forwards with gradients are checkpointed; evaluation runs as before.
+    unchanged. Only training-mode forwards with gradients are recomputed; evaluation runs as before.
     Returns the number of blocks wrapped (idempotent: already wrapped blocks are skipped).
     """
     n = 0
     for block in model.backbone.modules():
         if isinstance(block, BasicBlock) and "forward" not in block.__dict__:
-            block.forward = functools.partial(_checkpointed, block, block.forward)  # type: ignore[method-assign]
+            block.forward = functools.partial(_recomputed, block, block.forward)  # type: ignore[method-assign]
             n += 1
     return n
 
@@ -83,10 +84,10 @@ def activation_bytes_per_patch(model: nn.Module, patch_size: int, device: torch.
     that records every tensor saved for backward (unique storages), and the difference / 4 is the
     per-patch cost (the weights' autocast copies cancel out). Takes a fraction of a second on a GPU.
     """
-    probe = copy.deepcopy(model).train()  # the forward passes update BatchNorm statistics: not the model's
-    for m in probe.modules():
+    replica = copy.deepcopy(model).train()  # the forward passes update BatchNorm statistics: not the model's
+    for m in replica.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            # plain BatchNorm: a SyncBatchNorm probe would start collectives the other ranks may not join
+            # plain BatchNorm: a SyncBatchNorm replica would start collectives the other ranks may not join
             m.forward = functools.partial(nn.modules.batchnorm._BatchNorm.forward, m)  # type: ignore[method-assign]
 
     def saved_bytes(k: int) -> int:
@@ -102,7 +103,7 @@ def activation_bytes_per_patch(model: nn.Module, patch_size: int, device: torch.
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            probe(x)
+            replica(x)
         return sum(storages.values())
 
     return (saved_bytes(8) - saved_bytes(4)) / 4
@@ -127,7 +128,7 @@ def free_bytes(device: torch.device) -> int:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
-def want_checkpointing(mode: str, model: nn.Module, patches: int, patch_size: int, device: torch.device,
+def want_recompute(mode: str, model: nn.Module, patches: int, patch_size: int, device: torch.device,
                        amp: torch.dtype | None, channels_last: bool) -> tuple[bool, str]:
     """Decide ``--grad-checkpointing`` (auto | on | off) for a step of ``patches`` patches on this process.
 

@@ -1,0 +1,78 @@
+"""Files that a reader never sees half-written: the one atomic-write helper, JSON and JSON-lines.
+
+A leaf: it imports nothing from empssl, so the checkpoint I/O, the run directory, the exports and the reports
+can all use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class OutputError(RuntimeError):
+    """An output path that cannot be written (a folder, no permission ...): reported in one line."""
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``: a process
+    interrupted at any point (even killed) leaves either the previous file or none, never half of one.
+
+    The temporary file is named ``.NAME.*.tmp``. Creates the output folder if needed; raises OutputError (one
+    line) when it cannot be created or written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` atomically (:func:`write_atomic`)."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (:func:`write_atomic`)."""
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def cut_jsonl(path: str | Path, step: int) -> None:
+    """Keep the records of a JSON-lines file up to ``step`` (their ``"step"`` <= ``step``), atomically; a line
+    torn by a kill goes too. For a resumed run: the steps after its checkpoint are trained, and logged, again."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    if len(keep) != len(path.read_text().splitlines()):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (metrics.jsonl, monitor.jsonl); a torn last line is skipped."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,95 @@
+"""Reading run directories for the report: what each run left behind, with a note for every missing file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..files import read_jsonl
+from ..rundir import METRICS_FIELDS
+
+
+class ReportError(RuntimeError):
+    """A report cannot be made (no run directory, matplotlib missing ...): reported in one line."""
+
+
+@dataclass
+class Run:
+    """What one run directory holds (absent files are empty)."""
+
+    path: Path
+    label: str = ""
+    legend: str = ""  # the name of its lines in plots: the label, with the method when runs differ in it
+    config: dict[str, Any] = field(default_factory=dict)
+    version: str | None = None
+    results: dict[str, Any] | None = None
+    extra_results: dict[str, dict[str, Any]] = field(default_factory=dict)  # results-*.json by file name
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    monitor: list[dict[str, Any]] = field(default_factory=list)
+    test_patch_ablation: dict[str, Any] | None = None
+    tsne: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        """The training method (from config.json, else results.json; "-" when neither is there)."""
+        return self.config.get("method") or (self.results or {}).get("method") or "-"
+
+    def result_files(self) -> list[tuple[str, dict[str, Any]]]:
+        """(file name, results) of results.json then every results-*.json."""
+        return ([("results.json", self.results)] if self.results else []) + list(self.extra_results.items())
+
+
+def read_json(path: Path, notes: list[str]) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        notes.append(f"{path} could not be read ({type(e).__name__}); skipped")
+        return None
+
+
+def read_run(path: Path) -> Run:
+    """Everything :func:`write_report` uses from one run directory; missing files become notes."""
+    run = Run(Path(path), label=Path(path).name)
+    notes = run.notes
+    for name, attr in (("config.json", "config"), ("results.json", "results"),
+                       ("test_patch_ablation.json", "test_patch_ablation")):
+        p = run.path / name
+        if not p.is_file():
+            notes.append(f"no {name} in {run.path}")
+            continue
+        data = read_json(p, notes)
+        if data is None:
+            continue
+        if attr == "config":
+            run.config, run.version = data.get("config", {}), data.get("version")
+        else:
+            setattr(run, attr, data)
+    for p in sorted(run.path.glob("results-*.json")):  # empssl eval's default name and --out files beside it
+        data = read_json(p, notes)
+        if data is not None:
+            run.extra_results[p.name] = data
+    for name in ("metrics", "monitor"):
+        p = run.path / f"{name}.jsonl"
+        if p.is_file():
+            setattr(run, name, read_jsonl(p))
+        else:
+            notes.append(f"no {name}.jsonl in {run.path}" + (" (train with --eval-every to record accuracy "
+                                                            "during training)" if name == "monitor" else ""))
+    if (run.path / "tsne.png").is_file():
+        run.tsne = run.path / "tsne.png"
+    else:
+        notes.append(f"no tsne.png in {run.path} (empssl tsne --checkpoint {run.path})")
+    return run
+
+
+def loss_terms(runs: list[Run]) -> list[str]:
+    """The loss terms the runs logged (metrics.jsonl keys other than :data:`empssl.rundir.METRICS_FIELDS`), in
+    the order they were logged, the minimised ``loss`` first: each method's own (:attr:`Method.terms`)."""
+    terms: list[str] = []
+    for run in runs:
+        for rec in run.metrics:
+            terms += [k for k in rec if k not in METRICS_FIELDS and k not in terms]
+    return terms

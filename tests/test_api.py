@@ -1,0 +1,44 @@
+"""The public API: what ``empssl`` exports, and the README's Python example, run as written."""
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import empssl
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_exported_name_resolves_to_its_module():
+    assert set(empssl.__all__) == {"__version__", *empssl._API}
+    for name in empssl.__all__:
+        value = getattr(empssl, name)
+        if name != "__version__":
+            assert value.__name__ == name and value.__module__.startswith("empssl.")
+    # train, evaluate and embed are also module names: the function wins, whatever was imported first
+    importlib.import_module("empssl.cli")
+    importlib.import_module("empssl.compare")  # imports empssl.train the module
+    from empssl import train
+
+    assert train is empssl.train is sys.modules["empssl.train"].train and callable(empssl.evaluate)
+
+
+def test_the_readme_python_example_runs(tmp_path):
+    text = README.read_text()
+    section = text[text.index("\n## Python\n"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None, "README's Python section has no python block"
+    (tmp_path / "example.py").write_text(code.group(1))
+    # a fresh process in an empty folder: the example's data cache goes there, and nothing is imported before it
+    src = str(Path(empssl.__file__).resolve().parents[1])  # this checkout's empssl, whatever the cwd
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    accuracy = re.fullmatch(r"random init: kNN (\d+)%, linear (\d+)%\n", out.stdout)
+    assert accuracy is not None, out.stdout
+    # an untrained encoder on 10 classes: above nothing, not above perfect (chance is 10 %)
+    assert 0 < int(accuracy.group(1)) < 100 and 0 < int(accuracy.group(2)) < 100
