@@ -156,5 +156,5 @@ def test_every_value_is_checked_once_with_one_message_style(given, needle):
 
 @pytest.mark.parametrize("name", ["../../x", "../presets/cpu-demo", "/etc/passwd", "nope"])
 def test_preset_names_cannot_leave_the_presets(name):
-    with pytest.raises(ConfigError, match="unknown preset"):
+    with pytest.raises(ConfigError, match="unknown --preset"):
         load_preset(name)

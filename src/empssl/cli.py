@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .config import Config, ConfigError, flag, flag_fields, load_preset, method_preset, preset_names, type_hints
@@ -59,7 +59,7 @@ def parse_floats(text: str) -> tuple[float, ...]:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
         command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
         raise ConfigError(f"{command}: {message}" if command else message)
 
@@ -404,8 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         user_errors += (EvalError, ProbeError, TrainError, ReportError, EmbedError, ExportError, OutputError)
         parser = build_parser()
         argv = sys.argv[1:] if argv is None else list(argv)
-        commands_of = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-        usage = f"usage: empssl {{{','.join(commands_of)}}} [flags] (empssl COMMAND --help lists its flags)"
+        names = ",".join(map(str, parser._subparsers._group_actions[0].choices or ()))  # type: ignore[union-attr]
+        usage = f"usage: empssl {{{names}}} [flags] (empssl COMMAND --help lists its flags)"
         if not argv:  # bare `empssl`: say how to use it
             raise ConfigError(f"no command given; {usage}")
         if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):

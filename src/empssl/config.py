@@ -14,7 +14,6 @@ gives method settings, or when they are read.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import typing
 from collections.abc import Mapping
@@ -210,7 +209,7 @@ class Config:
         if "extra" in d:
             d = _from_version_0_2(d)
         names = {f.name for f in flag_fields(cls)}
-        own = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        own: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
         cfg = cls(**own, method_settings={k: v for k, v in d.items() if k not in names})
         if cfg.method_settings:
             cfg.settings()  # unknown keys fail here, before anything runs
@@ -294,10 +293,14 @@ def flag_fields(cls: type) -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(cls) if f.name != "method_settings"]
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def type_hints(cls: type) -> dict[str, Any]:
     """The annotations of a Config or MethodSettings class as types (``tuple[float, float]``, ``float | None``)."""
-    return typing.get_type_hints(cls)
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _is_number(x: Any) -> bool:
@@ -367,7 +370,7 @@ def load_preset(name: str) -> dict[str, Any]:
     import json
 
     if name not in preset_names():  # also keeps a name like ../x from reading outside the presets
-        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(preset_names())}")
+        raise ConfigError(f"unknown --preset {name!r}; choose from {', '.join(preset_names())}")
     try:
         overrides = json.loads(resources.files("empssl").joinpath("presets", f"{name}.json").read_text())
     except json.JSONDecodeError as e:

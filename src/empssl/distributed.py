@@ -258,6 +258,8 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         xc = x.float() - mean.view(shape)
         var = _AllReduceSum.apply((xc * xc).sum(dims)) / n  # biased, as BatchNorm normalises
         if self.track_running_stats:
+            assert self.num_batches_tracked is not None and self.running_mean is not None
+            assert self.running_var is not None  # they exist when track_running_stats
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum

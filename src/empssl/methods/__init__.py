@@ -73,6 +73,8 @@ def method_names() -> tuple[str, ...]:
 
 def method_class(name: str) -> type[Method]:
     """The class registered as ``name`` (importing this package's module of it on first use)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"--method must be a string, got {name!r}")
     if name not in _REGISTERED and name in _package_methods():
         importlib.import_module(f"{__name__}.{_package_methods()[name][0]}")
     if name not in _REGISTERED:

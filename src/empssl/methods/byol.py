@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -73,6 +74,8 @@ class BYOLModel(TwoViewModel):
 
     ``tau`` (a buffer, so checkpoints keep it) is the momentum of the next target update; the loss logs it.
     """
+
+    tau: torch.Tensor
 
     def __init__(self, backbone: ResNet, projector: nn.Module, predictor: nn.Module, tau: float) -> None:
         super().__init__(backbone, projector)
@@ -134,7 +137,7 @@ class BYOL(TwoViewMethod):
 
     def after_step(self, model: nn.Module, step: int, total_steps: int, applied: torch.Tensor) -> None:
         """Move the target towards the online network (only where ``applied``), then set the next tau."""
-        s = self.settings
+        s, model = self.settings, cast(BYOLModel, model)  # the model build_model made
         # solo-learn updates with the tau it computed after the previous step (tau_base before the first one)
         tau = byol_tau(step - 1, total_steps, s.tau_base, s.tau_final)
         # a skipped update (applied False) is an average with weight 0: the target stays bit for bit
