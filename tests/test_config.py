@@ -158,3 +158,9 @@ def test_every_value_is_checked_once_with_one_message_style(given, needle):
 def test_preset_names_cannot_leave_the_presets(name):
     with pytest.raises(ConfigError, match="unknown --preset"):
         load_preset(name)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_is_a_valid_config(name):
+    cfg = Config.from_dict(load_preset(name)).validate()
+    assert set(load_preset(name)) <= set(cfg.to_dict())

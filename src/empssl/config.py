@@ -276,15 +276,21 @@ def method_settings_class(method: str) -> type[MethodSettings]:
     return method_class(method).Settings
 
 
+def settings_for(method: str, d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` without the settings that only other methods declare: what settings given to several methods alike
+    (``empssl compare``) mean for ``method``."""
+    from .methods import method_names
+
+    own = {f.name for f in dataclasses.fields(method_settings_class(method))}
+    others = {f.name for m in method_names() for f in dataclasses.fields(method_settings_class(m))} - own
+    return {k: v for k, v in d.items() if k not in others}
+
+
 def _from_version_0_2(d: dict[str, Any]) -> dict[str, Any]:
     """A run saved by empssl 0.1 or 0.2 (whose config has an ``extra`` dict of notes) holds every method's settings
     as flat fields: keep only those of its own method (the others never applied to it)."""
-    from .methods import method_names
-
     d.pop("extra")
-    own = {f.name for f in dataclasses.fields(method_settings_class(d.get("method", Config.method)))}
-    others = {f.name for m in method_names() for f in dataclasses.fields(method_settings_class(m))} - own
-    return {k: v for k, v in d.items() if k not in others}
+    return settings_for(d.get("method", Config.method), d)
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field[Any]]:
