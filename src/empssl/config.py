@@ -48,6 +48,10 @@ def flag(name: str) -> str:
 
 @dataclass
 class Config:
+    """Every setting of a run but the method's own (``method_settings``, declared by the method); see the module
+    docstring. Build one with ``Config(...)``, ``Config.from_dict(flat)`` or ``cfg.replace(...)``; then
+    :meth:`validate`."""
+
     # --- data ---------------------------------------------------------------------------------------------------
     data: str = setting("cifar10", "cifar10, cifar100, tiny-imagenet, demo (bundled 5,000-image CIFAR-10 subset), "
                         "or a path to an ImageFolder root with train/ and test/ (or val/), Tiny ImageNet as "

@@ -57,7 +57,7 @@ class Method:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.settings = self.Settings.from_dict(cfg.method_settings, self.name)
+        self.settings = self.Settings.from_dict(cfg.method_settings, getattr(self, "name", type(self).__name__))
 
     # --- what the method is made of -------------------------------------------------------------------------
 
