@@ -339,7 +339,9 @@ def _rank_main(rank: int, port: int, name: str, views: torch.Tensor, queue) -> N
         terms[0].backward()
         grad = net.lin.weight.grad
         torch.distributed.all_reduce(grad)  # what DDP does: the mean of the ranks' gradients
-        queue.put((rank, terms.detach(), grad / 2))
+        # as numpy arrays, pickled by value: a torch tensor would travel as a shared file descriptor, which is gone
+        # once this process has exited
+        queue.put((rank, terms.detach().numpy(), (grad / 2).numpy()))
         torch.distributed.destroy_process_group()
     except BaseException:
         traceback.print_exc()
@@ -372,8 +374,8 @@ def test_two_ranks_gather_to_the_single_process_loss_and_gradient(name):
     for rank in range(2):
         terms, grad = results[rank]
         assert terms is not None, f"rank {rank} failed"
-        torch.testing.assert_close(terms, want.detach())
-        torch.testing.assert_close(grad, net.lin.weight.grad)
+        torch.testing.assert_close(torch.from_numpy(terms), want.detach())
+        torch.testing.assert_close(torch.from_numpy(grad), net.lin.weight.grad)
 
 
 # --- a method from outside the package: registered here, trained through train() -------------------------------

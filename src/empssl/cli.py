@@ -126,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="pretrain (or resume) a run, then evaluate it",
-                       description="Pretrain with EMP-SSL (or --method simclr|vicreg|byol) into --out; an existing "
-                                   "--out is resumed. Several GPUs: torchrun --nproc-per-node N -m empssl.cli train "
-                                   "... (--batch-size is the global batch).")
+                       description=f"Pretrain with EMP-SSL (or --method {'|'.join(method_names()[1:])}) into --out; "
+                                   "an existing --out is resumed. Several GPUs: torchrun --nproc-per-node N -m "
+                                   "empssl.cli train ... (--batch-size is the global batch).")
     p.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, checkpoint.pt, "
                                                 "results.json); an existing one is resumed")
     p.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")

@@ -20,7 +20,7 @@ from ..devices import autocast
 from ..distributed import SINGLE, Dist, gather_batch
 from ..losses import EMPSSLLoss, emp_ssl_loss, total_coding_rate
 from ..models import EMPSSLModel
-from ..patches import Augment, make_patches
+from ..patches import Augment
 from . import register
 from .base import Method
 
@@ -65,11 +65,9 @@ class EMPSSL(Method):
     def views(self, images: torch.Tensor, generator: torch.Generator, dist: Dist = SINGLE,
               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         # (n_patches, b, 3, s, s), patch-major like the official code's concatenation
-        aug = Augment.from_config(self.cfg)
-        if dist.enabled:  # this rank's images' patches, equal to the single process's (see distributed)
-            return distributed.rank_patches(images, self.cfg.num_patches, aug, generator, dist,
-                                            memory_format=memory_format)
-        return make_patches(images, self.cfg.num_patches, aug, generator, memory_format=memory_format)
+        # under torchrun: this rank's images' patches, equal to the single process's (see distributed)
+        return distributed.rank_patches(images, self.cfg.num_patches, Augment.from_config(self.cfg), generator, dist,
+                                        memory_format=memory_format)
 
     def loss(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None,
              dist: Dist = SINGLE) -> torch.Tensor:
