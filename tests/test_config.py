@@ -41,6 +41,15 @@ def test_names_are_declared_once_and_registered():
     assert method_names()[:4] == ("emp-ssl", "simclr", "vicreg", "byol")
     for name in method_names():
         assert method_class(name).name == name
+    # every class the package's modules register is listed (its @register line was read)
+    import importlib
+    import pkgutil
+
+    import empssl.methods as registry
+
+    for module in pkgutil.iter_modules(registry.__path__):
+        importlib.import_module(f"empssl.methods.{module.name}")
+    assert set(registry._REGISTERED) == set(method_names())
 
 
 def test_validation_does_not_import_the_models():

@@ -40,7 +40,8 @@ LAST = 1000  # the place of a method that gives no order: after the package's ow
 def register(name: str, order: int = LAST) -> Callable[[M], M]:
     """Class decorator: ``@register("vicreg", order=2)`` makes the class the method ``--method vicreg`` (and sets
     its ``name``); ``order`` places it in :func:`method_names` (the default of ``empssl compare --methods``). A
-    name taken by another class is an error."""
+    name taken by another class is an error. In this package, write it on one line as ``@register("name")`` or
+    ``@register("name", order=N)``: that line is how the registry finds the method without importing it."""
 
     def add(cls: M) -> M:
         known = _REGISTERED.get(name)
