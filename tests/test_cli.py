@@ -1,6 +1,8 @@
 """The command line: every user mistake answers with one line on stderr and a non-zero exit, no traceback."""
 
+import dataclasses
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -8,7 +10,9 @@ import tarfile
 import pytest
 import torch
 
-from empssl.cli import build_parser, main
+from empssl.cli import _explicit, build_parser, main
+from empssl.config import Config, flag, flag_fields
+from empssl.methods import method_class, method_names
 
 from .conftest import TINY
 
@@ -122,10 +126,43 @@ def test_corrupt_image_is_named(tmp_path, capsys):
     assert_one_line_error(code, err, "b/1.png")
 
 
-def test_every_flag_has_help():
-    parser = build_parser()
-    for action in parser._subparsers._group_actions[0].choices["train"]._actions:
+def subcommand(name):
+    return build_parser()._subparsers._group_actions[0].choices[name]
+
+
+def test_every_setting_has_a_flag_with_its_declared_help():
+    """Each Config field and each method's setting is a flag of `train` whose help is the one declared on the
+    field (written once), and every other flag has help too."""
+    actions = {a.dest: a for a in subcommand("train")._actions}
+    declared = [f for f in flag_fields(Config)]
+    declared += [f for m in method_names() for f in dataclasses.fields(method_class(m).Settings)]
+    for f in declared:
+        assert f.name in actions, f"{f.name} has no flag"
+        action = actions[f.name]
+        assert action.option_strings == [flag(f.name)]
+        assert f.metadata["help"] and action.help.startswith(f.metadata["help"].replace("%", "%%")), f.name
+    for action in actions.values():
         assert action.help, action.dest
+
+
+def test_compare_takes_the_model_patch_and_optimisation_flags_of_train():
+    compare, train = subcommand("compare"), subcommand("train")
+    names = {a.dest for a in compare._actions}
+    assert {f.name for f in flag_fields(Config)} - names == {"method"}  # the method is --methods
+    args = compare.parse_args(["--out", "x", "--arch", "resnet34-cifar", "--width", "8", "--num-patches", "4",
+                               "--patch-size", "16", "--hidden-dim", "64", "--z-dim", "32", "--crop-scale", "0.2",
+                               "1", "--batch-size", "50", "--lr", "0.1", "--epochs", "2"])
+    assert _explicit(args) == {"arch": "resnet34-cifar", "width": 8, "num_patches": 4, "patch_size": 16,
+                               "hidden_dim": 64, "z_dim": 32, "crop_scale": (0.2, 1.0), "batch_size": 50,
+                               "lr": 0.1, "epochs": 2.0}
+    # the same help as train's
+    assert {a.dest: a.help for a in compare._actions}["width"] == {a.dest: a.help for a in train._actions}["width"]
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("no", False), ("OFF", False), ("1", True)])
+def test_bool_flags_parse_explicitly(text, value):
+    assert subcommand("train").parse_args(["--out", "x", "--nesterov", text]).nesterov is value
+    assert subcommand("train").parse_args(["--out", "x", "--nesterov"]).nesterov is True  # bare: true
 
 
 def test_console_script_entry_point_reports_errors(tmp_path):
@@ -236,3 +273,61 @@ def test_resuming_a_finished_run_trains_nothing(tiny_run, capsys):
     code, out, err = run(["train", "--out", str(tiny_run), "--no-progress", "--probe-epochs", "1"], capsys)
     assert code == 0, err
     assert "training" not in out and "nothing to train" in out
+
+
+def _as_saved_by_version_0_2(cfg: dict) -> dict:
+    """A config dict in empssl 0.2's flat form: every method's settings at their 0.2 defaults, and ``extra``."""
+    from .test_config import V02_METHOD_SETTINGS
+
+    return {**V02_METHOD_SETTINGS, **cfg, "extra": {}}
+
+
+def test_a_run_directory_of_version_0_2_resumes(tmp_path, data_dir, capsys):
+    """A run interrupted under empssl 0.2 (its config.json and checkpoint in 0.2's flat form, every method's
+    settings and ``extra`` in them) resumes to the same weights as an uninterrupted run."""
+    common = ["--data", "demo", "--data-dir", str(data_dir), "--no-progress", "--no-eval", "--train-subset", "100",
+              "--test-subset", "50", "--epochs", "2", *TINY]
+    ref, old = tmp_path / "ref", tmp_path / "old"
+    assert main(["train", "--out", str(ref), *common]) == 0
+    # the first epoch of the same schedule, then the run directory rewritten as 0.2 wrote it, unfinished
+    assert main(["train", "--out", str(old), *common, "--epochs", "1", "--schedule-epochs", "2"]) == 0
+    saved = json.loads((old / "config.json").read_text())
+    saved["config"] = _as_saved_by_version_0_2({**saved["config"], "epochs": 2.0, "schedule_epochs": 0.0})
+    (old / "config.json").write_text(json.dumps(saved))
+    ckpt = torch.load(old / "checkpoint.pt", weights_only=True)
+    ckpt["config"] = _as_saved_by_version_0_2({**ckpt["config"], "epochs": 2.0, "schedule_epochs": 0.0})
+    ckpt["finished"] = False
+    torch.save(ckpt, old / "checkpoint.pt")
+    capsys.readouterr()
+
+    code, out, err = run(["train", "--out", str(old), "--no-eval", "--no-progress"], capsys)
+    assert code == 0, err
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (ref, old))
+    assert b["step"] == a["step"] and b["finished"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+@pytest.mark.parametrize("flags", [
+    ["--epochs", "inf"], ["--eval-every", "nan"], ["--warmup-epochs", "nan"], ["--momentum", "nan"],
+    ["--weight-decay", "nan"], ["--eps", "inf"], ["--preset", "../../x"], ["--nesterov", "maybe"],
+    ["--method", "simclr", "--temperature", "-1"], ["--temperature", "0.5"],
+])
+def test_bad_flag_values_are_one_line_errors(flags, tmp_path, capsys):
+    code, _, err = run(["train", *flags, "--out", str(tmp_path / "r")], capsys)
+    assert_one_line_error(code, err, flags[-2] if flags[-2] != "--method" else flags[-1])
+    assert code == 2 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("settings, needle", [
+    ({"lr": None}, "--lr must be a finite number, got None"), ({"lr": "fast"}, "--lr must be a finite number"),
+    ({"probe_lrs": "0.1"}, "--probe-lrs must be a list of finite numbers"),
+    ({"crop_scale": 0.5}, "--crop-scale must be 2 finite numbers"), ({"epochs": None}, "--epochs must be"),
+    ({"nesterov": "no"}, "--nesterov must be true or false"), ({"method": ["simclr"]}, "--method must be a string"),
+    ({"method": "byol", "tau_base": 2}, "--tau-base must be <= 1"), ({"typo": 1}, "unknown config keys: typo"),
+])
+def test_bad_config_file_values_are_one_line_errors(settings, needle, tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(settings))
+    code, _, err = run(["train", "--config", str(path), "--out", str(tmp_path / "r")], capsys)
+    assert_one_line_error(code, err, needle)

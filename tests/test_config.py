@@ -1,8 +1,29 @@
-"""The config: one validation rule and one message per field, names declared once, presets per method."""
+"""The config: every setting declared once (default, help, rule), one validation and one message style for every
+value, names declared once, presets per method, runs of v0.2 still load."""
+
+import dataclasses
+import math
+import subprocess
+import sys
 
 import pytest
 
-from empssl.config import ARCH_NAMES, METHOD_NAMES, Config, ConfigError, load_preset, method_preset, preset_names
+from empssl.config import (
+    ARCH_NAMES,
+    Config,
+    ConfigError,
+    MethodSettings,
+    flag_fields,
+    load_preset,
+    method_preset,
+    preset_names,
+)
+from empssl.methods import method_class, method_names
+
+# Every method's own settings and their defaults in empssl 0.2, when they were flat Config fields.
+V02_METHOD_SETTINGS = {"eps": 0.2, "invariance_weight": 200.0, "temperature": 0.2, "sim_weight": 25.0,
+                       "var_weight": 25.0, "cov_weight": 1.0, "tau_base": 0.99, "tau_final": 1.0,
+                       "pred_hidden_dim": 4096}
 
 
 @pytest.mark.parametrize("value", [0, 1, -3])
@@ -13,18 +34,27 @@ def test_one_rule_and_one_message_per_field(value):
 
 
 def test_names_are_declared_once_and_registered():
-    from empssl.methods import METHODS
     from empssl.models import ARCHS
 
     assert set(ARCHS) == set(ARCH_NAMES)
-    assert set(METHODS) == set(METHOD_NAMES)
+    # the names read from the modules without importing them are the names the classes register
+    assert method_names()[:4] == ("emp-ssl", "simclr", "vicreg", "byol")
+    for name in method_names():
+        assert method_class(name).name == name
+    # every class the package's modules register is listed (its @register line was read)
+    import importlib
+    import pkgutil
+
+    import empssl.methods as registry
+
+    for module in pkgutil.iter_modules(registry.__path__):
+        importlib.import_module(f"empssl.methods.{module.name}")
+    assert set(registry._REGISTERED) == set(method_names())
 
 
 def test_validation_does_not_import_the_models():
-    import subprocess
-    import sys
-
-    code = ("import sys; from empssl.config import Config; Config(arch='resnet34-cifar').validate(); "
+    code = ("import sys; from empssl.config import Config; from empssl.methods import method_names; "
+            "Config(arch='resnet34-cifar').validate(); Config(method='byol').validate(); method_names(); "
             "print('empssl.models' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
@@ -37,13 +67,16 @@ def test_validation_does_not_import_the_models():
     (dict(compile="maybe"), "--compile"),
     (dict(probe_lrs=(0.1, -1.0)), "--probe-lrs"),
     (dict(probe_lrs=(0.1, 0.3), probe_val_fraction=0.0), "validation split"),
-    (dict(tau_base=0.99, tau_final=0.9), "--tau-base"),
+    (dict(method="byol", tau_base=0.99, tau_final=0.9), "--tau-base"),
     (dict(epochs=2, warmup_epochs=2), "--warmup-epochs"),
-    (dict(temperature=0), "--temperature"),
+    (dict(method="simclr", temperature=0), "--temperature must be > 0"),
+    (dict(method="byol", tau_final=1.5), "--tau-final must be <= 1"),
+    (dict(temperature=0.5), "--temperature is a setting of simclr, not of --method emp-ssl"),
+    (dict(bogus=1), "unknown config keys: bogus"),
 ])
 def test_invalid_values_are_one_line_errors(kw, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
-        Config(**kw).validate()
+        Config.from_dict(kw).validate()
 
 
 def test_probe_validation_fraction_defaults_to_a_split_only_when_sweeping():
@@ -53,16 +86,90 @@ def test_probe_validation_fraction_defaults_to_a_split_only_when_sweeping():
     assert Config(probe_val_fraction=0.3).probe_val() == 0.3
 
 
-def test_runs_saved_by_version_0_1_still_load():
-    cfg = Config.from_dict({"compile": True, "probe_val_fraction": 0.0, "crop_scale": [0.25, 0.25]}).validate()
-    assert cfg.compile == "on" and cfg.crop_scale == (0.25, 0.25)
-    assert Config.from_dict({"compile": False}).compile == "off"
+def test_every_setting_declares_its_help_group_and_a_valid_default():
+    for f in flag_fields(Config):
+        assert f.metadata["help"] and f.metadata["group"], f.name
+    for name in method_names():
+        settings = method_class(name).Settings
+        assert issubclass(settings, MethodSettings) and dataclasses.is_dataclass(settings)
+        for f in dataclasses.fields(settings):
+            assert f.metadata["help"], (name, f.name)
+            assert f.name not in {g.name for g in dataclasses.fields(Config)}, f"{name}.{f.name} shadows a Config field"
+        settings.from_dict({}, name)  # the defaults pass their own rules
 
 
-def test_every_method_but_emp_ssl_has_its_own_preset():
+def test_method_settings_read_and_write_as_flat_keys():
+    cfg = Config.from_dict({"method": "byol", "tau_base": 0.9}).validate()
+    assert cfg.method_settings == {"tau_base": 0.9}
+    assert cfg.settings().tau_base == 0.9 and cfg.tau_base == 0.9 and cfg.pred_hidden_dim == 4096
+    d = cfg.to_dict()
+    assert d["tau_base"] == 0.9 and d["tau_final"] == 1.0 and "method_settings" not in d and "temperature" not in d
+    assert Config.from_dict(d).settings() == cfg.settings()
+    assert cfg.replace(tau_final=0.95).settings().tau_final == 0.95
+    assert Config().to_dict()["eps"] == 0.2  # EMP-SSL's own settings, as a v0.2 config.json named them
+    with pytest.raises(AttributeError):
+        _ = cfg.temperature  # SimCLR's, not BYOL's
+
+
+def test_a_config_saved_by_version_0_2_still_loads():
+    """empssl 0.2 saved every method's settings as flat fields (and an ``extra`` dict): the run's own method's
+    settings are kept, the others dropped (they never applied to it)."""
+    flat = {**Config().to_dict(), **V02_METHOD_SETTINGS, "extra": {}, "crop_scale": [0.25, 0.25]}
+    cfg = Config.from_dict(flat).validate()
+    assert cfg.method == "emp-ssl" and cfg.crop_scale == (0.25, 0.25)
+    assert cfg.method_settings == {"eps": 0.2, "invariance_weight": 200.0}
+    byol = Config.from_dict({**flat, "method": "byol", "tau_base": 0.9}).validate()
+    assert byol.method_settings == {"pred_hidden_dim": 4096, "tau_base": 0.9, "tau_final": 1.0}
+
+
+def test_every_method_preset_names_its_method():
     assert method_preset("emp-ssl") is None
-    for m in METHOD_NAMES[1:]:
+    for m in method_names():
         name = method_preset(m)
+        if name is None:
+            continue
         assert name in preset_names()
         assert load_preset(name)["method"] == m
         Config.from_dict(load_preset(name)).validate()
+    assert all(method_preset(m) for m in ("simclr", "vicreg", "byol"))
+
+
+# --- one validation of every value: whatever the source, a ConfigError in one style -----------------------------
+
+
+@pytest.mark.parametrize("given, needle", [
+    (dict(epochs=math.inf), "--epochs must be a finite number, got inf"),
+    (dict(eval_every=math.nan), "--eval-every must be a finite number, got nan"),
+    (dict(warmup_epochs=math.nan), "--warmup-epochs must be a finite number"),
+    (dict(momentum=math.nan), "--momentum must be a finite number"),
+    (dict(weight_decay=math.nan), "--weight-decay must be a finite number"),
+    (dict(lr=None), "--lr must be a finite number, got None"),
+    (dict(lr="fast"), "--lr must be a finite number, got 'fast'"),
+    (dict(epochs=None), "--epochs must be a finite number, got None"),
+    (dict(probe_lrs="0.1"), "--probe-lrs must be a list of finite numbers, got '0.1'"),
+    (dict(crop_scale=0.5), "--crop-scale must be 2 finite numbers, got 0.5"),
+    (dict(crop_scale=[0.5]), "--crop-scale must be 2 finite numbers, got (0.5,)"),
+    (dict(nesterov="no"), "--nesterov must be true or false, got 'no'"),
+    (dict(num_patches=2.5), "--num-patches must be a whole number, got 2.5"),
+    (dict(num_patches=True), "--num-patches must be a whole number, got True"),
+    (dict(probe_val_fraction="x"), "--probe-val-fraction must be a finite number or none"),
+    (dict(eps=math.inf), "--eps must be a finite number, got inf"),
+    (dict(method="byol", tau_base="high"), "--tau-base must be a finite number, got 'high'"),
+    (dict(method=3), "--method must be a string, got 3"),
+])
+def test_every_value_is_checked_once_with_one_message_style(given, needle):
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict(given).validate()
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["../../x", "../presets/cpu-demo", "/etc/passwd", "nope"])
+def test_preset_names_cannot_leave_the_presets(name):
+    with pytest.raises(ConfigError, match="unknown --preset"):
+        load_preset(name)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_is_a_valid_config(name):
+    cfg = Config.from_dict(load_preset(name)).validate()
+    assert set(load_preset(name)) <= set(cfg.to_dict())

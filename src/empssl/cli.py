@@ -1,5 +1,8 @@
 """The ``empssl`` command line: ``train``, ``eval``, ``ablate-patches``, ``ablate-test-patches``, ``tsne``,
-``report``. Thin: parses flags into a Config and calls the library."""
+``compare``, ``embed``, ``export`` and ``report``. Thin: parses flags into a Config and calls the library.
+
+The settings flags are made from their declarations (:func:`empssl.config.setting`): one flag per Config field
+and per method setting (:mod:`empssl.methods`), grouped by topic, with the declared help text and default."""
 
 from __future__ import annotations
 
@@ -8,100 +11,21 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
-from .config import CHOICES, METHOD_NAMES, Config, ConfigError, load_preset, method_preset, preset_names
+from .config import Config, ConfigError, flag, flag_fields, load_preset, method_preset, preset_names, type_hints
+from .methods import method_class, method_names
 
-# (group, help) for every Config field exposed as a flag; defaults are shown from Config itself.
-FLAGS: dict[str, tuple[str, str]] = {
-    "data": ("data", "cifar10, cifar100, tiny-imagenet, demo (bundled 5,000-image CIFAR-10 subset), or a path to an "
-                     "ImageFolder root with train/ and test/ (or val/), Tiny ImageNet as distributed, or a "
-                     ".tar/.tar.gz/.zip of one"),
-    "data_dir": ("data", "folder for torchvision datasets and the decoded-image cache"),
-    "image_size": ("data", "resize images (shorter side + centre crop) to this size; 0 keeps their own size"),
-    "train_subset": ("data", "use only the first N training images (class-balanced); 0 = all"),
-    "test_subset": ("data", "use only the first N test images (class-balanced); 0 = all"),
-    "num_patches": ("patches", "patches per image per step (20 official; 200 in the paper's best runs)"),
-    "patch_size": ("patches", "patch side in pixels after resizing"),
-    "crop_scale": ("patches", "crop area as a fraction of the image (min max)"),
-    "crop_ratio": ("patches", "crop aspect ratio range (min max)"),
-    "method": ("method", "self-supervised method; a baseline without --preset starts from its CIFAR preset "
-                         "(simclr-cifar10, ...)"),
-    "arch": ("model", "backbone architecture"),
-    "width": ("model", "channels of the first ResNet stage (64 = standard ResNet-18)"),
-    "hidden_dim": ("model", "EMP-SSL: pre-feature and projector width; baselines: projector hidden width"),
-    "z_dim": ("model", "projector output dimension"),
-    "pred_hidden_dim": ("model", "BYOL: predictor hidden width"),
-    "eps": ("loss", "EMP-SSL: coding-rate distortion epsilon"),
-    "invariance_weight": ("loss", "EMP-SSL: weight of the cosine invariance term (lambda)"),
-    "temperature": ("loss", "SimCLR: NT-Xent temperature"),
-    "sim_weight": ("loss", "VICReg: invariance coefficient"),
-    "var_weight": ("loss", "VICReg: variance coefficient"),
-    "cov_weight": ("loss", "VICReg: covariance coefficient"),
-    "tau_base": ("loss", "BYOL: target momentum at the start (cosine schedule to --tau-final)"),
-    "tau_final": ("loss", "BYOL: target momentum at the end"),
-    "epochs": ("optimisation", "training epochs (fractions allowed)"),
-    "schedule_epochs": ("optimisation", "length of the cosine schedule in epochs; 0 = --epochs (use 2 with "
-                                        "--epochs 1 for the official README's 1-epoch figure)"),
-    "batch_size": ("optimisation", "images per step"),
-    "lr": ("optimisation", "peak learning rate"),
-    "momentum": ("optimisation", "SGD (Nesterov) momentum"),
-    "weight_decay": ("optimisation", "weight decay (not applied to biases and norm parameters)"),
-    "lars_eta": ("optimisation", "LARS trust coefficient"),
-    "nesterov": ("optimisation", "Nesterov momentum"),
-    "warmup_epochs": ("optimisation", "linear learning-rate warm-up before the cosine decay, in epochs"),
-    "warmup_start_lr": ("optimisation", "learning rate at the start of the warm-up"),
-    "min_lr": ("optimisation", "learning rate at the end of the cosine decay"),
-    "seed": ("run", "random seed (model init, batch order, patches)"),
-    "device": ("run", "auto, cpu, cuda or cuda:N"),
-    "precision": ("run", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32"),
-    "channels_last": ("run", "channels_last memory format on CUDA"),
-    "log_every": ("run", "steps between lines in metrics.jsonl"),
-    "checkpoint_every": ("run", "steps between checkpoints (one is also written at every epoch end)"),
-    "test_patches": ("evaluation", "augmented patches averaged per image (bag of features)"),
-    "eval_view": ("evaluation", "patches (bag of features, EMP-SSL's own) or full (the whole image, the "
-                                "baselines' own); auto = the method's own"),
-    "eval_feature": ("evaluation", "pre (EMP-SSL's 4096-d pre-feature) or backbone (512-d); auto = the method's own"),
-    "eval_seed": ("evaluation", "seed of the test patches"),
-    "eval_batch_size": ("evaluation", "patches per forward pass when extracting features; 0 = automatic"),
-    "probe_epochs": ("evaluation", "linear-probe epochs"),
-    "probe_lr": ("evaluation", "linear-probe learning rate"),
-    "probe_lrs": ("evaluation", "comma-separated learning rates: one probe head each, trained together; the one "
-                                "best on a validation split of the training set is reported (beyond the official "
-                                "recipe)"),
-    "probe_momentum": ("evaluation", "linear-probe SGD momentum"),
-    "probe_weight_decay": ("evaluation", "linear-probe weight decay"),
-    "probe_batch_size": ("evaluation", "linear-probe batch size"),
-    "probe_val_fraction": ("evaluation", "if > 0, select the probe epoch (and lr) on this fraction of the training "
-                                         "set, never on the test set; 0 reports the final epoch (default: 0.1 with "
-                                         "--probe-lrs, else 0)"),
-    "knn_k": ("evaluation", "neighbours in the weighted kNN"),
-    "knn_temperature": ("evaluation", "kNN temperature"),
-    "compare_random_init": ("evaluation", "also evaluate the untrained encoder (same initialisation)"),
-    # --- monitoring ---
-    "eval_every": ("monitoring", "kNN accuracy during training (RUN/monitor.jsonl) every N steps (N >= 1) or "
-                                 "every fraction of an epoch (0 < N < 1); 0 = off"),
-    "monitor_patches": ("monitoring", "test patches per image in the kNN during training"),
-    "monitor_bank": ("monitoring", "training images (class-balanced) in its kNN memory bank"),
-    "monitor_test": ("monitoring", "test images (class-balanced) it classifies"),
-    # --- scale-out / speed ---
-    "tcr_global": ("speed", "under torchrun: coding rate over the all-gathered global batch, as one process "
-                            "on --batch-size images would compute it (false: over each rank's images)"),
-    "sync_bn": ("speed", "under torchrun: BatchNorm statistics over all ranks' patches (SyncBatchNorm)"),
-    "grad_checkpointing": ("speed", "recompute each residual block in the backward pass (exact, ~1/3 more "
-                                    "compute, far less memory): auto (on CUDA only when the step would not "
-                                    "fit), on or off"),
-    "compile": ("speed", "torch.compile the training step: auto (on CUDA when the run is long enough to win back "
-                         "the compile time, decided after measuring the eager step), on or off"),
-}
-EVAL_FIELDS = [k for k, (g, _) in FLAGS.items() if g == "evaluation"] + [
+# The Config fields of the commands that evaluate a checkpoint: its evaluation, where its data are read from,
+# the device.
+EVAL_FIELDS = [f.name for f in flag_fields(Config) if f.metadata["group"] == "evaluation"] + [
     "data", "data_dir", "image_size", "train_subset", "test_subset", "device", "precision"]
 # The evaluation flags of the commands that take the number of test patches as their own option.
 EVAL_FIELDS_NO_PATCHES = [k for k in EVAL_FIELDS if k != "test_patches"]
-# What `empssl compare` lets one set for every method: data, run, evaluation and monitoring (each method keeps
-# its own recipe for the rest).
-COMPARE_FIELDS = [k for k, (g, _) in FLAGS.items() if g in ("data", "run", "evaluation", "monitoring")]
+# What `empssl compare` lets one set for every method alike: every Config field but the method (each method keeps
+# its own settings and the rest of its recipe unless a flag sets it).
+COMPARE_FIELDS = [f.name for f in flag_fields(Config) if f.name != "method"]
 
 
 def parse_bool(text: str) -> bool:
@@ -116,9 +40,9 @@ def parse_bool(text: str) -> bool:
 def parse_names(text: str) -> list[str]:
     """``"simclr,byol"`` -> ["simclr", "byol"], each a known method."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in METHOD_NAMES]
+    unknown = [n for n in names if n not in method_names()]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"expected comma-separated methods from {','.join(METHOD_NAMES)}, got "
+        raise argparse.ArgumentTypeError(f"expected comma-separated methods from {','.join(method_names())}, got "
                                          f"{text!r}")
     return names
 
@@ -135,41 +59,61 @@ def parse_floats(text: str) -> tuple[float, ...]:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
         command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
         raise ConfigError(f"{command}: {message}" if command else message)
 
 
-# Flags whose Config default is None: their value type.
-_NONE_DEFAULT_TYPES: dict[str, Any] = {"probe_val_fraction": float}
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(f"{v:g}" for v in value) or "none"
+    return "none" if value is None else str(value)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
-    defaults = Config()
+def _flag_kwargs(name: str, hint: Any, meta: Any) -> dict[str, Any]:
+    """argparse keywords of a setting from its annotation and declaration (the explicit bool parser for bools; a
+    bare ``--flag`` means true, and ``on`` for the auto/on/off choices)."""
+    choices = method_names() if name == "method" else meta["choices"]
+    if choices:
+        kw: dict[str, Any] = {"choices": choices, "metavar": "{" + ",".join(choices) + "}"}
+        return {**kw, "nargs": "?", "const": "on"} if "on" in choices else kw
+    if hint is bool:
+        return {"type": parse_bool, "metavar": "BOOL", "nargs": "?", "const": True}
+    if hint == tuple[float, ...]:
+        return {"type": parse_floats, "metavar": "X,X,..."}
+    if hint == tuple[float, float]:
+        return {"type": float, "nargs": 2, "metavar": ("MIN", "MAX")}
+    return {"type": float if hint == float | None else hint}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str], method_settings: bool = False,
+                      default: str = "") -> None:
+    """Flags for the Config fields ``names`` (and, with ``method_settings``, every method's own settings), in
+    groups by topic; the command gets ``args.config_names``, the settings it has flags for. ``default`` replaces
+    the shown defaults (e.g. "the checkpoint's")."""
+    hints = type_hints(Config)
+    fields = [(f, hints[f.name], f.metadata["group"], f.default) for f in flag_fields(Config) if f.name in names]
+    if method_settings:
+        for m in method_names():
+            settings = method_class(m).Settings
+            for f in flag_fields(settings):
+                fields.append((f, type_hints(settings)[f.name], f"{m} (--method {m})", f.default))
     groups: dict[str, Any] = {}
-    for name in names:
-        group_name, help_text = FLAGS[name]
+    added: list[str] = []
+    for f, hint, group_name, value in fields:
+        if f.name in added:  # a setting that several methods declare has one flag
+            continue
         group = groups.setdefault(group_name, parser.add_argument_group(group_name))
-        default = getattr(defaults, name)
-        shown = ",".join(f"{v:g}" for v in default) or "none" if name == "probe_lrs" else default
-        kw: dict[str, Any] = {"default": None, "help": f"{help_text} (default: {shown})"}
-        if name in CHOICES:
-            kw.update(choices=CHOICES[name], metavar="{" + ",".join(CHOICES[name]) + "}")
-            if "on" in CHOICES[name]:
-                kw.update(nargs="?", const="on")  # a bare --compile means on
-        elif isinstance(default, bool):
-            kw.update(type=parse_bool, metavar="BOOL", nargs="?", const=True)  # a bare --flag means true
-        elif name == "probe_lrs":
-            kw.update(type=parse_floats, metavar="LR,LR,...")
-        elif isinstance(default, tuple):
-            kw.update(type=float, nargs=2, metavar=("MIN", "MAX"))
-        else:
-            kw["type"] = _NONE_DEFAULT_TYPES.get(name, type(default))
-        group.add_argument("--" + name.replace("_", "-"), dest=name, **kw)
+        help_text = f"{f.metadata['help']} (default: {default or _shown(value)})".replace("%", "%%")
+        group.add_argument(flag(f.name), dest=f.name, default=None, help=help_text,
+                           **_flag_kwargs(f.name, hint, f.metadata))
+        added.append(f.name)
+    parser.set_defaults(config_names=added)
 
 
-def _explicit(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    out = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, by name."""
+    out = {k: getattr(args, k) for k in args.config_names if getattr(args, k) is not None}
     for key in ("crop_scale", "crop_ratio"):
         if key in out:
             out[key] = tuple(out[key])
@@ -182,16 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="pretrain (or resume) a run, then evaluate it",
-                       description="Pretrain with EMP-SSL (or --method simclr|vicreg|byol) into --out; an existing "
-                                   "--out is resumed. Several GPUs: torchrun --nproc-per-node N -m empssl.cli train "
-                                   "... (--batch-size is the global batch).")
+                       description=f"Pretrain with EMP-SSL (or --method {'|'.join(method_names()[1:])}) into --out; "
+                                   "an existing --out is resumed. Several GPUs: torchrun --nproc-per-node N -m "
+                                   "empssl.cli train ... (--batch-size is the global batch).")
     p.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, checkpoint.pt, "
                                                 "results.json); an existing one is resumed")
     p.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
     p.add_argument("--config", help="JSON file of config overrides (applied after --preset, before flags)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_flags(p, list(FLAGS))
+    _add_config_flags(p, [f.name for f in flag_fields(Config)], method_settings=True)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (linear probe + kNN)",
                        description="Evaluate a checkpoint with its method's protocol (EMP-SSL: the bag of features; "
@@ -229,7 +173,7 @@ def _add_experiment_parsers(sub: Any) -> None:
     a.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
     a.add_argument("--config", help="JSON file of config overrides (applied after --preset, before flags)")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_flags(a, [k for k in FLAGS if k != "num_patches"])
+    _add_config_flags(a, [f.name for f in flag_fields(Config) if f.name != "num_patches"], method_settings=True)
 
     t = sub.add_parser("ablate-test-patches", help="evaluate one checkpoint at several numbers of test patches",
                        description="Test-patch ablation: features of the largest count are extracted once and "
@@ -258,10 +202,11 @@ def _add_experiment_parsers(sub: Any) -> None:
                        description="Time-to-accuracy comparison: each method's own recipe, calibrated on this "
                                    "device and sized to end at --budget-seconds of training, with the kNN monitor "
                                    "on; then each is evaluated with its own protocol and OUT/report.md compares "
-                                   "them. Resumable: run the same command again.")
+                                   "them. The settings flags apply to every method alike, on top of its own "
+                                   "recipe. Resumable: run the same command again.")
     c.add_argument("--out", required=True, help="comparison folder (one run directory per method inside)")
-    c.add_argument("--methods", type=parse_names, default=list(METHOD_NAMES),
-                   help=f"comma-separated methods (default: {','.join(METHOD_NAMES)})")
+    c.add_argument("--methods", type=parse_names, default=list(method_names()),
+                   help=f"comma-separated methods (default: {','.join(method_names())})")
     c.add_argument("--budget-seconds", type=float, default=None,
                    help="training wall time per method, in seconds (required unless --smoke)")
     c.add_argument("--targets", type=parse_floats, default=(), metavar="PCT,PCT,...",
@@ -281,17 +226,9 @@ def _add_experiment_parsers(sub: Any) -> None:
                         "a .zip/.tar/.tar.gz of one, or demo, tiny-imagenet, cifar10, cifar100")
     m.add_argument("--out", required=True, help="output file: .npz (features, names, labels, classes, protocol) "
                                                 "or .safetensors")
-    m.add_argument("--test-patches", type=int, help="patches averaged per image (default: the checkpoint's)")
-    m.add_argument("--eval-view", choices=CHOICES["eval_view"],
-                   help="bag of patches or the whole image (default: the checkpoint's)")
-    m.add_argument("--eval-feature", choices=CHOICES["eval_feature"], help="representation (default: the checkpoint's)")
-    m.add_argument("--eval-seed", type=int, help="seed of the patches (default: the checkpoint's)")
-    m.add_argument("--eval-batch-size", type=int, help="patches per forward pass; 0 = automatic")
-    m.add_argument("--image-size", type=int, default=0,
-                   help="resize every image to N x N first (shorter side + centre crop); needed when the images "
-                        "differ in size")
-    m.add_argument("--data-dir", default=Config().data_dir, help="datasets and the decoded-image cache")
-    m.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the checkpoint's)")
+    _add_config_flags(m, ["test_patches", "eval_view", "eval_feature", "eval_seed", "eval_batch_size", "device"],
+                      default="the checkpoint's")
+    _add_config_flags(m, ["image_size", "data_dir"])
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     x = sub.add_parser("export", help="the trained backbone as a torchvision state dict or safetensors",
@@ -338,7 +275,7 @@ def _base_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_ablate_patches(args: argparse.Namespace) -> int:
     from .experiments import ablate_patches
 
-    explicit = {**_base_overrides(args), **_explicit(args, [k for k in FLAGS if k != "num_patches"])}
+    explicit = {**_base_overrides(args), **_explicit(args)}
     explicit.pop("num_patches", None)
     cfg = Config.from_dict(explicit).validate()
     ablate_patches(cfg, args.out, args.patches, explicit=explicit, progress=not args.no_progress)
@@ -350,7 +287,7 @@ def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
     from .experiments import ablate_test_patches
     from .rundir import run_dir_of
 
-    ablate_test_patches(args.checkpoint, args.counts, _explicit(args, EVAL_FIELDS_NO_PATCHES),
+    ablate_test_patches(args.checkpoint, args.counts, _explicit(args),
                         out_dir=args.out, progress=not args.no_progress)
     print(f"results written to {Path(args.out or run_dir_of(args.checkpoint)) / 'test_patch_ablation.md'}")
     return 0
@@ -359,7 +296,7 @@ def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
 def cmd_tsne(args: argparse.Namespace) -> int:
     from .experiments import tsne_map
 
-    path = tsne_map(args.checkpoint, _explicit(args, EVAL_FIELDS), max_points=args.max_points, out=args.out,
+    path = tsne_map(args.checkpoint, _explicit(args), max_points=args.max_points, out=args.out,
                     seed=args.tsne_seed, progress=not args.no_progress)
     print(f"t-SNE map written to {path}")
     return 0
@@ -378,7 +315,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import SMOKE, SMOKE_BUDGET_SECONDS, compare
 
-    overrides = _explicit(args, COMPARE_FIELDS)
+    overrides = _explicit(args)
     budget = args.budget_seconds
     if args.smoke:
         overrides = {**SMOKE, **overrides}
@@ -400,7 +337,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     s = embed(args.checkpoint, args.data, args.out, test_patches=args.test_patches, eval_feature=args.eval_feature,
               eval_view=args.eval_view, eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size,
-              device=args.device, image_size=args.image_size, data_dir=args.data_dir, progress=not args.no_progress)
+              device=args.device, image_size=args.image_size or 0, data_dir=args.data_dir or Config().data_dir,
+              progress=not args.no_progress)
     how = view_label(s["view"], s["test_patches"]) + (f", seed {s['eval_seed']}" if s["view"] == "patches" else "")
     print(f"{s['n']} images x {s['dim']}-d {s['feature']} features ({how}) written to {s['out']}")
     return 0
@@ -417,7 +355,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .rundir import finished, run_config
     from .train import train
 
-    explicit = {**_base_overrides(args), **_explicit(args, list(FLAGS))}
+    explicit = {**_base_overrides(args), **_explicit(args)}
     cfg = run_config(Path(args.out), Config.from_dict(explicit).validate(), explicit)
     out = Path(args.out)
     if finished(out) and args.no_eval:
@@ -441,7 +379,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     # load_for_eval: another --data than the run's (transfer) gets all its images unless subsets are given
     model, cfg, ckpt, train_data, test_data, device = load_for_eval(
-        args.checkpoint, _explicit(args, EVAL_FIELDS), progress=not args.no_progress)
+        args.checkpoint, _explicit(args), progress=not args.no_progress)
     results = evaluate(model, train_data, test_data, cfg, device, progress=not args.no_progress)
     results.update(checkpoint=str(args.checkpoint), step=ckpt.get("step"), data=cfg.data)
     out = Path(args.out) if args.out else run_dir_of(args.checkpoint) / "results-eval.json"
@@ -467,8 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         user_errors += (EvalError, ProbeError, TrainError, ReportError, EmbedError, ExportError, OutputError)
         parser = build_parser()
         argv = sys.argv[1:] if argv is None else list(argv)
-        commands_of = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-        usage = f"usage: empssl {{{','.join(commands_of)}}} [flags] (empssl COMMAND --help lists its flags)"
+        names = ",".join(map(str, parser._subparsers._group_actions[0].choices or ()))  # type: ignore[union-attr]
+        usage = f"usage: empssl {{{names}}} [flags] (empssl COMMAND --help lists its flags)"
         if not argv:  # bare `empssl`: say how to use it
             raise ConfigError(f"no command given; {usage}")
         if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, method_recipe
+from .config import Config, ConfigError, method_recipe, settings_for
 from .data import ImageData
 from .files import read_jsonl, write_json
 from .report import write_report
@@ -47,7 +47,7 @@ SMOKE_BUDGET_SECONDS = 6.0
 
 def method_config(method: str, overrides: dict[str, Any]) -> Config:
     """The method's own recipe (its preset, or the defaults for EMP-SSL) with ``overrides`` on top."""
-    return Config.from_dict({**method_recipe(method), **overrides, "method": method}).validate()
+    return Config.from_dict({**method_recipe(method), **settings_for(method, overrides), "method": method}).validate()
 
 
 def calibrate(cfg: Config, data: tuple[ImageData, ImageData], log: Callable[[str], Any]) -> float:

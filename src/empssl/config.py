@@ -1,140 +1,198 @@
-"""One config dataclass whose defaults are the paper's CIFAR-10 recipe; presets override it, flags override both."""
+"""One config dataclass whose defaults are the paper's CIFAR-10 recipe; presets override it, flags override both.
+
+Every setting is declared once, with :func:`setting`: its default, its help text (the command line's ``--help``),
+its group of flags and its rule; :meth:`Config.validate` checks every value against its declaration (type,
+finiteness, range, choices) and then the combinations. A method's own settings (EMP-SSL's epsilon, SimCLR's
+temperature, ...) are declared the same way beside the method, as a :class:`MethodSettings` dataclass
+(:mod:`empssl.methods`); a Config holds those given in ``method_settings`` and reads and writes them as flat keys,
+``cfg.to_dict()["temperature"]``, as their flags name them.
+
+Nothing here imports torch: a method's settings class is looked up (importing its module) only for a config that
+gives method settings, or when they are read.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 
 class ConfigError(ValueError):
     """A user mistake in the configuration (bad value, unknown preset, ...): reported in one line."""
 
 
-# The names that configs may use, declared here so that validating a config imports neither torch nor the
-# models; empssl.models and empssl.methods register an implementation under each (a test checks both lists).
+# The architecture names, declared here so that validating a config imports neither torch nor the models;
+# empssl.models registers an implementation under each (a test checks that both agree). Method names come from
+# the method registry (empssl.methods), which reads them without importing torch.
 ARCH_NAMES = ("resnet18-cifar", "resnet18-imagenet", "resnet34-cifar")
-METHOD_NAMES = ("emp-ssl", "simclr", "vicreg", "byol")
+
+
+def setting(default: Any, help: str, group: str = "", *, low: float | None = None, above: float | None = None,
+            high: float | None = None, choices: tuple[str, ...] = (), why: str = "") -> Any:
+    """A dataclass field with everything else that is said about it: its ``help`` text, its ``group`` of flags
+    and its rule, checked by :func:`check_fields`: value >= ``low``, value > ``above``, value <= ``high``, one of
+    ``choices``; ``why`` is added to the message of a broken bound."""
+    meta = {"help": help, "group": group, "low": low, "above": above, "high": high, "choices": choices, "why": why}
+    return field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a setting: ``num_patches`` -> ``--num-patches``."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
 class Config:
-    # --- data -----------------------------------------------------------------------------------
-    data: str = "cifar10"  # cifar10 | cifar100 | demo | path to an ImageFolder root or archive
-    data_dir: str = "./data"  # torchvision datasets and the decoded-image cache live here
-    image_size: int = 0  # 0: keep the images' own size (they must all agree); else resize to this
-    train_subset: int = 0  # 0: all training images; else the first N (class-balanced)
-    test_subset: int = 0  # 0: all test images; else the first N (class-balanced)
-    # --- patches (official: RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1)) + colour augs) -
-    num_patches: int = 20
-    patch_size: int = 32
-    crop_scale: tuple[float, float] = (0.25, 0.25)
-    crop_ratio: tuple[float, float] = (1.0, 1.0)
-    # --- method -----------------------------------------------------------------------------------
-    method: str = "emp-ssl"  # emp-ssl | simclr | vicreg | byol (see empssl.methods)
-    # --- model ----------------------------------------------------------------------------------
-    arch: str = "resnet18-cifar"
-    width: int = 64
-    hidden_dim: int = 4096  # EMP-SSL: pre-feature and projector width; baselines: projector hidden width
-    z_dim: int = 1024  # projector output
-    pred_hidden_dim: int = 4096  # BYOL: predictor hidden width
-    # --- loss -----------------------------------------------------------------------------------
-    eps: float = 0.2  # EMP-SSL: coding-rate epsilon
-    invariance_weight: float = 200.0  # EMP-SSL: lambda
-    temperature: float = 0.2  # SimCLR: NT-Xent temperature
-    sim_weight: float = 25.0  # VICReg: invariance coefficient
-    var_weight: float = 25.0  # VICReg: variance coefficient
-    cov_weight: float = 1.0  # VICReg: covariance coefficient
-    tau_base: float = 0.99  # BYOL: target momentum at the start (cosine to tau_final)
-    tau_final: float = 1.0
-    # --- optimisation (SGD + LARS, cosine per step) ---------------------------------------------
-    epochs: float = 1.0
-    schedule_epochs: float = 0.0  # 0: the cosine schedule spans `epochs`; else this many epochs
-    batch_size: int = 100
-    lr: float = 0.3
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lars_eta: float = 0.005
-    nesterov: bool = True
-    warmup_epochs: float = 0.0  # linear warm-up from warmup_start_lr before the cosine decay
-    warmup_start_lr: float = 0.0
-    min_lr: float = 0.0  # the cosine decays to this
-    # --- run ------------------------------------------------------------------------------------
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    channels_last: bool = True  # on CUDA only
-    log_every: int = 20  # steps between metrics lines
-    checkpoint_every: int = 200  # steps between checkpoints (and one at every epoch end)
-    # --- evaluation -----------------------------------------------------------------------------
-    test_patches: int = 128
-    eval_view: str = "auto"  # auto (the method's own) | patches (bag of features) | full (the whole image)
-    eval_feature: str = "auto"  # auto (the method's own) | pre (EMP-SSL's 4096-d) | backbone (512-d)
-    eval_seed: int = 0
-    eval_batch_size: int = 0  # patches per forward pass in feature extraction; 0: automatic
-    probe_epochs: int = 100
-    probe_lr: float = 0.03
-    probe_lrs: tuple[float, ...] = ()  # a sweep: one head per lr, chosen on a validation split; (): probe_lr alone
-    probe_momentum: float = 0.9
-    probe_weight_decay: float = 5e-5
-    probe_batch_size: int = 100
-    probe_val_fraction: float | None = None  # >0: select on this much of the train set; None: 0.1 if sweeping, else 0
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    compare_random_init: bool = False  # also evaluate the untrained encoder (same init) with the same protocol
-    # --- monitoring -------------------------------------------------------------------------------
-    eval_every: float = 0.0  # kNN probe during training: N >= 1 steps, or a fraction (< 1) of an epoch; 0: off
-    monitor_patches: int = 4  # test patches per image in that probe
-    monitor_bank: int = 5000  # training images (class-balanced) in its kNN memory bank
-    monitor_test: int = 2000  # test images (class-balanced) it classifies
-    # --- scale-out / speed ------------------------------------------------------------------------
-    tcr_global: bool = True  # under torchrun: coding rate over the all-gathered global batch (else per rank)
-    sync_bn: bool = False  # under torchrun: BatchNorm statistics over all ranks' patches
-    grad_checkpointing: str = "auto"  # auto (on CUDA when the step would not fit) | on | off
-    compile: str = "auto"  # auto (on CUDA when the run is long enough to win back the compile time) | on | off
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
+    """Every setting of a run but the method's own (``method_settings``, declared by the method); see the module
+    docstring. Build one with ``Config(...)``, ``Config.from_dict(flat)`` or ``cfg.replace(...)``; then
+    :meth:`validate`."""
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    data: str = setting("cifar10", "cifar10, cifar100, tiny-imagenet, demo (bundled 5,000-image CIFAR-10 subset), "
+                        "or a path to an ImageFolder root with train/ and test/ (or val/), Tiny ImageNet as "
+                        "distributed, or a .tar/.tar.gz/.zip of one", "data")
+    data_dir: str = setting("./data", "folder for torchvision datasets and the decoded-image cache", "data")
+    image_size: int = setting(0, "resize images (shorter side + centre crop) to this size; 0 keeps their own size "
+                              "(they must all agree)", "data", low=0)
+    train_subset: int = setting(0, "use only the first N training images (class-balanced); 0 = all", "data", low=0)
+    test_subset: int = setting(0, "use only the first N test images (class-balanced); 0 = all", "data", low=0)
+    # --- patches (official: RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1)) + colour augmentations) -----
+    num_patches: int = setting(20, "patches per image per step (20 official; 200 in the paper's best runs)",
+                               "patches", low=2, why=" (the invariance term compares patches)")
+    patch_size: int = setting(32, "patch side in pixels after resizing", "patches", low=1)
+    crop_scale: tuple[float, float] = setting((0.25, 0.25), "crop area as a fraction of the image (min max)",
+                                              "patches")
+    crop_ratio: tuple[float, float] = setting((1.0, 1.0), "crop aspect ratio range (min max)", "patches")
+    # --- method: its name here; its own settings are declared by the method (empssl.methods) -------------------
+    method: str = setting("emp-ssl", "self-supervised method; one without --preset starts from its own preset "
+                          "(simclr: simclr-cifar10, ...)", "method")
+    method_settings: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the method's own settings that differ from its defaults, by name (its flags)", "group": ""})
+    # --- model --------------------------------------------------------------------------------------------------
+    arch: str = setting("resnet18-cifar", "backbone architecture", "model", choices=ARCH_NAMES)
+    width: int = setting(64, "channels of the first ResNet stage (64 = standard ResNet-18)", "model", low=1)
+    hidden_dim: int = setting(4096, "EMP-SSL: pre-feature and projector width; baselines: projector hidden width",
+                              "model", low=1)
+    z_dim: int = setting(1024, "projector output dimension", "model", low=1)
+    # --- optimisation (SGD + LARS, cosine per step) -------------------------------------------------------------
+    epochs: float = setting(1.0, "training epochs (fractions allowed)", "optimisation", above=0)
+    schedule_epochs: float = setting(0.0, "length of the cosine schedule in epochs; 0 = --epochs (use 2 with "
+                                     "--epochs 1 for the official README's 1-epoch figure)", "optimisation", low=0)
+    batch_size: int = setting(100, "images per step", "optimisation", low=2,
+                              why=" (BatchNorm and the losses need a batch)")
+    lr: float = setting(0.3, "peak learning rate", "optimisation", above=0)
+    momentum: float = setting(0.9, "SGD (Nesterov) momentum", "optimisation", low=0)
+    weight_decay: float = setting(1e-4, "weight decay (not applied to biases and norm parameters)", "optimisation",
+                                  low=0)
+    lars_eta: float = setting(0.005, "LARS trust coefficient", "optimisation", low=0)
+    nesterov: bool = setting(True, "Nesterov momentum", "optimisation")
+    warmup_epochs: float = setting(0.0, "linear learning-rate warm-up from --warmup-start-lr before the cosine "
+                                   "decay, in epochs", "optimisation", low=0)
+    warmup_start_lr: float = setting(0.0, "learning rate at the start of the warm-up", "optimisation", low=0)
+    min_lr: float = setting(0.0, "learning rate at the end of the cosine decay", "optimisation", low=0)
+    # --- run ----------------------------------------------------------------------------------------------------
+    seed: int = setting(0, "random seed (model init, batch order, patches)", "run")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N", "run")
+    precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32", "run",
+                             choices=("auto", "bf16", "fp32"))
+    channels_last: bool = setting(True, "channels_last memory format on CUDA", "run")
+    log_every: int = setting(20, "steps between lines in metrics.jsonl", "run", low=1)
+    checkpoint_every: int = setting(200, "steps between checkpoints (one is also written at every epoch end)",
+                                    "run", low=1)
+    # --- evaluation ---------------------------------------------------------------------------------------------
+    test_patches: int = setting(128, "augmented patches averaged per image (bag of features)", "evaluation", low=1)
+    eval_view: str = setting("auto", "patches (bag of features, EMP-SSL's own) or full (the whole image, the "
+                             "baselines' own); auto = the method's own", "evaluation",
+                             choices=("auto", "patches", "full"))
+    eval_feature: str = setting("auto", "pre (EMP-SSL's 4096-d pre-feature) or backbone (512-d); auto = the "
+                                "method's own", "evaluation", choices=("auto", "pre", "backbone"))
+    eval_seed: int = setting(0, "seed of the test patches", "evaluation")
+    eval_batch_size: int = setting(0, "patches per forward pass when extracting features; 0 = automatic",
+                                   "evaluation", low=0)
+    probe_epochs: int = setting(100, "linear-probe epochs", "evaluation", low=1)
+    probe_lr: float = setting(0.03, "linear-probe learning rate", "evaluation", above=0)
+    probe_lrs: tuple[float, ...] = setting((), "comma-separated learning rates: one probe head each, trained "
+                                           "together; the one best on a validation split of the training set is "
+                                           "reported (beyond the official recipe); none = --probe-lr alone",
+                                           "evaluation")
+    probe_momentum: float = setting(0.9, "linear-probe SGD momentum", "evaluation", low=0)
+    probe_weight_decay: float = setting(5e-5, "linear-probe weight decay", "evaluation", low=0)
+    probe_batch_size: int = setting(100, "linear-probe batch size", "evaluation", low=1)
+    probe_val_fraction: float | None = setting(None, "if > 0, select the probe epoch (and lr) on this fraction of "
+                                               "the training set, never on the test set; 0 reports the final epoch "
+                                               "(none: 0.1 with --probe-lrs, else 0)", "evaluation")
+    knn_k: int = setting(20, "neighbours in the weighted kNN", "evaluation", low=1)
+    knn_temperature: float = setting(0.07, "kNN temperature", "evaluation", above=0)
+    compare_random_init: bool = setting(False, "also evaluate the untrained encoder (same initialisation) with the "
+                                        "same protocol", "evaluation")
+    # --- monitoring ---------------------------------------------------------------------------------------------
+    eval_every: float = setting(0.0, "kNN accuracy during training (RUN/monitor.jsonl) every N steps (N >= 1) or "
+                                "every fraction of an epoch (0 < N < 1); 0 = off", "monitoring", low=0)
+    monitor_patches: int = setting(4, "test patches per image in the kNN during training", "monitoring", low=1)
+    monitor_bank: int = setting(5000, "training images (class-balanced) in its kNN memory bank", "monitoring",
+                                low=1)
+    monitor_test: int = setting(2000, "test images (class-balanced) it classifies", "monitoring", low=1)
+    # --- scale-out / speed --------------------------------------------------------------------------------------
+    tcr_global: bool = setting(True, "under torchrun: EMP-SSL's coding rate over the all-gathered global batch, "
+                               "as one process on --batch-size images would compute it (false: over each rank's "
+                               "images)", "speed")
+    sync_bn: bool = setting(False, "under torchrun: BatchNorm statistics over all ranks' patches (SyncBatchNorm)",
+                            "speed")
+    grad_checkpointing: str = setting("auto", "recompute each residual block in the backward pass (exact, ~1/3 "
+                                      "more compute, far less memory): auto (on CUDA only when the step would not "
+                                      "fit), on or off", "speed", choices=("auto", "on", "off"))
+    compile: str = setting("auto", "torch.compile the training step: auto (on CUDA when the run is long enough to "
+                           "win back the compile time, decided after measuring the eager step), on or off", "speed",
+                           choices=("auto", "on", "off"))
 
     def validate(self) -> Config:
-        """Raise ConfigError (one line) for values that cannot work; return self."""
-        for name, (lowest, why) in _AT_LEAST.items():  # one rule and one message per field
-            value = getattr(self, name)
-            if value < lowest:
-                raise ConfigError(f"{flag(name)} must be >= {lowest:g}{why}, got {value:g}")
-        for name in _POSITIVE:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        """Raise ConfigError (one line) for values that cannot work; return self.
+
+        Each value against its declaration first (:func:`check_fields`), then the combinations, then the method:
+        its name, and its own settings where any are given (which imports the method's module)."""
+        check_fields(self)
+        from .methods import method_names  # the registry; it imports no method module for this
+
+        if self.method not in method_names():
+            raise ConfigError(f"--method must be one of {', '.join(method_names())}, got {self.method!r}")
         if 0 < self.schedule_epochs < self.epochs:
-            raise ConfigError(f"--schedule-epochs ({self.schedule_epochs}) must be >= --epochs ({self.epochs})")
+            raise ConfigError(f"--schedule-epochs ({self.schedule_epochs:g}) must be >= --epochs ({self.epochs:g})")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+            raise ConfigError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {lo:g} {hi:g}")
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
-            raise ConfigError(f"--crop-ratio must satisfy 0 < min <= max, got {lo} {hi}")
+            raise ConfigError(f"--crop-ratio must satisfy 0 < min <= max, got {lo:g} {hi:g}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.probe_val_fraction is not None and not 0 <= self.probe_val_fraction < 1:
-            raise ConfigError(f"--probe-val-fraction must be in [0, 1), got {self.probe_val_fraction}")
+            raise ConfigError(f"--probe-val-fraction must be in [0, 1), got {self.probe_val_fraction:g}")
         if any(not lr > 0 for lr in self.probe_lrs):
             raise ConfigError(f"--probe-lrs must all be > 0, got {','.join(f'{lr:g}' for lr in self.probe_lrs)}")
         if self.probe_lrs and self.probe_val_fraction == 0:
             raise ConfigError("--probe-lrs chooses a learning rate on a validation split: "
                               "--probe-val-fraction must be > 0")
-        if not 0 <= self.tau_base <= self.tau_final <= 1:
-            raise ConfigError(f"--tau-base and --tau-final must satisfy 0 <= base <= final <= 1, got "
-                              f"{self.tau_base} {self.tau_final}")
         if self.warmup_epochs and self.warmup_epochs >= (self.schedule_epochs or self.epochs):
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than the schedule "
                               f"({self.schedule_epochs or self.epochs:g} epochs)")
-        if self.eval_every < 0 or (self.eval_every >= 1 and self.eval_every != int(self.eval_every)):
+        if self.eval_every >= 1 and self.eval_every != int(self.eval_every):
             raise ConfigError(f"--eval-every must be 0 (off), a whole number of steps, or a fraction of an epoch "
-                              f"below 1, got {self.eval_every}")
+                              f"below 1, got {self.eval_every:g}")
+        if not isinstance(self.method_settings, dict):
+            raise ConfigError(f"method_settings must be a mapping of settings, got {self.method_settings!r}")
+        if self.method_settings:
+            self.settings()
         return self
+
+    def settings(self) -> MethodSettings:
+        """The method's own settings: its declared defaults with ``method_settings`` applied, validated. Imports
+        the method's module (and torch)."""
+        return method_settings_class(self.method).from_dict(self.method_settings, self.method)
 
     def probe_val(self) -> float:
         """The validation fraction the probe uses: as given, else 0.1 when sweeping --probe-lrs and 0 otherwise."""
@@ -143,59 +201,167 @@ class Config:
         return 0.1 if self.probe_lrs else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting by its flat name, the method's own ones included (what config.json and checkpoints hold)."""
+        out = {f.name: getattr(self, f.name) for f in flag_fields(Config)}
+        return {**out, **dataclasses.asdict(self.settings())}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+    def from_dict(cls, d: Mapping[str, Any]) -> Config:
+        """A Config from flat settings (a preset, a --config file, a run's config.json): the keys that are not
+        Config fields are the method's own settings; an unknown key is a ConfigError."""
         d = dict(d)
-        for key in ("crop_scale", "crop_ratio", "probe_lrs"):
-            if key in d:
-                d[key] = tuple(d[key])
-        if isinstance(d.get("compile"), bool):  # runs saved by empssl 0.1 stored a bool
-            d["compile"] = "on" if d["compile"] else "off"
-        return cls(**d)
+        if "extra" in d:
+            d = _from_version_0_2(d)
+        names = {f.name for f in flag_fields(cls)}
+        own: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        cfg = cls(**own, method_settings={k: v for k, v in d.items() if k not in names})
+        if cfg.method_settings:
+            cfg.settings()  # unknown keys fail here, before anything runs
+        return cfg
 
     def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied; the method's own settings by their flat names (``tau_base=0.9``)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        own = {k: v for k, v in changes.items() if k in names}
+        given = {k: v for k, v in changes.items() if k not in names}
+        if given:
+            own["method_settings"] = {**own.get("method_settings", self.method_settings), **given}
+        return dataclasses.replace(self, **own)
+
+    if not TYPE_CHECKING:  # for type checkers a setting is read from Config.settings(), typed by its method
+        def __getattr__(self, name: str) -> Any:
+            """A method setting by its flat name (``cfg.tau_base``), as a config.json or a flag names it."""
+            if name.startswith("_") or name == "method_settings":
+                raise AttributeError(name)
+            try:
+                settings = self.settings()
+            except ConfigError:
+                raise AttributeError(name) from None
+            if name not in {f.name for f in dataclasses.fields(settings)}:
+                raise AttributeError(f"'Config' object has no attribute {name!r}")
+            return getattr(settings, name)
 
 
-def flag(name: str) -> str:
-    """The command-line flag of a Config field: ``num_patches`` -> ``--num-patches``."""
-    return "--" + name.replace("_", "-")
+S = TypeVar("S", bound="MethodSettings")
 
 
-# Validation rules, one per field. (lowest allowed value, why) for counts and sizes:
-_AT_LEAST: dict[str, tuple[float, str]] = {
-    **{name: (1, "") for name in ("patch_size", "width", "hidden_dim", "z_dim", "pred_hidden_dim", "log_every",
-                                  "checkpoint_every", "test_patches", "probe_epochs", "probe_batch_size", "knn_k",
-                                  "monitor_patches", "monitor_bank", "monitor_test")},
-    "num_patches": (2, " (the invariance term compares patches)"),
-    "batch_size": (2, " (BatchNorm and the losses need a batch)"),
-    **{name: (0, "") for name in ("image_size", "train_subset", "test_subset", "eval_batch_size",
-                                  "invariance_weight", "weight_decay", "lars_eta", "momentum", "probe_weight_decay",
-                                  "probe_momentum", "schedule_epochs", "warmup_epochs", "warmup_start_lr", "min_lr",
-                                  "sim_weight", "var_weight", "cov_weight")},
-}
-_POSITIVE = ("eps", "lr", "epochs", "knn_temperature", "probe_lr", "temperature")
-CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHOD_NAMES,
-    "arch": ARCH_NAMES,
-    "eval_view": ("auto", "patches", "full"),
-    "eval_feature": ("auto", "pre", "backbone"),
-    "precision": ("auto", "bf16", "fp32"),
-    "grad_checkpointing": ("auto", "on", "off"),
-    "compile": ("auto", "on", "off"),
-}
+@dataclass(frozen=True)
+class MethodSettings:
+    """A method's own settings: subclass it as a frozen dataclass whose fields are declared with :func:`setting`
+    (default, help text, rule), and override :meth:`check` for rules that tie several of them together. Their
+    flags (``--name-with-dashes``) and config.json keys are the field names."""
+
+    def check(self) -> None:
+        """Raise ConfigError for combinations of values that cannot work (each value alone is already checked)."""
+
+    @classmethod
+    def from_dict(cls: type[S], given: Mapping[str, Any], method: str) -> S:
+        """These settings with ``given`` applied, validated; a key they do not declare is a ConfigError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            from .methods import settings_owners
+
+            owners = settings_owners(unknown[0])
+            if owners:
+                raise ConfigError(f"{flag(unknown[0])} is a setting of {' and '.join(owners)}, not of "
+                                  f"--method {method}")
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        settings = cls(**given)
+        check_fields(settings)
+        settings.check()
+        return settings
+
+
+def method_settings_class(method: str) -> type[MethodSettings]:
+    """The settings class ``method`` declares (importing the method's module)."""
+    from .methods import method_class
+
+    return method_class(method).Settings
+
+
+def settings_for(method: str, d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` without the settings that only other methods declare: what settings given to several methods alike
+    (``empssl compare``) mean for ``method``."""
+    from .methods import method_names
+
+    own = {f.name for f in dataclasses.fields(method_settings_class(method))}
+    others = {f.name for m in method_names() for f in dataclasses.fields(method_settings_class(m))} - own
+    return {k: v for k, v in d.items() if k not in others}
+
+
+def _from_version_0_2(d: dict[str, Any]) -> dict[str, Any]:
+    """A run saved by empssl 0.1 or 0.2 (whose config has an ``extra`` dict of notes) holds every method's settings
+    as flat fields: keep only those of its own method (the others never applied to it)."""
+    d.pop("extra")
+    return settings_for(d.get("method", Config.method), d)
+
+
+def flag_fields(cls: type) -> list[dataclasses.Field[Any]]:
+    """The fields of a Config or MethodSettings class that are settings (each has a flag): all but
+    ``method_settings``, which holds the method's own ones."""
+    return [f for f in dataclasses.fields(cls) if f.name != "method_settings"]
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def type_hints(cls: type) -> dict[str, Any]:
+    """The annotations of a Config or MethodSettings class as types (``tuple[float, float]``, ``float | None``)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _kind(hint: Any) -> tuple[str, Any]:
+    """(what a value of this annotation must be, in words; a test of a value)."""
+    if hint is bool:
+        return "true or false", lambda x: isinstance(x, bool)
+    if hint is int:
+        return "a whole number", lambda x: isinstance(x, int) and not isinstance(x, bool)
+    if hint is float:
+        return "a finite number", _is_number
+    if hint is str:
+        return "a string", lambda x: isinstance(x, str)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and args[-1] is Ellipsis:
+        return "a list of finite numbers", lambda x: isinstance(x, tuple) and all(_is_number(v) for v in x)
+    if typing.get_origin(hint) is tuple:
+        return (f"{len(args)} finite numbers",
+                lambda x: isinstance(x, tuple) and len(x) == len(args) and all(_is_number(v) for v in x))
+    if set(args) == {float, type(None)}:
+        return "a finite number or none", lambda x: x is None or _is_number(x)
+    raise TypeError(f"no rule for settings of type {hint}")
+
+
+def check_fields(obj: Any) -> None:
+    """Check every setting of ``obj`` (a Config or MethodSettings) against its declaration: its type (finite for
+    numbers), then its bounds and choices (:func:`setting`). Raises ConfigError in one line, naming the flag."""
+    hints = type_hints(type(obj))
+    for f in flag_fields(type(obj)):
+        value, meta = getattr(obj, f.name), f.metadata
+        what, ok = _kind(hints[f.name])
+        if not ok(value):
+            raise ConfigError(f"{flag(f.name)} must be {what}, got {value!r}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{flag(f.name)} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        for key, sign, broken in (("low", ">=", lambda v, b: v < b), ("above", ">", lambda v, b: not v > b),
+                                  ("high", "<=", lambda v, b: v > b)):
+            bound = meta.get(key)
+            if bound is not None and broken(value, bound):
+                raise ConfigError(f"{flag(f.name)} must be {sign} {bound:g}{meta['why']}, got {value:g}")
 
 
 def method_preset(method: str) -> str | None:
-    """The preset a method's runs start from when no --preset is given: a baseline's standard CIFAR recipe
-    (``simclr-cifar10`` ...); None for EMP-SSL, whose recipe is the defaults."""
-    return None if method == "emp-ssl" else f"{method}-cifar10"
+    """The preset a method's runs start from when no --preset is given, as the method declares it (a baseline's
+    standard CIFAR recipe: ``simclr-cifar10`` ...); None for EMP-SSL, whose recipe is the defaults."""
+    from .methods import method_class
+
+    return method_class(method).preset
 
 
 def method_recipe(method: str) -> dict[str, Any]:
@@ -211,10 +377,16 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> dict[str, Any]:
     """The overrides a preset file (src/empssl/presets/NAME.json) makes to the defaults."""
-    path = resources.files("empssl").joinpath("presets", f"{name}.json")
-    if not path.is_file():
-        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(preset_names())}")
-    overrides = json.loads(path.read_text())
+    import json
+
+    if name not in preset_names():  # also keeps a name like ../x from reading outside the presets
+        raise ConfigError(f"unknown --preset {name!r}; choose from {', '.join(preset_names())}")
+    try:
+        overrides = json.loads(resources.files("empssl").joinpath("presets", f"{name}.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"preset {name} is not valid JSON: {e}") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"preset {name} must hold a JSON object of settings")
     overrides.pop("_doc", None)
     Config.from_dict(overrides)  # reject unknown keys early
     return overrides

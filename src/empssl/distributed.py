@@ -11,8 +11,9 @@ What makes the N-process run the single-process run on the same global batch:
   generator (a few kB of numbers per step) and cuts only its own images' patches (:func:`rank_patches`), so
   rank r's patches are bit for bit the single process's patches of those images;
 * **coding rate** (``--tcr-global``, the default): R(Z_i) is computed over the all-gathered (n, B, d) batch
-  (:func:`gather_batch`, differentiable), the invariance term over the local images, and DDP averages the
-  gradients. With ``--tcr-global false`` each rank computes R over its own b images only;
+  (:func:`gather_batch`, differentiable; EMP-SSL's loss in :func:`empssl.methods.emp_ssl.rank_loss`), the
+  invariance term over the local images, and DDP averages the gradients. With ``--tcr-global false`` each rank
+  computes R over its own b images only;
 * **BatchNorm** (``--sync-bn``): statistics over all ranks' patches (torch's SyncBatchNorm on CUDA; on CPU,
   where that one refuses to run, :class:`CPUSyncBatchNorm`). Without it each rank normalises over its own
   b images' patches.
@@ -44,12 +45,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
 from .devices import resolve_device
-from .losses import EMPSSLLoss, emp_ssl_loss, total_coding_rate
 from .patches import Augment, PatchParams, apply_params, make_patches, sample_params
 
 # Generous: the other ranks wait in a collective while rank 0 runs the --eval-every monitor, and while it
@@ -136,9 +135,10 @@ def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
 
 
 def agree(sums: torch.Tensor, stop: bool, d: Dist) -> bool:
-    """Average the running loss sums (3,) over ranks in place; True on every rank if any rank asked to stop.
+    """Average the running sums of the loss terms (T,) over ranks in place; True on every rank if any rank asked
+    to stop.
 
-    One 4-float all-reduce. Called at the same steps on every rank (log and checkpoint steps), so that all
+    One (T + 1)-float all-reduce. Called at the same steps on every rank (log and checkpoint steps), so that all
     ranks see the same losses (and stop together on a non-finite one) and an interrupt stops them together.
     """
     if not d.enabled:
@@ -183,7 +183,7 @@ def rank_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: 
     return apply_params(images, mine, aug, n_patches, out_dtype, memory_format=memory_format)
 
 
-# --- the loss -------------------------------------------------------------------------------------------
+# --- the loss: one batch over all ranks -----------------------------------------------------------------
 
 
 class _GatherBatch(torch.autograd.Function):
@@ -212,21 +212,6 @@ class _GatherBatch(torch.autograd.Function):
 def gather_batch(z: torch.Tensor, d: Dist) -> torch.Tensor:
     """Differentiable all-gather of (n_patches, b, dim) along the batch: (n_patches, world*b, dim)."""
     return _GatherBatch.apply(z) if d.enabled else z
-
-
-def rank_loss(z: torch.Tensor, eps: float, invariance_weight: float, d: Dist, tcr_global: bool) -> EMPSSLLoss:
-    """The EMP-SSL loss (paper Eq. 3) of this rank's projections z (n_patches, b, d), unit rows.
-
-    ``tcr_global``: the coding rate R(Z_i) over the all-gathered (n_patches, world*b, d) batch, the same on
-    every rank; else over the local b images. The invariance term is always the local mean (DDP's gradient
-    average turns it into the global mean, all ranks having b images). One process: :func:`emp_ssl_loss`.
-    """
-    if not (d.enabled and tcr_global):
-        return emp_ssl_loss(z, eps, invariance_weight)
-    z = z.float()
-    tcr = total_coding_rate(gather_batch(z, d), eps).mean()
-    invariance = F.cosine_similarity(z, z.mean(dim=0, keepdim=True), dim=-1).mean()
-    return EMPSSLLoss(-tcr - invariance_weight * invariance, tcr, invariance)
 
 
 # --- the model ------------------------------------------------------------------------------------------
@@ -273,6 +258,8 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         xc = x.float() - mean.view(shape)
         var = _AllReduceSum.apply((xc * xc).sum(dims)) / n  # biased, as BatchNorm normalises
         if self.track_running_stats:
+            assert self.num_batches_tracked is not None and self.running_mean is not None
+            assert self.running_var is not None  # they exist when track_running_stats
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum

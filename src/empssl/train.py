@@ -66,7 +66,7 @@ def train_step(net: nn.Module, opt: LARS, method: Method, images: torch.Tensor, 
     terms = method.loss(net, views, amp, dist)  # (T,) float32, the minimised loss first
     opt.zero_grad(set_to_none=True)
     terms[0].backward()
-    # between backward and the update: where a method's gradient hook runs (before_optimizer_step)
+    method.before_optimizer_step(net)  # between backward and the update: a method's gradient hook
     applied = opt.step(finite=torch.isfinite(terms[0]))
     return terms.detach(), applied
 

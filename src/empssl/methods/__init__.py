@@ -1,33 +1,96 @@
 """Self-supervised methods as plug-ins: one module per method, registered by its ``--method`` name.
 
     from empssl.methods import create_method
-    method = create_method(cfg)            # cfg.method: emp-ssl | simclr | vicreg | byol
+    method = create_method(cfg)            # cfg.method: one of method_names()
     model = method.build_model()
 
-See :class:`empssl.methods.base.Method` for what a method states and what the training loop asks of it.
+A method is a :class:`empssl.methods.base.Method` subclass in a module of its own, registered with
+``@register("name")``; the module declares everything else about it (its settings, preset, views, model, loss and
+logged terms). README.md ("Adding a method") walks through writing one.
+
+The registry imports no method module until one is asked for: the method modules import torch (seconds), and
+validating a config or listing the names must not. :func:`method_names` reads the names of this package's methods
+from their modules' ``@register("...")`` lines; a method defined elsewhere (a test, a user's script) is listed
+once its module has been imported and has registered it.
 """
 
 from __future__ import annotations
 
-from ..config import Config, ConfigError
-from .base import Method
-from .byol import BYOL
-from .emp_ssl import EMPSSL
-from .simclr import SimCLR
-from .vicreg import VICReg
+import dataclasses
+import functools
+import importlib
+import re
+from collections.abc import Callable
+from importlib import resources
+from typing import TYPE_CHECKING, TypeVar
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (EMPSSL, SimCLR, VICReg, BYOL)}
+from ..config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from .base import Method
+
+M = TypeVar("M", bound="type[Method]")
+
+_REGISTERED: dict[str, type[Method]] = {}
+_ORDER: dict[str, int] = {}
+_REGISTER_LINE = re.compile(r'^@register\("([^"]+)"(?:, order=(\d+))?\)', re.MULTILINE)
+LAST = 1000  # the place of a method that gives no order: after the package's own, by name
+
+
+def register(name: str, order: int = LAST) -> Callable[[M], M]:
+    """Class decorator: ``@register("vicreg", order=2)`` makes the class the method ``--method vicreg`` (and sets
+    its ``name``); ``order`` places it in :func:`method_names` (the default of ``empssl compare --methods``). A
+    name taken by another class is an error. In this package, write it on one line as ``@register("name")`` or
+    ``@register("name", order=N)``: that line is how the registry finds the method without importing it."""
+
+    def add(cls: M) -> M:
+        known = _REGISTERED.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method {name!r} is registered twice: {known.__qualname__} and {cls.__qualname__}")
+        cls.name = name
+        _REGISTERED[name], _ORDER[name] = cls, order
+        return cls
+
+    return add
+
+
+@functools.cache
+def _package_methods() -> dict[str, tuple[str, int]]:
+    """{method name: (module, order)} of this package's methods, read from their modules' source (not imported)."""
+    out = {}
+    for entry in resources.files(__name__).iterdir():
+        if entry.name.endswith(".py") and not entry.name.startswith("_"):
+            for name, order in _REGISTER_LINE.findall(entry.read_text()):
+                out[name] = (entry.name[:-3], int(order or LAST))
+    return out
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method's ``--method`` name, in their declared order (EMP-SSL, SimCLR, VICReg, BYOL, then any other by
+    name). Imports no method module."""
+    order = {**{n: o for n, (_, o) in _package_methods().items()}, **_ORDER}
+    return tuple(sorted(order, key=lambda n: (order[n], n)))
 
 
 def method_class(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise ConfigError(f"unknown --method {name!r}; choose from {', '.join(METHODS)}")
-    return METHODS[name]
+    """The class registered as ``name`` (importing this package's module of it on first use)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"--method must be a string, got {name!r}")
+    if name not in _REGISTERED and name in _package_methods():
+        importlib.import_module(f"{__name__}.{_package_methods()[name][0]}")
+    if name not in _REGISTERED:
+        raise ConfigError(f"unknown --method {name!r}; choose from {', '.join(method_names())}")
+    return _REGISTERED[name]
 
 
 def create_method(cfg: Config) -> Method:
     """The method ``cfg.method`` configured by ``cfg``."""
     return method_class(cfg.method)(cfg)
+
+
+def settings_owners(key: str) -> list[str]:
+    """The methods that declare a setting called ``key`` (imports every method module)."""
+    return [m for m in method_names() if key in {f.name for f in dataclasses.fields(method_class(m).Settings)}]
 
 
 def eval_protocol(cfg: Config) -> tuple[str, str]:
@@ -38,4 +101,14 @@ def eval_protocol(cfg: Config) -> tuple[str, str]:
     return view, feature
 
 
-__all__ = ["METHODS", "Method", "create_method", "eval_protocol", "method_class"]
+def __getattr__(name: str) -> object:
+    # `from empssl.methods import Method` without importing torch for the registry's own use
+    if name == "Method":
+        from .base import Method
+
+        return Method
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Method", "create_method", "eval_protocol", "method_class", "method_names", "register",
+           "settings_owners"]

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
+from ..config import ConfigError, MethodSettings, setting
 from ..devices import autocast
 from ..distributed import SINGLE, Dist
 from ..losses import byol_loss
 from ..models import ResNet, create_backbone
 from ..patches import Augment
+from . import register
 from .heads import TwoViewMethod, TwoViewModel, mlp, solo_augment
 
 # asymmetric.yaml (solo-learn 24322891): the two views differ only in solarization.
@@ -71,6 +75,8 @@ class BYOLModel(TwoViewModel):
     ``tau`` (a buffer, so checkpoints keep it) is the momentum of the next target update; the loss logs it.
     """
 
+    tau: torch.Tensor
+
     def __init__(self, backbone: ResNet, projector: nn.Module, predictor: nn.Module, tau: float) -> None:
         super().__init__(backbone, projector)
         self.predictor = predictor
@@ -91,16 +97,32 @@ class BYOLModel(TwoViewModel):
         return p, z, self.tau
 
 
+@dataclass(frozen=True)
+class BYOLSettings(MethodSettings):
+    pred_hidden_dim: int = setting(4096, "BYOL: predictor hidden width", low=1)
+    tau_base: float = setting(0.99, "BYOL: target momentum at the start (cosine schedule to --tau-final)", low=0,
+                              high=1)
+    tau_final: float = setting(1.0, "BYOL: target momentum at the end", low=0, high=1)
+
+    def check(self) -> None:
+        if not self.tau_base <= self.tau_final:
+            raise ConfigError(f"--tau-base and --tau-final must satisfy 0 <= base <= final <= 1, got "
+                              f"{self.tau_base:g} {self.tau_final:g}")
+
+
+@register("byol", order=3)
 class BYOL(TwoViewMethod):
-    name = "byol"
+    Settings = BYOLSettings
+    settings: BYOLSettings
+    preset = "byol-cifar10"
     terms = ("loss", "tau")
 
     def build_model(self) -> nn.Module:
-        cfg = self.cfg
+        cfg, s = self.cfg, self.settings
         backbone = create_backbone(cfg.arch, cfg.width)
         projector = mlp([backbone.out_dim, cfg.hidden_dim, cfg.z_dim], batch_norm=True)
-        predictor = mlp([cfg.z_dim, cfg.pred_hidden_dim, cfg.z_dim], batch_norm=True)
-        return BYOLModel(backbone, projector, predictor, cfg.tau_base)
+        predictor = mlp([cfg.z_dim, s.pred_hidden_dim, cfg.z_dim], batch_norm=True)
+        return BYOLModel(backbone, projector, predictor, s.tau_base)
 
     def view_augments(self) -> list[Augment]:
         return [solo_augment(self.cfg, solarize_p=s, **COLOUR) for s in SOLARIZE_P]
@@ -115,11 +137,11 @@ class BYOL(TwoViewMethod):
 
     def after_step(self, model: nn.Module, step: int, total_steps: int, applied: torch.Tensor) -> None:
         """Move the target towards the online network (only where ``applied``), then set the next tau."""
-        cfg = self.cfg
+        s, model = self.settings, cast(BYOLModel, model)  # the model build_model made
         # solo-learn updates with the tau it computed after the previous step (tau_base before the first one)
-        tau = byol_tau(step - 1, total_steps, cfg.tau_base, cfg.tau_final)
+        tau = byol_tau(step - 1, total_steps, s.tau_base, s.tau_final)
         # a skipped update (applied False) is an average with weight 0: the target stays bit for bit
         keep = torch.where(applied, tau, 1.0)
         ema_update_(model.target_backbone, model.backbone, keep)
         ema_update_(model.target_projector, model.projector, keep)
-        model.tau.fill_(byol_tau(step, total_steps, cfg.tau_base, cfg.tau_final))
+        model.tau.fill_(byol_tau(step, total_steps, s.tau_base, s.tau_final))

@@ -7,6 +7,7 @@ BatchNorm normalises over the b images of one view, never over both views at onc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,10 +69,9 @@ class TwoViewModel(nn.Module):
 def solo_augment(cfg: Config, **colour: float) -> Augment:
     """One view's augmentation: the crop from ``cfg`` (size, scale, ratio), the colour settings given, solo-learn's
     normalisation of ``cfg.data``. Every probability not given is 0 (solo-learn's YAMLs name every one)."""
-    off = dict(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+    settings: dict[str, Any] = {**dict(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0), **colour}
     mean, std = (CIFAR100_MEAN, CIFAR100_STD) if cfg.data == "cifar100" else (CIFAR10_MEAN, CIFAR10_STD)
-    return Augment(size=cfg.patch_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio), mean=mean, std=std,
-                   **{**off, **colour})
+    return Augment(size=cfg.patch_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, mean=mean, std=std, **settings)
 
 
 def two_views(images: torch.Tensor, augments: Sequence[Augment], generator: torch.Generator, dist: Dist = SINGLE,

@@ -9,15 +9,19 @@ of the whole image. Settings and sources: docs/RECIPE.md.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .. import distributed
+from ..config import MethodSettings, setting
 from ..devices import autocast
 from ..distributed import SINGLE, Dist
 from ..losses import simclr_loss
 from ..models import create_backbone
 from ..patches import Augment
+from . import register
 from .heads import TwoViewMethod, TwoViewModel, mlp, solo_augment
 
 # symmetric.yaml (solo-learn 8676d223): the same recipe for both views.
@@ -25,8 +29,16 @@ COLOUR = dict(flip_p=0.5, jitter_p=0.8, brightness=0.8, contrast=0.8, saturation
               blur_p=0.5, solarize_p=0.0)
 
 
+@dataclass(frozen=True)
+class SimCLRSettings(MethodSettings):
+    temperature: float = setting(0.2, "SimCLR: NT-Xent temperature", above=0)
+
+
+@register("simclr", order=1)
 class SimCLR(TwoViewMethod):
-    name = "simclr"
+    Settings = SimCLRSettings
+    settings: SimCLRSettings
+    preset = "simclr-cifar10"
     terms = ("loss",)
 
     def build_model(self) -> nn.Module:
@@ -43,4 +55,4 @@ class SimCLR(TwoViewMethod):
             z = net(views)  # (2, b, z_dim)
         # Every rank computes the loss of the whole (2, B, z_dim) batch: each view's negatives span all ranks.
         z = distributed.gather_batch(z.float(), dist)
-        return torch.stack([simclr_loss(z[0], z[1], self.cfg.temperature)])
+        return torch.stack([simclr_loss(z[0], z[1], self.settings.temperature)])

@@ -9,15 +9,19 @@ from every rank. Evaluated on the 512-d backbone feature of the whole image. Set
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .. import distributed
+from ..config import MethodSettings, setting
 from ..devices import autocast
 from ..distributed import SINGLE, Dist
 from ..losses import vicreg_loss
 from ..models import create_backbone
 from ..patches import Augment
+from . import register
 from .heads import TwoViewMethod, TwoViewModel, mlp, solo_augment
 
 # vicreg.yaml (solo-learn e74719b9): the same recipe for both views.
@@ -25,8 +29,18 @@ COLOUR = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation
               blur_p=0.0, solarize_p=0.1)
 
 
+@dataclass(frozen=True)
+class VICRegSettings(MethodSettings):
+    sim_weight: float = setting(25.0, "VICReg: invariance coefficient", low=0)
+    var_weight: float = setting(25.0, "VICReg: variance coefficient", low=0)
+    cov_weight: float = setting(1.0, "VICReg: covariance coefficient", low=0)
+
+
+@register("vicreg", order=2)
 class VICReg(TwoViewMethod):
-    name = "vicreg"
+    Settings = VICRegSettings
+    settings: VICRegSettings
+    preset = "vicreg-cifar10"
     terms = ("loss", "invariance", "variance", "covariance")
 
     def build_model(self) -> nn.Module:
@@ -40,7 +54,7 @@ class VICReg(TwoViewMethod):
 
     def loss(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None,
              dist: Dist = SINGLE) -> torch.Tensor:
-        cfg = self.cfg
+        s = self.settings
         with autocast(views.device, amp):
             z = net(views)  # (2, b, z_dim)
         # Variance and covariance are statistics of the whole (2, B, z_dim) batch (solo-learn and the official
@@ -48,5 +62,5 @@ class VICReg(TwoViewMethod):
         # batch too gives the same value and, through DDP's gradient average, the same gradient as solo-learn's
         # per-rank mean.
         z = distributed.gather_batch(z.float(), dist)
-        out = vicreg_loss(z[0], z[1], cfg.sim_weight, cfg.var_weight, cfg.cov_weight)
+        out = vicreg_loss(z[0], z[1], s.sim_weight, s.var_weight, s.cov_weight)
         return torch.stack(list(out))  # (loss, invariance, variance, covariance)
