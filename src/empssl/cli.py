@@ -59,6 +59,9 @@ FLAGS: dict[str, tuple[str, str]] = {
     "channels_last": ("run", "channels_last memory format on CUDA"),
     "log_every": ("run", "steps between lines in metrics.jsonl"),
     "checkpoint_every": ("run", "steps between checkpoints (one is also written at every epoch end)"),
+    "log": ("run", "also stream the metrics, the config and the results to: none, or comma-separated tensorboard, "
+                   "wandb (offline unless logged in), mlflow; each needs its extra: pip install 'empssl[NAME]' "
+                   "(README: Watching a run)"),
     "test_patches": ("evaluation", "augmented patches averaged per image (bag of features)"),
     "eval_view": ("evaluation", "patches (bag of features, EMP-SSL's own) or full (the whole image, the "
                                 "baselines' own); auto = the method's own"),
@@ -294,14 +297,15 @@ def _add_experiment_parsers(sub: Any) -> None:
     m.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the checkpoint's)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    x = sub.add_parser("export", help="the trained backbone as a torchvision state dict or safetensors",
+    x = sub.add_parser("export", help="the trained backbone as a torchvision or timm state dict, or safetensors",
                        description="Write the backbone of a checkpoint for use elsewhere (README: Using the "
                                    "encoder).")
     x.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
     x.add_argument("--out", required=True, help="output file")
-    x.add_argument("--format", default="torchvision", choices=["torchvision", "safetensors"],
+    x.add_argument("--format", default="torchvision", choices=["torchvision", "timm", "safetensors"],
                    help="torchvision: loads into torchvision.models.resnet18() with strict=True after the CIFAR "
-                        "stem is set (width 64); safetensors: any width, with arch/width/step metadata "
+                        "stem is set (width 64); timm: the same into timm.create_model('resnet18', "
+                        "num_classes=0); safetensors: any width, with arch/width/step metadata "
                         "(default: torchvision)")
 
     r = sub.add_parser("report", help="Markdown report with tables and plots of one or several runs",

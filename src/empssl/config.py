@@ -17,6 +17,7 @@ class ConfigError(ValueError):
 # models; empssl.models and empssl.methods register an implementation under each (a test checks both lists).
 ARCH_NAMES = ("resnet18-cifar", "resnet18-imagenet", "resnet34-cifar")
 METHOD_NAMES = ("emp-ssl", "simclr", "vicreg", "byol")
+LOGGER_NAMES = ("tensorboard", "wandb", "mlflow")  # --log (empssl.tracking)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Config:
     channels_last: bool = True  # on CUDA only
     log_every: int = 20  # steps between metrics lines
     checkpoint_every: int = 200  # steps between checkpoints (and one at every epoch end)
+    log: str = "none"  # also stream the run to: none | comma-separated tensorboard, wandb, mlflow
     # --- evaluation -----------------------------------------------------------------------------
     test_patches: int = 128
     eval_view: str = "auto"  # auto (the method's own) | patches (bag of features) | full (the whole image)
@@ -131,6 +133,9 @@ class Config:
         if self.warmup_epochs and self.warmup_epochs >= (self.schedule_epochs or self.epochs):
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than the schedule "
                               f"({self.schedule_epochs or self.epochs:g} epochs)")
+        if any(n.strip() not in ("none", *LOGGER_NAMES) for n in self.log.split(",")):  # --log
+            raise ConfigError(f"--log must be none or comma-separated names from {', '.join(LOGGER_NAMES)}, "
+                              f"got {self.log!r}")
         if self.eval_every < 0 or (self.eval_every >= 1 and self.eval_every != int(self.eval_every)):
             raise ConfigError(f"--eval-every must be 0 (off), a whole number of steps, or a fraction of an epoch "
                               f"below 1, got {self.eval_every}")

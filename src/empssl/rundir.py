@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # Keys that may differ between a run directory's saved config and the command that resumes it: they change
 # where things are read or how often they are written, or the evaluation, never the trained weights.
 RESUMABLE_CHANGES = frozenset({
-    "device", "data_dir", "log_every", "checkpoint_every",  # where and how often
+    "device", "data_dir", "log_every", "checkpoint_every", "log",  # where and how often
     "test_patches", "eval_view", "eval_feature", "eval_seed", "eval_batch_size", "probe_epochs", "probe_lr",
     "probe_lrs", "probe_momentum", "probe_weight_decay", "probe_batch_size", "probe_val_fraction", "knn_k",
     "knn_temperature", "compare_random_init", "extra",  # evaluation

@@ -36,6 +36,7 @@ from .methods import Method, create_method
 from .monitor import Monitor
 from .optim import LARS, lars_param_groups, lr_at
 from .rundir import config_data, finished, write_config, write_json
+from .tracking import NO_TRACKING, Tracking, open_tracking, require_trackers
 
 
 class TrainError(RuntimeError):
@@ -126,6 +127,7 @@ class Run:
     clock_state: dict[str, float] | None = None  # the monitor clock of the sessions before a resume
     timing: dict[str, float] = field(default_factory=dict)  # seconds per phase of this session
     compile_reason: str = ""
+    tracker: Tracking = NO_TRACKING  # --log: TensorBoard / W&B / MLflow, beside the JSONL files
 
     @property
     def ckpt_path(self) -> Path:
@@ -346,6 +348,7 @@ class _Metrics:
                "patches_per_s": self.n * self.run.views_per_step / max(dt, 1e-9)}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
+        self.run.tracker.log_scalars(rec, step=step, wall_time=time.time(), prefix="train/")
         self.bar.set_postfix({k: f"{rec[k]:.3g}" for k in terms[:3]} | {"views/s": f"{rec['patches_per_s']:.0f}"})
         self.sums.zero_()
         self.n, self.t_last = 0, time.perf_counter()
@@ -442,6 +445,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     """
     global _CLOCK_ORIGIN
     cfg.validate()
+    require_trackers(cfg.log)  # --log: a missing extra fails here, before any data is loaded
     # The wall-clock account starts at process start for the first run of a process (the CLI's case) and at the
     # call for later ones (a notebook, the experiments' loops), so that runs do not count each other's time.
     if _CLOCK_ORIGIN is None:
@@ -452,10 +456,11 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         progress, log = False, _silent
     run = setup(cfg, Path(out_dir), data, progress, log)
     run.timing = {**startup, **run.timing}
+    run.tracker = open_tracking(cfg.log, run.out, cfg.to_dict(), start_step=run.step, enabled=run.dist.is_main)
     monitor = Monitor(cfg, run.train_data, run.test_data, run.device, run.out, steps_per_epoch=run.steps_per_epoch,
                       total_steps=run.total_steps,
                       patches_per_step=run.views_per_step, start_step=run.step,
-                      clock_state=run.clock_state, enabled=run.dist.is_main)
+                      clock_state=run.clock_state, enabled=run.dist.is_main, tracker=run.tracker)
     if run.step < run.total_steps:
         loop(run, monitor, progress, log)
     elif run.ckpt_path.exists():
@@ -471,7 +476,10 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
                **clock, "device": device_name(run.device),
                "compile": run.compile_reason or None}  # monitoring: wall time and hardware
     if not evaluate_at_end or not run.dist.is_main:
-        return {**summary, "timing": _timing(run.timing)}
+        summary["timing"] = _timing(run.timing)
+        run.tracker.log_results(summary, step=run.step)
+        run.tracker.close()
+        return summary
     from .evaluate import evaluate, view_label
 
     results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
@@ -491,6 +499,8 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
             f"({gap:+.1f} points, {view_label(results['eval_view'], cfg.test_patches)})")
     results["timing"] = _timing(run.timing)
     write_json(run.out / "results.json", results)
+    run.tracker.log_results(results, step=run.step)
+    run.tracker.close()
     log(f"results written to {run.out / 'results.json'}")
     log(time_line(results["timing"]))  # the run's last line: where the time went
     return results
