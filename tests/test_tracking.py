@@ -20,7 +20,7 @@ import pytest
 
 from empssl.cli import main
 from empssl.config import LOGGER_NAMES, Config, ConfigError
-from empssl.rundir import read_jsonl
+from empssl.rundir import read_jsonl, run_config, write_config
 from empssl.tracking import (
     IDS_FILE,
     NO_TRACKING,
@@ -296,3 +296,9 @@ def test_a_run_that_exits_without_finishing_ends_its_loggers_as_failed() -> None
     tracking = Tracking([rec])
     tracking._abandon()  # what the exit hook does when train() raised before close()
     assert rec.calls == [("close", False)]
+
+
+def test_log_may_be_added_when_resuming(tmp_path: Path) -> None:
+    write_config(tmp_path, Config(epochs=3))
+    assert run_config(tmp_path, Config(log="wandb"), {"log": "wandb"}).log == "wandb"
+    assert run_config(tmp_path, Config(), {}).log == "none"
