@@ -476,10 +476,10 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
                **clock, "device": device_name(run.device),
                "compile": run.compile_reason or None}  # monitoring: wall time and hardware
     if not evaluate_at_end or not run.dist.is_main:
-        summary["timing"] = _timing(run.timing)
-        run.tracker.log_results(summary, step=run.step)
+        done: dict[str, Any] = {**summary, "timing": _timing(run.timing)}
+        run.tracker.log_results(done, step=run.step)
         run.tracker.close()
-        return summary
+        return done
     from .evaluate import evaluate, view_label
 
     results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
