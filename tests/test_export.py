@@ -18,6 +18,17 @@ from empssl.models import create_backbone
 from .test_embed import make_checkpoint
 
 
+def _assert_same_features(net: nn.Module, run: Path) -> None:
+    """``net`` (plain torchvision or timm, holding the export of ``run``) computes the empssl backbone's features."""
+    model, _, _ = load_checkpoint(run)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.backbone.eval()(x)
+        got = net.eval()(x)
+    assert got.shape == (2, 512)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["resnet18-cifar", "resnet18-imagenet"])
 def test_torchvision_export_loads_strictly_and_computes_the_same(tmp_path: Path, arch: str) -> None:
     run = make_checkpoint(tmp_path / "run", arch=arch, width=64, hidden_dim=16, z_dim=8)
@@ -29,13 +40,7 @@ def test_torchvision_export_loads_strictly_and_computes_the_same(tmp_path: Path,
         net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
     net.fc = nn.Identity()
     net.load_state_dict(torch.load(out, weights_only=True), strict=True)
-    model, _, _ = load_checkpoint(run)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model.backbone.eval()(x)
-        got = net.eval()(x)
-    assert got.shape == (2, 512)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same_features(net, run)
 
 
 def test_torchvision_backbone_matches_every_arch_keys_and_shapes() -> None:
@@ -56,13 +61,7 @@ def test_timm_export_loads_strictly_and_computes_the_same(tmp_path: Path, arch: 
     if arch == "resnet18-cifar":
         net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
     net.load_state_dict(torch.load(out, weights_only=True), strict=True)
-    model, _, _ = load_checkpoint(run)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model.backbone.eval()(x)
-        got = net.eval()(x)
-    assert got.shape == (2, 512)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same_features(net, run)
 
 
 def test_timm_backbone_matches_every_arch_keys_and_shapes() -> None:
