@@ -231,8 +231,10 @@ def test_log_names_are_validated_at_start() -> None:
 def test_a_missing_extra_fails_before_anything_starts(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     find_spec = importlib.util.find_spec
+    installed = {"tensorboard": True, "wandb": False, "mlflow": False}  # whatever this machine has
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("wandb", "mlflow") else find_spec(name, *a))
+                        lambda name, *a: (object() if installed[name] else None) if name in installed
+                        else find_spec(name, *a))
     out = tmp_path / "run"
     rc = main(["train", "--data", "demo", "--data-dir", str(data_dir), "--out", str(out), "--no-progress",
                "--log", "tensorboard,wandb,mlflow", *TINY])
