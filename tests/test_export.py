@@ -1,4 +1,4 @@
-"""empssl.export: the backbone as a torchvision state dict (strict load, same outputs) or as safetensors."""
+"""empssl.export: the backbone as a torchvision or timm state dict (strict load, same outputs) or as safetensors."""
 
 from __future__ import annotations
 
@@ -11,11 +11,23 @@ from torch import nn
 
 from empssl import __version__
 from empssl.checkpoint import CheckpointError
-from empssl.export import ExportError, export_backbone, load_backbone, torchvision_backbone
+from empssl.cli import main
+from empssl.export import ExportError, export_backbone, load_backbone, timm_backbone, torchvision_backbone
 from empssl.models import create_backbone
 from empssl.rundir import load_checkpoint
 
 from .test_embed import make_checkpoint
+
+
+def _assert_same_features(net: nn.Module, run: Path) -> None:
+    """``net`` (plain torchvision or timm, holding the export of ``run``) computes the empssl backbone's features."""
+    model, _, _ = load_checkpoint(run)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.backbone.eval()(x)
+        got = net.eval()(x)
+    assert got.shape == (2, 512)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["resnet18-cifar", "resnet18-imagenet"])
@@ -29,19 +41,35 @@ def test_torchvision_export_loads_strictly_and_computes_the_same(tmp_path: Path,
         net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
     net.fc = nn.Identity()
     net.load_state_dict(torch.load(out, weights_only=True), strict=True)
-    model, _, _ = load_checkpoint(run)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model.backbone.eval()(x)
-        got = net.eval()(x)
-    assert got.shape == (2, 512)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same_features(net, run)
 
 
 def test_torchvision_backbone_matches_every_arch_keys_and_shapes() -> None:
     for arch in ("resnet18-cifar", "resnet18-imagenet", "resnet34-cifar"):
         ours = create_backbone(arch, 64).state_dict()
         theirs = torchvision_backbone(arch).state_dict()
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}, arch
+
+
+@pytest.mark.parametrize("arch", ["resnet18-cifar", "resnet18-imagenet"])
+def test_timm_export_loads_strictly_and_computes_the_same(tmp_path: Path, arch: str) -> None:
+    timm = pytest.importorskip("timm")
+    run = make_checkpoint(tmp_path / "run", arch=arch, width=64, hidden_dim=16, z_dim=8)
+    out = tmp_path / "backbone.pt"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--format", "timm"]) == 0
+    # the README's lines: plain timm, nothing from empssl
+    net = timm.create_model("resnet18", num_classes=0)
+    if arch == "resnet18-cifar":
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    net.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    _assert_same_features(net, run)
+
+
+def test_timm_backbone_matches_every_arch_keys_and_shapes() -> None:
+    pytest.importorskip("timm")
+    for arch in ("resnet18-cifar", "resnet18-imagenet", "resnet34-cifar"):
+        ours = create_backbone(arch, 64).state_dict()
+        theirs = timm_backbone(arch).state_dict()
         assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}, arch
 
 
@@ -73,6 +101,8 @@ def test_width_other_than_64_is_refused_for_torchvision(tmp_path: Path) -> None:
     msg = str(e.value)
     assert "width 4" in msg and "--format safetensors" in msg and "\n" not in msg
     assert not (tmp_path / "b.pt").exists()
+    with pytest.raises(ExportError, match="timm's resnet18 has width 64, this backbone has width 4"):
+        export_backbone(run, tmp_path / "b.pt", fmt="timm")
 
 
 def test_user_errors(tmp_path: Path) -> None:

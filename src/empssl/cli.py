@@ -231,14 +231,15 @@ def _add_experiment_parsers(sub: Any) -> None:
     _add_config_flags(m, ["image_size", "data_dir"])
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    x = sub.add_parser("export", help="the trained backbone as a torchvision state dict or safetensors",
+    x = sub.add_parser("export", help="the trained backbone as a torchvision or timm state dict, or safetensors",
                        description="Write the backbone of a checkpoint for use elsewhere (README: Using the "
                                    "encoder).")
     x.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
     x.add_argument("--out", required=True, help="output file")
-    x.add_argument("--format", default="torchvision", choices=["torchvision", "safetensors"],
+    x.add_argument("--format", default="torchvision", choices=["torchvision", "timm", "safetensors"],
                    help="torchvision: loads into torchvision.models.resnet18() with strict=True after the CIFAR "
-                        "stem is set (width 64); safetensors: any width, with arch/width/step metadata "
+                        "stem is set (width 64); timm: the same into timm.create_model('resnet18', "
+                        "num_classes=0); safetensors: any width, with arch/width/step metadata "
                         "(default: torchvision)")
 
     r = sub.add_parser("report", help="Markdown report with tables and plots of one or several runs",

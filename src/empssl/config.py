@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 # empssl.models registers an implementation under each (a test checks that both agree). Method names come from
 # the method registry (empssl.methods), which reads them without importing torch.
 ARCH_NAMES = ("resnet18-cifar", "resnet18-imagenet", "resnet34-cifar")
+LOGGER_NAMES = ("tensorboard", "wandb", "mlflow")  # --log (empssl.tracking)
 
 
 def setting(default: Any, help: str, group: str = "", *, low: float | None = None, above: float | None = None,
@@ -104,6 +105,9 @@ class Config:
     log_every: int = setting(20, "steps between lines in metrics.jsonl", "run", low=1)
     checkpoint_every: int = setting(200, "steps between checkpoints (one is also written at every epoch end)",
                                     "run", low=1)
+    log: str = setting("none", "also stream the metrics, the config and the results to: none, or comma-separated "
+                       "tensorboard, wandb (offline unless logged in), mlflow; each needs its extra: pip install "
+                       "'empssl[NAME]' (README: Watching a run)", "run")
     # --- evaluation ---------------------------------------------------------------------------------------------
     test_patches: int = setting(128, "augmented patches averaged per image (bag of features)", "evaluation", low=1)
     eval_view: str = setting("auto", "patches (bag of features, EMP-SSL's own) or full (the whole image, the "
@@ -180,6 +184,9 @@ class Config:
         if self.warmup_epochs and self.warmup_epochs >= (self.schedule_epochs or self.epochs):
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than the schedule "
                               f"({self.schedule_epochs or self.epochs:g} epochs)")
+        if any(n.strip() not in ("none", *LOGGER_NAMES) for n in self.log.split(",")):  # --log
+            raise ConfigError(f"--log must be none or comma-separated names from {', '.join(LOGGER_NAMES)}, "
+                              f"got {self.log!r}")
         if self.eval_every >= 1 and self.eval_every != int(self.eval_every):
             raise ConfigError(f"--eval-every must be 0 (off), a whole number of steps, or a fraction of an epoch "
                               f"below 1, got {self.eval_every:g}")

@@ -1,4 +1,4 @@
-"""Export a trained backbone for use without empssl: a torchvision ResNet state dict, or safetensors.
+"""Export a trained backbone for use without empssl: a torchvision or timm ResNet state dict, or safetensors.
 
 The backbone (:class:`empssl.models.ResNet`) uses torchvision's parameter names, so its state dict loads with
 ``strict=True`` into ``torchvision.models.resnet18()`` (``resnet34()`` for resnet34-cifar) once the network is
@@ -9,7 +9,13 @@ given the same stem and no classifier::
     net.load_state_dict(torch.load("backbone.pt", weights_only=True))   # net(x): (B, 512) features
 
 (the CIFAR stem: a 3x3 stride-1 first convolution and no max-pool; for resnet18-imagenet only ``fc`` changes).
-Only width 64 matches torchvision's networks; other widths export as safetensors.
+timm's ResNets use the same parameter names, so ``--format timm`` writes the same state dict, for::
+
+    net = timm.create_model("resnet18", num_classes=0)   # no classifier: net(x) -> (B, 512)
+    net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    net.load_state_dict(torch.load("backbone.pt", weights_only=True))
+
+Only width 64 matches torchvision's and timm's networks; other widths export as safetensors.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from .files import OutputError, write_atomic
 from .models import ResNet, create_backbone
 from .rundir import load_checkpoint
 
-FORMATS = ("torchvision", "safetensors")
-# arch -> (torchvision constructor name, CIFAR stem?)
+FORMATS = ("torchvision", "timm", "safetensors")
+# arch -> (torchvision and timm model name, CIFAR stem?)
 _TORCHVISION = {"resnet18-cifar": ("resnet18", True), "resnet18-imagenet": ("resnet18", False),
                 "resnet34-cifar": ("resnet34", True)}
 
@@ -53,10 +59,27 @@ def torchvision_backbone(arch: str) -> nn.Module:
         raise ExportError(f"no torchvision network for --arch {arch}; choose from {', '.join(_TORCHVISION)}")
     name, cifar_stem = _TORCHVISION[arch]
     net = getattr(torchvision.models, name)(weights=None)
+    net.fc = nn.Identity()
+    return _with_stem(net, cifar_stem)
+
+
+def timm_backbone(arch: str) -> nn.Module:
+    """The timm network that a ``--format timm`` export of ``arch`` loads into with ``strict=True``:
+    ``timm.create_model("resnet18" or "resnet34", num_classes=0)``, with the CIFAR stem where ``arch`` has it.
+    Its forward gives the (B, 512) backbone feature. Needs timm (``pip install timm``)."""
+    import timm
+
+    if arch not in _TORCHVISION:
+        raise ExportError(f"no timm network for --arch {arch}; choose from {', '.join(_TORCHVISION)}")
+    name, cifar_stem = _TORCHVISION[arch]
+    return _with_stem(timm.create_model(name, pretrained=False, num_classes=0), cifar_stem)
+
+
+def _with_stem(net: nn.Module, cifar_stem: bool) -> nn.Module:
+    """The CIFAR stem (3x3 stride-1 first convolution, no max-pool) in a torchvision or timm ResNet."""
     if cifar_stem:
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
     return net
 
 
@@ -65,7 +88,8 @@ def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str = "torchvi
 
     Args:
         fmt: ``torchvision``: a ``torch.save``d state dict that loads into :func:`torchvision_backbone` (plain
-            torchvision, see the module docstring) with ``strict=True``; width 64 only. ``safetensors``: the
+            torchvision, see the module docstring) with ``strict=True``; width 64 only. ``timm``: the same state
+            dict, which loads into :func:`timm_backbone` (plain timm) with ``strict=True``. ``safetensors``: the
             same state dict as a .safetensors file whose metadata holds arch, width, method, step and the
             empssl version (any width; :func:`load_backbone` rebuilds it).
 
@@ -78,12 +102,12 @@ def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str = "torchvi
     model, cfg, ckpt = load_checkpoint(checkpoint)
     backbone: ResNet = model.backbone
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    if fmt == "torchvision":
+    if fmt in ("torchvision", "timm"):  # the same parameter names in both libraries
         if cfg.width != 64:
-            raise ExportError(f"torchvision's {_TORCHVISION.get(cfg.arch, ('resnet',))[0]} has width 64, this "
+            raise ExportError(f"{fmt}'s {_TORCHVISION.get(cfg.arch, ('resnet',))[0]} has width 64, this "
                               f"backbone has width {cfg.width}; use --format safetensors")
         if cfg.arch not in _TORCHVISION:
-            raise ExportError(f"no torchvision network for --arch {cfg.arch}; use --format safetensors")
+            raise ExportError(f"no {fmt} network for --arch {cfg.arch}; use --format safetensors")
         return _write(out, lambda tmp: torch.save(state, tmp))
     from safetensors.torch import save_file
 

@@ -32,6 +32,7 @@ from .data import ImageData
 from .devices import synchronize
 from .evaluate import image_features, knn_predict
 from .files import cut_jsonl
+from .tracking import NO_TRACKING, Tracking
 
 
 def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
@@ -60,14 +61,17 @@ class Monitor:
             session whose last steps were lost) are dropped.
         clock_state: the ``clock()`` dict saved in the checkpoint being resumed, or None.
         enabled: False on processes other than rank 0: they keep the clock but never evaluate or write.
+        tracker: also receives every record (``--log``).
     """
 
     def __init__(self, cfg: Config, train: ImageData, test: ImageData, device: torch.device, out_dir: Path, *,
                  steps_per_epoch: int, total_steps: int, patches_per_step: int, start_step: int = 0,
-                 clock_state: dict[str, float] | None = None, enabled: bool = True) -> None:
+                 clock_state: dict[str, float] | None = None, enabled: bool = True,
+                 tracker: Tracking = NO_TRACKING) -> None:
         self.cfg, self.device = cfg, torch.device(device)
         self.steps_per_epoch, self.total_steps, self.patches_per_step = steps_per_epoch, total_steps, patches_per_step
         self.start_step = start_step
+        self.tracker = tracker
         self.interval = monitor_interval(cfg.eval_every, steps_per_epoch) if enabled else 0
         prior = clock_state or {}
         self._train_before = float(prior.get("train_seconds", 0.0))
@@ -126,4 +130,5 @@ class Monitor:
         }
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
+        self.tracker.log_scalars(rec, step=step, wall_time=time.time(), prefix="monitor/")
         return spent

@@ -36,10 +36,10 @@ except ImportError:  # Windows: no advisory locks there; keeping one writer per 
 # Keys that may differ between a run directory's saved config and the command that resumes it: they change
 # where things are read or how often they are written, or the evaluation, never the trained weights.
 RESUMABLE_CHANGES = frozenset({
-    "device", "data_dir", "log_every", "checkpoint_every",  # where and how often
+    "device", "data_dir", "log_every", "checkpoint_every", "log",  # where and how often
     "test_patches", "eval_view", "eval_feature", "eval_seed", "eval_batch_size", "probe_epochs", "probe_lr",
     "probe_lrs", "probe_momentum", "probe_weight_decay", "probe_batch_size", "probe_val_fraction", "knn_k",
-    "knn_temperature", "compare_random_init", "extra",  # evaluation
+    "knn_temperature", "compare_random_init",  # evaluation
     "eval_every", "monitor_patches", "monitor_bank", "monitor_test",  # monitoring
     "grad_checkpointing", "compile",  # speed: exact or numerically equivalent
 })
@@ -188,7 +188,8 @@ _IMPORTED = time.perf_counter()
 _CLOCK_ORIGIN: float | None = None  # process_seconds() at which the current run's account starts
 
 # The phases of results.json's "timing", in their order ("total" follows them); the report uses the same list.
-TIMING_FIELDS = ("startup", "data", "compile", "train", "monitor", "features", "knn", "probe", "random_init_eval")
+TIMING_FIELDS = ("startup", "data", "loggers", "compile", "train", "monitor", "features", "knn", "probe",
+                 "random_init_eval")
 
 
 class TimingAccount:
@@ -243,10 +244,12 @@ class MetricsLog:
     """
 
     def __init__(self, path: Path | None, terms: tuple[str, ...], device: torch.device, *, start_step: int,
-                 steps_per_epoch: int, views_per_step: int, bar: Any = None) -> None:
+                 steps_per_epoch: int, views_per_step: int, bar: Any = None,
+                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
         if path is not None:
             cut_jsonl(path, start_step)
         self.terms, self.steps_per_epoch, self.views_per_step, self.bar = terms, steps_per_epoch, views_per_step, bar
+        self.on_record = on_record  # e.g. the --log trackers, given every line as it is written
         self.file: IO[str] = open(path if path is not None else os.devnull, "a")  # noqa: SIM115 (closed in close())
         self.sums = torch.zeros(len(terms), device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step whose update was skipped
@@ -277,6 +280,8 @@ class MetricsLog:
                "patches_per_s": self.n * self.views_per_step / max(dt, 1e-9)}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
+        if self.on_record is not None:
+            self.on_record(rec)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{rec[k]:.3g}" for k in self.terms[:3]}
                                  | {"views/s": f"{rec['patches_per_s']:.0f}"})

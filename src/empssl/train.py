@@ -48,6 +48,7 @@ from .rundir import (
     time_line,
     write_config,
 )
+from .tracking import NO_TRACKING, Tracking, open_tracking, require_trackers
 
 
 class TrainError(RuntimeError):
@@ -96,6 +97,7 @@ class Run:
     step: int = 0
     clock_state: dict[str, float] | None = None  # the monitor clock of the sessions before a resume
     compiler: Compiler | None = None  # the module the step calls (set up once the step to start from is known)
+    tracker: Tracking = NO_TRACKING  # --log: TensorBoard / W&B / MLflow, beside the JSONL files
 
     @property
     def ckpt_path(self) -> Path:
@@ -254,7 +256,9 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
     bar = tqdm(total=run.total_steps, initial=step, disable=not progress, file=sys.stderr, dynamic_ncols=True,
                desc="train", unit="step")
     metrics = MetricsLog(run.out / "metrics.jsonl" if dist.is_main else None, method.terms, device, bar=bar,
-                         start_step=step, steps_per_epoch=run.steps_per_epoch, views_per_step=run.views_per_step)
+                         start_step=step, steps_per_epoch=run.steps_per_epoch, views_per_step=run.views_per_step,
+                         on_record=lambda rec: run.tracker.log_scalars(rec, step=rec["step"], wall_time=time.time(),
+                                                                       prefix="train/"))
     with StopFlag() as stop, metrics, batches, bar:
         stream = iter(batches)  # a fixed permutation per epoch, so a resumed run sees the same batches
         while step < run.total_steps:
@@ -317,14 +321,19 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     wall clock from process start, phase by phase (:data:`empssl.rundir.TIMING_FIELDS`) and in ``total``.
     """
     cfg.validate()
+    require_trackers(cfg.log)  # a missing logger package: one line before anything loads
     timing = TimingAccount()  # from process start for the first run of a process, else from this call
     if not distributed.env_dist().is_main:
         progress, log = False, _silent
     with ExitStack() as held:  # the run directory's lock, until its results are written
         run = setup(cfg, Path(out_dir), data, progress, log, timing, held)
+        t0 = time.perf_counter()
+        run.tracker = open_tracking(cfg.log, run.out, cfg.to_dict(), start_step=run.step, enabled=run.dist.is_main)
+        if run.tracker.trackers:
+            timing.add("loggers", time.perf_counter() - t0)
         monitor = Monitor(cfg, run.train_data, run.test_data, run.device, run.out, steps_per_epoch=run.steps_per_epoch,
                           total_steps=run.total_steps, patches_per_step=run.views_per_step, start_step=run.step,
-                          clock_state=run.clock_state, enabled=run.dist.is_main)
+                          clock_state=run.clock_state, enabled=run.dist.is_main, tracker=run.tracker)
         if run.step < run.total_steps:
             loop(run, monitor, progress, log)
         elif run.ckpt_path.exists():
@@ -341,7 +350,10 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
                    **clock, "device": device_name(run.device),
                    "compile": run.compiler.reason if run.compiler else None}  # monitoring: wall time and hardware
         if not evaluate_at_end or not run.dist.is_main:
-            return {**summary, "timing": timing.summary()}
+            done: dict[str, Any] = {**summary, "timing": timing.summary()}
+            run.tracker.log_results(done, step=run.step)
+            run.tracker.close()
+            return done
         results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
                                          log=log)}
         for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
@@ -359,6 +371,8 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
                 f"({gap:+.1f} points, {view_label(results['eval_view'], cfg.test_patches)})")
         results["timing"] = timing.summary()
         write_json(run.out / "results.json", results)
+        run.tracker.log_results(results, step=run.step)
+        run.tracker.close()
         log(f"results written to {run.out / 'results.json'}")
         log(time_line(results["timing"]))  # the run's last line: where the time went
         return results
