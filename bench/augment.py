@@ -7,6 +7,7 @@ Gaussian blur p0.1 + solarize p0.1 + normalise).
     PYTHONPATH=src python bench/augment.py --device cpu --repeats 3
     PYTHONPATH=src python bench/augment.py --methods ours --memory-format channels_last --dtype bfloat16
     PYTHONPATH=src python bench/augment.py --device cpu --traffic   # ops and bytes of one step of ours
+    PYTHONPATH=src python bench/augment.py --methods ours --image-size 64 --scale 0.08,1 --ratio 0.75,1.3333
 
 ``--traffic`` counts, for one step of ``ours`` with the pixel ops in one chunk as on a GPU, the aten ops run
 (each a kernel launch on a GPU) and the bytes they read and write, in units of one float32 patch tensor
@@ -154,12 +155,21 @@ def torchvision_loop(images: torch.Tensor, n: int, aug: Augment) -> Callable[[],
 METHODS = {"ours": ours, "kornia": kornia_pipeline, "torchvision": torchvision_loop}
 
 
+def pair(text: str) -> tuple[float, float]:
+    lo, hi = (float(v) for v in text.split(","))
+    return lo, hi
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda if available)")
     ap.add_argument("--batch", type=int, default=100, help="images per step")
     ap.add_argument("--patches", type=int, default=20, help="patches per image")
     ap.add_argument("--image-size", type=int, default=32, help="side of the (random uint8) source images")
+    ap.add_argument("--scale", default="0.25,0.25",
+                    help="crop area range LO,HI (0.08,1: the baselines' RandomResizedCrop; with --image-size 64 "
+                         "some crops are downsampled)")
+    ap.add_argument("--ratio", default="1,1", help="crop aspect range LO,HI (3/4,4/3 for the baselines: 0.75,1.3333)")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per method, after one warm-up step")
     ap.add_argument(
         "--methods", default="ours,kornia,torchvision", help="comma-separated: " + ",".join(METHODS)
@@ -185,10 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"workload: {args.batch} images of {args.image_size}px x {args.patches} patches "
         f"= {args.batch * args.patches} patches/step, {args.repeats} timed steps; "
-        f"ours in {args.dtype}, {args.memory_format}"
+        f"ours in {args.dtype}, {args.memory_format}; crop scale {args.scale}, ratio {args.ratio}"
     )
 
-    aug = Augment()
+    try:
+        aug = Augment(scale=pair(args.scale), ratio=pair(args.ratio))
+    except (ValueError, patches.AugmentError) as e:
+        print(f"bad --scale/--ratio: {e}")
+        return 2
     images = torch.randint(
         0,
         256,
