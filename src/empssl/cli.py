@@ -99,9 +99,10 @@ EVAL_FIELDS = [k for k, (g, _) in FLAGS.items() if g == "evaluation"] + [
     "data", "data_dir", "image_size", "train_subset", "test_subset", "device", "precision"]
 # The evaluation flags of the commands that take the number of test patches as their own option.
 EVAL_FIELDS_NO_PATCHES = [k for k in EVAL_FIELDS if k != "test_patches"]
-# What `empssl compare` lets one set for every method: data, run, evaluation and monitoring (each method keeps
-# its own recipe for the rest).
-COMPARE_FIELDS = [k for k, (g, _) in FLAGS.items() if g in ("data", "run", "evaluation", "monitoring")]
+# What `empssl compare` lets one set for every method alike: data, patches, model, run, evaluation and monitoring
+# (each method keeps its own recipe for the rest; --num-patches is EMP-SSL's alone, the baselines take two views).
+COMPARE_FIELDS = [k for k, (g, _) in FLAGS.items() if g in ("data", "patches", "model", "run", "evaluation",
+                                                            "monitoring")]
 
 
 def parse_bool(text: str) -> bool:
@@ -266,6 +267,9 @@ def _add_experiment_parsers(sub: Any) -> None:
                    help="training wall time per method, in seconds (required unless --smoke)")
     c.add_argument("--targets", type=parse_floats, default=(), metavar="PCT,PCT,...",
                    help="kNN accuracies (%%) to time besides 50,60,70,80")
+    c.add_argument("--recipes", metavar="NAME",
+                   help="each method M starts from the preset NAME-M instead of its own recipe (compare-demo: the "
+                        "recipes scaled to the bundled demo data)")
     c.add_argument("--smoke", action="store_true",
                    help="toy size on the CPU with the bundled data (seconds per method): checks the command")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -385,7 +389,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         budget = budget or SMOKE_BUDGET_SECONDS
     if budget is None:
         raise ConfigError("--budget-seconds is required (the training wall time each method gets)")
-    summary = compare(args.methods, args.out, budget, overrides, targets=args.targets,
+    summary = compare(args.methods, args.out, budget, overrides, recipes=args.recipes, targets=args.targets,
                       progress=not args.no_progress)
     for row in summary["rows"]:
         print(f"{row['method']}: linear {row['linear_top1']:.1f}% | kNN {row['knn_top1']:.1f}% after "
