@@ -83,7 +83,7 @@ def test_compare_refuses_a_budget_too_small_for_one_calibration(tmp_path, data_d
 @pytest.mark.slow
 def test_compare_smoke_trains_every_method_and_reports(tmp_path, data_dir, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", "--smoke", "--budget-seconds", "10", "--out", str(out), "--data-dir", str(data_dir),
+    argv = ["compare", "--smoke", "--budget-seconds", "20", "--out", str(out), "--data-dir", str(data_dir),
             "--no-progress", "--targets", "15"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
