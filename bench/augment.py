@@ -8,6 +8,11 @@ Gaussian blur p0.1 + solarize p0.1 + normalise).
     PYTHONPATH=src python bench/augment.py --methods ours --memory-format channels_last --dtype bfloat16
     PYTHONPATH=src python bench/augment.py --device cpu --traffic   # ops and bytes of one step of ours
     PYTHONPATH=src python bench/augment.py --methods ours --image-size 64 --scale 0.08,1 --ratio 0.75,1.3333
+    PYTHONPATH=src python bench/augment.py --device cpu --against /tmp/old/src   # ours vs another checkout's
+
+``--against SRC`` times the ``make_patches`` of another checkout (``SRC/empssl/patches.py``, e.g. from
+``git archive OLD src | tar -x -C /tmp/old``) and ours in alternation, step by step in one process, so that the load
+of a shared machine falls on both alike; it prints the median of each.
 
 ``--traffic`` counts, for one step of ``ours`` with the pixel ops in one chunk as on a GPU, the aten ops run
 (each a kernel launch on a GPU) and the bytes they read and write, in units of one float32 patch tensor
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -155,6 +161,33 @@ def torchvision_loop(images: torch.Tensor, n: int, aug: Augment) -> Callable[[],
 METHODS = {"ours": ours, "kornia": kornia_pipeline, "torchvision": torchvision_loop}
 
 
+def alternate(images: torch.Tensor, n: int, aug: Augment, other_src: str, repeats: int) -> tuple[float, float]:
+    """Median seconds per step of (the other checkout's make_patches, ours), timed in turns after a warm-up."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("other_patches", Path(other_src) / "empssl" / "patches.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no empssl/patches.py under {other_src}")
+    other = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = other  # dataclasses look their module up there
+    spec.loader.exec_module(other)
+    other_aug = other.Augment(**{f: getattr(aug, f) for f in ("size", "scale", "ratio")})
+    fns = [lambda g: other.make_patches(images, n, other_aug, g), lambda g: make_patches(images, n, aug, g)]
+    times: list[list[float]] = [[], []]
+    for r in range(repeats + 1):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for k in order:
+            g = torch.Generator(device=images.device).manual_seed(r)
+            sync(images.device)
+            t0 = time.perf_counter()
+            fns[k](g)
+            sync(images.device)
+            if r > 0:  # the first round warms both up
+                times[k].append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def pair(text: str) -> tuple[float, float]:
     lo, hi = (float(v) for v in text.split(","))
     return lo, hi
@@ -177,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of our patches")
     ap.add_argument("--memory-format", default="contiguous", choices=list(MEMORY_FORMATS),
                     help="layout of our (P, 3, s, s) patches (channels_last: a channels_last network's input)")
+    ap.add_argument("--against", metavar="SRC",
+                    help="also time another checkout's make_patches (SRC/empssl/patches.py) alternated with ours")
     ap.add_argument("--traffic", action="store_true",
                     help="also print the aten ops and bytes moved by one step of ours (see the module docstring)")
     args = ap.parse_args(argv)
@@ -211,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         generator=torch.Generator().manual_seed(0),
     ).to(device)
     n_out = args.batch * args.patches
+    if args.against:
+        theirs, mine = alternate(images, args.patches, aug, args.against, args.repeats)
+        print(f"{'against':12s} {n_out / theirs:12,.0f} patches/s ({args.against}); ours {n_out / mine:,.0f} "
+              f"patches/s; ours/theirs time {mine / theirs:.2f} (medians of {args.repeats} alternated steps)")
     for name in args.methods.split(","):
         if name not in METHODS:
             print(f"{name}: unknown method, choose from {', '.join(METHODS)}")
