@@ -10,7 +10,7 @@ else
 TORCH   = torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install demo test lint clean
+.PHONY: install demo compare-demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/empssl train --preset cpu-demo --out runs/cpu-demo
 
+# The paper's time-to-accuracy claim at CPU scale, about 30 min on one laptop core (docs/RESULTS.md): each method's
+# own recipe scaled to the demo data (presets compare-demo-*), the same width and view size for all, 300 s each.
+compare-demo: install
+	$(VENV)/bin/empssl compare --recipes compare-demo --methods emp-ssl,simclr,vicreg,byol --width 8 \
+	    --patch-size 16 --budget-seconds 300 --device cpu --monitor-bank 1000 --monitor-test 500 \
+	    --out runs/compare-demo
+
 test: install
 	$(PY) -m pytest -q
 
@@ -32,4 +39,4 @@ lint: install
 	$(PY) -m mypy
 
 clean:
-	rm -rf runs/cpu-demo data/cache
+	rm -rf runs/cpu-demo runs/compare-demo data/cache

@@ -7,6 +7,12 @@ Gaussian blur p0.1 + solarize p0.1 + normalise).
     PYTHONPATH=src python bench/augment.py --device cpu --repeats 3
     PYTHONPATH=src python bench/augment.py --methods ours --memory-format channels_last --dtype bfloat16
     PYTHONPATH=src python bench/augment.py --device cpu --traffic   # ops and bytes of one step of ours
+    PYTHONPATH=src python bench/augment.py --methods ours --image-size 64 --scale 0.08,1 --ratio 0.75,1.3333
+    PYTHONPATH=src python bench/augment.py --device cpu --against /tmp/old/src   # ours vs another checkout's
+
+``--against SRC`` times the ``make_patches`` of another checkout (``SRC/empssl/patches.py``, e.g. from
+``git archive OLD src | tar -x -C /tmp/old``) and ours in alternation, step by step in one process, so that the load
+of a shared machine falls on both alike; it prints the median of each.
 
 ``--traffic`` counts, for one step of ``ours`` with the pixel ops in one chunk as on a GPU, the aten ops run
 (each a kernel launch on a GPU) and the bytes they read and write, in units of one float32 patch tensor
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -154,12 +161,48 @@ def torchvision_loop(images: torch.Tensor, n: int, aug: Augment) -> Callable[[],
 METHODS = {"ours": ours, "kornia": kornia_pipeline, "torchvision": torchvision_loop}
 
 
+def alternate(images: torch.Tensor, n: int, aug: Augment, other_src: str, repeats: int) -> tuple[float, float]:
+    """Median seconds per step of (the other checkout's make_patches, ours), timed in turns after a warm-up."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("other_patches", Path(other_src) / "empssl" / "patches.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no empssl/patches.py under {other_src}")
+    other = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = other  # dataclasses look their module up there
+    spec.loader.exec_module(other)
+    other_aug = other.Augment(**{f: getattr(aug, f) for f in ("size", "scale", "ratio")})
+    fns = [lambda g: other.make_patches(images, n, other_aug, g), lambda g: make_patches(images, n, aug, g)]
+    times: list[list[float]] = [[], []]
+    for r in range(repeats + 1):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for k in order:
+            g = torch.Generator(device=images.device).manual_seed(r)
+            sync(images.device)
+            t0 = time.perf_counter()
+            fns[k](g)
+            sync(images.device)
+            if r > 0:  # the first round warms both up
+                times[k].append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def pair(text: str) -> tuple[float, float]:
+    lo, hi = (float(v) for v in text.split(","))
+    return lo, hi
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda if available)")
     ap.add_argument("--batch", type=int, default=100, help="images per step")
     ap.add_argument("--patches", type=int, default=20, help="patches per image")
     ap.add_argument("--image-size", type=int, default=32, help="side of the (random uint8) source images")
+    ap.add_argument("--scale", default="0.25,0.25",
+                    help="crop area range LO,HI (0.08,1: the baselines' RandomResizedCrop; with --image-size 64 "
+                         "some crops are downsampled)")
+    ap.add_argument("--ratio", default="1,1", help="crop aspect range LO,HI (3/4,4/3 for the baselines: 0.75,1.3333)")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per method, after one warm-up step")
     ap.add_argument(
         "--methods", default="ours,kornia,torchvision", help="comma-separated: " + ",".join(METHODS)
@@ -167,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of our patches")
     ap.add_argument("--memory-format", default="contiguous", choices=list(MEMORY_FORMATS),
                     help="layout of our (P, 3, s, s) patches (channels_last: a channels_last network's input)")
+    ap.add_argument("--against", metavar="SRC",
+                    help="also time another checkout's make_patches (SRC/empssl/patches.py) alternated with ours")
     ap.add_argument("--traffic", action="store_true",
                     help="also print the aten ops and bytes moved by one step of ours (see the module docstring)")
     args = ap.parse_args(argv)
@@ -185,10 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"workload: {args.batch} images of {args.image_size}px x {args.patches} patches "
         f"= {args.batch * args.patches} patches/step, {args.repeats} timed steps; "
-        f"ours in {args.dtype}, {args.memory_format}"
+        f"ours in {args.dtype}, {args.memory_format}; crop scale {args.scale}, ratio {args.ratio}"
     )
 
-    aug = Augment()
+    try:
+        aug = Augment(scale=pair(args.scale), ratio=pair(args.ratio))
+    except (ValueError, patches.AugmentError) as e:
+        print(f"bad --scale/--ratio: {e}")
+        return 2
     images = torch.randint(
         0,
         256,
@@ -197,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         generator=torch.Generator().manual_seed(0),
     ).to(device)
     n_out = args.batch * args.patches
+    if args.against:
+        theirs, mine = alternate(images, args.patches, aug, args.against, args.repeats)
+        print(f"{'against':12s} {n_out / theirs:12,.0f} patches/s ({args.against}); ours {n_out / mine:,.0f} "
+              f"patches/s; ours/theirs time {mine / theirs:.2f} (medians of {args.repeats} alternated steps)")
     for name in args.methods.split(","):
         if name not in METHODS:
             print(f"{name}: unknown method, choose from {', '.join(METHODS)}")

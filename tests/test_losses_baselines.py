@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from empssl.losses import VICRegLoss, byol_loss, simclr_loss, vicreg_loss
 
@@ -101,6 +102,33 @@ def test_vicreg_weights_combine_the_terms():
     out = vicreg_loss(z1, z2, sim_weight=2.0, var_weight=3.0, cov_weight=0.5)
     want = 2.0 * out.invariance + 3.0 * out.variance + 0.5 * out.covariance
     assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def facebookresearch_vicreg(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """facebookresearch/vicreg ``main_vicreg.py`` VICReg.forward after the projector, on one process, with its
+    default coefficients (sim 25, std 25, cov 1)."""
+    x, y = x.double(), y.double()
+    n, d = x.shape
+    repr_loss = F.mse_loss(x, y)
+    x, y = x - x.mean(dim=0), y - y.mean(dim=0)
+    std_x, std_y = torch.sqrt(x.var(dim=0) + 0.0001), torch.sqrt(y.var(dim=0) + 0.0001)
+    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
+    cov_x, cov_y = (x.T @ x) / (n - 1), (y.T @ y) / (n - 1)
+    off = ~torch.eye(d, dtype=torch.bool)
+    cov_loss = cov_x[off].pow(2).sum() / d + cov_y[off].pow(2).sum() / d
+    return 25 * repr_loss + 25 * std_loss + 1 * cov_loss
+
+
+def test_vicreg_variance_is_twice_facebookresearch_unless_variance_mean():
+    """Ours (solo-learn, the paper's sum) at 25/25/1 = facebookresearch's at 25/50/1; variance_mean=True is
+    theirs exactly."""
+    z1, z2 = randn(32, 8, seed=8) * 0.4, randn(32, 8, seed=9) * 0.6 + 0.1  # std < 1: the variance term acts
+    theirs = facebookresearch_vicreg(z1, z2).item()
+    assert vicreg_loss(z1, z2, variance_mean=True).loss.item() == pytest.approx(theirs, rel=1e-5)
+    ours = vicreg_loss(z1, z2)
+    assert ours.variance.item() > 0.5
+    assert ours.loss.item() == pytest.approx(theirs + 25 * ours.variance.item() / 2, rel=1e-5)
+    assert vicreg_loss(z1, z2, var_weight=12.5).loss.item() == pytest.approx(theirs, rel=1e-5)
 
 
 def test_vicreg_variance_term_zero_when_std_at_least_one_and_known_when_collapsed():

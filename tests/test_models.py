@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from empssl.models import ARCHS, EMPSSLModel, create_backbone, to_torchvision_resnet18
+from empssl.models import ARCHS, EMPSSLModel, create_backbone
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -35,19 +35,18 @@ def test_backbone_keys_are_torchvision_resnet18_keys():
     assert ours == {k for k in theirs if not k.startswith("fc.")}
 
 
-@pytest.mark.parametrize("arch", ["resnet18-cifar", "resnet18-imagenet"])
-def test_export_to_torchvision_computes_the_same(arch):
+def test_stem_init_is_the_official_one():
+    """CIFAR: the official code's fresh nn.Conv2d stem (default init, U(+-1/sqrt(27)), std 0.111); ImageNet:
+    torchvision's kaiming-normal fan-out (std sqrt(2 / (64 * 49)) = 0.0252); the other convs kaiming fan-out."""
     torch.manual_seed(0)
-    backbone = create_backbone(arch).eval()
-    net = to_torchvision_resnet18(backbone).eval()
-    net.fc = torch.nn.Identity()
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(net(x), backbone(x), rtol=1e-4, atol=1e-5)
-
-
-def test_export_rejects_narrow_backbone():
-    with pytest.raises(ValueError, match="width-64"):
-        to_torchvision_resnet18(create_backbone("resnet18-cifar", width=16))
+    cifar = create_backbone("resnet18-cifar")
+    w = cifar.conv1.weight
+    assert abs(w.std().item() - 1 / 27**0.5 / 3**0.5) < 0.005  # 0.111, not kaiming fan-out's 0.059
+    assert w.abs().max() <= 1 / 27**0.5
+    imagenet = create_backbone("resnet18-imagenet").conv1.weight
+    assert abs(imagenet.std().item() - (2 / (64 * 49)) ** 0.5) < 0.001
+    inner = cifar.layer1[0].conv1.weight  # 64 -> 64, 3x3: std sqrt(2 / (64 * 9)) = 0.0589
+    assert abs(inner.std().item() - (2 / (64 * 9)) ** 0.5) < 0.002
 
 
 def test_unknown_arch():

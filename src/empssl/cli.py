@@ -211,10 +211,13 @@ def _add_experiment_parsers(sub: Any) -> None:
                    help="training wall time per method, in seconds (required unless --smoke)")
     c.add_argument("--targets", type=parse_floats, default=(), metavar="PCT,PCT,...",
                    help="kNN accuracies (%%) to time besides 50,60,70,80")
+    c.add_argument("--recipes", metavar="NAME",
+                   help="each method M starts from the preset NAME-M instead of its own recipe (compare-demo: the "
+                        "recipes scaled to the bundled demo data)")
     c.add_argument("--smoke", action="store_true",
                    help="toy size on the CPU with the bundled data (seconds per method): checks the command")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_flags(c, COMPARE_FIELDS)
+    _add_config_flags(c, COMPARE_FIELDS, method_settings=True)
 
     m = sub.add_parser("embed", help="features of every image of a folder, archive or dataset (.npz or .safetensors)",
                        description="One row per image of --data, in a stable order, with its relative file name "
@@ -323,7 +326,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         budget = budget or SMOKE_BUDGET_SECONDS
     if budget is None:
         raise ConfigError("--budget-seconds is required (the training wall time each method gets)")
-    summary = compare(args.methods, args.out, budget, overrides, targets=args.targets,
+    summary = compare(args.methods, args.out, budget, overrides, recipes=args.recipes, targets=args.targets,
                       progress=not args.no_progress)
     for row in summary["rows"]:
         print(f"{row['method']}: linear {row['linear_top1']:.1f}% | kNN {row['knn_top1']:.1f}% after "

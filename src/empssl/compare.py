@@ -3,8 +3,10 @@ the same data and device, monitored with kNN on the way, evaluated with its own 
 
 For each method, in ``out/<method>/``:
 
-1. **calibrate** (once; the plan is kept in ``out/plan.json``): a short eager run of the method's recipe
-   (``CALIBRATION_STEPS`` steps) measures its training throughput on this device;
+1. **calibrate** (once; the plan is kept in ``out/plan.json``): short eager runs of the method's recipe measure
+   its training throughput on this device, in at most ``CALIBRATION_FRACTION`` of the budget (wall time, set-up
+   included; recorded in plan.json): ``PROBE_STEPS`` steps first, then up to ``CALIBRATION_STEPS`` more where
+   they fit. A budget whose fraction cannot hold the first probe is refused;
 2. **size** the schedule so that it ends at the budget: ``epochs = budget * steps_per_second / steps_per_epoch``
    (the cosine schedule spans exactly those epochs; a recipe's warm-up is shortened to at most a tenth of them);
 3. **train** it with the kNN monitor on (about ``MONITOR_POINTS`` points per run) and evaluate it.
@@ -17,21 +19,26 @@ evaluated is read back; an interrupted one resumes from its checkpoint with the 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, method_recipe, settings_for
+from .config import Config, ConfigError, load_preset, method_recipe, settings_for
 from .data import ImageData
 from .files import read_jsonl, write_json
 from .report import write_report
 from .rundir import run_config
 from .train import config_data, train, train_once
 
-CALIBRATION_STEPS = 30  # timed in lines of 10 steps; the first line (warm-up, cudnn autotuning) is left out
+CALIBRATION_FRACTION = 0.1  # of the budget, at most, spent calibrating a method (wall time, set-up included)
+PROBE_STEPS = 3  # the first calibration run: one warm-up step (cudnn autotuning...) and two timed ones
+CALIBRATION_STEPS = 30  # the most steps of the second, longer run, timed in three lines (the first left out)
 MONITOR_POINTS = 20  # kNN evaluations per run
+_warm = False  # whether this process has run training steps (see calibrate)
 MAX_WARMUP_FRACTION = 0.1  # of the sized schedule
 
 # The toy size of `empssl compare --smoke` (CPU, bundled data, seconds per method), and the settings under any
@@ -42,32 +49,70 @@ SMOKE = {"data": "demo", "device": "cpu", "train_subset": 512, "test_subset": 20
          "z_dim": 32, "pred_hidden_dim": 64, "patch_size": 16, "num_patches": 4, "batch_size": 32,
          "test_patches": 2, "probe_epochs": 3, "monitor_patches": 2, "monitor_bank": 256, "monitor_test": 100,
          "log_every": 5, "checkpoint_every": 100}
-SMOKE_BUDGET_SECONDS = 6.0
+SMOKE_BUDGET_SECONDS = 20.0  # each calibration may take 2 s (10 %): a run's set-up alone is ~0.5 s here
 
 
-def method_config(method: str, overrides: dict[str, Any]) -> Config:
-    """The method's own recipe (its preset, or the defaults for EMP-SSL) with ``overrides`` on top."""
-    return Config.from_dict({**method_recipe(method), **settings_for(method, overrides), "method": method}).validate()
+def method_config(method: str, overrides: dict[str, Any], recipes: str | None = None) -> Config:
+    """The method's own recipe (its preset, or the defaults for EMP-SSL), or with ``recipes`` the preset
+    ``{recipes}-{method}`` (e.g. ``compare-demo-simclr``: the recipe scaled to other data), with ``overrides``
+    on top (a method's own settings only for the method that declares them)."""
+    recipe = load_preset(f"{recipes}-{method}") if recipes else method_recipe(method)
+    return Config.from_dict({**recipe, **settings_for(method, overrides), "method": method}).validate()
 
 
-def calibrate(cfg: Config, data: tuple[ImageData, ImageData], log: Callable[[str], Any]) -> float:
-    """Training steps per second of ``cfg`` on its device, from a short throw-away run (eager, no monitor)."""
+def _throughput(cfg: Config, data: tuple[ImageData, ImageData], steps: int, log_every: int) -> tuple[float, float]:
+    """(median views per second over the logged lines but the first, wall seconds of the whole call) of a
+    throw-away eager run of ``steps`` steps of ``cfg`` without monitor or evaluation."""
+    steps_per_epoch = len(data[0]) // cfg.batch_size
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="empssl-calibrate-") as tmp:
+        probe = cfg.replace(epochs=steps / steps_per_epoch, schedule_epochs=0, warmup_epochs=0, eval_every=0,
+                            log_every=log_every, checkpoint_every=10**9, compile="off")
+        train(probe, Path(tmp) / "run", progress=False, log=lambda s: None, data=data, evaluate_at_end=False)
+        rates = [r["patches_per_s"] for r in read_jsonl(Path(tmp) / "run" / "metrics.jsonl")]
+    return statistics.median(rates[1:] if len(rates) > 1 else rates), time.perf_counter() - t0
+
+
+def calibrate(cfg: Config, data: tuple[ImageData, ImageData], max_seconds: float,
+              log: Callable[[str], Any]) -> dict[str, float]:
+    """Training steps per second of ``cfg`` on its device, measured in at most about ``max_seconds`` of wall time:
+    a run of PROBE_STEPS steps, then, if the rest of ``max_seconds`` holds at least 10 more steps, a run of up to
+    CALIBRATION_STEPS steps whose rate replaces the probe's. Returns {"steps_per_s", "seconds", "steps",
+    "process_warm_up_seconds"}; raises ConfigError when the probe alone takes longer than ``max_seconds``.
+
+    The first call in a process first runs one untimed step: the process's first steps pay one-time costs
+    (lazy initialisation, seconds on a CPU) that every later run is spared, so they would misjudge the method.
+    """
+    from .methods import create_method
+
     steps_per_epoch = len(data[0]) // cfg.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(data[0])} training images")
-    steps = min(CALIBRATION_STEPS, 3 * steps_per_epoch)
-    with tempfile.TemporaryDirectory(prefix="empssl-calibrate-") as tmp:
-        probe = cfg.replace(epochs=steps / steps_per_epoch, schedule_epochs=0, warmup_epochs=0, eval_every=0,
-                            log_every=max(1, steps // 3), checkpoint_every=10**9, compile="off")
-        train(probe, Path(tmp) / "run", progress=False, log=lambda s: None, data=data, evaluate_at_end=False)
-        rates = [r["patches_per_s"] for r in read_jsonl(Path(tmp) / "run" / "metrics.jsonl")]
-    rate = statistics.median(rates[1:] if len(rates) > 1 else rates)  # views per second
-    from .methods import create_method
-
     views_per_step = cfg.batch_size * create_method(cfg).views_per_image
+    global _warm
+    warm_up = 0.0
+    if not _warm:  # the process's first training steps pay one-time costs (lazy init): not this method's
+        warm_up = _throughput(cfg, data, 1, log_every=1)[1]
+        _warm = True
+    rate, spent = _throughput(cfg, data, PROBE_STEPS, log_every=1)
+    steps = PROBE_STEPS
+    if spent > max_seconds:
+        need = math.ceil(spent / CALIBRATION_FRACTION)
+        raise ConfigError(f"{cfg.method}: the budget cannot fit one calibration: {PROBE_STEPS} steps took "
+                          f"{spent:.1f} s, more than the {max_seconds:.1f} s ({CALIBRATION_FRACTION:.0%} of the "
+                          f"budget) a calibration may take; give --budget-seconds >= {need} or a smaller model or "
+                          f"batch (--width, --num-patches, --batch-size ...)")
+    step_s = views_per_step / rate
+    set_up = max(0.0, spent - PROBE_STEPS * step_s)  # the part of a run's wall time that is not steps
+    more = min(CALIBRATION_STEPS, int((max_seconds - spent - set_up) / step_s))
+    if more >= 10:
+        rate, seconds = _throughput(cfg, data, more, log_every=max(1, more // 3))
+        spent, steps = spent + seconds, steps + more
     steps_per_s = rate / views_per_step
-    log(f"{cfg.method}: {rate:,.0f} views/s = {steps_per_s:.2f} steps/s of batch {cfg.batch_size}")
-    return steps_per_s
+    log(f"{cfg.method}: {rate:,.0f} views/s = {steps_per_s:.2f} steps/s of batch {cfg.batch_size} "
+        f"(calibrated in {spent:.1f} s, {steps} steps)")
+    return {"steps_per_s": steps_per_s, "seconds": round(spent, 2), "steps": steps,
+            "process_warm_up_seconds": round(warm_up, 2)}
 
 
 def plan_run(cfg: Config, steps_per_s: float, budget_seconds: float, n_train: int) -> Config:
@@ -82,18 +127,19 @@ def plan_run(cfg: Config, steps_per_s: float, budget_seconds: float, n_train: in
 
 
 def compare(methods: Sequence[str], out_dir: str | Path, budget_seconds: float, overrides: dict[str, Any], *,
-            targets: Sequence[float] = (), progress: bool = True,
+            recipes: str | None = None, targets: Sequence[float] = (), progress: bool = True,
             log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Train every method of ``methods`` for ``budget_seconds`` of training wall time on the same data and device
-    (``overrides``: data, device, evaluation settings... applied on top of each method's recipe), evaluate each
-    with its own protocol, and write ``out_dir/report.md`` and ``out_dir/compare.json``. Returns compare.json."""
+    (``overrides``: data, model, patch, device, evaluation settings... applied alike on top of each method's
+    recipe, or of the presets ``{recipes}-{method}``), evaluate each with its own protocol, and write
+    ``out_dir/report.md`` and ``out_dir/compare.json``. Returns compare.json."""
     if not methods:
         raise ConfigError("--methods must name at least one method")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods names a method twice: {','.join(methods)}")
     if not budget_seconds > 0:
         raise ConfigError(f"--budget-seconds must be > 0, got {budget_seconds}")
-    cfgs = {m: method_config(m, overrides) for m in methods}  # every recipe checked before anything runs
+    cfgs = {m: method_config(m, overrides, recipes) for m in methods}  # every recipe checked before anything runs
     first = cfgs[methods[0]]
     data = config_data(first, progress)  # loaded once: every method trains on the same images
     out = Path(out_dir)
@@ -104,14 +150,22 @@ def compare(methods: Sequence[str], out_dir: str | Path, budget_seconds: float, 
         raise ConfigError(f"{out} holds a comparison with a budget of {plan['budget_seconds']} s, not "
                           f"{budget_seconds} s; choose a new --out")
     plan["budget_seconds"] = budget_seconds
+    plan["calibration_max_fraction"] = CALIBRATION_FRACTION
+    plan["recipes"] = recipes
     plan.setdefault("methods", {})
+    for m in methods:  # every method calibrated before any trains: a budget too small is refused up front
+        if m not in plan["methods"]:
+            log(f"{m}: calibrating on {len(data[0])} images")
+            measured = calibrate(cfgs[m], data, CALIBRATION_FRACTION * budget_seconds, log)
+            share = round(measured["seconds"] / budget_seconds, 4)
+            plan["methods"][m] = {"steps_per_s": measured["steps_per_s"],
+                                  "calibration": {"seconds": measured["seconds"], "steps": measured["steps"],
+                                                  "fraction_of_budget": share,
+                                                  "process_warm_up_seconds": measured["process_warm_up_seconds"]}}
+            write_json(plan_path, plan)
     rows = []
     for m in methods:
         run = out / m
-        if m not in plan["methods"]:
-            log(f"{m}: calibrating on {len(data[0])} images")
-            plan["methods"][m] = {"steps_per_s": calibrate(cfgs[m], data, log)}
-            write_json(plan_path, plan)
         cfg = plan_run(cfgs[m], plan["methods"][m]["steps_per_s"], budget_seconds, len(data[0]))
         cfg = run_config(run, cfg, cfg.to_dict())  # a resumed run keeps its own plan
         plan["methods"][m].update(epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)

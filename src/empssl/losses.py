@@ -40,7 +40,8 @@ def total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
 
 
 class EMPSSLLoss(NamedTuple):
-    """``loss`` is what to minimise; ``tcr`` and ``invariance`` are detached-free terms for logging."""
+    """``loss`` is what to minimise; ``tcr`` and ``invariance`` are its two terms, unweighted, for logging (not
+    detached: they share ``loss``'s graph)."""
 
     loss: torch.Tensor  # -tcr - invariance_weight * invariance
     tcr: torch.Tensor  # (1/n) sum_i R(z_i)
@@ -111,7 +112,7 @@ class VICRegLoss(NamedTuple):
 
     loss: torch.Tensor  # sim_weight * invariance + var_weight * variance + cov_weight * covariance
     invariance: torch.Tensor  # mean squared difference of the two views' projections
-    variance: torch.Tensor  # v(Z1) + v(Z2)
+    variance: torch.Tensor  # v(Z1) + v(Z2) (or their mean, with variance_mean=True)
     covariance: torch.Tensor  # c(Z1) + c(Z2)
 
 
@@ -128,7 +129,7 @@ def _variance_covariance(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0, var_weight: float = 25.0,
-                cov_weight: float = 1.0) -> VICRegLoss:
+                cov_weight: float = 1.0, variance_mean: bool = False) -> VICRegLoss:
     """VICReg (Bardes, Ponce, LeCun 2022, Eq. 1-6), the quantity to *minimise*:
 
         loss = sim_weight * s(Z1, Z2) + var_weight * [v(Z1) + v(Z2)] + cov_weight * [c(Z1) + c(Z2)]
@@ -139,8 +140,15 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0, va
     Eq. 5 sums the squared distance over the d dimensions; the official code and solo-learn use
     ``F.mse_loss`` (a mean over them), with the coefficients 25 / 25 / 1.
 
+    The variance term is the *sum* v(Z1) + v(Z2), as the paper's Eq. 6 and solo-learn write it.
+    facebookresearch/vicreg (``main_vicreg.py``: ``std_loss = mean(relu(1 - std_x)) / 2 + mean(relu(1 - std_y))
+    / 2``) and lightly take the *mean* of the two, so with the same 25 / 25 / 1 their variance weight is in effect
+    half of this one (theirs is ours with var_weight 12.5); ``variance_mean=True`` computes their form. The
+    covariance term is the sum c(Z1) + c(Z2) in all three.
+
     Args:
         z1, z2: (n, d) projections of view 1 and view 2; row n of both comes from image n.
+        variance_mean: use (v(Z1) + v(Z2)) / 2 (facebookresearch/vicreg, lightly) instead of the sum.
 
     Returns:
         VICRegLoss(loss, invariance, variance, covariance), 0-d float32 tensors, computed in float32 with
@@ -152,7 +160,7 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0, va
         invariance = F.mse_loss(z1, z2)
         v1, c1 = _variance_covariance(z1)
         v2, c2 = _variance_covariance(z2)
-        variance, covariance = v1 + v2, c1 + c2
+        variance, covariance = (v1 + v2) / 2 if variance_mean else v1 + v2, c1 + c2
         loss = sim_weight * invariance + var_weight * variance + cov_weight * covariance
     return VICRegLoss(loss, invariance, variance, covariance)
 

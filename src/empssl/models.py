@@ -2,7 +2,7 @@
 
 The backbone uses torchvision's parameter names (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), so a
 width-64 backbone's state_dict loads into ``torchvision.models.resnet18`` with ``strict=True`` once the
-stem (``conv1``, 3x3 in the CIFAR variant) and ``fc`` are set aside; see :func:`to_torchvision_resnet18`.
+stem (``conv1``, 3x3 in the CIFAR variant) and ``fc`` are set aside.
 """
 
 from __future__ import annotations
@@ -76,8 +76,11 @@ class ResNet(nn.Module):
             inplanes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.out_dim = inplanes
+        # torchvision's init (kaiming-normal, fan-out) everywhere but the CIFAR stem: the official code swaps
+        # torchvision's 7x7 conv1 for a fresh nn.Conv2d, which keeps PyTorch's default init
+        # (U(+-1/sqrt(fan_in)), std 1/sqrt(3 * 27) = 0.111 for the 3x3 RGB stem).
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and not (stem == "cifar" and m is self.conv1):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,25 +176,4 @@ def inference_copy(model: nn.Module) -> nn.Module:
     if isinstance(pre, nn.Sequential) and isinstance(pre[0], nn.Linear) and isinstance(pre[1], nn.BatchNorm1d):
         pre[0] = fuse_linear_bn_eval(pre[0], pre[1])
         pre[1] = nn.Identity()
-    return net
-
-
-def to_torchvision_resnet18(backbone: ResNet) -> nn.Module:
-    """Copy a width-64 backbone into a fresh ``torchvision.models.resnet18``.
-
-    Everything but the stem conv (3x3 in the CIFAR variant, 7x7 in torchvision) and ``fc`` is loaded with
-    strict key matching; the CIFAR stem is replaced by an equal 3x3 stride-1 conv and the max-pool by
-    Identity, so the returned network computes exactly what the backbone computes (plus torchvision's fc).
-    """
-    import torchvision
-
-    if backbone.out_dim != 512:
-        raise ValueError("only a width-64 ResNet-18 backbone matches torchvision.models.resnet18")
-    net = torchvision.models.resnet18(weights=None)
-    net.conv1 = nn.Conv2d(3, 64, backbone.conv1.kernel_size, backbone.conv1.stride, backbone.conv1.padding, bias=False)
-    if isinstance(backbone.maxpool, nn.Identity):
-        net.maxpool = nn.Identity()
-    state = backbone.state_dict()
-    state.update({k: v for k, v in net.state_dict().items() if k.startswith("fc.")})
-    net.load_state_dict(state, strict=True)
     return net

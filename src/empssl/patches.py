@@ -6,7 +6,9 @@ drawn as tensors from a ``torch.Generator`` (:func:`sample_params`), then applie
 batched ops (:func:`apply_params`): no per-patch Python loop, no PIL, no host synchronisation, the same code
 on CPU and CUDA. Per patch, in the official order:
 
-1. RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip, as one ``grid_sample``;
+1. RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip: whole-pixel boxes drawn as
+   ``RandomResizedCrop.get_params`` draws them, resized as ``v2.functional.resized_crop(antialias=True)``
+   resizes them, as two batched matrix products (:func:`_crop_flip`);
 2. ColorJitter(brightness, contrast, saturation, hue) with probability ``jitter_p``, in a random order per
    patch, with torchvision.transforms.v2's float-tensor semantics (clamp to [0, 1] after each op);
 3. RandomGrayscale; 4. Gaussian blur (per-patch sigma); 5. Solarize; 6. Normalize.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -93,7 +96,7 @@ class Augment:
 class PatchParams:
     """Random parameters of P = n_patches * B patches (index p = patch p // B of image p % B)."""
 
-    crop: torch.Tensor  # (P, 4) float: left, top, width, height as fractions of the image's width/height
+    crop: torch.Tensor  # (P, 4) long: left, top, width, height of the crop box in pixels of the image
     flip: torch.Tensor  # (P,) bool: mirror horizontally
     jitter: torch.Tensor  # (P,) bool: apply the colour jitter
     factors: torch.Tensor  # (P, 4) float: brightness, contrast, saturation factors and hue shift
@@ -104,20 +107,59 @@ class PatchParams:
     solarize: torch.Tensor  # (P,) bool
 
 
+def _crop_boxes(P: int, aug: Augment, image_hw: tuple[int, int], uniform: Callable[..., torch.Tensor],
+                rand: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """(P, 4) long crop boxes (left, top, width, height) in pixels, drawn as torchvision's
+    ``RandomResizedCrop.get_params`` draws one, for all P patches at once.
+
+    Per patch, up to 10 attempts: area = H W U(scale), aspect = exp(U(log ratio)), w = round(sqrt(area aspect)),
+    h = round(sqrt(area / aspect)) (rounded half to even, as Python's round), accepted when 0 < w <= W and
+    0 < h <= H (after the rounding), then top ~ U{0 .. H - h} and left ~ U{0 .. W - w}. No attempt accepted:
+    the centred crop of the largest box with the aspect clamped to ``ratio``. All P x 10 attempts are drawn at
+    once and the first accepted one taken, which gives the same distribution without a loop.
+    """
+    height, width = image_hw
+    if height < 1 or width < 1:
+        raise AugmentError(f"image height and width must be >= 1, got {image_hw}")
+    scale = uniform(aug.scale[0], aug.scale[1], _CROP_ATTEMPTS, P)
+    aspect = torch.exp(uniform(math.log(aug.ratio[0]), math.log(aug.ratio[1]), _CROP_ATTEMPTS, P))
+    # torchvision multiplies and takes the roots in float64 (Python floats); MPS has no float64.
+    wide = torch.float64 if scale.device.type != "mps" else torch.float32
+    area, aspect = scale.to(wide) * (height * width), aspect.to(wide)
+    w = torch.sqrt(area * aspect).round_()
+    h = torch.sqrt(area / aspect).round_()
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = valid.to(torch.uint8).argmax(0, keepdim=True)  # first accepted attempt (0 if none)
+    w, h = w.gather(0, first)[0].long(), h.gather(0, first)[0].long()
+    in_ratio = width / height
+    if in_ratio < aug.ratio[0]:
+        fb_w, fb_h = width, int(round(width / aug.ratio[0]))
+    elif in_ratio > aug.ratio[1]:
+        fb_w, fb_h = int(round(height * aug.ratio[1])), height
+    else:
+        fb_w, fb_h = width, height
+    any_valid = valid.any(0)
+    w = torch.where(any_valid, w, fb_w)
+    h = torch.where(any_valid, h, fb_h)
+    # Offsets uniform over the whole pixels that keep the box inside (torch.randint's range), centred otherwise.
+    u = rand(2, P)
+    left = torch.minimum((u[0] * (width - w + 1)).long(), width - w)
+    top = torch.minimum((u[1] * (height - h + 1)).long(), height - h)
+    left = torch.where(any_valid, left, (width - fb_w) // 2)
+    top = torch.where(any_valid, top, (height - fb_h) // 2)
+    return torch.stack([left, top, w, h], dim=1)
+
+
 def sample_params(
     n_patches: int,
     batch: int,
     aug: Augment,
     generator: torch.Generator,
     device: torch.device | str,
-    image_hw: tuple[int, int] | None = None,
+    image_hw: tuple[int, int],
 ) -> PatchParams:
-    """Draw the parameters of ``n_patches * batch`` patches from ``generator`` (a generator on ``device``).
-
-    ``image_hw`` is the source images' (height, width); crops are drawn in pixel aspect as torchvision does,
-    so a non-square image needs it (None: square). Crop boxes are continuous (torchvision rounds them to
-    whole pixels), so the area fraction is exactly the drawn scale.
-    """
+    """Draw the parameters of ``n_patches * batch`` patches from ``generator`` (a generator on ``device``) for
+    source images of ``image_hw`` = (height, width) pixels."""
     if n_patches < 1 or batch < 1:
         raise AugmentError(f"n_patches and batch must be >= 1, got {n_patches} and {batch}")
     P = n_patches * batch
@@ -130,30 +172,7 @@ def sample_params(
         # Consumes the generator exactly as rand does, in one op instead of three.
         return torch.empty(*shape, device=device).uniform_(lo, hi, generator=generator)
 
-    # RandomResizedCrop.get_params in fractions: area s = fw * fh, pixel aspect a = (fw W) / (fh H).
-    height, width = image_hw if image_hw is not None else (1, 1)
-    hw = height / width
-    area = uniform(aug.scale[0], aug.scale[1], _CROP_ATTEMPTS, P)
-    aspect = torch.exp(uniform(math.log(aug.ratio[0]), math.log(aug.ratio[1]), _CROP_ATTEMPTS, P))
-    fw = torch.sqrt(area * aspect * hw)
-    fh = torch.sqrt(area / (aspect * hw))
-    valid = (fw <= 1) & (fh <= 1)
-    first = valid.to(torch.uint8).argmax(0, keepdim=True)  # first valid attempt (0 if none)
-    fw, fh = fw.gather(0, first)[0], fh.gather(0, first)[0]
-    # No valid attempt: torchvision's fallback, the largest centred crop with the aspect clamped to `ratio`.
-    in_ratio = width / height
-    if in_ratio < aug.ratio[0]:
-        fb_w, fb_h = 1.0, in_ratio / aug.ratio[0]
-    elif in_ratio > aug.ratio[1]:
-        fb_w, fb_h = aug.ratio[1] / in_ratio, 1.0
-    else:
-        fb_w, fb_h = 1.0, 1.0
-    any_valid = valid.any(0)
-    fw = torch.where(any_valid, fw, fb_w)
-    fh = torch.where(any_valid, fh, fb_h)
-    pos = torch.where(any_valid, rand(2, P), 0.5)
-    crop = torch.stack([pos[0] * (1 - fw), pos[1] * (1 - fh), fw, fh], dim=1)
-
+    crop = _crop_boxes(P, aug, image_hw, uniform, rand)
     b, c, s = aug.brightness, aug.contrast, aug.saturation
     factors = torch.stack(
         [
@@ -203,12 +222,6 @@ def _blend_(x: torch.Tensor, f: torch.Tensor, a: torch.Tensor, c: torch.Tensor) 
     # Two multiply-adds (one pass over x instead of two) and the clamp, all in place.
     ref = torch.addcmul(c * mean, gray, a, out=gray)
     return torch.addcmul(ref, x, f, out=x).clamp_(0, 1)
-
-
-def _blend_ops_(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """One colour-jitter slot for brightness (op 0), contrast (1) or saturation (2), per patch, in place.
-    x: (P, 3, h, w); op, factor: (P,)."""
-    return _blend_(x, *_blend_coefficients(op.view(-1, 1, 1, 1), factor.view(-1, 1, 1, 1)))
 
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -294,45 +307,88 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> to
     return m.unsqueeze(1) @ x
 
 
-def _supersample(aug: Augment, height: int, width: int) -> int:
-    """Samples per output pixel side so that crops larger than the patch are box-filtered, not aliased.
+def _resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, n_in: int) -> torch.Tensor:
+    """(P, size, n_in) weights that resize the crop [start, start + length) of an n_in-pixel axis to ``size``
+    pixels as ATen's antialiased bilinear resize (``interpolate(..., antialias=True)``, what torchvision's
+    ``resized_crop`` runs) does. start, length: (P,) long.
 
-    Static (from the recipe and image size, no device read): the largest crop side this recipe can draw,
-    divided by the patch size. 1 for the official CIFAR recipe (16 px crops upsampled to 32). A box of
-    bilinear samples, like roi_align's adaptive sampling; torchvision's antialiased resize uses a triangle
-    filter instead, so downscaled patches differ slightly from it.
+    Output pixel i has its centre at c = (i + 0.5) * scale in crop pixels, scale = length / size; input pixel
+    k of the crop weighs tent((k + 0.5 - c) / support) with support = max(scale, 1) (the filter widened by the
+    scale when downsampling, which is the antialiasing), over the crop's own pixels only, normalised to sum 1.
+    Upsampling this is plain bilinear with the crop's edge pixels repeated.
     """
-    hw = height / width
-    max_w = width * min(1.0, math.sqrt(aug.scale[1] * aug.ratio[1] * hw))
-    max_h = height * min(1.0, math.sqrt(aug.scale[1] / (aug.ratio[0] * hw)))
-    return max(1, math.ceil(max(max_w, max_h) / aug.size - 1e-6))
+    device = start.device
+    scale = length.float() / size  # (P,)
+    support = scale.clamp(min=1.0).view(-1, 1, 1)
+    centre = scale.view(-1, 1, 1) * (torch.arange(size, device=device, dtype=torch.float32).view(1, -1, 1) + 0.5)
+    k = (torch.arange(n_in, device=device).view(1, -1) - start.view(-1, 1)).unsqueeze(1)  # (P, 1, n_in)
+    w = (1 - ((k + 0.5 - centre) / support).abs()).clamp_(min=0)  # (P, size, n_in)
+    w = w.masked_fill_((k < 0) | (k >= length.view(-1, 1, 1)), 0.0)
+    return w.div_(w.sum(dim=-1, keepdim=True))
+
+
+def _max_crop_side(aug: Augment, height: int, width: int) -> int:
+    """An upper bound of the crop sides (in pixels) that :func:`_crop_boxes` can draw for this recipe and image
+    size: the largest accepted attempt, or the fallback box where an attempt can be rejected."""
+    lo, hi = height * width * aug.scale[0], height * width * aug.scale[1]
+    w_max, h_max = round(math.sqrt(hi * aug.ratio[1])), round(math.sqrt(hi / aug.ratio[0]))
+    w_min, h_min = round(math.sqrt(lo * aug.ratio[0])), round(math.sqrt(lo / aug.ratio[1]))
+    side = max(min(width, w_max), min(height, h_max))
+    if w_max > width or h_max > height or min(w_min, h_min) < 1:  # an attempt can fail: the fallback box
+        in_ratio = width / height
+        side = max(side, width if in_ratio <= aug.ratio[1] else 0, height if in_ratio >= aug.ratio[0] else 0)
+    return side
+
+
+def _sample_positions(start: torch.Tensor, length: torch.Tensor, size: int, n_in: int) -> torch.Tensor:
+    """(P, size) grid_sample coordinates in [-1, 1] of the bilinear upsampling of the crop [start, start +
+    length) of an n_in-pixel axis to ``size`` pixels (length <= size): the align_corners=False source position
+    (i + 0.5) * length / size - 0.5, clamped to the crop's edge pixel centres, which is what ATen's resize of
+    the cropped image does at its border (and its antialiased resize too when upsampling)."""
+    i = torch.arange(size, device=start.device, dtype=torch.float32)
+    scale = (length.float() / size).view(-1, 1)
+    src = ((i + 0.5) * scale - 0.5).clamp_(min=0).minimum(length.view(-1, 1) - 1)  # in crop pixels
+    return (2 * (start.view(-1, 1) + src) + 1) / n_in - 1
 
 
 def _crop_flip(images: torch.Tensor, params: PatchParams, aug: Augment, n_patches: int) -> torch.Tensor:
-    """Resized crops with the flips folded into the sampling grid. images: (B, 3, H, W) float.
+    """Resized crops with the flips folded into the sampling. images: (B, 3, H, W) float.
 
-    Returns (n_patches * B, 3, size, size). One bilinear ``grid_sample`` (align_corners=False, border
-    padding as PIL's resize clamps at the edges) samples every patch of an image from that image: the
-    patches are stacked along the grid's height, so the image batch is never copied n_patches times.
-    grid_sample is ~2x faster on CPU than torchvision.ops.roi_align (which also needs a separate flip).
+    Returns (n_patches * B, 3, size, size), equal to torchvision's ``hflip(resized_crop(image, top, left, h, w,
+    size, antialias=True))`` per patch. Two exact paths, chosen once from the recipe and the image size:
+
+    - no crop can be larger than the patch (the CIFAR recipes): the resize is bilinear with the crop's edge
+      pixels repeated, so one ``grid_sample`` with the source positions clamped to the crop samples every
+      patch of an image from that image (the patches stacked along the grid's height, the image batch never
+      copied n_patches times);
+    - a crop may be larger (downsampling, e.g. baselines on 64 px images): per patch Wy @ image @ Wx^T with the
+      antialiased weights of :func:`_resize_weights`, the columns of all patches of an image in one
+      (3H, W) @ (W, n_patches * size) product, then each patch's rows as one batched matmul. Dense weights:
+      ~(H + W) * size multiply-adds per output pixel, which matmul units take in stride on a GPU.
     """
     B, _, H, W = images.shape
-    size, k = aug.size, _supersample(aug, H, W)
-    n = size * k
-    # (n,) sample positions across the output, as fractions of the crop (pixel centres / sub-centres).
-    base = (torch.arange(n, device=images.device, dtype=torch.float32) + 0.5) / n
-    crop = params.crop.view(n_patches, B, 4).transpose(0, 1)  # (B, n_patches, 4)
-    flip = params.flip.view(n_patches, B).t().unsqueeze(-1)  # (B, n_patches, 1)
-    u = torch.where(flip, 1 - base, base)  # (B, n_patches, n)
-    gx = 2 * (crop[..., 0:1] + crop[..., 2:3] * u) - 1  # in grid_sample's [-1, 1] coordinates
-    gy = 2 * (crop[..., 1:2] + crop[..., 3:4] * base) - 1
-    grid = torch.stack(torch.broadcast_tensors(gx.unsqueeze(-2), gy.unsqueeze(-1)), dim=-1)
-    grid = grid.view(B, n_patches * n, n, 2)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if k > 1:
-        out = F.avg_pool2d(out, k)
-    # (B, 3, n_patches * size, size) -> (n_patches * B, 3, size, size)
-    return out.view(B, 3, n_patches, size, size).permute(2, 0, 1, 3, 4).reshape(-1, 3, size, size)
+    size = aug.size
+    left, top, width, height = params.crop.unbind(1)
+    flip = params.flip
+    if _max_crop_side(aug, H, W) <= size:
+        gx = _sample_positions(left, width, size, W)  # (P, size)
+        gx = torch.where(flip.view(-1, 1), gx.flip(1), gx)
+        gy = _sample_positions(top, height, size, H)
+        gx = gx.view(n_patches, B, 1, size).transpose(0, 1)  # (B, n_patches, 1, size)
+        gy = gy.view(n_patches, B, size, 1).transpose(0, 1)
+        grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1).reshape(B, n_patches * size, size, 2)
+        out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        # (B, 3, n_patches * size, size) -> (n_patches * B, 3, size, size)
+        return out.view(B, 3, n_patches, size, size).permute(2, 0, 1, 3, 4).reshape(-1, 3, size, size)
+    wx = _resize_weights(left, width, size, W)  # (P, size, W)
+    wx = torch.where(flip.view(-1, 1, 1), wx.flip(1), wx)
+    wy = _resize_weights(top, height, size, H)  # (P, size, H)
+    wx = wx.view(n_patches, B, size, W).permute(1, 3, 0, 2).reshape(B, W, n_patches * size)
+    cols = images.reshape(B, 3 * H, W) @ wx  # (B, 3H, n_patches * size)
+    # (n_patches * B, H, 3 * size): one (size, H) @ (H, 3 size) product per patch.
+    cols = cols.view(B, 3, H, n_patches, size).permute(3, 0, 2, 1, 4).reshape(-1, H, 3 * size)
+    out = wy @ cols  # (P, size, 3 * size)
+    return out.view(-1, size, 3, size).transpose(1, 2).contiguous()
 
 
 def _take(params: PatchParams, start: int, stop: int) -> PatchParams:
@@ -401,7 +457,7 @@ def apply_params(
         raise AugmentError(f"params hold {params.flip.shape[0]} patches, expected {n_patches} x {B}")
     size, device = aug.size, images.device
     with torch.autocast(device_type=device.type, enabled=False):
-        # Converted once per batch; grid_sample then reads each image for all of its patches.
+        # Converted once per batch; the crop's matmul then reads each image for all of its patches.
         x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
         x = _crop_flip(x, params, aug, n_patches)  # (P, 3, size, size)
         if out_dtype == torch.float32 and memory_format == torch.contiguous_format:
