@@ -15,7 +15,8 @@ from .config import CHOICES, METHOD_NAMES, Config, ConfigError, load_preset, met
 
 # (group, help) for every Config field exposed as a flag; defaults are shown from Config itself.
 FLAGS: dict[str, tuple[str, str]] = {
-    "data": ("data", "cifar10, cifar100, tiny-imagenet, demo (bundled 5,000-image CIFAR-10 subset), or a path to an "
+    "data": ("data", "cifar10, cifar100, tiny-imagenet, demo (bundled 5,000-image CIFAR-10 subset), "
+                     "imagenet100:PATH or imagenet:PATH (an ImageNet train/val tree), or a path to an "
                      "ImageFolder root with train/ and test/ (or val/), Tiny ImageNet as distributed, or a "
                      ".tar/.tar.gz/.zip of one"),
     "data_dir": ("data", "folder for torchvision datasets and the decoded-image cache"),
