@@ -5,6 +5,7 @@ devkit's ground truth (folder or tarball) or Kaggle's LOC_val_solution.csv, or i
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import tarfile
@@ -19,6 +20,8 @@ from empssl import cli, data
 from empssl.config import Config, load_preset
 from empssl.data import DataError, load_data, load_images, scan
 from empssl.data.imagenet import imagenet100_classes
+
+from .conftest import TINY
 
 scipy_io = pytest.importorskip("scipy.io")
 
@@ -337,3 +340,16 @@ def test_presets_state_the_official_recipe(name: str, patches: int) -> None:
     assert cfg.data == "imagenet100" and cfg.arch == "resnet18-imagenet" and cfg.patch_size == 224
     assert cfg.crop_scale == (0.25, 0.25) and cfg.num_patches == patches and cfg.batch_size == 100
     assert cfg.lr == 0.3 and cfg.test_patches == 128 and cfg.image_size > 0
+
+
+# --- a real run ------------------------------------------------------------------------------------------------
+
+
+def test_train_and_evaluate_on_imagenet100(tree100: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code = cli.main(["train", "--data", f"imagenet100:{tree100}", "--data-dir", str(tmp_path / "d"), "--out", str(out),
+                     *TINY, "--arch", "resnet18-cifar", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert (results["n_train"], results["n_test"], results["num_classes"]) == (200, 100, 100)
+    assert results["steps"] == 200 // 20 and 0 <= results["knn_top1"] <= 100 and 0 <= results["linear_top1"] <= 100

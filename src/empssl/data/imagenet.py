@@ -25,7 +25,8 @@ labelled by the first of:
    the sorted file list; here a file is paired with the line its number names, which is the same for the full
    50,000 and still right for a subset. Reading meta.mat needs scipy.
 
-Human-readable class names come from meta.mat's ``words`` or ``LOC_synset_mapping.txt`` when present. A missing
+Human-readable class names come from meta.mat's ``words`` or ``LOC_synset_mapping.txt`` when present
+(torchvision's ``meta.bin`` is not read). A missing
 class folder, a flat val/ without ground truth or with an image it does not label, and train/val class lists that
 differ are one-line :class:`DataError`\\ s. Only the selected classes' folders are walked (for ImageNet-100, 100 of
 the 1,000).

@@ -34,7 +34,8 @@ def load_data(
 
     Args:
         spec: ``cifar10`` or ``cifar100`` (torchvision, under ``data_dir``); ``demo`` (the bundled
-            archive); ``tiny-imagenet`` (``data_dir/tiny-imagenet-200.zip`` or its unpacked folder); or a path
+            archive); ``tiny-imagenet`` (``data_dir/tiny-imagenet-200.zip`` or its unpacked folder);
+            ``imagenet100:PATH`` / ``imagenet:PATH`` (an ImageNet tree, :mod:`.imagenet`; test: ``val/``); or a path
             to an ImageFolder root holding ``train/`` and ``test/`` (or ``val/``), each ``<class>/<images>``,
             to a Tiny ImageNet folder (test split: ``val/``), or to a .tar/.tar.gz/.tgz/.zip archive of one.
         data_dir: where torchvision datasets and the decoded-image cache live.
