@@ -170,6 +170,10 @@ def test_class_folder_val_gives_the_same_data(tree100: Path, tmp_path: Path) -> 
     for a, b in zip(flat, folders, strict=True):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.classes == b.classes
     assert folders[0].class_names is None  # no devkit, no LOC_synset_mapping.txt: no human-readable names
+    # Caffe's synset_words.txt names the classes (and, being read, keys the cache: no stale names)
+    (top / "synset_words.txt").write_text("".join(f"{w} caffe name of {w}\n" for w in LIST))
+    named = load_data(f"imagenet100:{top}", data_dir=str(tmp_path / "d2"), progress=False)
+    assert named[1].class_names == [f"caffe name of {w}" for w in sorted(LIST)]
 
 
 @pytest.mark.parametrize("val", ["devkit-tar", "devkit-top", "csv"])

@@ -16,8 +16,8 @@ The trees read (PATH is a folder; ImageNet's tarballs are not read in place: ext
 ``val/`` is either class folders ``val/<wnid>/*.JPEG`` (labelled by the folder), or flat ``val/*.JPEG``
 labelled by the first of:
 
-1. ``LOC_val_solution.csv`` (``ImageId,PredictionString``; the label is the first wnid of the string), in PATH or
-   beside ``train/``;
+1. ``LOC_val_solution.csv`` (``ImageId,PredictionString``; the label is the first wnid of the string), in PATH
+   (for Kaggle's tree also in ``ILSVRC/`` or beside ``train/``);
 2. the ILSVRC2012 devkit: ``data/ILSVRC2012_validation_ground_truth.txt`` (line i: the 1-based ILSVRC2012_ID of
    ``ILSVRC2012_val_<i, 8 digits>.JPEG``) mapped to wnids by ``data/meta.mat`` (its ``synsets``: ILSVRC2012_ID ->
    WNID, the 1,000 leaves), read from ``PATH/ILSVRC2012_devkit_t12/``, from the two files directly in PATH, or
@@ -25,8 +25,8 @@ labelled by the first of:
    the sorted file list; here a file is paired with the line its number names, which is the same for the full
    50,000 and still right for a subset. Reading meta.mat needs scipy.
 
-Human-readable class names come from meta.mat's ``words`` or ``LOC_synset_mapping.txt`` when present
-(torchvision's ``meta.bin`` is not read). A missing
+Human-readable class names come from meta.mat's ``words``, or ``LOC_synset_mapping.txt`` / Caffe's
+``synset_words.txt`` (``<wnid> <words>`` per line), when present (torchvision's ``meta.bin`` is not read). A missing
 class folder, a flat val/ without ground truth or with an image it does not label, and train/val class lists that
 differ are one-line :class:`DataError`\\ s. Only the selected classes' folders are walked (for ImageNet-100, 100 of
 the 1,000).
@@ -53,7 +53,8 @@ KAGGLE_ROOT = "ILSVRC/Data/CLS-LOC/"
 DEVKIT = "ILSVRC2012_devkit_t12"
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 LOC_SOLUTION = "LOC_val_solution.csv"
-LOC_SYNSETS = "LOC_synset_mapping.txt"
+# "<wnid> <words>" per line: Kaggle's file, and the same format as Caffe's synset_words.txt
+SYNSET_NAMES = ("LOC_synset_mapping.txt", "synset_words.txt")
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})\.[A-Za-z]+")
 
 
@@ -189,10 +190,15 @@ def _graft(tree: Tree, sub: Tree, prefix: str) -> None:
     tree.skipped.extend(prefix + k for k in sub.skipped)
 
 
+def _tops(base: str) -> list[str]:
+    """Where Kaggle-style files may lie, relative to PATH: PATH itself, and for Kaggle's tree ILSVRC/ and the
+    folder holding train/."""
+    return ["", "ILSVRC/", base] if base else [""]
+
+
 def _label_files(base: str) -> list[str]:
     """Where ground-truth and class-name files may lie, relative to PATH."""
-    tops = ["", base] if base else [""]
-    found = [top + name for top in tops for name in (LOC_SOLUTION, LOC_SYNSETS)]
+    found = [top + name for top in _tops(base) for name in (LOC_SOLUTION, *SYNSET_NAMES)]
     found += [f"{DEVKIT}/data/{GROUND_TRUTH}", f"{DEVKIT}/data/meta.mat", GROUND_TRUTH, "meta.mat",
               f"{DEVKIT}.tar.gz"]
     return found
@@ -216,7 +222,7 @@ def _label_flat_val(tree: Tree, base: str, path: Path, loose: list[str], classes
     give as val/'s classes the selected ones it has images of; else (ImageNet-1k) keep them all, and give every
     class the ground truth names, so that a class without a train/ folder is a mismatch."""
     prefix = f"{base}val/"
-    solution = next((rel + LOC_SOLUTION for rel in ("", base) if rel + LOC_SOLUTION in tree.meta), None)
+    solution = next((top + LOC_SOLUTION for top in _tops(base) if top + LOC_SOLUTION in tree.meta), None)
     if solution is not None:
         truth, source = _loc_solution(_text(tree, solution, path), f"{solution} in {path}"), solution
         key_of = {name: Path(name).stem for name in loose}
@@ -345,7 +351,7 @@ def _class_names(tree: Tree, base: str, path: Path, classes: list[str]) -> list[
     if files is not None:
         words = _synsets(files[1], f"{files[2]} in {path}")[1]
         return [words.get(c, c) for c in classes]
-    for rel in (LOC_SYNSETS, base + LOC_SYNSETS):
+    for rel in (top + name for top in _tops(base) for name in SYNSET_NAMES):
         if rel in tree.meta:
             lines = (line.split(" ", 1) for line in _text(tree, rel, path).splitlines() if " " in line)
             mapping = {w.strip(): name.strip() for w, name in lines}
