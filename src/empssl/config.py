@@ -55,8 +55,9 @@ class Config:
 
     # --- data ---------------------------------------------------------------------------------------------------
     data: str = setting("cifar10", "cifar10, cifar100, tiny-imagenet, demo (bundled 5,000-image CIFAR-10 subset), "
-                        "or a path to an ImageFolder root with train/ and test/ (or val/), Tiny ImageNet as "
-                        "distributed, or a .tar/.tar.gz/.zip of one", "data")
+                        "imagenet100:PATH or imagenet:PATH (an ImageNet train/val tree), or a path to an "
+                        "ImageFolder root with train/ and test/ (or val/), Tiny ImageNet as distributed, or a "
+                        ".tar/.tar.gz/.zip of one", "data")
     data_dir: str = setting("./data", "folder for torchvision datasets and the decoded-image cache", "data")
     image_size: int = setting(0, "resize images (shorter side + centre crop) to this size; 0 keeps their own size "
                               "(they must all agree)", "data", low=0)

@@ -20,6 +20,7 @@ per-image decoder, and feed its own batches)::
                  transparency over white, resize + centre crop); decode_catalog: a pool over a catalog
     cache.py     the decoded-image cache (atomic, best effort, stale temp folders removed)
     load.py      load_images = scan -> decode -> cache; load_data = its train and test blocks
+    imagenet.py  ImageNet-1k / ImageNet-100 trees (imagenet100:PATH): class selection, val ground truth
     images.py    ImageData, ImageSet, DataError
 
 :func:`scan` gives a source's :class:`Catalog` without decoding; ``record.read()`` gives one image's bytes

@@ -5,16 +5,19 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from . import decode
 from .cache import cache_dir, read_cache, remove_stale_temps, write_cache
+from .imagenet import ImageNetSpec, parse_spec
 from .images import DataError, ImageData, ImageSet
 from .layouts import TORCHVISION_DATASETS, Catalog, catalog_tree, held_out_split, load_torchvision, split_names
-from .sources import ARCHIVE_SUFFIXES, Tree, demo_archive, read_archive, walk_folder
+from .sources import ARCHIVE_SUFFIXES, Tree, demo_archive, memory_available, read_archive, walk_folder
 
 TINY_IMAGENET = "tiny-imagenet"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -31,7 +34,8 @@ def load_data(
 
     Args:
         spec: ``cifar10`` or ``cifar100`` (torchvision, under ``data_dir``); ``demo`` (the bundled
-            archive); ``tiny-imagenet`` (``data_dir/tiny-imagenet-200.zip`` or its unpacked folder); or a path
+            archive); ``tiny-imagenet`` (``data_dir/tiny-imagenet-200.zip`` or its unpacked folder);
+            ``imagenet100:PATH`` / ``imagenet:PATH`` (an ImageNet tree, :mod:`.imagenet`; test: ``val/``); or a path
             to an ImageFolder root holding ``train/`` and ``test/`` (or ``val/``), each ``<class>/<images>``,
             to a Tiny ImageNet folder (test split: ``val/``), or to a .tar/.tar.gz/.tgz/.zip archive of one.
         data_dir: where torchvision datasets and the decoded-image cache live.
@@ -46,8 +50,8 @@ def load_data(
         raise DataError(f"image size must be >= 0, got {image_size}")
     if spec in TORCHVISION_DATASETS:
         return load_torchvision(spec, data_dir, image_size)
-    path = resolve(spec, Path(data_dir))
-    images = _image_set(path, Path(data_dir), image_size, progress, train_test=True)
+    path, imagenet = _source(spec, Path(data_dir))
+    images = _image_set(path, Path(data_dir), image_size, progress, train_test=True, imagenet=imagenet)
     starts: dict[str, tuple[int, int]] = {}
     at = 0
     for name, count in images.splits:
@@ -95,7 +99,8 @@ def load_images(spec: str, data_dir: str = "./data", image_size: int = 0, progre
             [f"train/{i:05d}" for i in range(len(train))] + [f"test/{i:05d}" for i in range(len(test))],
             torch.cat([train.labels, test.labels]), list(train.classes), None,
             [("train", len(train)), ("test", len(test))])
-    return _image_set(resolve(spec, Path(data_dir)), Path(data_dir), image_size, progress, train_test=False)
+    path, imagenet = _source(spec, Path(data_dir))
+    return _image_set(path, Path(data_dir), image_size, progress, train_test=False, imagenet=imagenet)
 
 
 def scan(spec: str, data_dir: str = "./data") -> Catalog:
@@ -104,22 +109,24 @@ def scan(spec: str, data_dir: str = "./data") -> Catalog:
     torchvision's arrays (``cifar10``, ``cifar100``) have no files and no catalog."""
     if spec in TORCHVISION_DATASETS:
         raise DataError(f"{spec} is a torchvision array dataset, not a folder or archive: it has no catalog")
-    path = resolve(spec, Path(data_dir))
-    return _catalog(path, _tree(path), train_test=False)
+    path, imagenet = _source(spec, Path(data_dir))
+    return _catalog(path, _tree(path, imagenet), train_test=False, imagenet=imagenet)
 
 
-def _image_set(path: Path, data_dir: Path, image_size: int, progress: bool, train_test: bool) -> ImageSet:
+def _image_set(path: Path, data_dir: Path, image_size: int, progress: bool, train_test: bool,
+               imagenet: ImageNetSpec | None = None) -> ImageSet:
     """The pipeline: walk a folder (an archive is keyed without reading it), look in the cache, else read,
     catalog and decode, and cache the result. ``train_test``: refuse, before decoding, a tree without the
     splits :func:`load_data` needs."""
     archive = not path.is_dir()
-    tree = None if archive else _tree(path)
+    tree = None if archive else _tree(path, imagenet)
     cache = cache_dir(path, data_dir, image_size, tree)
     remove_stale_temps(cache.parent)
     cached = read_cache(cache)
     if cached is not None:
         return cached
-    catalog = _catalog(path, tree if tree is not None else _tree(path), train_test)
+    catalog = _catalog(path, tree if tree is not None else _tree(path), train_test, imagenet)
+    _check_fits_in_memory(catalog, image_size)
     images = decode.decode_catalog(catalog, image_size, progress)
     labels = None if catalog.classes is None else torch.tensor([r.label for r in catalog.records],
                                                                dtype=torch.int64)
@@ -129,8 +136,8 @@ def _image_set(path: Path, data_dir: Path, image_size: int, progress: bool, trai
     return result
 
 
-def _tree(path: Path) -> Tree:
-    tree = walk_folder(path) if path.is_dir() else read_archive(path)
+def _tree(path: Path, imagenet: ImageNetSpec | None = None) -> Tree:
+    tree = imagenet.walk() if imagenet else walk_folder(path) if path.is_dir() else read_archive(path)
     if tree.skipped:
         n = len(tree.skipped)
         print(f"note: skipped {n} entr{'y' if n == 1 else 'ies'} of {path} that {'is' if n == 1 else 'are'} not "
@@ -139,10 +146,43 @@ def _tree(path: Path) -> Tree:
     return tree
 
 
-def _catalog(path: Path, tree: Tree, train_test: bool) -> Catalog:
+def _catalog(path: Path, tree: Tree, train_test: bool, imagenet: ImageNetSpec | None = None) -> Catalog:
+    if imagenet:
+        return imagenet.catalog(tree)  # always train/ and val/
     if train_test:
         held_out_split(split_names(tree), str(path))
     return catalog_tree(tree, str(path), unwrap_any=not path.is_dir())
+
+
+def _check_fits_in_memory(catalog: Catalog, image_size: int) -> None:
+    """Refuse, before decoding, a catalog whose decoded images (N x 3 x S x S bytes; S x S the first image's own
+    size when ``image_size`` is 0) cannot fit in the memory available."""
+    available = memory_available()
+    if available is None or not catalog.records:
+        return
+    if image_size:
+        h = w = image_size
+    else:
+        try:
+            with decode._pil_bomb_check_off(), Image.open(io.BytesIO(catalog.records[0].read())) as img:
+                w, h = img.size
+        except (DataError, OSError, ValueError):  # decoding names the bad image
+            return
+    need = len(catalog.records) * 3 * h * w
+    if need > available:
+        raise DataError(f"{catalog.source} decoded at {w}x{h} px is {_mib(need)} ({len(catalog.records):,} images), "
+                        f"more than the memory available ({_mib(available)}): too big for "
+                        f"the in-memory tier; --data-mode stream reads it as it goes (or pass a smaller --image-size)")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def _source(spec: str, data_dir: Path) -> tuple[Path, ImageNetSpec | None]:
+    """The folder or archive ``spec`` names, and its ImageNet reading when it is ``imagenet[100][:PATH]``."""
+    imagenet = parse_spec(spec, data_dir)
+    return (imagenet.path, imagenet) if imagenet else (resolve(spec, data_dir), None)
 
 
 def resolve(spec: str, data_dir: Path) -> Path:
