@@ -390,7 +390,7 @@ def load_preset(name: str) -> dict[str, Any]:
     if name not in preset_names():  # also keeps a name like ../x from reading outside the presets
         raise ConfigError(f"unknown --preset {name!r}; choose from {', '.join(preset_names())}")
     try:
-        overrides = json.loads(resources.files("empssl").joinpath("presets", f"{name}.json").read_text())
+        overrides = json.loads((resources.files("empssl") / "presets" / f"{name}.json").read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"preset {name} is not valid JSON: {e}") from None
     if not isinstance(overrides, dict):

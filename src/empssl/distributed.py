@@ -195,7 +195,7 @@ class _GatherBatch(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
         z = z.contiguous()
         parts = [torch.empty_like(z) for _ in range(tdist.get_world_size())]
         tdist.all_gather(parts, z)
@@ -203,7 +203,7 @@ class _GatherBatch(torch.autograd.Function):
         return torch.cat(parts, dim=1)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         tdist.all_reduce(grad)
         return grad.narrow(1, ctx.rank * ctx.b, ctx.b)
@@ -221,13 +221,13 @@ class _AllReduceSum(torch.autograd.Function):
     """Differentiable all-reduce (sum); the gradient of the sum is the sum of the ranks' gradients."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         tdist.all_reduce(x)
         return x
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
         tdist.all_reduce(grad)
         return grad

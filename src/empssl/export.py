@@ -100,7 +100,8 @@ def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str = "torchvi
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     model, cfg, ckpt = load_checkpoint(checkpoint)
-    backbone: ResNet = model.backbone
+    backbone = model.backbone
+    assert isinstance(backbone, ResNet), type(backbone)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     if fmt in ("torchvision", "timm"):  # the same parameter names in both libraries
         if cfg.width != 64:

@@ -60,7 +60,7 @@ _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})\.[A-Za-z]+")
 
 def imagenet100_classes() -> list[str]:
     """The 100 wnids of ImageNet-100 (CMC's list), in the order of the shipped file."""
-    text = resources.files("empssl").joinpath("assets", "imagenet100_classes.txt").read_text()
+    text = (resources.files("empssl") / "assets" / "imagenet100_classes.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
