@@ -160,7 +160,7 @@ def inference_copy(model: nn.Module) -> nn.Module:
     backbone = getattr(net, "backbone", None)
     if isinstance(backbone, ResNet):
         channels_last = backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-        pairs = [(backbone, "conv1", "bn1")]
+        pairs: list[tuple[nn.Module, str, str]] = [(backbone, "conv1", "bn1")]
         for block in backbone.modules():
             if isinstance(block, BasicBlock):
                 pairs += [(block, "conv1", "bn1"), (block, "conv2", "bn2")]
