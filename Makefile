@@ -27,7 +27,7 @@ demo: install
 # own recipe scaled to the demo data (presets compare-demo-*), the same width and view size for all, 300 s each.
 compare-demo: install
 	$(VENV)/bin/empssl compare --recipes compare-demo --methods emp-ssl,simclr,vicreg,byol --width 8 \
-	    --patch-size 16 --budget-seconds 300 --device cpu --monitor-bank 1000 --monitor-test 500 \
+	    --patch-size 16 --budget-seconds 300 --device cpu --monitor-bank 1000 --monitor-test 500 --targets 25,30,35,40 \
 	    --out runs/compare-demo
 
 test: install

@@ -8,7 +8,8 @@ on CPU and CUDA. Per patch, in the official order:
 
 1. RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip: whole-pixel boxes drawn as
    ``RandomResizedCrop.get_params`` draws them, resized as ``v2.functional.resized_crop(antialias=True)``
-   resizes them, as two batched matrix products (:func:`_crop_flip`);
+   resizes them (:func:`_crop_flip`: one ``grid_sample``, or two batched matrix products where a crop can be
+   larger than the patch);
 2. ColorJitter(brightness, contrast, saturation, hue) with probability ``jitter_p``, in a random order per
    patch, with torchvision.transforms.v2's float-tensor semantics (clamp to [0, 1] after each op);
 3. RandomGrayscale; 4. Gaussian blur (per-patch sigma); 5. Solarize; 6. Normalize.
