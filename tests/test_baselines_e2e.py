@@ -56,9 +56,11 @@ BATCH = 50
 # each under load), and with two threads 29.5 vs 23.4 (seed 0, 113 s) but 22.8 vs 24.2 (seed 4, 104 s): at this
 # size BYOL beats its initialisation in 5 of the 6 measured runs. With the official stem init (a fresh nn.Conv2d,
 # std 0.111) and torchvision's crops, one thread: seed 0 25.9 vs 23.5, seed 1 31.4 vs 21.2, seed 3 20.5 vs 19.2
-# (seed 0 with the former kaiming stem: 30.5 vs 24.5), so this case checks seed 1 only.
-MARGIN = {"simclr": 2.0, "vicreg": 3.5, "byol": 3.0}
-LONGER = {"byol": {"epochs": 40, "warmup_epochs": 2, "seed": 1}}
+# (seed 0 with the former kaiming stem: 30.5 vs 24.5): margins of +2.4, +10.2 and +1.3 points. The case keeps
+# seed 0 and asks for more than 1 point, below every measured margin of the current code rather than a seed picked
+# because it passes; a BYOL that stays at its initialisation fails it.
+MARGIN = {"simclr": 2.0, "vicreg": 3.5, "byol": 1.0}
+LONGER = {"byol": {"epochs": 40, "warmup_epochs": 2}}
 
 
 @pytest.mark.slow
