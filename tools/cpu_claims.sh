@@ -19,7 +19,7 @@ $EMPSSL ablate-test-patches --checkpoint $OUT/compare-demo/emp-ssl --counts 1,2,
 $EMPSSL tsne --checkpoint $OUT/compare-demo/emp-ssl --max-points 1000 --no-progress
 
 ${PYTHON:-python} tools/jpeg_twin.py --out .data/cifar10-jpeg75-5k
-$EMPSSL eval --checkpoint $OUT/compare-demo/emp-ssl --data /work/shared/data/cifar10-lossless-5k.tar.gz \
+$EMPSSL eval --checkpoint $OUT/compare-demo/emp-ssl --data ${EMPSSL_SHARED_DATA:-../shared/data}/cifar10-lossless-5k.tar.gz \
     --test-patches 16 --out $OUT/compare-demo/emp-ssl/results-lossless-5k.json --no-progress
 $EMPSSL eval --checkpoint $OUT/compare-demo/emp-ssl --data .data/cifar10-jpeg75-5k \
     --test-patches 16 --out $OUT/compare-demo/emp-ssl/results-jpeg-5k.json --no-progress

@@ -5,18 +5,19 @@ of ``cifar10-jpeg75/<split>/<class>/NNNN.jpg`` from the JPEG archive (same relat
 writes them as ``OUT/<split>/<class>/NNNN.jpg``: an ImageFolder tree with the same images, classes and order,
 only the pixels differing. Checks that every name was found.
 
-    python tools/jpeg_twin.py [--lossless /work/shared/data/cifar10-lossless-5k.tar.gz] \
-        [--jpeg /work/shared/data/cifar10-jpeg75.tar.gz] [--out .data/cifar10-jpeg75-5k]
+    python tools/jpeg_twin.py [--lossless ../shared/data/cifar10-lossless-5k.tar.gz] \
+        [--jpeg ../shared/data/cifar10-jpeg75.tar.gz] [--out .data/cifar10-jpeg75-5k]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(os.environ.get("EMPSSL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def lossless_names(archive: Path) -> set[str]:
