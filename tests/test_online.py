@@ -180,22 +180,26 @@ def test_not_a_folder_is_one_line(tmp_path, data_dir, capsys):
 def test_monitor_records_accuracy_against_images_seen_and_the_report_shows_it(tmp_path, data_dir, pictures):
     folder, out = tmp_path / "in", tmp_path / "run"
     folder.mkdir()
-    writer = Writer(folder, pictures, 0, 40, delay=0.0)
+    writer = Writer(folder, pictures, 0, 55, delay=0.0)
     writer.start()
-    cfg = online_cfg(folder, data_dir, online_stop=40, online_eval="demo", online_eval_every=20, monitor_bank=100,
-                     monitor_test=50, train_subset=200, test_subset=100)
+    # no --online-stop: the stream is followed until no image arrived for 1 s; 5 steps, 5 images left waiting
+    cfg = online_cfg(folder, data_dir, online_timeout=1.0, online_eval="demo", online_eval_every=20,
+                     monitor_bank=100, monitor_test=50, train_subset=200, test_subset=100, checkpoint_every=100)
     res = train_online(cfg, out, progress=False, log=lambda s: None)
     writer.join()
+    assert res["stopped"] == "no new image for 1 s" and res["images_seen"] == 50 and res["images_pending"] == 5
     mon = read_jsonl(out / "monitor.jsonl")
-    assert [(r["step"], r["images_seen"]) for r in mon] == [(0, 0), (2, 20), (4, 40)]
+    # every 20 images, and once more at the stop
+    assert [(r["step"], r["images_seen"]) for r in mon] == [(0, 0), (2, 20), (4, 40), (5, 50)]
     assert all(0 <= r["knn_top1"] <= 100 and "epoch" not in r for r in mon)
-    assert [p["images_seen"] for p in res["accuracy_vs_images"]] == [0, 20, 40]
+    assert [p["images_seen"] for p in res["accuracy_vs_images"]] == [0, 20, 40, 50]
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["mode"] == "online" and on_disk["data"] == "demo" and "linear_top1" in on_disk
+    assert read_checkpoint(out)["step"] == 5 and not read_checkpoint(out)["finished"]
     md = write_report([out], tmp_path / "report").read_text()
     assert "## Online learning" in md and "accuracy_vs_images.png" in md
-    row = next(line for line in md.splitlines() if line.startswith("| run |") and "images learned" in line)
-    assert row and f"| {mon[-1]['knn_top1']:.1f} |" in md
+    assert "| run | emp-ssl | " + str(folder) + " | 50 | 0 | no new image for 1 s |" in md
+    assert f"| run | 50 | 5 | {mon[-1]['knn_top1']:.1f} |" in md
     assert (tmp_path / "report" / "accuracy_vs_images.png").is_file()
 
 

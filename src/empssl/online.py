@@ -199,8 +199,6 @@ def _check(cfg: Config) -> Path:
     """The stream's folder; a setting that cannot work online is a one-line error."""
     if distributed.env_dist().enabled:
         raise ConfigError("--online runs in one process; start it without torchrun")
-    if cfg.data.startswith("github:") or not cfg.data:
-        raise ConfigError(f"--online needs --data FOLDER, got {cfg.data!r}")
     folder = Path(cfg.data)
     if not folder.is_dir():
         raise DataError(f"--online --data {cfg.data}: not a folder (online learning follows a folder that "
@@ -234,7 +232,8 @@ def train_online(cfg: Config, out_dir: str | Path, *, progress: bool = True, log
         run = _build(cfg, out, device, bank, queries, timing)
         state: dict[str, Any] = {}
         if run.ckpt_path.exists():
-            resume(run, log)
+            # its "resuming at step S/total" would name the endless total: the loop says where the stream resumes
+            resume(run, lambda line: None if line.startswith("resuming ") else log(line))
             state = read_checkpoint(run.ckpt_path).get("stream") or {}
         names, skipped = list(state.get("names", [])), list(state.get("skipped", []))
         if len(names) != run.step * cfg.batch_size:
@@ -359,7 +358,7 @@ def _loop(run: Run, batches: OnlineBatches, names: list[str], progress: bool, lo
             _check_finite(run, metrics, step, last_good)
             metrics.write(step, online_lr(cfg, step - 1))
         if step > run.step and step != last_good:
-            if every and step % every:  # the accuracy at the stop
+            if every and step % every and step != run.total_steps:  # the accuracy at the stop (once)
                 metrics.exclude(monitor._evaluate(model, step))
             checkpoint()
     run.clock_state = monitor.clock()
