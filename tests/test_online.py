@@ -168,6 +168,16 @@ def test_an_empty_folder_waits_then_stops_at_the_timeout_with_one_line(tmp_path,
     assert not out.exists()  # nothing left behind
 
 
+def test_fewer_images_than_a_batch_learn_nothing_and_say_so(tmp_path, data_dir, pictures, capsys):
+    folder, out = tmp_path / "in", tmp_path / "run"
+    folder.mkdir()
+    Writer(folder, pictures, 0, 3, delay=0.0).run()
+    code = main(["train", "--online", "--data", str(folder), "--data-dir", str(data_dir), "--out", str(out),
+                 "--no-progress", "--online-timeout", "1", "--online-settle", str(SETTLE), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "(3, fewer than a batch of 20)" in err and not out.exists()
+
+
 def test_not_a_folder_is_one_line(tmp_path, data_dir, capsys):
     code = main(["train", "--online", "--data", str(tmp_path / "nope"), "--data-dir", str(data_dir), "--out",
                  str(tmp_path / "run"), "--no-progress", *TINY])

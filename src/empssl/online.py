@@ -249,7 +249,8 @@ def train_online(cfg: Config, out_dir: str | Path, *, progress: bool = True, log
             held.close()
             if created:  # nothing learned: leave nothing behind
                 shutil.rmtree(out, ignore_errors=True)
-            raise DataError(f"no images to learn arrived in {folder} within {cfg.online_timeout:g} s "
+            few = f" ({len(batches.pending)}, fewer than a batch of {cfg.batch_size})" if batches.pending else ""
+            raise DataError(f"no images to learn arrived in {folder}{few} within {cfg.online_timeout:g} s "
                             f"(--online-timeout); nothing learned")
         synchronize(device)
         results: dict[str, Any] = {
@@ -363,6 +364,8 @@ def _loop(run: Run, batches: OnlineBatches, names: list[str], progress: bool, lo
             checkpoint()
     run.clock_state = monitor.clock()
     if stopped == "interrupted":
+        if not step:
+            raise KeyboardInterrupt("interrupted before a batch was learned; nothing saved")
         raise KeyboardInterrupt(f"interrupted after {len(names)} images (step {step}); checkpoint saved, run the "
                                 f"same command to resume at the next unseen image")
     run.step = step
