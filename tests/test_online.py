@@ -14,10 +14,11 @@ from PIL import Image
 
 from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
-from empssl.config import Config
+from empssl.config import Config, ConfigError
 from empssl.files import read_jsonl
 from empssl.online import FolderStream, online_lr, train_online
 from empssl.report import write_report
+from empssl.train import train
 
 from .conftest import TINY
 
@@ -185,6 +186,9 @@ def test_not_a_folder_is_one_line(tmp_path, data_dir, capsys):
     assert code == 2 and err.count("\n") == 1 and "not a folder" in err
     assert main(["train", "--online-eval-every", "10", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
                  *TINY]) == 2
+    with pytest.raises(ConfigError, match="train --online"):  # the offline loop never takes an online config
+        train(online_cfg(tmp_path, data_dir), tmp_path / "r2", progress=False, log=lambda s: None)
+    assert not (tmp_path / "r2").exists()
 
 
 def test_monitor_records_accuracy_against_images_seen_and_the_report_shows_it(tmp_path, data_dir, pictures):

@@ -321,6 +321,8 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     wall clock from process start, phase by phase (:data:`empssl.rundir.TIMING_FIELDS`) and in ``total``.
     """
     cfg.validate()
+    if cfg.online:  # one pass over a stream has its own loop
+        raise ConfigError("--online runs through empssl train --online (empssl.online.train_online), not train()")
     require_trackers(cfg.log)  # a missing logger package: one line before anything loads
     timing = TimingAccount()  # from process start for the first run of a process, else from this call
     if not distributed.env_dist().is_main:
