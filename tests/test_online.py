@@ -186,6 +186,12 @@ def test_not_a_folder_is_one_line(tmp_path, data_dir, capsys):
     assert code == 2 and err.count("\n") == 1 and "not a folder" in err
     assert main(["train", "--online-eval-every", "10", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
                  *TINY]) == 2
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="a shard folder"):  # said at once, not waited on
+        train_online(online_cfg(shards, data_dir), tmp_path / "r3", progress=False, log=lambda s: None)
+    assert not (tmp_path / "r3").exists()
     with pytest.raises(ConfigError, match="train --online"):  # the offline loop never takes an online config
         train(online_cfg(tmp_path, data_dir), tmp_path / "r2", progress=False, log=lambda s: None)
     assert not (tmp_path / "r2").exists()

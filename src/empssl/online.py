@@ -26,7 +26,7 @@ bank and its test split as the queries) records accuracy against ``images_seen``
 
 One process (no torchrun), eager mode (no ``--compile``, no activation recomputation); the step itself is
 :func:`empssl.train.train_step`, the same as offline training. Sharded streams (``empssl shard`` folders being
-appended) are not followed yet.
+appended) are not followed yet: a folder holding a ``manifest.json`` or ``index.json`` is refused in one line.
 """
 
 from __future__ import annotations
@@ -203,6 +203,9 @@ def _check(cfg: Config) -> Path:
     if not folder.is_dir():
         raise DataError(f"--online --data {cfg.data}: not a folder (online learning follows a folder that "
                         f"receives image files)")
+    if (folder / "manifest.json").is_file() or (folder / "index.json").is_file():
+        raise ConfigError(f"--online --data {cfg.data}: a shard folder (empssl shard); online learning follows "
+                          f"folders of image files, not shards, so far")
     return folder
 
 
