@@ -238,7 +238,7 @@ def test_arrival_order_is_poll_then_mtime_then_name(tmp_path):
     stream = FolderStream(tmp_path, settle=0.01)
     assert stream.poll() == 0  # first look: not yet seen unchanged for the settle time
     time.sleep(0.02)
-    assert stream.poll() == 3 and stream.ready == ["b.png", "c.png", "a.png"]
+    assert stream.poll() == 3 and list(stream.ready) == ["b.png", "c.png", "a.png"]
     (tmp_path / "b.png").write_bytes(b"rewritten")  # a file already taken is never read again
     time.sleep(0.02)
     assert stream.poll() == 0 and stream.poll() == 0

@@ -25,7 +25,8 @@ epochs: the kNN monitor (every ``--online-eval-every`` images, against ``--onlin
 bank and its test split as the queries) records accuracy against ``images_seen``.
 
 One process (no torchrun), eager mode (no ``--compile``, no activation recomputation); the step itself is
-:func:`empssl.train.train_step`, the same as offline training. Sharded streams (``empssl shard`` folders being
+:func:`empssl.train.train_step`, the same as offline training. A batch's images are decoded on the CPU between
+steps, by up to 8 threads side by side (PIL releases the GIL). Sharded streams (``empssl shard`` folders being
 appended) are not followed yet: a folder holding a ``manifest.json`` or ``index.json`` is refused in one line.
 """
 
@@ -37,7 +38,9 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +80,7 @@ class FolderStream:
     root: Path
     settle: float
     seen: set[str] = field(default_factory=set)
-    ready: list[str] = field(default_factory=list)
+    ready: deque[str] = field(default_factory=deque)
     _pending: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> (size, mtime_ns, since)
 
     def poll(self) -> int:
@@ -125,6 +128,11 @@ class OnlineBatches:
         self.skipped: list[str] = []
         self.poll_every = min(0.5, stream.settle / 2)
         self.waited = 0.0  # seconds spent waiting for images, this session
+        # PIL releases the GIL while decoding: the images of a batch are decoded side by side, kept in order
+        self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
     def next(self, stop: StopFlag, timeout: float) -> tuple[list[str], torch.Tensor] | None:
         """(names, (B, 3, H, W) uint8) of the next full batch, or None when asked to stop or when no new image
@@ -149,19 +157,28 @@ class OnlineBatches:
                 continue
             last_arrival, told = time.monotonic(), False
             while self.stream.ready and len(self.names) < self.batch_size:
-                self._add(self.stream.ready.pop(0))
+                take = [self.stream.ready.popleft()
+                        for _ in range(min(len(self.stream.ready), self.batch_size - len(self.names)))]
+                for rel, img in zip(take, self.pool.map(self._decode, take)):
+                    self._add(rel, img)
         names, arrays = self.names, self.arrays
         self.names, self.arrays = [], []
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
         return names, batch
 
-    def _add(self, rel: str) -> None:
+    def _decode(self, rel: str) -> np.ndarray | str:
+        """The (H, W, 3) image of ``rel``, or why it cannot be read (one line)."""
         what = f"{rel} in {self.stream.root}"
         try:
-            img = decode_image(read_file(str(self.stream.root / rel), what), self.image_size, what)
+            return decode_image(read_file(str(self.stream.root / rel), what), self.image_size, what)
         except DataError as e:
-            self._skip(rel, str(e))
+            return str(e)
+
+    def _add(self, rel: str, img: np.ndarray | str) -> None:
+        if isinstance(img, str):
+            self._skip(rel, img)
             return
+        what = f"{rel} in {self.stream.root}"
         if self.shape is None:
             self.shape = img.shape
         if img.shape != self.shape:
@@ -179,7 +196,7 @@ class OnlineBatches:
     @property
     def pending(self) -> list[str]:
         """Ready images not learned yet: the unfilled batch, then the ready queue."""
-        return self.names + self.stream.ready
+        return self.names + list(self.stream.ready)
 
 
 def online_lr(cfg: Config, step: int) -> float:
@@ -247,6 +264,7 @@ def train_online(cfg: Config, out_dir: str | Path, *, progress: bool = True, log
         batches = OnlineBatches(stream, cfg.batch_size, cfg.image_size,
                                 tuple(state["shape"]) if state.get("shape") else None, log)
         batches.skipped = skipped
+        held.callback(batches.close)
         stopped = _loop(run, batches, names, progress, log)
         if run.step == 0:
             held.close()
