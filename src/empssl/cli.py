@@ -365,6 +365,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if finished(out) and args.no_eval:
         print(f"{out} is already trained to the end; nothing to do")
         return 0
+    if cfg.online:  # one pass over a folder being filled (empssl.online)
+        from .online import train_online
+
+        train_online(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
+        return 0
     results = train(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
     from .distributed import env_dist
 

@@ -142,6 +142,22 @@ class Config:
     monitor_bank: int = setting(5000, "training images (class-balanced) in its kNN memory bank", "monitoring",
                                 low=1)
     monitor_test: int = setting(2000, "test images (class-balanced) it classifies", "monitoring", low=1)
+    # --- online: one pass over a stream (empssl.online) -------------------------------------------------------
+    online: bool = setting(False, "learn from a stream in one pass, each image once in arrival order: --data is a "
+                           "folder that keeps receiving image files (README: Online learning)", "online")
+    online_stop: int = setting(0, "stop once this many images have been learned (rounded up to whole batches); "
+                               "0 = follow the stream until Ctrl-C or --online-timeout", "online", low=0)
+    online_timeout: float = setting(600.0, "stop when no new image has arrived for this many seconds; 0 = wait "
+                                    "for ever", "online", low=0)
+    online_settle: float = setting(1.0, "seconds a file's size and modification time must stay unchanged before "
+                                   "it is read (files still being written are left alone)", "online", above=0)
+    online_warmup: int = setting(0, "images of linear learning-rate warm-up from --warmup-start-lr to --lr "
+                                 "(rounded to whole steps); the rate then stays at --lr", "online", low=0)
+    online_eval: str = setting("", "labelled data for the kNN monitor: its train split is the memory bank "
+                               "(--monitor-bank images), its test split the queries (--monitor-test); any --data "
+                               "value (demo, cifar10, an ImageFolder root ...); empty = no monitor", "online")
+    online_eval_every: int = setting(0, "images between kNN checks against --online-eval (rounded to whole "
+                                     "steps); 0 = off", "online", low=0)
     # --- scale-out / speed --------------------------------------------------------------------------------------
     tcr_global: bool = setting(True, "under torchrun: EMP-SSL's coding rate over the all-gathered global batch, "
                                "as one process on --batch-size images would compute it (false: over each rank's "
@@ -191,6 +207,8 @@ class Config:
         if self.eval_every >= 1 and self.eval_every != int(self.eval_every):
             raise ConfigError(f"--eval-every must be 0 (off), a whole number of steps, or a fraction of an epoch "
                               f"below 1, got {self.eval_every:g}")
+        if self.online_eval_every and not self.online_eval:
+            raise ConfigError("--online-eval-every needs --online-eval DATA (the labelled bank and queries)")
         if not isinstance(self.method_settings, dict):
             raise ConfigError(f"method_settings must be a mapping of settings, got {self.method_settings!r}")
         if self.method_settings:

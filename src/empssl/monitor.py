@@ -6,8 +6,10 @@ the whole image) of a fixed class-balanced subset of the test set are
 classified by a weighted kNN (``cfg.knn_k``, ``cfg.knn_temperature``) against a fixed class-balanced subset of
 the training set, and one line is appended to ``RUN/monitor.jsonl``::
 
-    {"step", "epoch", "elapsed_s", "train_s", "patches_seen", "knn_top1", "monitor_patches", "monitor_s",
-     "n_bank", "n_test"}
+    {"step", "epoch", "elapsed_s", "train_s", "patches_seen", "images_seen", "knn_top1", "monitor_patches",
+     "monitor_s", "n_bank", "n_test"}
+
+(``epoch`` is left out when there are no epochs: ``steps_per_epoch`` 0, the online mode.)
 
 ``train_s`` is the training wall time excluding every monitor evaluation, ``elapsed_s`` includes them; both
 continue across resumes (the clock is saved in the checkpoint). The check does not disturb training: the
@@ -122,9 +124,9 @@ class Monitor:
         spent = time.perf_counter() - t
         self._monitor_now += spent
         rec: dict[str, Any] = {
-            "step": step, "epoch": round(step / self.steps_per_epoch, 4),
+            "step": step, **({"epoch": round(step / self.steps_per_epoch, 4)} if self.steps_per_epoch else {}),
             "elapsed_s": clock["elapsed_seconds"], "train_s": clock["train_seconds"],
-            "patches_seen": step * self.patches_per_step, "knn_top1": top1,
+            "patches_seen": step * self.patches_per_step, "images_seen": step * cfg.batch_size, "knn_top1": top1,
             "monitor_patches": cfg.monitor_patches, "monitor_s": spent,
             "n_bank": len(self.bank), "n_test": len(self.query),
         }

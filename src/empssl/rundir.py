@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = frozenset({
     "knn_temperature", "compare_random_init",  # evaluation
     "eval_every", "monitor_patches", "monitor_bank", "monitor_test",  # monitoring
     "grad_checkpointing", "compile",  # speed: exact or numerically equivalent
+    "online_stop", "online_timeout", "online_settle", "online_eval", "online_eval_every",  # following a stream
 })
 
 
@@ -275,7 +276,7 @@ class MetricsLog:
     def write(self, step: int, lr: float) -> None:
         """Append the mean terms since the last line, the lr and the throughput; reset the sums."""
         dt = time.perf_counter() - self.t_last
-        rec = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
+        rec = {"step": step, **({"epoch": round(step / self.steps_per_epoch, 4)} if self.steps_per_epoch else {}),
                **dict(zip(self.terms, (self.sums / self.n).tolist())), "lr": lr,
                "patches_per_s": self.n * self.views_per_step / max(dt, 1e-9)}
         self.file.write(json.dumps(rec) + "\n")

@@ -220,17 +220,17 @@ def resume(run: Run, log: Callable[[str], None]) -> None:
         log(f"resuming {run.out} at step {run.step}/{run.total_steps}")
 
 
-def save(run: Run, step: int, clock: dict[str, float]) -> None:
-    """An atomic checkpoint of the run at ``step`` (rank 0 only)."""
+def save(run: Run, step: int, clock: dict[str, float], extra: dict[str, Any] | None = None) -> None:
+    """An atomic checkpoint of the run at ``step`` (rank 0 only); ``extra`` adds entries (the online stream)."""
     if not run.dist.is_main:
         return
     save_atomic({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "step": step,
-                 "epoch": step / run.steps_per_epoch, "total_steps": run.total_steps,
+                 "epoch": step / run.steps_per_epoch if run.steps_per_epoch else None, "total_steps": run.total_steps,
                  "schedule_steps": run.schedule_steps, "finished": step >= run.total_steps,
                  "rng": {"patches": run.generator.get_state(), "torch": torch.get_rng_state(),
                          "device": run.device.type},
                  "clock": clock, "config": run.cfg.to_dict(), "version": __version__,
-                 "world_size": run.dist.world_size}, run.ckpt_path)
+                 "world_size": run.dist.world_size, **(extra or {})}, run.ckpt_path)
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
@@ -321,6 +321,8 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     wall clock from process start, phase by phase (:data:`empssl.rundir.TIMING_FIELDS`) and in ``total``.
     """
     cfg.validate()
+    if cfg.online:  # one pass over a stream has its own loop
+        raise ConfigError("--online runs through empssl train --online (empssl.online.train_online), not train()")
     require_trackers(cfg.log)  # a missing logger package: one line before anything loads
     timing = TimingAccount()  # from process start for the first run of a process, else from this call
     if not distributed.env_dist().is_main:

@@ -29,6 +29,7 @@ from .tables import (
     fmt,
     median_throughput,
     monitor_table,
+    online_tables,
     patch_ablation_table,
     probe_sweep_tables,
     random_init_table,
@@ -132,6 +133,15 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
         md += figure("kNN accuracy vs epochs", plot_curves(
             runs, out / "accuracy_vs_epochs.png", "monitor", "epoch", [("knn_top1", "kNN top-1 (%)")], "epoch"),
             "no monitor.jsonl in any run.")
+
+        online = online_tables(runs)  # train --online: accuracy against the images seen
+        if online:
+            md += ["## Online learning", "", "Each image of the stream learned once, in arrival order; kNN "
+                   "accuracy against the --online-eval data as the images arrived (wall time includes waiting "
+                   "for images).", ""] + online
+            md += figure("kNN accuracy vs images seen", plot_curves(
+                runs, out / "accuracy_vs_images.png", "monitor", "images_seen", [("knn_top1", "kNN top-1 (%)")],
+                "images seen"), "no monitor.jsonl in any run.")
 
         md += ["## Training curves", ""]
         no_metrics = "no metrics.jsonl in any run."

@@ -216,3 +216,22 @@ def monitor_table(runs: Sequence[Run]) -> list[str]:
                      recs[-1]["knn_top1"], best["knn_top1"], best.get("train_s")])
     return table(["run", "method", "monitor test patches", "bank / test images", "first kNN (%)", "last kNN (%)",
                    "best kNN (%)", "at train time (s)"], rows) if rows else []
+
+
+def online_tables(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines for the online runs (``train --online``): what each learned from its stream, and its kNN
+    accuracy against the images seen (monitor.jsonl's ``images_seen``); none when no run is online."""
+    online = [r for r in runs if (r.results or {}).get("mode") == "online" or r.config.get("online")]
+    if not online:
+        return []
+    rows = [[r.label, r.method, (r.results or {}).get("source", r.config.get("data")),
+             (r.results or {}).get("images_seen"), (r.results or {}).get("images_skipped"),
+             (r.results or {}).get("stopped")] for r in online]
+    lines = table(["run", "method", "stream", "images learned", "images skipped", "stopped"], rows)
+    curve = [[r.label, m.get("images_seen"), m.get("step"), m.get("knn_top1"), m.get("elapsed_s")]
+             for r in online for m in r.monitor if m.get("knn_top1") is not None]
+    if curve:
+        lines += table(["run", "images seen", "step", "kNN top-1 (%)", "wall time (s)"], curve)
+    else:
+        lines += ["No kNN records (train --online with --online-eval DATA --online-eval-every N).", ""]
+    return lines

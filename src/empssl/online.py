@@ -1,0 +1,393 @@
+"""Online learning: one pass over a stream of images, each learned once, in arrival order (``train --online``).
+
+``--data`` is a folder that keeps receiving image files (a camera, a crawler, another process). The folder is
+looked at every ``online_settle / 2`` seconds (at most every 0.5 s), its subfolders included, and each new file
+is handled by these rules:
+
+- **Which files**: regular files with an image suffix (:data:`empssl.data.IMAGE_EXTENSIONS`); names starting
+  with ``.`` are ignored, so a writer that writes ``.name.tmp`` and renames it when done is read only then.
+- **When a file is ready**: its size and modification time have stayed the same for ``online_settle`` seconds
+  (a file still being written keeps changing). A ready file that does not decode (truncated, not an image) or
+  whose size differs from the stream's (``--image-size`` 0 keeps the first image's size) is skipped, counted
+  in results.json and never read again.
+- **Arrival order**: by the poll that first saw the file ready, then by modification time, then by name. A
+  file already learned is never read again, even if it is rewritten.
+- **Batches**: a step waits until ``--batch-size`` ready images are there. At a stop (``--online-stop``, Ctrl-C,
+  ``--online-timeout``) the images of an unfilled batch are not learned and not counted as seen: a resumed run
+  learns them first.
+
+The run directory is a training run's (config.json, metrics.jsonl, checkpoint.pt, results.json, monitor.jsonl
+with ``--online-eval``) plus ``stream.jsonl``: one line per step, ``{"step", "images": [relative names]}``, the
+images that step learned. The checkpoint holds the stream position (the names learned, in order); a run
+resumed from it skips them and continues with the next unseen files. The learning rate rises linearly over
+``--online-warmup`` images and then stays at ``--lr``: no schedule needs the stream's length. There are no
+epochs: the kNN monitor (every ``--online-eval-every`` images, against ``--online-eval``'s train split as the
+bank and its test split as the queries) records accuracy against ``images_seen``.
+
+One process (no torchrun), eager mode (no ``--compile``, no activation recomputation); the step itself is
+:func:`empssl.train.train_step`, the same as offline training. A batch's images are decoded on the CPU between
+steps, by up to 8 threads side by side (PIL releases the GIL). Sharded streams (``empssl shard`` folders being
+appended) are not followed yet: a folder holding a ``manifest.json`` or ``index.json`` is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoint import read_checkpoint
+from .config import Config, ConfigError
+from .data import IMAGE_EXTENSIONS, DataError, ImageData, decode_image
+from .data.sources import read_file
+from .devices import autocast_dtype, device_name, synchronize
+from .distributed import SINGLE
+from .evaluate import evaluate
+from .files import cut_jsonl, read_jsonl, write_json
+from .methods import create_method
+from .monitor import Monitor
+from .optim import LARS, lars_param_groups, lr_at
+from .rundir import MetricsLog, RunLock, StopFlag, TimingAccount, remove_orphans, time_line, write_config
+from .train import Run, TrainError, _check_finite, config_data, resume, save, train_step
+
+# A stream without --online-stop never reaches its "end of schedule".
+ENDLESS = 2**62
+
+
+@dataclass
+class FolderStream:
+    """The ready, unseen image files of a folder, in arrival order (the rules are in the module docstring).
+
+    ``seen`` holds the relative names already learned (or skipped); :meth:`poll` adds newly ready files to
+    ``ready`` (relative names, in arrival order) without reading them.
+    """
+
+    root: Path
+    settle: float
+    seen: set[str] = field(default_factory=set)
+    ready: deque[str] = field(default_factory=deque)
+    _pending: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> (size, mtime_ns, since)
+
+    def poll(self) -> int:
+        """Look at the folder once; return how many files became ready."""
+        now = time.monotonic()
+        found: list[tuple[int, str]] = []
+        listed: set[str] = set()
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fname in filenames:
+                if fname.startswith(".") or Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                rel = Path(dirpath, fname).relative_to(self.root).as_posix()
+                if rel in self.seen:
+                    continue
+                try:
+                    st = os.stat(Path(dirpath, fname))
+                except OSError:  # removed since the listing
+                    continue
+                listed.add(rel)
+                sig = (st.st_size, st.st_mtime_ns)
+                was = self._pending.get(rel)
+                if was is None or was[:2] != sig:
+                    self._pending[rel] = (*sig, now)
+                elif now - was[2] >= self.settle and st.st_size > 0:
+                    found.append((st.st_mtime_ns, rel))
+        for rel in set(self._pending) - listed:  # gone before it was ready
+            del self._pending[rel]
+        for _, rel in sorted(found):
+            del self._pending[rel]
+            self.seen.add(rel)
+            self.ready.append(rel)
+        return len(found)
+
+
+class OnlineBatches:
+    """Full batches of decoded images from a :class:`FolderStream`, waiting for files as they arrive."""
+
+    def __init__(self, stream: FolderStream, batch_size: int, image_size: int, shape: tuple[int, ...] | None,
+                 log: Callable[[str], None]) -> None:
+        self.stream, self.batch_size, self.image_size, self.log = stream, batch_size, image_size, log
+        self.shape = shape  # (H, W, 3) of the stream's images, fixed by the first one when image_size is 0
+        self.names: list[str] = []  # the batch being filled
+        self.arrays: list[np.ndarray] = []
+        self.skipped: list[str] = []
+        self.poll_every = min(0.5, stream.settle / 2)
+        self.waited = 0.0  # seconds spent waiting for images, this session
+        # PIL releases the GIL while decoding: the images of a batch are decoded side by side, kept in order
+        self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+    def next(self, stop: StopFlag, timeout: float) -> tuple[list[str], torch.Tensor] | None:
+        """(names, (B, 3, H, W) uint8) of the next full batch, or None when asked to stop or when no new image
+        has arrived for ``timeout`` seconds (0: wait for ever)."""
+        t0 = time.monotonic()
+        try:
+            return self._fill(stop, timeout)
+        finally:
+            self.waited += time.monotonic() - t0
+
+    def _fill(self, stop: StopFlag, timeout: float) -> tuple[list[str], torch.Tensor] | None:
+        last_arrival, told = time.monotonic(), False
+        while len(self.names) < self.batch_size:
+            if not self.stream.ready and not self.stream.poll():
+                if stop.requested or (timeout and time.monotonic() - last_arrival >= timeout):
+                    return None
+                if not told:
+                    have = f" ({len(self.names)}/{self.batch_size} of the next batch there)" if self.names else ""
+                    self.log(f"waiting for images in {self.stream.root} ...{have}")
+                    told = True
+                time.sleep(self.poll_every)
+                continue
+            last_arrival, told = time.monotonic(), False
+            while self.stream.ready and len(self.names) < self.batch_size:
+                take = [self.stream.ready.popleft()
+                        for _ in range(min(len(self.stream.ready), self.batch_size - len(self.names)))]
+                for rel, img in zip(take, self.pool.map(self._decode, take)):
+                    self._add(rel, img)
+        names, arrays = self.names, self.arrays
+        self.names, self.arrays = [], []
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+        return names, batch
+
+    def _decode(self, rel: str) -> np.ndarray | str:
+        """The (H, W, 3) image of ``rel``, or why it cannot be read (one line)."""
+        what = f"{rel} in {self.stream.root}"
+        try:
+            return decode_image(read_file(str(self.stream.root / rel), what), self.image_size, what)
+        except DataError as e:
+            return str(e)
+
+    def _add(self, rel: str, img: np.ndarray | str) -> None:
+        if isinstance(img, str):
+            self._skip(rel, img)
+            return
+        what = f"{rel} in {self.stream.root}"
+        if self.shape is None:
+            self.shape = img.shape
+        if img.shape != self.shape:
+            self._skip(rel, f"{what} is {img.shape[1]}x{img.shape[0]}, not {self.shape[1]}x{self.shape[0]} as the "
+                            f"stream's first image (give --image-size to resize every image)")
+            return
+        self.names.append(rel)
+        self.arrays.append(img)
+
+    def _skip(self, rel: str, why: str) -> None:
+        self.skipped.append(rel)
+        if len(self.skipped) <= 10:
+            self.log(f"skipped: {why}" + (" (further skips are only counted)" if len(self.skipped) == 10 else ""))
+
+    @property
+    def pending(self) -> list[str]:
+        """Ready images not learned yet: the unfilled batch, then the ready queue."""
+        return self.names + list(self.stream.ready)
+
+
+def online_lr(cfg: Config, step: int) -> float:
+    """Learning rate of step ``step``: empssl's linear warm-up (:func:`empssl.optim.lr_at`) over
+    ``cfg.online_warmup`` images, then constant ``cfg.lr``."""
+    warmup = round(cfg.online_warmup / cfg.batch_size)
+    if step >= warmup:
+        return cfg.lr
+    return lr_at(step, warmup + 1, cfg.lr, warmup_steps=warmup, warmup_start_lr=cfg.warmup_start_lr)
+
+
+def _empty() -> ImageData:
+    return ImageData(torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), [])
+
+
+def _check(cfg: Config) -> Path:
+    """The stream's folder; a setting that cannot work online is a one-line error."""
+    if distributed.env_dist().enabled:
+        raise ConfigError("--online runs in one process; start it without torchrun")
+    folder = Path(cfg.data)
+    if not folder.is_dir():
+        raise DataError(f"--online --data {cfg.data}: not a folder (online learning follows a folder that "
+                        f"receives image files)")
+    if (folder / "manifest.json").is_file() or (folder / "index.json").is_file():
+        raise ConfigError(f"--online --data {cfg.data}: a shard folder (empssl shard); online learning follows "
+                          f"folders of image files, not shards, so far")
+    return folder
+
+
+def train_online(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
+                 evaluate_at_end: bool = True) -> dict[str, Any]:
+    """Learn from the folder ``cfg.data`` in one pass (the module docstring) into ``out_dir``, or resume there;
+    then, with ``cfg.online_eval`` and ``evaluate_at_end``, evaluate on it (linear probe + kNN). Returns the
+    results dict (written to results.json): ``images_seen``, ``images_skipped``, ``stopped`` (why),
+    ``accuracy_vs_images`` (the monitor's curve), the clock and the evaluation."""
+    cfg.validate()
+    folder = _check(cfg)
+    timing = TimingAccount()
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    _, device, _ = distributed.setup(cfg.device)
+    # the held-out data: cut to --train-subset / --test-subset like a training run's
+    bank, queries = config_data(cfg.replace(data=cfg.online_eval), progress) if cfg.online_eval else (_empty(),
+                                                                                                    _empty())
+    timing.add("data", time.perf_counter() - t0)
+    created = not out.exists()
+    with ExitStack() as held:
+        out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(RunLock(out, log))
+        remove_orphans(out, log)
+        if not (out / "config.json").is_file():
+            write_config(out, cfg)
+        run = _build(cfg, out, device, bank, queries, timing)
+        state: dict[str, Any] = {}
+        if run.ckpt_path.exists():
+            # its "resuming at step S/total" would name the endless total: the loop says where the stream resumes
+            resume(run, lambda line: None if line.startswith("resuming ") else log(line))
+            state = read_checkpoint(run.ckpt_path).get("stream") or {}
+        names, skipped = list(state.get("names", [])), list(state.get("skipped", []))
+        if len(names) != run.step * cfg.batch_size:
+            raise TrainError(f"{run.ckpt_path} holds {len(names)} stream images for {run.step} steps of "
+                             f"{cfg.batch_size}: not an online run's checkpoint")
+        before = dict(run.clock_state or {})
+        stream = FolderStream(folder, cfg.online_settle, seen=set(names) | set(skipped))
+        batches = OnlineBatches(stream, cfg.batch_size, cfg.image_size,
+                                tuple(state["shape"]) if state.get("shape") else None, log)
+        batches.skipped = skipped
+        held.callback(batches.close)
+        stopped = _loop(run, batches, names, progress, log)
+        if run.step == 0:
+            held.close()
+            if created:  # nothing learned: leave nothing behind
+                shutil.rmtree(out, ignore_errors=True)
+            few = f" ({len(batches.pending)}, fewer than a batch of {cfg.batch_size})" if batches.pending else ""
+            raise DataError(f"no images to learn arrived in {folder}{few} within {cfg.online_timeout:g} s "
+                            f"(--online-timeout); nothing learned")
+        synchronize(device)
+        results: dict[str, Any] = {
+            "method": cfg.method, "mode": "online", "source": str(folder), "steps": run.step,
+            "images_seen": len(names), "images_skipped": len(batches.skipped), "stopped": stopped,
+            "images_pending": len(batches.pending), **(run.clock_state or {}),
+            "wait_seconds": batches.waited, "device": device_name(device),
+            "accuracy_vs_images": [{"images_seen": r["images_seen"], "knn_top1": r["knn_top1"], "step": r["step"]}
+                                   for r in (read_jsonl(out / "monitor.jsonl") if (out / "monitor.jsonl").is_file()
+                                             else [])],
+        }
+        for key in ("train", "monitor"):  # this session's share (waiting for images is left in "other")
+            spent = results[f"{key}_seconds"] - before.get(f"{key}_seconds", 0.0)
+            timing.add(key, spent - (batches.waited if key == "train" else 0.0))
+        if evaluate_at_end and cfg.online_eval:
+            ev = evaluate(run.model, bank, queries, cfg, device, progress=progress, log=log)
+            for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
+                timing.add(key, ev[name])
+            results.update({**ev, "data": cfg.online_eval})
+        results["timing"] = timing.summary()
+        write_json(out / "results.json", results)
+        log(f"learned {len(names)} images in {run.step} steps ({stopped}); results written to "
+            f"{out / 'results.json'}")
+        log(time_line(results["timing"]))
+        return results
+
+
+def _build(cfg: Config, out: Path, device: torch.device, bank: ImageData, queries: ImageData,
+           timing: TimingAccount) -> Run:
+    """Model, LARS and the views' generator, as :func:`empssl.train.setup` builds them; no epochs."""
+    method = create_method(cfg)
+    torch.manual_seed(cfg.seed)
+    model = method.build_model().to(device)
+    opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+               eta=cfg.lars_eta, nesterov=cfg.nesterov)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+    total = math.ceil(cfg.online_stop / cfg.batch_size) if cfg.online_stop else ENDLESS
+    return Run(cfg=cfg, out=out, dist=SINGLE, device=device, own_group=False, train_data=bank, test_data=queries,
+               method=method, model=model, opt=opt, generator=generator, steps_per_epoch=0, total_steps=total,
+               schedule_steps=total, warmup_steps=round(cfg.online_warmup / cfg.batch_size),
+               amp=autocast_dtype(cfg.precision, device), memory_format=torch.contiguous_format, timing=timing)
+
+
+def _loop(run: Run, batches: OnlineBatches, names: list[str], progress: bool, log: Callable[[str], None]) -> str:
+    """Learn batch after batch until the stop; ``names`` (the images learned, in order) grows with each step.
+    Returns why it stopped; Ctrl-C saves and raises KeyboardInterrupt (exit 130)."""
+    cfg, device, model, opt, method = run.cfg, run.device, run.model, run.opt, run.method
+    every = max(1, round(cfg.online_eval_every / cfg.batch_size)) if cfg.online_eval_every else 0
+    monitor = Monitor(cfg.replace(eval_every=every), run.train_data, run.test_data, device, run.out,
+                      steps_per_epoch=0, total_steps=run.total_steps, patches_per_step=run.views_per_step,
+                      start_step=run.step, clock_state=run.clock_state)
+    stream_log = run.out / "stream.jsonl"
+    cut_jsonl(stream_log, run.step)
+    step = last_good = run.step
+    limit = f", until {cfg.online_stop} images" if cfg.online_stop else ""
+    log(f"online: learning {cfg.method} ({cfg.arch}, width {cfg.width}) from {batches.stream.root} in batches of "
+        f"{cfg.batch_size}{limit} on {device}" + (f", resumed after {len(names)} images" if step else ""))
+
+    def checkpoint() -> None:
+        state = {"source": str(batches.stream.root), "names": names, "skipped": batches.skipped,
+                 "shape": list(batches.shape) if batches.shape else None}
+        save(run, step, monitor.clock(), extra={"stream": state})
+
+    model.train()
+    monitor.start(model)
+    bar = tqdm(total=None if run.total_steps == ENDLESS else run.total_steps, initial=step, disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, desc="online", unit="step")
+    metrics = MetricsLog(run.out / "metrics.jsonl", method.terms, device, bar=bar, start_step=step,
+                         steps_per_epoch=0, views_per_step=run.views_per_step)
+    stopped = f"learned --online-stop {cfg.online_stop} images"
+    with StopFlag() as stop, metrics, bar, stream_log.open("a") as trail:
+        while step < run.total_steps:
+            waited = batches.waited
+            got = batches.next(stop, cfg.online_timeout)
+            metrics.exclude(batches.waited - waited)  # throughput of the steps, not of the stream
+            if got is None:
+                stopped = "interrupted" if stop.requested else f"no new image for {cfg.online_timeout:g} s"
+                break
+            batch_names, images = got
+            lr = online_lr(cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            values, applied = train_step(model, opt, method, images.to(device), run.generator, run.amp,
+                                         run.memory_format)
+            method.after_step(model, step + 1, run.schedule_steps, applied)
+            metrics.add(values, applied, step + 1)
+            step += 1
+            names.extend(batch_names)
+            trail.write(json.dumps({"step": step, "images": batch_names}) + "\n")
+            trail.flush()
+            bar.update(1)
+            at_log, at_ckpt = step % cfg.log_every == 0, step % cfg.checkpoint_every == 0
+            if at_log or at_ckpt or stop.requested or step == run.total_steps:
+                _check_finite(run, metrics, step, last_good)
+            if at_log:
+                metrics.write(step, lr)
+            metrics.exclude(monitor.after_step(model, step))
+            if at_ckpt or stop.requested:
+                checkpoint()
+                last_good = step
+            if stop.requested:
+                stopped = "interrupted"
+                break
+        if metrics.n:  # the steps since the last line
+            _check_finite(run, metrics, step, last_good)
+            metrics.write(step, online_lr(cfg, step - 1))
+        if step > run.step and step != last_good:
+            if every and step % every and step != run.total_steps:  # the accuracy at the stop (once)
+                metrics.exclude(monitor._evaluate(model, step))
+            checkpoint()
+    run.clock_state = monitor.clock()
+    if stopped == "interrupted":
+        if not step:
+            raise KeyboardInterrupt("interrupted before a batch was learned; nothing saved")
+        raise KeyboardInterrupt(f"interrupted after {len(names)} images (step {step}); checkpoint saved, run the "
+                                f"same command to resume at the next unseen image")
+    run.step = step
+    return stopped
