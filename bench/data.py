@@ -10,6 +10,7 @@ Rows, each as images per wall-clock second and per CPU second of the process (pe
 read the wall-clock rate):
 
     shard write          empssl.shard.write_shards of a folder of these files (one worker, stored byte for byte)
+    shard write --max-side 256   the same, each image decoded, resized to 256x192 and encoded (JPEG q90)
     decode PIL           PIL open + RGB + numpy array (libjpeg-turbo, as empssl.data.decode_image)
     decode torchvision   torchvision.io.decode_jpeg of one file's bytes at a time, RGB (libjpeg-turbo)
     decode + 20 patches  torchvision decode of a batch, then empssl.patches.make_patches: 20 patches of 224 px
@@ -75,7 +76,7 @@ def rate(fn: Callable[[], int], seconds: float) -> tuple[float, float]:
             return done / elapsed, done / max(1e-9, time.process_time() - c0)
 
 
-def shard_write(files: list[bytes], seconds: float) -> tuple[float, float]:
+def shard_write(files: list[bytes], seconds: float, max_side: int | None = None) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
@@ -87,7 +88,7 @@ def shard_write(files: list[bytes], seconds: float) -> tuple[float, float]:
 
         def once() -> int:
             runs[0] += 1
-            write_shards(str(src), Path(tmp) / f"out{runs[0]}", workers=1, progress=False)
+            write_shards(str(src), Path(tmp) / f"out{runs[0]}", max_side=max_side, workers=1, progress=False)
             return len(files)
 
         return rate(once, seconds)
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return batch
 
     rows["shard write"] = shard_write(files, seconds)
+    rows["shard write --max-side 256"] = shard_write(files, seconds, max_side=256)
     rows["decode PIL"] = rate(pil, seconds)
     rows["decode torchvision"] = rate(tv, seconds)
     rows[f"decode + {n_patches} patches"] = rate(tv_patches, seconds)

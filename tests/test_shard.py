@@ -153,6 +153,7 @@ shard.write_shards(sys.argv[1], sys.argv[2], workers=1, shard_size=3, progress=F
 """
 
 
+@pytest.mark.slow  # two subprocesses that import torch: about 20 s on the loaded 2-core machine
 def test_a_killed_run_is_not_taken_for_complete_and_the_next_run_finishes_it(tree: Path, tmp_path: Path) -> None:
     write_shards(str(tree), tmp_path / "clean", workers=1, shard_size=3, progress=False)
     out = tmp_path / "out"
