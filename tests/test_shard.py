@@ -236,3 +236,33 @@ def test_an_image_that_cannot_be_read_stops_the_run_and_removes_it(tree: Path, t
     _fails(["shard", str(tree), "--out", str(out), "--shard-size", "2", "--workers", "2", "--no-progress"], capsys,
            "cannot decode image test/cat/1.png in")
     assert not out.exists()
+
+
+def _check_against_scan(spec: str, out: Path, data_dir: Path) -> None:
+    """Every split of ``out`` holds the images of ``scan(spec)`` in its order: bytes, labels, names."""
+    catalog = scan(spec, str(data_dir))
+    m = verify_shards(out)
+    assert m.classes == catalog.classes and m.class_names == catalog.class_names
+    at = 0
+    for split, count in catalog.splits:
+        items = _read_split(out / split)
+        records = catalog.records[at: at + count]
+        assert [(bytes(i["image"]), i["label"], i["name"]) for i in items] == [
+            (r.read(), r.label, r.name) for r in records]
+        at += count
+
+
+def test_tiny_imagenet_archive_and_imagenet100_tree(tmp_path: Path) -> None:
+    from .test_data import archive
+    from .test_imagenet import EXTRA, LIST, make_imagenet
+    from .test_tiny_imagenet import make_tiny
+
+    tiny = archive(make_tiny(tmp_path / "t"), tmp_path / "tiny-imagenet-200.zip", wrap="tiny-imagenet-200")
+    m = write_shards(str(tiny), tmp_path / "tiny", workers=2, shard_size=3, progress=False)
+    assert list(m.splits) == ["train", "val"] and m.class_names is not None
+    _check_against_scan(str(tiny), tmp_path / "tiny", tmp_path)
+    tree = make_imagenet(tmp_path / "in" / "imagenet", LIST + EXTRA)
+    spec = f"imagenet100:{tree}"
+    m = write_shards(spec, tmp_path / "in100", workers=2, progress=False)
+    assert m.source == f"imagenet100:{tree.resolve()}" and len(m.classes or []) == 100
+    _check_against_scan(spec, tmp_path / "in100", tmp_path)
