@@ -99,12 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=200, help="how many distinct JPEGs to make (default 200)")
     ap.add_argument("--batch", type=int, default=32, help="images per patching batch (default 32)")
     ap.add_argument("--seconds", type=float, default=5.0, help="time each row for at least this long (default 5)")
-    ap.add_argument("--smoke", action="store_true", help="8 images, 2 per batch, 4 patches, 0.2 s per row")
+    ap.add_argument("--smoke", action="store_true", help="8 images, 1 per batch, 2 patches, 0.2 s per row")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     n, batch, seconds, n_patches = args.images, args.batch, args.seconds, PATCHES
     if args.smoke:
-        n, batch, seconds, n_patches = 8, 2, 0.2, 4
+        n, batch, seconds, n_patches = 8, 1, 0.2, 2
     files = make_jpegs(n)
     tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
     device = (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
