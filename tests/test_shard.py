@@ -211,6 +211,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tree: Path, tmp_path: P
     _fails(["shard", str(tmp_path / "nowhere"), "--out", str(out)], capsys, "data not found")
     (tmp_path / "empty").mkdir()
     _fails(["shard", str(tmp_path / "empty"), "--out", str(out)], capsys, "no images")
+    _fails(["shard", "cifar10", "--out", str(out)], capsys, "no image files to shard")
     assert not out.exists()
     (tmp_path / "file").write_text("x")
     _fails(["shard", str(tree), "--out", str(tmp_path / "file")], capsys, "is a file")

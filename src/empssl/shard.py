@@ -49,7 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
-from .data import DataError, decode_image, scan
+from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
 from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
 from .data.imagenet import parse_spec
 from .data.load import resolve
@@ -163,7 +163,10 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
     fresh = not out.exists()
     try:
         if not previous:
-            out.mkdir(parents=True, exist_ok=True)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"cannot create {out}: {e.strerror or e}") from None
             write_json(out / PLAN, plan)
         manifest = _write_all(out, plan, blocks, workers or _n_workers(), progress)
     except DataError:
@@ -175,6 +178,9 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
 def source_name(spec: str, data_dir: str = "./data") -> str:
     """How a manifest names the source ``spec``: the resolved folder or archive, or ``imagenet100:/abs/path``.
     DataError when it does not exist."""
+    if spec in TORCHVISION_DATASETS:
+        raise DataError(f"{spec} is torchvision's array dataset, which has no image files to shard; shard a folder or "
+                        f"archive of its images instead")
     imagenet = parse_spec(spec, Path(data_dir))
     return imagenet.shown if imagenet else str(resolve(spec, Path(data_dir)))
 
