@@ -15,7 +15,7 @@ endif
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test,report,tensorboard,wandb,mlflow]'
+	$(PY) -m pip install --quiet -e '.[test,report,tensorboard,wandb,mlflow,stream]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -145,7 +145,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(e, EVAL_FIELDS)
     _add_experiment_parsers(sub)
+    _add_shard_parser(sub)
     return parser
+
+
+def _add_shard_parser(sub: Any) -> None:
+    def positive(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        return int(text)
+
+    s = sub.add_parser("shard", help="write a folder, archive or ImageNet tree as LitData shards for streaming",
+                       description="Write every image of SRC, in its order, as LitData shards of encoded image "
+                                   "bytes + label + relative name: OUT/<split>/ per split and OUT/manifest.json "
+                                   "(docs/DATA.md). An interrupted run continues where it stopped when run again.")
+    s.add_argument("src", metavar="SRC", help="a folder of images, a class tree, an ImageFolder root (train/ val/ "
+                                              "test/), Tiny ImageNet, a .zip/.tar/.tar.gz of one, demo, "
+                                              "tiny-imagenet, or imagenet100:PATH / imagenet:PATH")
+    s.add_argument("--out", required=True, help="the shard folder (new, empty, or an unfinished run to continue)")
+    s.add_argument("--max-side", type=positive, metavar="N",
+                   help="images whose longer side is larger are resized to N and re-encoded (JPEG quality 90); "
+                        "the others are stored byte for byte (default: no limit, every image as it is)")
+    s.add_argument("--workers", type=positive, metavar="N",
+                   help="processes writing shards (default: the usable CPU cores, at most 16)")
+    s.add_argument("--shard-size", type=positive, metavar="N",
+                   help="images per shard (default: about 64 MB of the source's files per shard)")
+    s.add_argument("--data-dir", default="./data",
+                   help="where tiny-imagenet and imagenet100 (without :PATH) are looked for (default: ./data)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from .shard import write_shards
+
+    m = write_shards(args.src, args.out, max_side=args.max_side, workers=args.workers, shard_size=args.shard_size,
+                     data_dir=args.data_dir, progress=not args.no_progress)
+    splits = ", ".join(f"{name} {s.images:,} images in {len(s.shards)} shards" for name, s in m.splits.items())
+    print(f"{m.source}: {splits}; {m.data['stored']:,} stored as they are, {m.data['reencoded']:,} re-encoded; "
+          f"manifest {m.root / 'manifest.json'}")
+    return 0
 
 
 # --- experiments and reports ---
@@ -423,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         commands = {"train": cmd_train, "eval": cmd_eval, "ablate-patches": cmd_ablate_patches,
                     "ablate-test-patches": cmd_ablate_test_patches, "tsne": cmd_tsne, "report": cmd_report,
-                    "compare": cmd_compare, "embed": cmd_embed, "export": cmd_export}
+                    "compare": cmd_compare, "embed": cmd_embed, "export": cmd_export, "shard": cmd_shard}
         return commands[args.command](args)
     except user_errors as e:
         print(f"empssl: error: {e}", file=sys.stderr)

@@ -1,0 +1,523 @@
+"""Shards: any source the data package reads, written once as LitData chunks of encoded image bytes, for the
+streamed tier (``empssl shard SRC --out DIR``; the format and why it is LitData: docs/DATA.md).
+
+On disk::
+
+    DIR/manifest.json             written last: format version, empssl and litdata versions, source, classes,
+                                  per split its image count, stored/re-encoded counts, image formats, and every
+                                  shard file's name, images, bytes and sha256
+    DIR/<split>/index.json        LitData's index of that split (what litdata.StreamingDataset(DIR/<split>) reads)
+    DIR/<split>/chunk-0-<j>.bin   shard j of the split: images j*K .. j*K+K-1 in source order (K = shard_size)
+
+Splits are the source's own (``train``, ``val``, ``test``; Tiny ImageNet and ImageNet: ``train``, ``val``); a
+source without split folders (a plain folder or a class tree) is one split, ``train``. Each item is
+``{"image": bytes, "label": int, "name": str}``: the image file's bytes (LitData hands them back as a
+``memoryview``; ``bytes(item["image"])`` copies them), the label (an index into the manifest's ``classes``; -1
+when the source has no classes), and the name relative to the source, as :func:`empssl.data.load_images` names it
+("train/cat/0001.jpg").
+
+Which bytes: an image whose longer side fits ``max_side`` (default: no limit, so every image) is stored byte for
+byte, whatever its format (JPEG, PNG, ...; re-encoding a PNG as JPEG would change the data without being asked).
+A larger one is decoded by the data package's rules (:func:`empssl.data.decode_image`: RGB, transparency over
+white, 16-bit scaled), resized so that its longer side is ``max_side`` (PIL Lanczos, antialiased), and encoded
+once as a baseline JPEG of quality :data:`JPEG_QUALITY`. Every image's header is read (format and size); images
+are not decoded unless re-encoded, so a file damaged past its header is found by the reader, not here.
+
+Resumable: shard j is written into a temporary folder, moved into place, then recorded in ``<split>/.parts/j.json``
+(with its sha256); a split's ``index.json`` is written when all its shards are, and ``manifest.json`` when all
+splits are. A run killed at any point leaves no manifest, so no reader (:func:`verify_shards`) takes it for
+complete; the same command run again skips the recorded shards, rewrites the rest, and gives the same files as an
+uninterrupted run (shard boundaries are fixed by ``.plan.json``, written before the first shard). Shards are
+written by a process pool, each shard by one worker, so a parallel run writes the same bytes as a serial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from . import __version__
+from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
+from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
+from .data.imagenet import parse_spec
+from .data.load import resolve
+from .files import OutputError, write_json
+
+FORMAT = "empssl-shards"
+FORMAT_VERSION = 1
+JPEG_QUALITY = 90  # re-encoded images only (those larger than --max-side)
+SHARD_BYTES = 64 * 2**20  # the target size of one shard (LitData's own default chunk_bytes is 64 MB)
+MANIFEST = "manifest.json"
+PLAN = ".plan.json"  # the run's fixed plan, written before the first shard; removed once the manifest is written
+NO_SPLIT = "train"  # the split name of a source without split folders
+
+_Rec = tuple[str, int, "str | bytes"]  # (name, label, path or bytes): an ImageRecord that pickles cheaply
+# (split folder, shard index, its records, images per shard, max_side, source)
+_Job = tuple[str, int, list[_Rec], int, "int | None", str]
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard file of a split: its name in ``DIR/<split>/``, how many images it holds, its size and sha256."""
+
+    name: str
+    images: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitShards:
+    """One split's shards: ``images`` in all, ``stored`` byte for byte, ``reencoded`` (resized to max_side),
+    ``formats`` (image format -> count, as PIL names them: "JPEG", "PNG", ...)."""
+
+    images: int
+    stored: int
+    reencoded: int
+    formats: dict[str, int]
+    shards: list[ShardFile]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A shard folder's ``manifest.json``, read and checked by :func:`verify_shards`.
+
+    ``root`` the folder; ``source`` what was sharded (a resolved path, or ``imagenet100:PATH``); ``classes``
+    (label i is ``classes[i]``) or None; ``splits`` by name, in the source's order; ``max_side`` (None: no
+    limit); ``data`` the whole JSON.
+    """
+
+    root: Path
+    source: str
+    classes: list[str] | None
+    class_names: list[str] | None
+    max_side: int | None
+    shard_size: int
+    splits: dict[str, SplitShards]
+    data: dict[str, Any]
+
+    def split_dir(self, split: str) -> Path:
+        """The folder that ``litdata.StreamingDataset`` reads for ``split``."""
+        return self.root / split
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+
+def write_shards(spec: str, out: str | Path, max_side: int | None = None, workers: int | None = None,
+                 shard_size: int | None = None, data_dir: str = "./data", progress: bool = True) -> Manifest:
+    """Write every image of ``spec`` as LitData shards under ``out`` (layout and rules: the module docstring).
+
+    Args:
+        spec: a folder, class tree, ImageFolder root, archive, Tiny ImageNet, ``demo``, ``tiny-imagenet``,
+            ``imagenet100:PATH`` or ``imagenet:PATH`` (as :func:`empssl.data.scan` reads them).
+        out: the shard folder: new, empty, or an unfinished run of the same command (which is continued).
+        max_side: images whose longer side is larger are resized to it and re-encoded (JPEG q90); None: no limit.
+        workers: processes writing shards (default: the usable CPU cores, at most 16).
+        shard_size: images per shard (default: about 64 MB of the source's files per shard).
+        data_dir: where ``tiny-imagenet`` and ``imagenet100`` without a path are looked for.
+        progress: a progress bar on stderr.
+
+    Returns the :class:`Manifest` written. Raises DataError (one line, nothing left behind) for a missing source,
+    one without images, an image that cannot be read, an ``out`` that is a file, holds other files, or holds shards
+    of another source or of other settings. KeyboardInterrupt leaves the finished shards for the next run.
+    """
+    if max_side is not None and max_side < 1:
+        raise DataError(f"--max-side must be >= 1, got {max_side}")
+    if shard_size is not None and shard_size < 1:
+        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+    out = Path(out).expanduser()
+    source = source_name(spec, data_dir)
+    previous = _previous_plan(out, source)  # before the scan, which can take long: refuse a wrong --out at once
+    catalog = scan(spec, data_dir)
+    if catalog.skipped:
+        n = len(catalog.skipped)
+        print(f"note: skipped {n} entr{'y' if n == 1 else 'ies'} of {catalog.source} that are not regular files, "
+              f"e.g. {catalog.skipped[0]}", file=sys.stderr)
+    blocks = _blocks(catalog.records, catalog.splits)
+    plan = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
+        "max_side": max_side, "jpeg_quality": JPEG_QUALITY,
+        "shard_size": shard_size or previous.get("shard_size") or _auto_shard_size(catalog.records),
+        "classes": catalog.classes, "class_names": catalog.class_names,
+        "images": len(catalog.records), "splits": {name: len(recs) for name, recs in blocks.items()},
+        "fingerprint": _fingerprint(catalog.records),
+    }
+    if previous:
+        _check_same_plan(out, previous, plan, shard_size is not None)
+        if (out / MANIFEST).is_file():
+            print(f"{out} already holds every shard of {source} ({MANIFEST}); nothing to do", file=sys.stderr)
+            return verify_shards(out, hashes=False)
+    fresh = not out.exists()
+    try:
+        if not previous:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"cannot create {out}: {e.strerror or e}") from None
+            write_json(out / PLAN, plan)
+        manifest = _write_all(out, plan, blocks, workers or _n_workers(), progress)
+    except DataError:
+        _remove_run(out, plan, fresh or bool(previous))
+        raise
+    return manifest
+
+
+def source_name(spec: str, data_dir: str = "./data") -> str:
+    """How a manifest names the source ``spec``: the resolved folder or archive, or ``imagenet100:/abs/path``.
+    DataError when it does not exist."""
+    if spec in TORCHVISION_DATASETS:
+        raise DataError(f"{spec} is torchvision's array dataset, which has no image files to shard; shard a folder or "
+                        f"archive of its images instead")
+    imagenet = parse_spec(spec, Path(data_dir))
+    return imagenet.shown if imagenet else str(resolve(spec, Path(data_dir)))
+
+
+def _blocks(records: list[Any], splits: list[tuple[str, int]]) -> dict[str, list[_Rec]]:
+    out: dict[str, list[_Rec]] = {}
+    at = 0
+    for name, count in splits:
+        out[name or NO_SPLIT] = [(r.name, -1 if r.label is None else r.label, r.data) for r in records[at: at + count]]
+        at += count
+    return out
+
+
+def _auto_shard_size(records: list[Any]) -> int:
+    """Images per shard for about :data:`SHARD_BYTES` per shard, from the sizes of up to 256 evenly spaced files."""
+    step = max(1, len(records) // 256)
+    sizes = [len(r.data) if isinstance(r.data, bytes) else os.stat(r.data).st_size for r in records[::step]]
+    mean = max(1.0, sum(sizes) / max(1, len(sizes)))
+    return max(1, min(100_000, int(SHARD_BYTES // mean)))
+
+
+def _fingerprint(records: list[Any]) -> str:
+    """sha256 of every record's name and label: a source that changed between two runs has another."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.name}\0{r.label}\n".encode())
+    return h.hexdigest()
+
+
+def _previous_plan(out: Path, source: str) -> dict[str, Any]:
+    """The plan of the shard run in ``out`` ({} for a new or empty folder); DataError for a file, a folder of
+    other things, or shards of another source."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a folder for the shards")
+    if not out.exists() or not any(out.iterdir()):
+        return {}
+    for name in (MANIFEST, PLAN):
+        if (out / name).is_file():
+            try:
+                previous = json.loads((out / name).read_text())
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read {out / name} ({type(e).__name__}); remove {out} or pass another --out"
+                                ) from None
+            if not isinstance(previous, dict) or previous.get("format") != FORMAT:
+                break
+            if previous.get("source") != source:
+                raise DataError(f"--out {out} holds shards of another source ({previous.get('source')}), not "
+                                f"{source}; pass another --out or remove it")
+            return previous
+    raise DataError(f"--out {out} is a folder that holds other files, not empssl shards; give a new or empty folder")
+
+
+def _check_same_plan(out: Path, previous: dict[str, Any], plan: dict[str, Any], size_given: bool) -> None:
+    """Refuse to continue (or call complete) a run in ``out`` that another source state or other settings made."""
+    for key, flag in (("max_side", "--max-side"), ("shard_size", "--shard-size")):
+        if previous.get(key) != plan[key] and (key != "shard_size" or size_given):
+            raise DataError(f"--out {out} holds shards of {plan['source']} written with {flag} "
+                            f"{previous.get(key) or 'none'}, not {plan[key] or 'none'}; pass another --out or "
+                            f"remove it")
+    if previous.get("fingerprint") != plan["fingerprint"] or previous.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"--out {out} holds shards of {plan['source']} as it was before ({previous.get('images')} "
+                        f"images; now {plan['images']}, or renamed); remove {out} or pass another --out")
+
+
+def _remove_run(out: Path, plan: dict[str, Any], ours: bool) -> None:
+    """Remove what the shard runs wrote in ``out``, and ``out`` itself when a shard run created it and it is
+    left empty."""
+    for split in plan["splits"]:
+        shutil.rmtree(out / split, ignore_errors=True)
+    for name in (PLAN, MANIFEST):
+        (out / name).unlink(missing_ok=True)
+    if ours and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], workers: int,
+               progress: bool) -> Manifest:
+    size = int(plan["shard_size"])
+    max_side = plan["max_side"]
+    parts: dict[str, dict[int, dict[str, Any]]] = {}
+    jobs: list[_Job] = []
+    for split, recs in blocks.items():
+        folder = out / split
+        done = _done_parts(folder)
+        parts[split] = done
+        if (folder / "index.json").is_file() and len(done) == -(-len(recs) // size):
+            continue
+        for j in range(0, -(-len(recs) // size)):
+            if j not in done:
+                jobs.append((str(folder), j, recs[j * size: (j + 1) * size], size, max_side,
+                             str(plan["source"])))
+    todo = sum(len(job[2]) for job in jobs)
+    total = sum(plan["splits"].values())
+    workers = max(1, min(workers, len(jobs)))
+    pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint) \
+        if workers > 1 else None
+    results: Iterator[dict[str, Any]] = pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs)
+    try:
+        with tqdm(total=total, initial=total - todo, desc="sharding", unit="img", file=sys.stderr,
+                  disable=not progress) as bar:
+            for part in results:
+                if "error" in part:
+                    raise DataError(part["error"])
+                if "os_error" in part:
+                    raise OutputError(part["os_error"])
+                parts[Path(part["folder"]).name][part["index"]] = part
+                bar.update(part["images"])
+    except KeyboardInterrupt:
+        finished = sum(len(p) for p in parts.values())
+        shards = sum(-(-len(r) // size) for r in blocks.values())
+        raise KeyboardInterrupt(f"interrupted: {finished} of {shards} shards are written in {out}; run the same "
+                                f"command again to write the rest") from None
+    finally:
+        if pool is not None:
+            pool.terminate()
+    splits = {}
+    for split, recs in blocks.items():
+        ordered = [parts[split][j] for j in range(-(-len(recs) // size))]
+        _write_index(out / split, ordered)
+        splits[split] = {
+            "images": len(recs),
+            "stored": sum(p["stored"] for p in ordered), "reencoded": sum(p["reencoded"] for p in ordered),
+            "formats": _sum_counts(p["formats"] for p in ordered),
+            "shards": [{"name": p["chunk"]["filename"], "images": p["images"], "bytes": p["bytes"],
+                        "sha256": p["sha256"]} for p in ordered],
+        }
+    import litdata
+
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "empssl_version": __version__,
+        "litdata_version": litdata.__version__,
+        **{k: plan[k] for k in ("source", "max_side", "jpeg_quality", "shard_size", "classes", "class_names",
+                                "fingerprint")},
+        "item": {"image": "the image file's bytes (stored as they are, or re-encoded: JPEG)",
+                 "label": "int: index into classes, -1 without classes", "name": "str: path relative to the source"},
+        "images": total,
+        "stored": sum(s["stored"] for s in splits.values()),
+        "reencoded": sum(s["reencoded"] for s in splits.values()),
+        "splits": splits,
+    }
+    _write_json(out / MANIFEST, manifest)
+    (out / PLAN).unlink(missing_ok=True)
+    for split in blocks:
+        shutil.rmtree(out / split / ".parts", ignore_errors=True)
+    return verify_shards(out, hashes=False)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """:func:`write_json`, readable by others as the umask allows (a shard folder is often shared)."""
+    write_json(path, obj)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _sum_counts(counts: Iterator[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
+def _done_parts(folder: Path) -> dict[int, dict[str, Any]]:
+    """The shards of ``folder`` an earlier run finished (recorded in .parts/ and present at their size); stale
+    temporary folders of a killed run are removed."""
+    if not folder.is_dir():
+        return {}
+    for tmp in folder.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    done = {}
+    for record in sorted((folder / ".parts").glob("*.json")):
+        try:
+            part = json.loads(record.read_text())
+            chunk = folder / part["chunk"]["filename"]
+            if chunk.is_file() and chunk.stat().st_size == part["bytes"]:
+                done[int(part["index"])] = part
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a torn or foreign record: the shard is written again
+    return done
+
+
+def _write_shard(job: _Job) -> dict[str, Any]:
+    """Write shard ``j`` of a split with LitData's BinaryWriter; returns its record (or {"error": message})."""
+    from litdata.streaming.writer import BinaryWriter
+
+    folder, j, recs, size, max_side, source = job
+    split = Path(folder)
+    tmp = split / f".tmp-{j}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    stored = reencoded = 0
+    formats: dict[str, int] = {}
+    try:
+        writer = BinaryWriter(str(tmp), chunk_size=size, chunk_index=j)  # one chunk: recs fit
+        for i, (name, label, data) in enumerate(recs):
+            where = f"image {name} in {source}"
+            raw = data if isinstance(data, bytes) else _read(data, where)
+            image, fmt, kept = prepare_image(raw, max_side, where)
+            stored += kept
+            reencoded += not kept
+            formats[fmt] = formats.get(fmt, 0) + 1
+            writer.add_item(i, {"image": image, "label": label, "name": name})
+        writer.done()
+        index = json.loads(next(tmp.glob("*.index.json")).read_text())
+        (chunk,) = index["chunks"]
+        path = split / chunk["filename"]
+        os.replace(tmp / chunk["filename"], path)
+    except DataError as e:
+        return {"error": str(e)}
+    except OSError as e:  # disk full, no permission: the shards written so far stay for the next run
+        return {"os_error": f"cannot write shard {j} in {split}: {e.strerror or e}"}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    part = {"folder": folder, "index": j, "images": len(recs), "stored": stored, "reencoded": reencoded,
+            "formats": formats, "chunk": chunk, "config": index["config"], "bytes": path.stat().st_size,
+            "sha256": _sha256(path)}
+    write_json(split / ".parts" / f"{j}.json", part)
+    return part
+
+
+def _read(path: str, name: str) -> bytes:
+    from .data.sources import read_file
+
+    return read_file(path, name)
+
+
+def prepare_image(data: bytes, max_side: int | None, name: str = "image") -> tuple[bytes, str, bool]:
+    """The bytes a shard stores for one image file: ``(bytes, format, stored_as_is)``.
+
+    The file itself when its longer side fits ``max_side`` (or there is no limit); else decoded by
+    :func:`empssl.data.decode_image`'s rules, resized so that the longer side is ``max_side`` (Lanczos) and
+    encoded as JPEG quality :data:`JPEG_QUALITY`. ``format`` is the source file's, as PIL names it. DataError
+    (one line, naming ``name``) when the header cannot be read.
+    """
+    try:
+        with _pil_bomb_check_off(), Image.open(io.BytesIO(data)) as img:
+            fmt, (w, h) = str(img.format), img.size
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise DataError(f"cannot decode {name}: {_why(e)}") from e
+    if max_side is None or max(w, h) <= max_side:
+        return data, fmt, True
+    rgb = Image.fromarray(decode_image(data, 0, name))
+    scale = max_side / max(w, h)
+    rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue(), fmt, False
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_index(folder: Path, parts: list[dict[str, Any]]) -> None:
+    """The split's LitData ``index.json`` (what LitData's own merge of per-worker indexes writes), with
+    ``updated_at`` derived from the shards' hashes so that the same shards give the same file."""
+    config = parts[0]["config"]
+    for p in parts[1:]:
+        if {k: v for k, v in p["config"].items() if k != "types"} != {k: v for k, v in config.items() if k != "types"}:
+            raise DataError(f"shard {p['index']} of {folder} was written with another LitData layout than shard 0 "
+                            f"(another litdata version?); remove {folder} and run again")
+    digest = hashlib.sha256("".join(p["sha256"] for p in parts).encode()).hexdigest()[:16]
+    _write_json(folder / "index.json", {"chunks": [p["chunk"] for p in parts], "config": config,
+                                       "updated_at": digest})
+
+
+# --- checking ------------------------------------------------------------------------------------------
+
+
+def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
+    """Check a shard folder against its ``manifest.json`` and return it.
+
+    Checks: the manifest is there and readable (an unfinished run is named as one), each split's ``index.json``
+    lists the manifest's shards with their image counts, every shard file is there with its size, and (``hashes``)
+    its sha256; the counts add up. Raises DataError with one line naming the first problem.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"shards not found: {root} is not a folder (make them with: empssl shard SRC --out {root})")
+    path = root / MANIFEST
+    if not path.is_file():
+        if (root / PLAN).is_file():
+            raise DataError(f"{root} holds an unfinished shard run (no {MANIFEST} yet); run the same empssl shard "
+                            f"command again to finish it")
+        raise DataError(f"no {MANIFEST} in {root}: not a folder of empssl shards (make them with: empssl shard SRC "
+                        f"--out {root})")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise DataError(f"{path} is not an empssl shard manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{path} has shard format version {data.get('format_version')}; this empssl reads "
+                            f"version {FORMAT_VERSION} (shard the source again)")
+        splits = {name: SplitShards(int(s["images"]), int(s["stored"]), int(s["reencoded"]), dict(s["formats"]),
+                                    [ShardFile(str(f["name"]), int(f["images"]), int(f["bytes"]), str(f["sha256"]))
+                                     for f in s["shards"]])
+                  for name, s in data["splits"].items()}
+        manifest = Manifest(root, str(data["source"]), data["classes"], data["class_names"], data["max_side"],
+                            int(data["shard_size"]), splits, data)
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} is damaged or not a shard manifest ({type(e).__name__}: {e}); shard the source "
+                        f"again") from None
+    for name, split in manifest.splits.items():
+        _verify_split(manifest.split_dir(name), split, hashes)
+    if sum(s.images for s in splits.values()) != data.get("images"):
+        raise DataError(f"{path} counts {data.get('images')} images but its splits hold "
+                        f"{sum(s.images for s in splits.values())}")
+    return manifest
+
+
+def _verify_split(folder: Path, split: SplitShards, hashes: bool) -> None:
+    index_path = folder / "index.json"
+    try:
+        chunks = json.loads(index_path.read_text())["chunks"]
+        listed = [(str(c["filename"]), int(c["chunk_size"])) for c in chunks]
+    except FileNotFoundError:
+        raise DataError(f"missing {index_path} (the manifest lists this split)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{index_path} is damaged ({type(e).__name__}); shard the source again") from None
+    if listed != [(f.name, f.images) for f in split.shards]:
+        raise DataError(f"{index_path} does not list the shards that {MANIFEST} lists for {folder.name}")
+    if sum(f.images for f in split.shards) != split.images or split.stored + split.reencoded != split.images:
+        raise DataError(f"{MANIFEST} counts {split.images} images in {folder.name}, but its shards hold "
+                        f"{sum(f.images for f in split.shards)} ({split.stored} stored + {split.reencoded} "
+                        f"re-encoded)")
+    for f in split.shards:
+        path = folder / f.name
+        if not path.is_file():
+            raise DataError(f"missing shard {path} (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != f.bytes:
+            raise DataError(f"shard {path} is {size:,} bytes, {MANIFEST} says {f.bytes:,} (truncated or changed)")
+        if hashes and _sha256(path) != f.sha256:
+            raise DataError(f"shard {path} does not match its sha256 in {MANIFEST} (changed or corrupt)")

@@ -1,0 +1,269 @@
+"""empssl shard: LitData shards of a source's encoded images, their manifest, resume, verify_shards, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from empssl import shard
+from empssl.cli import main
+from empssl.data import DataError, scan
+from empssl.shard import verify_shards, write_shards
+
+litdata = pytest.importorskip("litdata")
+
+
+def _image(path: Path, size: tuple[int, int], seed: int, fmt: str) -> None:
+    """A smooth random picture (JPEG-friendly like a photo, unlike pixel noise)."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8))
+    small.resize(size, Image.Resampling.BILINEAR).save(path, format=fmt, **({"quality": 80} if fmt == "JPEG" else {}))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A split root: train/ (3 classes, 4 images each) and test/ (2 each); JPEGs 32x24 and 16x16, a few PNGs."""
+    root = tmp_path / "src"
+    seed = 0
+    for split, n in (("train", 4), ("test", 2)):
+        for c in ("ant", "bee", "cat"):
+            for i in range(n):
+                seed += 1
+                fmt = "PNG" if i == 1 else "JPEG"
+                size = (32, 24) if i % 2 == 0 else (16, 16)
+                _image(root / split / c / f"{i}.{'png' if fmt == 'PNG' else 'jpg'}", size, seed, fmt)
+    return root
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _read_split(folder: Path) -> list[dict]:
+    ds = litdata.StreamingDataset(str(folder))
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_round_trip_through_streaming_dataset(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    m = write_shards(str(tree), out, workers=1, shard_size=5, progress=False)
+    catalog = scan(str(tree))
+    assert list(m.splits) == ["train", "test"] and m.classes == ["ant", "bee", "cat"]
+    assert [len(s.shards) for s in m.splits.values()] == [3, 2]  # 12 = 5+5+2, 6 = 5+1
+    at = 0
+    for split, count in catalog.splits:
+        items = _read_split(out / split)
+        assert len(items) == count == m.splits[split].images
+        for item, record in zip(items, catalog.records[at: at + count], strict=True):
+            assert bytes(item["image"]) == record.read()
+            assert item["label"] == record.label and item["name"] == record.name
+        at += count
+    assert m.data["stored"] == 18 and m.data["reencoded"] == 0
+    assert m.splits["train"].formats == {"JPEG": 9, "PNG": 3}
+    assert not (out / shard.PLAN).exists() and not list(out.rglob(".parts"))
+
+
+def test_folder_without_classes_is_one_split_with_label_minus_one(tmp_path: Path) -> None:
+    for i in range(3):
+        _image(tmp_path / "photos" / f"{i}.jpg", (20, 10), i, "JPEG")
+    m = write_shards(str(tmp_path / "photos"), tmp_path / "out", workers=1, progress=False)
+    assert list(m.splits) == [shard.NO_SPLIT] and m.classes is None
+    items = _read_split(tmp_path / "out" / shard.NO_SPLIT)
+    assert [(i["name"], i["label"]) for i in items] == [("0.jpg", -1), ("1.jpg", -1), ("2.jpg", -1)]
+
+
+def test_max_side_keeps_fitting_jpegs_byte_for_byte_and_reencodes_the_rest(tree: Path, tmp_path: Path) -> None:
+    m = write_shards(str(tree), tmp_path / "out", max_side=20, workers=1, shard_size=4, progress=False)
+    records = {r.name: r for r in scan(str(tree)).records}
+    items = _read_split(tmp_path / "out" / "train") + _read_split(tmp_path / "out" / "test")
+    kept = reencoded = 0
+    for item in items:
+        data, source = bytes(item["image"]), records[item["name"]].read()
+        with Image.open(io.BytesIO(source)) as img:
+            w, h = img.size
+        if max(w, h) <= 20:  # the 16x16 JPEGs and PNGs: the file itself
+            assert data == source
+            kept += 1
+        else:  # 32x24 -> 20x15, one JPEG q90
+            with Image.open(io.BytesIO(data)) as img:
+                assert img.format == "JPEG" and img.size == (20, 15)
+                back = np.asarray(img.convert("RGB"), dtype=np.float64)
+            with Image.open(io.BytesIO(source)) as img:
+                want = np.asarray(img.convert("RGB").resize((20, 15), Image.Resampling.LANCZOS), dtype=np.float64)
+            assert np.abs(back - want).mean() < 8  # the same picture through one q90 encoding (4:2:0, 20x15 px)
+            reencoded += 1
+    assert (kept, reencoded) == (m.data["stored"], m.data["reencoded"]) == (9, 9)
+    assert m.max_side == 20 and m.data["jpeg_quality"] == 90
+
+
+def test_parallel_run_writes_the_same_files_as_a_serial_run(tree: Path, tmp_path: Path) -> None:
+    write_shards(str(tree), tmp_path / "serial", workers=1, shard_size=2, progress=False)
+    write_shards(str(tree), tmp_path / "parallel", workers=2, shard_size=2, progress=False)
+    serial, parallel = _files(tmp_path / "serial"), _files(tmp_path / "parallel")
+    assert len(serial) == 6 + 3 + 2 + 1 and serial == parallel  # 6 + 3 shards, 2 index.json, the manifest
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_files(tree: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    write_shards(str(tree), tmp_path / "clean", workers=1, shard_size=2, progress=False)
+    real, calls = shard.prepare_image, [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 8:  # in shard 3 of train: shards 0-2 are written, 3 half
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shard, "prepare_image", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt, match="3 of 9 shards"):
+        write_shards(str(tree), out, workers=1, shard_size=2, progress=False)
+    with pytest.raises(DataError, match="unfinished shard run"):
+        verify_shards(out)
+    monkeypatch.setattr(shard, "prepare_image", real)
+    calls[0] = 0
+    rerun, counted = shard.prepare_image, []
+    monkeypatch.setattr(shard, "prepare_image", lambda *a, **k: counted.append(1) or rerun(*a, **k))
+    write_shards(str(tree), out, workers=1, progress=False)  # the plan's shard size is kept
+    assert len(counted) == 18 - 6  # the three finished shards are not written again
+    assert _files(out) == _files(tmp_path / "clean")
+    verify_shards(out)
+
+
+_KILLER = """
+import os, signal, sys
+from empssl import shard
+real, n = shard.prepare_image, [0]
+def prepare(*a, **k):
+    n[0] += 1
+    if n[0] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+shard.prepare_image = prepare
+shard.write_shards(sys.argv[1], sys.argv[2], workers=1, shard_size=3, progress=False)
+"""
+
+
+@pytest.mark.slow  # two subprocesses that import torch: about 20 s on the loaded 2-core machine
+def test_a_killed_run_is_not_taken_for_complete_and_the_next_run_finishes_it(tree: Path, tmp_path: Path) -> None:
+    write_shards(str(tree), tmp_path / "clean", workers=1, shard_size=3, progress=False)
+    out = tmp_path / "out"
+    for kill_at in (5, 14):  # in train's second shard; then, resumed, in test's first
+        proc = subprocess.run([sys.executable, "-c", _KILLER, str(tree), str(out), str(kill_at)],
+                              env={**os.environ, "PYTHONPATH": str(Path(shard.__file__).parents[1])})
+        assert proc.returncode == -9
+        assert list(out.glob("*/.tmp-*")) and not (out / "manifest.json").exists()
+        with pytest.raises(DataError, match="unfinished"):
+            verify_shards(out)
+    assert main(["shard", str(tree), "--out", str(out), "--no-progress"]) == 0
+    assert _files(out) == _files(tmp_path / "clean")
+    assert main(["shard", str(tree), "--out", str(out), "--no-progress"]) == 0  # complete: nothing to do
+
+
+def test_verify_shards_finds_tampering(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write_shards(str(tree), out, workers=1, shard_size=4, progress=False)
+    assert verify_shards(out).splits["train"].images == 12
+    chunk = out / "train" / "chunk-0-1.bin"
+    good = chunk.read_bytes()
+    chunk.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(DataError, match="does not match its sha256"):
+        verify_shards(out)
+    verify_shards(out, hashes=False)  # same size: only the hash tells
+    chunk.write_bytes(good[:-10])
+    with pytest.raises(DataError, match="truncated"):
+        verify_shards(out)
+    chunk.unlink()
+    with pytest.raises(DataError, match="missing shard"):
+        verify_shards(out)
+    chunk.write_bytes(good)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["test"]["images"] = 7
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="counts 7 images in test"):
+        verify_shards(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="damaged"):
+        verify_shards(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(DataError, match="not a folder of empssl shards"):
+        verify_shards(out)
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], message: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tree: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    _fails(["shard", str(tmp_path / "nowhere"), "--out", str(out)], capsys, "data not found")
+    (tmp_path / "empty").mkdir()
+    _fails(["shard", str(tmp_path / "empty"), "--out", str(out)], capsys, "no images")
+    _fails(["shard", "cifar10", "--out", str(out)], capsys, "no image files to shard")
+    assert not out.exists()
+    (tmp_path / "file").write_text("x")
+    _fails(["shard", str(tree), "--out", str(tmp_path / "file")], capsys, "is a file")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    _fails(["shard", str(tree), "--out", str(tmp_path / "other")], capsys, "holds other files")
+    _fails(["shard", str(tree), "--out", str(out), "--max-side", "0"], capsys, "expected a whole number >= 1")
+    assert main(["shard", str(tree), "--out", str(out), "--no-progress", "--shard-size", "5"]) == 0
+    capsys.readouterr()
+    for i in range(2):
+        _image(tmp_path / "src2" / f"{i}.jpg", (8, 8), i, "JPEG")
+    _fails(["shard", str(tmp_path / "src2"), "--out", str(out)], capsys, f"holds shards of another source ({tree})")
+    _fails(["shard", str(tree), "--out", str(out), "--max-side", "10"], capsys, "written with --max-side none")
+    (tree / "train" / "ant" / "9.jpg").write_bytes((tree / "train" / "ant" / "0.jpg").read_bytes())
+    _fails(["shard", str(tree), "--out", str(out)], capsys, "as it was before (18 images; now 19")
+    verify_shards(out)  # refused runs leave the shards alone
+
+
+def test_an_image_that_cannot_be_read_stops_the_run_and_removes_it(tree: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tree / "test" / "cat" / "1.png").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    _fails(["shard", str(tree), "--out", str(out), "--shard-size", "2", "--workers", "2", "--no-progress"], capsys,
+           "cannot decode image test/cat/1.png in")
+    assert not out.exists()
+
+
+def _check_against_scan(spec: str, out: Path, data_dir: Path) -> None:
+    """Every split of ``out`` holds the images of ``scan(spec)`` in its order: bytes, labels, names."""
+    catalog = scan(spec, str(data_dir))
+    m = verify_shards(out)
+    assert m.classes == catalog.classes and m.class_names == catalog.class_names
+    at = 0
+    for split, count in catalog.splits:
+        items = _read_split(out / split)
+        records = catalog.records[at: at + count]
+        assert [(bytes(i["image"]), i["label"], i["name"]) for i in items] == [
+            (r.read(), r.label, r.name) for r in records]
+        at += count
+
+
+def test_tiny_imagenet_archive_and_imagenet100_tree(tmp_path: Path) -> None:
+    from .test_data import archive
+    from .test_imagenet import EXTRA, LIST, make_imagenet
+    from .test_tiny_imagenet import make_tiny
+
+    tiny = archive(make_tiny(tmp_path / "t"), tmp_path / "tiny-imagenet-200.zip", wrap="tiny-imagenet-200")
+    m = write_shards(str(tiny), tmp_path / "tiny", workers=2, shard_size=3, progress=False)
+    assert list(m.splits) == ["train", "val"] and m.class_names is not None
+    _check_against_scan(str(tiny), tmp_path / "tiny", tmp_path)
+    tree = make_imagenet(tmp_path / "in" / "imagenet", LIST + EXTRA)
+    spec = f"imagenet100:{tree}"
+    m = write_shards(spec, tmp_path / "in100", workers=2, progress=False)
+    assert m.source == f"imagenet100:{tree.resolve()}" and len(m.classes or []) == 100
+    _check_against_scan(spec, tmp_path / "in100", tmp_path)
