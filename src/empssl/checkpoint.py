@@ -6,6 +6,7 @@ run trained is :func:`empssl.rundir.load_checkpoint`.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ class CheckpointError(RuntimeError):
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``
     (:func:`empssl.files.write_atomic`): a run killed mid-write leaves the previous checkpoint intact."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    buffer = io.BytesIO()  # serialised in memory, so that a full disk is an OSError of the write, never torch's
+    torch.save(obj, buffer)
+    write_atomic(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -38,12 +41,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is not an empssl checkpoint (an empty file)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # a torch zip archive, or torch's legacy pickle
+        raise CheckpointError(f"{path} is not an empssl checkpoint (not a PyTorch file: it starts with {head!r})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, pickled objects...
         text = str(e)
-        if "weights_only" in text or "Unsupported global" in text:
+        if "Unsupported global" in text or "GLOBAL" in text:
             why = "it holds pickled Python objects, which empssl does not load"
+        elif "weights_only" in text:  # torch's advice to load it unsafely is not repeated
+            detail = next((line.split("error:", 1)[1].strip() for line in text.splitlines()
+                           if "Unpickler error:" in line), "")
+            why = f"damaged or not a checkpoint{': ' + detail if detail else ''}"
         else:
             why = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
         raise CheckpointError(f"{path} is not an empssl checkpoint ({why})") from None

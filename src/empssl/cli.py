@@ -327,8 +327,10 @@ def cmd_ablate_patches(args: argparse.Namespace) -> int:
 
 def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
     from .experiments import ablate_test_patches
+    from .files import check_writable_dir
     from .rundir import run_dir_of
 
+    check_writable_dir(args.out or run_dir_of(args.checkpoint))
     ablate_test_patches(args.checkpoint, args.counts, _explicit(args),
                         out_dir=args.out, progress=not args.no_progress)
     print(f"results written to {Path(args.out or run_dir_of(args.checkpoint)) / 'test_patch_ablation.md'}")
@@ -345,10 +347,12 @@ def cmd_tsne(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .files import check_writable_dir
     from .report import write_report
 
     if args.out is None and len(args.runs) > 1:
         raise ConfigError("give --out DIR when reporting several runs")
+    check_writable_dir(args.out or args.runs[0])
     path = write_report(args.runs, args.out or args.runs[0], targets=args.targets)
     print(f"report written to {path}")
     return 0
@@ -361,7 +365,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     budget = args.budget_seconds
     if args.smoke:
         overrides = {**SMOKE, **overrides}
-        budget = budget or SMOKE_BUDGET_SECONDS
+        budget = SMOKE_BUDGET_SECONDS if budget is None else budget
     if budget is None:
         raise ConfigError("--budget-seconds is required (the training wall time each method gets)")
     summary = compare(args.methods, args.out, budget, overrides, recipes=args.recipes, targets=args.targets,
@@ -376,7 +380,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from .embed import embed
     from .evaluate import view_label
+    from .files import check_writable_file
 
+    check_writable_file(args.out, "--out")  # before the features are computed
     s = embed(args.checkpoint, args.data, args.out, test_patches=args.test_patches, eval_feature=args.eval_feature,
               eval_view=args.eval_view, eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size,
               device=args.device, image_size=args.image_size or 0, data_dir=args.data_dir or Config().data_dir,
@@ -388,7 +394,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_backbone
+    from .files import check_writable_file
 
+    check_writable_file(args.out, "--out")
     print(f"backbone ({args.format}) written to {export_backbone(args.checkpoint, args.out, args.format)}")
     return 0
 
@@ -421,26 +429,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .experiments import load_for_eval
-    from .files import write_json
+    from .files import check_writable_file, write_json
     from .rundir import run_dir_of
 
+    out = Path(args.out) if args.out else run_dir_of(args.checkpoint) / "results-eval.json"
+    check_writable_file(out, "--out")  # before the evaluation, not after it
     # load_for_eval: another --data than the run's (transfer) gets all its images unless subsets are given
     model, cfg, ckpt, train_data, test_data, device = load_for_eval(
         args.checkpoint, _explicit(args), progress=not args.no_progress)
     results = evaluate(model, train_data, test_data, cfg, device, progress=not args.no_progress)
     results.update(checkpoint=str(args.checkpoint), step=ckpt.get("step"), data=cfg.data)
-    out = Path(args.out) if args.out else run_dir_of(args.checkpoint) / "results-eval.json"
     write_json(out, results)
     print(f"results written to {out}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DataError
-
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError)
-    try:
+    user_errors: tuple[type[BaseException], ...] = (ConfigError,)
+    try:  # the imports too: a Ctrl-C while torch loads is one line like any other
+        from .checkpoint import CheckpointError
+        from .data import DataError
         from .embed import EmbedError
         from .evaluate import EvalError
         from .export import ExportError
@@ -449,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .report import ReportError
         from .train import TrainError
 
-        user_errors += (EvalError, ProbeError, TrainError, ReportError, EmbedError, ExportError, OutputError)
+        user_errors += (DataError, CheckpointError, EvalError, ProbeError, TrainError, ReportError, EmbedError,
+                        ExportError, OutputError)
         parser = build_parser()
         argv = sys.argv[1:] if argv is None else list(argv)
         names = ",".join(map(str, parser._subparsers._group_actions[0].choices or ()))  # type: ignore[union-attr]
@@ -466,8 +475,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors as e:
         print(f"empssl: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        print(f"empssl: {e or 'interrupted'}", file=sys.stderr)
+    except OSError as e:  # the environment's refusal that no module turned into its own error (read-only, full)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"empssl: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # train() says what the run directory kept
+        print(f"empssl: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

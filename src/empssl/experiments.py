@@ -9,7 +9,7 @@ over :func:`empssl.train.train` and :mod:`empssl.evaluate`.
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +23,7 @@ from .config import Config, ConfigError
 from .data import ImageData, load_data
 from .devices import resolve_device, synchronize
 from .evaluate import check_splits, extract_prefix_features, feature_options, image_features, score_features, view_label
-from .files import write_json, write_text
+from .files import check_writable_file, write_json, write_text
 from .methods import create_method, eval_protocol
 from .report import (
     ReportError,
@@ -69,11 +69,9 @@ def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress
 
 
 def _saved_config(checkpoint: str | Path) -> dict[str, Any]:
-    """The config saved with a run (config.json beside the checkpoint, else the checkpoint's own copy)."""
-    run = run_dir_of(checkpoint)
-    if (run / "config.json").is_file():
-        return json.loads((run / "config.json").read_text())["config"]
-    return read_checkpoint(checkpoint).get("config", {})
+    """The config a run was trained with: the checkpoint's own (config.json is only its readable copy)."""
+    config = read_checkpoint(checkpoint).get("config", {})
+    return config if isinstance(config, dict) else {}
 
 
 # --- patch-count ablation ----------------------------------------------------------------------------------
@@ -196,6 +194,19 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = N
 # --- t-SNE -------------------------------------------------------------------------------------------------
 
 
+def tsne_path(checkpoint: str | Path, out: str | Path | None) -> Path:
+    """Where ``empssl tsne`` writes its PNG: ``out`` (a .png file, or a folder: ``out/tsne.png``), by default
+    ``RUN/tsne.png``."""
+    if out is None:
+        return run_dir_of(checkpoint) / "tsne.png"
+    path = Path(out)
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
+        return path / "tsne.png"
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"--out must be a .png file or a folder, got {out}")
+    return path
+
+
 def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *, max_points: int = 5000,
              out: str | Path | None = None, seed: int = 0, progress: bool = True,
              log: Callable[[str], Any] = print) -> Path:
@@ -204,6 +215,7 @@ def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *,
     a PNG (default ``RUN/tsne.png``) with a ``.json`` of its settings beside it. Returns the PNG path."""
     if max_points < 2:
         raise ConfigError(f"--max-points must be >= 2, got {max_points}")
+    check_writable_file(tsne_path(checkpoint, out))  # before the features and the t-SNE, not after them
     try:
         from sklearn.manifold import TSNE
     except ImportError:
@@ -220,7 +232,7 @@ def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *,
     xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
         torch.nn.functional.normalize(feats, dim=1).numpy())
     log(f"t-SNE of {n} test images ({how}) in {time.perf_counter() - t0:.1f} s")
-    path = Path(out) if out else run_dir_of(checkpoint) / "tsne.png"
+    path = tsne_path(checkpoint, out)
     path.parent.mkdir(parents=True, exist_ok=True)
     title = f"t-SNE of {cfg.data} test features ({cfg.method}, step {ckpt.get('step')}, {how})"
     plot_tsne(xy, test.labels.numpy(), list(test.classes), path, title=title)

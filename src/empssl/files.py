@@ -40,6 +40,10 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only remount, a quota: the previous file is untouched
+        tmp.unlink(missing_ok=True)
+        kept = "the previous one is kept" if path.exists() else "nothing was written"
+        raise OutputError(f"cannot write {path}: {e.strerror or e}; {kept}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -54,6 +58,41 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically (:func:`write_atomic`)."""
     return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def check_writable_dir(path: str | Path, what: str = "output folder") -> None:
+    """Raise OutputError (one line) unless files can be created in the folder ``path``, which need not exist yet.
+
+    The nearest existing folder at or above ``path`` is probed with a temporary file, removed at once: a
+    read-only mount, a missing permission or a path that is a file is found before long work starts, and
+    nothing is left behind (``os.access`` would not do: it says yes to root on a read-only mount).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder")
+    _probe(path, f"{what} {path}")
+
+
+def check_writable_file(path: str | Path, what: str = "output") -> None:
+    """Raise OutputError (one line) unless the file ``path`` can be written (its folder probed as above)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file name")
+    _probe(path.parent, f"{what} {path}")
+
+
+def _probe(folder: Path, what: str) -> None:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot write {what}: {probe} is a file")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".empssl-probe.", suffix=".tmp")
+    except OSError as e:
+        raise OutputError(f"cannot write {what}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def cut_jsonl(path: str | Path, step: int) -> None:

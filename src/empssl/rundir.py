@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,7 +39,7 @@ RESUMABLE_CHANGES = frozenset({
     "device", "data_dir", "log_every", "checkpoint_every", "log",  # where and how often
     "test_patches", "eval_view", "eval_feature", "eval_seed", "eval_batch_size", "probe_epochs", "probe_lr",
     "probe_lrs", "probe_momentum", "probe_weight_decay", "probe_batch_size", "probe_val_fraction", "knn_k",
-    "knn_temperature", "compare_random_init",  # evaluation
+    "knn_temperature", "compare_random_init", "test_subset",  # evaluation
     "eval_every", "monitor_patches", "monitor_bank", "monitor_test",  # monitoring
     "grad_checkpointing", "compile",  # speed: exact or numerically equivalent
     "online_stop", "online_timeout", "online_settle", "online_eval", "online_eval_every",  # following a stream
@@ -59,22 +59,63 @@ def saved_config(out_dir: str | Path) -> Config | None:
         return None
     try:
         return Config.from_dict(json.loads(path.read_text())["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path} is not an empssl config ({type(e).__name__}: {e})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, OSError) as e:
+        raise ConfigError(f"{path} is not an empssl config ({type(e).__name__}: {e}); delete it and it is "
+                          f"rewritten from the checkpoint") from None
+
+
+def checkpoint_config(out_dir: str | Path) -> Config | None:
+    """The config the checkpoint of ``out_dir`` was trained with (the run's truth), or None without a checkpoint."""
+    path = Path(out_dir) / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    try:
+        return Config.from_dict(read_checkpoint(path).get("config", {}))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from None
+
+
+def _differences(a: Config, b: Config, keys: Iterable[str]) -> list[str]:
+    """The keys among ``keys`` whose values differ between ``a`` and ``b`` and that may not change on resume."""
+    da, db = a.to_dict(), b.to_dict()
+    return [k for k in keys if k not in RESUMABLE_CHANGES and da.get(k, _ABSENT) != db.get(k, _ABSENT)]
+
+
+_ABSENT = object()
+
+
+def _shown(cfg: Config, keys: list[str]) -> str:
+    d = cfg.to_dict()
+    return ", ".join(f"{k}={d.get(k)!r}" for k in keys)
 
 
 def run_config(out_dir: str | Path, cfg: Config, explicit: dict[str, Any]) -> Config:
-    """The config to use for ``out_dir``: ``cfg`` for a new run; for an existing run its saved config with the
-    explicitly given settings applied, refusing those that would change the weights being resumed."""
-    saved = saved_config(out_dir)
-    if saved is None:
+    """The config to use for ``out_dir``: ``cfg`` for a new run; for an existing run its checkpoint's config with
+    the explicitly given settings of :data:`RESUMABLE_CHANGES` applied.
+
+    The checkpoint's config is the run's truth and config.json its readable copy: a config.json that differs
+    from it, or an explicit setting (a flag, --config, a preset) that differs from it outside
+    :data:`RESUMABLE_CHANGES`, is a one-line ConfigError naming every such field. A config.json without a
+    checkpoint is left by a start that never reached its first checkpoint: it binds nothing (and is rewritten
+    with the first checkpoint), so a corrected command starts afresh.
+    """
+    out = Path(out_dir)
+    truth = checkpoint_config(out)
+    if truth is None:
         return cfg
-    changed = [k for k, v in explicit.items() if k not in RESUMABLE_CHANGES and getattr(saved, k) != v]
+    copy = saved_config(out)
+    if copy is not None:
+        edited = _differences(truth, copy, {**copy.to_dict(), **truth.to_dict()})
+        if edited:
+            raise ConfigError(f"{out / 'config.json'} says {_shown(copy, edited)} but the checkpoint was trained "
+                              f"with {_shown(truth, edited)}; the checkpoint is the run's truth: restore "
+                              f"config.json or delete it (it is rewritten from the checkpoint)")
+    changed = _differences(truth, cfg, explicit)
     if changed:
-        k = changed[0]
-        raise ConfigError(f"{out_dir} holds a run with {k}={getattr(saved, k)!r}, not {explicit[k]!r}; "
-                          f"drop {flag(k)} to resume it or choose a new --out")
-    return saved.replace(**{k: v for k, v in explicit.items() if k in RESUMABLE_CHANGES}).validate()
+        raise ConfigError(f"{out} holds a run with {_shown(truth, changed)}, not {_shown(cfg, changed)}; drop "
+                          f"{', '.join(flag(k) for k in changed)} to resume it or choose a new --out (only "
+                          f"the settings listed in the README may change on resume)")
+    return truth.replace(**{k: getattr(cfg, k) for k in explicit if k in RESUMABLE_CHANGES}).validate()
 
 
 def write_config(out_dir: str | Path, cfg: Config) -> None:
@@ -241,12 +282,15 @@ class MetricsLog:
 
     Also remembers the first step whose update was skipped (a non-finite loss or gradient), read at the steps
     that sync anyway. ``path`` None (ranks other than 0) keeps the sums and writes nothing. The file is first
-    cut back to ``start_step`` (the checkpoint a resumed run starts from), so that every step has one line.
+    cut back to ``start_step`` (the checkpoint a resumed run starts from), so that every step has one line, and
+    the sums start from ``state`` (:meth:`state`, saved with that checkpoint), so that the next line averages
+    the same steps as an uninterrupted run's.
     """
 
     def __init__(self, path: Path | None, terms: tuple[str, ...], device: torch.device, *, start_step: int,
                  steps_per_epoch: int, views_per_step: int, bar: Any = None,
-                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_record: Callable[[dict[str, Any]], None] | None = None,
+                 state: dict[str, Any] | None = None) -> None:
         if path is not None:
             cut_jsonl(path, start_step)
         self.terms, self.steps_per_epoch, self.views_per_step, self.bar = terms, steps_per_epoch, views_per_step, bar
@@ -255,12 +299,21 @@ class MetricsLog:
         self.sums = torch.zeros(len(terms), device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step whose update was skipped
         self.n, self.t_last = 0, time.perf_counter()
+        self.timed = 0  # steps since t_last (a resumed run's restored steps were timed by the session before)
+        if state is not None and tuple(state["sums"].shape) == (len(terms),):
+            self.sums.copy_(state["sums"])
+            self.n = int(state["n"])
+
+    def state(self) -> dict[str, Any]:
+        """The running sums since the last line (a checkpoint keeps them: see the class)."""
+        return {"sums": self.sums.detach().cpu().clone(), "n": self.n}
 
     def add(self, values: torch.Tensor, applied: torch.Tensor, step: int) -> None:
         """Add step ``step``'s (T,) loss terms; ``applied`` (0-d bool) says whether its update was applied."""
         self.sums += values
         self.first_bad = torch.where(applied | (self.first_bad >= 0), self.first_bad, step)
         self.n += 1
+        self.timed += 1
 
     def non_finite_step(self, step: int) -> int | None:
         """The first step whose loss or gradient was non-finite (``step`` if only the sums show it), or None."""
@@ -278,7 +331,7 @@ class MetricsLog:
         dt = time.perf_counter() - self.t_last
         rec = {"step": step, **({"epoch": round(step / self.steps_per_epoch, 4)} if self.steps_per_epoch else {}),
                **dict(zip(self.terms, (self.sums / self.n).tolist())), "lr": lr,
-               "patches_per_s": self.n * self.views_per_step / max(dt, 1e-9)}
+               "patches_per_s": self.timed * self.views_per_step / max(dt, 1e-9)}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
         if self.on_record is not None:
@@ -287,7 +340,7 @@ class MetricsLog:
             self.bar.set_postfix({k: f"{rec[k]:.3g}" for k in self.terms[:3]}
                                  | {"views/s": f"{rec['patches_per_s']:.0f}"})
         self.sums.zero_()
-        self.n, self.t_last = 0, time.perf_counter()
+        self.n, self.timed, self.t_last = 0, 0, time.perf_counter()
 
     def close(self) -> None:
         self.file.close()

@@ -33,7 +33,7 @@ from .data import ImageData, load_data
 from .devices import autocast_dtype, device_name, synchronize
 from .distributed import SINGLE, Dist
 from .evaluate import evaluate, view_label
-from .files import write_json
+from .files import check_writable_dir, write_json
 from .methods import Method, create_method
 from .monitor import Monitor
 from .optim import LARS, lars_param_groups, lr_at
@@ -98,6 +98,8 @@ class Run:
     clock_state: dict[str, float] | None = None  # the monitor clock of the sessions before a resume
     compiler: Compiler | None = None  # the module the step calls (set up once the step to start from is known)
     tracker: Tracking = NO_TRACKING  # --log: TensorBoard / W&B / MLflow, beside the JSONL files
+    metrics_state: dict[str, Any] | None = None  # the checkpoint's running loss sums since its last log step
+    config_written: bool = False  # config.json is written with this session's first checkpoint
 
     @property
     def ckpt_path(self) -> Path:
@@ -147,8 +149,9 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
     """Data, run directory, model, optimiser and generator; resumed from ``out/checkpoint.pt`` if there is one;
     then the speed decisions, made once: activation recomputation (``--grad-checkpointing``) and ``--compile``.
 
-    The run directory is created only once the data has loaded and the batch fits it, so a failed start leaves
-    nothing behind; an existing directory is never removed. Its :class:`empssl.rundir.RunLock` joins ``held``
+    The run directory is created only once the data has loaded and the batch fits it, and config.json is written
+    with the first checkpoint, so a failed or interrupted start leaves nothing that binds the next command; an
+    existing directory is never removed. Its :class:`empssl.rundir.RunLock` joins ``held``
     (one writer per run directory, until the caller leaves ``held``).
     """
     t0 = time.perf_counter()
@@ -161,8 +164,6 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
         out.mkdir(parents=True, exist_ok=True)
         held.enter_context(RunLock(out, log))
         remove_orphans(out, log)  # temporary files of a killed process
-        if not (out / "config.json").is_file():
-            write_config(out, cfg)
 
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     schedule_steps = max(total_steps, round((cfg.schedule_epochs or cfg.epochs) * steps_per_epoch))
@@ -203,7 +204,10 @@ def resume(run: Run, log: Callable[[str], None]) -> None:
                          f"(only --tcr-global and --sync-bn make the run independent of that number)")
     load_model_state(run.model, ckpt["model"], f"checkpoint {run.ckpt_path}")
     run.opt.load_state_dict(ckpt["optimizer"])
-    run.step, run.clock_state = int(ckpt["step"]), ckpt.get("clock")
+    run.step, run.clock_state, run.metrics_state = int(ckpt["step"]), ckpt.get("clock"), ckpt.get("metrics")
+    if dist.is_main and not (run.out / "config.json").is_file():  # its readable copy, deleted: written again
+        write_config(run.out, Config.from_dict(ckpt.get("config", {})))
+        log(f"{run.out / 'config.json'} was missing; rewritten from the checkpoint")
     torch.set_rng_state(ckpt["rng"]["torch"])
     saved_on = ckpt["rng"].get("device")
     try:
@@ -220,8 +224,10 @@ def resume(run: Run, log: Callable[[str], None]) -> None:
         log(f"resuming {run.out} at step {run.step}/{run.total_steps}")
 
 
-def save(run: Run, step: int, clock: dict[str, float], extra: dict[str, Any] | None = None) -> None:
-    """An atomic checkpoint of the run at ``step`` (rank 0 only); ``extra`` adds entries (the online stream)."""
+def save(run: Run, step: int, clock: dict[str, float], metrics: dict[str, Any] | None = None,
+         extra: dict[str, Any] | None = None) -> None:
+    """An atomic checkpoint of the run at ``step`` (rank 0 only), with ``metrics`` (:meth:`MetricsLog.state`) and
+    ``extra`` entries (the online stream); config.json, its readable copy, follows the session's first one."""
     if not run.dist.is_main:
         return
     save_atomic({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "step": step,
@@ -230,7 +236,10 @@ def save(run: Run, step: int, clock: dict[str, float], extra: dict[str, Any] | N
                  "rng": {"patches": run.generator.get_state(), "torch": torch.get_rng_state(),
                          "device": run.device.type},
                  "clock": clock, "config": run.cfg.to_dict(), "version": __version__,
-                 "world_size": run.dist.world_size, **(extra or {})}, run.ckpt_path)
+                 "world_size": run.dist.world_size, "metrics": metrics, **(extra or {})}, run.ckpt_path)
+    if not run.config_written:
+        write_config(run.out, run.cfg)
+        run.config_written = True
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
@@ -258,7 +267,8 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
     metrics = MetricsLog(run.out / "metrics.jsonl" if dist.is_main else None, method.terms, device, bar=bar,
                          start_step=step, steps_per_epoch=run.steps_per_epoch, views_per_step=run.views_per_step,
                          on_record=lambda rec: run.tracker.log_scalars(rec, step=rec["step"], wall_time=time.time(),
-                                                                       prefix="train/"))
+                                                                       prefix="train/"),
+                         state=run.metrics_state)
     with StopFlag() as stop, metrics, batches, bar:
         stream = iter(batches)  # a fixed permutation per epoch, so a resumed run sees the same batches
         while step < run.total_steps:
@@ -288,7 +298,7 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
             metrics.exclude(spent)  # monitoring time stays out of patches_per_s and the compile decision
             compiler.exclude(spent)
             if at_ckpt or stopping:
-                save(run, step, monitor.clock())
+                save(run, step, monitor.clock(), metrics.state())
                 last_good = step
             if stopping and step < run.total_steps:
                 raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved, run the same command to resume")
@@ -298,10 +308,28 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
 def _check_finite(run: Run, metrics: MetricsLog, step: int, last_good: int) -> None:
     """Stop if an update since the last check was skipped for a non-finite loss or gradient."""
     bad = metrics.non_finite_step(step)
-    if bad is not None:
-        raise TrainError(f"the loss or a gradient became non-finite at step {bad} (its update was skipped); "
-                         f"training stopped at step {step}, and the last good checkpoint (step {last_good}) is "
-                         f"kept in {run.ckpt_path}; try a lower --lr")
+    if bad is None:
+        return
+    stopped = f"the loss or a gradient became non-finite at step {bad} (its update was skipped); training stopped"
+    if not run.ckpt_path.exists():  # nothing binds --out yet (config.json comes with the first checkpoint)
+        raise TrainError(f"{stopped} at step {step}, before any checkpoint; run again with a lower --lr")
+    raise TrainError(f"{stopped} at step {step}; the last good checkpoint (step {last_good}) is kept in "
+                     f"{run.ckpt_path}; to try a lower --lr, choose a new --out (the run's settings are fixed)")
+
+
+def _interrupt_message(out: Path) -> Callable[..., None]:
+    """An exit callback that rewords a bare KeyboardInterrupt (one outside the loop, which saves and says so) by
+    what the run directory holds: a checkpoint to resume from, or nothing that binds the next command."""
+
+    def reword(kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        if kind is KeyboardInterrupt and not str(error):
+            if (out / "checkpoint.pt").is_file():
+                raise KeyboardInterrupt(f"interrupted; the checkpoint in {out} is kept: run the same command to "
+                                        f"go on") from None
+            raise KeyboardInterrupt("interrupted before the first checkpoint; nothing was kept, run the command "
+                                    "again to start") from None
+
+    return reword
 
 
 # --- the whole run ------------------------------------------------------------------------------------------
@@ -324,10 +352,12 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     if cfg.online:  # one pass over a stream has its own loop
         raise ConfigError("--online runs through empssl train --online (empssl.online.train_online), not train()")
     require_trackers(cfg.log)  # a missing logger package: one line before anything loads
+    check_writable_dir(out_dir, "--out")  # a read-only place or a file: one line before anything loads
     timing = TimingAccount()  # from process start for the first run of a process, else from this call
     if not distributed.env_dist().is_main:
         progress, log = False, _silent
     with ExitStack() as held:  # the run directory's lock, until its results are written
+        held.push(_interrupt_message(Path(out_dir)))  # last out: a Ctrl-C outside the loop says what is kept
         run = setup(cfg, Path(out_dir), data, progress, log, timing, held)
         t0 = time.perf_counter()
         run.tracker = open_tracking(cfg.log, run.out, cfg.to_dict(), start_step=run.step, enabled=run.dist.is_main)

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..files import write_text
 from .plots import plot_curves, plot_patch_ablation, plot_test_patch_ablation, plot_tsne
-from .runs import ReportError, Run, loss_terms, read_json, read_run
+from .runs import ReportError, Run, is_run, loss_terms, read_json, read_run
 from .tables import (
     CONFIG_SUMMARY,
     DEFAULT_TARGETS,
@@ -66,10 +66,11 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
             if abl is not None:
                 ablations.append((d, abl))
                 runs += [read_run(d / r["run"]) for r in abl.get("rows", []) if (d / r["run"]).is_dir()]
-        elif (d / "config.json").is_file() or (d / "results.json").is_file() or (d / "metrics.jsonl").is_file():
+        elif is_run(d):
             runs.append(read_run(d))
         else:
-            raise ReportError(f"{d} holds no run (config.json, results.json, metrics.jsonl) and no ablation.json")
+            raise ReportError(f"{d} holds no run (a config.json, results.json or metrics.jsonl as empssl "
+                              f"writes them) and no ablation.json")
     labels = [r.label for r in runs]
     for r in runs:  # same folder names in different places: add the parent
         if labels.count(r.label) > 1:

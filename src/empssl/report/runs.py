@@ -50,6 +50,20 @@ def read_json(path: Path, notes: list[str]) -> Any:
         return None
 
 
+def is_run(path: Path) -> bool:
+    """True when ``path`` holds files of an empssl run: a config.json, results.json or metrics.jsonl with the keys
+    empssl writes (another program's results.json is not a run)."""
+    ignored: list[str] = []
+    config = read_json(path / "config.json", ignored) if (path / "config.json").is_file() else None
+    if isinstance(config, dict) and isinstance(config.get("config"), dict) and "method" in config["config"]:
+        return True
+    results = read_json(path / "results.json", ignored) if (path / "results.json").is_file() else None
+    if isinstance(results, dict) and "method" in results and ("linear_top1" in results or "steps" in results):
+        return True
+    metrics = read_jsonl(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
+    return any(isinstance(r, dict) and {"step", "loss", "lr"} <= set(r) for r in metrics[:1])
+
+
 def read_run(path: Path) -> Run:
     """Everything :func:`write_report` uses from one run directory; missing files become notes."""
     run = Run(Path(path), label=Path(path).name)
