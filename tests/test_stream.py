@@ -3,7 +3,6 @@
 The shard folders are written here with LitData directly, in the layout ``empssl shard`` writes.
 """
 
-import hashlib
 import importlib
 import io
 import json
@@ -29,23 +28,13 @@ train_module = importlib.import_module("empssl.train")
 
 
 def write_shards(root, splits: dict, classes, chunk_bytes=1 << 18, split_classes=None):
-    """``root``/manifest.json and one LitData folder per split; ``splits`` maps a split to (bytes, label, name)s."""
-    from litdata.streaming.writer import BinaryWriter
-
-    manifest = {"classes": list(classes), "splits": {}}
-    for name, items in splits.items():
-        folder = root / name
-        writer = BinaryWriter(str(folder), chunk_bytes=chunk_bytes)
-        for i, (data, label, rel) in enumerate(items):
-            writer[i] = {"image": data, "label": label, "name": rel}
-        writer.done()
-        writer.merge()
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                 for p in sorted(folder.iterdir())}
-        manifest["splits"][name] = {"count": len(items), "files": files}
-        if split_classes and name in split_classes:
-            manifest["splits"][name]["classes"] = split_classes[name]
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    """Shards of ``splits`` (split -> (bytes, label, name)s); ``split_classes`` adds a split's own class list."""
+    stream.write_shards(root, splits, classes, chunk_bytes)
+    if split_classes:
+        manifest = json.loads((root / "manifest.json").read_text())
+        for name, classes_of in split_classes.items():
+            manifest["splits"][name]["classes"] = classes_of
+        (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
 

@@ -182,6 +182,27 @@ def _check_split(folder: Path, entry: dict[str, Any], manifest: Path) -> int:
     return count
 
 
+def write_shards(root: Path, splits: dict[str, list[tuple[bytes, int, str]]], classes: list[str],
+                 chunk_bytes: int = 64 << 20) -> Path:
+    """Write ``root/manifest.json`` and one LitData folder per split from (encoded bytes, label, name) items, in the
+    layout :func:`open_shards` reads (what the tests and the benchmarks stream; ``empssl shard`` is the command
+    that shards a dataset)."""
+    from litdata.streaming.writer import BinaryWriter
+
+    manifest: dict[str, Any] = {"classes": list(classes), "splits": {}}
+    for name, items in splits.items():
+        folder = root / name
+        writer = BinaryWriter(str(folder), chunk_bytes=chunk_bytes)
+        for i, (data, label, rel) in enumerate(items):
+            writer[i] = {"image": data, "label": label, "name": rel}
+        writer.done()
+        writer.merge()
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())}
+        manifest["splits"][name] = {"count": len(items), "files": files}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return root
+
+
 # --- the two tiers ------------------------------------------------------------------------------------------
 
 
