@@ -25,7 +25,7 @@ gets (b, 3, S, S) uint8 batches on its device, one per step, and the evaluation 
 Bad data is refused before training, in one line: a shard missing, truncated or not matching its sha256 in the
 manifest, counts that disagree, class lists that differ between train and the held-out split. An image that does
 not decode stops training with a one-line error naming it (the last checkpoint is kept): skipping it would change
-the data and leave one rank's batch short, and ``empssl shard`` decodes every image before writing it.
+the data unnoticed and leave one rank's batch short (the in-memory tier refuses such an image too).
 """
 
 from __future__ import annotations
