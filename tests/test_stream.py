@@ -236,3 +236,25 @@ def test_the_batched_jpeg_path_matches_the_cpu_decoder_closely(data_dir):
     assert got.shape == want.shape == (6, 3, 24, 24) and got.dtype == torch.uint8
     assert torch.equal(got[2], want[2])  # PNG: the CPU decoder
     assert (got.float() - want.float()).abs().mean() < 6  # resampling differs by rounding, not by content
+
+
+def test_shards_go_in_memory_when_they_fit_and_stream_when_they_do_not(data_dir, demo_shards, monkeypatch):
+    mem_train, mem_test = config_data(tiny_cfg(data_dir, data_mode="memory"), progress=False)
+    for mode in ("memory", "auto"):
+        cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode=mode)
+        train_, test, split = stream.load_splits(cfg, False, lambda: pytest.fail("shards are not a folder"), quiet)
+        assert split is None and torch.equal(train_.images, mem_train.images) and torch.equal(test.images,
+                                                                                              mem_test.images)
+    monkeypatch.setattr(load, "memory_available", lambda: 1000)
+    lines = []
+    cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode="auto")
+    assert stream.load_splits(cfg, False, lambda: pytest.fail("shards"), lines.append)[2] is not None
+    assert "streaming it" in lines[0]
+    with pytest.raises(load.TooBigForMemory):
+        stream.load_splits(cfg.replace(data_mode="memory"), False, lambda: pytest.fail("shards"), quiet)
+
+
+def test_gpu_decoding_without_a_gpu_is_refused(tmp_path, data_dir, demo_shards, capsys):
+    assert run_cli(tmp_path, demo_shards, "--decode", "cuda") == 2
+    _one_line(capsys, "--decode cuda")
+    assert not (tmp_path / "out").exists()

@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,8 @@ def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[Image
     where ``in_memory()`` loads the splits. In the streamed tier, train is the in-memory sample the monitor and
     the evaluation use (see the module docstring)."""
     shards, mode = is_shards(cfg.data), cfg.data_mode
+    if cfg.decode == "cuda" and (cfg.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("--decode cuda decodes on the training GPU; this run has none (use --decode cpu or auto)")
     if not shards and mode != "stream":
         try:
             return (*in_memory(), None)
@@ -238,6 +241,8 @@ def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[Image
     if cfg.data in TORCHVISION_DATASETS:
         raise ConfigError(f"--data-mode stream reads shards, a folder or an archive; {cfg.data} is an array dataset "
                           f"held in memory (use --data-mode memory)")
+    train_items: Items
+    test_items: Items
     if shards:
         root = Path(cfg.data).expanduser().resolve()
         train_items, test_items, classes, held = open_shards(root)
@@ -251,11 +256,14 @@ def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[Image
         assert catalog.classes is not None  # split roots have classes
         train_items, test_items = CatalogItems(blocks["train"]), CatalogItems(blocks[held])
         classes, source = list(catalog.classes), catalog.source
-    if shards and mode == "auto":
+    if shards and mode != "stream":  # without --image-size the decoded size is unknown: the in-memory tier
         try:
-            check_fits(len(train_items) + len(test_items), cfg.image_size or 1, cfg.image_size or 1, source)
+            if cfg.image_size:
+                check_fits(len(train_items) + len(test_items), cfg.image_size, cfg.image_size, source)
             mode = "memory"
         except TooBigForMemory as e:
+            if mode == "memory":
+                raise
             log(f"{e}; --data-mode auto: streaming it")
     if not cfg.image_size and mode != "memory":
         raise ConfigError("--data-mode stream needs --image-size S: a batch needs one size, and a stream cannot "
@@ -351,7 +359,9 @@ def decode_batch(raw: list[torch.Tensor], names: list[str], image_size: int, dev
     jpeg = [i for i, r in enumerate(raw) if bytes(r[:3].tolist()) == JPEG_MAGIC]
     if jpeg:
         try:
-            decoded = (gpu_decode or decode_jpeg)([raw[i] for i in jpeg], device=device, mode=ImageReadMode.RGB)
+            with warnings.catch_warnings():  # torchvision 0.29 marks its decoders deprecated (for TorchCodec)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = (gpu_decode or decode_jpeg)([raw[i] for i in jpeg], device=device, mode=ImageReadMode.RGB)
             for i, img in zip(jpeg, decoded, strict=True):
                 out[i] = center_crop(resize(img, [image_size], antialias=True), [image_size, image_size])
         except RuntimeError as e:
@@ -369,8 +379,9 @@ def decode_batch(raw: list[torch.Tensor], names: list[str], image_size: int, dev
 
 
 def _n_workers() -> int:
+    """The CPUs but one of this process's share (torchrun: the node's CPUs over its ranks), at most 8."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus - 1))
+    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
 class StreamBatches:
