@@ -255,11 +255,10 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
     # Training images live on the device as uint8 when they fit (CIFAR-10: 150 MB); views are cut there.
     images = run.train_data.images
     images = images.to(device) if images.numel() < 4 * 2**30 and not run.streamed else images
-    batches: StepBatches | StreamBatches = StepBatches(
-        images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=run.step, total_steps=run.total_steps,
-        device=device, rank=dist.rank, world=dist.world_size) if not run.streamed else StreamBatches(
-        run.streamed, batch_size=cfg.batch_size, seed=cfg.seed, start_step=run.step, total_steps=run.total_steps,
-        device=device, rank=dist.rank, world=dist.world_size, decode=resolve_decode(cfg.decode, device))
+    order: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, start_step=run.step,
+                                 total_steps=run.total_steps, device=device, rank=dist.rank, world=dist.world_size)
+    batches = (StreamBatches(run.streamed, decode=resolve_decode(cfg.decode, device), **order) if run.streamed
+               else StepBatches(images, **order))  # either tier: the same images at every step
     log(f"training {cfg.method} ({cfg.arch}, width {cfg.width}) on {run.n_train} images, batch "
         f"{cfg.batch_size}, {run.total_steps - run.step} steps on {device}{' (bf16)' if run.amp else ''}")
 
