@@ -258,3 +258,15 @@ def test_gpu_decoding_without_a_gpu_is_refused(tmp_path, data_dir, demo_shards, 
     assert run_cli(tmp_path, demo_shards, "--decode", "cuda") == 2
     _one_line(capsys, "--decode cuda")
     assert not (tmp_path / "out").exists()
+
+
+def test_raw_bytes_from_the_workers_are_decoded_a_batch_at_a_time(data_dir, demo_shards):
+    cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode="stream")
+    split = stream.load_splits(cfg, False, lambda: pytest.fail("stream asked"), quiet)[2]
+    kw = dict(batch_size=20, seed=0, start_step=0, total_steps=3, device="cpu", workers=1)
+    with stream.StreamBatches(split, decode="cuda", **kw) as raw, stream.StreamBatches(split, **kw) as cpu:
+        pairs = list(zip(raw, cpu, strict=True))  # --decode cuda's path, with torchvision's CPU JPEG decoder here
+    assert len(pairs) == 3
+    for a, b in pairs:
+        assert a.shape == b.shape == (20, 3, 32, 32) and a.dtype == torch.uint8
+        assert (a.float() - b.float()).abs().mean() < 6
