@@ -14,12 +14,19 @@ short keeps what it measured; the table OUT/gpu_check.md is rewritten after ever
 3. ``run``: ``empssl train --preset cifar10-readme-1epoch`` (1 epoch of a 2-epoch schedule, 128 test patches)
    as a fresh process timed from its start, its results.json (accuracy, the wall-clock account), then
    ``empssl eval --test-patches 16`` of the same checkpoint;
-4. with ``--paper``: the patch-count ablation (2, 5, 10, 20, 50, 100, 200 patches, 1 epoch, 16 test patches) and
+4. ``stream``: the streamed tier (issue 13) at ImageNet size: LitData shards of JPEGs the size of ImageNet's
+   (the demo's CIFAR images upscaled to 500x375, bicubic, plus noise, JPEG q95: ~105 KiB, the mean is recorded),
+   then images/s
+   arriving from ``empssl.stream.StreamBatches`` (``--decode cuda``, 224 px) against the training step's own
+   rate (ResNet-18 at 224 px, 20 patches, batch 100: bench/throughput.py's step row) and an ``empssl train
+   --preset imagenet100 --data-mode stream`` run on the shards (end to end); target >= 600 images/s arriving,
+   so that the GPU does not wait;
+5. with ``--paper``: the patch-count ablation (2, 5, 10, 20, 50, 100, 200 patches, 1 epoch, 16 test patches) and
    the t-SNE map of the 1-epoch run.
 
 The targets of issue 7 are checked in the table (probe <= 3 s, 128-patch extraction of 60,000 images <= 35 s,
 training >= 90,000 patches/s end to end at 20 patches, the whole 1-epoch run <= 60 s from process start,
-linear @16 >= 75.0).
+linear @16 >= 75.0), and issue 13's streamed row (>= 600 images/s arriving at 224 px).
 """
 
 from __future__ import annotations
@@ -174,6 +181,84 @@ def run_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     }
 
 
+def _imagenet_size_jpeg(job: tuple[int, bytes]) -> bytes:
+    """A JPEG of about ImageNet's size (500x375, ~105 KiB) from a small image: upscaled (bicubic), seeded
+    Gaussian noise (sigma 12) for the fine detail a photo has and an upscaled thumbnail lacks, quality 95."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    seed, data = job
+    with Image.open(io.BytesIO(data)) as img:
+        big = np.asarray(img.convert("RGB").resize((500, 375), Image.Resampling.BICUBIC), dtype=np.float32)
+    noisy = big + np.random.default_rng(seed).normal(0, 12, big.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(noisy.round(), 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _no_memory_tier() -> Any:
+    raise AssertionError("--data-mode stream over shards never loads the in-memory tier")
+
+
+def stream_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from multiprocessing import get_context
+
+    from empssl import stream
+    from empssl.config import Config
+    from empssl.data import scan
+
+    smoke = args.smoke
+    n_train, n_test, batch = (60, 20, 20) if smoke else (3000, 200, 100)
+    catalog = scan("demo", str(args.data_dir))
+    records = catalog.records[:n_train] + catalog.records[-n_test:]  # the archive's train block, then its test
+    t0 = time.perf_counter()
+    with get_context("fork").Pool(max(1, min(16, os.cpu_count() or 1))) as pool:
+        jpegs = pool.map(_imagenet_size_jpeg, [(i, r.read()) for i, r in enumerate(records)], chunksize=32)
+    make_s = time.perf_counter() - t0
+    items = [(j, int(r.label or 0), r.name) for j, r in zip(jpegs, records, strict=True)]
+    shards = out / "shards"
+    t0 = time.perf_counter()
+    stream.write_shards(shards, {"train": items[:n_train], "test": items[n_train:]}, list(catalog.classes or []))
+    write_s = time.perf_counter() - t0
+    size, patches = (32, 4) if smoke else (224, 20)
+    device = torch.device("cpu" if smoke else "cuda")
+    cfg = Config(data=str(shards), data_mode="stream", image_size=size, monitor_bank=batch, device=device.type)
+    _, _, split = stream.load_splits(cfg, False, _no_memory_tier, print)
+    assert split is not None
+    decode = stream.resolve_decode("auto", device)
+    steps, warm = (6, 1) if smoke else (60, 5)
+    with stream.StreamBatches(split, batch_size=batch, seed=0, start_step=0, total_steps=steps, device=device,
+                              decode=decode) as batches:
+        it = iter(batches)
+        for _ in range(warm):
+            next(it)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        t0 = time.perf_counter()
+        for _ in range(steps - warm):
+            next(it)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        arriving = (steps - warm) * batch / (time.perf_counter() - t0)
+    model = SMOKE_MODEL if smoke else ["--arch", "resnet18-imagenet", "--patch-size", "224"]
+    timing = ["--steps", "2", "--warmup", "1", "--repeats", "1"] if smoke else ["--steps", "10", "--repeats", "2"]
+    step = throughput.run(["--device", device.type, *model, "--num-patches", str(patches), "--batch-size", str(batch),
+                           "--image-size", str(size), *timing, "--rows", "step"])["rows"]["step"]
+    run = out / "stream-run"
+    flags = ([*SMOKE_TRAIN, "--data", str(shards), "--image-size", "32"] if smoke else
+             ["--preset", "imagenet100", "--data", str(shards), "--compile", "off"])
+    wall = empssl("train", *flags, "--data-mode", "stream", "--no-eval", "--epochs", "1", "--log-every", "2",
+                  "--monitor-bank", str(batch), "--data-dir", str(args.data_dir), "--out", str(run),
+                  log=out / "runs.log")
+    rates = [json.loads(line)["patches_per_s"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {"images": n_train, "jpeg_kib_mean": sum(map(len, jpegs[:n_train])) / n_train / 1024,
+            "make_jpegs_s": make_s, "write_shards_s": write_s, "image_size": size, "num_patches": patches,
+            "batch_size": batch, "decode": decode, "arriving_images_per_s": arriving,
+            "step_images_per_s": step["views_per_s"] / patches,
+            "train_images_per_s_median": sorted(rates)[len(rates) // 2] / patches if rates else None,
+            "train_wall_s": wall}
+
+
 def paper_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     log = out / "runs.log"
     ablation = out / "ablate-patches"
@@ -256,6 +341,16 @@ def table(data: dict[str, Any]) -> str:
             met = "-" if value is None else ("yes" if ok(value) else "NO")
             lines.append(f"| {name} | {_fmt(value, ',.2f')} | {met} |")
         lines.append("")
+    if "stream" in parts:
+        r = parts["stream"]
+        met = "- (smoke)" if data["smoke"] else "yes" if r["arriving_images_per_s"] >= 600 else "NO"
+        lines += [f"| streamed tier: {r['images']:,} JPEGs of {r['jpeg_kib_mean']:.0f} KiB at {r['image_size']} px, "
+                  f"{r['num_patches']} patches, batch {r['batch_size']} (images/s) | figure |", "|---|--:|",
+                  f"| arriving from the shards (decode {r['decode']}) | {_fmt(r['arriving_images_per_s'])} |",
+                  f"| the training step alone (bench/throughput.py) | {_fmt(r['step_images_per_s'])} |",
+                  f"| both: empssl train --data-mode stream (median of the logged intervals) | "
+                  f"{_fmt(r['train_images_per_s_median'])} |",
+                  f"| target: >= 600 arriving (met: {met}) | |", ""]
     if "paper" in parts:
         p = parts["paper"]
         lines += [f"Patch-count ablation ({p['ablation_wall_s']:.0f} s):", "",
@@ -271,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="the CIFAR-10 archive or folder (e.g. cifar10-jpeg75.tar.gz); not with --smoke")
     ap.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md and the runs")
     ap.add_argument("--data-dir", type=Path, default=None, help="decoded-image cache (default: OUT/data)")
-    ap.add_argument("--parts", default="throughput,probe,run", help="comma-separated parts to run")
+    ap.add_argument("--parts", default="throughput,probe,run,stream", help="comma-separated parts to run")
     ap.add_argument("--paper", action="store_true", help="also the patch-count ablation and the t-SNE map")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU with the bundled data")
     args = ap.parse_args(argv)
@@ -292,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         check.part("probe", probe_part(args))
     if "run" in parts or "paper" in parts:
         check.part("run", run_part(args, out))
+    if "stream" in parts:
+        check.part("stream", stream_part(args, out))
     if "paper" in parts:
         check.part("paper", paper_part(args, out))
     print(table(check.data))

@@ -19,7 +19,8 @@ def test_gpu_check_smoke(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((out / "gpu_check.json").read_text())
-    assert set(data["parts"]) == {"throughput", "probe", "run"}
+    assert set(data["parts"]) == {"throughput", "probe", "run", "stream"}
+    assert data["parts"]["stream"]["arriving_images_per_s"] > 0 and data["parts"]["stream"]["decode"] == "cpu"
     rows = data["parts"]["throughput"]["20 patches, eager"]["rows"]
     assert {"augment", "step", "end-to-end", "eval"} <= set(rows)
     run = data["parts"]["run"]

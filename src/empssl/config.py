@@ -63,6 +63,13 @@ class Config:
                               "(they must all agree)", "data", low=0)
     train_subset: int = setting(0, "use only the first N training images (class-balanced); 0 = all", "data", low=0)
     test_subset: int = setting(0, "use only the first N test images (class-balanced); 0 = all", "data", low=0)
+    data_mode: str = setting("auto", "memory (decode everything into one in-memory tensor), stream (decode the "
+                             "training images batch by batch from shards or the source; needs --image-size), or "
+                             "auto (stream when the decoded images would not fit in memory; README: Streaming "
+                             "data that does not fit in memory)", "data", choices=("auto", "memory", "stream"))
+    decode: str = setting("auto", "where the streamed tier decodes JPEGs: cpu (in DataLoader workers), cuda (the "
+                          "batch at once on the GPU, nvjpeg; what it cannot decode falls back to the CPU), or auto "
+                          "(cuda when training on CUDA)", "data", choices=("auto", "cpu", "cuda"))
     # --- patches (official: RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1)) + colour augmentations) -----
     num_patches: int = setting(20, "patches per image per step (20 official; 200 in the paper's best runs)",
                                "patches", low=2, why=" (the invariance term compares patches)")

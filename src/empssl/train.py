@@ -48,6 +48,7 @@ from .rundir import (
     time_line,
     write_config,
 )
+from .stream import StreamBatches, StreamedSplit, load_splits, resolve_decode
 from .tracking import NO_TRACKING, Tracking, open_tracking, require_trackers
 
 
@@ -100,6 +101,12 @@ class Run:
     tracker: Tracking = NO_TRACKING  # --log: TensorBoard / W&B / MLflow, beside the JSONL files
     metrics_state: dict[str, Any] | None = None  # the checkpoint's running loss sums since its last log step
     config_written: bool = False  # config.json is written with this session's first checkpoint
+    streamed: StreamedSplit | None = None  # --data-mode stream: the training split read as it goes
+
+    @property
+    def n_train(self) -> int:
+        """Training images (the streamed split's, or the in-memory one's)."""
+        return len(self.streamed) if self.streamed else len(self.train_data)
 
     @property
     def ckpt_path(self) -> Path:
@@ -131,17 +138,20 @@ def config_data(cfg: Config, progress: bool = True, data: tuple[ImageData, Image
 
 
 def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | None, dist: Dist, progress: bool
-               ) -> tuple[ImageData, ImageData, int]:
-    """(train, test, steps per epoch); a batch that the data cannot fill is a user error."""
+               ) -> tuple[ImageData, ImageData, int, StreamedSplit | None]:
+    """(train, test, steps per epoch, the streamed split or None: --data-mode); a batch that the data cannot fill
+    is a user error."""
     with distributed.main_process_first(dist):  # torchrun: rank 0 downloads / fills the decoded-image cache first
-        train_data, test_data = config_data(cfg, progress, data)
-    steps_per_epoch = len(train_data) // cfg.batch_size  # drop_last, as the official loader
+        train_data, test_data, streamed = (load_splits(cfg, progress, lambda: config_data(cfg, progress))
+                                           if data is None else (*config_data(cfg, progress, data), None))
+    n_train = len(streamed) if streamed else len(train_data)
+    steps_per_epoch = n_train // cfg.batch_size  # drop_last, as the official loader
     if steps_per_epoch == 0:
-        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_data)} training images")
+        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training images")
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                           f"{dist.world_size} processes")
-    return train_data, test_data, steps_per_epoch
+    return train_data, test_data, steps_per_epoch, streamed
 
 
 def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, progress: bool,
@@ -158,7 +168,7 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
     dist, device, own_group = distributed.setup(cfg.device)  # torchrun: join the group, take cuda:LOCAL_RANK
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    train_data, test_data, steps_per_epoch = _load_data(cfg, data, dist, progress)
+    train_data, test_data, steps_per_epoch, streamed = _load_data(cfg, data, dist, progress)
     timing.add("data", time.perf_counter() - t0)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +191,7 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
               test_data=test_data, method=method, model=model, opt=opt, generator=generator,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule_steps=schedule_steps,
               warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), amp=autocast_dtype(cfg.precision, device),
-              memory_format=memory_format, timing=timing)
+              memory_format=memory_format, timing=timing, streamed=streamed)
     if run.ckpt_path.exists():
         resume(run, log)
     if run.step < run.total_steps:
@@ -253,10 +263,12 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
     assert compiler is not None, "setup() prepares the compiler"
     # Training images live on the device as uint8 when they fit (CIFAR-10: 150 MB); views are cut there.
     images = run.train_data.images
-    images = images.to(device) if images.numel() < 4 * 2**30 else images
-    batches = StepBatches(images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=run.step,
-                          total_steps=run.total_steps, device=device, rank=dist.rank, world=dist.world_size)
-    log(f"training {cfg.method} ({cfg.arch}, width {cfg.width}) on {len(run.train_data)} images, batch "
+    images = images.to(device) if images.numel() < 4 * 2**30 and not run.streamed else images
+    order: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, start_step=run.step,
+                                 total_steps=run.total_steps, device=device, rank=dist.rank, world=dist.world_size)
+    batches = (StreamBatches(run.streamed, decode=resolve_decode(cfg.decode, device), **order) if run.streamed
+               else StepBatches(images, **order))  # either tier: the same images at every step
+    log(f"training {cfg.method} ({cfg.arch}, width {cfg.width}) on {run.n_train} images, batch "
         f"{cfg.batch_size}, {run.total_steps - run.step} steps on {device}{' (bf16)' if run.amp else ''}")
 
     model.train()
@@ -378,7 +390,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         timing.add("compile", compile_seconds)
         timing.add("train", clock["train_seconds"] - before.get("train_seconds", 0.0) - compile_seconds)
         timing.add("monitor", clock["monitor_seconds"] - before.get("monitor_seconds", 0.0))
-        summary = {"method": cfg.method, "steps": run.total_steps, "epochs": cfg.epochs, "images": len(run.train_data),
+        summary = {"method": cfg.method, "steps": run.total_steps, "epochs": cfg.epochs, "images": run.n_train,
                    **clock, "device": device_name(run.device),
                    "compile": run.compiler.reason if run.compiler else None}  # monitoring: wall time and hardware
         if not evaluate_at_end or not run.dist.is_main:

@@ -48,20 +48,29 @@ class ImageData:
         ``n / C`` images (a class that runs out leaves its share to the others). Deterministic, and
         ``subset(n).subset(m) == subset(m)`` for ``m <= n``. ``n >= len(self)`` returns ``self``.
         """
-        if n < 1:
-            raise DataError(f"subset size must be >= 1, got {n}")
         if n >= len(self):
+            balanced_indices(self.labels, len(self.classes), n)  # checks n
             return self
-        labels = self.labels.numpy()
-        # rank[i] = how many earlier images share image i's label
-        order = np.argsort(labels, kind="stable")
-        rank = np.empty(len(labels), dtype=np.int64)
-        counts = np.bincount(labels, minlength=len(self.classes))
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rank[order] = np.arange(len(labels)) - np.repeat(starts, counts)
-        interleaved = np.lexsort((labels, rank))  # by rank, then label
-        keep = torch.from_numpy(np.sort(interleaved[:n]))
+        keep = balanced_indices(self.labels, len(self.classes), n)
         return ImageData(self.images[keep].contiguous(), self.labels[keep], list(self.classes), self.class_names)
+
+
+def balanced_indices(labels: torch.Tensor, num_classes: int, n: int) -> torch.Tensor:
+    """The sorted (min(n, N),) int64 rows that :meth:`ImageData.subset` keeps of images with these (N,) labels
+    (also what a streamed split, whose images are not in memory, selects by)."""
+    if n < 1:
+        raise DataError(f"subset size must be >= 1, got {n}")
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    lab = labels.numpy()
+    # rank[i] = how many earlier images share image i's label
+    order = np.argsort(lab, kind="stable")
+    rank = np.empty(len(lab), dtype=np.int64)
+    counts = np.bincount(lab, minlength=num_classes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank[order] = np.arange(len(lab)) - np.repeat(starts, counts)
+    interleaved = np.lexsort((lab, rank))  # by rank, then label
+    return torch.from_numpy(np.sort(interleaved[:n]))
 
 
 @dataclass

@@ -157,8 +157,7 @@ def _catalog(path: Path, tree: Tree, train_test: bool, imagenet: ImageNetSpec | 
 def _check_fits_in_memory(catalog: Catalog, image_size: int) -> None:
     """Refuse, before decoding, a catalog whose decoded images (N x 3 x S x S bytes; S x S the first image's own
     size when ``image_size`` is 0) cannot fit in the memory available."""
-    available = memory_available()
-    if available is None or not catalog.records:
+    if not catalog.records:
         return
     if image_size:
         h = w = image_size
@@ -168,11 +167,20 @@ def _check_fits_in_memory(catalog: Catalog, image_size: int) -> None:
                 w, h = img.size
         except (DataError, OSError, ValueError):  # decoding names the bad image
             return
-    need = len(catalog.records) * 3 * h * w
-    if need > available:
-        raise DataError(f"{catalog.source} decoded at {w}x{h} px is {_mib(need)} ({len(catalog.records):,} images), "
-                        f"more than the memory available ({_mib(available)}): too big for "
-                        f"the in-memory tier; --data-mode stream reads it as it goes (or pass a smaller --image-size)")
+    check_fits(len(catalog.records), h, w, catalog.source)
+
+
+class TooBigForMemory(DataError):
+    """The decoded images would not fit in memory (``--data-mode auto`` streams them instead)."""
+
+
+def check_fits(n: int, h: int, w: int, source: str) -> None:
+    """Raise :class:`TooBigForMemory` when ``n`` decoded ``h`` x ``w`` images cannot fit in the memory available."""
+    available, need = memory_available(), n * 3 * h * w
+    if available is not None and need > available:
+        raise TooBigForMemory(f"{source} decoded at {w}x{h} px is {_mib(need)} ({n:,} images), more than the memory "
+                              f"available ({_mib(available)}): too big for the in-memory tier; --data-mode stream "
+                              f"reads it as it goes (or pass a smaller --image-size)")
 
 
 def _mib(n: int) -> str:

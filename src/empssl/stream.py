@@ -1,0 +1,455 @@
+"""The streamed tier: training images decoded batch by batch, for data that does not fit in memory.
+
+Beside the in-memory tier (:mod:`empssl.data`, one decoded uint8 tensor), and behind the same interface: the loop
+gets (b, 3, S, S) uint8 batches on its device, one per step, and the evaluation and the monitor get
+:class:`~empssl.data.ImageData` splits in memory. ``--data-mode`` chooses (:func:`load_splits`):
+
+* ``memory``: today's path; ``stream``: this one; ``auto``: stream when the decoded images would not fit in the
+  memory available (:func:`empssl.data.load.check_fits`, the in-memory tier's own check).
+* What is streamed: shards written by ``empssl shard`` (``--data DIR`` holding ``manifest.json``: LitData
+  folders ``DIR/train`` and ``DIR/test`` or ``DIR/val`` of items {"image": encoded bytes, "label", "name"}), or
+  any folder or archive the data package reads, through its catalog (``record.read()``).
+* Which images a step trains on: exactly those of the in-memory tier (:func:`empssl.batches.epoch_permutation`
+  per (seed, epoch), rank r of N taking the slice r*b:(r+1)*b of the step's B images), so every rank runs the
+  same number of steps, the ranks together see each image of an epoch once, and a resumed run continues with
+  the next unseen batch. Decoding on the CPU uses the in-memory tier's decoder (:func:`empssl.data.decode_image`:
+  shorter side resized to ``--image-size``, centre crop), so both tiers train on the same pixels, bitwise.
+* ``--decode cuda``: DataLoader workers pass the raw bytes and the batch's JPEGs are decoded at once on the GPU
+  (:func:`decode_batch`, batched nvjpeg); what nvjpeg refuses (PNG, CMYK, ...) is decoded on the CPU instead.
+  GPU resizing differs from PIL's by rounding, so those pixels are close to, not equal to, the CPU path's.
+* The evaluation and the monitor need their images in memory: the test (or val) split is decoded once, and so is
+  a class-balanced sample of ``--monitor-bank`` training images, which is the monitor's memory bank and the
+  training set of the final kNN and linear probe (results.json's ``n_train`` says how many).
+* ``--image-size`` is required: a batch needs one size, and a stream cannot check ahead that all images agree.
+
+Bad data is refused before training, in one line: a shard missing, truncated or not matching its sha256 in the
+manifest, counts that disagree, class lists that differ between train and the held-out split. An image that does
+not decode stops training with a one-line error naming it (the last checkpoint is kept): skipping it would change
+the data unnoticed and leave one rank's batch short (the in-memory tier refuses such an image too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .batches import epoch_permutation
+from .config import Config, ConfigError
+from .data import TORCHVISION_DATASETS, Catalog, DataError, ImageData, ImageRecord, decode_image, scan
+from .data.decode import decode_catalog
+from .data.images import balanced_indices
+from .data.layouts import held_out_split
+from .data.load import TooBigForMemory, check_fits
+
+MANIFEST = "manifest.json"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+# --- where the images come from -----------------------------------------------------------------------------
+
+
+class Items(Protocol):
+    """The images of one split, read one at a time by index."""
+
+    def __len__(self) -> int: ...
+
+    def item(self, i: int) -> tuple[bytes, int, str]:
+        """(encoded bytes, label, name) of image ``i``."""
+        ...
+
+    def labels(self) -> torch.Tensor:
+        """(N,) int64 labels of every image."""
+        ...
+
+
+class CatalogItems:
+    """A split block of a data-package :class:`Catalog` (a folder's files are read when asked)."""
+
+    def __init__(self, records: list[ImageRecord]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def item(self, i: int) -> tuple[bytes, int, str]:
+        r = self.records[i]
+        return r.read(), int(r.label or 0), r.name
+
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([r.label for r in self.records], dtype=torch.int64)
+
+
+class ShardItems:
+    """One LitData split folder (``DIR/train``): random access by index into its chunks."""
+
+    def __init__(self, folder: Path, count: int, labels: list[int] | None = None) -> None:
+        self.folder, self.count, self._labels = folder, count, labels
+        self._ds: Any = None  # opened in the process that reads (DataLoader workers open their own)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_ds": None}
+
+    def item(self, i: int) -> tuple[bytes, int, str]:
+        if self._ds is None:
+            from litdata import StreamingDataset
+
+            self._ds = StreamingDataset(str(self.folder))
+        d = self._ds[i]
+        return bytes(d["image"]), int(d["label"]), str(d["name"])
+
+    def labels(self) -> torch.Tensor:
+        # the manifest may list them; otherwise one pass over the split reads them
+        labels = self._labels if self._labels is not None else [self.item(i)[1] for i in range(self.count)]
+        return torch.tensor(labels, dtype=torch.int64)
+
+
+def is_shards(spec: str) -> bool:
+    """True when ``spec`` is a folder written by ``empssl shard`` (it holds manifest.json)."""
+    return (Path(spec).expanduser() / MANIFEST).is_file()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_shards(root: Path) -> tuple[ShardItems, ShardItems, list[str], str]:
+    """(train, held-out split, classes, held-out split's name) of a shard folder, after checking every shard
+    against the manifest (present, size, sha256, item counts, one class list). DataError (one line) otherwise.
+
+    The manifest: ``{"classes": [...], "splits": {"train": {"count": N, "files": {"chunk-0-0.bin": {"bytes": n,
+    "sha256": hex}, ...}, "labels": [...] (optional), "classes": [...] (optional, must equal the top level)},
+    "test" or "val": {...}}}``; a split's files are LitData's ``index.json`` and chunks.
+    """
+    path = root / MANIFEST
+    if importlib.util.find_spec("litdata") is None:
+        raise DataError(f"{root} holds shards, which are read with LitData: pip install 'empssl[stream]'")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the shard manifest {path}: {e}") from None
+    splits, classes = manifest.get("splits"), manifest.get("classes")
+    if not isinstance(splits, dict) or not isinstance(classes, list) or not classes:
+        raise DataError(f"{path} is not a shard manifest (expected 'classes' and 'splits')")
+    held = held_out_split(splits, str(root))
+    items = []
+    for name in ("train", held):
+        entry = splits[name]
+        if entry.get("classes", classes) != classes:
+            raise DataError(f"the class lists of train and {held} differ in {path}; both splits must share one list")
+        items.append(ShardItems(root / name, _check_split(root / name, entry, path), entry.get("labels")))
+    return items[0], items[1], [str(c) for c in classes], held
+
+
+def _check_split(folder: Path, entry: dict[str, Any], manifest: Path) -> int:
+    """The item count of one split folder, checked against its manifest entry."""
+    files = entry.get("files") or {}
+    for fname, info in files.items():
+        f = folder / fname
+        if not f.is_file():
+            raise DataError(f"shard {f} is missing (listed in {manifest})")
+        size, want = f.stat().st_size, info.get("bytes", info.get("size"))
+        if size != want:
+            raise DataError(f"shard {f} is {size:,} bytes, {manifest} says {want:,}: truncated or replaced; "
+                            f"write the shards again")
+        if _sha256(f) != info.get("sha256"):
+            raise DataError(f"shard {f} does not match its sha256 in {manifest}; write the shards again")
+    try:
+        chunks = json.loads((folder / "index.json").read_text())["chunks"]
+        count = sum(int(c["chunk_size"]) for c in chunks)
+        unlisted = [c["filename"] for c in chunks if c["filename"] not in files]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{folder} holds no readable LitData index.json ({e})") from None
+    if unlisted or "index.json" not in files:
+        raise DataError(f"{folder / (unlisted[0] if unlisted else 'index.json')} is not listed in {manifest}")
+    if count != entry.get("count"):
+        raise DataError(f"{folder} holds {count:,} images, {manifest} says {entry.get('count')}")
+    return count
+
+
+def write_shards(root: Path, splits: dict[str, list[tuple[bytes, int, str]]], classes: list[str],
+                 chunk_bytes: int = 64 << 20) -> Path:
+    """Write ``root/manifest.json`` and one LitData folder per split from (encoded bytes, label, name) items, in the
+    layout :func:`open_shards` reads (what the tests and the benchmarks stream; ``empssl shard`` is the command
+    that shards a dataset)."""
+    from litdata.streaming.writer import BinaryWriter
+
+    manifest: dict[str, Any] = {"classes": list(classes), "splits": {}}
+    for name, items in splits.items():
+        folder = root / name
+        writer = BinaryWriter(str(folder), chunk_bytes=chunk_bytes)
+        for i, (data, label, rel) in enumerate(items):
+            writer[i] = {"image": data, "label": label, "name": rel}
+        writer.done()
+        writer.merge()
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())}
+        manifest["splits"][name] = {"count": len(items), "files": files}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return root
+
+
+# --- the two tiers ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamedSplit:
+    """A training split read as it goes: ``rows`` of ``items`` (after ``--train-subset``), decoded at
+    ``image_size``."""
+
+    items: Items
+    rows: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64
+    classes: list[str]
+    image_size: int
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[ImageData, ImageData]],
+                log: Callable[[str], None] = print) -> tuple[ImageData, ImageData, StreamedSplit | None]:
+    """(train, test, streamed) of ``cfg.data`` by ``--data-mode``; ``streamed`` is None in the in-memory tier,
+    where ``in_memory()`` loads the splits. In the streamed tier, train is the in-memory sample the monitor and
+    the evaluation use (see the module docstring)."""
+    shards, mode = is_shards(cfg.data), cfg.data_mode
+    if cfg.decode == "cuda" and (cfg.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("--decode cuda decodes on the training GPU; this run has none (use --decode cpu or auto)")
+    if not shards and mode != "stream":
+        try:
+            return (*in_memory(), None)
+        except TooBigForMemory as e:
+            if mode == "memory":
+                raise
+            log(f"{e}; --data-mode auto: streaming it")
+    if cfg.data in TORCHVISION_DATASETS:
+        raise ConfigError(f"--data-mode stream reads shards, a folder or an archive; {cfg.data} is an array dataset "
+                          f"held in memory (use --data-mode memory)")
+    train_items: Items
+    test_items: Items
+    if shards:
+        root = Path(cfg.data).expanduser().resolve()
+        train_items, test_items, classes, held = open_shards(root)
+        source: str = str(root)
+    else:
+        catalog = scan(cfg.data, cfg.data_dir)
+        blocks, at = {}, 0
+        for name, count in catalog.splits:
+            blocks[name], at = catalog.records[at:at + count], at + count
+        held = held_out_split(blocks, catalog.source)
+        assert catalog.classes is not None  # split roots have classes
+        train_items, test_items = CatalogItems(blocks["train"]), CatalogItems(blocks[held])
+        classes, source = list(catalog.classes), catalog.source
+    if shards and mode != "stream":  # without --image-size the decoded size is unknown: the in-memory tier
+        try:
+            if cfg.image_size:
+                check_fits(len(train_items) + len(test_items), cfg.image_size, cfg.image_size, source)
+            mode = "memory"
+        except TooBigForMemory as e:
+            if mode == "memory":
+                raise
+            log(f"{e}; --data-mode auto: streaming it")
+    if not cfg.image_size and mode != "memory":
+        raise ConfigError("--data-mode stream needs --image-size S: a batch needs one size, and a stream cannot "
+                          "check ahead that its images agree")
+    labels = train_items.labels()
+    test_labels = test_items.labels()
+    for split, lab in (("train", labels), (held, test_labels)):
+        if len(lab) and not 0 <= int(lab.min()) <= int(lab.max()) < len(classes):
+            raise DataError(f"{source}: {split} labels run outside its {len(classes)} classes")
+    rows = balanced_indices(labels, len(classes), cfg.train_subset) if cfg.train_subset else torch.arange(len(labels))
+    test_rows = balanced_indices(test_labels, len(classes), cfg.test_subset or len(test_labels))
+    test = decode_rows(test_items, test_rows, classes, cfg.image_size, f"{held} of {source}", progress)
+    if mode == "memory":  # shards decoded into the in-memory tier
+        return decode_rows(train_items, rows, classes, cfg.image_size, f"train of {source}", progress), test, None
+    sample = rows[balanced_indices(labels[rows], len(classes), cfg.monitor_bank)]
+    train = decode_rows(train_items, sample, classes, cfg.image_size, f"train of {source}", progress,
+                        desc="decoding the monitor's bank")
+    return train, test, StreamedSplit(train_items, rows, labels[rows], classes, cfg.image_size, source)
+
+
+def decode_rows(items: Items, rows: torch.Tensor, classes: list[str], image_size: int, source: str,
+                progress: bool, desc: str = "decoding") -> ImageData:
+    """Images ``rows`` of ``items`` decoded into memory by the in-memory tier's decoder (a process pool)."""
+    records = []
+    for i in rows.tolist():
+        if isinstance(items, CatalogItems):
+            records.append(items.records[i])  # a folder's files are read by the pool's workers
+        else:
+            data, label, name = items.item(i)
+            records.append(ImageRecord(name, label, data))
+    catalog = Catalog(source, "", records, classes, None, [("", len(records))], [])
+    images = decode_catalog(catalog, image_size, progress, desc=desc)
+    return ImageData(images, torch.tensor([r.label for r in records], dtype=torch.int64), list(classes))
+
+
+# --- decoding a batch ---------------------------------------------------------------------------------------
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """``--decode`` for this device: cpu or cuda."""
+    if decode == "cuda" and device.type != "cuda":
+        raise ConfigError(f"--decode cuda decodes on the training GPU, but training runs on {device}")
+    return decode if decode != "auto" else ("cuda" if device.type == "cuda" else "cpu")
+
+
+class _Reader(torch.utils.data.Dataset):
+    """What a DataLoader worker does with one row: read its bytes and, for ``--decode cpu``, decode them.
+
+    Returns ("image", (3, S, S) uint8), ("bytes", (n,) uint8 raw file) or ("error", one-line message): a
+    worker's exception would reach the main process as a multi-line traceback."""
+
+    def __init__(self, items: Items, image_size: int, decode: bool) -> None:
+        self.items, self.image_size, self.decode = items, image_size, decode
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[str, Any, str]:
+        try:
+            data, _, name = self.items.item(i)
+            if not self.decode:
+                return "bytes", torch.frombuffer(bytearray(data), dtype=torch.uint8), name
+            return "image", _chw(decode_image(data, self.image_size, f"image {name}")), name
+        except DataError as e:
+            return "error", str(e), ""
+        except Exception as e:  # a shard that cannot be read: one line naming the row
+            return "error", f"cannot read image {i} of the streamed split: {type(e).__name__}: {e}", ""
+
+
+def _chw(image: Any) -> torch.Tensor:
+    """(3, H, W) uint8 of a decoded (H, W, 3) array (copied: PIL's arrays are read-only)."""
+    return torch.tensor(image).permute(2, 0, 1)
+
+
+def _collate(batch: list[tuple[str, Any, str]]) -> list[tuple[str, Any, str]]:
+    return batch
+
+
+_noted_fallback = False
+
+
+def decode_batch(raw: list[torch.Tensor], names: list[str], image_size: int, device: torch.device,
+                 gpu_decode: Callable[..., list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """(b, 3, S, S) uint8 on ``device`` from b raw image files ((n,) uint8 each): the JPEGs decoded in one batched
+    call (``torchvision.io.decode_jpeg(..., device=device)``, nvjpeg on CUDA), then resized (shorter side, bilinear,
+    antialiased) and centre-cropped there; the rest, and every JPEG of a batch that call refuses, on the CPU by
+    :func:`empssl.data.decode_image`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2.functional import center_crop, resize
+
+    global _noted_fallback
+    out: list[torch.Tensor | None] = [None] * len(raw)
+    jpeg = [i for i, r in enumerate(raw) if bytes(r[:3].tolist()) == JPEG_MAGIC]
+    if jpeg:
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 marks its decoders deprecated (for TorchCodec)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = (gpu_decode or decode_jpeg)([raw[i] for i in jpeg], device=device, mode=ImageReadMode.RGB)
+            for i, img in zip(jpeg, decoded, strict=True):
+                out[i] = center_crop(resize(img, [image_size], antialias=True), [image_size, image_size])
+        except RuntimeError as e:
+            if not _noted_fallback:
+                print(f"note: decoding a batch's JPEGs on {device} failed ({' '.join(str(e).split())[:120]}); "
+                      f"such batches are decoded on the CPU", file=sys.stderr)
+                _noted_fallback = True
+    cpu = [_chw(decode_image(bytes(raw[i].numpy()), image_size, f"image {names[i]}"))
+           for i in range(len(raw)) if out[i] is None]
+    it = iter(cpu)
+    return torch.stack([o if o is not None else next(it).to(device) for o in out])
+
+
+# --- the batch source ---------------------------------------------------------------------------------------
+
+
+def _n_workers() -> int:
+    """The CPUs but one of this process's share (torchrun: the node's CPUs over its ranks), at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+
+class StreamBatches:
+    """Iterator over the (b, 3, S, S) uint8 batches of steps ``start_step`` .. ``total_steps - 1`` on ``device``,
+    read and decoded as it goes: the same batches as :class:`empssl.batches.StepBatches` over the decoded split.
+
+    Args:
+        split: the streamed training split.
+        batch_size: the global batch B; this rank yields B / world images per step.
+        decode: "cpu" (decoded in the workers) or "cuda" (raw bytes from the workers, :func:`decode_batch`).
+        workers: DataLoader worker processes (default: the CPUs but one, at most 8).
+
+    Use ``close()`` (or a ``with`` block) to stop the workers when leaving early.
+    """
+
+    def __init__(self, split: StreamedSplit, *, batch_size: int, seed: int, start_step: int, total_steps: int,
+                 device: torch.device | str, rank: int = 0, world: int = 1, decode: str = "cpu",
+                 workers: int | None = None, prefetch: int = 4) -> None:
+        self.split, self.device, self.decode = split, torch.device(device), decode
+        self.n, self.batch_size, self.seed = len(split), batch_size, seed
+        self.steps_per_epoch = self.n // batch_size
+        if self.steps_per_epoch < 1 or batch_size % world:
+            raise ValueError(f"batch size {batch_size} must be <= {self.n} images and divisible by {world} ranks")
+        self.start, self.total, self.rank, self.b = start_step, total_steps, rank, batch_size // world
+        self.workers = _n_workers() if workers is None else workers
+        self.prefetch = prefetch
+        self._loader: Any = None
+
+    def __enter__(self) -> StreamBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def rows(self) -> Iterator[list[int]]:
+        """This rank's rows of ``split.items`` for every step, in step order."""
+        perm, perm_epoch = torch.empty(0, dtype=torch.long), -1
+        for step in range(self.start, self.total):
+            epoch, pos = divmod(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = self.split.rows[epoch_permutation(self.n, self.seed, epoch)], epoch
+            at = pos * self.batch_size + self.rank * self.b
+            yield perm[at:at + self.b].tolist()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        reader = _Reader(self.split.items, self.split.image_size, decode=self.decode == "cpu")
+        extra: dict[str, Any] = {"prefetch_factor": self.prefetch, "multiprocessing_context": "fork"
+                                 if sys.platform == "linux" else "spawn"} if self.workers else {}
+        loader = torch.utils.data.DataLoader(reader, batch_sampler=self.rows(), num_workers=self.workers,
+                                             collate_fn=_collate, pin_memory=False, **extra)
+        self._loader = iter(loader)
+        pin = self.device.type == "cuda"
+        try:
+            for batch in self._loader:
+                bad = next((b for b in batch if b[0] == "error"), None)
+                if bad is not None:
+                    raise DataError(bad[1])
+                if self.decode == "cuda":
+                    yield decode_batch([b[1] for b in batch], [b[2] for b in batch], self.split.image_size,
+                                       self.device)
+                    continue
+                images = torch.stack([b[1] for b in batch])
+                yield (images.pin_memory() if pin else images).to(self.device, non_blocking=True)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the DataLoader's workers (if any)."""
+        loader, self._loader = self._loader, None
+        if loader is not None and hasattr(loader, "_shutdown_workers"):
+            loader._shutdown_workers()

@@ -1,0 +1,272 @@
+"""The streamed tier: the same batches as the in-memory tier, exact resume, two ranks, bad shards, GPU-decode fallback.
+
+The shard folders are written here with LitData directly, in the layout ``empssl shard`` writes.
+"""
+
+import importlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from empssl import stream
+from empssl.batches import StepBatches
+from empssl.checkpoint import read_checkpoint
+from empssl.cli import main
+from empssl.data import load, scan
+from empssl.train import config_data, train
+
+from .conftest import TINY
+from .test_distributed import WORLD, interrupt_after, run_ranks
+
+pytest.importorskip("litdata")
+train_module = importlib.import_module("empssl.train")
+
+
+def write_shards(root, splits: dict, classes, chunk_bytes=1 << 18, split_classes=None):
+    """Shards of ``splits`` (split -> (bytes, label, name)s); ``split_classes`` adds a split's own class list."""
+    stream.write_shards(root, splits, classes, chunk_bytes)
+    if split_classes:
+        manifest = json.loads((root / "manifest.json").read_text())
+        for name, classes_of in split_classes.items():
+            manifest["splits"][name]["classes"] = classes_of
+        (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def demo_items(data_dir, n_train=None, n_test=None):
+    catalog = scan("demo", str(data_dir))
+    blocks, at = {}, 0
+    for name, count in catalog.splits:
+        blocks[name], at = catalog.records[at:at + count], at + count
+    return ({"train": [(r.read(), r.label, r.name) for r in blocks["train"][:n_train]],
+             "test": [(r.read(), r.label, r.name) for r in blocks["test"][:n_test]]}, catalog.classes)
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory, data_dir):
+    """The demo archive's 5,000 + 1,000 images as shards, in the catalog's order."""
+    splits, classes = demo_items(data_dir)
+    return write_shards(tmp_path_factory.mktemp("shards"), splits, classes)
+
+
+def tiny_cfg(data_dir, **kw):
+    base = dict(data="demo", data_dir=str(data_dir), width=4, hidden_dim=32, z_dim=16, patch_size=8, num_patches=4,
+                batch_size=20, train_subset=200, test_subset=100, test_patches=2, probe_epochs=2, device="cpu",
+                log_every=1, checkpoint_every=100, image_size=32, monitor_bank=60)
+    return train_module.Config(**{**base, **kw})
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.mark.parametrize("source", ["archive", "shards"])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streamed_batches_are_the_in_memory_batches(data_dir, demo_shards, source, workers):
+    cfg = tiny_cfg(data_dir, data="demo" if source == "archive" else str(demo_shards), data_mode="stream")
+    sample, test, split = stream.load_splits(cfg, False, lambda: pytest.fail("the stream tier was asked"), quiet)
+    mem_train, mem_test = config_data(tiny_cfg(data_dir, data_mode="memory"), progress=False)
+    assert split is not None and len(split) == len(mem_train) == 200
+    assert torch.equal(test.images, mem_test.images) and torch.equal(test.labels, mem_test.labels)
+    assert torch.equal(sample.images, mem_train.subset(60).images)  # the monitor's bank, as in memory
+    kw = dict(batch_size=20, seed=3, start_step=7, total_steps=23, device="cpu")  # across two epoch ends
+    with stream.StreamBatches(split, workers=workers, **kw) as streamed, StepBatches(mem_train.images, **kw) as ref:
+        got, want = list(streamed), list(ref)
+    assert len(got) == len(want) == 16
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_stream_run_resumed_mid_epoch_equals_an_uninterrupted_in_memory_run(tmp_path, data_dir, demo_shards):
+    ref = train(tiny_cfg(data_dir, data_mode="memory", epochs=1.5), tmp_path / "ref", progress=False, log=quiet,
+                evaluate_at_end=False)
+    cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode="stream", epochs=1.5)
+    real_step = train_module.train_step
+    interrupt_after(4)  # a SIGINT in step 4 of 15: the loop saves step 4 and stops
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "run", progress=False, log=quiet, evaluate_at_end=False)
+    finally:
+        train_module.train_step = real_step
+    assert read_checkpoint(tmp_path / "run")["step"] == 4
+    results = train(cfg, tmp_path / "run", progress=False, log=quiet, evaluate_at_end=True)
+    assert results["images"] == ref["images"] == 200 and results["n_train"] == 60  # evaluated on the bank
+    a, b = read_checkpoint(tmp_path / "ref"), read_checkpoint(tmp_path / "run")
+    assert b["step"] == a["step"] == 15
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_two_ranks_see_every_image_of_an_epoch_once(tmp_path, data_dir, demo_shards, monkeypatch):
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    real_rows = stream.StreamBatches.rows
+
+    def rows(self):
+        with (seen / f"rank{os.environ['RANK']}.jsonl").open("a") as f:
+            for r in real_rows(self):
+                f.write(json.dumps(r) + "\n")
+                f.flush()
+                yield r
+
+    monkeypatch.setattr(stream.StreamBatches, "rows", rows)
+    cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode="stream", train_subset=80, epochs=1,
+                   width=8, hidden_dim=64, z_dim=32)
+    run_ranks(cfg, tmp_path / "run", None)
+    per_rank = [[json.loads(line) for line in (seen / f"rank{r}.jsonl").read_text().splitlines()] for r in range(WORLD)]
+    assert [len(steps) for steps in per_rank] == [4, 4]  # the same number of steps, 10 images each
+    assert all(len(batch) == 10 for steps in per_rank for batch in steps)
+    everything = sorted(i for steps in per_rank for batch in steps for i in batch)
+    split = stream.load_splits(cfg, False, lambda: pytest.fail("stream asked"), quiet)[2]
+    assert everything == sorted(split.rows.tolist())  # all 80 images of the epoch, each once
+
+
+# --- bad input: one line, exit 2, no run directory --------------------------------------------------------
+
+
+def small_shards(tmp_path, data_dir, **kw):
+    splits, classes = demo_items(data_dir, n_train=60, n_test=20)
+    return write_shards(tmp_path / "shards", splits, classes, chunk_bytes=20000, **kw), splits
+
+
+def run_cli(tmp_path, data, *extra):
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "out"), "--data-mode", "stream", "--image-size",
+            "32", "--no-progress", "--train-subset", "40", "--epochs", "1", *TINY, *extra]
+    return main(argv)
+
+
+def _one_line(capsys, *parts):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for p in parts:
+        assert p in err, err
+
+
+def test_a_missing_or_truncated_or_altered_shard_is_refused(tmp_path, data_dir, capsys):
+    root, _ = small_shards(tmp_path, data_dir)
+    chunks = sorted((root / "train").glob("chunk-*.bin"))
+    assert len(chunks) > 1
+    data = chunks[1].read_bytes()
+    chunks[1].write_bytes(data[: len(data) // 2])
+    assert run_cli(tmp_path, root) == 2
+    _one_line(capsys, "truncated")
+    chunks[1].write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the same size, one bit changed
+    assert run_cli(tmp_path, root) == 2
+    _one_line(capsys, "sha256")
+    chunks[1].unlink()
+    assert run_cli(tmp_path, root) == 2
+    _one_line(capsys, "is missing")
+    assert not (tmp_path / "out").exists()
+
+
+def test_counts_or_class_lists_that_disagree_are_refused(tmp_path, data_dir, capsys):
+    root, _ = small_shards(tmp_path, data_dir, split_classes={"test": ["a", "b"]})
+    assert run_cli(tmp_path, root) == 2
+    _one_line(capsys, "class lists of train and test differ")
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["splits"]["test"]["classes"]
+    manifest["splits"]["train"]["count"] = 61
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli(tmp_path, root) == 2
+    _one_line(capsys, "holds 60 images", "says 61")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_that_does_not_decode_stops_with_one_line(tmp_path, data_dir, capsys):
+    splits, classes = demo_items(data_dir, n_train=60, n_test=20)
+    splits["train"][7] = (b"\xff\xd8\xff not a jpeg", splits["train"][7][1], "train/bad.jpg")
+    root = write_shards(tmp_path / "shards", splits, classes)
+    assert run_cli(tmp_path, root, "--train-subset", "0", "--monitor-bank", "20", "--batch-size", "60") == 2
+    _one_line(capsys, "cannot decode image train/bad.jpg")
+
+
+def test_stream_needs_an_image_size_and_a_streamable_source(tmp_path, data_dir, capsys):
+    assert main(["train", "--data", "demo", "--data-dir", str(data_dir), "--out", str(tmp_path / "o"),
+                 "--data-mode", "stream", *TINY]) == 2
+    _one_line(capsys, "needs --image-size")
+    assert main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--data-mode", "stream", "--image-size", "32", *TINY]) == 2
+    _one_line(capsys, "array dataset")
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_streams_what_does_not_fit_and_memory_refuses_it(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(load, "memory_available", lambda: 1000)
+    lines = []
+    cfg = tiny_cfg(tmp_path / "fresh", data="demo", data_mode="auto")  # a fresh cache dir: nothing is cached
+    _, _, split = stream.load_splits(cfg, False, lambda: config_data(cfg, progress=False), lines.append)
+    assert split is not None and len(split) == 200 and "streaming it" in lines[0]
+    with pytest.raises(load.TooBigForMemory, match="--data-mode stream"):
+        stream.load_splits(cfg.replace(data_mode="memory"), False, lambda: config_data(cfg, progress=False), quiet)
+
+
+# --- decoding a batch on the GPU, and its fallback ------------------------------------------------------------
+
+
+def _encoded(data_dir):
+    catalog = scan("demo", str(data_dir))
+    raws = [r.read() for r in catalog.records[:6]]
+    png = io.BytesIO()
+    Image.fromarray(np.full((40, 48, 3), 200, dtype=np.uint8)).save(png, format="PNG")
+    raws[2] = png.getvalue()
+    names = [f"x{i}" for i in range(len(raws))]
+    want = torch.stack([torch.from_numpy(stream.decode_image(r, 24)).permute(2, 0, 1) for r in raws])
+    return [torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in raws], names, want
+
+
+def test_a_batch_that_the_gpu_refuses_is_decoded_on_the_cpu(data_dir, capsys):
+    raw, names, want = _encoded(data_dir)
+    calls = []
+
+    def refuse(batch, device, mode):
+        calls.append(len(batch))
+        raise RuntimeError("nvjpeg: unsupported")
+
+    got = stream.decode_batch(raw, names, 24, torch.device("cpu"), gpu_decode=refuse)
+    assert calls == [5] and torch.equal(got, want)  # the PNG never went to the JPEG decoder
+
+
+def test_the_batched_jpeg_path_matches_the_cpu_decoder_closely(data_dir):
+    raw, names, want = _encoded(data_dir)
+    got = stream.decode_batch(raw, names, 24, torch.device("cpu"))  # torchvision's decode_jpeg, on the CPU here
+    assert got.shape == want.shape == (6, 3, 24, 24) and got.dtype == torch.uint8
+    assert torch.equal(got[2], want[2])  # PNG: the CPU decoder
+    assert (got.float() - want.float()).abs().mean() < 6  # resampling differs by rounding, not by content
+
+
+def test_shards_go_in_memory_when_they_fit_and_stream_when_they_do_not(data_dir, demo_shards, monkeypatch):
+    mem_train, mem_test = config_data(tiny_cfg(data_dir, data_mode="memory"), progress=False)
+    for mode in ("memory", "auto"):
+        cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode=mode)
+        train_, test, split = stream.load_splits(cfg, False, lambda: pytest.fail("shards are not a folder"), quiet)
+        assert split is None and torch.equal(train_.images, mem_train.images) and torch.equal(test.images,
+                                                                                              mem_test.images)
+    monkeypatch.setattr(load, "memory_available", lambda: 1000)
+    lines = []
+    cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode="auto")
+    assert stream.load_splits(cfg, False, lambda: pytest.fail("shards"), lines.append)[2] is not None
+    assert "streaming it" in lines[0]
+    with pytest.raises(load.TooBigForMemory):
+        stream.load_splits(cfg.replace(data_mode="memory"), False, lambda: pytest.fail("shards"), quiet)
+
+
+def test_gpu_decoding_without_a_gpu_is_refused(tmp_path, data_dir, demo_shards, capsys):
+    assert run_cli(tmp_path, demo_shards, "--decode", "cuda") == 2
+    _one_line(capsys, "--decode cuda")
+    assert not (tmp_path / "out").exists()
+
+
+def test_raw_bytes_from_the_workers_are_decoded_a_batch_at_a_time(data_dir, demo_shards):
+    cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode="stream")
+    split = stream.load_splits(cfg, False, lambda: pytest.fail("stream asked"), quiet)[2]
+    kw = dict(batch_size=20, seed=0, start_step=0, total_steps=3, device="cpu", workers=1)
+    with stream.StreamBatches(split, decode="cuda", **kw) as raw, stream.StreamBatches(split, **kw) as cpu:
+        pairs = list(zip(raw, cpu, strict=True))  # --decode cuda's path, with torchvision's CPU JPEG decoder here
+    assert len(pairs) == 3
+    for a, b in pairs:
+        assert a.shape == b.shape == (20, 3, 32, 32) and a.dtype == torch.uint8
+        assert (a.float() - b.float()).abs().mean() < 6
