@@ -38,7 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .images import DataError
+from .images import DataError, resize_crop
 from .layouts import Catalog
 from .sources import read_file
 
@@ -114,21 +114,6 @@ def _pil_bomb_check_off() -> Iterator[None]:
             _bomb_users -= 1
             if _bomb_users == 0:
                 Image.MAX_IMAGE_PIXELS = _bomb_saved
-
-
-def resize_crop(img: Image.Image, size: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` (bilinear; PIL antialiases when shrinking) and centre-crop.
-
-    Returns (size, size, 3) uint8.
-    """
-    w, h = img.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-        left, top = round((nw - size) / 2), round((nh - size) / 2)  # as torchvision's center_crop
-        img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8)
 
 
 # PIL puts the repr of the file object it was given into some messages ("<_io.BytesIO object at 0x7f...>"

@@ -1,5 +1,6 @@
 """What the data pipeline gives: :class:`ImageData` (one labelled split) and :class:`ImageSet` (every image of a
-source with its name), and :class:`DataError`, the one-line error for bad data. Imports nothing above it."""
+source with its name), :class:`DataError`, the one-line error for bad data, and :func:`resize_crop`, the one resize
+rule of every tier. Imports nothing above it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 class DataError(Exception):
@@ -113,3 +115,18 @@ class ImageSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+
+def resize_crop(img: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to ``size`` (bilinear; PIL antialiases when shrinking) and centre-crop.
+
+    Returns (size, size, 3) uint8.
+    """
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+        left, top = round((nw - size) / 2), round((nh - size) / 2)  # as torchvision's center_crop
+        img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)

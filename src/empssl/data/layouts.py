@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .images import DataError, ImageData
+from .images import DataError, ImageData, resize_crop
 from .sources import IMAGE_EXTENSIONS, Tree, read_file
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100")
@@ -263,8 +263,6 @@ def load_torchvision(name: str, data_dir: str, image_size: int) -> tuple[ImageDa
     """torchvision's CIFAR-10/100 arrays under ``data_dir`` (downloaded if absent) as (train, test)."""
     import torchvision
     from PIL import Image
-
-    from .decode import resize_crop
 
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     out = []
