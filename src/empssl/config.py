@@ -191,8 +191,8 @@ class Config:
         if self.eval_every >= 1 and self.eval_every != int(self.eval_every):
             raise ConfigError(f"--eval-every must be 0 (off), a whole number of steps, or a fraction of an epoch "
                               f"below 1, got {self.eval_every:g}")
-        if not isinstance(self.method_settings, dict):
-            raise ConfigError(f"method_settings must be a mapping of settings, got {self.method_settings!r}")
+        if not isinstance(self.method_settings, dict) or not all(isinstance(k, str) for k in self.method_settings):
+            raise ConfigError(f"method_settings must be a mapping of settings by name, got {self.method_settings!r}")
         if self.method_settings:
             self.settings()
         return self
@@ -217,6 +217,8 @@ class Config:
     def from_dict(cls, d: Mapping[str, Any]) -> Config:
         """A Config from flat settings (a preset, a --config file, a run's config.json): the keys that are not
         Config fields are the method's own settings; an unknown key is a ConfigError."""
+        if not isinstance(d, Mapping) or not all(isinstance(k, str) for k in d):
+            raise ConfigError(f"settings must be a mapping of names to values, got {d!r:.80}")
         d = dict(d)
         if "extra" in d:
             d = _from_version_0_2(d)

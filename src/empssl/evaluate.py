@@ -18,6 +18,7 @@ on the device for the kNN and the probe.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -33,7 +34,7 @@ from .devices import autocast, autocast_dtype, synchronize
 from .methods import create_method, eval_protocol
 from .models import inference_copy
 from .patches import Augment, PatchParams, apply_params, sample_params
-from .probe import ProbeError, ProbeResult, linear_probe, stratified_split
+from .probe import ProbeError, ProbeResult, check_finite, linear_probe, stratified_split
 
 __all__ = ["EvalError", "ProbeError", "ProbeResult", "evaluate", "extract_features", "extract_full_features",
            "extract_prefix_features", "image_features", "knn_predict", "linear_probe", "score_features",
@@ -50,7 +51,7 @@ DEFAULT_PATCHES_PER_FORWARD = 4096
 DEFAULT_PATCHES_PER_FORWARD_CUDA = 16384
 
 
-class EvalError(Exception):
+class EvalError(ValueError):
     """A user-facing evaluation error (bad shapes, empty data, mismatched classes ...): one line."""
 
 
@@ -175,6 +176,10 @@ def extract_prefix_features(model: nn.Module, images: torch.Tensor, aug: Augment
         raise EvalError("no images to extract features from")
     if kind not in ("pre", "backbone"):
         raise EvalError(f"unknown feature kind {kind!r}; use 'pre' or 'backbone'")
+    if not isinstance(aug, Augment):
+        raise TypeError(f"aug must be an empssl.Augment, got {type(aug).__name__}")
+    if batch_images < 0:
+        raise EvalError(f"batch_images must be >= 0 (0: automatic), got {batch_images}")
     device = torch.device(device)
     param = next(model.parameters(), None)
     if param is not None and param.device.type != device.type:
@@ -289,10 +294,14 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
                         f"for {train_feats.shape[0]} features")
     if train_feats.shape[0] == 0:
         raise EvalError("kNN needs at least one training feature")
-    if k < 1 or not temperature > 0 or chunk < 1:
-        raise EvalError(f"kNN needs k >= 1, temperature > 0 and chunk >= 1, got {k}, {temperature}, {chunk}")
+    if k < 1 or not 0 < temperature < math.inf or chunk < 1 or num_classes < 1:
+        raise EvalError(f"kNN needs k >= 1, a finite temperature > 0, chunk >= 1 and num_classes >= 1, got {k}, "
+                        f"{temperature}, {chunk}, {num_classes}")
+    if train_labels.dtype.is_floating_point or train_labels.dtype == torch.bool:
+        raise TypeError(f"kNN labels must be integers, got {train_labels.dtype}")
     if int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes:
         raise EvalError(f"kNN labels must lie in [0, {num_classes})")
+    check_finite("kNN", train_feats, test_feats)
     k = min(k, train_feats.shape[0])
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)

@@ -129,6 +129,16 @@ def _correct(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch
     return correct
 
 
+def check_finite(what: str, train_feats: torch.Tensor, test_feats: torch.Tensor) -> None:
+    """ProbeError (a ValueError) if a feature is NaN or infinite: it would vote or train silently wrong."""
+    for name, feats in (("training", train_feats), ("test", test_feats)):
+        if not feats.dtype.is_floating_point:
+            raise TypeError(f"{what} needs floating-point {name} features, got {feats.dtype}")
+        bad = int((~torch.isfinite(feats)).any(dim=1).sum()) if feats.numel() else 0
+        if bad:
+            raise ProbeError(f"{what}: {bad} of {feats.shape[0]} {name} features hold NaN or infinite values")
+
+
 def _check(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
            test_labels: torch.Tensor, num_classes: int, epochs: int, lrs: Sequence[float], batch_size: int,
            val_fraction: float) -> None:
@@ -139,6 +149,9 @@ def _check(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: to
         raise ProbeError("linear probe needs one label per feature")
     if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
         raise ProbeError("linear probe needs at least one training and one test feature")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"linear probe {name} must be a whole number, got {value!r}")
     if epochs < 1 or batch_size < 1 or not all(lr > 0 and math.isfinite(lr) for lr in lrs):
         raise ProbeError(f"linear probe needs epochs >= 1, batch size >= 1 and lr > 0, got {epochs}, "
                          f"{batch_size}, {','.join(f'{lr:g}' for lr in lrs)}")
@@ -148,6 +161,7 @@ def _check(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: to
         raise ProbeError(f"probe validation fraction must be in [0, 1), got {val_fraction}")
     if num_classes < 1:
         raise ProbeError(f"linear probe needs num_classes >= 1, got {num_classes}")
+    check_finite("linear probe", train_feats, test_feats)
     for name, labels in (("training", train_labels), ("test", test_labels)):
         # Checked here because out-of-range labels would be a device-side assert inside the CUDA graph.
         if labels.dtype.is_floating_point or int(labels.min()) < 0 or int(labels.max()) >= num_classes:
