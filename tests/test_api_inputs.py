@@ -164,3 +164,46 @@ def test_wrong_typed_config_file_values_leave_no_run_directory(settings, needle,
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "r").exists()
+
+
+# --- a training step that cannot fit is refused at start ------------------------------------------------------
+
+
+def test_a_step_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--patch-size 1000 would grow to terabytes: one line naming the estimate and the limit, exit 2, no run
+    directory, and no patch of that size is ever allocated (the estimate measures patches of at most 64 px)."""
+    code = main(["train", "--data", "demo", "--data-dir", str(tmp_path / "data"), "--patch-size", "1000",
+                 "--device", "cpu", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "one training step of 2000 patches of 1000 px needs" in err and "available" in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "data").exists()
+
+
+def test_the_limit_is_what_is_available(monkeypatch):
+    from empssl import recompute
+
+    cfg = Config(width=4, hidden_dim=32, z_dim=16, patch_size=8, num_patches=4, batch_size=20)
+    recompute.check_step_fits(cfg, torch.device("cpu"))  # a couple of MiB: fits
+    monkeypatch.setattr(recompute, "available_bytes", lambda device: 2**20)
+    with pytest.raises(ConfigError, match=r"needs ~\d+ MiB .* but the host has 1 MiB available"):
+        recompute.check_step_fits(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="with activation checkpointing"):  # asked for: estimated with it
+        recompute.check_step_fits(cfg.replace(grad_checkpointing="on"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("arch", ["resnet18-cifar", "resnet18-imagenet"])
+def test_large_patches_are_extrapolated_from_small_ones(arch):
+    """Beyond 64 px the activations are fitted through 32 and 64 px; for ResNets that is exact at 96 px."""
+    from empssl.recompute import activation_bytes_at, activation_bytes_per_patch
+
+    model = empssl.EMPSSLModel(arch, width=4, hidden_dim=16, z_dim=8)
+    cpu = torch.device("cpu")
+    assert activation_bytes_at(model, 96, cpu) == pytest.approx(activation_bytes_per_patch(model, 96, cpu), rel=0.02)
+
+
+def test_a_two_view_model_is_measured_on_views():
+    from empssl.recompute import activation_bytes_per_patch
+
+    model = empssl.create_method(Config(method="simclr", width=4, hidden_dim=16, z_dim=8)).build_model()
+    assert activation_bytes_per_patch(model, 16, torch.device("cpu")) > 0

@@ -37,7 +37,7 @@ from .files import write_json
 from .methods import Method, create_method
 from .monitor import Monitor
 from .optim import LARS, lars_param_groups, lr_at
-from .recompute import recompute_backbone, want_recompute
+from .recompute import check_step_fits, recompute_backbone, want_recompute
 from .rundir import (
     MetricsLog,
     RunLock,
@@ -155,6 +155,7 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
     dist, device, own_group = distributed.setup(cfg.device)  # torchrun: join the group, take cuda:LOCAL_RANK
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    check_step_fits(cfg, device, dist.world_size)  # a step that cannot fit: one line, before any data or file
     train_data, test_data, steps_per_epoch = _load_data(cfg, data, dist, progress)
     timing.add("data", time.perf_counter() - t0)
     if dist.is_main:
