@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
