@@ -31,6 +31,7 @@ from torch import nn
 from .config import Config
 from .data import ImageData
 from .devices import autocast, autocast_dtype, synchronize
+from .fallbacks import collecting, fall_back
 from .methods import create_method, eval_protocol
 from .models import inference_copy
 from .patches import Augment, PatchParams, apply_params, sample_params
@@ -126,11 +127,30 @@ def _prefetched(starts: Sequence[int], make: Callable[[int], torch.Tensor], devi
                 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, make(start))`` for every start. On CUDA the next group is made on a second stream while the
     caller's forward pass of the current one runs on the main stream: the augmentation (memory-bound) overlaps
-    the network (compute-bound). Elsewhere: one after the other."""
-    if device.type != "cuda":
-        for start in starts:
-            yield start, make(start)
-        return
+    the network (compute-bound). Elsewhere, or once the second stream has failed (a note in the results'
+    ``fallbacks``): one after the other, the same groups."""
+    done = 0
+    if _overlap(device):
+        try:
+            for start, patches in _overlapped(starts, make, device):
+                yield start, patches
+                done += 1
+            return
+        except Exception as e:  # a stream, event or launch that fails: the same groups, made one after the other
+            fall_back("overlapped feature extraction (a second CUDA stream)", "one stream", e)
+            synchronize(device)
+    for start in starts[done:]:
+        yield start, make(start)
+
+
+def _overlap(device: torch.device) -> bool:
+    """Whether :func:`_prefetched` makes the next group on a second stream: on CUDA."""
+    return device.type == "cuda"
+
+
+def _overlapped(starts: Sequence[int], make: Callable[[int], torch.Tensor], device: torch.device
+                ) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`_prefetched` on CUDA: group i + 1 is launched on a side stream before group i is handed over."""
     main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
     side.wait_stream(main)  # whatever put the images on the device is done before the first group is cut
 
@@ -379,19 +399,21 @@ def evaluate(model: nn.Module, train: ImageData, test: ImageData, cfg: Config, d
     Returns a JSON-serialisable dict: linear_top1, knn_top1 (in %), eval_view, feature, test_patches (None for
     the whole-image view), probe_epoch, probe_val_top1, feature_seconds, knn_seconds, probe_seconds, n_train,
     n_test, num_classes, feature_dim, knn_k (after clamping to the training set), knn_temperature, eval_seed,
-    probe_epochs. Logs one line.
+    probe_epochs, and fallbacks (the fast paths that failed and fell back, :mod:`empssl.fallbacks`). Logs one
+    line, and one more per fallback.
     """
     device = torch.device(device)
     num_classes = check_splits(train, test)
     view, kind = eval_protocol(cfg)
-    t0 = time.perf_counter()
-    train_f = image_features(model, train.images, cfg, device, progress=progress, desc="train features")
-    test_f = image_features(model, test.images, cfg, device, progress=progress, desc="test features")
-    synchronize(device)
-    feature_seconds = time.perf_counter() - t0
+    with collecting(log) as fallbacks:  # fast paths that failed and ran their plain twins instead
+        t0 = time.perf_counter()
+        train_f = image_features(model, train.images, cfg, device, progress=progress, desc="train features")
+        test_f = image_features(model, test.images, cfg, device, progress=progress, desc="test features")
+        synchronize(device)
+        feature_seconds = time.perf_counter() - t0
 
-    scores = score_features(train_f, train.labels, test_f, test.labels, num_classes, cfg, device,
-                            progress=progress)
+        scores = score_features(train_f, train.labels, test_f, test.labels, num_classes, cfg, device,
+                                progress=progress)
     feature_name = "pre-feature" if kind == "pre" else "backbone feature"
     how = view_label(view, cfg.test_patches)
     chosen = f"lr {scores['probe_lr']:g}, " if scores["probe_protocol"] == "lr-sweep" else ""
@@ -412,4 +434,5 @@ def evaluate(model: nn.Module, train: ImageData, test: ImageData, cfg: Config, d
         "n_train": int(train_f.shape[0]),
         "n_test": int(test_f.shape[0]),
         "num_classes": num_classes,
+        "fallbacks": fallbacks,
     }

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fallbacks import fall_back
+
 BACKENDS = ("auto", "eager", "cuda-graph")
 # Eager epochs run (and undone) on a side stream before capture: lazy initialisations (cuBLAS handles and
 # workspaces) must not happen inside the graph, as the CUDA-graph documentation requires.
@@ -412,19 +414,33 @@ def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequen
     backend = _resolve_backend(backend, device)
     from tqdm import tqdm
 
-    trainer = _HeadTrainer(x, y, num_classes, lrs, epochs=epochs, momentum=momentum, weight_decay=weight_decay,
-                           batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val)
+    def new_trainer() -> _HeadTrainer:
+        return _HeadTrainer(x, y, num_classes, lrs, epochs=epochs, momentum=momentum, weight_decay=weight_decay,
+                            batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val)
+
+    trainer = new_trainer()
     if backend == "cuda-graph":
-        with torch.cuda.device(device):
-            graph = _capture_epoch(trainer)
-            for _ in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
-                graph.replay()
-                if progress:  # a bar that tells the truth costs one sync per epoch; none without one
-                    torch.cuda.current_stream().synchronize()
-    else:
+        try:
+            _graphed_epochs(trainer, epochs, progress)
+        except Exception as e:  # at capture or replay: the eager probe computes the same heads
+            fall_back("CUDA-graphed linear probe", "the eager probe", e)
+            backend, trainer = "eager", new_trainer()  # from the start: a failed replay may have run part of it
+    if backend == "eager":
         for _ in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
             trainer.epoch()
     return trainer.heads(backend)
+
+
+def _graphed_epochs(trainer: _HeadTrainer, epochs: int, progress: bool) -> None:
+    """``epochs`` epochs of ``trainer`` as the replays of one captured epoch (:func:`_capture_epoch`)."""
+    from tqdm import tqdm
+
+    with torch.cuda.device(trainer.x1.device):
+        graph = _capture_epoch(trainer)
+        for _ in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
+            graph.replay()
+            if progress:  # a bar that tells the truth costs one sync per epoch; none without one
+                torch.cuda.current_stream().synchronize()
 
 
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
