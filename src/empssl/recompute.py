@@ -65,15 +65,18 @@ def _recomputed(module: nn.Module, forward: Callable[..., Any], *args: Any) -> A
                                  context_fn=lambda: (contextlib.nullcontext(), _keep_batchnorm_stats(module)))
 
 
-def recompute_backbone(model: EMPSSLModel) -> int:
-    """Turn on activation recomputation for every residual block of ``model.backbone``, in place.
+def recompute_backbone(model: nn.Module) -> int:
+    """Turn on activation recomputation for every residual block of ``model.backbone``, in place (any method's
+    model).
 
     The blocks' ``forward`` is replaced (an instance attribute), so parameter names and the state_dict are
     unchanged. Only training-mode forwards with gradients are recomputed; evaluation runs as before.
     Returns the number of blocks wrapped (idempotent: already wrapped blocks are skipped).
     """
     n = 0
-    for block in model.backbone.modules():
+    backbone = model.backbone  # every method's model has one (EMPSSLModel, the two-view models)
+    assert isinstance(backbone, nn.Module)
+    for block in backbone.modules():
         if isinstance(block, BasicBlock) and "forward" not in block.__dict__:
             block.forward = functools.partial(_recomputed, block, block.forward)  # type: ignore[method-assign]
             n += 1
