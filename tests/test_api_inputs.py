@@ -122,7 +122,8 @@ CONFIG_CASES = [
     ({"method_settings": {1: 2}}, "method_settings must be a mapping"),
     ({"method_settings": {"eps": "x"}}, "--eps must be a finite number"),
     ({"crop_scale": (NAN, 0.3)}, "--crop-scale must be 2 finite numbers"),
-    ({"probe_lrs": [0.1]}, "--probe-lrs must be a list of finite numbers"),
+    ({"probe_lrs": [0.1]}, "--probe-lrs must be a list of finite numbers (a tuple), got [0.1]"),
+    ({"crop_scale": [0.2, 0.3]}, "--crop-scale must be 2 finite numbers (a tuple)"),
     ({"probe_val_fraction": INF}, "--probe-val-fraction must be a finite number or none"),
     ({"compile": True}, "--compile must be a string"), ({"crop_ratio": ("a", "b")}, "--crop-ratio must be"),
 ]
