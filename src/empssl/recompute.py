@@ -97,11 +97,23 @@ def activation_bytes_per_patch(model: nn.Module, patch_size: int, device: torch.
             # plain BatchNorm: a SyncBatchNorm replica would start collectives the other ranks may not join
             m.forward = functools.partial(nn.modules.batchnorm._BatchNorm.forward, m)  # type: ignore[method-assign]
 
+    # EMP-SSL's model takes (B, 3, s, s) patches, the two-view models (V, b, 3, s, s) views; a method's own model
+    # is tried in both layouts
+    views_first = not isinstance(model, EMPSSLModel)
+
     def saved_bytes(k: int) -> int:
+        nonlocal views_first
+        try:
+            return saved_bytes_as(k, views_first)
+        except (RuntimeError, ValueError, TypeError):
+            views_first = not views_first
+            return saved_bytes_as(k, views_first)
+
+    def saved_bytes_as(k: int, views: bool) -> int:
         x = torch.randn(k, 3, patch_size, patch_size, device=device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if not isinstance(model, EMPSSLModel):  # a two-view model takes (V, b, 3, s, s) views
+        if views:
             x = x[None]
         storages: dict[int, int] = {}
 
@@ -239,12 +251,15 @@ def check_step_fits(cfg: Config, device: torch.device, world_size: int = 1) -> N
     patches = method.views_per_image * cfg.batch_size // world_size
     amp = autocast_dtype(cfg.precision, device)
     channels_last = cfg.channels_last and device.type == "cuda"
-    need = step_memory(model, patches, cfg.patch_size, device, amp, channels_last, with_weights=True)
     recompute = cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto" and device.type == "cuda")
-    if need.total > limit and recompute:
-        recompute_backbone(model)
+    try:
         need = step_memory(model, patches, cfg.patch_size, device, amp, channels_last, with_weights=True)
-    del model
+        if need.total > limit and recompute and recompute_backbone(model):
+            need = step_memory(model, patches, cfg.patch_size, device, amp, channels_last, with_weights=True)
+    except (RuntimeError, ValueError, TypeError, AttributeError):
+        return  # a method's own model that takes neither layout of views: no estimate, the run is not refused
+    finally:
+        del model
     if need.total > limit:
         where = f"{device} has {_gib(limit)} free" if device.type == "cuda" else f"the host has {_gib(limit)} available"
         with_r = " with activation checkpointing" if recompute else ""
