@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from torch import nn
 from . import distributed
 from .devices import synchronize
 from .distributed import Dist
+from .fallbacks import fall_back
+
+T = TypeVar("T")
 
 # --compile auto: after this many eager steps (cudnn autotuning done) the step time is measured and the model
 # compiled only if the rest of the run saves more than compiling costs. The two estimates come from one H200
@@ -51,8 +55,9 @@ class Compiler:
     with ``--compile`` decided for steps ``start_step`` .. ``total_steps``.
 
     ``reason`` is the decision's one-line reason and ``compile_seconds`` the time the compiled first step took.
-    The loop calls :meth:`before` and :meth:`after` around every step, and :meth:`exclude` for time spent
-    outside the step (monitoring) so that it stays out of ``auto``'s step-time measurement.
+    The loop runs every step through :meth:`call`, calls :meth:`before` and :meth:`after` around it, and
+    :meth:`exclude` for time spent outside the step (monitoring) so that it stays out of ``auto``'s step-time
+    measurement.
     """
 
     def __init__(self, mode: str, model: nn.Module, device: torch.device, dist: Dist, *, start_step: int,
@@ -69,6 +74,27 @@ class Compiler:
                 self.reason = f"auto: {total_steps - start_step} steps, too few to win back compiling"
         self.compile_seconds = 0.0
         self._t_compile = self._t_trial = 0.0
+
+    def call(self, run_step: Callable[..., T], *args: Any, generator: torch.Generator) -> T:
+        """``run_step(self.net, *args)``: one training step that draws from ``generator``.
+
+        While compiled, a step that raises (compiling happens at the first call, and again at a recompilation)
+        falls back to the eager module and runs again from the random states it started from, so the run keeps
+        its training; a note goes to the log and the results (:mod:`empssl.fallbacks`). An error of the step
+        itself raises again from the eager one. Under torchrun every rank compiles the same step, so they fail,
+        and fall back, together."""
+        if self.compile_from is None:
+            return run_step(self.net, *args)
+        states = generator.get_state(), torch.get_rng_state()
+        try:
+            return run_step(self.net, *args)
+        except Exception as e:
+            generator.set_state(states[0])
+            torch.set_rng_state(states[1])
+            fall_back("compiled training step", "the eager step", e)
+            self.net, self.compile_from = self._module(False), None
+            self.reason += "; compiling failed, eager"
+            return run_step(self.net, *args)
 
     def _module(self, compile: bool) -> nn.Module:
         return distributed.training_module(self.model, self.device, self.dist, compile=compile)

@@ -216,8 +216,8 @@ class Config:
                               f"below 1, got {self.eval_every:g}")
         if self.online_eval_every and not self.online_eval:
             raise ConfigError("--online-eval-every needs --online-eval DATA (the labelled bank and queries)")
-        if not isinstance(self.method_settings, dict):
-            raise ConfigError(f"method_settings must be a mapping of settings, got {self.method_settings!r}")
+        if not isinstance(self.method_settings, dict) or not all(isinstance(k, str) for k in self.method_settings):
+            raise ConfigError(f"method_settings must be a mapping of settings by name, got {self.method_settings!r}")
         if self.method_settings:
             self.settings()
         return self
@@ -242,6 +242,8 @@ class Config:
     def from_dict(cls, d: Mapping[str, Any]) -> Config:
         """A Config from flat settings (a preset, a --config file, a run's config.json): the keys that are not
         Config fields are the method's own settings; an unknown key is a ConfigError."""
+        if not isinstance(d, Mapping) or not all(isinstance(k, str) for k in d):
+            raise ConfigError(f"settings must be a mapping of names to values, got {d!r:.80}")
         d = dict(d)
         if "extra" in d:
             d = _from_version_0_2(d)
@@ -379,7 +381,8 @@ def check_fields(obj: Any) -> None:
         value, meta = getattr(obj, f.name), f.metadata
         what, ok = _kind(hints[f.name])
         if not ok(value):
-            raise ConfigError(f"{flag(f.name)} must be {what}, got {value!r}")
+            as_tuple = " (a tuple)" if isinstance(value, list) and typing.get_origin(hints[f.name]) is tuple else ""
+            raise ConfigError(f"{flag(f.name)} must be {what}{as_tuple}, got {value!r}")
         if meta.get("choices") and value not in meta["choices"]:
             raise ConfigError(f"{flag(f.name)} must be one of {', '.join(meta['choices'])}, got {value!r}")
         for key, sign, broken in (("low", ">=", lambda v, b: v < b), ("above", ">", lambda v, b: not v > b),

@@ -18,6 +18,7 @@ on the device for the kNN and the probe.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -30,10 +31,11 @@ from torch import nn
 from .config import Config
 from .data import ImageData
 from .devices import autocast, autocast_dtype, synchronize
+from .fallbacks import collecting, fall_back
 from .methods import create_method, eval_protocol
 from .models import inference_copy
 from .patches import Augment, PatchParams, apply_params, sample_params
-from .probe import ProbeError, ProbeResult, linear_probe, stratified_split
+from .probe import ProbeError, ProbeResult, check_finite, linear_probe, stratified_split
 
 __all__ = ["EvalError", "ProbeError", "ProbeResult", "evaluate", "extract_features", "extract_full_features",
            "extract_prefix_features", "image_features", "knn_predict", "linear_probe", "score_features",
@@ -50,7 +52,7 @@ DEFAULT_PATCHES_PER_FORWARD = 4096
 DEFAULT_PATCHES_PER_FORWARD_CUDA = 16384
 
 
-class EvalError(Exception):
+class EvalError(ValueError):
     """A user-facing evaluation error (bad shapes, empty data, mismatched classes ...): one line."""
 
 
@@ -125,11 +127,30 @@ def _prefetched(starts: Sequence[int], make: Callable[[int], torch.Tensor], devi
                 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, make(start))`` for every start. On CUDA the next group is made on a second stream while the
     caller's forward pass of the current one runs on the main stream: the augmentation (memory-bound) overlaps
-    the network (compute-bound). Elsewhere: one after the other."""
-    if device.type != "cuda":
-        for start in starts:
-            yield start, make(start)
-        return
+    the network (compute-bound). Elsewhere, or once the second stream has failed (a note in the results'
+    ``fallbacks``): one after the other, the same groups."""
+    done = 0
+    if _overlap(device):
+        try:
+            for start, patches in _overlapped(starts, make, device):
+                yield start, patches
+                done += 1
+            return
+        except Exception as e:  # a stream, event or launch that fails: the same groups, made one after the other
+            fall_back("overlapped feature extraction (a second CUDA stream)", "one stream", e)
+            synchronize(device)
+    for start in starts[done:]:
+        yield start, make(start)
+
+
+def _overlap(device: torch.device) -> bool:
+    """Whether :func:`_prefetched` makes the next group on a second stream: on CUDA."""
+    return device.type == "cuda"
+
+
+def _overlapped(starts: Sequence[int], make: Callable[[int], torch.Tensor], device: torch.device
+                ) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`_prefetched` on CUDA: group i + 1 is launched on a side stream before group i is handed over."""
     main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
     side.wait_stream(main)  # whatever put the images on the device is done before the first group is cut
 
@@ -175,6 +196,10 @@ def extract_prefix_features(model: nn.Module, images: torch.Tensor, aug: Augment
         raise EvalError("no images to extract features from")
     if kind not in ("pre", "backbone"):
         raise EvalError(f"unknown feature kind {kind!r}; use 'pre' or 'backbone'")
+    if not isinstance(aug, Augment):
+        raise TypeError(f"aug must be an empssl.Augment, got {type(aug).__name__}")
+    if batch_images < 0:
+        raise EvalError(f"batch_images must be >= 0 (0: automatic), got {batch_images}")
     device = torch.device(device)
     param = next(model.parameters(), None)
     if param is not None and param.device.type != device.type:
@@ -289,10 +314,14 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
                         f"for {train_feats.shape[0]} features")
     if train_feats.shape[0] == 0:
         raise EvalError("kNN needs at least one training feature")
-    if k < 1 or not temperature > 0 or chunk < 1:
-        raise EvalError(f"kNN needs k >= 1, temperature > 0 and chunk >= 1, got {k}, {temperature}, {chunk}")
+    if k < 1 or not 0 < temperature < math.inf or chunk < 1 or num_classes < 1:
+        raise EvalError(f"kNN needs k >= 1, a finite temperature > 0, chunk >= 1 and num_classes >= 1, got {k}, "
+                        f"{temperature}, {chunk}, {num_classes}")
+    if train_labels.dtype.is_floating_point or train_labels.dtype == torch.bool:
+        raise TypeError(f"kNN labels must be integers, got {train_labels.dtype}")
     if int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes:
         raise EvalError(f"kNN labels must lie in [0, {num_classes})")
+    check_finite("kNN", train_feats, test_feats)
     k = min(k, train_feats.shape[0])
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)
@@ -370,19 +399,21 @@ def evaluate(model: nn.Module, train: ImageData, test: ImageData, cfg: Config, d
     Returns a JSON-serialisable dict: linear_top1, knn_top1 (in %), eval_view, feature, test_patches (None for
     the whole-image view), probe_epoch, probe_val_top1, feature_seconds, knn_seconds, probe_seconds, n_train,
     n_test, num_classes, feature_dim, knn_k (after clamping to the training set), knn_temperature, eval_seed,
-    probe_epochs. Logs one line.
+    probe_epochs, and fallbacks (the fast paths that failed and fell back, :mod:`empssl.fallbacks`). Logs one
+    line, and one more per fallback.
     """
     device = torch.device(device)
     num_classes = check_splits(train, test)
     view, kind = eval_protocol(cfg)
-    t0 = time.perf_counter()
-    train_f = image_features(model, train.images, cfg, device, progress=progress, desc="train features")
-    test_f = image_features(model, test.images, cfg, device, progress=progress, desc="test features")
-    synchronize(device)
-    feature_seconds = time.perf_counter() - t0
+    with collecting(log) as fallbacks:  # fast paths that failed and ran their plain twins instead
+        t0 = time.perf_counter()
+        train_f = image_features(model, train.images, cfg, device, progress=progress, desc="train features")
+        test_f = image_features(model, test.images, cfg, device, progress=progress, desc="test features")
+        synchronize(device)
+        feature_seconds = time.perf_counter() - t0
 
-    scores = score_features(train_f, train.labels, test_f, test.labels, num_classes, cfg, device,
-                            progress=progress)
+        scores = score_features(train_f, train.labels, test_f, test.labels, num_classes, cfg, device,
+                                progress=progress)
     feature_name = "pre-feature" if kind == "pre" else "backbone feature"
     how = view_label(view, cfg.test_patches)
     chosen = f"lr {scores['probe_lr']:g}, " if scores["probe_protocol"] == "lr-sweep" else ""
@@ -403,4 +434,5 @@ def evaluate(model: nn.Module, train: ImageData, test: ImageData, cfg: Config, d
         "n_train": int(train_f.shape[0]),
         "n_test": int(test_f.shape[0]),
         "num_classes": num_classes,
+        "fallbacks": fallbacks,
     }

@@ -3,6 +3,7 @@ and the two-view baselines SimCLR, VICReg and BYOL (:mod:`empssl.methods`)."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,7 @@ def total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
     """
     if z.dim() < 2:
         raise ValueError(f"z must have shape (..., b, d); got {tuple(z.shape)}")
+    _check_weight("eps", eps, positive=True)
     b, d = z.shape[-2], z.shape[-1]
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.float()
@@ -64,11 +66,23 @@ def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 2
     """
     if z.dim() != 3:
         raise ValueError(f"z must have shape (n_patches, b, d); got {tuple(z.shape)}")
+    if z.shape[0] < 2:
+        raise ValueError(f"emp_ssl_loss needs at least 2 patches per image (the invariance term compares them); "
+                         f"got z of shape {tuple(z.shape)}")
+    _check_weight("invariance_weight", invariance_weight)
     z = z.float()
     tcr = total_coding_rate(z, eps).mean()
     z_mean = z.mean(dim=0, keepdim=True)  # (1, b, d)
     invariance = F.cosine_similarity(z, z_mean, dim=-1).mean()  # mean over (n, b)
     return EMPSSLLoss(-tcr - invariance_weight * invariance, tcr, invariance)
+
+
+def _check_weight(name: str, value: float, positive: bool = False) -> None:
+    """A loss's scalar setting: a finite number (> 0 when ``positive``). Checked on the host, no device sync."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
 
 
 # --- the two-view baselines (SimCLR, VICReg, BYOL), as solo-learn computes them ---------------------------------

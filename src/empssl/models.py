@@ -17,6 +17,15 @@ from torch import nn
 ARCHS: dict[str, Callable[..., ResNet]] = {}
 
 
+def check_size(name: str, value: object) -> None:
+    """TypeError unless ``value`` is a whole number, ValueError unless it is >= 1: a layer width (``nn.Linear(d, 0)``
+    and ``nn.Conv2d(3, 0, 3)`` build without complaint and fail, or train nothing, later)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def register(name: str) -> Callable[[Callable[..., ResNet]], Callable[..., ResNet]]:
     def wrap(fn: Callable[..., ResNet]) -> Callable[..., ResNet]:
         ARCHS[name] = fn
@@ -56,6 +65,7 @@ class ResNet(nn.Module):
 
     def __init__(self, layers: tuple[int, ...] = (2, 2, 2, 2), width: int = 64, stem: str = "cifar") -> None:
         super().__init__()
+        check_size("width", width)
         if stem == "cifar":
             self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
             self.maxpool: nn.Module = nn.Identity()
@@ -122,6 +132,8 @@ class EMPSSLModel(nn.Module):
 
     def __init__(self, arch: str = "resnet18-cifar", width: int = 64, hidden_dim: int = 4096, z_dim: int = 1024):
         super().__init__()
+        check_size("hidden_dim", hidden_dim)
+        check_size("z_dim", z_dim)
         self.backbone = create_backbone(arch, width)
         d = self.backbone.out_dim
         self.pre_feature = nn.Sequential(nn.Linear(d, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True))

@@ -476,6 +476,29 @@ def apply_params(
     return out.view(n_patches, B, 3, size, size)
 
 
+def _check_inputs(images: object, n_patches: object, aug: object, generator: object) -> None:
+    """TypeError / AugmentError (a ValueError) for inputs make_patches cannot use, saying what it expects."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise AugmentError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.dtype.is_floating_point:
+        raise TypeError(f"images must be uint8 (0..255) or float in [0, 1], got {images.dtype}")
+    if images.dtype.is_floating_point and images.numel():
+        lo, hi = images.aminmax()
+        if not (0 <= lo and hi <= 1):  # also false for NaN
+            hint = "; divide by 255 (or pass uint8)" if hi > 1 and hi <= 255 else ""
+            raise AugmentError(f"float images must lie in [0, 1], got values in [{float(lo):g}, {float(hi):g}]"
+                               f"{hint}")
+    if isinstance(n_patches, bool) or not isinstance(n_patches, int) or n_patches < 1:
+        raise AugmentError(f"n_patches must be a whole number >= 1, got {n_patches!r}")
+    if not isinstance(aug, Augment):
+        raise TypeError(f"aug must be an empssl.Augment, got {type(aug).__name__}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator on the images' device (seeded, so that the patches "
+                        f"can be reproduced), got {generator!r}")
+
+
 def make_patches(
     images: torch.Tensor,
     n_patches: int,
@@ -490,7 +513,8 @@ def make_patches(
         images: (B, 3, H, W) uint8, or float in [0, 1], on any device.
         n_patches: patches per image.
         aug: the augmentation recipe.
-        generator: a ``torch.Generator`` on the images' device; the same seed gives the same patches.
+        generator: a ``torch.Generator`` on the images' device; the same seed gives the same patches. Required
+            (None is a TypeError): patches drawn from the global generator could not be reproduced.
         out_dtype: dtype of the result (e.g. torch.bfloat16 to feed an autocast model).
         memory_format: ``torch.channels_last`` to make ``.flatten(0, 1)`` channels_last, the layout of a
             channels_last network's input, at no extra pass (the values do not change).
@@ -499,8 +523,7 @@ def make_patches(
         (n_patches, B, 3, aug.size, aug.size) normalised patches; ``patches[i]`` holds patch i of every image,
         so ``.flatten(0, 1)`` is the official concatenation order.
     """
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise AugmentError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    _check_inputs(images, n_patches, aug, generator)
     if torch.device(generator.device).type != images.device.type:
         raise AugmentError(f"the generator is on {generator.device} but the images are on {images.device}")
     B, _, H, W = images.shape

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fallbacks import fall_back
+
 BACKENDS = ("auto", "eager", "cuda-graph")
 # Eager epochs run (and undone) on a side stream before capture: lazy initialisations (cuBLAS handles and
 # workspaces) must not happen inside the graph, as the CUDA-graph documentation requires.
@@ -129,6 +131,16 @@ def _correct(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch
     return correct
 
 
+def check_finite(what: str, train_feats: torch.Tensor, test_feats: torch.Tensor) -> None:
+    """ProbeError (a ValueError) if a feature is NaN or infinite: it would vote or train silently wrong."""
+    for name, feats in (("training", train_feats), ("test", test_feats)):
+        if not feats.dtype.is_floating_point:
+            raise TypeError(f"{what} needs floating-point {name} features, got {feats.dtype}")
+        bad = int((~torch.isfinite(feats)).any(dim=1).sum()) if feats.numel() else 0
+        if bad:
+            raise ProbeError(f"{what}: {bad} of {feats.shape[0]} {name} features hold NaN or infinite values")
+
+
 def _check(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
            test_labels: torch.Tensor, num_classes: int, epochs: int, lrs: Sequence[float], batch_size: int,
            val_fraction: float) -> None:
@@ -139,6 +151,9 @@ def _check(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: to
         raise ProbeError("linear probe needs one label per feature")
     if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
         raise ProbeError("linear probe needs at least one training and one test feature")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"linear probe {name} must be a whole number, got {value!r}")
     if epochs < 1 or batch_size < 1 or not all(lr > 0 and math.isfinite(lr) for lr in lrs):
         raise ProbeError(f"linear probe needs epochs >= 1, batch size >= 1 and lr > 0, got {epochs}, "
                          f"{batch_size}, {','.join(f'{lr:g}' for lr in lrs)}")
@@ -148,6 +163,7 @@ def _check(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: to
         raise ProbeError(f"probe validation fraction must be in [0, 1), got {val_fraction}")
     if num_classes < 1:
         raise ProbeError(f"linear probe needs num_classes >= 1, got {num_classes}")
+    check_finite("linear probe", train_feats, test_feats)
     for name, labels in (("training", train_labels), ("test", test_labels)):
         # Checked here because out-of-range labels would be a device-side assert inside the CUDA graph.
         if labels.dtype.is_floating_point or int(labels.min()) < 0 or int(labels.max()) >= num_classes:
@@ -398,19 +414,33 @@ def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequen
     backend = _resolve_backend(backend, device)
     from tqdm import tqdm
 
-    trainer = _HeadTrainer(x, y, num_classes, lrs, epochs=epochs, momentum=momentum, weight_decay=weight_decay,
-                           batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val)
+    def new_trainer() -> _HeadTrainer:
+        return _HeadTrainer(x, y, num_classes, lrs, epochs=epochs, momentum=momentum, weight_decay=weight_decay,
+                            batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val)
+
+    trainer = new_trainer()
     if backend == "cuda-graph":
-        with torch.cuda.device(device):
-            graph = _capture_epoch(trainer)
-            for _ in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
-                graph.replay()
-                if progress:  # a bar that tells the truth costs one sync per epoch; none without one
-                    torch.cuda.current_stream().synchronize()
-    else:
+        try:
+            _graphed_epochs(trainer, epochs, progress)
+        except Exception as e:  # at capture or replay: the eager probe computes the same heads
+            fall_back("CUDA-graphed linear probe", "the eager probe", e)
+            backend, trainer = "eager", new_trainer()  # from the start: a failed replay may have run part of it
+    if backend == "eager":
         for _ in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
             trainer.epoch()
     return trainer.heads(backend)
+
+
+def _graphed_epochs(trainer: _HeadTrainer, epochs: int, progress: bool) -> None:
+    """``epochs`` epochs of ``trainer`` as the replays of one captured epoch (:func:`_capture_epoch`)."""
+    from tqdm import tqdm
+
+    with torch.cuda.device(trainer.x1.device):
+        graph = _capture_epoch(trainer)
+        for _ in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
+            graph.replay()
+            if progress:  # a bar that tells the truth costs one sync per epoch; none without one
+                torch.cuda.current_stream().synchronize()
 
 
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,

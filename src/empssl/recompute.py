@@ -22,13 +22,17 @@ import contextlib
 import copy
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from .models import BasicBlock, EMPSSLModel
+
+if TYPE_CHECKING:
+    from .config import Config
 
 # Fraction of the free GPU memory a step may plan to use before recomputation is switched on (the caching
 # allocator's fragmentation and cuDNN workspaces need the rest).
@@ -61,15 +65,18 @@ def _recomputed(module: nn.Module, forward: Callable[..., Any], *args: Any) -> A
                                  context_fn=lambda: (contextlib.nullcontext(), _keep_batchnorm_stats(module)))
 
 
-def recompute_backbone(model: EMPSSLModel) -> int:
-    """Turn on activation recomputation for every residual block of ``model.backbone``, in place.
+def recompute_backbone(model: nn.Module) -> int:
+    """Turn on activation recomputation for every residual block of ``model.backbone``, in place (any method's
+    model).
 
     The blocks' ``forward`` is replaced (an instance attribute), so parameter names and the state_dict are
     unchanged. Only training-mode forwards with gradients are recomputed; evaluation runs as before.
     Returns the number of blocks wrapped (idempotent: already wrapped blocks are skipped).
     """
     n = 0
-    for block in model.backbone.modules():
+    backbone = model.backbone  # every method's model has one (EMPSSLModel, the two-view models)
+    assert isinstance(backbone, nn.Module)
+    for block in backbone.modules():
         if isinstance(block, BasicBlock) and "forward" not in block.__dict__:
             block.forward = functools.partial(_recomputed, block, block.forward)  # type: ignore[method-assign]
             n += 1
@@ -90,10 +97,24 @@ def activation_bytes_per_patch(model: nn.Module, patch_size: int, device: torch.
             # plain BatchNorm: a SyncBatchNorm replica would start collectives the other ranks may not join
             m.forward = functools.partial(nn.modules.batchnorm._BatchNorm.forward, m)  # type: ignore[method-assign]
 
+    # EMP-SSL's model takes (B, 3, s, s) patches, the two-view models (V, b, 3, s, s) views; a method's own model
+    # is tried in both layouts
+    views_first = not isinstance(model, EMPSSLModel)
+
     def saved_bytes(k: int) -> int:
+        nonlocal views_first
+        try:
+            return saved_bytes_as(k, views_first)
+        except (RuntimeError, ValueError, TypeError):
+            views_first = not views_first
+            return saved_bytes_as(k, views_first)
+
+    def saved_bytes_as(k: int, views: bool) -> int:
         x = torch.randn(k, 3, patch_size, patch_size, device=device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if views:
+            x = x[None]
         storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -109,17 +130,60 @@ def activation_bytes_per_patch(model: nn.Module, patch_size: int, device: torch.
     return (saved_bytes(8) - saved_bytes(4)) / 4
 
 
-def step_bytes(model: nn.Module, patches: int, patch_size: int, device: torch.device, amp: torch.dtype | None,
-               channels_last: bool) -> int:
-    """Estimated peak memory of one training step on ``patches`` patches (beyond what is allocated now).
+# Patch sides up to this are measured as they are; a larger side is extrapolated from two measured ones (the
+# activations of a convolutional network grow with the patch area), so that the estimate itself stays small.
+_MEASURED_SIDES = (32, 64)
 
-    Saved activations + the float32 patches and their autocast copy + three more patch-sized buffers for
-    the augmentation's temporaries + gradients and momentum for the parameters.
-    """
-    act = activation_bytes_per_patch(model, patch_size, device, amp, channels_last)
+
+def activation_bytes_at(model: nn.Module, patch_size: int, device: torch.device, amp: torch.dtype | None = None,
+                        channels_last: bool = False) -> float:
+    """:func:`activation_bytes_per_patch` at ``patch_size``, measured up to 64 px and beyond that fitted as
+    ``a + b * side**2`` through the measurements at 32 and 64 px (never allocating a patch of the large side)."""
+    lo, hi = _MEASURED_SIDES
+    if patch_size <= hi:
+        return activation_bytes_per_patch(model, patch_size, device, amp, channels_last)
+    a_lo, a_hi = (activation_bytes_per_patch(model, s, device, amp, channels_last) for s in (lo, hi))
+    per_pixel = (a_hi - a_lo) / (hi * hi - lo * lo)
+    return a_lo + per_pixel * (patch_size * patch_size - lo * lo)
+
+
+class StepMemory(NamedTuple):
+    """Estimated peak memory of one training step, in bytes, by what holds it."""
+
+    activations: int  # what autograd keeps for the backward pass
+    patches: int  # the float32 patches, their autocast copy and the augmentation's temporaries
+    model: int  # parameters, gradients and momentum (weights included only when ``with_weights``)
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.patches + self.model
+
+    def describe(self) -> str:
+        return (f"~{_gib(self.total)} (activations {_gib(self.activations)}, patches {_gib(self.patches)}, model and "
+                f"optimiser {_gib(self.model)})")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**27 else f"{n / 2**20:.0f} MiB"
+
+
+def step_memory(model: nn.Module, patches: int, patch_size: int, device: torch.device, amp: torch.dtype | None,
+                channels_last: bool, with_weights: bool = False) -> StepMemory:
+    """Estimated peak memory of one training step on ``patches`` patches of ``model`` (as configured: with
+    recomputation if it is on): saved activations + the float32 patches and their autocast copy + three more
+    patch-sized buffers for the augmentation's temporaries + gradients and momentum for the parameters (and the
+    parameters themselves with ``with_weights``, for a model not yet on the device)."""
+    act = activation_bytes_at(model, patch_size, device, amp, channels_last)
     patch_bytes = 3 * patch_size * patch_size * 4
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return int(patches * (act + 5 * patch_bytes) + 2 * params)
+    return StepMemory(int(patches * act), int(patches * 5 * patch_bytes), (3 if with_weights else 2) * params)
+
+
+def step_bytes(model: nn.Module, patches: int, patch_size: int, device: torch.device, amp: torch.dtype | None,
+               channels_last: bool) -> int:
+    """Estimated peak memory of one training step on ``patches`` patches (beyond what is allocated now):
+    :func:`step_memory`'s total."""
+    return step_memory(model, patches, patch_size, device, amp, channels_last).total
 
 
 def free_bytes(device: torch.device) -> int:
@@ -144,3 +208,60 @@ def want_recompute(mode: str, model: nn.Module, patches: int, patch_size: int, d
     use = need > _FREE_FRACTION * free
     return use, (f"auto: a step needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free -> "
                  f"{'on' if use else 'off'}")
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a training step may use: what the CUDA device has free (:func:`free_bytes`), or on the CPU the
+    host's available memory (MemAvailable, capped by this process's cgroup limit); None where it cannot be read."""
+    if device.type == "cuda":
+        return free_bytes(device)
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        avail = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:  # a container's limit (cgroup v2), when it is below what the host has
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_step_fits(cfg: Config, device: torch.device, world_size: int = 1) -> None:
+    """Refuse (ConfigError, one line) a run whose training step cannot fit in :func:`available_bytes`, before
+    anything is allocated for it or written: the estimate of :func:`step_memory` for this process's share of the
+    step's views, with activation recomputation where ``--grad-checkpointing`` would turn it on (``on``, or
+    ``auto`` on CUDA). A throwaway copy of the model measures a few small patches (and the global RNG is left as
+    it was)."""
+    from .config import ConfigError
+    from .devices import autocast_dtype
+    from .methods import create_method
+
+    limit = available_bytes(device)
+    if limit is None:
+        return
+    method = create_method(cfg)
+    with torch.random.fork_rng(devices=[]):
+        model = method.build_model().to(device)
+    patches = method.views_per_image * cfg.batch_size // world_size
+    amp = autocast_dtype(cfg.precision, device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    recompute = cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto" and device.type == "cuda")
+    try:
+        need = step_memory(model, patches, cfg.patch_size, device, amp, channels_last, with_weights=True)
+        if need.total > limit and recompute and recompute_backbone(model):
+            need = step_memory(model, patches, cfg.patch_size, device, amp, channels_last, with_weights=True)
+    except (RuntimeError, ValueError, TypeError, AttributeError):
+        return  # a method's own model that takes neither layout of views: no estimate, the run is not refused
+    finally:
+        del model
+    if need.total > limit:
+        where = f"{device} has {_gib(limit)} free" if device.type == "cuda" else f"the host has {_gib(limit)} available"
+        with_r = " with activation checkpointing" if recompute else ""
+        raise ConfigError(f"one training step of {patches} patches of {cfg.patch_size} px needs {need.describe()}"
+                          f"{with_r}, but {where}; lower --patch-size, --num-patches or --batch-size")

@@ -33,11 +33,12 @@ from .data import ImageData, load_data
 from .devices import autocast_dtype, device_name, synchronize
 from .distributed import SINGLE, Dist
 from .evaluate import evaluate, view_label
+from .fallbacks import collecting
 from .files import check_writable_dir, write_json
 from .methods import Method, create_method
 from .monitor import Monitor
 from .optim import LARS, lars_param_groups, lr_at
-from .recompute import recompute_backbone, want_recompute
+from .recompute import check_step_fits, recompute_backbone, want_recompute
 from .rundir import (
     MetricsLog,
     RunLock,
@@ -168,6 +169,7 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
     dist, device, own_group = distributed.setup(cfg.device)  # torchrun: join the group, take cuda:LOCAL_RANK
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    check_step_fits(cfg, device, dist.world_size)  # a step that cannot fit: one line, before any data or file
     train_data, test_data, steps_per_epoch, streamed = _load_data(cfg, data, dist, progress)
     timing.add("data", time.perf_counter() - t0)
     if dist.is_main:
@@ -288,8 +290,8 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
             for group in opt.param_groups:
                 group["lr"] = lr
             compiler.before(step)
-            values, applied = train_step(compiler.net, opt, method, next(stream), run.generator, run.amp,
-                                         run.memory_format, dist)
+            values, applied = compiler.call(train_step, opt, method, next(stream), run.generator, run.amp,
+                                            run.memory_format, dist, generator=run.generator)
             method.after_step(model, step + 1, run.schedule_steps, applied)  # e.g. BYOL's target
             metrics.add(values, applied, step + 1)
             step += 1
@@ -370,6 +372,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         progress, log = False, _silent
     with ExitStack() as held:  # the run directory's lock, until its results are written
         held.push(_interrupt_message(Path(out_dir)))  # last out: a Ctrl-C outside the loop says what is kept
+        fallbacks = held.enter_context(collecting(log))  # fast paths that failed and ran eager instead
         run = setup(cfg, Path(out_dir), data, progress, log, timing, held)
         t0 = time.perf_counter()
         run.tracker = open_tracking(cfg.log, run.out, cfg.to_dict(), start_step=run.step, enabled=run.dist.is_main)
@@ -392,7 +395,8 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         timing.add("monitor", clock["monitor_seconds"] - before.get("monitor_seconds", 0.0))
         summary = {"method": cfg.method, "steps": run.total_steps, "epochs": cfg.epochs, "images": run.n_train,
                    **clock, "device": device_name(run.device),
-                   "compile": run.compiler.reason if run.compiler else None}  # monitoring: wall time and hardware
+                   "compile": run.compiler.reason if run.compiler else None,  # monitoring: wall time and hardware
+                   "fallbacks": fallbacks}
         if not evaluate_at_end or not run.dist.is_main:
             done: dict[str, Any] = {**summary, "timing": timing.summary()}
             run.tracker.log_results(done, step=run.step)
@@ -414,6 +418,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
             log(f"linear probe: trained {results['linear_top1']:.1f}% vs random init {base['linear_top1']:.1f}% "
                 f"({gap:+.1f} points, {view_label(results['eval_view'], cfg.test_patches)})")
         results["timing"] = timing.summary()
+        results["fallbacks"] = fallbacks  # the training's and the evaluations'
         write_json(run.out / "results.json", results)
         run.tracker.log_results(results, step=run.step)
         run.tracker.close()

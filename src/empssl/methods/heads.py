@@ -15,7 +15,7 @@ from torch import nn
 from .. import distributed
 from ..config import Config
 from ..distributed import SINGLE, Dist
-from ..models import ResNet
+from ..models import ResNet, check_size
 from ..patches import Augment
 from .base import Method
 
@@ -32,6 +32,8 @@ def mlp(dims: Sequence[int], batch_norm: bool = True) -> nn.Sequential:
     ReLU after every layer but the last: the shape of solo-learn's projectors and BYOL's predictor."""
     if len(dims) < 2:
         raise ValueError(f"an MLP needs an input and an output width, got {list(dims)}")
+    for d in dims:
+        check_size("an MLP width", d)
     layers: list[nn.Module] = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
         layers.append(nn.Linear(d_in, d_out))

@@ -1,0 +1,43 @@
+"""Notes of the fast paths that could not run and fell back to their plain twins: the CUDA-graphed linear probe,
+the compiled training step, the second CUDA stream of feature extraction.
+
+A fast path that raises at capture, compile or launch time calls :func:`fall_back`, then runs its plain path (which
+computes the same thing). The note is one line in the log and one entry ``{"path", "why"}`` in the ``fallbacks``
+list of results.json: whoever runs the code sees that it ran slower, and why, instead of losing the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# The open collections, innermost last: a note goes into every one of them, and is logged by the innermost's log.
+_OPEN: list[tuple[list[dict[str, str]], Callable[[str], Any]]] = []
+
+
+def fall_back(path: str, plain: str, error: BaseException) -> dict[str, str]:
+    """Record that ``path`` (e.g. "compiled training step") raised ``error`` and ``plain`` runs instead."""
+    why = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}".rstrip(": ")
+    note = {"path": path, "fallback": plain, "why": why[:300]}
+    line = f"{path} failed ({note['why']}); falling back to {plain}"
+    for notes, _ in _OPEN:
+        notes.append(note)
+    if _OPEN:
+        _OPEN[-1][1](line)
+    else:
+        print(f"empssl: {line}", file=sys.stderr)
+    return note
+
+
+@contextlib.contextmanager
+def collecting(log: Callable[[str], Any] = print) -> Iterator[list[dict[str, str]]]:
+    """The notes made until exit (a list that fills as they come), each logged once with ``log``."""
+    notes: list[dict[str, str]] = []
+    entry = (notes, log)
+    _OPEN.append(entry)
+    try:
+        yield notes
+    finally:
+        del _OPEN[next(i for i, e in enumerate(_OPEN) if e is entry)]
