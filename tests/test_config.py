@@ -45,9 +45,10 @@ def test_names_are_declared_once_and_registered():
     import importlib
     import pkgutil
 
-    import empssl.methods as registry
+    import empssl.methods
+    from empssl import registry
 
-    for module in pkgutil.iter_modules(registry.__path__):
+    for module in pkgutil.iter_modules(empssl.methods.__path__):
         importlib.import_module(f"empssl.methods.{module.name}")
     assert set(registry._REGISTERED) == set(method_names())
 

@@ -384,11 +384,11 @@ def test_two_ranks_gather_to_the_single_process_loss_and_gradient(name):
 @pytest.fixture
 def registry(monkeypatch):
     """The method registry, restored after the test (the toy method must not leak into other tests)."""
-    import empssl.methods as methods
+    from empssl import registry
 
-    monkeypatch.setattr(methods, "_REGISTERED", dict(methods._REGISTERED))
-    monkeypatch.setattr(methods, "_ORDER", dict(methods._ORDER))
-    return methods
+    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+    monkeypatch.setattr(registry, "_ORDER", dict(registry._ORDER))
+    return registry
 
 
 def define_toy_method():

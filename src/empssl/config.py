@@ -21,14 +21,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration (bad value, unknown preset, ...): reported in one line."""
-
+from . import registry
+from .errors import ConfigError as ConfigError  # raised here and by the registry; importable from here as before
 
 # The architecture names, declared here so that validating a config imports neither torch nor the models;
 # empssl.models registers an implementation under each (a test checks that both agree). Method names come from
-# the method registry (empssl.methods), which reads them without importing torch.
+# the method registry (empssl.registry), which reads them without importing torch.
 ARCH_NAMES = ("resnet18-cifar", "resnet18-imagenet", "resnet34-cifar")
 LOGGER_NAMES = ("tensorboard", "wandb", "mlflow")  # --log (empssl.tracking)
 
@@ -184,10 +182,8 @@ class Config:
         Each value against its declaration first (:func:`check_fields`), then the combinations, then the method:
         its name, and its own settings where any are given (which imports the method's module)."""
         check_fields(self)
-        from .methods import method_names  # the registry; it imports no method module for this
-
-        if self.method not in method_names():
-            raise ConfigError(f"--method must be one of {', '.join(method_names())}, got {self.method!r}")
+        if self.method not in registry.method_names():  # the registry imports no method module for this
+            raise ConfigError(f"--method must be one of {', '.join(registry.method_names())}, got {self.method!r}")
         if 0 < self.schedule_epochs < self.epochs:
             raise ConfigError(f"--schedule-epochs ({self.schedule_epochs:g}) must be >= --epochs ({self.epochs:g})")
         lo, hi = self.crop_scale
@@ -295,9 +291,7 @@ class MethodSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(given) - names)
         if unknown:
-            from .methods import settings_owners
-
-            owners = settings_owners(unknown[0])
+            owners = registry.settings_owners(unknown[0])
             if owners:
                 raise ConfigError(f"{flag(unknown[0])} is a setting of {' and '.join(owners)}, not of "
                                   f"--method {method}")
@@ -310,18 +304,14 @@ class MethodSettings:
 
 def method_settings_class(method: str) -> type[MethodSettings]:
     """The settings class ``method`` declares (importing the method's module)."""
-    from .methods import method_class
-
-    return method_class(method).Settings
+    return registry.method_class(method).Settings
 
 
 def settings_for(method: str, d: Mapping[str, Any]) -> dict[str, Any]:
     """``d`` without the settings that only other methods declare: what settings given to several methods alike
     (``empssl compare``) mean for ``method``."""
-    from .methods import method_names
-
     own = {f.name for f in dataclasses.fields(method_settings_class(method))}
-    others = {f.name for m in method_names() for f in dataclasses.fields(method_settings_class(m))} - own
+    others = {f.name for m in registry.method_names() for f in dataclasses.fields(method_settings_class(m))} - own
     return {k: v for k, v in d.items() if k not in others}
 
 
@@ -395,9 +385,7 @@ def check_fields(obj: Any) -> None:
 def method_preset(method: str) -> str | None:
     """The preset a method's runs start from when no --preset is given, as the method declares it (a baseline's
     standard CIFAR recipe: ``simclr-cifar10`` ...); None for EMP-SSL, whose recipe is the defaults."""
-    from .methods import method_class
-
-    return method_class(method).preset
+    return registry.method_class(method).preset
 
 
 def method_recipe(method: str) -> dict[str, Any]:

@@ -1,0 +1,85 @@
+"""The method registry: which class is ``--method NAME``, found without importing torch.
+
+A leaf: it imports nothing from empssl at module level (the method modules import the config, and the config asks
+the registry for the method names, so the registry sits below both). :mod:`empssl.methods` re-exports it.
+
+It imports no method module until one is asked for: the method modules import torch (seconds), and validating a
+config or listing the names must not. :func:`method_names` reads the names of the package's methods from their
+modules' ``@register("...")`` lines (``src/empssl/methods/*.py``); a method defined elsewhere (a test, a user's
+script) is listed once its module has been imported and has registered it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import re
+from collections.abc import Callable
+from importlib import resources
+from typing import TYPE_CHECKING, TypeVar
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+M = TypeVar("M", bound="type[Method]")
+
+_PACKAGE = __name__.rpartition(".")[0]  # empssl
+METHODS_PACKAGE = f"{_PACKAGE}.methods"  # the package whose modules register its methods
+_REGISTERED: dict[str, type[Method]] = {}
+_ORDER: dict[str, int] = {}
+_REGISTER_LINE = re.compile(r'^@register\("([^"]+)"(?:, order=(\d+))?\)', re.MULTILINE)
+LAST = 1000  # the place of a method that gives no order: after the package's own, by name
+
+
+def register(name: str, order: int = LAST) -> Callable[[M], M]:
+    """Class decorator: ``@register("vicreg", order=2)`` makes the class the method ``--method vicreg`` (and sets
+    its ``name``); ``order`` places it in :func:`method_names` (the default of ``empssl compare --methods``). A
+    name taken by another class is an error. In this package, write it on one line as ``@register("name")`` or
+    ``@register("name", order=N)``: that line is how the registry finds the method without importing it."""
+
+    def add(cls: M) -> M:
+        known = _REGISTERED.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method {name!r} is registered twice: {known.__qualname__} and {cls.__qualname__}")
+        cls.name = name
+        _REGISTERED[name], _ORDER[name] = cls, order
+        return cls
+
+    return add
+
+
+@functools.cache
+def _package_methods() -> dict[str, tuple[str, int]]:
+    """{method name: (module, order)} of the package's methods, read from their modules' source (not imported)."""
+    out = {}
+    for entry in resources.files(_PACKAGE).joinpath("methods").iterdir():
+        if entry.name.endswith(".py") and not entry.name.startswith("_"):
+            for name, order in _REGISTER_LINE.findall(entry.read_text()):
+                out[name] = (entry.name[:-3], int(order or LAST))
+    return out
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method's ``--method`` name, in their declared order (EMP-SSL, SimCLR, VICReg, BYOL, then any other by
+    name). Imports no method module."""
+    order = {**{n: o for n, (_, o) in _package_methods().items()}, **_ORDER}
+    return tuple(sorted(order, key=lambda n: (order[n], n)))
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name`` (importing the package's module of it on first use)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"--method must be a string, got {name!r}")
+    if name not in _REGISTERED and name in _package_methods():
+        importlib.import_module(f"{METHODS_PACKAGE}.{_package_methods()[name][0]}")
+    if name not in _REGISTERED:
+        raise ConfigError(f"unknown --method {name!r}; choose from {', '.join(method_names())}")
+    return _REGISTERED[name]
+
+
+def settings_owners(key: str) -> list[str]:
+    """The methods that declare a setting called ``key`` (imports every method module)."""
+    return [m for m in method_names() if key in {f.name for f in dataclasses.fields(method_class(m).Settings)}]
