@@ -14,9 +14,9 @@ short keeps what it measured; the table OUT/gpu_check.md is rewritten after ever
 3. ``run``: ``empssl train --preset cifar10-readme-1epoch`` (1 epoch of a 2-epoch schedule, 128 test patches)
    as a fresh process timed from its start, its results.json (accuracy, the wall-clock account), then
    ``empssl eval --test-patches 16`` of the same checkpoint;
-4. ``stream``: the streamed tier (issue 13) at ImageNet size: LitData shards of JPEGs the size of ImageNet's
-   (the demo's CIFAR images upscaled to 500x375, bicubic, plus noise, JPEG q95: ~105 KiB, the mean is recorded),
-   then images/s
+4. ``stream``: the streamed tier (issue 13) at ImageNet size: JPEGs the size of ImageNet's (the demo's CIFAR
+   images upscaled to 500x375, bicubic, plus noise, JPEG q95: ~105 KiB, the mean is recorded) written as an
+   ImageFolder tree and sharded by ``empssl shard``'s writer (its time recorded), then images/s
    arriving from ``empssl.stream.StreamBatches`` (``--decode cuda``, 224 px) against the training step's own
    rate (ResNet-18 at 224 px, 20 patches, batch 100: bench/throughput.py's step row) and an ``empssl train
    --preset imagenet100 --data-mode stream`` run on the shards (end to end); target >= 600 images/s arriving,
@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -208,19 +209,25 @@ def stream_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from empssl import stream
     from empssl.config import Config
     from empssl.data import scan
+    from empssl.shard import write_shards
 
     smoke = args.smoke
     n_train, n_test, batch = (60, 20, 20) if smoke else (3000, 200, 100)
     catalog = scan("demo", str(args.data_dir))
-    records = catalog.records[:n_train] + catalog.records[-n_test:]  # the archive's train block, then its test
+    per_class = {"train": n_train // 10, "test": n_test // 10}  # the first images of each of the 10 classes
+    records = [r for r in catalog.records if int(r.name.split("/")[2].split(".")[0]) < per_class[r.name.split("/")[0]]]
     t0 = time.perf_counter()
     with get_context("fork").Pool(max(1, min(16, os.cpu_count() or 1))) as pool:
         jpegs = pool.map(_imagenet_size_jpeg, [(i, r.read()) for i, r in enumerate(records)], chunksize=32)
     make_s = time.perf_counter() - t0
-    items = [(j, int(r.label or 0), r.name) for j, r in zip(jpegs, records, strict=True)]
-    shards = out / "shards"
+    src, shards = out / "jpegs", out / "shards"  # an ImageFolder tree (train/<class>/..., test/<class>/...),
+    for old in (src, shards):  # sharded by empssl shard's writer; a rerun times a fresh write
+        shutil.rmtree(old, ignore_errors=True)
+    for jpeg, r in zip(jpegs, records, strict=True):
+        (src / r.name).parent.mkdir(parents=True, exist_ok=True)
+        (src / r.name).write_bytes(jpeg)
     t0 = time.perf_counter()
-    stream.write_shards(shards, {"train": items[:n_train], "test": items[n_train:]}, list(catalog.classes or []))
+    write_shards(str(src), shards, progress=False)
     write_s = time.perf_counter() - t0
     size, patches = (32, 4) if smoke else (224, 20)
     device = torch.device("cpu" if smoke else "cuda")

@@ -66,6 +66,7 @@ def test_round_trip_through_streaming_dataset(tree: Path, tmp_path: Path) -> Non
         for item, record in zip(items, catalog.records[at: at + count], strict=True):
             assert bytes(item["image"]) == record.read()
             assert item["label"] == record.label and item["name"] == record.name
+        assert m.labels(split).tolist() == [item["label"] for item in items]  # labels.npy: the items' labels
         at += count
     assert m.data["stored"] == 18 and m.data["reencoded"] == 0
     assert m.splits["train"].formats == {"JPEG": 9, "PNG": 3}
@@ -79,6 +80,7 @@ def test_folder_without_classes_is_one_split_with_label_minus_one(tmp_path: Path
     assert list(m.splits) == [shard.NO_SPLIT] and m.classes is None
     items = _read_split(tmp_path / "out" / shard.NO_SPLIT)
     assert [(i["name"], i["label"]) for i in items] == [("0.jpg", -1), ("1.jpg", -1), ("2.jpg", -1)]
+    assert m.labels(shard.NO_SPLIT).tolist() == [-1, -1, -1]
 
 
 def test_max_side_keeps_fitting_jpegs_byte_for_byte_and_reencodes_the_rest(tree: Path, tmp_path: Path) -> None:
@@ -109,7 +111,7 @@ def test_parallel_run_writes_the_same_files_as_a_serial_run(tree: Path, tmp_path
     write_shards(str(tree), tmp_path / "serial", workers=1, shard_size=2, progress=False)
     write_shards(str(tree), tmp_path / "parallel", workers=2, shard_size=2, progress=False)
     serial, parallel = _files(tmp_path / "serial"), _files(tmp_path / "parallel")
-    assert len(serial) == 6 + 3 + 2 + 1 and serial == parallel  # 6 + 3 shards, 2 index.json, the manifest
+    assert len(serial) == 6 + 3 + 2 + 2 + 1 and serial == parallel  # 6 + 3 shards, 2 index.json, 2 labels.npy
 
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_files(tree: Path, tmp_path: Path,
@@ -186,6 +188,13 @@ def test_verify_shards_finds_tampering(tree: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing shard"):
         verify_shards(out)
     chunk.write_bytes(good)
+    labels = out / "test" / shard.LABELS
+    saved = labels.read_bytes()
+    np.save(labels, np.array([2, 1, 0, 0, 1, 2], dtype=np.int32))  # the same size, other labels
+    with pytest.raises(DataError, match="labels.npy does not match its sha256"):
+        verify_shards(out)
+    labels.write_bytes(saved)
+    verify_shards(out)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["splits"]["test"]["images"] = 7
     (out / "manifest.json").write_text(json.dumps(manifest))

@@ -1,19 +1,21 @@
 """The streamed tier: the same batches as the in-memory tier, exact resume, two ranks, bad shards, GPU-decode fallback.
 
-The shard folders are written here with LitData directly, in the layout ``empssl shard`` writes.
+The shard folders are written by ``empssl shard`` (:func:`empssl.shard.write_shards`) from ImageFolder trees that
+the tests write from the bundled demo archive's files; tampering with shards themselves is tested in test_shard.py.
 """
 
 import importlib
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from empssl import stream
+from empssl import shard, stream
 from empssl.batches import StepBatches
 from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
@@ -27,31 +29,28 @@ pytest.importorskip("litdata")
 train_module = importlib.import_module("empssl.train")
 
 
-def write_shards(root, splits: dict, classes, chunk_bytes=1 << 18, split_classes=None):
-    """Shards of ``splits`` (split -> (bytes, label, name)s); ``split_classes`` adds a split's own class list."""
-    stream.write_shards(root, splits, classes, chunk_bytes)
-    if split_classes:
-        manifest = json.loads((root / "manifest.json").read_text())
-        for name, classes_of in split_classes.items():
-            manifest["splits"][name]["classes"] = classes_of
-        (root / "manifest.json").write_text(json.dumps(manifest))
+def image_tree(root: Path, data_dir, per_class: dict[str, int] | None = None) -> Path:
+    """The demo archive's files as an ImageFolder tree ``root/train/<class>/NNNN.jpg``, ``root/test/...`` (the
+    catalog's names, so a scan of the tree lists them in the archive's order); ``per_class`` keeps the first n
+    images of each class of a split."""
+    for r in scan("demo", str(data_dir)).records:
+        split, _, stem = r.name.split("/")
+        if per_class is None or int(stem.split(".")[0]) < per_class[split]:
+            (root / r.name).parent.mkdir(parents=True, exist_ok=True)
+            (root / r.name).write_bytes(r.read())
     return root
 
 
-def demo_items(data_dir, n_train=None, n_test=None):
-    catalog = scan("demo", str(data_dir))
-    blocks, at = {}, 0
-    for name, count in catalog.splits:
-        blocks[name], at = catalog.records[at:at + count], at + count
-    return ({"train": [(r.read(), r.label, r.name) for r in blocks["train"][:n_train]],
-             "test": [(r.read(), r.label, r.name) for r in blocks["test"][:n_test]]}, catalog.classes)
+def shards_of(src: Path, out: Path, shard_size: int = 500) -> Path:
+    shard.write_shards(str(src), out, workers=1, shard_size=shard_size, progress=False)
+    return out
 
 
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory, data_dir):
-    """The demo archive's 5,000 + 1,000 images as shards, in the catalog's order."""
-    splits, classes = demo_items(data_dir)
-    return write_shards(tmp_path_factory.mktemp("shards"), splits, classes)
+    """The demo archive's 5,000 + 1,000 images as shards (10 + 2 of 500), in the catalog's order."""
+    src = image_tree(tmp_path_factory.mktemp("tree"), data_dir)
+    return shards_of(src, tmp_path_factory.mktemp("shards") / "shards")
 
 
 def tiny_cfg(data_dir, **kw):
@@ -128,9 +127,12 @@ def test_two_ranks_see_every_image_of_an_epoch_once(tmp_path, data_dir, demo_sha
 # --- bad input: one line, exit 2, no run directory --------------------------------------------------------
 
 
-def small_shards(tmp_path, data_dir, **kw):
-    splits, classes = demo_items(data_dir, n_train=60, n_test=20)
-    return write_shards(tmp_path / "shards", splits, classes, chunk_bytes=20000, **kw), splits
+def small_shards(tmp_path, data_dir, damage=None):
+    """Shards of 60 + 20 demo images (6 + 2 per class) in shards of 10; ``damage(src)`` edits the tree first."""
+    src = image_tree(tmp_path / "src", data_dir, {"train": 6, "test": 2})
+    if damage:
+        damage(src)
+    return shards_of(src, tmp_path / "shards", shard_size=10)
 
 
 def run_cli(tmp_path, data, *extra):
@@ -146,42 +148,74 @@ def _one_line(capsys, *parts):
         assert p in err, err
 
 
-def test_a_missing_or_truncated_or_altered_shard_is_refused(tmp_path, data_dir, capsys):
-    root, _ = small_shards(tmp_path, data_dir)
-    chunks = sorted((root / "train").glob("chunk-*.bin"))
-    assert len(chunks) > 1
-    data = chunks[1].read_bytes()
-    chunks[1].write_bytes(data[: len(data) // 2])
-    assert run_cli(tmp_path, root) == 2
-    _one_line(capsys, "truncated")
-    chunks[1].write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the same size, one bit changed
+def test_shards_that_do_not_match_their_manifest_are_refused_before_training(tmp_path, data_dir, capsys):
+    root = small_shards(tmp_path, data_dir)
+    chunk = sorted((root / "train").glob("chunk-*.bin"))[1]
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the same size, one bit changed: only the hash sees it
     assert run_cli(tmp_path, root) == 2
     _one_line(capsys, "sha256")
-    chunks[1].unlink()
+    chunk.write_bytes(data[: len(data) // 2])
     assert run_cli(tmp_path, root) == 2
-    _one_line(capsys, "is missing")
+    _one_line(capsys, "truncated")
+    chunk.write_bytes(data)
+    (root / "test" / "labels.npy").unlink()
+    assert run_cli(tmp_path, root) == 2
+    _one_line(capsys, "missing", "labels.npy")
     assert not (tmp_path / "out").exists()
 
 
-def test_counts_or_class_lists_that_disagree_are_refused(tmp_path, data_dir, capsys):
-    root, _ = small_shards(tmp_path, data_dir, split_classes={"test": ["a", "b"]})
+def test_shards_without_classes_are_refused_and_differing_class_lists_are_not_sharded(tmp_path, data_dir, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for r in scan("demo", str(data_dir)).records[:30]:
+        (photos / r.name.replace("/", "_")).write_bytes(r.read())
+    root = shards_of(photos, tmp_path / "flat")
     assert run_cli(tmp_path, root) == 2
-    _one_line(capsys, "class lists of train and test differ")
-    manifest = json.loads((root / "manifest.json").read_text())
-    del manifest["splits"]["test"]["classes"]
-    manifest["splits"]["train"]["count"] = 61
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    assert run_cli(tmp_path, root) == 2
-    _one_line(capsys, "holds 60 images", "says 61")
+    _one_line(capsys, "no classes", "needs labels")
     assert not (tmp_path / "out").exists()
+    src = image_tree(tmp_path / "src", data_dir, {"train": 2, "test": 2})
+    (src / "test" / "truck").rename(src / "test" / "lorry")
+    assert main(["shard", str(src), "--out", str(tmp_path / "other"), "--workers", "1", "--no-progress"]) == 2
+    _one_line(capsys, "different classes")
+    assert not (tmp_path / "other").exists()
 
 
 def test_an_image_that_does_not_decode_stops_with_one_line(tmp_path, data_dir, capsys):
-    splits, classes = demo_items(data_dir, n_train=60, n_test=20)
-    splits["train"][7] = (b"\xff\xd8\xff not a jpeg", splits["train"][7][1], "train/bad.jpg")
-    root = write_shards(tmp_path / "shards", splits, classes)
+    def damage(src):  # the header reads (so empssl shard stores it), the pixels do not
+        bad = src / "train" / "bird" / "0003.jpg"
+        data = bad.read_bytes()
+        bad.write_bytes(data[: data.index(b"\xff\xda") + 20])
+
+    root = small_shards(tmp_path, data_dir, damage)
     assert run_cli(tmp_path, root, "--train-subset", "0", "--monitor-bank", "20", "--batch-size", "60") == 2
-    _one_line(capsys, "cannot decode image train/bad.jpg")
+    _one_line(capsys, "cannot decode image train/bird/0003.jpg")
+
+
+def test_labels_come_from_the_manifest_without_reading_the_items(tmp_path, data_dir, monkeypatch):
+    root = small_shards(tmp_path, data_dir)
+    want = torch.tensor([r.label for r in scan(str(tmp_path / "src")).records[:60]])
+    monkeypatch.setattr(stream.ShardItems, "item", lambda self, i: pytest.fail("an item was read"))
+    train_items, test_items, classes, held = stream.open_shards(root)
+    assert held == "test" and len(classes) == 10 and len(test_items) == 20
+    assert torch.equal(train_items.labels(), want)
+
+
+def test_shard_then_train_streamed_evaluates_and_equals_the_in_memory_run(tmp_path, data_dir, capsys):
+    src = image_tree(tmp_path / "src", data_dir, {"train": 10, "test": 4})
+    assert main(["shard", str(src), "--out", str(tmp_path / "shards"), "--shard-size", "30", "--workers", "1",
+                 "--no-progress"]) == 0
+    runs = {}
+    for mode in ("stream", "memory"):
+        out = tmp_path / mode
+        assert main(["train", "--data", str(tmp_path / "shards"), "--data-mode", mode, "--image-size", "32",
+                     "--out", str(out), "--no-progress", "--epochs", "2", "--monitor-bank", "40", *TINY]) == 0
+        runs[mode] = read_checkpoint(out), json.loads((out / "results.json").read_text())
+    (stream_ckpt, stream_results), (memory_ckpt, memory_results) = runs["stream"], runs["memory"]
+    assert stream_results["n_train"] == 40 and memory_results["n_train"] == 100  # the bank against every image
+    assert stream_ckpt["step"] == memory_ckpt["step"] == 10
+    for key, value in memory_ckpt["model"].items():
+        assert torch.equal(value, stream_ckpt["model"][key]), key
 
 
 def test_stream_needs_an_image_size_and_a_streamable_source(tmp_path, data_dir, capsys):

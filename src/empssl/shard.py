@@ -8,6 +8,9 @@ On disk::
                                   shard file's name, images, bytes and sha256
     DIR/<split>/index.json        LitData's index of that split (what litdata.StreamingDataset(DIR/<split>) reads)
     DIR/<split>/chunk-0-<j>.bin   shard j of the split: images j*K .. j*K+K-1 in source order (K = shard_size)
+    DIR/<split>/labels.npy        the split's labels in item order (int32, numpy's .npy; listed with its size and
+                                  sha256 in the manifest): what a reader needs to sample or balance without
+                                  reading every item
 
 Splits are the source's own (``train``, ``val``, ``test``; Tiny ImageNet and ImageNet: ``train``, ``val``); a
 source without split folders (a plain folder or a class tree) is one split, ``train``. Each item is
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -56,12 +60,13 @@ from .data.load import resolve
 from .files import OutputError, write_json
 
 FORMAT = "empssl-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each split's labels.npy
 JPEG_QUALITY = 90  # re-encoded images only (those larger than --max-side)
 SHARD_BYTES = 64 * 2**20  # the target size of one shard (LitData's own default chunk_bytes is 64 MB)
 MANIFEST = "manifest.json"
 PLAN = ".plan.json"  # the run's fixed plan, written before the first shard; removed once the manifest is written
 NO_SPLIT = "train"  # the split name of a source without split folders
+LABELS = "labels.npy"  # each split's labels, int32, in item order
 
 _Rec = tuple[str, int, "str | bytes"]  # (name, label, path or bytes): an ImageRecord that pickles cheaply
 # (split folder, shard index, its records, images per shard, max_side, source)
@@ -81,13 +86,14 @@ class ShardFile:
 @dataclass(frozen=True)
 class SplitShards:
     """One split's shards: ``images`` in all, ``stored`` byte for byte, ``reencoded`` (resized to max_side),
-    ``formats`` (image format -> count, as PIL names them: "JPEG", "PNG", ...)."""
+    ``formats`` (image format -> count, as PIL names them: "JPEG", "PNG", ...), ``labels`` its labels.npy."""
 
     images: int
     stored: int
     reencoded: int
     formats: dict[str, int]
     shards: list[ShardFile]
+    labels: ShardFile
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,19 @@ class Manifest:
     def split_dir(self, split: str) -> Path:
         """The folder that ``litdata.StreamingDataset`` reads for ``split``."""
         return self.root / split
+
+    def labels(self, split: str) -> np.ndarray:
+        """(N,) int32 labels of ``split`` in item order (-1: the source has no classes), from its labels.npy
+        (checked by :func:`verify_shards`). DataError (one line) when it cannot be read."""
+        path = self.split_dir(split) / self.splits[split].labels.name
+        try:
+            labels = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {path} ({type(e).__name__}); shard the source again") from None
+        if labels.dtype != np.int32 or labels.shape != (self.splits[split].images,):
+            raise DataError(f"{path} holds {labels.dtype} {tuple(labels.shape)}, not the split's "
+                            f"{self.splits[split].images} int32 labels; shard the source again")
+        return labels
 
 
 # --- writing ------------------------------------------------------------------------------------------
@@ -300,12 +319,14 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
     for split, recs in blocks.items():
         ordered = [parts[split][j] for j in range(-(-len(recs) // size))]
         _write_index(out / split, ordered)
+        labels = _write_labels(out / split, [label for _, label, _ in recs])
         splits[split] = {
             "images": len(recs),
             "stored": sum(p["stored"] for p in ordered), "reencoded": sum(p["reencoded"] for p in ordered),
             "formats": _sum_counts(p["formats"] for p in ordered),
             "shards": [{"name": p["chunk"]["filename"], "images": p["images"], "bytes": p["bytes"],
                         "sha256": p["sha256"]} for p in ordered],
+            "labels": labels,
         }
     import litdata
 
@@ -326,6 +347,17 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
     for split in blocks:
         shutil.rmtree(out / split / ".parts", ignore_errors=True)
     return verify_shards(out, hashes=False)
+
+
+def _write_labels(folder: Path, labels: list[int]) -> dict[str, Any]:
+    """``folder/labels.npy`` (int32, in item order) and its manifest entry."""
+    path = folder / LABELS
+    try:
+        with open(path, "wb") as f:
+            np.save(f, np.asarray(labels, dtype=np.int32), allow_pickle=False)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    return {"name": LABELS, "images": len(labels), "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -479,8 +511,7 @@ def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
             raise DataError(f"{path} has shard format version {data.get('format_version')}; this empssl reads "
                             f"version {FORMAT_VERSION} (shard the source again)")
         splits = {name: SplitShards(int(s["images"]), int(s["stored"]), int(s["reencoded"]), dict(s["formats"]),
-                                    [ShardFile(str(f["name"]), int(f["images"]), int(f["bytes"]), str(f["sha256"]))
-                                     for f in s["shards"]])
+                                    [_shard_file(f) for f in s["shards"]], _shard_file(s["labels"]))
                   for name, s in data["splits"].items()}
         manifest = Manifest(root, str(data["source"]), data["classes"], data["class_names"], data["max_side"],
                             int(data["shard_size"]), splits, data)
@@ -495,6 +526,10 @@ def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
         raise DataError(f"{path} counts {data.get('images')} images but its splits hold "
                         f"{sum(s.images for s in splits.values())}")
     return manifest
+
+
+def _shard_file(f: dict[str, Any]) -> ShardFile:
+    return ShardFile(str(f["name"]), int(f["images"]), int(f["bytes"]), str(f["sha256"]))
 
 
 def _verify_split(folder: Path, split: SplitShards, hashes: bool) -> None:
@@ -512,7 +547,10 @@ def _verify_split(folder: Path, split: SplitShards, hashes: bool) -> None:
         raise DataError(f"{MANIFEST} counts {split.images} images in {folder.name}, but its shards hold "
                         f"{sum(f.images for f in split.shards)} ({split.stored} stored + {split.reencoded} "
                         f"re-encoded)")
-    for f in split.shards:
+    if split.labels.images != split.images:
+        raise DataError(f"{MANIFEST} counts {split.images} images in {folder.name}, but {split.labels.images} "
+                        f"labels")
+    for f in [*split.shards, split.labels]:
         path = folder / f.name
         if not path.is_file():
             raise DataError(f"missing shard {path} (listed in {MANIFEST})")

@@ -6,8 +6,9 @@ gets (b, 3, S, S) uint8 batches on its device, one per step, and the evaluation 
 
 * ``memory``: today's path; ``stream``: this one; ``auto``: stream when the decoded images would not fit in the
   memory available (:func:`empssl.data.load.check_fits`, the in-memory tier's own check).
-* What is streamed: shards written by ``empssl shard`` (``--data DIR`` holding ``manifest.json``: LitData
-  folders ``DIR/train`` and ``DIR/test`` or ``DIR/val`` of items {"image": encoded bytes, "label", "name"}), or
+* What is streamed: shards written by ``empssl shard`` (``--data DIR`` holding ``manifest.json``, in
+  :mod:`empssl.shard`'s format, read through :func:`empssl.shard.verify_shards`: LitData folders ``DIR/train`` and
+  ``DIR/test`` or ``DIR/val`` of items {"image": encoded bytes, "label", "name"}, and each split's labels.npy), or
   any folder or archive the data package reads, through its catalog (``record.read()``).
 * Which images a step trains on: exactly those of the in-memory tier (:func:`empssl.batches.epoch_permutation`
   per (seed, epoch), rank r of N taking the slice r*b:(r+1)*b of the step's B images), so every rank runs the
@@ -23,16 +24,15 @@ gets (b, 3, S, S) uint8 batches on its device, one per step, and the evaluation 
 * ``--image-size`` is required: a batch needs one size, and a stream cannot check ahead that all images agree.
 
 Bad data is refused before training, in one line: a shard missing, truncated or not matching its sha256 in the
-manifest, counts that disagree, class lists that differ between train and the held-out split. An image that does
+manifest, counts that disagree, shards without classes (``empssl shard`` itself refuses a source whose train and
+held-out splits have different classes, so a manifest holds one class list). An image that does
 not decode stops training with a one-line error naming it (the last checkpoint is kept): skipping it would change
 the data unnoticed and leave one rank's batch short (the in-memory tier refuses such an image too).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 import sys
 import warnings
@@ -50,8 +50,8 @@ from .data.decode import decode_catalog
 from .data.images import balanced_indices
 from .data.layouts import held_out_split
 from .data.load import TooBigForMemory, check_fits
+from .shard import MANIFEST, verify_shards
 
-MANIFEST = "manifest.json"
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -111,7 +111,7 @@ class ShardItems:
         return bytes(d["image"]), int(d["label"]), str(d["name"])
 
     def labels(self) -> torch.Tensor:
-        # the manifest may list them; otherwise one pass over the split reads them
+        # the split's labels.npy (empssl shard writes it); without it, one pass over the split reads them
         labels = self._labels if self._labels is not None else [self.item(i)[1] for i in range(self.count)]
         return torch.tensor(labels, dtype=torch.int64)
 
@@ -121,87 +121,25 @@ def is_shards(spec: str) -> bool:
     return (Path(spec).expanduser() / MANIFEST).is_file()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def open_shards(root: Path) -> tuple[ShardItems, ShardItems, list[str], str]:
-    """(train, held-out split, classes, held-out split's name) of a shard folder, after checking every shard
-    against the manifest (present, size, sha256, item counts, one class list). DataError (one line) otherwise.
+    """(train, held-out split, classes, held-out split's name) of a folder written by ``empssl shard``, after
+    :func:`empssl.shard.verify_shards` checked it against its manifest (every shard and labels.npy present, at its
+    size and sha256; the counts). DataError (one line) otherwise, and for shards of a source without classes: the
+    streamed tier evaluates and monitors by label, so it needs them.
 
-    The manifest: ``{"classes": [...], "splits": {"train": {"count": N, "files": {"chunk-0-0.bin": {"bytes": n,
-    "sha256": hex}, ...}, "labels": [...] (optional), "classes": [...] (optional, must equal the top level)},
-    "test" or "val": {...}}}``; a split's files are LitData's ``index.json`` and chunks.
+    Every shard is hashed (one read of the data per run start, each rank): a shard changed in place at its size
+    would otherwise train on other images unnoticed.
     """
-    path = root / MANIFEST
     if importlib.util.find_spec("litdata") is None:
         raise DataError(f"{root} holds shards, which are read with LitData: pip install 'empssl[stream]'")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read the shard manifest {path}: {e}") from None
-    splits, classes = manifest.get("splits"), manifest.get("classes")
-    if not isinstance(splits, dict) or not isinstance(classes, list) or not classes:
-        raise DataError(f"{path} is not a shard manifest (expected 'classes' and 'splits')")
-    held = held_out_split(splits, str(root))
-    items = []
-    for name in ("train", held):
-        entry = splits[name]
-        if entry.get("classes", classes) != classes:
-            raise DataError(f"the class lists of train and {held} differ in {path}; both splits must share one list")
-        items.append(ShardItems(root / name, _check_split(root / name, entry, path), entry.get("labels")))
-    return items[0], items[1], [str(c) for c in classes], held
-
-
-def _check_split(folder: Path, entry: dict[str, Any], manifest: Path) -> int:
-    """The item count of one split folder, checked against its manifest entry."""
-    files = entry.get("files") or {}
-    for fname, info in files.items():
-        f = folder / fname
-        if not f.is_file():
-            raise DataError(f"shard {f} is missing (listed in {manifest})")
-        size, want = f.stat().st_size, info.get("bytes", info.get("size"))
-        if size != want:
-            raise DataError(f"shard {f} is {size:,} bytes, {manifest} says {want:,}: truncated or replaced; "
-                            f"write the shards again")
-        if _sha256(f) != info.get("sha256"):
-            raise DataError(f"shard {f} does not match its sha256 in {manifest}; write the shards again")
-    try:
-        chunks = json.loads((folder / "index.json").read_text())["chunks"]
-        count = sum(int(c["chunk_size"]) for c in chunks)
-        unlisted = [c["filename"] for c in chunks if c["filename"] not in files]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{folder} holds no readable LitData index.json ({e})") from None
-    if unlisted or "index.json" not in files:
-        raise DataError(f"{folder / (unlisted[0] if unlisted else 'index.json')} is not listed in {manifest}")
-    if count != entry.get("count"):
-        raise DataError(f"{folder} holds {count:,} images, {manifest} says {entry.get('count')}")
-    return count
-
-
-def write_shards(root: Path, splits: dict[str, list[tuple[bytes, int, str]]], classes: list[str],
-                 chunk_bytes: int = 64 << 20) -> Path:
-    """Write ``root/manifest.json`` and one LitData folder per split from (encoded bytes, label, name) items, in the
-    layout :func:`open_shards` reads (what the tests and the benchmarks stream; ``empssl shard`` is the command
-    that shards a dataset)."""
-    from litdata.streaming.writer import BinaryWriter
-
-    manifest: dict[str, Any] = {"classes": list(classes), "splits": {}}
-    for name, items in splits.items():
-        folder = root / name
-        writer = BinaryWriter(str(folder), chunk_bytes=chunk_bytes)
-        for i, (data, label, rel) in enumerate(items):
-            writer[i] = {"image": data, "label": label, "name": rel}
-        writer.done()
-        writer.merge()
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())}
-        manifest["splits"][name] = {"count": len(items), "files": files}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return root
+    manifest = verify_shards(root, hashes=True)
+    if not manifest.classes:
+        raise DataError(f"{root} holds shards of {manifest.source}, which has no classes (label -1); training "
+                        f"needs labels for its evaluation and monitor: shard a class tree (train/<class>/...)")
+    held = held_out_split(manifest.splits, str(root))
+    items = [ShardItems(manifest.split_dir(name), manifest.splits[name].images, manifest.labels(name).tolist())
+             for name in ("train", held)]
+    return items[0], items[1], [str(c) for c in manifest.classes], held
 
 
 # --- the two tiers ------------------------------------------------------------------------------------------
