@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,10 @@ def demo_data(data_dir) -> tuple[ImageData, ImageData]:
 def _quiet_threads(monkeypatch):
     # Subprocesses started by tests get the same thread count as this process, so runs compare bitwise.
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a subprocess that a test interrupts with SIGINT: Ctrl-C's default handling (Python's
+    KeyboardInterrupt), also where the test run itself was started with SIGINT ignored, as a background job of a
+    non-interactive shell is (and so every process it starts)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -26,6 +26,8 @@ from PIL import Image
 from empssl import data
 from empssl.data import DataError, ImageData, demo_archive, load_data, load_images
 
+from .conftest import default_sigint
+
 CLASSES = ["cat", "dog", "frog"]  # created in a different order below; loading must sort them
 
 
@@ -869,6 +871,7 @@ import os, signal, sys, threading, time
 import empssl.data.decode as dec
 from empssl.data import load_data
 
+
 dec.POOL_MIN_IMAGES, dec._n_workers = 1, lambda: 2
 real = dec._decode
 def slow(*args):
@@ -890,6 +893,7 @@ print("finished")
 def test_ctrl_c_while_the_pool_decodes_stops_the_load(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "tree", n_train=8, n_test=8)
     proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_DECODING, str(root), str(tmp_path / "d")],
-                          capture_output=True, text=True, timeout=60, start_new_session=True)
+                          capture_output=True, text=True, timeout=60, start_new_session=True,
+                          preexec_fn=default_sigint)
     assert proc.returncode == 130 and proc.stdout == "", proc.stderr
     assert proc.stderr.strip() == "interrupted"  # no traceback from any worker

@@ -23,7 +23,7 @@ from empssl.config import Config, flag_fields
 from empssl.files import read_jsonl
 from empssl.rundir import RESUMABLE_CHANGES
 
-from .conftest import TINY
+from .conftest import TINY, default_sigint
 
 TRAIN = importlib.import_module("empssl.train")  # the module (``empssl.train`` is the function)
 
@@ -324,7 +324,8 @@ def test_ctrl_c_at_any_moment_is_one_line_and_leaves_a_resumable_run(stage, tmp_
         cmd = [sys.executable, "-c", _STAGED, stage, *args]
     else:  # the loop's own stop: after the current step, with a checkpoint
         cmd = [sys.executable, "-m", "empssl.cli", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     if stage == "training":  # once the loop has logged its first line
         while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
             assert proc.poll() is None
