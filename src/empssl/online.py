@@ -59,11 +59,10 @@ from .devices import autocast_dtype, device_name, synchronize
 from .distributed import SINGLE
 from .evaluate import evaluate
 from .files import cut_jsonl, read_jsonl, write_json
-from .methods import create_method
 from .monitor import Monitor
-from .optim import LARS, lars_param_groups, lr_at
+from .optim import lr_at
 from .rundir import MetricsLog, RunLock, StopFlag, TimingAccount, remove_orphans, time_line, write_config
-from .train import Run, TrainError, _check_finite, config_data, resume, save, train_step
+from .train import Run, TrainError, _check_finite, build_training, config_data, resume, save, train_step
 
 # A stream without --online-stop never reaches its "end of schedule".
 ENDLESS = 2**62
@@ -302,13 +301,7 @@ def train_online(cfg: Config, out_dir: str | Path, *, progress: bool = True, log
 def _build(cfg: Config, out: Path, device: torch.device, bank: ImageData, queries: ImageData,
            timing: TimingAccount) -> Run:
     """Model, LARS and the views' generator, as :func:`empssl.train.setup` builds them; no epochs."""
-    method = create_method(cfg)
-    torch.manual_seed(cfg.seed)
-    model = method.build_model().to(device)
-    opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-               eta=cfg.lars_eta, nesterov=cfg.nesterov)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.seed)
+    method, model, opt, generator = build_training(cfg, device)
     total = math.ceil(cfg.online_stop / cfg.batch_size) if cfg.online_stop else ENDLESS
     return Run(cfg=cfg, out=out, dist=SINGLE, device=device, own_group=False, train_data=bank, test_data=queries,
                method=method, model=model, opt=opt, generator=generator, steps_per_epoch=0, total_steps=total,

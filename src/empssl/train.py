@@ -179,16 +179,8 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
 
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     schedule_steps = max(total_steps, round((cfg.schedule_epochs or cfg.epochs) * steps_per_epoch))
-    method = create_method(cfg)
-    torch.manual_seed(cfg.seed)  # model initialisation
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
-    model = method.build_model().to(device, memory_format=memory_format)  # type: ignore[call-overload]
-    if dist.enabled and cfg.sync_bn:  # before the optimiser: the converted layers have new parameters
-        model = distributed.convert_sync_batchnorm(model, device)
-    opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-               eta=cfg.lars_eta, nesterov=cfg.nesterov)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.seed)
+    method, model, opt, generator = build_training(cfg, device, dist, memory_format)
     run = Run(cfg=cfg, out=out, dist=dist, device=device, own_group=own_group, train_data=train_data,
               test_data=test_data, method=method, model=model, opt=opt, generator=generator,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule_steps=schedule_steps,
@@ -205,6 +197,23 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
         run.compiler = Compiler(cfg.compile, model, device, dist, start_step=run.step, total_steps=total_steps,
                                 log=log)
     return run
+
+
+def build_training(cfg: Config, device: torch.device, dist: Dist = SINGLE,
+                   memory_format: torch.memory_format = torch.contiguous_format
+                   ) -> tuple[Method, nn.Module, LARS, torch.Generator]:
+    """What every run starts from: the method, its model (initialised from ``cfg.seed``), LARS over it and the
+    views' generator (seeded too)."""
+    method = create_method(cfg)
+    torch.manual_seed(cfg.seed)  # model initialisation
+    model = method.build_model().to(device, memory_format=memory_format)  # type: ignore[call-overload]
+    if dist.enabled and cfg.sync_bn:  # before the optimiser: the converted layers have new parameters
+        model = distributed.convert_sync_batchnorm(model, device)
+    opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+               eta=cfg.lars_eta, nesterov=cfg.nesterov)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+    return method, model, opt, generator
 
 
 def resume(run: Run, log: Callable[[str], None]) -> None:
