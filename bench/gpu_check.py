@@ -21,7 +21,10 @@ short keeps what it measured; the table OUT/gpu_check.md is rewritten after ever
    rate (ResNet-18 at 224 px, 20 patches, batch 100: bench/throughput.py's step row) and an ``empssl train
    --preset imagenet100 --data-mode stream`` run on the shards (end to end); target >= 600 images/s arriving,
    so that the GPU does not wait;
-5. with ``--paper``: the patch-count ablation (2, 5, 10, 20, 50, 100, 200 patches, 1 epoch, 16 test patches) and
+5. ``chunks``: one EMP-SSL step of 200 patches x 100 images at 224 px (``resnet18-imagenet``, bf16, the
+   ``imagenet100-200patches`` preset's step) made and consumed in 10 and 20 groups (``--patch-chunks``,
+   bench/chunks.py): peak GPU memory and step time; a step in one group would need ~279 GiB (estimated);
+6. with ``--paper``: the patch-count ablation (2, 5, 10, 20, 50, 100, 200 patches, 1 epoch, 16 test patches) and
    the t-SNE map of the 1-epoch run.
 
 The targets of issue 7 are checked in the table (probe <= 3 s, 128-patch extraction of 60,000 images <= 35 s,
@@ -46,6 +49,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ scripts import each other
+import chunks as chunks_bench  # noqa: E402
 import probe as probe_bench  # noqa: E402
 import throughput  # noqa: E402
 
@@ -266,6 +270,15 @@ def stream_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "train_wall_s": wall}
 
 
+def chunks_part(args: argparse.Namespace) -> dict[str, Any]:
+    size = (["--device", "cpu", "--width", "8", "--num-patches", "8", "--batch-size", "8", "--steps", "1",
+             "--chunks", "1,4"] if args.smoke else
+            ["--device", "cuda", "--precision", "bf16", "--arch", "resnet18-imagenet", "--patch-size", "224",
+             "--image-size", "224", "--num-patches", "200", "--batch-size", "100", "--chunks", "10,20"])
+    what, rows = chunks_bench.measure(size)
+    return {"what": what, "rows": rows}
+
+
 def paper_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     log = out / "runs.log"
     ablation = out / "ablate-patches"
@@ -358,6 +371,9 @@ def table(data: dict[str, Any]) -> str:
                   f"| both: empssl train --data-mode stream (median of the logged intervals) | "
                   f"{_fmt(r['train_images_per_s_median'])} |",
                   f"| target: >= 600 arriving (met: {met}) | |", ""]
+    if "chunks" in parts:
+        c = parts["chunks"]
+        lines += [f"A step in groups (--patch-chunks): {c['what']}", "", *chunks_bench.markdown(c["rows"]), ""]
     if "paper" in parts:
         p = parts["paper"]
         lines += [f"Patch-count ablation ({p['ablation_wall_s']:.0f} s):", "",
@@ -373,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="the CIFAR-10 archive or folder (e.g. cifar10-jpeg75.tar.gz); not with --smoke")
     ap.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md and the runs")
     ap.add_argument("--data-dir", type=Path, default=None, help="decoded-image cache (default: OUT/data)")
-    ap.add_argument("--parts", default="throughput,probe,run,stream", help="comma-separated parts to run")
+    ap.add_argument("--parts", default="throughput,probe,run,stream,chunks", help="comma-separated parts to run")
     ap.add_argument("--paper", action="store_true", help="also the patch-count ablation and the t-SNE map")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU with the bundled data")
     args = ap.parse_args(argv)
@@ -396,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         check.part("run", run_part(args, out))
     if "stream" in parts:
         check.part("stream", stream_part(args, out))
+    if "chunks" in parts:
+        check.part("chunks", chunks_part(args))
     if "paper" in parts:
         check.part("paper", paper_part(args, out))
     print(table(check.data))
