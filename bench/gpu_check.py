@@ -17,7 +17,8 @@ short keeps what it measured; the table OUT/gpu_check.md is rewritten after ever
 4. ``stream``: the streamed tier (issue 13) at ImageNet size: JPEGs the size of ImageNet's (the demo's CIFAR
    images upscaled to 500x375, bicubic, plus noise, JPEG q95: ~105 KiB, the mean is recorded) written as an
    ImageFolder tree and sharded by ``empssl shard``'s writer (its time recorded), then images/s
-   arriving from ``empssl.stream.StreamBatches`` (``--decode cuda``, 224 px) against the training step's own
+   arriving from ``empssl.stream.StreamBatches`` (``--decode cuda``, 224 px) and the on-device patching rate
+   (bench/throughput.py augment row, 20 patches of 224 px) against the training step's own
    rate (ResNet-18 at 224 px, 20 patches, batch 100: bench/throughput.py's step row) and an ``empssl train
    --preset imagenet100 --data-mode stream`` run on the shards (end to end); target >= 600 images/s arriving,
    so that the GPU does not wait;
@@ -253,8 +254,9 @@ def stream_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         arriving = (steps - warm) * batch / (time.perf_counter() - t0)
     model = SMOKE_MODEL if smoke else ["--arch", "resnet18-imagenet", "--patch-size", "224"]
     timing = ["--steps", "2", "--warmup", "1", "--repeats", "1"] if smoke else ["--steps", "10", "--repeats", "2"]
-    step = throughput.run(["--device", device.type, *model, "--num-patches", str(patches), "--batch-size", str(batch),
-                           "--image-size", str(size), *timing, "--rows", "step"])["rows"]["step"]
+    rows = throughput.run(["--device", device.type, *model, "--num-patches", str(patches), "--batch-size", str(batch),
+                           "--image-size", str(size), *timing, "--rows", "augment,step"])["rows"]
+    step, augment = rows["step"], rows["augment"]
     run = out / "stream-run"
     flags = ([*SMOKE_TRAIN, "--data", str(shards), "--image-size", "32"] if smoke else
              ["--preset", "imagenet100", "--data", str(shards), "--compile", "off"])
@@ -266,6 +268,7 @@ def stream_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "make_jpegs_s": make_s, "write_shards_s": write_s, "image_size": size, "num_patches": patches,
             "batch_size": batch, "decode": decode, "arriving_images_per_s": arriving,
             "step_images_per_s": step["views_per_s"] / patches,
+            "patching_images_per_s": augment["views_per_s"] / patches,
             "train_images_per_s_median": sorted(rates)[len(rates) // 2] / patches if rates else None,
             "train_wall_s": wall}
 
@@ -367,6 +370,8 @@ def table(data: dict[str, Any]) -> str:
         lines += [f"| streamed tier: {r['images']:,} JPEGs of {r['jpeg_kib_mean']:.0f} KiB at {r['image_size']} px, "
                   f"{r['num_patches']} patches, batch {r['batch_size']} (images/s) | figure |", "|---|--:|",
                   f"| arriving from the shards (decode {r['decode']}) | {_fmt(r['arriving_images_per_s'])} |",
+                  f"| patching alone, on the device (bench/throughput.py augment row) | "
+                  f"{_fmt(r.get('patching_images_per_s'))} |",
                   f"| the training step alone (bench/throughput.py) | {_fmt(r['step_images_per_s'])} |",
                   f"| both: empssl train --data-mode stream (median of the logged intervals) | "
                   f"{_fmt(r['train_images_per_s_median'])} |",
