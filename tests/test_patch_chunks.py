@@ -25,7 +25,7 @@ from empssl.patches import Augment, apply_params, make_patches, take_patches
 from empssl.recompute import check_step_fits, recompute_backbone
 from empssl.train import train, train_step
 
-from .test_distributed import assert_same_update, initial_state, run_ranks
+from .test_distributed import assert_same_update, initial_state, interrupt_after, run_ranks, train_module
 from .test_distributed import tiny_cfg as dist_cfg
 
 
@@ -138,12 +138,18 @@ def test_train_step_draws_the_generator_as_the_plain_step():
     assert torch.equal(*states)
 
 
-def test_a_chunked_run_resumes_bitwise(tmp_path, data_dir, demo_data):
+def test_a_chunked_run_interrupted_and_resumed_ends_bitwise_equal(tmp_path, data_dir, demo_data):
     cfg = dist_cfg(data_dir, patch_chunks=2, epochs=1)
     ref, split = tmp_path / "ref", tmp_path / "split"
     train(cfg, ref, progress=False, log=lambda s: None, data=demo_data, evaluate_at_end=False)
-    train(cfg.replace(epochs=0.5), split, progress=False, log=lambda s: None, data=demo_data,
-          evaluate_at_end=False)
+    real_step = train_module.train_step
+    interrupt_after(2)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="interrupted at step 2"):
+            train(cfg, split, progress=False, log=lambda s: None, data=demo_data, evaluate_at_end=False)
+    finally:
+        train_module.train_step = real_step
+    assert read_checkpoint(split)["step"] == 2
     train(cfg, split, progress=False, log=lambda s: None, data=demo_data, evaluate_at_end=False)
     a, b = read_checkpoint(ref), read_checkpoint(split)
     assert a["step"] == b["step"] == 4
