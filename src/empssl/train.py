@@ -46,6 +46,7 @@ from .rundir import (
     TimingAccount,
     finished,
     remove_orphans,
+    run_config,
     time_line,
     write_config,
 )
@@ -372,6 +373,9 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     wall clock from process start, phase by phase (:data:`empssl.rundir.TIMING_FIELDS`) and in ``total``.
     """
     cfg.validate()
+    # resuming: the checkpoint's config is the truth, as for the command line (a setting that would change the
+    # trained weights is refused in one line; the evaluation, logging and speed ones are taken from cfg)
+    cfg = run_config(out_dir, cfg, cfg.to_dict())
     if cfg.online:  # one pass over a stream has its own loop
         raise ConfigError("--online runs through empssl train --online (empssl.online.train_online), not train()")
     require_trackers(cfg.log)  # a missing logger package: one line before anything loads
