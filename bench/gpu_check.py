@@ -17,11 +17,15 @@ short keeps what it measured; the table OUT/gpu_check.md is rewritten after ever
 4. ``stream``: the streamed tier (issue 13) at ImageNet size: JPEGs the size of ImageNet's (the demo's CIFAR
    images upscaled to 500x375, bicubic, plus noise, JPEG q95: ~105 KiB, the mean is recorded) written as an
    ImageFolder tree and sharded by ``empssl shard``'s writer (its time recorded), then images/s
-   arriving from ``empssl.stream.StreamBatches`` (``--decode cuda``, 224 px) against the training step's own
+   arriving from ``empssl.stream.StreamBatches`` (``--decode cuda``, 224 px) and the on-device patching rate
+   (bench/throughput.py augment row, 20 patches of 224 px) against the training step's own
    rate (ResNet-18 at 224 px, 20 patches, batch 100: bench/throughput.py's step row) and an ``empssl train
    --preset imagenet100 --data-mode stream`` run on the shards (end to end); target >= 600 images/s arriving,
    so that the GPU does not wait;
-5. with ``--paper``: the patch-count ablation (2, 5, 10, 20, 50, 100, 200 patches, 1 epoch, 16 test patches) and
+5. ``chunks``: one EMP-SSL step of 200 patches x 100 images at 224 px (``resnet18-imagenet``, bf16, the
+   ``imagenet100-200patches`` preset's step) made and consumed in 10 and 20 groups (``--patch-chunks``,
+   bench/chunks.py): peak GPU memory and step time; a step in one group would need ~279 GiB (estimated);
+6. with ``--paper``: the patch-count ablation (2, 5, 10, 20, 50, 100, 200 patches, 1 epoch, 16 test patches) and
    the t-SNE map of the 1-epoch run.
 
 The targets of issue 7 are checked in the table (probe <= 3 s, 128-patch extraction of 60,000 images <= 35 s,
@@ -46,6 +50,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ scripts import each other
+import chunks as chunks_bench  # noqa: E402
 import probe as probe_bench  # noqa: E402
 import throughput  # noqa: E402
 
@@ -249,8 +254,9 @@ def stream_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         arriving = (steps - warm) * batch / (time.perf_counter() - t0)
     model = SMOKE_MODEL if smoke else ["--arch", "resnet18-imagenet", "--patch-size", "224"]
     timing = ["--steps", "2", "--warmup", "1", "--repeats", "1"] if smoke else ["--steps", "10", "--repeats", "2"]
-    step = throughput.run(["--device", device.type, *model, "--num-patches", str(patches), "--batch-size", str(batch),
-                           "--image-size", str(size), *timing, "--rows", "step"])["rows"]["step"]
+    rows = throughput.run(["--device", device.type, *model, "--num-patches", str(patches), "--batch-size", str(batch),
+                           "--image-size", str(size), *timing, "--rows", "augment,step"])["rows"]
+    step, augment = rows["step"], rows["augment"]
     run = out / "stream-run"
     flags = ([*SMOKE_TRAIN, "--data", str(shards), "--image-size", "32"] if smoke else
              ["--preset", "imagenet100", "--data", str(shards), "--compile", "off"])
@@ -262,8 +268,18 @@ def stream_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "make_jpegs_s": make_s, "write_shards_s": write_s, "image_size": size, "num_patches": patches,
             "batch_size": batch, "decode": decode, "arriving_images_per_s": arriving,
             "step_images_per_s": step["views_per_s"] / patches,
+            "patching_images_per_s": augment["views_per_s"] / patches,
             "train_images_per_s_median": sorted(rates)[len(rates) // 2] / patches if rates else None,
             "train_wall_s": wall}
+
+
+def chunks_part(args: argparse.Namespace) -> dict[str, Any]:
+    size = (["--device", "cpu", "--width", "8", "--num-patches", "8", "--batch-size", "8", "--steps", "1",
+             "--chunks", "1,4"] if args.smoke else
+            ["--device", "cuda", "--precision", "bf16", "--arch", "resnet18-imagenet", "--patch-size", "224",
+             "--image-size", "224", "--num-patches", "200", "--batch-size", "100", "--chunks", "10,20"])
+    what, rows = chunks_bench.measure(size)
+    return {"what": what, "rows": rows}
 
 
 def paper_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -354,10 +370,15 @@ def table(data: dict[str, Any]) -> str:
         lines += [f"| streamed tier: {r['images']:,} JPEGs of {r['jpeg_kib_mean']:.0f} KiB at {r['image_size']} px, "
                   f"{r['num_patches']} patches, batch {r['batch_size']} (images/s) | figure |", "|---|--:|",
                   f"| arriving from the shards (decode {r['decode']}) | {_fmt(r['arriving_images_per_s'])} |",
+                  f"| patching alone, on the device (bench/throughput.py augment row) | "
+                  f"{_fmt(r.get('patching_images_per_s'))} |",
                   f"| the training step alone (bench/throughput.py) | {_fmt(r['step_images_per_s'])} |",
                   f"| both: empssl train --data-mode stream (median of the logged intervals) | "
                   f"{_fmt(r['train_images_per_s_median'])} |",
                   f"| target: >= 600 arriving (met: {met}) | |", ""]
+    if "chunks" in parts:
+        c = parts["chunks"]
+        lines += [f"A step in groups (--patch-chunks): {c['what']}", "", *chunks_bench.markdown(c["rows"]), ""]
     if "paper" in parts:
         p = parts["paper"]
         lines += [f"Patch-count ablation ({p['ablation_wall_s']:.0f} s):", "",
@@ -373,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="the CIFAR-10 archive or folder (e.g. cifar10-jpeg75.tar.gz); not with --smoke")
     ap.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md and the runs")
     ap.add_argument("--data-dir", type=Path, default=None, help="decoded-image cache (default: OUT/data)")
-    ap.add_argument("--parts", default="throughput,probe,run,stream", help="comma-separated parts to run")
+    ap.add_argument("--parts", default="throughput,probe,run,stream,chunks", help="comma-separated parts to run")
     ap.add_argument("--paper", action="store_true", help="also the patch-count ablation and the t-SNE map")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU with the bundled data")
     args = ap.parse_args(argv)
@@ -396,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         check.part("run", run_part(args, out))
     if "stream" in parts:
         check.part("stream", stream_part(args, out))
+    if "chunks" in parts:
+        check.part("chunks", chunks_part(args))
     if "paper" in parts:
         check.part("paper", paper_part(args, out))
     print(table(check.data))

@@ -98,6 +98,16 @@ CASES = [
                                                          batch_images=-5), ValueError, "batch_images"),
     ("extract kind", lambda: empssl.extract_features(_model(), _uint8(), empssl.Augment(size=8), 2, kind="z"),
      ValueError, "feature kind"),
+    # the optimiser
+    ("LARS lr nan", lambda: empssl.LARS(_model().parameters(), lr=NAN), ValueError, "lr must be a finite number >= 0"),
+    ("LARS lr -1", lambda: empssl.LARS(_model().parameters(), lr=-1), ValueError, "lr must be"),
+    ("LARS momentum 1", lambda: empssl.LARS(_model().parameters(), lr=0.1, momentum=1), ValueError, "in [0, 1)"),
+    ("LARS eta inf", lambda: empssl.LARS(_model().parameters(), lr=0.1, eta=INF), ValueError, "eta"),
+    ("LARS lr a string", lambda: empssl.LARS(_model().parameters(), lr="0.3"), ValueError, "finite number"),
+    # the data
+    ("load_data None", lambda: empssl.load_data(None), TypeError, "dataset name, a folder"),
+    ("load_data empty", lambda: empssl.load_data(""), TypeError, "dataset name, a folder"),
+    ("load_data image_size 1.5", lambda: empssl.load_data("demo", image_size=1.5), TypeError, "whole number"),
 ]
 
 

@@ -19,7 +19,9 @@ def test_gpu_check_smoke(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((out / "gpu_check.json").read_text())
-    assert set(data["parts"]) == {"throughput", "probe", "run", "stream"}
+    assert set(data["parts"]) == {"throughput", "probe", "run", "stream", "chunks"}
+    groups = {r["chunks"]: r for r in data["parts"]["chunks"]["rows"]}
+    assert set(groups) == {1, 4} and all(r["peak_gib"] > 0 and r["step_s"] > 0 for r in groups.values())
     assert data["parts"]["stream"]["arriving_images_per_s"] > 0 and data["parts"]["stream"]["decode"] == "cpu"
     rows = data["parts"]["throughput"]["20 patches, eager"]["rows"]
     assert {"augment", "step", "end-to-end", "eval"} <= set(rows)

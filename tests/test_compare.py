@@ -37,6 +37,11 @@ def test_compare_takes_the_model_and_patch_flags_for_every_method():
         assert cfg.lr == method_config(method, {}).lr  # the rest stays the method's own recipe
 
 
+def test_patch_chunks_go_to_emp_ssl_only():
+    cfgs = {m: method_config(m, {"num_patches": 20, "patch_chunks": 4}) for m in METHOD_NAMES}
+    assert {m: c.patch_chunks for m, c in cfgs.items()} == {m: 4 if m == "emp-ssl" else 1 for m in METHOD_NAMES}
+
+
 def test_compare_demo_recipes_share_data_width_and_view_size():
     cfgs = [method_config(m, {}, recipes="compare-demo") for m in METHOD_NAMES]
     assert {(c.data, c.width, c.patch_size) for c in cfgs} == {("demo", 8, 16)}

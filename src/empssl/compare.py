@@ -30,6 +30,7 @@ from typing import Any
 from .config import Config, ConfigError, load_preset, method_recipe, settings_for
 from .data import ImageData
 from .files import read_jsonl, write_json
+from .registry import method_class
 from .report import write_report
 from .rundir import run_config
 from .train import config_data, train, train_once
@@ -55,9 +56,13 @@ SMOKE_BUDGET_SECONDS = 20.0  # each calibration may take 2 s (10 %): a run's set
 def method_config(method: str, overrides: dict[str, Any], recipes: str | None = None) -> Config:
     """The method's own recipe (its preset, or the defaults for EMP-SSL), or with ``recipes`` the preset
     ``{recipes}-{method}`` (e.g. ``compare-demo-simclr``: the recipe scaled to other data), with ``overrides``
-    on top (a method's own settings only for the method that declares them)."""
+    on top (a method's own settings only for the method that declares them, and ``--patch-chunks`` only for a
+    method that makes its views in groups: EMP-SSL)."""
     recipe = load_preset(f"{recipes}-{method}") if recipes else method_recipe(method)
-    return Config.from_dict({**recipe, **settings_for(method, overrides), "method": method}).validate()
+    given = settings_for(method, overrides)
+    if not method_class(method).chunked:
+        given.pop("patch_chunks", None)
+    return Config.from_dict({**recipe, **given, "method": method}).validate()
 
 
 def _throughput(cfg: Config, data: tuple[ImageData, ImageData], steps: int, log_every: int) -> tuple[float, float]:

@@ -75,6 +75,12 @@ class Config:
     crop_scale: tuple[float, float] = setting((0.25, 0.25), "crop area as a fraction of the image (min max)",
                                               "patches")
     crop_ratio: tuple[float, float] = setting((1.0, 1.0), "crop aspect ratio range (min max)", "patches")
+    patch_chunks: int = setting(1, "EMP-SSL: make and push a step's patches through the network in this many "
+                                "equal groups (of --num-patches / K patches of every image), so that a step holds "
+                                "one group's patches and activations, at one more forward pass; the loss is over "
+                                "all patches, BatchNorm normalises each group as the official code's DataParallel "
+                                "does on K GPUs (README: Many large patches). Must divide --num-patches", "patches",
+                                low=1)
     # --- method: its name here; its own settings are declared by the method (empssl.methods) -------------------
     method: str = setting("emp-ssl", "self-supervised method; one without --preset starts from its own preset "
                           "(simclr: simclr-cifar10, ...)", "method")
@@ -192,6 +198,9 @@ class Config:
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ConfigError(f"--crop-ratio must satisfy 0 < min <= max, got {lo:g} {hi:g}")
+        if self.num_patches % self.patch_chunks:
+            raise ConfigError(f"--patch-chunks ({self.patch_chunks}) must divide --num-patches ({self.num_patches}): "
+                              f"every group holds the same patches of every image")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.probe_val_fraction is not None and not 0 <= self.probe_val_fraction < 1:

@@ -177,10 +177,19 @@ def rank_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: 
     """
     if not d.enabled:
         return make_patches(images, n_patches, aug, generator, out_dtype, memory_format=memory_format)
-    b, _, H, W = images.shape
-    params = sample_params(n_patches, b * d.world_size, aug, generator, images.device, image_hw=(H, W))
-    mine = slice_params(params, n_patches, b * d.world_size, d.rank * b, (d.rank + 1) * b)
+    mine = rank_patch_params(images, n_patches, aug, generator, d)
     return apply_params(images, mine, aug, n_patches, out_dtype, memory_format=memory_format)
+
+
+def rank_patch_params(images: torch.Tensor, n_patches: int, aug: Augment, generator: torch.Generator,
+                      d: Dist) -> PatchParams:
+    """The random parameters of :func:`rank_patches` (this rank's n_patches * b patches, patch-major), drawn as
+    it draws them: applied in groups of patches (:func:`empssl.patches.take_patches`), they give its patches."""
+    b, _, H, W = images.shape
+    if not d.enabled:
+        return sample_params(n_patches, b, aug, generator, images.device, image_hw=(H, W))
+    params = sample_params(n_patches, b * d.world_size, aug, generator, images.device, image_hw=(H, W))
+    return slice_params(params, n_patches, b * d.world_size, d.rank * b, (d.rank + 1) * b)
 
 
 # --- the loss: one batch over all ranks -----------------------------------------------------------------

@@ -32,6 +32,12 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
                  eta: float = 0.005, nesterov: bool = True, clip: bool = True) -> None:
+        for name, value, high in (("lr", lr, math.inf), ("momentum", momentum, 1.0),
+                                  ("weight_decay", weight_decay, math.inf), ("eta", eta, math.inf)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and 0 <= value < high):
+                rule = "in [0, 1)" if high == 1 else ">= 0"
+                raise ValueError(f"LARS: {name} must be a finite number {rule}, got {value!r}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov,
                         clip=clip, lars=True)
         super().__init__(params, defaults)

@@ -392,8 +392,8 @@ def _crop_flip(images: torch.Tensor, params: PatchParams, aug: Augment, n_patche
     return out.view(-1, size, 3, size).transpose(1, 2).contiguous()
 
 
-def _take(params: PatchParams, start: int, stop: int) -> PatchParams:
-    """Patches start:stop of ``params``."""
+def take_patches(params: PatchParams, start: int, stop: int) -> PatchParams:
+    """Patches start:stop of ``params`` (patch-major: patches i..j of every one of B images are ``i * B .. j * B``)."""
     return PatchParams(**{f.name: getattr(params, f.name)[start:stop] for f in fields(params)})
 
 
@@ -471,7 +471,7 @@ def apply_params(
         chunk = P if device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // x[0].numel())
         for start in range(0, P, chunk):
             stop = min(start + chunk, P)
-            _pixel_augment_(x[start:stop], _take(params, start, stop), aug, out[start:stop], mean, std)
+            _pixel_augment_(x[start:stop], take_patches(params, start, stop), aug, out[start:stop], mean, std)
     # Splitting the leading dim keeps the strides of `out`: flatten(0, 1) gives back the (P, 3, s, s) layout.
     return out.view(n_patches, B, 3, size, size)
 

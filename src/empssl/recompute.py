@@ -40,7 +40,7 @@ _FREE_FRACTION = 0.85
 
 
 @contextlib.contextmanager
-def _keep_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+def keep_batchnorm_stats(module: nn.Module) -> Iterator[None]:
     """Restore the running statistics of ``module``'s BatchNorm layers on exit (the recomputation's update)."""
     saved = [(t, t.clone()) for m in module.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
@@ -62,7 +62,7 @@ def _recomputed(module: nn.Module, forward: Callable[..., Any], *args: Any) -> A
         return recompute_in_backward(forward, *args, use_reentrant=False)
     return recompute_in_backward(forward, *args, use_reentrant=False,
                                  preserve_rng_state=False,  # the blocks draw no randomness
-                                 context_fn=lambda: (contextlib.nullcontext(), _keep_batchnorm_stats(module)))
+                                 context_fn=lambda: (contextlib.nullcontext(), keep_batchnorm_stats(module)))
 
 
 def recompute_backbone(model: nn.Module) -> int:
@@ -248,7 +248,7 @@ def check_step_fits(cfg: Config, device: torch.device, world_size: int = 1) -> N
     method = create_method(cfg)
     with torch.random.fork_rng(devices=[]):
         model = method.build_model().to(device)
-    patches = method.views_per_image * cfg.batch_size // world_size
+    patches = method.views_per_image * cfg.batch_size // world_size // cfg.patch_chunks  # one group at a time
     amp = autocast_dtype(cfg.precision, device)
     channels_last = cfg.channels_last and device.type == "cuda"
     recompute = cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto" and device.type == "cuda")
@@ -263,5 +263,19 @@ def check_step_fits(cfg: Config, device: torch.device, world_size: int = 1) -> N
     if need.total > limit:
         where = f"{device} has {_gib(limit)} free" if device.type == "cuda" else f"the host has {_gib(limit)} available"
         with_r = " with activation checkpointing" if recompute else ""
-        raise ConfigError(f"one training step of {patches} patches of {cfg.patch_size} px needs {need.describe()}"
-                          f"{with_r}, but {where}; lower --patch-size, --num-patches or --batch-size")
+        what = (f"one training step of {patches} patches" if cfg.patch_chunks == 1 else
+                f"one group of {patches} patches (--patch-chunks {cfg.patch_chunks})")
+        raise ConfigError(f"{what} of {cfg.patch_size} px needs {need.describe()}{with_r}, but {where}; lower "
+                          f"--patch-size, --num-patches or --batch-size{_chunks_hint(method, cfg, need, limit)}")
+
+
+def _chunks_hint(method: Any, cfg: Config, need: StepMemory, limit: int) -> str:
+    """", or make ... with --patch-chunks K": the fewest groups (a divisor of --num-patches) in which the step
+    would fit, for a method that takes them; "" where none would."""
+    if not method.chunked:
+        return ""
+    per_patch_share = (need.activations + need.patches) * cfg.patch_chunks  # the whole step's, for one group
+    for k in range(cfg.patch_chunks + 1, cfg.num_patches + 1):
+        if cfg.num_patches % k == 0 and per_patch_share / k + need.model <= limit:
+            return f", or make and consume the patches in groups: --patch-chunks {k}"
+    return ""

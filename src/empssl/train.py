@@ -46,6 +46,7 @@ from .rundir import (
     TimingAccount,
     finished,
     remove_orphans,
+    run_config,
     time_line,
     write_config,
 )
@@ -65,13 +66,12 @@ def train_step(net: nn.Module, opt: LARS, method: Method, images: torch.Tensor, 
     Returns (the method's detached (T,) loss terms, a 0-d bool tensor: was the update applied). A non-finite
     loss or gradient skips the update on the device (parameters and momentum unchanged) without a host sync.
     """
-    views = method.views(images, generator, dist, memory_format)  # (V, b, 3, s, s)
-    terms = method.loss(net, views, amp, dist)  # (T,) float32, the minimised loss first
     opt.zero_grad(set_to_none=True)
-    terms[0].backward()
+    # views (V, b, 3, s, s) -> (T,) float32 loss terms, the minimised loss first -> backward
+    terms = method.gradients(net, images, generator, amp, memory_format, dist)
     method.before_optimizer_step(net)  # between backward and the update: a method's gradient hook
     applied = opt.step(finite=torch.isfinite(terms[0]))
-    return terms.detach(), applied
+    return terms, applied
 
 
 @dataclass
@@ -190,7 +190,8 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
         resume(run, log)
     if run.step < run.total_steps:
         # exact activation recomputation when a step would not fit (the same choice on every rank)
-        use, why = want_recompute(cfg.grad_checkpointing, model, run.views_per_step // dist.world_size,
+        use, why = want_recompute(cfg.grad_checkpointing, model,
+                                  run.views_per_step // dist.world_size // cfg.patch_chunks,
                                   cfg.patch_size, device, run.amp, memory_format == torch.channels_last)
         if distributed.any_rank(use, dist, device):
             log(f"activation checkpointing of {recompute_backbone(model)} residual blocks ({why})")
@@ -372,6 +373,9 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     wall clock from process start, phase by phase (:data:`empssl.rundir.TIMING_FIELDS`) and in ``total``.
     """
     cfg.validate()
+    # resuming: the checkpoint's config is the truth, as for the command line (a setting that would change the
+    # trained weights is refused in one line; the evaluation, logging and speed ones are taken from cfg)
+    cfg = run_config(out_dir, cfg, cfg.to_dict())
     if cfg.online:  # one pass over a stream has its own loop
         raise ConfigError("--online runs through empssl train --online (empssl.online.train_online), not train()")
     require_trackers(cfg.log)  # a missing logger package: one line before anything loads

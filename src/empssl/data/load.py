@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,22 @@ from .sources import ARCHIVE_SUFFIXES, Tree, demo_archive, memory_available, rea
 
 TINY_IMAGENET = "tiny-imagenet"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def _check_args(spec: object, data_dir: object, image_size: object) -> tuple[str, str]:
+    """(spec, data_dir) as strings (paths accepted); TypeError, saying what is expected, for other types."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"data must be a dataset name, a folder, an archive or an ImageNet spec (a str or a path), "
+                        f"got {spec!r}")
+    if isinstance(data_dir, os.PathLike):
+        data_dir = os.fspath(data_dir)
+    if not isinstance(data_dir, str):
+        raise TypeError(f"data_dir must be a str or a path, got {data_dir!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise TypeError(f"image_size must be a whole number (0 keeps the images' own size), got {image_size!r}")
+    return str(spec), data_dir
 
 
 def load_data(
@@ -46,6 +63,7 @@ def load_data(
     Raises:
         DataError: with a one-line message for any missing, malformed or undecodable data.
     """
+    spec, data_dir = _check_args(spec, data_dir, image_size)
     if image_size < 0:
         raise DataError(f"image size must be >= 0, got {image_size}")
     if spec in TORCHVISION_DATASETS:
@@ -90,6 +108,7 @@ def load_images(spec: str, data_dir: str = "./data", image_size: int = 0, progre
     cache under ``data_dir``. Raises :class:`DataError` (one line) for missing or bad data, naming the file,
     and suggesting ``--image-size`` when the images differ in size.
     """
+    spec, data_dir = _check_args(spec, data_dir, image_size)
     if image_size < 0:
         raise DataError(f"image size must be >= 0, got {image_size}")
     if spec in TORCHVISION_DATASETS:
@@ -107,6 +126,7 @@ def scan(spec: str, data_dir: str = "./data") -> Catalog:
     """The :class:`Catalog` of a folder, archive, ``demo`` or ``tiny-imagenet``: every image's relative name,
     label and bytes (archives are read, nothing is decoded), in the order :func:`load_images` keeps.
     torchvision's arrays (``cifar10``, ``cifar100``) have no files and no catalog."""
+    spec, data_dir = _check_args(spec, data_dir, 0)
     if spec in TORCHVISION_DATASETS:
         raise DataError(f"{spec} is a torchvision array dataset, not a folder or archive: it has no catalog")
     path, imagenet = _source(spec, Path(data_dir))

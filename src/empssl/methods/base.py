@@ -22,7 +22,7 @@ from typing import Any, ClassVar, TypeAlias
 import torch
 from torch import nn
 
-from ..config import Config, MethodSettings
+from ..config import Config, ConfigError, MethodSettings
 from ..distributed import SINGLE, Dist
 from ..patches import Augment
 
@@ -45,6 +45,8 @@ class Method:
         eval_feature: the method's own evaluated representation: ``"pre"`` (EMP-SSL's 4096-d pre-feature) or
             ``"backbone"`` (the 512-d ResNet feature).
         terms: names of the logged loss terms; the first is the loss that is minimised.
+        chunked: the method implements ``--patch-chunks`` (its :meth:`gradients` makes and consumes the views in
+            groups); the others refuse a value above 1.
     """
 
     name: ClassVar[str]
@@ -53,11 +55,16 @@ class Method:
     eval_view: ClassVar[str] = "full"
     eval_feature: ClassVar[str] = "backbone"
     terms: ClassVar[tuple[str, ...]] = ("loss",)
+    chunked: ClassVar[bool] = False
     settings: MethodSettings
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.settings = self.Settings.from_dict(cfg.method_settings, getattr(self, "name", type(self).__name__))
+        name = getattr(self, "name", type(self).__name__)
+        self.settings = self.Settings.from_dict(cfg.method_settings, name)
+        if cfg.patch_chunks > 1 and not self.chunked:
+            raise ConfigError(f"--patch-chunks splits EMP-SSL's patches of a step into groups; {name} does not "
+                              f"take it (leave it at 1)")
 
     # --- what the method is made of -------------------------------------------------------------------------
 
@@ -93,6 +100,16 @@ class Method:
         or compiled) under autocast to ``amp``, and return the (len(terms),) float32 loss terms, the minimised loss
         first."""
         raise NotImplementedError
+
+    def gradients(self, net: nn.Module, images: torch.Tensor, generator: torch.Generator, amp: torch.dtype | None,
+                  memory_format: torch.memory_format, dist: Dist = SINGLE) -> torch.Tensor:
+        """The step's gradients, accumulated into the parameters (zeroed by the caller), and its detached
+        (len(terms),) loss terms: :meth:`views`, :meth:`loss`, one backward pass. A method may do it otherwise
+        (EMP-SSL with ``--patch-chunks``: in groups of patches)."""
+        views = self.views(images, generator, dist, memory_format)
+        terms = self.loss(net, views, amp, dist)
+        terms[0].backward()
+        return terms.detach()
 
     def before_optimizer_step(self, model: nn.Module) -> None:
         """Called after the backward pass and before the optimiser step, with the training module (as

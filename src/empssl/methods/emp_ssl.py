@@ -3,11 +3,26 @@ coding rate term against collapse and a cosine term pulling each patch embedding
 
 The model is :class:`empssl.models.EMPSSLModel` (ResNet -> 4096-d pre-feature -> projector -> unit sphere); all
 ``n_patches * b`` patches of a step go through it in one batch, so BatchNorm normalises over all of them as in
-the official code. Evaluated by the bag of features: the pre-feature averaged over augmented test patches.
+the official code on one GPU. Evaluated by the bag of features: the pre-feature averaged over augmented test
+patches.
+
+``--patch-chunks K`` (:func:`chunked_gradients`) bounds a step's memory for many large patches (200 x 224 px
+is 20,000 patches a step): the patches are made and consumed in K groups of n_patches / K patches of every
+image. The loss couples all patches (the coding rate of each patch's batch, the cosine to each image's mean over
+all its patches), so each group runs forward twice: once without gradients, to get every projection z of the
+step; then the loss and dL/dz over all of them; then, group by group, forward again and backward from that
+group's rows of dL/dz, which accumulates exactly the gradient of the whole step's loss (gradient caching). The
+groups' patches are cut from parameters drawn once for the step, as :func:`empssl.patches.make_patches` draws
+them, so they are the unchunked step's patches. What differs from one batch: BatchNorm normalises each group by
+that group's statistics, and the running statistics take the first group's, which is what the official code's
+``nn.DataParallel`` does on K GPUs (it splits the patch-major concatenation into K contiguous pieces, one per
+GPU, and keeps the first replica's buffers).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +35,8 @@ from ..devices import autocast
 from ..distributed import SINGLE, Dist, gather_batch
 from ..losses import EMPSSLLoss, emp_ssl_loss, total_coding_rate
 from ..models import EMPSSLModel
-from ..patches import Augment
+from ..patches import Augment, apply_params, take_patches
+from ..recompute import keep_batchnorm_stats
 from . import register
 from .base import Method
 
@@ -54,6 +70,7 @@ class EMPSSL(Method):
     eval_view = "patches"
     eval_feature = "pre"
     terms = ("loss", "tcr", "invariance")
+    chunked = True
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
@@ -77,3 +94,56 @@ class EMPSSL(Method):
         # under torchrun, the coding rate over the all-gathered global batch (--tcr-global)
         out = rank_loss(z, self.settings.eps, self.settings.invariance_weight, dist, self.cfg.tcr_global)
         return torch.stack(list(out))  # (loss, tcr, invariance)
+
+    def gradients(self, net: nn.Module, images: torch.Tensor, generator: torch.Generator, amp: torch.dtype | None,
+                  memory_format: torch.memory_format, dist: Dist = SINGLE) -> torch.Tensor:
+        if self.cfg.patch_chunks == 1:
+            return super().gradients(net, images, generator, amp, memory_format, dist)
+        return chunked_gradients(self, net, images, generator, amp, memory_format, dist)
+
+
+def _no_sync(net: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """DDP's ``no_sync()`` (gradients accumulate locally, not all-reduced) for a DDP-wrapped (maybe compiled)
+    module; nothing to do otherwise."""
+    no_sync = getattr(net, "no_sync", None)
+    return no_sync() if no_sync is not None else contextlib.nullcontext()
+
+
+def chunked_gradients(method: EMPSSL, net: nn.Module, images: torch.Tensor, generator: torch.Generator,
+                      amp: torch.dtype | None, memory_format: torch.memory_format, dist: Dist = SINGLE
+                      ) -> torch.Tensor:
+    """:meth:`EMPSSL.gradients` in ``--patch-chunks`` groups (the module docstring says how and what it equals).
+
+    Peak memory: one group's patches and activations (saved ones in the second pass), plus the step's
+    (n_patches, b, z_dim) float32 projections and their gradient. Under torchrun every group but the last
+    accumulates its gradient without DDP's all-reduce (``no_sync``); the last one reduces the sum.
+    """
+    cfg = method.cfg
+    k_groups = cfg.patch_chunks
+    per_group = cfg.num_patches // k_groups
+    b = images.shape[0]
+    aug = Augment.from_config(cfg)
+    params = distributed.rank_patch_params(images, cfg.num_patches, aug, generator, dist)
+
+    def project(k: int) -> torch.Tensor:  # group k: patches k*c .. (k+1)*c of every image -> (c, b, z_dim)
+        group = take_patches(params, k * per_group * b, (k + 1) * per_group * b)
+        patches = apply_params(images, group, aug, per_group, memory_format=memory_format)
+        with autocast(images.device, amp):
+            return net(patches.flatten(0, 1)).view(per_group, b, -1)
+
+    with torch.no_grad():  # every projection of the step; the running statistics take the first group's
+        z = torch.cat([project(k) if k == 0 else _kept(net, project, k) for k in range(k_groups)]).float()
+    z.requires_grad_(True)
+    out = rank_loss(z, method.settings.eps, method.settings.invariance_weight, dist, cfg.tcr_global)
+    terms = torch.stack(list(out))
+    (dz,) = torch.autograd.grad(terms[0], z)
+    for k in range(k_groups):
+        with keep_batchnorm_stats(net), (_no_sync(net) if k < k_groups - 1 else contextlib.nullcontext()):
+            zk = project(k)
+            zk.backward(dz[k * per_group:(k + 1) * per_group].to(zk.dtype))
+    return terms.detach()
+
+
+def _kept(net: nn.Module, project: Callable[[int], torch.Tensor], k: int) -> torch.Tensor:
+    with keep_batchnorm_stats(net):
+        return project(k)
