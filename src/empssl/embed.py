@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -156,7 +156,7 @@ class _Named:
 class _Source:
     """The images to embed, split by split: in memory, or read block by block (``mode`` says which)."""
 
-    splits: list[tuple[str, torch.Tensor | _Named]]
+    splits: Sequence[tuple[str, torch.Tensor | _Named]]
     labels: torch.Tensor | None
     classes: list[str] | None
     class_names: list[str] | None
@@ -202,7 +202,7 @@ def _memory_source(images: ImageSet) -> _Source:
     for split, count in images.splits:
         splits.append((split, images.images[start:start + count]))
         start += count
-    return _Source(list(splits), images.labels, images.classes, images.class_names, "memory", images.names)
+    return _Source(splits, images.labels, images.classes, images.class_names, "memory", images.names)
 
 
 def _shard_source(root: Path, image_size: int, mode: str, log: Callable[[str], Any]) -> _Source:
@@ -230,7 +230,7 @@ def _shard_source(root: Path, image_size: int, mode: str, log: Callable[[str], A
             streamed.split.block_images = len(lab)
         splits.append((name, streamed))
         labels.append(lab)
-    return _Source(list(splits), torch.cat(labels) if classes else None, classes, manifest.class_names, mode)
+    return _Source(splits, torch.cat(labels) if classes else None, classes, manifest.class_names, mode)
 
 
 def _streamed(items: Items, labels: torch.Tensor, classes: list[str] | None, image_size: int, source: str,

@@ -73,6 +73,10 @@ class LabelledBlocks(ImageBlocks, Protocol):
     labels: torch.Tensor  # (N,) int64
     classes: list[str]
 
+    def subset(self, n: int) -> LabelledBlocks:
+        """The rows :meth:`empssl.data.ImageData.subset` keeps (class-balanced, in order)."""
+        ...
+
 
 # Images for the feature extractors: one (N, 3, H, W) uint8 tensor in memory, or blocks of it.
 Images = torch.Tensor | ImageBlocks
