@@ -192,14 +192,18 @@ def test_embedding_a_folder_streamed_and_shards_without_classes(run, src, data_d
 # --- bad input: one line, exit 2, nothing written -----------------------------------------------------------
 
 
-def _commands(run, data, tmp_path):
-    return {"eval": ["eval", "--checkpoint", str(run), "--data", str(data), "--image-size", "32", "--data-mode",
+def _commands(run, data, tmp_path, train=False):
+    commands = {"eval": ["eval", "--checkpoint", str(run), "--data", str(data), "--image-size", "32", "--data-mode",
                      "stream", "--out", str(tmp_path / "r.json"), "--no-progress"],
             "embed": ["embed", "--checkpoint", str(run), "--data", str(data), "--image-size", "32", "--data-mode",
                       "stream", "--out", str(tmp_path / "e.npz"), "--no-progress"]}
+    if train:
+        commands["train"] = ["train", "--data", str(data), "--data-mode", "stream", "--image-size", "32", "--out",
+                             str(tmp_path / "out"), "--no-progress", *TINY]
+    return commands
 
 
-def test_bad_shards_are_refused_by_eval_and_embed_in_one_line(run, src, tmp_path, capsys):
+def test_bad_shards_are_refused_by_eval_embed_and_train_in_one_line(run, src, tmp_path, capsys):
     root = shards_of(src, tmp_path / "bad", shard_size=30)
     chunk = sorted((root / "train").glob("chunk-*.bin"))[1]
     good = chunk.read_bytes()
@@ -211,12 +215,12 @@ def test_bad_shards_are_refused_by_eval_and_embed_in_one_line(run, src, tmp_path
               "counts 41 images in test")]
     for damage, message in cases:
         damage()
-        for name, argv in _commands(run, root, tmp_path).items():
+        for name, argv in _commands(run, root, tmp_path, train=True).items():
             assert main(argv) == 2, name
             _one_line(capsys, message)
         chunk.write_bytes(good)
         (root / "manifest.json").write_text(json.dumps(manifest))
-    assert not (tmp_path / "r.json").exists() and not (tmp_path / "e.npz").exists()
+    assert not any((tmp_path / f).exists() for f in ("r.json", "e.npz", "out"))
 
 
 def test_an_image_that_does_not_decode_stops_eval_and_embed_naming_it(run, src, tmp_path, capsys):
@@ -235,10 +239,7 @@ def test_an_image_that_does_not_decode_stops_eval_and_embed_naming_it(run, src, 
 def test_class_lists_that_differ_between_train_and_test_are_refused_when_streamed(run, data_dir, tmp_path, capsys):
     src = image_tree(tmp_path / "src", data_dir, {"train": 2, "test": 2})
     (src / "test" / "truck").rename(src / "test" / "lorry")
-    commands = _commands(run, src, tmp_path)
-    commands["train"] = ["train", "--data", str(src), "--data-mode", "stream", "--image-size", "32", "--out",
-                         str(tmp_path / "out"), "--no-progress", *TINY]
-    for name, argv in commands.items():
+    for name, argv in _commands(run, src, tmp_path, train=True).items():
         assert main(argv) == 2, name
         _one_line(capsys, "different classes")
     assert not (tmp_path / "out").exists() and not (tmp_path / "e.npz").exists()
