@@ -42,13 +42,13 @@ import torch
 from . import __version__
 from .config import ConfigError
 from .data import TORCHVISION_DATASETS, ImageSet, load_images, scan
-from .data.load import TooBigForMemory, check_fits
+from .data.load import TooBigForMemory
 from .devices import resolve_device
 from .evaluate import image_features
 from .files import OutputError, write_atomic
 from .methods import eval_protocol
 from .rundir import load_checkpoint
-from .stream import CatalogItems, Items, ShardItems, StreamedSplit, is_shards, read_manifest
+from .stream import CatalogItems, Items, ShardItems, StreamedSplit, choose_tier, is_shards, read_manifest
 
 SUFFIXES = (".npz", ".safetensors")
 
@@ -185,7 +185,7 @@ def _open_source(data: str, data_dir: str, image_size: int, mode: str, progress:
     if data in TORCHVISION_DATASETS:
         raise ConfigError(f"--data-mode stream reads shards, a folder or an archive; {data} is an array dataset "
                           f"held in memory (use --data-mode memory)")
-    _need_size(image_size)
+    choose_tier("stream", 0, image_size, data, log)  # needs --image-size
     catalog = scan(data, data_dir)
     classes = list(catalog.classes) if catalog.classes is not None else None
     labels = torch.tensor([-1 if r.label is None else r.label for r in catalog.records], dtype=torch.int64)
@@ -209,17 +209,7 @@ def _shard_source(root: Path, image_size: int, mode: str, log: Callable[[str], A
     """Every split of a shard folder, in the manifest's order, read block by block; "memory" (and "auto" for what
     fits, or without an image size) takes each split as one block."""
     manifest = read_manifest(root)
-    total = sum(s.images for s in manifest.splits.values())
-    if mode == "auto":
-        try:
-            if image_size:
-                check_fits(total, image_size, image_size, str(root))
-            mode = "memory"
-        except TooBigForMemory as e:
-            log(f"{e}; --data-mode auto: streaming it")
-            mode = "stream"
-    if mode == "stream":
-        _need_size(image_size)
+    mode = choose_tier(mode, sum(s.images for s in manifest.splits.values()), image_size, str(root), log)
     classes = [str(c) for c in manifest.classes] if manifest.classes else None
     splits, labels = [], []
     for name, split in manifest.splits.items():
@@ -236,12 +226,6 @@ def _shard_source(root: Path, image_size: int, mode: str, log: Callable[[str], A
 def _streamed(items: Items, labels: torch.Tensor, classes: list[str] | None, image_size: int, source: str,
               split: str) -> _Named:
     return _Named(StreamedSplit(items, torch.arange(len(labels)), labels, classes or [], image_size, source, split))
-
-
-def _need_size(image_size: int) -> None:
-    if not image_size:
-        raise ConfigError("--data-mode stream needs --image-size S: a block needs one size, and a stream cannot "
-                          "check ahead that its images agree")
 
 
 def load_embedding(path: str | Path) -> Embedding:

@@ -294,18 +294,8 @@ def _open_splits(cfg: Config, in_memory: Callable[[], tuple[ImageData, ImageData
         assert catalog.classes is not None  # split roots have classes
         train_items, test_items = CatalogItems(blocks["train"]), CatalogItems(blocks[held])
         classes, source = list(catalog.classes), catalog.source
-    if shards and mode != "stream":  # without --image-size the decoded size is unknown: the in-memory tier
-        try:
-            if cfg.image_size:
-                check_fits(len(train_items) + len(test_items), cfg.image_size, cfg.image_size, source)
-            mode = "memory"
-        except TooBigForMemory as e:
-            if mode == "memory":
-                raise
-            log(f"{e}; --data-mode auto: streaming it")
-    if not cfg.image_size and mode != "memory":
-        raise ConfigError("--data-mode stream needs --image-size S: a batch needs one size, and a stream cannot "
-                          "check ahead that its images agree")
+    # a folder or archive here is streamed (forced, or too big for the in-memory tier)
+    mode = choose_tier(mode if shards else "stream", len(train_items) + len(test_items), cfg.image_size, source, log)
     labels = train_items.labels()
     test_labels = test_items.labels()
     for split, lab in (("train", labels), (held, test_labels)):
@@ -316,6 +306,25 @@ def _open_splits(cfg: Config, in_memory: Callable[[], tuple[ImageData, ImageData
     return None, (StreamedSplit(train_items, rows, labels[rows], classes, cfg.image_size, source),
                   StreamedSplit(test_items, test_rows, test_labels[test_rows], classes, cfg.image_size, source, held),
                   mode)
+
+
+def choose_tier(mode: str, n: int, image_size: int, source: str, log: Callable[[str], None]) -> str:
+    """"memory" or "stream" for ``n`` images of a shard folder by ``--data-mode``: memory when they fit (without
+    ``--image-size`` the decoded size is unknown: memory), else stream in auto (said in ``log``) and
+    TooBigForMemory in memory. Streaming needs ``--image-size`` (ConfigError)."""
+    if mode != "stream":
+        try:
+            if image_size:
+                check_fits(n, image_size, image_size, source)
+            return "memory"
+        except TooBigForMemory as e:
+            if mode == "memory":
+                raise
+            log(f"{e}; --data-mode auto: streaming it")
+    if not image_size:
+        raise ConfigError("--data-mode stream needs --image-size S: a batch needs one size, and a stream cannot "
+                          "check ahead that its images agree")
+    return "stream"
 
 
 # --- decoding a batch ---------------------------------------------------------------------------------------
