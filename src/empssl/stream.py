@@ -1,8 +1,9 @@
 """The streamed tier: training images decoded batch by batch, for data that does not fit in memory.
 
 Beside the in-memory tier (:mod:`empssl.data`, one decoded uint8 tensor), and behind the same interface: the loop
-gets (b, 3, S, S) uint8 batches on its device, one per step, and the evaluation and the monitor get
-:class:`~empssl.data.ImageData` splits in memory. ``--data-mode`` chooses (:func:`load_splits`):
+gets (b, 3, S, S) uint8 batches on its device, one per step, the monitor gets :class:`~empssl.data.ImageData`
+splits in memory, and the evaluation either those or :class:`StreamedSplit` read block by block
+(:func:`eval_splits`). ``--data-mode`` chooses (:func:`load_splits`):
 
 * ``memory``: today's path; ``stream``: this one; ``auto``: stream when the decoded images would not fit in the
   memory available (:func:`empssl.data.load.check_fits`, the in-memory tier's own check).
