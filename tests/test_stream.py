@@ -93,7 +93,7 @@ def test_stream_run_resumed_mid_epoch_equals_an_uninterrupted_in_memory_run(tmp_
         train_module.train_step = real_step
     assert read_checkpoint(tmp_path / "run")["step"] == 4
     results = train(cfg, tmp_path / "run", progress=False, log=quiet, evaluate_at_end=True)
-    assert results["images"] == ref["images"] == 200 and results["n_train"] == 60  # evaluated on the bank
+    assert results["images"] == ref["images"] == 200 and results["n_train"] == 200  # on the split, not the bank
     a, b = read_checkpoint(tmp_path / "ref"), read_checkpoint(tmp_path / "run")
     assert b["step"] == a["step"] == 15
     for key, value in a["model"].items():
@@ -212,7 +212,10 @@ def test_shard_then_train_streamed_evaluates_and_equals_the_in_memory_run(tmp_pa
                      "--out", str(out), "--no-progress", "--epochs", "2", "--monitor-bank", "40", *TINY]) == 0
         runs[mode] = read_checkpoint(out), json.loads((out / "results.json").read_text())
     (stream_ckpt, stream_results), (memory_ckpt, memory_results) = runs["stream"], runs["memory"]
-    assert stream_results["n_train"] == 40 and memory_results["n_train"] == 100  # the bank against every image
+    assert stream_results["n_train"] == memory_results["n_train"] == 100  # every image, not the bank of 40
+    assert stream_results["eval_sets"]["train"]["read"] == "stream"
+    for key in ("linear_top1", "knn_top1"):  # the same features (the streamed ones block by block), the same scores
+        assert stream_results[key] == memory_results[key], key
     assert stream_ckpt["step"] == memory_ckpt["step"] == 10
     for key, value in memory_ckpt["model"].items():
         assert torch.equal(value, stream_ckpt["model"][key]), key

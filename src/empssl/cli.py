@@ -20,7 +20,7 @@ from .methods import method_class, method_names
 # The Config fields of the commands that evaluate a checkpoint: its evaluation, where its data are read from,
 # the device.
 EVAL_FIELDS = [f.name for f in flag_fields(Config) if f.metadata["group"] == "evaluation"] + [
-    "data", "data_dir", "image_size", "train_subset", "test_subset", "device", "precision"]
+    "data", "data_dir", "image_size", "data_mode", "train_subset", "test_subset", "device", "precision"]
 # The evaluation flags of the commands that take the number of test patches as their own option.
 EVAL_FIELDS_NO_PATCHES = [k for k in EVAL_FIELDS if k != "test_patches"]
 # What `empssl compare` lets one set for every method alike: every Config field but the method (each method keeps
@@ -264,12 +264,13 @@ def _add_experiment_parsers(sub: Any) -> None:
     m.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
     m.add_argument("--data", required=True,
                    help="a folder of images, a class tree, an ImageFolder root (train/ val/ test/), Tiny ImageNet, "
-                        "a .zip/.tar/.tar.gz of one, or demo, tiny-imagenet, cifar10, cifar100")
+                        "a .zip/.tar/.tar.gz of one, demo, tiny-imagenet, cifar10, cifar100, or a shard folder "
+                        "(empssl shard)")
     m.add_argument("--out", required=True, help="output file: .npz (features, names, labels, classes, protocol) "
                                                 "or .safetensors")
     _add_config_flags(m, ["test_patches", "eval_view", "eval_feature", "eval_seed", "eval_batch_size", "device"],
                       default="the checkpoint's")
-    _add_config_flags(m, ["image_size", "data_dir"])
+    _add_config_flags(m, ["image_size", "data_dir", "data_mode"])
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     x = sub.add_parser("export", help="the trained backbone as a torchvision or timm state dict, or safetensors",
@@ -386,7 +387,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     s = embed(args.checkpoint, args.data, args.out, test_patches=args.test_patches, eval_feature=args.eval_feature,
               eval_view=args.eval_view, eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size,
               device=args.device, image_size=args.image_size or 0, data_dir=args.data_dir or Config().data_dir,
-              progress=not args.no_progress)
+              data_mode=args.data_mode or Config().data_mode, progress=not args.no_progress)
     how = view_label(s["view"], s["test_patches"]) + (f", seed {s['eval_seed']}" if s["view"] == "patches" else "")
     print(f"{s['n']} images x {s['dim']}-d {s['feature']} features ({how}) written to {s['out']}")
     return 0

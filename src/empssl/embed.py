@@ -8,6 +8,13 @@ patches follow an image's index in its split), so a row equals the feature ``emp
 image when it evaluates the whole split (no --train-subset/--test-subset), and the same images + checkpoint +
 flags give the same features.
 
+Shard folders (``empssl shard``) and data too big for memory are read block by block
+(:meth:`empssl.stream.StreamedSplit.blocks`): only the features are kept, and they equal the in-memory path's for
+the same images (the blocks hold whole seeded chunks of patches). ``data_mode`` means what ``--data-mode`` means
+for training: ``memory`` decodes every split whole, ``stream`` block by block (needs ``image_size``), ``auto``
+streams what would not fit in memory. A shard folder's rows keep the shards' order, names and labels (its
+manifest's classes); it is checked against its manifest first (:func:`empssl.shard.verify_shards`).
+
 Outputs (written atomically: an interrupted run leaves no partial file):
 
 - ``.npz``: ``features`` (N, D) float32, ``names`` (N,) str, and where known ``labels`` (N,) int64,
@@ -24,6 +31,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -32,12 +40,15 @@ import numpy as np
 import torch
 
 from . import __version__
-from .data import load_images
+from .config import ConfigError
+from .data import TORCHVISION_DATASETS, ImageSet, load_images, scan
+from .data.load import TooBigForMemory
 from .devices import resolve_device
 from .evaluate import image_features
 from .files import OutputError, write_atomic
 from .methods import eval_protocol
 from .rundir import load_checkpoint
+from .stream import CatalogItems, Items, ShardItems, StreamedSplit, choose_tier, is_shards, read_manifest
 
 SUFFIXES = (".npz", ".safetensors")
 
@@ -69,17 +80,19 @@ class Embedding:
 def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: int | None = None,
           eval_feature: str | None = None, eval_view: str | None = None, eval_seed: int | None = None,
           eval_batch_size: int | None = None, device: str | None = None, image_size: int = 0,
-          data_dir: str = "./data", progress: bool = True) -> dict[str, Any]:
+          data_dir: str = "./data", data_mode: str = "auto", progress: bool = True,
+          log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Embed every image of ``data`` with ``checkpoint`` and write the result to ``out`` (.npz or .safetensors).
 
     Args:
         checkpoint: a run folder or checkpoint file.
         data: anything :func:`empssl.data.load_images` reads (folder, class tree, split root, Tiny ImageNet,
-            archive, demo, tiny-imagenet, cifar10, cifar100).
+            archive, demo, tiny-imagenet, cifar10, cifar100), or a shard folder written by ``empssl shard``.
         test_patches, eval_feature, eval_view, eval_seed, eval_batch_size, device: override the checkpoint's
             config (None keeps it), as the same flags of ``empssl eval`` do.
         image_size: 0 keeps the images' own size (they must all agree); S > 0 resizes them to S x S first.
         data_dir: where datasets and the decoded-image cache live.
+        data_mode: auto, memory or stream (the module docstring).
 
     Returns:
         A summary: out, format, n, dim, labelled, num_classes, seconds, and the protocol (checkpoint, step,
@@ -95,32 +108,124 @@ def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: i
     _check_writable(out)
     overrides = {"test_patches": test_patches, "eval_feature": eval_feature, "eval_view": eval_view,
                  "eval_seed": eval_seed, "eval_batch_size": eval_batch_size, "device": device}
+    if data_mode not in ("auto", "memory", "stream"):
+        raise ConfigError(f"--data-mode must be auto, memory or stream, got {data_mode!r}")
     model, cfg, ckpt = load_checkpoint(checkpoint, {k: v for k, v in overrides.items() if v is not None})
     dev = resolve_device(cfg.device)
-    images = load_images(data, data_dir, image_size, progress)
     model.to(dev)
-    parts, start = [], 0
-    for split, count in images.splits:  # each split alone, as evaluation extracts it (the patch seeds follow the index)
-        block = images.images[start:start + count]
+    source = _open_source(data, data_dir, image_size, data_mode, progress, log)
+    parts = []
+    for split, block in source.splits:  # each split alone, as evaluation extracts it (the seeds follow the index)
         parts.append(image_features(model, block, cfg, dev, progress=progress,
                                     desc=f"embedding {split}".strip()).cpu())
-        start += count
     features = torch.cat(parts).float().contiguous()  # (N, D)
+    names = source.names()
 
     view, kind = eval_protocol(cfg)
     protocol = {"checkpoint": str(checkpoint), "step": ckpt.get("step"), "method": cfg.method, "arch": cfg.arch,
                 "test_patches": cfg.test_patches, "view": view, "feature": kind, "eval_seed": cfg.eval_seed,
                 "patch_size": cfg.patch_size, "crop_scale": list(cfg.crop_scale), "crop_ratio": list(cfg.crop_ratio),
-                "data": data, "image_size": image_size, "splits": [list(s) for s in images.splits],
-                "empssl_version": __version__}
-    result = Embedding(features, images.names, images.labels, images.classes, images.class_names, protocol)
+                "data": data, "image_size": image_size, "data_mode": source.mode,
+                "splits": [[split, len(block)] for split, block in source.splits], "empssl_version": __version__}
+    result = Embedding(features, names, source.labels, source.classes, source.class_names, protocol)
     try:
         write_atomic(out, lambda tmp: (_write_npz if fmt == "npz" else _write_safetensors)(tmp, result))
     except OutputError as e:
         raise EmbedError(str(e)) from None
-    return {"out": str(out), "format": fmt, "n": len(images), "dim": int(features.shape[1]),
-            "labelled": images.labels is not None, "num_classes": len(images.classes or []),
+    return {"out": str(out), "format": fmt, "n": len(names), "dim": int(features.shape[1]),
+            "labelled": source.labels is not None, "num_classes": len(source.classes or []),
             "seconds": time.perf_counter() - t0, **protocol}
+
+
+class _Named:
+    """A streamed split whose rows' names are kept as its blocks are read (the features' consumer sees blocks)."""
+
+    def __init__(self, split: StreamedSplit) -> None:
+        self.split = split
+        self.names: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def blocks(self, multiple: int) -> Iterator[torch.Tensor]:
+        self.names.clear()  # a second pass reads them again
+        return self.split.blocks(multiple, names=self.names)
+
+
+@dataclass
+class _Source:
+    """The images to embed, split by split: in memory, or read block by block (``mode`` says which)."""
+
+    splits: Sequence[tuple[str, torch.Tensor | _Named]]
+    labels: torch.Tensor | None
+    classes: list[str] | None
+    class_names: list[str] | None
+    mode: str
+    known_names: list[str] | None = None  # the in-memory tier's; the streamed splits' are read with their blocks
+
+    def names(self) -> list[str]:
+        if self.known_names is not None:
+            return self.known_names
+        return [n for _, block in self.splits if isinstance(block, _Named) for n in block.names]
+
+
+def _open_source(data: str, data_dir: str, image_size: int, mode: str, progress: bool,
+                 log: Callable[[str], Any]) -> _Source:
+    """``data`` by ``mode``: a folder, archive or dataset in memory (:func:`empssl.data.load_images`, its cache),
+    or shards / a folder's catalog read block by block."""
+    if is_shards(data):
+        return _shard_source(Path(data).expanduser().resolve(), image_size, mode, log)
+    if mode != "stream":
+        try:
+            return _memory_source(load_images(data, data_dir, image_size, progress))
+        except TooBigForMemory as e:
+            if mode == "memory":
+                raise
+            log(f"{e}; --data-mode auto: streaming it")
+    if data in TORCHVISION_DATASETS:
+        raise ConfigError(f"--data-mode stream reads shards, a folder or an archive; {data} is an array dataset "
+                          f"held in memory (use --data-mode memory)")
+    choose_tier("stream", 0, image_size, data, log)  # needs --image-size
+    catalog = scan(data, data_dir)
+    classes = list(catalog.classes) if catalog.classes is not None else None
+    labels = torch.tensor([-1 if r.label is None else r.label for r in catalog.records], dtype=torch.int64)
+    splits, at = [], 0
+    for name, count in catalog.splits:
+        items = CatalogItems(catalog.records[at:at + count])
+        splits.append((name, _streamed(items, labels[at:at + count], classes, image_size, catalog.source, name)))
+        at += count
+    return _Source(splits, labels if classes is not None else None, classes, catalog.class_names, "stream")
+
+
+def _memory_source(images: ImageSet) -> _Source:
+    splits, start = [], 0
+    for split, count in images.splits:
+        splits.append((split, images.images[start:start + count]))
+        start += count
+    return _Source(splits, images.labels, images.classes, images.class_names, "memory", images.names)
+
+
+def _shard_source(root: Path, image_size: int, mode: str, log: Callable[[str], Any]) -> _Source:
+    """Every split of a shard folder, in the manifest's order, read block by block; "memory" (and "auto" for what
+    fits, or without an image size) takes each split as one block."""
+    manifest = read_manifest(root)
+    mode = choose_tier(mode, sum(s.images for s in manifest.splits.values()), image_size, str(root), log)
+    classes = [str(c) for c in manifest.classes] if manifest.classes else None
+    splits, labels = [], []
+    for name, split in manifest.splits.items():
+        lab = torch.from_numpy(manifest.labels(name).astype(np.int64))
+        items = ShardItems(manifest.split_dir(name), split.images, lab.tolist())
+        streamed = _streamed(items, lab, classes, image_size, str(root), name)
+        if mode == "memory":
+            streamed.split.block_images = len(lab)
+        splits.append((name, streamed))
+        labels.append(lab)
+    return _Source(splits, torch.cat(labels) if classes else None, classes, manifest.class_names, mode)
+
+
+def _streamed(items: Items, labels: torch.Tensor, classes: list[str] | None, image_size: int, source: str,
+              split: str) -> _Named:
+    return _Named(StreamedSplit(items, torch.arange(len(labels)), labels, classes or [], image_size, source, split))
 
 
 def load_embedding(path: str | Path) -> Embedding:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,9 +37,9 @@ from .models import inference_copy
 from .patches import Augment, PatchParams, apply_params, sample_params
 from .probe import ProbeError, ProbeResult, check_finite, linear_probe, stratified_split
 
-__all__ = ["EvalError", "ProbeError", "ProbeResult", "evaluate", "extract_features", "extract_full_features",
-           "extract_prefix_features", "image_features", "knn_predict", "linear_probe", "score_features",
-           "stratified_split"]
+__all__ = ["EvalError", "ImageBlocks", "LabelledBlocks", "ProbeError", "ProbeResult", "describe_split", "evaluate",
+           "extract_features", "extract_full_features", "extract_prefix_features", "image_features", "knn_predict",
+           "linear_probe", "score_features", "split_images", "stratified_split"]
 
 # Images per seeded generator draw. Fixed (not tied to the forward batch) so that the patches, and hence
 # the features, do not depend on ``batch_images``: chunk c of the images is always augmented by a generator
@@ -56,6 +56,62 @@ class EvalError(ValueError):
     """A user-facing evaluation error (bad shapes, empty data, mismatched classes ...): one line."""
 
 
+class ImageBlocks(Protocol):
+    """Images too many to hold at once, read block by block (:class:`empssl.stream.StreamedSplit`)."""
+
+    def __len__(self) -> int: ...
+
+    def blocks(self, multiple: int) -> Iterator[torch.Tensor]:
+        """Consecutive (b, 3, S, S) uint8 blocks of all the images, in order; each b a multiple of ``multiple``
+        but the last."""
+        ...
+
+
+class LabelledBlocks(ImageBlocks, Protocol):
+    """A labelled split read block by block: what :func:`evaluate` takes besides an in-memory ImageData."""
+
+    labels: torch.Tensor  # (N,) int64
+    classes: list[str]
+
+    def subset(self, n: int) -> LabelledBlocks:
+        """The rows :meth:`empssl.data.ImageData.subset` keeps (class-balanced, in order)."""
+        ...
+
+
+# Images for the feature extractors: one (N, 3, H, W) uint8 tensor in memory, or blocks of it.
+Images = torch.Tensor | ImageBlocks
+Split = ImageData | LabelledBlocks
+
+
+def _blocks(images: Images, multiple: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset of the block's first image, (b, 3, H, W) uint8 block) over ``images``: a tensor is one block. The
+    blocks of an :class:`ImageBlocks` are multiples of ``multiple`` images, so that every forward pass (and every
+    seeded chunk of patches) holds the same images as the in-memory tensor's, and the features are the same."""
+    if isinstance(images, torch.Tensor):
+        yield 0, images
+        return
+    at = 0
+    for block in images.blocks(multiple):
+        _check_images(block)
+        yield at, block
+        at += block.shape[0]
+    if at != len(images):
+        raise EvalError(f"the image blocks held {at} images, not the {len(images)} announced")
+
+
+def _check_images(images: Images) -> None:
+    if isinstance(images, torch.Tensor) and (images.dim() != 4 or images.shape[1] != 3
+                                             or images.dtype != torch.uint8):
+        raise EvalError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+    if len(images) == 0:
+        raise EvalError("no images to extract features from")
+
+
+def split_images(split: Split) -> Images:
+    """The images of a split: the in-memory tensor, or the streamed split itself (read block by block)."""
+    return split.images if isinstance(split, ImageData) else split
+
+
 def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
     # SeedSequence mixes (seed, chunk) so that neighbouring seeds do not give overlapping streams.
     state = np.random.SeedSequence([seed % 2**64, chunk]).generate_state(2, dtype=np.uint32)
@@ -69,11 +125,12 @@ def _features_of(model: nn.Module) -> Callable[[torch.Tensor, str], torch.Tensor
     return model.features  # type: ignore[return-value]
 
 
-def extract_features(model: nn.Module, images: torch.Tensor, aug: Augment, n_patches: int, *, kind: str = "pre",
+def extract_features(model: nn.Module, images: Images, aug: Augment, n_patches: int, *, kind: str = "pre",
                      seed: int = 0, batch_images: int = 0, device: torch.device | str = "cpu",
                      amp_dtype: torch.dtype | None = None, progress: bool = False,
                      desc: str = "features") -> torch.Tensor:
-    """Bag-of-features: (N, 3, H, W) uint8 images -> (N, D) float32 features on ``device``, the mean over
+    """Bag-of-features: (N, 3, H, W) uint8 images (a tensor, or :class:`ImageBlocks` read block by block) ->
+    (N, D) float32 features on ``device``, the mean over
     ``n_patches`` augmented patches of ``model.features(patch, kind)`` (D = hidden_dim for "pre", 8*width for
     "backbone").
 
@@ -172,7 +229,7 @@ def _overlapped(starts: Sequence[int], make: Callable[[int], torch.Tensor], devi
 
 
 @torch.no_grad()
-def extract_prefix_features(model: nn.Module, images: torch.Tensor, aug: Augment, counts: Sequence[int], *,
+def extract_prefix_features(model: nn.Module, images: Images, aug: Augment, counts: Sequence[int], *,
                             kind: str = "pre", seed: int = 0, batch_images: int = 0,
                             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
                             progress: bool = False, desc: str = "features") -> dict[int, torch.Tensor]:
@@ -184,16 +241,15 @@ def extract_prefix_features(model: nn.Module, images: torch.Tensor, aug: Augment
     they differ from what ``extract_features(..., n_patches=m)`` draws (another sample of the same
     augmentation), which is why the test-patch ablation uses this function throughout. Memory: one (N, D)
     result per count (a per-patch (N, P, D) tensor would need 105 GB for CIFAR-10 at P=128, D=4096);
-    other arguments and the determinism guarantees as :func:`extract_features`.
+    other arguments and the determinism guarantees as :func:`extract_features`. Blocks of an
+    :class:`ImageBlocks` are read as they are needed, a multiple of the images augmented together at a time, so
+    the features equal those of the same images in one tensor (bitwise on the CPU).
     """
     counts = sorted(set(int(m) for m in counts))
     if not counts or counts[0] < 1:
         raise EvalError(f"patch counts must be >= 1, got {counts}")
     n_patches = counts[-1]
-    if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-        raise EvalError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
-    if images.shape[0] == 0:
-        raise EvalError("no images to extract features from")
+    _check_images(images)
     if kind not in ("pre", "backbone"):
         raise EvalError(f"unknown feature kind {kind!r}; use 'pre' or 'backbone'")
     if not isinstance(aug, Augment):
@@ -205,7 +261,7 @@ def extract_prefix_features(model: nn.Module, images: torch.Tensor, aug: Augment
     if param is not None and param.device.type != device.type:
         raise EvalError(f"model is on {param.device} but features were asked for on {device}")
 
-    n = images.shape[0]
+    n = len(images)
     default = DEFAULT_PATCHES_PER_FORWARD_CUDA if device.type == "cuda" else DEFAULT_PATCHES_PER_FORWARD
     per_forward = batch_images * n_patches if batch_images > 0 else default
     group = max(1, per_forward // (n_patches * RNG_CHUNK)) * RNG_CHUNK  # images augmented together
@@ -214,42 +270,41 @@ def extract_prefix_features(model: nn.Module, images: torch.Tensor, aug: Augment
     patch_dtype = amp_dtype if amp_dtype is not None else torch.float32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
-    def make(start: int) -> torch.Tensor:
-        return _group_patches(images[start:start + group], start, n_patches, aug, seed, device, patch_dtype,
-                              memory_format)
-
     from tqdm import tqdm
 
     features = _features_of(inference_copy(model))  # eval mode, BatchNorm folded; the model itself is not touched
     out: dict[int, torch.Tensor] = {}  # m -> (N, D) on device
     with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for start, patches in _prefetched(range(0, n, group), make, device):
-            b = patches.shape[0] // n_patches
-            feats = []
-            for i in range(0, patches.shape[0], per_forward):
-                with autocast(device, amp_dtype):
-                    feats.append(features(patches[i:i + per_forward], kind).float())
-            f = torch.cat(feats).view(n_patches, b, -1)  # (n_patches, b, D)
-            for m in counts:
-                if m not in out:
-                    out[m] = torch.empty(n, f.shape[2], dtype=torch.float32, device=device)
-                out[m][start:start + b] = f[:m].mean(0)  # (b, D)
-            bar.update(b)
+        for offset, block in _blocks(images, group):  # one block: the whole tensor in memory
+            def make(start: int, block: torch.Tensor = block, offset: int = offset) -> torch.Tensor:
+                return _group_patches(block[start:start + group], offset + start, n_patches, aug, seed, device,
+                                      patch_dtype, memory_format)
+
+            for start, patches in _prefetched(range(0, block.shape[0], group), make, device):
+                b = patches.shape[0] // n_patches
+                feats = []
+                for i in range(0, patches.shape[0], per_forward):
+                    with autocast(device, amp_dtype):
+                        feats.append(features(patches[i:i + per_forward], kind).float())
+                f = torch.cat(feats).view(n_patches, b, -1)  # (n_patches, b, D)
+                for m in counts:
+                    if m not in out:
+                        out[m] = torch.empty(n, f.shape[2], dtype=torch.float32, device=device)
+                    out[m][offset + start:offset + start + b] = f[:m].mean(0)  # (b, D)
+                bar.update(b)
     return out
 
 
 @torch.no_grad()
-def extract_full_features(model: nn.Module, images: torch.Tensor, aug: Augment, *, kind: str = "backbone",
+def extract_full_features(model: nn.Module, images: Images, aug: Augment, *, kind: str = "backbone",
                           batch_images: int = 0, device: torch.device | str = "cpu",
                           amp_dtype: torch.dtype | None = None, progress: bool = False,
                           desc: str = "features") -> torch.Tensor:
     """Whole-image features, as solo-learn evaluates its methods: every (N, 3, H, W) uint8 image, un-augmented
     and at its own size, normalised with ``aug.mean`` / ``aug.std``, through ``model.features(x, kind)`` in eval
-    mode. Returns (N, D) float32 on ``device``."""
-    if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-        raise EvalError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
-    if images.shape[0] == 0:
-        raise EvalError("no images to extract features from")
+    mode (:class:`ImageBlocks` read block by block, a multiple of ``batch_images`` at a time). Returns (N, D)
+    float32 on ``device``."""
+    _check_images(images)
     device = torch.device(device)
     batch = batch_images or (DEFAULT_PATCHES_PER_FORWARD_CUDA if device.type == "cuda" else
                              DEFAULT_PATCHES_PER_FORWARD)
@@ -258,13 +313,15 @@ def extract_full_features(model: nn.Module, images: torch.Tensor, aug: Augment, 
 
     features = _features_of(inference_copy(model))  # eval mode, BatchNorm folded; the model itself is not touched
     out = []
-    for start in tqdm(range(0, images.shape[0], batch), desc=desc, unit="batch", disable=not progress,
-                      leave=False):
-        x = images[start:start + batch].to(device, non_blocking=True).float().div_(255)
-        for c in range(3):  # Python-float constants, as the patches are normalised
-            x[:, c].sub_(aug.mean[c]).div_(aug.std[c])
-        with autocast(device, amp_dtype):
-            out.append(features(x.contiguous(memory_format=memory_format), kind).float())
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for _, block in _blocks(images, batch):
+            for start in range(0, block.shape[0], batch):
+                x = block[start:start + batch].to(device, non_blocking=True).float().div_(255)
+                for c in range(3):  # Python-float constants, as the patches are normalised
+                    x[:, c].sub_(aug.mean[c]).div_(aug.std[c])
+                with autocast(device, amp_dtype):
+                    out.append(features(x.contiguous(memory_format=memory_format), kind).float())
+                bar.update(x.shape[0])
     return torch.cat(out)
 
 
@@ -273,7 +330,7 @@ def view_label(view: str, test_patches: int) -> str:
     return f"{test_patches} test patches" if view == "patches" else "whole image"
 
 
-def image_features(model: nn.Module, images: torch.Tensor, cfg: Config, device: torch.device | str, *,
+def image_features(model: nn.Module, images: Images, cfg: Config, device: torch.device | str, *,
                    n_patches: int | None = None, progress: bool = False, desc: str = "features") -> torch.Tensor:
     """(N, D) float32 features on ``device`` of (N, 3, H, W) uint8 images under ``cfg``'s evaluation protocol:
     the view (``cfg.eval_view``: a bag of ``n_patches`` (default ``cfg.test_patches``) seeded augmented patches,
@@ -341,7 +398,7 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     return torch.cat(preds)
 
 
-def check_splits(train: ImageData, test: ImageData) -> int:
+def check_splits(train: Split, test: Split) -> int:
     """Raise EvalError unless ``train`` and ``test`` share their classes and hold valid labels; return C."""
     if list(train.classes) != list(test.classes):
         raise EvalError(f"train and test splits have different classes ({len(train.classes)} vs "
@@ -389,17 +446,20 @@ def score_features(train_f: torch.Tensor, train_labels: torch.Tensor, test_f: to
             "probe_seconds": probe.seconds}
 
 
-def evaluate(model: nn.Module, train: ImageData, test: ImageData, cfg: Config, device: torch.device | str,
+def evaluate(model: nn.Module, train: Split, test: Split, cfg: Config, device: torch.device | str,
              *, progress: bool = True, log: Callable[[str], Any] = print) -> dict[str, Any]:
     """The full protocol of ``cfg``: features of the train and test images (:func:`image_features`: the
     method's own view and feature unless ``cfg.eval_view`` / ``cfg.eval_feature`` say otherwise; bags of
     ``cfg.test_patches`` patches seeded by ``cfg.eval_seed``), weighted kNN (``cfg.knn_k``,
-    ``cfg.knn_temperature``) and the linear probe (``cfg.probe_*``).
+    ``cfg.knn_temperature``) and the linear probe (``cfg.probe_*``). Either split may be in memory
+    (:class:`ImageData`) or read block by block (:class:`LabelledBlocks`, e.g. a streamed split): only the
+    features are kept, and they are the same either way.
 
     Returns a JSON-serialisable dict: linear_top1, knn_top1 (in %), eval_view, feature, test_patches (None for
     the whole-image view), probe_epoch, probe_val_top1, feature_seconds, knn_seconds, probe_seconds, n_train,
     n_test, num_classes, feature_dim, knn_k (after clamping to the training set), knn_temperature, eval_seed,
-    probe_epochs, and fallbacks (the fast paths that failed and fell back, :mod:`empssl.fallbacks`). Logs one
+    probe_epochs, eval_sets (what the kNN and the probe were trained and tested on: :func:`describe_split`), and
+    fallbacks (the fast paths that failed and fell back, :mod:`empssl.fallbacks`). Logs one
     line, and one more per fallback.
     """
     device = torch.device(device)
@@ -407,8 +467,8 @@ def evaluate(model: nn.Module, train: ImageData, test: ImageData, cfg: Config, d
     view, kind = eval_protocol(cfg)
     with collecting(log) as fallbacks:  # fast paths that failed and ran their plain twins instead
         t0 = time.perf_counter()
-        train_f = image_features(model, train.images, cfg, device, progress=progress, desc="train features")
-        test_f = image_features(model, test.images, cfg, device, progress=progress, desc="test features")
+        train_f = image_features(model, split_images(train), cfg, device, progress=progress, desc="train features")
+        test_f = image_features(model, split_images(test), cfg, device, progress=progress, desc="test features")
         synchronize(device)
         feature_seconds = time.perf_counter() - t0
 
@@ -434,5 +494,20 @@ def evaluate(model: nn.Module, train: ImageData, test: ImageData, cfg: Config, d
         "n_train": int(train_f.shape[0]),
         "n_test": int(test_f.shape[0]),
         "num_classes": num_classes,
+        "eval_sets": {"train": describe_split(train, cfg.train_subset), "test": describe_split(test, cfg.test_subset)},
         "fallbacks": fallbacks,
     }
+
+
+def describe_split(split: Split, subset: int = 0) -> dict[str, Any]:
+    """What results.json says of an evaluation split: images, how they were read ("memory": decoded into one
+    tensor; "stream": decoded block by block, only features kept), the split and source where known (a streamed
+    split names them), and ``selection``: every image, or the class-balanced ``--train-subset`` /
+    ``--test-subset`` N that ``subset`` gives."""
+    out: dict[str, Any] = {"images": len(split), "read": "memory" if isinstance(split, ImageData) else "stream"}
+    for key in ("split", "source"):
+        value = getattr(split, key, None)
+        if isinstance(value, str):
+            out[key] = value
+    out["selection"] = f"class-balanced subset of {subset}" if 0 < subset <= len(split) else "every image"
+    return out

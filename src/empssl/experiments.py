@@ -22,7 +22,17 @@ from .checkpoint import read_checkpoint
 from .config import Config, ConfigError
 from .data import ImageData, load_data
 from .devices import resolve_device, synchronize
-from .evaluate import check_splits, extract_prefix_features, feature_options, image_features, score_features, view_label
+from .evaluate import (
+    Split,
+    check_splits,
+    describe_split,
+    extract_prefix_features,
+    feature_options,
+    image_features,
+    score_features,
+    split_images,
+    view_label,
+)
 from .files import check_writable_file, write_json, write_text
 from .methods import create_method, eval_protocol
 from .report import (
@@ -34,6 +44,7 @@ from .report import (
     test_patch_ablation_table,
 )
 from .rundir import load_checkpoint, run_config, run_dir_of
+from .stream import eval_splits
 from .train import config_data, train_once
 
 # --- evaluating a checkpoint, possibly on another dataset ---------------------------------------------------
@@ -41,15 +52,21 @@ from .train import config_data, train_once
 
 def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress: bool = False,
                   log: Callable[[str], Any] = print
-                  ) -> tuple[nn.Module, Config, dict[str, Any], ImageData, ImageData, torch.device]:
+                  ) -> tuple[nn.Module, Config, dict[str, Any], Split, Split, torch.device]:
     """The model of ``checkpoint`` (on its device) and the (train, test) data to evaluate it on.
+
+    The data are read by ``--data-mode`` as training reads them (:func:`empssl.stream.eval_splits`): a shard
+    folder (``empssl shard``) or data too big for memory give splits read block by block, of which only the
+    features are kept; what fits is decoded into memory. A run trained from shards is evaluated on them without
+    ``--data``.
 
     ``overrides`` are evaluation flags (``cli.EVAL_FIELDS``). Transfer: when ``overrides["data"]`` names
     another dataset than the run was trained on, the run's ``train_subset`` / ``test_subset`` (sizes chosen
     for *its* data) are reset to "all images" unless given again, so a CIFAR run trained on a 200-image
     subset is not silently evaluated on 2 images per class of a 100-class set. Other classes, image sizes and
     one-channel images need nothing else: labels come from the new data, patches are cut at a fraction of the
-    image area and resized to the patch size, and gray images are replicated to three channels on loading.
+    image area and resized to the patch size, and gray images are replicated to three channels on loading. The
+    run's ``--data-mode`` is reset to auto too (a run streamed from shards may be evaluated on CIFAR-10).
 
     Returns (model, config, raw checkpoint dict, train, test, device).
     """
@@ -62,9 +79,10 @@ def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress
         if reset:
             log(f"evaluating on {overrides['data']} (trained on {saved.get('data')}): "
                 f"{' and '.join('--' + k.replace('_', '-') for k in reset)} reset to all images")
+        overrides.setdefault("data_mode", "auto")
     model, cfg, ckpt = load_checkpoint(checkpoint, overrides)
     device = resolve_device(cfg.device)
-    train, test = config_data(cfg, progress)
+    train, test = eval_splits(cfg, progress, lambda: config_data(cfg, progress), log)
     return model.to(device), cfg, ckpt, train, test, device
 
 
@@ -165,8 +183,8 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = N
     aug = create_method(cfg).eval_augment()
     opts = feature_options(cfg, device, counts[-1], progress)
     t0 = time.perf_counter()
-    train_f = extract_prefix_features(model, train.images, aug, counts, desc="train features", **opts)
-    test_f = extract_prefix_features(model, test.images, aug, counts, desc="test features", **opts)
+    train_f = extract_prefix_features(model, split_images(train), aug, counts, desc="train features", **opts)
+    test_f = extract_prefix_features(model, split_images(test), aug, counts, desc="test features", **opts)
     synchronize(device)
     feature_seconds = time.perf_counter() - t0
     rows = []
@@ -178,6 +196,8 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = N
     result = {"experiment": "test-patch ablation", "checkpoint": str(checkpoint), "step": ckpt.get("step"),
               "data": cfg.data, "feature": opts["kind"], "eval_seed": cfg.eval_seed,
               "n_train": len(train), "n_test": len(test), "feature_seconds": feature_seconds,
+              "eval_sets": {"train": describe_split(train, cfg.train_subset),
+                            "test": describe_split(test, cfg.test_subset)},
               "max_patches": counts[-1], "rows": rows}
     out = Path(out_dir) if out_dir else run_dir_of(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +242,7 @@ def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *,
         raise ReportError("t-SNE needs scikit-learn: pip install 'empssl[report]'") from None
     model, cfg, ckpt, _, test, device = load_for_eval(checkpoint, overrides or {}, progress=progress, log=log)
     test = test.subset(max_points)
-    feats = image_features(model, test.images, cfg, device, progress=progress, desc="test features").cpu()
+    feats = image_features(model, split_images(test), cfg, device, progress=progress, desc="test features").cpu()
     view, kind = eval_protocol(cfg)
     test_patches = cfg.test_patches if view == "patches" else None
     how = view_label(view, cfg.test_patches)

@@ -1,8 +1,9 @@
 """The streamed tier: training images decoded batch by batch, for data that does not fit in memory.
 
 Beside the in-memory tier (:mod:`empssl.data`, one decoded uint8 tensor), and behind the same interface: the loop
-gets (b, 3, S, S) uint8 batches on its device, one per step, and the evaluation and the monitor get
-:class:`~empssl.data.ImageData` splits in memory. ``--data-mode`` chooses (:func:`load_splits`):
+gets (b, 3, S, S) uint8 batches on its device, one per step, the monitor gets :class:`~empssl.data.ImageData`
+splits in memory, and the evaluation either those or :class:`StreamedSplit` read block by block
+(:func:`eval_splits`). ``--data-mode`` chooses (:func:`load_splits`):
 
 * ``memory``: today's path; ``stream``: this one; ``auto``: stream when the decoded images would not fit in the
   memory available (:func:`empssl.data.load.check_fits`, the in-memory tier's own check).
@@ -18,9 +19,12 @@ gets (b, 3, S, S) uint8 batches on its device, one per step, and the evaluation 
 * ``--decode cuda``: DataLoader workers pass the raw bytes and the batch's JPEGs are decoded at once on the GPU
   (:func:`decode_batch`, batched nvjpeg); what nvjpeg refuses (PNG, CMYK, ...) is decoded on the CPU instead.
   GPU resizing differs from PIL's by rounding, so those pixels are close to, not equal to, the CPU path's.
-* The evaluation and the monitor need their images in memory: the test (or val) split is decoded once, and so is
-  a class-balanced sample of ``--monitor-bank`` training images, which is the monitor's memory bank and the
-  training set of the final kNN and linear probe (results.json's ``n_train`` says how many).
+* The monitor needs its images in memory: the test (or val) split is decoded once, and so is a class-balanced
+  sample of ``--monitor-bank`` training images, the monitor's memory bank. The final kNN and linear probe train
+  on the whole training split (after ``--train-subset``), as the in-memory tier's do: its features are computed
+  block by block (:meth:`StreamedSplit.blocks`), keeping the features, not the images (results.json's
+  ``eval_sets`` says what was used). ``empssl eval``, ``embed`` and the experiments read a streamed split the same
+  way (:func:`eval_splits`).
 * ``--image-size`` is required: a batch needs one size, and a stream cannot check ahead that all images agree.
 
 Bad data is refused before training, in one line: a shard missing, truncated or not matching its sha256 in the
@@ -37,7 +41,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,7 +54,7 @@ from .data.decode import decode_catalog
 from .data.images import balanced_indices
 from .data.layouts import held_out_split
 from .data.load import TooBigForMemory, check_fits
-from .shard import MANIFEST, verify_shards
+from .shard import MANIFEST, Manifest, verify_shards
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -121,6 +125,14 @@ def is_shards(spec: str) -> bool:
     return (Path(spec).expanduser() / MANIFEST).is_file()
 
 
+def read_manifest(root: Path) -> Manifest:
+    """The manifest of a folder written by ``empssl shard``, after :func:`empssl.shard.verify_shards` checked every
+    shard against it (sizes and sha256); DataError (one line) otherwise, or when LitData is missing."""
+    if importlib.util.find_spec("litdata") is None:
+        raise DataError(f"{root} holds shards, which are read with LitData: pip install 'empssl[stream]'")
+    return verify_shards(root, hashes=True)
+
+
 def open_shards(root: Path) -> tuple[ShardItems, ShardItems, list[str], str]:
     """(train, held-out split, classes, held-out split's name) of a folder written by ``empssl shard``, after
     :func:`empssl.shard.verify_shards` checked it against its manifest (every shard and labels.npy present, at its
@@ -130,9 +142,7 @@ def open_shards(root: Path) -> tuple[ShardItems, ShardItems, list[str], str]:
     Every shard is hashed (one read of the data per run start, each rank): a shard changed in place at its size
     would otherwise train on other images unnoticed.
     """
-    if importlib.util.find_spec("litdata") is None:
-        raise DataError(f"{root} holds shards, which are read with LitData: pip install 'empssl[stream]'")
-    manifest = verify_shards(root, hashes=True)
+    manifest = read_manifest(root)
     if not manifest.classes:
         raise DataError(f"{root} holds shards of {manifest.source}, which has no classes (label -1); training "
                         f"needs labels for its evaluation and monitor: shard a class tree (train/<class>/...)")
@@ -145,10 +155,16 @@ def open_shards(root: Path) -> tuple[ShardItems, ShardItems, list[str], str]:
 # --- the two tiers ------------------------------------------------------------------------------------------
 
 
+# Decoded bytes per block when a streamed split is read for its features (:meth:`StreamedSplit.blocks`): 256 MiB
+# is 1,700 images at 224 px, 87,000 at 32 px.
+BLOCK_BYTES = 256 * 2**20
+
+
 @dataclass
 class StreamedSplit:
-    """A training split read as it goes: ``rows`` of ``items`` (after ``--train-subset``), decoded at
-    ``image_size``."""
+    """A split read as it goes: ``rows`` of ``items`` (after ``--train-subset`` / ``--test-subset``), decoded at
+    ``image_size``. Training reads it batch by batch (:class:`StreamBatches`), evaluation block by block
+    (:meth:`blocks`)."""
 
     items: Items
     rows: torch.Tensor  # (N,) int64
@@ -156,22 +172,107 @@ class StreamedSplit:
     classes: list[str]
     image_size: int
     source: str
+    split: str = "train"
+    block_images: int = 0  # images per block of :meth:`blocks`; 0: about BLOCK_BYTES of decoded images
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def where(self) -> str:
+        """How messages name it: "train of /data/shards"."""
+        return f"{self.split} of {self.source}"
+
+    def subset(self, n: int) -> StreamedSplit:
+        """The rows :meth:`empssl.data.ImageData.subset` keeps of the same images (class-balanced, in order)."""
+        keep = balanced_indices(self.labels, len(self.classes), n)
+        return replace(self, rows=self.rows[keep], labels=self.labels[keep])
+
+    def decoded(self, progress: bool, desc: str = "decoding") -> ImageData:
+        """Every row decoded into memory (the in-memory tier's decoder and process pool)."""
+        records = _records(self.items, self.rows)
+        images = decode_catalog(_catalog(records, self.classes, self.where), self.image_size, progress, desc=desc)
+        return ImageData(images, self.labels.clone(), list(self.classes))
+
+    def blocks(self, multiple: int, names: list[str] | None = None) -> Iterator[torch.Tensor]:
+        """The rows decoded block by block: consecutive (b, 3, S, S) uint8 blocks of a multiple of ``multiple``
+        images (the last one: the rest), each about :data:`BLOCK_BYTES` (or ``block_images``; without an
+        ``image_size`` the decoded size is unknown, and the split is one block), decoded by the in-memory tier's
+        decoder, so that no more than one block of images is ever held. ``names``, when given, receives each row's name
+        as its block is read. An image that does not decode raises DataError naming it (as training does)."""
+        if multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {multiple}")
+        if self.block_images or not self.image_size:
+            per = max(1, -(-(self.block_images or len(self.rows)) // multiple)) * multiple
+        else:
+            per = max(1, BLOCK_BYTES // (multiple * 3 * self.image_size**2)) * multiple
+        for at in range(0, len(self.rows), per):
+            records = _records(self.items, self.rows[at:at + per])
+            if names is not None:
+                names.extend(r.name for r in records)
+            yield decode_catalog(_catalog(records, self.classes, self.where), self.image_size, False)
+
+
+def _records(items: Items, rows: torch.Tensor) -> list[ImageRecord]:
+    """The :class:`ImageRecord` of rows ``rows`` of ``items`` (a folder's files are read later, by the decoder's
+    workers; a shard's items now)."""
+    if isinstance(items, CatalogItems):
+        return [items.records[i] for i in rows.tolist()]
+    out = []
+    for i in rows.tolist():
+        data, label, name = items.item(i)
+        out.append(ImageRecord(name, label, data))
+    return out
+
+
+def _catalog(records: list[ImageRecord], classes: list[str], source: str) -> Catalog:
+    return Catalog(source, "", records, classes, None, [("", len(records))], [])
 
 
 def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[ImageData, ImageData]],
                 log: Callable[[str], None] = print) -> tuple[ImageData, ImageData, StreamedSplit | None]:
     """(train, test, streamed) of ``cfg.data`` by ``--data-mode``; ``streamed`` is None in the in-memory tier,
-    where ``in_memory()`` loads the splits. In the streamed tier, train is the in-memory sample the monitor and
-    the evaluation use (see the module docstring)."""
-    shards, mode = is_shards(cfg.data), cfg.data_mode
+    where ``in_memory()`` loads the splits. In the streamed tier, train is the in-memory sample the monitor uses
+    (see the module docstring)."""
     if cfg.decode == "cuda" and (cfg.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("--decode cuda decodes on the training GPU; this run has none (use --decode cpu or auto)")
+    loaded, streamed = _open_splits(cfg, in_memory, log)
+    if streamed is None:
+        assert loaded is not None
+        return (*loaded, None)
+    train, held, mode = streamed
+    test = held.decoded(progress)
+    if mode == "memory":  # shards decoded into the in-memory tier
+        return train.decoded(progress), test, None
+    bank = train.subset(cfg.monitor_bank).decoded(progress, desc="decoding the monitor's bank")
+    return bank, test, train
+
+
+def eval_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[ImageData, ImageData]],
+                log: Callable[[str], None] = print
+                ) -> tuple[ImageData, ImageData] | tuple[StreamedSplit, StreamedSplit]:
+    """(train, test) of ``cfg.data`` for evaluation, by ``--data-mode`` as :func:`load_splits` chooses: both in
+    memory (:class:`ImageData`), or, in the streamed tier, both as :class:`StreamedSplit`, whose features are
+    computed block by block (:meth:`StreamedSplit.blocks`), so that only the features are kept."""
+    loaded, streamed = _open_splits(cfg, in_memory, log)
+    if streamed is None:
+        assert loaded is not None
+        return loaded
+    train, test, mode = streamed
+    if mode == "memory":
+        return train.decoded(progress), test.decoded(progress)
+    return train, test
+
+
+def _open_splits(cfg: Config, in_memory: Callable[[], tuple[ImageData, ImageData]], log: Callable[[str], None]
+                 ) -> tuple[tuple[ImageData, ImageData] | None, tuple[StreamedSplit, StreamedSplit, str] | None]:
+    """(what ``in_memory()`` loaded, None) in the in-memory tier's own loading, else (None, (train, held-out
+    split, "memory" | "stream")) of shards or of a folder read through its catalog, after ``--train-subset`` /
+    ``--test-subset``: "memory" when they are shards that fit (to be decoded whole)."""
+    shards, mode = is_shards(cfg.data), cfg.data_mode
     if not shards and mode != "stream":
         try:
-            return (*in_memory(), None)
+            return in_memory(), None
         except TooBigForMemory as e:
             if mode == "memory":
                 raise
@@ -194,18 +295,8 @@ def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[Image
         assert catalog.classes is not None  # split roots have classes
         train_items, test_items = CatalogItems(blocks["train"]), CatalogItems(blocks[held])
         classes, source = list(catalog.classes), catalog.source
-    if shards and mode != "stream":  # without --image-size the decoded size is unknown: the in-memory tier
-        try:
-            if cfg.image_size:
-                check_fits(len(train_items) + len(test_items), cfg.image_size, cfg.image_size, source)
-            mode = "memory"
-        except TooBigForMemory as e:
-            if mode == "memory":
-                raise
-            log(f"{e}; --data-mode auto: streaming it")
-    if not cfg.image_size and mode != "memory":
-        raise ConfigError("--data-mode stream needs --image-size S: a batch needs one size, and a stream cannot "
-                          "check ahead that its images agree")
+    # a folder or archive here is streamed (forced, or too big for the in-memory tier)
+    mode = choose_tier(mode if shards else "stream", len(train_items) + len(test_items), cfg.image_size, source, log)
     labels = train_items.labels()
     test_labels = test_items.labels()
     for split, lab in (("train", labels), (held, test_labels)):
@@ -213,28 +304,28 @@ def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[Image
             raise DataError(f"{source}: {split} labels run outside its {len(classes)} classes")
     rows = balanced_indices(labels, len(classes), cfg.train_subset) if cfg.train_subset else torch.arange(len(labels))
     test_rows = balanced_indices(test_labels, len(classes), cfg.test_subset or len(test_labels))
-    test = decode_rows(test_items, test_rows, classes, cfg.image_size, f"{held} of {source}", progress)
-    if mode == "memory":  # shards decoded into the in-memory tier
-        return decode_rows(train_items, rows, classes, cfg.image_size, f"train of {source}", progress), test, None
-    sample = rows[balanced_indices(labels[rows], len(classes), cfg.monitor_bank)]
-    train = decode_rows(train_items, sample, classes, cfg.image_size, f"train of {source}", progress,
-                        desc="decoding the monitor's bank")
-    return train, test, StreamedSplit(train_items, rows, labels[rows], classes, cfg.image_size, source)
+    return None, (StreamedSplit(train_items, rows, labels[rows], classes, cfg.image_size, source),
+                  StreamedSplit(test_items, test_rows, test_labels[test_rows], classes, cfg.image_size, source, held),
+                  mode)
 
 
-def decode_rows(items: Items, rows: torch.Tensor, classes: list[str], image_size: int, source: str,
-                progress: bool, desc: str = "decoding") -> ImageData:
-    """Images ``rows`` of ``items`` decoded into memory by the in-memory tier's decoder (a process pool)."""
-    records = []
-    for i in rows.tolist():
-        if isinstance(items, CatalogItems):
-            records.append(items.records[i])  # a folder's files are read by the pool's workers
-        else:
-            data, label, name = items.item(i)
-            records.append(ImageRecord(name, label, data))
-    catalog = Catalog(source, "", records, classes, None, [("", len(records))], [])
-    images = decode_catalog(catalog, image_size, progress, desc=desc)
-    return ImageData(images, torch.tensor([r.label for r in records], dtype=torch.int64), list(classes))
+def choose_tier(mode: str, n: int, image_size: int, source: str, log: Callable[[str], None]) -> str:
+    """"memory" or "stream" for ``n`` images of a shard folder by ``--data-mode``: memory when they fit (without
+    ``--image-size`` the decoded size is unknown: memory), else stream in auto (said in ``log``) and
+    TooBigForMemory in memory. Streaming needs ``--image-size`` (ConfigError)."""
+    if mode != "stream":
+        try:
+            if image_size:
+                check_fits(n, image_size, image_size, source)
+            return "memory"
+        except TooBigForMemory as e:
+            if mode == "memory":
+                raise
+            log(f"{e}; --data-mode auto: streaming it")
+    if not image_size:
+        raise ConfigError("--data-mode stream needs --image-size S: a batch needs one size, and a stream cannot "
+                          "check ahead that its images agree")
+    return "stream"
 
 
 # --- decoding a batch ---------------------------------------------------------------------------------------

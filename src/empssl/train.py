@@ -415,7 +415,10 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
             run.tracker.log_results(done, step=run.step)
             run.tracker.close()
             return done
-        results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
+        # a streamed run's kNN and probe train on its whole training split, streamed (the features, not the images,
+        # are kept), as the in-memory run's do, not on the monitor's bank (results.json: eval_sets)
+        eval_train = run.streamed if run.streamed is not None else run.train_data
+        results = {**summary, **evaluate(run.model, eval_train, run.test_data, cfg, run.device, progress=progress,
                                          log=log)}
         for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
             timing.add(key, results[name])
@@ -424,7 +427,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
             baseline = run.method.build_model().to(run.device)
             log("evaluating the randomly initialised encoder with the same protocol")
             t0 = time.perf_counter()
-            base = evaluate(baseline, run.train_data, run.test_data, cfg, run.device, progress=progress, log=log)
+            base = evaluate(baseline, eval_train, run.test_data, cfg, run.device, progress=progress, log=log)
             timing.add("random_init_eval", time.perf_counter() - t0)
             results["random_init"] = {k: base[k] for k in ("linear_top1", "knn_top1")}
             gap = results["linear_top1"] - base["linear_top1"]

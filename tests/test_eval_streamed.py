@@ -1,0 +1,267 @@
+"""Evaluation, embedding and the experiments over shard folders and streamed data: block by block, only the features
+kept, and bitwise the features of the in-memory path; a run trained from shards evaluated without --data; bad
+shards refused in one line by eval and embed.
+
+The shard folders are written by ``empssl shard`` from ImageFolder trees of the bundled demo archive's images
+(test_stream.py's helpers); the checkpoints are test_embed.py's (random weights, non-trivial BatchNorm statistics)
+or a short streamed training run.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from empssl import stream
+from empssl.cli import main
+from empssl.data import load_data
+from empssl.embed import embed, load_embedding
+from empssl.evaluate import extract_full_features, extract_prefix_features
+from empssl.methods import create_method
+from empssl.rundir import load_checkpoint
+
+from .conftest import TINY
+from .test_embed import make_checkpoint
+from .test_stream import image_tree, shards_of
+
+pytest.importorskip("litdata")
+PER_CLASS = {"train": 10, "test": 4}  # 100 + 40 demo images, 32x32 JPEGs
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory, data_dir):
+    return image_tree(tmp_path_factory.mktemp("src"), data_dir, PER_CLASS)
+
+
+@pytest.fixture(scope="module")
+def shards(src, tmp_path_factory):
+    return shards_of(src, tmp_path_factory.mktemp("shards") / "shards", shard_size=30)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("run"), image_size=32)
+
+
+@pytest.fixture()
+def small_blocks(monkeypatch):
+    """Blocks of 40 decoded 32 px images (a multiple of the 32 images augmented together: 64), and a record of
+    the images each block decodes."""
+    sizes: list[int] = []
+    decode = stream.decode_catalog
+
+    def counted(catalog, *args, **kwargs):
+        sizes.append(len(catalog.records))
+        return decode(catalog, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "BLOCK_BYTES", 40 * 3 * 32 * 32)
+    monkeypatch.setattr(stream, "decode_catalog", counted)
+    return sizes
+
+
+def _one_line(capsys, *parts):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for p in parts:
+        assert p in err, err
+
+
+# --- the same features, block by block --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_images", [16, 32])
+def test_streamed_features_are_bitwise_the_in_memory_features(run, src, shards, data_dir, small_blocks,
+                                                             batch_images):
+    model, cfg, _ = load_checkpoint(run, {"data": str(shards), "data_mode": "stream", "image_size": 32})
+    train, test = stream.eval_splits(cfg, False, lambda: pytest.fail("the in-memory tier was asked"))
+    assert isinstance(train, stream.StreamedSplit) and (len(train), len(test)) == (100, 40)
+    mem_train, mem_test = load_data(str(src), str(data_dir), 32, progress=False)
+    aug = create_method(cfg).eval_augment()
+    # 3 patches of 16 or 32 images per forward pass, 32 images augmented together: blocks of 32 (not 40, which
+    # would cut a group of patches in two)
+    for streamed, memory in ((train, mem_train), (test, mem_test)):
+        small_blocks.clear()
+        got = extract_prefix_features(model, streamed, aug, [1, 3], batch_images=batch_images, seed=5)
+        want = extract_prefix_features(model, memory.images, aug, [1, 3], batch_images=batch_images, seed=5)
+        assert len(small_blocks) > 1 and max(small_blocks) <= 64 and sum(small_blocks) == len(memory)
+        for m in (1, 3):
+            assert torch.equal(got[m], want[m]), m
+        whole = extract_full_features(model, streamed, aug, batch_images=16)
+        assert torch.equal(whole, extract_full_features(model, memory.images, aug, batch_images=16))
+        assert torch.equal(streamed.labels, memory.labels)
+
+
+def test_eval_of_shards_streamed_equals_eval_of_the_source_in_memory(run, src, shards, data_dir, tmp_path, capsys,
+                                                                    small_blocks):
+    results = {}
+    for name, data, mode in (("source", src, "memory"), ("stream", shards, "stream"), ("memory", shards, "memory")):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--checkpoint", str(run), "--data", str(data), "--data-dir", str(data_dir),
+                     "--data-mode", mode, "--image-size", "32", "--probe-epochs", "3", "--eval-batch-size", "48",
+                     "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+        results[name] = json.loads(out.read_text())
+    for name in ("stream", "memory"):
+        for key in ("linear_top1", "knn_top1", "n_train", "n_test", "feature_dim", "test_patches"):
+            assert results[name][key] == results["source"][key], (name, key)
+    sets = results["stream"]["eval_sets"]
+    assert sets["train"] == {"images": 100, "read": "stream", "split": "train", "source": str(shards),
+                             "selection": "every image"}
+    assert sets["test"]["read"] == "stream" and sets["test"]["split"] == "test"
+    assert results["memory"]["eval_sets"]["train"]["read"] == "memory"
+    assert len(small_blocks) > 2  # the streamed evaluation read its splits in blocks
+
+
+# --- a run trained from shards ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def streamed_run(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", "--data", str(shards), "--data-mode", "stream", "--image-size", "32", "--out", str(out),
+                 "--no-progress", "--epochs", "1", "--monitor-bank", "20", "--train-subset", "60", *TINY]) == 0
+    return out
+
+
+def test_a_streamed_run_is_evaluated_on_its_whole_training_split_and_says_so(streamed_run, shards):
+    results = json.loads((streamed_run / "results.json").read_text())
+    assert results["n_train"] == 60  # the --train-subset, not the monitor's bank of 20
+    assert results["eval_sets"]["train"] == {"images": 60, "read": "stream", "split": "train", "source": str(shards),
+                                             "selection": "class-balanced subset of 60"}
+    assert results["eval_sets"]["test"] == {"images": 40, "read": "memory", "selection": "every image"}
+
+
+def test_a_run_trained_from_shards_is_evaluated_embedded_and_ablated_without_data(streamed_run, shards, tmp_path,
+                                                                                 capsys):
+    assert main(["eval", "--checkpoint", str(streamed_run), "--no-progress"]) == 0, capsys.readouterr().err
+    trained = json.loads((streamed_run / "results.json").read_text())
+    again = json.loads((streamed_run / "results-eval.json").read_text())
+    for key in ("linear_top1", "knn_top1", "n_train", "n_test"):
+        assert again[key] == trained[key], key  # the same data and features as the run's own final evaluation
+    assert again["eval_sets"]["test"]["read"] == "stream"  # the run's --data-mode stream, for both splits
+    assert main(["ablate-test-patches", "--checkpoint", str(streamed_run), "--counts", "1,2", "--no-progress",
+                 "--out", str(tmp_path / "abl")]) == 0, capsys.readouterr().err
+    abl = json.loads((tmp_path / "abl" / "test_patch_ablation.json").read_text())
+    assert abl["n_train"] == 60 and [r["test_patches"] for r in abl["rows"]] == [1, 2]
+    assert abl["rows"][1]["linear_top1"] == trained["linear_top1"]  # the bag of 2 is the run's own protocol
+    assert main(["tsne", "--checkpoint", str(streamed_run), "--max-points", "20", "--out", str(tmp_path / "t.png"),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "t.json").read_text())["n_points"] == 20
+    assert main(["embed", "--checkpoint", str(streamed_run), "--data", str(shards), "--out", str(tmp_path / "e.npz"),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert load_embedding(tmp_path / "e.npz").features.shape[0] == 140
+
+
+# --- embedding shards -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["stream", "memory", "auto"])
+def test_embedding_shards_gives_the_rows_of_the_source(run, src, shards, data_dir, tmp_path, small_blocks, mode):
+    kw = dict(image_size=32, data_dir=str(data_dir), eval_batch_size=48, progress=False)
+    want = load_embedding(embed(run, str(src), tmp_path / "src.npz", **kw)["out"])
+    got_summary = embed(run, str(shards), tmp_path / "sh.npz", data_mode=mode, **kw)
+    got = load_embedding(tmp_path / "sh.npz")
+    assert torch.equal(got.features, want.features)
+    assert got.names == want.names and got.names[0] == "train/airplane/0000.jpg" and len(got.names) == 140
+    assert torch.equal(got.labels, want.labels) and got.classes == want.classes
+    assert got.protocol["splits"] == [["train", 100], ["test", 40]] == want.protocol["splits"]
+    assert got.protocol["data_mode"] == ("stream" if mode == "stream" else "memory")
+    assert got_summary["labelled"] and got_summary["num_classes"] == 10
+    if mode == "stream":
+        assert len(small_blocks) > 2 and max(small_blocks) <= 64
+
+
+def test_embedding_a_folder_streamed_and_shards_without_classes(run, src, data_dir, tmp_path, small_blocks):
+    kw = dict(image_size=32, data_dir=str(data_dir), eval_batch_size=48, progress=False)
+    want = load_embedding(embed(run, str(src), tmp_path / "mem.npz", **kw)["out"])
+    embed(run, str(src), tmp_path / "streamed.npz", data_mode="stream", **kw)
+    got = load_embedding(tmp_path / "streamed.npz")
+    assert len(small_blocks) > 2  # read through the folder's catalog, block by block
+    assert torch.equal(got.features, want.features) and got.names == want.names
+    assert torch.equal(got.labels, want.labels)
+    flat = src / "train" / "cat"  # a folder without classes
+    shards = shards_of(flat, tmp_path / "flat")
+    embed(run, str(shards), tmp_path / "flat.npz", data_mode="stream", **kw)
+    got = load_embedding(tmp_path / "flat.npz")
+    assert got.labels is None and got.classes is None and got.names == [f"{i:04d}.jpg" for i in range(10)]
+    folder = load_embedding(embed(run, str(flat), tmp_path / "flat-folder.npz", **kw)["out"])
+    assert torch.equal(got.features, folder.features)
+
+
+# --- bad input: one line, exit 2, nothing written -----------------------------------------------------------
+
+
+def _commands(run, data, tmp_path, train=False):
+    commands = {"eval": ["eval", "--checkpoint", str(run), "--data", str(data), "--image-size", "32", "--data-mode",
+                     "stream", "--out", str(tmp_path / "r.json"), "--no-progress"],
+            "embed": ["embed", "--checkpoint", str(run), "--data", str(data), "--image-size", "32", "--data-mode",
+                      "stream", "--out", str(tmp_path / "e.npz"), "--no-progress"]}
+    if train:
+        commands["train"] = ["train", "--data", str(data), "--data-mode", "stream", "--image-size", "32", "--out",
+                             str(tmp_path / "out"), "--no-progress", *TINY]
+    return commands
+
+
+def test_bad_shards_are_refused_by_eval_embed_and_train_in_one_line(run, src, tmp_path, capsys):
+    root = shards_of(src, tmp_path / "bad", shard_size=30)
+    chunk = sorted((root / "train").glob("chunk-*.bin"))[1]
+    good = chunk.read_bytes()
+    manifest = json.loads((root / "manifest.json").read_text())
+    cases = [(lambda: chunk.write_bytes(good[: len(good) // 2]), "truncated"),
+             (lambda: chunk.unlink(), "missing shard"),
+             (lambda: (root / "manifest.json").write_text(json.dumps(
+                 {**manifest, "splits": {**manifest["splits"], "test": {**manifest["splits"]["test"], "images": 41}}})),
+              "counts 41 images in test")]
+    for damage, message in cases:
+        damage()
+        for name, argv in _commands(run, root, tmp_path, train=True).items():
+            assert main(argv) == 2, name
+            _one_line(capsys, message)
+        chunk.write_bytes(good)
+        (root / "manifest.json").write_text(json.dumps(manifest))
+    assert not any((tmp_path / f).exists() for f in ("r.json", "e.npz", "out"))
+
+
+def test_an_image_that_does_not_decode_stops_eval_and_embed_naming_it(run, src, tmp_path, capsys):
+    bad = tmp_path / "damaged"
+    shutil.copytree(src, bad)
+    jpeg = bad / "test" / "bird" / "0003.jpg"
+    data = jpeg.read_bytes()
+    jpeg.write_bytes(data[: data.index(b"\xff\xda") + 20])  # the header reads (empssl shard stores it), not the pixels
+    root = shards_of(bad, tmp_path / "shards", shard_size=30)
+    for name, argv in _commands(run, root, tmp_path).items():
+        assert main(argv) == 2, name
+        _one_line(capsys, "cannot decode image test/bird/0003.jpg")
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "e.npz").exists()
+
+
+def test_class_lists_that_differ_between_train_and_test_are_refused_when_streamed(run, data_dir, tmp_path, capsys):
+    src = image_tree(tmp_path / "src", data_dir, {"train": 2, "test": 2})
+    (src / "test" / "truck").rename(src / "test" / "lorry")
+    for name, argv in _commands(run, src, tmp_path, train=True).items():
+        assert main(argv) == 2, name
+        _one_line(capsys, "different classes")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "e.npz").exists()
+
+
+def test_streaming_without_an_image_size_is_refused(run, src, tmp_path, capsys):
+    for argv in _commands(run, src, tmp_path).values():
+        argv[argv.index("--image-size") + 1] = "0"
+        assert main(argv) == 2
+        _one_line(capsys, "needs --image-size")
+
+
+def test_labels_of_other_classes_come_from_the_new_data(run, src, tmp_path, capsys):
+    """Transfer: a checkpoint of 10-class data evaluated on shards of 3 of the classes (another class list)."""
+    three = tmp_path / "three"
+    for split in ("train", "test"):
+        for c in ("bird", "cat", "dog"):
+            shutil.copytree(src / split / c, three / split / c)
+    root = shards_of(three, tmp_path / "s3", shard_size=30)
+    assert main(["eval", "--checkpoint", str(run), "--data", str(root), "--image-size", "32", "--data-mode", "stream",
+                 "--out", str(tmp_path / "r.json"), "--no-progress", "--probe-epochs", "2"]) == 0, \
+        capsys.readouterr().err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["num_classes"] == 3 and res["n_train"] == 30 and res["n_test"] == 12
+    assert np.isfinite(res["linear_top1"]) and res["eval_sets"]["train"]["source"] == str(root)
