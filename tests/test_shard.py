@@ -339,3 +339,16 @@ def test_append_refuses_other_classes_and_sources_in_one_line_and_changes_nothin
            capsys, "cannot decode image ant/5.jpg")
     assert _shard_files(out) == before
     verify_shards(out)
+
+
+def test_one_append_at_a_time(tree: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "out"
+    write_shards(str(tree), out, workers=1, shard_size=5, progress=False)
+    _image(tmp_path / "new" / "ant" / "0.jpg", (8, 8), 1, "JPEG")
+    with open(out / shard.APPEND_LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as an append under way holds it
+        with pytest.raises(DataError, match="another append is writing to"):
+            shard.append_shards(str(tmp_path / "new"), out, progress=False)
+    assert shard.append_shards(str(tmp_path / "new"), out, progress=False).splits["train"].images == 13

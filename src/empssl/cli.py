@@ -185,7 +185,8 @@ def cmd_shard(args: argparse.Namespace) -> int:
         args.src, args.out, max_side=args.max_side, workers=args.workers, shard_size=args.shard_size,
         data_dir=args.data_dir, progress=not args.no_progress)
     splits = ", ".join(f"{name} {s.images:,} images in {len(s.shards)} shards" for name, s in m.splits.items())
-    print(f"{m.source}: {splits}; {m.data['stored']:,} stored as they are, {m.data['reencoded']:,} re-encoded; "
+    what = f"{m.root} with {args.src} appended" if args.append else m.source
+    print(f"{what}: {splits}; {m.data['stored']:,} stored as they are, {m.data['reencoded']:,} re-encoded; "
           f"manifest {m.root / 'manifest.json'}")
     return 0
 

@@ -1,33 +1,51 @@
 """Online learning: one pass over a stream of images, each learned once, in arrival order (``train --online``).
 
-``--data`` is a folder that keeps receiving image files (a camera, a crawler, another process). The folder is
-looked at every ``online_settle / 2`` seconds (at most every 0.5 s), its subfolders included, and each new file
-is handled by these rules:
+``--data`` is either a folder that keeps receiving image files (a camera, a crawler, another process), or a shard
+folder (``empssl shard``) that ``empssl shard SRC --out DIR --append`` keeps adding shards to.
+
+**A folder of image files** (:class:`FolderStream`) is looked at every ``online_settle / 2`` seconds (at most every
+0.5 s), its subfolders included, and each new file is handled by these rules:
 
 - **Which files**: regular files with an image suffix (:data:`empssl.data.IMAGE_EXTENSIONS`); names starting
   with ``.`` are ignored, so a writer that writes ``.name.tmp`` and renames it when done is read only then.
 - **When a file is ready**: its size and modification time have stayed the same for ``online_settle`` seconds
-  (a file still being written keeps changing). A ready file that does not decode (truncated, not an image) or
-  whose size differs from the stream's (``--image-size`` 0 keeps the first image's size) is skipped, counted
-  in results.json and never read again.
+  (a file still being written keeps changing).
 - **Arrival order**: by the poll that first saw the file ready, then by modification time, then by name. A
   file already learned is never read again, even if it is rewritten.
-- **Batches**: a step waits until ``--batch-size`` ready images are there. At a stop (``--online-stop``, Ctrl-C,
-  ``--online-timeout``) the images of an unfilled batch are not learned and not counted as seen: a resumed run
-  learns them first.
+- **Position**: the names learned, in order (the checkpoint holds them).
+
+**A shard folder** (:class:`ShardStream`; it holds ``manifest.json``, or ``.plan.json`` while ``empssl shard`` is
+still writing it) is read through its manifest, looked at as often (read again only when it changed):
+
+- **Which images**: the train split's items, shard after shard in the manifest's order (the order ``--append``
+  added them: arrival order), each shard's items in order. Only shards the manifest lists are read.
+- **When a shard is ready**: once listed. ``--append`` writes a shard, complete and hashed, before it lists it,
+  so a listed shard that is missing, of another size or another sha256 than the manifest says is an error, not
+  one still arriving: one line, exit 2, after checkpointing the steps learned (the run resumes once the shard is
+  fixed). Each shard is hashed when the stream reaches it; the manifest's other shards are checked by size.
+- **Only appends**: the shards listed before must stay listed as they were; a folder rewritten (another source
+  sharded into it) is an error, also at resume (the checkpoint names the shard it stands in, with its sha256).
+- **Position**: (shard, item) after the last image learned, so appends made while a run is stopped are simply
+  read after it. ``stream.jsonl`` also gives each step's ``from`` and ``to`` positions.
+
+For both: an image that does not decode, or whose size differs from the stream's (``--image-size`` 0 keeps the
+first image's size), is skipped, named in one line (the first 10), counted in results.json and not read again.
+A step waits until ``--batch-size`` images are there. At a stop (``--online-stop``, Ctrl-C, ``--online-timeout``)
+the images of an unfilled batch are not learned and not counted as seen: a resumed run learns them first.
 
 The run directory is a training run's (config.json, metrics.jsonl, checkpoint.pt, results.json, monitor.jsonl
-with ``--online-eval``) plus ``stream.jsonl``: one line per step, ``{"step", "images": [relative names]}``, the
-images that step learned. The checkpoint holds the stream position (the names learned, in order); a run
-resumed from it skips them and continues with the next unseen files. The learning rate rises linearly over
-``--online-warmup`` images and then stays at ``--lr``: no schedule needs the stream's length. There are no
+with ``--online-eval``) plus ``stream.jsonl``: one line per step, ``{"step", "images": [names]}``, the images that
+step learned (a shard item's name is its path relative to the source it was sharded from). The checkpoint holds
+the stream position; a run resumed from it continues with the next unseen image. The learning rate rises linearly
+over ``--online-warmup`` images and then stays at ``--lr``: no schedule needs the stream's length. There are no
 epochs: the kNN monitor (every ``--online-eval-every`` images, against ``--online-eval``'s train split as the
 bank and its test split as the queries) records accuracy against ``images_seen``.
 
 One process (no torchrun), eager mode (no ``--compile``, no activation recomputation); the step itself is
 :func:`empssl.train.train_step`, the same as offline training. A batch's images are decoded on the CPU between
-steps, by up to 8 threads side by side (PIL releases the GIL). Sharded streams (``empssl shard`` folders being
-appended) are not followed yet: a folder holding a ``manifest.json`` or ``index.json`` is refused in one line.
+steps, by up to 8 threads side by side (PIL releases the GIL; a shard's items are read through LitData one at a
+time). A LitData folder without empssl's manifest (``litdata.optimize(..., mode="append")``) is refused in one
+line: nothing checks its chunks' contents, and its items need not be image files (docs/DATA.md).
 """
 
 from __future__ import annotations
