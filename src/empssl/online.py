@@ -160,9 +160,10 @@ class FolderStream:
         except DataError as e:
             return rel, str(e)
 
-    def commit(self, keys: list[str]) -> None:
-        """A step learned the files ``keys``."""
+    def commit(self, keys: list[str]) -> dict[str, Any]:
+        """A step learned the files ``keys``; returns what stream.jsonl adds to the step's names (nothing)."""
         self.learned.extend(keys)
+        return {}
 
     def skip(self, rel: str, name: str) -> None:
         self.skipped.append(rel)
@@ -283,10 +284,13 @@ class ShardStream:
         except DataError as e:
             return name, str(e)
 
-    def commit(self, keys: list[Key]) -> None:
-        """A step learned the items ``keys`` (in stream order)."""
+    def commit(self, keys: list[Key]) -> dict[str, Any]:
+        """A step learned the items ``keys`` (in stream order); returns the positions it read from and to (items
+        skipped on the way included), for stream.jsonl."""
+        start = self.pos
         self.learned_count += len(keys)
         self.pos = (keys[-1][0], keys[-1][1] + 1)
+        return {"from": list(start), "to": list(self.pos)}
 
     def skip(self, key: Key, name: str) -> None:
         self.skipped.append([key[0], key[1], name])
@@ -565,12 +569,7 @@ def _loop(run: Run, batches: OnlineBatches, progress: bool, log: Callable[[str],
             method.after_step(model, step + 1, run.schedule_steps, applied)
             metrics.add(values, applied, step + 1)
             step += 1
-            start = batches.stream.pos if isinstance(batches.stream, ShardStream) else None
-            batches.stream.commit(keys)
-            record: dict[str, Any] = {"step": step, "images": batch_names}
-            if start is not None:  # shard positions: the step read items from .. to (skipped ones included)
-                record.update({"from": list(start), "to": list(batches.stream.pos)})
-            trail.write(json.dumps(record) + "\n")
+            trail.write(json.dumps({"step": step, "images": batch_names, **batches.stream.commit(keys)}) + "\n")
             trail.flush()
             bar.update(1)
             at_log, at_ckpt = step % cfg.log_every == 0, step % cfg.checkpoint_every == 0
