@@ -21,6 +21,7 @@ from empssl.data import DataError
 from empssl.files import read_jsonl
 from empssl.online import train_online
 from empssl.shard import append_shards, verify_shards, write_shards
+from empssl.train import TrainError
 
 from .conftest import TINY
 from .test_online import SETTLE, learned, online_cfg, png_bytes
@@ -183,3 +184,31 @@ def test_an_unfinished_shard_folder_waits_then_stops_at_the_timeout_with_one_lin
     assert f"waiting for shards in {shards} (no manifest.json yet: empssl shard is still writing) ..." in captured.out
     assert captured.err.count("\n") == 1 and "nothing learned" in captured.err and "--online-timeout" in captured.err
     assert not out.exists()
+
+
+def test_shards_the_manifest_does_not_list_yet_are_not_read(tmp_path, data_dir, pictures):
+    shards, names = shard_folder(tmp_path, pictures[:20])
+    old = (shards / "manifest.json").read_bytes()
+    more, more_names = batch_folder(tmp_path / "src", 1, pictures[20:40])
+    append_shards(str(more), shards, workers=1, progress=False)
+    new = (shards / "manifest.json").read_bytes()
+    # as between an append's index.json and its manifest: the new shards are there, in index.json, not listed yet
+    (shards / "manifest.json").write_bytes(old)
+    verify_shards(shards)
+    out = tmp_path / "run"
+    res = train_online(online_cfg(shards, data_dir, online_timeout=1.0), out, progress=False, log=lambda s: None)
+    assert res["images_seen"] == 20 and learned(out) == names
+    (shards / "manifest.json").write_bytes(new)  # the append's last step
+    res = train_online(online_cfg(shards, data_dir, online_timeout=1.0), out, progress=False, log=lambda s: None)
+    assert res["images_seen"] == 40 and learned(out) == names + more_names
+
+
+def test_a_folder_runs_checkpoint_is_not_resumed_over_shards(tmp_path, data_dir, pictures):
+    folder, out = tmp_path / "in", tmp_path / "run"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"{i}.png").write_bytes(png_bytes(pictures[i]))
+    train_online(online_cfg(folder, data_dir, online_stop=10), out, progress=False, log=lambda s: None)
+    shards, _ = shard_folder(tmp_path, pictures[10:30])
+    with pytest.raises(TrainError, match="over a folder of image files; --data .* is a shard folder"):
+        train_online(online_cfg(shards, data_dir, online_stop=20), out, progress=False, log=lambda s: None)

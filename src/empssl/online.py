@@ -456,8 +456,9 @@ def train_online(cfg: Config, out_dir: str | Path, *, progress: bool = True, log
             state = read_checkpoint(run.ckpt_path).get("stream") or {}
         kind = "shards" if sharded else "folder"
         if run.step and state.get("kind", "folder") != kind:
-            raise TrainError(f"{run.ckpt_path} is an online run's over a {state.get('kind', 'folder')} stream; "
-                             f"--data {cfg.data} is a {kind} one: give another --out")
+            shown = {"folder": "folder of image files", "shards": "shard folder"}
+            raise TrainError(f"{run.ckpt_path} belongs to an online run over a {shown[state.get('kind', 'folder')]}; "
+                             f"--data {cfg.data} is a {shown[kind]}: give another --out")
         stream: Stream = ShardStream.resume(folder, state) if sharded else \
             FolderStream.resume(folder, cfg.online_settle, state)
         if stream.images_learned != run.step * cfg.batch_size:
