@@ -158,17 +158,23 @@ def test_ctrl_c_saves_the_stream_position_and_exits_130(tmp_path, data_dir, pict
     assert learned(out) == writer.names + more.names
 
 
-def test_an_empty_folder_waits_then_stops_at_the_timeout_with_one_line(tmp_path, data_dir, capsys):
-    folder, out = tmp_path / "in", tmp_path / "run"
-    folder.mkdir()
+def waits_then_times_out(folder: Path, out: Path, data_dir: Path, capsys, waiting: str) -> None:
+    """``train --online --data folder`` says ``waiting`` and, after the 1 s timeout, stops: one line, exit 2, and
+    no run directory left behind."""
     t0 = time.perf_counter()
     code = main(["train", "--online", "--data", str(folder), "--data-dir", str(data_dir), "--out", str(out),
                  "--no-progress", "--online-timeout", "1", "--online-settle", str(SETTLE), *TINY])
     captured = capsys.readouterr()
     assert code == 2 and 1 <= time.perf_counter() - t0 < 30
-    assert f"waiting for images in {folder} ..." in captured.out
+    assert waiting in captured.out
     assert captured.err.count("\n") == 1 and "nothing learned" in captured.err and "--online-timeout" in captured.err
     assert not out.exists()  # nothing left behind
+
+
+def test_an_empty_folder_waits_then_stops_at_the_timeout_with_one_line(tmp_path, data_dir, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    waits_then_times_out(folder, tmp_path / "run", data_dir, capsys, f"waiting for images in {folder} ...")
 
 
 def test_fewer_images_than_a_batch_learn_nothing_and_say_so(tmp_path, data_dir, pictures, capsys):

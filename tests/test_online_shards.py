@@ -24,7 +24,7 @@ from empssl.shard import append_shards, verify_shards, write_shards
 from empssl.train import TrainError
 
 from .conftest import TINY
-from .test_online import SETTLE, learned, online_cfg, png_bytes
+from .test_online import SETTLE, learned, online_cfg, png_bytes, waits_then_times_out
 
 pytest.importorskip("litdata")
 
@@ -65,24 +65,27 @@ def test_a_thread_appends_while_training_runs_and_each_image_is_learned_once_in_
                for b in (1, 2)]
 
     out = tmp_path / "run"
+    lines: list[str] = []
+
+    def waits() -> int:
+        return sum(line.startswith(f"waiting for shards in {shards}") for line in lines)
 
     def appender() -> None:
-        for (folder, _), steps in zip(batches, (2, 3)):
-            deadline = time.time() + 60  # once training learned what was there (and waits for more)
-            while time.time() < deadline and len(learned(out)) < 10 * steps:
+        for k, (folder, _) in enumerate(batches, 1):
+            deadline = time.time() + 60  # once training learned what was there and says it waits for more
+            while time.time() < deadline and waits() < k:
                 time.sleep(0.05)
             append_shards(str(folder), shards, workers=1, progress=False)
 
     t = threading.Thread(target=appender, daemon=True)
     t.start()
-    lines: list[str] = []
     res = train_online(online_cfg(shards, data_dir, online_stop=40), out, progress=False, log=lines.append)
     t.join()
     everything = names + batches[0][1] + batches[1][1]
     expected = [n for n in everything if n != "b2_004.png"]  # the broken one is skipped, counted, named
     assert res["stream"] == "shards" and res["steps"] == 4 and res["images_seen"] == 40
     assert res["images_skipped"] == 1 and any("skipped:" in line and "b2_004.png" in line for line in lines)
-    assert sum(line.startswith(f"waiting for shards in {shards}") for line in lines) == 2  # for each append
+    assert waits() == 2 and learned(out)[:20] == names  # it learned the 20 there, then waited for each append
     assert learned(out) == expected[:40]
     trail = read_jsonl(out / "stream.jsonl")
     # shards 0-2 hold the first 20 (7 + 7 + 6), 3-5 b1's 15 (7 + 7 + 1), 6-8 b2's 15
@@ -173,17 +176,11 @@ def test_a_rewritten_folder_is_not_taken_for_an_appended_one(tmp_path, data_dir,
 
 
 def test_an_unfinished_shard_folder_waits_then_stops_at_the_timeout_with_one_line(tmp_path, data_dir, capsys):
-    shards, out = tmp_path / "shards", tmp_path / "run"
+    shards = tmp_path / "shards"
     shards.mkdir()
     (shards / ".plan.json").write_text("{}")  # what empssl shard writes first; no manifest.json yet
-    t0 = time.perf_counter()
-    code = main(["train", "--online", "--data", str(shards), "--data-dir", str(data_dir), "--out", str(out),
-                 "--no-progress", "--online-timeout", "1", "--online-settle", str(SETTLE), *TINY])
-    captured = capsys.readouterr()
-    assert code == 2 and 1 <= time.perf_counter() - t0 < 30
-    assert f"waiting for shards in {shards} (no manifest.json yet: empssl shard is still writing) ..." in captured.out
-    assert captured.err.count("\n") == 1 and "nothing learned" in captured.err and "--online-timeout" in captured.err
-    assert not out.exists()
+    waits_then_times_out(shards, tmp_path / "run", data_dir, capsys,
+                         f"waiting for shards in {shards} (no manifest.json yet: empssl shard is still writing) ...")
 
 
 def test_shards_the_manifest_does_not_list_yet_are_not_read(tmp_path, data_dir, pictures):
