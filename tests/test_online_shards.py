@@ -20,6 +20,7 @@ from empssl.cli import main
 from empssl.data import DataError
 from empssl.files import read_jsonl
 from empssl.online import train_online
+from empssl.report import write_report
 from empssl.shard import append_shards, verify_shards, write_shards
 from empssl.train import TrainError
 
@@ -193,11 +194,17 @@ def test_shards_the_manifest_does_not_list_yet_are_not_read(tmp_path, data_dir, 
     (shards / "manifest.json").write_bytes(old)
     verify_shards(shards)
     out = tmp_path / "run"
-    res = train_online(online_cfg(shards, data_dir, online_timeout=1.0), out, progress=False, log=lambda s: None)
+    # with the kNN monitor every 20 images, and the report: as for a folder
+    cfg = online_cfg(shards, data_dir, online_timeout=1.0, online_eval="demo", online_eval_every=20,
+                     monitor_bank=100, monitor_test=50, train_subset=200, test_subset=100, checkpoint_every=100)
+    res = train_online(cfg, out, progress=False, log=lambda s: None)
     assert res["images_seen"] == 20 and learned(out) == names
     (shards / "manifest.json").write_bytes(new)  # the append's last step
-    res = train_online(online_cfg(shards, data_dir, online_timeout=1.0), out, progress=False, log=lambda s: None)
+    res = train_online(cfg, out, progress=False, log=lambda s: None)
     assert res["images_seen"] == 40 and learned(out) == names + more_names
+    assert [p["images_seen"] for p in res["accuracy_vs_images"]] == [0, 20, 40]
+    md = write_report([out], tmp_path / "report").read_text()
+    assert "## Online learning" in md and f"| run | emp-ssl | {shards} | 40 | 0 | no new image for 1 s |" in md
 
 
 def test_a_folder_runs_checkpoint_is_not_resumed_over_shards(tmp_path, data_dir, pictures):
