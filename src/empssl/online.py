@@ -427,10 +427,11 @@ def _check(cfg: Config) -> tuple[Path, bool]:
 
 def train_online(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
                  evaluate_at_end: bool = True) -> dict[str, Any]:
-    """Learn from the folder ``cfg.data`` in one pass (the module docstring) into ``out_dir``, or resume there;
-    then, with ``cfg.online_eval`` and ``evaluate_at_end``, evaluate on it (linear probe + kNN). Returns the
-    results dict (written to results.json): ``images_seen``, ``images_skipped``, ``stopped`` (why),
-    ``accuracy_vs_images`` (the monitor's curve), the clock and the evaluation."""
+    """Learn from the folder or shard folder ``cfg.data`` in one pass (the module docstring) into ``out_dir``, or
+    resume there; then, with ``cfg.online_eval`` and ``evaluate_at_end``, evaluate on it (linear probe + kNN).
+    Returns the results dict (written to results.json): ``stream`` ("folder" or "shards"), ``images_seen``,
+    ``images_skipped``, ``stopped`` (why), ``accuracy_vs_images`` (the monitor's curve), the clock and the
+    evaluation. DataError (one line) for a shard that does not match its manifest, after checkpointing."""
     cfg.validate()
     folder, sharded = _check(cfg)
     timing = TimingAccount()
