@@ -63,7 +63,9 @@ def pictures(demo_data) -> np.ndarray:
 
 
 def learned(out: Path) -> list[str]:
-    return [n for rec in read_jsonl(out / "stream.jsonl") for n in rec["images"]]
+    """The images of ``out``'s stream.jsonl, in order (none before it is written)."""
+    path = out / "stream.jsonl"
+    return [n for rec in read_jsonl(path) for n in rec["images"]] if path.exists() else []
 
 
 def test_each_image_is_learned_once_in_arrival_order_then_resumed_at_the_stream_position(tmp_path, data_dir,
@@ -136,7 +138,7 @@ def test_ctrl_c_saves_the_stream_position_and_exits_130(tmp_path, data_dir, pict
 
     def interrupt() -> None:
         deadline = time.time() + 60
-        while time.time() < deadline and len(learned(out) if (out / "stream.jsonl").exists() else []) < 20:
+        while time.time() < deadline and len(learned(out)) < 20:
             time.sleep(0.05)
         time.sleep(SETTLE * 3)  # the 5 left are ready and waiting for a full batch
         os.kill(os.getpid(), signal.SIGINT)
@@ -156,17 +158,23 @@ def test_ctrl_c_saves_the_stream_position_and_exits_130(tmp_path, data_dir, pict
     assert learned(out) == writer.names + more.names
 
 
-def test_an_empty_folder_waits_then_stops_at_the_timeout_with_one_line(tmp_path, data_dir, capsys):
-    folder, out = tmp_path / "in", tmp_path / "run"
-    folder.mkdir()
+def waits_then_times_out(folder: Path, out: Path, data_dir: Path, capsys, waiting: str) -> None:
+    """``train --online --data folder`` says ``waiting`` and, after the 1 s timeout, stops: one line, exit 2, and
+    no run directory left behind."""
     t0 = time.perf_counter()
     code = main(["train", "--online", "--data", str(folder), "--data-dir", str(data_dir), "--out", str(out),
                  "--no-progress", "--online-timeout", "1", "--online-settle", str(SETTLE), *TINY])
     captured = capsys.readouterr()
     assert code == 2 and 1 <= time.perf_counter() - t0 < 30
-    assert f"waiting for images in {folder} ..." in captured.out
+    assert waiting in captured.out
     assert captured.err.count("\n") == 1 and "nothing learned" in captured.err and "--online-timeout" in captured.err
     assert not out.exists()  # nothing left behind
+
+
+def test_an_empty_folder_waits_then_stops_at_the_timeout_with_one_line(tmp_path, data_dir, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    waits_then_times_out(folder, tmp_path / "run", data_dir, capsys, f"waiting for images in {folder} ...")
 
 
 def test_fewer_images_than_a_batch_learn_nothing_and_say_so(tmp_path, data_dir, pictures, capsys):
@@ -186,11 +194,11 @@ def test_not_a_folder_is_one_line(tmp_path, data_dir, capsys):
     assert code == 2 and err.count("\n") == 1 and "not a folder" in err
     assert main(["train", "--online-eval-every", "10", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
                  *TINY]) == 2
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text("{}")
-    with pytest.raises(ConfigError, match="a shard folder"):  # said at once, not waited on
-        train_online(online_cfg(shards, data_dir), tmp_path / "r3", progress=False, log=lambda s: None)
+    lit = tmp_path / "litdata"
+    lit.mkdir()
+    (lit / "index.json").write_text("{}")
+    with pytest.raises(ConfigError, match="LitData folder without empssl's manifest.json"):  # said at once
+        train_online(online_cfg(lit, data_dir), tmp_path / "r3", progress=False, log=lambda s: None)
     assert not (tmp_path / "r3").exists()
     with pytest.raises(ConfigError, match="train --online"):  # the offline loop never takes an online config
         train(online_cfg(tmp_path, data_dir), tmp_path / "r2", progress=False, log=lambda s: None)

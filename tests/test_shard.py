@@ -276,3 +276,79 @@ def test_tiny_imagenet_archive_and_imagenet100_tree(tmp_path: Path) -> None:
     m = write_shards(spec, tmp_path / "in100", workers=2, progress=False)
     assert m.source == f"imagenet100:{tree.resolve()}" and len(m.classes or []) == 100
     _check_against_scan(spec, tmp_path / "in100", tmp_path)
+
+
+# --- empssl shard --append -------------------------------------------------------------------------------------
+
+
+def _shard_files(root: Path) -> dict[str, bytes]:
+    return {k: v for k, v in _files(root).items() if not k.endswith(shard.APPEND_LOCK)}
+
+
+def test_append_adds_new_shards_to_train_and_leaves_the_existing_ones(tree: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out, new = tmp_path / "out", tmp_path / "new"
+    write_shards(str(tree), out, workers=1, shard_size=5, progress=False)
+    before = _shard_files(out)
+    for i, c in enumerate(("cat", "bee", "cat", "cat")):  # two of the folder's three classes
+        _image(new / c / f"n{i}.jpg", (20, 20), 100 + i, "JPEG")
+    assert main(["shard", str(new), "--out", str(out), "--append", "--no-progress", "--workers", "1"]) == 0
+    capsys.readouterr()
+    after = _shard_files(out)
+    # every file of before is there unchanged, but the three that list the shards and the old labels.npy (kept)
+    changed = {k for k in before if after.get(k) != before[k]}
+    assert changed == {"manifest.json", "train/index.json"}, changed
+    m = verify_shards(out)
+    assert [f.name for f in m.splits["train"].shards][3:] == ["chunk-0-3.bin"]  # 12 = 5+5+2, then 4 in one shard
+    assert m.splits["train"].labels.name == "labels-16.npy" and m.splits["test"].images == 6
+    items = _read_split(out / "train")
+    assert len(items) == 16 == m.data["images"] - 6
+    # classes mapped by name onto the folder's ("bee" is 1, "cat" 2 there; 0 and 1 in the appended tree)
+    assert [(i["name"], i["label"]) for i in items[12:]] == [("bee/n1.jpg", 1), ("cat/n0.jpg", 2), ("cat/n2.jpg", 2),
+                                                             ("cat/n3.jpg", 2)]
+    assert bytes(items[12]["image"]) == (new / "bee" / "n1.jpg").read_bytes()
+    assert m.labels("train").tolist() == [i["label"] for i in items]
+    assert m.data["appends"][0]["source"] == str(new.resolve()) and m.data["appends"][0]["images"] == 4
+    # the same source again, and the first command again: nothing to do, nothing changed
+    assert main(["shard", str(new), "--out", str(out), "--append", "--no-progress"]) == 0
+    assert "appended before); nothing to do" in capsys.readouterr().err
+    assert main(["shard", str(tree), "--out", str(out), "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert _shard_files(out) == after
+
+
+def test_append_refuses_other_classes_and_sources_in_one_line_and_changes_nothing(
+        tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    _fails(["shard", str(tree), "--out", str(out), "--append"], capsys, "holds no manifest.json")
+    write_shards(str(tree), out, workers=1, shard_size=5, progress=False)
+    before = _shard_files(out)
+    _image(tmp_path / "dogs" / "dog" / "0.jpg", (8, 8), 1, "JPEG")
+    _fails(["shard", str(tmp_path / "dogs"), "--out", str(out), "--append"], capsys,
+           "has classes the shard folder has not (dog)")
+    _image(tmp_path / "plain" / "0.jpg", (8, 8), 2, "JPEG")
+    _fails(["shard", str(tmp_path / "plain"), "--out", str(out), "--append"], capsys, "has no classes, but the shard")
+    _fails(["shard", str(tree), "--out", str(out), "--append"], capsys, "has a test split too")
+    _fails(["shard", str(tree / "train"), "--out", str(out), "--append", "--max-side", "8"], capsys,
+           "was written with --max-side none")
+    # an image that cannot be read, in the second of two new shards: the first one, written, is removed again
+    for i in range(6):
+        _image(tmp_path / "broken" / "ant" / f"{i}.jpg", (8, 8), 10 + i, "JPEG")
+    (tmp_path / "broken" / "ant" / "5.jpg").write_bytes(b"not an image")
+    _fails(["shard", str(tmp_path / "broken"), "--out", str(out), "--append", "--workers", "1", "--no-progress"],
+           capsys, "cannot decode image ant/5.jpg")
+    assert _shard_files(out) == before
+    verify_shards(out)
+
+
+def test_one_append_at_a_time(tree: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "out"
+    write_shards(str(tree), out, workers=1, shard_size=5, progress=False)
+    _image(tmp_path / "new" / "ant" / "0.jpg", (8, 8), 1, "JPEG")
+    with open(out / shard.APPEND_LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as an append under way holds it
+        with pytest.raises(DataError, match="another append is writing to"):
+            shard.append_shards(str(tmp_path / "new"), out, progress=False)
+    assert shard.append_shards(str(tmp_path / "new"), out, progress=False).splits["train"].images == 13

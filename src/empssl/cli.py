@@ -173,15 +173,20 @@ def _add_shard_parser(sub: Any) -> None:
     s.add_argument("--data-dir", default="./data",
                    help="where tiny-imagenet and imagenet100 (without :PATH) are looked for (default: ./data)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--append", action="store_true",
+                   help="add SRC's images to the train split of the complete shard folder OUT as new shards, "
+                        "leaving its shards as they are; classes are mapped by name (docs/DATA.md: Appending)")
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from .shard import write_shards
+    from .shard import append_shards, write_shards
 
-    m = write_shards(args.src, args.out, max_side=args.max_side, workers=args.workers, shard_size=args.shard_size,
-                     data_dir=args.data_dir, progress=not args.no_progress)
+    m = (append_shards if args.append else write_shards)(
+        args.src, args.out, max_side=args.max_side, workers=args.workers, shard_size=args.shard_size,
+        data_dir=args.data_dir, progress=not args.no_progress)
     splits = ", ".join(f"{name} {s.images:,} images in {len(s.shards)} shards" for name, s in m.splits.items())
-    print(f"{m.source}: {splits}; {m.data['stored']:,} stored as they are, {m.data['reencoded']:,} re-encoded; "
+    what = f"{m.root} with {args.src} appended" if args.append else m.source
+    print(f"{what}: {splits}; {m.data['stored']:,} stored as they are, {m.data['reencoded']:,} re-encoded; "
           f"manifest {m.root / 'manifest.json'}")
     return 0
 

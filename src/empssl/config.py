@@ -155,7 +155,8 @@ class Config:
     monitor_test: int = setting(2000, "test images (class-balanced) it classifies", "monitoring", low=1)
     # --- online: one pass over a stream (empssl.online) -------------------------------------------------------
     online: bool = setting(False, "learn from a stream in one pass, each image once in arrival order: --data is a "
-                           "folder that keeps receiving image files (README: Online learning)", "online")
+                           "folder that keeps receiving image files, or a shard folder that empssl shard --append "
+                           "adds to (README: Online learning)", "online")
     online_stop: int = setting(0, "stop once this many images have been learned (rounded up to whole batches); "
                                "0 = follow the stream until Ctrl-C or --online-timeout", "online", low=0)
     online_timeout: float = setting(600.0, "stop when no new image has arrived for this many seconds; 0 = wait "

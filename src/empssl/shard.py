@@ -247,7 +247,7 @@ def _previous_plan(out: Path, source: str) -> dict[str, Any]:
                 break
             if previous.get("source") != source:
                 raise DataError(f"--out {out} holds shards of another source ({previous.get('source')}), not "
-                                f"{source}; pass another --out or remove it")
+                                f"{source}; pass another --out or remove it (or add to its train split: --append)")
             return previous
     raise DataError(f"--out {out} is a folder that holds other files, not empssl shards; give a new or empty folder")
 
@@ -293,28 +293,16 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
                              str(plan["source"])))
     todo = sum(len(job[2]) for job in jobs)
     total = sum(plan["splits"].values())
-    workers = max(1, min(workers, len(jobs)))
-    pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint) \
-        if workers > 1 else None
-    results: Iterator[dict[str, Any]] = pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs)
     try:
         with tqdm(total=total, initial=total - todo, desc="sharding", unit="img", file=sys.stderr,
                   disable=not progress) as bar:
-            for part in results:
-                if "error" in part:
-                    raise DataError(part["error"])
-                if "os_error" in part:
-                    raise OutputError(part["os_error"])
+            for part in _run_jobs(jobs, workers, bar):
                 parts[Path(part["folder"]).name][part["index"]] = part
-                bar.update(part["images"])
     except KeyboardInterrupt:
         finished = sum(len(p) for p in parts.values())
         shards = sum(-(-len(r) // size) for r in blocks.values())
         raise KeyboardInterrupt(f"interrupted: {finished} of {shards} shards are written in {out}; run the same "
                                 f"command again to write the rest") from None
-    finally:
-        if pool is not None:
-            pool.terminate()
     splits = {}
     for split, recs in blocks.items():
         ordered = [parts[split][j] for j in range(-(-len(recs) // size))]
@@ -349,15 +337,35 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
     return verify_shards(out, hashes=False)
 
 
-def _write_labels(folder: Path, labels: list[int]) -> dict[str, Any]:
-    """``folder/labels.npy`` (int32, in item order) and its manifest entry."""
-    path = folder / LABELS
+def _run_jobs(jobs: list[_Job], workers: int, bar: tqdm) -> Iterator[dict[str, Any]]:
+    """Write the shards of ``jobs`` (a process pool of ``workers``, or this process), yielding each one's record
+    as it is done; a shard's error stops the others."""
+    workers = max(1, min(workers, len(jobs)))
+    pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint) \
+        if workers > 1 else None
+    results: Iterator[dict[str, Any]] = pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs)
+    try:
+        for part in results:
+            if "error" in part:
+                raise DataError(part["error"])
+            if "os_error" in part:
+                raise OutputError(part["os_error"])
+            bar.update(part["images"])
+            yield part
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _write_labels(folder: Path, labels: list[int], name: str = LABELS) -> dict[str, Any]:
+    """``folder/name`` (int32, in item order) and its manifest entry."""
+    path = folder / name
     try:
         with open(path, "wb") as f:
             np.save(f, np.asarray(labels, dtype=np.int32), allow_pickle=False)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    return {"name": LABELS, "images": len(labels), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"name": name, "images": len(labels), "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -483,6 +491,137 @@ def _write_index(folder: Path, parts: list[dict[str, Any]]) -> None:
                                        "updated_at": digest})
 
 
+# --- appending ----------------------------------------------------------------------------------------
+
+APPEND_LOCK = ".append.lock"  # held (flock) by the one append writing to a folder
+
+
+def append_shards(spec: str, out: str | Path, max_side: int | None = None, workers: int | None = None,
+                  shard_size: int | None = None, data_dir: str = "./data", progress: bool = True) -> Manifest:
+    """Add every image of ``spec`` to the train split of the complete shard folder ``out``, as new shards after
+    its last one (``empssl shard SRC --out DIR --append``; the rules, and what a reader may rely on: docs/DATA.md).
+
+    Existing shards are never rewritten. The new shard files are written, complete and hashed, before the three
+    files that list them are replaced, each atomically and in this order: the split's LitData ``index.json``, a
+    new ``labels-<N>.npy``, ``manifest.json`` (its ``appends`` records each append). A reader that goes by the
+    manifest sees the folder before or after the append, never half of it.
+
+    ``spec`` is a folder or class tree (a split root may hold ``train/`` only); its classes are mapped by name onto
+    the folder's (a subset is fine); other classes, classes where the folder has none or none where it has them,
+    are refused. ``max_side`` and ``shard_size`` are the folder's (giving others is an error). The same source,
+    unchanged, appended again does nothing. DataError (one line) for all that; a failed or killed append leaves
+    the folder as readers saw it before (its unlisted files are removed by the next append).
+    """
+    import fcntl
+
+    out = Path(out).expanduser()
+    if not (out / MANIFEST).is_file():
+        raise DataError(f"--append: {out} holds no {MANIFEST} (no complete shard folder); write it first: empssl "
+                        f"shard SRC --out {out}")
+    source = source_name(spec, data_dir)
+    with open(out / APPEND_LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"--append: another append is writing to {out}; wait for it to finish") from None
+        manifest = verify_shards(out, hashes=False)
+        for given, have, flag in ((max_side, manifest.max_side, "--max-side"),
+                                  (shard_size, manifest.shard_size, "--shard-size")):
+            if given is not None and given != have:
+                raise DataError(f"--append: {out} was written with {flag} {have or 'none'}; appended shards keep it "
+                                f"(leave {flag} out)")
+        if NO_SPLIT not in manifest.splits:
+            raise DataError(f"--append adds to the {NO_SPLIT} split, which {out} does not have")
+        catalog = scan(spec, data_dir)
+        held = [name for name, count in catalog.splits if name not in ("", NO_SPLIT) and count]
+        if held:
+            raise DataError(f"--append adds training images; {source} has a {held[0]} split too: append its "
+                            f"{NO_SPLIT} folder only")
+        labels = _appended_labels(catalog.classes, manifest, source)
+        fingerprint = _fingerprint(catalog.records)
+        appends = list(manifest.data.get("appends", []))
+        if any(a["source"] == source and a["fingerprint"] == fingerprint
+               for a in [*appends, {"source": manifest.source, "fingerprint": manifest.data.get("fingerprint")}]):
+            print(f"{out} already holds the images of {source} (appended before); nothing to do", file=sys.stderr)
+            return manifest
+        folder, train = out / NO_SPLIT, manifest.splits[NO_SPLIT]
+        _remove_unlisted(folder, train)
+        size, first = manifest.shard_size, len(train.shards)
+        recs = [(r.name, labels[-1 if r.label is None else r.label], r.data) for r in catalog.records]
+        jobs: list[_Job] = [(str(folder), first + j, recs[at: at + size], size, manifest.max_side, source)
+                            for j, at in enumerate(range(0, len(recs), size))]
+        try:
+            with tqdm(total=len(recs), desc="appending", unit="img", file=sys.stderr, disable=not progress) as bar:
+                parts = sorted(_run_jobs(jobs, workers or _n_workers(), bar), key=lambda p: p["index"])
+            return _publish_append(out, manifest, parts, [label for _, label, _ in recs],
+                                   {"source": source, "fingerprint": fingerprint, "images": len(recs),
+                                    "first_shard": first, "shards": len(parts), "empssl_version": __version__})
+        except BaseException:
+            try:  # the manifest read again: if it was replaced, the new shards are listed and stay
+                _remove_unlisted(folder, verify_shards(out, hashes=False).splits[NO_SPLIT])
+            except DataError:
+                pass
+            raise
+
+
+def _appended_labels(classes: list[str] | None, manifest: Manifest, source: str) -> dict[int, int]:
+    """The appended source's label -> the folder's label, mapping classes by name (-1: no classes)."""
+    if classes is None or manifest.classes is None:
+        if classes is None and manifest.classes is None:
+            return {-1: -1}
+        has = "has no classes" if classes is None else f"has classes ({', '.join(classes[:3])} ...)"
+        where = "has classes" if manifest.classes else "has none"
+        raise DataError(f"--append: {source} {has}, but the shard folder {where}; their labels would not mean the "
+                        f"same")
+    unknown = [c for c in classes if c not in manifest.classes]
+    if unknown:
+        raise DataError(f"--append: {source} has classes the shard folder has not ({', '.join(unknown[:5])}"
+                        f"{' ...' if len(unknown) > 5 else ''}); appended images must be of its "
+                        f"{len(manifest.classes)} classes")
+    return {i: manifest.classes.index(c) for i, c in enumerate(classes)}
+
+
+def _remove_unlisted(folder: Path, split: SplitShards) -> None:
+    """Remove what a failed or killed append left in ``folder``: shard and labels files the manifest does not
+    list, temporary folders and shard records."""
+    listed = {f.name for f in split.shards} | {split.labels.name}
+    for path in [*folder.glob("chunk-*.bin"), *folder.glob("labels*.npy")]:
+        if path.name not in listed:
+            path.unlink(missing_ok=True)
+    for tmp in folder.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(folder / ".parts", ignore_errors=True)
+
+
+def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], labels: list[int],
+                    record: dict[str, Any]) -> Manifest:
+    """List the appended shards ``parts`` (written and hashed): index.json, labels, then the manifest."""
+    folder, train = out / NO_SPLIT, manifest.splits[NO_SPLIT]
+    index = json.loads((folder / "index.json").read_text())
+    old = [{"index": j, "chunk": chunk, "config": index["config"], "sha256": f.sha256}
+           for j, (chunk, f) in enumerate(zip(index["chunks"], train.shards))]
+    _write_index(folder, old + parts)
+    total = train.images + len(labels)
+    entry = _write_labels(folder, [*manifest.labels(NO_SPLIT).tolist(), *labels], f"labels-{total}.npy")
+    data = json.loads(json.dumps(manifest.data))  # a copy
+    split = data["splits"][NO_SPLIT]
+    stored, reencoded = sum(p["stored"] for p in parts), sum(p["reencoded"] for p in parts)
+    split.update(images=total, stored=split["stored"] + stored, reencoded=split["reencoded"] + reencoded,
+                 formats=_sum_counts(iter([split["formats"], *(p["formats"] for p in parts)])), labels=entry)
+    split["shards"] += [{"name": p["chunk"]["filename"], "images": p["images"], "bytes": p["bytes"],
+                         "sha256": p["sha256"]} for p in parts]
+    data.update(images=data["images"] + len(labels), stored=data["stored"] + stored,
+                reencoded=data["reencoded"] + reencoded, appends=[*data.get("appends", []), record])
+    _write_json(out / MANIFEST, data)
+    # the labels file the previous manifest named stays for a reader that read it; older ones go
+    keep = {entry["name"], train.labels.name}
+    for path in folder.glob("labels*.npy"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+    shutil.rmtree(folder / ".parts", ignore_errors=True)
+    return verify_shards(out, hashes=False)
+
+
 # --- checking ------------------------------------------------------------------------------------------
 
 
@@ -541,7 +680,8 @@ def _verify_split(folder: Path, split: SplitShards, hashes: bool) -> None:
         raise DataError(f"missing {index_path} (the manifest lists this split)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{index_path} is damaged ({type(e).__name__}); shard the source again") from None
-    if listed != [(f.name, f.images) for f in split.shards]:
+    # an append replaces index.json before the manifest: the index may list more shards (readers take the manifest's)
+    if listed[:len(split.shards)] != [(f.name, f.images) for f in split.shards]:
         raise DataError(f"{index_path} does not list the shards that {MANIFEST} lists for {folder.name}")
     if sum(f.images for f in split.shards) != split.images or split.stored + split.reencoded != split.images:
         raise DataError(f"{MANIFEST} counts {split.images} images in {folder.name}, but its shards hold "
@@ -551,11 +691,16 @@ def _verify_split(folder: Path, split: SplitShards, hashes: bool) -> None:
         raise DataError(f"{MANIFEST} counts {split.images} images in {folder.name}, but {split.labels.images} "
                         f"labels")
     for f in [*split.shards, split.labels]:
-        path = folder / f.name
-        if not path.is_file():
-            raise DataError(f"missing shard {path} (listed in {MANIFEST})")
-        size = path.stat().st_size
-        if size != f.bytes:
-            raise DataError(f"shard {path} is {size:,} bytes, {MANIFEST} says {f.bytes:,} (truncated or changed)")
-        if hashes and _sha256(path) != f.sha256:
-            raise DataError(f"shard {path} does not match its sha256 in {MANIFEST} (changed or corrupt)")
+        verify_file(folder, f, hashes)
+
+
+def verify_file(folder: Path, f: ShardFile, hashes: bool = True) -> None:
+    """Check that ``folder/f.name`` is there at its size and (``hashes``) sha256; DataError (one line) if not."""
+    path = folder / f.name
+    if not path.is_file():
+        raise DataError(f"missing shard {path} (listed in {MANIFEST})")
+    size = path.stat().st_size
+    if size != f.bytes:
+        raise DataError(f"shard {path} is {size:,} bytes, {MANIFEST} says {f.bytes:,} (truncated or changed)")
+    if hashes and _sha256(path) != f.sha256:
+        raise DataError(f"shard {path} does not match its sha256 in {MANIFEST} (changed or corrupt)")
