@@ -216,3 +216,19 @@ def test_a_folder_runs_checkpoint_is_not_resumed_over_shards(tmp_path, data_dir,
     shards, _ = shard_folder(tmp_path, pictures[10:30])
     with pytest.raises(TrainError, match="over a folder of image files; --data .* is a shard folder"):
         train_online(online_cfg(shards, data_dir, online_stop=20), out, progress=False, log=lambda s: None)
+
+
+def test_the_held_out_set_may_be_a_shard_folder(tmp_path, data_dir):
+    """--online-eval over shards of the demo data: the same bank and queries as the demo itself, in memory."""
+    import torch
+
+    from empssl.online import _held_out
+    from empssl.train import config_data
+
+    shards = tmp_path / "demo-shards"
+    write_shards("demo", shards, workers=1, progress=False)
+    cfg = online_cfg(tmp_path / "in", data_dir, train_subset=200, test_subset=100)
+    bank, queries = _held_out(cfg.replace(online_eval=str(shards)), progress=False)
+    ref_bank, ref_queries = config_data(cfg.replace(data="demo"), progress=False)
+    for got, ref in ((bank, ref_bank), (queries, ref_queries)):
+        assert torch.equal(got.images, ref.images) and torch.equal(got.labels, ref.labels)
