@@ -294,3 +294,14 @@ def test_evaluate_rejects_mismatched_classes(tiny):
     test = ImageData(test.images, test.labels, ["a", "b", "x"])
     with pytest.raises(EvalError):
         evaluate(model, random_split(6, 0), test, Config(patch_size=16, test_patches=1), "cpu", progress=False)
+
+
+def test_large_patches_are_forwarded_in_fewer_patches_per_pass():
+    """The bytes of a pass, not its patch count, stay what they are at 32 px: 200 x 224 px evaluation (128 test
+    patches) would otherwise hold 16,384 patches of 224 px at once on a GPU (~10 GB of float32 patches alone)."""
+    from empssl.evaluate import default_patches_per_forward
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_patches_per_forward(cuda, 32) == 16384 and default_patches_per_forward(cpu, 16) == 4096
+    assert default_patches_per_forward(cuda, 224) == 16384 * 32 * 32 // (224 * 224) == 334
+    assert default_patches_per_forward(cpu, 64) == 1024

@@ -52,6 +52,14 @@ DEFAULT_PATCHES_PER_FORWARD = 4096
 DEFAULT_PATCHES_PER_FORWARD_CUDA = 16384
 
 
+def default_patches_per_forward(device: torch.device, patch_size: int) -> int:
+    """Patches per forward pass when the caller does not say: the defaults above for patches of up to 32 px, fewer
+    for larger ones, in proportion to their pixels (at 224 px, 334 on CUDA: the bytes of 16,384 patches of 32 px;
+    a pass still holds at least one seeded chunk of images)."""
+    base = DEFAULT_PATCHES_PER_FORWARD_CUDA if device.type == "cuda" else DEFAULT_PATCHES_PER_FORWARD
+    return max(1, base * 32 * 32 // max(32 * 32, patch_size * patch_size))
+
+
 class EvalError(ValueError):
     """A user-facing evaluation error (bad shapes, empty data, mismatched classes ...): one line."""
 
@@ -143,7 +151,7 @@ def extract_features(model: nn.Module, images: Images, aug: Augment, n_patches: 
 
     Args:
         batch_images: images per forward pass (each contributes ``n_patches`` patches); 0 -> about
-            ``DEFAULT_PATCHES_PER_FORWARD`` patches (``DEFAULT_PATCHES_PER_FORWARD_CUDA`` on CUDA). At least one
+            :func:`default_patches_per_forward` patches (4,096 of 32 px, 16,384 on CUDA). At least one
             chunk (``RNG_CHUNK`` images) is augmented at a time, so memory is bounded by
             max(batch_images, RNG_CHUNK) * n_patches patches.
         amp_dtype: autocast dtype of the forward pass (e.g. torch.bfloat16; see :mod:`empssl.devices`); None
@@ -262,8 +270,7 @@ def extract_prefix_features(model: nn.Module, images: Images, aug: Augment, coun
         raise EvalError(f"model is on {param.device} but features were asked for on {device}")
 
     n = len(images)
-    default = DEFAULT_PATCHES_PER_FORWARD_CUDA if device.type == "cuda" else DEFAULT_PATCHES_PER_FORWARD
-    per_forward = batch_images * n_patches if batch_images > 0 else default
+    per_forward = batch_images * n_patches if batch_images > 0 else default_patches_per_forward(device, aug.size)
     group = max(1, per_forward // (n_patches * RNG_CHUNK)) * RNG_CHUNK  # images augmented together
     # Patches in the layout and dtype the network reads (autocast would cast float32 patches to bf16 in the
     # first convolution anyway, so the features are the same).
