@@ -54,6 +54,16 @@ def dataparallel_reference(model, cfg: Config, x: torch.Tensor, seed: int) -> to
     return terms.detach()
 
 
+def assert_same_gradients(model, ref) -> None:
+    """Every parameter's gradient within 1e-5 of the reference's (by norm), up to rounding noise: the sums over
+    the patches are taken in another order (per group, and by BLAS blocks that depend on the batch and threads),
+    which moves each weight's gradient by ~1e-6 of the largest; the biases before a BatchNorm, whose gradient is
+    exactly zero, hold only that noise."""
+    scale = max(float(q.grad.abs().max()) for q in ref.parameters())
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert float((p.grad - q.grad).norm()) <= 1e-5 * float(q.grad.norm()) + 1e-6 * scale, name
+
+
 def chunked(model, cfg: Config, x: torch.Tensor, seed: int) -> torch.Tensor:
     method = create_method(cfg)
     return method.gradients(model, x, torch.Generator().manual_seed(seed), None, torch.contiguous_format)
@@ -80,8 +90,7 @@ def test_chunked_gradients_are_dataparallels_on_that_many_devices(k_groups):
     terms = chunked(model, cfg, x, seed=1)
     ref_terms = dataparallel_reference(ref, cfg, x, seed=1)
     torch.testing.assert_close(terms, ref_terms, rtol=1e-6, atol=1e-5)
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6 * float(q.grad.abs().max()), msg=name)
+    assert_same_gradients(model, ref)
     for (name, t), u in zip(model.named_buffers(), ref.buffers()):  # the running statistics: group 0's update
         assert torch.equal(t, u), name
 
@@ -101,8 +110,7 @@ def test_groups_differ_from_one_batch_only_through_batchnorm():
             assert not torch.allclose(plain_terms, grouped_terms, rtol=1e-3)
             continue
         torch.testing.assert_close(grouped_terms, plain_terms, rtol=1e-6, atol=1e-5)
-        for (name, p), q in zip(grouped.named_parameters(), plain.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6 * float(q.grad.abs().max()), msg=name)
+        assert_same_gradients(grouped, plain)
 
 
 def test_chunked_gradients_with_activation_recomputation():
@@ -114,8 +122,7 @@ def test_chunked_gradients_with_activation_recomputation():
     x = images()
     torch.testing.assert_close(chunked(model, cfg, x, seed=2), dataparallel_reference(ref, cfg, x, seed=2),
                                rtol=1e-6, atol=1e-5)
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6 * float(q.grad.abs().max()), msg=name)
+    assert_same_gradients(model, ref)
     for t, u in zip(model.buffers(), ref.buffers()):
         assert torch.equal(t, u)
 
