@@ -242,3 +242,22 @@ def test_compile_auto_compiles_only_runs_long_enough_to_win_it_back():
     assert not one_epoch[0] and "-> eager" in one_epoch[1]
     steps = int(COMPILE_SECONDS / (0.0335 * COMPILE_GAIN)) + 1
     assert want_compile("auto", cuda, steps, 0.0335)[0]
+
+
+def test_train_from_python_resumes_only_the_run_the_checkpoint_holds(tmp_path, data_dir):
+    """train(cfg, out) on an existing run compares cfg with the checkpoint's config as the command line does: a
+    weight-changing difference is one ConfigError naming it; --epochs may move within a fixed --schedule-epochs
+    (the same schedule, further along), not with another schedule; evaluation settings may change."""
+    from empssl.config import ConfigError
+
+    out = tmp_path / "run"
+    cfg = tiny_cfg(data_dir, epochs=0.5, schedule_epochs=1, train_subset=100)
+    train(cfg, out, progress=False, log=lambda s: None, evaluate_at_end=False)
+    with pytest.raises(ConfigError, match=r"holds a run with lr=0\.3, not lr=0\.1.*drop --lr"):
+        train(cfg.replace(lr=0.1), out, progress=False, log=lambda s: None, evaluate_at_end=False)
+    with pytest.raises(ConfigError, match="epochs=0.5, schedule_epochs=1, not epochs=1, schedule_epochs=2"):
+        train(cfg.replace(epochs=1, schedule_epochs=2), out, progress=False, log=lambda s: None,
+              evaluate_at_end=False)  # another schedule
+    assert read_checkpoint(out)["step"] == 2  # nothing trained by the refused calls
+    train(cfg.replace(epochs=1, test_patches=3), out, progress=False, log=lambda s: None, evaluate_at_end=False)
+    assert read_checkpoint(out)["step"] == 5 and read_checkpoint(out)["config"]["test_patches"] == 3

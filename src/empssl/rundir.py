@@ -111,11 +111,21 @@ def run_config(out_dir: str | Path, cfg: Config, explicit: dict[str, Any]) -> Co
                               f"with {_shown(truth, edited)}; the checkpoint is the run's truth: restore "
                               f"config.json or delete it (it is rewritten from the checkpoint)")
     changed = _differences(truth, cfg, explicit)
+    if changed == ["epochs"] and _same_schedule(truth, cfg):
+        return truth.replace(epochs=cfg.epochs, **{k: getattr(cfg, k) for k in explicit
+                                                   if k in RESUMABLE_CHANGES}).validate()
     if changed:
         raise ConfigError(f"{out} holds a run with {_shown(truth, changed)}, not {_shown(cfg, changed)}; drop "
                           f"{', '.join(flag(k) for k in changed)} to resume it or choose a new --out (only "
                           f"the settings listed in the README may change on resume)")
     return truth.replace(**{k: getattr(cfg, k) for k in explicit if k in RESUMABLE_CHANGES}).validate()
+
+
+def _same_schedule(truth: Config, cfg: Config) -> bool:
+    """``--epochs`` may change on resume where ``--schedule-epochs`` fixes the learning-rate schedule and the new
+    stop lies within it: the run goes on along the same schedule, so its weights are those of a run started with
+    the new ``--epochs``."""
+    return 0 < truth.schedule_epochs == cfg.schedule_epochs and cfg.epochs <= cfg.schedule_epochs
 
 
 def write_config(out_dir: str | Path, cfg: Config) -> None:
