@@ -22,7 +22,6 @@ GPU, and keeps the first replica's buffers).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -132,18 +131,16 @@ def chunked_gradients(method: EMPSSL, net: nn.Module, images: torch.Tensor, gene
             return net(patches.flatten(0, 1)).view(per_group, b, -1)
 
     with torch.no_grad():  # every projection of the step; the running statistics take the first group's
-        z = torch.cat([project(k) if k == 0 else _kept(net, project, k) for k in range(k_groups)]).float()
-    z.requires_grad_(True)
+        zs = [project(0)]
+        with keep_batchnorm_stats(net):
+            zs += [project(k) for k in range(1, k_groups)]
+    z = torch.cat(zs).float().requires_grad_(True)
     out = rank_loss(z, method.settings.eps, method.settings.invariance_weight, dist, cfg.tcr_global)
     terms = torch.stack(list(out))
     (dz,) = torch.autograd.grad(terms[0], z)
-    for k in range(k_groups):
-        with keep_batchnorm_stats(net), (_no_sync(net) if k < k_groups - 1 else contextlib.nullcontext()):
-            zk = project(k)
-            zk.backward(dz[k * per_group:(k + 1) * per_group].to(zk.dtype))
+    with keep_batchnorm_stats(net):  # the second forward of each group leaves the running statistics as they are
+        for k in range(k_groups):
+            with _no_sync(net) if k < k_groups - 1 else contextlib.nullcontext():
+                zk = project(k)
+                zk.backward(dz[k * per_group:(k + 1) * per_group].to(zk.dtype))
     return terms.detach()
-
-
-def _kept(net: nn.Module, project: Callable[[int], torch.Tensor], k: int) -> torch.Tensor:
-    with keep_batchnorm_stats(net):
-        return project(k)
