@@ -75,10 +75,11 @@ def checkpoint_config(out_dir: str | Path) -> Config | None:
         raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from None
 
 
-def _differences(a: Config, b: Config, keys: Iterable[str]) -> list[str]:
-    """The keys among ``keys`` whose values differ between ``a`` and ``b`` and that may not change on resume."""
+def _differences(a: Config, b: Config, keys: Iterable[str], may_change: frozenset[str] = RESUMABLE_CHANGES
+                 ) -> list[str]:
+    """The keys among ``keys`` whose values differ between ``a`` and ``b`` and are not in ``may_change``."""
     da, db = a.to_dict(), b.to_dict()
-    return [k for k in keys if k not in RESUMABLE_CHANGES and da.get(k, _ABSENT) != db.get(k, _ABSENT)]
+    return [k for k in keys if k not in may_change and da.get(k, _ABSENT) != db.get(k, _ABSENT)]
 
 
 _ABSENT = object()
@@ -110,15 +111,13 @@ def run_config(out_dir: str | Path, cfg: Config, explicit: dict[str, Any]) -> Co
             raise ConfigError(f"{out / 'config.json'} says {_shown(copy, edited)} but the checkpoint was trained "
                               f"with {_shown(truth, edited)}; the checkpoint is the run's truth: restore "
                               f"config.json or delete it (it is rewritten from the checkpoint)")
-    changed = _differences(truth, cfg, explicit)
-    if changed == ["epochs"] and _same_schedule(truth, cfg):
-        return truth.replace(epochs=cfg.epochs, **{k: getattr(cfg, k) for k in explicit
-                                                   if k in RESUMABLE_CHANGES}).validate()
+    may_change = RESUMABLE_CHANGES | {"epochs"} if _same_schedule(truth, cfg) else RESUMABLE_CHANGES
+    changed = _differences(truth, cfg, explicit, may_change)
     if changed:
         raise ConfigError(f"{out} holds a run with {_shown(truth, changed)}, not {_shown(cfg, changed)}; drop "
                           f"{', '.join(flag(k) for k in changed)} to resume it or choose a new --out (only "
                           f"the settings listed in the README may change on resume)")
-    return truth.replace(**{k: getattr(cfg, k) for k in explicit if k in RESUMABLE_CHANGES}).validate()
+    return truth.replace(**{k: getattr(cfg, k) for k in explicit if k in may_change}).validate()
 
 
 def _same_schedule(truth: Config, cfg: Config) -> bool:
