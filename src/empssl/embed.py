@@ -41,14 +41,24 @@ import torch
 
 from . import __version__
 from .config import ConfigError
-from .data import TORCHVISION_DATASETS, ImageSet, load_images, scan
-from .data.load import TooBigForMemory
+from .data import ImageSet, load_images, scan
 from .devices import resolve_device
 from .evaluate import image_features
 from .files import OutputError, write_atomic
 from .methods import eval_protocol
 from .rundir import load_checkpoint
-from .stream import CatalogItems, Items, ShardItems, StreamedSplit, choose_tier, is_shards, read_manifest
+from .stream import (
+    CatalogItems,
+    Items,
+    ShardItems,
+    StreamedSplit,
+    choose_tier,
+    is_shards,
+    memory_first,
+    read_manifest,
+    refuse_arrays,
+    require_image_size,
+)
 
 SUFFIXES = (".npz", ".safetensors")
 
@@ -175,17 +185,11 @@ def _open_source(data: str, data_dir: str, image_size: int, mode: str, progress:
     or shards / a folder's catalog read block by block."""
     if is_shards(data):
         return _shard_source(Path(data).expanduser().resolve(), image_size, mode, log)
-    if mode != "stream":
-        try:
-            return _memory_source(load_images(data, data_dir, image_size, progress))
-        except TooBigForMemory as e:
-            if mode == "memory":
-                raise
-            log(f"{e}; --data-mode auto: streaming it")
-    if data in TORCHVISION_DATASETS:
-        raise ConfigError(f"--data-mode stream reads shards, a folder or an archive; {data} is an array dataset "
-                          f"held in memory (use --data-mode memory)")
-    choose_tier("stream", 0, image_size, data, log)  # needs --image-size
+    loaded = memory_first(mode, lambda: _memory_source(load_images(data, data_dir, image_size, progress)), log)
+    if loaded is not None:
+        return loaded
+    refuse_arrays(data)
+    require_image_size(image_size)
     catalog = scan(data, data_dir)
     classes = list(catalog.classes) if catalog.classes is not None else None
     labels = torch.tensor([-1 if r.label is None else r.label for r in catalog.records], dtype=torch.int64)

@@ -43,7 +43,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -55,6 +55,8 @@ from .data.images import balanced_indices
 from .data.layouts import held_out_split
 from .data.load import TooBigForMemory, check_fits
 from .shard import MANIFEST, Manifest, verify_shards
+
+T = TypeVar("T")
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -270,16 +272,11 @@ def _open_splits(cfg: Config, in_memory: Callable[[], tuple[ImageData, ImageData
     split, "memory" | "stream")) of shards or of a folder read through its catalog, after ``--train-subset`` /
     ``--test-subset``: "memory" when they are shards that fit (to be decoded whole)."""
     shards, mode = is_shards(cfg.data), cfg.data_mode
-    if not shards and mode != "stream":
-        try:
-            return in_memory(), None
-        except TooBigForMemory as e:
-            if mode == "memory":
-                raise
-            log(f"{e}; --data-mode auto: streaming it")
-    if cfg.data in TORCHVISION_DATASETS:
-        raise ConfigError(f"--data-mode stream reads shards, a folder or an archive; {cfg.data} is an array dataset "
-                          f"held in memory (use --data-mode memory)")
+    if not shards:
+        loaded = memory_first(mode, in_memory, log)
+        if loaded is not None:
+            return loaded, None
+    refuse_arrays(cfg.data)
     train_items: Items
     test_items: Items
     if shards:
@@ -309,22 +306,47 @@ def _open_splits(cfg: Config, in_memory: Callable[[], tuple[ImageData, ImageData
                   mode)
 
 
+def memory_first(mode: str, load: Callable[[], T], log: Callable[[str], None]) -> T | None:
+    """``load()`` (the in-memory tier) unless ``--data-mode`` is stream; None (stream instead) where it raises
+    TooBigForMemory in auto, which ``log`` says; in memory mode that error is the user's."""
+    if mode == "stream":
+        return None
+    try:
+        return load()
+    except TooBigForMemory as e:
+        if mode == "memory":
+            raise
+        log(f"{e}; --data-mode auto: streaming it")
+        return None
+
+
+def refuse_arrays(data: str) -> None:
+    """ConfigError for streaming torchvision's array datasets (they have no files to stream)."""
+    if data in TORCHVISION_DATASETS:
+        raise ConfigError(f"--data-mode stream reads shards, a folder or an archive; {data} is an array dataset "
+                          f"held in memory (use --data-mode memory)")
+
+
+def require_image_size(image_size: int) -> None:
+    """ConfigError for streaming without ``--image-size``."""
+    if not image_size:
+        raise ConfigError("--data-mode stream needs --image-size S: a batch needs one size, and a stream cannot "
+                          "check ahead that its images agree")
+
+
 def choose_tier(mode: str, n: int, image_size: int, source: str, log: Callable[[str], None]) -> str:
     """"memory" or "stream" for ``n`` images of a shard folder by ``--data-mode``: memory when they fit (without
     ``--image-size`` the decoded size is unknown: memory), else stream in auto (said in ``log``) and
     TooBigForMemory in memory. Streaming needs ``--image-size`` (ConfigError)."""
-    if mode != "stream":
-        try:
-            if image_size:
-                check_fits(n, image_size, image_size, source)
-            return "memory"
-        except TooBigForMemory as e:
-            if mode == "memory":
-                raise
-            log(f"{e}; --data-mode auto: streaming it")
-    if not image_size:
-        raise ConfigError("--data-mode stream needs --image-size S: a batch needs one size, and a stream cannot "
-                          "check ahead that its images agree")
+
+    def fits() -> bool:
+        if image_size:
+            check_fits(n, image_size, image_size, source)
+        return True
+
+    if memory_first(mode, fits, log):
+        return "memory"
+    require_image_size(image_size)
     return "stream"
 
 
