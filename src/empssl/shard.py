@@ -628,9 +628,11 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
 def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
     """Check a shard folder against its ``manifest.json`` and return it.
 
-    Checks: the manifest is there and readable (an unfinished run is named as one), each split's ``index.json``
-    lists the manifest's shards with their image counts, every shard file is there with its size, and (``hashes``)
-    its sha256; the counts add up. Raises DataError with one line naming the first problem.
+    Checks: the manifest is there and readable (an unfinished run is named as one), every split, shard and labels
+    file name in it and in each split's ``index.json`` is a plain file name (:func:`plain_name`), each index.json
+    lists the manifest's shards with their image counts and reads its items with safe serializers only
+    (:func:`check_data_format`), every shard file is there with its size, and (``hashes``) its sha256; the counts
+    add up. Raises DataError with one line naming the first problem. Every reader of shard folders goes through it.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -649,8 +651,9 @@ def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
         if data.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{path} has shard format version {data.get('format_version')}; this empssl reads "
                             f"version {FORMAT_VERSION} (shard the source again)")
-        splits = {name: SplitShards(int(s["images"]), int(s["stored"]), int(s["reencoded"]), dict(s["formats"]),
-                                    [_shard_file(f) for f in s["shards"]], _shard_file(s["labels"]))
+        splits = {plain_name(name, path): SplitShards(int(s["images"]), int(s["stored"]), int(s["reencoded"]),
+                                                      dict(s["formats"]), [_shard_file(f, path) for f in s["shards"]],
+                                                      _shard_file(s["labels"], path))
                   for name, s in data["splits"].items()}
         manifest = Manifest(root, str(data["source"]), data["classes"], data["class_names"], data["max_side"],
                             int(data["shard_size"]), splits, data)
@@ -667,15 +670,72 @@ def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
     return manifest
 
 
-def _shard_file(f: dict[str, Any]) -> ShardFile:
-    return ShardFile(str(f["name"]), int(f["images"]), int(f["bytes"]), str(f["sha256"]))
+def _shard_file(f: dict[str, Any], where: Path) -> ShardFile:
+    return ShardFile(plain_name(f["name"], where), int(f["images"]), int(f["bytes"]), str(f["sha256"]))
+
+
+def plain_name(name: Any, where: Path) -> str:
+    """``name``, a file or split name read from ``where`` (a manifest or index.json), when it is a plain file name:
+    a path (a separator, "..", absolute, empty) could name any file on the machine, and a re-signed manifest
+    would vouch for it. DataError (one line) otherwise, before anything is read by it."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise DataError(f"{where} names {name!r}, which is not a plain file name in its folder; refusing to read "
+                        f"the shard folder")
+    return name
+
+
+# The LitData serializers (litdata.streaming.serializers._SERIALIZERS) that build only bytes, strings, numbers,
+# arrays and images from a chunk's bytes (numpy refuses to build object arrays from bytes). The others build Python
+# objects: "pickle" (and "graph", its fallback) runs whatever code a chunk holds, "json" nested containers, and
+# video, audio, pdf, mesh, nifti and tiff hand the bytes to other libraries' parsers.
+SAFE_SERIALIZERS = frozenset({"bytes", "file", "str", "text", "int", "float", "bool", "jpeg", "jpeg_array", "pil",
+                              "image", "numpy", "no_header_numpy", "tensor", "no_header_tensor"})
+
+
+def check_data_format(data_format: list[str], where: str) -> None:
+    """DataError (one line) unless every field of a LitData index's ``data_format`` is read by a serializer of
+    :data:`SAFE_SERIALIZERS`, each resolved as LitData's reader resolves it ("int:pickle" is read by pickle)."""
+    from litdata.streaming.item_loader import PyTreeLoader
+    from litdata.streaming.serializers import _get_serializers
+
+    loader = PyTreeLoader()
+    loader._serializers = _get_serializers(None)
+    for i, fmt in enumerate(data_format):
+        key = loader._data_format_to_key(fmt)
+        if key not in SAFE_SERIALIZERS:
+            raise DataError(f"{where}: field {i} of its items ({fmt!r}) is read by LitData's {key!r} serializer, "
+                            f"which builds Python objects (pickle runs any code a chunk holds); empssl reads only "
+                            f"{', '.join(sorted(SAFE_SERIALIZERS))}")
+
+
+class _Refused:
+    """LitData's serializer ``key`` for reading shards, where it is not in :data:`SAFE_SERIALIZERS`: reading
+    through it is an error (:func:`check_data_format` refuses such folders before; this is in case it is missed)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def setup(self, data_format: Any) -> None:
+        pass
+
+    def deserialize(self, data: bytes) -> Any:
+        raise DataError(f"LitData's {self.key!r} serializer builds Python objects; empssl does not read it")
+
+
+def reader_serializers() -> dict[str, Any]:
+    """``serializers=`` for ``litdata.StreamingDataset``: every serializer outside :data:`SAFE_SERIALIZERS`
+    replaced by :class:`_Refused` (LitData adds its own for any name not given, so leaving them out is not enough)."""
+    from litdata.streaming.serializers import _get_serializers
+
+    return {key: _Refused(key) for key in _get_serializers(None) if key not in SAFE_SERIALIZERS}
 
 
 def _verify_split(folder: Path, split: SplitShards, hashes: bool) -> None:
     index_path = folder / "index.json"
     try:
-        chunks = json.loads(index_path.read_text())["chunks"]
-        listed = [(str(c["filename"]), int(c["chunk_size"])) for c in chunks]
+        index = json.loads(index_path.read_text())
+        listed = [(plain_name(c["filename"], index_path), int(c["chunk_size"])) for c in index["chunks"]]
+        check_data_format(index["config"]["data_format"], f"split {folder.name} of {folder.parent}")
     except FileNotFoundError:
         raise DataError(f"missing {index_path} (the manifest lists this split)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
