@@ -314,17 +314,16 @@ def test_log_may_be_added_when_resuming(tmp_path: Path) -> None:
 def test_a_damaged_trackers_json_is_one_line_naming_it(damage: str | bytes, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(TRACKERS, "wandb", _Recorder)  # nothing is opened: the file is read first
-    ids = tmp_path / IDS_FILE
+    ids, data = tmp_path / IDS_FILE, damage if isinstance(damage, bytes) else damage.encode()
     if damage == "folder":
         ids.mkdir()
     else:
-        (ids.write_bytes if isinstance(damage, bytes) else ids.write_text)(damage)  # type: ignore[operator]
+        ids.write_bytes(data)
     with pytest.raises(TrackingError, match=f"{ids} cannot be read as the loggers' run ids .*delete it and the "
                                             f"loggers start new runs") as e:
         open_tracking("wandb", tmp_path, {})
     assert "\n" not in str(e.value)
-    assert ids.is_dir() if damage == "folder" else ids.read_bytes() == (
-        damage if isinstance(damage, bytes) else damage.encode())
+    assert ids.is_dir() if damage == "folder" else ids.read_bytes() == data  # left as it was
 
 
 def test_a_damaged_trackers_json_stops_the_resume_in_one_line(tmp_path: Path, data_dir: Path,
