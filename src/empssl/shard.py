@@ -57,7 +57,7 @@ from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
 from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
 from .data.imagenet import parse_spec
 from .data.load import resolve
-from .files import OutputError, write_json
+from .files import OutputError, WriterLock, write_json
 
 FORMAT = "empssl-shards"
 FORMAT_VERSION = 2  # 2: each split's labels.npy
@@ -493,7 +493,7 @@ def _write_index(folder: Path, parts: list[dict[str, Any]]) -> None:
 
 # --- appending ----------------------------------------------------------------------------------------
 
-APPEND_LOCK = ".append.lock"  # held (flock) by the one append writing to a folder
+APPEND_LOCK = ".append.lock"  # held (files.WriterLock) by the one append writing to a folder
 
 
 def append_shards(spec: str, out: str | Path, max_side: int | None = None, workers: int | None = None,
@@ -512,18 +512,13 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
     unchanged, appended again does nothing. DataError (one line) for all that; a failed or killed append leaves
     the folder as readers saw it before (its unlisted files are removed by the next append).
     """
-    import fcntl
-
     out = Path(out).expanduser()
     if not (out / MANIFEST).is_file():
         raise DataError(f"--append: {out} holds no {MANIFEST} (no complete shard folder); write it first: empssl "
                         f"shard SRC --out {out}")
     source = source_name(spec, data_dir)
-    with open(out / APPEND_LOCK, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"--append: another append is writing to {out}; wait for it to finish") from None
+    with WriterLock(out / APPEND_LOCK, lambda holder: f"--append: {holder} is appending to {out}; wait for it to "
+                                                      f"finish", lambda note: print(note, file=sys.stderr)):
         manifest = verify_shards(out, hashes=False)
         for given, have, flag in ((max_side, manifest.max_side, "--max-side"),
                                   (shard_size, manifest.shard_size, "--shard-size")):
@@ -545,7 +540,7 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
             print(f"{out} already holds the images of {source} (appended before); nothing to do", file=sys.stderr)
             return manifest
         folder, train = out / NO_SPLIT, manifest.splits[NO_SPLIT]
-        _remove_unlisted(folder, train)
+        _remove_unlisted(folder, manifest)
         size, first = manifest.shard_size, len(train.shards)
         recs = [(r.name, labels[-1 if r.label is None else r.label], r.data) for r in catalog.records]
         jobs: list[_Job] = [(str(folder), first + j, recs[at: at + size], size, manifest.max_side, source)
@@ -558,7 +553,7 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
                                     "first_shard": first, "shards": len(parts), "empssl_version": __version__})
         except BaseException:
             try:  # the manifest read again: if it was replaced, the new shards are listed and stay
-                _remove_unlisted(folder, verify_shards(out, hashes=False).splits[NO_SPLIT])
+                _remove_unlisted(folder, verify_shards(out, hashes=False))
             except DataError:
                 pass
             raise
@@ -581,10 +576,14 @@ def _appended_labels(classes: list[str] | None, manifest: Manifest, source: str)
     return {i: manifest.classes.index(c) for i, c in enumerate(classes)}
 
 
-def _remove_unlisted(folder: Path, split: SplitShards) -> None:
-    """Remove what a failed or killed append left in ``folder``: shard and labels files the manifest does not
-    list, temporary folders and shard records."""
+def _remove_unlisted(folder: Path, manifest: Manifest) -> None:
+    """Remove what a failed or killed append left in ``folder`` (the train split's): shard files ``manifest`` does
+    not list, temporary folders and shard records, and labels files but its own and the previous manifest's (kept
+    for a reader that read that one, docs/DATA.md)."""
+    split, appends = manifest.splits[NO_SPLIT], manifest.data.get("appends", [])
     listed = {f.name for f in split.shards} | {split.labels.name}
+    if appends:
+        listed.add(_labels_name(len(appends) - 1, split.images - appends[-1]["images"]))
     for path in [*folder.glob("chunk-*.bin"), *folder.glob("labels*.npy")]:
         if path.name not in listed:
             path.unlink(missing_ok=True)
@@ -602,7 +601,8 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
            for j, (chunk, f) in enumerate(zip(index["chunks"], train.shards))]
     _write_index(folder, old + parts)
     total = train.images + len(labels)
-    entry = _write_labels(folder, [*manifest.labels(NO_SPLIT).tolist(), *labels], f"labels-{total}.npy")
+    entry = _write_labels(folder, [*manifest.labels(NO_SPLIT).tolist(), *labels],
+                          _labels_name(len(manifest.data.get("appends", [])) + 1, total))
     data = json.loads(json.dumps(manifest.data))  # a copy
     split = data["splits"][NO_SPLIT]
     stored, reencoded = sum(p["stored"] for p in parts), sum(p["reencoded"] for p in parts)
@@ -613,13 +613,14 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
     data.update(images=data["images"] + len(labels), stored=data["stored"] + stored,
                 reencoded=data["reencoded"] + reencoded, appends=[*data.get("appends", []), record])
     _write_json(out / MANIFEST, data)
-    # the labels file the previous manifest named stays for a reader that read it; older ones go
-    keep = {entry["name"], train.labels.name}
-    for path in folder.glob("labels*.npy"):
-        if path.name not in keep:
-            path.unlink(missing_ok=True)
-    shutil.rmtree(folder / ".parts", ignore_errors=True)
-    return verify_shards(out, hashes=False)
+    published = verify_shards(out, hashes=False)
+    _remove_unlisted(folder, published)
+    return published
+
+
+def _labels_name(appends: int, images: int) -> str:
+    """The train split's labels file after ``appends`` appends, when it holds ``images`` images."""
+    return f"labels-{images}.npy" if appends else LABELS
 
 
 # --- checking ------------------------------------------------------------------------------------------
