@@ -30,7 +30,7 @@ from typing import Any
 from .config import Config, ConfigError, load_preset, method_recipe, settings_for
 from .data import ImageData
 from .files import read_jsonl, write_json
-from .registry import method_class
+from .methods import method_class
 from .report import write_report
 from .rundir import run_config
 from .train import config_data, train, train_once
