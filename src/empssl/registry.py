@@ -5,13 +5,15 @@ modules import the config, so the registry sits below both) and knows nothing of
 classes that ``@register`` names; :mod:`empssl.methods` re-exports it with the types of a method.
 
 It imports no method module until one is asked for: the method modules import torch (seconds), and validating a
-config or listing the names must not. :func:`method_names` reads the names of the package's methods from their
-modules' ``@register("...")`` lines (``src/empssl/methods/*.py``); a method defined elsewhere (a test, a user's
-script) is listed once its module has been imported and has registered it.
+config, listing the names or the command line's ``--help`` must not. :func:`method_names` reads the names of the
+package's methods from their modules' ``@register("...")`` lines (``src/empssl/methods/*.py``) and
+:func:`settings_source` their settings class statements; a method defined elsewhere (a test, a user's script) is
+listed once its module has been imported and has registered it.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import importlib
@@ -87,3 +89,22 @@ def settings_owners(key: str) -> list[str]:
     """The methods that declare a setting called ``key`` (imports every method module)."""
     return [m for m in method_names() if key in {f.name for f in dataclasses.fields(method_class(m).Settings)}]
 
+
+@functools.cache
+def settings_source(name: str) -> str:
+    """The class statement (decorators included) of the settings class that the package's method ``name``
+    declares, read from its module without importing it: the class named by ``Settings = X`` in the class that
+    ``@register("name")`` decorates, defined in the same module. "" for a method outside the package, one already
+    imported (its class is at hand) or one without settings of its own."""
+    if name in _REGISTERED or name not in _package_methods():
+        return ""
+    tree = ast.parse(_source(_package_methods()[name][0]))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    for cls in classes.values():
+        if any(isinstance(d, ast.Call) and ast.unparse(d.func) == "register" and d.args
+               and ast.literal_eval(d.args[0]) == name for d in cls.decorator_list):
+            for stmt in cls.body:
+                if (isinstance(stmt, ast.Assign) and ast.unparse(stmt.targets[0]) == "Settings"
+                        and isinstance(stmt.value, ast.Name) and stmt.value.id in classes):
+                    return ast.unparse(classes[stmt.value.id])
+    return ""
