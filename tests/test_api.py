@@ -59,3 +59,11 @@ def test_no_import_cycle_counting_deferred_and_type_only_imports(tmp_path):
     assert tool["imports"](toy)["b"] == {"c": False}
     assert tool["cycles"](tool["imports"](toy)) == [["a", "b", "c"]]
     assert tool["cycles"](tool["imports"](Path(empssl.__file__).parent)) == []
+
+
+def test_the_docs_name_no_folder_of_the_machine_they_were_written_on():
+    root = README.parent
+    docs = [README, *sorted((root / "docs").glob("*.md")), *sorted((root / "src" / "empssl").rglob("*.md"))]
+    for path in docs:
+        found = re.findall(r"(?<![\w.~])/(?:tmp|work|root|home)/[^\s`'\")]*", path.read_text())
+        assert not found, (path.relative_to(root), found)
