@@ -32,6 +32,9 @@ manifest, counts that disagree, shards without classes (``empssl shard`` itself 
 held-out splits have different classes, so a manifest holds one class list). An image that does
 not decode stops training with a one-line error naming it (the last checkpoint is kept): skipping it would change
 the data unnoticed and leave one rank's batch short (the in-memory tier refuses such an image too).
+
+A run records what it trains on in its checkpoint (:func:`data_record`: the count, and the shard list or the
+source's file stamps) and refuses to resume over other data (:func:`check_data`).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from .data import TORCHVISION_DATASETS, Catalog, DataError, ImageData, ImageReco
 from .data.decode import decode_catalog
 from .data.images import balanced_indices
 from .data.layouts import held_out_split
-from .data.load import TooBigForMemory, check_fits
+from .data.load import TooBigForMemory, check_fits, fingerprint
 from .shard import MANIFEST, Manifest, verify_shards
 
 T = TypeVar("T")
@@ -348,6 +351,51 @@ def choose_tier(mode: str, n: int, image_size: int, source: str, log: Callable[[
         return "memory"
     require_image_size(image_size)
     return "stream"
+
+
+# --- what a run trains on ---------------------------------------------------------------------------------
+
+
+def data_record(n_train: int, spec: str | None = None, data_dir: str = "./data") -> dict[str, Any]:
+    """What a run trains on, as its checkpoint records it: the ``n_train`` training images (after
+    ``--train-subset``) and, of ``spec`` (``cfg.data``; None for data given as tensors), a shard folder's train
+    shards (name, images, bytes, sha256, from its manifest), or a folder's or archive's stamps (what the decoded-image
+    cache is keyed by: :func:`empssl.data.load.fingerprint`); no image is read for it."""
+    record: dict[str, Any] = {"train": n_train}
+    if spec is not None and is_shards(spec):
+        record["shards"] = [[f.name, f.images, f.bytes, f.sha256]
+                            for f in verify_shards(Path(spec).expanduser(), hashes=False).splits["train"].shards]
+    elif spec is not None and spec not in TORCHVISION_DATASETS:
+        record["files"] = fingerprint(spec, data_dir)
+    return record
+
+
+def check_data(saved: dict[str, Any] | None, now: dict[str, Any], spec: str, checkpoint: Path,
+               log: Callable[[str], None]) -> None:
+    """Refuse (DataError, one line) to resume a run whose data changed since its checkpoint recorded them
+    (:func:`data_record`): a resumed run trains on exactly what it started on. A checkpoint without the record (an
+    older empssl's) resumes unchecked, with a note."""
+    if saved is None:
+        log(f"note: {checkpoint} does not record the data it was trained on (an older empssl wrote it); resuming "
+            f"without checking that {spec} is unchanged")
+        return
+    if all(saved[k] == v for k, v in now.items() if k in saved):
+        return
+    was, is_, shards = _described(saved), _described(now), "shards" in now
+    if was != is_:
+        change = f"now {'lists' if shards else 'holds'} {is_}; this run was trained on {was}"
+    else:
+        what = "their names, sizes or sha256" if shards else "file names, sizes or modification times"
+        change = f"has changed ({what}) since this run was trained on its {was}"
+    where = Path(spec).expanduser() / "train" if shards else spec
+    raise DataError(f"{where} {change}: train into a new --out, or restore the data to resume")
+
+
+def _described(record: dict[str, Any]) -> str:
+    shards = record.get("shards")
+    if shards is None:
+        return f"{record['train']:,} training images"
+    return f"{len(shards)} shard{'s' * (len(shards) != 1)} / {sum(f[1] for f in shards):,} images"
 
 
 # --- decoding a batch ---------------------------------------------------------------------------------------
