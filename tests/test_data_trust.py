@@ -3,17 +3,21 @@ an in-memory folder), a checkpoint without the record still resumes; a shard tru
 a run reads it stops with one line naming it, the last checkpoint kept."""
 
 import importlib
+import os
 import signal
 
 import pytest
+import torch
 
+from empssl import stream
 from empssl.checkpoint import read_checkpoint, save_atomic
 from empssl.cli import main
+from empssl.data import DataError
 from empssl.data.load import fingerprint
-from empssl.shard import append_shards
+from empssl.shard import append_shards, verify_shards
 
 from .conftest import TINY
-from .test_stream import image_tree, quiet, small_shards, tiny_cfg
+from .test_stream import image_tree, quiet, shards_of, small_shards, tiny_cfg
 
 pytest.importorskip("litdata")
 train_module = importlib.import_module("empssl.train")
@@ -95,3 +99,93 @@ def test_a_checkpoint_without_the_record_resumes_with_a_note(tmp_path, data_dir,
     assert any(line.startswith("note:") and "does not record the data" in line for line in lines), lines
     done = read_checkpoint(tmp_path / "run")
     assert done["step"] == 3 and done["data"]["train"] == 60  # recorded from now on
+
+
+# --- a shard that changes while a run reads it -------------------------------------------------------------
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "deleted":
+        path.unlink()
+    else:  # the same size, other bytes: only its sha256 tells
+        path.write_bytes(bytes(len(data)))
+    return data
+
+
+def damage_on_first_read(monkeypatch, shard, rows, how, then=None):
+    """Damage ``shard`` in the DataLoader worker, just before it reads the first of ``rows`` (so LitData has not
+    opened it yet); ``then()`` after that, in the worker."""
+    real, parent, done = stream.ShardItems.item, os.getpid(), shard.parents[2] / "original"  # tmp_path
+
+    def item(self, i):
+        if os.getpid() != parent and i in rows and not done.exists():
+            done.write_bytes(damage(shard, how))
+            if then:
+                then()
+        return real(self, i)
+
+    monkeypatch.setattr(stream.ShardItems, "item", item)
+    monkeypatch.setattr(stream, "_n_workers", lambda: 1)  # one worker reads the batches in step order
+    return done
+
+
+def first_read_in_step_2(root, cfg):
+    """(a train shard that the streamed run first reads in its second step, the rows of it read then): not read by
+    the first step or for the monitor's bank."""
+    _, _, split = stream.load_splits(cfg, False, lambda: pytest.fail("stream asked"), quiet)
+    steps = list(stream.StreamBatches(split, batch_size=cfg.batch_size, seed=cfg.seed, start_step=0, total_steps=2,
+                                      device="cpu").rows())
+    shards = verify_shards(root, hashes=False).splits["train"].shards
+    shard_of = {i: j for j, f in enumerate(shards) for i in range(2 * j, 2 * j + 2)}  # 2 images per shard
+    seen = {shard_of[i] for i in steps[0] + split.subset(cfg.monitor_bank).rows.tolist()}
+    j = next(shard_of[i] for i in steps[1] if shard_of[i] not in seen)
+    return root / "train" / shards[j].name, {i for i in steps[1] if shard_of[i] == j}
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted", "replaced"])
+def test_a_shard_damaged_while_a_streamed_run_reads_it_is_one_line_and_the_run_resumes_once_fixed(
+        tmp_path, data_dir, monkeypatch, capsys, how):
+    root = shards_of(image_tree(tmp_path / "src", data_dir, {"train": 6, "test": 2}), tmp_path / "shards",
+                     shard_size=2)
+    cfg = tiny_cfg(data_dir, data=str(root), data_mode="stream", train_subset=0, monitor_bank=20)
+    shard, rows = first_read_in_step_2(root, cfg)
+    with monkeypatch.context() as m:
+        done = damage_on_first_read(m, shard, rows, how)
+        assert train_cli(tmp_path, root, "--data-mode", "stream", "--checkpoint-every", "1") == 2
+    said = {"truncated": "truncated or changed", "deleted": "missing shard", "replaced": "does not match its sha256"}
+    one_line(capsys, str(shard), said[how], "resume")
+    assert read_checkpoint(tmp_path / "run")["step"] == 1  # the step before the read is kept
+    shard.write_bytes(done.read_bytes())  # restored
+    assert train_cli(tmp_path, root, "--data-mode", "stream", "--checkpoint-every", "1") == 0
+    assert read_checkpoint(tmp_path / "run")["step"] == 3
+
+
+def test_a_worker_killed_by_sigbus_names_the_truncated_shard(tmp_path, data_dir, monkeypatch):
+    root = shards_of(image_tree(tmp_path / "src", data_dir, {"train": 6, "test": 2}), tmp_path / "shards",
+                     shard_size=2)
+    cfg = tiny_cfg(data_dir, data=str(root), data_mode="stream", train_subset=0, monitor_bank=20)
+    shard, rows = first_read_in_step_2(root, cfg)
+    # what the kernel does to a worker reading a memory-mapped shard that was cut short under it
+    damage_on_first_read(monkeypatch, shard, rows, "truncated", lambda: os.kill(os.getpid(), signal.SIGBUS))
+    split = stream.load_splits(cfg, False, lambda: pytest.fail("stream asked"), quiet)[2]
+    got = []
+    with pytest.raises(DataError, match=f"shard {shard} is .* bytes, manifest.json says .*truncated"):
+        # the death is raised where the main process happens to be: leaving the block names the shard
+        with stream.StreamBatches(split, batch_size=20, seed=cfg.seed, start_step=0, total_steps=3,
+                                  device="cpu") as batches:
+            got.extend(batches)
+    assert len(got) <= 1  # the first batch was read before the shard was cut
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+def test_a_shard_lost_before_the_in_memory_tier_or_eval_decodes_it_is_one_line(tmp_path, data_dir, how):
+    root = small_shards(tmp_path, data_dir)
+    train, _, _, _ = stream.open_shards(root)  # checked here, then damaged before it is decoded
+    split = stream.StreamedSplit(train, torch.arange(60), train.labels(), [str(c) for c in range(10)], 32, str(root))
+    shard = sorted((root / "train").glob("chunk-*.bin"))[3]
+    damage(shard, how)
+    with pytest.raises(DataError, match=f"{'missing shard' if how == 'deleted' else 'shard'} {shard}"):
+        split.decoded(progress=False)
