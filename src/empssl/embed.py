@@ -218,7 +218,7 @@ def _shard_source(root: Path, image_size: int, mode: str, log: Callable[[str], A
     splits, labels = [], []
     for name, split in manifest.splits.items():
         lab = torch.from_numpy(manifest.labels(name).astype(np.int64))
-        items = ShardItems(manifest.split_dir(name), split.images, lab.tolist())
+        items = ShardItems(manifest.split_dir(name), split.images, lab.tolist(), split.shards)
         streamed = _streamed(items, lab, classes, image_size, str(root), name)
         if mode == "memory":
             streamed.split.block_images = len(lab)

@@ -31,13 +31,21 @@ Bad data is refused before training, in one line: a shard missing, truncated or 
 manifest, counts that disagree, shards without classes (``empssl shard`` itself refuses a source whose train and
 held-out splits have different classes, so a manifest holds one class list). An image that does
 not decode stops training with a one-line error naming it (the last checkpoint is kept): skipping it would change
-the data unnoticed and leave one rank's batch short (the in-memory tier refuses such an image too).
+the data unnoticed and leave one rank's batch short (the in-memory tier refuses such an image too). A shard that
+changes after that check (truncated, deleted or replaced while training, ``eval`` or ``embed`` reads it) is named in
+one line when a read fails, or a DataLoader worker dies of it (SIGBUS), found by the shards' sizes against the
+manifest, then the sha256 of the one that failed (:meth:`ShardItems.culprit`); training keeps its last checkpoint.
+Shards are read from local disks only.
+
+A run records what it trains on in its checkpoint (:func:`data_record`: the count, and the shard list or the
+source's file stamps) and refuses to resume over other data (:func:`check_data`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -45,6 +53,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
 import torch
 
 from .batches import epoch_permutation
@@ -53,8 +62,8 @@ from .data import TORCHVISION_DATASETS, Catalog, DataError, ImageData, ImageReco
 from .data.decode import decode_catalog
 from .data.images import balanced_indices
 from .data.layouts import held_out_split
-from .data.load import TooBigForMemory, check_fits
-from .shard import MANIFEST, Manifest, reader_serializers, verify_shards
+from .data.load import TooBigForMemory, check_fits, fingerprint
+from .shard import MANIFEST, Manifest, ShardFile, reader_serializers, verify_file, verify_shards
 
 T = TypeVar("T")
 
@@ -96,10 +105,12 @@ class CatalogItems:
 
 
 class ShardItems:
-    """One LitData split folder (``DIR/train``): random access by index into its chunks."""
+    """One LitData split folder (``DIR/train``): random access by index into its chunks; ``shards``, the manifest's
+    list of them, names the one to blame when a read fails (:meth:`culprit`)."""
 
-    def __init__(self, folder: Path, count: int, labels: list[int] | None = None) -> None:
-        self.folder, self.count, self._labels = folder, count, labels
+    def __init__(self, folder: Path, count: int, labels: list[int] | None = None,
+                 shards: list[ShardFile] | None = None) -> None:
+        self.folder, self.count, self._labels, self.shards = folder, count, labels, shards or []
         self._ds: Any = None  # opened in the process that reads (DataLoader workers open their own)
 
     def __len__(self) -> int:
@@ -120,6 +131,29 @@ class ShardItems:
         # the split's labels.npy (empssl shard writes it); without it, one pass over the split reads them
         labels = self._labels if self._labels is not None else [self.item(i)[1] for i in range(self.count)]
         return torch.tensor(labels, dtype=torch.int64)
+
+    def culprit(self, rows: list[int]) -> DataError | None:
+        """Why a read of ``rows`` failed, when a shard changed after the start checked them all: one missing or not
+        at its manifest size (a stat of each), else one holding ``rows`` that no longer matches its sha256 (those
+        few are read); None when they all match."""
+        ends = np.cumsum([f.images for f in self.shards])
+        holding = sorted({int(np.searchsorted(ends, r, side="right")) for r in rows} & set(range(len(ends))))
+        try:
+            for f in self.shards:
+                verify_file(self.folder, f, hashes=False)
+            for j in holding:
+                verify_file(self.folder, self.shards[j])
+        except DataError as e:
+            return DataError(f"{e}; it changed after this command checked it: restore it and run the command again "
+                             f"(a training run resumes from its last checkpoint)")
+        return None
+
+
+def read_error(items: Items, rows: list[int], message: str) -> DataError:
+    """The one-line error for a read of ``rows`` that failed with ``message``: the shard to blame
+    (:meth:`ShardItems.culprit`), else ``message``."""
+    found = items.culprit(rows) if isinstance(items, ShardItems) else None
+    return found or DataError(message)
 
 
 def is_shards(spec: str) -> bool:
@@ -149,8 +183,8 @@ def open_shards(root: Path) -> tuple[ShardItems, ShardItems, list[str], str]:
         raise DataError(f"{root} holds shards of {manifest.source}, which has no classes (label -1); training "
                         f"needs labels for its evaluation and monitor: shard a class tree (train/<class>/...)")
     held = held_out_split(manifest.splits, str(root))
-    items = [ShardItems(manifest.split_dir(name), manifest.splits[name].images, manifest.labels(name).tolist())
-             for name in ("train", held)]
+    items = [ShardItems(manifest.split_dir(name), manifest.splits[name].images, manifest.labels(name).tolist(),
+                        manifest.splits[name].shards) for name in ("train", held)]
     return items[0], items[1], [str(c) for c in manifest.classes], held
 
 
@@ -192,7 +226,7 @@ class StreamedSplit:
 
     def decoded(self, progress: bool, desc: str = "decoding") -> ImageData:
         """Every row decoded into memory (the in-memory tier's decoder and process pool)."""
-        records = _records(self.items, self.rows)
+        records = _records(self.items, self.rows, self.where)
         images = decode_catalog(_catalog(records, self.classes, self.where), self.image_size, progress, desc=desc)
         return ImageData(images, self.labels.clone(), list(self.classes))
 
@@ -209,20 +243,23 @@ class StreamedSplit:
         else:
             per = max(1, BLOCK_BYTES // (multiple * 3 * self.image_size**2)) * multiple
         for at in range(0, len(self.rows), per):
-            records = _records(self.items, self.rows[at:at + per])
+            records = _records(self.items, self.rows[at:at + per], self.where)
             if names is not None:
                 names.extend(r.name for r in records)
             yield decode_catalog(_catalog(records, self.classes, self.where), self.image_size, False)
 
 
-def _records(items: Items, rows: torch.Tensor) -> list[ImageRecord]:
+def _records(items: Items, rows: torch.Tensor, source: str) -> list[ImageRecord]:
     """The :class:`ImageRecord` of rows ``rows`` of ``items`` (a folder's files are read later, by the decoder's
-    workers; a shard's items now)."""
+    workers; a shard's items now, a failure named by :func:`read_error`)."""
     if isinstance(items, CatalogItems):
         return [items.records[i] for i in rows.tolist()]
     out = []
     for i in rows.tolist():
-        data, label, name = items.item(i)
+        try:
+            data, label, name = items.item(i)
+        except Exception as e:  # LitData's own words (a "hung download" for a missing shard) would mislead
+            raise read_error(items, [i], f"cannot read image {i} of {source}: {type(e).__name__}: {e}") from None
         out.append(ImageRecord(name, label, data))
     return out
 
@@ -350,6 +387,51 @@ def choose_tier(mode: str, n: int, image_size: int, source: str, log: Callable[[
     return "stream"
 
 
+# --- what a run trains on ---------------------------------------------------------------------------------
+
+
+def data_record(n_train: int, spec: str | None = None, data_dir: str = "./data") -> dict[str, Any]:
+    """What a run trains on, as its checkpoint records it: the ``n_train`` training images (after
+    ``--train-subset``) and, of ``spec`` (``cfg.data``; None for data given as tensors), a shard folder's train
+    shards (name, images, bytes, sha256, from its manifest), or a folder's or archive's stamps (what the decoded-image
+    cache is keyed by: :func:`empssl.data.load.fingerprint`); no image is read for it."""
+    record: dict[str, Any] = {"train": n_train}
+    if spec is not None and is_shards(spec):
+        record["shards"] = [[f.name, f.images, f.bytes, f.sha256]
+                            for f in verify_shards(Path(spec).expanduser(), hashes=False).splits["train"].shards]
+    elif spec is not None and spec not in TORCHVISION_DATASETS:
+        record["files"] = fingerprint(spec, data_dir)
+    return record
+
+
+def check_data(saved: dict[str, Any] | None, now: dict[str, Any], spec: str, checkpoint: Path,
+               log: Callable[[str], None]) -> None:
+    """Refuse (DataError, one line) to resume a run whose data changed since its checkpoint recorded them
+    (:func:`data_record`): a resumed run trains on exactly what it started on. A checkpoint without the record (an
+    older empssl's) resumes unchecked, with a note."""
+    if saved is None:
+        log(f"note: {checkpoint} does not record the data it was trained on (an older empssl wrote it); resuming "
+            f"without checking that {spec} is unchanged")
+        return
+    if all(saved[k] == v for k, v in now.items() if k in saved):
+        return
+    was, is_, shards = _described(saved), _described(now), "shards" in now
+    if was != is_:
+        change = f"now {'lists' if shards else 'holds'} {is_}; this run was trained on {was}"
+    else:
+        what = "their names, sizes or sha256" if shards else "file names, sizes or modification times"
+        change = f"has changed ({what}) since this run was trained on its {was}"
+    where = Path(spec).expanduser() / "train" if shards else spec
+    raise DataError(f"{where} {change}: train into a new --out, or restore the data to resume")
+
+
+def _described(record: dict[str, Any]) -> str:
+    shards = record.get("shards")
+    if shards is None:
+        return f"{record['train']:,} training images"
+    return f"{len(shards)} shard{'s' * (len(shards) != 1)} / {sum(f[1] for f in shards):,} images"
+
+
 # --- decoding a batch ---------------------------------------------------------------------------------------
 
 
@@ -363,8 +445,8 @@ def resolve_decode(decode: str, device: torch.device) -> str:
 class _Reader(torch.utils.data.Dataset):
     """What a DataLoader worker does with one row: read its bytes and, for ``--decode cpu``, decode them.
 
-    Returns ("image", (3, S, S) uint8), ("bytes", (n,) uint8 raw file) or ("error", one-line message): a
-    worker's exception would reach the main process as a multi-line traceback."""
+    Returns ("image", (3, S, S) uint8, name), ("bytes", (n,) uint8 raw file, name) or ("error", one-line message,
+    the row): a worker's exception would reach the main process as a multi-line traceback."""
 
     def __init__(self, items: Items, image_size: int, decode: bool) -> None:
         self.items, self.image_size, self.decode = items, image_size, decode
@@ -372,16 +454,16 @@ class _Reader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[str, Any, str]:
+    def __getitem__(self, i: int) -> tuple[str, Any, Any]:
         try:
             data, _, name = self.items.item(i)
             if not self.decode:
                 return "bytes", torch.frombuffer(bytearray(data), dtype=torch.uint8), name
             return "image", _chw(decode_image(data, self.image_size, f"image {name}")), name
         except DataError as e:
-            return "error", str(e), ""
+            return "error", str(e), i
         except Exception as e:  # a shard that cannot be read: one line naming the row
-            return "error", f"cannot read image {i} of the streamed split: {type(e).__name__}: {e}", ""
+            return "error", f"cannot read image {i} of the streamed split: {type(e).__name__}: {e}", i
 
 
 def _chw(image: Any) -> torch.Tensor:
@@ -389,7 +471,14 @@ def _chw(image: Any) -> torch.Tensor:
     return torch.tensor(image).permute(2, 0, 1)
 
 
-def _collate(batch: list[tuple[str, Any, str]]) -> list[tuple[str, Any, str]]:
+def _quiet_bus_error(worker: int) -> None:
+    """A worker killed by SIGBUS (a shard cut short under its memory map) dies without torch's note blaming shared
+    memory: the main process names the shard (:meth:`StreamBatches.__exit__`)."""
+    if hasattr(signal, "SIGBUS"):
+        signal.signal(signal.SIGBUS, signal.SIG_DFL)
+
+
+def _collate(batch: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
     return batch
 
 
@@ -445,7 +534,8 @@ class StreamBatches:
         decode: "cpu" (decoded in the workers) or "cuda" (raw bytes from the workers, :func:`decode_batch`).
         workers: DataLoader worker processes (default: the CPUs but one, at most 8).
 
-    Use ``close()`` (or a ``with`` block) to stop the workers when leaving early.
+    Use a ``with`` block (or ``close()``) to stop the workers when leaving early; leaving the block on a worker's
+    death names the shard that changed under it (:meth:`ShardItems.culprit`).
     """
 
     def __init__(self, split: StreamedSplit, *, batch_size: int, seed: int, start_step: int, total_steps: int,
@@ -464,8 +554,15 @@ class StreamBatches:
     def __enter__(self) -> StreamBatches:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         self.close()
+        # A worker that dies (SIGBUS: a shard truncated under its memory map) is a RuntimeError in this process,
+        # raised by the DataLoader or its SIGCHLD handler wherever the loop is: a changed shard is named instead.
+        items = self.split.items
+        if isinstance(error, RuntimeError) and "DataLoader worker" in str(error) and isinstance(items, ShardItems):
+            found = items.culprit([])
+            if found is not None:
+                raise found from None
 
     def rows(self) -> Iterator[list[int]]:
         """This rank's rows of ``split.items`` for every step, in step order."""
@@ -482,14 +579,15 @@ class StreamBatches:
         extra: dict[str, Any] = {"prefetch_factor": self.prefetch, "multiprocessing_context": "fork"
                                  if sys.platform == "linux" else "spawn"} if self.workers else {}
         loader = torch.utils.data.DataLoader(reader, batch_sampler=self.rows(), num_workers=self.workers,
-                                             collate_fn=_collate, pin_memory=False, **extra)
+                                             collate_fn=_collate, pin_memory=False, worker_init_fn=_quiet_bus_error,
+                                             **extra)
         self._loader = iter(loader)
         pin = self.device.type == "cuda"
         try:
             for batch in self._loader:
                 bad = next((b for b in batch if b[0] == "error"), None)
-                if bad is not None:
-                    raise DataError(bad[1])
+                if bad is not None:  # the image named, or the shard to blame if one changed since the start
+                    raise read_error(self.split.items, [bad[2]], bad[1])
                 if self.decode == "cuda":
                     yield decode_batch([b[1] for b in batch], [b[2] for b in batch], self.split.image_size,
                                        self.device)

@@ -50,7 +50,7 @@ from .rundir import (
     time_line,
     write_config,
 )
-from .stream import StreamBatches, StreamedSplit, load_splits, resolve_decode
+from .stream import StreamBatches, StreamedSplit, check_data, data_record, load_splits, resolve_decode
 from .tracking import NO_TRACKING, Tracking, open_tracking, require_trackers
 from .version import __version__
 
@@ -104,6 +104,7 @@ class Run:
     metrics_state: dict[str, Any] | None = None  # the checkpoint's running loss sums since its last log step
     config_written: bool = False  # config.json is written with this session's first checkpoint
     streamed: StreamedSplit | None = None  # --data-mode stream: the training split read as it goes
+    data: dict[str, Any] | None = None  # what it trains on (stream.data_record): saved, checked on resume
 
     @property
     def n_train(self) -> int:
@@ -172,6 +173,8 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
         torch.backends.cudnn.benchmark = True
     check_step_fits(cfg, device, dist.world_size)  # a step that cannot fit: one line, before any data or file
     train_data, test_data, steps_per_epoch, streamed = _load_data(cfg, data, dist, progress)
+    record = data_record(len(streamed) if streamed else len(train_data), cfg.data if data is None else None,
+                         cfg.data_dir)
     timing.add("data", time.perf_counter() - t0)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +189,7 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
               test_data=test_data, method=method, model=model, opt=opt, generator=generator,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule_steps=schedule_steps,
               warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), amp=autocast_dtype(cfg.precision, device),
-              memory_format=memory_format, timing=timing, streamed=streamed)
+              memory_format=memory_format, timing=timing, streamed=streamed, data=record)
     if run.ckpt_path.exists():
         resume(run, log)
     if run.step < run.total_steps:
@@ -222,6 +225,8 @@ def resume(run: Run, log: Callable[[str], None]) -> None:
     """Load the checkpoint of ``run.out`` into the run: weights, optimiser, step, RNG states, clock."""
     ckpt = read_checkpoint(run.ckpt_path)  # every rank loads it
     cfg, dist = run.cfg, run.dist
+    if run.data is not None:  # (the online mode records none: it follows a growing collection)
+        check_data(ckpt.get("data"), run.data, cfg.data, run.ckpt_path, log)  # before anything is loaded or written
     if ckpt.get("world_size", 1) != dist.world_size and not (cfg.tcr_global and cfg.sync_bn):
         raise TrainError(f"{run.out} was trained by {ckpt.get('world_size', 1)} processes; resume it with as many "
                          f"(only --tcr-global and --sync-bn make the run independent of that number)")
@@ -259,7 +264,8 @@ def save(run: Run, step: int, clock: dict[str, float], metrics: dict[str, Any] |
                  "rng": {"patches": run.generator.get_state(), "torch": torch.get_rng_state(),
                          "device": run.device.type},
                  "clock": clock, "config": run.cfg.to_dict(), "version": __version__,
-                 "world_size": run.dist.world_size, "metrics": metrics, **(extra or {})}, run.ckpt_path)
+                 "world_size": run.dist.world_size, "metrics": metrics, "data": run.data, **(extra or {})},
+                run.ckpt_path)
     if not run.config_written:
         write_config(run.out, run.cfg)
         run.config_written = True

@@ -40,22 +40,30 @@ _TMP_SUFFIX = ".tmp"
 
 def cache_dir(source: Path, data_dir: Path, image_size: int, tree: Tree | None) -> Path:
     """``data_dir/cache/<name>-<hash>`` for ``source`` decoded at ``image_size``. An archive (``tree`` None) is
-    keyed by its size and mtime, a folder by the stamps of every file the walk found."""
-    h = hashlib.sha256(f"{source}|{image_size}|{CACHE_VERSION}".encode())
+    keyed by its size and mtime, a folder by the stamps of every file the walk found (:func:`add_stamps`)."""
+    h = add_stamps(hashlib.sha256(f"{source}|{image_size}|{CACHE_VERSION}".encode()), source, tree)
     stem = source.name
     if tree is None:
-        st = source.stat()
-        h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
         for suffix in ARCHIVE_SUFFIXES:
             if stem.lower().endswith(suffix):
                 stem = stem[: -len(suffix)]
                 break
-    else:
-        for name in sorted(tree.stamps):
-            size, mtime = tree.stamps[name]
-            h.update(f"|{name}|{size}|{mtime}".encode())
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "data"
     return data_dir / "cache" / f"{safe}-{h.hexdigest()[:16]}"
+
+
+def add_stamps(h: Any, source: Path, tree: Tree | None) -> Any:
+    """``h`` (a hashlib hash) updated with what is known of ``source``'s files without reading them: an archive's
+    (``tree`` None) size and mtime, or every file's name, size and mtime. The cache's key, and a run's record of its
+    data (:func:`empssl.data.load.fingerprint`)."""
+    if tree is None:
+        st = source.stat()
+        h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h
+    for name in sorted(tree.stamps):
+        size, mtime = tree.stamps[name]
+        h.update(f"|{name}|{size}|{mtime}".encode())
+    return h
 
 
 def write_cache(cache: Path, images: ImageSet, source: str, image_size: int) -> None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import sys
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from . import decode
-from .cache import cache_dir, read_cache, remove_stale_temps, write_cache
+from .cache import add_stamps, cache_dir, read_cache, remove_stale_temps, write_cache
 from .imagenet import ImageNetSpec, parse_spec
 from .images import DataError, ImageData, ImageSet
 from .layouts import TORCHVISION_DATASETS, Catalog, catalog_tree, held_out_split, load_torchvision, split_names
@@ -133,6 +134,17 @@ def scan(spec: str, data_dir: str = "./data") -> Catalog:
     return _catalog(path, _tree(path, imagenet), train_test=False, imagenet=imagenet)
 
 
+def fingerprint(spec: str, data_dir: str = "./data") -> str | None:
+    """A digest of what the decoded-image cache is keyed by for a folder or archive (an archive's size and mtime,
+    or every file's name, size and mtime: a walk, no file read); None for torchvision's arrays, which do not change."""
+    spec, data_dir = _check_args(spec, data_dir, 0)
+    if spec in TORCHVISION_DATASETS:
+        return None
+    path, imagenet = _source(spec, Path(data_dir))
+    return add_stamps(hashlib.sha256(), path, _tree(path, imagenet, quiet=True) if path.is_dir() else None
+                      ).hexdigest()
+
+
 def _image_set(path: Path, data_dir: Path, image_size: int, progress: bool, train_test: bool,
                imagenet: ImageNetSpec | None = None) -> ImageSet:
     """The pipeline: walk a folder (an archive is keyed without reading it), look in the cache, else read,
@@ -156,9 +168,9 @@ def _image_set(path: Path, data_dir: Path, image_size: int, progress: bool, trai
     return result
 
 
-def _tree(path: Path, imagenet: ImageNetSpec | None = None) -> Tree:
+def _tree(path: Path, imagenet: ImageNetSpec | None = None, quiet: bool = False) -> Tree:
     tree = imagenet.walk() if imagenet else walk_folder(path) if path.is_dir() else read_archive(path)
-    if tree.skipped:
+    if tree.skipped and not quiet:
         n = len(tree.skipped)
         print(f"note: skipped {n} entr{'y' if n == 1 else 'ies'} of {path} that {'is' if n == 1 else 'are'} not "
               f"a regular file (FIFO, socket, device, link, or a symlink that leads nowhere), e.g. "
