@@ -304,6 +304,21 @@ def test_a_lock_file_that_is_not_a_plain_file_is_refused_and_left_as_it_is(kind,
         assert os.readlink(lock) == str(outside if kind.startswith("symlink") else tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "tensorboard/events.out"])
+def test_a_link_inside_a_run_directory_is_refused_and_nothing_written_through_it(name, tmp_path, data_dir, capsys):
+    """A run appends to its files, and appending follows links: a received run directory holding one would make
+    the run write outside it."""
+    out, outside = tmp_path / "run", tmp_path / "precious.txt"
+    outside.write_text("keep")
+    link = out / name
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    code, _, err = run(train_args(out, data_dir), capsys)
+    one_line_error(code, err, f"{link} is a symbolic link")
+    assert outside.read_text() == "keep" and os.readlink(link) == str(outside)
+    assert not (out / "checkpoint.pt").exists() and not (out / ".lock").exists()
+
+
 # --- metrics.jsonl exact across an interruption -------------------------------------------------------------
 
 

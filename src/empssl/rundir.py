@@ -24,7 +24,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_model_state, read_checkpoint
 from .config import Config, ConfigError, flag
-from .files import WriterLock, cut_jsonl, write_json
+from .files import OutputError, WriterLock, cut_jsonl, write_json
 from .methods import create_method
 from .version import __version__
 
@@ -161,6 +161,28 @@ class RunLock(WriterLock):
     def __init__(self, out_dir: Path, log: Callable[[str], None]) -> None:
         super().__init__(out_dir / ".lock", lambda holder: f"{out_dir} is being written by {holder}; wait for it to "
                                                            f"finish or choose another --out", log)
+        self.out = out_dir
+
+    def __enter__(self) -> RunLock:
+        super().__enter__()
+        try:
+            refuse_links(self.out)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+
+def refuse_links(out_dir: Path) -> None:
+    """OutputError (one line) if anything inside ``out_dir`` is a symbolic link. A run appends to its files
+    (metrics.jsonl, monitor.jsonl, the loggers' folders) and appending follows a link: a run directory received by
+    tar or rsync, which keep links, could make a run write anywhere. Atomic writes replace a link, never follow it,
+    but one rule for the whole folder is simpler to trust than one per file."""
+    for folder, dirs, files in os.walk(out_dir):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(folder, name)):
+                raise OutputError(f"{os.path.join(folder, name)} is a symbolic link; empssl writes only inside its "
+                                  f"run directory and follows no link there: remove it and run again")
 
 
 def remove_orphans(out_dir: Path, log: Callable[[str], None]) -> None:
