@@ -177,8 +177,11 @@ def refuse_links(out_dir: Path) -> None:
     """OutputError (one line) if anything inside ``out_dir`` is a symbolic link. A run appends to its files
     (metrics.jsonl, monitor.jsonl, the loggers' folders) and appending follows a link: a run directory received by
     tar or rsync, which keep links, could make a run write anywhere. Atomic writes replace a link, never follow it,
-    but one rule for the whole folder is simpler to trust than one per file."""
+    but one rule for the whole folder is simpler to trust than one per file. ``wandb/`` is left out: W&B makes
+    links of its own there (latest-run, its debug logs) at every start."""
     for folder, dirs, files in os.walk(out_dir):
+        if folder == str(out_dir):
+            dirs[:] = [d for d in dirs if d != "wandb" or os.path.islink(os.path.join(folder, d))]
         for name in dirs + files:
             if os.path.islink(os.path.join(folder, name)):
                 raise OutputError(f"{os.path.join(folder, name)} is a symbolic link; empssl writes only inside its "
