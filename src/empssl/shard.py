@@ -57,7 +57,7 @@ from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
 from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
 from .data.imagenet import parse_spec
 from .data.load import resolve
-from .files import OutputError, write_json
+from .files import OutputError, read_json, write_json
 
 FORMAT = "empssl-shards"
 FORMAT_VERSION = 2  # 2: each split's labels.npy
@@ -643,7 +643,7 @@ def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
         raise DataError(f"no {MANIFEST} in {root}: not a folder of empssl shards (make them with: empssl shard SRC "
                         f"--out {root})")
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
         if data.get("format") != FORMAT:
             raise DataError(f"{path} is not an empssl shard manifest")
         if data.get("format_version") != FORMAT_VERSION:
@@ -674,7 +674,7 @@ def _shard_file(f: dict[str, Any]) -> ShardFile:
 def _verify_split(folder: Path, split: SplitShards, hashes: bool) -> None:
     index_path = folder / "index.json"
     try:
-        chunks = json.loads(index_path.read_text())["chunks"]
+        chunks = read_json(index_path)["chunks"]
         listed = [(str(c["filename"]), int(c["chunk_size"])) for c in chunks]
     except FileNotFoundError:
         raise DataError(f"missing {index_path} (the manifest lists this split)") from None

@@ -36,7 +36,7 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError
-from .files import write_json
+from .files import read_json, write_json
 
 IDS_FILE = "trackers.json"
 
@@ -249,7 +249,7 @@ def open_tracking(log: str, run_dir: str | Path, config: dict[str, Any], *, star
     require_trackers(log)
     run_dir = Path(run_dir)
     ids_path = run_dir / IDS_FILE
-    ids: dict[str, Any] = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
+    ids = _saved_ids(ids_path)
     document = _jsonable({"empssl_version": __version__, **config})
     opened: list[Tracker] = []
     for name in names:
@@ -263,6 +263,20 @@ def open_tracking(log: str, run_dir: str | Path, config: dict[str, Any], *, star
         opened.append(tracker)
         write_json(ids_path, ids)  # at once: a session killed later still resumes the same runs
     return Tracking(opened)
+
+
+def _saved_ids(path: Path) -> dict[str, Any]:
+    """What each logger's ``open`` returned in an earlier session (trackers.json), by logger; {} when none did."""
+    if not path.exists():
+        return {}
+    try:
+        ids = read_json(path)
+    except (OSError, ValueError):
+        ids = None
+    if not isinstance(ids, dict) or not all(isinstance(saved, dict) for saved in ids.values()):
+        raise TrackingError(f"{path} is damaged (not the loggers' run ids empssl writes); delete it to log this "
+                            f"run as new runs") from None
+    return ids
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
