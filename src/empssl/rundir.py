@@ -70,7 +70,7 @@ def checkpoint_config(out_dir: str | Path) -> Config | None:
     if not path.is_file():
         return None
     try:
-        return Config.from_dict(read_checkpoint(path).get("config", {}))
+        return Config.from_dict(read_checkpoint(path).get("config", {})).validate()
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from None
 

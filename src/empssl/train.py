@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import __version__, distributed
 from .batches import StepBatches
-from .checkpoint import load_model_state, read_checkpoint, save_atomic
+from .checkpoint import RESUMED, load_model_state, read_checkpoint, save_atomic
 from .compiling import Compiler
 from .config import Config, ConfigError
 from .data import ImageData, load_data
@@ -219,7 +219,7 @@ def build_training(cfg: Config, device: torch.device, dist: Dist = SINGLE,
 
 def resume(run: Run, log: Callable[[str], None]) -> None:
     """Load the checkpoint of ``run.out`` into the run: weights, optimiser, step, RNG states, clock."""
-    ckpt = read_checkpoint(run.ckpt_path)  # every rank loads it
+    ckpt = read_checkpoint(run.ckpt_path, require=RESUMED)  # every rank loads it
     cfg, dist = run.cfg, run.dist
     if ckpt.get("world_size", 1) != dist.world_size and not (cfg.tcr_global and cfg.sync_bn):
         raise TrainError(f"{run.out} was trained by {ckpt.get('world_size', 1)} processes; resume it with as many "
