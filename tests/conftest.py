@@ -1,5 +1,9 @@
 import os
 import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,3 +44,21 @@ def default_sigint() -> None:
     KeyboardInterrupt), also where the test run itself was started with SIGINT ignored, as a background job of a
     non-interactive shell is (and so every process it starts)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextmanager
+def lock_held_elsewhere(path: Path, in_file: str = "1") -> Iterator[subprocess.Popen]:
+    """Another process holding the :class:`empssl.files.WriterLock` on ``path``, its file saying ``in_file`` (as the
+    PID a killed writer left there would); killed (SIGKILL) when the block ends, leaving the file."""
+    script = ("import os, sys; from pathlib import Path; from empssl.files import WriterLock\n"
+              "lock = WriterLock(Path(sys.argv[1]), str, lambda s: None).__enter__()\n"
+              "os.ftruncate(lock.fd, 0); os.pwrite(lock.fd, sys.argv[2].encode(), 0)\n"
+              "print('ready', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path), in_file], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -6,6 +6,7 @@ import errno
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +104,36 @@ def test_a_config_file_that_differs_from_the_checkpoint_is_refused(trained, data
 def test_settings_that_may_change_on_resume_do(trained, data_dir, capsys):
     code, _, err = run(train_args(trained, data_dir, "--log-every", "1", "--probe-epochs", "1"), capsys)
     assert code == 0, err
+
+
+@pytest.fixture(scope="module")
+def scheduled(tmp_path_factory, data_dir):
+    """Runs of a 2-epoch --schedule-epochs, not evaluated: ``1`` trained 1 epoch (5 steps), ``2`` both (10)."""
+    root = tmp_path_factory.mktemp("scheduled")
+    for epochs in ("1", "2"):
+        assert main([str(a) for a in train_args(root / epochs, data_dir, "--epochs", epochs, "--schedule-epochs",
+                                                "2")]) == 0
+    return root
+
+
+@pytest.mark.parametrize("trained, epochs, no_eval, nothing_to_do", [
+    ("1", "2", True, False),  # more epochs within the schedule: trained on, not evaluated
+    ("1", "2", False, False),  # trained on and evaluated
+    ("2", "2", True, True),  # at the end: nothing to do
+    ("2", "2", False, False),  # at the end: evaluated
+    ("2", "1", True, True),  # past the end: nothing to do
+])
+def test_no_eval_trains_on_unless_the_run_is_at_the_end_of_its_epochs(trained, epochs, no_eval, nothing_to_do,
+                                                                      scheduled, tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(scheduled / trained, out)
+    args = [a for a in train_args(out, data_dir, "--epochs", epochs, "--schedule-epochs", "2")
+            if no_eval or a != "--no-eval"]
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    assert read_checkpoint(out)["step"] == 10
+    assert ("already trained to the end; nothing to do" in stdout) == nothing_to_do, stdout
+    assert (out / "results.json").is_file() == (not no_eval)
 
 
 # --- nothing written before the run can start ---------------------------------------------------------------
@@ -251,6 +282,27 @@ def test_a_permission_error_anywhere_is_one_line(trained, capsys, monkeypatch):
     monkeypatch.setattr("empssl.export.export_backbone", denied)
     code, _, err = run(["export", "--checkpoint", trained, "--out", trained / "b.pt"], capsys)
     one_line_error(code, err, "checkpoint.pt", "Permission denied")
+
+
+@pytest.mark.parametrize("kind", ["symlink to a file", "dangling symlink", "folder", "hard link to a file"])
+def test_a_lock_file_that_is_not_a_plain_file_is_refused_and_left_as_it_is(kind, tmp_path, data_dir, capsys):
+    """tar and rsync keep links: a run directory's .lock is never followed, written, truncated or removed."""
+    out, outside, lock = tmp_path / "run", tmp_path / "precious.txt", tmp_path / "run" / ".lock"
+    out.mkdir()
+    outside.write_text("not a PID")
+    make = {"symlink to a file": lambda: lock.symlink_to(outside),
+            "dangling symlink": lambda: lock.symlink_to(tmp_path / "nowhere"), "folder": lock.mkdir,
+            "hard link to a file": lambda: os.link(outside, lock)}
+    make[kind]()
+    before = os.lstat(lock)
+    code, _, err = run(train_args(out, data_dir), capsys)
+    one_line_error(code, err, f"{lock} is not a plain file")
+    after = os.lstat(lock)
+    assert (after.st_ino, after.st_mode, after.st_mtime_ns) == (before.st_ino, before.st_mode, before.st_mtime_ns)
+    assert outside.read_text() == "not a PID" and not (tmp_path / "nowhere").exists()
+    assert [p.name for p in out.iterdir()] == [".lock"]
+    if kind.endswith("symlink"):
+        assert os.readlink(lock) == str(outside if kind.startswith("symlink") else tmp_path / "nowhere")
 
 
 # --- metrics.jsonl exact across an interruption -------------------------------------------------------------

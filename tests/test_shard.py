@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -16,7 +17,10 @@ from PIL import Image
 from empssl import shard
 from empssl.cli import main
 from empssl.data import DataError, scan
+from empssl.files import OutputError
 from empssl.shard import verify_shards, write_shards
+
+from .conftest import lock_held_elsewhere
 
 litdata = pytest.importorskip("litdata")
 
@@ -342,13 +346,47 @@ def test_append_refuses_other_classes_and_sources_in_one_line_and_changes_nothin
 
 
 def test_one_append_at_a_time(tree: Path, tmp_path: Path) -> None:
-    import fcntl
-
     out = tmp_path / "out"
     write_shards(str(tree), out, workers=1, shard_size=5, progress=False)
     _image(tmp_path / "new" / "ant" / "0.jpg", (8, 8), 1, "JPEG")
-    with open(out / shard.APPEND_LOCK, "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # as an append under way holds it
-        with pytest.raises(DataError, match="another append is writing to"):
+    with lock_held_elsewhere(out / shard.APPEND_LOCK) as holder:  # as an append under way holds it
+        with pytest.raises(OutputError, match=f"--append: another empssl process \\(PID {holder.pid}\\) is appending"):
             shard.append_shards(str(tmp_path / "new"), out, progress=False)
     assert shard.append_shards(str(tmp_path / "new"), out, progress=False).splits["train"].images == 13
+
+
+def test_the_previous_manifests_labels_stay_until_the_next_append_is_published(tree: Path, tmp_path: Path) -> None:
+    """docs/DATA.md: a reader of the previous manifest finds its labels file, also while (and after) another append
+    fails; an append that is published removes the older ones."""
+    out = tmp_path / "out"
+    write_shards(str(tree), out, workers=1, shard_size=5, progress=False)
+    for name, seed in (("a", 1), ("b", 2)):
+        _image(tmp_path / name / "ant" / "0.jpg", (8, 8), seed, "JPEG")
+    shard.append_shards(str(tmp_path / "a"), out, workers=1, progress=False)
+    train = out / "train"
+    assert sorted(p.name for p in train.glob("labels*.npy")) == ["labels-13.npy", "labels.npy"]
+    _image(tmp_path / "broken" / "ant" / "0.jpg", (8, 8), 3, "JPEG")
+    (tmp_path / "broken" / "ant" / "1.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="cannot decode image"):
+        shard.append_shards(str(tmp_path / "broken"), out, workers=1, progress=False)
+    assert sorted(p.name for p in train.glob("labels*.npy")) == ["labels-13.npy", "labels.npy"]
+    shard.append_shards(str(tmp_path / "b"), out, workers=1, progress=False)
+    assert sorted(p.name for p in train.glob("labels*.npy")) == ["labels-13.npy", "labels-14.npy"]
+    assert verify_shards(out).splits["train"].labels.name == "labels-14.npy"
+
+
+def test_an_append_into_a_folder_it_cannot_write_says_so(tree: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    write_shards(str(tree), out, workers=1, shard_size=5, progress=False)
+    _image(tmp_path / "new" / "ant" / "0.jpg", (8, 8), 1, "JPEG")
+    real_open = os.open
+
+    def read_only(path: str, flags: int, *args: int) -> int:  # a read-only mount (root ignores chmod)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", read_only)
+    _fails(["shard", str(tmp_path / "new"), "--out", str(out), "--append", "--no-progress"], capsys,
+           f"empssl: error: cannot write {out}: Read-only file system")

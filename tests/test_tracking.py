@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
 from empssl.config import LOGGER_NAMES, Config, ConfigError
 from empssl.files import read_jsonl
@@ -225,6 +226,8 @@ def test_log_names_are_validated_at_start() -> None:
     assert tuple(TRACKERS) == LOGGER_NAMES
     assert logger_names("none") == [] and logger_names("wandb, tensorboard,wandb") == ["wandb", "tensorboard"]
     Config(log="tensorboard,wandb,mlflow").validate()
+    Config(log=",none,").validate()  # empty names are dropped, here as where the loggers are chosen
+    assert logger_names(",none,") == [] and logger_names(",wandb,") == ["wandb"]
     with pytest.raises(ConfigError, match="--log must be none or comma-separated names from tensorboard"):
         Config(log="tensorbord").validate()
 
@@ -305,3 +308,34 @@ def test_log_may_be_added_when_resuming(tmp_path: Path) -> None:
     write_config(tmp_path, Config(epochs=3))
     assert run_config(tmp_path, Config(log="wandb"), {"log": "wandb"}).log == "wandb"
     assert run_config(tmp_path, Config(), {}).log == "none"
+
+
+@pytest.mark.parametrize("damage", ['{"wandb": {"id": "abc"', '["abc"]', '{"wandb": "abc"}', b"\xff\xfe", "folder"])
+def test_a_damaged_trackers_json_is_one_line_naming_it(damage: str | bytes, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(TRACKERS, "wandb", _Recorder)  # nothing is opened: the file is read first
+    ids, data = tmp_path / IDS_FILE, damage if isinstance(damage, bytes) else damage.encode()
+    if damage == "folder":
+        ids.mkdir()
+    else:
+        ids.write_bytes(data)
+    with pytest.raises(TrackingError, match=f"{ids} cannot be read as the loggers' run ids .*delete it and the "
+                                            f"loggers start new runs") as e:
+        open_tracking("wandb", tmp_path, {})
+    assert "\n" not in str(e.value)
+    assert ids.is_dir() if damage == "folder" else ids.read_bytes() == data  # left as it was
+
+
+def test_a_damaged_trackers_json_stops_the_resume_in_one_line(tmp_path: Path, data_dir: Path,
+                                                              capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(TRACKERS, "tensorboard", _Recorder)
+    out = tmp_path / "run"
+    args = ["train", "--data", "demo", "--data-dir", str(data_dir), "--out", str(out), "--no-progress", "--no-eval",
+            "--train-subset", "40", "--epochs", "1", "--schedule-epochs", "2", *TINY]
+    assert main(args) == 0
+    (out / IDS_FILE).write_text("{not json")
+    assert main([*args, "--epochs", "2", "--log", "tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"empssl: error: {out / IDS_FILE} cannot be read") and err.count("\n") == 1, err
+    assert read_checkpoint(out)["step"] == 2  # nothing trained

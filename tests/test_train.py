@@ -19,7 +19,7 @@ from empssl.files import read_jsonl
 from empssl.rundir import RunLock, load_checkpoint
 from empssl.train import TrainError, config_data, train
 
-from .conftest import TINY
+from .conftest import TINY, lock_held_elsewhere
 
 
 def tiny_cfg(data_dir, **kw) -> Config:
@@ -106,23 +106,83 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, data_dir):
     assert [r["step"] for r in lines] == [r["step"] for r in ref_lines] == list(range(1, total + 1))
     assert [r["loss"] for r in lines] == [r["loss"] for r in ref_lines]
     # the killed process's lock was taken over with a note; no lock and no temporary file are left behind
-    assert "which is no longer running; lock taken over" in done.stdout
+    assert "was left by a writer that was killed (or copied with its folder); lock taken over" in done.stdout
     assert not (killed / ".lock").exists() and not list(killed.glob(".*.tmp"))
 
 
-def test_a_second_writer_of_a_run_directory_is_refused(tmp_path, data_dir, capsys):
+def test_a_second_writer_of_a_run_directory_is_refused_naming_the_live_holder(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    with RunLock(out, log=print):  # this process writes the run, as another empssl process would
-        assert (out / ".lock").read_text().strip() == str(os.getpid())
-        code = main(["train", "--data", "demo", "--data-dir", str(data_dir), "--out", str(out), "--no-eval",
-                     "--no-progress", "--train-subset", "40", *TINY])
+    args = ["train", "--data", "demo", "--data-dir", str(data_dir), "--out", str(out), "--no-eval", "--no-progress",
+            "--train-subset", "40", *TINY]
+    with RunLock(out, log=print):  # this process writes the run (a notebook's second train() into it)
+        code = main(args)
         err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1 and f"another empssl process (PID {os.getpid()})" in err
+        assert code == 2 and err.count("\n") == 1 and f"by this process (PID {os.getpid()})" in err
         assert not (out / "config.json").exists()  # refused before anything was written
     assert not (out / ".lock").exists()  # released
-    assert main(["train", "--data", "demo", "--data-dir", str(data_dir), "--out", str(out), "--no-eval",
-                 "--no-progress", "--train-subset", "40", *TINY]) == 0
+    # another process holds it, its file naming PID 1 (as a killed writer's PID left there would): the kernel's
+    # holder is named, not the file's
+    with lock_held_elsewhere(out / ".lock", in_file="1\n") as holder:
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"is being written by another empssl process (PID {holder.pid}); wait" in err
+    # the holder killed: its file is taken over with a note that names no PID (the file's is not the writer's)
+    assert main(args) == 0
+    note = [line for line in capsys.readouterr().out.splitlines() if "lock taken over" in line]
+    assert note == [f"{out / '.lock'} was left by a writer that was killed (or copied with its folder); lock taken "
+                    f"over"]
+    assert not (out / ".lock").exists()
+
+
+# The trainer, its loop replaced: a forked child and a DataLoader worker (both inheriting the lock's descriptor)
+# are started, then the pid of the child is written to MARK and the trainer waits to be killed.
+_FORKING_TRAINER = """
+import importlib, os, sys, time
+import torch
+train_module = importlib.import_module("empssl.train")
+from empssl.cli import main
+
+def loop(run, *args, **kwargs):
+    child = os.fork()
+    if child == 0:
+        time.sleep(600)
+        os._exit(0)
+    batches = iter(torch.utils.data.DataLoader(range(8), num_workers=1))
+    next(batches)
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(str(child))
+    os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(600)
+
+train_module.loop = loop
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_the_same_command_right_after_kill_9_is_accepted_though_children_live_on(tmp_path, data_dir):
+    out, mark = tmp_path / "run", tmp_path / "child.pid"
+    argv = _cli(out, data_dir)[3:]  # empssl.cli's arguments
+    proc = subprocess.Popen([sys.executable, "-c", _FORKING_TRAINER, str(mark), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        deadline = time.time() + 300  # a ceiling for a busy machine, not a measurement
+        while not mark.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert mark.exists(), f"the trainer did not reach its loop (exit status {proc.poll()})"
+        child = int(mark.read_text())
+        proc.kill()
+        proc.wait()
+        os.kill(child, 0)  # the forked child lives on, holding the lock's descriptor
+        done = subprocess.run([sys.executable, "-m", "empssl.cli", *argv], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "lock taken over" in done.stdout and read_checkpoint(out)["finished"]
+    finally:
+        proc.kill()
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
 
 
 def test_a_killed_writers_temporary_files_are_removed_at_the_next_start(tmp_path, data_dir):

@@ -414,7 +414,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     explicit = {**_base_overrides(args), **_explicit(args)}
     cfg = run_config(Path(args.out), Config.from_dict(explicit).validate(), explicit)
     out = Path(args.out)
-    if finished(out) and args.no_eval:
+    if args.no_eval and finished(out, cfg):
         print(f"{out} is already trained to the end; nothing to do")
         return 0
     if cfg.online:  # one pass over a folder being filled (empssl.online)

@@ -31,6 +31,13 @@ ARCH_NAMES = ("resnet18-cifar", "resnet18-imagenet", "resnet34-cifar")
 LOGGER_NAMES = ("tensorboard", "wandb", "mlflow")  # --log (empssl.tracking)
 
 
+def logger_names(text: str) -> list[str]:
+    """``--log`` -> the chosen loggers: ``"none"`` -> [], ``"tensorboard,wandb"`` -> ["tensorboard", "wandb"]; empty
+    names are dropped (``",tensorboard,"``)."""
+    names = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
+    return list(dict.fromkeys(names))
+
+
 def setting(default: Any, help: str, group: str = "", *, low: float | None = None, above: float | None = None,
             high: float | None = None, choices: tuple[str, ...] = (), why: str = "") -> Any:
     """A dataclass field with everything else that is said about it: its ``help`` text, its ``group`` of flags
@@ -214,7 +221,7 @@ class Config:
         if self.warmup_epochs and self.warmup_epochs >= (self.schedule_epochs or self.epochs):
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than the schedule "
                               f"({self.schedule_epochs or self.epochs:g} epochs)")
-        if any(n.strip() not in ("none", *LOGGER_NAMES) for n in self.log.split(",")):  # --log
+        if any(n not in LOGGER_NAMES for n in logger_names(self.log)):  # --log
             raise ConfigError(f"--log must be none or comma-separated names from {', '.join(LOGGER_NAMES)}, "
                               f"got {self.log!r}")
         if self.eval_every >= 1 and self.eval_every != int(self.eval_every):

@@ -1,17 +1,28 @@
-"""Files that a reader never sees half-written: the one atomic-write helper, JSON and JSON-lines.
+"""Files that a reader never sees half-written: the one atomic-write helper, JSON and JSON-lines, and the one
+writer lock.
 
-A leaf: it imports nothing from empssl, so the checkpoint I/O, the run directory, the exports and the reports
-can all use it.
+A leaf: it imports nothing from empssl, so the checkpoint I/O, the run directory, the shards, the exports and the
+reports can all use it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import stat
+import struct
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks there; one writer at a time is then the user's job
+    fcntl = None  # type: ignore[assignment]
 
 
 class OutputError(RuntimeError):
@@ -141,3 +152,103 @@ def parse_json(text: str | bytes) -> Any:
 def read_json(path: str | Path) -> Any:
     """The JSON document in ``path``; ValueError when it is not one (not UTF-8, not JSON, nested too deeply)."""
     return parse_json(Path(path).read_bytes())
+
+
+class WriterLock:
+    """One writer at a time: an exclusive lock on the file ``path`` while this process writes what it guards (a run
+    directory, a shard folder), the file holding the writer's PID and removed on release (``with`` block).
+
+    A second writer is refused with a one-line OutputError, ``busy(holder)``: the holder's PID as the kernel knows
+    it (F_GETLK), never one read from the file, which a killed writer may have left. A file a killed writer left is
+    taken over with a note. The lock is a POSIX record lock (``fcntl.lockf``), not ``flock``: a flock belongs to
+    the open file, which forked children (DataLoader workers) share and keep for a while after their parent is
+    killed; a record lock belongs to this process alone and ends with it. Its catch, that closing any descriptor
+    of the file drops this process's lock, is why a second lock on a file this process holds is refused before
+    the file is opened. ``path`` is never followed: a folder copied by tar or rsync may bring a ``.lock`` that is
+    a link to anywhere, and a lock file that is not a plain file is refused, left as it is.
+    """
+
+    _held: ClassVar[set[tuple[int, int]]] = set()  # (device, inode) of the lock files this process holds
+
+    def __init__(self, path: Path, busy: Callable[[str], str], log: Callable[[str], None]) -> None:
+        self.path, self.busy, self.log = path, busy, log
+        self.fd: int | None = None
+        self.key = (0, 0)
+
+    def __enter__(self) -> WriterLock:
+        if fcntl is None:
+            return self
+        while True:
+            fd = self._open()
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _holder(fd)
+                os.close(fd)
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise OutputError(f"cannot lock {self.path}: {e.strerror or e}") from None
+                raise OutputError(self.busy(f"another empssl process{f' (PID {holder})' if holder else ''}")
+                                  ) from None
+            st = os.fstat(fd)
+            try:  # a holder that released between our open and lockf removed the file: lock the new one
+                if os.path.samestat(st, os.lstat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        if os.pread(fd, 1, 0):  # a clean release removes the file: its writer was killed
+            self.log(f"{self.path} was left by a writer that was killed (or copied with its folder); lock taken "
+                     f"over")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd, self.key = fd, (st.st_dev, st.st_ino)
+        WriterLock._held.add(self.key)
+        return self
+
+    def _open(self) -> int:
+        """A descriptor of ``path`` (created if missing), once it is known to be a plain file this process does not
+        hold: checked before opening it (a device is not even opened) and after (replaced meanwhile)."""
+        try:
+            self._check(os.lstat(self.path))
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot write {self.path.parent}: {e.strerror or e}") from None
+        try:
+            self._check(os.fstat(fd))
+        except OutputError:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check(self, st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OutputError(f"{self.path} is not a plain file (a link, a folder or a device, e.g. copied in with "
+                              f"its folder); empssl leaves it as it is: remove it and run again")
+        if (st.st_dev, st.st_ino) in WriterLock._held:
+            raise OutputError(self.busy(f"this process (PID {os.getpid()})"))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):  # (a folder made read-only meanwhile keeps it: the next writer takes over)
+            self.path.unlink(missing_ok=True)  # before the unlock, so that no one locks a file that is going away
+        WriterLock._held.discard(self.key)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _holder(fd: int) -> int | None:
+    """The PID of the process holding a lock on ``fd``'s file, as the kernel reports it (F_GETLK, in Linux's
+    ``struct flock`` layout), or None where it cannot tell (another PID namespace, another system, released)."""
+    if fcntl is None or not sys.platform.startswith("linux"):
+        return None
+    layout = "hhqqi"  # l_type, l_whence, l_start, l_len (0: to the end), l_pid
+    try:
+        got = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError:
+        return None
+    pid = struct.unpack(layout, got)[4]
+    return pid if pid > 0 else None

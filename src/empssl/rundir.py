@@ -25,13 +25,8 @@ from torch import nn
 from . import __version__
 from .checkpoint import CheckpointError, load_model_state, read_checkpoint
 from .config import Config, ConfigError, flag
-from .files import OutputError, cut_jsonl, read_json, write_json
+from .files import WriterLock, cut_jsonl, read_json, write_json
 from .methods import create_method
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks there; keeping one writer per run is then the user's job
-    fcntl = None  # type: ignore[assignment]
 
 # Keys that may differ between a run directory's saved config and the command that resumes it: they change
 # where things are read or how often they are written, or the evaluation, never the trained weights.
@@ -131,10 +126,15 @@ def write_config(out_dir: str | Path, cfg: Config) -> None:
     write_json(Path(out_dir) / "config.json", {"version": __version__, "config": cfg.to_dict()})
 
 
-def finished(out_dir: str | Path) -> bool:
-    """True when ``out_dir`` holds a checkpoint trained to the end of its schedule."""
+def finished(out_dir: str | Path, cfg: Config | None = None) -> bool:
+    """True when ``out_dir`` holds a checkpoint trained to the end of its run, and of ``cfg.epochs`` if given (a
+    resume may ask for more epochs within a fixed ``--schedule-epochs``: :func:`run_config`)."""
     p = Path(out_dir) / "checkpoint.pt"
-    return p.exists() and bool(read_checkpoint(p).get("finished", False))
+    if not p.exists():
+        return False
+    ckpt = read_checkpoint(p)
+    trained = ckpt.get("config", {}).get("epochs", 0)
+    return bool(ckpt.get("finished", False)) and (cfg is None or trained >= cfg.epochs)
 
 
 def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[nn.Module, Config, dict]:
@@ -154,59 +154,13 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
 # --- one writer per run directory -------------------------------------------------------------------------
 
 
-class RunLock:
-    """An advisory lock on a run directory (``RUN/.lock``, ``fcntl.flock``) held while one process writes the run.
-
-    A second process is refused with a one-line OutputError naming the first one's PID. The kernel releases the
-    lock when its process ends, even killed, so the PID a dead process left in the file is only noted, and the
-    lock taken over. Released (and the file removed) on exit from the ``with`` block.
-    """
+class RunLock(WriterLock):
+    """One writer per run directory: ``RUN/.lock`` (:class:`empssl.files.WriterLock`), held while a process writes
+    the run; a second one is refused in one line naming the first one's PID."""
 
     def __init__(self, out_dir: Path, log: Callable[[str], None]) -> None:
-        self.out, self.path, self.log = out_dir, out_dir / ".lock", log
-        self.fd: int | None = None
-
-    def __enter__(self) -> RunLock:
-        if fcntl is None:
-            return self
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise OutputError(f"cannot write {self.out}: {e.strerror or e}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _pid_in(fd)
-                os.close(fd)
-                raise OutputError(f"{self.out} is being written by another empssl process (PID {holder or '?'}); "
-                                  f"wait for it to finish or choose another --out") from None
-            try:  # a holder that released between our open and flock removed the file: lock the new one
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        previous = _pid_in(fd)
-        if previous and previous != os.getpid():
-            self.log(f"{self.path} was left by PID {previous}, which is no longer running; lock taken over")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.fd is None:
-            return
-        self.path.unlink(missing_ok=True)  # before the unlock, so no one locks a file that is going away
-        os.close(self.fd)
-        self.fd = None
-
-
-def _pid_in(fd: int) -> int | None:
-    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    return int(text) if text.isdigit() else None
+        super().__init__(out_dir / ".lock", lambda holder: f"{out_dir} is being written by {holder}; wait for it to "
+                                                           f"finish or choose another --out", log)
 
 
 def remove_orphans(out_dir: Path, log: Callable[[str], None]) -> None:

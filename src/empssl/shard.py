@@ -57,7 +57,7 @@ from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
 from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
 from .data.imagenet import parse_spec
 from .data.load import resolve
-from .files import OutputError, read_json, write_json
+from .files import OutputError, WriterLock, read_json, write_json
 
 FORMAT = "empssl-shards"
 FORMAT_VERSION = 2  # 2: each split's labels.npy
@@ -493,7 +493,7 @@ def _write_index(folder: Path, parts: list[dict[str, Any]]) -> None:
 
 # --- appending ----------------------------------------------------------------------------------------
 
-APPEND_LOCK = ".append.lock"  # held (flock) by the one append writing to a folder
+APPEND_LOCK = ".append.lock"  # held (files.WriterLock) by the one append writing to a folder
 
 
 def append_shards(spec: str, out: str | Path, max_side: int | None = None, workers: int | None = None,
@@ -512,18 +512,13 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
     unchanged, appended again does nothing. DataError (one line) for all that; a failed or killed append leaves
     the folder as readers saw it before (its unlisted files are removed by the next append).
     """
-    import fcntl
-
     out = Path(out).expanduser()
     if not (out / MANIFEST).is_file():
         raise DataError(f"--append: {out} holds no {MANIFEST} (no complete shard folder); write it first: empssl "
                         f"shard SRC --out {out}")
     source = source_name(spec, data_dir)
-    with open(out / APPEND_LOCK, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"--append: another append is writing to {out}; wait for it to finish") from None
+    with WriterLock(out / APPEND_LOCK, lambda holder: f"--append: {holder} is appending to {out}; wait for it to "
+                                                      f"finish", lambda note: print(note, file=sys.stderr)):
         manifest = verify_shards(out, hashes=False)
         for given, have, flag in ((max_side, manifest.max_side, "--max-side"),
                                   (shard_size, manifest.shard_size, "--shard-size")):
@@ -545,7 +540,7 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
             print(f"{out} already holds the images of {source} (appended before); nothing to do", file=sys.stderr)
             return manifest
         folder, train = out / NO_SPLIT, manifest.splits[NO_SPLIT]
-        _remove_unlisted(folder, train)
+        _remove_unlisted(folder, manifest)
         size, first = manifest.shard_size, len(train.shards)
         recs = [(r.name, labels[-1 if r.label is None else r.label], r.data) for r in catalog.records]
         jobs: list[_Job] = [(str(folder), first + j, recs[at: at + size], size, manifest.max_side, source)
@@ -558,7 +553,7 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
                                     "first_shard": first, "shards": len(parts), "empssl_version": __version__})
         except BaseException:
             try:  # the manifest read again: if it was replaced, the new shards are listed and stay
-                _remove_unlisted(folder, verify_shards(out, hashes=False).splits[NO_SPLIT])
+                _remove_unlisted(folder, verify_shards(out, hashes=False))
             except DataError:
                 pass
             raise
@@ -581,10 +576,14 @@ def _appended_labels(classes: list[str] | None, manifest: Manifest, source: str)
     return {i: manifest.classes.index(c) for i, c in enumerate(classes)}
 
 
-def _remove_unlisted(folder: Path, split: SplitShards) -> None:
-    """Remove what a failed or killed append left in ``folder``: shard and labels files the manifest does not
-    list, temporary folders and shard records."""
+def _remove_unlisted(folder: Path, manifest: Manifest) -> None:
+    """Remove what a failed or killed append left in ``folder`` (the train split's): shard files ``manifest`` does
+    not list, temporary folders and shard records, and labels files but its own and the previous manifest's (kept
+    for a reader that read that one, docs/DATA.md)."""
+    split, appends = manifest.splits[NO_SPLIT], manifest.data.get("appends", [])
     listed = {f.name for f in split.shards} | {split.labels.name}
+    if appends:
+        listed.add(_labels_name(len(appends) - 1, split.images - appends[-1]["images"]))
     for path in [*folder.glob("chunk-*.bin"), *folder.glob("labels*.npy")]:
         if path.name not in listed:
             path.unlink(missing_ok=True)
@@ -602,7 +601,8 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
            for j, (chunk, f) in enumerate(zip(index["chunks"], train.shards))]
     _write_index(folder, old + parts)
     total = train.images + len(labels)
-    entry = _write_labels(folder, [*manifest.labels(NO_SPLIT).tolist(), *labels], f"labels-{total}.npy")
+    entry = _write_labels(folder, [*manifest.labels(NO_SPLIT).tolist(), *labels],
+                          _labels_name(len(manifest.data.get("appends", [])) + 1, total))
     data = json.loads(json.dumps(manifest.data))  # a copy
     split = data["splits"][NO_SPLIT]
     stored, reencoded = sum(p["stored"] for p in parts), sum(p["reencoded"] for p in parts)
@@ -613,13 +613,14 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
     data.update(images=data["images"] + len(labels), stored=data["stored"] + stored,
                 reencoded=data["reencoded"] + reencoded, appends=[*data.get("appends", []), record])
     _write_json(out / MANIFEST, data)
-    # the labels file the previous manifest named stays for a reader that read it; older ones go
-    keep = {entry["name"], train.labels.name}
-    for path in folder.glob("labels*.npy"):
-        if path.name not in keep:
-            path.unlink(missing_ok=True)
-    shutil.rmtree(folder / ".parts", ignore_errors=True)
-    return verify_shards(out, hashes=False)
+    published = verify_shards(out, hashes=False)
+    _remove_unlisted(folder, published)
+    return published
+
+
+def _labels_name(appends: int, images: int) -> str:
+    """The train split's labels file after ``appends`` appends, when it holds ``images`` images."""
+    return f"labels-{images}.npy" if appends else LABELS
 
 
 # --- checking ------------------------------------------------------------------------------------------
@@ -628,9 +629,11 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
 def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
     """Check a shard folder against its ``manifest.json`` and return it.
 
-    Checks: the manifest is there and readable (an unfinished run is named as one), each split's ``index.json``
-    lists the manifest's shards with their image counts, every shard file is there with its size, and (``hashes``)
-    its sha256; the counts add up. Raises DataError with one line naming the first problem.
+    Checks: the manifest is there and readable (an unfinished run is named as one), every split, shard and labels
+    file name in it and in each split's ``index.json`` is a plain file name (:func:`plain_name`), each index.json
+    lists the manifest's shards with their image counts and reads its items with safe serializers only
+    (:func:`check_data_format`), every shard file is there with its size, and (``hashes``) its sha256; the counts
+    add up. Raises DataError with one line naming the first problem. Every reader of shard folders goes through it.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -649,8 +652,9 @@ def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
         if data.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{path} has shard format version {data.get('format_version')}; this empssl reads "
                             f"version {FORMAT_VERSION} (shard the source again)")
-        splits = {name: SplitShards(int(s["images"]), int(s["stored"]), int(s["reencoded"]), dict(s["formats"]),
-                                    [_shard_file(f) for f in s["shards"]], _shard_file(s["labels"]))
+        splits = {plain_name(name, path): SplitShards(int(s["images"]), int(s["stored"]), int(s["reencoded"]),
+                                                      dict(s["formats"]), [_shard_file(f, path) for f in s["shards"]],
+                                                      _shard_file(s["labels"], path))
                   for name, s in data["splits"].items()}
         manifest = Manifest(root, str(data["source"]), data["classes"], data["class_names"], data["max_side"],
                             int(data["shard_size"]), splits, data)
@@ -667,15 +671,72 @@ def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
     return manifest
 
 
-def _shard_file(f: dict[str, Any]) -> ShardFile:
-    return ShardFile(str(f["name"]), int(f["images"]), int(f["bytes"]), str(f["sha256"]))
+def _shard_file(f: dict[str, Any], where: Path) -> ShardFile:
+    return ShardFile(plain_name(f["name"], where), int(f["images"]), int(f["bytes"]), str(f["sha256"]))
+
+
+def plain_name(name: Any, where: Path) -> str:
+    """``name``, a file or split name read from ``where`` (a manifest or index.json), when it is a plain file name:
+    a path (a separator, "..", absolute, empty) could name any file on the machine, and a re-signed manifest
+    would vouch for it. DataError (one line) otherwise, before anything is read by it."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise DataError(f"{where} names {name!r}, which is not a plain file name in its folder; refusing to read "
+                        f"the shard folder")
+    return name
+
+
+# The LitData serializers (litdata.streaming.serializers._SERIALIZERS) that build only bytes, strings, numbers,
+# arrays and images from a chunk's bytes (numpy refuses to build object arrays from bytes). The others build Python
+# objects: "pickle" (and "graph", its fallback) runs whatever code a chunk holds, "json" nested containers, and
+# video, audio, pdf, mesh, nifti and tiff hand the bytes to other libraries' parsers.
+SAFE_SERIALIZERS = frozenset({"bytes", "file", "str", "text", "int", "float", "bool", "jpeg", "jpeg_array", "pil",
+                              "image", "numpy", "no_header_numpy", "tensor", "no_header_tensor"})
+
+
+def check_data_format(data_format: list[str], where: str) -> None:
+    """DataError (one line) unless every field of a LitData index's ``data_format`` is read by a serializer of
+    :data:`SAFE_SERIALIZERS`, each resolved as LitData's reader resolves it ("int:pickle" is read by pickle)."""
+    from litdata.streaming.item_loader import PyTreeLoader
+    from litdata.streaming.serializers import _get_serializers
+
+    loader = PyTreeLoader()
+    loader._serializers = _get_serializers(None)
+    for i, fmt in enumerate(data_format):
+        key = loader._data_format_to_key(fmt)
+        if key not in SAFE_SERIALIZERS:
+            raise DataError(f"{where}: field {i} of its items ({fmt!r}) is read by LitData's {key!r} serializer, "
+                            f"which builds Python objects (pickle runs any code a chunk holds); empssl reads only "
+                            f"{', '.join(sorted(SAFE_SERIALIZERS))}")
+
+
+class _Refused:
+    """LitData's serializer ``key`` for reading shards, where it is not in :data:`SAFE_SERIALIZERS`: reading
+    through it is an error (:func:`check_data_format` refuses such folders before; this is in case it is missed)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def setup(self, data_format: Any) -> None:
+        pass
+
+    def deserialize(self, data: bytes) -> Any:
+        raise DataError(f"LitData's {self.key!r} serializer builds Python objects; empssl does not read it")
+
+
+def reader_serializers() -> dict[str, Any]:
+    """``serializers=`` for ``litdata.StreamingDataset``: every serializer outside :data:`SAFE_SERIALIZERS`
+    replaced by :class:`_Refused` (LitData adds its own for any name not given, so leaving them out is not enough)."""
+    from litdata.streaming.serializers import _get_serializers
+
+    return {key: _Refused(key) for key in _get_serializers(None) if key not in SAFE_SERIALIZERS}
 
 
 def _verify_split(folder: Path, split: SplitShards, hashes: bool) -> None:
     index_path = folder / "index.json"
     try:
-        chunks = read_json(index_path)["chunks"]
-        listed = [(str(c["filename"]), int(c["chunk_size"])) for c in chunks]
+        index = read_json(index_path)
+        listed = [(plain_name(c["filename"], index_path), int(c["chunk_size"])) for c in index["chunks"]]
+        check_data_format(index["config"]["data_format"], f"split {folder.name} of {folder.parent}")
     except FileNotFoundError:
         raise DataError(f"missing {index_path} (the manifest lists this split)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:

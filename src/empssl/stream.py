@@ -54,7 +54,7 @@ from .data.decode import decode_catalog
 from .data.images import balanced_indices
 from .data.layouts import held_out_split
 from .data.load import TooBigForMemory, check_fits
-from .shard import MANIFEST, Manifest, verify_shards
+from .shard import MANIFEST, Manifest, reader_serializers, verify_shards
 
 T = TypeVar("T")
 
@@ -112,7 +112,7 @@ class ShardItems:
         if self._ds is None:
             from litdata import StreamingDataset
 
-            self._ds = StreamingDataset(str(self.folder))
+            self._ds = StreamingDataset(str(self.folder), serializers=reader_serializers())
         d = self._ds[i]
         return bytes(d["image"]), int(d["label"]), str(d["name"])
 

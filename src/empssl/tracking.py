@@ -17,7 +17,7 @@ Where each one writes:
 
 A resumed run continues the same TensorBoard directory (events after the resumed checkpoint's step are purged, so
 re-trained steps are not shown twice), the same W&B run id and the same MLflow run: the ids are kept in
-``RUN/trackers.json``.
+``RUN/trackers.json`` (a damaged one is refused in one line: which runs to continue is the user's choice).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import ConfigError
+from .config import ConfigError, logger_names
 from .files import read_json, write_json
 
 IDS_FILE = "trackers.json"
@@ -43,12 +43,6 @@ IDS_FILE = "trackers.json"
 
 class TrackingError(ConfigError):
     """A logger that cannot start (its extra is not installed, its server refuses the run): reported in one line."""
-
-
-def logger_names(text: str) -> list[str]:
-    """``--log`` -> the chosen loggers: ``"none"`` -> [], ``"tensorboard,wandb"`` -> ["tensorboard", "wandb"]."""
-    names = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
-    return list(dict.fromkeys(names))
 
 
 def scalars(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -266,17 +260,19 @@ def open_tracking(log: str, run_dir: str | Path, config: dict[str, Any], *, star
 
 
 def _saved_ids(path: Path) -> dict[str, Any]:
-    """What each logger's ``open`` returned in an earlier session (trackers.json), by logger; {} when none did."""
-    if not path.exists():
+    """What the trackers of an earlier session saved in ``path`` (``RUN/trackers.json``: name -> ids), {} without
+    it. A damaged one is a TrackingError (one line): which runs to continue is the user's choice, not a guess."""
+    if not os.path.lexists(path):
         return {}
     try:
         ids = read_json(path)
-    except (OSError, ValueError):
-        ids = None
-    if not isinstance(ids, dict) or not all(isinstance(saved, dict) for saved in ids.values()):
-        raise TrackingError(f"{path} is damaged (not the loggers' run ids empssl writes); delete it to log this "
-                            f"run as new runs") from None
-    return ids
+        why = "not an object of each logger's ids"
+    except (OSError, ValueError) as e:  # a folder, unreadable, not JSON, not UTF-8
+        ids, why = None, getattr(e, "strerror", None) or str(e)
+    if isinstance(ids, dict) and all(isinstance(v, dict) for v in ids.values()):
+        return ids
+    raise TrackingError(f"{path} cannot be read as the loggers' run ids ({why}); restore it, or delete it and the "
+                        f"loggers start new runs")
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -449,7 +449,7 @@ def train_once(cfg: Config, out_dir: str | Path, *, name: str, progress: bool = 
     resumed) and evaluated by :func:`train`. ``name`` labels the log lines (for the loops over runs of the
     experiments and the comparison)."""
     out = Path(out_dir)
-    if (out / "results.json").is_file() and finished(out):
+    if (out / "results.json").is_file() and finished(out, cfg):
         log(f"{name}: finished run found in {out}, not retrained")
         return json.loads((out / "results.json").read_text())
     log(f"{name}: training {cfg.epochs:g} epochs in {out}")
