@@ -8,10 +8,10 @@ Gaussian blur p0.1 + solarize p0.1 + normalise).
     PYTHONPATH=src python bench/augment.py --methods ours --memory-format channels_last --dtype bfloat16
     PYTHONPATH=src python bench/augment.py --device cpu --traffic   # ops and bytes of one step of ours
     PYTHONPATH=src python bench/augment.py --methods ours --image-size 64 --scale 0.08,1 --ratio 0.75,1.3333
-    PYTHONPATH=src python bench/augment.py --device cpu --against /tmp/old/src   # ours vs another checkout's
+    PYTHONPATH=src python bench/augment.py --device cpu --against ../old/src   # ours vs another checkout's
 
 ``--against SRC`` times the ``make_patches`` of another checkout (``SRC/empssl/patches.py``, e.g. from
-``git archive OLD src | tar -x -C /tmp/old``) and ours in alternation, step by step in one process, so that the load
+``git archive OLD src | tar -x -C ../old``) and ours in alternation, step by step in one process, so that the load
 of a shared machine falls on both alike; it prints the median of each.
 
 ``--traffic`` counts, for one step of ``ours`` with the pixel ops in one chunk as on a GPU, the aten ops run

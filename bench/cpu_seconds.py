@@ -3,7 +3,7 @@
 Wall-clock figures on a core shared with other processes measure the neighbours; CPU seconds of this process
 do not, so this script compares two versions of the code on a busy machine (run it once per checkout):
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 taskset -c 0 python bench/cpu_seconds.py --data-dir /tmp/empssl-data
+    PYTHONPATH=src OMP_NUM_THREADS=1 taskset -c 0 python bench/cpu_seconds.py --data-dir ../empssl-data
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python bench/gpu_check.py --data cifar10-jpeg75.tar.gz --out gpu-check          # < 8 min on an H100/H200
     python bench/gpu_check.py --data cifar10-jpeg75.tar.gz --out gpu-check --paper  # + ablation, t-SNE (< 8 more)
-    python bench/gpu_check.py --smoke --out /tmp/gpu-check-smoke                    # the same code paths, CPU, toy
+    python bench/gpu_check.py --smoke --out gpu-check-smoke                         # the same code paths, CPU, toy
 
 What it runs, in this order (each part's figures go into OUT/gpu_check.json as soon as it ends, so a run cut
 short keeps what it measured; the table OUT/gpu_check.md is rewritten after every part):

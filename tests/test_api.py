@@ -42,3 +42,28 @@ def test_the_readme_python_example_runs(tmp_path):
     assert accuracy is not None, out.stdout
     # an untrained encoder on 10 classes: above nothing, not above perfect (chance is 10 %)
     assert 0 < int(accuracy.group(1)) < 100 and 0 < int(accuracy.group(2)) < 100
+
+
+def test_no_import_cycle_counting_deferred_and_type_only_imports(tmp_path):
+    """tools/import_graph.py counts the imports inside functions and under ``if TYPE_CHECKING:`` (a type is a
+    dependency too), and the package has no cycle among them."""
+    import runpy
+
+    tool = runpy.run_path(str(README.parent / "tools" / "import_graph.py"))
+    toy = tmp_path / "toy"
+    toy.mkdir()
+    (toy / "__init__.py").write_text("")
+    (toy / "a.py").write_text("from . import b\n")
+    (toy / "b.py").write_text("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from .c import C\n")
+    (toy / "c.py").write_text("def f():\n    from .a import A\n")
+    assert tool["imports"](toy)["b"] == {"c": False}
+    assert tool["cycles"](tool["imports"](toy)) == [["a", "b", "c"]]
+    assert tool["cycles"](tool["imports"](Path(empssl.__file__).parent)) == []
+
+
+def test_the_docs_name_no_folder_of_the_machine_they_were_written_on():
+    root = README.parent
+    docs = [README, *sorted((root / "docs").glob("*.md")), *sorted((root / "src" / "empssl").rglob("*.md"))]
+    for path in docs:
+        found = re.findall(r"(?<![\w.~])/(?:tmp|work|root|home)/[^\s`'\")]*", path.read_text())
+        assert not found, (path.relative_to(root), found)

@@ -145,6 +145,27 @@ def test_every_setting_has_a_flag_with_its_declared_help():
         assert action.help, action.dest
 
 
+def test_help_and_flag_errors_do_not_import_torch():
+    """`empssl --help`, every command's --help and the flag errors answer before torch is imported (about a second,
+    which bench/cli_startup.py times), the method settings' flags included."""
+    commands = list(build_parser()._subparsers._group_actions[0].choices)
+    argvs = [["--help"], *([c, "--help"] for c in commands), ["train", "--bogus"],
+             ["train", "--out", "x", "--epochs", "abc"], ["compare", "--out", "x", "--tau-base", "x"]]
+    code = ("import contextlib, io, json, sys\nfrom empssl.cli import main\nout = []\n"
+            f"for argv in {argvs!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as text, contextlib.redirect_stderr(io.StringIO()):\n"
+            "        try:\n            status = main(argv)\n        except SystemExit as e:\n"
+            "            status = e.code\n"
+            "    out.append([status, '--tau-base' in text.getvalue(), 'torch' in sys.modules])\n"
+            "print(json.dumps(out))")
+    got = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert [status for status, _, _ in got] == [0] * (1 + len(commands)) + [2, 2, 2]
+    assert [torch_loaded for _, _, torch_loaded in got] == [False] * len(argvs)
+    shown = [c for c, (_, tau, _) in zip(commands, got[1:]) if tau]  # BYOL's setting, read without importing it
+    assert shown == ["train", "ablate-patches", "compare"]
+
+
 def test_compare_takes_the_model_patch_and_optimisation_flags_of_train():
     compare, train = subcommand("compare"), subcommand("train")
     names = {a.dest for a in compare._actions}

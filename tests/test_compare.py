@@ -1,5 +1,7 @@
 """`empssl compare`: every method for the same wall-clock budget, then the time-to-accuracy report (toy size)."""
 
+import functools
+import itertools
 import json
 import math
 
@@ -11,6 +13,18 @@ from empssl.compare import CALIBRATION_FRACTION, MONITOR_POINTS, method_config, 
 from empssl.config import Config, ConfigError
 
 METHOD_NAMES = ("emp-ssl", "simclr", "vicreg", "byol")  # the methods with a compare-demo recipe
+
+
+def ticking(seconds):
+    """A clock that moves ``seconds`` at every reading: every calibration run takes exactly that, however busy the
+    machine is."""
+    now = itertools.count(0.0, seconds)
+    return lambda: next(now)
+
+
+def compare_with_clock(monkeypatch, clock):
+    """`empssl compare` (the command line) calibrating with ``clock``."""
+    monkeypatch.setattr(cmp, "compare", functools.partial(cmp.compare, clock=clock))
 
 
 def test_plan_sizes_the_schedule_to_the_budget():
@@ -58,7 +72,7 @@ def test_calibration_stays_within_its_share_of_the_budget(monkeypatch):
     calls = []
     step_s, set_up = 0.05, 0.4
 
-    def fake(cfg, data, steps, log_every):
+    def fake(cfg, data, steps, log_every, clock):
         calls.append(steps)
         views = cfg.batch_size * cfg.num_patches
         return views / step_s, set_up + steps * step_s
@@ -78,17 +92,20 @@ def test_calibration_stays_within_its_share_of_the_budget(monkeypatch):
         cmp.calibrate(cfg, data, max_seconds=0.5, log=lambda s: None)
 
 
-def test_compare_refuses_a_budget_too_small_for_one_calibration(tmp_path, data_dir, capsys):
-    argv = ["compare", "--smoke", "--budget-seconds", "0.05", "--out", str(tmp_path / "cmp"), "--data-dir",
+def test_compare_refuses_a_budget_too_small_for_one_calibration(tmp_path, data_dir, capsys, monkeypatch):
+    compare_with_clock(monkeypatch, ticking(1.0))  # the probe takes 1 s: more than 10 % of 5 s
+    argv = ["compare", "--smoke", "--budget-seconds", "5", "--out", str(tmp_path / "cmp"), "--data-dir",
             str(data_dir), "--no-progress", "--methods", "simclr"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot fit one calibration" in err[0] and "--budget-seconds >=" in err[0]
+    assert len(err) == 1 and "3 steps took 1.0 s" in err[0] and "--budget-seconds >= 10 " in err[0], err
     assert not (tmp_path / "cmp" / "simclr").exists()  # nothing trained
 
 
 @pytest.mark.slow
-def test_compare_smoke_trains_every_method_and_reports(tmp_path, data_dir, capsys):
+def test_compare_smoke_trains_every_method_and_reports(tmp_path, data_dir, capsys, monkeypatch):
+    tick = 0.05  # each calibration run: the probe alone, or the probe and a longer run, within 10 % of 20 s
+    compare_with_clock(monkeypatch, ticking(tick))
     out = tmp_path / "cmp"
     argv = ["compare", "--smoke", "--budget-seconds", "20", "--out", str(out), "--data-dir", str(data_dir),
             "--no-progress", "--targets", "15"]
@@ -96,9 +113,11 @@ def test_compare_smoke_trains_every_method_and_reports(tmp_path, data_dir, capsy
     printed = capsys.readouterr().out
     summary = json.loads((out / "compare.json").read_text())
     assert [r["method"] for r in summary["rows"]] == ["emp-ssl", "simclr", "vicreg", "byol"]
-    for m, entry in summary["plan"]["methods"].items():  # each calibration kept to its share of the budget
-        # the second calibration run is sized from the probe's estimate, so allow it some overshoot
-        assert entry["calibration"]["fraction_of_budget"] <= 1.5 * CALIBRATION_FRACTION, (m, entry)
+    for m, entry in summary["plan"]["methods"].items():  # each calibration timed by the clock, run by run
+        calibration = entry["calibration"]
+        runs = 1 + (calibration["steps"] > cmp.PROBE_STEPS)
+        assert calibration["seconds"] == pytest.approx(runs * tick), (m, entry)
+        assert calibration["fraction_of_budget"] == round(calibration["seconds"] / 20, 4) <= CALIBRATION_FRACTION
     for row in summary["rows"]:
         results = json.loads((out / row["run"] / "results.json").read_text())
         assert math.isfinite(row["linear_top1"]) and row["linear_top1"] == results["linear_top1"]

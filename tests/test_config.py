@@ -99,6 +99,28 @@ def test_every_setting_declares_its_help_group_and_a_valid_default():
         settings.from_dict({}, name)  # the defaults pass their own rules
 
 
+def test_settings_read_from_the_source_declare_what_the_imported_classes_do(monkeypatch):
+    """The command line's flags come from the settings class statements read from the method modules' source
+    (empssl.registry.settings_source): the same fields, defaults, help, rules and types as the imported classes."""
+    from empssl import config, registry
+
+    def described(cls):
+        return [(f.name, f.default, dict(f.metadata), config.type_hints(cls)[f.name]) for f in dataclasses.fields(cls)]
+
+    imported = {name: method_class(name).Settings for name in method_names()}
+    monkeypatch.setattr(registry, "_REGISTERED", {})  # as in a process that has imported no method module
+    for cached in (registry.settings_source, config.declared_settings_class):
+        cached.cache_clear()
+    try:
+        for name, cls in imported.items():
+            declared = config.declared_settings_class(name)
+            assert declared is not cls and issubclass(declared, MethodSettings)
+            assert described(declared) == described(cls), name
+    finally:
+        for cached in (registry.settings_source, config.declared_settings_class):
+            cached.cache_clear()
+
+
 def test_method_settings_read_and_write_as_flat_keys():
     cfg = Config.from_dict({"method": "byol", "tau_base": 0.9}).validate()
     assert cfg.method_settings == {"tau_base": 0.9}

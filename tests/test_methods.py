@@ -365,7 +365,7 @@ def test_two_ranks_gather_to_the_single_process_loss_and_gradient(name):
     for p in procs:
         p.start()
     try:
-        results = {r: (t, g) for r, t, g in (queue.get(timeout=120) for _ in procs)}
+        results = {r: (t, g) for r, t, g in (queue.get(timeout=600) for _ in procs)}  # a ceiling against a hang
     finally:
         for p in procs:
             p.join(timeout=30)

@@ -23,10 +23,14 @@ from empssl.train import train
 from .conftest import TINY
 
 SETTLE = 0.2  # seconds a file must stay unchanged before it is read (the tests' writers are fast)
+# --online-timeout of the runs that stop at --online-stop or Ctrl-C: a ceiling that only ends a run already wrong,
+# however long a busy machine makes the writers wait between images (the timeout itself is tested on folders
+# that are complete before the run starts)
+CEILING = 600.0
 
 
 def online_cfg(folder, data_dir, **kw) -> Config:
-    base = dict(data=str(folder), data_dir=str(data_dir), online=True, online_settle=SETTLE, online_timeout=5.0,
+    base = dict(data=str(folder), data_dir=str(data_dir), online=True, online_settle=SETTLE, online_timeout=CEILING,
                 width=4, hidden_dim=32, z_dim=16, patch_size=8, num_patches=4, batch_size=10, test_patches=2,
                 probe_epochs=2, device="cpu", log_every=1, checkpoint_every=2)
     return Config(**{**base, **kw})
@@ -137,7 +141,7 @@ def test_ctrl_c_saves_the_stream_position_and_exits_130(tmp_path, data_dir, pict
     writer.start()
 
     def interrupt() -> None:
-        deadline = time.time() + 60
+        deadline = time.time() + CEILING
         while time.time() < deadline and len(learned(out)) < 20:
             time.sleep(0.05)
         time.sleep(SETTLE * 3)  # the 5 left are ready and waiting for a full batch
@@ -145,8 +149,8 @@ def test_ctrl_c_saves_the_stream_position_and_exits_130(tmp_path, data_dir, pict
 
     threading.Thread(target=interrupt, daemon=True).start()
     args = ["train", "--online", "--data", str(folder), "--data-dir", str(data_dir), "--out", str(out),
-            "--no-progress", "--online-settle", str(SETTLE), "--online-timeout", "60", *TINY, "--batch-size", "10",
-            "--checkpoint-every", "100"]
+            "--no-progress", "--online-settle", str(SETTLE), "--online-timeout", str(CEILING), *TINY, "--batch-size",
+            "10", "--checkpoint-every", "100"]
     assert main(args) == 130
     assert "interrupted after 20 images" in capsys.readouterr().err
     assert read_checkpoint(out)["stream"]["names"] == writer.names[:20] == learned(out)
@@ -159,13 +163,13 @@ def test_ctrl_c_saves_the_stream_position_and_exits_130(tmp_path, data_dir, pict
 
 
 def waits_then_times_out(folder: Path, out: Path, data_dir: Path, capsys, waiting: str) -> None:
-    """``train --online --data folder`` says ``waiting`` and, after the 1 s timeout, stops: one line, exit 2, and
-    no run directory left behind."""
+    """``train --online --data folder`` says ``waiting`` and, after the 1 s timeout (not before it), stops: one
+    line, exit 2, and no run directory left behind."""
     t0 = time.perf_counter()
     code = main(["train", "--online", "--data", str(folder), "--data-dir", str(data_dir), "--out", str(out),
                  "--no-progress", "--online-timeout", "1", "--online-settle", str(SETTLE), *TINY])
     captured = capsys.readouterr()
-    assert code == 2 and 1 <= time.perf_counter() - t0 < 30
+    assert code == 2 and time.perf_counter() - t0 >= 1
     assert waiting in captured.out
     assert captured.err.count("\n") == 1 and "nothing learned" in captured.err and "--online-timeout" in captured.err
     assert not out.exists()  # nothing left behind
@@ -209,12 +213,11 @@ def test_monitor_records_accuracy_against_images_seen_and_the_report_shows_it(tm
     folder, out = tmp_path / "in", tmp_path / "run"
     folder.mkdir()
     writer = Writer(folder, pictures, 0, 55, delay=0.0)
-    writer.start()
+    writer.run()  # all there before the run starts: the 1 s timeout ends it only once they are learned
     # no --online-stop: the stream is followed until no image arrived for 1 s; 5 steps, 5 images left waiting
     cfg = online_cfg(folder, data_dir, online_timeout=1.0, online_eval="demo", online_eval_every=20,
                      monitor_bank=100, monitor_test=50, train_subset=200, test_subset=100, checkpoint_every=100)
     res = train_online(cfg, out, progress=False, log=lambda s: None)
-    writer.join()
     assert res["stopped"] == "no new image for 1 s" and res["images_seen"] == 50 and res["images_pending"] == 5
     mon = read_jsonl(out / "monitor.jsonl")
     # every 20 images, and once more at the stop

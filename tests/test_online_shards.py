@@ -25,7 +25,7 @@ from empssl.shard import append_shards, verify_shards, write_shards
 from empssl.train import TrainError
 
 from .conftest import TINY
-from .test_online import SETTLE, learned, online_cfg, png_bytes, waits_then_times_out
+from .test_online import CEILING, SETTLE, learned, online_cfg, png_bytes, waits_then_times_out
 
 pytest.importorskip("litdata")
 
@@ -73,7 +73,7 @@ def test_a_thread_appends_while_training_runs_and_each_image_is_learned_once_in_
 
     def appender() -> None:
         for k, (folder, _) in enumerate(batches, 1):
-            deadline = time.time() + 60  # once training learned what was there and says it waits for more
+            deadline = time.time() + CEILING  # once training learned what was there and says it waits for more
             while time.time() < deadline and waits() < k:
                 time.sleep(0.05)
             append_shards(str(folder), shards, workers=1, progress=False)
@@ -104,13 +104,13 @@ def test_a_killed_run_resumes_at_the_stream_position_with_appends_in_between(tmp
     shards, names = shard_folder(tmp_path, pictures[:35])  # three batches, then 5 that wait for a fourth
     out = tmp_path / "run"
     args = ["train", "--online", "--data", str(shards), "--data-dir", str(data_dir), "--out", str(out),
-            "--no-progress", "--online-settle", str(SETTLE), "--online-timeout", "60", *TINY, "--batch-size", "10",
-            "--checkpoint-every", "2", "--log-every", "1"]
+            "--no-progress", "--online-settle", str(SETTLE), "--online-timeout", str(CEILING), *TINY, "--batch-size",
+            "10", "--checkpoint-every", "2", "--log-every", "1"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                          os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "empssl.cli", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + CEILING
     while time.time() < deadline and len(learned(out)) < 30:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # after step 3; the checkpoint is step 2's

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -335,9 +334,10 @@ def test_after_ctrl_c_and_resume_metrics_average_the_same_steps(tmp_path, data_d
 
 # --- Ctrl-C at any moment ------------------------------------------------------------------------------------
 
-# A subprocess that prints STAGE and sleeps when it reaches a stage, so that SIGINT arrives exactly there.
+# A subprocess that prints STAGE and sleeps when it reaches a stage, so that SIGINT arrives exactly there, however
+# fast or busy the machine is.
 _STAGED = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     stage = sys.argv[1]
     def pause(real):
         def paused(*a, **k):
@@ -353,6 +353,20 @@ _STAGED = textwrap.dedent("""
                     print("STAGE", flush=True)
                     time.sleep(60)
         sys.meta_path.insert(0, Slow())
+    elif stage == "training":  # as the loop's second step begins; it waits for the loop's stop flag to be raised
+        import importlib
+        t = importlib.import_module("empssl.train")
+        real, calls = t.train_step, []
+        def step(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                print("STAGE", flush=True)
+                flag = signal.getsignal(signal.SIGINT).__self__  # the loop's StopFlag
+                deadline = time.time() + 600
+                while not flag.requested and time.time() < deadline:
+                    time.sleep(0.01)
+            return real(*a, **k)
+        t.train_step = step
     else:
         import importlib
         t = importlib.import_module("empssl.train")
@@ -371,23 +385,16 @@ def test_ctrl_c_at_any_moment_is_one_line_and_leaves_a_resumable_run(stage, tmp_
     args = [str(a) for a in train_args(out, data_dir, "--epochs", "6" if stage == "training" else "1")]
     if stage == "evaluation":
         subprocess.run([sys.executable, "-m", "empssl.cli", *args], check=True, env=env, capture_output=True)
-    if stage != "training":
-        args = [a for a in args if a != "--no-eval"] if stage == "evaluation" else args
-        cmd = [sys.executable, "-c", _STAGED, stage, *args]
-    else:  # the loop's own stop: after the current step, with a checkpoint
-        cmd = [sys.executable, "-m", "empssl.cli", *args]
+    args = [a for a in args if a != "--no-eval"] if stage == "evaluation" else args
+    # training: the loop's own stop, after the current step, with a checkpoint
+    cmd = [sys.executable, "-c", _STAGED, stage, *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint)
-    if stage == "training":  # once the loop has logged its first line
-        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
-            assert proc.poll() is None
-            time.sleep(0.01)
-    else:
-        for line in proc.stdout:
-            if line.startswith("STAGE"):
-                break
+    for line in proc.stdout:
+        if line.startswith("STAGE"):
+            break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)  # a ceiling against a hang
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("empssl: interrupted"), err

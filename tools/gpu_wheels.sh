@@ -2,7 +2,7 @@
 # Wheels for bench/gpu_check.py's streamed part on a GPU machine that has torch but not LitData (and no network):
 # LitData and the packages it imports that such an image usually lacks, for CPython 3.12 on x86-64 Linux, into
 # .whl/ (ignored by git). On the GPU machine, before the check:
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src
+#   python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=.site:src
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl

@@ -3,9 +3,10 @@
     python tools/import_graph.py [src/empssl]          # one line per module: what it imports from empssl
     python tools/import_graph.py --dot > imports.dot    # the same as a Graphviz graph
 
-Imports at module level and inside functions (deferred, marked ``~``) are listed separately; ``if TYPE_CHECKING:``
-imports are left out. The last lines name the cycles (strongly connected components over all imports) and the
-leaves (modules that import nothing from empssl).
+Imports at module level and those not run when the module is imported (inside functions or under
+``if TYPE_CHECKING:``, marked ``~``) are listed separately. The last lines name the cycles (strongly connected
+components over all imports, both kinds: a type-only import is a dependency too) and the leaves (modules that
+import nothing from empssl).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _type_checking_block(node: ast.AST) -> bool:
 
 
 def imports(root: Path) -> dict[str, dict[str, bool]]:
-    """module -> {imported module: True if at module level, False if only inside a function}."""
+    """module -> {imported module: True if at module level, False if only inside a function or for type checking}."""
     files = sorted(root.rglob("*.py"))
     modules = {module_name(p, root) for p in files}
     graph: dict[str, dict[str, bool]] = {}
@@ -63,8 +64,6 @@ def imports(root: Path) -> dict[str, dict[str, bool]]:
 
         def visit(node: ast.AST, top: bool, name: str = name, path: Path = path, edges: dict = edges) -> None:
             for child in ast.iter_child_nodes(node):
-                if _type_checking_block(child):
-                    continue
                 if isinstance(child, ast.ImportFrom):
                     for target in resolve(name, path.name == "__init__.py", child, modules):
                         if target != name:
@@ -74,7 +73,8 @@ def imports(root: Path) -> dict[str, dict[str, bool]]:
                         target = alias.name.removeprefix("empssl").lstrip(".")
                         if alias.name.startswith("empssl") and target in modules and target != name:
                             edges[target] = edges.get(target, False) or top
-                inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                inner = top and not (isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                                     or _type_checking_block(child))
                 visit(child, inner)
 
         visit(tree, True)

@@ -13,9 +13,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
-from .config import Config, ConfigError, flag, flag_fields, load_preset, method_preset, preset_names, type_hints
-from .methods import method_class, method_names
+from .config import (
+    Config,
+    ConfigError,
+    declared_settings_class,
+    flag,
+    flag_fields,
+    load_preset,
+    method_preset,
+    preset_names,
+    type_hints,
+)
+from .methods import method_names
+from .version import __version__
 
 # The Config fields of the commands that evaluate a checkpoint: its evaluation, where its data are read from,
 # the device.
@@ -95,7 +105,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str], met
     fields = [(f, hints[f.name], f.metadata["group"], f.default) for f in flag_fields(Config) if f.name in names]
     if method_settings:
         for m in method_names():
-            settings = method_class(m).Settings
+            settings = declared_settings_class(m)  # read from the source: --help imports no torch
             for f in flag_fields(settings):
                 fields.append((f, type_hints(settings)[f.name], f"{m} (--method {m})", f.default))
     groups: dict[str, Any] = {}
@@ -452,7 +462,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     user_errors: tuple[type[BaseException], ...] = (ConfigError,)
-    try:  # the imports too: a Ctrl-C while torch loads is one line like any other
+    try:
+        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        names = ",".join(map(str, parser._subparsers._group_actions[0].choices or ()))  # type: ignore[union-attr]
+        usage = f"usage: empssl {{{names}}} [flags] (empssl COMMAND --help lists its flags)"
+        if not argv:  # bare `empssl`: say how to use it
+            raise ConfigError(f"no command given; {usage}")
+        if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+            raise ConfigError(f"unrecognized option {argv[0]} before the command; {usage}")
+        args = parser.parse_args(argv)
+        # Only now, past --help and the flag errors, which must not wait for torch; inside the try, so that a
+        # Ctrl-C while torch loads is one line like any other.
         from .checkpoint import CheckpointError
         from .data import DataError
         from .embed import EmbedError
@@ -465,15 +486,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         user_errors += (DataError, CheckpointError, EvalError, ProbeError, TrainError, ReportError, EmbedError,
                         ExportError, OutputError)
-        parser = build_parser()
-        argv = sys.argv[1:] if argv is None else list(argv)
-        names = ",".join(map(str, parser._subparsers._group_actions[0].choices or ()))  # type: ignore[union-attr]
-        usage = f"usage: empssl {{{names}}} [flags] (empssl COMMAND --help lists its flags)"
-        if not argv:  # bare `empssl`: say how to use it
-            raise ConfigError(f"no command given; {usage}")
-        if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
-            raise ConfigError(f"unrecognized option {argv[0]} before the command; {usage}")
-        args = parser.parse_args(argv)
         commands = {"train": cmd_train, "eval": cmd_eval, "ablate-patches": cmd_ablate_patches,
                     "ablate-test-patches": cmd_ablate_test_patches, "tsne": cmd_tsne, "report": cmd_report,
                     "compare": cmd_compare, "embed": cmd_embed, "export": cmd_export, "shard": cmd_shard}

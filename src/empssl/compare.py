@@ -30,7 +30,7 @@ from typing import Any
 from .config import Config, ConfigError, load_preset, method_recipe, settings_for
 from .data import ImageData
 from .files import read_jsonl, write_json
-from .registry import method_class
+from .methods import method_class
 from .report import write_report
 from .rundir import run_config
 from .train import config_data, train, train_once
@@ -65,25 +65,27 @@ def method_config(method: str, overrides: dict[str, Any], recipes: str | None = 
     return Config.from_dict({**recipe, **given, "method": method}).validate()
 
 
-def _throughput(cfg: Config, data: tuple[ImageData, ImageData], steps: int, log_every: int) -> tuple[float, float]:
-    """(median views per second over the logged lines but the first, wall seconds of the whole call) of a
-    throw-away eager run of ``steps`` steps of ``cfg`` without monitor or evaluation."""
+def _throughput(cfg: Config, data: tuple[ImageData, ImageData], steps: int, log_every: int,
+                clock: Callable[[], float]) -> tuple[float, float]:
+    """(median views per second over the logged lines but the first, wall seconds of the whole call by ``clock``)
+    of a throw-away eager run of ``steps`` steps of ``cfg`` without monitor or evaluation."""
     steps_per_epoch = len(data[0]) // cfg.batch_size
-    t0 = time.perf_counter()
+    t0 = clock()
     with tempfile.TemporaryDirectory(prefix="empssl-calibrate-") as tmp:
         probe = cfg.replace(epochs=steps / steps_per_epoch, schedule_epochs=0, warmup_epochs=0, eval_every=0,
                             log_every=log_every, checkpoint_every=10**9, compile="off")
         train(probe, Path(tmp) / "run", progress=False, log=lambda s: None, data=data, evaluate_at_end=False)
         rates = [r["patches_per_s"] for r in read_jsonl(Path(tmp) / "run" / "metrics.jsonl")]
-    return statistics.median(rates[1:] if len(rates) > 1 else rates), time.perf_counter() - t0
+    return statistics.median(rates[1:] if len(rates) > 1 else rates), clock() - t0
 
 
-def calibrate(cfg: Config, data: tuple[ImageData, ImageData], max_seconds: float,
-              log: Callable[[str], Any]) -> dict[str, float]:
+def calibrate(cfg: Config, data: tuple[ImageData, ImageData], max_seconds: float, log: Callable[[str], Any],
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Training steps per second of ``cfg`` on its device, measured in at most about ``max_seconds`` of wall time:
     a run of PROBE_STEPS steps, then, if the rest of ``max_seconds`` holds at least 10 more steps, a run of up to
     CALIBRATION_STEPS steps whose rate replaces the probe's. Returns {"steps_per_s", "seconds", "steps",
-    "process_warm_up_seconds"}; raises ConfigError when the probe alone takes longer than ``max_seconds``.
+    "process_warm_up_seconds"}; raises ConfigError when the probe alone takes longer than ``max_seconds``. The
+    runs' wall time is read from ``clock`` (tests give one that does not depend on the machine's speed).
 
     The first call in a process first runs one untimed step: the process's first steps pay one-time costs
     (lazy initialisation, seconds on a CPU) that every later run is spared, so they would misjudge the method.
@@ -97,9 +99,9 @@ def calibrate(cfg: Config, data: tuple[ImageData, ImageData], max_seconds: float
     global _warm
     warm_up = 0.0
     if not _warm:  # the process's first training steps pay one-time costs (lazy init): not this method's
-        warm_up = _throughput(cfg, data, 1, log_every=1)[1]
+        warm_up = _throughput(cfg, data, 1, log_every=1, clock=clock)[1]
         _warm = True
-    rate, spent = _throughput(cfg, data, PROBE_STEPS, log_every=1)
+    rate, spent = _throughput(cfg, data, PROBE_STEPS, log_every=1, clock=clock)
     steps = PROBE_STEPS
     if spent > max_seconds:
         need = math.ceil(spent / CALIBRATION_FRACTION)
@@ -111,7 +113,7 @@ def calibrate(cfg: Config, data: tuple[ImageData, ImageData], max_seconds: float
     set_up = max(0.0, spent - PROBE_STEPS * step_s)  # the part of a run's wall time that is not steps
     more = min(CALIBRATION_STEPS, int((max_seconds - spent - set_up) / step_s))
     if more >= 10:
-        rate, seconds = _throughput(cfg, data, more, log_every=max(1, more // 3))
+        rate, seconds = _throughput(cfg, data, more, log_every=max(1, more // 3), clock=clock)
         spent, steps = spent + seconds, steps + more
     steps_per_s = rate / views_per_step
     log(f"{cfg.method}: {rate:,.0f} views/s = {steps_per_s:.2f} steps/s of batch {cfg.batch_size} "
@@ -133,11 +135,12 @@ def plan_run(cfg: Config, steps_per_s: float, budget_seconds: float, n_train: in
 
 def compare(methods: Sequence[str], out_dir: str | Path, budget_seconds: float, overrides: dict[str, Any], *,
             recipes: str | None = None, targets: Sequence[float] = (), progress: bool = True,
-            log: Callable[[str], Any] = print) -> dict[str, Any]:
+            log: Callable[[str], Any] = print, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Train every method of ``methods`` for ``budget_seconds`` of training wall time on the same data and device
     (``overrides``: data, model, patch, device, evaluation settings... applied alike on top of each method's
     recipe, or of the presets ``{recipes}-{method}``), evaluate each with its own protocol, and write
-    ``out_dir/report.md`` and ``out_dir/compare.json``. Returns compare.json."""
+    ``out_dir/report.md`` and ``out_dir/compare.json``. Returns compare.json. ``clock``: the calibration's
+    (:func:`calibrate`)."""
     if not methods:
         raise ConfigError("--methods must name at least one method")
     if len(set(methods)) != len(methods):
@@ -161,7 +164,7 @@ def compare(methods: Sequence[str], out_dir: str | Path, budget_seconds: float, 
     for m in methods:  # every method calibrated before any trains: a budget too small is refused up front
         if m not in plan["methods"]:
             log(f"{m}: calibrating on {len(data[0])} images")
-            measured = calibrate(cfgs[m], data, CALIBRATION_FRACTION * budget_seconds, log)
+            measured = calibrate(cfgs[m], data, CALIBRATION_FRACTION * budget_seconds, log, clock)
             share = round(measured["seconds"] / budget_seconds, 4)
             plan["methods"][m] = {"steps_per_s": measured["steps_per_s"],
                                   "calibration": {"seconds": measured["seconds"], "steps": measured["steps"],

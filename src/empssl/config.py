@@ -8,12 +8,13 @@ temperature, ...) are declared the same way beside the method, as a :class:`Meth
 ``cfg.to_dict()["temperature"]``, as their flags name them.
 
 Nothing here imports torch: a method's settings class is looked up (importing its module) only for a config that
-gives method settings, or when they are read.
+gives method settings, or when they are read; the command line's flags read their declarations from the source.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from collections.abc import Mapping
@@ -322,6 +323,23 @@ class MethodSettings:
 def method_settings_class(method: str) -> type[MethodSettings]:
     """The settings class ``method`` declares (importing the method's module)."""
     return registry.method_class(method).Settings
+
+
+@functools.cache
+def declared_settings_class(method: str) -> type[MethodSettings]:
+    """:func:`method_settings_class` without importing the method's module (and torch) where the registry reads
+    its settings class statement from the source (:func:`empssl.registry.settings_source`): that statement run
+    alone, with the names a settings declaration uses. The command line's flags and help come from it (a test
+    checks that it declares what the imported class does)."""
+    source = registry.settings_source(method)
+    if not source:
+        return method_settings_class(method)
+    names: dict[str, Any] = {"dataclass": dataclass, "MethodSettings": MethodSettings, "setting": setting,
+                             "ConfigError": ConfigError, "__name__": __name__}
+    given = set(names)
+    exec(compile(source, f"<settings of {method}>", "exec"), names)
+    (declared,) = (v for k, v in names.items() if k not in given and k != "__builtins__")
+    return declared
 
 
 def settings_for(method: str, d: Mapping[str, Any]) -> dict[str, Any]:

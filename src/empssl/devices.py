@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -47,8 +47,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .config import ConfigError
 from .devices import resolve_device
+from .errors import ConfigError
 from .patches import Augment, PatchParams, apply_params, make_patches, sample_params
 
 # Generous: the other ranks wait in a collective while rank 0 runs the --eval-every monitor, and while it

@@ -39,10 +39,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from . import __version__
-from .config import ConfigError
 from .data import ImageSet, load_images, scan
 from .devices import resolve_device
+from .errors import ConfigError
 from .evaluate import image_features
 from .files import OutputError, write_atomic
 from .methods import eval_protocol
@@ -59,6 +58,7 @@ from .stream import (
     refuse_arrays,
     require_image_size,
 )
+from .version import __version__
 
 SUFFIXES = (".npz", ".safetensors")
 

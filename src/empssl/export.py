@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .files import OutputError, write_atomic
 from .models import ResNet, create_backbone
 from .rundir import load_checkpoint
+from .version import __version__
 
 FORMATS = ("torchvision", "timm", "safetensors")
 # arch -> (torchvision and timm model name, CIFAR stem?)

@@ -238,8 +238,8 @@ def check_step_fits(cfg: Config, device: torch.device, world_size: int = 1) -> N
     step's views, with activation recomputation where ``--grad-checkpointing`` would turn it on (``on``, or
     ``auto`` on CUDA). A throwaway copy of the model measures a few small patches (and the global RNG is left as
     it was)."""
-    from .config import ConfigError
     from .devices import autocast_dtype
+    from .errors import ConfigError
     from .methods import create_method
 
     limit = available_bytes(device)

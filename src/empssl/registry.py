@@ -1,34 +1,34 @@
 """The method registry: which class is ``--method NAME``, found without importing torch.
 
-A leaf: it imports nothing from empssl at module level (the method modules import the config, and the config asks
-the registry for the method names, so the registry sits below both). :mod:`empssl.methods` re-exports it.
+It imports nothing above :mod:`empssl.errors` (the config asks the registry for the method names and the method
+modules import the config, so the registry sits below both) and knows nothing of what a method is: it holds the
+classes that ``@register`` names; :mod:`empssl.methods` re-exports it with the types of a method.
 
 It imports no method module until one is asked for: the method modules import torch (seconds), and validating a
-config or listing the names must not. :func:`method_names` reads the names of the package's methods from their
-modules' ``@register("...")`` lines (``src/empssl/methods/*.py``); a method defined elsewhere (a test, a user's
-script) is listed once its module has been imported and has registered it.
+config, listing the names or the command line's ``--help`` must not. :func:`method_names` reads the names of the
+package's methods from their modules' ``@register("...")`` lines (``src/empssl/methods/*.py``) and
+:func:`settings_source` their settings class statements; a method defined elsewhere (a test, a user's script) is
+listed once its module has been imported and has registered it.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import importlib
 import re
 from collections.abc import Callable
 from importlib import resources
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:
-    from .methods.base import Method
-
-M = TypeVar("M", bound="type[Method]")
+M = TypeVar("M", bound=type[Any])
 
 _PACKAGE = __name__.rpartition(".")[0]  # empssl
 METHODS_PACKAGE = f"{_PACKAGE}.methods"  # the package whose modules register its methods
-_REGISTERED: dict[str, type[Method]] = {}
+_REGISTERED: dict[str, type[Any]] = {}
 _ORDER: dict[str, int] = {}
 _REGISTER_LINE = re.compile(r'^@register\("([^"]+)"(?:, order=(\d+))?\)', re.MULTILINE)
 LAST = 1000  # the place of a method that gives no order: after the package's own, by name
@@ -51,13 +51,17 @@ def register(name: str, order: int = LAST) -> Callable[[M], M]:
     return add
 
 
+def _source(module: str) -> str:
+    return (resources.files(_PACKAGE) / "methods" / f"{module}.py").read_text()
+
+
 @functools.cache
 def _package_methods() -> dict[str, tuple[str, int]]:
     """{method name: (module, order)} of the package's methods, read from their modules' source (not imported)."""
     out = {}
     for entry in resources.files(_PACKAGE).joinpath("methods").iterdir():
         if entry.name.endswith(".py") and not entry.name.startswith("_"):
-            for name, order in _REGISTER_LINE.findall(entry.read_text()):
+            for name, order in _REGISTER_LINE.findall(_source(entry.name[:-3])):
                 out[name] = (entry.name[:-3], int(order or LAST))
     return out
 
@@ -69,8 +73,9 @@ def method_names() -> tuple[str, ...]:
     return tuple(sorted(order, key=lambda n: (order[n], n)))
 
 
-def method_class(name: str) -> type[Method]:
-    """The class registered as ``name`` (importing the package's module of it on first use)."""
+def method_class(name: str) -> type[Any]:
+    """The class registered as ``name`` (importing the package's module of it on first use); typed as a method by
+    :func:`empssl.methods.method_class`."""
     if not isinstance(name, str):
         raise ConfigError(f"--method must be a string, got {name!r}")
     if name not in _REGISTERED and name in _package_methods():
@@ -83,3 +88,23 @@ def method_class(name: str) -> type[Method]:
 def settings_owners(key: str) -> list[str]:
     """The methods that declare a setting called ``key`` (imports every method module)."""
     return [m for m in method_names() if key in {f.name for f in dataclasses.fields(method_class(m).Settings)}]
+
+
+@functools.cache
+def settings_source(name: str) -> str:
+    """The class statement (decorators included) of the settings class that the package's method ``name``
+    declares, read from its module without importing it: the class named by ``Settings = X`` in the class that
+    ``@register("name")`` decorates, defined in the same module. "" for a method outside the package, one already
+    imported (its class is at hand) or one without settings of its own."""
+    if name in _REGISTERED or name not in _package_methods():
+        return ""
+    tree = ast.parse(_source(_package_methods()[name][0]))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    for cls in classes.values():
+        if any(isinstance(d, ast.Call) and ast.unparse(d.func) == "register" and d.args
+               and ast.literal_eval(d.args[0]) == name for d in cls.decorator_list):
+            for stmt in cls.body:
+                if (isinstance(stmt, ast.Assign) and ast.unparse(stmt.targets[0]) == "Settings"
+                        and isinstance(stmt.value, ast.Name) and stmt.value.id in classes):
+                    return ast.unparse(classes[stmt.value.id])
+    return ""

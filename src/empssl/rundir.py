@@ -22,11 +22,11 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from . import __version__
 from .checkpoint import CheckpointError, load_model_state, read_checkpoint
 from .config import Config, ConfigError, flag
 from .files import WriterLock, cut_jsonl, read_json, write_json
 from .methods import create_method
+from .version import __version__
 
 # Keys that may differ between a run directory's saved config and the command that resumes it: they change
 # where things are read or how often they are written, or the evaluation, never the trained weights.

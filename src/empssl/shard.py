@@ -52,12 +52,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from . import __version__
 from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
 from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
 from .data.imagenet import parse_spec
 from .data.load import resolve
 from .files import OutputError, WriterLock, read_json, write_json
+from .version import __version__
 
 FORMAT = "empssl-shards"
 FORMAT_VERSION = 2  # 2: each split's labels.npy

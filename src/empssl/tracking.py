@@ -34,9 +34,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import ConfigError, logger_names
+from .config import logger_names
+from .errors import ConfigError
 from .files import read_json, write_json
+from .version import __version__
 
 IDS_FILE = "trackers.json"
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__, distributed
+from . import distributed
 from .batches import StepBatches
 from .checkpoint import RESUMED, load_model_state, read_checkpoint, save_atomic
 from .compiling import Compiler
@@ -52,6 +52,7 @@ from .rundir import (
 )
 from .stream import StreamBatches, StreamedSplit, load_splits, resolve_decode
 from .tracking import NO_TRACKING, Tracking, open_tracking, require_trackers
+from .version import __version__
 
 
 class TrainError(RuntimeError):

@@ -9,19 +9,26 @@ A method is a :class:`empssl.methods.base.Method` subclass in a module of its ow
 logged terms). README.md ("Adding a method") walks through writing one.
 
 The registry itself (:func:`register`, :func:`method_names`, :func:`method_class`, :func:`settings_owners`) lives
-in :mod:`empssl.registry`, a leaf that the config imports too; it imports no method module until one is asked for:
-the method modules import torch (seconds), and validating a config or listing the names must not.
+in :mod:`empssl.registry`, below the config, which asks it too; it imports no method module until one is asked
+for (the method modules import torch, seconds) and does not know the :class:`Method` type, which
+:func:`method_class` here adds.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .. import registry
 from ..config import Config
-from ..registry import method_class, method_names, register, settings_owners
+from ..registry import method_names, register, settings_owners
 
 if TYPE_CHECKING:
     from .base import Method
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name`` (importing the package's module of it on first use)."""
+    return registry.method_class(name)
 
 
 def create_method(cfg: Config) -> Method:
