@@ -27,12 +27,23 @@ def save_atomic(obj: Any, path: Path) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+# The entries that empssl's readers take from a checkpoint, and their types ("rng.torch": ckpt["rng"]["torch"]).
+# A file with another type there is damaged or not empssl's: one line naming it, not a TypeError mid-resume.
+ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "model": dict, "optimizer": dict, "step": int, "finished": bool, "world_size": int, "config": dict,
+    "rng": dict, "rng.torch": torch.Tensor, "rng.patches": torch.Tensor, "rng.device": (str, type(None)),
+    "clock": dict, "clock.train_seconds": (int, float), "clock.monitor_seconds": (int, float),
+    "metrics": (dict, type(None)), "metrics.sums": torch.Tensor, "metrics.n": int, "stream": dict}
+RESUMED = ("optimizer", "step", "rng", "rng.torch", "rng.patches")  # what a training run resumes from
+
+
+def read_checkpoint(path: str | Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a checkpoint dict with ``weights_only=True`` (no pickled code is executed).
 
     Anything that is not an empssl checkpoint (an empty or truncated file, another format, a pickle of Python
-    objects) is a one-line CheckpointError. It never suggests ``weights_only=False``: loading a file that way
-    would run whatever code it holds.
+    objects, an entry of :data:`ENTRIES` of another type, a ``require``d entry missing) is a one-line
+    CheckpointError. It never suggests ``weights_only=False``: loading a file that way would run whatever code it
+    holds.
     """
     path = Path(path)
     if path.is_dir():
@@ -58,8 +69,29 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         else:
             why = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
         raise CheckpointError(f"{path} is not an empssl checkpoint ({why})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not an empssl checkpoint (no 'model' entry)")
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not an empssl checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    for key, kind in ENTRIES.items():
+        value = _entry(ckpt, key)
+        if value is _ABSENT:
+            if key == "model" or key in require:
+                raise CheckpointError(f"{path} is not an empssl checkpoint (no {key!r} entry)")
+            continue
+        if (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)  # True is an int too
+                or (kind is int and isinstance(value, int) and value < (1 if key == "world_size" else 0))):
+            shown = f"{value!r:.40}" if isinstance(value, (int, float, str)) else f"a {type(value).__name__}"
+            raise CheckpointError(f"{path} is not an empssl checkpoint (its {key!r} is {shown})")
+    return ckpt
+
+
+_ABSENT = object()
+
+
+def _entry(ckpt: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(ckpt, dict) or part not in ckpt:
+            return _ABSENT
+        ckpt = ckpt[part]
     return ckpt
 
 

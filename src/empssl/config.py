@@ -407,7 +407,8 @@ def check_fields(obj: Any) -> None:
         what, ok = _kind(hints[f.name])
         if not ok(value):
             as_tuple = " (a tuple)" if isinstance(value, list) and typing.get_origin(hints[f.name]) is tuple else ""
-            raise ConfigError(f"{flag(f.name)} must be {what}{as_tuple}, got {value!r}")
+            shown = " ".join(repr(value).split())  # one line, even for a tensor in a damaged checkpoint's config
+            raise ConfigError(f"{flag(f.name)} must be {what}{as_tuple}, got {shown:.80}")
         if meta.get("choices") and value not in meta["choices"]:
             raise ConfigError(f"{flag(f.name)} must be one of {', '.join(meta['choices'])}, got {value!r}")
         for key, sign, broken in (("low", ">=", lambda v, b: v < b), ("above", ">", lambda v, b: not v > b),

@@ -108,24 +108,50 @@ def _probe(folder: Path, what: str) -> None:
 
 def cut_jsonl(path: str | Path, step: int) -> None:
     """Keep the records of a JSON-lines file up to ``step`` (their ``"step"`` <= ``step``), atomically; a line
-    torn by a kill goes too. For a resumed run: the steps after its checkpoint are trained, and logged, again."""
+    torn by a kill goes too, and so does a record whose step is not a number. For a resumed run: the steps after
+    its checkpoint are trained, and logged, again."""
     path = Path(path)
     if not path.exists():
         return
-    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    if len(keep) != len(path.read_text().splitlines()):
+    records = read_jsonl(path)
+    keep = [r for r in records if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) <= step]
+    if len(keep) != len(records) or len(records) != len(_lines(path)):
         write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (metrics.jsonl, monitor.jsonl); a torn last line is skipped."""
+    """The records of a JSON-lines file (metrics.jsonl, monitor.jsonl); a line that is not a JSON object (a torn
+    last line, damage) is skipped. OutputError (one line) when the file cannot be read (a folder)."""
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in _lines(Path(path)):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = parse_json(line)
+        except ValueError:
             continue
+        if isinstance(record, dict):
+            out.append(record)
     return out
+
+
+def _lines(path: Path) -> list[str]:
+    try:  # empssl writes ASCII (json.dumps): a byte that is not UTF-8 is damage, and its line is skipped
+        return path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        raise OutputError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads``, with a document nested past Python's recursion limit a ValueError like any other that is
+    not JSON (so that every reader refuses it as damaged)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON document in ``path``; ValueError when it is not one (not UTF-8, not JSON, nested too deeply)."""
+    return parse_json(Path(path).read_bytes())
 
 
 class WriterLock:

@@ -24,7 +24,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_model_state, read_checkpoint
 from .config import Config, ConfigError, flag
-from .files import OutputError, WriterLock, cut_jsonl, write_json
+from .files import OutputError, WriterLock, cut_jsonl, read_json, write_json
 from .methods import create_method
 from .version import __version__
 
@@ -53,8 +53,8 @@ def saved_config(out_dir: str | Path) -> Config | None:
     if not path.is_file():
         return None
     try:
-        return Config.from_dict(json.loads(path.read_text())["config"])
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, OSError) as e:
+        return Config.from_dict(read_json(path)["config"])
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         raise ConfigError(f"{path} is not an empssl config ({type(e).__name__}: {e}); delete it and it is "
                           f"rewritten from the checkpoint") from None
 
@@ -65,7 +65,7 @@ def checkpoint_config(out_dir: str | Path) -> Config | None:
     if not path.is_file():
         return None
     try:
-        return Config.from_dict(read_checkpoint(path).get("config", {}))
+        return Config.from_dict(read_checkpoint(path).get("config", {})).validate()
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from None
 

@@ -56,7 +56,7 @@ from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
 from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
 from .data.imagenet import parse_spec
 from .data.load import resolve
-from .files import OutputError, WriterLock, write_json
+from .files import OutputError, WriterLock, read_json, write_json
 from .version import __version__
 
 FORMAT = "empssl-shards"
@@ -646,7 +646,7 @@ def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
         raise DataError(f"no {MANIFEST} in {root}: not a folder of empssl shards (make them with: empssl shard SRC "
                         f"--out {root})")
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
         if data.get("format") != FORMAT:
             raise DataError(f"{path} is not an empssl shard manifest")
         if data.get("format_version") != FORMAT_VERSION:
@@ -734,7 +734,7 @@ def reader_serializers() -> dict[str, Any]:
 def _verify_split(folder: Path, split: SplitShards, hashes: bool) -> None:
     index_path = folder / "index.json"
     try:
-        index = json.loads(index_path.read_text())
+        index = read_json(index_path)
         listed = [(plain_name(c["filename"], index_path), int(c["chunk_size"])) for c in index["chunks"]]
         check_data_format(index["config"]["data_format"], f"split {folder.name} of {folder.parent}")
     except FileNotFoundError:

@@ -36,7 +36,7 @@ from typing import Any
 
 from .config import logger_names
 from .errors import ConfigError
-from .files import write_json
+from .files import read_json, write_json
 from .version import __version__
 
 IDS_FILE = "trackers.json"
@@ -266,7 +266,7 @@ def _saved_ids(path: Path) -> dict[str, Any]:
     if not os.path.lexists(path):
         return {}
     try:
-        ids = json.loads(path.read_bytes())
+        ids = read_json(path)
         why = "not an object of each logger's ids"
     except (OSError, ValueError) as e:  # a folder, unreadable, not JSON, not UTF-8
         ids, why = None, getattr(e, "strerror", None) or str(e)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .batches import StepBatches
-from .checkpoint import load_model_state, read_checkpoint, save_atomic
+from .checkpoint import RESUMED, load_model_state, read_checkpoint, save_atomic
 from .compiling import Compiler
 from .config import Config, ConfigError
 from .data import ImageData, load_data
@@ -223,7 +223,7 @@ def build_training(cfg: Config, device: torch.device, dist: Dist = SINGLE,
 
 def resume(run: Run, log: Callable[[str], None]) -> None:
     """Load the checkpoint of ``run.out`` into the run: weights, optimiser, step, RNG states, clock."""
-    ckpt = read_checkpoint(run.ckpt_path)  # every rank loads it
+    ckpt = read_checkpoint(run.ckpt_path, require=RESUMED)  # every rank loads it
     cfg, dist = run.cfg, run.dist
     if run.data is not None:  # (the online mode records none: it follows a growing collection)
         check_data(ckpt.get("data"), run.data, cfg.data, run.ckpt_path, log)  # before anything is loaded or written

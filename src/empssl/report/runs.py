@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import files
 from ..files import read_jsonl
 from ..rundir import METRICS_FIELDS
 
@@ -42,12 +42,17 @@ class Run:
         return ([("results.json", self.results)] if self.results else []) + list(self.extra_results.items())
 
 
-def read_json(path: Path, notes: list[str]) -> Any:
+def read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None, with a note, for a file that cannot be read or holds no object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = files.read_json(path)
+    except (OSError, ValueError) as e:
         notes.append(f"{path} could not be read ({type(e).__name__}); skipped")
         return None
+    if not isinstance(data, dict):
+        notes.append(f"{path} holds no JSON object; skipped")
+        return None
+    return data
 
 
 def is_run(path: Path) -> bool:
@@ -78,7 +83,8 @@ def read_run(path: Path) -> Run:
         if data is None:
             continue
         if attr == "config":
-            run.config, run.version = data.get("config", {}), data.get("version")
+            config = data.get("config")
+            run.config, run.version = config if isinstance(config, dict) else {}, data.get("version")
         else:
             setattr(run, attr, data)
     for p in sorted(run.path.glob("results-*.json")):  # empssl eval's default name and --out files beside it
