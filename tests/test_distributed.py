@@ -199,6 +199,30 @@ def test_setup_sets_a_ranks_threads_unless_the_user_did(monkeypatch, omp, want):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_a_rank_dies_with_its_parent():
+    r, w = os.pipe()
+    parent = os.fork()
+    if parent == 0:  # stands in for torchrun's launcher; its child for a rank
+        try:
+            if os.fork() == 0:
+                distributed.die_with_parent()
+                os.write(w, f"{os.getpid()}\n".encode())
+            time.sleep(600)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        rank = int(f.readline())
+    try:
+        os.kill(parent, signal.SIGKILL)
+        os.waitpid(parent, 0)
+        poll(lambda: not alive(rank), "the rank ended")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rank, signal.SIGKILL)
+
+
 def test_training_module_keeps_plain_state_dict_keys():
     cfg = Config(width=4, hidden_dim=32, z_dim=16)
     model = create_method(cfg).build_model()
@@ -337,6 +361,14 @@ def job_processes(marker: str) -> dict[int, int]:
         except OSError:  # it ended meanwhile
             pass
     return found
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (one that ended, its exit status not yet collected)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def poll(condition, what: str, ceiling: float = 180) -> None:
