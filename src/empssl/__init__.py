@@ -5,7 +5,7 @@ The public API, importable from the package itself (``import empssl; empssl.trai
 
     Config, load_preset                 the recipe (defaults = the paper's CIFAR-10 settings) and its presets
     load_data, load_images              (train, test) uint8 image tensors; every image of a folder
-    Augment, make_patches, MultiPatch   views: the augmentation, EMP-SSL's patches, and they as a transform
+    Augment, make_patches, MultiPatch   views: the augmentation, EMP-SSL's patches, the same as a transform
     EMPSSLModel, create_method          EMP-SSL's model; any method's model, views and loss (--method)
     emp_ssl_loss, total_coding_rate     the loss and its coding-rate term; EMPSSLLoss: the loss as a module
     LARS, lr_at                         the optimiser and the learning-rate schedule

@@ -132,7 +132,7 @@ def rank_threads(env: Mapping[str, str], launcher_env: Mapping[str, str] | None,
     torchrun (torch 2.14) gives its ranks OMP_NUM_THREADS=1 when its own environment has none, and passes a user's
     value on: a 1 missing from the launcher's environment (``launcher_env``; None where it cannot be read) is
     torchrun's default, which leaves all cores but one per rank idle. Unset (another launcher), every rank would
-    take all the cores: two ranks on two cores then run several times slower than one process.
+    start a thread per core: n ranks x n threads on n cores.
     """
     omp = env.get("OMP_NUM_THREADS")
     if omp is not None and not (omp == "1" and launcher_env is not None and "OMP_NUM_THREADS" not in launcher_env):
