@@ -157,7 +157,8 @@ def die_with_parent() -> None:
     """Have Linux SIGKILL this process when its parent dies (elsewhere: nothing).
 
     torchrun starts every rank in a session of its own, so a launcher killed with SIGKILL (which it cannot pass on)
-    would leave its ranks training on as orphans. A rank's DataLoader workers need nothing: they watch their
+    would leave its ranks training on as orphans. Linux sends the signal when the parent *thread* ends: torchrun
+    (2.14) starts its ranks from its main thread. A rank's DataLoader workers need nothing: they watch their
     parent's pid and exit when it changes.
     """
     if sys.platform != "linux":
