@@ -26,11 +26,12 @@ def test_every_exported_name_resolves_to_its_module():
     assert train is empssl.train is sys.modules["empssl.train"].train and callable(empssl.evaluate)
 
 
-def test_the_readme_python_example_runs(tmp_path):
+def run_readme_example(heading: str, tmp_path: Path) -> str:
+    """Run the first python block under ``heading`` of README.md as written; its stdout."""
     text = README.read_text()
-    section = text[text.index("\n## Python\n"):]
+    section = text[text.index(f"\n{heading}\n"):]
     code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code is not None, "README's Python section has no python block"
+    assert code is not None, f"README's {heading} section has no python block"
     (tmp_path / "example.py").write_text(code.group(1))
     # a fresh process in an empty folder: the example's data cache goes there, and nothing is imported before it
     src = str(Path(empssl.__file__).resolve().parents[1])  # this checkout's empssl, whatever the cwd
@@ -38,8 +39,13 @@ def test_the_readme_python_example_runs(tmp_path):
     out = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    accuracy = re.fullmatch(r"random init: kNN (\d+)%, linear (\d+)%\n", out.stdout)
-    assert accuracy is not None, out.stdout
+    return out.stdout
+
+
+def test_the_readme_python_example_runs(tmp_path):
+    stdout = run_readme_example("## Python", tmp_path)
+    accuracy = re.fullmatch(r"random init: kNN (\d+)%, linear (\d+)%\n", stdout)
+    assert accuracy is not None, stdout
     # an untrained encoder on 10 classes: above nothing, not above perfect (chance is 10 %)
     assert 0 < int(accuracy.group(1)) < 100 and 0 < int(accuracy.group(2)) < 100
 
@@ -67,3 +73,11 @@ def test_the_docs_name_no_folder_of_the_machine_they_were_written_on():
     for path in docs:
         found = re.findall(r"(?<![\w.~])/(?:tmp|work|root|home)/[^\s`'\")]*", path.read_text())
         assert not found, (path.relative_to(root), found)
+
+
+def test_the_readme_own_loop_example_runs(tmp_path):
+    stdout = run_readme_example("### EMP-SSL in your own training loop", tmp_path)
+    steps = re.findall(r"loss (\S+): TCR (\S+), invariance (\S+)\n", stdout)
+    assert len(steps) == 4, stdout  # 64 images in batches of 16
+    for loss, tcr, invariance in (map(float, step) for step in steps):
+        assert tcr > 0 and -1 <= invariance <= 1 and abs(loss - (-tcr - 200 * invariance)) < 0.02

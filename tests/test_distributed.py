@@ -5,6 +5,7 @@ milliseconds) and join through the same env:// rendezvous torchrun sets up; one 
 ``torchrun ... -m empssl.cli train``.
 """
 
+import contextlib
 import importlib
 import json
 import multiprocessing as mp
@@ -14,7 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,6 +170,59 @@ def test_single_process_setup_uses_no_process_group(monkeypatch):
         distributed.setup("cuda:0")
 
 
+def test_rank_threads_share_the_cores_and_keep_the_users_setting():
+    torchrun_default = {"OMP_NUM_THREADS": "1"}  # what torchrun gives ranks when its own environment has none
+    assert distributed.rank_threads({}, {}, 16, 2) == 8
+    assert distributed.rank_threads({}, {}, 2, 2) == 1
+    assert distributed.rank_threads({}, None, 3, 8) == 1  # at least one thread
+    assert distributed.rank_threads(torchrun_default, {"PATH": "/bin"}, 16, 4) == 4
+    # the user's own value, torchrun's default included where the launcher's environment cannot be read
+    assert distributed.rank_threads({"OMP_NUM_THREADS": "3"}, {}, 16, 2) is None
+    assert distributed.rank_threads(torchrun_default, torchrun_default, 16, 2) is None
+    assert distributed.rank_threads(torchrun_default, None, 16, 2) is None
+
+
+@pytest.mark.parametrize("omp, want", [(None, 3), ("5", 5)])
+def test_setup_sets_a_ranks_threads_unless_the_user_did(monkeypatch, omp, want):
+    monkeypatch.setattr(distributed, "_cpus", lambda: 6)
+    monkeypatch.setattr(distributed, "die_with_parent", lambda: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # joined already: no rendezvous here
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("OMP_NUM_THREADS") if omp is None else monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(5)
+        distributed.setup("cpu")
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_a_rank_dies_with_its_parent():
+    r, w = os.pipe()
+    parent = os.fork()
+    if parent == 0:  # stands in for torchrun's launcher; its child for a rank
+        try:
+            if os.fork() == 0:
+                distributed.die_with_parent()
+                os.write(w, f"{os.getpid()}\n".encode())
+            time.sleep(600)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        rank = int(f.readline())
+    try:
+        os.kill(parent, signal.SIGKILL)
+        os.waitpid(parent, 0)
+        poll(lambda: not alive(rank), "the rank ended")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rank, signal.SIGKILL)
+
+
 def test_training_module_keeps_plain_state_dict_keys():
     cfg = Config(width=4, hidden_dim=32, z_dim=16)
     model = create_method(cfg).build_model()
@@ -293,3 +349,62 @@ def test_torchrun_cli_writes_once(tmp_path, data_dir):
     assert len(losses(out)) == 4 and read_checkpoint(out)["world_size"] == 2
     cfg = json.loads((out / "config.json").read_text())["config"]
     assert cfg["sync_bn"] and cfg["tcr_global"]
+
+
+def job_processes(marker: str) -> dict[int, int]:
+    """pid -> parent pid of the live processes whose command line holds ``marker`` (Linux's /proc)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes():
+                found[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (one that ended, its exit status not yet collected)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def poll(condition, what: str, ceiling: float = 180) -> None:
+    """Wait until ``condition()`` holds; the ceiling only ends a test that would otherwise hang."""
+    deadline = time.monotonic() + ceiling
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {ceiling:.0f} s: {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # about 30 s each on the 2-core CPU machine
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
+@pytest.mark.parametrize("victim", ["launcher", "rank"])
+def test_a_killed_job_leaves_no_process_behind(tmp_path, data_dir, victim):
+    out = tmp_path / "run"  # in every command line of the job: its marker
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "empssl.cli", "train", "--data", "demo", "--data-dir", str(data_dir), "--out", str(out),
+           "--data-mode", "stream", "--image-size", "32", "--no-eval", "--no-progress", "--train-subset", "80",
+           "--width", "4", "--hidden-dim", "32", "--z-dim", "16", "--patch-size", "8", "--num-patches", "4",
+           "--batch-size", "20", "--device", "cpu", "--log-every", "1", "--epochs", "10000"]  # hours of steps
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        job = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f, stderr=f)
+    try:
+        metrics = out / "metrics.jsonl"
+        poll(lambda: job.poll() is not None or (metrics.exists() and "\n" in metrics.read_text()),
+             "a step trained")
+        assert job.poll() is None, log.read_text()[-3000:]
+        procs = job_processes(str(out))
+        ranks = [pid for pid, parent in procs.items() if parent == job.pid]
+        workers = [pid for pid, parent in procs.items() if parent in ranks]
+        assert len(ranks) == 2 and workers, procs  # the streamed tier reads through DataLoader workers
+        os.kill(job.pid if victim == "launcher" else max(ranks), signal.SIGKILL)
+        poll(lambda: job.poll() is not None and not job_processes(str(out)), "every process of the job ended")
+    finally:
+        for pid in job_processes(str(out)):  # a failed test leaves nothing training either
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        job.wait()

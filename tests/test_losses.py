@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from empssl.losses import emp_ssl_loss, total_coding_rate
+from empssl.losses import EMPSSLLoss, emp_ssl_loss, total_coding_rate
 
 
 def reference_loss(z: torch.Tensor, eps: float, lam: float) -> tuple[float, float, float]:
@@ -98,3 +98,26 @@ def test_rejects_bad_shapes():
         emp_ssl_loss(torch.randn(4, 8))
     with pytest.raises(ValueError):
         total_coding_rate(torch.randn(8))
+
+
+def test_the_module_is_the_function_and_keeps_the_terms():
+    z = unit(5, 12, 16).requires_grad_()
+    criterion = EMPSSLLoss(eps=0.5, invariance_weight=3.0)
+    loss = criterion(z)
+    want = emp_ssl_loss(z, eps=0.5, invariance_weight=3.0)
+    assert loss.item() == want.loss.item() and criterion.terms is not None
+    assert criterion.terms.tcr.item() == want.tcr.item() and criterion.terms.invariance.item() == want.invariance.item()
+    assert not criterion.terms.tcr.requires_grad  # logging them keeps no graph alive
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    # minimised, the coding rate of identical patches rises (lightly's sign would lower it)
+    z = unit(1, 12, 16).expand(5, 12, 16).clone().add_(0.01 * unit(5, 12, 16, seed=1)).requires_grad_()
+    opt = torch.optim.SGD([z], lr=0.01)
+    tcr0 = total_coding_rate(z.detach()).mean()
+    for _ in range(5):
+        opt.zero_grad()
+        EMPSSLLoss(invariance_weight=0.0)(z).backward()
+        opt.step()
+    assert total_coding_rate(z.detach()).mean() > tcr0
+    with pytest.raises(ValueError, match="eps"):
+        EMPSSLLoss(eps=0.0)

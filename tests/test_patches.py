@@ -437,3 +437,40 @@ def test_bad_inputs_raise() -> None:
         make_patches(torch.zeros(2, 1, 32, 32), 2, Augment(), gen())
     with pytest.raises(AugmentError, match="patches"):
         apply_params(images(2), sample_params(3, 2, Augment(), gen(), "cpu", image_hw=(32, 32)), Augment(), n_patches=2)
+
+
+class _SameImage(torch.utils.data.Dataset):
+    """One image, n times, through a transform."""
+
+    def __init__(self, transform: pm.MultiPatch, n: int) -> None:
+        self.transform, self.image, self.n = transform, images(1)[0], n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.image)
+
+
+def test_multi_patch_transform_is_make_patches() -> None:
+    aug = Augment(size=16)
+    batch = images(3)
+    want = make_patches(batch, 4, aug, gen(5))  # (4, 3, 3, 16, 16)
+    assert torch.equal(pm.MultiPatch(4, aug, gen(5))(batch), want)
+    assert torch.equal(pm.MultiPatch(4, aug, gen(5))(batch[0]), make_patches(batch[:1], 4, aug, gen(5))[:, 0])
+    # without a generator: a new draw per call, reproducible from torch's global seed
+    t = pm.MultiPatch(4, aug)
+    torch.manual_seed(0)
+    first, second = t(batch[0]), t(batch[0])
+    torch.manual_seed(0)
+    assert first.shape == (4, 3, 16, 16) and not torch.equal(first, second) and torch.equal(t(batch[0]), first)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        t([batch[0]])
+
+
+def test_multi_patch_in_dataloader_workers_cuts_different_patches() -> None:
+    loader = torch.utils.data.DataLoader(_SameImage(pm.MultiPatch(2, Augment(size=8)), 8), batch_size=2,
+                                         num_workers=2)
+    cut = torch.cat(list(loader))  # (8, 2, 3, 8, 8): the same image eight times, in two workers
+    assert cut.shape == (8, 2, 3, 8, 8)
+    assert len({tuple(c.flatten().tolist()) for c in cut}) == 8  # no two items alike, across workers too

@@ -5,9 +5,9 @@ The public API, importable from the package itself (``import empssl; empssl.trai
 
     Config, load_preset                 the recipe (defaults = the paper's CIFAR-10 settings) and its presets
     load_data, load_images              (train, test) uint8 image tensors; every image of a folder
-    Augment, make_patches               views: the augmentation and EMP-SSL's patches
+    Augment, make_patches, MultiPatch   views: the augmentation, EMP-SSL's patches, the same as a transform
     EMPSSLModel, create_method          EMP-SSL's model; any method's model, views and loss (--method)
-    emp_ssl_loss, total_coding_rate     the loss and its coding-rate term
+    emp_ssl_loss, total_coding_rate     the loss and its coding-rate term; EMPSSLLoss: the loss as a module
     LARS, lr_at                         the optimiser and the learning-rate schedule
     train                               the whole pipeline into a run directory
     load_checkpoint                     the model a run trained, with its config
@@ -32,9 +32,9 @@ from .version import __version__ as __version__
 _API = {
     "Config": "config", "load_preset": "config",
     "load_data": "data", "load_images": "data",
-    "Augment": "patches", "make_patches": "patches",
+    "Augment": "patches", "make_patches": "patches", "MultiPatch": "patches",
     "EMPSSLModel": "models", "create_method": "methods",
-    "emp_ssl_loss": "losses", "total_coding_rate": "losses",
+    "emp_ssl_loss": "losses", "total_coding_rate": "losses", "EMPSSLLoss": "losses",
     "LARS": "optim", "lr_at": "optim",
     "train": "train", "load_checkpoint": "rundir",
     "evaluate": "evaluate", "image_features": "evaluate", "extract_features": "evaluate", "knn_predict": "evaluate",
@@ -43,9 +43,10 @@ _API = {
 }
 
 __all__ = [  # the names of _API (a test checks that the two agree)
-    "LARS", "Augment", "Config", "EMPSSLModel", "__version__", "create_method", "embed", "emp_ssl_loss", "evaluate",
-    "export_backbone", "extract_features", "image_features", "knn_predict", "linear_probe", "load_checkpoint",
-    "load_data", "load_embedding", "load_images", "load_preset", "lr_at", "make_patches", "total_coding_rate", "train",
+    "LARS", "Augment", "Config", "EMPSSLLoss", "EMPSSLModel", "MultiPatch", "__version__", "create_method", "embed",
+    "emp_ssl_loss", "evaluate", "export_backbone", "extract_features", "image_features", "knn_predict",
+    "linear_probe", "load_checkpoint", "load_data", "load_embedding", "load_images", "load_preset", "lr_at",
+    "make_patches", "total_coding_rate", "train",
 ]
 
 if TYPE_CHECKING:
@@ -54,11 +55,11 @@ if TYPE_CHECKING:
     from .embed import embed, load_embedding
     from .evaluate import evaluate, extract_features, image_features, knn_predict
     from .export import export_backbone
-    from .losses import emp_ssl_loss, total_coding_rate
+    from .losses import EMPSSLLoss, emp_ssl_loss, total_coding_rate
     from .methods import create_method
     from .models import EMPSSLModel
     from .optim import LARS, lr_at
-    from .patches import Augment, make_patches
+    from .patches import Augment, MultiPatch, make_patches
     from .probe import linear_probe
     from .rundir import load_checkpoint
     from .train import train

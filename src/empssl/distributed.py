@@ -37,11 +37,15 @@ Only rank 0 writes files and logs; every rank reads the checkpoint to resume.
 
 from __future__ import annotations
 
+import ctypes
 import os
-from collections.abc import Iterator
+import signal
+import sys
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -54,15 +58,18 @@ from .patches import Augment, PatchParams, apply_params, make_patches, sample_pa
 # Generous: the other ranks wait in a collective while rank 0 runs the --eval-every monitor, and while it
 # decodes a dataset into the cache before them.
 _COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's place in the run: rank of world_size processes, and its GPU index on the node."""
+    """This process's place in the run: rank of world_size processes, its GPU index on the node, and how many ranks
+    share the node."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -78,16 +85,18 @@ SINGLE = Dist()
 
 
 def env_dist() -> Dist:
-    """The process's rank from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); SINGLE without it."""
+    """The process's rank from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); SINGLE
+    without it."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     except ValueError as e:
-        raise ConfigError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from None
+        raise ConfigError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE): {e}") from None
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
-    return Dist(rank, world, local)
+    return Dist(rank, world, local, max(1, local_world))
 
 
 def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
@@ -101,6 +110,11 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
         raise ConfigError(f"--device {device_name} names one GPU for all {d.world_size} processes; use auto or "
                           "cuda (each process takes cuda:LOCAL_RANK)")
     device = resolve_device(device_name, d.local_rank)
+    if "WORLD_SIZE" in os.environ:  # started by torchrun (or another launcher), one rank per process
+        die_with_parent()
+    threads = rank_threads(os.environ, _launcher_env(), _cpus(), d.local_world_size) if d.enabled else None
+    if threads is not None:
+        torch.set_num_threads(threads)
     if not d.enabled or tdist.is_initialized():
         return d, device, False
     if device.type == "cuda":
@@ -108,6 +122,52 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
     tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
                              rank=d.rank, world_size=d.world_size, timeout=_COLLECTIVE_TIMEOUT)
     return d, device, True
+
+
+def rank_threads(env: Mapping[str, str], launcher_env: Mapping[str, str] | None, cpus: int,
+                 local_ranks: int) -> int | None:
+    """Torch's intra-op threads for one of ``local_ranks`` ranks sharing ``cpus`` cores: its share, at least 1; None
+    keeps the OMP_NUM_THREADS the user set.
+
+    torchrun (torch 2.14) gives its ranks OMP_NUM_THREADS=1 when its own environment has none, and passes a user's
+    value on: a 1 missing from the launcher's environment (``launcher_env``; None where it cannot be read) is
+    torchrun's default, which leaves all cores but one per rank idle. Unset (another launcher), every rank would
+    start a thread per core: n ranks x n threads on n cores.
+    """
+    omp = env.get("OMP_NUM_THREADS")
+    if omp is not None and not (omp == "1" and launcher_env is not None and "OMP_NUM_THREADS" not in launcher_env):
+        return None
+    return max(1, cpus // local_ranks)
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _launcher_env() -> dict[str, str] | None:
+    """The environment the parent process (torchrun) was started with (Linux); None where it cannot be read."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/environ").read_bytes()
+    except OSError:
+        return None
+    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+
+
+def die_with_parent() -> None:
+    """Have Linux SIGKILL this process when its parent dies (elsewhere: nothing).
+
+    torchrun starts every rank in a session of its own, so a launcher killed with SIGKILL (which it cannot pass on)
+    would leave its ranks training on as orphans. Linux sends the signal when the parent *thread* ends: torchrun
+    (2.14) starts its ranks from its main thread. A rank's DataLoader workers need nothing: they watch their
+    parent's pid and exit when it changes.
+    """
+    if sys.platform != "linux":
+        return
+    parent = os.getppid()
+    if ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # refused (a sandbox's seccomp): the rank runs as it would without
+    if os.getppid() != parent:  # the parent died before the request: no signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def teardown(created: bool) -> None:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
@@ -41,7 +42,7 @@ def total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
         return chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
 
-class EMPSSLLoss(NamedTuple):
+class EMPSSLTerms(NamedTuple):
     """``loss`` is what to minimise; ``tcr`` and ``invariance`` are its two terms, unweighted, for logging (not
     detached: they share ``loss``'s graph)."""
 
@@ -50,7 +51,7 @@ class EMPSSLLoss(NamedTuple):
     invariance: torch.Tensor  # (1/n) sum_i mean_b cos(z_i, z_mean), in [-1, 1]
 
 
-def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0) -> EMPSSLLoss:
+def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0) -> EMPSSLTerms:
     """EMP-SSL objective (paper Eq. 3), the quantity to *minimise*:
 
         loss = -(1/n) sum_i R(z_i) - invariance_weight * (1/n) sum_i mean_b cos(z_i, z_mean)
@@ -61,7 +62,7 @@ def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 2
         invariance_weight: lambda, 200 in the official recipe.
 
     Returns:
-        EMPSSLLoss(loss, tcr, invariance), each a 0-d float32 tensor. ``z_mean`` (b, d) is the mean
+        EMPSSLTerms(loss, tcr, invariance), each a 0-d float32 tensor. ``z_mean`` (b, d) is the mean
         over patches and is *not* detached, as in the official code.
     """
     if z.dim() != 3:
@@ -74,7 +75,38 @@ def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 2
     tcr = total_coding_rate(z, eps).mean()
     z_mean = z.mean(dim=0, keepdim=True)  # (1, b, d)
     invariance = F.cosine_similarity(z, z_mean, dim=-1).mean()  # mean over (n, b)
-    return EMPSSLLoss(-tcr - invariance_weight * invariance, tcr, invariance)
+    return EMPSSLTerms(-tcr - invariance_weight * invariance, tcr, invariance)
+
+
+class EMPSSLLoss(nn.Module):
+    """:func:`emp_ssl_loss` as a module, for a training loop of one's own::
+
+        criterion = EMPSSLLoss(eps=0.2, invariance_weight=200)
+        loss = criterion(z)            # z: (n_patches, b, d), L2-normalised rows
+        criterion.terms.tcr            # the last call's terms (detached), for logging
+
+    Sign convention (paper Eq. 3): loss = -TCR - invariance_weight x invariance, so minimising it *maximises* the
+    coding rate R (spread-out embeddings) and the patches' agreement. lightly's ``EMPSSLLoss`` returns
+    +TCR - invariance_weight x invariance: the coding-rate term's sign flipped, so minimising it shrinks R.
+    """
+
+    terms: EMPSSLTerms | None
+
+    def __init__(self, eps: float = 0.2, invariance_weight: float = 200.0) -> None:
+        super().__init__()
+        _check_weight("eps", eps, positive=True)
+        _check_weight("invariance_weight", invariance_weight)
+        self.eps, self.invariance_weight = eps, invariance_weight
+        self.terms = None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The 0-d loss of z (n_patches, b, d); ``self.terms`` holds its (loss, tcr, invariance), detached."""
+        terms = emp_ssl_loss(z, self.eps, self.invariance_weight)
+        self.terms = EMPSSLTerms(*(t.detach() for t in terms))
+        return terms.loss
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, invariance_weight={self.invariance_weight}"
 
 
 def _check_weight(name: str, value: float, positive: bool = False) -> None:

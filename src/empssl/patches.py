@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # torchvision's RandomResizedCrop tries this many (scale, ratio) draws before falling back to a centre crop.
 _CROP_ATTEMPTS = 10
@@ -529,3 +530,38 @@ def make_patches(
     B, _, H, W = images.shape
     params = sample_params(n_patches, B, aug, generator, images.device, image_hw=(H, W))
     return apply_params(images, params, aug, n_patches, out_dtype, memory_format)
+
+
+class MultiPatch(nn.Module):
+    """:func:`make_patches` as a transform (torchvision v2 style), for a data pipeline of one's own.
+
+    ``MultiPatch(20)(image)``: a uint8 (3, H, W) image (or float in [0, 1]) -> (n_patches, 3, size, size) patches;
+    a (B, 3, H, W) batch -> (n_patches, B, 3, size, size), :func:`make_patches`'s layout. In a ``Dataset`` (per
+    image, e.g. after ``v2.PILToTensor()``) the ``DataLoader`` stacks them to (B, n_patches, ...):
+    ``.transpose(0, 1)`` gives the loss's patch-major order.
+
+    Args:
+        n_patches: patches per image.
+        aug: the augmentation recipe (default: the official CIFAR one, 32 px patches).
+        generator: draws the patches (on the images' device); None draws each call's seed from torch's global
+            generator, which a ``DataLoader`` seeds differently in every worker (a generator given here would be
+            copied into every worker in the same state, and the workers would cut the same patches).
+    """
+
+    def __init__(self, n_patches: int = 20, aug: Augment | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.n_patches, self.aug, self.generator = n_patches, aug or Augment(), generator
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) -> (n_patches, 3, s, s); (B, 3, H, W) -> (n_patches, B, 3, s, s)."""
+        one = isinstance(images, torch.Tensor) and images.dim() == 3
+        generator = self.generator
+        if generator is None and isinstance(images, torch.Tensor):
+            seed = int(torch.empty((), dtype=torch.int64).random_())  # from the global generator
+            generator = torch.Generator(images.device).manual_seed(seed)
+        patches = make_patches(images[None] if one else images, self.n_patches, self.aug, generator)
+        return patches[:, 0] if one else patches
+
+    def extra_repr(self) -> str:
+        return f"n_patches={self.n_patches}, aug={self.aug}"

@@ -32,7 +32,7 @@ from .. import distributed
 from ..config import MethodSettings, setting
 from ..devices import autocast
 from ..distributed import SINGLE, Dist, gather_batch
-from ..losses import EMPSSLLoss, emp_ssl_loss, total_coding_rate
+from ..losses import EMPSSLTerms, emp_ssl_loss, total_coding_rate
 from ..models import EMPSSLModel
 from ..patches import Augment, apply_params, take_patches
 from ..recompute import keep_batchnorm_stats
@@ -46,7 +46,7 @@ class EMPSSLSettings(MethodSettings):
     invariance_weight: float = setting(200.0, "EMP-SSL: weight of the cosine invariance term (lambda)", low=0)
 
 
-def rank_loss(z: torch.Tensor, eps: float, invariance_weight: float, d: Dist, tcr_global: bool) -> EMPSSLLoss:
+def rank_loss(z: torch.Tensor, eps: float, invariance_weight: float, d: Dist, tcr_global: bool) -> EMPSSLTerms:
     """The EMP-SSL loss (paper Eq. 3) of this rank's projections z (n_patches, b, d), unit rows.
 
     ``tcr_global``: the coding rate R(Z_i) over the all-gathered (n_patches, world*b, d) batch, the same on
@@ -59,7 +59,7 @@ def rank_loss(z: torch.Tensor, eps: float, invariance_weight: float, d: Dist, tc
     z = z.float()
     tcr = total_coding_rate(gather_batch(z, d), eps).mean()
     invariance = F.cosine_similarity(z, z.mean(dim=0, keepdim=True), dim=-1).mean()
-    return EMPSSLLoss(-tcr - invariance_weight * invariance, tcr, invariance)
+    return EMPSSLTerms(-tcr - invariance_weight * invariance, tcr, invariance)
 
 
 @register("emp-ssl", order=0)
