@@ -4,8 +4,8 @@ Each rank takes batch / N images of every step, so on a machine with N free core
 fast as one process (half the work each, half the cores each); threads that oversubscribe the cores make them
 slower. The run's timed steps are those of metrics.jsonl after the first log line (which holds the warm-up):
 
-    PYTHONPATH=src python bench/ranks.py --data-dir /tmp/empssl-data --ranks 1,2
-    OMP_NUM_THREADS=2 PYTHONPATH=src python bench/ranks.py --data-dir /tmp/empssl-data   # a user's own setting
+    PYTHONPATH=src python bench/ranks.py --data-dir ./data --ranks 1,2
+    OMP_NUM_THREADS=2 PYTHONPATH=src python bench/ranks.py --data-dir ./data   # a user's own setting
 """
 
 from __future__ import annotations
