@@ -81,3 +81,9 @@ def test_the_readme_own_loop_example_runs(tmp_path):
     assert len(steps) == 4, stdout  # 64 images in batches of 16
     for loss, tcr, invariance in (map(float, step) for step in steps):
         assert tcr > 0 and -1 <= invariance <= 1 and abs(loss - (-tcr - 200 * invariance)) < 0.02
+
+
+def test_the_readme_own_batches_example_runs(tmp_path):
+    stdout = run_readme_example("### Training on your own batches", tmp_path)
+    assert stdout.endswith("4 steps on 64 images\n"), stdout
+    assert (tmp_path / "runs" / "mine" / "checkpoint.pt").is_file()

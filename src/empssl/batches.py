@@ -13,15 +13,63 @@ Two deliveries, the same batches:
   thread gathers upcoming batches into pinned memory while the GPU works, and each is copied to the device
   with ``non_blocking=True``. PyTorch's pinned-memory cache does not hand a buffer out again before its copy
   has finished, so the thread may allocate freely.
+
+Every tier is a :class:`BatchSource` to the training loop, and so is a user's own iterable of batches
+(:class:`IterableBatches`, ``empssl.train(cfg, out, data=loader)``).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator
+from typing import Any, Protocol
 
 import torch
+
+from .errors import ConfigError
+
+
+class BatchSource(Protocol):
+    """What :func:`empssl.train.loop` iterates, whatever the tier: (b, 3, H, W) uint8 batches on the training device,
+    one per step, from the step its state says on.
+
+    ``steps_per_epoch`` is 0 where the source cannot know it (a stream being filled). ``state_dict()`` is saved
+    with every checkpoint and handed back to ``load_state_dict()`` on resume, before ``__iter__``, so that the
+    resumed run trains on the batches the interrupted one would have. Leaving the ``with`` block stops any
+    background work (threads, DataLoader workers).
+    """
+
+    steps_per_epoch: int
+
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def __enter__(self) -> BatchSource: ...
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None: ...
+
+
+class StepState:
+    """The state of a tier whose batches are a function of the step (both of empssl's): the next batch's step."""
+
+    start: int
+    taken = 0  # batches handed out since ``start``
+
+    def _counted(self, batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        self.taken = 0
+        for batch in batches:
+            self.taken += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.start + self.taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start, self.taken = int(state["step"]), 0
 
 
 def epoch_permutation(n_images: int, seed: int, epoch: int) -> torch.Tensor:
@@ -33,7 +81,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-class StepBatches:
+class StepBatches(StepState):
     """Iterator over the (b, 3, H, W) uint8 batches of steps ``start_step`` .. ``total_steps - 1`` on ``device``.
 
     Args:
@@ -46,7 +94,7 @@ class StepBatches:
     Use ``close()`` (or a ``with`` block) to stop the thread when leaving early.
     """
 
-    def __init__(self, images: torch.Tensor, *, batch_size: int, seed: int, start_step: int, total_steps: int,
+    def __init__(self, images: torch.Tensor, *, batch_size: int, seed: int, total_steps: int, start_step: int = 0,
                  device: torch.device | str, rank: int = 0, world: int = 1, stream: bool | None = None,
                  prefetch: int = 3) -> None:
         self.images, self.device = images, torch.device(device)
@@ -69,7 +117,7 @@ class StepBatches:
         self.close()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return self._streamed() if self.stream else self._resident()
+        return self._counted(self._streamed() if self.stream else self._resident())
 
     def _slices(self) -> Iterator[tuple[torch.Tensor, int]]:
         """(that epoch's CPU permutation, start of this rank's slice in it) for every step."""
@@ -136,3 +184,86 @@ class StepBatches:
                     pass
                 self._thread.join(timeout=0.05)
             self._thread = None
+
+
+class IterableBatches:
+    """A user's own batches as a :class:`BatchSource`: any iterable ``data`` of (b, 3, H, W) uint8 tensors or of
+    (images, labels, ...) tuples (labels are not used), e.g. a torch DataLoader, moved to ``device``.
+
+    One pass over ``data`` is one epoch of ``len(data)`` steps; it needs a ``len()``, which sets the run's length and
+    its learning-rate schedule. Every batch must hold ``batch_size`` images of one size (a DataLoader: drop_last). The
+    state is ``data.state_dict()`` where ``data`` has one (torchdata's StatefulDataLoader, LitData's
+    StreamingDataLoader, a user's class); a run resumes only where ``data`` also has ``load_state_dict()``.
+    """
+
+    def __init__(self, data: Iterable[Any], *, batch_size: int, device: torch.device | str,
+                 image_size: int = 0) -> None:
+        name = type(data).__name__
+        try:
+            self.steps_per_epoch = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            raise ConfigError(f"data= ({name}) has no len(): the number of steps of an epoch sets the run's length and "
+                              f"its learning-rate schedule; give it __len__ (a DataLoader over a sized dataset has "
+                              f"one)") from None
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"data= ({name}) holds no batch")
+        loader = data if isinstance(data, torch.utils.data.DataLoader) else None
+        if loader is not None and loader.batch_size is not None:  # a DataLoader's batches are known before its first
+            short = not loader.drop_last and len(loader.dataset) % loader.batch_size  # type: ignore[arg-type]
+            if loader.batch_size != batch_size or short:
+                raise ConfigError(f"data= gives batches of {loader.batch_size} images"
+                                  f"{', the last one short' * bool(short)}; every step trains on "
+                                  f"batch_size={batch_size}: make them agree{' and pass drop_last=True' * bool(short)}")
+        self.data, self.batch_size, self.device, self.size = data, batch_size, torch.device(device), image_size
+        self.shape: tuple[int, ...] | None = None  # the first batch's (3, H, W): every batch's
+        self._passes: Generator[torch.Tensor, None, None] | None = None
+
+    def __enter__(self) -> IterableBatches:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
+        if self._passes is not None:  # drops data's iterator now: a DataLoader's workers stop with it
+            self._passes.close()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self._passes = self._epochs()
+        return self._passes
+
+    def _epochs(self) -> Generator[torch.Tensor, None, None]:
+        first = True
+        while True:  # epoch after epoch; the loop stops at its last step
+            empty = True
+            for batch in self.data:
+                empty = False
+                yield self._checked(batch).to(self.device, non_blocking=True)
+            if empty and not first:  # (the first pass after a resume may be the end of a finished epoch)
+                raise ConfigError(f"data= ({type(self.data).__name__}) yielded no batch in a whole pass")
+            first = False
+
+    def _checked(self, batch: Any) -> torch.Tensor:
+        """The images of ``batch``, or ConfigError naming what was expected."""
+        images = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        want = self.shape or ((3, self.size, self.size) if self.size else None)
+        if (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4
+                and images.shape[0] == self.batch_size and images.shape[1] == 3
+                and (want is None or images.shape[1:] == want)):
+            self.shape = tuple(images.shape[1:])
+            return images
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        shape = ", ".join(map(str, (self.batch_size, *(want or (3, "H", "W")))))
+        raise ConfigError(f"data= gave a batch of {got}; expected uint8 images ({shape}) (0-255, not normalised; one "
+                          f"size in every batch), or (images, labels) pairs of them")
+
+    def state_dict(self) -> dict[str, Any]:
+        save = getattr(self.data, "state_dict", None)
+        return {"data": save()} if callable(save) else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load = getattr(self.data, "load_state_dict", None)
+        if not callable(load) or "data" not in state:
+            why = (f"data= ({type(self.data).__name__}) has no state_dict() / load_state_dict()" if not callable(load)
+                   else "the checkpoint holds no state of data=")
+            raise ConfigError(f"cannot resume at the batch where the run stopped: {why}; give a source that has "
+                              f"them (torchdata's StatefulDataLoader, LitData's StreamingDataLoader), or train into a "
+                              f"new out")
+        load(state["data"])

@@ -33,7 +33,8 @@ ENTRIES: dict[str, type | tuple[type, ...]] = {
     "model": dict, "optimizer": dict, "step": int, "finished": bool, "world_size": int, "config": dict,
     "rng": dict, "rng.torch": torch.Tensor, "rng.patches": torch.Tensor, "rng.device": (str, type(None)),
     "clock": dict, "clock.train_seconds": (int, float), "clock.monitor_seconds": (int, float),
-    "metrics": (dict, type(None)), "metrics.sums": torch.Tensor, "metrics.n": int, "stream": dict}
+    "metrics": (dict, type(None)), "metrics.sums": torch.Tensor, "metrics.n": int, "stream": dict,
+    "source": (dict, type(None))}
 RESUMED = ("optimizer", "step", "rng", "rng.torch", "rng.patches")  # what a training run resumes from
 
 

@@ -56,7 +56,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
-from .batches import epoch_permutation
+from .batches import StepState, epoch_permutation
 from .config import Config, ConfigError
 from .data import TORCHVISION_DATASETS, Catalog, DataError, ImageData, ImageRecord, decode_image, scan
 from .data.decode import decode_catalog
@@ -524,7 +524,7 @@ def _n_workers() -> int:
     return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
-class StreamBatches:
+class StreamBatches(StepState):
     """Iterator over the (b, 3, S, S) uint8 batches of steps ``start_step`` .. ``total_steps - 1`` on ``device``,
     read and decoded as it goes: the same batches as :class:`empssl.batches.StepBatches` over the decoded split.
 
@@ -538,8 +538,8 @@ class StreamBatches:
     death names the shard that changed under it (:meth:`ShardItems.culprit`).
     """
 
-    def __init__(self, split: StreamedSplit, *, batch_size: int, seed: int, start_step: int, total_steps: int,
-                 device: torch.device | str, rank: int = 0, world: int = 1, decode: str = "cpu",
+    def __init__(self, split: StreamedSplit, *, batch_size: int, seed: int, total_steps: int,
+                 device: torch.device | str, start_step: int = 0, rank: int = 0, world: int = 1, decode: str = "cpu",
                  workers: int | None = None, prefetch: int = 4) -> None:
         self.split, self.device, self.decode = split, torch.device(device), decode
         self.n, self.batch_size, self.seed = len(split), batch_size, seed
@@ -575,6 +575,9 @@ class StreamBatches:
             yield perm[at:at + self.b].tolist()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        return self._counted(self._batches())
+
+    def _batches(self) -> Iterator[torch.Tensor]:
         reader = _Reader(self.split.items, self.split.image_size, decode=self.decode == "cpu")
         extra: dict[str, Any] = {"prefetch_factor": self.prefetch, "multiprocessing_context": "fork"
                                  if sys.platform == "linux" else "spawn"} if self.workers else {}

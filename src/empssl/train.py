@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .batches import StepBatches
+from .batches import BatchSource, IterableBatches, StepBatches
 from .checkpoint import RESUMED, load_model_state, read_checkpoint, save_atomic
 from .compiling import Compiler
 from .config import Config, ConfigError
@@ -103,13 +103,10 @@ class Run:
     tracker: Tracking = NO_TRACKING  # --log: TensorBoard / W&B / MLflow, beside the JSONL files
     metrics_state: dict[str, Any] | None = None  # the checkpoint's running loss sums since its last log step
     config_written: bool = False  # config.json is written with this session's first checkpoint
-    streamed: StreamedSplit | None = None  # --data-mode stream: the training split read as it goes
+    streamed: StreamedSplit | None = None  # --data-mode stream: the split evaluation reads as it goes
     data: dict[str, Any] | None = None  # what it trains on (stream.data_record): saved, checked on resume
-
-    @property
-    def n_train(self) -> int:
-        """Training images (the streamed split's, or the in-memory one's)."""
-        return len(self.streamed) if self.streamed else len(self.train_data)
+    source: BatchSource | None = None  # the training batches, whatever the tier (the online mode has its own)
+    n_train: int = 0  # training images (of an epoch)
 
     @property
     def ckpt_path(self) -> Path:
@@ -140,27 +137,47 @@ def config_data(cfg: Config, progress: bool = True, data: tuple[ImageData, Image
     return train, test
 
 
-def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | None, dist: Dist, progress: bool
-               ) -> tuple[ImageData, ImageData, int, StreamedSplit | None]:
-    """(train, test, steps per epoch, the streamed split or None: --data-mode); a batch that the data cannot fill
-    is a user error."""
+def _is_splits(data: Any) -> bool:
+    """``data`` is (train, test) ImageData, not a user's iterable of batches."""
+    return isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, ImageData) for d in data)
+
+
+NO_IMAGES = ImageData(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), [])
+
+
+def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | Iterable[Any] | None, dist: Dist,
+               device: torch.device, progress: bool, evaluating: bool
+               ) -> tuple[ImageData, ImageData, StreamedSplit | None, IterableBatches | None, int]:
+    """(train, test, the streamed split or None: --data-mode, the user's batches or None, the images of an epoch);
+    with a user's batches, train and test are ``cfg.data``'s for the monitor and the evaluation (loaded only for
+    them). A batch that the data cannot fill is a user error."""
+    own = None
+    if data is not None and not _is_splits(data):
+        if dist.enabled:
+            raise ConfigError("data= (an iterable of batches) trains in one process: under torchrun each rank's "
+                              "position in it would need its own checkpoint")
+        own = IterableBatches(data, batch_size=cfg.batch_size, device=device, image_size=cfg.image_size)
     with distributed.main_process_first(dist):  # torchrun: rank 0 downloads / fills the decoded-image cache first
-        train_data, test_data, streamed = (load_splits(cfg, progress, lambda: config_data(cfg, progress))
-                                           if data is None else (*config_data(cfg, progress, data), None))
-    n_train = len(streamed) if streamed else len(train_data)
-    steps_per_epoch = n_train // cfg.batch_size  # drop_last, as the official loader
-    if steps_per_epoch == 0:
+        if own is not None and not (evaluating or cfg.eval_every):
+            train_data, test_data, streamed = NO_IMAGES, NO_IMAGES, None
+        elif data is None or own is not None:
+            train_data, test_data, streamed = load_splits(cfg, progress, lambda: config_data(cfg, progress))
+        else:
+            train_data, test_data, streamed = (*config_data(cfg, progress, data), None)  # type: ignore[arg-type]
+    n_train = own.steps_per_epoch * cfg.batch_size if own else len(streamed) if streamed else len(train_data)
+    if n_train < cfg.batch_size:  # drop_last, as the official loader
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training images")
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                           f"{dist.world_size} processes")
-    return train_data, test_data, steps_per_epoch, streamed
+    return train_data, test_data, streamed, own, n_train
 
 
-def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, progress: bool,
-          log: Callable[[str], None], timing: TimingAccount, held: ExitStack) -> Run:
-    """Data, run directory, model, optimiser and generator; resumed from ``out/checkpoint.pt`` if there is one;
-    then the speed decisions, made once: activation recomputation (``--grad-checkpointing``) and ``--compile``.
+def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | Iterable[Any] | None, progress: bool,
+          log: Callable[[str], None], timing: TimingAccount, held: ExitStack, evaluating: bool = True) -> Run:
+    """Data and its batch source, run directory, model, optimiser and generator; resumed from ``out/checkpoint.pt``
+    if there is one; then the speed decisions, made once: activation recomputation (``--grad-checkpointing``) and
+    ``--compile``.
 
     The run directory is created only once the data has loaded and the batch fits it, and config.json is written
     with the first checkpoint, so a failed or interrupted start leaves nothing that binds the next command; an
@@ -172,24 +189,32 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | None, prog
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     check_step_fits(cfg, device, dist.world_size)  # a step that cannot fit: one line, before any data or file
-    train_data, test_data, steps_per_epoch, streamed = _load_data(cfg, data, dist, progress)
-    record = data_record(len(streamed) if streamed else len(train_data), cfg.data if data is None else None,
-                         cfg.data_dir)
+    train_data, test_data, streamed, own, n_train = _load_data(cfg, data, dist, device, progress, evaluating)
+    record = data_record(n_train, cfg.data if data is None else None, cfg.data_dir)
     timing.add("data", time.perf_counter() - t0)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         held.enter_context(RunLock(out, log))
         remove_orphans(out, log)  # temporary files of a killed process
 
+    steps_per_epoch = own.steps_per_epoch if own else n_train // cfg.batch_size
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     schedule_steps = max(total_steps, round((cfg.schedule_epochs or cfg.epochs) * steps_per_epoch))
+    order: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, total_steps=total_steps, device=device,
+                                 rank=dist.rank, world=dist.world_size)
+    # either tier: the same images at every step; in memory they live on the device as uint8 when they fit
+    # (CIFAR-10: 150 MB), and views are cut there
+    images = train_data.images
+    source = own or (StreamBatches(streamed, decode=resolve_decode(cfg.decode, device), **order) if streamed else
+                     StepBatches(images.to(device) if images.numel() < 4 * 2**30 else images, **order))
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
     method, model, opt, generator = build_training(cfg, device, dist, memory_format)
     run = Run(cfg=cfg, out=out, dist=dist, device=device, own_group=own_group, train_data=train_data,
               test_data=test_data, method=method, model=model, opt=opt, generator=generator,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule_steps=schedule_steps,
               warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), amp=autocast_dtype(cfg.precision, device),
-              memory_format=memory_format, timing=timing, streamed=streamed, data=record)
+              memory_format=memory_format, timing=timing, streamed=streamed, data=record, source=source,
+              n_train=n_train)
     if run.ckpt_path.exists():
         resume(run, log)
     if run.step < run.total_steps:
@@ -233,6 +258,8 @@ def resume(run: Run, log: Callable[[str], None]) -> None:
     load_model_state(run.model, ckpt["model"], f"checkpoint {run.ckpt_path}")
     run.opt.load_state_dict(ckpt["optimizer"])
     run.step, run.clock_state, run.metrics_state = int(ckpt["step"]), ckpt.get("clock"), ckpt.get("metrics")
+    if run.source is not None and run.step < run.total_steps:  # (an older checkpoint holds the step alone)
+        run.source.load_state_dict(ckpt.get("source") or {"step": run.step})
     if dist.is_main and not (run.out / "config.json").is_file():  # its readable copy, deleted: written again
         write_config(run.out, Config.from_dict(ckpt.get("config", {})))
         log(f"{run.out / 'config.json'} was missing; rewritten from the checkpoint")
@@ -264,7 +291,8 @@ def save(run: Run, step: int, clock: dict[str, float], metrics: dict[str, Any] |
                  "rng": {"patches": run.generator.get_state(), "torch": torch.get_rng_state(),
                          "device": run.device.type},
                  "clock": clock, "config": run.cfg.to_dict(), "version": __version__,
-                 "world_size": run.dist.world_size, "metrics": metrics, "data": run.data, **(extra or {})},
+                 "world_size": run.dist.world_size, "metrics": metrics, "data": run.data,
+                 "source": run.source.state_dict() if run.source else None, **(extra or {})},
                 run.ckpt_path)
     if not run.config_written:
         write_config(run.out, run.cfg)
@@ -278,15 +306,8 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
     """Train from ``run.step`` to ``run.total_steps``: one :func:`train_step` per batch, a metrics line every
     ``log_every`` steps, a checkpoint every ``checkpoint_every`` steps, at every epoch end and at the end."""
     cfg, dist, device, model, opt, method = run.cfg, run.dist, run.device, run.model, run.opt, run.method
-    compiler = run.compiler
-    assert compiler is not None, "setup() prepares the compiler"
-    # Training images live on the device as uint8 when they fit (CIFAR-10: 150 MB); views are cut there.
-    images = run.train_data.images
-    images = images.to(device) if images.numel() < 4 * 2**30 and not run.streamed else images
-    order: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, start_step=run.step,
-                                 total_steps=run.total_steps, device=device, rank=dist.rank, world=dist.world_size)
-    batches = (StreamBatches(run.streamed, decode=resolve_decode(cfg.decode, device), **order) if run.streamed
-               else StepBatches(images, **order))  # either tier: the same images at every step
+    compiler, batches = run.compiler, run.source
+    assert compiler is not None and batches is not None, "setup() prepares the compiler and the batches"
     log(f"training {cfg.method} ({cfg.arch}, width {cfg.width}) on {run.n_train} images, batch "
         f"{cfg.batch_size}, {run.total_steps - run.step} steps on {device}{' (bf16)' if run.amp else ''}")
 
@@ -301,7 +322,7 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
                                                                        prefix="train/"),
                          state=run.metrics_state)
     with StopFlag() as stop, metrics, batches, bar:
-        stream = iter(batches)  # a fixed permutation per epoch, so a resumed run sees the same batches
+        stream = iter(batches)  # from the step of its state: a resumed run sees the same batches
         while step < run.total_steps:
             lr = run.lr(step)
             for group in opt.param_groups:
@@ -371,11 +392,16 @@ def _silent(message: str) -> None:
 
 
 def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
-          data: tuple[ImageData, ImageData] | None = None, evaluate_at_end: bool = True) -> dict[str, Any]:
+          data: tuple[ImageData, ImageData] | Iterable[Any] | None = None, evaluate_at_end: bool = True
+          ) -> dict[str, Any]:
     """Train (or resume) a run of ``cfg.method`` in ``out_dir`` and, unless ``evaluate_at_end`` is False, evaluate it.
 
     ``out_dir`` receives config.json, metrics.jsonl, checkpoint.pt and results.json. ``data`` may pass
-    (train, test) directly (used by tests and notebooks); otherwise ``cfg.data`` is loaded.
+    (train, test) ImageData directly (used by tests and notebooks); otherwise ``cfg.data`` is loaded. ``data`` may
+    also be the training batches themselves: any iterable with a ``len()`` of (b, 3, H, W) uint8 tensors or
+    (images, labels) pairs, e.g. a DataLoader (:class:`empssl.batches.IterableBatches`: one pass is an epoch; resumable
+    where it has ``state_dict()`` / ``load_state_dict()``, else a resume is a ConfigError); the monitor and the
+    evaluation then use ``cfg.data`` (loaded only for them).
     Returns the results dict (or a summary when evaluation is skipped). Its ``timing`` entry accounts for the
     wall clock from process start, phase by phase (:data:`empssl.rundir.TIMING_FIELDS`) and in ``total``.
     """
@@ -393,7 +419,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     with ExitStack() as held:  # the run directory's lock, until its results are written
         held.push(_interrupt_message(Path(out_dir)))  # last out: a Ctrl-C outside the loop says what is kept
         fallbacks = held.enter_context(collecting(log))  # fast paths that failed and ran eager instead
-        run = setup(cfg, Path(out_dir), data, progress, log, timing, held)
+        run = setup(cfg, Path(out_dir), data, progress, log, timing, held, evaluate_at_end)
         t0 = time.perf_counter()
         run.tracker = open_tracking(cfg.log, run.out, cfg.to_dict(), start_step=run.step, enabled=run.dist.is_main)
         if run.tracker.trackers:
@@ -405,6 +431,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
             loop(run, monitor, progress, log)
         elif run.ckpt_path.exists():
             log(f"{run.out} is trained to the end (step {run.step}); nothing to train")
+        run.source = None  # the training images on the device, freed for the evaluation
         synchronize(run.device)
         clock = monitor.clock()
         distributed.teardown(run.own_group)  # evaluation below runs on rank 0 alone
