@@ -128,6 +128,8 @@ def test_two_nodes_killed_and_restarted_end_with_the_uninterrupted_weights(tmp_p
     out, _ = killed
     assert read_checkpoint(out)["step"] == 2
     two_nodes(tmp_path, shards, data_dir, (out, out))  # the same commands again: both resume from step 2
+    said = next((tmp_path / "logs" / "node0").rglob("stdout.log")).read_text()  # rank 0's log
+    assert f"resuming {out} at step 2/{STEPS}" in said and f"{STEPS - 2} steps on cpu" in said, said
     got, want = read_checkpoint(out), read_checkpoint(uninterrupted)
     assert got["step"] == want["step"] == STEPS and got["world_size"] == 2
     for key, value in want["model"].items():
@@ -155,6 +157,6 @@ def test_a_node_whose_out_is_not_shared_stops_every_rank_in_one_line(tmp_path, s
     assert f"--out {node0}) the token rank 0 has just written; nothing was trained\n" in errors[0]
     assert not (tmp_path / "node1" / "checkpoint.pt").exists()
     if start == "fresh":
-        assert not (node0 / "checkpoint.pt").exists()
+        assert list(node0.iterdir()) == []  # no checkpoint, and neither the token nor the lock is left
     else:  # nothing trained, nothing written over
         assert run_files(node0) == before
