@@ -323,6 +323,33 @@ def test_local_tcr_matches_the_mean_of_per_rank_losses(tmp_path, data_dir, demo_
     assert losses(out)[0] != pytest.approx(losses(single_reference[1])[0], rel=1e-3)
 
 
+def _shared_checkpoint_rank(rank: int, port: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GROUP_RANK=str(rank))
+    torch.set_num_threads(1)  # the forked OpenMP pool stays unused
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        distributed.shared_checkpoint(out, distributed.Dist(rank, WORLD, 0), lambda path: {"step": 2 + rank})
+    except distributed.OutputError as e:
+        (out / f"rank{rank}.txt").write_text(str(e))
+    os._exit(0)
+
+
+def test_ranks_that_see_checkpoints_of_different_steps_all_stop_in_the_same_words(tmp_path):
+    """The token check passes (one folder), the checkpoints read differ (a node's stale copy): every rank stops."""
+    (tmp_path / "checkpoint.pt").touch()  # read by the stub: rank r sees step 2 + r
+    ctx, port = mp.get_context("fork"), _free_port()
+    procs = [ctx.Process(target=_shared_checkpoint_rank, args=(r, port, tmp_path)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)  # a ceiling against a hang
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    assert said[0] == said[1]
+    assert "rank 1 (node 1, " in said[0] and "the checkpoint of step 3 there, rank 0 (node 0, " in said[0]
+    assert said[0].endswith("the checkpoint of step 2; nothing was trained")
+    assert not (tmp_path / distributed.SHARED_TOKEN).exists()  # rank 0 removes it once every rank has read it
+
+
 def test_resume_with_another_world_size_is_refused_when_it_changes_the_run(tmp_path, data_dir, demo_data):
     cfg = tiny_cfg(data_dir, tcr_global=False, epochs=0.25)
     out = tmp_path / "run"

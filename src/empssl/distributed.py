@@ -32,20 +32,24 @@ two collectives per layer. The local coding rate remains as ``--tcr-global false
 per-GPU loss of DDP code); it matches a single process that averages the per-rank losses of the b-image
 slices, not the B-image loss.
 
-Only rank 0 writes files and logs; every rank reads the checkpoint to resume.
+Only rank 0 writes files and logs; every rank reads the checkpoint to resume, so ``--out`` must be one folder
+that every node sees (shared storage): :func:`shared_checkpoint` checks it at every start.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import signal
+import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -53,12 +57,14 @@ from torch import nn
 
 from .devices import resolve_device
 from .errors import ConfigError
+from .files import OutputError, write_text
 from .patches import Augment, PatchParams, apply_params, make_patches, sample_params
 
 # Generous: the other ranks wait in a collective while rank 0 runs the --eval-every monitor, and while it
 # decodes a dataset into the cache before them.
 _COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+SHARED_TOKEN = ".shared-token"  # in --out for a moment at each start: do all ranks see the same folder?
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,54 @@ def main_process_first(d: Dist) -> Iterator[None]:
     yield
     if d.enabled and d.is_main:
         tdist.barrier()
+
+
+def shared_checkpoint(out: Path, d: Dist, read: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
+    """The checkpoint that every rank resumes from, ``read(out / "checkpoint.pt")`` (None: none there), once every
+    rank is seen to share the run directory ``out``; else OutputError, the same one line on every rank.
+
+    Only rank 0 writes ``out`` and every rank resumes from what it finds there, so a node whose ``out`` is a folder
+    of its own would start again from step 0 (or from another run's checkpoint) beside the others, silently. Rank 0
+    writes a fresh token there and every rank reads it back; then all compare the step of the checkpoint they see
+    (an all-gather each). The checkpoint is read only once every rank has seen the token, so that a damaged one is
+    the same error everywhere, not one rank's while the others wait.
+    """
+    path = out / "checkpoint.pt"
+    if d.enabled:
+        token, token_path = [secrets.token_hex(16)], out / SHARED_TOKEN
+        if d.is_main:
+            write_text(token_path, token[0])
+        tdist.broadcast_object_list(token)  # rank 0's, sent once its file is written
+        try:
+            seen = token_path.read_text() == token[0]
+        except OSError:
+            seen = False
+        views = _gather(seen, out, d)
+        if d.is_main:
+            token_path.unlink(missing_ok=True)  # every rank has read it
+        _agree(views, lambda seen: "the token rank 0 has just written" if seen else "no token from rank 0")
+    ckpt = read(path) if path.exists() else None
+    if d.enabled:
+        _agree(_gather(ckpt and ckpt["step"], out, d),
+               lambda step: "no checkpoint" if step is None else f"the checkpoint of step {step}")
+    return ckpt
+
+
+def _gather(mine: object, out: Path, d: Dist) -> list[tuple[Any, str]]:
+    """(every rank's ``mine``, where it runs and its --out) in rank order, on every rank."""
+    views: list[Any] = [None] * d.world_size
+    where = f"node {os.environ.get('GROUP_RANK', '?')}, host {socket.gethostname()}, --out {out}"
+    tdist.all_gather_object(views, (mine, where))
+    return views
+
+
+def _agree(views: list[tuple[Any, str]], said: Callable[[Any], str]) -> None:
+    """OutputError unless every rank saw what rank 0 saw; every rank words it the same, from the same ``views``."""
+    odd = next((r for r, (seen, _) in enumerate(views) if seen != views[0][0]), None)
+    if odd is not None:
+        raise OutputError(f"--out must be on storage every node shares: rank {odd} ({views[odd][1]}) sees "
+                          f"{said(views[odd][0])} there, rank 0 ({views[0][1]}) {said(views[0][0])}; nothing was "
+                          f"trained")
 
 
 def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:

@@ -215,8 +215,10 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | Iterable[A
               warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), amp=autocast_dtype(cfg.precision, device),
               memory_format=memory_format, timing=timing, streamed=streamed, data=record, source=source,
               n_train=n_train)
-    if run.ckpt_path.exists():
-        resume(run, log)
+    # torchrun: every rank sees rank 0's run directory and the same checkpoint, or every rank stops here
+    ckpt = distributed.shared_checkpoint(out, dist, lambda path: read_checkpoint(path, require=RESUMED))
+    if ckpt is not None:
+        resume(run, log, ckpt)
     if run.step < run.total_steps:
         # exact activation recomputation when a step would not fit (the same choice on every rank)
         use, why = want_recompute(cfg.grad_checkpointing, model,
@@ -246,9 +248,10 @@ def build_training(cfg: Config, device: torch.device, dist: Dist = SINGLE,
     return method, model, opt, generator
 
 
-def resume(run: Run, log: Callable[[str], None]) -> None:
-    """Load the checkpoint of ``run.out`` into the run: weights, optimiser, step, RNG states, clock."""
-    ckpt = read_checkpoint(run.ckpt_path, require=RESUMED)  # every rank loads it
+def resume(run: Run, log: Callable[[str], None], ckpt: dict[str, Any] | None = None) -> None:
+    """Load the checkpoint of ``run.out`` (``ckpt``, if read already) into the run: weights, optimiser, step, RNG
+    states, clock."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(run.ckpt_path, require=RESUMED)  # every rank loads it
     cfg, dist = run.cfg, run.dist
     if run.data is not None:  # (the online mode records none: it follows a growing collection)
         check_data(ckpt.get("data"), run.data, cfg.data, run.ckpt_path, log)  # before anything is loaded or written

@@ -1,0 +1,53 @@
+"""What tests/test_multinode.py's torchrun jobs run: ``empssl`` (its ``main``) with two test hooks set by the
+environment, so that the job itself is the real command line.
+
+- ``EMPSSL_TEST_ROWS=FOLDER``: each rank appends the rows it reads for each step (one JSON list a line, in step
+  order) to ``FOLDER/rank<RANK>.jsonl``, as the DataLoader asks for them.
+- ``EMPSSL_TEST_PAUSE=1``: rank 0 stops after writing its first checkpoint and waits to be killed (the other ranks
+  wait for it in their next collective), so that a test's kill lands after a checkpoint, whatever the machine's
+  speed.
+"""
+
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from empssl import stream
+from empssl.cli import main
+
+train_module = importlib.import_module("empssl.train")  # empssl.train is the function
+
+
+def record_rows(folder: Path) -> None:
+    real_rows = stream.StreamBatches.rows
+
+    def rows(self):
+        with (folder / f"rank{os.environ['RANK']}.jsonl").open("a") as f:
+            for r in real_rows(self):
+                f.write(json.dumps(r) + "\n")
+                f.flush()
+                yield r
+
+    stream.StreamBatches.rows = rows
+
+
+def pause_after_first_checkpoint() -> None:
+    real_save = train_module.save
+
+    def save(run, *args, **kw):
+        real_save(run, *args, **kw)
+        while run.dist.is_main:
+            time.sleep(1)
+
+    train_module.save = save
+
+
+if __name__ == "__main__":
+    if os.environ.get("EMPSSL_TEST_ROWS"):
+        record_rows(Path(os.environ["EMPSSL_TEST_ROWS"]))
+    if os.environ.get("EMPSSL_TEST_PAUSE"):
+        pause_after_first_checkpoint()
+    sys.exit(main())
