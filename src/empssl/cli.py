@@ -172,7 +172,8 @@ def _add_shard_parser(sub: Any) -> None:
     s.add_argument("src", metavar="SRC", help="a folder of images, a class tree, an ImageFolder root (train/ val/ "
                                               "test/), Tiny ImageNet, a .zip/.tar/.tar.gz of one, demo, "
                                               "tiny-imagenet, or imagenet100:PATH / imagenet:PATH")
-    s.add_argument("--out", required=True, help="the shard folder (new, empty, or an unfinished run to continue)")
+    s.add_argument("--out", required=True, help="the shard folder (new, empty, or an unfinished run to continue), "
+                                                "or s3://BUCKET/PREFIX (written under --data-dir, then uploaded)")
     s.add_argument("--max-side", type=positive, metavar="N",
                    help="images whose longer side is larger are resized to N and re-encoded (JPEG quality 90); "
                         "the others are stored byte for byte (default: no limit, every image as it is)")
@@ -283,7 +284,7 @@ def _add_experiment_parsers(sub: Any) -> None:
     m.add_argument("--data", required=True,
                    help="a folder of images, a class tree, an ImageFolder root (train/ val/ test/), Tiny ImageNet, "
                         "a .zip/.tar/.tar.gz of one, demo, tiny-imagenet, cifar10, cifar100, or a shard folder "
-                        "(empssl shard)")
+                        "(empssl shard; also s3://BUCKET/PREFIX)")
     m.add_argument("--out", required=True, help="output file: .npz (features, names, labels, classes, protocol) "
                                                 "or .safetensors")
     _add_config_flags(m, ["test_patches", "eval_view", "eval_feature", "eval_seed", "eval_batch_size", "device"],

@@ -61,7 +61,7 @@ class RemoteFolder(ShardFolder):
 
     def fetch(self, name: str) -> None:
         path = self.root / name
-        with self._errors():
+        with self.errors():
             try:
                 data = self._get(f"{self.prefix}/{name}")
             except FileNotFoundError:
@@ -74,12 +74,12 @@ class RemoteFolder(ShardFolder):
 
     def check_shard(self, split: str, f: ShardFile, hashes: bool) -> None:
         if split not in self._listed:
-            with self._errors():
+            with self.errors():
                 self._listed[split] = self.sizes(f"{split}/")
         check_size(f"{self.url}/{split}/{f.name}", self._listed[split].get(f.name), f)
 
     def sizes(self, under: str) -> dict[str, int]:
-        """Size of every object directly under ``prefix/under``, by name."""
+        """Size of every object under ``prefix/under``, by its name below it."""
         at = f"{self.prefix}/{under}"
         if self.scheme == "gs":
             return {b.name[len(at):]: int(b.size) for b in self._gs().list_blobs(self.bucket, prefix=at)}
@@ -90,7 +90,7 @@ class RemoteFolder(ShardFolder):
 
     def upload(self, local: Path, name: str) -> None:
         """``local`` to ``prefix/name`` (s3:// only)."""
-        with self._errors():
+        with self.errors():
             self._s3().upload_file(str(local), self.bucket, f"{self.prefix}/{name}")
 
     def _get(self, key: str) -> bytes:
@@ -131,7 +131,7 @@ class RemoteFolder(ShardFolder):
         return self._client
 
     @contextmanager
-    def _errors(self) -> Iterator[None]:
+    def errors(self) -> Iterator[None]:
         """The store's refusals as one line naming the folder (and the endpoint where it matters)."""
         if self.scheme == "gs":
             yield  # google-cloud-storage's errors are one line already; untested here (no GCS emulator)
@@ -180,7 +180,7 @@ def write_remote(spec: str, url: str, data_dir: str = "./data", **kw: Any) -> Ma
         raise OutputError(f"--out {url}: empssl shard uploads to s3:// only; write locally and copy the folder "
                           f"(gsutil -m cp -r DIR {url})")
     folder = RemoteFolder(url, data_dir)
-    with folder._errors():
+    with folder.errors():
         if MANIFEST in folder.sizes(""):
             raise DataError(f"--out {url} already holds a shard folder ({MANIFEST}); give another prefix")
     stage = folder.root.parent / f".{folder.root.name}.upload"
