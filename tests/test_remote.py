@@ -187,7 +187,7 @@ def test_a_folder_without_an_index_or_image_items_is_one_line(store, tmp_path, c
     url = upload(local, "noimage", renamed)
     assert b"picture" in boto3.client("s3").get_object(Bucket=BUCKET, Key="noimage/train/index.json")["Body"].read()
     assert _train(tmp_path, url) == 2
-    _one_line(capsys, "its items hold ['picture', 'label', 'name'], not image, label, name")
+    _one_line(capsys, f"{url}/train/index.json: its items hold ['picture', 'label', 'name'], not image, label, name")
 
 
 def test_a_shard_of_another_size_in_the_bucket_is_one_line(store, tmp_path, capsys):

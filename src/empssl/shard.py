@@ -706,7 +706,7 @@ def _shard_file(f: dict[str, Any], where: Path) -> ShardFile:
     return ShardFile(plain_name(f["name"], where), int(f["images"]), int(f["bytes"]), str(f["sha256"]))
 
 
-def plain_name(name: Any, where: Path) -> str:
+def plain_name(name: Any, where: Path | str) -> str:
     """``name``, a file or split name read from ``where`` (a manifest or index.json), when it is a plain file name:
     a path (a separator, "..", absolute, empty) could name any file on the machine, and a re-signed manifest
     would vouch for it. DataError (one line) otherwise, before anything is read by it."""
@@ -768,22 +768,23 @@ ITEM_KEYS = ("image", "label", "name")  # what every item of an empssl shard fol
 def _verify_split(source: ShardFolder, name: str, split: SplitShards, hashes: bool) -> None:
     folder = source.root / name
     index_path = folder / "index.json"
+    shown = f"{source.url}/{name}/index.json" if source.url else index_path  # how messages name it
     source.fetch(f"{name}/index.json")
     try:
         index = read_json(index_path)
-        listed = [(plain_name(c["filename"], index_path), int(c["chunk_size"])) for c in index["chunks"]]
+        listed = [(plain_name(c["filename"], shown), int(c["chunk_size"])) for c in index["chunks"]]
         check_data_format(index["config"]["data_format"], f"split {name} of {source.url or folder.parent}")
         keys = json.loads(json.loads(index["config"]["data_spec"])[1]["context"])
     except FileNotFoundError:
         raise DataError(f"missing {index_path} (the manifest lists this split)") from None
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise DataError(f"{index_path} is damaged ({type(e).__name__}); shard the source again") from None
+        raise DataError(f"{shown} is damaged ({type(e).__name__}); shard the source again") from None
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or not set(ITEM_KEYS) <= set(keys):
-        raise DataError(f"{index_path}: its items hold {keys}, not {', '.join(ITEM_KEYS)} (a LitData folder that "
+        raise DataError(f"{shown}: its items hold {keys}, not {', '.join(ITEM_KEYS)} (a LitData folder that "
                         f"empssl shard did not write); shard the images with empssl shard")
     # an append replaces index.json before the manifest: the index may list more shards (readers take the manifest's)
     if listed[:len(split.shards)] != [(f.name, f.images) for f in split.shards]:
-        raise DataError(f"{index_path} does not list the shards that {MANIFEST} lists for {name}")
+        raise DataError(f"{shown} does not list the shards that {MANIFEST} lists for {name}")
     if sum(f.images for f in split.shards) != split.images or split.stored + split.reencoded != split.images:
         raise DataError(f"{MANIFEST} counts {split.images} images in {name}, but its shards hold "
                         f"{sum(f.images for f in split.shards)} ({split.stored} stored + {split.reencoded} "
