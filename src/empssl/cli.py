@@ -172,7 +172,8 @@ def _add_shard_parser(sub: Any) -> None:
     s.add_argument("src", metavar="SRC", help="a folder of images, a class tree, an ImageFolder root (train/ val/ "
                                               "test/), Tiny ImageNet, a .zip/.tar/.tar.gz of one, demo, "
                                               "tiny-imagenet, or imagenet100:PATH / imagenet:PATH")
-    s.add_argument("--out", required=True, help="the shard folder (new, empty, or an unfinished run to continue)")
+    s.add_argument("--out", required=True, help="the shard folder (new, empty, or an unfinished run to continue), "
+                                                "or s3://BUCKET/PREFIX (written under --data-dir, then uploaded)")
     s.add_argument("--max-side", type=positive, metavar="N",
                    help="images whose longer side is larger are resized to N and re-encoded (JPEG quality 90); "
                         "the others are stored byte for byte (default: no limit, every image as it is)")
@@ -189,15 +190,18 @@ def _add_shard_parser(sub: Any) -> None:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
+    from .remote import is_remote, refuse_output, write_remote
     from .shard import append_shards, write_shards
 
-    m = (append_shards if args.append else write_shards)(
-        args.src, args.out, max_side=args.max_side, workers=args.workers, shard_size=args.shard_size,
-        data_dir=args.data_dir, progress=not args.no_progress)
+    if args.append:
+        refuse_output(args.out)  # an append replaces files in place, in an order a bucket cannot promise
+    write = write_remote if is_remote(args.out) else append_shards if args.append else write_shards
+    m = write(args.src, args.out, max_side=args.max_side, workers=args.workers, shard_size=args.shard_size,
+              data_dir=args.data_dir, progress=not args.no_progress)
     splits = ", ".join(f"{name} {s.images:,} images in {len(s.shards)} shards" for name, s in m.splits.items())
     what = f"{m.root} with {args.src} appended" if args.append else m.source
     print(f"{what}: {splits}; {m.data['stored']:,} stored as they are, {m.data['reencoded']:,} re-encoded; "
-          f"manifest {m.root / 'manifest.json'}")
+          f"manifest {m.where}/manifest.json")
     return 0
 
 
@@ -280,7 +284,7 @@ def _add_experiment_parsers(sub: Any) -> None:
     m.add_argument("--data", required=True,
                    help="a folder of images, a class tree, an ImageFolder root (train/ val/ test/), Tiny ImageNet, "
                         "a .zip/.tar/.tar.gz of one, demo, tiny-imagenet, cifar10, cifar100, or a shard folder "
-                        "(empssl shard)")
+                        "(empssl shard; also s3://BUCKET/PREFIX)")
     m.add_argument("--out", required=True, help="output file: .npz (features, names, labels, classes, protocol) "
                                                 "or .safetensors")
     _add_config_flags(m, ["test_patches", "eval_view", "eval_feature", "eval_seed", "eval_batch_size", "device"],
@@ -481,11 +485,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .export import ExportError
         from .files import OutputError
         from .probe import ProbeError
+        from .remote import refuse_output
         from .report import ReportError
         from .train import TrainError
 
         user_errors += (DataError, CheckpointError, EvalError, ProbeError, TrainError, ReportError, EmbedError,
                         ExportError, OutputError)
+        if args.command != "shard" and getattr(args, "out", None):
+            refuse_output(args.out)  # only empssl shard writes into an object store
         commands = {"train": cmd_train, "eval": cmd_eval, "ablate-patches": cmd_ablate_patches,
                     "ablate-test-patches": cmd_ablate_test_patches, "tsne": cmd_tsne, "report": cmd_report,
                     "compare": cmd_compare, "embed": cmd_embed, "export": cmd_export, "shard": cmd_shard}

@@ -13,7 +13,8 @@ Shard folders (``empssl shard``) and data too big for memory are read block by b
 the same images (the blocks hold whole seeded chunks of patches). ``data_mode`` means what ``--data-mode`` means
 for training: ``memory`` decodes every split whole, ``stream`` block by block (needs ``image_size``), ``auto``
 streams what would not fit in memory. A shard folder's rows keep the shards' order, names and labels (its
-manifest's classes); it is checked against its manifest first (:func:`empssl.shard.verify_shards`).
+manifest's classes); it is checked against its manifest first (:func:`empssl.shard.verify_shards`). ``data`` may
+name a shard folder in an object store (``s3://bucket/prefix``, :mod:`empssl.remote`).
 
 Outputs (written atomically: an interrupted run leaves no partial file):
 
@@ -45,11 +46,11 @@ from .errors import ConfigError
 from .evaluate import image_features
 from .files import OutputError, write_atomic
 from .methods import eval_protocol
+from .remote import is_remote
 from .rundir import load_checkpoint
 from .stream import (
     CatalogItems,
     Items,
-    ShardItems,
     StreamedSplit,
     choose_tier,
     is_shards,
@@ -57,6 +58,7 @@ from .stream import (
     read_manifest,
     refuse_arrays,
     require_image_size,
+    shard_items,
 )
 from .version import __version__
 
@@ -184,7 +186,8 @@ def _open_source(data: str, data_dir: str, image_size: int, mode: str, progress:
     """``data`` by ``mode``: a folder, archive or dataset in memory (:func:`empssl.data.load_images`, its cache),
     or shards / a folder's catalog read block by block."""
     if is_shards(data):
-        return _shard_source(Path(data).expanduser().resolve(), image_size, mode, log)
+        return _shard_source(data if is_remote(data) else str(Path(data).expanduser().resolve()), data_dir, image_size,
+                             mode, log)
     loaded = memory_first(mode, lambda: _memory_source(load_images(data, data_dir, image_size, progress)), log)
     if loaded is not None:
         return loaded
@@ -209,17 +212,16 @@ def _memory_source(images: ImageSet) -> _Source:
     return _Source(splits, images.labels, images.classes, images.class_names, "memory", images.names)
 
 
-def _shard_source(root: Path, image_size: int, mode: str, log: Callable[[str], Any]) -> _Source:
-    """Every split of a shard folder, in the manifest's order, read block by block; "memory" (and "auto" for what
-    fits, or without an image size) takes each split as one block."""
-    manifest = read_manifest(root)
-    mode = choose_tier(mode, sum(s.images for s in manifest.splits.values()), image_size, str(root), log)
+def _shard_source(root: str, data_dir: str, image_size: int, mode: str, log: Callable[[str], Any]) -> _Source:
+    """Every split of a shard folder (a path or an object store's URL), in the manifest's order, read block by
+    block; "memory" (and "auto" for what fits, or without an image size) takes each split as one block."""
+    manifest = read_manifest(root, data_dir)
+    mode = choose_tier(mode, sum(s.images for s in manifest.splits.values()), image_size, root, log)
     classes = [str(c) for c in manifest.classes] if manifest.classes else None
     splits, labels = [], []
-    for name, split in manifest.splits.items():
+    for name in manifest.splits:
         lab = torch.from_numpy(manifest.labels(name).astype(np.int64))
-        items = ShardItems(manifest.split_dir(name), split.images, lab.tolist(), split.shards)
-        streamed = _streamed(items, lab, classes, image_size, str(root), name)
+        streamed = _streamed(shard_items(manifest, name, lab.tolist()), lab, classes, image_size, root, name)
         if mode == "memory":
             streamed.split.block_images = len(lab)
         splits.append((name, streamed))

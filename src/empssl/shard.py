@@ -113,10 +113,20 @@ class Manifest:
     shard_size: int
     splits: dict[str, SplitShards]
     data: dict[str, Any]
+    url: str = ""  # a folder in an object store (empssl.remote): root is then the local mirror of its small files
+
+    @property
+    def where(self) -> str:
+        """How messages name the folder: its path or URL."""
+        return self.url or str(self.root)
 
     def split_dir(self, split: str) -> Path:
-        """The folder that ``litdata.StreamingDataset`` reads for ``split``."""
+        """The local folder of ``split``'s index.json and labels (a local folder's shards too)."""
         return self.root / split
+
+    def split_source(self, split: str) -> str:
+        """What ``litdata.StreamingDataset`` reads for ``split``: its folder, or its URL."""
+        return f"{self.url}/{split}" if self.url else str(self.split_dir(split))
 
     def labels(self, split: str) -> np.ndarray:
         """(N,) int32 labels of ``split`` in item order (-1: the source has no classes), from its labels.npy
@@ -626,18 +636,39 @@ def _labels_name(appends: int, images: int) -> str:
 # --- checking ------------------------------------------------------------------------------------------
 
 
-def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
+class ShardFolder:
+    """Where :func:`verify_shards` reads a shard folder's files: a local folder ``root`` here;
+    :class:`empssl.remote.RemoteFolder` fetches a bucket's small files into a local mirror ``root`` first and checks
+    its shards against the bucket's listing."""
+
+    url = ""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def fetch(self, name: str) -> None:
+        """Bring ``root/name`` (a plain name's path, checked before) up to date: nothing to do here."""
+
+    def check_shard(self, split: str, f: ShardFile, hashes: bool) -> None:
+        """DataError (one line) unless shard ``f`` of ``split`` is there at its size (and ``hashes``: its sha256)."""
+        verify_file(self.root / split, f, hashes)
+
+
+def verify_shards(root: str | Path | ShardFolder, hashes: bool = True) -> Manifest:
     """Check a shard folder against its ``manifest.json`` and return it.
 
     Checks: the manifest is there and readable (an unfinished run is named as one), every split, shard and labels
     file name in it and in each split's ``index.json`` is a plain file name (:func:`plain_name`), each index.json
-    lists the manifest's shards with their image counts and reads its items with safe serializers only
-    (:func:`check_data_format`), every shard file is there with its size, and (``hashes``) its sha256; the counts
-    add up. Raises DataError with one line naming the first problem. Every reader of shard folders goes through it.
+    lists the manifest's shards with their image counts and reads its items, {"image", "label", "name"}, with safe
+    serializers only (:func:`check_data_format`), every shard file is there with its size, and (``hashes``) its
+    sha256; the counts add up. Raises DataError with one line naming the first problem. Every reader of shard
+    folders goes through it; a folder in an object store too (``root`` an :class:`empssl.remote.RemoteFolder`).
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
+    folder = root if isinstance(root, ShardFolder) else ShardFolder(Path(root).expanduser())
+    root = folder.root
+    if not folder.url and not root.is_dir():
         raise DataError(f"shards not found: {root} is not a folder (make them with: empssl shard SRC --out {root})")
+    folder.fetch(MANIFEST)
     path = root / MANIFEST
     if not path.is_file():
         if (root / PLAN).is_file():
@@ -657,14 +688,14 @@ def verify_shards(root: str | Path, hashes: bool = True) -> Manifest:
                                                       _shard_file(s["labels"], path))
                   for name, s in data["splits"].items()}
         manifest = Manifest(root, str(data["source"]), data["classes"], data["class_names"], data["max_side"],
-                            int(data["shard_size"]), splits, data)
+                            int(data["shard_size"]), splits, data, folder.url)
     except DataError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is damaged or not a shard manifest ({type(e).__name__}: {e}); shard the source "
                         f"again") from None
     for name, split in manifest.splits.items():
-        _verify_split(manifest.split_dir(name), split, hashes)
+        _verify_split(folder, name, split, hashes)
     if sum(s.images for s in splits.values()) != data.get("images"):
         raise DataError(f"{path} counts {data.get('images')} images but its splits hold "
                         f"{sum(s.images for s in splits.values())}")
@@ -675,7 +706,7 @@ def _shard_file(f: dict[str, Any], where: Path) -> ShardFile:
     return ShardFile(plain_name(f["name"], where), int(f["images"]), int(f["bytes"]), str(f["sha256"]))
 
 
-def plain_name(name: Any, where: Path) -> str:
+def plain_name(name: Any, where: Path | str) -> str:
     """``name``, a file or split name read from ``where`` (a manifest or index.json), when it is a plain file name:
     a path (a separator, "..", absolute, empty) could name any file on the machine, and a re-signed manifest
     would vouch for it. DataError (one line) otherwise, before anything is read by it."""
@@ -731,37 +762,53 @@ def reader_serializers() -> dict[str, Any]:
     return {key: _Refused(key) for key in _get_serializers(None) if key not in SAFE_SERIALIZERS}
 
 
-def _verify_split(folder: Path, split: SplitShards, hashes: bool) -> None:
+ITEM_KEYS = ("image", "label", "name")  # what every item of an empssl shard folder holds (write_shards)
+
+
+def _verify_split(source: ShardFolder, name: str, split: SplitShards, hashes: bool) -> None:
+    folder = source.root / name
     index_path = folder / "index.json"
+    shown = f"{source.url}/{name}/index.json" if source.url else index_path  # how messages name it
+    source.fetch(f"{name}/index.json")
     try:
         index = read_json(index_path)
-        listed = [(plain_name(c["filename"], index_path), int(c["chunk_size"])) for c in index["chunks"]]
-        check_data_format(index["config"]["data_format"], f"split {folder.name} of {folder.parent}")
+        listed = [(plain_name(c["filename"], shown), int(c["chunk_size"])) for c in index["chunks"]]
+        check_data_format(index["config"]["data_format"], f"split {name} of {source.url or folder.parent}")
+        keys = json.loads(json.loads(index["config"]["data_spec"])[1]["context"])
     except FileNotFoundError:
         raise DataError(f"missing {index_path} (the manifest lists this split)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{index_path} is damaged ({type(e).__name__}); shard the source again") from None
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise DataError(f"{shown} is damaged ({type(e).__name__}); shard the source again") from None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or not set(ITEM_KEYS) <= set(keys):
+        raise DataError(f"{shown}: its items hold {keys}, not {', '.join(ITEM_KEYS)} (a LitData folder that "
+                        f"empssl shard did not write); shard the images with empssl shard")
     # an append replaces index.json before the manifest: the index may list more shards (readers take the manifest's)
     if listed[:len(split.shards)] != [(f.name, f.images) for f in split.shards]:
-        raise DataError(f"{index_path} does not list the shards that {MANIFEST} lists for {folder.name}")
+        raise DataError(f"{shown} does not list the shards that {MANIFEST} lists for {name}")
     if sum(f.images for f in split.shards) != split.images or split.stored + split.reencoded != split.images:
-        raise DataError(f"{MANIFEST} counts {split.images} images in {folder.name}, but its shards hold "
+        raise DataError(f"{MANIFEST} counts {split.images} images in {name}, but its shards hold "
                         f"{sum(f.images for f in split.shards)} ({split.stored} stored + {split.reencoded} "
                         f"re-encoded)")
     if split.labels.images != split.images:
-        raise DataError(f"{MANIFEST} counts {split.images} images in {folder.name}, but {split.labels.images} "
+        raise DataError(f"{MANIFEST} counts {split.images} images in {name}, but {split.labels.images} "
                         f"labels")
-    for f in [*split.shards, split.labels]:
-        verify_file(folder, f, hashes)
+    for f in split.shards:
+        source.check_shard(name, f, hashes)
+    source.fetch(f"{name}/{split.labels.name}")
+    verify_file(folder, split.labels, hashes)
+
+
+def check_size(path: str, size: int | None, f: ShardFile) -> None:
+    """DataError (one line) unless the file ``path`` of shard ``f`` is there (``size`` not None) at its size."""
+    if size is None:
+        raise DataError(f"missing shard {path} (listed in {MANIFEST})")
+    if size != f.bytes:
+        raise DataError(f"shard {path} is {size:,} bytes, {MANIFEST} says {f.bytes:,} (truncated or changed)")
 
 
 def verify_file(folder: Path, f: ShardFile, hashes: bool = True) -> None:
     """Check that ``folder/f.name`` is there at its size and (``hashes``) sha256; DataError (one line) if not."""
     path = folder / f.name
-    if not path.is_file():
-        raise DataError(f"missing shard {path} (listed in {MANIFEST})")
-    size = path.stat().st_size
-    if size != f.bytes:
-        raise DataError(f"shard {path} is {size:,} bytes, {MANIFEST} says {f.bytes:,} (truncated or changed)")
+    check_size(str(path), path.stat().st_size if path.is_file() else None, f)
     if hashes and _sha256(path) != f.sha256:
         raise DataError(f"shard {path} does not match its sha256 in {MANIFEST} (changed or corrupt)")

@@ -35,7 +35,7 @@ the data unnoticed and leave one rank's batch short (the in-memory tier refuses 
 changes after that check (truncated, deleted or replaced while training, ``eval`` or ``embed`` reads it) is named in
 one line when a read fails, or a DataLoader worker dies of it (SIGBUS), found by the shards' sizes against the
 manifest, then the sha256 of the one that failed (:meth:`ShardItems.culprit`); training keeps its last checkpoint.
-Shards are read from local disks only.
+Shards in an object store (``--data s3://bucket/prefix``) are read through LitData's cache (:mod:`empssl.remote`).
 
 A run records what it trains on in its checkpoint (:func:`data_record`: the count, and the shard list or the
 source's file stamps) and refuses to resume over other data (:func:`check_data`).
@@ -63,6 +63,7 @@ from .data.decode import decode_catalog
 from .data.images import balanced_indices
 from .data.layouts import held_out_split
 from .data.load import TooBigForMemory, check_fits, fingerprint
+from .remote import chunk_cache, is_remote, read_remote
 from .shard import MANIFEST, Manifest, ShardFile, reader_serializers, verify_file, verify_shards
 
 T = TypeVar("T")
@@ -105,13 +106,16 @@ class CatalogItems:
 
 
 class ShardItems:
-    """One LitData split folder (``DIR/train``): random access by index into its chunks; ``shards``, the manifest's
-    list of them, names the one to blame when a read fails (:meth:`culprit`)."""
+    """One LitData split folder (``DIR/train``, or its ``s3://`` URL with ``cache_dir``, LitData's chunk cache):
+    random access by index into its chunks; ``shards``, the manifest's list of them, names the one to blame when a
+    read of a local folder fails (:meth:`culprit`)."""
 
-    def __init__(self, folder: Path, count: int, labels: list[int] | None = None,
-                 shards: list[ShardFile] | None = None) -> None:
+    def __init__(self, folder: Path | str, count: int, labels: list[int] | None = None,
+                 shards: list[ShardFile] | None = None, cache_dir: str | None = None) -> None:
         self.folder, self.count, self._labels, self.shards = folder, count, labels, shards or []
+        self.cache_dir = cache_dir
         self._ds: Any = None  # opened in the process that reads (DataLoader workers open their own)
+        self._pid = 0
 
     def __len__(self) -> int:
         return self.count
@@ -120,10 +124,11 @@ class ShardItems:
         return {**self.__dict__, "_ds": None}
 
     def item(self, i: int) -> tuple[bytes, int, str]:
-        if self._ds is None:
+        if self._ds is None or self._pid != os.getpid():  # a forked worker must not share its parent's connections
             from litdata import StreamingDataset
 
-            self._ds = StreamingDataset(str(self.folder), serializers=reader_serializers())
+            self._ds = StreamingDataset(str(self.folder), serializers=reader_serializers(), cache_dir=self.cache_dir)
+            self._pid = os.getpid()
         d = self._ds[i]
         return bytes(d["image"]), int(d["label"]), str(d["name"])
 
@@ -135,14 +140,17 @@ class ShardItems:
     def culprit(self, rows: list[int]) -> DataError | None:
         """Why a read of ``rows`` failed, when a shard changed after the start checked them all: one missing or not
         at its manifest size (a stat of each), else one holding ``rows`` that no longer matches its sha256 (those
-        few are read); None when they all match."""
+        few are read); None when they all match, or for a folder in an object store (LitData's error is shown)."""
+        if self.cache_dir is not None:
+            return None
         ends = np.cumsum([f.images for f in self.shards])
         holding = sorted({int(np.searchsorted(ends, r, side="right")) for r in rows} & set(range(len(ends))))
+        folder = Path(self.folder)
         try:
             for f in self.shards:
-                verify_file(self.folder, f, hashes=False)
+                verify_file(folder, f, hashes=False)
             for j in holding:
-                verify_file(self.folder, self.shards[j])
+                verify_file(folder, self.shards[j])
         except DataError as e:
             return DataError(f"{e}; it changed after this command checked it: restore it and run the command again "
                              f"(a training run resumes from its last checkpoint)")
@@ -157,34 +165,44 @@ def read_error(items: Items, rows: list[int], message: str) -> DataError:
 
 
 def is_shards(spec: str) -> bool:
-    """True when ``spec`` is a folder written by ``empssl shard`` (it holds manifest.json)."""
-    return (Path(spec).expanduser() / MANIFEST).is_file()
+    """True when ``spec`` is a folder written by ``empssl shard`` (it holds manifest.json), or names an object store
+    (s3://, gs://: where only shard folders are read)."""
+    return is_remote(spec) or (Path(spec).expanduser() / MANIFEST).is_file()
 
 
-def read_manifest(root: Path) -> Manifest:
+def read_manifest(root: Path | str, data_dir: str = "./data", hashes: bool = True) -> Manifest:
     """The manifest of a folder written by ``empssl shard``, after :func:`empssl.shard.verify_shards` checked every
-    shard against it (sizes and sha256); DataError (one line) otherwise, or when LitData is missing."""
+    shard against it (sizes and, ``hashes``, sha256; in an object store: sizes, :mod:`empssl.remote`); DataError (one
+    line) otherwise, or when LitData is missing."""
     if importlib.util.find_spec("litdata") is None:
         raise DataError(f"{root} holds shards, which are read with LitData: pip install 'empssl[stream]'")
-    return verify_shards(root, hashes=True)
+    if is_remote(root):
+        return read_remote(str(root), data_dir)
+    return verify_shards(Path(root).expanduser(), hashes=hashes)
 
 
-def open_shards(root: Path) -> tuple[ShardItems, ShardItems, list[str], str]:
+def shard_items(manifest: Manifest, split: str, labels: list[int] | None = None) -> ShardItems:
+    """The items of ``split`` of a checked shard folder (local, or read through LitData's cache under --data-dir)."""
+    cache = chunk_cache(manifest, split) if manifest.url else None
+    return ShardItems(manifest.split_source(split), manifest.splits[split].images, labels,
+                      manifest.splits[split].shards, cache)
+
+
+def open_shards(root: Path | str, data_dir: str = "./data") -> tuple[ShardItems, ShardItems, list[str], str]:
     """(train, held-out split, classes, held-out split's name) of a folder written by ``empssl shard``, after
     :func:`empssl.shard.verify_shards` checked it against its manifest (every shard and labels.npy present, at its
     size and sha256; the counts). DataError (one line) otherwise, and for shards of a source without classes: the
     streamed tier evaluates and monitors by label, so it needs them.
 
-    Every shard is hashed (one read of the data per run start, each rank): a shard changed in place at its size
-    would otherwise train on other images unnoticed.
+    Every local shard is hashed (one read of the data per run start, each rank): a shard changed in place at its
+    size would otherwise train on other images unnoticed. Shards in an object store are checked by size.
     """
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, data_dir)
     if not manifest.classes:
         raise DataError(f"{root} holds shards of {manifest.source}, which has no classes (label -1); training "
                         f"needs labels for its evaluation and monitor: shard a class tree (train/<class>/...)")
     held = held_out_split(manifest.splits, str(root))
-    items = [ShardItems(manifest.split_dir(name), manifest.splits[name].images, manifest.labels(name).tolist(),
-                        manifest.splits[name].shards) for name in ("train", held)]
+    items = [shard_items(manifest, name, manifest.labels(name).tolist()) for name in ("train", held)]
     return items[0], items[1], [str(c) for c in manifest.classes], held
 
 
@@ -317,9 +335,8 @@ def _open_splits(cfg: Config, in_memory: Callable[[], tuple[ImageData, ImageData
     train_items: Items
     test_items: Items
     if shards:
-        root = Path(cfg.data).expanduser().resolve()
-        train_items, test_items, classes, held = open_shards(root)
-        source: str = str(root)
+        source = cfg.data if is_remote(cfg.data) else str(Path(cfg.data).expanduser().resolve())
+        train_items, test_items, classes, held = open_shards(source, cfg.data_dir)
     else:
         catalog = scan(cfg.data, cfg.data_dir)
         blocks, at = {}, 0
@@ -398,7 +415,7 @@ def data_record(n_train: int, spec: str | None = None, data_dir: str = "./data")
     record: dict[str, Any] = {"train": n_train}
     if spec is not None and is_shards(spec):
         record["shards"] = [[f.name, f.images, f.bytes, f.sha256]
-                            for f in verify_shards(Path(spec).expanduser(), hashes=False).splits["train"].shards]
+                            for f in read_manifest(spec, data_dir, hashes=False).splits["train"].shards]
     elif spec is not None and spec not in TORCHVISION_DATASETS:
         record["files"] = fingerprint(spec, data_dir)
     return record
@@ -421,7 +438,7 @@ def check_data(saved: dict[str, Any] | None, now: dict[str, Any], spec: str, che
     else:
         what = "their names, sizes or sha256" if shards else "file names, sizes or modification times"
         change = f"has changed ({what}) since this run was trained on its {was}"
-    where = Path(spec).expanduser() / "train" if shards else spec
+    where = (f"{spec.rstrip('/')}/train" if is_remote(spec) else Path(spec).expanduser() / "train") if shards else spec
     raise DataError(f"{where} {change}: train into a new --out, or restore the data to resume")
 
 

@@ -1,0 +1,195 @@
+"""Shard folders in an object store: ``--data s3://bucket/prefix`` (and ``gs://``) read by train, eval and embed,
+``empssl shard SRC --out s3://bucket/prefix`` written; every other output naming a bucket is refused.
+
+Reading: the folder's small files (manifest.json, each split's index.json and labels.npy) are fetched into a
+mirror under ``--data-dir`` (``remote/<scheme>/<bucket>/<prefix>/``) and checked there by
+:func:`empssl.shard.verify_shards`, the code that checks local folders (plain names, the serializer allow-list,
+counts, labels.npy's sha256); each shard's size is checked against the bucket's listing, and shards are not hashed
+at start (that would read every byte). LitData reads the images (``StreamingDataset("s3://...")``) into a chunk
+cache beside the mirror (:func:`chunk_cache`).
+
+Credentials and endpoint come from the standard environment, as boto3 reads it for empssl and LitData alike
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE``;
+gs://: google-cloud-storage's ``GOOGLE_APPLICATION_CREDENTIALS``). empssl's own requests have bounded timeouts
+and retries, so that a missing bucket, a missing object, missing credentials or an unreachable endpoint is one line
+(DataError) within seconds; LitData and obstore would wait minutes on an endpoint that does not answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .data import DataError
+from .files import OutputError, write_atomic
+from .shard import MANIFEST, Manifest, ShardFile, ShardFolder, check_size, verify_shards, write_shards
+
+SCHEMES = ("s3://", "gs://")
+CONNECT_SECONDS, READ_SECONDS, ATTEMPTS = 3, 30, 3  # worst case about 3 x 3 s plus back-off on a silent endpoint
+
+
+def is_remote(spec: str | Path) -> bool:
+    """True when ``spec`` names an object store (s3:// or gs://)."""
+    return str(spec).startswith(SCHEMES)
+
+
+def refuse_output(path: str | Path, flag: str = "--out") -> None:
+    """OutputError (one line) when an output other than ``empssl shard``'s names an object store."""
+    if is_remote(path):
+        raise OutputError(f"{flag} {path}: this output is written on a local disk (a run directory needs a lock and "
+                          f"atomic renames, which an object store has not); write it locally and copy it")
+
+
+class RemoteFolder(ShardFolder):
+    """A shard folder at ``url`` as :func:`empssl.shard.verify_shards` reads it: its small files fetched into a
+    local mirror under ``data_dir``, its shards' sizes from the bucket's listing."""
+
+    def __init__(self, url: str, data_dir: str = "./data") -> None:
+        self.url = url.rstrip("/")
+        self.scheme, _, rest = self.url.partition("://")
+        self.bucket, _, self.prefix = rest.partition("/")
+        parts = self.prefix.split("/")
+        if not self.bucket or not self.prefix or any(p in ("", ".", "..") for p in parts):
+            raise DataError(f"{url}: expected {self.scheme}://BUCKET/PREFIX, a folder inside a bucket")
+        super().__init__(Path(data_dir).expanduser() / "remote" / self.scheme / self.bucket / self.prefix)
+        self._client: Any = None
+        self._listed: dict[str, dict[str, int]] = {}
+
+    def fetch(self, name: str) -> None:
+        path = self.root / name
+        with self.errors():
+            try:
+                data = self._get(f"{self.prefix}/{name}")
+            except FileNotFoundError:
+                path.unlink(missing_ok=True)
+                if name == MANIFEST:
+                    raise DataError(f"no {MANIFEST} in {self.url}: not a folder of empssl shards (make them with: "
+                                    f"empssl shard SRC --out {self.url})") from None
+                raise DataError(f"missing {self.url}/{name} (listed in {MANIFEST})") from None
+        write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+    def check_shard(self, split: str, f: ShardFile, hashes: bool) -> None:
+        if split not in self._listed:
+            with self.errors():
+                self._listed[split] = self.sizes(f"{split}/")
+        check_size(f"{self.url}/{split}/{f.name}", self._listed[split].get(f.name), f)
+
+    def sizes(self, under: str) -> dict[str, int]:
+        """Size of every object under ``prefix/under``, by its name below it."""
+        at = f"{self.prefix}/{under}"
+        if self.scheme == "gs":
+            return {b.name[len(at):]: int(b.size) for b in self._gs().list_blobs(self.bucket, prefix=at)}
+        out = {}
+        for page in self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=at):
+            out.update({o["Key"][len(at):]: int(o["Size"]) for o in page.get("Contents", [])})
+        return out
+
+    def upload(self, local: Path, name: str) -> None:
+        """``local`` to ``prefix/name`` (s3:// only)."""
+        with self.errors():
+            self._s3().upload_file(str(local), self.bucket, f"{self.prefix}/{name}")
+
+    def _get(self, key: str) -> bytes:
+        if self.scheme == "gs":
+            from google.api_core.exceptions import NotFound
+
+            try:
+                return bytes(self._gs().bucket(self.bucket).blob(key).download_as_bytes(timeout=READ_SECONDS))
+            except NotFound:
+                raise FileNotFoundError(key) from None
+        from botocore.exceptions import ClientError
+
+        try:
+            return bytes(self._s3().get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(key) from None
+            raise
+
+    def _s3(self) -> Any:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.session.Session().client("s3", config=Config(  # the environment as it is now
+                connect_timeout=CONNECT_SECONDS, read_timeout=READ_SECONDS,
+                retries={"total_max_attempts": ATTEMPTS, "mode": "standard"}))
+        return self._client
+
+    def _gs(self) -> Any:
+        if self._client is None:
+            try:
+                from google.cloud import storage
+            except ImportError:
+                raise DataError(f"{self.url}: gs:// is read with google-cloud-storage, as LitData reads it: pip "
+                                f"install google-cloud-storage") from None
+            self._client = storage.Client()
+        return self._client
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """The store's refusals as one line naming the folder (and the endpoint where it matters)."""
+        if self.scheme == "gs":
+            yield  # google-cloud-storage's errors are one line already; untested here (no GCS emulator)
+            return
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            yield
+        except NoCredentialsError:
+            raise DataError(f"{self.url}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                            f"AWS_PROFILE)") from None
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code"))
+            why = {"NoSuchBucket": f"bucket {self.bucket} not found at {self._endpoint()}",
+                   "InvalidAccessKeyId": "the access key is not known to the store",
+                   "SignatureDoesNotMatch": "the secret key does not match the access key",
+                   "AccessDenied": "access denied", "403": "access denied"}.get(code, f"{code}: {e}")
+            raise DataError(f"{self.url}: {why}") from None
+        except BotoCoreError as e:  # no connection, a timeout: after the bounded retries
+            raise DataError(f"{self.url}: cannot reach {self._endpoint()} after {ATTEMPTS} tries "
+                            f"({type(e).__name__}); check AWS_ENDPOINT_URL and the network") from None
+
+    def _endpoint(self) -> str:
+        return str(self._s3().meta.endpoint_url)
+
+
+def read_remote(url: str, data_dir: str = "./data") -> Manifest:
+    """The manifest of the shard folder at ``url``, checked (the module docstring); DataError (one line) otherwise."""
+    return verify_shards(RemoteFolder(url, data_dir))
+
+
+def chunk_cache(manifest: Manifest, split: str) -> str:
+    """LitData's cache folder for ``split`` of a remote folder: beside its mirror, keyed by the split's shard list,
+    so that a folder rewritten or appended to is not read through an older cache's chunks or index.json."""
+    shards = [[f.name, f.bytes, f.sha256] for f in manifest.splits[split].shards]
+    return str(manifest.root / ".chunks" / split / hashlib.sha256(repr(shards).encode()).hexdigest()[:16])
+
+
+def write_remote(spec: str, url: str, data_dir: str = "./data", **kw: Any) -> Manifest:
+    """``empssl shard SRC --out s3://...``: the shards written by :func:`empssl.shard.write_shards` into a local
+    staging folder under ``data_dir`` (resumable as any shard run), then uploaded: every split's chunks and labels,
+    then the index.json files, manifest.json last, so that a reader (which starts from the manifest) never sees half
+    a folder. The staging folder is removed once the manifest is uploaded. A prefix that already holds a manifest is
+    refused; one with the objects of an unfinished upload is written over."""
+    if not url.startswith("s3://"):
+        raise OutputError(f"--out {url}: empssl shard uploads to s3:// only; write locally and copy the folder "
+                          f"(gsutil -m cp -r DIR {url})")
+    folder = RemoteFolder(url, data_dir)
+    with folder.errors():
+        if MANIFEST in folder.sizes(""):
+            raise DataError(f"--out {url} already holds a shard folder ({MANIFEST}); give another prefix")
+    stage = folder.root.parent / f".{folder.root.name}.upload"
+    local = write_shards(spec, stage, data_dir=data_dir, **kw)
+    for split in local.splits:
+        for f in [*local.splits[split].shards, local.splits[split].labels]:
+            folder.upload(stage / split / f.name, f"{split}/{f.name}")
+    for split in local.splits:
+        folder.upload(stage / split / "index.json", f"{split}/index.json")
+    folder.upload(stage / MANIFEST, MANIFEST)
+    shutil.rmtree(stage, ignore_errors=True)
+    return verify_shards(RemoteFolder(url, data_dir))

@@ -1,0 +1,225 @@
+"""Shard folders in an object store (empssl.remote): train, eval and embed read ``s3://bucket/prefix`` as they read
+the local copy, ``empssl shard --out s3://`` writes one, and bad input is one line and exit 2.
+
+The store is moto's S3 server on 127.0.0.1 (a free port), started by the module's fixture and stopped at its end;
+the credentials are fake and instance metadata is off, so nothing beyond 127.0.0.1 is asked.
+"""
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from empssl import stream
+from empssl.checkpoint import read_checkpoint
+from empssl.cli import main
+from empssl.embed import embed, load_embedding
+
+from .conftest import TINY
+from .test_embed import make_checkpoint
+from .test_stream import image_tree, shards_of
+
+pytest.importorskip("litdata")
+pytest.importorskip("moto.server")  # the test extra: moto[server]
+boto3 = pytest.importorskip("boto3")
+
+BUCKET = "empssl-test"
+PER_CLASS = {"train": 10, "test": 4}  # 100 + 40 demo images, 32x32 JPEGs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, data_dir):
+    """(endpoint, local shard folder, its source tree): the shards uploaded to s3://BUCKET/demo."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        missing = str(tmp_path_factory.mktemp("aws") / "none")
+        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": missing,
+                           "AWS_SHARED_CREDENTIALS_FILE": missing}.items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            mp.delenv(key, raising=False)
+        src = image_tree(tmp_path_factory.mktemp("src"), data_dir, PER_CLASS)
+        local = shards_of(src, tmp_path_factory.mktemp("shards") / "shards", shard_size=30)
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        upload(local, "demo")
+        try:
+            yield endpoint, local, src
+        finally:
+            server.stop()
+
+
+def upload(folder: Path, prefix: str, change=lambda name, data: data) -> str:
+    """Every file of ``folder`` to s3://BUCKET/prefix/ (``change(name, bytes)`` may edit one); the URL."""
+    s3 = boto3.client("s3")
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            name = path.relative_to(folder).as_posix()
+            s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=change(name, path.read_bytes()))
+    return f"s3://{BUCKET}/{prefix}"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("run"), image_size=32)
+
+
+def _one_line(capsys, *parts):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for p in parts:
+        assert p in err, err
+
+
+# --- read as the local copy is read -----------------------------------------------------------------------
+
+
+def test_training_from_the_bucket_gives_the_weights_of_the_local_copy(store, tmp_path, capsys):
+    _, local, _ = store
+    runs = {}
+    for name, data, mode in (("local", local, "stream"), ("s3", f"s3://{BUCKET}/demo", "stream"),
+                             ("s3-memory", f"s3://{BUCKET}/demo", "memory")):
+        out = tmp_path / name
+        assert main(["train", "--data", str(data), "--data-mode", mode, "--image-size", "32", "--out", str(out),
+                     "--data-dir", str(tmp_path / "dd"), "--no-progress", "--epochs", "1", "--monitor-bank", "20",
+                     *TINY]) == 0, capsys.readouterr().err
+        runs[name] = read_checkpoint(out), json.loads((out / "results.json").read_text())
+    ref_ckpt, ref_results = runs["local"]
+    for name in ("s3", "s3-memory"):
+        ckpt, results = runs[name]
+        assert ckpt["step"] == ref_ckpt["step"] == 5
+        for key, value in ref_ckpt["model"].items():
+            assert torch.equal(value, ckpt["model"][key]), (name, key)
+        for key in ("linear_top1", "knn_top1", "n_train"):
+            assert results[key] == ref_results[key], (name, key)
+    assert runs["s3"][1]["eval_sets"]["train"]["source"] == f"s3://{BUCKET}/demo"
+    # what a resumed run checks its data against: the same shard list as the local copy's
+    assert runs["s3"][0]["data"] == runs["local"][0]["data"]
+    assert (tmp_path / "dd" / "remote" / "s3" / BUCKET / "demo" / "manifest.json").is_file()  # the mirror
+
+
+def test_eval_and_embed_from_the_bucket_equal_the_local_copy(store, run, tmp_path, capsys):
+    _, local, _ = store
+    results = {}
+    for name, data in (("local", local), ("s3", f"s3://{BUCKET}/demo")):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--checkpoint", str(run), "--data", str(data), "--data-dir", str(tmp_path / "dd"),
+                     "--data-mode", "stream", "--image-size", "32", "--probe-epochs", "3", "--out", str(out),
+                     "--no-progress"]) == 0, capsys.readouterr().err
+        results[name] = json.loads(out.read_text())
+    for key in ("linear_top1", "knn_top1", "n_train", "n_test"):
+        assert results["s3"][key] == results["local"][key], key
+    kw = dict(image_size=32, data_dir=str(tmp_path / "dd"), data_mode="stream", progress=False)
+    want = load_embedding(embed(run, str(local), tmp_path / "local.npz", **kw)["out"])
+    got = load_embedding(embed(run, f"s3://{BUCKET}/demo", tmp_path / "s3.npz", **kw)["out"])
+    assert torch.equal(got.features, want.features) and got.names == want.names and len(got.names) == 140
+    assert torch.equal(got.labels, want.labels)
+
+
+def test_shard_into_the_bucket_writes_the_local_folder_s_bytes(store, tmp_path, capsys, monkeypatch):
+    _, local, src = store
+    monkeypatch.chdir(tmp_path)
+    url = f"s3://{BUCKET}/written"
+    argv = ["shard", str(src), "--out", url, "--shard-size", "30", "--workers", "1", "--no-progress",
+            "--data-dir", str(tmp_path / "dd")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert f"manifest {url}/manifest.json" in capsys.readouterr().out
+    s3 = boto3.client("s3")
+    listed = {o["Key"][len("written/"):] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="written/")["Contents"]}
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert listed == files
+    for name in files:  # the same bytes as the local folder that trains above
+        assert s3.get_object(Bucket=BUCKET, Key=f"written/{name}")["Body"].read() == (local / name).read_bytes()
+    assert not (tmp_path / "s3:").exists()
+    assert [p.name for p in (tmp_path / "dd" / "remote" / "s3" / BUCKET).iterdir()] == ["written"]  # the mirror;
+    # the staging folder (.written.upload) is gone
+    assert main(argv) == 2
+    _one_line(capsys, f"--out {url} already holds a shard folder")
+
+
+# --- bad input: one line, exit 2 --------------------------------------------------------------------------
+
+
+def _train(tmp_path, data):
+    return main(["train", "--data", data, "--data-mode", "stream", "--image-size", "32", "--out",
+                 str(tmp_path / "out"), "--data-dir", str(tmp_path / "dd"), "--no-progress", *TINY])
+
+
+def test_missing_credentials_bucket_and_folder_are_one_line(store, run, tmp_path, capsys, monkeypatch):
+    assert _train(tmp_path, "s3://no-such-bucket/demo") == 2
+    _one_line(capsys, "s3://no-such-bucket/demo: bucket no-such-bucket not found at http://127.0.0.1:")
+    for command in ("train", "embed"):
+        argv = (["embed", "--checkpoint", str(run), "--data", f"s3://{BUCKET}/nothing", "--out",
+                 str(tmp_path / "e.npz")] if command == "embed" else None)
+        assert (main(argv) if argv else _train(tmp_path, f"s3://{BUCKET}/nothing")) == 2
+        _one_line(capsys, f"no manifest.json in s3://{BUCKET}/nothing: not a folder of empssl shards")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert _train(tmp_path, f"s3://{BUCKET}/demo") == 2
+    _one_line(capsys, f"s3://{BUCKET}/demo: no credentials found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_an_index_or_image_items_is_one_line(store, tmp_path, capsys):
+    _, local, _ = store
+    url = upload(local, "noindex")
+    boto3.client("s3").delete_object(Bucket=BUCKET, Key="noindex/test/index.json")
+    assert _train(tmp_path, url) == 2
+    _one_line(capsys, f"missing {url}/test/index.json (listed in manifest.json)")
+
+    def renamed(name, data):  # items of {"picture", "label", "name"}: a LitData folder of someone else's keys
+        return data.replace(b'\\\\\\"image\\\\\\"', b'\\\\\\"picture\\\\\\"') if name.endswith("index.json") else data
+
+    url = upload(local, "noimage", renamed)
+    assert b"picture" in boto3.client("s3").get_object(Bucket=BUCKET, Key="noimage/train/index.json")["Body"].read()
+    assert _train(tmp_path, url) == 2
+    _one_line(capsys, f"{url}/train/index.json: its items hold ['picture', 'label', 'name'], not image, label, name")
+
+
+def test_a_shard_of_another_size_in_the_bucket_is_one_line(store, tmp_path, capsys):
+    _, local, _ = store
+    url = upload(local, "cut", lambda name, data: data[:-1] if name == "train/chunk-0-1.bin" else data)
+    assert _train(tmp_path, url) == 2
+    _one_line(capsys, f"shard {url}/train/chunk-0-1.bin is ", "manifest.json says")
+
+
+def test_an_unreachable_endpoint_is_one_line_after_a_bounded_retry(store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    assert _train(tmp_path, f"s3://{BUCKET}/demo") == 2
+    _one_line(capsys, f"s3://{BUCKET}/demo: cannot reach http://127.0.0.1:", "after 3 tries")
+
+
+@pytest.mark.parametrize("argv", [  # data and checkpoints that are not there: refused before they are looked for
+    ["train", "--data", "nothing-here", "--out", "s3://empssl-test/run"],
+    ["embed", "--checkpoint", "nothing-here", "--data", "nothing-here", "--out", "gs://bucket/e.npz"],
+    ["export", "--checkpoint", "nothing-here", "--out", "s3://empssl-test/backbone.pt"],
+    ["shard", "nothing-here", "--out", "s3://empssl-test/demo", "--append"],
+    ["shard", "nothing-here", "--out", "gs://bucket/shards"],
+])
+def test_outputs_in_an_object_store_are_refused(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    _one_line(capsys, argv[argv.index("--out") + 1])
+    assert not any(tmp_path.iterdir())  # no local folder named s3: or gs:
+
+
+def test_a_remote_folder_s_record_is_checked_on_resume(store, tmp_path):
+    url = f"s3://{BUCKET}/demo"
+    record = stream.data_record(100, url, str(tmp_path))
+    changed = {**record, "shards": record["shards"][:-1]}
+    with pytest.raises(stream.DataError, match=f"{url}/train now lists 4 shards"):
+        stream.check_data(changed, record, url, tmp_path / "checkpoint.pt", print)
