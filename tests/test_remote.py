@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import empssl
 from empssl import stream
 from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
 from empssl.embed import embed, load_embedding
+from empssl.files import OutputError
 
 from .conftest import TINY
 from .test_embed import make_checkpoint
@@ -215,6 +217,13 @@ def test_outputs_in_an_object_store_are_refused(argv, tmp_path, capsys, monkeypa
     assert main(argv) == 2
     _one_line(capsys, argv[argv.index("--out") + 1])
     assert not any(tmp_path.iterdir())  # no local folder named s3: or gs:
+
+
+def test_train_from_python_refuses_a_run_directory_in_an_object_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match="s3://empssl-test/run: this output is written on a local disk"):
+        empssl.train(empssl.Config(), "s3://empssl-test/run")
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_remote_folder_s_record_is_checked_on_resume(store, tmp_path):

@@ -430,6 +430,9 @@ def check_data(saved: dict[str, Any] | None, now: dict[str, Any], spec: str, che
         log(f"note: {checkpoint} does not record the data it was trained on (an older empssl wrote it); resuming "
             f"without checking that {spec} is unchanged")
         return
+    if not _well_formed(saved):
+        raise DataError(f"{checkpoint} is damaged: its record of the data the run was trained on is not what empssl "
+                        f"writes")
     if all(saved[k] == v for k, v in now.items() if k in saved):
         return
     was, is_, shards = _described(saved), _described(now), "shards" in now
@@ -440,6 +443,14 @@ def check_data(saved: dict[str, Any] | None, now: dict[str, Any], spec: str, che
         change = f"has changed ({what}) since this run was trained on its {was}"
     where = (f"{spec.rstrip('/')}/train" if is_remote(spec) else Path(spec).expanduser() / "train") if shards else spec
     raise DataError(f"{where} {change}: train into a new --out, or restore the data to resume")
+
+
+def _well_formed(record: Any) -> bool:
+    """``record`` has :func:`data_record`'s shape (a damaged checkpoint may hold anything, tensors included)."""
+    shards = record.get("shards", []) if isinstance(record, dict) else None
+    return (isinstance(record, dict) and type(record.get("train")) is int
+            and isinstance(record.get("files"), (str, type(None))) and isinstance(shards, list)
+            and all(isinstance(f, list) and [type(x) for x in f] == [str, int, int, str] for f in shards))
 
 
 def _described(record: dict[str, Any]) -> str:

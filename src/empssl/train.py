@@ -39,6 +39,7 @@ from .methods import Method, create_method
 from .monitor import Monitor
 from .optim import LARS, lars_param_groups, lr_at
 from .recompute import check_step_fits, recompute_backbone, want_recompute
+from .remote import refuse_output
 from .rundir import (
     MetricsLog,
     RunLock,
@@ -409,6 +410,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     wall clock from process start, phase by phase (:data:`empssl.rundir.TIMING_FIELDS`) and in ``total``.
     """
     cfg.validate()
+    refuse_output(out_dir)  # a run directory on an object store: one line (it needs a lock and atomic renames)
     # resuming: the checkpoint's config is the truth, as for the command line (a setting that would change the
     # trained weights is refused in one line; the evaluation, logging and speed ones are taken from cfg)
     cfg = run_config(out_dir, cfg, cfg.to_dict())
