@@ -226,6 +226,19 @@ def test_train_from_python_refuses_a_run_directory_in_an_object_store(tmp_path, 
     assert not any(tmp_path.iterdir())
 
 
+def test_a_shard_that_vanishes_from_the_bucket_while_read_is_named_in_one_line(store, tmp_path):
+    url = upload(store[1], "vanish")
+    manifest = stream.read_manifest(url, str(tmp_path))
+    items = stream.shard_items(manifest, "train")
+    assert items.culprit([0]) is None  # all there: the library's own words, on one line
+    assert str(stream.read_error(items, [0], "cannot read image 0:\nTimeout")) == "cannot read image 0: Timeout"
+    gone = manifest.splits["train"].shards[1].name
+    boto3.client("s3").delete_object(Bucket=BUCKET, Key=f"vanish/train/{gone}")
+    err = str(stream.read_error(items, [40], "cannot read image 40:\nhung download"))
+    assert err.startswith(f"missing shard {url}/train/{gone} (listed in manifest.json); it changed after this "
+                          f"command checked it") and "\n" not in err
+
+
 def test_a_remote_folder_s_record_is_checked_on_resume(store, tmp_path):
     url = f"s3://{BUCKET}/demo"
     record = stream.data_record(100, url, str(tmp_path))

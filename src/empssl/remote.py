@@ -158,6 +158,15 @@ class RemoteFolder(ShardFolder):
         return str(self._s3().meta.endpoint_url)
 
 
+def check_listed(split_url: str, shards: list[ShardFile]) -> None:
+    """DataError (one line) unless every shard of ``split_url`` (``s3://BUCKET/PREFIX/SPLIT``) is in the store at
+    its manifest size: what a failed read is checked against (the listing; no shard is read)."""
+    root, _, split = split_url.rstrip("/").rpartition("/")
+    folder = RemoteFolder(root)
+    for f in shards:
+        folder.check_shard(split, f, hashes=False)
+
+
 def read_remote(url: str, data_dir: str = "./data") -> Manifest:
     """The manifest of the shard folder at ``url``, checked (the module docstring); DataError (one line) otherwise."""
     return verify_shards(RemoteFolder(url, data_dir))

@@ -63,7 +63,7 @@ from .data.decode import decode_catalog
 from .data.images import balanced_indices
 from .data.layouts import held_out_split
 from .data.load import TooBigForMemory, check_fits, fingerprint
-from .remote import chunk_cache, is_remote, read_remote
+from .remote import check_listed, chunk_cache, is_remote, read_remote
 from .shard import MANIFEST, Manifest, ShardFile, reader_serializers, verify_file, verify_shards
 
 T = TypeVar("T")
@@ -139,18 +139,18 @@ class ShardItems:
 
     def culprit(self, rows: list[int]) -> DataError | None:
         """Why a read of ``rows`` failed, when a shard changed after the start checked them all: one missing or not
-        at its manifest size (a stat of each), else one holding ``rows`` that no longer matches its sha256 (those
-        few are read); None when they all match, or for a folder in an object store (LitData's error is shown)."""
-        if self.cache_dir is not None:
-            return None
+        at its manifest size (a stat of each; in an object store, the bucket's listing), else, on a local disk, one
+        holding ``rows`` that no longer matches its sha256 (those few are read); None when they all match."""
         ends = np.cumsum([f.images for f in self.shards])
         holding = sorted({int(np.searchsorted(ends, r, side="right")) for r in rows} & set(range(len(ends))))
-        folder = Path(self.folder)
         try:
+            if self.cache_dir is not None:
+                check_listed(str(self.folder), self.shards)
+                return None
             for f in self.shards:
-                verify_file(folder, f, hashes=False)
+                verify_file(Path(self.folder), f, hashes=False)
             for j in holding:
-                verify_file(folder, self.shards[j])
+                verify_file(Path(self.folder), self.shards[j])
         except DataError as e:
             return DataError(f"{e}; it changed after this command checked it: restore it and run the command again "
                              f"(a training run resumes from its last checkpoint)")
@@ -161,7 +161,7 @@ def read_error(items: Items, rows: list[int], message: str) -> DataError:
     """The one-line error for a read of ``rows`` that failed with ``message``: the shard to blame
     (:meth:`ShardItems.culprit`), else ``message``."""
     found = items.culprit(rows) if isinstance(items, ShardItems) else None
-    return found or DataError(message)
+    return found or DataError(" ".join(message.split()))  # (a library's message may run over several lines)
 
 
 def is_shards(spec: str) -> bool:
