@@ -442,7 +442,8 @@ def check_data(saved: dict[str, Any] | None, now: dict[str, Any], spec: str, che
         what = "their names, sizes or sha256" if shards else "file names, sizes or modification times"
         change = f"has changed ({what}) since this run was trained on its {was}"
     where = (f"{spec.rstrip('/')}/train" if is_remote(spec) else Path(spec).expanduser() / "train") if shards else spec
-    raise DataError(f"{where} {change}: train into a new --out, or restore the data to resume")
+    raise DataError(f"{where} {change}: train into a new --out, or restore the data to resume (the run's record: "
+                    f"{checkpoint})")
 
 
 def _well_formed(record: Any) -> bool:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .batches import BatchSource, IterableBatches, StepBatches
-from .checkpoint import RESUMED, load_model_state, read_checkpoint, save_atomic
+from .checkpoint import RESUMED, CheckpointError, load_model_state, read_checkpoint, save_atomic
 from .compiling import Compiler
 from .config import Config, ConfigError
 from .data import ImageData, load_data
@@ -267,7 +267,11 @@ def resume(run: Run, log: Callable[[str], None], ckpt: dict[str, Any] | None = N
     if dist.is_main and not (run.out / "config.json").is_file():  # its readable copy, deleted: written again
         write_config(run.out, Config.from_dict(ckpt.get("config", {})))
         log(f"{run.out / 'config.json'} was missing; rewritten from the checkpoint")
-    torch.set_rng_state(ckpt["rng"]["torch"])
+    try:
+        torch.set_rng_state(ckpt["rng"]["torch"])  # the CPU generator's state, whatever the device
+    except RuntimeError as e:  # (another size or dtype: a damaged file)
+        raise CheckpointError(f"{run.ckpt_path} is not an empssl checkpoint (its 'rng.torch' is not a generator's "
+                              f"state: {str(e).splitlines()[0]})") from None
     saved_on = ckpt["rng"].get("device")
     try:
         if saved_on not in (None, run.device.type):
