@@ -21,8 +21,8 @@ from empssl.cli import main
 train_module = importlib.import_module("empssl.train")  # empssl.train is the function
 
 
-def record_rows(folder: Path) -> None:
-    real_rows = stream.StreamBatches.rows
+def logged_rows(folder: Path, real_rows):
+    """``StreamBatches.rows`` (``real_rows``) that also appends each step's rows to ``folder/rank<RANK>.jsonl``."""
 
     def rows(self):
         with (folder / f"rank{os.environ['RANK']}.jsonl").open("a") as f:
@@ -31,7 +31,7 @@ def record_rows(folder: Path) -> None:
                 f.flush()
                 yield r
 
-    stream.StreamBatches.rows = rows
+    return rows
 
 
 def pause_after_first_checkpoint() -> None:
@@ -47,7 +47,7 @@ def pause_after_first_checkpoint() -> None:
 
 if __name__ == "__main__":
     if os.environ.get("EMPSSL_TEST_ROWS"):
-        record_rows(Path(os.environ["EMPSSL_TEST_ROWS"]))
+        stream.StreamBatches.rows = logged_rows(Path(os.environ["EMPSSL_TEST_ROWS"]), stream.StreamBatches.rows)
     if os.environ.get("EMPSSL_TEST_PAUSE"):
         pause_after_first_checkpoint()
     sys.exit(main())

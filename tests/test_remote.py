@@ -21,7 +21,7 @@ from empssl.files import OutputError
 
 from .conftest import TINY
 from .test_embed import make_checkpoint
-from .test_stream import image_tree, shards_of
+from .test_stream import _one_line, image_tree, shards_of
 
 pytest.importorskip("litdata")
 pytest.importorskip("moto.server")  # the test extra: moto[server]
@@ -78,13 +78,6 @@ def upload(folder: Path, prefix: str, change=lambda name, data: data) -> str:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("run"), image_size=32)
-
-
-def _one_line(capsys, *parts):
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for p in parts:
-        assert p in err, err
 
 
 # --- read as the local copy is read -----------------------------------------------------------------------

@@ -7,7 +7,6 @@ the tests write from the bundled demo archive's files; tampering with shards the
 import importlib
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from empssl.data import load, scan
 from empssl.train import config_data, train
 
 from .conftest import TINY
+from .multinode_entry import logged_rows
 from .test_distributed import WORLD, interrupt_after, run_ranks
 
 pytest.importorskip("litdata")
@@ -103,16 +103,7 @@ def test_stream_run_resumed_mid_epoch_equals_an_uninterrupted_in_memory_run(tmp_
 def test_two_ranks_see_every_image_of_an_epoch_once(tmp_path, data_dir, demo_shards, monkeypatch):
     seen = tmp_path / "seen"
     seen.mkdir()
-    real_rows = stream.StreamBatches.rows
-
-    def rows(self):
-        with (seen / f"rank{os.environ['RANK']}.jsonl").open("a") as f:
-            for r in real_rows(self):
-                f.write(json.dumps(r) + "\n")
-                f.flush()
-                yield r
-
-    monkeypatch.setattr(stream.StreamBatches, "rows", rows)
+    monkeypatch.setattr(stream.StreamBatches, "rows", logged_rows(seen, stream.StreamBatches.rows))
     cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode="stream", train_subset=80, epochs=1,
                    width=8, hidden_dim=64, z_dim=32)
     run_ranks(cfg, tmp_path / "run", None)
