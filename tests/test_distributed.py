@@ -184,7 +184,7 @@ def test_rank_threads_share_the_cores_and_keep_the_users_setting():
 
 @pytest.mark.parametrize("omp, want", [(None, 3), ("5", 5)])
 def test_setup_sets_a_ranks_threads_unless_the_user_did(monkeypatch, omp, want):
-    monkeypatch.setattr(distributed, "_cpus", lambda: 6)
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: 6)
     monkeypatch.setattr(distributed, "die_with_parent", lambda: None)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # joined already: no rendezvous here
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():

@@ -55,6 +55,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from .data.decode import usable_cpus
 from .devices import resolve_device
 from .errors import ConfigError
 from .files import OutputError, write_text
@@ -118,7 +119,7 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
     device = resolve_device(device_name, d.local_rank)
     if "WORLD_SIZE" in os.environ:  # started by torchrun (or another launcher), one rank per process
         die_with_parent()
-    threads = rank_threads(os.environ, _launcher_env(), _cpus(), d.local_world_size) if d.enabled else None
+    threads = rank_threads(os.environ, _launcher_env(), usable_cpus(), d.local_world_size) if d.enabled else None
     if threads is not None:
         torch.set_num_threads(threads)
     if not d.enabled or tdist.is_initialized():
@@ -144,10 +145,6 @@ def rank_threads(env: Mapping[str, str], launcher_env: Mapping[str, str] | None,
     if omp is not None and not (omp == "1" and launcher_env is not None and "OMP_NUM_THREADS" not in launcher_env):
         return None
     return max(1, cpus // local_ranks)
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _launcher_env() -> dict[str, str] | None:
