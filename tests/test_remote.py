@@ -7,17 +7,20 @@ the credentials are fake and instance metadata is off, so nothing beyond 127.0.0
 
 import json
 import socket
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 import empssl
-from empssl import stream
+from empssl import remote, stream
 from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
+from empssl.data import DataError
 from empssl.embed import embed, load_embedding
 from empssl.files import OutputError
+from empssl.shard import reader_serializers
 
 from .conftest import TINY
 from .test_embed import make_checkpoint
@@ -31,6 +34,14 @@ BUCKET = "empssl-test"
 PER_CLASS = {"train": 10, "test": 4}  # 100 + 40 demo images, 32x32 JPEGs
 
 
+def _moto_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    return server, "http://{}:{}".format(*server.get_host_and_port())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,12 +51,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, data_dir):
     """(endpoint, local shard folder, its source tree): the shards uploaded to s3://BUCKET/demo."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    server, endpoint = _moto_server()
     with pytest.MonkeyPatch.context() as mp:
         missing = str(tmp_path_factory.mktemp("aws") / "none")
         for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
@@ -238,3 +244,77 @@ def test_a_remote_folder_s_record_is_checked_on_resume(store, tmp_path):
     changed = {**record, "shards": record["shards"][:-1]}
     with pytest.raises(stream.DataError, match=f"{url}/train now lists 4 shards"):
         stream.check_data(changed, record, url, tmp_path / "checkpoint.pt", print)
+
+
+# --- iterated by LitData's loader over plain http (empssl.litdata_http) ------------------------------------
+
+
+def _loader(url: str, data_dir: Path, workers: int = 2):
+    """(LitData's shuffled loader over the train split of ``url`` in forked workers, as empssl opens it; its shard
+    list). Fork is named: a litdata.optimize earlier in the process sets spawn, whose workers would not have the
+    adapter. (A loader whose read failed takes 5 s a worker to shut down: torch's join timeout.)"""
+    from litdata import StreamingDataLoader, StreamingDataset
+
+    manifest = stream.read_manifest(url, str(data_dir))  # also installs the adapter (read_remote)
+    ds = StreamingDataset(manifest.split_source("train"), shuffle=True, seed=7, serializers=reader_serializers(),
+                          **remote.litdata_options(manifest, "train"))
+    return StreamingDataLoader(ds, batch_size=10, num_workers=workers, multiprocessing_context="fork",
+                               collate_fn=_names), manifest.splits["train"].shards
+
+
+def _names(items: list[dict]) -> list[str]:
+    return [str(d["name"]) for d in items]
+
+
+def test_litdata_s_loader_reads_every_item_over_http_and_resumes(store, tmp_path):
+    _, local, _ = store
+    loader, _ = _loader(f"s3://{BUCKET}/demo", tmp_path)
+    epoch = list(loader)
+    want = json.loads((local / "manifest.json").read_text())["splits"]["train"]["images"]
+    assert sorted(n for b in epoch for n in b) == sorted({n for b in epoch for n in b}) and len(epoch) * 10 == want
+    loader, _ = _loader(f"s3://{BUCKET}/demo", tmp_path)
+    head = []
+    for batch in loader:
+        head.append(batch)
+        if len(head) == 3:
+            break
+    state = loader.state_dict()
+    resumed, _ = _loader(f"s3://{BUCKET}/demo", tmp_path)
+    resumed.load_state_dict(state)
+    assert head + list(resumed) == epoch
+
+
+def test_without_the_adapter_litdata_cannot_read_chunks_over_http(store, tmp_path, monkeypatch):
+    # When this fails, LitData reads plain http itself: empssl.litdata_http can go.
+    from litdata.streaming import downloader
+
+    loader, shards = _loader(f"s3://{BUCKET}/demo", tmp_path, workers=1)
+    monkeypatch.setattr(downloader, "_build_obstore_s3_store", downloader._build_obstore_s3_store.litdata_build)
+    with pytest.raises(DataError, match="HTTP error: builder error") as e, \
+            remote.chunk_reads(f"s3://{BUCKET}/demo/train", shards):
+        list(loader)
+    assert str(e.value).startswith(f"s3://{BUCKET}/demo/train: RuntimeError: ") and "\n" not in str(e.value)
+
+
+def test_an_endpoint_gone_while_iterating_is_one_line_after_bounded_tries(store, tmp_path, monkeypatch):
+    server, endpoint = _moto_server()  # moto's buckets are the process's: the same bucket, at another endpoint
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    url = f"s3://{BUCKET}/demo"
+    loader, shards = _loader(url, tmp_path, workers=1)  # index.json read; no chunk yet
+    server.stop()
+    failed: list[BaseException] = []
+
+    def iterate():
+        try:
+            with remote.chunk_reads(f"{url}/train", shards):
+                list(loader)
+        except BaseException as e:
+            failed.append(e)
+
+    reader = threading.Thread(target=iterate, daemon=True)
+    reader.start()
+    reader.join(timeout=150)  # a ceiling, not a timing: unbounded, obstore retries for up to 180 s
+    assert failed, "still reading"
+    err = str(failed[0])
+    assert err.startswith(f"{url}: cannot reach {endpoint} after 3 tries") and "\n" not in err, err
+    assert "max_retries: 2," in str(failed[0].__cause__)  # the workers' obstore reads tried 3 times too

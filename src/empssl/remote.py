@@ -10,20 +10,24 @@ cache beside the mirror (:func:`chunk_cache`).
 
 Credentials and endpoint come from the standard environment, as boto3 reads it for empssl and LitData alike
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE``;
-gs://: google-cloud-storage's ``GOOGLE_APPLICATION_CREDENTIALS``). empssl's own requests have bounded timeouts
-and retries, so that a missing bucket, a missing object, missing credentials or an unreachable endpoint is one line
-(DataError) within seconds; LitData and obstore would wait minutes on an endpoint that does not answer.
+gs://: google-cloud-storage's ``GOOGLE_APPLICATION_CREDENTIALS``); a plain-http endpoint is read through
+:mod:`empssl.litdata_http`. Every request has the bounded timeouts and tries below, empssl's own, LitData's boto3
+ones (:func:`litdata_options`) and its obstore chunk reads, so that a missing bucket, a missing object, missing
+credentials or an unreachable endpoint is one line (DataError) within seconds, at start or while iterating
+(:func:`chunk_reads`); LitData and obstore alone would wait minutes on an endpoint that does not answer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import litdata_http
 from .data import DataError
 from .files import OutputError, write_atomic
 from .shard import MANIFEST, Manifest, ShardFile, ShardFolder, check_size, verify_shards, write_shards
@@ -113,11 +117,8 @@ class RemoteFolder(ShardFolder):
     def _s3(self) -> Any:
         if self._client is None:
             import boto3
-            from botocore.config import Config
 
-            self._client = boto3.session.Session().client("s3", config=Config(  # the environment as it is now
-                connect_timeout=CONNECT_SECONDS, read_timeout=READ_SECONDS,
-                retries={"total_max_attempts": ATTEMPTS, "mode": "standard"}))
+            self._client = boto3.session.Session().client("s3", config=client_config())  # the environment now
         return self._client
 
     def _gs(self) -> Any:
@@ -158,6 +159,14 @@ class RemoteFolder(ShardFolder):
         return str(self._s3().meta.endpoint_url)
 
 
+def client_config() -> Any:
+    """boto3's bounded timeouts and tries, for empssl's requests and LitData's."""
+    from botocore.config import Config
+
+    return Config(connect_timeout=CONNECT_SECONDS, read_timeout=READ_SECONDS,
+                  retries={"total_max_attempts": ATTEMPTS, "mode": "standard"})
+
+
 def check_listed(split_url: str, shards: list[ShardFile]) -> None:
     """DataError (one line) unless every shard of ``split_url`` (``s3://BUCKET/PREFIX/SPLIT``) is in the store at
     its manifest size: what a failed read is checked against (the listing; no shard is read)."""
@@ -167,9 +176,31 @@ def check_listed(split_url: str, shards: list[ShardFile]) -> None:
         folder.check_shard(split, f, hashes=False)
 
 
+@contextmanager
+def chunk_reads(split_url: str, shards: list[ShardFile]) -> Iterator[None]:
+    """Around an iteration of LitData's loader over ``split_url``: a read that fails as one line (DataError), the
+    store's state from a bounded listing (an endpoint that does not answer, a shard gone: :func:`check_listed`),
+    else the library's own last error line."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:
+        try:
+            check_listed(split_url, shards)
+        except DataError as found:
+            raise found from e
+        lines = re.findall(r"^[\w.]+(?:Error|Exception): .+$", str(e), re.M)  # a worker's traceback: its last error
+        raise DataError(f"{split_url}: {lines[-1] if lines else ' '.join(str(e).split()) or type(e).__name__}") from e
+
+
 def read_remote(url: str, data_dir: str = "./data") -> Manifest:
     """The manifest of the shard folder at ``url``, checked (the module docstring); DataError (one line) otherwise."""
-    return verify_shards(RemoteFolder(url, data_dir))
+    folder = RemoteFolder(url, data_dir)
+    manifest = verify_shards(folder)
+    if folder.scheme == "s3":
+        litdata_http.install(folder._endpoint())
+    return manifest
 
 
 def chunk_cache(manifest: Manifest, split: str) -> str:
@@ -177,6 +208,14 @@ def chunk_cache(manifest: Manifest, split: str) -> str:
     so that a folder rewritten or appended to is not read through an older cache's chunks or index.json."""
     shards = [[f.name, f.bytes, f.sha256] for f in manifest.splits[split].shards]
     return str(manifest.root / ".chunks" / split / hashlib.sha256(repr(shards).encode()).hexdigest()[:16])
+
+
+def litdata_options(manifest: Manifest, split: str) -> dict[str, Any]:
+    """``StreamingDataset``'s arguments for ``split`` of a remote folder: its cache folder (:func:`chunk_cache`),
+    the cache's size, LitData's default (75% of the free disk, leaving 50 GB free where it can; ``MAX_CACHE_SIZE``
+    in the environment, e.g. ``50GB``, overrides it), and boto3's bounded timeouts (s3://; gs:// as LitData has it)."""
+    return {"cache_dir": chunk_cache(manifest, split), "max_cache_size": None,
+            "storage_options": {"config": client_config()} if manifest.url.startswith("s3://") else None}
 
 
 def write_remote(spec: str, url: str, data_dir: str = "./data", **kw: Any) -> Manifest:

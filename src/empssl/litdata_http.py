@@ -1,0 +1,63 @@
+"""LitData's chunk reads from an S3-compatible store over plain http, with bounded connects, reads and retries.
+
+While it iterates (``StreamingDataLoader``, its prefetch thread), litdata 0.2.76 reads chunks through obstore, whose
+``S3Store`` it builds in one function (``downloader._build_obstore_s3_store``) with fixed client options: no
+``allow_http``, so a plain-http endpoint (MinIO in a lab, moto in a test, ``AWS_ENDPOINT_URL=http://...``) fails with
+"HTTP error: builder error" (``AWS_ALLOW_HTTP`` is not read), and obstore's default retries, so an endpoint that does
+not answer holds a read for minutes. No ``StreamingDataset`` argument reaches those options (``storage_options`` and
+``session_options`` go to boto3, which reads index.json and serves ``ds[i]``), so :func:`install` wraps that one
+function: the store LitData builds (its endpoint, addressing style and credentials) is built again with
+``allow_http`` where the endpoint is http://, and with :mod:`empssl.remote`'s connect and read timeouts and number of
+tries. The traceback each worker's prefetch thread prints when a read fails is left out: the reader raises the error,
+and :func:`empssl.remote.chunk_reads` names it in one line. Installed before the loader forks its workers, the
+adapter holds in them too; a spawned worker imports LitData afresh and reads without it (pass
+``multiprocessing_context="fork"`` where something, e.g. ``litdata.optimize``, made spawn the default).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .data import DataError
+
+TESTED = ("0.2.76",)  # the litdata versions this adapter was tested with (tests/test_remote.py)
+
+
+def install(endpoint: str) -> None:
+    """Wrap LitData's obstore store set-up (once per process); ``endpoint``, boto3's resolved endpoint URL, decides
+    only whether a LitData without the set-up this adapter knows is refused (plain http cannot work there)."""
+    import litdata
+    from litdata.streaming import downloader, reader
+
+    build = getattr(downloader, "_build_obstore_s3_store", None)
+    if hasattr(build, "litdata_build"):  # installed already
+        return
+    if build is None:
+        if endpoint.startswith("http://"):
+            raise DataError(f"{endpoint}: plain-http endpoints are read through an adapter tested with litdata "
+                            f"{', '.join(TESTED)}, and litdata {litdata.__version__} builds its store otherwise: pip "
+                            f"install 'litdata=={TESTED[-1]}', or serve the store over https")
+        return
+    if litdata.__version__ not in TESTED:
+        print(f"empssl: litdata {litdata.__version__} is not one the http adapter was tested with "
+              f"({', '.join(TESTED)}); chunk reads from {endpoint} may fail", file=sys.stderr)
+
+    def bounded(bucket: str, s3_client: Any) -> Any:
+        from obstore.store import S3Store
+
+        from .remote import ATTEMPTS, CONNECT_SECONDS, READ_SECONDS
+
+        store = build(bucket, s3_client)
+        options: Any = {**store.client_options, "connect_timeout": f"{CONNECT_SECONDS}s",
+                        "read_timeout": f"{READ_SECONDS}s",
+                        "allow_http": str(s3_client.client.meta.endpoint_url).startswith("http://")}
+        config: Any = {k: v for k, v in store.config.items() if k != "bucket"}  # the bucket is given once
+        return S3Store(bucket, config=config, client_options=options, retry_config={"max_retries": ATTEMPTS - 1},
+                       credential_provider=store.credential_provider)
+
+    bounded.litdata_build = build  # type: ignore[attr-defined]
+    downloader._build_obstore_s3_store = bounded
+    # A failed chunk read is raised by the reader, with its cause, and named in one line by remote.chunk_reads:
+    # the traceback each worker's prefetch thread would print first is left out.
+    reader.PrepareChunksThread._report_crash = lambda self, exc: None
