@@ -318,3 +318,20 @@ def test_an_endpoint_gone_while_iterating_is_one_line_after_bounded_tries(store,
     err = str(failed[0])
     assert err.startswith(f"{url}: cannot reach {endpoint} after 3 tries") and "\n" not in err, err
     assert "max_retries: 2," in str(failed[0].__cause__)  # the workers' obstore reads tried 3 times too
+
+
+def test_another_litdata_version_is_named_in_one_line(monkeypatch, capsys):
+    import litdata
+    from litdata.streaming import downloader
+
+    from empssl import litdata_http
+
+    monkeypatch.setattr(litdata, "__version__", "9.9.9")
+    monkeypatch.delattr(downloader, "_build_obstore_s3_store")  # a LitData that builds its store elsewhere
+    litdata_http.install.cache_clear()
+    try:
+        litdata_http.install()
+    finally:
+        litdata_http.install.cache_clear()
+    _one_line(capsys, "empssl: litdata 9.9.9 is not a version the plain-http adapter was tested with (0.2.76)",
+              "not installed")

@@ -16,32 +16,28 @@ adapter holds in them too; a spawned worker imports LitData afresh and reads wit
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
-
-from .data import DataError
 
 TESTED = ("0.2.76",)  # the litdata versions this adapter was tested with (tests/test_remote.py)
 
 
-def install(endpoint: str) -> None:
-    """Wrap LitData's obstore store set-up (once per process); ``endpoint``, boto3's resolved endpoint URL, decides
-    only whether a LitData without the set-up this adapter knows is refused (plain http cannot work there)."""
+@functools.cache  # once per process (its forked workers inherit it)
+def install() -> None:
+    """Wrap LitData's obstore store set-up; one line on stderr where litdata is not a version this
+    was tested with (and nothing more where it has no such set-up: a plain-http endpoint then fails as above)."""
     import litdata
     from litdata.streaming import downloader, reader
 
     build = getattr(downloader, "_build_obstore_s3_store", None)
-    if hasattr(build, "litdata_build"):  # installed already
+    if hasattr(build, "litdata_build"):  # wrapped already
         return
-    if build is None:
-        if endpoint.startswith("http://"):
-            raise DataError(f"{endpoint}: plain-http endpoints are read through an adapter tested with litdata "
-                            f"{', '.join(TESTED)}, and litdata {litdata.__version__} builds its store otherwise: pip "
-                            f"install 'litdata=={TESTED[-1]}', or serve the store over https")
-        return
-    if litdata.__version__ not in TESTED:
-        print(f"empssl: litdata {litdata.__version__} is not one the http adapter was tested with "
-              f"({', '.join(TESTED)}); chunk reads from {endpoint} may fail", file=sys.stderr)
+    if litdata.__version__ not in TESTED or build is None:
+        print(f"empssl: litdata {litdata.__version__} is not a version the plain-http adapter was tested with "
+              f"({', '.join(TESTED)}); {'it may not hold' if build else 'not installed'}", file=sys.stderr)
+        if build is None:
+            return
 
     def bounded(bucket: str, s3_client: Any) -> Any:
         from obstore.store import S3Store
@@ -56,7 +52,7 @@ def install(endpoint: str) -> None:
         return S3Store(bucket, config=config, client_options=options, retry_config={"max_retries": ATTEMPTS - 1},
                        credential_provider=store.credential_provider)
 
-    bounded.litdata_build = build  # type: ignore[attr-defined]
+    bounded.litdata_build = build  # type: ignore[attr-defined]  # LitData's own (the tests read it)
     downloader._build_obstore_s3_store = bounded
     # A failed chunk read is raised by the reader, with its cause, and named in one line by remote.chunk_reads:
     # the traceback each worker's prefetch thread would print first is left out.

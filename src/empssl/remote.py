@@ -199,7 +199,7 @@ def read_remote(url: str, data_dir: str = "./data") -> Manifest:
     folder = RemoteFolder(url, data_dir)
     manifest = verify_shards(folder)
     if folder.scheme == "s3":
-        litdata_http.install(folder._endpoint())
+        litdata_http.install()
     return manifest
 
 
