@@ -7,10 +7,15 @@ On disk::
                                   per split its image count, stored/re-encoded counts, image formats, and every
                                   shard file's name, images, bytes and sha256
     DIR/<split>/index.json        LitData's index of that split (what litdata.StreamingDataset(DIR/<split>) reads)
-    DIR/<split>/chunk-0-<j>.bin   shard j of the split: images j*K .. j*K+K-1 in source order (K = shard_size)
+    DIR/<split>/chunk-0-<j>.bin   shard j of the split: items j*K .. j*K+K-1 (K = shard_size), the split's images
+                                  in a seeded random order (:func:`write_order`; LitData shuffles chunks, then
+                                  items within a window, so an order by class would give batches of few classes)
     DIR/<split>/labels.npy        the split's labels in item order (int32, numpy's .npy; listed with its size and
                                   sha256 in the manifest): what a reader needs to sample or balance without
                                   reading every item
+
+A LitData folder that empssl did not write (``DIR/index.json``, or ``DIR/<split>/index.json``, no manifest) is
+read too: :func:`verify_shards` describes it in a :class:`Manifest` of its own (:func:`foreign_manifest`).
 
 Splits are the source's own (``train``, ``val``, ``test``; Tiny ImageNet and ImageNet: ``train``, ``val``); a
 source without split folders (a plain folder or a class tree) is one split, ``train``. Each item is
@@ -30,8 +35,9 @@ Resumable: shard j is written into a temporary folder, moved into place, then re
 (with its sha256); a split's ``index.json`` is written when all its shards are, and ``manifest.json`` when all
 splits are. A run killed at any point leaves no manifest, so no reader (:func:`verify_shards`) takes it for
 complete; the same command run again skips the recorded shards, rewrites the rest, and gives the same files as an
-uninterrupted run (shard boundaries are fixed by ``.plan.json``, written before the first shard). Shards are
-written by a process pool, each shard by one worker, so a parallel run writes the same bytes as a serial one.
+uninterrupted run (shard boundaries and the order are fixed by ``.plan.json``, written before the first shard).
+Shards are written by a process pool, each shard by one worker, so a parallel run writes the same bytes as a serial
+one.
 """
 
 from __future__ import annotations
@@ -146,7 +152,8 @@ class Manifest:
 
 
 def write_shards(spec: str, out: str | Path, max_side: int | None = None, workers: int | None = None,
-                 shard_size: int | None = None, data_dir: str = "./data", progress: bool = True) -> Manifest:
+                 shard_size: int | None = None, data_dir: str = "./data", progress: bool = True,
+                 seed: int | None = None) -> Manifest:
     """Write every image of ``spec`` as LitData shards under ``out`` (layout and rules: the module docstring).
 
     Args:
@@ -158,6 +165,7 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
         shard_size: images per shard (default: about 64 MB of the source's files per shard).
         data_dir: where ``tiny-imagenet`` and ``imagenet100`` without a path are looked for.
         progress: a progress bar on stderr.
+        seed: the seed of each split's write order (:func:`write_order`; default 0, or an unfinished run's own).
 
     Returns the :class:`Manifest` written. Raises DataError (one line, nothing left behind) for a missing source,
     one without images, an image that cannot be read, an ``out`` that is a file, holds other files, or holds shards
@@ -167,6 +175,8 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
         raise DataError(f"--max-side must be >= 1, got {max_side}")
     if shard_size is not None and shard_size < 1:
         raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+    if seed is not None and seed < 0:
+        raise DataError(f"--seed must be >= 0, got {seed}")
     out = Path(out).expanduser()
     source = source_name(spec, data_dir)
     previous = _previous_plan(out, source)  # before the scan, which can take long: refuse a wrong --out at once
@@ -175,10 +185,11 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
         n = len(catalog.skipped)
         print(f"note: skipped {n} entr{'y' if n == 1 else 'ies'} of {catalog.source} that are not regular files, "
               f"e.g. {catalog.skipped[0]}", file=sys.stderr)
-    blocks = _blocks(catalog.records, catalog.splits)
+    seed = seed if seed is not None else previous.get("seed", 0)
+    blocks = _blocks(catalog.records, catalog.splits, seed)
     plan = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
-        "max_side": max_side, "jpeg_quality": JPEG_QUALITY,
+        "max_side": max_side, "jpeg_quality": JPEG_QUALITY, "seed": seed,
         "shard_size": shard_size or previous.get("shard_size") or _auto_shard_size(catalog.records),
         "classes": catalog.classes, "class_names": catalog.class_names,
         "images": len(catalog.records), "splits": {name: len(recs) for name, recs in blocks.items()},
@@ -214,13 +225,23 @@ def source_name(spec: str, data_dir: str = "./data") -> str:
     return imagenet.shown if imagenet else str(resolve(spec, Path(data_dir)))
 
 
-def _blocks(records: list[Any], splits: list[tuple[str, int]]) -> dict[str, list[_Rec]]:
+def _blocks(records: list[Any], splits: list[tuple[str, int]], seed: int) -> dict[str, list[_Rec]]:
+    """Each split's records in its write order."""
     out: dict[str, list[_Rec]] = {}
     at = 0
     for name, count in splits:
-        out[name or NO_SPLIT] = [(r.name, -1 if r.label is None else r.label, r.data) for r in records[at: at + count]]
+        split = records[at: at + count]
+        out[name or NO_SPLIT] = [(split[i].name, -1 if split[i].label is None else split[i].label, split[i].data)
+                                 for i in write_order(count, seed)]
         at += count
     return out
+
+
+def write_order(n: int, seed: int) -> np.ndarray:
+    """(n,) the order a split (or an append) of ``n`` source images is written in: item i is source image
+    ``order[i]``. Random, so that every chunk, and every window of it that LitData shuffles within, mixes the
+    classes; seeded, so that a resumed run and any number of workers write the same bytes."""
+    return np.random.default_rng(seed).permutation(n)
 
 
 def _auto_shard_size(records: list[Any]) -> int:
@@ -264,14 +285,18 @@ def _previous_plan(out: Path, source: str) -> dict[str, Any]:
 
 def _check_same_plan(out: Path, previous: dict[str, Any], plan: dict[str, Any], size_given: bool) -> None:
     """Refuse to continue (or call complete) a run in ``out`` that another source state or other settings made."""
-    for key, flag in (("max_side", "--max-side"), ("shard_size", "--shard-size")):
+    for key, flag in (("max_side", "--max-side"), ("shard_size", "--shard-size"), ("seed", "--seed")):
         if previous.get(key) != plan[key] and (key != "shard_size" or size_given):
             raise DataError(f"--out {out} holds shards of {plan['source']} written with {flag} "
-                            f"{previous.get(key) or 'none'}, not {plan[key] or 'none'}; pass another --out or "
+                            f"{_shown(previous.get(key))}, not {_shown(plan[key])}; pass another --out or "
                             f"remove it")
     if previous.get("fingerprint") != plan["fingerprint"] or previous.get("format_version") != FORMAT_VERSION:
         raise DataError(f"--out {out} holds shards of {plan['source']} as it was before ({previous.get('images')} "
                         f"images; now {plan['images']}, or renamed); remove {out} or pass another --out")
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value)
 
 
 def _remove_run(out: Path, plan: dict[str, Any], ours: bool) -> None:
@@ -331,8 +356,8 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "empssl_version": __version__,
         "litdata_version": litdata.__version__,
-        **{k: plan[k] for k in ("source", "max_side", "jpeg_quality", "shard_size", "classes", "class_names",
-                                "fingerprint")},
+        **{k: plan[k] for k in ("source", "max_side", "jpeg_quality", "seed", "shard_size", "classes",
+                                "class_names", "fingerprint")},
         "item": {"image": "the image file's bytes (stored as they are, or re-encoded: JPEG)",
                  "label": "int: index into classes, -1 without classes", "name": "str: path relative to the source"},
         "images": total,
@@ -507,7 +532,8 @@ APPEND_LOCK = ".append.lock"  # held (files.WriterLock) by the one append writin
 
 
 def append_shards(spec: str, out: str | Path, max_side: int | None = None, workers: int | None = None,
-                  shard_size: int | None = None, data_dir: str = "./data", progress: bool = True) -> Manifest:
+                  shard_size: int | None = None, data_dir: str = "./data", progress: bool = True,
+                  seed: int | None = None) -> Manifest:
     """Add every image of ``spec`` to the train split of the complete shard folder ``out``, as new shards after
     its last one (``empssl shard SRC --out DIR --append``; the rules, and what a reader may rely on: docs/DATA.md).
 
@@ -518,7 +544,8 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
 
     ``spec`` is a folder or class tree (a split root may hold ``train/`` only); its classes are mapped by name onto
     the folder's (a subset is fine); other classes, classes where the folder has none or none where it has them,
-    are refused. ``max_side`` and ``shard_size`` are the folder's (giving others is an error). The same source,
+    are refused. ``max_side``, ``shard_size`` and ``seed`` are the folder's (giving others is an error); the
+    appended images are written in their own seeded order (:func:`write_order`). The same source,
     unchanged, appended again does nothing. DataError (one line) for all that; a failed or killed append leaves
     the folder as readers saw it before (its unlisted files are removed by the next append).
     """
@@ -531,9 +558,10 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
                                                       f"finish", lambda note: print(note, file=sys.stderr)):
         manifest = verify_shards(out, hashes=False)
         for given, have, flag in ((max_side, manifest.max_side, "--max-side"),
-                                  (shard_size, manifest.shard_size, "--shard-size")):
+                                  (shard_size, manifest.shard_size, "--shard-size"),
+                                  (seed, manifest.data.get("seed", 0), "--seed")):
             if given is not None and given != have:
-                raise DataError(f"--append: {out} was written with {flag} {have or 'none'}; appended shards keep it "
+                raise DataError(f"--append: {out} was written with {flag} {_shown(have)}; appended shards keep it "
                                 f"(leave {flag} out)")
         if NO_SPLIT not in manifest.splits:
             raise DataError(f"--append adds to the {NO_SPLIT} split, which {out} does not have")
@@ -552,7 +580,8 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
         folder, train = out / NO_SPLIT, manifest.splits[NO_SPLIT]
         _remove_unlisted(folder, manifest)
         size, first = manifest.shard_size, len(train.shards)
-        recs = [(r.name, labels[-1 if r.label is None else r.label], r.data) for r in catalog.records]
+        ordered = [catalog.records[i] for i in write_order(len(catalog.records), manifest.data.get("seed", 0))]
+        recs = [(r.name, labels[-1 if r.label is None else r.label], r.data) for r in ordered]
         jobs: list[_Job] = [(str(folder), first + j, recs[at: at + size], size, manifest.max_side, source)
                             for j, at in enumerate(range(0, len(recs), size))]
         try:
@@ -642,6 +671,7 @@ class ShardFolder:
     its shards against the bucket's listing."""
 
     url = ""
+    known: KnownHashes | None = None  # sha256s computed before (set by verify_shards)
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -651,17 +681,64 @@ class ShardFolder:
 
     def check_shard(self, split: str, f: ShardFile, hashes: bool) -> None:
         """DataError (one line) unless shard ``f`` of ``split`` is there at its size (and ``hashes``: its sha256)."""
-        verify_file(self.root / split, f, hashes)
+        verify_file(self.root / split, f, hashes, self.known)
 
 
-def verify_shards(root: str | Path | ShardFolder, hashes: bool = True) -> Manifest:
+HASHES = "shard-sha256.json"  # under --data-dir: the shards' sha256s, by path and file stamp (KnownHashes)
+
+
+class KnownHashes:
+    """The sha256s of the files :func:`verify_shards` hashed before, in ``data_dir/shard-sha256.json``, each with
+    the (size, mtime_ns, inode) the file had: a file whose stamp has not changed is not read again. The hole: a
+    file replaced by one of the same size, mtime and inode is not hashed again (docs/DATA.md). A damaged record is
+    ignored (one note) and written anew."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.path = Path(data_dir).expanduser() / HASHES
+        self.files: dict[str, list[Any]] = {}
+        self.changed = False
+        if self.path.exists():
+            try:
+                files = read_json(self.path)["files"]
+                if not isinstance(files, dict):
+                    raise TypeError("files is not an object")
+                self.files = files
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                print(f"note: ignoring {self.path} ({type(e).__name__}); the shards are hashed again",
+                      file=sys.stderr)
+
+    def sha256(self, path: Path) -> str:
+        """The sha256 of the file ``path``: the one recorded, when its stamp is unchanged, else read."""
+        st = path.stat()
+        key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+        known = self.files.get(key)
+        if isinstance(known, list) and len(known) == 4 and known[:3] == stamp and isinstance(known[3], str):
+            return known[3]
+        self.files[key] = [*stamp, _sha256(path)]
+        self.changed = True
+        return str(self.files[key][3])
+
+    def save(self) -> None:
+        """Write the record (atomically) when a file was hashed, keeping only files that are still there; a
+        record that cannot be written is a note, not an error (the next start hashes again)."""
+        if not self.changed:
+            return
+        try:
+            write_json(self.path, {"files": {k: v for k, v in self.files.items() if os.path.exists(k)}})
+        except OutputError as e:
+            print(f"note: {e}; the shards will be hashed again at the next start", file=sys.stderr)
+
+
+def verify_shards(root: str | Path | ShardFolder, hashes: bool = True, data_dir: str | Path | None = None
+                  ) -> Manifest:
     """Check a shard folder against its ``manifest.json`` and return it.
 
     Checks: the manifest is there and readable (an unfinished run is named as one), every split, shard and labels
     file name in it and in each split's ``index.json`` is a plain file name (:func:`plain_name`), each index.json
     lists the manifest's shards with their image counts and reads its items, {"image", "label", "name"}, with safe
     serializers only (:func:`check_data_format`), every shard file is there with its size, and (``hashes``) its
-    sha256; the counts add up. Raises DataError with one line naming the first problem. Every reader of shard
+    sha256 (with ``data_dir``: recorded there, and read again only for a file changed since, :class:`KnownHashes`);
+    the counts add up. Raises DataError with one line naming the first problem. Every reader of shard
     folders goes through it; a folder in an object store too (``root`` an :class:`empssl.remote.RemoteFolder`).
     """
     folder = root if isinstance(root, ShardFolder) else ShardFolder(Path(root).expanduser())
@@ -694,8 +771,13 @@ def verify_shards(root: str | Path | ShardFolder, hashes: bool = True) -> Manife
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is damaged or not a shard manifest ({type(e).__name__}: {e}); shard the source "
                         f"again") from None
-    for name, split in manifest.splits.items():
-        _verify_split(folder, name, split, hashes)
+    folder.known = KnownHashes(data_dir) if hashes and data_dir is not None and not folder.url else None
+    try:
+        for name, split in manifest.splits.items():
+            _verify_split(folder, name, split, hashes)
+    finally:
+        if folder.known is not None:
+            folder.known.save()
     if sum(s.images for s in splits.values()) != data.get("images"):
         raise DataError(f"{path} counts {data.get('images')} images but its splits hold "
                         f"{sum(s.images for s in splits.values())}")
@@ -795,7 +877,7 @@ def _verify_split(source: ShardFolder, name: str, split: SplitShards, hashes: bo
     for f in split.shards:
         source.check_shard(name, f, hashes)
     source.fetch(f"{name}/{split.labels.name}")
-    verify_file(folder, split.labels, hashes)
+    verify_file(folder, split.labels, hashes, source.known)
 
 
 def check_size(path: str, size: int | None, f: ShardFile) -> None:
@@ -806,9 +888,10 @@ def check_size(path: str, size: int | None, f: ShardFile) -> None:
         raise DataError(f"shard {path} is {size:,} bytes, {MANIFEST} says {f.bytes:,} (truncated or changed)")
 
 
-def verify_file(folder: Path, f: ShardFile, hashes: bool = True) -> None:
-    """Check that ``folder/f.name`` is there at its size and (``hashes``) sha256; DataError (one line) if not."""
+def verify_file(folder: Path, f: ShardFile, hashes: bool = True, known: KnownHashes | None = None) -> None:
+    """Check that ``folder/f.name`` is there at its size and (``hashes``) sha256 (``known``: the one recorded for
+    an unchanged file); DataError (one line) if not."""
     path = folder / f.name
     check_size(str(path), path.stat().st_size if path.is_file() else None, f)
-    if hashes and _sha256(path) != f.sha256:
+    if hashes and (known.sha256(path) if known else _sha256(path)) != f.sha256:
         raise DataError(f"shard {path} does not match its sha256 in {MANIFEST} (changed or corrupt)")
