@@ -50,7 +50,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
 from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
 from .data.imagenet import parse_spec
 from .data.load import resolve
-from .files import OutputError, WriterLock, read_json, write_json
+from .files import OutputError, WriterLock, read_json, write_atomic, write_json
 from .version import __version__
 
 FORMAT = "empssl-shards"
@@ -103,12 +103,23 @@ class SplitShards:
 
 
 @dataclass(frozen=True)
+class ItemKeys:
+    """Which fields of a folder's LitData items hold the image (encoded bytes, a PIL image or a pixel array), its
+    int label and its name (None: the items have none)."""
+
+    image: str = "image"
+    label: str | None = "label"
+    name: str | None = "name"
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A shard folder's ``manifest.json``, read and checked by :func:`verify_shards`.
 
     ``root`` the folder; ``source`` what was sharded (a resolved path, or ``imagenet100:PATH``); ``classes``
     (label i is ``classes[i]``) or None; ``splits`` by name, in the source's order; ``max_side`` (None: no
-    limit); ``data`` the whole JSON.
+    limit); ``data`` the whole JSON; ``keys`` the fields of its items. A LitData folder that empssl did not write
+    (:func:`foreign_manifest`) has ``data["format"] == "litdata"``, no sha256s, and its labels in ``label_arrays``.
     """
 
     root: Path
@@ -120,6 +131,8 @@ class Manifest:
     splits: dict[str, SplitShards]
     data: dict[str, Any]
     url: str = ""  # a folder in an object store (empssl.remote): root is then the local mirror of its small files
+    keys: ItemKeys = ItemKeys()
+    label_arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def where(self) -> str:
@@ -128,7 +141,7 @@ class Manifest:
 
     def split_dir(self, split: str) -> Path:
         """The local folder of ``split``'s index.json and labels (a local folder's shards too)."""
-        return self.root / split
+        return self.root if self.data.get("layout") == "flat" else self.root / split
 
     def split_source(self, split: str) -> str:
         """What ``litdata.StreamingDataset`` reads for ``split``: its folder, or its URL."""
@@ -137,6 +150,8 @@ class Manifest:
     def labels(self, split: str) -> np.ndarray:
         """(N,) int32 labels of ``split`` in item order (-1: the source has no classes), from its labels.npy
         (checked by :func:`verify_shards`). DataError (one line) when it cannot be read."""
+        if split in self.label_arrays:
+            return self.label_arrays[split]
         path = self.split_dir(split) / self.splits[split].labels.name
         try:
             labels = np.load(path, allow_pickle=False)
@@ -729,8 +744,8 @@ class KnownHashes:
             print(f"note: {e}; the shards will be hashed again at the next start", file=sys.stderr)
 
 
-def verify_shards(root: str | Path | ShardFolder, hashes: bool = True, data_dir: str | Path | None = None
-                  ) -> Manifest:
+def verify_shards(root: str | Path | ShardFolder, hashes: bool = True, data_dir: str | Path | None = None,
+                  image_key: str = "", label_key: str = "") -> Manifest:
     """Check a shard folder against its ``manifest.json`` and return it.
 
     Checks: the manifest is there and readable (an unfinished run is named as one), every split, shard and labels
@@ -738,8 +753,10 @@ def verify_shards(root: str | Path | ShardFolder, hashes: bool = True, data_dir:
     lists the manifest's shards with their image counts and reads its items, {"image", "label", "name"}, with safe
     serializers only (:func:`check_data_format`), every shard file is there with its size, and (``hashes``) its
     sha256 (with ``data_dir``: recorded there, and read again only for a file changed since, :class:`KnownHashes`);
-    the counts add up. Raises DataError with one line naming the first problem. Every reader of shard
-    folders goes through it; a folder in an object store too (``root`` an :class:`empssl.remote.RemoteFolder`).
+    the counts add up. A local LitData folder without a manifest is described by :func:`foreign_manifest`
+    (``image_key``, ``label_key``: its fields, found when not given; its labels cached under ``data_dir``). Raises
+    DataError with one line naming the first problem. Every reader of shard folders goes through it; a folder in an
+    object store too (``root`` an :class:`empssl.remote.RemoteFolder`).
     """
     folder = root if isinstance(root, ShardFolder) else ShardFolder(Path(root).expanduser())
     root = folder.root
@@ -751,6 +768,8 @@ def verify_shards(root: str | Path | ShardFolder, hashes: bool = True, data_dir:
         if (root / PLAN).is_file():
             raise DataError(f"{root} holds an unfinished shard run (no {MANIFEST} yet); run the same empssl shard "
                             f"command again to finish it")
+        if not folder.url and is_litdata_folder(root):
+            return foreign_manifest(root, data_dir, image_key, label_key)
         raise DataError(f"no {MANIFEST} in {root}: not a folder of empssl shards (make them with: empssl shard SRC "
                         f"--out {root})")
     try:
@@ -806,20 +825,21 @@ SAFE_SERIALIZERS = frozenset({"bytes", "file", "str", "text", "int", "float", "b
                               "image", "numpy", "no_header_numpy", "tensor", "no_header_tensor"})
 
 
-def check_data_format(data_format: list[str], where: str) -> None:
-    """DataError (one line) unless every field of a LitData index's ``data_format`` is read by a serializer of
-    :data:`SAFE_SERIALIZERS`, each resolved as LitData's reader resolves it ("int:pickle" is read by pickle)."""
+def check_data_format(data_format: list[str], where: str) -> list[str]:
+    """The serializer of each field of a LitData index's ``data_format``, resolved as LitData's reader resolves it
+    ("int:pickle" is read by pickle); DataError (one line) unless each is one of :data:`SAFE_SERIALIZERS`."""
     from litdata.streaming.item_loader import PyTreeLoader
     from litdata.streaming.serializers import _get_serializers
 
     loader = PyTreeLoader()
     loader._serializers = _get_serializers(None)
-    for i, fmt in enumerate(data_format):
-        key = loader._data_format_to_key(fmt)
+    keys = [loader._data_format_to_key(fmt) for fmt in data_format]
+    for i, (fmt, key) in enumerate(zip(data_format, keys, strict=True)):
         if key not in SAFE_SERIALIZERS:
             raise DataError(f"{where}: field {i} of its items ({fmt!r}) is read by LitData's {key!r} serializer, "
                             f"which builds Python objects (pickle runs any code a chunk holds); empssl reads only "
                             f"{', '.join(sorted(SAFE_SERIALIZERS))}")
+    return keys
 
 
 class _Refused:
@@ -836,6 +856,13 @@ class _Refused:
         raise DataError(f"LitData's {self.key!r} serializer builds Python objects; empssl does not read it")
 
 
+class _Skipped(_Refused):
+    """A field not wanted (the images, where only the labels are read): left unread."""
+
+    def deserialize(self, data: bytes) -> Any:
+        return None
+
+
 def reader_serializers() -> dict[str, Any]:
     """``serializers=`` for ``litdata.StreamingDataset``: every serializer outside :data:`SAFE_SERIALIZERS`
     replaced by :class:`_Refused` (LitData adds its own for any name not given, so leaving them out is not enough)."""
@@ -847,25 +874,41 @@ def reader_serializers() -> dict[str, Any]:
 ITEM_KEYS = ("image", "label", "name")  # what every item of an empssl shard folder holds (write_shards)
 
 
+def read_index(path: Path, shown: Any, where: str) -> tuple[list[ShardFile], dict[str, str]]:
+    """(its chunks, without sha256; its items' fields: name -> the LitData serializer that reads it) of the LitData
+    index.json ``path`` (``shown`` in messages; ``where`` names its split), after the serializer allow-list and the
+    plain-name check. DataError (one line) for one that is missing, damaged, or whose items are not flat dicts of
+    named fields."""
+    try:
+        index = read_json(path)
+        chunks = [ShardFile(plain_name(c["filename"], shown), int(c["chunk_size"]), int(c["chunk_bytes"]), "")
+                  for c in index["chunks"]]
+        serializers = check_data_format(index["config"]["data_format"], where)
+        spec = json.loads(index["config"]["data_spec"])[1]
+        keys = json.loads(spec["context"]) if spec["type"] == "builtins.dict" else None
+        leaves = all(not child["children_spec"] for child in spec["children_spec"])
+    except FileNotFoundError:
+        raise DataError(f"missing {shown}") from None
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise DataError(f"{shown} is damaged ({type(e).__name__})") from None
+    if (index["config"].get("item_loader", "PyTreeLoader") != "PyTreeLoader" or not isinstance(keys, list)
+            or not all(isinstance(k, str) for k in keys) or len(keys) != len(serializers) or not leaves):
+        raise DataError(f"{shown}: its items are not dicts of named fields ({index['config'].get('item_loader')}, "
+                        f"{spec.get('type')}); empssl reads items such as {{\"image\": ..., \"label\": int}}")
+    return chunks, dict(zip(keys, serializers, strict=True))
+
+
 def _verify_split(source: ShardFolder, name: str, split: SplitShards, hashes: bool) -> None:
     folder = source.root / name
     index_path = folder / "index.json"
     shown = f"{source.url}/{name}/index.json" if source.url else index_path  # how messages name it
     source.fetch(f"{name}/index.json")
-    try:
-        index = read_json(index_path)
-        listed = [(plain_name(c["filename"], shown), int(c["chunk_size"])) for c in index["chunks"]]
-        check_data_format(index["config"]["data_format"], f"split {name} of {source.url or folder.parent}")
-        keys = json.loads(json.loads(index["config"]["data_spec"])[1]["context"])
-    except FileNotFoundError:
-        raise DataError(f"missing {index_path} (the manifest lists this split)") from None
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise DataError(f"{shown} is damaged ({type(e).__name__}); shard the source again") from None
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or not set(ITEM_KEYS) <= set(keys):
-        raise DataError(f"{shown}: its items hold {keys}, not {', '.join(ITEM_KEYS)} (a LitData folder that "
+    chunks, fields = read_index(index_path, shown, f"split {name} of {source.url or folder.parent}")
+    if not set(ITEM_KEYS) <= set(fields):
+        raise DataError(f"{shown}: its items hold {list(fields)}, not {', '.join(ITEM_KEYS)} (a LitData folder that "
                         f"empssl shard did not write); shard the images with empssl shard")
     # an append replaces index.json before the manifest: the index may list more shards (readers take the manifest's)
-    if listed[:len(split.shards)] != [(f.name, f.images) for f in split.shards]:
+    if [(f.name, f.images) for f in chunks[:len(split.shards)]] != [(f.name, f.images) for f in split.shards]:
         raise DataError(f"{shown} does not list the shards that {MANIFEST} lists for {name}")
     if sum(f.images for f in split.shards) != split.images or split.stored + split.reencoded != split.images:
         raise DataError(f"{MANIFEST} counts {split.images} images in {name}, but its shards hold "
@@ -880,12 +923,12 @@ def _verify_split(source: ShardFolder, name: str, split: SplitShards, hashes: bo
     verify_file(folder, split.labels, hashes, source.known)
 
 
-def check_size(path: str, size: int | None, f: ShardFile) -> None:
+def check_size(path: str, size: int | None, f: ShardFile, listed_in: str | Path = MANIFEST) -> None:
     """DataError (one line) unless the file ``path`` of shard ``f`` is there (``size`` not None) at its size."""
     if size is None:
-        raise DataError(f"missing shard {path} (listed in {MANIFEST})")
+        raise DataError(f"missing shard {path} (listed in {listed_in})")
     if size != f.bytes:
-        raise DataError(f"shard {path} is {size:,} bytes, {MANIFEST} says {f.bytes:,} (truncated or changed)")
+        raise DataError(f"shard {path} is {size:,} bytes, {listed_in} says {f.bytes:,} (truncated or changed)")
 
 
 def verify_file(folder: Path, f: ShardFile, hashes: bool = True, known: KnownHashes | None = None) -> None:
@@ -895,3 +938,156 @@ def verify_file(folder: Path, f: ShardFile, hashes: bool = True, known: KnownHas
     check_size(str(path), path.stat().st_size if path.is_file() else None, f)
     if hashes and (known.sha256(path) if known else _sha256(path)) != f.sha256:
         raise DataError(f"shard {path} does not match its sha256 in {MANIFEST} (changed or corrupt)")
+
+
+# --- LitData folders that empssl did not write ----------------------------------------------------------------
+
+IMAGE_SERIALIZERS = ("jpeg", "pil", "image", "jpeg_array")  # what LitData writes PIL images and JPEG files with
+PIXEL_SERIALIZERS = ("bytes", "numpy", "no_header_numpy", "tensor", "no_header_tensor")  # encoded bytes or pixels
+LABEL_SERIALIZERS = ("int", "numpy", "no_header_numpy", "tensor", "no_header_tensor")  # a given --label-key's
+LABELS_CACHE = "litdata-labels"  # under --data-dir: a foreign folder's labels, read once (foreign_manifest)
+
+
+def is_litdata_folder(root: str | Path) -> bool:
+    """True when ``root`` holds a LitData folder that empssl shard did not write: ``root/index.json`` (one split) or
+    ``root/train/index.json``."""
+    root = Path(root).expanduser()
+    if (root / MANIFEST).exists() or (root / PLAN).exists() or (root / NO_SPLIT / LABELS).exists():
+        return False  # empssl's, or one of its folders without its manifest: refused, not read without its sha256s
+    return any((root / p).is_file() for p in ("index.json", f"{NO_SPLIT}/index.json"))
+
+
+def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: str = "",
+                     label_key: str = "") -> Manifest:
+    """The :class:`Manifest` of a LitData folder that empssl did not write: ``root/index.json`` (one split,
+    ``train``), or ``root/<split>/index.json`` for ``train`` and ``val`` and/or ``test``.
+
+    Its shards are the index's chunks (names, item counts, sizes: checked against the files; no sha256, so no
+    integrity check beyond sizes), its fields those :func:`item_keys` finds (or ``image_key`` / ``label_key``), its
+    labels one pass over the items (:func:`_foreign_labels`, cached under ``data_dir``), its classes "0" .. "K-1"
+    for labels 0 .. K-1 (None without a label field). One warning line when the items are grouped by class.
+    """
+    flat = (root / "index.json").is_file()
+    names = [NO_SPLIT] if flat else [s for s in ("train", "val", "test") if (root / s / "index.json").is_file()]
+    splits, labels, keys = {}, {}, None
+    for name in names:
+        folder = root if flat else root / name
+        chunks, fields = read_index(folder / "index.json", folder / "index.json", f"split {name} of {root}")
+        found = item_keys(fields, image_key, label_key, folder / "index.json")
+        if keys is not None and found != keys:
+            raise DataError(f"{folder / 'index.json'}: its items' fields ({found}) are not the train split's ({keys})")
+        keys = found
+        for f in chunks:
+            path = folder / f.name
+            check_size(str(path), path.stat().st_size if path.is_file() else None, f, folder / "index.json")
+        count = sum(f.images for f in chunks)
+        labels[name] = _foreign_labels(folder, chunks, keys.label, fields.get(keys.label or ""), data_dir)
+        splits[name] = SplitShards(count, count, 0, {}, chunks, ShardFile(LABELS, count, 0, ""))
+    if keys is None:
+        raise DataError(f"no {MANIFEST}, index.json or train/index.json in {root}: not a LitData folder")
+    classes = None if keys.label is None else [str(c) for c in range(max(int(v.max(initial=-1)) for v in
+                                                                         labels.values()) + 1)]
+    if keys.label is not None:
+        _warn_grouped(labels[NO_SPLIT], f"the {NO_SPLIT} split of {root}")
+    total = sum(s.images for s in splits.values())
+    data = {"format": "litdata", "layout": "flat" if flat else "splits", "source": str(root), "images": total,
+            "stored": total, "reencoded": 0, "keys": [keys.image, keys.label, keys.name]}
+    return Manifest(root, str(root), classes, None, None, max(f.images for s in splits.values() for f in s.shards),
+                    splits, data, keys=keys, label_arrays=labels)
+
+
+def item_keys(fields: dict[str, str], image_key: str, label_key: str, where: Path) -> ItemKeys:
+    """Which of ``fields`` (name -> LitData serializer) hold the image, label and name: ``image_key`` /
+    ``label_key`` where given (--image-key, --label-key); else the field named "image" ("label") when it has an
+    image's (an int's) serializer, else the one field with such a serializer (for images: a PIL or JPEG one first,
+    then bytes or an array). DataError (one line naming the fields) for a field given that is not there or not of
+    that kind, no image field, or two that could be the image or the label."""
+    shown = ", ".join(f"{k} ({s})" for k, s in fields.items())
+
+    def pick(given: str, default: str, kinds: tuple[tuple[str, ...], ...], what: str, flag: str) -> str | None:
+        if given:
+            if fields.get(given) not in sum(kinds, ()):
+                raise DataError(f"{where}: {flag} {given}: its items have no {what} field of that name; they hold "
+                                f"{shown}")
+            return given
+        if fields.get(default) in sum(kinds, ()):
+            return default
+        for kind in kinds:
+            hits = [k for k, s in fields.items() if s in kind]
+            if len(hits) > 1:
+                raise DataError(f"{where}: which field holds the {what}? its items hold {shown}; name it with {flag}")
+            if hits:
+                return hits[0]
+        return None
+
+    image = pick(image_key, "image", (IMAGE_SERIALIZERS, PIXEL_SERIALIZERS), "image", "--image-key")
+    if image is None:
+        raise DataError(f"{where}: no field of its items holds an image ({shown}); name it with --image-key")
+    label = pick(label_key, "label", (("int",),) if not label_key else (LABEL_SERIALIZERS,), "label",
+                 "--label-key")
+    return ItemKeys(image, label, "name" if fields.get("name") == "str" and "name" not in (image, label) else None)
+
+
+def read_item(item: dict[str, Any], keys: ItemKeys, index: int) -> tuple[bytes | Image.Image | np.ndarray, int, str]:
+    """One LitData item (as ``StreamingDataset`` returns it) as (image, label, name): the image as encoded bytes
+    (a memoryview copied), a PIL image, or an (H, W, C) uint8-or-other array (a (C, H, W) tensor, C 1 or 3,
+    transposed), each of which :func:`empssl.data.decode_image` decodes; the label -1 without a label field; the
+    name field, else ``f"item {index}"``."""
+    image = item[keys.image]
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = bytes(image)
+    elif not isinstance(image, Image.Image):
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+            image = image.transpose(1, 2, 0)  # torchvision's (C, H, W)
+    name = str(item[keys.name]) if keys.name is not None else f"item {index}"
+    return image, -1 if keys.label is None else int(item[keys.label]), name
+
+
+def _foreign_labels(folder: Path, chunks: list[ShardFile], label: str | None, serializer: str | None,
+                    data_dir: str | Path | None) -> np.ndarray:
+    """(N,) int32 labels of the split in ``folder`` (-1 without a ``label`` field): one pass over its items that
+    reads only that field (its ``serializer``; the others are left unread), cached in
+    ``data_dir/litdata-labels/`` keyed by the sha256 of its index.json and its chunks' names, sizes and mtimes, so
+    that a later start does not read the data again. DataError for a label < 0."""
+    count = sum(f.images for f in chunks)
+    if label is None:
+        return np.full(count, -1, dtype=np.int32)
+    stamps = [[f.name, (folder / f.name).stat().st_size, (folder / f.name).stat().st_mtime_ns] for f in chunks]
+    key = hashlib.sha256((folder / "index.json").read_bytes() + json.dumps([label, stamps]).encode()).hexdigest()
+    cached = Path(data_dir).expanduser() / LABELS_CACHE / f"{key[:32]}.npy" if data_dir is not None else None
+    if cached is not None and cached.is_file():
+        try:
+            labels = np.load(cached, allow_pickle=False)
+            if labels.dtype == np.int32 and labels.shape == (count,):
+                return labels
+        except (OSError, ValueError):
+            pass  # read again, and written anew
+    from litdata import StreamingDataset
+
+    skipped = {k: _Skipped(k) for k in SAFE_SERIALIZERS if k != serializer}  # no image is decoded
+    ds = StreamingDataset(str(folder), serializers={**reader_serializers(), **skipped})
+    labels = np.fromiter((int(ds[i][label]) for i in range(count)), dtype=np.int32, count=count)
+    if count and labels.min() < 0:
+        raise DataError(f"{folder}: item {int(np.argmin(labels))} has label {labels.min()} in field {label!r}; "
+                        f"labels must be class indices 0, 1, ...")
+    if cached is not None:
+        buf = io.BytesIO()
+        np.save(buf, labels, allow_pickle=False)
+        write_atomic(cached, lambda tmp: tmp.write_bytes(buf.getvalue()))
+    return labels
+
+
+def _warn_grouped(labels: np.ndarray, where: str) -> None:
+    """One warning line when ``labels`` (in item order) are grouped by class: LitData shuffles the chunks, then
+    items within a window of one chunk, so such a folder gives batches of a few classes."""
+    if len(labels) < 2:
+        return
+    same = float(np.mean(labels[1:] == labels[:-1]))
+    shares = np.bincount(labels) / len(labels)
+    chance = float((shares**2).sum())  # neighbours of one class in a random order
+    if same > 0.5 and same > 2 * chance:
+        print(f"warning: {where} holds its items grouped by class ({same:.0%} of neighbouring items are of one "
+              f"class; {chance:.0%} in a random order), so LitData's shuffle (chunks, then items within a window of "
+              f"one chunk) gives batches of few classes; write the images with empssl shard, which mixes them",
+              file=sys.stderr)
