@@ -62,6 +62,7 @@ from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
 from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
 from .data.imagenet import parse_spec
 from .data.load import resolve
+from .data.sources import read_file
 from .files import OutputError, WriterLock, read_json, write_atomic, write_json
 from .version import __version__
 
@@ -362,8 +363,7 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
             "images": len(recs),
             "stored": sum(p["stored"] for p in ordered), "reencoded": sum(p["reencoded"] for p in ordered),
             "formats": _sum_counts(p["formats"] for p in ordered),
-            "shards": [{"name": p["chunk"]["filename"], "images": p["images"], "bytes": p["bytes"],
-                        "sha256": p["sha256"]} for p in ordered],
+            "shards": [_listed(p) for p in ordered],
             "labels": labels,
         }
     import litdata
@@ -405,6 +405,12 @@ def _run_jobs(jobs: list[_Job], workers: int, bar: tqdm) -> Iterator[dict[str, A
     finally:
         if pool is not None:
             pool.terminate()
+
+
+def _listed(part: dict[str, Any]) -> dict[str, Any]:
+    """A written shard's entry in the manifest."""
+    return {"name": part["chunk"]["filename"], "images": part["images"], "bytes": part["bytes"],
+            "sha256": part["sha256"]}
 
 
 def _write_labels(folder: Path, labels: list[int], name: str = LABELS) -> dict[str, Any]:
@@ -467,7 +473,7 @@ def _write_shard(job: _Job) -> dict[str, Any]:
         writer = BinaryWriter(str(tmp), chunk_size=size, chunk_index=j)  # one chunk: recs fit
         for i, (name, label, data) in enumerate(recs):
             where = f"image {name} in {source}"
-            raw = data if isinstance(data, bytes) else _read(data, where)
+            raw = data if isinstance(data, bytes) else read_file(data, where)
             image, fmt, kept = prepare_image(raw, max_side, where)
             stored += kept
             reencoded += not kept
@@ -489,12 +495,6 @@ def _write_shard(job: _Job) -> dict[str, Any]:
             "sha256": _sha256(path)}
     write_json(split / ".parts" / f"{j}.json", part)
     return part
-
-
-def _read(path: str, name: str) -> bytes:
-    from .data.sources import read_file
-
-    return read_file(path, name)
 
 
 def prepare_image(data: bytes, max_side: int | None, name: str = "image") -> tuple[bytes, str, bool]:
@@ -662,8 +662,7 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
     stored, reencoded = sum(p["stored"] for p in parts), sum(p["reencoded"] for p in parts)
     split.update(images=total, stored=split["stored"] + stored, reencoded=split["reencoded"] + reencoded,
                  formats=_sum_counts(iter([split["formats"], *(p["formats"] for p in parts)])), labels=entry)
-    split["shards"] += [{"name": p["chunk"]["filename"], "images": p["images"], "bytes": p["bytes"],
-                         "sha256": p["sha256"]} for p in parts]
+    split["shards"] += [_listed(p) for p in parts]
     data.update(images=data["images"] + len(labels), stored=data["stored"] + stored,
                 reencoded=data["reencoded"] + reencoded, appends=[*data.get("appends", []), record])
     _write_json(out / MANIFEST, data)
