@@ -713,10 +713,7 @@ class KnownHashes:
         self.changed = False
         if self.path.exists():
             try:
-                files = read_json(self.path)["files"]
-                if not isinstance(files, dict):
-                    raise TypeError("files is not an object")
-                self.files = files
+                self.files = dict(read_json(self.path)["files"])
             except (OSError, ValueError, KeyError, TypeError) as e:
                 print(f"note: ignoring {self.path} ({type(e).__name__}); the shards are hashed again",
                       file=sys.stderr)
@@ -726,8 +723,8 @@ class KnownHashes:
         st = path.stat()
         key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
         known = self.files.get(key)
-        if isinstance(known, list) and len(known) == 4 and known[:3] == stamp and isinstance(known[3], str):
-            return known[3]
+        if isinstance(known, list) and len(known) == 4 and known[:3] == stamp:
+            return str(known[3])
         self.files[key] = [*stamp, _sha256(path)]
         self.changed = True
         return str(self.files[key][3])
@@ -986,7 +983,7 @@ def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: 
         raise DataError(f"no {MANIFEST}, index.json or train/index.json in {root}: not a LitData folder")
     classes = None if keys.label is None else [str(c) for c in range(max(int(v.max(initial=-1)) for v in
                                                                          labels.values()) + 1)]
-    if keys.label is not None:
+    if keys.label is not None and NO_SPLIT in labels:
         _warn_grouped(labels[NO_SPLIT], f"the {NO_SPLIT} split of {root}")
     total = sum(s.images for s in splits.values())
     data = {"format": "litdata", "layout": "flat" if flat else "splits", "source": str(root), "images": total,
@@ -1029,9 +1026,9 @@ def item_keys(fields: dict[str, str], image_key: str, label_key: str, where: Pat
 
 def read_item(item: dict[str, Any], keys: ItemKeys, index: int) -> tuple[bytes | Image.Image | np.ndarray, int, str]:
     """One LitData item (as ``StreamingDataset`` returns it) as (image, label, name): the image as encoded bytes
-    (a memoryview copied), a PIL image, or an (H, W, C) uint8-or-other array (a (C, H, W) tensor, C 1 or 3,
-    transposed), each of which :func:`empssl.data.decode_image` decodes; the label -1 without a label field; the
-    name field, else ``f"item {index}"``."""
+    (a memoryview copied), a PIL image, or an (H, W, C) array (a tensor's (C, H, W), C 1 or 3, transposed), which
+    :func:`empssl.data.decode_image` decodes (or refuses in one line, for an array that is not uint8 pixels); the
+    label -1 without a label field; the name field, else ``f"item {index}"``."""
     image = item[keys.image]
     if isinstance(image, (bytes, bytearray, memoryview)):
         image = bytes(image)
