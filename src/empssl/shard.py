@@ -49,6 +49,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,11 +434,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _sum_counts(counts: Iterator[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for c in counts:
-        for k, v in c.items():
-            total[k] = total.get(k, 0) + v
-    return dict(sorted(total.items()))
+    return dict(sorted(sum(map(Counter, counts), Counter()).items()))
 
 
 def _done_parts(folder: Path) -> dict[int, dict[str, Any]]:
