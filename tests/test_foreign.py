@@ -34,7 +34,7 @@ def jpeg(i: int) -> bytes:
     return buf.getvalue()
 
 
-def make_item(kind: str, i: int) -> dict:
+def make_item(kind: str, i: int) -> dict | tuple:
     """Item i of a user's folder of ``kind``: its image, label i % 3, under the field names users pick."""
     if kind == "pil":
         return {"image": Image.fromarray(pixels(i)), "label": i % 3, "name": f"p{i}.png"}
@@ -54,6 +54,8 @@ def make_item(kind: str, i: int) -> dict:
         return {"x": i, "name": "n"}
     if kind == "pickle":
         return {"image": jpeg(i), "label": i % 3, "extra": Fraction(i, 7)}
+    if kind == "tuple":
+        return (jpeg(i), i % 3)
     if kind == "sorted":  # class order, as an optimize over an ImageFolder writes it
         return {"image": jpeg(i), "label": i // 10}
     raise ValueError(kind)
@@ -154,6 +156,12 @@ def test_the_image_and_label_fields_are_named_in_one_line_when_unclear_and_flags
     with pytest.raises(DataError, match=r"no field of its items holds an image \(x \(int\), name \(str\)\); name it "
                                         r"with --image-key"):
         verify_shards(none)
+
+
+def test_items_that_are_not_dicts_of_named_fields_are_refused_in_one_line(tmp_path):
+    with pytest.raises(DataError, match=r"index.json: its items are not dicts of named fields \(PyTreeLoader, "
+                                        r"builtins.tuple\); empssl reads items such as"):
+        verify_shards(user_folder("tuple", tmp_path / "ds", flat=True))
 
 
 def test_a_folder_without_labels_has_no_classes(tmp_path):
