@@ -63,15 +63,9 @@ def test_round_trip_through_streaming_dataset(tree: Path, tmp_path: Path) -> Non
     catalog = scan(str(tree))
     assert list(m.splits) == ["train", "test"] and m.classes == ["ant", "bee", "cat"]
     assert [len(s.shards) for s in m.splits.values()] == [3, 2]  # 12 = 5+5+2, 6 = 5+1
-    at = 0
-    for split, count in catalog.splits:
-        items = _read_split(out / split)
-        assert len(items) == count == m.splits[split].images
-        for item, record in zip(items, catalog.records[at: at + count], strict=True):
-            assert bytes(item["image"]) == record.read()
-            assert item["label"] == record.label and item["name"] == record.name
-        assert m.labels(split).tolist() == [item["label"] for item in items]  # labels.npy: the items' labels
-        at += count
+    _check_against_scan(str(tree), out, tmp_path)
+    written = [item["name"] for item in _read_split(out / "train")]
+    assert written != [r.name for r in catalog.records[:12]] and m.data["seed"] == 0  # not in class order
     assert m.data["stored"] == 18 and m.data["reencoded"] == 0
     assert m.splits["train"].formats == {"JPEG": 9, "PNG": 3}
     assert not (out / shard.PLAN).exists() and not list(out.rglob(".parts"))
@@ -83,7 +77,7 @@ def test_folder_without_classes_is_one_split_with_label_minus_one(tmp_path: Path
     m = write_shards(str(tmp_path / "photos"), tmp_path / "out", workers=1, progress=False)
     assert list(m.splits) == [shard.NO_SPLIT] and m.classes is None
     items = _read_split(tmp_path / "out" / shard.NO_SPLIT)
-    assert [(i["name"], i["label"]) for i in items] == [("0.jpg", -1), ("1.jpg", -1), ("2.jpg", -1)]
+    assert sorted((i["name"], i["label"]) for i in items) == [("0.jpg", -1), ("1.jpg", -1), ("2.jpg", -1)]
     assert m.labels(shard.NO_SPLIT).tolist() == [-1, -1, -1]
 
 
@@ -109,6 +103,15 @@ def test_max_side_keeps_fitting_jpegs_byte_for_byte_and_reencodes_the_rest(tree:
             reencoded += 1
     assert (kept, reencoded) == (m.data["stored"], m.data["reencoded"]) == (9, 9)
     assert m.max_side == 20 and m.data["jpeg_quality"] == 90
+
+
+def test_the_seed_orders_each_split_and_is_kept_by_a_resumed_run(tree: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shard", str(tree), "--out", str(tmp_path / "s3"), "--seed", "3", "--no-progress"]) == 0
+    _check_against_scan(str(tree), tmp_path / "s3", tmp_path, seed=3)
+    assert not (shard.write_order(12, 3) == shard.write_order(12, 0)).all()
+    _fails(["shard", str(tree), "--out", str(tmp_path / "s3"), "--seed", "5"], capsys, "written with --seed 3, not 5")
+    _fails(["shard", str(tree), "--out", str(tmp_path / "neg"), "--seed", "-1"], capsys, "--seed must be >= 0")
 
 
 def test_parallel_run_writes_the_same_files_as_a_serial_run(tree: Path, tmp_path: Path) -> None:
@@ -212,6 +215,48 @@ def test_verify_shards_finds_tampering(tree: Path, tmp_path: Path) -> None:
         verify_shards(out)
 
 
+def test_a_shard_hashed_before_is_not_read_again_until_its_stamp_changes(tree: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out, data_dir = tmp_path / "out", tmp_path / "data"
+    write_shards(str(tree), out, workers=1, shard_size=4, progress=False)
+    real, hashed = shard._sha256, []
+    monkeypatch.setattr(shard, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    verify_shards(out, data_dir=data_dir)
+    assert len(hashed) == 3 + 2 + 2  # every shard and labels.npy, once
+    recorded = json.loads((data_dir / shard.HASHES).read_text())["files"]
+    assert str((out / "train" / "chunk-0-1.bin").resolve()) in recorded
+    hashed.clear()
+    verify_shards(out, data_dir=data_dir)
+    assert hashed == []  # unchanged: nothing read
+    chunk = out / "train" / "chunk-0-1.bin"
+    good, stamp = chunk.read_bytes(), chunk.stat()
+    os.utime(chunk, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # touched, same bytes: hashed again, passes
+    verify_shards(out, data_dir=data_dir)
+    assert hashed == ["chunk-0-1.bin"]
+    chunk.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # changed at its size: a new mtime, so hashed again
+    with pytest.raises(DataError, match="does not match its sha256"):
+        verify_shards(out, data_dir=data_dir)
+    # the hole (docs/DATA.md): a change that keeps size, mtime and inode is not read again
+    os.utime(chunk, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    chunk.write_bytes(good)
+    os.utime(chunk, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    verify_shards(out, data_dir=data_dir)
+    chunk.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    os.utime(chunk, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    verify_shards(out, data_dir=data_dir)
+    with pytest.raises(DataError, match="does not match its sha256"):
+        verify_shards(out)  # without the record, it is read
+    chunk.write_bytes(good)
+    (data_dir / shard.HASHES).write_text("{damaged")  # ignored in one note, then written anew
+    capsys.readouterr()
+    hashed.clear()
+    verify_shards(out, data_dir=data_dir)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"note: ignoring {data_dir / shard.HASHES} (JSONDecodeError)" in err
+    assert len(hashed) == 7 and json.loads((data_dir / shard.HASHES).read_text())["files"]
+
+
 def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], message: str) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -252,17 +297,19 @@ def test_an_image_that_cannot_be_read_stops_the_run_and_removes_it(tree: Path, t
     assert not out.exists()
 
 
-def _check_against_scan(spec: str, out: Path, data_dir: Path) -> None:
-    """Every split of ``out`` holds the images of ``scan(spec)`` in its order: bytes, labels, names."""
+def _check_against_scan(spec: str, out: Path, data_dir: Path, seed: int = 0) -> None:
+    """Every split of ``out`` holds the images of ``scan(spec)`` in its seeded write order: bytes, labels, names;
+    its labels.npy the items' labels."""
     catalog = scan(spec, str(data_dir))
     m = verify_shards(out)
-    assert m.classes == catalog.classes and m.class_names == catalog.class_names
+    assert m.classes == catalog.classes and m.class_names == catalog.class_names and m.data["seed"] == seed
     at = 0
     for split, count in catalog.splits:
         items = _read_split(out / split)
-        records = catalog.records[at: at + count]
+        records = [catalog.records[at + i] for i in shard.write_order(count, seed)]
         assert [(bytes(i["image"]), i["label"], i["name"]) for i in items] == [
             (r.read(), r.label, r.name) for r in records]
+        assert m.labels(split).tolist() == [i["label"] for i in items]
         at += count
 
 
@@ -307,10 +354,11 @@ def test_append_adds_new_shards_to_train_and_leaves_the_existing_ones(tree: Path
     assert m.splits["train"].labels.name == "labels-16.npy" and m.splits["test"].images == 6
     items = _read_split(out / "train")
     assert len(items) == 16 == m.data["images"] - 6
-    # classes mapped by name onto the folder's ("bee" is 1, "cat" 2 there; 0 and 1 in the appended tree)
-    assert [(i["name"], i["label"]) for i in items[12:]] == [("bee/n1.jpg", 1), ("cat/n0.jpg", 2), ("cat/n2.jpg", 2),
-                                                             ("cat/n3.jpg", 2)]
-    assert bytes(items[12]["image"]) == (new / "bee" / "n1.jpg").read_bytes()
+    # classes mapped by name onto the folder's ("bee" is 1, "cat" 2 there; 0 and 1 in the appended tree), in the
+    # append's own seeded order
+    source = [("bee/n1.jpg", 1), ("cat/n0.jpg", 2), ("cat/n2.jpg", 2), ("cat/n3.jpg", 2)]
+    assert [(i["name"], i["label"]) for i in items[12:]] == [source[j] for j in shard.write_order(4, 0)]
+    assert bytes(next(i for i in items if i["name"] == "bee/n1.jpg")["image"]) == (new / "bee" / "n1.jpg").read_bytes()
     assert m.labels("train").tolist() == [i["label"] for i in items]
     assert m.data["appends"][0]["source"] == str(new.resolve()) and m.data["appends"][0]["images"] == 4
     # the same source again, and the first command again: nothing to do, nothing changed
@@ -335,6 +383,8 @@ def test_append_refuses_other_classes_and_sources_in_one_line_and_changes_nothin
     _fails(["shard", str(tree), "--out", str(out), "--append"], capsys, "has a test split too")
     _fails(["shard", str(tree / "train"), "--out", str(out), "--append", "--max-side", "8"], capsys,
            "was written with --max-side none")
+    _fails(["shard", str(tree / "train"), "--out", str(out), "--append", "--seed", "4"], capsys,
+           "was written with --seed 0")
     # an image that cannot be read, in the second of two new shards: the first one, written, is removed again
     for i in range(6):
         _image(tmp_path / "broken" / "ant" / f"{i}.jpg", (8, 8), 10 + i, "JPEG")

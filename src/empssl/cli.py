@@ -166,9 +166,10 @@ def _add_shard_parser(sub: Any) -> None:
         return int(text)
 
     s = sub.add_parser("shard", help="write a folder, archive or ImageNet tree as LitData shards for streaming",
-                       description="Write every image of SRC, in its order, as LitData shards of encoded image "
-                                   "bytes + label + relative name: OUT/<split>/ per split and OUT/manifest.json "
-                                   "(docs/DATA.md). An interrupted run continues where it stopped when run again.")
+                       description="Write every image of SRC, in a seeded random order, as LitData shards of "
+                                   "encoded image bytes + label + relative name: OUT/<split>/ per split and "
+                                   "OUT/manifest.json (docs/DATA.md). An interrupted run continues where it stopped "
+                                   "when run again.")
     s.add_argument("src", metavar="SRC", help="a folder of images, a class tree, an ImageFolder root (train/ val/ "
                                               "test/), Tiny ImageNet, a .zip/.tar/.tar.gz of one, demo, "
                                               "tiny-imagenet, or imagenet100:PATH / imagenet:PATH")
@@ -181,6 +182,9 @@ def _add_shard_parser(sub: Any) -> None:
                    help="processes writing shards (default: the usable CPU cores, at most 16)")
     s.add_argument("--shard-size", type=positive, metavar="N",
                    help="images per shard (default: about 64 MB of the source's files per shard)")
+    s.add_argument("--seed", type=int, metavar="N",
+                   help="seed of the order each split (and each --append) is written in, so that LitData's chunk "
+                        "shuffle gives batches of mixed classes (default: 0; an unfinished run's own)")
     s.add_argument("--data-dir", default="./data",
                    help="where tiny-imagenet and imagenet100 (without :PATH) are looked for (default: ./data)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -197,7 +201,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
         refuse_output(args.out)  # an append replaces files in place, in an order a bucket cannot promise
     write = write_remote if is_remote(args.out) else append_shards if args.append else write_shards
     m = write(args.src, args.out, max_side=args.max_side, workers=args.workers, shard_size=args.shard_size,
-              data_dir=args.data_dir, progress=not args.no_progress)
+              data_dir=args.data_dir, progress=not args.no_progress, seed=args.seed)
     splits = ", ".join(f"{name} {s.images:,} images in {len(s.shards)} shards" for name, s in m.splits.items())
     what = f"{m.root} with {args.src} appended" if args.append else m.source
     print(f"{what}: {splits}; {m.data['stored']:,} stored as they are, {m.data['reencoded']:,} re-encoded; "

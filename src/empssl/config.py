@@ -74,6 +74,10 @@ class Config:
                              "training images batch by batch from shards or the source; needs --image-size), or "
                              "auto (stream when the decoded images would not fit in memory; README: Streaming "
                              "data that does not fit in memory)", "data", choices=("auto", "memory", "stream"))
+    image_key: str = setting("", "the field of a LitData folder's items (one without empssl's manifest.json) that "
+                             "holds the image (default: found from its serializers)", "data")
+    label_key: str = setting("", "the field of a LitData folder's items that holds the int label (default: "
+                             "\"label\", else the one int field)", "data")
     decode: str = setting("auto", "where the streamed tier decodes JPEGs: cpu (in DataLoader workers), cuda (the "
                           "batch at once on the GPU, nvjpeg; what it cannot decode falls back to the CPU), or auto "
                           "(cuda when training on CUDA)", "data", choices=("auto", "cpu", "cuda"))

@@ -7,10 +7,15 @@ On disk::
                                   per split its image count, stored/re-encoded counts, image formats, and every
                                   shard file's name, images, bytes and sha256
     DIR/<split>/index.json        LitData's index of that split (what litdata.StreamingDataset(DIR/<split>) reads)
-    DIR/<split>/chunk-0-<j>.bin   shard j of the split: images j*K .. j*K+K-1 in source order (K = shard_size)
+    DIR/<split>/chunk-0-<j>.bin   shard j of the split: items j*K .. j*K+K-1 (K = shard_size), the split's images
+                                  in a seeded random order (:func:`write_order`; LitData shuffles chunks, then
+                                  items within a window, so an order by class would give batches of few classes)
     DIR/<split>/labels.npy        the split's labels in item order (int32, numpy's .npy; listed with its size and
                                   sha256 in the manifest): what a reader needs to sample or balance without
                                   reading every item
+
+A LitData folder that empssl did not write (``DIR/index.json``, or ``DIR/<split>/index.json``, no manifest) is
+read too: :func:`verify_shards` describes it in a :class:`Manifest` of its own (:func:`foreign_manifest`).
 
 Splits are the source's own (``train``, ``val``, ``test``; Tiny ImageNet and ImageNet: ``train``, ``val``); a
 source without split folders (a plain folder or a class tree) is one split, ``train``. Each item is
@@ -30,8 +35,9 @@ Resumable: shard j is written into a temporary folder, moved into place, then re
 (with its sha256); a split's ``index.json`` is written when all its shards are, and ``manifest.json`` when all
 splits are. A run killed at any point leaves no manifest, so no reader (:func:`verify_shards`) takes it for
 complete; the same command run again skips the recorded shards, rewrites the rest, and gives the same files as an
-uninterrupted run (shard boundaries are fixed by ``.plan.json``, written before the first shard). Shards are
-written by a process pool, each shard by one worker, so a parallel run writes the same bytes as a serial one.
+uninterrupted run (shard boundaries and the order are fixed by ``.plan.json``, written before the first shard).
+Shards are written by a process pool, each shard by one worker, so a parallel run writes the same bytes as a serial
+one.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +63,8 @@ from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
 from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
 from .data.imagenet import parse_spec
 from .data.load import resolve
-from .files import OutputError, WriterLock, read_json, write_json
+from .data.sources import read_file
+from .files import OutputError, WriterLock, read_json, write_atomic, write_json
 from .version import __version__
 
 FORMAT = "empssl-shards"
@@ -97,12 +105,23 @@ class SplitShards:
 
 
 @dataclass(frozen=True)
+class ItemKeys:
+    """Which fields of a folder's LitData items hold the image (encoded bytes, a PIL image or a pixel array), its
+    int label and its name (None: the items have none)."""
+
+    image: str = "image"
+    label: str | None = "label"
+    name: str | None = "name"
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A shard folder's ``manifest.json``, read and checked by :func:`verify_shards`.
 
     ``root`` the folder; ``source`` what was sharded (a resolved path, or ``imagenet100:PATH``); ``classes``
     (label i is ``classes[i]``) or None; ``splits`` by name, in the source's order; ``max_side`` (None: no
-    limit); ``data`` the whole JSON.
+    limit); ``data`` the whole JSON; ``keys`` the fields of its items. A LitData folder that empssl did not write
+    (:func:`foreign_manifest`) has ``data["format"] == "litdata"``, no sha256s, and its labels in ``label_arrays``.
     """
 
     root: Path
@@ -114,6 +133,8 @@ class Manifest:
     splits: dict[str, SplitShards]
     data: dict[str, Any]
     url: str = ""  # a folder in an object store (empssl.remote): root is then the local mirror of its small files
+    keys: ItemKeys = ItemKeys()
+    label_arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def where(self) -> str:
@@ -122,7 +143,7 @@ class Manifest:
 
     def split_dir(self, split: str) -> Path:
         """The local folder of ``split``'s index.json and labels (a local folder's shards too)."""
-        return self.root / split
+        return self.root if self.data.get("layout") == "flat" else self.root / split
 
     def split_source(self, split: str) -> str:
         """What ``litdata.StreamingDataset`` reads for ``split``: its folder, or its URL."""
@@ -131,6 +152,8 @@ class Manifest:
     def labels(self, split: str) -> np.ndarray:
         """(N,) int32 labels of ``split`` in item order (-1: the source has no classes), from its labels.npy
         (checked by :func:`verify_shards`). DataError (one line) when it cannot be read."""
+        if split in self.label_arrays:
+            return self.label_arrays[split]
         path = self.split_dir(split) / self.splits[split].labels.name
         try:
             labels = np.load(path, allow_pickle=False)
@@ -146,7 +169,8 @@ class Manifest:
 
 
 def write_shards(spec: str, out: str | Path, max_side: int | None = None, workers: int | None = None,
-                 shard_size: int | None = None, data_dir: str = "./data", progress: bool = True) -> Manifest:
+                 shard_size: int | None = None, data_dir: str = "./data", progress: bool = True,
+                 seed: int | None = None) -> Manifest:
     """Write every image of ``spec`` as LitData shards under ``out`` (layout and rules: the module docstring).
 
     Args:
@@ -158,6 +182,7 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
         shard_size: images per shard (default: about 64 MB of the source's files per shard).
         data_dir: where ``tiny-imagenet`` and ``imagenet100`` without a path are looked for.
         progress: a progress bar on stderr.
+        seed: the seed of each split's write order (:func:`write_order`; default 0, or an unfinished run's own).
 
     Returns the :class:`Manifest` written. Raises DataError (one line, nothing left behind) for a missing source,
     one without images, an image that cannot be read, an ``out`` that is a file, holds other files, or holds shards
@@ -167,6 +192,8 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
         raise DataError(f"--max-side must be >= 1, got {max_side}")
     if shard_size is not None and shard_size < 1:
         raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+    if seed is not None and seed < 0:
+        raise DataError(f"--seed must be >= 0, got {seed}")
     out = Path(out).expanduser()
     source = source_name(spec, data_dir)
     previous = _previous_plan(out, source)  # before the scan, which can take long: refuse a wrong --out at once
@@ -175,10 +202,11 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
         n = len(catalog.skipped)
         print(f"note: skipped {n} entr{'y' if n == 1 else 'ies'} of {catalog.source} that are not regular files, "
               f"e.g. {catalog.skipped[0]}", file=sys.stderr)
-    blocks = _blocks(catalog.records, catalog.splits)
+    seed = seed if seed is not None else previous.get("seed", 0)
+    blocks = _blocks(catalog.records, catalog.splits, seed)
     plan = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
-        "max_side": max_side, "jpeg_quality": JPEG_QUALITY,
+        "max_side": max_side, "jpeg_quality": JPEG_QUALITY, "seed": seed,
         "shard_size": shard_size or previous.get("shard_size") or _auto_shard_size(catalog.records),
         "classes": catalog.classes, "class_names": catalog.class_names,
         "images": len(catalog.records), "splits": {name: len(recs) for name, recs in blocks.items()},
@@ -214,13 +242,23 @@ def source_name(spec: str, data_dir: str = "./data") -> str:
     return imagenet.shown if imagenet else str(resolve(spec, Path(data_dir)))
 
 
-def _blocks(records: list[Any], splits: list[tuple[str, int]]) -> dict[str, list[_Rec]]:
+def _blocks(records: list[Any], splits: list[tuple[str, int]], seed: int) -> dict[str, list[_Rec]]:
+    """Each split's records in its write order."""
     out: dict[str, list[_Rec]] = {}
     at = 0
     for name, count in splits:
-        out[name or NO_SPLIT] = [(r.name, -1 if r.label is None else r.label, r.data) for r in records[at: at + count]]
+        split = records[at: at + count]
+        out[name or NO_SPLIT] = [(split[i].name, -1 if split[i].label is None else split[i].label, split[i].data)
+                                 for i in write_order(count, seed)]
         at += count
     return out
+
+
+def write_order(n: int, seed: int) -> np.ndarray:
+    """(n,) the order a split (or an append) of ``n`` source images is written in: item i is source image
+    ``order[i]``. Random, so that every chunk, and every window of it that LitData shuffles within, mixes the
+    classes; seeded, so that a resumed run and any number of workers write the same bytes."""
+    return np.random.default_rng(seed).permutation(n)
 
 
 def _auto_shard_size(records: list[Any]) -> int:
@@ -264,14 +302,18 @@ def _previous_plan(out: Path, source: str) -> dict[str, Any]:
 
 def _check_same_plan(out: Path, previous: dict[str, Any], plan: dict[str, Any], size_given: bool) -> None:
     """Refuse to continue (or call complete) a run in ``out`` that another source state or other settings made."""
-    for key, flag in (("max_side", "--max-side"), ("shard_size", "--shard-size")):
+    for key, flag in (("max_side", "--max-side"), ("shard_size", "--shard-size"), ("seed", "--seed")):
         if previous.get(key) != plan[key] and (key != "shard_size" or size_given):
             raise DataError(f"--out {out} holds shards of {plan['source']} written with {flag} "
-                            f"{previous.get(key) or 'none'}, not {plan[key] or 'none'}; pass another --out or "
+                            f"{_shown(previous.get(key))}, not {_shown(plan[key])}; pass another --out or "
                             f"remove it")
     if previous.get("fingerprint") != plan["fingerprint"] or previous.get("format_version") != FORMAT_VERSION:
         raise DataError(f"--out {out} holds shards of {plan['source']} as it was before ({previous.get('images')} "
                         f"images; now {plan['images']}, or renamed); remove {out} or pass another --out")
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value)
 
 
 def _remove_run(out: Path, plan: dict[str, Any], ours: bool) -> None:
@@ -322,8 +364,7 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
             "images": len(recs),
             "stored": sum(p["stored"] for p in ordered), "reencoded": sum(p["reencoded"] for p in ordered),
             "formats": _sum_counts(p["formats"] for p in ordered),
-            "shards": [{"name": p["chunk"]["filename"], "images": p["images"], "bytes": p["bytes"],
-                        "sha256": p["sha256"]} for p in ordered],
+            "shards": [_listed(p) for p in ordered],
             "labels": labels,
         }
     import litdata
@@ -331,8 +372,8 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "empssl_version": __version__,
         "litdata_version": litdata.__version__,
-        **{k: plan[k] for k in ("source", "max_side", "jpeg_quality", "shard_size", "classes", "class_names",
-                                "fingerprint")},
+        **{k: plan[k] for k in ("source", "max_side", "jpeg_quality", "seed", "shard_size", "classes",
+                                "class_names", "fingerprint")},
         "item": {"image": "the image file's bytes (stored as they are, or re-encoded: JPEG)",
                  "label": "int: index into classes, -1 without classes", "name": "str: path relative to the source"},
         "images": total,
@@ -367,6 +408,12 @@ def _run_jobs(jobs: list[_Job], workers: int, bar: tqdm) -> Iterator[dict[str, A
             pool.terminate()
 
 
+def _listed(part: dict[str, Any]) -> dict[str, Any]:
+    """A written shard's entry in the manifest."""
+    return {"name": part["chunk"]["filename"], "images": part["images"], "bytes": part["bytes"],
+            "sha256": part["sha256"]}
+
+
 def _write_labels(folder: Path, labels: list[int], name: str = LABELS) -> dict[str, Any]:
     """``folder/name`` (int32, in item order) and its manifest entry."""
     path = folder / name
@@ -387,11 +434,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _sum_counts(counts: Iterator[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for c in counts:
-        for k, v in c.items():
-            total[k] = total.get(k, 0) + v
-    return dict(sorted(total.items()))
+    return dict(sorted(sum(map(Counter, counts), Counter()).items()))
 
 
 def _done_parts(folder: Path) -> dict[int, dict[str, Any]]:
@@ -427,7 +470,7 @@ def _write_shard(job: _Job) -> dict[str, Any]:
         writer = BinaryWriter(str(tmp), chunk_size=size, chunk_index=j)  # one chunk: recs fit
         for i, (name, label, data) in enumerate(recs):
             where = f"image {name} in {source}"
-            raw = data if isinstance(data, bytes) else _read(data, where)
+            raw = data if isinstance(data, bytes) else read_file(data, where)
             image, fmt, kept = prepare_image(raw, max_side, where)
             stored += kept
             reencoded += not kept
@@ -449,12 +492,6 @@ def _write_shard(job: _Job) -> dict[str, Any]:
             "sha256": _sha256(path)}
     write_json(split / ".parts" / f"{j}.json", part)
     return part
-
-
-def _read(path: str, name: str) -> bytes:
-    from .data.sources import read_file
-
-    return read_file(path, name)
 
 
 def prepare_image(data: bytes, max_side: int | None, name: str = "image") -> tuple[bytes, str, bool]:
@@ -507,7 +544,8 @@ APPEND_LOCK = ".append.lock"  # held (files.WriterLock) by the one append writin
 
 
 def append_shards(spec: str, out: str | Path, max_side: int | None = None, workers: int | None = None,
-                  shard_size: int | None = None, data_dir: str = "./data", progress: bool = True) -> Manifest:
+                  shard_size: int | None = None, data_dir: str = "./data", progress: bool = True,
+                  seed: int | None = None) -> Manifest:
     """Add every image of ``spec`` to the train split of the complete shard folder ``out``, as new shards after
     its last one (``empssl shard SRC --out DIR --append``; the rules, and what a reader may rely on: docs/DATA.md).
 
@@ -518,7 +556,8 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
 
     ``spec`` is a folder or class tree (a split root may hold ``train/`` only); its classes are mapped by name onto
     the folder's (a subset is fine); other classes, classes where the folder has none or none where it has them,
-    are refused. ``max_side`` and ``shard_size`` are the folder's (giving others is an error). The same source,
+    are refused. ``max_side``, ``shard_size`` and ``seed`` are the folder's (giving others is an error); the
+    appended images are written in their own seeded order (:func:`write_order`). The same source,
     unchanged, appended again does nothing. DataError (one line) for all that; a failed or killed append leaves
     the folder as readers saw it before (its unlisted files are removed by the next append).
     """
@@ -531,9 +570,10 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
                                                       f"finish", lambda note: print(note, file=sys.stderr)):
         manifest = verify_shards(out, hashes=False)
         for given, have, flag in ((max_side, manifest.max_side, "--max-side"),
-                                  (shard_size, manifest.shard_size, "--shard-size")):
+                                  (shard_size, manifest.shard_size, "--shard-size"),
+                                  (seed, manifest.data.get("seed", 0), "--seed")):
             if given is not None and given != have:
-                raise DataError(f"--append: {out} was written with {flag} {have or 'none'}; appended shards keep it "
+                raise DataError(f"--append: {out} was written with {flag} {_shown(have)}; appended shards keep it "
                                 f"(leave {flag} out)")
         if NO_SPLIT not in manifest.splits:
             raise DataError(f"--append adds to the {NO_SPLIT} split, which {out} does not have")
@@ -552,7 +592,8 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
         folder, train = out / NO_SPLIT, manifest.splits[NO_SPLIT]
         _remove_unlisted(folder, manifest)
         size, first = manifest.shard_size, len(train.shards)
-        recs = [(r.name, labels[-1 if r.label is None else r.label], r.data) for r in catalog.records]
+        ordered = [catalog.records[i] for i in write_order(len(catalog.records), manifest.data.get("seed", 0))]
+        recs = [(r.name, labels[-1 if r.label is None else r.label], r.data) for r in ordered]
         jobs: list[_Job] = [(str(folder), first + j, recs[at: at + size], size, manifest.max_side, source)
                             for j, at in enumerate(range(0, len(recs), size))]
         try:
@@ -618,8 +659,7 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
     stored, reencoded = sum(p["stored"] for p in parts), sum(p["reencoded"] for p in parts)
     split.update(images=total, stored=split["stored"] + stored, reencoded=split["reencoded"] + reencoded,
                  formats=_sum_counts(iter([split["formats"], *(p["formats"] for p in parts)])), labels=entry)
-    split["shards"] += [{"name": p["chunk"]["filename"], "images": p["images"], "bytes": p["bytes"],
-                         "sha256": p["sha256"]} for p in parts]
+    split["shards"] += [_listed(p) for p in parts]
     data.update(images=data["images"] + len(labels), stored=data["stored"] + stored,
                 reencoded=data["reencoded"] + reencoded, appends=[*data.get("appends", []), record])
     _write_json(out / MANIFEST, data)
@@ -642,6 +682,7 @@ class ShardFolder:
     its shards against the bucket's listing."""
 
     url = ""
+    known: KnownHashes | None = None  # sha256s computed before (set by verify_shards)
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -651,18 +692,64 @@ class ShardFolder:
 
     def check_shard(self, split: str, f: ShardFile, hashes: bool) -> None:
         """DataError (one line) unless shard ``f`` of ``split`` is there at its size (and ``hashes``: its sha256)."""
-        verify_file(self.root / split, f, hashes)
+        verify_file(self.root / split, f, hashes, self.known)
 
 
-def verify_shards(root: str | Path | ShardFolder, hashes: bool = True) -> Manifest:
+HASHES = "shard-sha256.json"  # under --data-dir: the shards' sha256s, by path and file stamp (KnownHashes)
+
+
+class KnownHashes:
+    """The sha256s of the files :func:`verify_shards` hashed before, in ``data_dir/shard-sha256.json``, each with
+    the (size, mtime_ns, inode) the file had: a file whose stamp has not changed is not read again. The hole: a
+    file replaced by one of the same size, mtime and inode is not hashed again (docs/DATA.md). A damaged record is
+    ignored (one note) and written anew."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.path = Path(data_dir).expanduser() / HASHES
+        self.files: dict[str, list[Any]] = {}
+        self.changed = False
+        if self.path.exists():
+            try:
+                self.files = dict(read_json(self.path)["files"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                print(f"note: ignoring {self.path} ({type(e).__name__}); the shards are hashed again",
+                      file=sys.stderr)
+
+    def sha256(self, path: Path) -> str:
+        """The sha256 of the file ``path``: the one recorded, when its stamp is unchanged, else read."""
+        st = path.stat()
+        key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+        known = self.files.get(key)
+        if isinstance(known, list) and len(known) == 4 and known[:3] == stamp:
+            return str(known[3])
+        self.files[key] = [*stamp, _sha256(path)]
+        self.changed = True
+        return str(self.files[key][3])
+
+    def save(self) -> None:
+        """Write the record (atomically) when a file was hashed, keeping only files that are still there; a
+        record that cannot be written is a note, not an error (the next start hashes again)."""
+        if not self.changed:
+            return
+        try:
+            write_json(self.path, {"files": {k: v for k, v in self.files.items() if os.path.exists(k)}})
+        except OutputError as e:
+            print(f"note: {e}; the shards will be hashed again at the next start", file=sys.stderr)
+
+
+def verify_shards(root: str | Path | ShardFolder, hashes: bool = True, data_dir: str | Path | None = None,
+                  image_key: str = "", label_key: str = "") -> Manifest:
     """Check a shard folder against its ``manifest.json`` and return it.
 
     Checks: the manifest is there and readable (an unfinished run is named as one), every split, shard and labels
     file name in it and in each split's ``index.json`` is a plain file name (:func:`plain_name`), each index.json
     lists the manifest's shards with their image counts and reads its items, {"image", "label", "name"}, with safe
     serializers only (:func:`check_data_format`), every shard file is there with its size, and (``hashes``) its
-    sha256; the counts add up. Raises DataError with one line naming the first problem. Every reader of shard
-    folders goes through it; a folder in an object store too (``root`` an :class:`empssl.remote.RemoteFolder`).
+    sha256 (with ``data_dir``: recorded there, and read again only for a file changed since, :class:`KnownHashes`);
+    the counts add up. A local LitData folder without a manifest is described by :func:`foreign_manifest`
+    (``image_key``, ``label_key``: its fields, found when not given; its labels cached under ``data_dir``). Raises
+    DataError with one line naming the first problem. Every reader of shard folders goes through it; a folder in an
+    object store too (``root`` an :class:`empssl.remote.RemoteFolder`).
     """
     folder = root if isinstance(root, ShardFolder) else ShardFolder(Path(root).expanduser())
     root = folder.root
@@ -674,6 +761,8 @@ def verify_shards(root: str | Path | ShardFolder, hashes: bool = True) -> Manife
         if (root / PLAN).is_file():
             raise DataError(f"{root} holds an unfinished shard run (no {MANIFEST} yet); run the same empssl shard "
                             f"command again to finish it")
+        if not folder.url and is_litdata_folder(root):
+            return foreign_manifest(root, data_dir, image_key, label_key)
         raise DataError(f"no {MANIFEST} in {root}: not a folder of empssl shards (make them with: empssl shard SRC "
                         f"--out {root})")
     try:
@@ -694,8 +783,13 @@ def verify_shards(root: str | Path | ShardFolder, hashes: bool = True) -> Manife
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is damaged or not a shard manifest ({type(e).__name__}: {e}); shard the source "
                         f"again") from None
-    for name, split in manifest.splits.items():
-        _verify_split(folder, name, split, hashes)
+    folder.known = KnownHashes(data_dir) if hashes and data_dir is not None and not folder.url else None
+    try:
+        for name, split in manifest.splits.items():
+            _verify_split(folder, name, split, hashes)
+    finally:
+        if folder.known is not None:
+            folder.known.save()
     if sum(s.images for s in splits.values()) != data.get("images"):
         raise DataError(f"{path} counts {data.get('images')} images but its splits hold "
                         f"{sum(s.images for s in splits.values())}")
@@ -724,20 +818,21 @@ SAFE_SERIALIZERS = frozenset({"bytes", "file", "str", "text", "int", "float", "b
                               "image", "numpy", "no_header_numpy", "tensor", "no_header_tensor"})
 
 
-def check_data_format(data_format: list[str], where: str) -> None:
-    """DataError (one line) unless every field of a LitData index's ``data_format`` is read by a serializer of
-    :data:`SAFE_SERIALIZERS`, each resolved as LitData's reader resolves it ("int:pickle" is read by pickle)."""
+def check_data_format(data_format: list[str], where: str) -> list[str]:
+    """The serializer of each field of a LitData index's ``data_format``, resolved as LitData's reader resolves it
+    ("int:pickle" is read by pickle); DataError (one line) unless each is one of :data:`SAFE_SERIALIZERS`."""
     from litdata.streaming.item_loader import PyTreeLoader
     from litdata.streaming.serializers import _get_serializers
 
     loader = PyTreeLoader()
     loader._serializers = _get_serializers(None)
-    for i, fmt in enumerate(data_format):
-        key = loader._data_format_to_key(fmt)
+    keys = [loader._data_format_to_key(fmt) for fmt in data_format]
+    for i, (fmt, key) in enumerate(zip(data_format, keys, strict=True)):
         if key not in SAFE_SERIALIZERS:
             raise DataError(f"{where}: field {i} of its items ({fmt!r}) is read by LitData's {key!r} serializer, "
                             f"which builds Python objects (pickle runs any code a chunk holds); empssl reads only "
                             f"{', '.join(sorted(SAFE_SERIALIZERS))}")
+    return keys
 
 
 class _Refused:
@@ -754,6 +849,13 @@ class _Refused:
         raise DataError(f"LitData's {self.key!r} serializer builds Python objects; empssl does not read it")
 
 
+class _Skipped(_Refused):
+    """A field not wanted (the images, where only the labels are read): left unread."""
+
+    def deserialize(self, data: bytes) -> Any:
+        return None
+
+
 def reader_serializers() -> dict[str, Any]:
     """``serializers=`` for ``litdata.StreamingDataset``: every serializer outside :data:`SAFE_SERIALIZERS`
     replaced by :class:`_Refused` (LitData adds its own for any name not given, so leaving them out is not enough)."""
@@ -765,25 +867,41 @@ def reader_serializers() -> dict[str, Any]:
 ITEM_KEYS = ("image", "label", "name")  # what every item of an empssl shard folder holds (write_shards)
 
 
+def read_index(path: Path, shown: Any, where: str) -> tuple[list[ShardFile], dict[str, str]]:
+    """(its chunks, without sha256; its items' fields: name -> the LitData serializer that reads it) of the LitData
+    index.json ``path`` (``shown`` in messages; ``where`` names its split), after the serializer allow-list and the
+    plain-name check. DataError (one line) for one that is missing, damaged, or whose items are not flat dicts of
+    named fields."""
+    try:
+        index = read_json(path)
+        chunks = [ShardFile(plain_name(c["filename"], shown), int(c["chunk_size"]), int(c["chunk_bytes"]), "")
+                  for c in index["chunks"]]
+        serializers = check_data_format(index["config"]["data_format"], where)
+        spec = json.loads(index["config"]["data_spec"])[1]
+        keys = json.loads(spec["context"]) if spec["type"] == "builtins.dict" else None
+        leaves = all(not child["children_spec"] for child in spec["children_spec"])
+    except FileNotFoundError:
+        raise DataError(f"missing {shown}") from None
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise DataError(f"{shown} is damaged ({type(e).__name__})") from None
+    if (index["config"].get("item_loader", "PyTreeLoader") != "PyTreeLoader" or not isinstance(keys, list)
+            or not all(isinstance(k, str) for k in keys) or len(keys) != len(serializers) or not leaves):
+        raise DataError(f"{shown}: its items are not dicts of named fields ({index['config'].get('item_loader')}, "
+                        f"{spec.get('type')}); empssl reads items such as {{\"image\": ..., \"label\": int}}")
+    return chunks, dict(zip(keys, serializers, strict=True))
+
+
 def _verify_split(source: ShardFolder, name: str, split: SplitShards, hashes: bool) -> None:
     folder = source.root / name
     index_path = folder / "index.json"
     shown = f"{source.url}/{name}/index.json" if source.url else index_path  # how messages name it
     source.fetch(f"{name}/index.json")
-    try:
-        index = read_json(index_path)
-        listed = [(plain_name(c["filename"], shown), int(c["chunk_size"])) for c in index["chunks"]]
-        check_data_format(index["config"]["data_format"], f"split {name} of {source.url or folder.parent}")
-        keys = json.loads(json.loads(index["config"]["data_spec"])[1]["context"])
-    except FileNotFoundError:
-        raise DataError(f"missing {index_path} (the manifest lists this split)") from None
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise DataError(f"{shown} is damaged ({type(e).__name__}); shard the source again") from None
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or not set(ITEM_KEYS) <= set(keys):
-        raise DataError(f"{shown}: its items hold {keys}, not {', '.join(ITEM_KEYS)} (a LitData folder that "
+    chunks, fields = read_index(index_path, shown, f"split {name} of {source.url or folder.parent}")
+    if not set(ITEM_KEYS) <= set(fields):
+        raise DataError(f"{shown}: its items hold {list(fields)}, not {', '.join(ITEM_KEYS)} (a LitData folder that "
                         f"empssl shard did not write); shard the images with empssl shard")
     # an append replaces index.json before the manifest: the index may list more shards (readers take the manifest's)
-    if listed[:len(split.shards)] != [(f.name, f.images) for f in split.shards]:
+    if [(f.name, f.images) for f in chunks[:len(split.shards)]] != [(f.name, f.images) for f in split.shards]:
         raise DataError(f"{shown} does not list the shards that {MANIFEST} lists for {name}")
     if sum(f.images for f in split.shards) != split.images or split.stored + split.reencoded != split.images:
         raise DataError(f"{MANIFEST} counts {split.images} images in {name}, but its shards hold "
@@ -795,20 +913,174 @@ def _verify_split(source: ShardFolder, name: str, split: SplitShards, hashes: bo
     for f in split.shards:
         source.check_shard(name, f, hashes)
     source.fetch(f"{name}/{split.labels.name}")
-    verify_file(folder, split.labels, hashes)
+    verify_file(folder, split.labels, hashes, source.known)
 
 
-def check_size(path: str, size: int | None, f: ShardFile) -> None:
+def check_size(path: str, size: int | None, f: ShardFile, listed_in: str | Path = MANIFEST) -> None:
     """DataError (one line) unless the file ``path`` of shard ``f`` is there (``size`` not None) at its size."""
     if size is None:
-        raise DataError(f"missing shard {path} (listed in {MANIFEST})")
+        raise DataError(f"missing shard {path} (listed in {listed_in})")
     if size != f.bytes:
-        raise DataError(f"shard {path} is {size:,} bytes, {MANIFEST} says {f.bytes:,} (truncated or changed)")
+        raise DataError(f"shard {path} is {size:,} bytes, {listed_in} says {f.bytes:,} (truncated or changed)")
 
 
-def verify_file(folder: Path, f: ShardFile, hashes: bool = True) -> None:
-    """Check that ``folder/f.name`` is there at its size and (``hashes``) sha256; DataError (one line) if not."""
+def verify_file(folder: Path, f: ShardFile, hashes: bool = True, known: KnownHashes | None = None) -> None:
+    """Check that ``folder/f.name`` is there at its size and (``hashes``) sha256 (``known``: the one recorded for
+    an unchanged file); DataError (one line) if not."""
     path = folder / f.name
     check_size(str(path), path.stat().st_size if path.is_file() else None, f)
-    if hashes and _sha256(path) != f.sha256:
+    if hashes and (known.sha256(path) if known else _sha256(path)) != f.sha256:
         raise DataError(f"shard {path} does not match its sha256 in {MANIFEST} (changed or corrupt)")
+
+
+# --- LitData folders that empssl did not write ----------------------------------------------------------------
+
+IMAGE_SERIALIZERS = ("jpeg", "pil", "image", "jpeg_array")  # what LitData writes PIL images and JPEG files with
+PIXEL_SERIALIZERS = ("bytes", "numpy", "no_header_numpy", "tensor", "no_header_tensor")  # encoded bytes or pixels
+LABEL_SERIALIZERS = ("int", "numpy", "no_header_numpy", "tensor", "no_header_tensor")  # a given --label-key's
+LABELS_CACHE = "litdata-labels"  # under --data-dir: a foreign folder's labels, read once (foreign_manifest)
+
+
+def is_litdata_folder(root: str | Path) -> bool:
+    """True when ``root`` holds a LitData folder that empssl shard did not write: ``root/index.json`` (one split) or
+    ``root/train/index.json``."""
+    root = Path(root).expanduser()
+    if (root / MANIFEST).exists() or (root / PLAN).exists() or (root / NO_SPLIT / LABELS).exists():
+        return False  # empssl's, or one of its folders without its manifest: refused, not read without its sha256s
+    return any((root / p).is_file() for p in ("index.json", f"{NO_SPLIT}/index.json"))
+
+
+def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: str = "",
+                     label_key: str = "") -> Manifest:
+    """The :class:`Manifest` of a LitData folder that empssl did not write: ``root/index.json`` (one split,
+    ``train``), or ``root/<split>/index.json`` for ``train`` and ``val`` and/or ``test``.
+
+    Its shards are the index's chunks (names, item counts, sizes: checked against the files; no sha256, so no
+    integrity check beyond sizes), its fields those :func:`item_keys` finds (or ``image_key`` / ``label_key``), its
+    labels one pass over the items (:func:`_foreign_labels`, cached under ``data_dir``), its classes "0" .. "K-1"
+    for labels 0 .. K-1 (None without a label field). One warning line when the items are grouped by class.
+    """
+    flat = (root / "index.json").is_file()
+    names = [NO_SPLIT] if flat else [s for s in ("train", "val", "test") if (root / s / "index.json").is_file()]
+    splits, labels, keys = {}, {}, None
+    for name in names:
+        folder = root if flat else root / name
+        chunks, fields = read_index(folder / "index.json", folder / "index.json", f"split {name} of {root}")
+        found = item_keys(fields, image_key, label_key, folder / "index.json")
+        if keys is not None and found != keys:
+            raise DataError(f"{folder / 'index.json'}: its items' fields ({found}) are not the train split's ({keys})")
+        keys = found
+        for f in chunks:
+            path = folder / f.name
+            check_size(str(path), path.stat().st_size if path.is_file() else None, f, folder / "index.json")
+        count = sum(f.images for f in chunks)
+        labels[name] = _foreign_labels(folder, chunks, keys.label, fields.get(keys.label or ""), data_dir)
+        splits[name] = SplitShards(count, count, 0, {}, chunks, ShardFile(LABELS, count, 0, ""))
+    if keys is None:
+        raise DataError(f"no {MANIFEST}, index.json or train/index.json in {root}: not a LitData folder")
+    classes = None if keys.label is None else [str(c) for c in range(max(int(v.max(initial=-1)) for v in
+                                                                         labels.values()) + 1)]
+    if keys.label is not None and NO_SPLIT in labels:
+        _warn_grouped(labels[NO_SPLIT], f"the {NO_SPLIT} split of {root}")
+    total = sum(s.images for s in splits.values())
+    data = {"format": "litdata", "layout": "flat" if flat else "splits", "source": str(root), "images": total,
+            "stored": total, "reencoded": 0, "keys": [keys.image, keys.label, keys.name]}
+    return Manifest(root, str(root), classes, None, None, max(f.images for s in splits.values() for f in s.shards),
+                    splits, data, keys=keys, label_arrays=labels)
+
+
+def item_keys(fields: dict[str, str], image_key: str, label_key: str, where: Path) -> ItemKeys:
+    """Which of ``fields`` (name -> LitData serializer) hold the image, label and name: ``image_key`` /
+    ``label_key`` where given (--image-key, --label-key); else the field named "image" ("label") when it has an
+    image's (an int's) serializer, else the one field with such a serializer (for images: a PIL or JPEG one first,
+    then bytes or an array). DataError (one line naming the fields) for a field given that is not there or not of
+    that kind, no image field, or two that could be the image or the label."""
+    shown = ", ".join(f"{k} ({s})" for k, s in fields.items())
+
+    def pick(given: str, default: str, kinds: tuple[tuple[str, ...], ...], what: str, flag: str) -> str | None:
+        if given:
+            if fields.get(given) not in sum(kinds, ()):
+                raise DataError(f"{where}: {flag} {given}: its items have no {what} field of that name; they hold "
+                                f"{shown}")
+            return given
+        if fields.get(default) in sum(kinds, ()):
+            return default
+        for kind in kinds:
+            hits = [k for k, s in fields.items() if s in kind]
+            if len(hits) > 1:
+                raise DataError(f"{where}: which field holds the {what}? its items hold {shown}; name it with {flag}")
+            if hits:
+                return hits[0]
+        return None
+
+    image = pick(image_key, "image", (IMAGE_SERIALIZERS, PIXEL_SERIALIZERS), "image", "--image-key")
+    if image is None:
+        raise DataError(f"{where}: no field of its items holds an image ({shown}); name it with --image-key")
+    label = pick(label_key, "label", (("int",),) if not label_key else (LABEL_SERIALIZERS,), "label",
+                 "--label-key")
+    return ItemKeys(image, label, "name" if fields.get("name") == "str" and "name" not in (image, label) else None)
+
+
+def read_item(item: dict[str, Any], keys: ItemKeys, index: int) -> tuple[bytes | Image.Image | np.ndarray, int, str]:
+    """One LitData item (as ``StreamingDataset`` returns it) as (image, label, name): the image as encoded bytes
+    (a memoryview copied), a PIL image, or an (H, W, C) array (a tensor's (C, H, W), C 1 or 3, transposed), which
+    :func:`empssl.data.decode_image` decodes (or refuses in one line, for an array that is not uint8 pixels); the
+    label -1 without a label field; the name field, else ``f"item {index}"``."""
+    image = item[keys.image]
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = bytes(image)
+    elif not isinstance(image, Image.Image):
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+            image = image.transpose(1, 2, 0)  # torchvision's (C, H, W)
+    name = str(item[keys.name]) if keys.name is not None else f"item {index}"
+    return image, -1 if keys.label is None else int(item[keys.label]), name
+
+
+def _foreign_labels(folder: Path, chunks: list[ShardFile], label: str | None, serializer: str | None,
+                    data_dir: str | Path | None) -> np.ndarray:
+    """(N,) int32 labels of the split in ``folder`` (-1 without a ``label`` field): one pass over its items that
+    reads only that field (its ``serializer``; the others are left unread), cached in
+    ``data_dir/litdata-labels/`` keyed by the sha256 of its index.json and its chunks' names, sizes and mtimes, so
+    that a later start does not read the data again. DataError for a label < 0."""
+    count = sum(f.images for f in chunks)
+    if label is None:
+        return np.full(count, -1, dtype=np.int32)
+    stamps = [[f.name, (folder / f.name).stat().st_size, (folder / f.name).stat().st_mtime_ns] for f in chunks]
+    key = hashlib.sha256((folder / "index.json").read_bytes() + json.dumps([label, stamps]).encode()).hexdigest()
+    cached = Path(data_dir).expanduser() / LABELS_CACHE / f"{key[:32]}.npy" if data_dir is not None else None
+    if cached is not None and cached.is_file():
+        try:
+            labels = np.load(cached, allow_pickle=False)
+            if labels.dtype == np.int32 and labels.shape == (count,):
+                return labels
+        except (OSError, ValueError):
+            pass  # read again, and written anew
+    from litdata import StreamingDataset
+
+    skipped = {k: _Skipped(k) for k in SAFE_SERIALIZERS if k != serializer}  # no image is decoded
+    ds = StreamingDataset(str(folder), serializers={**reader_serializers(), **skipped})
+    labels = np.fromiter((int(ds[i][label]) for i in range(count)), dtype=np.int32, count=count)
+    if count and labels.min() < 0:
+        raise DataError(f"{folder}: item {int(np.argmin(labels))} has label {labels.min()} in field {label!r}; "
+                        f"labels must be class indices 0, 1, ...")
+    if cached is not None:
+        buf = io.BytesIO()
+        np.save(buf, labels, allow_pickle=False)
+        write_atomic(cached, lambda tmp: tmp.write_bytes(buf.getvalue()))
+    return labels
+
+
+def _warn_grouped(labels: np.ndarray, where: str) -> None:
+    """One warning line when ``labels`` (in item order) are grouped by class: LitData shuffles the chunks, then
+    items within a window of one chunk, so such a folder gives batches of a few classes."""
+    if len(labels) < 2:
+        return
+    same = float(np.mean(labels[1:] == labels[:-1]))
+    shares = np.bincount(labels) / len(labels)
+    chance = float((shares**2).sum())  # neighbours of one class in a random order
+    if same > 0.5 and same > 2 * chance:
+        print(f"warning: {where} holds its items grouped by class ({same:.0%} of neighbouring items are of one "
+              f"class; {chance:.0%} in a random order), so LitData's shuffle (chunks, then items within a window of "
+              f"one chunk) gives batches of few classes; write the images with empssl shard, which mixes them",
+              file=sys.stderr)

@@ -178,7 +178,7 @@ def read_manifest(root: Path | str, data_dir: str = "./data", hashes: bool = Tru
         raise DataError(f"{root} holds shards, which are read with LitData: pip install 'empssl[stream]'")
     if is_remote(root):
         return read_remote(str(root), data_dir)
-    return verify_shards(Path(root).expanduser(), hashes=hashes)
+    return verify_shards(Path(root).expanduser(), hashes=hashes, data_dir=data_dir)
 
 
 def shard_items(manifest: Manifest, split: str, labels: list[int] | None = None) -> ShardItems:

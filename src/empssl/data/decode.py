@@ -52,8 +52,9 @@ _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _ALPHA = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
-def decode_image(data: bytes, image_size: int = 0, name: str = "image") -> np.ndarray:
-    """Decode one image file's bytes into (H, W, 3) uint8 (or (S, S, 3) with ``image_size`` S > 0).
+def decode_image(data: bytes | Image.Image | np.ndarray, image_size: int = 0, name: str = "image") -> np.ndarray:
+    """Decode one image file's bytes into (H, W, 3) uint8 (or (S, S, 3) with ``image_size`` S > 0); a PIL image or
+    an (H, W, 3|1) uint8 array (what a LitData folder may hold, :func:`empssl.shard.read_item`) goes the same way.
 
     The rules (size limit, 16-bit scaling, transparency over white) are in the module docstring. ``name``
     is how messages name the image ("image train/cat/1.png in /data/x"). Raises :class:`DataError` with one
@@ -63,19 +64,31 @@ def decode_image(data: bytes, image_size: int = 0, name: str = "image") -> np.nd
         return _decode(data, image_size, name)
 
 
-def _decode(data: bytes, image_size: int, name: str) -> np.ndarray:
+def _decode(data: bytes | Image.Image | np.ndarray, image_size: int, name: str) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise DataError(f"{name} is {w}x{h} = {w * h:,} pixels, more than the {MAX_IMAGE_PIXELS:,} "
-                                f"allowed (empssl.data.decode.MAX_IMAGE_PIXELS); shrink it or leave it out")
-            rgb = _to_rgb(img)
+        if isinstance(data, np.ndarray):
+            if data.dtype != np.uint8 or data.ndim != 3 or data.shape[-1] not in (1, 3):
+                raise DataError(f"cannot decode {name}: a {data.dtype} array of shape {data.shape}, not (H, W, 3) "
+                                f"or (H, W, 1) uint8")
+            data = Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data)
+        if isinstance(data, Image.Image):
+            rgb = _checked_rgb(data, name)
+        else:
+            with Image.open(io.BytesIO(data)) as img:
+                rgb = _checked_rgb(img, name)
         return resize_crop(rgb, image_size) if image_size else np.asarray(rgb, dtype=np.uint8)
     except DataError:
         raise
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise DataError(f"cannot decode {name}: {_why(e)}") from e
+
+
+def _checked_rgb(img: Image.Image, name: str) -> Image.Image:
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DataError(f"{name} is {w}x{h} = {w * h:,} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                        f"allowed (empssl.data.decode.MAX_IMAGE_PIXELS); shrink it or leave it out")
+    return _to_rgb(img)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
