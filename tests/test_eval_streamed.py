@@ -8,7 +8,10 @@ or a short streamed training run.
 """
 
 import json
+import multiprocessing as mp
+import os
 import shutil
+import traceback
 
 import numpy as np
 import pytest
@@ -17,12 +20,14 @@ import torch
 from empssl import stream
 from empssl.cli import main
 from empssl.data import load_data
+from empssl.distributed import SINGLE, Dist
 from empssl.embed import embed, load_embedding
-from empssl.evaluate import extract_full_features, extract_prefix_features
+from empssl.evaluate import evaluate, extract_full_features, extract_prefix_features
 from empssl.methods import create_method
 from empssl.rundir import load_checkpoint
 
 from .conftest import TINY
+from .test_distributed import _free_port
 from .test_embed import make_checkpoint
 from .test_stream import image_tree, shards_of
 
@@ -93,6 +98,60 @@ def test_streamed_features_are_bitwise_the_in_memory_features(run, src, shards, 
         assert torch.equal(streamed.labels, memory.labels)
 
 
+def _features(run, shards, src, data_dir, decoded: list[int], d: Dist) -> dict:
+    """What the ranks compute: features of the streamed test split (40 images: a share of 32 and one of 8), of a
+    20-image part of it (one rank without images), and of the same images in memory; and the whole evaluation."""
+    model, cfg, _ = load_checkpoint(run, {"data": str(shards), "data_mode": "stream", "image_size": 32,
+                                          "probe_epochs": 2})
+    train, test = stream.eval_splits(cfg, False, lambda: pytest.fail("the in-memory tier was asked"))
+    aug = create_method(cfg).eval_augment()
+    decoded.clear()
+    out = {"prefix": extract_prefix_features(model, test, aug, [1, 3], batch_images=16, seed=5, dist=d),
+           "decoded": sum(decoded),
+           "full": extract_full_features(model, test, aug, batch_images=16, dist=d),
+           "few": extract_prefix_features(model, test.part(0, 20), aug, [2], seed=5, dist=d)[2],
+           "memory": extract_prefix_features(model, load_data(str(src), str(data_dir), 32, progress=False)[1].images,
+                                             aug, [1, 3], batch_images=16, seed=5, dist=d)}
+    results = evaluate(model, train, test, cfg, "cpu", progress=False, log=lambda s: None, dist=d)
+    return {**out, "results": {k: results[k] for k in ("linear_top1", "knn_top1", "n_train", "n_test")}}
+
+
+def _features_rank(rank: int, port: int, args: tuple, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two ranks on two cores; the forked OpenMP pool stays unused
+    try:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+        torch.save(_features(*args, Dist(rank, 2)), out / f"rank{rank}.pt")
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def test_two_ranks_compute_their_shares_and_gather_the_features_of_one_process(run, src, shards, data_dir, tmp_path,
+                                                                             small_blocks):
+    """Each rank decodes and encodes only its share of whole groups of images (patches are seeded per 32 images),
+    and every rank gets all the features, bitwise those of one process, so the evaluation is the same."""
+    args = (run, shards, src, data_dir)
+    ctx, port = mp.get_context("fork"), _free_port()
+    procs = [ctx.Process(target=_features_rank, args=(r, port, (*args, small_blocks), tmp_path)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)  # a ceiling against a hang, not a speed limit
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    one = _features(*args, small_blocks, SINGLE)
+    assert [r["decoded"] for r in ranks] == [32, 8] and one["decoded"] == 40
+    for got in ranks:
+        for m in (1, 3):
+            assert torch.equal(got["prefix"][m], one["prefix"][m]) and torch.equal(got["memory"][m], one["prefix"][m])
+        assert torch.equal(got["full"], one["full"]) and torch.equal(got["few"], one["few"])
+        assert got["results"] == one["results"]
+
+
 def test_eval_of_shards_streamed_equals_eval_of_the_source_in_memory(run, src, shards, data_dir, tmp_path, capsys,
                                                                     small_blocks):
     results = {}
@@ -129,7 +188,8 @@ def test_a_streamed_run_is_evaluated_on_its_whole_training_split_and_says_so(str
     assert results["n_train"] == 60  # the --train-subset, not the monitor's bank of 20
     assert results["eval_sets"]["train"] == {"images": 60, "read": "stream", "split": "train", "source": str(shards),
                                              "selection": "class-balanced subset of 60"}
-    assert results["eval_sets"]["test"] == {"images": 40, "read": "memory", "selection": "every image"}
+    assert results["eval_sets"]["test"] == {"images": 40, "read": "stream", "split": "test", "source": str(shards),
+                                            "selection": "every image"}  # never decoded whole, as the monitor's
 
 
 def test_a_run_trained_from_shards_is_evaluated_embedded_and_ablated_without_data(streamed_run, shards, tmp_path,
