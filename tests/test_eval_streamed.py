@@ -23,6 +23,8 @@ from empssl.data import load_data
 from empssl.distributed import SINGLE, Dist
 from empssl.embed import embed, load_embedding
 from empssl.evaluate import evaluate, extract_full_features, extract_prefix_features
+from empssl.files import read_jsonl
+from empssl.monitor import Monitor
 from empssl.methods import create_method
 from empssl.rundir import load_checkpoint
 
@@ -98,22 +100,45 @@ def test_streamed_features_are_bitwise_the_in_memory_features(run, src, shards, 
         assert torch.equal(streamed.labels, memory.labels)
 
 
-def _features(run, shards, src, data_dir, decoded: list[int], d: Dist) -> dict:
+def _monitored(cfg, train, test, model, out, d: Dist = SINGLE) -> float | None:
+    """The kNN accuracy of one monitor check of ``model`` on a bank of 30 of ``train``'s images and 20 queries
+    (their features computed block by block for a streamed split), from the monitor.jsonl written in ``out``."""
+    cfg = cfg.replace(eval_every=1, monitor_bank=30, monitor_test=20, monitor_patches=2)
+    out.mkdir(parents=True)
+    Monitor(cfg, train, test, torch.device("cpu"), out, steps_per_epoch=1, total_steps=1, patches_per_step=1,
+            dist=d).start(model)
+    return read_jsonl(out / "monitor.jsonl")[0]["knn_top1"] if (out / "monitor.jsonl").exists() else None
+
+
+def test_the_monitor_reads_a_streamed_split_block_by_block_and_sees_what_memory_sees(run, src, shards, data_dir,
+                                                                                    tmp_path, small_blocks):
+    model, cfg, _ = load_checkpoint(run, {"data": str(shards), "data_mode": "stream", "image_size": 32})
+    streamed = stream.load_splits(cfg, False, lambda: pytest.fail("the in-memory tier was asked"))
+    assert streamed[0] is streamed[2] and isinstance(streamed[1], stream.StreamedSplit)  # nothing decoded yet
+    assert small_blocks == []
+    got = _monitored(cfg, *streamed[:2], model, tmp_path / "stream")
+    assert sorted(small_blocks) == [20, 30]  # the bank and the queries, decoded for the check, one block each
+    assert got == _monitored(cfg, *load_data(str(src), str(data_dir), 32, progress=False), model, tmp_path / "memory")
+
+
+def _features(run, shards, src, data_dir, decoded: list[int], out, d: Dist) -> dict:
     """What the ranks compute: features of the streamed test split (40 images: a share of 32 and one of 8), of a
-    20-image part of it (one rank without images), and of the same images in memory; and the whole evaluation."""
+    20-image part of it (one rank without images), and of the same images in memory; the whole evaluation and a
+    monitor check (written by rank 0 alone)."""
     model, cfg, _ = load_checkpoint(run, {"data": str(shards), "data_mode": "stream", "image_size": 32,
                                           "probe_epochs": 2})
     train, test = stream.eval_splits(cfg, False, lambda: pytest.fail("the in-memory tier was asked"))
     aug = create_method(cfg).eval_augment()
     decoded.clear()
-    out = {"prefix": extract_prefix_features(model, test, aug, [1, 3], batch_images=16, seed=5, dist=d),
+    got = {"prefix": extract_prefix_features(model, test, aug, [1, 3], batch_images=16, seed=5, dist=d),
            "decoded": sum(decoded),
            "full": extract_full_features(model, test, aug, batch_images=16, dist=d),
            "few": extract_prefix_features(model, test.part(0, 20), aug, [2], seed=5, dist=d)[2],
            "memory": extract_prefix_features(model, load_data(str(src), str(data_dir), 32, progress=False)[1].images,
                                              aug, [1, 3], batch_images=16, seed=5, dist=d)}
     results = evaluate(model, train, test, cfg, "cpu", progress=False, log=lambda s: None, dist=d)
-    return {**out, "results": {k: results[k] for k in ("linear_top1", "knn_top1", "n_train", "n_test")}}
+    return {**got, "results": {k: results[k] for k in ("linear_top1", "knn_top1", "n_train", "n_test")},
+            "monitor": _monitored(cfg, train, test, model, out / f"rank{d.rank}", d)}
 
 
 def _features_rank(rank: int, port: int, args: tuple, out) -> None:
@@ -121,7 +146,7 @@ def _features_rank(rank: int, port: int, args: tuple, out) -> None:
     torch.set_num_threads(1)  # two ranks on two cores; the forked OpenMP pool stays unused
     try:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-        torch.save(_features(*args, Dist(rank, 2)), out / f"rank{rank}.pt")
+        torch.save(_features(*args, out, Dist(rank, 2)), out / f"rank{rank}.pt")
     except BaseException:
         traceback.print_exc()
         os._exit(1)
@@ -143,13 +168,14 @@ def test_two_ranks_compute_their_shares_and_gather_the_features_of_one_process(r
             p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    one = _features(*args, small_blocks, SINGLE)
+    one = _features(*args, small_blocks, tmp_path / "one", SINGLE)
     assert [r["decoded"] for r in ranks] == [32, 8] and one["decoded"] == 40
     for got in ranks:
         for m in (1, 3):
             assert torch.equal(got["prefix"][m], one["prefix"][m]) and torch.equal(got["memory"][m], one["prefix"][m])
         assert torch.equal(got["full"], one["full"]) and torch.equal(got["few"], one["few"])
         assert got["results"] == one["results"]
+    assert ranks[0]["monitor"] == one["monitor"] is not None and ranks[1]["monitor"] is None  # rank 0 writes
 
 
 def test_eval_of_shards_streamed_equals_eval_of_the_source_in_memory(run, src, shards, data_dir, tmp_path, capsys,
