@@ -11,6 +11,8 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
+import sys
 import traceback
 
 import numpy as np
@@ -24,8 +26,8 @@ from empssl.distributed import SINGLE, Dist
 from empssl.embed import embed, load_embedding
 from empssl.evaluate import evaluate, extract_full_features, extract_prefix_features
 from empssl.files import read_jsonl
-from empssl.monitor import Monitor
 from empssl.methods import create_method
+from empssl.monitor import Monitor
 from empssl.rundir import load_checkpoint
 
 from .conftest import TINY
@@ -237,6 +239,23 @@ def test_a_run_trained_from_shards_is_evaluated_embedded_and_ablated_without_dat
     assert main(["embed", "--checkpoint", str(streamed_run), "--data", str(shards), "--out", str(tmp_path / "e.npz"),
                  "--no-progress"]) == 0, capsys.readouterr().err
     assert load_embedding(tmp_path / "e.npz").features.shape[0] == 140
+
+
+@pytest.mark.slow  # two torchrun ranks and one process, each a short streamed run with its evaluation
+def test_a_streamed_run_under_torchrun_monitors_and_evaluates_on_every_rank(shards, tmp_path, capsys):
+    args = ["train", "--data", str(shards), "--data-mode", "stream", "--image-size", "32", "--no-progress",
+            "--epochs", "1", "--train-subset", "40", "--eval-every", "1", "--monitor-bank", "40", *TINY]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0, capsys.readouterr().err
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "empssl.cli",
+           *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=1200)  # a ceiling against a hang
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (read_jsonl(tmp_path / run / "monitor.jsonl") for run in ("one", "two"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2]  # written once, by rank 0
+    assert two[0]["knn_top1"] == one[0]["knn_top1"]  # the same initial weights: the same check
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (results["n_train"], results["n_test"]) == (40, 40) and results["eval_sets"]["test"]["read"] == "stream"
 
 
 # --- embedding shards -------------------------------------------------------------------------------------

@@ -274,20 +274,17 @@ def rank_rows(n: int, unit: int, d: Dist) -> tuple[int, int]:
 
 def gather_rows(x: torch.Tensor, n: int, unit: int, d: Dist) -> torch.Tensor:
     """(n, D): every rank's (rows, D) share ``x`` of :func:`rank_rows` put back in order, on every rank (a rank
-    without rows passes (0, 0): the others tell it D). One all-reduce (D) and one all-gather (the rows)."""
+    without rows passes (0, 1): the others tell it D). One all-reduce (D) and one all-gather (the rows)."""
     if not d.enabled:
         return x
     per = rank_rows(n, unit, Dist(0, d.world_size))[1]  # rank 0's share is the longest; laid end to end in
     # slots of its length, the shares start with the n rows, in order
     dim = torch.tensor([x.shape[1]], device=x.device)
     tdist.all_reduce(dim, op=tdist.ReduceOp.MAX)
-    mine = x
     if x.shape[0] < per:  # the last shares are short: padded to one slot
-        mine = x.new_zeros(per, int(dim))
-        if x.numel():
-            mine[:x.shape[0]] = x
+        x = torch.cat([x.expand(-1, int(dim)), x.new_zeros(per - x.shape[0], int(dim))])
     out = x.new_empty(d.world_size * per, int(dim))
-    tdist.all_gather_single(out, mine.contiguous())
+    tdist.all_gather_single(out, x.contiguous())
     return out[:n]
 
 

@@ -343,7 +343,7 @@ def _by_groups(images: Images, unit: int, keys: Sequence[int],
             at += block.shape[0]
     if at != stop - first:
         raise EvalError(f"the image blocks held {at} images, not the {stop - first} announced")
-    none = torch.empty(0, 0, dtype=torch.float32, device=device)  # a rank without images
+    none = torch.empty(0, 1, dtype=torch.float32, device=device)  # a rank without images
     return {key: distributed.gather_rows(out.get(key, none), len(images), unit, dist) for key in keys}
 
 

@@ -245,11 +245,9 @@ class StreamedSplit:
         """Rows ``first .. stop - 1`` (a rank's share of the split when the ranks compute its features together)."""
         return replace(self, rows=self.rows[first:stop], labels=self.labels[first:stop])
 
-    def decoded(self, progress: bool, desc: str = "decoding") -> ImageData:
+    def decoded(self, progress: bool) -> ImageData:
         """Every row decoded into memory (the in-memory tier's decoder and process pool)."""
-        records = _records(self.items, self.rows, self.where)
-        images = decode_catalog(_catalog(records, self.classes, self.where), self.image_size, progress, desc=desc)
-        return ImageData(images, self.labels.clone(), list(self.classes))
+        return ImageData(self._decode(self.rows, progress), self.labels.clone(), list(self.classes))
 
     def blocks(self, multiple: int, names: list[str] | None = None) -> Iterator[torch.Tensor]:
         """The rows decoded block by block: consecutive (b, 3, S, S) uint8 blocks of a multiple of ``multiple``
@@ -264,10 +262,15 @@ class StreamedSplit:
         else:
             per = max(1, BLOCK_BYTES // (multiple * 3 * self.image_size**2)) * multiple
         for at in range(0, len(self.rows), per):
-            records = _records(self.items, self.rows[at:at + per], self.where)
-            if names is not None:
-                names.extend(r.name for r in records)
-            yield decode_catalog(_catalog(records, self.classes, self.where), self.image_size, False)
+            yield self._decode(self.rows[at:at + per], False, names)
+
+    def _decode(self, rows: torch.Tensor, progress: bool, names: list[str] | None = None) -> torch.Tensor:
+        """(len(rows), 3, S, S) uint8: ``rows`` of the items decoded (their names added to ``names``)."""
+        records = _records(self.items, rows, self.where)
+        if names is not None:
+            names.extend(r.name for r in records)
+        catalog = Catalog(self.where, "", records, self.classes, None, [("", len(records))], [])
+        return decode_catalog(catalog, self.image_size, progress)
 
 
 def _records(items: Items, rows: torch.Tensor, source: str) -> list[ImageRecord]:
@@ -283,10 +286,6 @@ def _records(items: Items, rows: torch.Tensor, source: str) -> list[ImageRecord]
             raise read_error(items, [i], f"cannot read image {i} of {source}: {type(e).__name__}: {e}") from None
         out.append(ImageRecord(name, label, data))
     return out
-
-
-def _catalog(records: list[ImageRecord], classes: list[str], source: str) -> Catalog:
-    return Catalog(source, "", records, classes, None, [("", len(records))], [])
 
 
 def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[ImageData, ImageData]],

@@ -167,7 +167,7 @@ def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | Iterable[Any] | 
             train_data, test_data, streamed = load_splits(cfg, progress, lambda: config_data(cfg, progress))
         else:
             train_data, test_data, streamed = (*config_data(cfg, progress, data), None)  # type: ignore[arg-type]
-    n_train = own.steps_per_epoch * cfg.batch_size if own else len(streamed) if streamed else len(train_data)
+    n_train = own.steps_per_epoch * cfg.batch_size if own else len(train_data)
     if n_train < cfg.batch_size:  # drop_last, as the official loader
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training images")
     if cfg.batch_size % dist.world_size:
