@@ -284,7 +284,8 @@ def gather_rows(x: torch.Tensor, n: int, unit: int, d: Dist) -> torch.Tensor:
     if x.shape[0] < per:  # the last shares are short: padded to one slot
         x = torch.cat([x.expand(-1, int(dim)), x.new_zeros(per - x.shape[0], int(dim))])
     out = x.new_empty(d.world_size * per, int(dim))
-    tdist.all_gather_single(out, x.contiguous())
+    gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor  # older torch: that name only
+    gather(out, x.contiguous())
     return out[:n]
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -327,12 +327,17 @@ def _by_groups(images: Images, unit: int, keys: Sequence[int],
     from tqdm import tqdm
 
     first, stop = distributed.rank_rows(len(images), unit, dist)
-    mine = images[first:stop] if isinstance(images, torch.Tensor) else images.part(first, stop) if dist.enabled \
-        else images
+    blocks: Iterable[torch.Tensor]  # this rank's images
+    if stop == first:
+        blocks = []
+    elif isinstance(images, torch.Tensor):
+        blocks = [images[first:stop]]
+    else:
+        blocks = (images.part(first, stop) if dist.enabled else images).blocks(unit)
     out: dict[int, torch.Tensor] = {}  # key -> (stop - first, D) on device
     at = 0  # images of the share done
     with tqdm(total=stop - first, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for block in ([] if stop == first else [mine] if isinstance(mine, torch.Tensor) else mine.blocks(unit)):
+        for block in blocks:
             _check_images(block)
             for start, feats in groups(block, first + at):
                 for key, f in feats.items():
