@@ -8,7 +8,12 @@ or a short streamed training run.
 """
 
 import json
+import multiprocessing as mp
+import os
 import shutil
+import subprocess
+import sys
+import traceback
 
 import numpy as np
 import pytest
@@ -17,12 +22,16 @@ import torch
 from empssl import stream
 from empssl.cli import main
 from empssl.data import load_data
+from empssl.distributed import SINGLE, Dist
 from empssl.embed import embed, load_embedding
-from empssl.evaluate import extract_full_features, extract_prefix_features
+from empssl.evaluate import evaluate, extract_full_features, extract_prefix_features
+from empssl.files import read_jsonl
 from empssl.methods import create_method
+from empssl.monitor import Monitor
 from empssl.rundir import load_checkpoint
 
 from .conftest import TINY
+from .test_distributed import _free_port
 from .test_embed import make_checkpoint
 from .test_stream import image_tree, shards_of
 
@@ -93,6 +102,84 @@ def test_streamed_features_are_bitwise_the_in_memory_features(run, src, shards, 
         assert torch.equal(streamed.labels, memory.labels)
 
 
+def _monitored(cfg, train, test, model, out, d: Dist = SINGLE) -> float | None:
+    """The kNN accuracy of one monitor check of ``model`` on a bank of 30 of ``train``'s images and 20 queries
+    (their features computed block by block for a streamed split), from the monitor.jsonl written in ``out``."""
+    cfg = cfg.replace(eval_every=1, monitor_bank=30, monitor_test=20, monitor_patches=2)
+    out.mkdir(parents=True)
+    Monitor(cfg, train, test, torch.device("cpu"), out, steps_per_epoch=1, total_steps=1, patches_per_step=1,
+            dist=d).start(model)
+    return read_jsonl(out / "monitor.jsonl")[0]["knn_top1"] if (out / "monitor.jsonl").exists() else None
+
+
+def test_the_monitor_reads_a_streamed_split_block_by_block_and_sees_what_memory_sees(run, src, shards, data_dir,
+                                                                                    tmp_path, small_blocks):
+    model, cfg, _ = load_checkpoint(run, {"data": str(shards), "data_mode": "stream", "image_size": 32})
+    streamed = stream.load_splits(cfg, False, lambda: pytest.fail("the in-memory tier was asked"))
+    assert streamed[0] is streamed[2] and isinstance(streamed[1], stream.StreamedSplit)  # nothing decoded yet
+    assert small_blocks == []
+    got = _monitored(cfg, *streamed[:2], model, tmp_path / "stream")
+    assert sorted(small_blocks) == [20, 30]  # the bank and the queries, decoded for the check, one block each
+    assert got == _monitored(cfg, *load_data(str(src), str(data_dir), 32, progress=False), model, tmp_path / "memory")
+
+
+def _features(run, shards, src, data_dir, decoded: list[int], out, d: Dist) -> dict:
+    """What the ranks compute: features of the streamed test split (40 images: a share of 32 and one of 8), of a
+    20-image part of it (one rank without images), and of the same images in memory; the whole evaluation and a
+    monitor check (written by rank 0 alone)."""
+    model, cfg, _ = load_checkpoint(run, {"data": str(shards), "data_mode": "stream", "image_size": 32,
+                                          "probe_epochs": 2})
+    train, test = stream.eval_splits(cfg, False, lambda: pytest.fail("the in-memory tier was asked"))
+    aug = create_method(cfg).eval_augment()
+    decoded.clear()
+    got = {"prefix": extract_prefix_features(model, test, aug, [1, 3], batch_images=16, seed=5, dist=d),
+           "decoded": sum(decoded),
+           "full": extract_full_features(model, test, aug, batch_images=16, dist=d),
+           "few": extract_prefix_features(model, test.part(0, 20), aug, [2], seed=5, dist=d)[2],
+           "memory": extract_prefix_features(model, load_data(str(src), str(data_dir), 32, progress=False)[1].images,
+                                             aug, [1, 3], batch_images=16, seed=5, dist=d)}
+    results = evaluate(model, train, test, cfg, "cpu", progress=False, log=lambda s: None, dist=d)
+    return {**got, "results": {k: results[k] for k in ("linear_top1", "knn_top1", "n_train", "n_test")},
+            "monitor": _monitored(cfg, train, test, model, out / f"rank{d.rank}", d)}
+
+
+def _features_rank(rank: int, port: int, args: tuple, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two ranks on two cores; the forked OpenMP pool stays unused
+    try:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+        torch.save(_features(*args, out, Dist(rank, 2)), out / f"rank{rank}.pt")
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def test_two_ranks_compute_their_shares_and_gather_the_features_of_one_process(run, src, shards, data_dir, tmp_path,
+                                                                             small_blocks):
+    """Each rank decodes and encodes only its share of whole groups of images (patches are seeded per 32 images),
+    and every rank gets all the features, bitwise those of one process, so the evaluation is the same."""
+    args = (run, shards, src, data_dir)
+    ctx, port = mp.get_context("fork"), _free_port()
+    procs = [ctx.Process(target=_features_rank, args=(r, port, (*args, small_blocks), tmp_path)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)  # a ceiling against a hang, not a speed limit
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    one = _features(*args, small_blocks, tmp_path / "one", SINGLE)
+    assert [r["decoded"] for r in ranks] == [32, 8] and one["decoded"] == 40
+    for got in ranks:
+        for m in (1, 3):
+            assert torch.equal(got["prefix"][m], one["prefix"][m]) and torch.equal(got["memory"][m], one["prefix"][m])
+        assert torch.equal(got["full"], one["full"]) and torch.equal(got["few"], one["few"])
+        assert got["results"] == one["results"]
+    assert ranks[0]["monitor"] == one["monitor"] is not None and ranks[1]["monitor"] is None  # rank 0 writes
+
+
 def test_eval_of_shards_streamed_equals_eval_of_the_source_in_memory(run, src, shards, data_dir, tmp_path, capsys,
                                                                     small_blocks):
     results = {}
@@ -129,7 +216,8 @@ def test_a_streamed_run_is_evaluated_on_its_whole_training_split_and_says_so(str
     assert results["n_train"] == 60  # the --train-subset, not the monitor's bank of 20
     assert results["eval_sets"]["train"] == {"images": 60, "read": "stream", "split": "train", "source": str(shards),
                                              "selection": "class-balanced subset of 60"}
-    assert results["eval_sets"]["test"] == {"images": 40, "read": "memory", "selection": "every image"}
+    assert results["eval_sets"]["test"] == {"images": 40, "read": "stream", "split": "test", "source": str(shards),
+                                            "selection": "every image"}  # never decoded whole, as the monitor's
 
 
 def test_a_run_trained_from_shards_is_evaluated_embedded_and_ablated_without_data(streamed_run, shards, tmp_path,
@@ -151,6 +239,23 @@ def test_a_run_trained_from_shards_is_evaluated_embedded_and_ablated_without_dat
     assert main(["embed", "--checkpoint", str(streamed_run), "--data", str(shards), "--out", str(tmp_path / "e.npz"),
                  "--no-progress"]) == 0, capsys.readouterr().err
     assert load_embedding(tmp_path / "e.npz").features.shape[0] == 140
+
+
+@pytest.mark.slow  # two torchrun ranks and one process, each a short streamed run with its evaluation
+def test_a_streamed_run_under_torchrun_monitors_and_evaluates_on_every_rank(shards, tmp_path, capsys):
+    args = ["train", "--data", str(shards), "--data-mode", "stream", "--image-size", "32", "--no-progress",
+            "--epochs", "1", "--train-subset", "40", "--eval-every", "1", "--monitor-bank", "40", *TINY]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0, capsys.readouterr().err
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "empssl.cli",
+           *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=1200)  # a ceiling against a hang
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (read_jsonl(tmp_path / run / "monitor.jsonl") for run in ("one", "two"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2]  # written once, by rank 0
+    assert two[0]["knn_top1"] == one[0]["knn_top1"]  # the same initial weights: the same check
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (results["n_train"], results["n_test"]) == (40, 40) and results["eval_sets"]["test"]["read"] == "stream"
 
 
 # --- embedding shards -------------------------------------------------------------------------------------

@@ -71,8 +71,9 @@ def test_streamed_batches_are_the_in_memory_batches(data_dir, demo_shards, sourc
     sample, test, split = stream.load_splits(cfg, False, lambda: pytest.fail("the stream tier was asked"), quiet)
     mem_train, mem_test = config_data(tiny_cfg(data_dir, data_mode="memory"), progress=False)
     assert split is not None and len(split) == len(mem_train) == 200
-    assert torch.equal(test.images, mem_test.images) and torch.equal(test.labels, mem_test.labels)
-    assert torch.equal(sample.images, mem_train.subset(60).images)  # the monitor's bank, as in memory
+    assert sample is split and isinstance(test, stream.StreamedSplit)  # read as they go, never decoded whole
+    assert torch.equal(test.decoded(False).images, mem_test.images) and torch.equal(test.labels, mem_test.labels)
+    assert torch.equal(split.subset(60).decoded(False).images, mem_train.subset(60).images)  # the monitor's bank
     kw = dict(batch_size=20, seed=3, start_step=7, total_steps=23, device="cpu")  # across two epoch ends
     with stream.StreamBatches(split, workers=workers, **kw) as streamed, StepBatches(mem_train.images, **kw) as ref:
         got, want = list(streamed), list(ref)

@@ -260,6 +260,35 @@ def agree(sums: torch.Tensor, stop: bool, d: Dist) -> bool:
     return bool(buf[-1] > 0)  # a host sync, at log/checkpoint steps only
 
 
+# --- evaluation: a share of the images per rank, the features gathered -----------------------------------
+
+
+def rank_rows(n: int, unit: int, d: Dist) -> tuple[int, int]:
+    """(first, stop) of this rank's share of ``n`` rows: consecutive whole ``unit``s of rows (the images whose
+    features are computed together, so that a rank computes them exactly as one process would), ceil(units /
+    world) units each, the last ranks fewer or none."""
+    units = -(-n // unit)
+    per = -(-units // d.world_size) * unit
+    return min(n, d.rank * per), min(n, (d.rank + 1) * per)
+
+
+def gather_rows(x: torch.Tensor, n: int, unit: int, d: Dist) -> torch.Tensor:
+    """(n, D): every rank's (rows, D) share ``x`` of :func:`rank_rows` put back in order, on every rank (a rank
+    without rows passes (0, 1): the others tell it D). One all-reduce (D) and one all-gather (the rows)."""
+    if not d.enabled:
+        return x
+    per = rank_rows(n, unit, Dist(0, d.world_size))[1]  # rank 0's share is the longest; laid end to end in
+    # slots of its length, the shares start with the n rows, in order
+    dim = torch.tensor([x.shape[1]], device=x.device)
+    tdist.all_reduce(dim, op=tdist.ReduceOp.MAX)
+    if x.shape[0] < per:  # the last shares are short: padded to one slot
+        x = torch.cat([x.expand(-1, int(dim)), x.new_zeros(per - x.shape[0], int(dim))])
+    out = x.new_empty(d.world_size * per, int(dim))
+    gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor  # older torch: that name only
+    gather(out, x.contiguous())
+    return out[:n]
+
+
 # --- patches ------------------------------------------------------------------------------------------
 
 

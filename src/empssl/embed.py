@@ -163,6 +163,9 @@ class _Named:
         self.names.clear()  # a second pass reads them again
         return self.split.blocks(multiple, names=self.names)
 
+    def part(self, first: int, stop: int) -> _Named:
+        return _Named(self.split.part(first, stop))
+
 
 @dataclass
 class _Source:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import Config
 from .data import ImageData
 from .devices import autocast, autocast_dtype, synchronize
+from .distributed import SINGLE, Dist
 from .fallbacks import collecting, fall_back
 from .methods import create_method, eval_protocol
 from .models import inference_copy
@@ -74,6 +76,10 @@ class ImageBlocks(Protocol):
         but the last."""
         ...
 
+    def part(self, first: int, stop: int) -> ImageBlocks:
+        """Images ``first .. stop - 1`` (a rank's share of them, :func:`empssl.distributed.rank_rows`)."""
+        ...
+
 
 class LabelledBlocks(ImageBlocks, Protocol):
     """A labelled split read block by block: what :func:`evaluate` takes besides an in-memory ImageData."""
@@ -89,22 +95,6 @@ class LabelledBlocks(ImageBlocks, Protocol):
 # Images for the feature extractors: one (N, 3, H, W) uint8 tensor in memory, or blocks of it.
 Images = torch.Tensor | ImageBlocks
 Split = ImageData | LabelledBlocks
-
-
-def _blocks(images: Images, multiple: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(offset of the block's first image, (b, 3, H, W) uint8 block) over ``images``: a tensor is one block. The
-    blocks of an :class:`ImageBlocks` are multiples of ``multiple`` images, so that every forward pass (and every
-    seeded chunk of patches) holds the same images as the in-memory tensor's, and the features are the same."""
-    if isinstance(images, torch.Tensor):
-        yield 0, images
-        return
-    at = 0
-    for block in images.blocks(multiple):
-        _check_images(block)
-        yield at, block
-        at += block.shape[0]
-    if at != len(images):
-        raise EvalError(f"the image blocks held {at} images, not the {len(images)} announced")
 
 
 def _check_images(images: Images) -> None:
@@ -136,7 +126,7 @@ def _features_of(model: nn.Module) -> Callable[[torch.Tensor, str], torch.Tensor
 def extract_features(model: nn.Module, images: Images, aug: Augment, n_patches: int, *, kind: str = "pre",
                      seed: int = 0, batch_images: int = 0, device: torch.device | str = "cpu",
                      amp_dtype: torch.dtype | None = None, progress: bool = False,
-                     desc: str = "features") -> torch.Tensor:
+                     desc: str = "features", dist: Dist = SINGLE) -> torch.Tensor:
     """Bag-of-features: (N, 3, H, W) uint8 images (a tensor, or :class:`ImageBlocks` read block by block) ->
     (N, D) float32 features on ``device``, the mean over
     ``n_patches`` augmented patches of ``model.features(patch, kind)`` (D = hidden_dim for "pre", 8*width for
@@ -159,7 +149,7 @@ def extract_features(model: nn.Module, images: Images, aug: Augment, n_patches: 
     """
     return extract_prefix_features(model, images, aug, [n_patches], kind=kind, seed=seed,
                                    batch_images=batch_images, device=device, amp_dtype=amp_dtype,
-                                   progress=progress, desc=desc)[n_patches]
+                                   progress=progress, desc=desc, dist=dist)[n_patches]
 
 
 def _cat_params(parts: Sequence[PatchParams], n_patches: int) -> PatchParams:
@@ -240,7 +230,8 @@ def _overlapped(starts: Sequence[int], make: Callable[[int], torch.Tensor], devi
 def extract_prefix_features(model: nn.Module, images: Images, aug: Augment, counts: Sequence[int], *,
                             kind: str = "pre", seed: int = 0, batch_images: int = 0,
                             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-                            progress: bool = False, desc: str = "features") -> dict[int, torch.Tensor]:
+                            progress: bool = False, desc: str = "features", dist: Dist = SINGLE
+                            ) -> dict[int, torch.Tensor]:
     """Bag-of-features at several patch counts from one pass: ``P = max(counts)`` patches are cut and encoded
     per image, once, and for every m in ``counts`` the feature is the mean of the first m of them.
 
@@ -251,7 +242,9 @@ def extract_prefix_features(model: nn.Module, images: Images, aug: Augment, coun
     result per count (a per-patch (N, P, D) tensor would need 105 GB for CIFAR-10 at P=128, D=4096);
     other arguments and the determinism guarantees as :func:`extract_features`. Blocks of an
     :class:`ImageBlocks` are read as they are needed, a multiple of the images augmented together at a time, so
-    the features equal those of the same images in one tensor (bitwise on the CPU).
+    the features equal those of the same images in one tensor (bitwise on the CPU). ``dist`` (torchrun): each rank
+    computes the features of its share of the images, whole groups of them (patches are seeded per
+    ``RNG_CHUNK`` images from their index), and every rank gets all of them, the same as one process's.
     """
     counts = sorted(set(int(m) for m in counts))
     if not counts or counts[0] < 1:
@@ -269,67 +262,94 @@ def extract_prefix_features(model: nn.Module, images: Images, aug: Augment, coun
     if param is not None and param.device.type != device.type:
         raise EvalError(f"model is on {param.device} but features were asked for on {device}")
 
-    n = len(images)
     per_forward = batch_images * n_patches if batch_images > 0 else default_patches_per_forward(device, aug.size)
     group = max(1, per_forward // (n_patches * RNG_CHUNK)) * RNG_CHUNK  # images augmented together
     # Patches in the layout and dtype the network reads (autocast would cast float32 patches to bf16 in the
     # first convolution anyway, so the features are the same).
     patch_dtype = amp_dtype if amp_dtype is not None else torch.float32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-    from tqdm import tqdm
-
     features = _features_of(inference_copy(model))  # eval mode, BatchNorm folded; the model itself is not touched
-    out: dict[int, torch.Tensor] = {}  # m -> (N, D) on device
-    with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for offset, block in _blocks(images, group):  # one block: the whole tensor in memory
-            def make(start: int, block: torch.Tensor = block, offset: int = offset) -> torch.Tensor:
-                return _group_patches(block[start:start + group], offset + start, n_patches, aug, seed, device,
-                                      patch_dtype, memory_format)
 
-            for start, patches in _prefetched(range(0, block.shape[0], group), make, device):
-                b = patches.shape[0] // n_patches
-                feats = []
-                for i in range(0, patches.shape[0], per_forward):
-                    with autocast(device, amp_dtype):
-                        feats.append(features(patches[i:i + per_forward], kind).float())
-                f = torch.cat(feats).view(n_patches, b, -1)  # (n_patches, b, D)
-                for m in counts:
-                    if m not in out:
-                        out[m] = torch.empty(n, f.shape[2], dtype=torch.float32, device=device)
-                    out[m][offset + start:offset + start + b] = f[:m].mean(0)  # (b, D)
-                bar.update(b)
-    return out
+    def groups(block: torch.Tensor, first: int) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
+        def make(start: int) -> torch.Tensor:
+            return _group_patches(block[start:start + group], first + start, n_patches, aug, seed, device,
+                                  patch_dtype, memory_format)
+
+        for start, patches in _prefetched(range(0, block.shape[0], group), make, device):
+            b = patches.shape[0] // n_patches
+            feats = []
+            for i in range(0, patches.shape[0], per_forward):
+                with autocast(device, amp_dtype):
+                    feats.append(features(patches[i:i + per_forward], kind).float())
+            f = torch.cat(feats).view(n_patches, b, -1)  # (n_patches, b, D)
+            yield start, {m: f[:m].mean(0) for m in counts}  # (b, D) each
+
+    return _by_groups(images, group, counts, groups, device, dist, progress, desc)
 
 
 @torch.no_grad()
 def extract_full_features(model: nn.Module, images: Images, aug: Augment, *, kind: str = "backbone",
                           batch_images: int = 0, device: torch.device | str = "cpu",
                           amp_dtype: torch.dtype | None = None, progress: bool = False,
-                          desc: str = "features") -> torch.Tensor:
+                          desc: str = "features", dist: Dist = SINGLE) -> torch.Tensor:
     """Whole-image features, as solo-learn evaluates its methods: every (N, 3, H, W) uint8 image, un-augmented
     and at its own size, normalised with ``aug.mean`` / ``aug.std``, through ``model.features(x, kind)`` in eval
-    mode (:class:`ImageBlocks` read block by block, a multiple of ``batch_images`` at a time). Returns (N, D)
-    float32 on ``device``."""
+    mode (:class:`ImageBlocks` read block by block, a multiple of ``batch_images`` at a time; ``dist``: each rank
+    its share, as :func:`extract_prefix_features`). Returns (N, D) float32 on ``device``."""
     _check_images(images)
     device = torch.device(device)
     batch = batch_images or (DEFAULT_PATCHES_PER_FORWARD_CUDA if device.type == "cuda" else
                              DEFAULT_PATCHES_PER_FORWARD)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    features = _features_of(inference_copy(model))  # eval mode, BatchNorm folded; the model itself is not touched
+
+    def groups(block: torch.Tensor, first: int) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
+        for start in range(0, block.shape[0], batch):
+            x = block[start:start + batch].to(device, non_blocking=True).float().div_(255)
+            for c in range(3):  # Python-float constants, as the patches are normalised
+                x[:, c].sub_(aug.mean[c]).div_(aug.std[c])
+            with autocast(device, amp_dtype):
+                f = features(x.contiguous(memory_format=memory_format), kind).float()
+            yield start, {0: f}
+
+    return _by_groups(images, batch, [0], groups, device, dist, progress, desc)[0]
+
+
+def _by_groups(images: Images, unit: int, keys: Sequence[int],
+               groups: Callable[[torch.Tensor, int], Iterator[tuple[int, dict[int, torch.Tensor]]]],
+               device: torch.device, dist: Dist, progress: bool, desc: str) -> dict[int, torch.Tensor]:
+    """``{key: (N, D) float32 features on device}`` of all the images, computed ``unit`` images at a time:
+    ``groups(block, first)`` yields (start, {key: (b, D) features of images start .. start + b - 1 of the block})
+    for a (b, 3, H, W) uint8 block whose first image is image ``first``. A tensor is one block; the blocks of an
+    :class:`ImageBlocks` are multiples of ``unit`` images, so every group holds the images the tensor's would, and
+    the features are the same. Under torchrun (``dist``) each rank computes its share of whole units
+    (:func:`empssl.distributed.rank_rows`) and the features, not the images, are gathered on every rank in order."""
     from tqdm import tqdm
 
-    features = _features_of(inference_copy(model))  # eval mode, BatchNorm folded; the model itself is not touched
-    out = []
-    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for _, block in _blocks(images, batch):
-            for start in range(0, block.shape[0], batch):
-                x = block[start:start + batch].to(device, non_blocking=True).float().div_(255)
-                for c in range(3):  # Python-float constants, as the patches are normalised
-                    x[:, c].sub_(aug.mean[c]).div_(aug.std[c])
-                with autocast(device, amp_dtype):
-                    out.append(features(x.contiguous(memory_format=memory_format), kind).float())
-                bar.update(x.shape[0])
-    return torch.cat(out)
+    first, stop = distributed.rank_rows(len(images), unit, dist)
+    blocks: Iterable[torch.Tensor]  # this rank's images
+    if stop == first:
+        blocks = []
+    elif isinstance(images, torch.Tensor):
+        blocks = [images[first:stop]]
+    else:
+        blocks = (images.part(first, stop) if dist.enabled else images).blocks(unit)
+    out: dict[int, torch.Tensor] = {}  # key -> (stop - first, D) on device
+    at = 0  # images of the share done
+    with tqdm(total=stop - first, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for block in blocks:
+            _check_images(block)
+            for start, feats in groups(block, first + at):
+                for key, f in feats.items():
+                    if key not in out:
+                        out[key] = torch.empty(stop - first, f.shape[1], dtype=torch.float32, device=device)
+                    out[key][at + start:at + start + f.shape[0]] = f
+                bar.update(f.shape[0])
+            at += block.shape[0]
+    if at != stop - first:
+        raise EvalError(f"the image blocks held {at} images, not the {stop - first} announced")
+    none = torch.empty(0, 1, dtype=torch.float32, device=device)  # a rank without images
+    return {key: distributed.gather_rows(out.get(key, none), len(images), unit, dist) for key in keys}
 
 
 def view_label(view: str, test_patches: int) -> str:
@@ -338,20 +358,23 @@ def view_label(view: str, test_patches: int) -> str:
 
 
 def image_features(model: nn.Module, images: Images, cfg: Config, device: torch.device | str, *,
-                   n_patches: int | None = None, progress: bool = False, desc: str = "features") -> torch.Tensor:
+                   n_patches: int | None = None, progress: bool = False, desc: str = "features",
+                   dist: Dist = SINGLE) -> torch.Tensor:
     """(N, D) float32 features on ``device`` of (N, 3, H, W) uint8 images under ``cfg``'s evaluation protocol:
     the view (``cfg.eval_view``: a bag of ``n_patches`` (default ``cfg.test_patches``) seeded augmented patches,
     or the whole image) and the feature (``cfg.eval_feature``), "auto" meaning the method's own
-    (:func:`empssl.methods.eval_protocol`). Call ``.cpu()`` on the result for host memory."""
+    (:func:`empssl.methods.eval_protocol`); under torchrun (``dist``) each rank computes its share and every rank
+    gets them all. Call ``.cpu()`` on the result for host memory."""
     view, kind = eval_protocol(cfg)
     aug = create_method(cfg).eval_augment()
     device = torch.device(device)
     if view == "patches":
         n_patches = n_patches or cfg.test_patches
-        return extract_features(model, images, aug, n_patches, desc=desc,
+        return extract_features(model, images, aug, n_patches, desc=desc, dist=dist,
                                 **feature_options(cfg, device, n_patches, progress))
     return extract_full_features(model, images, aug, kind=kind, batch_images=cfg.eval_batch_size, device=device,
-                                 amp_dtype=autocast_dtype(cfg.precision, device), progress=progress, desc=desc)
+                                 amp_dtype=autocast_dtype(cfg.precision, device), progress=progress, desc=desc,
+                                 dist=dist)
 
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
@@ -454,13 +477,14 @@ def score_features(train_f: torch.Tensor, train_labels: torch.Tensor, test_f: to
 
 
 def evaluate(model: nn.Module, train: Split, test: Split, cfg: Config, device: torch.device | str,
-             *, progress: bool = True, log: Callable[[str], Any] = print) -> dict[str, Any]:
+             *, progress: bool = True, log: Callable[[str], Any] = print, dist: Dist = SINGLE) -> dict[str, Any]:
     """The full protocol of ``cfg``: features of the train and test images (:func:`image_features`: the
     method's own view and feature unless ``cfg.eval_view`` / ``cfg.eval_feature`` say otherwise; bags of
     ``cfg.test_patches`` patches seeded by ``cfg.eval_seed``), weighted kNN (``cfg.knn_k``,
     ``cfg.knn_temperature``) and the linear probe (``cfg.probe_*``). Either split may be in memory
     (:class:`ImageData`) or read block by block (:class:`LabelledBlocks`, e.g. a streamed split): only the
-    features are kept, and they are the same either way.
+    features are kept, and they are the same either way. Under torchrun (``dist``) every rank computes the
+    features of its share of each split, and gets them all; the kNN and the probe then run on every rank alike.
 
     Returns a JSON-serialisable dict: linear_top1, knn_top1 (in %), eval_view, feature, test_patches (None for
     the whole-image view), probe_epoch, probe_val_top1, feature_seconds, knn_seconds, probe_seconds, n_train,
@@ -474,8 +498,10 @@ def evaluate(model: nn.Module, train: Split, test: Split, cfg: Config, device: t
     view, kind = eval_protocol(cfg)
     with collecting(log) as fallbacks:  # fast paths that failed and ran their plain twins instead
         t0 = time.perf_counter()
-        train_f = image_features(model, split_images(train), cfg, device, progress=progress, desc="train features")
-        test_f = image_features(model, split_images(test), cfg, device, progress=progress, desc="test features")
+        train_f = image_features(model, split_images(train), cfg, device, progress=progress, desc="train features",
+                                 dist=dist)
+        test_f = image_features(model, split_images(test), cfg, device, progress=progress, desc="test features",
+                                dist=dist)
         synchronize(device)
         feature_seconds = time.perf_counter() - t0
 

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data import ImageData
 from .devices import synchronize
-from .evaluate import image_features, knn_predict
+from .distributed import SINGLE, Dist
+from .evaluate import Split, image_features, knn_predict, split_images
 from .files import cut_jsonl
 from .tracking import NO_TRACKING, Tracking
 
@@ -55,26 +55,29 @@ class Monitor:
     ``clock()`` for the checkpoint and the run summary.
 
     Args:
-        train, test: the run's splits; their first ``cfg.monitor_bank`` / ``cfg.monitor_test`` images
-            (class-balanced, :meth:`ImageData.subset`) are the memory bank and the query set.
-        out_dir: the run directory (``monitor.jsonl`` is written there when ``enabled``).
+        train, test: the run's splits, in memory or streamed; their first ``cfg.monitor_bank`` /
+            ``cfg.monitor_test`` images (class-balanced, :meth:`ImageData.subset`) are the memory bank and the
+            query set, whose features are computed at each check (a streamed split's block by block: the check
+            holds their features, not their images).
+        out_dir: the run directory (``monitor.jsonl`` is written there).
         patches_per_step: patches processed per optimisation step over all processes.
         start_step: the step the run starts or resumes at; records after it (written by an interrupted
             session whose last steps were lost) are dropped.
         clock_state: the ``clock()`` dict saved in the checkpoint being resumed, or None.
-        enabled: False on processes other than rank 0: they keep the clock but never evaluate or write.
+        dist: under torchrun every rank computes the features of its share of the bank and the queries at the
+            same steps (:func:`empssl.evaluate.image_features`); rank 0 writes.
         tracker: also receives every record (``--log``).
     """
 
-    def __init__(self, cfg: Config, train: ImageData, test: ImageData, device: torch.device, out_dir: Path, *,
+    def __init__(self, cfg: Config, train: Split, test: Split, device: torch.device, out_dir: Path, *,
                  steps_per_epoch: int, total_steps: int, patches_per_step: int, start_step: int = 0,
-                 clock_state: dict[str, float] | None = None, enabled: bool = True,
+                 clock_state: dict[str, float] | None = None, dist: Dist = SINGLE,
                  tracker: Tracking = NO_TRACKING) -> None:
         self.cfg, self.device = cfg, torch.device(device)
         self.steps_per_epoch, self.total_steps, self.patches_per_step = steps_per_epoch, total_steps, patches_per_step
-        self.start_step = start_step
+        self.start_step, self.dist = start_step, dist
         self.tracker = tracker
-        self.interval = monitor_interval(cfg.eval_every, steps_per_epoch) if enabled else 0
+        self.interval = monitor_interval(cfg.eval_every, steps_per_epoch)
         prior = clock_state or {}
         self._train_before = float(prior.get("train_seconds", 0.0))
         self._monitor_before = float(prior.get("monitor_seconds", 0.0))
@@ -84,10 +87,9 @@ class Monitor:
         if not self.interval:
             return
         self.bank, self.query = train.subset(cfg.monitor_bank), test.subset(cfg.monitor_test)
-        self.bank_images = self.bank.images.to(device)
-        self.query_images = self.query.images.to(device)
         self.bank_labels = self.bank.labels.to(device)
-        cut_jsonl(self.path, start_step)
+        if dist.is_main:
+            cut_jsonl(self.path, start_step)
 
     def start(self, model: nn.Module) -> None:
         """Start the clock; on a fresh run, also record the untrained encoder (step 0)."""
@@ -116,8 +118,8 @@ class Monitor:
         clock = self.clock()
         cfg = self.cfg
         # the run's evaluation view and feature (a bag of monitor_patches patches for EMP-SSL)
-        bank = image_features(model, self.bank_images, cfg, self.device, n_patches=cfg.monitor_patches)
-        query = image_features(model, self.query_images, cfg, self.device, n_patches=cfg.monitor_patches)
+        bank, query = (image_features(model, split_images(s), cfg, self.device, n_patches=cfg.monitor_patches,
+                                      dist=self.dist) for s in (self.bank, self.query))
         pred = knn_predict(bank, self.bank_labels, query, len(self.bank.classes), k=min(cfg.knn_k, len(self.bank)),
                            temperature=cfg.knn_temperature)
         top1 = (pred.cpu() == self.query.labels).double().mean().item() * 100  # the check's one host sync
@@ -130,7 +132,8 @@ class Monitor:
             "monitor_patches": cfg.monitor_patches, "monitor_s": spent,
             "n_bank": len(self.bank), "n_test": len(self.query),
         }
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        self.tracker.log_scalars(rec, step=step, wall_time=time.time(), prefix="monitor/")
+        if self.dist.is_main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            self.tracker.log_scalars(rec, step=step, wall_time=time.time(), prefix="monitor/")
         return spent

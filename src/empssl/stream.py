@@ -1,9 +1,8 @@
 """The streamed tier: training images decoded batch by batch, for data that does not fit in memory.
 
 Beside the in-memory tier (:mod:`empssl.data`, one decoded uint8 tensor), and behind the same interface: the loop
-gets (b, 3, S, S) uint8 batches on its device, one per step, the monitor gets :class:`~empssl.data.ImageData`
-splits in memory, and the evaluation either those or :class:`StreamedSplit` read block by block
-(:func:`eval_splits`). ``--data-mode`` chooses (:func:`load_splits`):
+gets (b, 3, S, S) uint8 batches on its device, one per step, and the monitor and the evaluation get
+:class:`StreamedSplit` splits, read block by block (:func:`eval_splits`). ``--data-mode`` chooses (:func:`load_splits`):
 
 * ``memory``: today's path; ``stream``: this one; ``auto``: stream when the decoded images would not fit in the
   memory available (:func:`empssl.data.load.check_fits`, the in-memory tier's own check).
@@ -19,12 +18,12 @@ splits in memory, and the evaluation either those or :class:`StreamedSplit` read
 * ``--decode cuda``: DataLoader workers pass the raw bytes and the batch's JPEGs are decoded at once on the GPU
   (:func:`decode_batch`, batched nvjpeg); what nvjpeg refuses (PNG, CMYK, ...) is decoded on the CPU instead.
   GPU resizing differs from PIL's by rounding, so those pixels are close to, not equal to, the CPU path's.
-* The monitor needs its images in memory: the test (or val) split is decoded once, and so is a class-balanced
-  sample of ``--monitor-bank`` training images, the monitor's memory bank. The final kNN and linear probe train
-  on the whole training split (after ``--train-subset``), as the in-memory tier's do: its features are computed
-  block by block (:meth:`StreamedSplit.blocks`), keeping the features, not the images (results.json's
-  ``eval_sets`` says what was used). ``empssl eval``, ``embed`` and the experiments read a streamed split the same
-  way (:func:`eval_splits`).
+* No split is decoded whole: the monitor (its bank of ``--monitor-bank`` training images and its queries) and
+  the final kNN and linear probe, which train on the whole training split (after ``--train-subset``) as the
+  in-memory tier's do, compute features block by block (:meth:`StreamedSplit.blocks`), keeping the features, not
+  the images (results.json's ``eval_sets`` says what was used); under torchrun each rank computes its share and
+  the features are gathered (:func:`empssl.evaluate.extract_prefix_features`). ``empssl eval``, ``embed`` and
+  the experiments read a streamed split the same way (:func:`eval_splits`).
 * ``--image-size`` is required: a batch needs one size, and a stream cannot check ahead that all images agree.
 
 Bad data is refused before training, in one line: a shard missing, truncated or not matching its sha256 in the
@@ -242,11 +241,13 @@ class StreamedSplit:
         keep = balanced_indices(self.labels, len(self.classes), n)
         return replace(self, rows=self.rows[keep], labels=self.labels[keep])
 
-    def decoded(self, progress: bool, desc: str = "decoding") -> ImageData:
+    def part(self, first: int, stop: int) -> StreamedSplit:
+        """Rows ``first .. stop - 1`` (a rank's share of the split when the ranks compute its features together)."""
+        return replace(self, rows=self.rows[first:stop], labels=self.labels[first:stop])
+
+    def decoded(self, progress: bool) -> ImageData:
         """Every row decoded into memory (the in-memory tier's decoder and process pool)."""
-        records = _records(self.items, self.rows, self.where)
-        images = decode_catalog(_catalog(records, self.classes, self.where), self.image_size, progress, desc=desc)
-        return ImageData(images, self.labels.clone(), list(self.classes))
+        return ImageData(self._decode(self.rows, progress), self.labels.clone(), list(self.classes))
 
     def blocks(self, multiple: int, names: list[str] | None = None) -> Iterator[torch.Tensor]:
         """The rows decoded block by block: consecutive (b, 3, S, S) uint8 blocks of a multiple of ``multiple``
@@ -261,10 +262,15 @@ class StreamedSplit:
         else:
             per = max(1, BLOCK_BYTES // (multiple * 3 * self.image_size**2)) * multiple
         for at in range(0, len(self.rows), per):
-            records = _records(self.items, self.rows[at:at + per], self.where)
-            if names is not None:
-                names.extend(r.name for r in records)
-            yield decode_catalog(_catalog(records, self.classes, self.where), self.image_size, False)
+            yield self._decode(self.rows[at:at + per], False, names)
+
+    def _decode(self, rows: torch.Tensor, progress: bool, names: list[str] | None = None) -> torch.Tensor:
+        """(len(rows), 3, S, S) uint8: ``rows`` of the items decoded (their names added to ``names``)."""
+        records = _records(self.items, rows, self.where)
+        if names is not None:
+            names.extend(r.name for r in records)
+        catalog = Catalog(self.where, "", records, self.classes, None, [("", len(records))], [])
+        return decode_catalog(catalog, self.image_size, progress)
 
 
 def _records(items: Items, rows: torch.Tensor, source: str) -> list[ImageRecord]:
@@ -282,55 +288,30 @@ def _records(items: Items, rows: torch.Tensor, source: str) -> list[ImageRecord]
     return out
 
 
-def _catalog(records: list[ImageRecord], classes: list[str], source: str) -> Catalog:
-    return Catalog(source, "", records, classes, None, [("", len(records))], [])
-
-
 def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[ImageData, ImageData]],
-                log: Callable[[str], None] = print) -> tuple[ImageData, ImageData, StreamedSplit | None]:
-    """(train, test, streamed) of ``cfg.data`` by ``--data-mode``; ``streamed`` is None in the in-memory tier,
-    where ``in_memory()`` loads the splits. In the streamed tier, train is the in-memory sample the monitor uses
-    (see the module docstring)."""
+                log: Callable[[str], None] = print
+                ) -> tuple[ImageData | StreamedSplit, ImageData | StreamedSplit, StreamedSplit | None]:
+    """(train, test, streamed) of ``cfg.data`` for training, as :func:`eval_splits` reads them; ``streamed`` is
+    the training split in the streamed tier (which the monitor and the evaluation read as they go too, from
+    ``train`` and ``test``), None in the in-memory tier."""
     if cfg.decode == "cuda" and (cfg.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("--decode cuda decodes on the training GPU; this run has none (use --decode cpu or auto)")
-    loaded, streamed = _open_splits(cfg, in_memory, log)
-    if streamed is None:
-        assert loaded is not None
-        return (*loaded, None)
-    train, held, mode = streamed
-    test = held.decoded(progress)
-    if mode == "memory":  # shards decoded into the in-memory tier
-        return train.decoded(progress), test, None
-    bank = train.subset(cfg.monitor_bank).decoded(progress, desc="decoding the monitor's bank")
-    return bank, test, train
+    train, test = eval_splits(cfg, progress, in_memory, log)
+    return train, test, train if isinstance(train, StreamedSplit) else None
 
 
 def eval_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[ImageData, ImageData]],
                 log: Callable[[str], None] = print
                 ) -> tuple[ImageData, ImageData] | tuple[StreamedSplit, StreamedSplit]:
-    """(train, test) of ``cfg.data`` for evaluation, by ``--data-mode`` as :func:`load_splits` chooses: both in
-    memory (:class:`ImageData`), or, in the streamed tier, both as :class:`StreamedSplit`, whose features are
-    computed block by block (:meth:`StreamedSplit.blocks`), so that only the features are kept."""
-    loaded, streamed = _open_splits(cfg, in_memory, log)
-    if streamed is None:
-        assert loaded is not None
-        return loaded
-    train, test, mode = streamed
-    if mode == "memory":
-        return train.decoded(progress), test.decoded(progress)
-    return train, test
-
-
-def _open_splits(cfg: Config, in_memory: Callable[[], tuple[ImageData, ImageData]], log: Callable[[str], None]
-                 ) -> tuple[tuple[ImageData, ImageData] | None, tuple[StreamedSplit, StreamedSplit, str] | None]:
-    """(what ``in_memory()`` loaded, None) in the in-memory tier's own loading, else (None, (train, held-out
-    split, "memory" | "stream")) of shards or of a folder read through its catalog, after ``--train-subset`` /
-    ``--test-subset``: "memory" when they are shards that fit (to be decoded whole)."""
+    """(train, test) of ``cfg.data`` after ``--train-subset`` / ``--test-subset``, by ``--data-mode``: both in
+    memory (:class:`ImageData`: what ``in_memory()`` loads, or shards that fit, decoded whole), or, in the streamed
+    tier (shards, or a folder or archive read through its catalog), both as :class:`StreamedSplit`, whose features
+    are computed block by block (:meth:`StreamedSplit.blocks`), so that only the features are kept."""
     shards, mode = is_shards(cfg.data), cfg.data_mode
     if not shards:
         loaded = memory_first(mode, in_memory, log)
         if loaded is not None:
-            return loaded, None
+            return loaded
     refuse_arrays(cfg.data)
     train_items: Items
     test_items: Items
@@ -355,9 +336,11 @@ def _open_splits(cfg: Config, in_memory: Callable[[], tuple[ImageData, ImageData
             raise DataError(f"{source}: {split} labels run outside its {len(classes)} classes")
     rows = balanced_indices(labels, len(classes), cfg.train_subset) if cfg.train_subset else torch.arange(len(labels))
     test_rows = balanced_indices(test_labels, len(classes), cfg.test_subset or len(test_labels))
-    return None, (StreamedSplit(train_items, rows, labels[rows], classes, cfg.image_size, source),
-                  StreamedSplit(test_items, test_rows, test_labels[test_rows], classes, cfg.image_size, source, held),
-                  mode)
+    train = StreamedSplit(train_items, rows, labels[rows], classes, cfg.image_size, source)
+    test = StreamedSplit(test_items, test_rows, test_labels[test_rows], classes, cfg.image_size, source, held)
+    if mode == "memory":  # shards that fit: the in-memory tier
+        return train.decoded(progress), test.decoded(progress)
+    return train, test
 
 
 def memory_first(mode: str, load: Callable[[], T], log: Callable[[str], None]) -> T | None:

@@ -85,8 +85,8 @@ class Run:
     dist: Dist
     device: torch.device
     own_group: bool  # this session created the process group (torchrun) and tears it down
-    train_data: ImageData
-    test_data: ImageData
+    train_data: ImageData | StreamedSplit  # streamed: read as it goes by the monitor and the evaluation
+    test_data: ImageData | StreamedSplit
     method: Method
     model: nn.Module  # what checkpoints hold and evaluation uses
     opt: LARS
@@ -104,7 +104,6 @@ class Run:
     tracker: Tracking = NO_TRACKING  # --log: TensorBoard / W&B / MLflow, beside the JSONL files
     metrics_state: dict[str, Any] | None = None  # the checkpoint's running loss sums since its last log step
     config_written: bool = False  # config.json is written with this session's first checkpoint
-    streamed: StreamedSplit | None = None  # --data-mode stream: the split evaluation reads as it goes
     data: dict[str, Any] | None = None  # what it trains on (stream.data_record): saved, checked on resume
     source: BatchSource | None = None  # the training batches, whatever the tier (the online mode has its own)
     n_train: int = 0  # training images (of an epoch)
@@ -148,11 +147,14 @@ NO_IMAGES = ImageData(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0,
 
 def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | Iterable[Any] | None, dist: Dist,
                device: torch.device, progress: bool, evaluating: bool
-               ) -> tuple[ImageData, ImageData, StreamedSplit | None, IterableBatches | None, int]:
+               ) -> tuple[ImageData | StreamedSplit, ImageData | StreamedSplit, StreamedSplit | None,
+                          IterableBatches | None, int]:
     """(train, test, the streamed split or None: --data-mode, the user's batches or None, the images of an epoch);
     with a user's batches, train and test are ``cfg.data``'s for the monitor and the evaluation (loaded only for
     them). A batch that the data cannot fill is a user error."""
     own = None
+    train_data: ImageData | StreamedSplit
+    test_data: ImageData | StreamedSplit
     if data is not None and not _is_splits(data):
         if dist.enabled:
             raise ConfigError("data= (an iterable of batches) trains in one process: under torchrun each rank's "
@@ -165,7 +167,7 @@ def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | Iterable[Any] | 
             train_data, test_data, streamed = load_splits(cfg, progress, lambda: config_data(cfg, progress))
         else:
             train_data, test_data, streamed = (*config_data(cfg, progress, data), None)  # type: ignore[arg-type]
-    n_train = own.steps_per_epoch * cfg.batch_size if own else len(streamed) if streamed else len(train_data)
+    n_train = own.steps_per_epoch * cfg.batch_size if own else len(train_data)
     if n_train < cfg.batch_size:  # drop_last, as the official loader
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training images")
     if cfg.batch_size % dist.world_size:
@@ -205,7 +207,7 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | Iterable[A
                                  rank=dist.rank, world=dist.world_size)
     # either tier: the same images at every step; in memory they live on the device as uint8 when they fit
     # (CIFAR-10: 150 MB), and views are cut there
-    images = train_data.images
+    images = train_data.images if isinstance(train_data, ImageData) else NO_IMAGES.images  # streamed: StreamBatches
     source = own or (StreamBatches(streamed, decode=resolve_decode(cfg.decode, device), **order) if streamed else
                      StepBatches(images.to(device) if images.numel() < 4 * 2**30 else images, **order))
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
@@ -214,7 +216,7 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | Iterable[A
               test_data=test_data, method=method, model=model, opt=opt, generator=generator,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule_steps=schedule_steps,
               warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), amp=autocast_dtype(cfg.precision, device),
-              memory_format=memory_format, timing=timing, streamed=streamed, data=record, source=source,
+              memory_format=memory_format, timing=timing, data=record, source=source,
               n_train=n_train)
     # torchrun: every rank sees rank 0's run directory and the same checkpoint, or every rank stops here
     ckpt = distributed.shared_checkpoint(out, dist, lambda path: read_checkpoint(path, require=RESUMED))
@@ -435,7 +437,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
             timing.add("loggers", time.perf_counter() - t0)
         monitor = Monitor(cfg, run.train_data, run.test_data, run.device, run.out, steps_per_epoch=run.steps_per_epoch,
                           total_steps=run.total_steps, patches_per_step=run.views_per_step, start_step=run.step,
-                          clock_state=run.clock_state, enabled=run.dist.is_main, tracker=run.tracker)
+                          clock_state=run.clock_state, dist=run.dist, tracker=run.tracker)
         if run.step < run.total_steps:
             loop(run, monitor, progress, log)
         elif run.ckpt_path.exists():
@@ -443,7 +445,6 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         run.source = None  # the training images on the device, freed for the evaluation
         synchronize(run.device)
         clock = monitor.clock()
-        distributed.teardown(run.own_group)  # evaluation below runs on rank 0 alone
         before = run.clock_state or {}
         compile_seconds = run.compiler.compile_seconds if run.compiler else 0.0
         timing.add("compile", compile_seconds)
@@ -453,16 +454,17 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
                    **clock, "device": device_name(run.device),
                    "compile": run.compiler.reason if run.compiler else None,  # monitoring: wall time and hardware
                    "fallbacks": fallbacks}
-        if not evaluate_at_end or not run.dist.is_main:
+        if not evaluate_at_end:
+            distributed.teardown(run.own_group)
             done: dict[str, Any] = {**summary, "timing": timing.summary()}
             run.tracker.log_results(done, step=run.step)
             run.tracker.close()
             return done
         # a streamed run's kNN and probe train on its whole training split, streamed (the features, not the images,
-        # are kept), as the in-memory run's do, not on the monitor's bank (results.json: eval_sets)
-        eval_train = run.streamed if run.streamed is not None else run.train_data
-        results = {**summary, **evaluate(run.model, eval_train, run.test_data, cfg, run.device, progress=progress,
-                                         log=log)}
+        # are kept), as the in-memory run's do (results.json: eval_sets); under torchrun every rank computes its
+        # share of the features, and rank 0 writes
+        results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
+                                         log=log, dist=run.dist)}
         for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
             timing.add(key, results[name])
         if cfg.compare_random_init:
@@ -470,12 +472,16 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
             baseline = run.method.build_model().to(run.device)
             log("evaluating the randomly initialised encoder with the same protocol")
             t0 = time.perf_counter()
-            base = evaluate(baseline, eval_train, run.test_data, cfg, run.device, progress=progress, log=log)
+            base = evaluate(baseline, run.train_data, run.test_data, cfg, run.device, progress=progress, log=log,
+                            dist=run.dist)
             timing.add("random_init_eval", time.perf_counter() - t0)
             results["random_init"] = {k: base[k] for k in ("linear_top1", "knn_top1")}
             gap = results["linear_top1"] - base["linear_top1"]
             log(f"linear probe: trained {results['linear_top1']:.1f}% vs random init {base['linear_top1']:.1f}% "
                 f"({gap:+.1f} points, {view_label(results['eval_view'], cfg.test_patches)})")
+        distributed.teardown(run.own_group)
+        if not run.dist.is_main:
+            return results
         results["timing"] = timing.summary()
         results["fallbacks"] = fallbacks  # the training's and the evaluations'
         write_json(run.out / "results.json", results)
