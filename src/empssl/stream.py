@@ -116,14 +116,11 @@ class ShardItems:
                  shards: list[ShardFile] | None = None, cache_dir: str | None = None) -> None:
         self.folder, self.count, self._labels, self.shards = folder, count, labels, shards or []
         self.cache_dir = cache_dir
-        self._ds: Any = None  # opened in the process that reads (DataLoader workers open their own)
+        self._ds: Any = None  # opened in the process that reads (a forked one opens its own)
         self._pid = 0
 
     def __len__(self) -> int:
         return self.count
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_ds": None}
 
     def item(self, i: int) -> tuple[bytes, int, str]:
         if self._ds is None or self._pid != os.getpid():  # a forked worker must not share its parent's connections
@@ -481,9 +478,9 @@ def resolve_decode(decode: str, device: torch.device) -> str:
 
 
 def _prepared(data: bytes, name: str, image_size: int, decode: bool) -> tuple[str, Any, str]:
-    """What a DataLoader worker hands over for one image: ("image", (3, S, S) uint8, name) decoded by the in-memory
-    tier's decoder, ("bytes", (n,) uint8 raw file, name) for ``--decode cuda``, or ("error", one-line message, name):
-    a worker's exception would reach the main process as a multi-line traceback."""
+    """What a DataLoader worker hands over for one image: ("image", (3, S, S) uint8, name) by the in-memory tier's
+    decoder, ("bytes", (n,) uint8 file, name) for ``--decode cuda``, or ("error", one-line message, name): a
+    worker's exception would reach the main process as a traceback of many lines."""
     try:
         if not decode:
             return "bytes", torch.frombuffer(bytearray(data), dtype=torch.uint8), name
@@ -493,13 +490,12 @@ def _prepared(data: bytes, name: str, image_size: int, decode: bool) -> tuple[st
 
 
 def _prepared_item(item: dict[str, Any], image_size: int, decode: bool) -> tuple[str, Any, str]:
-    """:func:`_prepared` of a shard's item (LitData's ``transform=``, run in its workers)."""
+    """:func:`_prepared` of a shard's item (LitData's ``transform=``, in its workers)."""
     return _prepared(bytes(item["image"]), str(item["name"]), image_size, decode)
 
 
 class _Reader(torch.utils.data.Dataset):
-    """A folder's or archive's split for torch's DataLoader: image ``i`` is ``split.rows[i]`` of its items,
-    :func:`_prepared` (a file that cannot be read: an error marker too)."""
+    """Image ``i`` of a folder's or archive's split (``split.rows[i]``), :func:`_prepared`."""
 
     def __init__(self, split: StreamedSplit, decode: bool) -> None:
         self.split, self.decode = split, decode
@@ -508,22 +504,21 @@ class _Reader(torch.utils.data.Dataset):
         return len(self.split.rows)
 
     def __getitem__(self, i: int) -> tuple[str, Any, str]:
-        row = int(self.split.rows[i])
         try:
-            data, _, name = self.split.items.item(row)
-        except Exception as e:
-            return "error", f"cannot read image {row} of {self.split.where}: {type(e).__name__}: {e}", str(row)
+            data, _, name = self.split.items.item(int(self.split.rows[i]))
+        except Exception as e:  # a file gone since the scan
+            return "error", f"cannot read image {i} of {self.split.where}: {type(e).__name__}: {e}", str(i)
         return _prepared(data, name, self.split.image_size, self.decode)
 
 
 class _Order(torch.utils.data.DistributedSampler):
-    """This rank's share of an epoch of a folder's or archive's images (torch's seeded, per-epoch split over
-    ranks), from the ``skip``-th on: a resumed epoch goes on where it stopped."""
+    """This rank's share of an epoch of a folder's or archive's images, from the ``skip``-th on (a resumed epoch)."""
 
     skip = 0
 
     def __iter__(self) -> Iterator[int]:
         return itertools.islice(super().__iter__(), self.skip, None)
+
 
 def _chw(image: Any) -> torch.Tensor:
     """(3, H, W) uint8 of a decoded (H, W, 3) array (copied: PIL's arrays are read-only)."""
@@ -535,10 +530,6 @@ def _quiet_bus_error(worker: int) -> None:
     memory: the main process names the shard (:meth:`StreamBatches.__exit__`)."""
     if hasattr(signal, "SIGBUS"):
         signal.signal(signal.SIGBUS, signal.SIG_DFL)
-
-
-def _collate(batch: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
-    return batch
 
 
 _noted_fallback = False
@@ -584,62 +575,52 @@ def _n_workers() -> int:
 
 class StreamBatches:
     """The (b, 3, S, S) uint8 batches of a streamed training split on ``device``, one per step, epoch after epoch,
-    read and decoded as they go by DataLoader workers (``steps_per_epoch`` steps an epoch, the same on every rank).
+    read and decoded as they go by DataLoader workers; ``steps_per_epoch``, the same on every rank.
 
-    A shard folder is LitData's to read (:func:`_litdata_dataset`, iterated by its ``StreamingDataLoader``): it
-    shuffles the chunks by (seed, epoch) and the images within them, deals them to the ranks and their workers with
-    ``drop_last`` (each image at most once an epoch; the same number of batches on every rank), and its
-    ``state_dict()`` is where a resumed run goes on. A folder or archive is read by torch's DataLoader over
-    :class:`_Order`. ``--train-subset``'s rows are those of :meth:`StreamedSplit.subset` (in LitData, the dataset's
-    ``subset``).
+    A shard folder is read by LitData's StreamingDataLoader (:func:`_litdata_dataset`), which owns the order: chunks
+    shuffled by (seed, epoch), dealt to the ranks and their workers with drop_last (each image at most once an
+    epoch, as many batches on every rank), and a ``state_dict()`` to resume from. A folder or archive is read by
+    torch's DataLoader over :class:`_Order`. ``split.rows`` (``--train-subset``) go to LitData as a ``subset``.
 
     Args:
         split: the streamed training split.
         batch_size: the global batch B; this rank yields B / world images per step.
         decode: "cpu" (decoded in the workers) or "cuda" (raw bytes from the workers, :func:`decode_batch`).
-        workers: DataLoader worker processes (default: the CPUs but one, at most 8; a resumed run takes its
-            checkpoint's: another count deals the images otherwise).
+        workers: DataLoader worker processes (default: the CPUs but one, at most 8); a resume takes its
+            checkpoint's, as another count deals the images otherwise.
 
     Use a ``with`` block (or ``close()``) to stop the workers when leaving early; leaving the block on a worker's
     death names the shard that changed under it (:meth:`ShardItems.culprit`).
     """
 
     def __init__(self, split: StreamedSplit, *, batch_size: int, seed: int, device: torch.device | str,
-                 rank: int = 0, world: int = 1, decode: str = "cpu", workers: int | None = None,
-                 prefetch: int = 4) -> None:
+                 rank: int = 0, world: int = 1, decode: str = "cpu", workers: int | None = None) -> None:
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} must be divisible by {world} ranks")
-        self.split, self.device, self.decode, self.seed, self.prefetch = split, torch.device(device), decode, seed, \
-            prefetch
+        self.split, self.seed, self.device, self.decode = split, seed, torch.device(device), decode
         self.b, self.rank, self.world, self.step = batch_size // world, rank, world, 0
-        items = split.items
-        self.litdata = isinstance(items, ShardItems)
-        self.cache_dir = items.cache_dir if isinstance(items, ShardItems) else None
+        self.litdata = isinstance(split.items, ShardItems)
+        self.cache_dir = split.items.cache_dir if isinstance(split.items, ShardItems) else None
+        self._it: Any = None
         self.loader = self._loader(_n_workers() if workers is None else workers)
         self.steps_per_epoch = _agreed(len(self.loader), self.device)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"batch size {batch_size} exceeds the {len(split)} images of {split.where} (drop_last)")
-        self._it: Any = None
+            raise ValueError(f"batch size {batch_size} exceeds the {len(split)} images of {split.where}")
 
     def _loader(self, workers: int) -> Any:
-        """LitData's StreamingDataLoader of a shard folder, or torch's DataLoader of a folder or archive."""
-        extra: dict[str, Any] = {"prefetch_factor": self.prefetch, "multiprocessing_context": "fork"
-                                 if sys.platform == "linux" else "spawn"} if workers else {}
-        kw: dict[str, Any] = dict(batch_size=self.b, num_workers=workers, collate_fn=_collate,
-                                  worker_init_fn=_quiet_bus_error, **extra)
-        decode, split = self.decode == "cpu", self.split
-        if not self.litdata:
-            reader = _Reader(split, decode)
-            order = _Order(reader, self.world, self.rank, shuffle=True, seed=self.seed, drop_last=True)
-            return torch.utils.data.DataLoader(reader, sampler=order, drop_last=True, **kw)
+        kw: dict[str, Any] = dict(batch_size=self.b, num_workers=workers, collate_fn=list,
+                                  worker_init_fn=_quiet_bus_error, prefetch_factor=4 if workers else None,
+                                  multiprocessing_context=("fork" if sys.platform == "linux" else "spawn")
+                                  if workers else None)
+        split, decode = self.split, self.decode == "cpu"
+        if not isinstance(split.items, ShardItems):
+            order = _Order(_Reader(split, decode), self.world, self.rank, seed=self.seed, drop_last=True)
+            return torch.utils.data.DataLoader(order.dataset, sampler=order, drop_last=True, **kw)
         from litdata import StreamingDataLoader
 
-        assert isinstance(split.items, ShardItems)
         ds = _litdata_dataset(split.items.folder, self.cache_dir, shuffle=True, seed=self.seed, drop_last=True,
                               transform=functools.partial(_prepared_item, image_size=split.image_size, decode=decode))
-        if len(split.rows) < len(split.items):  # --train-subset
-            ds = ds.subset(split.rows.tolist())
-        return StreamingDataLoader(ds, **kw)
+        return StreamingDataLoader(ds.subset(split.rows.tolist()) if len(split) < len(split.items) else ds, **kw)
 
     def __enter__(self) -> StreamBatches:
         return self
@@ -658,8 +639,7 @@ class StreamBatches:
         return (images for images, _ in self.named())
 
     def named(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
-        """(batch, the names of its images) for every step from ``self.step`` on."""
-        pin = self.device.type == "cuda"
+        """(batch, its images' names) of every step from ``self.step`` on."""
         while True:
             epoch, at = divmod(self.step, self.steps_per_epoch)
             if not self.litdata:  # (LitData keeps its own epoch and position)
@@ -667,24 +647,23 @@ class StreamBatches:
                 self.loader.sampler.skip = at * self.b
             self._it = iter(self.loader)
             for _ in range(at, self.steps_per_epoch):
-                batch = self._next()
-                names = [b[2] for b in batch]
+                batch, names = self._next(), []
                 self.step += 1
                 if self.decode == "cuda":
+                    names = [b[2] for b in batch]
                     yield decode_batch([b[1] for b in batch], names, self.split.image_size, self.device), names
                     continue
                 images = torch.stack([b[1] for b in batch])
-                yield (images.pin_memory() if pin else images).to(self.device, non_blocking=True), names
-            for _ in self._it:  # to the epoch's end, where LitData starts the next (none left where ranks agreed)
+                pinned = images.pin_memory() if self.device.type == "cuda" else images
+                yield pinned.to(self.device, non_blocking=True), [b[2] for b in batch]
+            for _ in self._it:  # to the epoch's end, where LitData starts the next (nothing left: the ranks agree)
                 pass
 
     def _next(self) -> list[tuple[str, Any, str]]:
-        """The next batch of workers' items; DataError (one line) naming the image that does not decode, or the
-        shard to blame when a read failed (a worker's exception arrives as a traceback of many lines)."""
+        """The next batch; DataError (one line) naming an image that does not decode, or the shard to blame for a
+        failed read (a worker's exception arrives as a traceback: its last line holds LitData's message)."""
         try:
             batch = next(self._it)
-        except StopIteration:
-            raise RuntimeError(f"{self.split.where} ended an epoch before its {self.steps_per_epoch} steps") from None
         except Exception as e:
             raise read_error(self.split.items, [], str(e).strip().splitlines()[-1]) from None
         bad = next((b for b in batch if b[0] == "error"), None)
@@ -693,13 +672,12 @@ class StreamBatches:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """The next step and what reads on from it: LitData's loader state, the worker count and cache folder."""
         state = {"step": self.step, "workers": self.loader.num_workers, "cache_dir": self.cache_dir}
         return {**state, "loader": self.loader.state_dict()} if self.litdata else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Go on where ``state`` (:meth:`state_dict`) stopped: with its worker count; DataError (one line) where it
-        cannot: a checkpoint without LitData's state, or another cache folder (``--data-dir``)."""
+        """Go on where ``state`` stopped, with its worker count; DataError (one line) for a checkpoint without
+        LitData's state, or with another cache folder (another ``--data-dir``): LitData could not resume."""
         self.step = int(state["step"])
         if not self.litdata:
             return
@@ -723,8 +701,8 @@ class StreamBatches:
 
 def _agreed(steps: int, device: torch.device) -> int:
     """The fewest of every rank's ``steps`` (under torchrun), so that the ranks step together."""
-    if not torch.distributed.is_initialized():
-        return steps
-    t = torch.tensor([steps], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return int(t.item())
+    if torch.distributed.is_initialized():
+        t = torch.tensor([steps], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        steps = int(t.item())
+    return steps
