@@ -665,7 +665,7 @@ class StreamBatches:
         try:
             batch = next(self._it)
         except Exception as e:
-            raise read_error(self.split.items, [], str(e).strip().splitlines()[-1]) from None
+            raise read_error(self.split.items, [], _without_traceback(str(e))) from None
         bad = next((b for b in batch if b[0] == "error"), None)
         if bad is not None:
             raise read_error(self.split.items, [], bad[1])
@@ -697,6 +697,15 @@ class StreamBatches:
         stop = getattr(it, "close", None) or getattr(it, "_shutdown_workers", None)
         if stop is not None:
             stop()
+
+
+def _without_traceback(message: str) -> str:
+    """The words of a DataLoader worker's exception, without the traceback torch puts before them: what follows
+    the last frame's lines (the message itself may run over several lines)."""
+    lines = message.strip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    rest = lines[frames[-1] + 1:] if frames else lines
+    return "\n".join(rest[next((i for i, line in enumerate(rest) if line[:1].strip()), 0):])
 
 
 def _agreed(steps: int, device: torch.device) -> int:
