@@ -2,7 +2,7 @@
 rendezvous on 127.0.0.1) training one streamed shard folder into one ``--out``, as two machines sharing storage
 would; and the same two with ``--out`` folders of their own (no shared storage).
 
-The jobs run tests/multinode_entry.py, which is ``empssl`` with two test hooks: a record of the rows each rank
+The jobs run tests/multinode_entry.py, which is ``empssl`` with two test hooks: a record of the images each rank
 reads, and a pause after the first checkpoint, so that the kill lands after one whatever the machine's speed.
 """
 
@@ -77,7 +77,7 @@ def shards(tmp_path_factory, data_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shards, data_dir) -> Path:
-    """A two-node run of 6 steps, never stopped, whose ranks recorded the rows they read (RUN/../rows)."""
+    """A two-node run of 6 steps, never stopped, whose ranks recorded the images they read (RUN/../rows)."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     (tmp / "rows").mkdir()
     two_nodes(tmp, shards, data_dir, (tmp / "run", tmp / "run"), EMPSSL_TEST_ROWS=str(tmp / "rows"))

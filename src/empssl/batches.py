@@ -1,8 +1,9 @@
-"""Which images each optimisation step trains on, delivered to the device without stalling it.
+"""The batch sources the training loop iterates; the in-memory tier's: which images each step trains on, delivered
+to the device without stalling it.
 
-Step t (epoch e = t // S, position p = t % S, S steps per epoch, drop_last as the official loader) takes the
-B images ``perm_e[p*B:(p+1)*B]`` of a seeded per-epoch permutation, so a resumed run sees the same batches;
-under torchrun, rank r of N takes the slice r*b:(r+1)*b of them (b = B / N).
+In memory, step t (epoch e = t // S, position p = t % S, S steps per epoch, drop_last as the official loader)
+takes the B images ``perm_e[p*B:(p+1)*B]`` of a seeded per-epoch permutation, so a resumed run sees the same
+batches; under torchrun, rank r of N takes the slice r*b:(r+1)*b of them (b = B / N).
 
 Two deliveries, the same batches:
 
@@ -14,8 +15,9 @@ Two deliveries, the same batches:
   with ``non_blocking=True``. PyTorch's pinned-memory cache does not hand a buffer out again before its copy
   has finished, so the thread may allocate freely.
 
-Every tier is a :class:`BatchSource` to the training loop, and so is a user's own iterable of batches
-(:class:`IterableBatches`, ``empssl.train(cfg, out, data=loader)``).
+Every tier is a :class:`BatchSource` to the training loop (the streamed tier's, in LitData's order:
+:class:`empssl.stream.StreamBatches`), and so is a user's own iterable of batches (:class:`IterableBatches`,
+``empssl.train(cfg, out, data=loader)``).
 """
 
 from __future__ import annotations
