@@ -143,6 +143,7 @@ def test_a_resume_through_another_cache_folder_is_refused_in_one_line(tmp_path, 
     assert "--data-dir" in str(e.value)
 
 
+@pytest.mark.slow  # three training processes (the slow tier runs in CI too)
 def test_stream_run_killed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, data_dir, demo_shards):
     """kill -9 after a mid-epoch checkpoint, then the same command: the weights of a run never stopped, bitwise."""
     args = ["train", "--data", str(demo_shards), "--data-dir", str(data_dir), "--data-mode", "stream",
