@@ -647,21 +647,21 @@ class StreamBatches:
                 self.loader.sampler.skip = at * self.b
             self._it = iter(self.loader)
             for _ in range(at, self.steps_per_epoch):
-                batch, names = self._next(), []
+                batch = self._next()
                 self.step += 1
+                names = [b[2] for b in batch]
                 if self.decode == "cuda":
-                    names = [b[2] for b in batch]
                     yield decode_batch([b[1] for b in batch], names, self.split.image_size, self.device), names
                     continue
                 images = torch.stack([b[1] for b in batch])
-                pinned = images.pin_memory() if self.device.type == "cuda" else images
-                yield pinned.to(self.device, non_blocking=True), [b[2] for b in batch]
+                images = images.pin_memory() if self.device.type == "cuda" else images
+                yield images.to(self.device, non_blocking=True), names
             for _ in self._it:  # to the epoch's end, where LitData starts the next (nothing left: the ranks agree)
                 pass
 
     def _next(self) -> list[tuple[str, Any, str]]:
         """The next batch; DataError (one line) naming an image that does not decode, or the shard to blame for a
-        failed read (a worker's exception arrives as a traceback: its last line holds LitData's message)."""
+        failed read (a worker's exception arrives as a traceback, LitData's message after it)."""
         try:
             batch = next(self._it)
         except Exception as e:
@@ -672,6 +672,7 @@ class StreamBatches:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
+        """The next step, the worker count, the cache folder and, for shards, LitData's loader state."""
         state = {"step": self.step, "workers": self.loader.num_workers, "cache_dir": self.cache_dir}
         return {**state, "loader": self.loader.state_dict()} if self.litdata else state
 
