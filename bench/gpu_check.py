@@ -241,8 +241,7 @@ def stream_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     assert split is not None
     decode = stream.resolve_decode("auto", device)
     steps, warm = (6, 1) if smoke else (60, 5)
-    with stream.StreamBatches(split, batch_size=batch, seed=0, start_step=0, total_steps=steps, device=device,
-                              decode=decode) as batches:
+    with stream.StreamBatches(split, batch_size=batch, seed=0, device=device, decode=decode) as batches:
         it = iter(batches)
         for _ in range(warm):
             next(it)

@@ -1,8 +1,8 @@
 """What tests/test_multinode.py's torchrun jobs run: ``empssl`` (its ``main``) with two test hooks set by the
 environment, so that the job itself is the real command line.
 
-- ``EMPSSL_TEST_ROWS=FOLDER``: each rank appends the rows it reads for each step (one JSON list a line, in step
-  order) to ``FOLDER/rank<RANK>.jsonl``, as the DataLoader asks for them.
+- ``EMPSSL_TEST_ROWS=FOLDER``: each rank appends the names of the images of each step (one JSON list a line, in
+  step order) to ``FOLDER/rank<RANK>.jsonl``, as the loop takes them.
 - ``EMPSSL_TEST_PAUSE=1``: rank 0 stops after writing its first checkpoint and waits to be killed (the other ranks
   wait for it in their next collective), so that a test's kill lands after a checkpoint, whatever the machine's
   speed.
@@ -21,17 +21,18 @@ from empssl.cli import main
 train_module = importlib.import_module("empssl.train")  # empssl.train is the function
 
 
-def logged_rows(folder: Path, real_rows):
-    """``StreamBatches.rows`` (``real_rows``) that also appends each step's rows to ``folder/rank<RANK>.jsonl``."""
+def logged_rows(folder: Path, real_named):
+    """``StreamBatches.named`` (``real_named``) that also appends each step's image names to
+    ``folder/rank<RANK>.jsonl``."""
 
-    def rows(self):
-        with (folder / f"rank{os.environ['RANK']}.jsonl").open("a") as f:
-            for r in real_rows(self):
-                f.write(json.dumps(r) + "\n")
+    def named(self):
+        with (folder / f"rank{os.environ.get('RANK', '0')}.jsonl").open("a") as f:
+            for images, names in real_named(self):
+                f.write(json.dumps(names) + "\n")
                 f.flush()
-                yield r
+                yield images, names
 
-    return rows
+    return named
 
 
 def pause_after_first_checkpoint() -> None:
@@ -47,7 +48,7 @@ def pause_after_first_checkpoint() -> None:
 
 if __name__ == "__main__":
     if os.environ.get("EMPSSL_TEST_ROWS"):
-        stream.StreamBatches.rows = logged_rows(Path(os.environ["EMPSSL_TEST_ROWS"]), stream.StreamBatches.rows)
+        stream.StreamBatches.named = logged_rows(Path(os.environ["EMPSSL_TEST_ROWS"]), stream.StreamBatches.named)
     if os.environ.get("EMPSSL_TEST_PAUSE"):
         pause_after_first_checkpoint()
     sys.exit(main())

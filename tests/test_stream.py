@@ -1,4 +1,4 @@
-"""The streamed tier: the same batches as the in-memory tier, exact resume, two ranks, bad shards, GPU-decode fallback.
+"""The streamed tier: in-memory pixels, each image at most once an epoch, exact resume, two ranks, bad data, GPU decode.
 
 The shard folders are written by ``empssl shard`` (:func:`empssl.shard.write_shards`) from ImageFolder trees that
 the tests write from the bundled demo archive's files; tampering with shards themselves is tested in test_shard.py.
@@ -6,7 +6,12 @@ the tests write from the bundled demo archive's files; tampering with shards the
 
 import importlib
 import io
+import itertools
 import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +20,17 @@ import torch
 from PIL import Image
 
 from empssl import shard, stream
-from empssl.batches import StepBatches
 from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
-from empssl.data import load, scan
+from empssl.data import DataError, load, scan
 from empssl.train import config_data, train
 
 from .conftest import TINY
 from .multinode_entry import logged_rows
-from .test_distributed import WORLD, interrupt_after, run_ranks
+from .test_distributed import WORLD, interrupt_after, poll, run_ranks
 
 pytest.importorskip("litdata")
+ENTRY = Path(__file__).with_name("multinode_entry.py")
 train_module = importlib.import_module("empssl.train")
 
 
@@ -64,9 +69,23 @@ def quiet(_: str) -> None:
     pass
 
 
+def in_memory_by_name(split, mem_train):
+    """The in-memory tier's image of every name of ``split`` (both in the catalog's order, after the same subset)."""
+    return {split.items.item(int(r))[2]: mem_train.images[k] for k, r in enumerate(split.rows)}
+
+
+def epochs_of(batches, steps_per_epoch: int, epochs: int) -> list[list[str]]:
+    """The names each epoch of ``batches`` (a StreamBatches) trains on."""
+    named = itertools.islice(batches.named(), steps_per_epoch * epochs)
+    names = [n for _, step in named for n in step]
+    per = len(names) // epochs
+    return [names[e * per:(e + 1) * per] for e in range(epochs)]
+
+
 @pytest.mark.parametrize("source", ["archive", "shards"])
 @pytest.mark.parametrize("workers", [0, 1])
-def test_streamed_batches_are_the_in_memory_batches(data_dir, demo_shards, source, workers):
+def test_streamed_batches_hold_the_in_memory_pixels_each_image_at_most_once_an_epoch(data_dir, demo_shards, source,
+                                                                                    workers):
     cfg = tiny_cfg(data_dir, data="demo" if source == "archive" else str(demo_shards), data_mode="stream")
     sample, test, split = stream.load_splits(cfg, False, lambda: pytest.fail("the stream tier was asked"), quiet)
     mem_train, mem_test = config_data(tiny_cfg(data_dir, data_mode="memory"), progress=False)
@@ -74,17 +93,85 @@ def test_streamed_batches_are_the_in_memory_batches(data_dir, demo_shards, sourc
     assert sample is split and isinstance(test, stream.StreamedSplit)  # read as they go, never decoded whole
     assert torch.equal(test.decoded(False).images, mem_test.images) and torch.equal(test.labels, mem_test.labels)
     assert torch.equal(split.subset(60).decoded(False).images, mem_train.subset(60).images)  # the monitor's bank
-    kw = dict(batch_size=20, seed=3, start_step=7, total_steps=23, device="cpu")  # across two epoch ends
-    with stream.StreamBatches(split, workers=workers, **kw) as streamed, StepBatches(mem_train.images, **kw) as ref:
-        got, want = list(streamed), list(ref)
-    assert len(got) == len(want) == 16
-    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    want = in_memory_by_name(split, mem_train)
+    with stream.StreamBatches(split, batch_size=20, seed=3, device="cpu", workers=workers) as batches:
+        assert batches.steps_per_epoch == 10
+        seen = []
+        for images, names in itertools.islice(batches.named(), 20):  # two epochs
+            assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8
+            assert all(torch.equal(image, want[n]) for image, n in zip(images, names, strict=True))
+            seen.extend(names)
+    epochs = [seen[:200], seen[200:]]
+    assert all(sorted(e) == sorted(want) for e in epochs)  # each of the subset's images once an epoch
+    assert epochs[0] != epochs[1]  # reshuffled
 
 
-def test_stream_run_resumed_mid_epoch_equals_an_uninterrupted_in_memory_run(tmp_path, data_dir, demo_shards):
-    ref = train(tiny_cfg(data_dir, data_mode="memory", epochs=1.5), tmp_path / "ref", progress=False, log=quiet,
-                evaluate_at_end=False)
+@pytest.mark.parametrize("source", ["archive", "shards"])
+def test_a_resumed_stream_goes_on_with_the_uninterrupted_batches_with_its_recorded_workers(data_dir, demo_shards,
+                                                                                          source):
+    data = "demo" if source == "archive" else str(demo_shards)
+    split = stream.load_splits(tiny_cfg(data_dir, data=data, data_mode="stream"), False,
+                               lambda: pytest.fail("stream asked"), quiet)[2]
+    kw = dict(batch_size=20, seed=5, device="cpu")
+    with stream.StreamBatches(split, workers=2, **kw) as whole:
+        want = epochs_of(whole, 10, 2)
+    with stream.StreamBatches(split, workers=2, **kw) as first:
+        head = [n for _, names in itertools.islice(first.named(), 13) for n in names]  # into the second epoch
+        state = first.state_dict()
+    assert state["step"] == 13 and state["workers"] == 2
+    with stream.StreamBatches(split, workers=1, **kw) as resumed:  # another machine's worker count: the checkpoint's
+        resumed.load_state_dict(state)
+        assert resumed.loader.num_workers == (2 if source == "shards" else 1)  # (a folder's order: any count)
+        tail = [n for _, names in itertools.islice(resumed.named(), 7) for n in names]
+    assert head + tail == want[0] + want[1]
+
+
+def test_a_resume_through_another_cache_folder_is_refused_in_one_line(tmp_path, data_dir, demo_shards):
+    split = stream.load_splits(tiny_cfg(data_dir, data=str(demo_shards), data_mode="stream"), False,
+                               lambda: pytest.fail("stream asked"), quiet)[2]
+
+    def through(cache):  # (a local folder is read in place; an s3:// one through the cache under --data-dir)
+        items = split.items
+        return replace(split, items=stream.ShardItems(items.folder, items.count, None, items.shards, str(cache)))
+
+    with stream.StreamBatches(through(tmp_path / "a"), batch_size=20, seed=0, device="cpu", workers=0) as first:
+        next(iter(first))
+        state = first.state_dict()
+    again = stream.StreamBatches(through(tmp_path / "b"), batch_size=20, seed=0, device="cpu", workers=0)
+    with pytest.raises(DataError) as e:
+        again.load_state_dict(state)
+    assert "\n" not in str(e.value) and f"cache {tmp_path / 'a'}; this command's is {tmp_path / 'b'}" in str(e.value)
+    assert "--data-dir" in str(e.value)
+
+
+@pytest.mark.slow  # three training processes (the slow tier runs in CI too)
+def test_stream_run_killed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, data_dir, demo_shards):
+    """kill -9 after a mid-epoch checkpoint, then the same command: the weights of a run never stopped, bitwise."""
+    args = ["train", "--data", str(demo_shards), "--data-dir", str(data_dir), "--data-mode", "stream",
+            "--image-size", "32", "--no-eval", "--no-progress", "--train-subset", "200", "--monitor-bank", "20",
+            "--epochs", "1.5", "--checkpoint-every", "4", *TINY]
+
+    def command(out, **env):
+        return subprocess.Popen([sys.executable, str(ENTRY), *args, "--out", str(out)], env={**os.environ, **env},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    ref = command(tmp_path / "ref")
+    run = command(tmp_path / "run", EMPSSL_TEST_PAUSE="1")  # stops after its first checkpoint (step 4 of 15)
+    poll(lambda: run.poll() is not None or (tmp_path / "run" / "config.json").exists(), "the first checkpoint")
+    run.kill()
+    run.wait()
+    assert read_checkpoint(tmp_path / "run")["step"] == 4
+    again = command(tmp_path / "run")
+    assert again.wait(timeout=600) == 0 and ref.wait(timeout=600) == 0, again.stderr.read() if again.stderr else ""
+    a, b = read_checkpoint(tmp_path / "ref"), read_checkpoint(tmp_path / "run")
+    assert b["step"] == a["step"] == 15
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_stream_run_interrupted_mid_epoch_resumes_as_if_never_stopped(tmp_path, data_dir, demo_shards):
     cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode="stream", epochs=1.5)
+    ref = train(cfg, tmp_path / "ref", progress=False, log=quiet, evaluate_at_end=False)
     real_step = train_module.train_step
     interrupt_after(4)  # a SIGINT in step 4 of 15: the loop saves step 4 and stops
     try:
@@ -101,19 +188,21 @@ def test_stream_run_resumed_mid_epoch_equals_an_uninterrupted_in_memory_run(tmp_
         assert torch.equal(value, b["model"][key]), key
 
 
-def test_two_ranks_see_every_image_of_an_epoch_once(tmp_path, data_dir, demo_shards, monkeypatch):
+def test_two_ranks_read_every_image_of_an_epoch_at_most_once(tmp_path, data_dir, demo_shards, monkeypatch):
     seen = tmp_path / "seen"
     seen.mkdir()
-    monkeypatch.setattr(stream.StreamBatches, "rows", logged_rows(seen, stream.StreamBatches.rows))
-    cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode="stream", train_subset=80, epochs=1,
+    monkeypatch.setattr(stream.StreamBatches, "named", logged_rows(seen, stream.StreamBatches.named))
+    cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode="stream", train_subset=80, epochs=2,
                    width=8, hidden_dim=64, z_dim=32)
     run_ranks(cfg, tmp_path / "run", None)
     per_rank = [[json.loads(line) for line in (seen / f"rank{r}.jsonl").read_text().splitlines()] for r in range(WORLD)]
-    assert [len(steps) for steps in per_rank] == [4, 4]  # the same number of steps, 10 images each
+    assert [len(steps) for steps in per_rank] == [8, 8]  # the same number of steps, 10 images each
     assert all(len(batch) == 10 for steps in per_rank for batch in steps)
-    everything = sorted(i for steps in per_rank for batch in steps for i in batch)
     split = stream.load_splits(cfg, False, lambda: pytest.fail("stream asked"), quiet)[2]
-    assert everything == sorted(split.rows.tolist())  # all 80 images of the epoch, each once
+    subset = {split.items.item(int(r))[2] for r in split.rows}
+    for epoch in range(2):
+        read = [n for steps in per_rank for batch in steps[epoch * 4:(epoch + 1) * 4] for n in batch]
+        assert sorted(read) == sorted(subset)  # all 80 images of the epoch, each once (80 = 4 steps of 20)
 
 
 # --- bad input: one line, exit 2, no run directory --------------------------------------------------------
@@ -193,24 +282,20 @@ def test_labels_come_from_the_manifest_without_reading_the_items(tmp_path, data_
     assert torch.equal(train_items.labels(), want)
 
 
-def test_shard_then_train_streamed_evaluates_and_equals_the_in_memory_run(tmp_path, data_dir, capsys):
+def test_shard_then_train_streamed_evaluates_as_the_in_memory_tier_would(tmp_path, data_dir, capsys):
     src = image_tree(tmp_path / "src", data_dir, {"train": 10, "test": 4})
     assert main(["shard", str(src), "--out", str(tmp_path / "shards"), "--shard-size", "30", "--workers", "1",
                  "--no-progress"]) == 0
-    runs = {}
-    for mode in ("stream", "memory"):
-        out = tmp_path / mode
-        assert main(["train", "--data", str(tmp_path / "shards"), "--data-mode", mode, "--image-size", "32",
-                     "--out", str(out), "--no-progress", "--epochs", "2", "--monitor-bank", "40", *TINY]) == 0
-        runs[mode] = read_checkpoint(out), json.loads((out / "results.json").read_text())
-    (stream_ckpt, stream_results), (memory_ckpt, memory_results) = runs["stream"], runs["memory"]
-    assert stream_results["n_train"] == memory_results["n_train"] == 100  # every image, not the bank of 40
-    assert stream_results["eval_sets"]["train"]["read"] == "stream"
-    for key in ("linear_top1", "knn_top1"):  # the same features (the streamed ones block by block), the same scores
-        assert stream_results[key] == memory_results[key], key
-    assert stream_ckpt["step"] == memory_ckpt["step"] == 10
-    for key, value in memory_ckpt["model"].items():
-        assert torch.equal(value, stream_ckpt["model"][key]), key
+    out = tmp_path / "stream"
+    assert main(["train", "--data", str(tmp_path / "shards"), "--data-mode", "stream", "--image-size", "32",
+                 "--out", str(out), "--no-progress", "--epochs", "2", "--monitor-bank", "40", *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_train"] == 100 and read_checkpoint(out)["step"] == 10  # every image, not the bank of 40
+    assert results["eval_sets"]["train"]["read"] == "stream"
+    again = tmp_path / "memory.json"  # the same checkpoint evaluated in memory: the same features, the same scores
+    assert main(["eval", "--checkpoint", str(out), "--data-mode", "memory", "--out", str(again), "--no-progress"]) == 0
+    for key in ("linear_top1", "knn_top1"):
+        assert json.loads(again.read_text())[key] == results[key], key
 
 
 def test_stream_needs_an_image_size_and_a_streamable_source(tmp_path, data_dir, capsys):
@@ -292,9 +377,9 @@ def test_gpu_decoding_without_a_gpu_is_refused(tmp_path, data_dir, demo_shards, 
 def test_raw_bytes_from_the_workers_are_decoded_a_batch_at_a_time(data_dir, demo_shards):
     cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode="stream")
     split = stream.load_splits(cfg, False, lambda: pytest.fail("stream asked"), quiet)[2]
-    kw = dict(batch_size=20, seed=0, start_step=0, total_steps=3, device="cpu", workers=1)
+    kw = dict(batch_size=20, seed=0, device="cpu", workers=1)
     with stream.StreamBatches(split, decode="cuda", **kw) as raw, stream.StreamBatches(split, **kw) as cpu:
-        pairs = list(zip(raw, cpu, strict=True))  # --decode cuda's path, with torchvision's CPU JPEG decoder here
+        pairs = list(itertools.islice(zip(raw, cpu), 3))  # --decode cuda's path, with torchvision's CPU JPEG decoder
     assert len(pairs) == 3
     for a, b in pairs:
         assert a.shape == b.shape == (20, 3, 32, 32) and a.dtype == torch.uint8

@@ -1,8 +1,9 @@
-"""Which images each optimisation step trains on, delivered to the device without stalling it.
+"""The batch sources the training loop iterates; the in-memory tier's: which images each step trains on, delivered
+to the device without stalling it.
 
-Step t (epoch e = t // S, position p = t % S, S steps per epoch, drop_last as the official loader) takes the
-B images ``perm_e[p*B:(p+1)*B]`` of a seeded per-epoch permutation, so a resumed run sees the same batches;
-under torchrun, rank r of N takes the slice r*b:(r+1)*b of them (b = B / N).
+In memory, step t (epoch e = t // S, position p = t % S, S steps per epoch, drop_last as the official loader)
+takes the B images ``perm_e[p*B:(p+1)*B]`` of a seeded per-epoch permutation, so a resumed run sees the same
+batches; under torchrun, rank r of N takes the slice r*b:(r+1)*b of them (b = B / N).
 
 Two deliveries, the same batches:
 
@@ -14,8 +15,9 @@ Two deliveries, the same batches:
   with ``non_blocking=True``. PyTorch's pinned-memory cache does not hand a buffer out again before its copy
   has finished, so the thread may allocate freely.
 
-Every tier is a :class:`BatchSource` to the training loop, and so is a user's own iterable of batches
-(:class:`IterableBatches`, ``empssl.train(cfg, out, data=loader)``).
+Every tier is a :class:`BatchSource` to the training loop (the streamed tier's, in LitData's order:
+:class:`empssl.stream.StreamBatches`), and so is a user's own iterable of batches (:class:`IterableBatches`,
+``empssl.train(cfg, out, data=loader)``).
 """
 
 from __future__ import annotations
@@ -53,25 +55,6 @@ class BatchSource(Protocol):
     def __exit__(self, kind: Any, error: Any, tb: Any) -> None: ...
 
 
-class StepState:
-    """The state of a tier whose batches are a function of the step (both of empssl's): the next batch's step."""
-
-    start: int
-    taken = 0  # batches handed out since ``start``
-
-    def _counted(self, batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-        self.taken = 0
-        for batch in batches:
-            self.taken += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.start + self.taken}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.start, self.taken = int(state["step"]), 0
-
-
 def epoch_permutation(n_images: int, seed: int, epoch: int) -> torch.Tensor:
     """The (n_images,) int64 CPU permutation of ``epoch``, the same on every rank and every resume."""
     return torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 10007 + epoch))
@@ -81,7 +64,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-class StepBatches(StepState):
+class StepBatches:
     """Iterator over the (b, 3, H, W) uint8 batches of steps ``start_step`` .. ``total_steps - 1`` on ``device``.
 
     Args:
@@ -110,6 +93,8 @@ class StepBatches(StepState):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    taken = 0  # batches handed out since ``start``
+
     def __enter__(self) -> StepBatches:
         return self
 
@@ -117,7 +102,16 @@ class StepBatches(StepState):
         self.close()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return self._counted(self._streamed() if self.stream else self._resident())
+        self.taken = 0
+        for batch in self._streamed() if self.stream else self._resident():
+            self.taken += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.start + self.taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start, self.taken = int(state["step"]), 0
 
     def _slices(self) -> Iterator[tuple[torch.Tensor, int]]:
         """(that epoch's CPU permutation, start of this rank's slice in it) for every step."""

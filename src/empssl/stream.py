@@ -10,11 +10,12 @@ gets (b, 3, S, S) uint8 batches on its device, one per step, and the monitor and
   :mod:`empssl.shard`'s format, read through :func:`empssl.shard.verify_shards`: LitData folders ``DIR/train`` and
   ``DIR/test`` or ``DIR/val`` of items {"image": encoded bytes, "label", "name"}, and each split's labels.npy), or
   any folder or archive the data package reads, through its catalog (``record.read()``).
-* Which images a step trains on: exactly those of the in-memory tier (:func:`empssl.batches.epoch_permutation`
-  per (seed, epoch), rank r of N taking the slice r*b:(r+1)*b of the step's B images), so every rank runs the
-  same number of steps, the ranks together see each image of an epoch once, and a resumed run continues with
-  the next unseen batch. Decoding on the CPU uses the in-memory tier's decoder (:func:`empssl.data.decode_image`:
-  shorter side resized to ``--image-size``, centre crop), so both tiers train on the same pixels, bitwise.
+* Which images a step trains on: LitData's order for shards (:class:`StreamBatches`: chunks shuffled by seed and
+  epoch, dealt to ranks and workers), torch's DistributedSampler's for a folder or archive; each image at most once
+  an epoch (``drop_last`` leaves out a few), every rank the same number of steps, and a resumed run continues with
+  the next unseen batch (same world size). Not the in-memory tier's order: the two tiers train on other batches.
+  Decoding on the CPU uses the in-memory tier's decoder (:func:`empssl.data.decode_image`: shorter side resized to
+  ``--image-size``, centre crop), so each image's pixels are those of the in-memory tier, bitwise.
 * ``--decode cuda``: DataLoader workers pass the raw bytes and the batch's JPEGs are decoded at once on the GPU
   (:func:`decode_batch`, batched nvjpeg); what nvjpeg refuses (PNG, CMYK, ...) is decoded on the CPU instead.
   GPU resizing differs from PIL's by rounding, so those pixels are close to, not equal to, the CPU path's.
@@ -42,7 +43,9 @@ source's file stamps) and refuses to resume over other data (:func:`check_data`)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import itertools
 import os
 import signal
 import sys
@@ -55,7 +58,6 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
-from .batches import StepState, epoch_permutation
 from .config import Config, ConfigError
 from .data import TORCHVISION_DATASETS, Catalog, DataError, ImageData, ImageRecord, decode_image, scan
 from .data.decode import decode_catalog, usable_cpus
@@ -113,21 +115,15 @@ class ShardItems:
                  shards: list[ShardFile] | None = None, cache_dir: str | None = None) -> None:
         self.folder, self.count, self._labels, self.shards = folder, count, labels, shards or []
         self.cache_dir = cache_dir
-        self._ds: Any = None  # opened in the process that reads (DataLoader workers open their own)
+        self._ds: Any = None  # opened in the process that reads (a forked one opens its own)
         self._pid = 0
 
     def __len__(self) -> int:
         return self.count
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_ds": None}
-
     def item(self, i: int) -> tuple[bytes, int, str]:
         if self._ds is None or self._pid != os.getpid():  # a forked worker must not share its parent's connections
-            from litdata import StreamingDataset
-
-            self._ds = StreamingDataset(str(self.folder), serializers=reader_serializers(), cache_dir=self.cache_dir)
-            self._pid = os.getpid()
+            self._ds, self._pid = _litdata_dataset(self.folder, self.cache_dir), os.getpid()
         d = self._ds[i]
         return bytes(d["image"]), int(d["label"]), str(d["name"])
 
@@ -136,19 +132,21 @@ class ShardItems:
         labels = self._labels if self._labels is not None else [self.item(i)[1] for i in range(self.count)]
         return torch.tensor(labels, dtype=torch.int64)
 
-    def culprit(self, rows: list[int]) -> DataError | None:
-        """Why a read of ``rows`` failed, when a shard changed after the start checked them all: one missing or not
-        at its manifest size (a stat of each; in an object store, the bucket's listing), else, on a local disk, one
-        holding ``rows`` that no longer matches its sha256 (those few are read); None when they all match."""
+    def culprit(self, rows: list[int], message: str = "") -> DataError | None:
+        """Why a read of ``rows`` failed (``message``: the failure's own words), when a shard changed after the start
+        checked them all: one missing or not at its manifest size (a stat of each; in an object store, the bucket's
+        listing), else, on a local disk, one holding ``rows`` or named in ``message`` (LitData names the chunk it
+        failed on) that no longer matches its sha256 (those few are read); None when they all match."""
         ends = np.cumsum([f.images for f in self.shards])
-        holding = sorted({int(np.searchsorted(ends, r, side="right")) for r in rows} & set(range(len(ends))))
+        holding = {int(np.searchsorted(ends, r, side="right")) for r in rows} & set(range(len(ends)))
+        holding |= {j for j, f in enumerate(self.shards) if f"/{f.name}" in message}
         try:
             if self.cache_dir is not None:
                 check_listed(str(self.folder), self.shards)
                 return None
             for f in self.shards:
                 verify_file(Path(self.folder), f, hashes=False)
-            for j in holding:
+            for j in sorted(holding):
                 verify_file(Path(self.folder), self.shards[j])
         except DataError as e:
             return DataError(f"{e}; it changed after this command checked it: restore it and run the command again "
@@ -159,8 +157,16 @@ class ShardItems:
 def read_error(items: Items, rows: list[int], message: str) -> DataError:
     """The one-line error for a read of ``rows`` that failed with ``message``: the shard to blame
     (:meth:`ShardItems.culprit`), else ``message``."""
-    found = items.culprit(rows) if isinstance(items, ShardItems) else None
+    found = items.culprit(rows, message) if isinstance(items, ShardItems) else None
     return found or DataError(" ".join(message.split()))  # (a library's message may run over several lines)
+
+
+def _litdata_dataset(folder: Path | str, cache_dir: str | None, **kw: Any) -> Any:
+    """LitData's dataset of one split folder (``s3://`` URLs read through ``cache_dir``), with the serializers that
+    refuse pickle (:func:`empssl.shard.reader_serializers`): every StreamingDataset of empssl is made here."""
+    from litdata import StreamingDataset
+
+    return StreamingDataset(str(folder), serializers=reader_serializers(), cache_dir=cache_dir, **kw)
 
 
 def is_shards(spec: str) -> bool:
@@ -454,28 +460,47 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     return decode if decode != "auto" else ("cuda" if device.type == "cuda" else "cpu")
 
 
+def _prepared(data: bytes, name: str, image_size: int, decode: bool) -> tuple[str, Any, str]:
+    """What a DataLoader worker hands over for one image: ("image", (3, S, S) uint8, name) by the in-memory tier's
+    decoder, ("bytes", (n,) uint8 file, name) for ``--decode cuda``, or ("error", one-line message, name): a
+    worker's exception would reach the main process as a traceback of many lines."""
+    try:
+        if not decode:
+            return "bytes", torch.frombuffer(bytearray(data), dtype=torch.uint8), name
+        return "image", _chw(decode_image(data, image_size, f"image {name}")), name
+    except DataError as e:
+        return "error", str(e), name
+
+
+def _prepared_item(item: dict[str, Any], image_size: int, decode: bool) -> tuple[str, Any, str]:
+    """:func:`_prepared` of a shard's item (LitData's ``transform=``, in its workers)."""
+    return _prepared(bytes(item["image"]), str(item["name"]), image_size, decode)
+
+
 class _Reader(torch.utils.data.Dataset):
-    """What a DataLoader worker does with one row: read its bytes and, for ``--decode cpu``, decode them.
+    """Image ``i`` of a folder's or archive's split (``split.rows[i]``), :func:`_prepared`."""
 
-    Returns ("image", (3, S, S) uint8, name), ("bytes", (n,) uint8 raw file, name) or ("error", one-line message,
-    the row): a worker's exception would reach the main process as a multi-line traceback."""
-
-    def __init__(self, items: Items, image_size: int, decode: bool) -> None:
-        self.items, self.image_size, self.decode = items, image_size, decode
+    def __init__(self, split: StreamedSplit, decode: bool) -> None:
+        self.split, self.decode = split, decode
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.split.rows)
 
-    def __getitem__(self, i: int) -> tuple[str, Any, Any]:
+    def __getitem__(self, i: int) -> tuple[str, Any, str]:
         try:
-            data, _, name = self.items.item(i)
-            if not self.decode:
-                return "bytes", torch.frombuffer(bytearray(data), dtype=torch.uint8), name
-            return "image", _chw(decode_image(data, self.image_size, f"image {name}")), name
-        except DataError as e:
-            return "error", str(e), i
-        except Exception as e:  # a shard that cannot be read: one line naming the row
-            return "error", f"cannot read image {i} of the streamed split: {type(e).__name__}: {e}", i
+            data, _, name = self.split.items.item(int(self.split.rows[i]))
+        except Exception as e:  # a file gone since the scan
+            return "error", f"cannot read image {i} of {self.split.where}: {type(e).__name__}: {e}", str(i)
+        return _prepared(data, name, self.split.image_size, self.decode)
+
+
+class _Order(torch.utils.data.DistributedSampler):
+    """This rank's share of an epoch of a folder's or archive's images, from the ``skip``-th on (a resumed epoch)."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
 
 
 def _chw(image: Any) -> torch.Tensor:
@@ -488,10 +513,6 @@ def _quiet_bus_error(worker: int) -> None:
     memory: the main process names the shard (:meth:`StreamBatches.__exit__`)."""
     if hasattr(signal, "SIGBUS"):
         signal.signal(signal.SIGBUS, signal.SIG_DFL)
-
-
-def _collate(batch: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
-    return batch
 
 
 _noted_fallback = False
@@ -535,32 +556,54 @@ def _n_workers() -> int:
     return max(1, min(8, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
-class StreamBatches(StepState):
-    """Iterator over the (b, 3, S, S) uint8 batches of steps ``start_step`` .. ``total_steps - 1`` on ``device``,
-    read and decoded as it goes: the same batches as :class:`empssl.batches.StepBatches` over the decoded split.
+class StreamBatches:
+    """The (b, 3, S, S) uint8 batches of a streamed training split on ``device``, one per step, epoch after epoch,
+    read and decoded as they go by DataLoader workers; ``steps_per_epoch``, the same on every rank.
+
+    A shard folder is read by LitData's StreamingDataLoader (:func:`_litdata_dataset`), which owns the order: chunks
+    shuffled by (seed, epoch), dealt to the ranks and their workers with drop_last (each image at most once an
+    epoch, as many batches on every rank), and a ``state_dict()`` to resume from. A folder or archive is read by
+    torch's DataLoader over :class:`_Order`. ``split.rows`` (``--train-subset``) go to LitData as a ``subset``.
 
     Args:
         split: the streamed training split.
         batch_size: the global batch B; this rank yields B / world images per step.
         decode: "cpu" (decoded in the workers) or "cuda" (raw bytes from the workers, :func:`decode_batch`).
-        workers: DataLoader worker processes (default: the CPUs but one, at most 8).
+        workers: DataLoader worker processes (default: the CPUs but one, at most 8); a resume takes its
+            checkpoint's, as another count deals the images otherwise.
 
     Use a ``with`` block (or ``close()``) to stop the workers when leaving early; leaving the block on a worker's
     death names the shard that changed under it (:meth:`ShardItems.culprit`).
     """
 
-    def __init__(self, split: StreamedSplit, *, batch_size: int, seed: int, total_steps: int,
-                 device: torch.device | str, start_step: int = 0, rank: int = 0, world: int = 1, decode: str = "cpu",
-                 workers: int | None = None, prefetch: int = 4) -> None:
-        self.split, self.device, self.decode = split, torch.device(device), decode
-        self.n, self.batch_size, self.seed = len(split), batch_size, seed
-        self.steps_per_epoch = self.n // batch_size
-        if self.steps_per_epoch < 1 or batch_size % world:
-            raise ValueError(f"batch size {batch_size} must be <= {self.n} images and divisible by {world} ranks")
-        self.start, self.total, self.rank, self.b = start_step, total_steps, rank, batch_size // world
-        self.workers = _n_workers() if workers is None else workers
-        self.prefetch = prefetch
-        self._loader: Any = None
+    def __init__(self, split: StreamedSplit, *, batch_size: int, seed: int, device: torch.device | str,
+                 rank: int = 0, world: int = 1, decode: str = "cpu", workers: int | None = None) -> None:
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} must be divisible by {world} ranks")
+        self.split, self.seed, self.device, self.decode = split, seed, torch.device(device), decode
+        self.b, self.rank, self.world, self.step = batch_size // world, rank, world, 0
+        self.litdata = isinstance(split.items, ShardItems)
+        self.cache_dir = split.items.cache_dir if isinstance(split.items, ShardItems) else None
+        self._it: Any = None
+        self.loader = self._loader(_n_workers() if workers is None else workers)
+        self.steps_per_epoch = _agreed(len(self.loader), self.device)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"batch size {batch_size} exceeds the {len(split)} images of {split.where}")
+
+    def _loader(self, workers: int) -> Any:
+        kw: dict[str, Any] = dict(batch_size=self.b, num_workers=workers, collate_fn=list,
+                                  worker_init_fn=_quiet_bus_error, prefetch_factor=4 if workers else None,
+                                  multiprocessing_context=("fork" if sys.platform == "linux" else "spawn")
+                                  if workers else None)
+        split, decode = self.split, self.decode == "cpu"
+        if not isinstance(split.items, ShardItems):
+            order = _Order(_Reader(split, decode), self.world, self.rank, seed=self.seed, drop_last=True)
+            return torch.utils.data.DataLoader(order.dataset, sampler=order, drop_last=True, **kw)
+        from litdata import StreamingDataLoader
+
+        ds = _litdata_dataset(split.items.folder, self.cache_dir, shuffle=True, seed=self.seed, drop_last=True,
+                              transform=functools.partial(_prepared_item, image_size=split.image_size, decode=decode))
+        return StreamingDataLoader(ds.subset(split.rows.tolist()) if len(split) < len(split.items) else ds, **kw)
 
     def __enter__(self) -> StreamBatches:
         return self
@@ -575,44 +618,84 @@ class StreamBatches(StepState):
             if found is not None:
                 raise found from None
 
-    def rows(self) -> Iterator[list[int]]:
-        """This rank's rows of ``split.items`` for every step, in step order."""
-        perm, perm_epoch = torch.empty(0, dtype=torch.long), -1
-        for step in range(self.start, self.total):
-            epoch, pos = divmod(step, self.steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = self.split.rows[epoch_permutation(self.n, self.seed, epoch)], epoch
-            at = pos * self.batch_size + self.rank * self.b
-            yield perm[at:at + self.b].tolist()
-
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return self._counted(self._batches())
+        return (images for images, _ in self.named())
 
-    def _batches(self) -> Iterator[torch.Tensor]:
-        reader = _Reader(self.split.items, self.split.image_size, decode=self.decode == "cpu")
-        extra: dict[str, Any] = {"prefetch_factor": self.prefetch, "multiprocessing_context": "fork"
-                                 if sys.platform == "linux" else "spawn"} if self.workers else {}
-        loader = torch.utils.data.DataLoader(reader, batch_sampler=self.rows(), num_workers=self.workers,
-                                             collate_fn=_collate, pin_memory=False, worker_init_fn=_quiet_bus_error,
-                                             **extra)
-        self._loader = iter(loader)
-        pin = self.device.type == "cuda"
-        try:
-            for batch in self._loader:
-                bad = next((b for b in batch if b[0] == "error"), None)
-                if bad is not None:  # the image named, or the shard to blame if one changed since the start
-                    raise read_error(self.split.items, [bad[2]], bad[1])
+    def named(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """(batch, its images' names) of every step from ``self.step`` on."""
+        while True:
+            epoch, at = divmod(self.step, self.steps_per_epoch)
+            if not self.litdata:  # (LitData keeps its own epoch and position)
+                self.loader.sampler.set_epoch(epoch)
+                self.loader.sampler.skip = at * self.b
+            self._it = iter(self.loader)
+            for _ in range(at, self.steps_per_epoch):
+                batch = self._next()
+                self.step += 1
+                names = [b[2] for b in batch]
                 if self.decode == "cuda":
-                    yield decode_batch([b[1] for b in batch], [b[2] for b in batch], self.split.image_size,
-                                       self.device)
+                    yield decode_batch([b[1] for b in batch], names, self.split.image_size, self.device), names
                     continue
                 images = torch.stack([b[1] for b in batch])
-                yield (images.pin_memory() if pin else images).to(self.device, non_blocking=True)
-        finally:
-            self.close()
+                images = images.pin_memory() if self.device.type == "cuda" else images
+                yield images.to(self.device, non_blocking=True), names
+            for _ in self._it:  # to the epoch's end, where LitData starts the next (nothing left: the ranks agree)
+                pass
+
+    def _next(self) -> list[tuple[str, Any, str]]:
+        """The next batch; DataError (one line) naming an image that does not decode, or the shard to blame for a
+        failed read (a worker's exception arrives as a traceback, LitData's message after it)."""
+        try:
+            batch = next(self._it)
+        except Exception as e:
+            raise read_error(self.split.items, [], _without_traceback(str(e))) from None
+        bad = next((b for b in batch if b[0] == "error"), None)
+        if bad is not None:
+            raise read_error(self.split.items, [], bad[1])
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The next step, the worker count, the cache folder and, for shards, LitData's loader state."""
+        state = {"step": self.step, "workers": self.loader.num_workers, "cache_dir": self.cache_dir}
+        return {**state, "loader": self.loader.state_dict()} if self.litdata else state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on where ``state`` stopped, with its worker count; DataError (one line) for a checkpoint without
+        LitData's state, or with another cache folder (another ``--data-dir``): LitData could not resume."""
+        self.step = int(state["step"])
+        if not self.litdata:
+            return
+        if "loader" not in state:
+            raise DataError(f"cannot resume the streamed run at step {self.step}: its checkpoint holds no position in "
+                            f"LitData's order (an older empssl wrote it); train into a new --out")
+        if state["cache_dir"] != self.cache_dir:
+            raise DataError(f"this run was streamed through LitData's cache {state['cache_dir']}; this command's is "
+                            f"{self.cache_dir}: resume it with the --data-dir it was started with")
+        if state["workers"] != self.loader.num_workers:
+            self.loader = self._loader(state["workers"])
+        self.loader.load_state_dict(state["loader"])
 
     def close(self) -> None:
         """Stop the DataLoader's workers (if any)."""
-        loader, self._loader = self._loader, None
-        if loader is not None and hasattr(loader, "_shutdown_workers"):
-            loader._shutdown_workers()
+        it, self._it = self._it, None
+        stop = getattr(it, "close", None) or getattr(it, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
+
+
+def _without_traceback(message: str) -> str:
+    """The words of a DataLoader worker's exception, without the traceback torch puts before them: what follows
+    the last frame's lines (the message itself may run over several lines)."""
+    lines = message.strip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    rest = lines[frames[-1] + 1:] if frames else lines
+    return "\n".join(rest[next((i for i, line in enumerate(rest) if line[:1].strip()), 0):])
+
+
+def _agreed(steps: int, device: torch.device) -> int:
+    """The fewest of every rank's ``steps`` (under torchrun), so that the ranks step together."""
+    if torch.distributed.is_initialized():
+        t = torch.tensor([steps], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        steps = int(t.item())
+    return steps

@@ -200,16 +200,16 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | Iterable[A
         held.enter_context(RunLock(out, log))
         remove_orphans(out, log)  # temporary files of a killed process
 
-    steps_per_epoch = own.steps_per_epoch if own else n_train // cfg.batch_size
+    order: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, rank=dist.rank,
+                                 world=dist.world_size)
+    sized = own or (StreamBatches(streamed, decode=resolve_decode(cfg.decode, device), **order) if streamed else None)
+    steps_per_epoch = sized.steps_per_epoch if sized else n_train // cfg.batch_size  # a stream's: LitData's, per rank
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     schedule_steps = max(total_steps, round((cfg.schedule_epochs or cfg.epochs) * steps_per_epoch))
-    order: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, total_steps=total_steps, device=device,
-                                 rank=dist.rank, world=dist.world_size)
-    # either tier: the same images at every step; in memory they live on the device as uint8 when they fit
-    # (CIFAR-10: 150 MB), and views are cut there
+    # in memory the images live on the device as uint8 when they fit (CIFAR-10: 150 MB), and views are cut there
     images = train_data.images if isinstance(train_data, ImageData) else NO_IMAGES.images  # streamed: StreamBatches
-    source = own or (StreamBatches(streamed, decode=resolve_decode(cfg.decode, device), **order) if streamed else
-                     StepBatches(images.to(device) if images.numel() < 4 * 2**30 else images, **order))
+    source = sized or StepBatches(images.to(device) if images.numel() < 4 * 2**30 else images, total_steps=total_steps,
+                                  **order)
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
     method, model, opt, generator = build_training(cfg, device, dist, memory_format)
     run = Run(cfg=cfg, out=out, dist=dist, device=device, own_group=own_group, train_data=train_data,
