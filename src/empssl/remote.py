@@ -20,7 +20,6 @@ credentials or an unreachable endpoint is one line (DataError) within seconds, a
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +33,10 @@ from .shard import MANIFEST, Manifest, ShardFile, ShardFolder, check_size, verif
 
 SCHEMES = ("s3://", "gs://")
 CONNECT_SECONDS, READ_SECONDS, ATTEMPTS = 3, 30, 3  # worst case about 3 x 3 s plus back-off on a silent endpoint
+
+
+class Unreachable(DataError):
+    """The store did not answer (after the bounded tries): not a sign that the data changed."""
 
 
 def is_remote(spec: str | Path) -> bool:
@@ -152,7 +155,7 @@ class RemoteFolder(ShardFolder):
                    "AccessDenied": "access denied", "403": "access denied"}.get(code, f"{code}: {e}")
             raise DataError(f"{self.url}: {why}") from None
         except BotoCoreError as e:  # no connection, a timeout: after the bounded retries
-            raise DataError(f"{self.url}: cannot reach {self._endpoint()} after {ATTEMPTS} tries "
+            raise Unreachable(f"{self.url}: cannot reach {self._endpoint()} after {ATTEMPTS} tries "
                             f"({type(e).__name__}); check AWS_ENDPOINT_URL and the network") from None
 
     def _endpoint(self) -> str:
@@ -174,24 +177,6 @@ def check_listed(split_url: str, shards: list[ShardFile]) -> None:
     folder = RemoteFolder(root)
     for f in shards:
         folder.check_shard(split, f, hashes=False)
-
-
-@contextmanager
-def chunk_reads(split_url: str, shards: list[ShardFile]) -> Iterator[None]:
-    """Around an iteration of LitData's loader over ``split_url``: a read that fails as one line (DataError), the
-    store's state from a bounded listing (an endpoint that does not answer, a shard gone: :func:`check_listed`),
-    else the library's own last error line."""
-    try:
-        yield
-    except DataError:
-        raise
-    except Exception as e:
-        try:
-            check_listed(split_url, shards)
-        except DataError as found:
-            raise found from e
-        lines = re.findall(r"^[\w.]+(?:Error|Exception): .+$", str(e), re.M)  # a worker's traceback: its last error
-        raise DataError(f"{split_url}: {lines[-1] if lines else ' '.join(str(e).split()) or type(e).__name__}") from e
 
 
 def read_remote(url: str, data_dir: str = "./data") -> Manifest:

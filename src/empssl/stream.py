@@ -64,8 +64,18 @@ from .data.decode import decode_catalog, usable_cpus
 from .data.images import balanced_indices
 from .data.layouts import held_out_split
 from .data.load import TooBigForMemory, check_fits, fingerprint
-from .remote import check_listed, chunk_cache, is_remote, read_remote
-from .shard import MANIFEST, Manifest, ShardFile, reader_serializers, verify_file, verify_shards
+from .remote import Unreachable, check_listed, is_remote, litdata_options, read_remote
+from .shard import (
+    MANIFEST,
+    ItemKeys,
+    Manifest,
+    ShardFile,
+    is_litdata_folder,
+    read_item,
+    reader_serializers,
+    verify_file,
+    verify_shards,
+)
 
 T = TypeVar("T")
 
@@ -80,8 +90,9 @@ class Items(Protocol):
 
     def __len__(self) -> int: ...
 
-    def item(self, i: int) -> tuple[bytes, int, str]:
-        """(encoded bytes, label, name) of image ``i``."""
+    def item(self, i: int) -> tuple[Any, int, str]:
+        """(encoded bytes, or a LitData folder's decoded image: :func:`empssl.shard.read_item`; label, name) of
+        image ``i``."""
         ...
 
     def labels(self) -> torch.Tensor:
@@ -107,25 +118,27 @@ class CatalogItems:
 
 
 class ShardItems:
-    """One LitData split folder (``DIR/train``, or its ``s3://`` URL with ``cache_dir``, LitData's chunk cache):
-    random access by index into its chunks; ``shards``, the manifest's list of them, names the one to blame when a
-    read of a local folder fails (:meth:`culprit`)."""
+    """One LitData split folder (``DIR/train``, or its ``s3://`` URL read through LitData's chunk cache, with
+    ``options``: :func:`empssl.remote.litdata_options`): random access by index into its chunks, whose fields
+    ``keys`` names; ``shards``, the manifest's list of them, names the one to blame when a read fails
+    (:meth:`culprit`)."""
 
     def __init__(self, folder: Path | str, count: int, labels: list[int] | None = None,
-                 shards: list[ShardFile] | None = None, cache_dir: str | None = None) -> None:
+                 shards: list[ShardFile] | None = None, options: dict[str, Any] | None = None,
+                 keys: ItemKeys | None = None) -> None:
         self.folder, self.count, self._labels, self.shards = folder, count, labels, shards or []
-        self.cache_dir = cache_dir
+        self.options, self.keys = options or {}, keys or ItemKeys()
+        self.cache_dir: str | None = self.options.get("cache_dir")
         self._ds: Any = None  # opened in the process that reads (a forked one opens its own)
         self._pid = 0
 
     def __len__(self) -> int:
         return self.count
 
-    def item(self, i: int) -> tuple[bytes, int, str]:
+    def item(self, i: int) -> tuple[Any, int, str]:
         if self._ds is None or self._pid != os.getpid():  # a forked worker must not share its parent's connections
-            self._ds, self._pid = _litdata_dataset(self.folder, self.cache_dir), os.getpid()
-        d = self._ds[i]
-        return bytes(d["image"]), int(d["label"]), str(d["name"])
+            self._ds, self._pid = _litdata_dataset(self), os.getpid()
+        return read_item(self._ds[i], self.keys, i)
 
     def labels(self) -> torch.Tensor:
         # the split's labels.npy (empssl shard writes it); without it, one pass over the split reads them
@@ -148,6 +161,8 @@ class ShardItems:
                 verify_file(Path(self.folder), f, hashes=False)
             for j in sorted(holding):
                 verify_file(Path(self.folder), self.shards[j])
+        except Unreachable as e:  # (the store's state is unknown)
+            return e
         except DataError as e:
             return DataError(f"{e}; it changed after this command checked it: restore it and run the command again "
                              f"(a training run resumes from its last checkpoint)")
@@ -161,39 +176,45 @@ def read_error(items: Items, rows: list[int], message: str) -> DataError:
     return found or DataError(" ".join(message.split()))  # (a library's message may run over several lines)
 
 
-def _litdata_dataset(folder: Path | str, cache_dir: str | None, **kw: Any) -> Any:
-    """LitData's dataset of one split folder (``s3://`` URLs read through ``cache_dir``), with the serializers that
-    refuse pickle (:func:`empssl.shard.reader_serializers`): every StreamingDataset of empssl is made here."""
+def _litdata_dataset(items: ShardItems, **kw: Any) -> Any:
+    """LitData's dataset of one split folder (``s3://`` URLs with their cache, size and timeouts), with the
+    serializers that refuse pickle (:func:`empssl.shard.reader_serializers`): every StreamingDataset of a split to
+    train on or evaluate is made here."""
     from litdata import StreamingDataset
 
-    return StreamingDataset(str(folder), serializers=reader_serializers(), cache_dir=cache_dir, **kw)
+    return StreamingDataset(str(items.folder), serializers=reader_serializers(), **items.options, **kw)
 
 
 def is_shards(spec: str) -> bool:
-    """True when ``spec`` is a folder written by ``empssl shard`` (it holds manifest.json), or names an object store
-    (s3://, gs://: where only shard folders are read)."""
-    return is_remote(spec) or (Path(spec).expanduser() / MANIFEST).is_file()
+    """True when ``spec`` is a folder written by ``empssl shard`` (it holds manifest.json) or by LitData
+    (:func:`empssl.shard.is_litdata_folder`), or names an object store (s3://, gs://: where only shard folders are
+    read)."""
+    return is_remote(spec) or (Path(spec).expanduser() / MANIFEST).is_file() or is_litdata_folder(spec)
 
 
-def read_manifest(root: Path | str, data_dir: str = "./data", hashes: bool = True) -> Manifest:
+def read_manifest(root: Path | str, data_dir: str = "./data", hashes: bool = True,
+                  keys: tuple[str, str] = ("", "")) -> Manifest:
     """The manifest of a folder written by ``empssl shard``, after :func:`empssl.shard.verify_shards` checked every
     shard against it (sizes and, ``hashes``, sha256; in an object store: sizes, :mod:`empssl.remote`); DataError (one
-    line) otherwise, or when LitData is missing."""
+    line) otherwise, or when LitData is missing. ``keys``: --image-key and --label-key, for a LitData folder that
+    empssl did not write."""
     if importlib.util.find_spec("litdata") is None:
         raise DataError(f"{root} holds shards, which are read with LitData: pip install 'empssl[stream]'")
     if is_remote(root):
         return read_remote(str(root), data_dir)
-    return verify_shards(Path(root).expanduser(), hashes=hashes, data_dir=data_dir)
+    return verify_shards(Path(root).expanduser(), hashes=hashes, data_dir=data_dir, image_key=keys[0],
+                         label_key=keys[1])
 
 
 def shard_items(manifest: Manifest, split: str, labels: list[int] | None = None) -> ShardItems:
     """The items of ``split`` of a checked shard folder (local, or read through LitData's cache under --data-dir)."""
-    cache = chunk_cache(manifest, split) if manifest.url else None
+    options = litdata_options(manifest, split) if manifest.url else None
     return ShardItems(manifest.split_source(split), manifest.splits[split].images, labels,
-                      manifest.splits[split].shards, cache)
+                      manifest.splits[split].shards, options, manifest.keys)
 
 
-def open_shards(root: Path | str, data_dir: str = "./data") -> tuple[ShardItems, ShardItems, list[str], str]:
+def open_shards(root: Path | str, data_dir: str = "./data", keys: tuple[str, str] = ("", "")
+                ) -> tuple[ShardItems, ShardItems, list[str], str]:
     """(train, held-out split, classes, held-out split's name) of a folder written by ``empssl shard``, after
     :func:`empssl.shard.verify_shards` checked it against its manifest (every shard and labels.npy present, at its
     size and sha256; the counts). DataError (one line) otherwise, and for shards of a source without classes: the
@@ -202,7 +223,7 @@ def open_shards(root: Path | str, data_dir: str = "./data") -> tuple[ShardItems,
     Every local shard is hashed (one read of the data per run start, each rank): a shard changed in place at its
     size would otherwise train on other images unnoticed. Shards in an object store are checked by size.
     """
-    manifest = read_manifest(root, data_dir)
+    manifest = read_manifest(root, data_dir, keys=keys)
     if not manifest.classes:
         raise DataError(f"{root} holds shards of {manifest.source}, which has no classes (label -1); training "
                         f"needs labels for its evaluation and monitor: shard a class tree (train/<class>/...)")
@@ -323,7 +344,7 @@ def eval_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[Image
     test_items: Items
     if shards:
         source = cfg.data if is_remote(cfg.data) else str(Path(cfg.data).expanduser().resolve())
-        train_items, test_items, classes, held = open_shards(source, cfg.data_dir)
+        train_items, test_items, classes, held = open_shards(source, cfg.data_dir, (cfg.image_key, cfg.label_key))
     else:
         catalog = scan(cfg.data, cfg.data_dir)
         blocks, at = {}, 0
@@ -396,7 +417,8 @@ def choose_tier(mode: str, n: int, image_size: int, source: str, log: Callable[[
 # --- what a run trains on ---------------------------------------------------------------------------------
 
 
-def data_record(n_train: int, spec: str | None = None, data_dir: str = "./data") -> dict[str, Any]:
+def data_record(n_train: int, spec: str | None = None, data_dir: str = "./data",
+                keys: tuple[str, str] = ("", "")) -> dict[str, Any]:
     """What a run trains on, as its checkpoint records it: the ``n_train`` training images (after
     ``--train-subset``) and, of ``spec`` (``cfg.data``; None for data given as tensors), a shard folder's train
     shards (name, images, bytes, sha256, from its manifest), or a folder's or archive's stamps (what the decoded-image
@@ -404,7 +426,7 @@ def data_record(n_train: int, spec: str | None = None, data_dir: str = "./data")
     record: dict[str, Any] = {"train": n_train}
     if spec is not None and is_shards(spec):
         record["shards"] = [[f.name, f.images, f.bytes, f.sha256]
-                            for f in read_manifest(spec, data_dir, hashes=False).splits["train"].shards]
+                            for f in read_manifest(spec, data_dir, False, keys).splits["train"].shards]
     elif spec is not None and spec not in TORCHVISION_DATASETS:
         record["files"] = fingerprint(spec, data_dir)
     return record
@@ -460,21 +482,23 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     return decode if decode != "auto" else ("cuda" if device.type == "cuda" else "cpu")
 
 
-def _prepared(data: bytes, name: str, image_size: int, decode: bool) -> tuple[str, Any, str]:
-    """What a DataLoader worker hands over for one image: ("image", (3, S, S) uint8, name) by the in-memory tier's
-    decoder, ("bytes", (n,) uint8 file, name) for ``--decode cuda``, or ("error", one-line message, name): a
-    worker's exception would reach the main process as a traceback of many lines."""
+def _prepared(data: Any, name: str, image_size: int, decode: bool) -> tuple[str, Any, str]:
+    """What a DataLoader worker hands over for one image (``data``: encoded bytes, or a foreign folder's PIL image
+    or pixel array): ("image", (3, S, S) uint8, name) by the in-memory tier's decoder, ("bytes", (n,) uint8 file,
+    name) for ``--decode cuda`` (bytes only), or ("error", one-line message, name): a worker's exception would reach
+    the main process as a traceback of many lines."""
     try:
-        if not decode:
+        if not decode and isinstance(data, bytes):
             return "bytes", torch.frombuffer(bytearray(data), dtype=torch.uint8), name
         return "image", _chw(decode_image(data, image_size, f"image {name}")), name
     except DataError as e:
         return "error", str(e), name
 
 
-def _prepared_item(item: dict[str, Any], image_size: int, decode: bool) -> tuple[str, Any, str]:
+def _prepared_item(item: dict[str, Any], keys: ItemKeys, image_size: int, decode: bool) -> tuple[str, Any, str]:
     """:func:`_prepared` of a shard's item (LitData's ``transform=``, in its workers)."""
-    return _prepared(bytes(item["image"]), str(item["name"]), image_size, decode)
+    image, _, name = read_item(item, keys, -1)
+    return _prepared(image, name, image_size, decode)
 
 
 class _Reader(torch.utils.data.Dataset):
@@ -601,8 +625,9 @@ class StreamBatches:
             return torch.utils.data.DataLoader(order.dataset, sampler=order, drop_last=True, **kw)
         from litdata import StreamingDataLoader
 
-        ds = _litdata_dataset(split.items.folder, self.cache_dir, shuffle=True, seed=self.seed, drop_last=True,
-                              transform=functools.partial(_prepared_item, image_size=split.image_size, decode=decode))
+        ds = _litdata_dataset(split.items, shuffle=True, seed=self.seed, drop_last=True,
+                              transform=functools.partial(_prepared_item, keys=split.items.keys,
+                                                          image_size=split.image_size, decode=decode))
         return StreamingDataLoader(ds.subset(split.rows.tolist()) if len(split) < len(split.items) else ds, **kw)
 
     def __enter__(self) -> StreamBatches:
@@ -633,7 +658,7 @@ class StreamBatches:
                 batch = self._next()
                 self.step += 1
                 names = [b[2] for b in batch]
-                if self.decode == "cuda":
+                if batch[0][0] == "bytes":  # --decode cuda (a folder of decoded pixels comes decoded)
                     yield decode_batch([b[1] for b in batch], names, self.split.image_size, self.device), names
                     continue
                 images = torch.stack([b[1] for b in batch])
@@ -648,7 +673,7 @@ class StreamBatches:
         try:
             batch = next(self._it)
         except Exception as e:
-            raise read_error(self.split.items, [], _without_traceback(str(e))) from None
+            raise failed_read(self.split.items, e) from None
         bad = next((b for b in batch if b[0] == "error"), None)
         if bad is not None:
             raise read_error(self.split.items, [], bad[1])
@@ -681,6 +706,12 @@ class StreamBatches:
         stop = getattr(it, "close", None) or getattr(it, "_shutdown_workers", None)
         if stop is not None:
             stop()
+
+
+def failed_read(items: Items, error: BaseException) -> DataError:
+    """:func:`read_error` of an exception raised while iterating a loader over ``items`` (a worker's arrives as a
+    traceback, the library's message after it)."""
+    return read_error(items, [], _without_traceback(str(error)))
 
 
 def _without_traceback(message: str) -> str:

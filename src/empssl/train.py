@@ -193,7 +193,8 @@ def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | Iterable[A
         torch.backends.cudnn.benchmark = True
     check_step_fits(cfg, device, dist.world_size)  # a step that cannot fit: one line, before any data or file
     train_data, test_data, streamed, own, n_train = _load_data(cfg, data, dist, device, progress, evaluating)
-    record = data_record(n_train, cfg.data if data is None else None, cfg.data_dir)
+    record = data_record(n_train, cfg.data if data is None else None, cfg.data_dir,
+                         (cfg.image_key, cfg.label_key))
     timing.add("data", time.perf_counter() - t0)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
