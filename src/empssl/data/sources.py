@@ -187,15 +187,20 @@ def read_archive(archive: Path) -> Tree:
 
 
 def memory_available() -> int | None:
-    """Bytes of memory available to new allocations (Linux: MemAvailable), or None where unknown."""
+    """Bytes of memory available to new allocations (Linux: MemAvailable, capped by this process's cgroup v2
+    limit), or None where unknown."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    try:  # a container's limit, when it is below what the host has
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
         pass
-    return None
+    return avail
 
 
 def _members(archive: Path) -> Iterator[tuple[str, str, int, Callable[[], bytes]]]:
