@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -191,10 +192,13 @@ def _scan_classes(tree: Tree, prefix: str, shown_prefix: str) -> _Split:
     return _Split(names, np.asarray(labels, dtype=np.int64), classes)
 
 
-def _read_text(tree: Tree, name: str, shown: str) -> str:
+def _read_bytes(tree: Tree, name: str, shown: str | Path) -> bytes:
     src = tree.meta[name]
-    raw = src if isinstance(src, bytes) else read_file(src, f"{name} in {shown}")
-    return raw.decode("utf-8", errors="replace")
+    return src if isinstance(src, bytes) else read_file(src, f"{name} in {shown}")
+
+
+def _read_text(tree: Tree, name: str, shown: str | Path) -> str:
+    return _read_bytes(tree, name, shown).decode("utf-8", errors="replace")
 
 
 def _scan_tiny_imagenet(tree: Tree, root: str, shown: str) -> tuple[_Split, _Split]:
