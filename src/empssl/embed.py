@@ -30,7 +30,6 @@ Outputs (written atomically: an interrupted run leaves no partial file):
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from .data import ImageSet, load_images, scan
 from .devices import resolve_device
 from .errors import ConfigError
 from .evaluate import image_features
-from .files import OutputError, write_atomic
+from .files import OutputError, check_writable_file, write_atomic
 from .methods import eval_protocol
 from .remote import is_remote
 from .rundir import load_checkpoint
@@ -117,7 +116,10 @@ def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: i
     t0 = time.perf_counter()
     out = Path(out)
     fmt = _output_format(out)
-    _check_writable(out)
+    try:
+        check_writable_file(out)  # before any work
+    except OutputError as e:
+        raise EmbedError(str(e)) from None
     overrides = {"test_patches": test_patches, "eval_feature": eval_feature, "eval_view": eval_view,
                  "eval_seed": eval_seed, "eval_batch_size": eval_batch_size, "device": device}
     if data_mode not in ("auto", "memory", "stream"):
@@ -274,18 +276,6 @@ def _output_format(path: Path) -> str:
     if suffix not in SUFFIXES:
         raise EmbedError(f"embedding output must end in {' or '.join(SUFFIXES)}, got {path.name!r}")
     return suffix[1:]
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before any work when ``out`` cannot be written (its folder is created if missing)."""
-    if out.is_dir():
-        raise EmbedError(f"output {out} is a folder; give a file name ending in .npz or .safetensors")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".writable"):
-            pass
-    except OSError as e:
-        raise EmbedError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def _write_npz(path: Path, e: Embedding) -> None:
