@@ -55,12 +55,9 @@ def torchvision_backbone(arch: str) -> nn.Module:
     ``maxpool = Identity``. Its forward gives the (B, 512) backbone feature."""
     import torchvision
 
-    if arch not in _TORCHVISION:
-        raise ExportError(f"no torchvision network for --arch {arch}; choose from {', '.join(_TORCHVISION)}")
-    name, cifar_stem = _TORCHVISION[arch]
-    net = getattr(torchvision.models, name)(weights=None)
+    net = _stock(arch, "torchvision", lambda name: getattr(torchvision.models, name)(weights=None))
     net.fc = nn.Identity()
-    return _with_stem(net, cifar_stem)
+    return net
 
 
 def timm_backbone(arch: str) -> nn.Module:
@@ -69,14 +66,16 @@ def timm_backbone(arch: str) -> nn.Module:
     Its forward gives the (B, 512) backbone feature. Needs timm (``pip install timm``)."""
     import timm
 
+    return _stock(arch, "timm", lambda name: timm.create_model(name, pretrained=False, num_classes=0))
+
+
+def _stock(arch: str, library: str, build: Callable[[str], nn.Module]) -> nn.Module:
+    """``build(name)``'s ResNet of ``arch`` with the CIFAR stem (3x3 stride-1 first convolution, no max-pool)
+    where ``arch`` has it."""
     if arch not in _TORCHVISION:
-        raise ExportError(f"no timm network for --arch {arch}; choose from {', '.join(_TORCHVISION)}")
+        raise ExportError(f"no {library} network for --arch {arch}; choose from {', '.join(_TORCHVISION)}")
     name, cifar_stem = _TORCHVISION[arch]
-    return _with_stem(timm.create_model(name, pretrained=False, num_classes=0), cifar_stem)
-
-
-def _with_stem(net: nn.Module, cifar_stem: bool) -> nn.Module:
-    """The CIFAR stem (3x3 stride-1 first convolution, no max-pool) in a torchvision or timm ResNet."""
+    net = build(name)
     if cifar_stem:
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
