@@ -7,7 +7,6 @@ and per method setting (:mod:`empssl.methods`), grouped by topic, with the decla
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from .config import (
     load_preset,
     method_preset,
     preset_names,
+    settings_json,
     type_hints,
 )
 from .methods import method_names
@@ -320,12 +320,7 @@ def _base_overrides(args: argparse.Namespace) -> dict[str, Any]:
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"--config file not found: {path}")
-        try:
-            from_file = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--config {path} is not valid JSON: {e}") from None
-        if not isinstance(from_file, dict):
-            raise ConfigError(f"--config {path} must hold a JSON object of settings")
+        from_file = settings_json(path.read_text(), f"--config {path}")
     preset = args.preset
     method = getattr(args, "method", None) or from_file.get("method")
     if preset is None and method is not None:

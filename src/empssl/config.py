@@ -364,14 +364,10 @@ def flag_fields(cls: type) -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(cls) if f.name != "method_settings"]
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
+@functools.cache
 def type_hints(cls: type) -> dict[str, Any]:
     """The annotations of a Config or MethodSettings class as types (``tuple[float, float]``, ``float | None``)."""
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+    return typing.get_type_hints(cls)
 
 
 def _is_number(x: Any) -> bool:
@@ -438,16 +434,22 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> dict[str, Any]:
     """The overrides a preset file (src/empssl/presets/NAME.json) makes to the defaults."""
-    import json
-
     if name not in preset_names():  # also keeps a name like ../x from reading outside the presets
         raise ConfigError(f"unknown --preset {name!r}; choose from {', '.join(preset_names())}")
-    try:
-        overrides = json.loads((resources.files("empssl") / "presets" / f"{name}.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"preset {name} is not valid JSON: {e}") from None
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"preset {name} must hold a JSON object of settings")
+    overrides = settings_json((resources.files("empssl") / "presets" / f"{name}.json").read_text(), f"preset {name}")
     overrides.pop("_doc", None)
     Config.from_dict(overrides)  # reject unknown keys early
     return overrides
+
+
+def settings_json(text: str, what: str) -> dict[str, Any]:
+    """The JSON object of settings in ``text`` (a preset, a --config file); ConfigError naming ``what`` otherwise."""
+    import json
+
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{what} must hold a JSON object of settings")
+    return settings
