@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .data import ImageSet, load_images, scan
+from .data.images import split_rows
 from .devices import resolve_device
 from .errors import ConfigError
 from .evaluate import image_features
@@ -198,19 +199,13 @@ def _open_source(data: str, data_dir: str, image_size: int, mode: str, progress:
     catalog = scan(data, data_dir)
     classes = list(catalog.classes) if catalog.classes is not None else None
     labels = torch.tensor([-1 if r.label is None else r.label for r in catalog.records], dtype=torch.int64)
-    splits, at = [], 0
-    for name, count in catalog.splits:
-        items = CatalogItems(catalog.records[at:at + count])
-        splits.append((name, _streamed(items, labels[at:at + count], classes, image_size, catalog.source, name)))
-        at += count
+    splits = [(name, _streamed(CatalogItems(catalog.records[rows]), labels[rows], classes, image_size, catalog.source,
+                               name)) for name, rows in split_rows(catalog.splits).items()]
     return _Source(splits, labels if classes is not None else None, classes, catalog.class_names, "stream")
 
 
 def _memory_source(images: ImageSet) -> _Source:
-    splits, start = [], 0
-    for split, count in images.splits:
-        splits.append((split, images.images[start:start + count]))
-        start += count
+    splits = [(name, images.images[rows]) for name, rows in split_rows(images.splits).items()]
     return _Source(splits, images.labels, images.classes, images.class_names, "memory", images.names)
 
 

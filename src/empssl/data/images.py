@@ -4,6 +4,7 @@ rule of every tier. Imports nothing above it."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,6 +116,12 @@ class ImageSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+
+def split_rows(splits: list[tuple[str, int]]) -> dict[str, slice]:
+    """The rows of each split of consecutive blocks ``[(split, count), ...]`` (:attr:`ImageSet.splits`)."""
+    ends = itertools.accumulate(count for _, count in splits)
+    return {name: slice(end - count, end) for (name, count), end in zip(splits, ends)}
 
 
 def resize_crop(img: Image.Image, size: int) -> np.ndarray:
