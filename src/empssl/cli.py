@@ -31,8 +31,6 @@ from .version import __version__
 # the device.
 EVAL_FIELDS = [f.name for f in flag_fields(Config) if f.metadata["group"] == "evaluation"] + [
     "data", "data_dir", "image_size", "data_mode", "train_subset", "test_subset", "device", "precision"]
-# The evaluation flags of the commands that take the number of test patches as their own option.
-EVAL_FIELDS_NO_PATCHES = [k for k in EVAL_FIELDS if k != "test_patches"]
 # What `empssl compare` lets one set for every method alike: every Config field but the method (each method keeps
 # its own settings and the rest of its recipe unless a flag sets it).
 COMPARE_FIELDS = [f.name for f in flag_fields(Config) if f.name != "method"]
@@ -213,7 +211,7 @@ def parse_counts(text: str) -> list[int]:
     try:
         counts = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+        counts = []
     if not counts or counts[0] < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 1, got {text!r}")
     return counts
@@ -242,7 +240,7 @@ def _add_experiment_parsers(sub: Any) -> None:
                         "--test-patches, which is included)")
     t.add_argument("--out", help="folder for the outputs (default: the run directory)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_flags(t, EVAL_FIELDS_NO_PATCHES)
+    _add_config_flags(t, [k for k in EVAL_FIELDS if k != "test_patches"])  # --counts instead
 
     s = sub.add_parser("tsne", help="t-SNE map of a checkpoint's test-set features, coloured by class",
                        description="2-D t-SNE (scikit-learn) of the bag-of-features of test images -> RUN/tsne.png.")

@@ -34,9 +34,7 @@ class ImageData:
     class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.images.dim() != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.uint8:
-            got = f"{tuple(self.images.shape)} {self.images.dtype}"
-            raise ValueError(f"images must be (N, 3, H, W) uint8, got {got}")
+        _check_images(self.images)
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must be ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
 
@@ -100,9 +98,7 @@ class ImageSet:
     splits: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        n = self.images.shape[0]
-        if self.images.dim() != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.uint8:
-            raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(self.images.shape)} {self.images.dtype}")
+        n = _check_images(self.images)
         if len(self.names) != n:
             raise ValueError(f"need one name per image, got {len(self.names)} names for {n} images")
         if self.labels is not None and self.labels.shape != (n,):
@@ -116,6 +112,13 @@ class ImageSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+
+def _check_images(images: torch.Tensor) -> int:
+    """The number of images, after a ValueError unless they are (N, 3, H, W) uint8."""
+    if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+    return images.shape[0]
 
 
 def split_rows(splits: list[tuple[str, int]]) -> dict[str, slice]:
