@@ -227,19 +227,14 @@ def resolve(spec: str, data_dir: Path) -> Path:
         for candidate in (data_dir / "tiny-imagenet-200", data_dir / "tiny-imagenet-200.zip"):
             if candidate.exists():
                 return candidate.resolve()
-        raise DataError(
-            f"tiny-imagenet was not found under {data_dir} (looked for tiny-imagenet-200/ and "
-            f"tiny-imagenet-200.zip); download {TINY_IMAGENET_URL} there, or pass --data PATH to the zip or its folder"
-        )
+        raise DataError(f"tiny-imagenet was not found under {data_dir} (looked for tiny-imagenet-200/ and "
+                        f"tiny-imagenet-200.zip); download {TINY_IMAGENET_URL} there, or pass --data PATH to the "
+                        f"zip or its folder")
     path = Path(spec).expanduser()
     if not path.exists():
-        raise DataError(
-            f"data not found: {spec} (expected cifar10, cifar100, demo, {TINY_IMAGENET}, "
-            "or a path to an ImageFolder root or archive)"
-        )
+        raise DataError(f"data not found: {spec} (expected cifar10, cifar100, demo, {TINY_IMAGENET}, or a path to "
+                        f"an ImageFolder root or archive)")
     path = path.resolve()
     if path.is_dir() or (path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)):
         return path
-    raise DataError(
-        f"{path} is neither a folder nor a supported archive ({', '.join(ARCHIVE_SUFFIXES)})"
-    )
+    raise DataError(f"{path} is neither a folder nor a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
