@@ -24,6 +24,7 @@ from .config import (
     settings_json,
     type_hints,
 )
+from .files import OutputError, check_writable_dir, check_writable_file, write_json
 from .methods import method_names
 from .version import __version__
 
@@ -340,7 +341,6 @@ def cmd_ablate_patches(args: argparse.Namespace) -> int:
 
 def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
     from .experiments import ablate_test_patches
-    from .files import check_writable_dir
     from .rundir import run_dir_of
 
     check_writable_dir(args.out or run_dir_of(args.checkpoint))
@@ -360,7 +360,6 @@ def cmd_tsne(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .files import check_writable_dir
     from .report import write_report
 
     if args.out is None and len(args.runs) > 1:
@@ -393,7 +392,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from .embed import embed
     from .evaluate import view_label
-    from .files import check_writable_file
 
     check_writable_file(args.out, "--out")  # before the features are computed
     s = embed(args.checkpoint, args.data, args.out, test_patches=args.test_patches, eval_feature=args.eval_feature,
@@ -407,7 +405,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_backbone
-    from .files import check_writable_file
 
     check_writable_file(args.out, "--out")
     print(f"backbone ({args.format}) written to {export_backbone(args.checkpoint, args.out, args.format)}")
@@ -442,7 +439,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .experiments import load_for_eval
-    from .files import check_writable_file, write_json
     from .rundir import run_dir_of
 
     out = Path(args.out) if args.out else run_dir_of(args.checkpoint) / "results-eval.json"
@@ -476,7 +472,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .embed import EmbedError
         from .evaluate import EvalError
         from .export import ExportError
-        from .files import OutputError
         from .probe import ProbeError
         from .remote import refuse_output
         from .report import ReportError

@@ -38,6 +38,8 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 
 from .data import ImageSet, load_images, scan
 from .data.images import split_rows
@@ -233,8 +235,6 @@ def _streamed(items: Items, labels: torch.Tensor, classes: list[str] | None, ima
 
 def load_embedding(path: str | Path) -> Embedding:
     """Read an embedding written by :func:`embed` (.npz or .safetensors)."""
-    from safetensors import SafetensorError
-
     path = Path(path)
     fmt = _output_format(path)
     if not path.is_file():
@@ -256,8 +256,6 @@ def _read_npz(path: Path) -> Embedding:
 
 
 def _read_safetensors(path: Path) -> Embedding:
-    from safetensors.torch import load_file, safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     tensors = load_file(str(path))
@@ -287,8 +285,6 @@ def _write_npz(path: Path, e: Embedding) -> None:
 
 
 def _write_safetensors(path: Path, e: Embedding) -> None:
-    from safetensors.torch import save_file
-
     tensors = {"features": e.features}
     if e.labels is not None:
         tensors["labels"] = e.labels.to(torch.int64).contiguous()

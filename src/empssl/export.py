@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .files import OutputError, write_atomic
@@ -109,8 +111,6 @@ def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str = "torchvi
         if cfg.arch not in _TORCHVISION:
             raise ExportError(f"no {fmt} network for --arch {cfg.arch}; use --format safetensors")
         return _write(out, lambda tmp: torch.save(state, tmp))
-    from safetensors.torch import save_file
-
     meta = {"format": "empssl-backbone", "arch": cfg.arch, "width": str(cfg.width), "method": cfg.method,
             "step": str(ckpt.get("step", "")), "empssl_version": __version__,
             "out_dim": str(backbone.out_dim)}
@@ -120,9 +120,6 @@ def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str = "torchvi
 def load_backbone(path: str | Path) -> tuple[ResNet, dict[str, Any]]:
     """Rebuild an empssl backbone from a safetensors export (strict load); returns (backbone in eval mode,
     metadata)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})

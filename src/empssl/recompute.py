@@ -22,17 +22,18 @@ import contextlib
 import copy
 import functools
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
+from .config import Config
 from .data.sources import memory_available
+from .devices import autocast_dtype
+from .errors import ConfigError
+from .methods import create_method
 from .models import BasicBlock, EMPSSLModel
-
-if TYPE_CHECKING:
-    from .config import Config
 
 # Fraction of the free GPU memory a step may plan to use before recomputation is switched on (the caching
 # allocator's fragmentation and cuDNN workspaces need the rest).
@@ -218,10 +219,6 @@ def check_step_fits(cfg: Config, device: torch.device, world_size: int = 1) -> N
     step's views, with activation recomputation where ``--grad-checkpointing`` would turn it on (``on``, or
     ``auto`` on CUDA). A throwaway copy of the model measures a few small patches (and the global RNG is left as
     it was)."""
-    from .devices import autocast_dtype
-    from .errors import ConfigError
-    from .methods import create_method
-
     limit = available_bytes(device)
     if limit is None:
         return
