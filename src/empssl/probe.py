@@ -188,13 +188,9 @@ def _prepare(train_feats: torch.Tensor, train_labels: torch.Tensor, val_fraction
 
 
 def _history(losses: list[float], vals: list[float] | None) -> list[dict[str, float]]:
-    rows: list[dict[str, float]] = []
-    for e, loss in enumerate(losses):
-        row: dict[str, float] = {"epoch": e + 1, "train_loss": loss}
-        if vals is not None:
-            row["val_top1"] = vals[e]
-        rows.append(row)
-    return rows
+    """ProbeResult.history: per epoch its number, training loss and (with a validation split) accuracy."""
+    return [{"epoch": e + 1, "train_loss": loss} | ({} if vals is None else {"val_top1": vals[e]})
+            for e, loss in enumerate(losses)]
 
 
 # ---------------------------------------------------------------------------------------- the reference
