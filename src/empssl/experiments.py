@@ -71,7 +71,8 @@ def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress
     Returns (model, config, raw checkpoint dict, train, test, device).
     """
     overrides = dict(overrides)
-    saved = _saved_config(checkpoint) if overrides.get("data") else {}
+    # the config the run was trained with: the checkpoint's own (config.json is only its readable copy), a dict
+    saved = read_checkpoint(checkpoint).get("config", {}) if overrides.get("data") else {}
     if overrides.get("data") and overrides["data"] != saved.get("data"):
         reset = [k for k in ("train_subset", "test_subset") if k not in overrides and saved.get(k)]
         for k in reset:
@@ -84,12 +85,6 @@ def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress
     device = resolve_device(cfg.device)
     train, test = eval_splits(cfg, progress, lambda: config_data(cfg, progress), log)
     return model.to(device), cfg, ckpt, train, test, device
-
-
-def _saved_config(checkpoint: str | Path) -> dict[str, Any]:
-    """The config a run was trained with: the checkpoint's own (config.json is only its readable copy)."""
-    config = read_checkpoint(checkpoint).get("config", {})
-    return config if isinstance(config, dict) else {}
 
 
 # --- patch-count ablation ----------------------------------------------------------------------------------
@@ -200,7 +195,6 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = N
                             "test": describe_split(test, cfg.test_subset)},
               "max_patches": counts[-1], "rows": rows}
     out = Path(out_dir) if out_dir else run_dir_of(checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "test_patch_ablation.json", result)
     lines = [f"# Test-patch ablation: {checkpoint} (step {ckpt.get('step')}) on {cfg.data}", "",
              *test_patch_ablation_table(rows),
@@ -253,7 +247,6 @@ def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *,
         torch.nn.functional.normalize(feats, dim=1).numpy())
     log(f"t-SNE of {n} test images ({how}) in {time.perf_counter() - t0:.1f} s")
     path = tsne_path(checkpoint, out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     title = f"t-SNE of {cfg.data} test features ({cfg.method}, step {ckpt.get('step')}, {how})"
     plot_tsne(xy, test.labels.numpy(), list(test.classes), path, title=title)
     write_json(path.with_suffix(".json"), {"checkpoint": str(checkpoint), "step": ckpt.get("step"),

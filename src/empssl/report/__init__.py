@@ -78,7 +78,6 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
     several_methods = len({r.method for r in runs}) > 1
     for r in runs:
         r.legend = f"{r.label} ({r.method})" if several_methods else r.label
-    out.mkdir(parents=True, exist_ok=True)
 
     def link(p: Path) -> str:
         return Path(os.path.relpath(p.resolve(), out.resolve())).as_posix()
