@@ -41,10 +41,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .config import Config
 from .data import ImageSet, load_images, scan
 from .data.images import split_rows
 from .devices import resolve_device
-from .errors import ConfigError
 from .evaluate import image_features
 from .files import OutputError, check_writable_file, write_atomic
 from .methods import eval_protocol
@@ -125,8 +125,7 @@ def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: i
         raise EmbedError(str(e)) from None
     overrides = {"test_patches": test_patches, "eval_feature": eval_feature, "eval_view": eval_view,
                  "eval_seed": eval_seed, "eval_batch_size": eval_batch_size, "device": device}
-    if data_mode not in ("auto", "memory", "stream"):
-        raise ConfigError(f"--data-mode must be auto, memory or stream, got {data_mode!r}")
+    Config(data_mode=data_mode).validate()  # --data-mode's one rule, before any work
     model, cfg, ckpt = load_checkpoint(checkpoint, {k: v for k, v in overrides.items() if v is not None})
     dev = resolve_device(cfg.device)
     model.to(dev)
