@@ -1,21 +1,9 @@
 """Export a trained backbone for use without empssl: a torchvision or timm ResNet state dict, or safetensors.
 
-The backbone (:class:`empssl.models.ResNet`) uses torchvision's parameter names, so its state dict loads with
-``strict=True`` into ``torchvision.models.resnet18()`` (``resnet34()`` for resnet34-cifar) once the network is
-given the same stem and no classifier::
-
-    net = torchvision.models.resnet18()
-    net.conv1, net.maxpool, net.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
-    net.load_state_dict(torch.load("backbone.pt", weights_only=True))   # net(x): (B, 512) features
-
-(the CIFAR stem: a 3x3 stride-1 first convolution and no max-pool; for resnet18-imagenet only ``fc`` changes).
-timm's ResNets use the same parameter names, so ``--format timm`` writes the same state dict, for::
-
-    net = timm.create_model("resnet18", num_classes=0)   # no classifier: net(x) -> (B, 512)
-    net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
-    net.load_state_dict(torch.load("backbone.pt", weights_only=True))
-
-Only width 64 matches torchvision's and timm's networks; other widths export as safetensors.
+The backbone (:class:`empssl.models.ResNet`) uses torchvision's parameter names (and timm's ResNets use the same), so
+its state dict loads with ``strict=True`` into ``torchvision.models.resnet18()`` (``resnet34()`` for resnet34-cifar)
+or timm's, once the network has the same stem and no classifier (:func:`torchvision_backbone`, :func:`timm_backbone`;
+the code: README.md, "Using the trained encoder"). Only width 64 matches them; other widths export as safetensors.
 """
 
 from __future__ import annotations
