@@ -132,9 +132,8 @@ def ablation_row(n: int, run: str, results: dict[str, Any], cfg: Config) -> dict
 
 
 def write_patch_ablation(out: Path, rows: list[dict[str, Any]], cfg: Config) -> None:
-    meta = {"data": cfg.data, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "arch": cfg.arch,
-            "width": cfg.width, "method": cfg.method, "test_patches": cfg.test_patches, "eval_view": cfg.eval_view,
-            "eval_feature": cfg.eval_feature}
+    meta = {k: getattr(cfg, k) for k in ("data", "epochs", "batch_size", "arch", "width", "method", "test_patches",
+                                         "eval_view", "eval_feature")}
     write_json(out / "ablation.json", {"experiment": "patch-count ablation", "config": meta, "rows": rows})
     device = next((r["device"] for r in rows if r.get("device")), None)
     lines = [f"# Patch-count ablation: {cfg.data}, {cfg.epochs:g} epoch(s), batch {cfg.batch_size}, "

@@ -462,7 +462,6 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         raise ProbeError("a linear-probe learning-rate sweep chooses on a validation split: val_fraction must be > 0")
     t0 = time.perf_counter()
     device = torch.device(device)
-    backend = _resolve_backend(backend, device)
     use_val = val_fraction > 0
     x_tr, y_tr, x_val, y_val = _prepare(train_feats, train_labels, val_fraction, seed, device)
 

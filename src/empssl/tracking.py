@@ -188,8 +188,7 @@ class Tracking:
     def log_scalars(self, record: Mapping[str, Any], *, step: int, wall_time: float, prefix: str = "") -> None:
         """The numeric fields of a metrics.jsonl / monitor.jsonl record at ``step``, as ``prefix`` + name."""
         if self.trackers:
-            values = dict(scalars(record, prefix))
-            self._each("log_scalars", values, step, wall_time)
+            self._each("log_scalars", dict(scalars(record, prefix)), step, wall_time)
 
     def log_results(self, results: Mapping[str, Any], *, step: int) -> None:
         if self.trackers:
