@@ -343,10 +343,10 @@ def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
     from .experiments import ablate_test_patches
     from .rundir import run_dir_of
 
-    check_writable_dir(args.out or run_dir_of(args.checkpoint))
-    ablate_test_patches(args.checkpoint, args.counts, _explicit(args),
-                        out_dir=args.out, progress=not args.no_progress)
-    print(f"results written to {Path(args.out or run_dir_of(args.checkpoint)) / 'test_patch_ablation.md'}")
+    out = Path(args.out or run_dir_of(args.checkpoint))
+    check_writable_dir(out)
+    ablate_test_patches(args.checkpoint, args.counts, _explicit(args), out_dir=out, progress=not args.no_progress)
+    print(f"results written to {out / 'test_patch_ablation.md'}")
     return 0
 
 
@@ -364,9 +364,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.out is None and len(args.runs) > 1:
         raise ConfigError("give --out DIR when reporting several runs")
-    check_writable_dir(args.out or args.runs[0])
-    path = write_report(args.runs, args.out or args.runs[0], targets=args.targets)
-    print(f"report written to {path}")
+    out = args.out or args.runs[0]
+    check_writable_dir(out)
+    print(f"report written to {write_report(args.runs, out, targets=args.targets)}")
     return 0
 
 
@@ -416,8 +416,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     explicit = {**_base_overrides(args), **_explicit(args)}
-    cfg = run_config(Path(args.out), Config.from_dict(explicit).validate(), explicit)
     out = Path(args.out)
+    cfg = run_config(out, Config.from_dict(explicit).validate(), explicit)
     if args.no_eval and finished(out, cfg):
         print(f"{out} is already trained to the end; nothing to do")
         return 0
@@ -429,9 +429,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = train(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
     from .distributed import env_dist
 
-    if not env_dist().is_main:  # under torchrun, rank 0 reports
-        return 0
-    if args.no_eval:  # with evaluation, train() ends with the results file and where the time went
+    # under torchrun, rank 0 reports; with evaluation, train() ends with the results file and where the time went
+    if args.no_eval and env_dist().is_main:
         print(f"trained {results['steps']} steps; checkpoint in {out / 'checkpoint.pt'}")
     return 0
 
