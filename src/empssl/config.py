@@ -260,8 +260,9 @@ class Config:
         if not isinstance(d, Mapping) or not all(isinstance(k, str) for k in d):
             raise ConfigError(f"settings must be a mapping of names to values, got {d!r:.80}")
         d = dict(d)
-        if "extra" in d:
-            d = _from_version_0_2(d)
+        if "extra" in d:  # saved by empssl 0.1 or 0.2 (with a dict of notes): every method's settings as flat
+            d.pop("extra")  # fields, of which only its own method's ever applied to it
+            d = settings_for(d.get("method", Config.method), d)
         names = {f.name for f in flag_fields(cls)}
         own: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
         cfg = cls(**own, method_settings={k: v for k, v in d.items() if k not in names})
@@ -349,13 +350,6 @@ def settings_for(method: str, d: Mapping[str, Any]) -> dict[str, Any]:
     own = {f.name for f in dataclasses.fields(method_settings_class(method))}
     others = {f.name for m in registry.method_names() for f in dataclasses.fields(method_settings_class(m))} - own
     return {k: v for k, v in d.items() if k not in others}
-
-
-def _from_version_0_2(d: dict[str, Any]) -> dict[str, Any]:
-    """A run saved by empssl 0.1 or 0.2 (whose config has an ``extra`` dict of notes) holds every method's settings
-    as flat fields: keep only those of its own method (the others never applied to it)."""
-    d.pop("extra")
-    return settings_for(d.get("method", Config.method), d)
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field[Any]]:
