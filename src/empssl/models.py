@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 def check_size(name: str, value: object) -> None:
     """TypeError unless ``value`` is a whole number, ValueError unless it is >= 1: a layer width (``nn.Linear(d, 0)``
     and ``nn.Conv2d(3, 0, 3)`` build without complaint and fail, or train nothing, later)."""
