@@ -49,10 +49,9 @@ class ImageData:
         ``n / C`` images (a class that runs out leaves its share to the others). Deterministic, and
         ``subset(n).subset(m) == subset(m)`` for ``m <= n``. ``n >= len(self)`` returns ``self``.
         """
+        keep = balanced_indices(self.labels, len(self.classes), n)  # checks n
         if n >= len(self):
-            balanced_indices(self.labels, len(self.classes), n)  # checks n
             return self
-        keep = balanced_indices(self.labels, len(self.classes), n)
         return ImageData(self.images[keep].contiguous(), self.labels[keep], list(self.classes), self.class_names)
 
 
