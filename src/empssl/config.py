@@ -26,7 +26,7 @@ from . import registry
 from .errors import ConfigError as ConfigError  # raised here and by the registry; importable from here as before
 
 # The architecture names, declared here so that validating a config imports neither torch nor the models;
-# empssl.models registers an implementation under each (a test checks that both agree). Method names come from
+# empssl.models.ARCHS has an implementation of each (a test checks that both agree). Method names come from
 # the method registry (empssl.registry), which reads them without importing torch.
 ARCH_NAMES = ("resnet18-cifar", "resnet18-imagenet", "resnet34-cifar")
 LOGGER_NAMES = ("tensorboard", "wandb", "mlflow")  # --log (empssl.tracking)
