@@ -7,7 +7,6 @@ and per method setting (:mod:`empssl.methods`), grouped by topic, with the decla
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +21,10 @@ from .config import (
     load_preset,
     method_preset,
     preset_names,
+    settings_json,
     type_hints,
 )
+from .files import OutputError, check_writable_dir, check_writable_file, write_json
 from .methods import method_names
 from .version import __version__
 
@@ -31,8 +32,6 @@ from .version import __version__
 # the device.
 EVAL_FIELDS = [f.name for f in flag_fields(Config) if f.metadata["group"] == "evaluation"] + [
     "data", "data_dir", "image_size", "data_mode", "train_subset", "test_subset", "device", "precision"]
-# The evaluation flags of the commands that take the number of test patches as their own option.
-EVAL_FIELDS_NO_PATCHES = [k for k in EVAL_FIELDS if k != "test_patches"]
 # What `empssl compare` lets one set for every method alike: every Config field but the method (each method keeps
 # its own settings and the rest of its recipe unless a flag sets it).
 COMPARE_FIELDS = [f.name for f in flag_fields(Config) if f.name != "method"]
@@ -217,7 +216,7 @@ def parse_counts(text: str) -> list[int]:
     try:
         counts = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+        counts = []
     if not counts or counts[0] < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 1, got {text!r}")
     return counts
@@ -246,7 +245,7 @@ def _add_experiment_parsers(sub: Any) -> None:
                         "--test-patches, which is included)")
     t.add_argument("--out", help="folder for the outputs (default: the run directory)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_config_flags(t, EVAL_FIELDS_NO_PATCHES)
+    _add_config_flags(t, [k for k in EVAL_FIELDS if k != "test_patches"])  # --counts instead
 
     s = sub.add_parser("tsne", help="t-SNE map of a checkpoint's test-set features, coloured by class",
                        description="2-D t-SNE (scikit-learn) of the bag-of-features of test images -> RUN/tsne.png.")
@@ -324,12 +323,7 @@ def _base_overrides(args: argparse.Namespace) -> dict[str, Any]:
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"--config file not found: {path}")
-        try:
-            from_file = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--config {path} is not valid JSON: {e}") from None
-        if not isinstance(from_file, dict):
-            raise ConfigError(f"--config {path} must hold a JSON object of settings")
+        from_file = settings_json(path.read_text(), f"--config {path}")
     preset = args.preset
     method = getattr(args, "method", None) or from_file.get("method")
     if preset is None and method is not None:
@@ -351,13 +345,12 @@ def cmd_ablate_patches(args: argparse.Namespace) -> int:
 
 def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
     from .experiments import ablate_test_patches
-    from .files import check_writable_dir
     from .rundir import run_dir_of
 
-    check_writable_dir(args.out or run_dir_of(args.checkpoint))
-    ablate_test_patches(args.checkpoint, args.counts, _explicit(args),
-                        out_dir=args.out, progress=not args.no_progress)
-    print(f"results written to {Path(args.out or run_dir_of(args.checkpoint)) / 'test_patch_ablation.md'}")
+    out = Path(args.out or run_dir_of(args.checkpoint))
+    check_writable_dir(out)
+    ablate_test_patches(args.checkpoint, args.counts, _explicit(args), out_dir=out, progress=not args.no_progress)
+    print(f"results written to {out / 'test_patch_ablation.md'}")
     return 0
 
 
@@ -371,14 +364,13 @@ def cmd_tsne(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .files import check_writable_dir
     from .report import write_report
 
     if args.out is None and len(args.runs) > 1:
         raise ConfigError("give --out DIR when reporting several runs")
-    check_writable_dir(args.out or args.runs[0])
-    path = write_report(args.runs, args.out or args.runs[0], targets=args.targets)
-    print(f"report written to {path}")
+    out = args.out or args.runs[0]
+    check_writable_dir(out)
+    print(f"report written to {write_report(args.runs, out, targets=args.targets)}")
     return 0
 
 
@@ -404,7 +396,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from .embed import embed
     from .evaluate import view_label
-    from .files import check_writable_file
 
     check_writable_file(args.out, "--out")  # before the features are computed
     s = embed(args.checkpoint, args.data, args.out, test_patches=args.test_patches, eval_feature=args.eval_feature,
@@ -418,7 +409,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_backbone
-    from .files import check_writable_file
 
     check_writable_file(args.out, "--out")
     print(f"backbone ({args.format}) written to {export_backbone(args.checkpoint, args.out, args.format)}")
@@ -430,8 +420,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     explicit = {**_base_overrides(args), **_explicit(args)}
-    cfg = run_config(Path(args.out), Config.from_dict(explicit).validate(), explicit)
     out = Path(args.out)
+    cfg = run_config(out, Config.from_dict(explicit).validate(), explicit)
     if args.no_eval and finished(out, cfg):
         print(f"{out} is already trained to the end; nothing to do")
         return 0
@@ -443,9 +433,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = train(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
     from .distributed import env_dist
 
-    if not env_dist().is_main:  # under torchrun, rank 0 reports
-        return 0
-    if args.no_eval:  # with evaluation, train() ends with the results file and where the time went
+    # under torchrun, rank 0 reports; with evaluation, train() ends with the results file and where the time went
+    if args.no_eval and env_dist().is_main:
         print(f"trained {results['steps']} steps; checkpoint in {out / 'checkpoint.pt'}")
     return 0
 
@@ -453,7 +442,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .experiments import load_for_eval
-    from .files import check_writable_file, write_json
     from .rundir import run_dir_of
 
     out = Path(args.out) if args.out else run_dir_of(args.checkpoint) / "results-eval.json"
@@ -487,7 +475,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .embed import EmbedError
         from .evaluate import EvalError
         from .export import ExportError
-        from .files import OutputError
         from .probe import ProbeError
         from .remote import refuse_output
         from .report import ReportError

@@ -26,7 +26,7 @@ from . import registry
 from .errors import ConfigError as ConfigError  # raised here and by the registry; importable from here as before
 
 # The architecture names, declared here so that validating a config imports neither torch nor the models;
-# empssl.models registers an implementation under each (a test checks that both agree). Method names come from
+# empssl.models.ARCHS has an implementation of each (a test checks that both agree). Method names come from
 # the method registry (empssl.registry), which reads them without importing torch.
 ARCH_NAMES = ("resnet18-cifar", "resnet18-imagenet", "resnet34-cifar")
 LOGGER_NAMES = ("tensorboard", "wandb", "mlflow")  # --log (empssl.tracking)
@@ -264,8 +264,9 @@ class Config:
         if not isinstance(d, Mapping) or not all(isinstance(k, str) for k in d):
             raise ConfigError(f"settings must be a mapping of names to values, got {d!r:.80}")
         d = dict(d)
-        if "extra" in d:
-            d = _from_version_0_2(d)
+        if "extra" in d:  # saved by empssl 0.1 or 0.2 (with a dict of notes): every method's settings as flat
+            d.pop("extra")  # fields, of which only its own method's ever applied to it
+            d = settings_for(d.get("method", Config.method), d)
         names = {f.name for f in flag_fields(cls)}
         own: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
         cfg = cls(**own, method_settings={k: v for k, v in d.items() if k not in names})
@@ -355,13 +356,6 @@ def settings_for(method: str, d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in others}
 
 
-def _from_version_0_2(d: dict[str, Any]) -> dict[str, Any]:
-    """A run saved by empssl 0.1 or 0.2 (whose config has an ``extra`` dict of notes) holds every method's settings
-    as flat fields: keep only those of its own method (the others never applied to it)."""
-    d.pop("extra")
-    return settings_for(d.get("method", Config.method), d)
-
-
 def flag_fields(cls: type) -> list[dataclasses.Field[Any]]:
     """The fields of a Config or MethodSettings class that are settings (each has a flag): all but
     ``method_settings``, which holds the method's own ones."""
@@ -442,16 +436,22 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> dict[str, Any]:
     """The overrides a preset file (src/empssl/presets/NAME.json) makes to the defaults."""
-    import json
-
     if name not in preset_names():  # also keeps a name like ../x from reading outside the presets
         raise ConfigError(f"unknown --preset {name!r}; choose from {', '.join(preset_names())}")
-    try:
-        overrides = json.loads((resources.files("empssl") / "presets" / f"{name}.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"preset {name} is not valid JSON: {e}") from None
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"preset {name} must hold a JSON object of settings")
+    overrides = settings_json((resources.files("empssl") / "presets" / f"{name}.json").read_text(), f"preset {name}")
     overrides.pop("_doc", None)
     Config.from_dict(overrides)  # reject unknown keys early
     return overrides
+
+
+def settings_json(text: str, what: str) -> dict[str, Any]:
+    """The JSON object of settings in ``text`` (a preset, a --config file); ConfigError naming ``what`` otherwise."""
+    import json
+
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{what} must hold a JSON object of settings")
+    return settings

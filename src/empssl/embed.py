@@ -30,7 +30,6 @@ Outputs (written atomically: an interrupted run leaves no partial file):
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,12 +38,15 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 
+from .config import Config
 from .data import ImageSet, load_images, scan
+from .data.images import split_rows
 from .devices import resolve_device
-from .errors import ConfigError
 from .evaluate import image_features
-from .files import OutputError, write_atomic
+from .files import OutputError, check_writable_file, write_atomic
 from .methods import eval_protocol
 from .remote import is_remote
 from .rundir import load_checkpoint
@@ -117,11 +119,13 @@ def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: i
     t0 = time.perf_counter()
     out = Path(out)
     fmt = _output_format(out)
-    _check_writable(out)
+    try:
+        check_writable_file(out)  # before any work
+    except OutputError as e:
+        raise EmbedError(str(e)) from None
     overrides = {"test_patches": test_patches, "eval_feature": eval_feature, "eval_view": eval_view,
                  "eval_seed": eval_seed, "eval_batch_size": eval_batch_size, "device": device}
-    if data_mode not in ("auto", "memory", "stream"):
-        raise ConfigError(f"--data-mode must be auto, memory or stream, got {data_mode!r}")
+    Config(data_mode=data_mode).validate()  # --data-mode's one rule, before any work
     model, cfg, ckpt = load_checkpoint(checkpoint, {k: v for k, v in overrides.items() if v is not None})
     dev = resolve_device(cfg.device)
     model.to(dev)
@@ -199,19 +203,13 @@ def _open_source(data: str, data_dir: str, image_size: int, mode: str, progress:
     catalog = scan(data, data_dir)
     classes = list(catalog.classes) if catalog.classes is not None else None
     labels = torch.tensor([-1 if r.label is None else r.label for r in catalog.records], dtype=torch.int64)
-    splits, at = [], 0
-    for name, count in catalog.splits:
-        items = CatalogItems(catalog.records[at:at + count])
-        splits.append((name, _streamed(items, labels[at:at + count], classes, image_size, catalog.source, name)))
-        at += count
+    splits = [(name, _streamed(CatalogItems(catalog.records[rows]), labels[rows], classes, image_size, catalog.source,
+                               name)) for name, rows in split_rows(catalog.splits).items()]
     return _Source(splits, labels if classes is not None else None, classes, catalog.class_names, "stream")
 
 
 def _memory_source(images: ImageSet) -> _Source:
-    splits, start = [], 0
-    for split, count in images.splits:
-        splits.append((split, images.images[start:start + count]))
-        start += count
+    splits = [(name, images.images[rows]) for name, rows in split_rows(images.splits).items()]
     return _Source(splits, images.labels, images.classes, images.class_names, "memory", images.names)
 
 
@@ -239,8 +237,6 @@ def _streamed(items: Items, labels: torch.Tensor, classes: list[str] | None, ima
 
 def load_embedding(path: str | Path) -> Embedding:
     """Read an embedding written by :func:`embed` (.npz or .safetensors)."""
-    from safetensors import SafetensorError
-
     path = Path(path)
     fmt = _output_format(path)
     if not path.is_file():
@@ -262,8 +258,6 @@ def _read_npz(path: Path) -> Embedding:
 
 
 def _read_safetensors(path: Path) -> Embedding:
-    from safetensors.torch import load_file, safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     tensors = load_file(str(path))
@@ -277,18 +271,6 @@ def _output_format(path: Path) -> str:
     if suffix not in SUFFIXES:
         raise EmbedError(f"embedding output must end in {' or '.join(SUFFIXES)}, got {path.name!r}")
     return suffix[1:]
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before any work when ``out`` cannot be written (its folder is created if missing)."""
-    if out.is_dir():
-        raise EmbedError(f"output {out} is a folder; give a file name ending in .npz or .safetensors")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".writable"):
-            pass
-    except OSError as e:
-        raise EmbedError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def _write_npz(path: Path, e: Embedding) -> None:
@@ -305,8 +287,6 @@ def _write_npz(path: Path, e: Embedding) -> None:
 
 
 def _write_safetensors(path: Path, e: Embedding) -> None:
-    from safetensors.torch import save_file
-
     tensors = {"features": e.features}
     if e.labels is not None:
         tensors["labels"] = e.labels.to(torch.int64).contiguous()

@@ -71,7 +71,8 @@ def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress
     Returns (model, config, raw checkpoint dict, train, test, device).
     """
     overrides = dict(overrides)
-    saved = _saved_config(checkpoint) if overrides.get("data") else {}
+    # the config the run was trained with: the checkpoint's own (config.json is only its readable copy), a dict
+    saved = read_checkpoint(checkpoint).get("config", {}) if overrides.get("data") else {}
     if overrides.get("data") and overrides["data"] != saved.get("data"):
         reset = [k for k in ("train_subset", "test_subset") if k not in overrides and saved.get(k)]
         for k in reset:
@@ -84,12 +85,6 @@ def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress
     device = resolve_device(cfg.device)
     train, test = eval_splits(cfg, progress, lambda: config_data(cfg, progress), log)
     return model.to(device), cfg, ckpt, train, test, device
-
-
-def _saved_config(checkpoint: str | Path) -> dict[str, Any]:
-    """The config a run was trained with: the checkpoint's own (config.json is only its readable copy)."""
-    config = read_checkpoint(checkpoint).get("config", {})
-    return config if isinstance(config, dict) else {}
 
 
 # --- patch-count ablation ----------------------------------------------------------------------------------
@@ -137,9 +132,8 @@ def ablation_row(n: int, run: str, results: dict[str, Any], cfg: Config) -> dict
 
 
 def write_patch_ablation(out: Path, rows: list[dict[str, Any]], cfg: Config) -> None:
-    meta = {"data": cfg.data, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "arch": cfg.arch,
-            "width": cfg.width, "method": cfg.method, "test_patches": cfg.test_patches, "eval_view": cfg.eval_view,
-            "eval_feature": cfg.eval_feature}
+    meta = {k: getattr(cfg, k) for k in ("data", "epochs", "batch_size", "arch", "width", "method", "test_patches",
+                                         "eval_view", "eval_feature")}
     write_json(out / "ablation.json", {"experiment": "patch-count ablation", "config": meta, "rows": rows})
     device = next((r["device"] for r in rows if r.get("device")), None)
     lines = [f"# Patch-count ablation: {cfg.data}, {cfg.epochs:g} epoch(s), batch {cfg.batch_size}, "
@@ -200,7 +194,6 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = N
                             "test": describe_split(test, cfg.test_subset)},
               "max_patches": counts[-1], "rows": rows}
     out = Path(out_dir) if out_dir else run_dir_of(checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "test_patch_ablation.json", result)
     lines = [f"# Test-patch ablation: {checkpoint} (step {ckpt.get('step')}) on {cfg.data}", "",
              *test_patch_ablation_table(rows),
@@ -253,7 +246,6 @@ def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *,
         torch.nn.functional.normalize(feats, dim=1).numpy())
     log(f"t-SNE of {n} test images ({how}) in {time.perf_counter() - t0:.1f} s")
     path = tsne_path(checkpoint, out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     title = f"t-SNE of {cfg.data} test features ({cfg.method}, step {ckpt.get('step')}, {how})"
     plot_tsne(xy, test.labels.numpy(), list(test.classes), path, title=title)
     write_json(path.with_suffix(".json"), {"checkpoint": str(checkpoint), "step": ckpt.get("step"),

@@ -1,21 +1,9 @@
 """Export a trained backbone for use without empssl: a torchvision or timm ResNet state dict, or safetensors.
 
-The backbone (:class:`empssl.models.ResNet`) uses torchvision's parameter names, so its state dict loads with
-``strict=True`` into ``torchvision.models.resnet18()`` (``resnet34()`` for resnet34-cifar) once the network is
-given the same stem and no classifier::
-
-    net = torchvision.models.resnet18()
-    net.conv1, net.maxpool, net.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
-    net.load_state_dict(torch.load("backbone.pt", weights_only=True))   # net(x): (B, 512) features
-
-(the CIFAR stem: a 3x3 stride-1 first convolution and no max-pool; for resnet18-imagenet only ``fc`` changes).
-timm's ResNets use the same parameter names, so ``--format timm`` writes the same state dict, for::
-
-    net = timm.create_model("resnet18", num_classes=0)   # no classifier: net(x) -> (B, 512)
-    net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
-    net.load_state_dict(torch.load("backbone.pt", weights_only=True))
-
-Only width 64 matches torchvision's and timm's networks; other widths export as safetensors.
+The backbone (:class:`empssl.models.ResNet`) uses torchvision's parameter names (and timm's ResNets use the same), so
+its state dict loads with ``strict=True`` into ``torchvision.models.resnet18()`` (``resnet34()`` for resnet34-cifar)
+or timm's, once the network has the same stem and no classifier (:func:`torchvision_backbone`, :func:`timm_backbone`;
+the code: README.md, "Using the trained encoder"). Only width 64 matches them; other widths export as safetensors.
 """
 
 from __future__ import annotations
@@ -25,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .files import OutputError, write_atomic
@@ -55,12 +45,9 @@ def torchvision_backbone(arch: str) -> nn.Module:
     ``maxpool = Identity``. Its forward gives the (B, 512) backbone feature."""
     import torchvision
 
-    if arch not in _TORCHVISION:
-        raise ExportError(f"no torchvision network for --arch {arch}; choose from {', '.join(_TORCHVISION)}")
-    name, cifar_stem = _TORCHVISION[arch]
-    net = getattr(torchvision.models, name)(weights=None)
+    net = _stock(arch, "torchvision", lambda name: getattr(torchvision.models, name)(weights=None))
     net.fc = nn.Identity()
-    return _with_stem(net, cifar_stem)
+    return net
 
 
 def timm_backbone(arch: str) -> nn.Module:
@@ -69,14 +56,16 @@ def timm_backbone(arch: str) -> nn.Module:
     Its forward gives the (B, 512) backbone feature. Needs timm (``pip install timm``)."""
     import timm
 
+    return _stock(arch, "timm", lambda name: timm.create_model(name, pretrained=False, num_classes=0))
+
+
+def _stock(arch: str, library: str, build: Callable[[str], nn.Module]) -> nn.Module:
+    """``build(name)``'s ResNet of ``arch`` with the CIFAR stem (3x3 stride-1 first convolution, no max-pool)
+    where ``arch`` has it."""
     if arch not in _TORCHVISION:
-        raise ExportError(f"no timm network for --arch {arch}; choose from {', '.join(_TORCHVISION)}")
+        raise ExportError(f"no {library} network for --arch {arch}; choose from {', '.join(_TORCHVISION)}")
     name, cifar_stem = _TORCHVISION[arch]
-    return _with_stem(timm.create_model(name, pretrained=False, num_classes=0), cifar_stem)
-
-
-def _with_stem(net: nn.Module, cifar_stem: bool) -> nn.Module:
-    """The CIFAR stem (3x3 stride-1 first convolution, no max-pool) in a torchvision or timm ResNet."""
+    net = build(name)
     if cifar_stem:
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
@@ -110,8 +99,6 @@ def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str = "torchvi
         if cfg.arch not in _TORCHVISION:
             raise ExportError(f"no {fmt} network for --arch {cfg.arch}; use --format safetensors")
         return _write(out, lambda tmp: torch.save(state, tmp))
-    from safetensors.torch import save_file
-
     meta = {"format": "empssl-backbone", "arch": cfg.arch, "width": str(cfg.width), "method": cfg.method,
             "step": str(ckpt.get("step", "")), "empssl_version": __version__,
             "out_dim": str(backbone.out_dim)}
@@ -121,9 +108,6 @@ def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str = "torchvi
 def load_backbone(path: str | Path) -> tuple[ResNet, dict[str, Any]]:
     """Rebuild an empssl backbone from a safetensors export (strict load); returns (backbone in eval mode,
     metadata)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})

@@ -8,13 +8,12 @@ stem (``conv1``, 3x3 in the CIFAR variant) and ``fc`` are set aside.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-ARCHS: dict[str, Callable[..., ResNet]] = {}
 
 
 def check_size(name: str, value: object) -> None:
@@ -24,14 +23,6 @@ def check_size(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a whole number, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def register(name: str) -> Callable[[Callable[..., ResNet]], Callable[..., ResNet]]:
-    def wrap(fn: Callable[..., ResNet]) -> Callable[..., ResNet]:
-        ARCHS[name] = fn
-        return fn
-
-    return wrap
 
 
 class BasicBlock(nn.Module):
@@ -100,19 +91,12 @@ class ResNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
-@register("resnet18-cifar")
-def resnet18_cifar(width: int = 64) -> ResNet:
-    return ResNet((2, 2, 2, 2), width, stem="cifar")
-
-
-@register("resnet18-imagenet")
-def resnet18_imagenet(width: int = 64) -> ResNet:
-    return ResNet((2, 2, 2, 2), width, stem="imagenet")
-
-
-@register("resnet34-cifar")
-def resnet34_cifar(width: int = 64) -> ResNet:
-    return ResNet((3, 4, 6, 3), width, stem="cifar")
+# arch -> a ResNet of that layout, called with the width
+ARCHS: dict[str, Callable[..., ResNet]] = {
+    "resnet18-cifar": functools.partial(ResNet, (2, 2, 2, 2), stem="cifar"),
+    "resnet18-imagenet": functools.partial(ResNet, (2, 2, 2, 2), stem="imagenet"),
+    "resnet34-cifar": functools.partial(ResNet, (3, 4, 6, 3), stem="cifar"),
+}
 
 
 def create_backbone(arch: str, width: int = 64) -> ResNet:

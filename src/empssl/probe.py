@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .fallbacks import fall_back
 
@@ -187,13 +188,9 @@ def _prepare(train_feats: torch.Tensor, train_labels: torch.Tensor, val_fraction
 
 
 def _history(losses: list[float], vals: list[float] | None) -> list[dict[str, float]]:
-    rows: list[dict[str, float]] = []
-    for e, loss in enumerate(losses):
-        row: dict[str, float] = {"epoch": e + 1, "train_loss": loss}
-        if vals is not None:
-            row["val_top1"] = vals[e]
-        rows.append(row)
-    return rows
+    """ProbeResult.history: per epoch its number, training loss and (with a validation split) accuracy."""
+    return [{"epoch": e + 1, "train_loss": loss} | ({} if vals is None else {"val_top1": vals[e]})
+            for e, loss in enumerate(losses)]
 
 
 # ---------------------------------------------------------------------------------------- the reference
@@ -230,8 +227,6 @@ def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor
 
     def correct(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _correct(x, y, head.weight.detach().T[:, None, :], head.bias.detach()[None])[0]
-
-    from tqdm import tqdm
 
     step = 0
     for epoch in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
@@ -389,21 +384,6 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _capture_epoch(trainer: _HeadTrainer) -> torch.cuda.CUDAGraph:
-    """One epoch of ``trainer`` as a CUDA graph, after warm-up epochs on a side stream that are then undone."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        trainer.rehearse(GRAPH_WARMUP_EPOCHS)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    # Captured on the warm-up stream: BLAS handles and workspaces are cached per stream, and one created
-    # lazily during capture is not capturable on every platform.
-    with torch.cuda.graph(graph, stream=side):
-        trainer.epoch()  # recorded, not run: the state is still the starting one
-    return graph
-
-
 def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequence[float], *, epochs: int,
                  momentum: float, weight_decay: float, batch_size: int, seed: int,
                  x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None, backend: str = "auto",
@@ -412,8 +392,6 @@ def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequen
     each head keeps the weights of its best validation epoch (earliest on ties)."""
     device = x.device
     backend = _resolve_backend(backend, device)
-    from tqdm import tqdm
-
     def new_trainer() -> _HeadTrainer:
         return _HeadTrainer(x, y, num_classes, lrs, epochs=epochs, momentum=momentum, weight_decay=weight_decay,
                             batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val)
@@ -432,11 +410,19 @@ def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequen
 
 
 def _graphed_epochs(trainer: _HeadTrainer, epochs: int, progress: bool) -> None:
-    """``epochs`` epochs of ``trainer`` as the replays of one captured epoch (:func:`_capture_epoch`)."""
-    from tqdm import tqdm
-
+    """``epochs`` epochs of ``trainer`` as the replays of one epoch captured as a CUDA graph, after warm-up epochs
+    on a side stream that are then undone."""
     with torch.cuda.device(trainer.x1.device):
-        graph = _capture_epoch(trainer)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            trainer.rehearse(GRAPH_WARMUP_EPOCHS)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # Captured on the warm-up stream: BLAS handles and workspaces are cached per stream, and one created
+        # lazily during capture is not capturable on every platform.
+        with torch.cuda.graph(graph, stream=side):
+            trainer.epoch()  # recorded, not run: the state is still the starting one
         for _ in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
             graph.replay()
             if progress:  # a bar that tells the truth costs one sync per epoch; none without one
@@ -476,7 +462,6 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         raise ProbeError("a linear-probe learning-rate sweep chooses on a validation split: val_fraction must be > 0")
     t0 = time.perf_counter()
     device = torch.device(device)
-    backend = _resolve_backend(backend, device)
     use_val = val_fraction > 0
     x_tr, y_tr, x_val, y_val = _prepare(train_feats, train_labels, val_fraction, seed, device)
 

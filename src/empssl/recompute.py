@@ -22,17 +22,18 @@ import contextlib
 import copy
 import functools
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
+from .config import Config
+from .data.sources import memory_available
+from .devices import autocast_dtype
+from .errors import ConfigError
+from .methods import create_method
 from .models import BasicBlock, EMPSSLModel
-
-if TYPE_CHECKING:
-    from .config import Config
 
 # Fraction of the free GPU memory a step may plan to use before recomputation is switched on (the caching
 # allocator's fragmentation and cuDNN workspaces need the rest).
@@ -179,13 +180,6 @@ def step_memory(model: nn.Module, patches: int, patch_size: int, device: torch.d
     return StepMemory(int(patches * act), int(patches * 5 * patch_bytes), (3 if with_weights else 2) * params)
 
 
-def step_bytes(model: nn.Module, patches: int, patch_size: int, device: torch.device, amp: torch.dtype | None,
-               channels_last: bool) -> int:
-    """Estimated peak memory of one training step on ``patches`` patches (beyond what is allocated now):
-    :func:`step_memory`'s total."""
-    return step_memory(model, patches, patch_size, device, amp, channels_last).total
-
-
 def free_bytes(device: torch.device) -> int:
     """Memory still available to this process on a CUDA device: free on the card + cached by PyTorch."""
     free, _ = torch.cuda.mem_get_info(device)
@@ -196,15 +190,16 @@ def want_recompute(mode: str, model: nn.Module, patches: int, patch_size: int, d
                        amp: torch.dtype | None, channels_last: bool) -> tuple[bool, str]:
     """Decide ``--grad-checkpointing`` (auto | on | off) for a step of ``patches`` patches on this process.
 
-    Returns (use it, a one-line reason for the log). ``auto`` is on only on CUDA, when :func:`step_bytes`
-    exceeds 85% of :func:`free_bytes`; on the CPU it is always off (host memory is rarely the limit and
+    Returns (use it, a one-line reason for the log). ``auto`` is on only on CUDA, when :func:`step_memory`'s
+    total exceeds 85% of :func:`free_bytes`; on the CPU it is always off (host memory is rarely the limit and
     recomputation costs time).
     """
     if mode in ("on", "off"):
         return mode == "on", f"--grad-checkpointing {mode}"
     if device.type != "cuda":
         return False, "auto: off on CPU"
-    need, free = step_bytes(model, patches, patch_size, device, amp, channels_last), free_bytes(device)
+    need = step_memory(model, patches, patch_size, device, amp, channels_last).total
+    free = free_bytes(device)
     use = need > _FREE_FRACTION * free
     return use, (f"auto: a step needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free -> "
                  f"{'on' if use else 'off'}")
@@ -212,24 +207,10 @@ def want_recompute(mode: str, model: nn.Module, patches: int, patch_size: int, d
 
 def available_bytes(device: torch.device) -> int | None:
     """Memory a training step may use: what the CUDA device has free (:func:`free_bytes`), or on the CPU the
-    host's available memory (MemAvailable, capped by this process's cgroup limit); None where it cannot be read."""
+    host's (:func:`empssl.data.sources.memory_available`); None where it cannot be read."""
     if device.type == "cuda":
         return free_bytes(device)
-    if device.type != "cpu":
-        return None
-    try:
-        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        avail = int(meminfo["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-    try:  # a container's limit (cgroup v2), when it is below what the host has
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            avail = min(avail, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return avail
+    return memory_available() if device.type == "cpu" else None
 
 
 def check_step_fits(cfg: Config, device: torch.device, world_size: int = 1) -> None:
@@ -238,10 +219,6 @@ def check_step_fits(cfg: Config, device: torch.device, world_size: int = 1) -> N
     step's views, with activation recomputation where ``--grad-checkpointing`` would turn it on (``on``, or
     ``auto`` on CUDA). A throwaway copy of the model measures a few small patches (and the global RNG is left as
     it was)."""
-    from .devices import autocast_dtype
-    from .errors import ConfigError
-    from .methods import create_method
-
     limit = available_bytes(device)
     if limit is None:
         return

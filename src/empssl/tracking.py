@@ -1,23 +1,9 @@
 """Runs in the tools people watch them with: TensorBoard, Weights & Biases and MLflow (``--log``).
 
-metrics.jsonl, monitor.jsonl and results.json are always written. ``--log tensorboard,wandb,mlflow`` (any of them)
-also streams the same scalars, each against its step and wall-clock time (``train/loss``, ``train/lr``,
-``train/patches_per_s``, the method's other loss terms; ``monitor/knn_top1``, ``monitor/train_s`` ...), the
-resolved config and, at the end, the results (``results/linear_top1`` ...), through each project's own client
-library, installed as an extra (``pip install 'empssl[tensorboard]'``). Only rank 0 writes.
-
-Where each one writes:
-
-- tensorboard: ``RUN/tensorboard/`` (``tensorboard --logdir runs`` shows every run under runs/).
-- wandb: project ``$WANDB_PROJECT`` (default ``empssl``), named after the run directory, files in ``RUN/wandb/``;
-  offline unless this machine is logged in (``wandb login``); ``$WANDB_MODE`` overrides that choice. An offline run
-  is uploaded later with ``wandb sync RUN/wandb/offline-run-*``.
-- mlflow: the tracking store of ``$MLFLOW_TRACKING_URI``, else MLflow's default (``./mlflow.db``); experiment
-  ``$MLFLOW_EXPERIMENT_NAME`` (default ``empssl``).
-
-A resumed run continues the same TensorBoard directory (events after the resumed checkpoint's step are purged, so
-re-trained steps are not shown twice), the same W&B run id and the same MLflow run: the ids are kept in
-``RUN/trackers.json`` (a damaged one is refused in one line: which runs to continue is the user's choice).
+metrics.jsonl, monitor.jsonl and results.json are always written; ``--log`` also streams the same scalars, the
+resolved config and the results through each project's own client library (an extra), from rank 0 only. Where each
+one writes, and how a resumed run continues the same runs (their ids in ``RUN/trackers.json``): README.md,
+"Watching a run".
 """
 
 from __future__ import annotations
@@ -202,8 +188,7 @@ class Tracking:
     def log_scalars(self, record: Mapping[str, Any], *, step: int, wall_time: float, prefix: str = "") -> None:
         """The numeric fields of a metrics.jsonl / monitor.jsonl record at ``step``, as ``prefix`` + name."""
         if self.trackers:
-            values = dict(scalars(record, prefix))
-            self._each("log_scalars", values, step, wall_time)
+            self._each("log_scalars", dict(scalars(record, prefix)), step, wall_time)
 
     def log_results(self, results: Mapping[str, Any], *, step: int) -> None:
         if self.trackers:

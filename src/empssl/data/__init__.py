@@ -9,19 +9,8 @@ evaluation use. Folders and archives are decoded with a process pool into one ca
 (``data_dir/cache/<name>-<hash>/``: ``images.npy``, ``labels.npy`` and ``meta.json``) that later calls of
 either reuse.
 
-The pipeline, one module per step (each usable alone; a streamed tier can take the first two and the
-per-image decoder, and feed its own batches)::
-
-    sources.py   where bytes come from: folder walk, archive reading, the safety rules (regular files only,
-                 a size cap per file, no member outside the archive's root)
-    layouts.py   a tree -> a Catalog: ImageRecord(name, label, data) per image, classes, split blocks
-                 (ImageFolder split roots, class trees, plain folders, Tiny ImageNet; torchvision's arrays)
-    decode.py    decode_image(bytes) -> (H, W, 3) uint8 (size limit from the header, 16-bit scaling,
-                 transparency over white, resize + centre crop); decode_catalog: a pool over a catalog
-    cache.py     the decoded-image cache (atomic, best effort, stale temp folders removed)
-    load.py      load_images = scan -> decode -> cache; load_data = its train and test blocks
-    imagenet.py  ImageNet-1k / ImageNet-100 trees (imagenet100:PATH): class selection, val ground truth
-    images.py    ImageData, ImageSet, DataError
+The pipeline is one module per step, each usable alone (docs/ARCHITECTURE.md lists them); a streamed tier takes
+the scan and the per-image decoder, and feeds its own batches.
 
 :func:`scan` gives a source's :class:`Catalog` without decoding; ``record.read()`` gives one image's bytes
 under the same checks, and :func:`decode_image` decodes them by the same rules as the in-memory tier (a test

@@ -43,11 +43,8 @@ def cache_dir(source: Path, data_dir: Path, image_size: int, tree: Tree | None) 
     keyed by its size and mtime, a folder by the stamps of every file the walk found (:func:`add_stamps`)."""
     h = add_stamps(hashlib.sha256(f"{source}|{image_size}|{CACHE_VERSION}".encode()), source, tree)
     stem = source.name
-    if tree is None:
-        for suffix in ARCHIVE_SUFFIXES:
-            if stem.lower().endswith(suffix):
-                stem = stem[: -len(suffix)]
-                break
+    if tree is None:  # an archive: its name without the suffix
+        stem = next((stem[:-len(s)] for s in ARCHIVE_SUFFIXES if stem.lower().endswith(s)), stem)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "data"
     return data_dir / "cache" / f"{safe}-{h.hexdigest()[:16]}"
 

@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from .images import DataError
-from .layouts import Catalog, _catalog, _check_same_classes, _scan_classes, _Split
-from .sources import MAX_FILE_BYTES, Tree, is_image, read_file, walk_folder
+from .layouts import Catalog, _catalog, _check_same_classes, _read_bytes, _read_text, _scan_classes, _Split
+from .sources import MAX_FILE_BYTES, Tree, is_image, walk_folder
 
 IMAGENET_SPECS = ("imagenet100", "imagenet")
 KAGGLE_ROOT = "ILSVRC/Data/CLS-LOC/"
@@ -207,15 +207,6 @@ def _label_files(base: str) -> list[str]:
 # --- labels -------------------------------------------------------------------------------------------
 
 
-def _bytes(tree: Tree, rel: str, path: Path) -> bytes:
-    src = tree.meta[rel]
-    return src if isinstance(src, bytes) else read_file(src, f"{rel} in {path}")
-
-
-def _text(tree: Tree, rel: str, path: Path) -> str:
-    return _bytes(tree, rel, path).decode("utf-8", errors="replace")
-
-
 def _label_flat_val(tree: Tree, base: str, path: Path, loose: list[str], classes: list[str], select: bool
                     ) -> _Split:
     """Flat val/ images labelled by their ground truth. ``select``: keep those of ``classes`` (ImageNet-100), and
@@ -224,7 +215,7 @@ def _label_flat_val(tree: Tree, base: str, path: Path, loose: list[str], classes
     prefix = f"{base}val/"
     solution = next((top + LOC_SOLUTION for top in _tops(base) if top + LOC_SOLUTION in tree.meta), None)
     if solution is not None:
-        truth, source = _loc_solution(_text(tree, solution, path), f"{solution} in {path}"), solution
+        truth, source = _loc_solution(_read_text(tree, solution, path), f"{solution} in {path}"), solution
         key_of = {name: Path(name).stem for name in loose}
     else:
         devkit = _devkit(tree, path)
@@ -274,7 +265,7 @@ def _devkit_files(tree: Tree, path: Path) -> tuple[str | None, bytes, str] | Non
     for folder in (f"{DEVKIT}/data/", ""):
         gt, mat = folder + GROUND_TRUTH, folder + "meta.mat"
         if mat in tree.meta:
-            return (_text(tree, gt, path) if gt in tree.meta else None), _bytes(tree, mat, path), mat
+            return (_read_text(tree, gt, path) if gt in tree.meta else None), _read_bytes(tree, mat, path), mat
         if gt in tree.meta:
             raise DataError(f"{gt} in {path} needs the devkit's meta.mat beside it (it maps ILSVRC2012_IDs to wnids)")
     archive = f"{DEVKIT}.tar.gz"
@@ -353,7 +344,7 @@ def _class_names(tree: Tree, base: str, path: Path, classes: list[str]) -> list[
         return [words.get(c, c) for c in classes]
     for rel in (top + name for top in _tops(base) for name in SYNSET_NAMES):
         if rel in tree.meta:
-            lines = (line.split(" ", 1) for line in _text(tree, rel, path).splitlines() if " " in line)
+            lines = (line.split(" ", 1) for line in _read_text(tree, rel, path).splitlines() if " " in line)
             mapping = {w.strip(): name.strip() for w, name in lines}
             return [mapping.get(c, c) for c in classes]
     return None

@@ -4,6 +4,7 @@ rule of every tier. Imports nothing above it."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,9 +34,7 @@ class ImageData:
     class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.images.dim() != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.uint8:
-            got = f"{tuple(self.images.shape)} {self.images.dtype}"
-            raise ValueError(f"images must be (N, 3, H, W) uint8, got {got}")
+        _check_images(self.images)
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must be ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
 
@@ -50,10 +49,9 @@ class ImageData:
         ``n / C`` images (a class that runs out leaves its share to the others). Deterministic, and
         ``subset(n).subset(m) == subset(m)`` for ``m <= n``. ``n >= len(self)`` returns ``self``.
         """
+        keep = balanced_indices(self.labels, len(self.classes), n)  # checks n
         if n >= len(self):
-            balanced_indices(self.labels, len(self.classes), n)  # checks n
             return self
-        keep = balanced_indices(self.labels, len(self.classes), n)
         return ImageData(self.images[keep].contiguous(), self.labels[keep], list(self.classes), self.class_names)
 
 
@@ -99,9 +97,7 @@ class ImageSet:
     splits: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        n = self.images.shape[0]
-        if self.images.dim() != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.uint8:
-            raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(self.images.shape)} {self.images.dtype}")
+        n = _check_images(self.images)
         if len(self.names) != n:
             raise ValueError(f"need one name per image, got {len(self.names)} names for {n} images")
         if self.labels is not None and self.labels.shape != (n,):
@@ -115,6 +111,19 @@ class ImageSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+
+def _check_images(images: torch.Tensor) -> int:
+    """The number of images, after a ValueError unless they are (N, 3, H, W) uint8."""
+    if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+    return images.shape[0]
+
+
+def split_rows(splits: list[tuple[str, int]]) -> dict[str, slice]:
+    """The rows of each split of consecutive blocks ``[(split, count), ...]`` (:attr:`ImageSet.splits`)."""
+    ends = itertools.accumulate(count for _, count in splits)
+    return {name: slice(end - count, end) for (name, count), end in zip(splits, ends)}
 
 
 def resize_crop(img: Image.Image, size: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -128,12 +129,9 @@ def split_names(tree: Tree) -> set[str]:
 def held_out_split(splits: Collection[str], shown: str) -> str:
     """The split :func:`empssl.data.load_data` tests on: ``test``, else ``val``; DataError (one line) when
     ``splits`` lack ``train`` or both of those."""
-    if "train" not in splits:
-        raise DataError(f"no train/ folder in {shown} (expected train/ and test/, each <class>/<images>)")
-    if "test" not in splits and "val" not in splits:
-        raise DataError(
-            f"no test/ or val/ folder in {shown} (expected train/ and test/, each <class>/<images>)"
-        )
+    if "train" not in splits or ("test" not in splits and "val" not in splits):
+        missing = "train/" if "train" not in splits else "test/ or val/"
+        raise DataError(f"no {missing} folder in {shown} (expected train/ and test/, each <class>/<images>)")
     return "test" if "test" in splits else "val"
 
 
@@ -157,11 +155,8 @@ def _check_same_classes(train: _Split, other: _Split, other_name: str, shown: st
     if train.classes != other.classes:
         only_train = sorted(set(train.classes) - set(other.classes))
         only_other = sorted(set(other.classes) - set(train.classes))
-        raise DataError(
-            f"train/ and {other_name}/ of {shown} have different classes: "
-            f"only in train: {', '.join(only_train) or '-'}; "
-            f"only in {other_name}: {', '.join(only_other) or '-'}"
-        )
+        raise DataError(f"train/ and {other_name}/ of {shown} have different classes: only in train: "
+                        f"{', '.join(only_train) or '-'}; only in {other_name}: {', '.join(only_other) or '-'}")
 
 
 def _scan_split(tree: Tree, root: str, split: str) -> _Split:
@@ -191,10 +186,13 @@ def _scan_classes(tree: Tree, prefix: str, shown_prefix: str) -> _Split:
     return _Split(names, np.asarray(labels, dtype=np.int64), classes)
 
 
-def _read_text(tree: Tree, name: str, shown: str) -> str:
+def _read_bytes(tree: Tree, name: str, shown: str | Path) -> bytes:
     src = tree.meta[name]
-    raw = src if isinstance(src, bytes) else read_file(src, f"{name} in {shown}")
-    return raw.decode("utf-8", errors="replace")
+    return src if isinstance(src, bytes) else read_file(src, f"{name} in {shown}")
+
+
+def _read_text(tree: Tree, name: str, shown: str | Path) -> str:
+    return _read_bytes(tree, name, shown).decode("utf-8", errors="replace")
 
 
 def _scan_tiny_imagenet(tree: Tree, root: str, shown: str) -> tuple[_Split, _Split]:

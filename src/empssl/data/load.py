@@ -17,7 +17,7 @@ from PIL import Image
 from . import decode
 from .cache import add_stamps, cache_dir, read_cache, remove_stale_temps, write_cache
 from .imagenet import ImageNetSpec, parse_spec
-from .images import DataError, ImageData, ImageSet
+from .images import DataError, ImageData, ImageSet, split_rows
 from .layouts import TORCHVISION_DATASETS, Catalog, catalog_tree, held_out_split, load_torchvision, split_names
 from .sources import ARCHIVE_SUFFIXES, Tree, demo_archive, memory_available, read_archive, walk_folder
 
@@ -26,7 +26,8 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
 def _check_args(spec: object, data_dir: object, image_size: object) -> tuple[str, str]:
-    """(spec, data_dir) as strings (paths accepted); TypeError, saying what is expected, for other types."""
+    """(spec, data_dir) as strings (paths accepted); TypeError, saying what is expected, for other types, and
+    DataError for a negative image size."""
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec:
@@ -38,6 +39,8 @@ def _check_args(spec: object, data_dir: object, image_size: object) -> tuple[str
         raise TypeError(f"data_dir must be a str or a path, got {data_dir!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int):
         raise TypeError(f"image_size must be a whole number (0 keeps the images' own size), got {image_size!r}")
+    if image_size < 0:
+        raise DataError(f"image size must be >= 0, got {image_size}")
     return str(spec), data_dir
 
 
@@ -65,24 +68,17 @@ def load_data(
         DataError: with a one-line message for any missing, malformed or undecodable data.
     """
     spec, data_dir = _check_args(spec, data_dir, image_size)
-    if image_size < 0:
-        raise DataError(f"image size must be >= 0, got {image_size}")
     if spec in TORCHVISION_DATASETS:
         return load_torchvision(spec, data_dir, image_size)
     path, imagenet = _source(spec, Path(data_dir))
     images = _image_set(path, Path(data_dir), image_size, progress, train_test=True, imagenet=imagenet)
-    starts: dict[str, tuple[int, int]] = {}
-    at = 0
-    for name, count in images.splits:
-        starts[name] = (at, at + count)
-        at += count
-    test = held_out_split(starts, str(path))  # also refuses a cache that load_images wrote for another layout
+    rows = split_rows(images.splits)
+    test = held_out_split(rows, str(path))  # also refuses a cache that load_images wrote for another layout
     labels, classes = images.labels, images.classes
     assert labels is not None and classes is not None  # split roots have classes
 
     def split(name: str) -> ImageData:
-        lo, hi = starts[name]
-        return ImageData(images.images[lo:hi], labels[lo:hi], list(classes), images.class_names)
+        return ImageData(images.images[rows[name]], labels[rows[name]], list(classes), images.class_names)
 
     return split("train"), split(test)
 
@@ -110,8 +106,6 @@ def load_images(spec: str, data_dir: str = "./data", image_size: int = 0, progre
     and suggesting ``--image-size`` when the images differ in size.
     """
     spec, data_dir = _check_args(spec, data_dir, image_size)
-    if image_size < 0:
-        raise DataError(f"image size must be >= 0, got {image_size}")
     if spec in TORCHVISION_DATASETS:
         train, test = load_torchvision(spec, data_dir, image_size)
         return ImageSet(
@@ -233,19 +227,14 @@ def resolve(spec: str, data_dir: Path) -> Path:
         for candidate in (data_dir / "tiny-imagenet-200", data_dir / "tiny-imagenet-200.zip"):
             if candidate.exists():
                 return candidate.resolve()
-        raise DataError(
-            f"tiny-imagenet was not found under {data_dir} (looked for tiny-imagenet-200/ and "
-            f"tiny-imagenet-200.zip); download {TINY_IMAGENET_URL} there, or pass --data PATH to the zip or its folder"
-        )
+        raise DataError(f"tiny-imagenet was not found under {data_dir} (looked for tiny-imagenet-200/ and "
+                        f"tiny-imagenet-200.zip); download {TINY_IMAGENET_URL} there, or pass --data PATH to the "
+                        f"zip or its folder")
     path = Path(spec).expanduser()
     if not path.exists():
-        raise DataError(
-            f"data not found: {spec} (expected cifar10, cifar100, demo, {TINY_IMAGENET}, "
-            "or a path to an ImageFolder root or archive)"
-        )
+        raise DataError(f"data not found: {spec} (expected cifar10, cifar100, demo, {TINY_IMAGENET}, or a path to "
+                        f"an ImageFolder root or archive)")
     path = path.resolve()
     if path.is_dir() or (path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)):
         return path
-    raise DataError(
-        f"{path} is neither a folder nor a supported archive ({', '.join(ARCHIVE_SUFFIXES)})"
-    )
+    raise DataError(f"{path} is neither a folder nor a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")

@@ -1,16 +1,8 @@
 """Where image bytes come from: a folder on disk or an archive read in place, and the rules that keep reading them
-safe and bounded.
-
-The rules, the same for folders and archives:
-
-- Only regular files are read. Entries with an image name that are not regular files (FIFOs, sockets, devices,
-  symlinks that lead nowhere; in archives: links and devices) are skipped and counted (:attr:`Tree.skipped`;
-  the pipeline prints one note naming how many and the first). A regular image file that cannot be read
-  (permission) is an error naming it: it is part of the data, and dropping it silently would change the data.
-- No file is larger than :data:`MAX_FILE_BYTES`: checked from the folder's stat or the archive member's header
-  before anything is read, and again by reading at most that many bytes (a zip header can lie).
-- Archives are never extracted; a member whose path leaves the archive's root is refused; hidden entries and
-  macOS ``__MACOSX/`` resource forks are left out.
+safe and bounded, the same for folders and archives (README.md, Data: "Bounded", "Only regular files"): only
+regular files are read (the others are skipped and counted in :attr:`Tree.skipped`; an unreadable one is an
+error), none larger than :data:`MAX_FILE_BYTES` (checked from the stat or the member's header, then by the read),
+archives never extracted, no member outside the archive's root, hidden entries and ``__MACOSX/`` left out.
 """
 
 from __future__ import annotations
@@ -27,9 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from .images import DataError
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp"})
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 ARCHIVE_SUFFIXES = (*TAR_SUFFIXES, ".zip")
 # Text files of the Tiny ImageNet layout that are read (every other non-image file is skipped).
@@ -187,15 +177,20 @@ def read_archive(archive: Path) -> Tree:
 
 
 def memory_available() -> int | None:
-    """Bytes of memory available to new allocations (Linux: MemAvailable), or None where unknown."""
+    """Bytes of memory available to new allocations (Linux: MemAvailable, capped by this process's cgroup v2
+    limit), or None where unknown."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    try:  # a container's limit, when it is below what the host has
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
         pass
-    return None
+    return avail
 
 
 def _members(archive: Path) -> Iterator[tuple[str, str, int, Callable[[], bytes]]]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import distributed
 from ..config import Config
+from ..devices import autocast
 from ..distributed import SINGLE, Dist
 from ..models import ResNet, check_size
 from ..patches import Augment
@@ -76,23 +77,25 @@ def solo_augment(cfg: Config, **colour: float) -> Augment:
     return Augment(size=cfg.patch_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, mean=mean, std=std, **settings)
 
 
-def two_views(images: torch.Tensor, augments: Sequence[Augment], generator: torch.Generator, dist: Dist = SINGLE,
-              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """(b, 3, H, W) uint8 images -> (V, b, 3, s, s) normalised views, view v made with ``augments[v]``.
-
-    Each view's random parameters are drawn for the whole step's batch on every rank (:func:`rank_patches`), so
-    a rank's views are the single process's views of the same images.
-    """
-    parts = [distributed.rank_patches(images, 1, aug, generator, dist, memory_format=memory_format)[0]
-             for aug in augments]  # V x (b, 3, s, s)
-    # cat keeps the parts' memory format, and (V*b, ...) -> (V, b, ...) is a view in either format
-    return torch.cat(parts).view(len(parts), *parts[0].shape)
-
-
 class TwoViewMethod(Method):
     """A method with two views per image (the baselines), view v made with ``view_augments()[v]``, evaluated as
     solo-learn evaluates it (the base class's default): the whole image, the backbone feature."""
 
     def views(self, images: torch.Tensor, generator: torch.Generator, dist: Dist = SINGLE,
               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-        return two_views(images, self.view_augments(), generator, dist, memory_format)
+        """(b, 3, H, W) uint8 images -> (V, b, 3, s, s) normalised views, view v made with ``view_augments()[v]``.
+
+        Each view's random parameters are drawn for the whole step's batch on every rank
+        (:func:`empssl.distributed.rank_patches`), so a rank's views are the single process's views of the same
+        images."""
+        parts = [distributed.rank_patches(images, 1, aug, generator, dist, memory_format=memory_format)[0]
+                 for aug in self.view_augments()]  # V x (b, 3, s, s)
+        # cat keeps the parts' memory format, and (V*b, ...) -> (V, b, ...) is a view in either format
+        return torch.cat(parts).view(len(parts), *parts[0].shape)
+
+    def projections(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None, dist: Dist) -> torch.Tensor:
+        """(2, B, z_dim) float32 projections of the whole step's batch, all-gathered from every rank: the
+        statistics that SimCLR's negatives and VICReg's variance and covariance span (as solo-learn gathers)."""
+        with autocast(views.device, amp):
+            z = net(views)  # (2, b, z_dim)
+        return distributed.gather_batch(z.float(), dist)

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import distributed
 from ..config import MethodSettings, setting
-from ..devices import autocast
 from ..distributed import SINGLE, Dist
 from ..losses import simclr_loss
 from ..models import create_backbone
@@ -51,8 +49,6 @@ class SimCLR(TwoViewMethod):
 
     def loss(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None,
              dist: Dist = SINGLE) -> torch.Tensor:
-        with autocast(views.device, amp):
-            z = net(views)  # (2, b, z_dim)
         # Every rank computes the loss of the whole (2, B, z_dim) batch: each view's negatives span all ranks.
-        z = distributed.gather_batch(z.float(), dist)
+        z = self.projections(net, views, amp, dist)
         return torch.stack([simclr_loss(z[0], z[1], self.settings.temperature)])

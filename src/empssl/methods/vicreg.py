@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import distributed
 from ..config import MethodSettings, setting
-from ..devices import autocast
 from ..distributed import SINGLE, Dist
 from ..losses import vicreg_loss
 from ..models import create_backbone
@@ -55,12 +53,10 @@ class VICReg(TwoViewMethod):
     def loss(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None,
              dist: Dist = SINGLE) -> torch.Tensor:
         s = self.settings
-        with autocast(views.device, amp):
-            z = net(views)  # (2, b, z_dim)
         # Variance and covariance are statistics of the whole (2, B, z_dim) batch (solo-learn and the official
         # code gather for them). The invariance term is a mean over images, so computing it on the gathered
         # batch too gives the same value and, through DDP's gradient average, the same gradient as solo-learn's
         # per-rank mean.
-        z = distributed.gather_batch(z.float(), dist)
+        z = self.projections(net, views, amp, dist)
         out = vicreg_loss(z[0], z[1], s.sim_weight, s.var_weight, s.cov_weight)
         return torch.stack(list(out))  # (loss, invariance, variance, covariance)

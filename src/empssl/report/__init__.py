@@ -78,13 +78,19 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
     several_methods = len({r.method for r in runs}) > 1
     for r in runs:
         r.legend = f"{r.label} ({r.method})" if several_methods else r.label
-    out.mkdir(parents=True, exist_ok=True)
 
     def link(p: Path) -> str:
         return Path(os.path.relpath(p.resolve(), out.resolve())).as_posix()
 
     def figure(title: str, p: Path | None, missing: str) -> list[str]:
         return [f"{title}: {missing}", ""] if p is None else [f"### {title}", "", f"![{title}]({link(p)})", ""]
+
+    def curves(title: str, png: str, source: str, x: str, ys: list[tuple[str, str]], xlabel: str) -> list[str]:
+        """A figure of :func:`plot_curves` (every run's ``source`` records), or the note that none has them."""
+        drawn = plot_curves(runs, out / png, source, x, ys, xlabel) if ys else None
+        return figure(title, drawn, f"no {source}.jsonl in any run.")
+
+    knn = [("knn_top1", "kNN top-1 (%)")]
 
     md = ["# empssl report", ""]
     md += table(["run", "method", "directory"], [[r.label, r.method, f"`{r.path}`"] for r in runs] or
@@ -128,34 +134,25 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
             md += [f"No monitor.jsonl in {', '.join(unmonitored)}, so no time to accuracy there (train with "
                    "--eval-every).", ""]
         md += monitor_table(runs)
-        md += figure("kNN accuracy vs training wall time", plot_curves(
-            runs, out / "accuracy_vs_time.png", "monitor", "train_s", [("knn_top1", "kNN top-1 (%)")],
-            "training wall time (s, monitoring excluded)"), "no monitor.jsonl in any run.")
-        md += figure("kNN accuracy vs epochs", plot_curves(
-            runs, out / "accuracy_vs_epochs.png", "monitor", "epoch", [("knn_top1", "kNN top-1 (%)")], "epoch"),
-            "no monitor.jsonl in any run.")
+        md += curves("kNN accuracy vs training wall time", "accuracy_vs_time.png", "monitor", "train_s", knn,
+                     "training wall time (s, monitoring excluded)")
+        md += curves("kNN accuracy vs epochs", "accuracy_vs_epochs.png", "monitor", "epoch", knn, "epoch")
 
         online = online_tables(runs)  # train --online: accuracy against the images seen
         if online:
             md += ["## Online learning", "", "Each image of the stream learned once, in arrival order; kNN "
                    "accuracy against the --online-eval data as the images arrived (wall time includes waiting "
                    "for images).", ""] + online
-            md += figure("kNN accuracy vs images seen", plot_curves(
-                runs, out / "accuracy_vs_images.png", "monitor", "images_seen", [("knn_top1", "kNN top-1 (%)")],
-                "images seen"), "no monitor.jsonl in any run.")
+            md += curves("kNN accuracy vs images seen", "accuracy_vs_images.png", "monitor", "images_seen", knn,
+                         "images seen")
 
         md += ["## Training curves", ""]
-        no_metrics = "no metrics.jsonl in any run."
-        terms = loss_terms(runs)  # each method's own (Method.terms), as its runs logged them
-        md += figure("Loss terms", plot_curves(runs, out / "loss.png", "metrics", "step",
-                                               [(t, t) for t in terms], "step") if terms else None, no_metrics)
-        md += figure("Learning rate", plot_curves(runs, out / "lr.png", "metrics", "step",
-                                                   [("lr", "learning rate")], "step"), no_metrics)
-        md += figure("Throughput", plot_curves(runs, out / "throughput.png", "metrics", "step",
-                                                [("patches_per_s", "patches / s")], "step"), no_metrics)
-        md += figure("kNN accuracy vs patches seen", plot_curves(
-            runs, out / "accuracy_vs_patches.png", "monitor", "patches_seen", [("knn_top1", "kNN top-1 (%)")],
-            "training patches seen"), "no monitor.jsonl in any run.")
+        # each method's own loss terms (Method.terms), as its runs logged them
+        md += curves("Loss terms", "loss.png", "metrics", "step", [(t, t) for t in loss_terms(runs)], "step")
+        md += curves("Learning rate", "lr.png", "metrics", "step", [("lr", "learning rate")], "step")
+        md += curves("Throughput", "throughput.png", "metrics", "step", [("patches_per_s", "patches / s")], "step")
+        md += curves("kNN accuracy vs patches seen", "accuracy_vs_patches.png", "monitor", "patches_seen", knn,
+                     "training patches seen")
 
     for d, abl in ablations:
         md += [f"## Patch-count ablation: `{d}`", ""]

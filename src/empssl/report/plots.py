@@ -31,44 +31,38 @@ def _save(fig: Any, path: Path) -> Path:
     return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
-def _log_x_at(ax: Any, values: Sequence[int]) -> None:
-    """Log x axis labelled at exactly ``values`` (2, 5, 10 ...), not at powers of ten."""
+def _log_x_panel(ax: Any, rows: Sequence[dict[str, Any]], x: str, ys: Sequence[tuple[str, str]], **labels: str
+                 ) -> None:
+    """Lines of ``rows``' ``ys`` (key, legend) against ``x`` on a log x axis labelled at exactly the values of ``x``
+    (2, 5, 10 ...), not at powers of ten; a missing value is a gap."""
     from matplotlib.ticker import NullLocator
 
-    ax.set_xscale("log")
-    ax.set_xticks(list(values), [str(v) for v in values])
+    xs = [r[x] for r in rows]
+    for key, label in ys:
+        ax.plot(xs, [r.get(key) if r.get(key) is not None else np.nan for r in rows], "o-", label=label)
+    ax.set(xscale="log", **labels)
+    ax.set_xticks(xs, [str(v) for v in xs])
     ax.xaxis.set_minor_locator(NullLocator())
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def plot_patch_ablation(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Accuracy (linear, kNN) and time (train, eval) against the number of training patches, log x."""
     fig, ax = _figure(1, 2, (10, 4))
-    n = [r["n"] for r in rows]
-    for key, label in (("linear_top1", "linear probe"), ("knn_top1", "kNN")):
-        ax[0, 0].plot(n, [r.get(key) if r.get(key) is not None else np.nan for r in rows], "o-", label=label)
-    for key, label in (("train_seconds", "training"), ("eval_seconds", "evaluation")):
-        ax[0, 1].plot(n, [r.get(key) if r.get(key) is not None else np.nan for r in rows], "o-", label=label)
-    test = next((r.get("test_patches") for r in rows), None)
-    ax[0, 0].set(xlabel="training patches per image", ylabel="top-1 accuracy (%)",
-                 title=f"accuracy ({test} test patches)")
-    ax[0, 1].set(xlabel="training patches per image", ylabel="wall time (s)", title="time")
-    for a in ax[0]:
-        _log_x_at(a, n)
-        a.grid(alpha=0.3)
-        a.legend()
+    title = f"accuracy ({next((r.get('test_patches') for r in rows), None)} test patches)"
+    _log_x_panel(ax[0, 0], rows, "n", [("linear_top1", "linear probe"), ("knn_top1", "kNN")],
+                 xlabel="training patches per image", ylabel="top-1 accuracy (%)", title=title)
+    _log_x_panel(ax[0, 1], rows, "n", [("train_seconds", "training"), ("eval_seconds", "evaluation")],
+                 xlabel="training patches per image", ylabel="wall time (s)", title="time")
     return _save(fig, path)
 
 
 def plot_test_patch_ablation(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Accuracy (linear, kNN) against the number of test patches averaged per image, log x."""
     fig, ax = _figure(1, 1, (6, 4))
-    m = [r["test_patches"] for r in rows]
-    ax[0, 0].plot(m, [r["linear_top1"] for r in rows], "o-", label="linear probe")
-    ax[0, 0].plot(m, [r["knn_top1"] for r in rows], "s-", label="kNN")
-    ax[0, 0].set(xlabel="test patches per image", ylabel="top-1 accuracy (%)", title="bag-of-features size")
-    _log_x_at(ax[0, 0], m)
-    ax[0, 0].grid(alpha=0.3)
-    ax[0, 0].legend()
+    _log_x_panel(ax[0, 0], rows, "test_patches", [("linear_top1", "linear probe"), ("knn_top1", "kNN")],
+                 xlabel="test patches per image", ylabel="top-1 accuracy (%)", title="bag-of-features size")
     return _save(fig, path)
 
 
@@ -89,7 +83,7 @@ def plot_tsne(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: 
 
 
 def plot_curves(runs: Sequence[Run], path: Path, source: str, x: str, ys: Sequence[tuple[str, str]],
-                 xlabel: str, logy: bool = False) -> Path | None:
+                 xlabel: str) -> Path | None:
     """One panel per (key, label) in ``ys``, every run that has ``source`` records overlaid; None if none."""
     have = [r for r in runs if getattr(r, source)]
     if not have:
@@ -103,7 +97,7 @@ def plot_curves(runs: Sequence[Run], path: Path, source: str, x: str, ys: Sequen
                 xs, vs = zip(*pts)
                 ax[0, i].plot(xs, vs, ".-" if len(pts) < 50 else "-", label=run.legend or run.label)
     for i, (_, label) in enumerate(ys):
-        ax[0, i].set(xlabel=xlabel, ylabel=label, yscale="log" if logy else "linear")
+        ax[0, i].set(xlabel=xlabel, ylabel=label)
         ax[0, i].grid(alpha=0.3)
         if len(have) > 1:
             ax[0, i].legend(fontsize="small")

@@ -55,8 +55,7 @@ def _epochs(x: float) -> str:
 def _target_cell(t: dict[str, Any]) -> str:
     if t["train_s"] is None:
         return "no kNN record"
-    when = f"{_seconds(t['train_s'])} s ({_epochs(t['epoch'])} epochs)" if t["epoch"] is not None else \
-        f"{_seconds(t['train_s'])} s"
+    when = f"{_seconds(t['train_s'])} s" + (f" ({_epochs(t['epoch'])} epochs)" if t["epoch"] is not None else "")
     return when if t["reached"] else f"not reached in {when}"
 
 
