@@ -16,8 +16,9 @@ Rows (sub-commands):
                  training batch (--image-size 8)
     memory       peak memory of a streamed run and of the in-memory run of the same shards (--image-size 32),
                  for --sizes: ru_maxrss of the process and of its largest child, and the peak of the summed PSS
-                 of the process and its workers (sampled every 50 ms; RSS counts the pages a forked worker
-                 shares with its parent in each, PSS divides them)
+                 of the process and its workers, and of its anonymous part (sampled every 50 ms; RSS counts
+                 the pages a forked worker shares with its parent in each, PSS divides them; the rest of PSS is
+                 file-backed: mapped shards and libraries)
     s3           the throughput row's shards read from an S3 endpoint (AWS_ENDPOINT_URL and the usual AWS_*
                  settings; without one, moto's ThreadedMotoServer on 127.0.0.1), against the local copy
 
@@ -39,8 +40,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+import re
 import resource
 import shutil
 import socket
@@ -100,47 +103,52 @@ def peak_mib() -> dict[str, float]:
             "peak_rss_children_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def tree_pss_kib() -> int:
-    """The summed proportional set size (KiB) of this process and its descendants now (Linux): forked workers
-    share pages with their parent, which their RSS each count whole and PSS divides among them."""
-    total, pids = 0, [os.getpid()]
+def tree_pss_kib() -> tuple[int, int]:
+    """(all, anonymous) summed proportional set size (KiB) of this process and its descendants now (Linux):
+    forked workers share pages with their parent, which their RSS each count whole and PSS divides among them;
+    the rest is file-backed (mapped shards, libraries: pages the kernel may drop)."""
+    total, anon, pids = 0, 0, [os.getpid()]
     while pids:
         pid = pids.pop()
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+                fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith("Pss")}
+            total, anon = total + fields["Pss"], anon + fields["Pss_Anon"]
             for task in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{task}/children") as f:
                     pids += [int(c) for c in f.read().split()]
-        except (OSError, StopIteration):  # a worker that ended meanwhile
+        except (OSError, KeyError):  # a worker that ended meanwhile
             continue
-    return total
+    return total, anon
 
 
 class PeakPss(threading.Thread):
-    """The peak of :func:`tree_pss_kib`, sampled every ``every`` seconds until :meth:`stop`."""
+    """The peaks of :func:`tree_pss_kib`, sampled every ``every`` seconds until :meth:`stop`."""
 
     def __init__(self, every: float = 0.05) -> None:
         super().__init__(daemon=True)
-        self.every, self.peak, self._done = every, 0, threading.Event()
+        self.every, self.peak, self.peak_anon, self._done = every, 0, 0, threading.Event()
         self.start()
 
     def run(self) -> None:
         while True:
-            self.peak = max(self.peak, tree_pss_kib())
+            total, anon = tree_pss_kib()
+            self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
             if self._done.wait(self.every):
                 return
 
-    def stop(self) -> float:
-        """The peak in MiB."""
+    def stop(self) -> dict[str, float]:
+        """The peaks in MiB."""
         self._done.set()
         self.join()
-        return self.peak / 1024
+        return {"peak_pss_tree_mib": self.peak / 1024, "peak_pss_anon_tree_mib": self.peak_anon / 1024}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Set up the source, then take --steps batches: seconds from ``--t0`` (the parent's clock when it started
-    this process) to the first batch, CPU-seconds of set-up and of the iteration (its workers included), peak RSS
+    this process) to the first batch, and the CPU-seconds spent by then (imports included; of the children, those
+    that ended: not the DataLoader's workers), CPU-seconds of set-up (imports excluded) and of the iteration (its
+    workers included), peak RSS
     and, with --pss, the peak summed PSS of the process and its workers (sampled, which costs CPU: off for the
     CPU figures)."""
     import torch
@@ -153,7 +161,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         cpu1, wall1 = cpu_seconds(), time.perf_counter()
         for step, batch in enumerate(source):
             if step == 0:
-                first = time.time() - args.t0
+                first, first_cpu = time.time() - args.t0, cpu_seconds()
             assert batch.dtype == torch.uint8 and batch.shape[-1] == args.image_size, (batch.dtype, batch.shape)
             images += len(batch)
             if step + 1 == args.steps:
@@ -161,8 +169,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.perf_counter() - wall1
         stack.close()  # the DataLoader's workers end (and are waited for) here
         iter_cpu = cpu_seconds() - cpu1
-    pss = {"peak_pss_tree_mib": sampler.stop()} if sampler else {}
-    return {"images": images, "first_batch_s": first, "setup_cpu_s": setup_cpu, "iter_cpu_s": iter_cpu,
+    pss = sampler.stop() if sampler else {}
+    return {"images": images, "first_batch_s": first, "first_batch_cpu_s": first_cpu, "setup_cpu_s": setup_cpu,
+            "iter_cpu_s": iter_cpu,
             "iter_wall_s": wall, "images_per_cpu_s": images / iter_cpu, "images_per_s": images / wall, **peak_mib(),
             **pss}
 
@@ -307,12 +316,19 @@ def row_throughput(args: argparse.Namespace) -> None:
               "ratio": streamed["images_per_cpu_s"] / memory["images_per_cpu_s"]})
 
 
-def row_startup(args: argparse.Namespace) -> None:
-    for n in args.sizes:
-        folder, wrote = shards(tiny_tree(args.root / f"tiny8-{n}", n), args.root / f"tiny8-{n}-shards",
-                               args.shard_size, remove_tree=True)
+def tiny_shards(args: argparse.Namespace, n: int) -> Path:
+    """The shard folder of :func:`tiny_tree` ``n``, made (and the tree deleted) when missing."""
+    folder = args.root / f"tiny8-{n}-shards"
+    if not (folder / "manifest.json").is_file():
+        folder, wrote = shards(tiny_tree(args.root / f"tiny8-{n}", n), folder, args.shard_size, remove_tree=True)
         if wrote:
             emit(wrote)
+    return folder
+
+
+def row_startup(args: argparse.Namespace) -> None:
+    for n in args.sizes:
+        folder = tiny_shards(args, n)
         for _ in range(args.repeats):
             got = child("measure", folder, 8, args.root, batch_size=args.batch_size, steps=1)
             emit({"row": "startup to the first batch", "data": str(folder), "train_images": n, **got, **load()})
@@ -320,10 +336,7 @@ def row_startup(args: argparse.Namespace) -> None:
 
 def row_memory(args: argparse.Namespace) -> None:
     for n in args.sizes:
-        folder, wrote = shards(tiny_tree(args.root / f"tiny8-{n}", n), args.root / f"tiny8-{n}-shards",
-                               args.shard_size, remove_tree=True)
-        if wrote:
-            emit(wrote)
+        folder = tiny_shards(args, n)
         for mode in ("stream", "memory"):
             got = child("measure", folder, args.image_size, args.root, mode=mode, batch_size=args.batch_size,
                         steps=args.steps, pss=True)
@@ -331,15 +344,35 @@ def row_memory(args: argparse.Namespace) -> None:
                   **got, **load()})
 
 
+class Requests(logging.Handler):
+    """Counts the requests that moto's server logs (werkzeug's access log, one record per request), by method,
+    instead of printing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r"(GET|HEAD|PUT|POST|DELETE) /", record.getMessage())  # (after a colour code)
+        method = found.group(1) if found else "other"
+        self.counts[method] = self.counts.get(method, 0) + 1
+
+
 @contextmanager
-def s3_endpoint(work: Path) -> Iterator[dict[str, str]]:
-    """The environment for the children: AWS_ENDPOINT_URL's store as it is set, else a ThreadedMotoServer on
-    127.0.0.1 (a free port) with test credentials, stopped at the end."""
+def s3_endpoint(work: Path) -> Iterator[tuple[dict[str, str], Requests | None]]:
+    """(the environment for the children, the request counter or None): AWS_ENDPOINT_URL's store as it is set,
+    else a ThreadedMotoServer on 127.0.0.1 (a free port) with test credentials, stopped at the end."""
     env = dict(os.environ)
     if env.get("AWS_ENDPOINT_URL"):
-        yield env
+        yield env, None
         return
     from moto.server import ThreadedMotoServer
+
+    requests = Requests()
+    access_log = logging.getLogger("werkzeug")
+    access_log.addHandler(requests)
+    access_log.propagate = False
+    access_log.setLevel(logging.INFO)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -354,9 +387,10 @@ def s3_endpoint(work: Path) -> Iterator[dict[str, str]]:
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
         env.pop(key, None)
     try:
-        yield env
+        yield env, requests
     finally:
         server.stop()
+        access_log.removeHandler(requests)
 
 
 def upload(folder: Path, url: str, env: dict[str, str]) -> None:
@@ -377,14 +411,18 @@ def upload(folder: Path, url: str, env: dict[str, str]) -> None:
 
 def row_s3(args: argparse.Namespace) -> None:
     _, folder = tiny_imagenet_shards(args)
-    with s3_endpoint(args.root) as env:
+    with s3_endpoint(args.root) as (env, requests):
         upload(folder, args.url, env)
         emit({"row": "s3: uploaded", "url": args.url, "endpoint": env["AWS_ENDPOINT_URL"]})
         for _ in range(args.repeats):
             for where in (args.url, str(folder)):
+                if requests:
+                    requests.counts.clear()
                 got = child("measure", where, 64, args.root, batch_size=args.batch_size, steps=args.steps, env=env)
-                emit({"row": f"s3 vs local: {'s3' if where.startswith('s3://') else 'local'}", "data": where,
-                      "cache": "cold (a fresh --data-dir)", **got, **load()})
+                remote = where.startswith("s3://")
+                asked = {"requests": dict(requests.counts)} if requests and remote else {}
+                emit({"row": f"s3 vs local: {'s3' if remote else 'local'}", "data": where,
+                      "cache": "cold (a fresh --data-dir)", **got, **asked, **load()})
 
 
 def versions() -> dict[str, Any]:

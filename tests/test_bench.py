@@ -35,7 +35,7 @@ def test_gpu_check_smoke(tmp_path):
     assert "probe <= 3 s" in table and "linear @16 >= 75.0" in table
 
 
-@pytest.mark.slow  # about 40 s on the 2-core CPU machine: nine fresh processes, each importing torch
+@pytest.mark.slow  # about 40 CPU-s (2.5 min at load 10) on the 2-core machine: nine processes importing torch
 def test_stream_bench_smoke(tmp_path, capsys, monkeypatch):
     """bench/stream_bench.py smoke: issue 21's streamed-engine rows at toy size, the S3 row on moto's server."""
     pytest.importorskip("litdata")
@@ -62,7 +62,8 @@ def test_stream_bench_smoke(tmp_path, capsys, monkeypatch):
     assert startup["train_images"] == 200 and startup["first_batch_s"] > 0 and startup["images"] == 20
     for mode in ("stream", "memory"):
         (memory,) = rows[f"peak RSS, {mode}"]
-        assert memory["peak_pss_tree_mib"] > 0 and memory["peak_rss_mib"] > 0 and memory["images"] == 40
+        assert memory["peak_pss_tree_mib"] >= memory["peak_pss_anon_tree_mib"] > 0 and memory["peak_rss_mib"] > 0
+        assert memory["images"] == 40
     for where in ("s3", "local"):
         assert rows[f"s3 vs local: {where}"][0]["images"] == 40
     assert rows["s3 vs local: s3"][0]["data"].startswith("s3://")
