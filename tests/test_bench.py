@@ -67,3 +67,4 @@ def test_stream_bench_smoke(tmp_path, capsys, monkeypatch):
     for where in ("s3", "local"):
         assert rows[f"s3 vs local: {where}"][0]["images"] == 40
     assert rows["s3 vs local: s3"][0]["data"].startswith("s3://")
+    assert rows["s3 vs local: s3"][0]["requests"]["GET"] > 0  # counted from the server's access log
