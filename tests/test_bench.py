@@ -1,5 +1,6 @@
-"""bench/gpu_check.py --smoke: the GPU check's code paths at toy size on the CPU."""
+"""The bench scripts at toy size: gpu_check.py --smoke (the GPU check's code paths on the CPU), stream_bench.py smoke"""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -32,3 +33,38 @@ def test_gpu_check_smoke(tmp_path):
         assert_hit_rate(acc, run["n_test"])
     table = (out / "gpu_check.md").read_text()
     assert "probe <= 3 s" in table and "linear @16 >= 75.0" in table
+
+
+@pytest.mark.slow  # about 40 CPU-s (2.5 min at load 10) on the 2-core machine: nine processes importing torch
+def test_stream_bench_smoke(tmp_path, capsys, monkeypatch):
+    """bench/stream_bench.py smoke: issue 21's streamed-engine rows at toy size, the S3 row on moto's server."""
+    pytest.importorskip("litdata")
+    pytest.importorskip("moto.server")  # the test extra: moto[server]
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # the row's own server on 127.0.0.1
+    spec = importlib.util.spec_from_file_location("stream_bench", ROOT / "bench" / "stream_bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["smoke", "--root", str(tmp_path)]) == 0
+    rows: dict[str, list[dict]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        row = json.loads(line)  # every line is one JSON object
+        rows.setdefault(row["row"], []).append(row)
+    assert {"versions", "shard write", "throughput: streamed source", "throughput: in-memory decoder",
+            "throughput: streamed / in-memory, per CPU-second", "startup to the first batch", "peak RSS, stream",
+            "peak RSS, memory", "s3: uploaded", "s3 vs local: s3", "s3 vs local: local"} == set(rows)
+    assert [r["images"] for r in rows["shard write"]] == [4 * 30 + 4 * 5, 200 + 200]  # train + val of each tree
+    streamed = rows["throughput: streamed source"][0]
+    assert streamed["images"] == 2 * 20 and streamed["images_per_cpu_s"] > 0  # --steps 2 of --batch-size 20
+    assert rows["throughput: in-memory decoder"][0]["images"] == 4 * 30  # the tree's train split, decoded
+    assert rows["throughput: streamed / in-memory, per CPU-second"][0]["ratio"] > 0
+    startup = rows["startup to the first batch"][0]
+    assert startup["train_images"] == 200 and startup["first_batch_s"] > 0 and startup["images"] == 20
+    for mode in ("stream", "memory"):
+        (memory,) = rows[f"peak RSS, {mode}"]
+        assert memory["peak_pss_tree_mib"] >= memory["peak_pss_anon_tree_mib"] > 0 and memory["peak_rss_mib"] > 0
+        assert memory["images"] == 40
+    for where in ("s3", "local"):
+        assert rows[f"s3 vs local: {where}"][0]["images"] == 40
+    assert rows["s3 vs local: s3"][0]["data"].startswith("s3://")
+    assert rows["s3 vs local: s3"][0]["requests"]["GET"] > 0  # counted from the server's access log
