@@ -89,6 +89,9 @@ def test_each_image_is_learned_once_in_arrival_order_then_resumed_at_the_stream_
     assert ckpt["step"] == 3 and ckpt["finished"] and ckpt["source"]["names"] == writer.names[:30]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     assert "epoch" not in read_jsonl(out / "metrics.jsonl")[0]  # no epochs in a stream
+    # the same command again: nothing to learn, the same account of the stream
+    again = train_online(online_cfg(folder, data_dir, online_stop=25), out, progress=False, log=lines.append)
+    assert again["steps"] == 3 and again["images_seen"] == 30 and learned(out) == writer.names[:30]
 
     # resumed with a later stop: the next unseen files (15 there, 10 more arriving), none learned twice
     more = Writer(folder, pictures, 45, 10)

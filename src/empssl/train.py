@@ -293,8 +293,9 @@ def resume(run: Run, log: Callable[[str], None], ckpt: dict[str, Any] | None = N
     load_model_state(run.model, ckpt["model"], f"checkpoint {run.ckpt_path}")
     run.opt.load_state_dict(ckpt["optimizer"])
     run.step, run.clock_state, run.metrics_state = int(ckpt["step"]), ckpt.get("clock"), ckpt.get("metrics")
-    if run.step < run.total_steps:  # (an older checkpoint holds the step alone)
-        run.source.load_state_dict(ckpt.get("source") or ckpt.get("stream") or {"step": run.step})
+    state = ckpt.get("source") or ckpt.get("stream")  # (an older checkpoint holds the step alone)
+    if state or run.step < run.total_steps:  # the position also counts what a finished stream learned
+        run.source.load_state_dict(state or {"step": run.step})
     if dist.is_main and not (run.out / "config.json").is_file():  # its readable copy, deleted: written again
         write_config(run.out, Config.from_dict(ckpt.get("config", {})))
         log(f"{run.out / 'config.json'} was missing; rewritten from the checkpoint")
