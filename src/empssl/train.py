@@ -348,8 +348,8 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
     assert compiler is not None, "setup() prepares the compiler"
     endless = run.total_steps == ENDLESS
     steps = "until the stream stops" if endless else f"{run.total_steps - run.step} steps"
-    log(f"training {cfg.method} ({cfg.arch}, width {cfg.width}) on {run.n_train or 'the arriving'} images of "
-        f"{cfg.data}, batch {cfg.batch_size}, {steps} on {device}{' (bf16)' if run.amp else ''}")
+    log(f"training {cfg.method} ({cfg.arch}, width {cfg.width}) on {run.n_train or 'the arriving'} images, batch "
+        f"{cfg.batch_size}, {steps} on {device}{' (bf16)' if run.amp else ''}")
 
     model.train()
     monitor.start(model)
