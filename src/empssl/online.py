@@ -178,7 +178,7 @@ class ShardStream:
         self.offsets = [0]  # offsets[i]: the split's index of shard i's first item
         self.pos, self.next = pos, pos  # the position; the next item to queue
         self.expect = expect  # (name, sha256) of shard pos[0], as the checkpoint recorded it
-        self.learned_count = learned
+        self.images_learned = learned
         self.skipped: list[list[Any]] = list(skipped or [])  # [shard, item, name] of each item skipped
         self.ready: deque[Key] = deque()
         self._sig: tuple[int, int, int] | None = None
@@ -193,10 +193,6 @@ class ShardStream:
         expect = (str(state["shard_name"]), str(state["shard_sha256"])) if state.get("shard_name") else None
         return cls(root, (int(state["shard"]), int(state["item"])), expect, int(state["images"]),
                    state.get("skipped", []))
-
-    @property
-    def images_learned(self) -> int:
-        return self.learned_count
 
     def poll(self) -> int:
         """Queue the next listed shard's items (reading the manifest again when it changed); return how many."""
@@ -267,7 +263,7 @@ class ShardStream:
         """A step learned the items ``keys`` (in stream order); returns the positions it read from and to (items
         skipped on the way included), for stream.jsonl."""
         start = self.pos
-        self.learned_count += len(keys)
+        self.images_learned += len(keys)
         self.pos = (keys[-1][0], keys[-1][1] + 1)
         return {"from": list(start), "to": list(self.pos)}
 
@@ -280,7 +276,7 @@ class ShardStream:
         i, k = self.pos
         shard = self.shards[i] if i < len(self.shards) else None
         return {"kind": "shards", "shard": i, "item": k, "shard_name": shard.name if shard else None,
-                "shard_sha256": shard.sha256 if shard else None, "images": self.learned_count,
+                "shard_sha256": shard.sha256 if shard else None, "images": self.images_learned,
                 "skipped": [s for s in self.skipped if (s[0], s[1]) < self.pos]}
 
     def waiting(self) -> str:

@@ -19,9 +19,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -331,9 +331,6 @@ class StopFlag:
 
 # --- a run's life in its directory --------------------------------------------------------------------------
 
-T = TypeVar("T")
-
-
 class RunSession:
     """One run's life in its directory, the same for every run (training in memory or streamed, a user's batches,
     the online mode, the comparison's runs): a ``with`` block around the whole run.
@@ -371,17 +368,13 @@ class RunSession:
     def __enter__(self) -> RunSession:
         return self
 
-    def hold(self, context: AbstractContextManager[T]) -> T:
-        """Enter ``context`` until the session ends (e.g. the fallbacks' collector)."""
-        return self._held.enter_context(context)
-
     def open(self) -> None:
         """Create the run directory (rank 0), lock it and remove the temporary files of a killed process."""
         if not self.main:
             return
         self.created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.hold(RunLock(self.out, self.log))
+        self._held.enter_context(RunLock(self.out, self.log))
         orphans = sorted(self.out.glob(".*.tmp"))  # no writer uses them: the lock is held
         for p in orphans:
             p.unlink(missing_ok=True)

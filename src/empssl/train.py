@@ -464,8 +464,8 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     main = distributed.env_dist().is_main
     if not main:
         progress, log = False, _silent
-    with RunSession(Path(out_dir), log, main=main) as session:  # the lock, until its results are written
-        fallbacks = session.hold(collecting(log))  # fast paths that failed and ran eager instead
+    # the run directory's lock until its results are written; the fast paths that failed and ran eager instead
+    with RunSession(Path(out_dir), log, main=main) as session, collecting(log) as fallbacks:
         run = setup(cfg, session, data, progress, log, evaluate_at_end, open_source)
         session.open_tracking(cfg, run.step)
         monitor = Monitor(cfg.replace(eval_every=run.eval_every), run.train_data, run.test_data, run.device, run.out,
