@@ -15,7 +15,7 @@ import io
 import json
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from empssl.config import ConfigError
 from empssl.data import DataError
 from empssl.files import OutputError
 from empssl.report.runs import is_run, loss_terms, read_run
-from empssl.rundir import MetricsLog, TimingAccount, finished, load_checkpoint, run_config
+from empssl.rundir import MetricsLog, RunSession, finished, load_checkpoint, run_config
 from empssl.shard import write_shards
 from empssl.stream import open_shards
 from empssl.tracking import open_tracking
@@ -257,9 +257,8 @@ def test_metrics_jsonl_readers(run_dir, examples):
 @pytest.fixture(scope="module")
 def session(tmp_path_factory, data_dir) -> Iterator[Any]:
     """A training session set up in a fresh folder, to resume from the fuzzed checkpoints."""
-    with ExitStack() as held:
-        yield setup(tiny_cfg(data_dir, epochs=1, train_subset=40), tmp_path_factory.mktemp("fuzz") / "resumed",
-                    None, False, lambda s: None, TimingAccount(), held)
+    with RunSession(tmp_path_factory.mktemp("fuzz") / "resumed", lambda s: None) as held:
+        yield setup(tiny_cfg(data_dir, epochs=1, train_subset=40), held, None, False, lambda s: None)
 
 
 @pytest.mark.parametrize("examples", TIERS)

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,9 +17,9 @@ from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
 from empssl.config import Config, ConfigError
 from empssl.files import read_jsonl
-from empssl.online import FolderStream, online_lr, train_online
+from empssl.online import FolderStream, train_online
 from empssl.report import write_report
-from empssl.train import train
+from empssl.train import ENDLESS, Run, train
 
 from .conftest import TINY
 
@@ -85,9 +86,12 @@ def test_each_image_is_learned_once_in_arrival_order_then_resumed_at_the_stream_
     assert res["steps"] == 3 and res["images_seen"] == 30 and res["stopped"].startswith("learned --online-stop")
     assert learned(out) == writer.names[:30]
     ckpt = read_checkpoint(out)
-    assert ckpt["step"] == 3 and ckpt["finished"] and ckpt["stream"]["names"] == writer.names[:30]
+    assert ckpt["step"] == 3 and ckpt["finished"] and ckpt["source"]["names"] == writer.names[:30]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     assert "epoch" not in read_jsonl(out / "metrics.jsonl")[0]  # no epochs in a stream
+    # the same command again: nothing to learn, the same account of the stream
+    again = train_online(online_cfg(folder, data_dir, online_stop=25), out, progress=False, log=lines.append)
+    assert again["steps"] == 3 and again["images_seen"] == 30 and learned(out) == writer.names[:30]
 
     # resumed with a later stop: the next unseen files (15 there, 10 more arriving), none learned twice
     more = Writer(folder, pictures, 45, 10)
@@ -96,7 +100,7 @@ def test_each_image_is_learned_once_in_arrival_order_then_resumed_at_the_stream_
     more.join()
     assert res["steps"] == 5 and res["images_seen"] == 50
     assert learned(out) == (writer.names + more.names)[:50]
-    assert read_checkpoint(out)["stream"]["names"] == learned(out)
+    assert read_checkpoint(out)["source"]["names"] == learned(out)
     assert len(set(learned(out))) == 50
 
 
@@ -152,8 +156,8 @@ def test_ctrl_c_saves_the_stream_position_and_exits_130(tmp_path, data_dir, pict
             "--no-progress", "--online-settle", str(SETTLE), "--online-timeout", str(CEILING), *TINY, "--batch-size",
             "10", "--checkpoint-every", "100"]
     assert main(args) == 130
-    assert "interrupted after 20 images" in capsys.readouterr().err
-    assert read_checkpoint(out)["stream"]["names"] == writer.names[:20] == learned(out)
+    assert "interrupted at step 2, after 20 images" in capsys.readouterr().err
+    assert read_checkpoint(out)["source"]["names"] == writer.names[:20] == learned(out)
     # the 5 of the unfilled batch were not learned: the resumed run learns them first
     more = Writer(folder, pictures, 25, 5)
     more.start()
@@ -204,7 +208,7 @@ def test_not_a_folder_is_one_line(tmp_path, data_dir, capsys):
     with pytest.raises(ConfigError, match="LitData folder without empssl's manifest.json"):  # said at once
         train_online(online_cfg(lit, data_dir), tmp_path / "r3", progress=False, log=lambda s: None)
     assert not (tmp_path / "r3").exists()
-    with pytest.raises(ConfigError, match="train --online"):  # the offline loop never takes an online config
+    with pytest.raises(ConfigError, match="train --online"):  # the stream is opened by train_online
         train(online_cfg(tmp_path, data_dir), tmp_path / "r2", progress=False, log=lambda s: None)
     assert not (tmp_path / "r2").exists()
 
@@ -234,12 +238,18 @@ def test_monitor_records_accuracy_against_images_seen_and_the_report_shows_it(tm
     assert (tmp_path / "report" / "accuracy_vs_images.png").is_file()
 
 
+def online_lr(cfg: Config, step: int, warmup: int) -> float:
+    """The online run's learning rate at ``step`` (Run.lr of a stream without --online-stop)."""
+    return Run.lr(SimpleNamespace(cfg=cfg, schedule_steps=ENDLESS, warmup_steps=warmup), step)  # type: ignore[arg-type]
+
+
 def test_learning_rate_warms_up_then_stays_constant():
-    cfg = Config(lr=0.4, batch_size=10, online_warmup=50, warmup_start_lr=0.0)
-    lrs = [online_lr(cfg, s) for s in range(12)]
+    cfg = Config(lr=0.4, batch_size=10, online=True, online_warmup=50, warmup_start_lr=0.0, min_lr=0.01)
+    lrs = [online_lr(cfg, s, warmup=5) for s in range(12)]
     assert lrs[0] == 0.0 and lrs[4] == pytest.approx(0.4) and all(v == 0.4 for v in lrs[5:])
     assert all(a < b for a, b in zip(lrs[:5], lrs[1:5]))
-    assert online_lr(Config(lr=0.3), 0) == 0.3  # no warm-up: constant from the first step
+    assert online_lr(Config(lr=0.3, online=True), 0, warmup=0) == 0.3  # no warm-up: constant from the first step
+    assert online_lr(Config(lr=0.3), ENDLESS, warmup=0) == 0.0  # offline, the cosine ends at --min-lr
 
 
 def test_arrival_order_is_poll_then_mtime_then_name(tmp_path):

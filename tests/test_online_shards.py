@@ -17,6 +17,7 @@ import pytest
 
 from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
+from empssl.config import ConfigError
 from empssl.data import DataError
 from empssl.files import read_jsonl
 from empssl.online import train_online
@@ -92,7 +93,7 @@ def test_a_thread_appends_while_training_runs_and_each_image_is_learned_once_in_
     # shards 0-2 hold the first 20 (7 + 7 + 6), 3-5 b1's 15 (7 + 7 + 1), 6-8 b2's 15
     assert [r["from"] for r in trail] == [[0, 0], [1, 3], [2, 6], [4, 3]]
     assert trail[-1]["to"] == [6, 6]  # b2_000 .. b2_005, the broken b2_004 skipped: 5 images
-    state = read_checkpoint(out)["stream"]
+    state = read_checkpoint(out)["source"]
     manifest = verify_shards(shards)  # the appended folder checks as a whole
     assert state["kind"] == "shards" and state["images"] == 40 and (state["shard"], state["item"]) == (6, 6)
     assert state["skipped"] == [[6, 4, "b2_004.png"]]
@@ -208,12 +209,16 @@ def test_shards_the_manifest_does_not_list_yet_are_not_read(tmp_path, data_dir, 
 
 
 def test_a_folder_runs_checkpoint_is_not_resumed_over_shards(tmp_path, data_dir, pictures):
-    folder, out = tmp_path / "in", tmp_path / "run"
+    folder, out = tmp_path / "shards", tmp_path / "run"
     folder.mkdir()
     for i in range(10):
         (folder / f"{i}.png").write_bytes(png_bytes(pictures[i]))
     train_online(online_cfg(folder, data_dir, online_stop=10), out, progress=False, log=lambda s: None)
-    shards, _ = shard_folder(tmp_path, pictures[10:30])
+    with pytest.raises(ConfigError, match="holds a run with data="):  # another --data: the config rule says so
+        train_online(online_cfg(tmp_path / "in", data_dir, online_stop=20), out, progress=False, log=lambda s: None)
+    for i in range(10):
+        (folder / f"{i}.png").unlink()
+    shards, _ = shard_folder(tmp_path, pictures[10:30])  # the same --data, now a shard folder
     with pytest.raises(TrainError, match="over a folder of image files; --data .* is a shard folder"):
         train_online(online_cfg(shards, data_dir, online_stop=20), out, progress=False, log=lambda s: None)
 

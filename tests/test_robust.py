@@ -384,8 +384,9 @@ _STAGED = textwrap.dedent("""
         t.train_step = step
     else:
         import importlib
-        t = importlib.import_module("empssl.train")
-        name = {"data": "load_data", "setup": "open_tracking", "evaluation": "evaluate"}[stage]
+        where, name = {"data": ("train", "load_data"), "setup": ("rundir", "open_tracking"),
+                       "evaluation": ("train", "evaluate")}[stage]
+        t = importlib.import_module("empssl." + where)
         setattr(t, name, pause(getattr(t, name)))
     from empssl.cli import main
     sys.exit(main(sys.argv[2:]))

@@ -32,7 +32,6 @@ from .data import ImageData
 from .files import read_jsonl, write_json
 from .methods import method_class
 from .report import write_report
-from .rundir import run_config
 from .train import config_data, train, train_once
 
 CALIBRATION_FRACTION = 0.1  # of the budget, at most, spent calibrating a method (wall time, set-up included)
@@ -175,7 +174,6 @@ def compare(methods: Sequence[str], out_dir: str | Path, budget_seconds: float, 
     for m in methods:
         run = out / m
         cfg = plan_run(cfgs[m], plan["methods"][m]["steps_per_s"], budget_seconds, len(data[0]))
-        cfg = run_config(run, cfg, cfg.to_dict())  # a resumed run keeps its own plan
         plan["methods"][m].update(epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
         write_json(plan_path, plan)
         results = train_once(cfg, run, name=f"{m} (budget {budget_seconds:g} s)", progress=progress, log=log,

@@ -7,9 +7,9 @@ While it iterates (``StreamingDataLoader``, its prefetch thread), litdata 0.2.76
 not answer holds a read for minutes. No ``StreamingDataset`` argument reaches those options (``storage_options`` and
 ``session_options`` go to boto3, which reads index.json and serves ``ds[i]``), so :func:`install` wraps that one
 function: the store LitData builds (its endpoint, addressing style and credentials) is built again with
-``allow_http`` where the endpoint is http://, and with :mod:`empssl.remote`'s connect and read timeouts and number of
-tries. The traceback each worker's prefetch thread prints when a read fails is left out: the reader raises the error,
-and :func:`empssl.remote.chunk_reads` names it in one line. Installed before the loader forks its workers, the
+``allow_http`` where the endpoint is http://, and with the connect and read timeouts and number of tries of every
+request to a store (below). The traceback each worker's prefetch thread prints when a read fails is left out: the
+reader raises the error, and :func:`empssl.stream.failed_read` names it in one line. Installed before the loader forks its workers, the
 adapter holds in them too; a spawned worker imports LitData afresh and reads without it (pass
 ``multiprocessing_context="fork"`` where something, e.g. ``litdata.optimize``, made spawn the default).
 """
@@ -21,6 +21,9 @@ import sys
 from typing import Any
 
 TESTED = ("0.2.76",)  # the litdata versions this adapter was tested with (tests/test_remote.py)
+# every request to a store, empssl's (boto3, empssl.remote) and LitData's chunk reads: worst case about 3 x 3 s plus
+# back-off on a silent endpoint
+CONNECT_SECONDS, READ_SECONDS, ATTEMPTS = 3, 30, 3
 
 
 @functools.cache  # once per process (its forked workers inherit it)
@@ -42,8 +45,6 @@ def install() -> None:
     def bounded(bucket: str, s3_client: Any) -> Any:
         from obstore.store import S3Store
 
-        from .remote import ATTEMPTS, CONNECT_SECONDS, READ_SECONDS
-
         store = build(bucket, s3_client)
         options: Any = {**store.client_options, "connect_timeout": f"{CONNECT_SECONDS}s",
                         "read_timeout": f"{READ_SECONDS}s",
@@ -54,6 +55,6 @@ def install() -> None:
 
     bounded.litdata_build = build  # type: ignore[attr-defined]  # LitData's own (the tests read it)
     downloader._build_obstore_s3_store = bounded
-    # A failed chunk read is raised by the reader, with its cause, and named in one line by remote.chunk_reads:
+    # A failed chunk read is raised by the reader, with its cause, and named in one line by stream.failed_read:
     # the traceback each worker's prefetch thread would print first is left out.
     reader.PrepareChunksThread._report_crash = lambda self, exc: None

@@ -33,61 +33,44 @@ first image's size), is skipped, named in one line (the first 10), counted in re
 A step waits until ``--batch-size`` images are there. At a stop (``--online-stop``, Ctrl-C, ``--online-timeout``)
 the images of an unfilled batch are not learned and not counted as seen: a resumed run learns them first.
 
-The run directory is a training run's (config.json, metrics.jsonl, checkpoint.pt, results.json, monitor.jsonl
-with ``--online-eval``) plus ``stream.jsonl``: one line per step, ``{"step", "images": [names]}``, the images that
-step learned (a shard item's name is its path relative to the source it was sharded from). The checkpoint holds
-the stream position; a run resumed from it continues with the next unseen image. The learning rate rises linearly
-over ``--online-warmup`` images and then stays at ``--lr``: no schedule needs the stream's length. There are no
-epochs: the kNN monitor (every ``--online-eval-every`` images, against ``--online-eval``'s train split as the
-bank and its test split as the queries) records accuracy against ``images_seen``.
-
-One process (no torchrun), eager mode (no ``--compile``, no activation recomputation); the step itself is
-:func:`empssl.train.train_step`, the same as offline training. A batch's images are decoded on the CPU between
-steps, by up to 8 threads side by side (PIL releases the GIL; a shard's items are read through LitData one at a
-time). A LitData folder without empssl's manifest (``litdata.optimize(..., mode="append")``) is refused in one
-line: nothing checks its chunks' contents, and its items need not be image files (docs/DATA.md).
+The stream is a batch source (:class:`OnlineBatches`) of the one training loop (:func:`empssl.train.loop`), in a
+run directory like any other (:class:`empssl.rundir.RunSession`), plus ``stream.jsonl``: one line per step,
+``{"step", "images": [names]}`` (a shard item's name is its path relative to the source it was sharded from). The
+checkpoint holds the stream position: a resumed run continues with the next unseen image. There are no epochs:
+the learning rate stays at ``--lr`` after ``--online-warmup`` images (:meth:`empssl.train.Run.lr`), the kNN
+monitor (``--online-eval``) records accuracy against ``images_seen``, and the time spent waiting for images stays
+out of the throughput. One process (no torchrun). A batch's images are decoded on the CPU between steps, by up to
+8 threads side by side (PIL releases the GIL; a shard's items are read through LitData one at a time). A LitData
+folder without empssl's manifest (``litdata.optimize(..., mode="append")``) is refused in one line: nothing checks
+its chunks' contents, and its items need not be image files (docs/DATA.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
-import shutil
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import read_checkpoint
 from .config import Config, ConfigError
 from .data import IMAGE_EXTENSIONS, DataError, ImageData, decode_image
 from .data.sources import read_file
-from .devices import autocast_dtype, device_name, synchronize
-from .distributed import SINGLE
-from .evaluate import evaluate
-from .files import cut_jsonl, read_jsonl, write_json
-from .monitor import Monitor
-from .optim import lr_at
-from .rundir import MetricsLog, RunLock, StopFlag, TimingAccount, remove_orphans, time_line, write_config
+from .files import cut_jsonl, read_jsonl
+from .rundir import StopFlag
 from .shard import MANIFEST, NO_SPLIT, PLAN, ShardFile, verify_file, verify_shards
 from .stream import ShardItems, eval_splits
-from .train import Run, TrainError, _check_finite, build_training, config_data, resume, save, train_step
-
-# A stream without --online-stop never reaches its "end of schedule".
-ENDLESS = 2**62
+from .train import NO_IMAGES, TrainError, config_data, train
 
 
 @dataclass
@@ -106,8 +89,6 @@ class FolderStream:
     learned: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     _pending: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> (size, mtime_ns, since)
-
-    what = "images"
 
     @classmethod
     def resume(cls, root: Path, settle: float, state: dict[str, Any]) -> FolderStream:
@@ -190,8 +171,6 @@ class ShardStream:
     decoding runs in the caller's threads. The stream position is ``pos``: the item after the last one learned.
     """
 
-    what = "shards"
-
     def __init__(self, root: Path, pos: Key = (0, 0), expect: tuple[str, str] | None = None, learned: int = 0,
                  skipped: list[list[Any]] | None = None) -> None:
         self.root, self.split = root, root / NO_SPLIT
@@ -199,7 +178,7 @@ class ShardStream:
         self.offsets = [0]  # offsets[i]: the split's index of shard i's first item
         self.pos, self.next = pos, pos  # the position; the next item to queue
         self.expect = expect  # (name, sha256) of shard pos[0], as the checkpoint recorded it
-        self.learned_count = learned
+        self.images_learned = learned
         self.skipped: list[list[Any]] = list(skipped or [])  # [shard, item, name] of each item skipped
         self.ready: deque[Key] = deque()
         self._sig: tuple[int, int, int] | None = None
@@ -214,10 +193,6 @@ class ShardStream:
         expect = (str(state["shard_name"]), str(state["shard_sha256"])) if state.get("shard_name") else None
         return cls(root, (int(state["shard"]), int(state["item"])), expect, int(state["images"]),
                    state.get("skipped", []))
-
-    @property
-    def images_learned(self) -> int:
-        return self.learned_count
 
     def poll(self) -> int:
         """Queue the next listed shard's items (reading the manifest again when it changed); return how many."""
@@ -288,7 +263,7 @@ class ShardStream:
         """A step learned the items ``keys`` (in stream order); returns the positions it read from and to (items
         skipped on the way included), for stream.jsonl."""
         start = self.pos
-        self.learned_count += len(keys)
+        self.images_learned += len(keys)
         self.pos = (keys[-1][0], keys[-1][1] + 1)
         return {"from": list(start), "to": list(self.pos)}
 
@@ -301,7 +276,7 @@ class ShardStream:
         i, k = self.pos
         shard = self.shards[i] if i < len(self.shards) else None
         return {"kind": "shards", "shard": i, "item": k, "shard_name": shard.name if shard else None,
-                "shard_sha256": shard.sha256 if shard else None, "images": self.learned_count,
+                "shard_sha256": shard.sha256 if shard else None, "images": self.images_learned,
                 "skipped": [s for s in self.skipped if (s[0], s[1]) < self.pos]}
 
     def waiting(self) -> str:
@@ -314,57 +289,128 @@ Stream = FolderStream | ShardStream
 
 
 class OnlineBatches:
-    """Full batches of decoded images from a :class:`FolderStream` or :class:`ShardStream`, waiting for images as
-    they arrive."""
+    """The stream as the training loop's batch source (:class:`empssl.batches.BatchSource`): full batches of
+    decoded images from a :class:`FolderStream` or :class:`ShardStream`, in arrival order, on ``device``, waiting
+    for images as they arrive. The iteration ends at a stop: Ctrl-C (``stop``), or no new image for
+    ``cfg.online_timeout`` seconds (DataError when nothing was ever learned). The state is the stream position;
+    :meth:`after_step`, once a step commits, moves it and writes the step's stream.jsonl line."""
 
-    def __init__(self, stream: Stream, batch_size: int, image_size: int, shape: tuple[int, ...] | None,
-                 poll_every: float, log: Callable[[str], None]) -> None:
-        self.stream, self.batch_size, self.image_size, self.log = stream, batch_size, image_size, log
-        self.shape = shape  # (H, W, 3) of the stream's images, fixed by the first one when image_size is 0
+    steps_per_epoch = 0  # a stream has no epochs
+
+    def __init__(self, cfg: Config, folder: Path, sharded: bool, device: torch.device, out: Path, stop: StopFlag,
+                 log: Callable[[str], None]) -> None:
+        self.stream: Stream = ShardStream(folder) if sharded else FolderStream(folder, cfg.online_settle)
+        self.kind = "shards" if sharded else "folder"
+        self.batch_size, self.image_size, self.timeout = cfg.batch_size, cfg.image_size, cfg.online_timeout
+        self.settle = cfg.online_settle
+        self.device, self.out, self.stop, self.log = device, out, stop, log
+        self.shape: tuple[int, ...] | None = None  # (H, W, 3) of the stream's images, fixed by the first one
         self.keys: list[Any] = []  # the batch being filled: the stream's keys, names and images
         self.names: list[str] = []
         self.arrays: list[np.ndarray] = []
+        self.taken: tuple[list[Any], list[str]] = ([], [])  # keys and names of the batch handed out
         self.n_skipped = 0
-        self.poll_every = poll_every
-        self.waited = 0.0  # seconds spent waiting for images, this session
+        self.poll_every = min(0.5, cfg.online_settle / 2)
+        self.waited = self.reported = 0.0  # seconds spent waiting for images this session; as after_step said
+        self.stopped = f"learned --online-stop {cfg.online_stop} images"
+        self.online_eval = cfg.online_eval
+        self.trail: IO[str] | None = None  # stream.jsonl
         # PIL releases the GIL while decoding: the images of a batch are decoded side by side, kept in order
         self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
-    def close(self) -> None:
-        self.pool.shutdown()
+    def __enter__(self) -> OnlineBatches:
+        return self
 
-    def next(self, stop: StopFlag, timeout: float) -> tuple[list[Any], list[str], torch.Tensor] | None:
-        """(keys, names, (B, 3, H, W) uint8) of the next full batch, or None when asked to stop or when no new
-        image has arrived for ``timeout`` seconds (0: wait for ever)."""
-        t0 = time.monotonic()
+    def __exit__(self, *exc: Any) -> None:
+        self.pool.shutdown()
+        if self.trail is not None:
+            self.trail.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"source": str(self.stream.root), **self.stream.state(),
+                "shape": list(self.shape) if self.shape else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ckpt = self.out / "checkpoint.pt"
+        if "kind" not in state:
+            raise TrainError(f"{ckpt} holds no stream position: not an online run's checkpoint")
+        if state["kind"] != self.kind:
+            shown = {"folder": "folder of image files", "shards": "shard folder"}
+            raise TrainError(f"{ckpt} belongs to an online run over a {shown[state['kind']]}; --data "
+                             f"{self.stream.root} is a {shown[self.kind]}: give another --out")
+        root = self.stream.root
+        self.stream = ShardStream.resume(root, state) if self.kind == "shards" else \
+            FolderStream.resume(root, self.settle, state)
+        self.shape = tuple(state["shape"]) if state.get("shape") else None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        trail = self.out / "stream.jsonl"
+        cut_jsonl(trail, self.stream.images_learned // self.batch_size)
+        self.trail = trail.open("a")
+        while (got := self._next()) is not None:
+            self.taken = got[:2]
+            yield got[2].to(self.device)
+
+    def after_step(self, step: int) -> float:
+        """Step ``step`` learned the batch handed out last: the stream moves past it and stream.jsonl says so.
+        Returns the seconds spent waiting for images since the last call (left out of the throughput)."""
+        assert self.trail is not None
+        keys, names = self.taken
+        self.trail.write(json.dumps({"step": step, "images": names, **self.stream.commit(keys)}) + "\n")
+        self.trail.flush()
+        waited, self.reported = self.waited - self.reported, self.waited
+        return waited
+
+    def summary(self) -> dict[str, Any]:
+        """results.json's account of the stream (the monitor's curve against the images seen included)."""
+        monitor = self.out / "monitor.jsonl"
+        return {"mode": "online", "epochs": None, "images": None, "source": str(self.stream.root), "stream": self.kind,
+                "images_seen": self.stream.images_learned, "images_skipped": len(self.stream.skipped),
+                "stopped": self.stopped, "images_pending": self.pending, "wait_seconds": self.waited,
+                "data": self.online_eval or None,
+                "accuracy_vs_images": [{"images_seen": r["images_seen"], "knn_top1": r["knn_top1"], "step": r["step"]}
+                                       for r in (read_jsonl(monitor) if monitor.is_file() else [])]}
+
+    def _next(self) -> tuple[list[Any], list[str], torch.Tensor] | None:
+        """(keys, names, (B, 3, H, W) uint8) of the next full batch, or None at a stop; the time it takes, decoding
+        included, is time waited for images."""
+        t0 = last_arrival = time.monotonic()
+        told = False
         try:
-            return self._fill(stop, timeout)
+            while len(self.names) < self.batch_size:
+                if not self.stream.ready and not self.stream.poll():
+                    if self.stop.requested:
+                        return None
+                    if self.timeout and time.monotonic() - last_arrival >= self.timeout:
+                        self._timed_out()
+                        return None
+                    if not told:
+                        have = f" ({len(self.names)}/{self.batch_size} of the next batch there)" if self.names else ""
+                        self.log(self.stream.waiting() + have)
+                        told = True
+                    time.sleep(self.poll_every)
+                    continue
+                last_arrival, told = time.monotonic(), False
+                while self.stream.ready and len(self.names) < self.batch_size:
+                    take = [self.stream.ready.popleft()
+                            for _ in range(min(len(self.stream.ready), self.batch_size - len(self.names)))]
+                    loaded = self.pool.map(lambda key: self.stream.load(key, self.image_size), take)
+                    for key, (name, img) in zip(take, loaded):
+                        self._add(key, name, img)
         finally:
             self.waited += time.monotonic() - t0
-
-    def _fill(self, stop: StopFlag, timeout: float) -> tuple[list[Any], list[str], torch.Tensor] | None:
-        last_arrival, told = time.monotonic(), False
-        while len(self.names) < self.batch_size:
-            if not self.stream.ready and not self.stream.poll():
-                if stop.requested or (timeout and time.monotonic() - last_arrival >= timeout):
-                    return None
-                if not told:
-                    have = f" ({len(self.names)}/{self.batch_size} of the next batch there)" if self.names else ""
-                    self.log(self.stream.waiting() + have)
-                    told = True
-                time.sleep(self.poll_every)
-                continue
-            last_arrival, told = time.monotonic(), False
-            while self.stream.ready and len(self.names) < self.batch_size:
-                take = [self.stream.ready.popleft()
-                        for _ in range(min(len(self.stream.ready), self.batch_size - len(self.names)))]
-                loaded = self.pool.map(lambda key: self.stream.load(key, self.image_size), take)
-                for key, (name, img) in zip(take, loaded):
-                    self._add(key, name, img)
         keys, names, arrays = self.keys, self.names, self.arrays
         self.keys, self.names, self.arrays = [], [], []
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
         return keys, names, batch
+
+    def _timed_out(self) -> None:
+        """No new image for ``timeout`` seconds: the stream stops, or, when nothing was ever learned, the run."""
+        self.stopped = f"no new image for {self.timeout:g} s"
+        if not self.stream.images_learned:
+            few = f" ({self.pending}, fewer than a batch of {self.batch_size})" if self.pending else ""
+            raise DataError(f"no images to learn arrived in {self.stream.root}{few} within {self.timeout:g} s "
+                            f"(--online-timeout); nothing learned")
 
     def _add(self, key: Any, name: str, img: np.ndarray | str) -> None:
         if isinstance(img, str):
@@ -393,15 +439,6 @@ class OnlineBatches:
         return len(self.names) + len(self.stream.ready)
 
 
-def online_lr(cfg: Config, step: int) -> float:
-    """Learning rate of step ``step``: empssl's linear warm-up (:func:`empssl.optim.lr_at`) over
-    ``cfg.online_warmup`` images, then constant ``cfg.lr``."""
-    warmup = round(cfg.online_warmup / cfg.batch_size)
-    if step >= warmup:
-        return cfg.lr
-    return lr_at(step, warmup + 1, cfg.lr, warmup_steps=warmup, warmup_start_lr=cfg.warmup_start_lr)
-
-
 def _held_out(cfg: Config, progress: bool) -> tuple[ImageData, ImageData]:
     """``--online-eval``'s (train, test) splits in memory: a dataset, folder or archive, or a shard folder."""
     held = cfg.replace(data=cfg.online_eval, data_mode="memory")
@@ -410,13 +447,11 @@ def _held_out(cfg: Config, progress: bool) -> tuple[ImageData, ImageData]:
     return bank, queries
 
 
-def _empty() -> ImageData:
-    return ImageData(torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), [])
-
-
-def _check(cfg: Config) -> tuple[Path, bool]:
-    """The stream's folder and whether it is a shard folder; a setting that cannot work online is a one-line
-    error."""
+def open_online(cfg: Config, device: torch.device, out: Path, stop: StopFlag, log: Callable[[str], None],
+                progress: bool) -> tuple[OnlineBatches, ImageData, ImageData]:
+    """The stream of ``cfg.data`` as a batch source, and ``--online-eval``'s (train, test) splits in memory, cut
+    to --train-subset / --test-subset (the monitor's bank and queries and the evaluation's data; empty without
+    it). A setting that cannot work online is a one-line error, before anything is written."""
     if distributed.env_dist().enabled:
         raise ConfigError("--online runs in one process; start it without torchrun")
     folder = Path(cfg.data)
@@ -430,183 +465,17 @@ def _check(cfg: Config) -> tuple[Path, bool]:
                           f"their items are image files), not other LitData datasets")
     if shards and importlib.util.find_spec("litdata") is None:
         raise DataError(f"{folder} holds shards, which are read with LitData: pip install 'empssl[stream]'")
-    return folder, shards
+    bank, queries = _held_out(cfg, progress) if cfg.online_eval else (NO_IMAGES, NO_IMAGES)
+    return OnlineBatches(cfg, folder, shards, device, out, stop, log), bank, queries
 
 
 def train_online(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
                  evaluate_at_end: bool = True) -> dict[str, Any]:
     """Learn from the folder or shard folder ``cfg.data`` in one pass (the module docstring) into ``out_dir``, or
-    resume there; then, with ``cfg.online_eval`` and ``evaluate_at_end``, evaluate on it (linear probe + kNN).
-    Returns the results dict (written to results.json): ``stream`` ("folder" or "shards"), ``images_seen``,
-    ``images_skipped``, ``stopped`` (why), ``accuracy_vs_images`` (the monitor's curve), the clock and the
-    evaluation. DataError (one line) for a shard that does not match its manifest, after checkpointing."""
-    cfg.validate()
-    folder, sharded = _check(cfg)
-    timing = TimingAccount()
-    out = Path(out_dir)
-    t0 = time.perf_counter()
-    _, device, _ = distributed.setup(cfg.device)
-    # the held-out data, in memory (the monitor's bank and queries), cut to --train-subset / --test-subset like a
-    # training run's; a shard folder is decoded from its shards
-    bank, queries = _held_out(cfg, progress) if cfg.online_eval else (_empty(), _empty())
-    timing.add("data", time.perf_counter() - t0)
-    created = not out.exists()
-    with ExitStack() as held:
-        out.mkdir(parents=True, exist_ok=True)
-        held.enter_context(RunLock(out, log))
-        remove_orphans(out, log)
-        if not (out / "config.json").is_file():
-            write_config(out, cfg)
-        run = _build(cfg, out, device, bank, queries, timing)
-        state: dict[str, Any] = {}
-        if run.ckpt_path.exists():
-            # its "resuming at step S/total" would name the endless total: the loop says where the stream resumes
-            resume(run, lambda line: None if line.startswith("resuming ") else log(line))
-            state = read_checkpoint(run.ckpt_path).get("stream") or {}
-        kind = "shards" if sharded else "folder"
-        if run.step and state.get("kind", "folder") != kind:
-            shown = {"folder": "folder of image files", "shards": "shard folder"}
-            raise TrainError(f"{run.ckpt_path} belongs to an online run over a {shown[state.get('kind', 'folder')]}; "
-                             f"--data {cfg.data} is a {shown[kind]}: give another --out")
-        stream: Stream = ShardStream.resume(folder, state) if sharded else \
-            FolderStream.resume(folder, cfg.online_settle, state)
-        if stream.images_learned != run.step * cfg.batch_size:
-            raise TrainError(f"{run.ckpt_path} holds {stream.images_learned} stream images for {run.step} steps of "
-                             f"{cfg.batch_size}: not an online run's checkpoint")
-        before = dict(run.clock_state or {})
-        batches = OnlineBatches(stream, cfg.batch_size, cfg.image_size,
-                                tuple(state["shape"]) if state.get("shape") else None,
-                                min(0.5, cfg.online_settle / 2), log)
-        held.callback(batches.close)
-        try:
-            stopped = _loop(run, batches, progress, log)
-        except DataError:  # a shard that does not match its manifest: the steps learned are checkpointed
-            if created and not run.ckpt_path.exists():
-                held.close()
-                shutil.rmtree(out, ignore_errors=True)
-            raise
-        if run.step == 0:
-            held.close()
-            if created:  # nothing learned: leave nothing behind
-                shutil.rmtree(out, ignore_errors=True)
-            few = f" ({batches.pending}, fewer than a batch of {cfg.batch_size})" if batches.pending else ""
-            raise DataError(f"no images to learn arrived in {folder}{few} within {cfg.online_timeout:g} s "
-                            f"(--online-timeout); nothing learned")
-        synchronize(device)
-        results: dict[str, Any] = {
-            "method": cfg.method, "mode": "online", "source": str(folder), "steps": run.step,
-            "stream": kind, "images_seen": stream.images_learned, "images_skipped": len(stream.skipped),
-            "stopped": stopped, "images_pending": batches.pending, **(run.clock_state or {}),
-            "wait_seconds": batches.waited, "device": device_name(device),
-            "accuracy_vs_images": [{"images_seen": r["images_seen"], "knn_top1": r["knn_top1"], "step": r["step"]}
-                                   for r in (read_jsonl(out / "monitor.jsonl") if (out / "monitor.jsonl").is_file()
-                                             else [])],
-        }
-        for key in ("train", "monitor"):  # this session's share (waiting for images is left in "other")
-            spent = results[f"{key}_seconds"] - before.get(f"{key}_seconds", 0.0)
-            timing.add(key, spent - (batches.waited if key == "train" else 0.0))
-        if evaluate_at_end and cfg.online_eval:
-            ev = evaluate(run.model, bank, queries, cfg, device, progress=progress, log=log)
-            for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
-                timing.add(key, ev[name])
-            results.update({**ev, "data": cfg.online_eval})
-        results["timing"] = timing.summary()
-        write_json(out / "results.json", results)
-        log(f"learned {stream.images_learned} images in {run.step} steps ({stopped}); results written to "
-            f"{out / 'results.json'}")
-        log(time_line(results["timing"]))
-        return results
-
-
-def _build(cfg: Config, out: Path, device: torch.device, bank: ImageData, queries: ImageData,
-           timing: TimingAccount) -> Run:
-    """Model, LARS and the views' generator, as :func:`empssl.train.setup` builds them; no epochs."""
-    method, model, opt, generator = build_training(cfg, device)
-    total = math.ceil(cfg.online_stop / cfg.batch_size) if cfg.online_stop else ENDLESS
-    return Run(cfg=cfg, out=out, dist=SINGLE, device=device, own_group=False, train_data=bank, test_data=queries,
-               method=method, model=model, opt=opt, generator=generator, steps_per_epoch=0, total_steps=total,
-               schedule_steps=total, warmup_steps=round(cfg.online_warmup / cfg.batch_size),
-               amp=autocast_dtype(cfg.precision, device), memory_format=torch.contiguous_format, timing=timing)
-
-
-def _loop(run: Run, batches: OnlineBatches, progress: bool, log: Callable[[str], None]) -> str:
-    """Learn batch after batch until the stop; the stream's position moves with each step. Returns why it stopped;
-    Ctrl-C saves and raises KeyboardInterrupt (exit 130); a DataError from the stream saves, then is raised."""
-    cfg, device, model, opt, method = run.cfg, run.device, run.model, run.opt, run.method
-    every = max(1, round(cfg.online_eval_every / cfg.batch_size)) if cfg.online_eval_every else 0
-    monitor = Monitor(cfg.replace(eval_every=every), run.train_data, run.test_data, device, run.out,
-                      steps_per_epoch=0, total_steps=run.total_steps, patches_per_step=run.views_per_step,
-                      start_step=run.step, clock_state=run.clock_state)
-    stream_log = run.out / "stream.jsonl"
-    cut_jsonl(stream_log, run.step)
-    step = last_good = run.step
-    limit = f", until {cfg.online_stop} images" if cfg.online_stop else ""
-    log(f"online: learning {cfg.method} ({cfg.arch}, width {cfg.width}) from {batches.stream.root} in batches of "
-        f"{cfg.batch_size}{limit} on {device}" +
-        (f", resumed after {batches.stream.images_learned} images" if step else ""))
-
-    def checkpoint() -> None:
-        state = {"source": str(batches.stream.root), **batches.stream.state(),
-                 "shape": list(batches.shape) if batches.shape else None}
-        save(run, step, monitor.clock(), extra={"stream": state})
-
-    model.train()
-    monitor.start(model)
-    bar = tqdm(total=None if run.total_steps == ENDLESS else run.total_steps, initial=step, disable=not progress,
-               file=sys.stderr, dynamic_ncols=True, desc="online", unit="step")
-    metrics = MetricsLog(run.out / "metrics.jsonl", method.terms, device, bar=bar, start_step=step,
-                         steps_per_epoch=0, views_per_step=run.views_per_step)
-    stopped = f"learned --online-stop {cfg.online_stop} images"
-    with StopFlag() as stop, metrics, bar, stream_log.open("a") as trail:
-        while step < run.total_steps:
-            waited = batches.waited
-            try:
-                got = batches.next(stop, cfg.online_timeout)
-            except DataError:
-                if step != last_good:
-                    checkpoint()
-                raise
-            metrics.exclude(batches.waited - waited)  # throughput of the steps, not of the stream
-            if got is None:
-                stopped = "interrupted" if stop.requested else f"no new image for {cfg.online_timeout:g} s"
-                break
-            keys, batch_names, images = got
-            lr = online_lr(cfg, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            values, applied = train_step(model, opt, method, images.to(device), run.generator, run.amp,
-                                         run.memory_format)
-            method.after_step(model, step + 1, run.schedule_steps, applied)
-            metrics.add(values, applied, step + 1)
-            step += 1
-            trail.write(json.dumps({"step": step, "images": batch_names, **batches.stream.commit(keys)}) + "\n")
-            trail.flush()
-            bar.update(1)
-            at_log, at_ckpt = step % cfg.log_every == 0, step % cfg.checkpoint_every == 0
-            if at_log or at_ckpt or stop.requested or step == run.total_steps:
-                _check_finite(run, metrics, step, last_good)
-            if at_log:
-                metrics.write(step, lr)
-            metrics.exclude(monitor.after_step(model, step))
-            if at_ckpt or stop.requested:
-                checkpoint()
-                last_good = step
-            if stop.requested:
-                stopped = "interrupted"
-                break
-        if metrics.n:  # the steps since the last line
-            _check_finite(run, metrics, step, last_good)
-            metrics.write(step, online_lr(cfg, step - 1))
-        if step > run.step and step != last_good:
-            if every and step % every and step != run.total_steps:  # the accuracy at the stop (once)
-                metrics.exclude(monitor._evaluate(model, step))
-            checkpoint()
-    run.clock_state = monitor.clock()
-    if stopped == "interrupted":
-        if not step:
-            raise KeyboardInterrupt("interrupted before a batch was learned; nothing saved")
-        raise KeyboardInterrupt(f"interrupted after {batches.stream.images_learned} images (step {step}); "
-                                f"checkpoint saved, run the "
-                                f"same command to resume at the next unseen image")
-    run.step = step
-    return stopped
+    resume there; then, with ``cfg.online_eval`` and ``evaluate_at_end``, evaluate on it (linear probe + kNN):
+    :func:`empssl.train.train` with ``cfg.online`` set. Returns the results dict (written to results.json):
+    ``stream`` ("folder" or "shards"), ``images_seen``, ``images_skipped``, ``stopped`` (why),
+    ``accuracy_vs_images`` (the monitor's curve), the clock and the evaluation. DataError (one line) for a shard
+    that does not match its manifest, after checkpointing."""
+    return train(cfg.replace(online=True), out_dir, progress=progress, log=log, evaluate_at_end=evaluate_at_end,
+                 open_source=open_online)

@@ -4,28 +4,33 @@ A run directory holds config.json (the resolved config and the empssl version), 
 (model, optimiser, step, RNG states, config), monitor.jsonl with --eval-every, and results.json. This module
 holds the rules that training, evaluation, the experiments and the CLI share about it (which settings may
 change on resume, whether a run is finished, rebuilding its model), and what a training session keeps while
-it writes one: the wall-clock account from process start (:class:`TimingAccount`), the metrics file
-(:class:`MetricsLog`) and the stop flag (:class:`StopFlag`). None of them needs the trainer to read a run.
+it writes one: the metrics file (:class:`MetricsLog`), the stop flag (:class:`StopFlag`), and the one object that
+owns a run's life in its directory for every kind of run (:class:`RunSession`: lock, config.json, checkpoints,
+trackers, the wall-clock account from process start, results.json). None of them needs the trainer to read a
+run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_model_state, read_checkpoint
+from .checkpoint import CheckpointError, load_model_state, read_checkpoint, save_atomic
 from .config import Config, ConfigError, flag
 from .files import OutputError, WriterLock, cut_jsonl, read_json, write_json
 from .methods import create_method
+from .tracking import NO_TRACKING, Tracking, open_tracking
 from .version import __version__
 
 # Keys that may differ between a run directory's saved config and the command that resumes it: they change
@@ -188,17 +193,6 @@ def refuse_links(out_dir: Path) -> None:
                                   f"run directory and follows no link there: remove it and run again")
 
 
-def remove_orphans(out_dir: Path, log: Callable[[str], None]) -> None:
-    """Remove the temporary files (``.NAME.*.tmp``, :func:`empssl.files.write_atomic`) that killed processes left
-    in ``out_dir``; call it holding the run's :class:`RunLock`, so that no writer is using them."""
-    orphans = sorted(out_dir.glob(".*.tmp"))
-    for p in orphans:
-        p.unlink(missing_ok=True)
-    if orphans:
-        log(f"removed {len(orphans)} temporary file(s) that an interrupted process left in {out_dir} "
-            f"(e.g. {orphans[0].name})")
-
-
 # --- a training session's bookkeeping ----------------------------------------------------------------------
 
 
@@ -220,34 +214,6 @@ _CLOCK_ORIGIN: float | None = None  # process_seconds() at which the current run
 # The phases of results.json's "timing", in their order ("total" follows them); the report uses the same list.
 TIMING_FIELDS = ("startup", "data", "loggers", "compile", "train", "monitor", "features", "knn", "probe",
                  "random_init_eval")
-
-
-class TimingAccount:
-    """Where one train() call's wall time went: seconds per phase (:data:`TIMING_FIELDS`), and the total.
-
-    The account starts at process start for the first run of a process (the CLI's case; the time before the
-    call is ``startup``) and at the call for later ones (a notebook, the experiments' loops), so that runs do
-    not count each other's time.
-    """
-
-    def __init__(self) -> None:
-        global _CLOCK_ORIGIN
-        self.parts: dict[str, float] = {}
-        if _CLOCK_ORIGIN is None:
-            _CLOCK_ORIGIN, self.parts["startup"] = 0.0, process_seconds()
-        else:
-            _CLOCK_ORIGIN = process_seconds()
-        self.origin = _CLOCK_ORIGIN
-
-    def add(self, phase: str, seconds: float) -> None:
-        self.parts[phase] = self.parts.get(phase, 0.0) + seconds
-
-    def summary(self) -> dict[str, float]:
-        """The phases in :data:`TIMING_FIELDS` order (those that took time), with ``total`` = seconds from the
-        account's start to now."""
-        out = {k: round(self.parts[k], 3) for k in TIMING_FIELDS if self.parts.get(k)}
-        out["total"] = round(process_seconds() - self.origin, 3)
-        return out
 
 
 def time_line(timing: dict[str, float]) -> str:
@@ -361,3 +327,113 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+# --- a run's life in its directory --------------------------------------------------------------------------
+
+class RunSession:
+    """One run's life in its directory, the same for every run (training in memory or streamed, a user's batches,
+    the online mode, the comparison's runs): a ``with`` block around the whole run.
+
+    :meth:`open` creates the directory once the run can start (rank 0), takes its :class:`RunLock` and removes
+    the temporary files (``.NAME.*.tmp``, :func:`empssl.files.write_atomic`) of a killed process. :meth:`save`
+    writes a checkpoint, and config.json with the first one: nothing binds the directory before a checkpoint.
+    The wall-clock account gets seconds per phase (:data:`TIMING_FIELDS`, :meth:`add`); it starts at process
+    start for the first run of a process (the CLI's case; the time before the call is ``startup``) and at the
+    session for later ones (a notebook, the experiments' loops), so that runs do not count each other's time.
+    :meth:`finish` writes results.json, gives it to the --log trackers and ends with the time line. Leaving the
+    block by an error or Ctrl-C before any checkpoint removes a directory this session created (nothing was
+    learned, nothing is left behind); a bare Ctrl-C outside the loop is reworded by what the directory keeps.
+    ``stop`` is the run's Ctrl-C flag (:class:`StopFlag`), shared by the loop and a batch source that waits.
+    """
+
+    def __init__(self, out: Path, log: Callable[[str], None], *, main: bool = True) -> None:
+        global _CLOCK_ORIGIN
+        self.out, self.log, self.main = Path(out), log, main  # main: rank 0, the one that writes
+        self.parts: dict[str, float] = {}  # seconds per phase
+        if _CLOCK_ORIGIN is None:
+            _CLOCK_ORIGIN, self.parts["startup"] = 0.0, process_seconds()
+        else:
+            _CLOCK_ORIGIN = process_seconds()
+        self.origin = _CLOCK_ORIGIN
+        self.stop = StopFlag()
+        self.tracker: Tracking = NO_TRACKING
+        self.created = self.config_written = False
+        self._held = ExitStack()
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def __enter__(self) -> RunSession:
+        return self
+
+    def open(self) -> None:
+        """Create the run directory (rank 0), lock it and remove the temporary files of a killed process."""
+        if not self.main:
+            return
+        self.created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._held.enter_context(RunLock(self.out, self.log))
+        orphans = sorted(self.out.glob(".*.tmp"))  # no writer uses them: the lock is held
+        for p in orphans:
+            p.unlink(missing_ok=True)
+        if orphans:
+            self.log(f"removed {len(orphans)} temporary file(s) that an interrupted process left in {self.out} "
+                     f"(e.g. {orphans[0].name})")
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.parts[phase] = self.parts.get(phase, 0.0) + seconds
+
+    def open_tracking(self, cfg: Config, step: int) -> None:
+        """The --log trackers (TensorBoard, W&B, MLflow), from ``step``; their start-up is the "loggers" phase."""
+        t0 = time.perf_counter()
+        self.tracker = open_tracking(cfg.log, self.out, cfg.to_dict(), start_step=step, enabled=self.main)
+        if self.tracker.trackers:
+            self.add("loggers", time.perf_counter() - t0)
+
+    def save(self, ckpt: dict[str, Any], cfg: Config) -> None:
+        """Write ``ckpt`` atomically (rank 0); config.json, its readable copy, follows this session's first one."""
+        if not self.main:
+            return
+        save_atomic(ckpt, self.ckpt_path)
+        if not self.config_written:
+            write_config(self.out, cfg)
+            self.config_written = True
+
+    def account(self, clock: dict[str, float], before: dict[str, float] | None, *, compile_seconds: float = 0.0,
+                waited: float = 0.0) -> None:
+        """This session's share of the run's clock (:meth:`empssl.monitor.Monitor.clock`, which goes on across
+        resumes from ``before``): compiling, training (less the seconds a source ``waited`` for data, left in
+        "other") and monitoring."""
+        before = before or {}
+        self.add("compile", compile_seconds)
+        self.add("train", clock["train_seconds"] - before.get("train_seconds", 0.0) - compile_seconds - waited)
+        self.add("monitor", clock["monitor_seconds"] - before.get("monitor_seconds", 0.0))
+
+    def finish(self, results: dict[str, Any], step: int, *, write: bool = True) -> dict[str, Any]:
+        """``results`` with the timing (the phases that took time, in :data:`TIMING_FIELDS` order, and ``total``:
+        seconds from the account's start to now), written to results.json when ``write`` (and rank 0), given to
+        the trackers; the run's last line says where the time went."""
+        results["timing"] = {k: round(self.parts[k], 3) for k in TIMING_FIELDS if self.parts.get(k)}
+        results["timing"]["total"] = round(process_seconds() - self.origin, 3)
+        if write and self.main:
+            write_json(self.out / "results.json", results)
+            self.log(f"results written to {self.out / 'results.json'}")
+            self.log(time_line(results["timing"]))
+        self.tracker.log_results(results, step=step)
+        self.tracker.close()
+        return results
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        self._held.close()
+        if kind is None:
+            return
+        if self.created and not self.ckpt_path.exists():  # nothing learned: nothing left behind
+            shutil.rmtree(self.out, ignore_errors=True)
+        if kind is KeyboardInterrupt and not str(error):  # one outside the loop, which saves and says so itself
+            if self.ckpt_path.is_file():
+                raise KeyboardInterrupt(f"interrupted; the checkpoint in {self.out} is kept: run the same command "
+                                        f"to go on") from None
+            raise KeyboardInterrupt("interrupted before the first checkpoint; nothing was kept, run the command "
+                                    "again to start") from None

@@ -1,23 +1,26 @@
 """The training loop, the same for every method: views -> method loss -> LARS step, with logging, checkpoints,
 resume and a wall-clock account of the whole run.
 
-``train()`` reads top to bottom: :func:`setup` (data, run directory, model, optimiser, resume, and the speed
-decisions: activation recomputation and ``--compile``), :func:`loop` (one :func:`train_step` per batch; logging,
-monitoring and checkpoints at their steps), then the evaluation. The method (:mod:`empssl.methods`) supplies the
-model, the views and the loss; the loop knows nothing else about it. The run's bookkeeping (clock, metrics file,
-timing account, stop flag) lives in :mod:`empssl.rundir`.
+``train()`` reads top to bottom: :func:`setup` (data and its batch source, run directory, model, optimiser,
+resume, and the speed decisions: activation recomputation and ``--compile``), :func:`loop` (one :func:`train_step`
+per batch; logging, monitoring and checkpoints at their steps), then the evaluation. The loop is the same for every
+source of batches: images in memory, streamed shards, a user's iterable and the online stream
+(:mod:`empssl.online`), which differ only in their :class:`empssl.batches.BatchSource` and two hooks of the
+:class:`Run`. The method (:mod:`empssl.methods`) supplies the model, the views and the loss; the loop knows nothing
+else about it. The run's life in its directory (lock, config.json, checkpoints, trackers, timing, results.json)
+is a :class:`empssl.rundir.RunSession`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,38 +29,43 @@ from tqdm import tqdm
 
 from . import distributed
 from .batches import BatchSource, IterableBatches, StepBatches
-from .checkpoint import RESUMED, CheckpointError, load_model_state, read_checkpoint, save_atomic
+from .checkpoint import RESUMED, CheckpointError, load_model_state, read_checkpoint
 from .compiling import Compiler
 from .config import Config, ConfigError
-from .data import ImageData, load_data
+from .data import DataError, ImageData, load_data
 from .devices import autocast_dtype, device_name, synchronize
 from .distributed import SINGLE, Dist
 from .evaluate import evaluate, view_label
 from .fallbacks import collecting
-from .files import check_writable_dir, write_json
+from .files import check_writable_dir
 from .methods import Method, create_method
 from .monitor import Monitor
 from .optim import LARS, lars_param_groups, lr_at
 from .recompute import check_step_fits, recompute_backbone, want_recompute
 from .remote import refuse_output
-from .rundir import (
-    MetricsLog,
-    RunLock,
-    StopFlag,
-    TimingAccount,
-    finished,
-    remove_orphans,
-    run_config,
-    time_line,
-    write_config,
-)
+from .rundir import MetricsLog, RunSession, finished, run_config, write_config
 from .stream import StreamBatches, StreamedSplit, check_data, data_record, load_splits, resolve_decode
-from .tracking import NO_TRACKING, Tracking, open_tracking, require_trackers
+from .tracking import require_trackers
 from .version import __version__
+
+# The total steps of a stream without --online-stop: it never reaches the end of its schedule.
+ENDLESS = 2**62
 
 
 class TrainError(RuntimeError):
     """Training cannot go on (non-finite loss, incompatible run directory...): reported in one line."""
+
+
+class OwnSource(BatchSource, Protocol):
+    """A source that brings its own data and hooks: the online stream (:class:`empssl.online.OnlineBatches`)."""
+
+    def after_step(self, step: int) -> float: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+# what opens an own source: (cfg, device, out, the stop flag, log, progress) -> (source, monitor bank, test data)
+SourceOpener = Callable[..., tuple[OwnSource, ImageData, ImageData]]
 
 
 def train_step(net: nn.Module, opt: LARS, method: Method, images: torch.Tensor, generator: torch.Generator,
@@ -97,16 +105,20 @@ class Run:
     warmup_steps: int
     amp: torch.dtype | None
     memory_format: torch.memory_format
-    timing: TimingAccount
+    session: RunSession  # the run directory's lock, checkpoints, trackers, timing and results
+    source: BatchSource  # the training batches, whatever the tier
+    eval_every: float  # the kNN monitor's interval (--eval-every; online: --online-eval-every's images in steps)
     step: int = 0
     clock_state: dict[str, float] | None = None  # the monitor clock of the sessions before a resume
     compiler: Compiler | None = None  # the module the step calls (set up once the step to start from is known)
-    tracker: Tracking = NO_TRACKING  # --log: TensorBoard / W&B / MLflow, beside the JSONL files
     metrics_state: dict[str, Any] | None = None  # the checkpoint's running loss sums since its last log step
-    config_written: bool = False  # config.json is written with this session's first checkpoint
     data: dict[str, Any] | None = None  # what it trains on (stream.data_record): saved, checked on resume
-    source: BatchSource | None = None  # the training batches, whatever the tier (the online mode has its own)
-    n_train: int = 0  # training images (of an epoch)
+    n_train: int = 0  # training images (of an epoch; 0 for a stream)
+    # the source's hooks (the online stream's; none for the others): once a step commits, its record of the step,
+    # returning the seconds it waited for data since the last one (left out of the throughput); and its account
+    # of the run for results.json
+    after_step: Callable[[int], float] = lambda step: 0.0
+    summary: Callable[[], dict[str, Any]] = dict
 
     @property
     def ckpt_path(self) -> Path:
@@ -118,9 +130,12 @@ class Run:
         return self.method.views_per_image * self.cfg.batch_size
 
     def lr(self, step: int) -> float:
+        """The run's learning-rate schedule: warm-up then cosine (:func:`empssl.optim.lr_at`); online, the rate
+        stays at --lr after its warm-up (the cosine's floor is --lr), as no schedule can know the stream's
+        length."""
         cfg = self.cfg
         return lr_at(step, self.schedule_steps, cfg.lr, warmup_steps=self.warmup_steps,
-                     warmup_start_lr=cfg.warmup_start_lr, min_lr=cfg.min_lr)
+                     warmup_start_lr=cfg.warmup_start_lr, min_lr=cfg.lr if cfg.online else cfg.min_lr)
 
 
 # --- set-up -------------------------------------------------------------------------------------------------
@@ -176,49 +191,68 @@ def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | Iterable[Any] | 
     return train_data, test_data, streamed, own, n_train
 
 
-def setup(cfg: Config, out: Path, data: tuple[ImageData, ImageData] | Iterable[Any] | None, progress: bool,
-          log: Callable[[str], None], timing: TimingAccount, held: ExitStack, evaluating: bool = True) -> Run:
-    """Data and its batch source, run directory, model, optimiser and generator; resumed from ``out/checkpoint.pt``
-    if there is one; then the speed decisions, made once: activation recomputation (``--grad-checkpointing``) and
-    ``--compile``.
+def _schedule(cfg: Config, steps_per_epoch: int) -> tuple[int, int, int, float]:
+    """(total, schedule and warm-up steps, the monitor's --eval-every): epochs of the source's steps; online, images
+    (--online-stop's, or no end; --online-warmup's, the rate then constant: :meth:`Run.lr`; --online-eval-every's)."""
+    if cfg.online:
+        total = math.ceil(cfg.online_stop / cfg.batch_size) if cfg.online_stop else ENDLESS
+        warmup = round(cfg.online_warmup / cfg.batch_size)
+        every = max(1, round(cfg.online_eval_every / cfg.batch_size)) if cfg.online_eval_every else 0
+        return total, max(total, warmup + 1), warmup, every
+    total = max(1, round(cfg.epochs * steps_per_epoch))
+    return (total, max(total, round((cfg.schedule_epochs or cfg.epochs) * steps_per_epoch)),
+            round(cfg.warmup_epochs * steps_per_epoch), cfg.eval_every)
 
-    The run directory is created only once the data has loaded and the batch fits it, and config.json is written
-    with the first checkpoint, so a failed or interrupted start leaves nothing that binds the next command; an
-    existing directory is never removed. Its :class:`empssl.rundir.RunLock` joins ``held``
-    (one writer per run directory, until the caller leaves ``held``).
+
+def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | Iterable[Any] | None,
+          progress: bool, log: Callable[[str], None], evaluating: bool = True, open_source: SourceOpener | None = None
+          ) -> Run:
+    """Data and its batch source, run directory, model, optimiser and generator; resumed from the session's
+    checkpoint if there is one; then the speed decisions, made once: activation recomputation
+    (``--grad-checkpointing``) and ``--compile``.
+
+    The run directory is opened (:meth:`empssl.rundir.RunSession.open`) only once the data has loaded and the batch
+    fits it, and config.json is written with the first checkpoint, so a failed or interrupted start leaves nothing
+    that binds the next command.
     """
-    t0 = time.perf_counter()
+    t0, out = time.perf_counter(), session.out
     dist, device, own_group = distributed.setup(cfg.device)  # torchrun: join the group, take cuda:LOCAL_RANK
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     check_step_fits(cfg, device, dist.world_size)  # a step that cannot fit: one line, before any data or file
-    train_data, test_data, streamed, own, n_train = _load_data(cfg, data, dist, device, progress, evaluating)
-    record = data_record(n_train, cfg.data if data is None else None, cfg.data_dir,
-                         (cfg.image_key, cfg.label_key))
-    timing.add("data", time.perf_counter() - t0)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        held.enter_context(RunLock(out, log))
-        remove_orphans(out, log)  # temporary files of a killed process
+    streamed, record, n_train, online, own = None, None, 0, None, None
+    train_data: ImageData | StreamedSplit
+    test_data: ImageData | StreamedSplit
+    if open_source is not None:  # a collection that grows while the run learns it once, in arrival order
+        online, train_data, test_data = open_source(cfg, device, out, session.stop, log, progress)
+    else:
+        train_data, test_data, streamed, own, n_train = _load_data(cfg, data, dist, device, progress, evaluating)
+        record = data_record(n_train, cfg.data if data is None else None, cfg.data_dir,
+                             (cfg.image_key, cfg.label_key))
+    session.add("data", time.perf_counter() - t0)
+    session.open()
 
     order: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, rank=dist.rank,
                                  world=dist.world_size)
-    sized = own or (StreamBatches(streamed, decode=resolve_decode(cfg.decode, device), **order) if streamed else None)
-    steps_per_epoch = sized.steps_per_epoch if sized else n_train // cfg.batch_size  # a stream's: LitData's, per rank
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    schedule_steps = max(total_steps, round((cfg.schedule_epochs or cfg.epochs) * steps_per_epoch))
+    sized = online if online is not None else own if own is not None else \
+        StreamBatches(streamed, decode=resolve_decode(cfg.decode, device), **order) if streamed else None
+    # a stream's steps: LitData's, per rank; the online stream's: none (0)
+    steps_per_epoch = sized.steps_per_epoch if sized is not None else n_train // cfg.batch_size
+    total_steps, schedule_steps, warmup_steps, eval_every = _schedule(cfg, steps_per_epoch)
     # in memory the images live on the device as uint8 when they fit (CIFAR-10: 150 MB), and views are cut there
     images = train_data.images if isinstance(train_data, ImageData) else NO_IMAGES.images  # streamed: StreamBatches
-    source = sized or StepBatches(images.to(device) if images.numel() < 4 * 2**30 else images, total_steps=total_steps,
-                                  **order)
+    source = sized if sized is not None else StepBatches(images.to(device) if images.numel() < 4 * 2**30 else images,
+                                                         total_steps=total_steps, **order)
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
     method, model, opt, generator = build_training(cfg, device, dist, memory_format)
     run = Run(cfg=cfg, out=out, dist=dist, device=device, own_group=own_group, train_data=train_data,
               test_data=test_data, method=method, model=model, opt=opt, generator=generator,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule_steps=schedule_steps,
-              warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), amp=autocast_dtype(cfg.precision, device),
-              memory_format=memory_format, timing=timing, data=record, source=source,
-              n_train=n_train)
+              warmup_steps=warmup_steps, amp=autocast_dtype(cfg.precision, device), memory_format=memory_format,
+              session=session, source=source, eval_every=eval_every,
+              data=record, n_train=n_train)
+    if online is not None:
+        run.after_step, run.summary = online.after_step, online.summary
     # torchrun: every rank sees rank 0's run directory and the same checkpoint, or every rank stops here
     ckpt = distributed.shared_checkpoint(out, dist, lambda path: read_checkpoint(path, require=RESUMED))
     if ckpt is not None:
@@ -265,8 +299,9 @@ def resume(run: Run, log: Callable[[str], None], ckpt: dict[str, Any] | None = N
     load_model_state(run.model, ckpt["model"], f"checkpoint {run.ckpt_path}")
     run.opt.load_state_dict(ckpt["optimizer"])
     run.step, run.clock_state, run.metrics_state = int(ckpt["step"]), ckpt.get("clock"), ckpt.get("metrics")
-    if run.source is not None and run.step < run.total_steps:  # (an older checkpoint holds the step alone)
-        run.source.load_state_dict(ckpt.get("source") or {"step": run.step})
+    state = ckpt.get("source") or ckpt.get("stream")  # (an older checkpoint holds the step alone)
+    if state or run.step < run.total_steps:  # the position also counts what a finished stream learned
+        run.source.load_state_dict(state or {"step": run.step})
     if dist.is_main and not (run.out / "config.json").is_file():  # its readable copy, deleted: written again
         write_config(run.out, Config.from_dict(ckpt.get("config", {})))
         log(f"{run.out / 'config.json'} was missing; rewritten from the checkpoint")
@@ -287,84 +322,104 @@ def resume(run: Run, log: Callable[[str], None], ckpt: dict[str, Any] | None = N
             f"the views' generator is reseeded from (seed, step), so the continuation is not bitwise what the "
             f"first device would have computed")
     if run.step < run.total_steps:
-        log(f"resuming {run.out} at step {run.step}/{run.total_steps}")
+        log(f"resuming {run.out} at step {run.step}" + (f"/{run.total_steps}" if run.total_steps < ENDLESS else ""))
 
 
-def save(run: Run, step: int, clock: dict[str, float], metrics: dict[str, Any] | None = None,
-         extra: dict[str, Any] | None = None) -> None:
-    """An atomic checkpoint of the run at ``step`` (rank 0 only), with ``metrics`` (:meth:`MetricsLog.state`) and
-    ``extra`` entries (the online stream); config.json, its readable copy, follows the session's first one."""
+def save(run: Run, step: int, clock: dict[str, float], metrics: dict[str, Any] | None = None) -> None:
+    """A checkpoint of the run at ``step`` (:meth:`empssl.rundir.RunSession.save`: atomic, rank 0, config.json with
+    the first), with ``metrics`` (:meth:`MetricsLog.state`) and the source's position."""
     if not run.dist.is_main:
         return
-    save_atomic({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "step": step,
-                 "epoch": step / run.steps_per_epoch if run.steps_per_epoch else None, "total_steps": run.total_steps,
-                 "schedule_steps": run.schedule_steps, "finished": step >= run.total_steps,
-                 "rng": {"patches": run.generator.get_state(), "torch": torch.get_rng_state(),
-                         "device": run.device.type},
-                 "clock": clock, "config": run.cfg.to_dict(), "version": __version__,
-                 "world_size": run.dist.world_size, "metrics": metrics, "data": run.data,
-                 "source": run.source.state_dict() if run.source else None, **(extra or {})},
-                run.ckpt_path)
-    if not run.config_written:
-        write_config(run.out, run.cfg)
-        run.config_written = True
+    run.session.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "step": step,
+                      "epoch": step / run.steps_per_epoch if run.steps_per_epoch else None,
+                      "total_steps": run.total_steps, "schedule_steps": run.schedule_steps,
+                      "finished": step >= run.total_steps,
+                      "rng": {"patches": run.generator.get_state(), "torch": torch.get_rng_state(),
+                              "device": run.device.type},
+                      "clock": clock, "config": run.cfg.to_dict(), "version": __version__,
+                      "world_size": run.dist.world_size, "metrics": metrics, "data": run.data,
+                      "source": run.source.state_dict()}, run.cfg)
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
 
 
 def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None]) -> None:
-    """Train from ``run.step`` to ``run.total_steps``: one :func:`train_step` per batch, a metrics line every
-    ``log_every`` steps, a checkpoint every ``checkpoint_every`` steps, at every epoch end and at the end."""
+    """Train from ``run.step`` until ``run.total_steps`` or the end of the source (a stream that stops): one
+    :func:`train_step` per batch, a metrics line every ``log_every`` steps, a checkpoint every ``checkpoint_every``
+    steps, at every epoch end and at the end. Ctrl-C saves and raises KeyboardInterrupt; bad data from the source
+    (DataError) saves the steps learned, then is raised."""
     cfg, dist, device, model, opt, method = run.cfg, run.dist, run.device, run.model, run.opt, run.method
-    compiler, batches = run.compiler, run.source
-    assert compiler is not None and batches is not None, "setup() prepares the compiler and the batches"
-    log(f"training {cfg.method} ({cfg.arch}, width {cfg.width}) on {run.n_train} images, batch "
-        f"{cfg.batch_size}, {run.total_steps - run.step} steps on {device}{' (bf16)' if run.amp else ''}")
+    compiler, batches, stop = run.compiler, run.source, run.session.stop
+    assert compiler is not None, "setup() prepares the compiler"
+    endless = run.total_steps == ENDLESS
+    steps = "until the stream stops" if endless else f"{run.total_steps - run.step} steps"
+    log(f"training {cfg.method} ({cfg.arch}, width {cfg.width}) on {run.n_train or 'the arriving'} images, batch "
+        f"{cfg.batch_size}, {steps} on {device}{' (bf16)' if run.amp else ''}")
 
     model.train()
     monitor.start(model)
     step = last_good = run.step
-    bar = tqdm(total=run.total_steps, initial=step, disable=not progress, file=sys.stderr, dynamic_ncols=True,
-               desc="train", unit="step")
+    bar = tqdm(total=None if endless else run.total_steps, initial=step, disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, desc="train", unit="step")
     metrics = MetricsLog(run.out / "metrics.jsonl" if dist.is_main else None, method.terms, device, bar=bar,
                          start_step=step, steps_per_epoch=run.steps_per_epoch, views_per_step=run.views_per_step,
-                         on_record=lambda rec: run.tracker.log_scalars(rec, step=rec["step"], wall_time=time.time(),
-                                                                       prefix="train/"),
+                         on_record=lambda rec: run.session.tracker.log_scalars(rec, step=rec["step"],
+                                                                               wall_time=time.time(), prefix="train/"),
                          state=run.metrics_state)
-    with StopFlag() as stop, metrics, batches, bar:
-        stream = iter(batches)  # from the step of its state: a resumed run sees the same batches
-        while step < run.total_steps:
-            lr = run.lr(step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            compiler.before(step)
-            values, applied = compiler.call(train_step, opt, method, next(stream), run.generator, run.amp,
-                                            run.memory_format, dist, generator=run.generator)
-            method.after_step(model, step + 1, run.schedule_steps, applied)  # e.g. BYOL's target
-            metrics.add(values, applied, step + 1)
-            step += 1
-            bar.update(1)
-            compiler.after(step)
+    stopping = False
+    with stop, metrics, batches, bar:
+        try:
+            for images in batches:  # from the step of its state: a resumed run sees the same batches
+                lr = run.lr(step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                compiler.before(step)
+                values, applied = compiler.call(train_step, opt, method, images, run.generator, run.amp,
+                                                run.memory_format, dist, generator=run.generator)
+                method.after_step(model, step + 1, run.schedule_steps, applied)  # e.g. BYOL's target
+                metrics.add(values, applied, step + 1)
+                step += 1
+                waited = run.after_step(step)  # the source's record of the step (the stream's position)
+                bar.update(1)
+                compiler.after(step)
 
-            at_log = step % cfg.log_every == 0 or step == run.total_steps
-            at_ckpt = step % cfg.checkpoint_every == 0 or step % run.steps_per_epoch == 0 or step == run.total_steps
-            stopping = stop.requested
-            if dist.enabled:  # the ranks meet at the same steps (every step on the CPU, where it is free)
-                stopping = (at_log or at_ckpt or device.type == "cpu") and distributed.agree(metrics.sums,
-                                                                                             stop.requested, dist)
-            if at_log or at_ckpt or stopping:  # a host sync; never log or save after a skipped update
+                at_log = step % cfg.log_every == 0 or step == run.total_steps
+                at_ckpt = (step % cfg.checkpoint_every == 0 or step == run.total_steps
+                           or (run.steps_per_epoch and step % run.steps_per_epoch == 0))
+                stopping = stop.requested
+                if dist.enabled:  # the ranks meet at the same steps (every step on the CPU, where it is free)
+                    stopping = (at_log or at_ckpt or device.type == "cpu") and distributed.agree(metrics.sums,
+                                                                                                 stop.requested, dist)
+                if at_log or at_ckpt or stopping:  # a host sync; never log or save after a skipped update
+                    _check_finite(run, metrics, step, last_good)
+                if at_log:
+                    metrics.write(step, lr)
+                spent = waited + monitor.after_step(model, step)
+                metrics.exclude(spent)  # waiting and monitoring stay out of patches_per_s and the compile decision
+                compiler.exclude(spent)
+                if at_ckpt or stopping:
+                    save(run, step, monitor.clock(), metrics.state())
+                    last_good = step
+                if stopping or step == run.total_steps:
+                    break
+        except DataError:  # the source's data went bad (a shard that changed): the steps learned are kept
+            if step != last_good:
                 _check_finite(run, metrics, step, last_good)
-            if at_log:
-                metrics.write(step, lr)
-            spent = monitor.after_step(model, step)
-            metrics.exclude(spent)  # monitoring time stays out of patches_per_s and the compile decision
-            compiler.exclude(spent)
-            if at_ckpt or stopping:
                 save(run, step, monitor.clock(), metrics.state())
-                last_good = step
-            if stopping and step < run.total_steps:
-                raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved, run the same command to resume")
+            raise
+        if step != last_good:  # the source stopped first (a stream): its last step is the run's last
+            _check_finite(run, metrics, step, last_good)
+            if metrics.n:
+                metrics.write(step, run.lr(step - 1))
+            if monitor.interval and step % monitor.interval:  # the accuracy at the stop
+                monitor._evaluate(model, step)
+            save(run, step, monitor.clock(), metrics.state())
+    if (stopping or stop.requested) and step < run.total_steps:
+        if step == 0:
+            raise KeyboardInterrupt  # nothing was kept (the session says so)
+        raise KeyboardInterrupt(f"interrupted at step {step}, after {step * cfg.batch_size} images; checkpoint "
+                                f"saved, run the same command to resume")
     run.step = step
 
 
@@ -380,21 +435,6 @@ def _check_finite(run: Run, metrics: MetricsLog, step: int, last_good: int) -> N
                      f"{run.ckpt_path}; to try a lower --lr, choose a new --out (the run's settings are fixed)")
 
 
-def _interrupt_message(out: Path) -> Callable[..., None]:
-    """An exit callback that rewords a bare KeyboardInterrupt (one outside the loop, which saves and says so) by
-    what the run directory holds: a checkpoint to resume from, or nothing that binds the next command."""
-
-    def reword(kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
-        if kind is KeyboardInterrupt and not str(error):
-            if (out / "checkpoint.pt").is_file():
-                raise KeyboardInterrupt(f"interrupted; the checkpoint in {out} is kept: run the same command to "
-                                        f"go on") from None
-            raise KeyboardInterrupt("interrupted before the first checkpoint; nothing was kept, run the command "
-                                    "again to start") from None
-
-    return reword
-
-
 # --- the whole run ------------------------------------------------------------------------------------------
 
 
@@ -403,8 +443,8 @@ def _silent(message: str) -> None:
 
 
 def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
-          data: tuple[ImageData, ImageData] | Iterable[Any] | None = None, evaluate_at_end: bool = True
-          ) -> dict[str, Any]:
+          data: tuple[ImageData, ImageData] | Iterable[Any] | None = None, evaluate_at_end: bool = True,
+          open_source: SourceOpener | None = None) -> dict[str, Any]:
     """Train (or resume) a run of ``cfg.method`` in ``out_dir`` and, unless ``evaluate_at_end`` is False, evaluate it.
 
     ``out_dir`` receives config.json, metrics.jsonl, checkpoint.pt and results.json. ``data`` may pass
@@ -412,7 +452,9 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     also be the training batches themselves: any iterable with a ``len()`` of (b, 3, H, W) uint8 tensors or
     (images, labels) pairs, e.g. a DataLoader (:class:`empssl.batches.IterableBatches`: one pass is an epoch; resumable
     where it has ``state_dict()`` / ``load_state_dict()``, else a resume is a ConfigError); the monitor and the
-    evaluation then use ``cfg.data`` (loaded only for them).
+    evaluation then use ``cfg.data`` (loaded only for them). ``open_source`` opens a source with data of its own
+    (:func:`empssl.online.train_online`: the online stream, ``cfg.online``; results.json is then written at every
+    stop, and the evaluation uses ``cfg.online_eval``, none without it).
     Returns the results dict (or a summary when evaluation is skipped). Its ``timing`` entry accounts for the
     wall clock from process start, phase by phase (:data:`empssl.rundir.TIMING_FIELDS`) and in ``total``.
     """
@@ -421,53 +463,45 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     # resuming: the checkpoint's config is the truth, as for the command line (a setting that would change the
     # trained weights is refused in one line; the evaluation, logging and speed ones are taken from cfg)
     cfg = run_config(out_dir, cfg, cfg.to_dict())
-    if cfg.online:  # one pass over a stream has its own loop
+    if cfg.online != (open_source is not None):  # the stream is opened by empssl.online
         raise ConfigError("--online runs through empssl train --online (empssl.online.train_online), not train()")
     require_trackers(cfg.log)  # a missing logger package: one line before anything loads
     check_writable_dir(out_dir, "--out")  # a read-only place or a file: one line before anything loads
-    timing = TimingAccount()  # from process start for the first run of a process, else from this call
-    if not distributed.env_dist().is_main:
+    main = distributed.env_dist().is_main
+    if not main:
         progress, log = False, _silent
-    with ExitStack() as held:  # the run directory's lock, until its results are written
-        held.push(_interrupt_message(Path(out_dir)))  # last out: a Ctrl-C outside the loop says what is kept
-        fallbacks = held.enter_context(collecting(log))  # fast paths that failed and ran eager instead
-        run = setup(cfg, Path(out_dir), data, progress, log, timing, held, evaluate_at_end)
-        t0 = time.perf_counter()
-        run.tracker = open_tracking(cfg.log, run.out, cfg.to_dict(), start_step=run.step, enabled=run.dist.is_main)
-        if run.tracker.trackers:
-            timing.add("loggers", time.perf_counter() - t0)
-        monitor = Monitor(cfg, run.train_data, run.test_data, run.device, run.out, steps_per_epoch=run.steps_per_epoch,
-                          total_steps=run.total_steps, patches_per_step=run.views_per_step, start_step=run.step,
-                          clock_state=run.clock_state, dist=run.dist, tracker=run.tracker)
+    # the run directory's lock until its results are written; the fast paths that failed and ran eager instead
+    with RunSession(Path(out_dir), log, main=main) as session, collecting(log) as fallbacks:
+        run = setup(cfg, session, data, progress, log, evaluate_at_end, open_source)
+        session.open_tracking(cfg, run.step)
+        monitor = Monitor(cfg.replace(eval_every=run.eval_every), run.train_data, run.test_data, run.device, run.out,
+                          steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps,
+                          patches_per_step=run.views_per_step, start_step=run.step, clock_state=run.clock_state,
+                          dist=run.dist, tracker=session.tracker)
         if run.step < run.total_steps:
             loop(run, monitor, progress, log)
         elif run.ckpt_path.exists():
             log(f"{run.out} is trained to the end (step {run.step}); nothing to train")
-        run.source = None  # the training images on the device, freed for the evaluation
+        del run.source  # the training images on the device, freed for the evaluation
         synchronize(run.device)
         clock = monitor.clock()
-        before = run.clock_state or {}
-        compile_seconds = run.compiler.compile_seconds if run.compiler else 0.0
-        timing.add("compile", compile_seconds)
-        timing.add("train", clock["train_seconds"] - before.get("train_seconds", 0.0) - compile_seconds)
-        timing.add("monitor", clock["monitor_seconds"] - before.get("monitor_seconds", 0.0))
-        summary = {"method": cfg.method, "steps": run.total_steps, "epochs": cfg.epochs, "images": run.n_train,
-                   **clock, "device": device_name(run.device),
+        summary = {"method": cfg.method, "steps": run.step, "epochs": cfg.epochs, "images": run.n_train, **clock,
+                   "device": device_name(run.device),
                    "compile": run.compiler.reason if run.compiler else None,  # monitoring: wall time and hardware
-                   "fallbacks": fallbacks}
-        if not evaluate_at_end:
+                   "fallbacks": fallbacks, **run.summary()}
+        session.account(clock, run.clock_state, waited=summary.get("wait_seconds", 0.0),
+                        compile_seconds=run.compiler.compile_seconds if run.compiler else 0.0)
+        # an online run without --online-eval has no labelled data: it ends with its summary
+        if not evaluate_at_end or not len(run.test_data):
             distributed.teardown(run.own_group)
-            done: dict[str, Any] = {**summary, "timing": timing.summary()}
-            run.tracker.log_results(done, step=run.step)
-            run.tracker.close()
-            return done
+            return session.finish(summary, run.step, write=cfg.online)
         # a streamed run's kNN and probe train on its whole training split, streamed (the features, not the images,
         # are kept), as the in-memory run's do (results.json: eval_sets); under torchrun every rank computes its
         # share of the features, and rank 0 writes
         results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
                                          log=log, dist=run.dist)}
         for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
-            timing.add(key, results[name])
+            session.add(key, results[name])
         if cfg.compare_random_init:
             torch.manual_seed(cfg.seed)  # the same initialisation the run started from
             baseline = run.method.build_model().to(run.device)
@@ -475,7 +509,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
             t0 = time.perf_counter()
             base = evaluate(baseline, run.train_data, run.test_data, cfg, run.device, progress=progress, log=log,
                             dist=run.dist)
-            timing.add("random_init_eval", time.perf_counter() - t0)
+            session.add("random_init_eval", time.perf_counter() - t0)
             results["random_init"] = {k: base[k] for k in ("linear_top1", "knn_top1")}
             gap = results["linear_top1"] - base["linear_top1"]
             log(f"linear probe: trained {results['linear_top1']:.1f}% vs random init {base['linear_top1']:.1f}% "
@@ -483,14 +517,8 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         distributed.teardown(run.own_group)
         if not run.dist.is_main:
             return results
-        results["timing"] = timing.summary()
         results["fallbacks"] = fallbacks  # the training's and the evaluations'
-        write_json(run.out / "results.json", results)
-        run.tracker.log_results(results, step=run.step)
-        run.tracker.close()
-        log(f"results written to {run.out / 'results.json'}")
-        log(time_line(results["timing"]))  # the run's last line: where the time went
-        return results
+        return session.finish(results, run.step)
 
 
 def train_once(cfg: Config, out_dir: str | Path, *, name: str, progress: bool = True,
