@@ -9,8 +9,8 @@ not answer holds a read for minutes. No ``StreamingDataset`` argument reaches th
 function: the store LitData builds (its endpoint, addressing style and credentials) is built again with
 ``allow_http`` where the endpoint is http://, and with the connect and read timeouts and number of tries of every
 request to a store (below). The traceback each worker's prefetch thread prints when a read fails is left out: the
-reader raises the error, and :func:`empssl.stream.failed_read` names it in one line. Installed before the loader forks its workers, the
-adapter holds in them too; a spawned worker imports LitData afresh and reads without it (pass
+reader raises the error, and :func:`empssl.stream.failed_read` names it in one line. Installed before the loader
+forks its workers, the adapter holds in them too; a spawned worker imports LitData afresh and reads without it (pass
 ``multiprocessing_context="fork"`` where something, e.g. ``litdata.optimize``, made spawn the default).
 """
 

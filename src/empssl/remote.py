@@ -11,10 +11,10 @@ cache beside the mirror (:func:`chunk_cache`).
 Credentials and endpoint come from the standard environment, as boto3 reads it for empssl and LitData alike
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE``;
 gs://: google-cloud-storage's ``GOOGLE_APPLICATION_CREDENTIALS``); a plain-http endpoint is read through
-:mod:`empssl.litdata_http`. Every request has the bounded timeouts and tries of :mod:`empssl.litdata_http`, empssl's own, LitData's boto3
-ones (:func:`litdata_options`) and its obstore chunk reads, so that a missing bucket, a missing object, missing
-credentials or an unreachable endpoint is one line (DataError) within seconds, at start or while iterating
-(:func:`empssl.stream.failed_read`); LitData and obstore alone would wait minutes on an endpoint that does not answer.
+:mod:`empssl.litdata_http`. Every request has the bounded timeouts and tries of
+:mod:`empssl.litdata_http`, empssl's own, LitData's boto3 ones (:func:`litdata_options`) and its obstore chunk
+reads, so that a missing bucket, a missing object, missing credentials or an unreachable endpoint is one line
+(DataError) within seconds, at start or while iterating (:func:`empssl.stream.failed_read`); LitData and obstore alone would wait minutes on an endpoint that does not answer.
 """
 
 from __future__ import annotations
