@@ -14,7 +14,8 @@ gs://: google-cloud-storage's ``GOOGLE_APPLICATION_CREDENTIALS``); a plain-http 
 :mod:`empssl.litdata_http`. Every request has the bounded timeouts and tries of
 :mod:`empssl.litdata_http`, empssl's own, LitData's boto3 ones (:func:`litdata_options`) and its obstore chunk
 reads, so that a missing bucket, a missing object, missing credentials or an unreachable endpoint is one line
-(DataError) within seconds, at start or while iterating (:func:`empssl.stream.failed_read`); LitData and obstore alone would wait minutes on an endpoint that does not answer.
+(DataError) within seconds, at start or while iterating (:func:`empssl.stream.failed_read`); LitData and obstore
+alone would wait minutes on an endpoint that does not answer.
 """
 
 from __future__ import annotations
