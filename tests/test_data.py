@@ -901,3 +901,13 @@ def test_ctrl_c_while_the_pool_decodes_stops_the_load(tmp_path: Path) -> None:
                           preexec_fn=default_sigint)
     assert proc.returncode == 130 and proc.stdout == "", proc.stderr
     assert proc.stderr.strip() == "interrupted"  # no traceback from any worker
+
+
+def test_the_decode_pool_takes_this_rank_s_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from empssl.data import decode
+
+    monkeypatch.setattr(decode, "usable_cpus", lambda: 6)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert decode._n_workers() == 6
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two ranks on this node share its CPUs
+    assert decode._n_workers() == 3

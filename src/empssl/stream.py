@@ -60,7 +60,7 @@ import torch
 
 from .config import Config, ConfigError
 from .data import TORCHVISION_DATASETS, Catalog, DataError, ImageData, ImageRecord, decode_image, scan
-from .data.decode import decode_catalog, usable_cpus
+from .data.decode import cpu_share, decode_catalog
 from .data.images import balanced_indices
 from .data.layouts import held_out_split
 from .data.load import TooBigForMemory, check_fits, fingerprint
@@ -577,7 +577,7 @@ def decode_batch(raw: list[torch.Tensor], names: list[str], image_size: int, dev
 
 def _n_workers() -> int:
     """The CPUs but one of this process's share (torchrun: the node's CPUs over its ranks), at most 8."""
-    return max(1, min(8, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+    return max(1, min(8, cpu_share() - 1))
 
 
 class StreamBatches:

@@ -229,5 +229,10 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def cpu_share() -> int:
+    """This process's share of the CPUs: under torchrun, the node's usable CPUs over its local ranks."""
+    return max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
 def _n_workers() -> int:
-    return max(1, min(usable_cpus(), 16))
+    return min(cpu_share(), 16)
