@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from empssl import stream
+from empssl import shard, stream
 from empssl.cli import main
-from empssl.data import load_data
+from empssl.data import ImageSet, load_images
 from empssl.distributed import SINGLE, Dist
 from empssl.embed import embed, load_embedding
-from empssl.evaluate import evaluate, extract_full_features, extract_prefix_features
+from empssl.evaluate import evaluate, extract_full_features, extract_prefix_features, image_features
 from empssl.files import read_jsonl
 from empssl.methods import create_method
 from empssl.monitor import Monitor
@@ -70,6 +70,24 @@ def small_blocks(monkeypatch):
     return sizes
 
 
+def in_memory(cfg):
+    """(train, test) of the same shards in the in-memory tier: what a streamed split is compared with (shards hold
+    their source's images in a seeded order of their own, and evaluation patches are seeded by position, so the
+    source folder's features are another draw)."""
+    return stream.eval_splits(cfg.replace(data_mode="memory"), False, lambda: pytest.fail("shards are not a folder"))
+
+
+def in_shard_order(src, data_dir) -> tuple[ImageSet, list[torch.Tensor]]:
+    """The source folder in memory, and the rows of each of its splits in the order ``empssl shard`` wrote them
+    (:func:`empssl.shard.write_order`, seed 0)."""
+    images = load_images(str(src), str(data_dir), 32, progress=False)
+    rows, at = [], 0
+    for _, count in images.splits:
+        rows.append(at + torch.from_numpy(shard.write_order(count, 0)))
+        at += count
+    return images, rows
+
+
 def _one_line(capsys, *parts):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
@@ -86,7 +104,10 @@ def test_streamed_features_are_bitwise_the_in_memory_features(run, src, shards, 
     model, cfg, _ = load_checkpoint(run, {"data": str(shards), "data_mode": "stream", "image_size": 32})
     train, test = stream.eval_splits(cfg, False, lambda: pytest.fail("the in-memory tier was asked"))
     assert isinstance(train, stream.StreamedSplit) and (len(train), len(test)) == (100, 40)
-    mem_train, mem_test = load_data(str(src), str(data_dir), 32, progress=False)
+    mem_train, mem_test = in_memory(cfg)
+    source, rows = in_shard_order(src, data_dir)  # the pixels and labels of the source, item by item
+    for memory, r in zip((mem_train, mem_test), rows, strict=True):
+        assert torch.equal(memory.images, source.images[r]) and torch.equal(memory.labels, source.labels[r])
     aug = create_method(cfg).eval_augment()
     # 3 patches of 16 or 32 images per forward pass, 32 images augmented together: blocks of 32 (not 40, which
     # would cut a group of patches in two)
@@ -112,18 +133,18 @@ def _monitored(cfg, train, test, model, out, d: Dist = SINGLE) -> float | None:
     return read_jsonl(out / "monitor.jsonl")[0]["knn_top1"] if (out / "monitor.jsonl").exists() else None
 
 
-def test_the_monitor_reads_a_streamed_split_block_by_block_and_sees_what_memory_sees(run, src, shards, data_dir,
-                                                                                    tmp_path, small_blocks):
+def test_the_monitor_reads_a_streamed_split_block_by_block_and_sees_what_memory_sees(run, shards, tmp_path,
+                                                                                    small_blocks):
     model, cfg, _ = load_checkpoint(run, {"data": str(shards), "data_mode": "stream", "image_size": 32})
     streamed = stream.load_splits(cfg, False, lambda: pytest.fail("the in-memory tier was asked"))
     assert streamed[0] is streamed[2] and isinstance(streamed[1], stream.StreamedSplit)  # nothing decoded yet
     assert small_blocks == []
     got = _monitored(cfg, *streamed[:2], model, tmp_path / "stream")
     assert sorted(small_blocks) == [20, 30]  # the bank and the queries, decoded for the check, one block each
-    assert got == _monitored(cfg, *load_data(str(src), str(data_dir), 32, progress=False), model, tmp_path / "memory")
+    assert got == _monitored(cfg, *in_memory(cfg), model, tmp_path / "memory")
 
 
-def _features(run, shards, src, data_dir, decoded: list[int], out, d: Dist) -> dict:
+def _features(run, shards, decoded: list[int], out, d: Dist) -> dict:
     """What the ranks compute: features of the streamed test split (40 images: a share of 32 and one of 8), of a
     20-image part of it (one rank without images), and of the same images in memory; the whole evaluation and a
     monitor check (written by rank 0 alone)."""
@@ -136,8 +157,8 @@ def _features(run, shards, src, data_dir, decoded: list[int], out, d: Dist) -> d
            "decoded": sum(decoded),
            "full": extract_full_features(model, test, aug, batch_images=16, dist=d),
            "few": extract_prefix_features(model, test.part(0, 20), aug, [2], seed=5, dist=d)[2],
-           "memory": extract_prefix_features(model, load_data(str(src), str(data_dir), 32, progress=False)[1].images,
-                                             aug, [1, 3], batch_images=16, seed=5, dist=d)}
+           "memory": extract_prefix_features(model, in_memory(cfg)[1].images, aug, [1, 3], batch_images=16, seed=5,
+                                             dist=d)}
     results = evaluate(model, train, test, cfg, "cpu", progress=False, log=lambda s: None, dist=d)
     return {**got, "results": {k: results[k] for k in ("linear_top1", "knn_top1", "n_train", "n_test")},
             "monitor": _monitored(cfg, train, test, model, out / f"rank{d.rank}", d)}
@@ -155,11 +176,10 @@ def _features_rank(rank: int, port: int, args: tuple, out) -> None:
     os._exit(0)
 
 
-def test_two_ranks_compute_their_shares_and_gather_the_features_of_one_process(run, src, shards, data_dir, tmp_path,
-                                                                             small_blocks):
+def test_two_ranks_compute_their_shares_and_gather_the_features_of_one_process(run, shards, tmp_path, small_blocks):
     """Each rank decodes and encodes only its share of whole groups of images (patches are seeded per 32 images),
     and every rank gets all the features, bitwise those of one process, so the evaluation is the same."""
-    args = (run, shards, src, data_dir)
+    args = (run, shards)
     ctx, port = mp.get_context("fork"), _free_port()
     procs = [ctx.Process(target=_features_rank, args=(r, port, (*args, small_blocks), tmp_path)) for r in range(2)]
     for p in procs:
@@ -180,8 +200,10 @@ def test_two_ranks_compute_their_shares_and_gather_the_features_of_one_process(r
     assert ranks[0]["monitor"] == one["monitor"] is not None and ranks[1]["monitor"] is None  # rank 0 writes
 
 
-def test_eval_of_shards_streamed_equals_eval_of_the_source_in_memory(run, src, shards, data_dir, tmp_path, capsys,
+def test_eval_of_shards_streamed_equals_eval_of_the_shards_in_memory(run, src, shards, data_dir, tmp_path, capsys,
                                                                     small_blocks):
+    """The streamed and the in-memory tier of the same shards give the same evaluation; the source folder, whose
+    images the shards hold in another order (and so with other seeded patches), the same sets and protocol."""
     results = {}
     for name, data, mode in (("source", src, "memory"), ("stream", shards, "stream"), ("memory", shards, "memory")):
         out = tmp_path / f"{name}.json"
@@ -189,9 +211,10 @@ def test_eval_of_shards_streamed_equals_eval_of_the_source_in_memory(run, src, s
                      "--data-mode", mode, "--image-size", "32", "--probe-epochs", "3", "--eval-batch-size", "48",
                      "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
         results[name] = json.loads(out.read_text())
-    for name in ("stream", "memory"):
-        for key in ("linear_top1", "knn_top1", "n_train", "n_test", "feature_dim", "test_patches"):
-            assert results[name][key] == results["source"][key], (name, key)
+    for key in ("linear_top1", "knn_top1", "n_train", "n_test", "feature_dim", "test_patches"):
+        assert results["stream"][key] == results["memory"][key], key
+    for key in ("n_train", "n_test", "feature_dim", "test_patches", "num_classes"):
+        assert results["stream"][key] == results["source"][key], key
     sets = results["stream"]["eval_sets"]
     assert sets["train"] == {"images": 100, "read": "stream", "split": "train", "source": str(shards),
                              "selection": "every image"}
@@ -261,15 +284,26 @@ def test_a_streamed_run_under_torchrun_monitors_and_evaluates_on_every_rank(shar
 # --- embedding shards -------------------------------------------------------------------------------------
 
 
+def _embedded_in_shard_order(run, src, data_dir) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """(features, names, labels) of the source's images in the order its shards hold them, the features computed
+    split by split in that order as ``embed`` computes them (its patches are seeded by position)."""
+    model, cfg, _ = load_checkpoint(run, {"eval_batch_size": 48})
+    source, rows = in_shard_order(src, data_dir)
+    features = torch.cat([image_features(model, source.images[r], cfg, "cpu") for r in rows])
+    order = torch.cat(rows)
+    return features, [source.names[i] for i in order], source.labels[order]
+
+
 @pytest.mark.parametrize("mode", ["stream", "memory", "auto"])
 def test_embedding_shards_gives_the_rows_of_the_source(run, src, shards, data_dir, tmp_path, small_blocks, mode):
     kw = dict(image_size=32, data_dir=str(data_dir), eval_batch_size=48, progress=False)
     want = load_embedding(embed(run, str(src), tmp_path / "src.npz", **kw)["out"])
     got_summary = embed(run, str(shards), tmp_path / "sh.npz", data_mode=mode, **kw)
     got = load_embedding(tmp_path / "sh.npz")
-    assert torch.equal(got.features, want.features)
-    assert got.names == want.names and got.names[0] == "train/airplane/0000.jpg" and len(got.names) == 140
-    assert torch.equal(got.labels, want.labels) and got.classes == want.classes
+    features, names, labels = _embedded_in_shard_order(run, src, data_dir)
+    assert torch.equal(got.features, features)
+    assert got.names == names and len(got.names) == 140  # the shards' order, named as the source names them
+    assert torch.equal(got.labels, labels) and got.classes == want.classes
     assert got.protocol["splits"] == [["train", 100], ["test", 40]] == want.protocol["splits"]
     assert got.protocol["data_mode"] == ("stream" if mode == "stream" else "memory")
     assert got_summary["labelled"] and got_summary["num_classes"] == 10
@@ -289,9 +323,12 @@ def test_embedding_a_folder_streamed_and_shards_without_classes(run, src, data_d
     shards = shards_of(flat, tmp_path / "flat")
     embed(run, str(shards), tmp_path / "flat.npz", data_mode="stream", **kw)
     got = load_embedding(tmp_path / "flat.npz")
-    assert got.labels is None and got.classes is None and got.names == [f"{i:04d}.jpg" for i in range(10)]
-    folder = load_embedding(embed(run, str(flat), tmp_path / "flat-folder.npz", **kw)["out"])
-    assert torch.equal(got.features, folder.features)
+    order = shard.write_order(10, 0)
+    assert got.labels is None and got.classes is None and got.names == [f"{i:04d}.jpg" for i in order]
+    model, cfg, _ = load_checkpoint(run, {"eval_batch_size": 48})
+    folder = load_images(str(flat), str(data_dir), 32, progress=False)
+    assert folder.names == [f"{i:04d}.jpg" for i in range(10)]
+    assert torch.equal(got.features, image_features(model, folder.images[torch.from_numpy(order)], cfg, "cpu"))
 
 
 # --- bad input: one line, exit 2, nothing written -----------------------------------------------------------

@@ -22,7 +22,7 @@ from PIL import Image
 from empssl import shard, stream
 from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
-from empssl.data import DataError, load, scan
+from empssl.data import DataError, load, load_data, scan
 from empssl.train import config_data, train
 
 from .conftest import TINY
@@ -359,7 +359,12 @@ def test_the_batched_jpeg_path_matches_the_cpu_decoder_closely(data_dir):
 
 
 def test_shards_go_in_memory_when_they_fit_and_stream_when_they_do_not(data_dir, demo_shards, monkeypatch):
-    mem_train, mem_test = config_data(tiny_cfg(data_dir, data_mode="memory"), progress=False)
+    def written(split):  # the split in the order empssl shard wrote its items (a seeded one)
+        rows = torch.from_numpy(shard.write_order(len(split), 0))
+        return replace(split, images=split.images[rows], labels=split.labels[rows])
+
+    source_train, source_test = load_data("demo", str(data_dir), 32, progress=False)
+    mem_train, mem_test = config_data(tiny_cfg(data_dir), False, (written(source_train), written(source_test)))
     for mode in ("memory", "auto"):
         cfg = tiny_cfg(data_dir, data=str(demo_shards), data_mode=mode)
         train_, test, split = stream.load_splits(cfg, False, lambda: pytest.fail("shards are not a folder"), quiet)
