@@ -76,14 +76,13 @@ def batch_source(data: str, mode: str, image_size: int, batch_size: int, work: P
     split decoded, a tiny model built and not run), yielding (b, 3, S, S) uint8 batches; its workers are stopped
     when the block ends. ``work`` is an empty folder for the run directory and the --data-dir cache."""
     from empssl.config import Config
-    from empssl.rundir import TimingAccount
+    from empssl.rundir import RunSession
     from empssl.train import setup
 
     cfg = Config(data=data, data_mode=mode, image_size=image_size, batch_size=batch_size, epochs=100,
                  data_dir=str(work / "data-dir"), **TINY_MODEL).validate()  # type: ignore[arg-type]
-    with ExitStack() as held:
-        run = setup(cfg, work / "run", None, False, lambda line: None, TimingAccount(), held, evaluating=False)
-        assert run.source is not None  # (None only in the online mode)
+    with RunSession(work / "run", lambda line: None) as session:
+        run = setup(cfg, session, None, False, lambda line: None, evaluating=False)
         with run.source as source:
             yield source
 
