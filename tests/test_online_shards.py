@@ -1,6 +1,7 @@
 """Online learning over a shard folder that ``empssl shard --append`` adds to (empssl.online.ShardStream): a thread
-appends while training runs and every image is learned once, in shard order; a killed run resumes at the stream
-position with appends in between; corrupt, truncated, missing and rewritten shards; an unfinished shard folder."""
+appends while training runs and every image is learned once, in item order (the seeded order empssl shard writes
+each batch in); a killed run resumes at the stream position with appends in between; corrupt, truncated, missing
+and rewritten shards; an unfinished shard folder."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from empssl.data import DataError
 from empssl.files import read_jsonl
 from empssl.online import train_online
 from empssl.report import write_report
-from empssl.shard import append_shards, verify_shards, write_shards
+from empssl.shard import append_shards, verify_shards, write_order, write_shards
 from empssl.train import TrainError
 
 from .conftest import TINY
@@ -42,7 +43,7 @@ def pictures(demo_data) -> np.ndarray:
 def batch_folder(root: Path, b: int, images: np.ndarray, broken: int | None = None) -> tuple[Path, list[str]]:
     """``root/b<b>/`` holding ``images`` as PNGs named ``b<b>_<i>.png`` (unique across batches); ``broken``: that one
     keeps its header but loses its pixels (stored by empssl shard, which reads headers only; it does not decode).
-    Returns the folder and its names in shard order."""
+    Returns the folder and its names in name order (:func:`in_item_order` gives the order its shards hold them)."""
     folder = root / f"b{b}"
     folder.mkdir(parents=True)
     names = []
@@ -54,17 +55,25 @@ def batch_folder(root: Path, b: int, images: np.ndarray, broken: int | None = No
     return folder, names
 
 
+def in_item_order(names: list[str]) -> list[str]:
+    """``names`` (one source folder, or one append's) in the order empssl shard writes them as items
+    (:func:`empssl.shard.write_order`, the folder's seed 0): the order the stream learns them in."""
+    return [names[i] for i in write_order(len(names), 0)]
+
+
 def shard_folder(tmp_path: Path, images: np.ndarray) -> tuple[Path, list[str]]:
+    """A shard folder of ``images`` (shards of K), and their names in item order."""
     src, names = batch_folder(tmp_path / "src", 0, images)
     out = tmp_path / "shards"
     write_shards(str(src), out, workers=1, shard_size=K, progress=False)
-    return out, names
+    return out, in_item_order(names)
 
 
 def test_a_thread_appends_while_training_runs_and_each_image_is_learned_once_in_order(tmp_path, data_dir, pictures):
     shards, names = shard_folder(tmp_path, pictures[:20])
-    batches = [batch_folder(tmp_path / "src", b, pictures[20 + 15 * (b - 1): 20 + 15 * b], broken=4 if b == 2 else None)
-               for b in (1, 2)]
+    broken = int(write_order(15, 0)[4])  # the b2 image that its append writes as item 4, learned before the stop
+    batches = [batch_folder(tmp_path / "src", b, pictures[20 + 15 * (b - 1): 20 + 15 * b],
+                            broken=broken if b == 2 else None) for b in (1, 2)]
 
     out = tmp_path / "run"
     lines: list[str] = []
@@ -83,20 +92,21 @@ def test_a_thread_appends_while_training_runs_and_each_image_is_learned_once_in_
     t.start()
     res = train_online(online_cfg(shards, data_dir, online_stop=40), out, progress=False, log=lines.append)
     t.join()
-    everything = names + batches[0][1] + batches[1][1]
-    expected = [n for n in everything if n != "b2_004.png"]  # the broken one is skipped, counted, named
+    bad = f"b2_{broken:03d}.png"
+    everything = names + in_item_order(batches[0][1]) + in_item_order(batches[1][1])
+    expected = [n for n in everything if n != bad]  # the broken one is skipped, counted, named
     assert res["stream"] == "shards" and res["steps"] == 4 and res["images_seen"] == 40
-    assert res["images_skipped"] == 1 and any("skipped:" in line and "b2_004.png" in line for line in lines)
+    assert res["images_skipped"] == 1 and any("skipped:" in line and bad in line for line in lines)
     assert waits() == 2 and learned(out)[:20] == names  # it learned the 20 there, then waited for each append
     assert learned(out) == expected[:40]
     trail = read_jsonl(out / "stream.jsonl")
     # shards 0-2 hold the first 20 (7 + 7 + 6), 3-5 b1's 15 (7 + 7 + 1), 6-8 b2's 15
     assert [r["from"] for r in trail] == [[0, 0], [1, 3], [2, 6], [4, 3]]
-    assert trail[-1]["to"] == [6, 6]  # b2_000 .. b2_005, the broken b2_004 skipped: 5 images
+    assert trail[-1]["to"] == [6, 6]  # b2's items 0 .. 5, the broken item 4 skipped: 5 images
     state = read_checkpoint(out)["source"]
     manifest = verify_shards(shards)  # the appended folder checks as a whole
     assert state["kind"] == "shards" and state["images"] == 40 and (state["shard"], state["item"]) == (6, 6)
-    assert state["skipped"] == [[6, 4, "b2_004.png"]]
+    assert state["skipped"] == [[6, 4, bad]]
     assert state["shard_name"] == manifest.splits["train"].shards[6].name
     assert len(manifest.splits["train"].shards) == 9 and manifest.splits["train"].images == 50
 
@@ -121,7 +131,8 @@ def test_a_killed_run_resumes_at_the_stream_position_with_appends_in_between(tmp
     more, more_names = batch_folder(tmp_path / "src", 1, pictures[35:60])
     append_shards(str(more), shards, workers=1, progress=False)
     assert main([*args, "--online-stop", "60", "--no-eval"]) == 0
-    assert learned(out) == names + more_names  # steps 3.. learned again from step 2's position, none twice
+    # steps 3.. learned again from step 2's position, none twice
+    assert learned(out) == names + in_item_order(more_names)
     assert [r["step"] for r in read_jsonl(out / "stream.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
@@ -143,7 +154,7 @@ def test_a_corrupt_shard_appended_mid_run_stops_with_one_line_and_the_run_resume
     assert read_checkpoint(out)["step"] == 1 and learned(out) == names[:10]  # the step learned before it is kept
     bad.write_bytes(good)
     assert main([*args, "--online-stop", "30"]) == 0
-    assert learned(out) == names + more_names
+    assert learned(out) == names + in_item_order(more_names)
 
 
 def test_a_truncated_or_missing_shard_is_one_line_and_leaves_no_run(tmp_path, data_dir, pictures, capsys):
@@ -202,7 +213,7 @@ def test_shards_the_manifest_does_not_list_yet_are_not_read(tmp_path, data_dir, 
     assert res["images_seen"] == 20 and learned(out) == names
     (shards / "manifest.json").write_bytes(new)  # the append's last step
     res = train_online(cfg, out, progress=False, log=lambda s: None)
-    assert res["images_seen"] == 40 and learned(out) == names + more_names
+    assert res["images_seen"] == 40 and learned(out) == names + in_item_order(more_names)
     assert [p["images_seen"] for p in res["accuracy_vs_images"]] == [0, 20, 40]
     md = write_report([out], tmp_path / "report").read_text()
     assert "## Online learning" in md and f"| run | emp-ssl | {shards} | 40 | 0 | no new image for 1 s |" in md
@@ -223,17 +234,19 @@ def test_a_folder_runs_checkpoint_is_not_resumed_over_shards(tmp_path, data_dir,
         train_online(online_cfg(shards, data_dir, online_stop=20), out, progress=False, log=lambda s: None)
 
 
-def test_the_held_out_set_may_be_a_shard_folder(tmp_path, data_dir):
-    """--online-eval over shards of the demo data: the same bank and queries as the demo itself, in memory."""
+def test_the_held_out_set_may_be_a_shard_folder(tmp_path, data_dir, demo_data):
+    """--online-eval over shards of the demo data: the demo's bank and queries, in memory, as its shards hold them
+    (each split in its write order), cut by --train-subset / --test-subset as the demo would be."""
     import torch
 
+    from empssl.data import ImageData
     from empssl.online import _held_out
-    from empssl.train import config_data
 
     shards = tmp_path / "demo-shards"
     write_shards("demo", shards, workers=1, progress=False)
     cfg = online_cfg(tmp_path / "in", data_dir, train_subset=200, test_subset=100)
     bank, queries = _held_out(cfg.replace(online_eval=str(shards)), progress=False)
-    ref_bank, ref_queries = config_data(cfg.replace(data="demo"), progress=False)
-    for got, ref in ((bank, ref_bank), (queries, ref_queries)):
-        assert torch.equal(got.images, ref.images) and torch.equal(got.labels, ref.labels)
+    for got, split, n in ((bank, demo_data[0], 200), (queries, demo_data[1], 100)):
+        rows = torch.from_numpy(write_order(len(split), 0))
+        ref = ImageData(split.images[rows], split.labels[rows], list(split.classes), split.class_names).subset(n)
+        assert len(got) == n and torch.equal(got.images, ref.images) and torch.equal(got.labels, ref.labels)
