@@ -34,7 +34,7 @@ ENTRIES: dict[str, type | tuple[type, ...]] = {
     "rng": dict, "rng.torch": torch.Tensor, "rng.patches": torch.Tensor, "rng.device": (str, type(None)),
     "clock": dict, "clock.train_seconds": (int, float), "clock.monitor_seconds": (int, float),
     "metrics": (dict, type(None)), "metrics.sums": torch.Tensor, "metrics.n": int, "stream": dict,
-    "source": (dict, type(None))}
+    "source": (dict, type(None)), "source.step": int}
 RESUMED = ("optimizer", "step", "rng", "rng.torch", "rng.patches")  # what a training run resumes from
 
 
