@@ -527,6 +527,19 @@ class _Order(torch.utils.data.DistributedSampler):
         return itertools.islice(super().__iter__(), self.skip, None)
 
 
+def _collated(batch: list[tuple[str, Any, str]]) -> tuple[str, Any, list[str]]:
+    """A batch of :func:`_prepared` images as a worker hands it over: ("images", (b, 3, S, S) uint8, names),
+    stacked in the worker so that it crosses to the main process as one shared-memory tensor, not one per image;
+    ("bytes", the raw files, names) for ``--decode cuda``; or ("error", the first failure's one line, names)."""
+    names = [b[2] for b in batch]
+    bad = next((b for b in batch if b[0] == "error"), None)
+    if bad is not None:
+        return "error", bad[1], names
+    if batch[0][0] == "bytes":
+        return "bytes", [b[1] for b in batch], names
+    return "images", torch.stack([b[1] for b in batch]), names
+
+
 def _chw(image: Any) -> torch.Tensor:
     """(3, H, W) uint8 of a decoded (H, W, 3) array (copied: PIL's arrays are read-only)."""
     return torch.tensor(image).permute(2, 0, 1)
@@ -615,7 +628,7 @@ class StreamBatches:
             raise ValueError(f"batch size {batch_size} exceeds the {len(split)} images of {split.where}")
 
     def _loader(self, workers: int) -> Any:
-        kw: dict[str, Any] = dict(batch_size=self.b, num_workers=workers, collate_fn=list,
+        kw: dict[str, Any] = dict(batch_size=self.b, num_workers=workers, collate_fn=_collated,
                                   worker_init_fn=_quiet_bus_error, prefetch_factor=4 if workers else None,
                                   multiprocessing_context=("fork" if sys.platform == "linux" else "spawn")
                                   if workers else None)
@@ -655,29 +668,26 @@ class StreamBatches:
                 self.loader.sampler.skip = at * self.b
             self._it = iter(self.loader)
             for _ in range(at, self.steps_per_epoch):
-                batch = self._next()
+                kind, images, names = self._next()
                 self.step += 1
-                names = [b[2] for b in batch]
-                if batch[0][0] == "bytes":  # --decode cuda (a folder of decoded pixels comes decoded)
-                    yield decode_batch([b[1] for b in batch], names, self.split.image_size, self.device), names
+                if kind == "bytes":  # --decode cuda (a folder of decoded pixels comes decoded)
+                    yield decode_batch(images, names, self.split.image_size, self.device), names
                     continue
-                images = torch.stack([b[1] for b in batch])
                 images = images.pin_memory() if self.device.type == "cuda" else images
                 yield images.to(self.device, non_blocking=True), names
             for _ in self._it:  # to the epoch's end, where LitData starts the next (nothing left: the ranks agree)
                 pass
 
-    def _next(self) -> list[tuple[str, Any, str]]:
-        """The next batch; DataError (one line) naming an image that does not decode, or the shard to blame for a
-        failed read (a worker's exception arrives as a traceback, LitData's message after it)."""
+    def _next(self) -> tuple[str, Any, list[str]]:
+        """The next batch (:func:`_collated`); DataError (one line) naming an image that does not decode, or the
+        shard to blame for a failed read (a worker's exception arrives as a traceback, LitData's message after it)."""
         try:
-            batch = next(self._it)
+            kind, images, names = next(self._it)
         except Exception as e:
             raise failed_read(self.split.items, e) from None
-        bad = next((b for b in batch if b[0] == "error"), None)
-        if bad is not None:
-            raise read_error(self.split.items, [], bad[1])
-        return batch
+        if kind == "error":
+            raise read_error(self.split.items, [], images)
+        return kind, images, names
 
     def state_dict(self) -> dict[str, Any]:
         """The next step, the worker count, the cache folder and, for shards, LitData's loader state."""
