@@ -109,7 +109,7 @@ def test_compare_smoke_trains_every_method_and_reports(tmp_path, data_dir, capsy
     out = tmp_path / "cmp"
     argv = ["compare", "--smoke", "--budget-seconds", "20", "--out", str(out), "--data-dir", str(data_dir),
             "--no-progress", "--targets", "15"]
-    assert main(argv) == 0
+    assert main(argv) == 0, capsys.readouterr().err  # (what refused it: once seen on a loaded machine)
     printed = capsys.readouterr().out
     summary = json.loads((out / "compare.json").read_text())
     assert [r["method"] for r in summary["rows"]] == ["emp-ssl", "simclr", "vicreg", "byol"]
