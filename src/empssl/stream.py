@@ -8,8 +8,10 @@ gets (b, 3, S, S) uint8 batches on its device, one per step, and the monitor and
   memory available (:func:`empssl.data.load.check_fits`, the in-memory tier's own check).
 * What is streamed: shards written by ``empssl shard`` (``--data DIR`` holding ``manifest.json``, in
   :mod:`empssl.shard`'s format, read through :func:`empssl.shard.verify_shards`: LitData folders ``DIR/train`` and
-  ``DIR/test`` or ``DIR/val`` of items {"image": encoded bytes, "label", "name"}, and each split's labels.npy), or
-  any folder or archive the data package reads, through its catalog (``record.read()``).
+  ``DIR/test`` or ``DIR/val`` of items {"image": encoded bytes, "label", "name"}, and each split's labels.npy), a
+  LitData folder empssl did not write (:func:`empssl.shard.foreign_manifest`: its fields found or named by
+  ``--image-key`` / ``--label-key``, read by :func:`empssl.shard.read_item`), or any folder or archive the data
+  package reads, through its catalog (``record.read()``).
 * Which images a step trains on: LitData's order for shards (:class:`StreamBatches`: chunks shuffled by seed and
   epoch, dealt to ranks and workers), torch's DistributedSampler's for a folder or archive; each image at most once
   an epoch (``drop_last`` leaves out a few), every rank the same number of steps, and a resumed run continues with
