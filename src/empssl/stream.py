@@ -222,8 +222,9 @@ def open_shards(root: Path | str, data_dir: str = "./data", keys: tuple[str, str
     size and sha256; the counts). DataError (one line) otherwise, and for shards of a source without classes: the
     streamed tier evaluates and monitors by label, so it needs them.
 
-    Every local shard is hashed (one read of the data per run start, each rank): a shard changed in place at its
-    size would otherwise train on other images unnoticed. Shards in an object store are checked by size.
+    Every local shard is hashed, or its sha256 taken from the record under ``data_dir`` when its size, mtime and
+    inode are unchanged (:class:`empssl.shard.KnownHashes`): a shard changed in place at its size would otherwise
+    train on other images unnoticed. Shards in an object store are checked by size.
     """
     manifest = read_manifest(root, data_dir, keys=keys)
     if not manifest.classes:
@@ -420,15 +421,17 @@ def choose_tier(mode: str, n: int, image_size: int, source: str, log: Callable[[
 
 
 def data_record(n_train: int, spec: str | None = None, data_dir: str = "./data",
-                keys: tuple[str, str] = ("", "")) -> dict[str, Any]:
+                keys: tuple[str, str] = ("", ""), shards: list[ShardFile] | None = None) -> dict[str, Any]:
     """What a run trains on, as its checkpoint records it: the ``n_train`` training images (after
     ``--train-subset``) and, of ``spec`` (``cfg.data``; None for data given as tensors), a shard folder's train
     shards (name, images, bytes, sha256, from its manifest), or a folder's or archive's stamps (what the decoded-image
-    cache is keyed by: :func:`empssl.data.load.fingerprint`); no image is read for it."""
+    cache is keyed by: :func:`empssl.data.load.fingerprint`); no image is read for it. ``shards``: the train shards
+    of ``spec`` as the caller read them already (a streamed split's), so that the folder is not read twice."""
     record: dict[str, Any] = {"train": n_train}
     if spec is not None and is_shards(spec):
-        record["shards"] = [[f.name, f.images, f.bytes, f.sha256]
-                            for f in read_manifest(spec, data_dir, False, keys).splits["train"].shards]
+        if shards is None:
+            shards = read_manifest(spec, data_dir, False, keys).splits["train"].shards
+        record["shards"] = [[f.name, f.images, f.bytes, f.sha256] for f in shards]
     elif spec is not None and spec not in TORCHVISION_DATASETS:
         record["files"] = fingerprint(spec, data_dir)
     return record

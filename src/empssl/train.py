@@ -44,7 +44,7 @@ from .optim import LARS, lars_param_groups, lr_at
 from .recompute import check_step_fits, recompute_backbone, want_recompute
 from .remote import refuse_output
 from .rundir import MetricsLog, RunSession, finished, run_config, write_config
-from .stream import StreamBatches, StreamedSplit, check_data, data_record, load_splits, resolve_decode
+from .stream import ShardItems, StreamBatches, StreamedSplit, check_data, data_record, load_splits, resolve_decode
 from .tracking import require_trackers
 from .version import __version__
 
@@ -227,8 +227,9 @@ def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | 
         online, train_data, test_data = open_source(cfg, device, out, session.stop, log, progress)
     else:
         train_data, test_data, streamed, own, n_train = _load_data(cfg, data, dist, device, progress, evaluating)
+        read = streamed.items.shards if streamed is not None and isinstance(streamed.items, ShardItems) else None
         record = data_record(n_train, cfg.data if data is None else None, cfg.data_dir,
-                             (cfg.image_key, cfg.label_key))
+                             (cfg.image_key, cfg.label_key), read)
     session.add("data", time.perf_counter() - t0)
     session.open()
 
