@@ -1,21 +1,14 @@
-"""Many augmented patches per image, made all at once with batched tensor ops on the training device.
+"""Many augmented patches per image, made at once with batched tensor ops on the training device.
 
-The official EMP-SSL code runs a torchvision/PIL pipeline once per patch on the CPU (20-200 calls per image).
-Here every patch of a step is made in one pass: the random parameters of all P = n_patches * B patches are
-drawn as tensors from a ``torch.Generator`` (:func:`sample_params`), then applied with a fixed sequence of
-batched ops (:func:`apply_params`): no per-patch Python loop, no PIL, no host synchronisation, the same code
-on CPU and CUDA. Per patch, in the official order:
+The official EMP-SSL code runs a torchvision/PIL pipeline once per patch on the CPU. Here the random parameters
+of all P = n_patches * B patches are drawn as tensors from a ``torch.Generator`` (:func:`sample_params`), then
+applied by batched ops (:func:`apply_params`): no per-patch loop, no PIL, no host sync. In the official order:
+RandomResizedCrop + RandomHorizontalFlip (torchvision's boxes and antialiased resize), ColorJitter with
+probability ``jitter_p`` in a random order per patch (v2's float semantics: clamp to [0, 1] after each op),
+RandomGrayscale, Gaussian blur (per-patch sigma), Solarize, Normalize.
 
-1. RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip: whole-pixel boxes drawn as
-   ``RandomResizedCrop.get_params`` draws them, resized as ``v2.functional.resized_crop(antialias=True)``
-   resizes them (:func:`_crop_flip`: one ``grid_sample``, or two batched matrix products where a crop can be
-   larger than the patch);
-2. ColorJitter(brightness, contrast, saturation, hue) with probability ``jitter_p``, in a random order per
-   patch, with torchvision.transforms.v2's float-tensor semantics (clamp to [0, 1] after each op);
-3. RandomGrayscale; 4. Gaussian blur (per-patch sigma); 5. Solarize; 6. Normalize.
-
-Patch ``p`` of the flat parameter tensors is patch ``p // B`` of image ``p % B``, so the output
-``(n_patches, B, 3, size, size)`` flattened over its first two dims is the official concatenation order.
+Patch ``p`` of the flat parameters is patch ``p // B`` of image ``p % B``: the output (n_patches, B, 3, s, s)
+flattened over its first two dims is the official concatenation order.
 """
 
 from __future__ import annotations
@@ -89,8 +82,7 @@ class Augment:
 
     @classmethod
     def from_config(cls, cfg: Any) -> Augment:
-        """EMP-SSL's patch augmentation as a config (:class:`empssl.config.Config`) sets it: patch size, crop
-        scale and ratio; the colour augmentations are the official ones."""
+        """The config's patch size, crop scale and ratio; the official colour augmentations."""
         return cls(size=cfg.patch_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio))
 
 
@@ -112,13 +104,12 @@ class PatchParams:
 def _crop_boxes(P: int, aug: Augment, image_hw: tuple[int, int], uniform: Callable[..., torch.Tensor],
                 rand: Callable[..., torch.Tensor]) -> torch.Tensor:
     """(P, 4) long crop boxes (left, top, width, height) in pixels, drawn as torchvision's
-    ``RandomResizedCrop.get_params`` draws one, for all P patches at once.
+    ``RandomResizedCrop.get_params`` draws them.
 
     Per patch, up to 10 attempts: area = H W U(scale), aspect = exp(U(log ratio)), w = round(sqrt(area aspect)),
-    h = round(sqrt(area / aspect)) (rounded half to even, as Python's round), accepted when 0 < w <= W and
-    0 < h <= H (after the rounding), then top ~ U{0 .. H - h} and left ~ U{0 .. W - w}. No attempt accepted:
-    the centred crop of the largest box with the aspect clamped to ``ratio``. All P x 10 attempts are drawn at
-    once and the first accepted one taken, which gives the same distribution without a loop.
+    h = round(sqrt(area / aspect)) (half to even), accepted when 0 < w <= W and 0 < h <= H, then top ~ U{0 .. H - h}
+    and left ~ U{0 .. W - w}; none accepted: the centred largest box with the aspect clamped to ``ratio``. All
+    attempts are drawn at once and the first accepted one taken: the same distribution, no loop.
     """
     height, width = image_hw
     if height < 1 or width < 1:
@@ -152,16 +143,10 @@ def _crop_boxes(P: int, aug: Augment, image_hw: tuple[int, int], uniform: Callab
     return torch.stack([left, top, w, h], dim=1)
 
 
-def sample_params(
-    n_patches: int,
-    batch: int,
-    aug: Augment,
-    generator: torch.Generator,
-    device: torch.device | str,
-    image_hw: tuple[int, int],
-) -> PatchParams:
-    """Draw the parameters of ``n_patches * batch`` patches from ``generator`` (a generator on ``device``) for
-    source images of ``image_hw`` = (height, width) pixels."""
+def sample_params(n_patches: int, batch: int, aug: Augment, generator: torch.Generator, device: torch.device | str,
+                  image_hw: tuple[int, int]) -> PatchParams:
+    """Draw the parameters of ``n_patches * batch`` patches from ``generator`` (on ``device``) for images of
+    ``image_hw`` = (height, width) pixels."""
     if n_patches < 1 or batch < 1:
         raise AugmentError(f"n_patches and batch must be >= 1, got {n_patches} and {batch}")
     P = n_patches * batch
@@ -175,21 +160,13 @@ def sample_params(
         return torch.empty(*shape, device=device).uniform_(lo, hi, generator=generator)
 
     crop = _crop_boxes(P, aug, image_hw, uniform, rand)
-    b, c, s = aug.brightness, aug.contrast, aug.saturation
-    factors = torch.stack(
-        [
-            uniform(max(0.0, 1 - b), 1 + b, P),
-            uniform(max(0.0, 1 - c), 1 + c, P),
-            uniform(max(0.0, 1 - s), 1 + s, P),
-            uniform(-aug.hue, aug.hue, P),
-        ],
-        dim=1,
-    )
+    strengths = (aug.brightness, aug.contrast, aug.saturation)
+    factors = [uniform(max(0.0, 1 - v), 1 + v, P) for v in strengths] + [uniform(-aug.hue, aug.hue, P)]
     return PatchParams(
         crop=crop,
         flip=rand(P) < aug.flip_p,
         jitter=rand(P) < aug.jitter_p,
-        factors=factors,
+        factors=torch.stack(factors, dim=1),
         order=rand(P, 4).argsort(dim=1),  # a uniform random permutation per patch
         gray=rand(P) < aug.gray_p,
         blur=rand(P) < aug.blur_p,
@@ -207,9 +184,8 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 def _blend_coefficients(op: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(f, a, c) of :func:`_blend_` for brightness (op 0), contrast (1) or saturation (2); any shape.
 
-    torchvision's ``_blend`` is clamp(f * x + (1 - f) * ref, 0, 1) with ref = 0, the mean luma of the patch
-    or the per-pixel luma; (1 - f) * ref = a * luma + c * mean(luma), with a, c zero for the ops that do not
-    use them. Factor 1 gives a = c = 0 and leaves a patch bit-exactly unchanged, which is how patches that
+    torchvision's ``_blend`` is clamp(f x + (1 - f) ref, 0, 1) with ref = 0, the patch's mean luma or the pixel's
+    luma: (1 - f) ref = a luma + c mean(luma). Factor 1 leaves a patch bit-exactly unchanged: how patches that
     skip a slot are masked.
     """
     one_minus = 1 - factor
@@ -217,8 +193,7 @@ def _blend_coefficients(op: torch.Tensor, factor: torch.Tensor) -> tuple[torch.T
 
 
 def _blend_(x: torch.Tensor, f: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """x <- clamp(f * x + a * luma + c * mean(luma), 0, 1) in place, per patch. x: (P, 3, h, w);
-    f, a, c: (P, 1, 1, 1)."""
+    """x <- clamp(f x + a luma + c mean(luma), 0, 1) in place. x: (P, 3, h, w); f, a, c: (P, 1, 1, 1)."""
     gray = _grayscale(x)  # (P, 1, h, w)
     mean = gray.mean(dim=(-2, -1), keepdim=True)  # (P, 1, 1, 1)
     # Two multiply-adds (one pass over x instead of two) and the clamp, all in place.
@@ -229,10 +204,9 @@ def _blend_(x: torch.Tensor, f: torch.Tensor, a: torch.Tensor, c: torch.Tensor) 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue of each patch by ``shift`` (P,) turns, as torchvision.v2's adjust_hue does.
 
-    The hue is computed with torchvision's formula. The way back uses the closed form
-    c = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6, n = 5, 3, 1 for R, G, B, rewritten with
-    V = max, V S = max - min as c = min + (max - min) clamp(|k - 2| - 1, 0, 1): the same values as
-    torchvision's table lookup, with no index gather and few temporaries.
+    The hue is torchvision's formula; the way back is the closed form c = V - V S clamp(min(k, 4 - k), 0, 1),
+    k = (n + 6 H) mod 6, n = 5, 3, 1 for R, G, B, i.e. c = min + (max - min) clamp(|k - 2| - 1, 0, 1): the values
+    of torchvision's table lookup without its gather.
     """
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(dim=1), x.amin(dim=1)  # (P, h, w); faster than aminmax on CPU
@@ -254,10 +228,9 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def _color_jitter(x: torch.Tensor, params: PatchParams, aug: Augment) -> torch.Tensor:
     """ColorJitter with a per-patch random order, applied where ``params.jitter``. x: (P, 3, h, w).
 
-    The hue shift (the one costly op) runs once for all patches: the order slots before each patch's hue
-    slot are applied first, then hue, then the slots after it. Brightness/contrast/saturation share one blend
-    pass per slot, so this is 3 + 1 + 3 passes rather than 4 slots x 4 ops. The coefficients of all six
-    blend passes are computed together, as (P, 6) tensors.
+    The costly hue shift runs once for all patches: each patch's slots before its hue slot are applied first,
+    then hue, then the slots after it, the other three ops sharing one blend pass per slot: 3 + 1 + 3 passes
+    rather than 4 slots x 4 ops.
     """
     jit, order, factors = params.jitter, params.order, params.factors
     hue_slot = order.argsort(dim=1)[:, 3:]  # (P, 1) position of the hue op in each patch's order
@@ -278,9 +251,8 @@ def _color_jitter(x: torch.Tensor, params: PatchParams, aug: Augment) -> torch.T
 
 @functools.lru_cache(maxsize=16)
 def _blur_basis(s: int, radius: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Constants of the blur of an s-pixel side with ``radius`` taps each way, made once per device:
-    -t^2 for the taps t (k,), and onehot (k, s * s) with onehot[t, i * s + j] = 1 where tap t of output pixel
-    i reads input pixel j (reflected at the borders)."""
+    """-t^2 for the blur's taps t (k,), and onehot (k, s * s): onehot[t, i * s + j] = 1 where tap t of output
+    pixel i reads input pixel j (reflected at the borders)."""
     with torch.inference_mode(False):  # plain tensors even if first made under inference mode
         taps = torch.arange(-radius, radius + 1, device=device)  # (k,)
         i = torch.arange(s, device=device)
@@ -294,9 +266,8 @@ def _blur_basis(s: int, radius: int, device: torch.device) -> tuple[torch.Tensor
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> torch.Tensor:
     """Separable Gaussian blur with a per-patch sigma and reflect padding. x: (P, 3, s, s); sigma: (P,).
 
-    The kernel has radius ceil(3 sigma_max) (clipped so it fits the patch). Each patch's 1-D blur with
-    reflect padding folded in is an (s, s) banded matrix M, and the 2-D blur is M @ x @ M^T: two batched
-    matmuls, several times faster on CPU than a grouped convolution with P * 3 groups or 2k shifted adds.
+    Radius ceil(3 sigma_max), clipped to the patch. Each patch's 1-D blur is an (s, s) banded matrix M and the
+    2-D blur M @ x @ M^T: two batched matmuls, several times faster on CPU than a grouped convolution.
     """
     s = x.shape[-1]
     neg_sq_taps, onehot = _blur_basis(s, min(math.ceil(3 * sigma_max), (s - 1) // 2), x.device)
@@ -311,13 +282,10 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> to
 
 def _resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, n_in: int) -> torch.Tensor:
     """(P, size, n_in) weights that resize the crop [start, start + length) of an n_in-pixel axis to ``size``
-    pixels as ATen's antialiased bilinear resize (``interpolate(..., antialias=True)``, what torchvision's
-    ``resized_crop`` runs) does. start, length: (P,) long.
+    pixels as ATen's antialiased bilinear resize (torchvision's ``resized_crop``) does. start, length: (P,) long.
 
-    Output pixel i has its centre at c = (i + 0.5) * scale in crop pixels, scale = length / size; input pixel
-    k of the crop weighs tent((k + 0.5 - c) / support) with support = max(scale, 1) (the filter widened by the
-    scale when downsampling, which is the antialiasing), over the crop's own pixels only, normalised to sum 1.
-    Upsampling this is plain bilinear with the crop's edge pixels repeated.
+    Output pixel i is centred at c = (i + 0.5) * scale crop pixels, scale = length / size; crop pixel k weighs
+    tent((k + 0.5 - c) / max(scale, 1)) (widened when downsampling: the antialiasing), normalised to sum 1.
     """
     device = start.device
     scale = length.float() / size  # (P,)
@@ -330,8 +298,8 @@ def _resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, n_in: 
 
 
 def _max_crop_side(aug: Augment, height: int, width: int) -> int:
-    """An upper bound of the crop sides (in pixels) that :func:`_crop_boxes` can draw for this recipe and image
-    size: the largest accepted attempt, or the fallback box where an attempt can be rejected."""
+    """An upper bound of the crop sides (pixels) :func:`_crop_boxes` can draw: the largest accepted attempt, or
+    the fallback box where an attempt can be rejected."""
     lo, hi = height * width * aug.scale[0], height * width * aug.scale[1]
     w_max, h_max = round(math.sqrt(hi * aug.ratio[1])), round(math.sqrt(hi / aug.ratio[0]))
     w_min, h_min = round(math.sqrt(lo * aug.ratio[0])), round(math.sqrt(lo / aug.ratio[1]))
@@ -343,10 +311,9 @@ def _max_crop_side(aug: Augment, height: int, width: int) -> int:
 
 
 def _sample_positions(start: torch.Tensor, length: torch.Tensor, size: int, n_in: int) -> torch.Tensor:
-    """(P, size) grid_sample coordinates in [-1, 1] of the bilinear upsampling of the crop [start, start +
-    length) of an n_in-pixel axis to ``size`` pixels (length <= size): the align_corners=False source position
-    (i + 0.5) * length / size - 0.5, clamped to the crop's edge pixel centres, which is what ATen's resize of
-    the cropped image does at its border (and its antialiased resize too when upsampling)."""
+    """(P, size) grid_sample coordinates in [-1, 1] that upsample the crop [start, start + length) of an n_in-pixel
+    axis to ``size`` pixels: source position (i + 0.5) * length / size - 0.5, clamped to the crop's edge pixel
+    centres as ATen's resize of the cropped image does."""
     i = torch.arange(size, device=start.device, dtype=torch.float32)
     scale = (length.float() / size).view(-1, 1)
     src = ((i + 0.5) * scale - 0.5).clamp_(min=0).minimum(length.view(-1, 1) - 1)  # in crop pixels
@@ -356,17 +323,10 @@ def _sample_positions(start: torch.Tensor, length: torch.Tensor, size: int, n_in
 def _crop_flip(images: torch.Tensor, params: PatchParams, aug: Augment, n_patches: int) -> torch.Tensor:
     """Resized crops with the flips folded into the sampling. images: (B, 3, H, W) float.
 
-    Returns (n_patches * B, 3, size, size), equal to torchvision's ``hflip(resized_crop(image, top, left, h, w,
-    size, antialias=True))`` per patch. Two exact paths, chosen once from the recipe and the image size:
-
-    - no crop can be larger than the patch (the CIFAR recipes): the resize is bilinear with the crop's edge
-      pixels repeated, so one ``grid_sample`` with the source positions clamped to the crop samples every
-      patch of an image from that image (the patches stacked along the grid's height, the image batch never
-      copied n_patches times);
-    - a crop may be larger (downsampling, e.g. baselines on 64 px images): per patch Wy @ image @ Wx^T with the
-      antialiased weights of :func:`_resize_weights`, the columns of all patches of an image in one
-      (3H, W) @ (W, n_patches * size) product, then each patch's rows as one batched matmul. Dense weights:
-      ~(H + W) * size multiply-adds per output pixel, which matmul units take in stride on a GPU.
+    Returns (n_patches * B, 3, size, size), torchvision's ``hflip(resized_crop(..., antialias=True))`` per patch.
+    No crop larger than the patch (the CIFAR recipes): plain bilinear, one ``grid_sample`` per image with all its
+    patches stacked along the grid's height. Else (downsampling): Wy @ image @ Wx^T per patch with the weights of
+    :func:`_resize_weights`, all of an image's patches' columns in one product.
     """
     B, _, H, W = images.shape
     size = aug.size
@@ -400,8 +360,8 @@ def take_patches(params: PatchParams, start: int, stop: int) -> PatchParams:
 
 @functools.lru_cache(maxsize=16)
 def _per_channel(values: tuple[float, float, float], device: torch.device) -> torch.Tensor:
-    """(1, 3, 1, 1) float32 tensor of per-channel constants, made once per device and filled there from Python
-    floats (a tensor copied from pageable host memory would wait for the GPU)."""
+    """(1, 3, 1, 1) float32 per-channel constants, filled on the device from Python floats (a copy from pageable
+    host memory would wait for the GPU)."""
     with torch.inference_mode(False):  # plain tensors even if first made under inference mode
         t = torch.empty(1, 3, 1, 1, device=device)
         for c, v in enumerate(values):
@@ -411,12 +371,8 @@ def _per_channel(values: tuple[float, float, float], device: torch.device) -> to
 
 def _pixel_augment_(x: torch.Tensor, params: PatchParams, aug: Augment, out: torch.Tensor, mean: torch.Tensor,
                     std: torch.Tensor) -> torch.Tensor:
-    """Colour jitter, grayscale, blur, solarize and normalisation of cropped patches x: (P, 3, s, s) float32.
-
-    x is overwritten. The normalised result is written into ``out`` (P, 3, s, s), which may have another dtype
-    and memory format (the cast and the layout change ride on the last pass) or be ``x`` itself.
-    mean, std: (1, 3, 1, 1) float32. Returns ``out``.
-    """
+    """Colour jitter, grayscale, blur, solarize and normalisation of cropped patches x: (P, 3, s, s) float32,
+    overwritten; the result goes into ``out``, whose dtype and layout ride on the last pass (or ``x`` itself)."""
     if aug.jitter_p > 0:
         x = _color_jitter(x, params, aug)
     if aug.gray_p > 0:
@@ -433,21 +389,13 @@ def _pixel_augment_(x: torch.Tensor, params: PatchParams, aug: Augment, out: tor
 
 
 @torch.no_grad()
-def apply_params(
-    images: torch.Tensor,
-    params: PatchParams,
-    aug: Augment,
-    n_patches: int,
-    out_dtype: torch.dtype = torch.float32,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> torch.Tensor:
+def apply_params(images: torch.Tensor, params: PatchParams, aug: Augment, n_patches: int,
+                 out_dtype: torch.dtype = torch.float32,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """Make the patches described by ``params`` from ``images`` (B, 3, H, W), uint8 or float in [0, 1].
 
-    Returns (n_patches, B, 3, size, size) in ``out_dtype``, normalised with ``aug.mean`` / ``aug.std``; with
-    ``memory_format=torch.channels_last`` its ``.flatten(0, 1)`` is a channels_last (P, 3, size, size) tensor.
-    All work is done in float32 (autocast is switched off here); the normalisation writes the result in the
-    requested dtype and layout directly, so neither costs a pass of its own, and the values are those of the
-    float32 contiguous result (cast once, for another dtype).
+    Returns (n_patches, B, 3, size, size) in ``out_dtype``, normalised; with ``torch.channels_last`` its
+    ``.flatten(0, 1)`` is channels_last. Computed in float32 (autocast off), whatever the output dtype.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise AugmentError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -477,8 +425,16 @@ def apply_params(
     return out.view(n_patches, B, 3, size, size)
 
 
-def _check_inputs(images: object, n_patches: object, aug: object, generator: object) -> None:
-    """TypeError / AugmentError (a ValueError) for inputs make_patches cannot use, saying what it expects."""
+def make_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: torch.Generator,
+                 out_dtype: torch.dtype = torch.float32,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Cut ``n_patches`` augmented patches from every image of ``images`` (B, 3, H, W), uint8 or float in [0, 1].
+
+    ``generator`` is on the images' device (required: patches drawn from the global generator could not be
+    reproduced). ``out_dtype`` (e.g. bfloat16 for an autocast model) and ``memory_format`` (channels_last) as in
+    :func:`apply_params`. Returns (n_patches, B, 3, aug.size, aug.size): ``patches[i]`` holds patch i of every
+    image, so ``.flatten(0, 1)`` is the official concatenation order.
+    """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
     if images.dim() != 4 or images.shape[1] != 3:
@@ -498,33 +454,6 @@ def _check_inputs(images: object, n_patches: object, aug: object, generator: obj
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator on the images' device (seeded, so that the patches "
                         f"can be reproduced), got {generator!r}")
-
-
-def make_patches(
-    images: torch.Tensor,
-    n_patches: int,
-    aug: Augment,
-    generator: torch.Generator,
-    out_dtype: torch.dtype = torch.float32,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> torch.Tensor:
-    """Cut ``n_patches`` augmented patches from every image.
-
-    Args:
-        images: (B, 3, H, W) uint8, or float in [0, 1], on any device.
-        n_patches: patches per image.
-        aug: the augmentation recipe.
-        generator: a ``torch.Generator`` on the images' device; the same seed gives the same patches. Required
-            (None is a TypeError): patches drawn from the global generator could not be reproduced.
-        out_dtype: dtype of the result (e.g. torch.bfloat16 to feed an autocast model).
-        memory_format: ``torch.channels_last`` to make ``.flatten(0, 1)`` channels_last, the layout of a
-            channels_last network's input, at no extra pass (the values do not change).
-
-    Returns:
-        (n_patches, B, 3, aug.size, aug.size) normalised patches; ``patches[i]`` holds patch i of every image,
-        so ``.flatten(0, 1)`` is the official concatenation order.
-    """
-    _check_inputs(images, n_patches, aug, generator)
     if torch.device(generator.device).type != images.device.type:
         raise AugmentError(f"the generator is on {generator.device} but the images are on {images.device}")
     B, _, H, W = images.shape
@@ -535,17 +464,12 @@ def make_patches(
 class MultiPatch(nn.Module):
     """:func:`make_patches` as a transform (torchvision v2 style), for a data pipeline of one's own.
 
-    ``MultiPatch(20)(image)``: a uint8 (3, H, W) image (or float in [0, 1]) -> (n_patches, 3, size, size) patches;
-    a (B, 3, H, W) batch -> (n_patches, B, 3, size, size), :func:`make_patches`'s layout. In a ``Dataset`` (per
-    image, e.g. after ``v2.PILToTensor()``) the ``DataLoader`` stacks them to (B, n_patches, ...):
-    ``.transpose(0, 1)`` gives the loss's patch-major order.
-
-    Args:
-        n_patches: patches per image.
-        aug: the augmentation recipe (default: the official CIFAR one, 32 px patches).
-        generator: draws the patches (on the images' device); None draws each call's seed from torch's global
-            generator, which a ``DataLoader`` seeds differently in every worker (a generator given here would be
-            copied into every worker in the same state, and the workers would cut the same patches).
+    ``MultiPatch(20)(image)``: a uint8 (3, H, W) image (or float in [0, 1]) -> (n_patches, 3, size, size); a
+    (B, 3, H, W) batch -> (n_patches, B, 3, size, size). In a ``Dataset`` the ``DataLoader`` stacks them to
+    (B, n_patches, ...): ``.transpose(0, 1)`` gives the loss's patch-major order. ``aug`` defaults to the official
+    CIFAR recipe. ``generator=None`` seeds each call from torch's global generator, which a ``DataLoader`` seeds
+    differently per worker (a generator given here would be copied into every worker, which would then cut the
+    same patches).
     """
 
     def __init__(self, n_patches: int = 20, aug: Augment | None = None,
