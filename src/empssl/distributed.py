@@ -1,39 +1,15 @@
-"""Training on several processes (one per GPU) launched by torchrun, comparable to one process on the same batch.
+"""Training on several processes (one per GPU) launched by torchrun, equal to one process on the same batch.
 
     torchrun --nproc-per-node 8 -m empssl.cli train --batch-size 800 ...
 
-``--batch-size`` stays the *global* batch B: with N processes each takes b = B / N images of every step.
-What makes the N-process run the single-process run on the same global batch:
-
-* **images**: every rank draws the same per-epoch permutation and takes its slice r*b:(r+1)*b of the step's
-  B images (:mod:`empssl.batches`);
-* **patches**: every rank draws the random parameters of all n*B patches of the step from the same seeded
-  generator (a few kB of numbers per step) and cuts only its own images' patches (:func:`rank_patches`), so
-  rank r's patches are bit for bit the single process's patches of those images;
-* **coding rate** (``--tcr-global``, the default): R(Z_i) is computed over the all-gathered (n, B, d) batch
-  (:func:`gather_batch`, differentiable; EMP-SSL's loss in :func:`empssl.methods.emp_ssl.rank_loss`), the
-  invariance term over the local images, and DDP averages the gradients. With ``--tcr-global false`` each rank
-  computes R over its own b images only;
-* **BatchNorm** (``--sync-bn``): statistics over all ranks' patches (torch's SyncBatchNorm on CUDA; on CPU,
-  where that one refuses to run, :class:`CPUSyncBatchNorm`). Without it each rank normalises over its own
-  b images' patches.
-
-With ``--tcr-global true --sync-bn true`` the loss and the update equal the single-process ones up to float
-rounding (tests/test_distributed.py checks this with two CPU processes over gloo).
-
-Why the coding rate is global by default: the official code trains with ``nn.DataParallel``, which gathers
-every GPU's output before the loss, so its R(Z_i) spans the whole batch; and R at batch b is a different
-objective (its scale d / (b eps) and its b x b log-determinant depend on b), so a local coding rate would
-change the method with the number of GPUs. The price is one all-gather of the (n, b, z_dim) projections per
-step (the gathered tensor is 8 MB at 20 patches x 100 images) and the same n small Cholesky factorisations on
-every rank.
-BatchNorm is *not* synchronised by default: DataParallel's BatchNorm is per GPU too, and SyncBatchNorm costs
-two collectives per layer. The local coding rate remains as ``--tcr-global false`` (cheaper, the usual
-per-GPU loss of DDP code); it matches a single process that averages the per-rank losses of the b-image
-slices, not the B-image loss.
-
-Only rank 0 writes files and logs; every rank reads the checkpoint to resume, so ``--out`` must be one folder
-that every node sees (shared storage): :func:`shared_checkpoint` checks it at every start.
+``--batch-size`` stays the *global* batch B; each of N ranks takes its slice of b = B / N images of the step's
+shared permutation and cuts their patches from the parameters of all n*B patches, drawn on every rank from the
+same seeded generator (:func:`rank_patches`): bit for bit the single process's. ``--tcr-global`` (the default,
+as the official ``nn.DataParallel`` does) computes the coding rate over the all-gathered batch
+(:func:`gather_batch`): R at batch b is another objective. ``--sync-bn`` normalises over all ranks (on CPU with
+:class:`CPUSyncBatchNorm`). With both, loss and update equal the single process's up to float rounding; why
+and what each costs: docs/BENCHMARKS.md. Only rank 0 writes files; every rank resumes from ``--out``, which
+must be shared storage (:func:`shared_checkpoint`).
 """
 
 from __future__ import annotations
@@ -70,8 +46,7 @@ SHARED_TOKEN = ".shared-token"  # in --out for a moment at each start: do all ra
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's place in the run: rank of world_size processes, its GPU index on the node, and how many ranks
-    share the node."""
+    """This process's rank of world_size, its GPU index on the node, and how many ranks share the node."""
 
     rank: int = 0
     world_size: int = 1
@@ -83,8 +58,7 @@ class Dist:
         return self.world_size > 1
 
     @property
-    def is_main(self) -> bool:
-        """Rank 0: the one process that writes files, logs and shows progress."""
+    def is_main(self) -> bool:  # the one process that writes files, logs and shows progress
         return self.rank == 0
 
 
@@ -92,8 +66,7 @@ SINGLE = Dist()
 
 
 def env_dist() -> Dist:
-    """The process's rank from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); SINGLE
-    without it."""
+    """The process's place from torchrun's environment; SINGLE without it."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
@@ -107,11 +80,8 @@ def env_dist() -> Dist:
 
 
 def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
-    """Join the torchrun process group (env:// rendezvous; NCCL on CUDA, gloo on the CPU) if there is one.
-
-    Returns (dist, device, created): ``created`` says this call initialised the group, so the caller
-    should :func:`teardown` it. A single process (no WORLD_SIZE > 1) gets SINGLE and no group.
-    """
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU), if any: (dist, device, created), where
+    ``created`` says the caller should :func:`teardown` the group."""
     d = env_dist()
     if d.enabled and device_name.startswith("cuda:"):
         raise ConfigError(f"--device {device_name} names one GPU for all {d.world_size} processes; use auto or "
@@ -119,8 +89,7 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
     device = resolve_device(device_name, d.local_rank)
     if "WORLD_SIZE" in os.environ:  # started by torchrun (or another launcher), one rank per process
         die_with_parent()
-    threads = rank_threads(os.environ, _launcher_env(), usable_cpus(), d.local_world_size) if d.enabled else None
-    if threads is not None:
+    if d.enabled and (threads := rank_threads(os.environ, _launcher_env(), usable_cpus(), d.local_world_size)):
         torch.set_num_threads(threads)
     if not d.enabled or tdist.is_initialized():
         return d, device, False
@@ -133,14 +102,9 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
 
 def rank_threads(env: Mapping[str, str], launcher_env: Mapping[str, str] | None, cpus: int,
                  local_ranks: int) -> int | None:
-    """Torch's intra-op threads for one of ``local_ranks`` ranks sharing ``cpus`` cores: its share, at least 1; None
-    keeps the OMP_NUM_THREADS the user set.
-
-    torchrun (torch 2.14) gives its ranks OMP_NUM_THREADS=1 when its own environment has none, and passes a user's
-    value on: a 1 missing from the launcher's environment (``launcher_env``; None where it cannot be read) is
-    torchrun's default, which leaves all cores but one per rank idle. Unset (another launcher), every rank would
-    start a thread per core: n ranks x n threads on n cores.
-    """
+    """Torch's threads for one of ``local_ranks`` ranks on ``cpus`` cores; None keeps the user's OMP_NUM_THREADS.
+    torchrun sets OMP_NUM_THREADS=1 when its own environment (``launcher_env``; None: unreadable) has none, which
+    would leave all cores but one per rank idle; unset (another launcher), n ranks would start n threads each."""
     omp = env.get("OMP_NUM_THREADS")
     if omp is not None and not (omp == "1" and launcher_env is not None and "OMP_NUM_THREADS" not in launcher_env):
         return None
@@ -159,10 +123,8 @@ def _launcher_env() -> dict[str, str] | None:
 def die_with_parent() -> None:
     """Have Linux SIGKILL this process when its parent dies (elsewhere: nothing).
 
-    torchrun starts every rank in a session of its own, so a launcher killed with SIGKILL (which it cannot pass on)
-    would leave its ranks training on as orphans. Linux sends the signal when the parent *thread* ends: torchrun
-    (2.14) starts its ranks from its main thread. A rank's DataLoader workers need nothing: they watch their
-    parent's pid and exit when it changes.
+    torchrun starts every rank in a session of its own, so a SIGKILLed launcher would leave its ranks training as
+    orphans. (The signal comes when the parent *thread* ends: torchrun starts its ranks from its main thread.)
     """
     if sys.platform != "linux":
         return
@@ -189,15 +151,10 @@ def main_process_first(d: Dist) -> Iterator[None]:
 
 
 def shared_checkpoint(out: Path, d: Dist, read: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
-    """The checkpoint that every rank resumes from, ``read(out / "checkpoint.pt")`` (None: none there), once every
-    rank is seen to share the run directory ``out``; else OutputError, the same one line on every rank.
-
-    Only rank 0 writes ``out`` and every rank resumes from what it finds there, so a node whose ``out`` is a folder
-    of its own would start again from step 0 (or from another run's checkpoint) beside the others, silently. Rank 0
-    writes a fresh token there and every rank reads it back; then all compare the step of the checkpoint they see
-    (an all-gather each). The checkpoint is read only once every rank has seen the token, so that a damaged one is
-    the same error everywhere, not one rank's while the others wait.
-    """
+    """``read(out / "checkpoint.pt")`` (None: none there), once every rank is seen to share ``out``, where a node
+    with a folder of its own would silently start again; else the same one-line OutputError on every rank. Rank 0
+    writes a token that every rank reads back, before the checkpoint is read (so that a damaged one fails alike
+    everywhere); then all compare its step."""
     path = out / "checkpoint.pt"
     if d.enabled:
         token, token_path = [secrets.token_hex(16)], out / SHARED_TOKEN
@@ -228,7 +185,7 @@ def _gather(mine: object, out: Path, d: Dist) -> list[tuple[Any, str]]:
 
 
 def _agree(views: list[tuple[Any, str]], said: Callable[[Any], str]) -> None:
-    """OutputError unless every rank saw what rank 0 saw; every rank words it the same, from the same ``views``."""
+    """OutputError, worded the same on every rank, unless every rank saw what rank 0 saw."""
     odd = next((r for r, (seen, _) in enumerate(views) if seen != views[0][0]), None)
     if odd is not None:
         raise OutputError(f"--out must be on storage every node shares: rank {odd} ({views[odd][1]}) sees "
@@ -238,20 +195,12 @@ def _agree(views: list[tuple[Any, str]], said: Callable[[Any], str]) -> None:
 
 def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
     """True on every rank if ``flag`` is True on any (one collective; use outside the step)."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    tdist.all_reduce(t)
-    return bool(t.item() > 0)
+    return agree(torch.zeros(0, device=device), flag, d)
 
 
 def agree(sums: torch.Tensor, stop: bool, d: Dist) -> bool:
-    """Average the running sums of the loss terms (T,) over ranks in place; True on every rank if any rank asked
-    to stop.
-
-    One (T + 1)-float all-reduce. Called at the same steps on every rank (log and checkpoint steps), so that all
-    ranks see the same losses (and stop together on a non-finite one) and an interrupt stops them together.
-    """
+    """Average the running sums of the loss terms (T,) over ranks in place; True on every rank if any asked to
+    stop. One all-reduce, at the same (log and checkpoint) steps on every rank, so that they stop together."""
     if not d.enabled:
         return stop
     buf = torch.cat([sums, sums.new_tensor([float(stop)])])
@@ -264,17 +213,16 @@ def agree(sums: torch.Tensor, stop: bool, d: Dist) -> bool:
 
 
 def rank_rows(n: int, unit: int, d: Dist) -> tuple[int, int]:
-    """(first, stop) of this rank's share of ``n`` rows: consecutive whole ``unit``s of rows (the images whose
-    features are computed together, so that a rank computes them exactly as one process would), ceil(units /
-    world) units each, the last ranks fewer or none."""
+    """(first, stop) of this rank's share of ``n`` rows: ceil(units / world) whole ``unit``s of rows (computed
+    together, as one process would), the last ranks fewer or none."""
     units = -(-n // unit)
     per = -(-units // d.world_size) * unit
     return min(n, d.rank * per), min(n, (d.rank + 1) * per)
 
 
 def gather_rows(x: torch.Tensor, n: int, unit: int, d: Dist) -> torch.Tensor:
-    """(n, D): every rank's (rows, D) share ``x`` of :func:`rank_rows` put back in order, on every rank (a rank
-    without rows passes (0, 1): the others tell it D). One all-reduce (D) and one all-gather (the rows)."""
+    """(n, D) on every rank: every rank's share ``x`` of :func:`rank_rows` in order (a rank without rows passes
+    (0, 1): the others tell it D)."""
     if not d.enabled:
         return x
     per = rank_rows(n, unit, Dist(0, d.world_size))[1]  # rank 0's share is the longest; laid end to end in
@@ -292,29 +240,11 @@ def gather_rows(x: torch.Tensor, n: int, unit: int, d: Dist) -> torch.Tensor:
 # --- patches ------------------------------------------------------------------------------------------
 
 
-def slice_params(params: PatchParams, n_patches: int, batch: int, start: int, stop: int) -> PatchParams:
-    """The parameters of images start:stop from those of a (n_patches x batch)-patch step (patch-major)."""
-    out = {}
-    for f in fields(params):
-        t = getattr(params, f.name)  # (n_patches * batch, ...)
-        out[f.name] = t.view(n_patches, batch, *t.shape[1:])[:, start:stop].reshape(-1, *t.shape[1:])
-    return PatchParams(**out)
-
-
 def rank_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: torch.Generator, d: Dist,
                  out_dtype: torch.dtype = torch.float32,
                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """Patches of this rank's images, equal to the single-process patches of the same images.
-
-    Args:
-        images: (b, 3, H, W) this rank's slice r*b:(r+1)*b of the step's global batch of B = b * world images.
-        generator: in the same state on every rank (same seed, same draws).
-
-    Returns:
-        (n_patches, b, 3, s, s). The parameters of all n_patches * B patches are drawn on every rank (as
-        the single process draws them) and only this rank's are applied; with one process this is
-        :func:`empssl.patches.make_patches`.
-    """
+    """(n_patches, b, 3, s, s): the single-process patches of this rank's images (b, 3, H, W), its slice of the
+    step's B = b * world images; ``generator`` is in the same state on every rank."""
     if not d.enabled:
         return make_patches(images, n_patches, aug, generator, out_dtype, memory_format=memory_format)
     mine = rank_patch_params(images, n_patches, aug, generator, d)
@@ -323,24 +253,27 @@ def rank_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: 
 
 def rank_patch_params(images: torch.Tensor, n_patches: int, aug: Augment, generator: torch.Generator,
                       d: Dist) -> PatchParams:
-    """The random parameters of :func:`rank_patches` (this rank's n_patches * b patches, patch-major), drawn as
-    it draws them: applied in groups of patches (:func:`empssl.patches.take_patches`), they give its patches."""
+    """The parameters of this rank's n_patches * b patches (patch-major), drawn as :func:`rank_patches` draws them:
+    all n_patches * B drawn, this rank's images' kept."""
     b, _, H, W = images.shape
-    if not d.enabled:
-        return sample_params(n_patches, b, aug, generator, images.device, image_hw=(H, W))
     params = sample_params(n_patches, b * d.world_size, aug, generator, images.device, image_hw=(H, W))
-    return slice_params(params, n_patches, b * d.world_size, d.rank * b, (d.rank + 1) * b)
+    if not d.enabled:
+        return params
+
+    def mine(t: torch.Tensor) -> torch.Tensor:  # (n_patches * B, ...) -> (n_patches * b, ...)
+        return t.view(n_patches, -1, *t.shape[1:])[:, d.rank * b:(d.rank + 1) * b].reshape(-1, *t.shape[1:])
+
+    return PatchParams(**{f.name: mine(getattr(params, f.name)) for f in fields(params)})
 
 
 # --- the loss: one batch over all ranks -----------------------------------------------------------------
 
 
 class _GatherBatch(torch.autograd.Function):
-    """(n, b, d) on every rank -> (n, world*b, d), rank-major along dim 1; gradients flow back to each rank.
+    """(n, b, d) on every rank -> (n, world*b, d), rank-major along dim 1.
 
-    Backward sums the gradient over ranks before taking this rank's slice: every rank's loss depends on
-    every rank's projections, and DDP then averages the parameter gradients, which together give the
-    gradient of the mean of the ranks' losses.
+    Backward sums the gradient over ranks before taking this rank's slice (every rank's loss depends on every
+    rank's projections); with DDP's averaging that is the gradient of the mean of the ranks' losses.
     """
 
     @staticmethod
@@ -383,13 +316,9 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose training statistics span all ranks, for CPU tensors (gloo).
-
-    torch's ``nn.SyncBatchNorm`` refuses CPU input, so CPU runs and tests use this instead: the same
-    mathematics (global mean and biased variance for the output, unbiased variance for the running
-    estimate) written with two differentiable all-reduces. Same parameters and buffers as BatchNorm, so
-    checkpoints are interchangeable. Outside training or without a process group: plain BatchNorm.
-    """
+    """BatchNorm whose training statistics span all ranks, for CPU tensors (gloo), which ``nn.SyncBatchNorm``
+    refuses: its mathematics with two differentiable all-reduces, and BatchNorm's parameters and buffers (so
+    checkpoints are interchangeable). Outside training or without a process group: plain BatchNorm."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -421,8 +350,8 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Replace every BatchNorm of ``module`` by a cross-rank one (nn.SyncBatchNorm on CUDA, CPUSyncBatchNorm on
-    the CPU), keeping its parameters and statistics. Parameters are new objects: build the optimiser after."""
+    """``module`` with every BatchNorm made cross-rank, keeping its parameters and statistics (as new objects:
+    build the optimiser after)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
@@ -437,11 +366,8 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
 
 
 def training_module(model: nn.Module, device: torch.device, d: Dist, *, compile: bool) -> nn.Module:
-    """The module the training step calls: ``model`` wrapped in DDP (several ranks) and/or torch.compile.
-
-    ``model`` itself is left as it is, so ``model.state_dict()`` (what checkpoints hold) keeps plain keys
-    (no ``module.`` or ``_orig_mod.`` prefixes) and evaluation uses the plain model.
-    """
+    """``model`` wrapped in DDP (several ranks) and/or torch.compile for the training step; ``model`` itself is
+    left as it is, so that its state_dict (what checkpoints hold) keeps plain keys."""
     net: nn.Module = model
     if d.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

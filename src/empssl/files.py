@@ -1,8 +1,5 @@
 """Files that a reader never sees half-written: the one atomic-write helper, JSON and JSON-lines, and the one
-writer lock.
-
-A leaf: it imports nothing from empssl, so the checkpoint I/O, the run directory, the shards, the exports and the
-reports can all use it.
+writer lock. A leaf: it imports nothing from empssl, so that every writer can use it.
 """
 
 from __future__ import annotations
@@ -30,12 +27,9 @@ class OutputError(RuntimeError):
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``: a process
-    interrupted at any point (even killed) leaves either the previous file or none, never half of one.
-
-    The temporary file is named ``.NAME.*.tmp``. Creates the output folder if needed; raises OutputError (one
-    line) when it cannot be created or written.
-    """
+    """Call ``write(tmp)`` on a temporary file ``.NAME.*.tmp`` beside ``path``, fsync it and rename it over ``path``:
+    a process killed at any point leaves the previous file or none, never half of one. Creates the folder if needed;
+    OutputError (one line) when it cannot be written."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"output {path} is a folder; give a file name")
@@ -72,11 +66,10 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def check_writable_dir(path: str | Path, what: str = "output folder") -> None:
-    """Raise OutputError (one line) unless files can be created in the folder ``path``, which need not exist yet.
+    """OutputError (one line) unless files can be created in the folder ``path``, which need not exist yet.
 
-    The nearest existing folder at or above ``path`` is probed with a temporary file, removed at once: a
-    read-only mount, a missing permission or a path that is a file is found before long work starts, and
-    nothing is left behind (``os.access`` would not do: it says yes to root on a read-only mount).
+    The nearest existing folder is probed with a temporary file, removed at once, so that a read-only mount or a
+    missing permission is found before long work starts (``os.access`` says yes to root on a read-only mount).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -85,7 +78,7 @@ def check_writable_dir(path: str | Path, what: str = "output folder") -> None:
 
 
 def check_writable_file(path: str | Path, what: str = "output") -> None:
-    """Raise OutputError (one line) unless the file ``path`` can be written (its folder probed as above)."""
+    """OutputError (one line) unless the file ``path`` can be written (its folder probed as above)."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what} {path} is a folder; give a file name")
@@ -99,17 +92,14 @@ def _probe(folder: Path, what: str) -> None:
     if not probe.is_dir():
         raise OutputError(f"cannot write {what}: {probe} is a file")
     try:
-        fd, name = tempfile.mkstemp(dir=probe, prefix=".empssl-probe.", suffix=".tmp")
+        tempfile.TemporaryFile(dir=probe, prefix=".empssl-probe.").close()
     except OSError as e:
         raise OutputError(f"cannot write {what}: {e.strerror or e}") from None
-    os.close(fd)
-    os.unlink(name)
 
 
 def cut_jsonl(path: str | Path, step: int) -> None:
-    """Keep the records of a JSON-lines file up to ``step`` (their ``"step"`` <= ``step``), atomically; a line
-    torn by a kill goes too, and so does a record whose step is not a number. For a resumed run: the steps after
-    its checkpoint are trained, and logged, again."""
+    """Keep the records of a JSON-lines file whose ``"step"`` is a number <= ``step``, atomically (a torn line goes
+    too): a resumed run trains, and logs, the steps after its checkpoint again."""
     path = Path(path)
     if not path.exists():
         return
@@ -120,8 +110,8 @@ def cut_jsonl(path: str | Path, step: int) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (metrics.jsonl, monitor.jsonl); a line that is not a JSON object (a torn
-    last line, damage) is skipped. OutputError (one line) when the file cannot be read (a folder)."""
+    """The records of a JSON-lines file, skipping a line that is not a JSON object (torn, damaged); OutputError
+    (one line) when the file cannot be read."""
     out = []
     for line in _lines(Path(path)):
         try:
@@ -141,8 +131,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def parse_json(text: str | bytes) -> Any:
-    """``json.loads``, with a document nested past Python's recursion limit a ValueError like any other that is
-    not JSON (so that every reader refuses it as damaged)."""
+    """``json.loads``, a document nested past Python's recursion limit a ValueError like any other non-JSON."""
     try:
         return json.loads(text)
     except RecursionError:
@@ -155,17 +144,13 @@ def read_json(path: str | Path) -> Any:
 
 
 class WriterLock:
-    """One writer at a time: an exclusive lock on the file ``path`` while this process writes what it guards (a run
-    directory, a shard folder), the file holding the writer's PID and removed on release (``with`` block).
+    """One writer at a time (``with`` block): an exclusive lock on the file ``path``, which holds the writer's PID
+    and is removed on release; a file a killed writer left is taken over with a note. A second writer gets a
+    one-line OutputError, ``busy(holder)``, with the holder's PID as the kernel knows it.
 
-    A second writer is refused with a one-line OutputError, ``busy(holder)``: the holder's PID as the kernel knows
-    it (F_GETLK), never one read from the file, which a killed writer may have left. A file a killed writer left is
-    taken over with a note. The lock is a POSIX record lock (``fcntl.lockf``), not ``flock``: a flock belongs to
-    the open file, which forked children (DataLoader workers) share and keep for a while after their parent is
-    killed; a record lock belongs to this process alone and ends with it. Its catch, that closing any descriptor
-    of the file drops this process's lock, is why a second lock on a file this process holds is refused before
-    the file is opened. ``path`` is never followed: a folder copied by tar or rsync may bring a ``.lock`` that is
-    a link to anywhere, and a lock file that is not a plain file is refused, left as it is.
+    A record lock (``lockf``), not ``flock``, which forked DataLoader workers would share and keep after their
+    parent is killed; as closing any descriptor of the file drops it, a second lock by this process is refused
+    before the file is opened. ``path`` is never followed: a lock file that is not a plain file is refused.
     """
 
     _held: ClassVar[set[tuple[int, int]]] = set()  # (device, inode) of the lock files this process holds
@@ -206,8 +191,8 @@ class WriterLock:
         return self
 
     def _open(self) -> int:
-        """A descriptor of ``path`` (created if missing), once it is known to be a plain file this process does not
-        hold: checked before opening it (a device is not even opened) and after (replaced meanwhile)."""
+        """A descriptor of ``path`` (created if missing), checked to be a plain file this process does not hold
+        before opening it (a device is not even opened) and after (replaced meanwhile)."""
         try:
             self._check(os.lstat(self.path))
         except FileNotFoundError:
@@ -241,8 +226,8 @@ class WriterLock:
 
 
 def _holder(fd: int) -> int | None:
-    """The PID of the process holding a lock on ``fd``'s file, as the kernel reports it (F_GETLK, in Linux's
-    ``struct flock`` layout), or None where it cannot tell (another PID namespace, another system, released)."""
+    """The PID holding a lock on ``fd``'s file (F_GETLK, in Linux's ``struct flock`` layout), or None where the
+    kernel cannot tell (another PID namespace, another system, released)."""
     if fcntl is None or not sys.platform.startswith("linux"):
         return None
     layout = "hhqqi"  # l_type, l_whence, l_start, l_len (0: to the end), l_pid

@@ -1,17 +1,11 @@
 """LitData's chunk reads from an S3-compatible store over plain http, with bounded connects, reads and retries.
 
-While it iterates (``StreamingDataLoader``, its prefetch thread), litdata 0.2.76 reads chunks through obstore, whose
-``S3Store`` it builds in one function (``downloader._build_obstore_s3_store``) with fixed client options: no
-``allow_http``, so a plain-http endpoint (MinIO in a lab, moto in a test, ``AWS_ENDPOINT_URL=http://...``) fails with
-"HTTP error: builder error" (``AWS_ALLOW_HTTP`` is not read), and obstore's default retries, so an endpoint that does
-not answer holds a read for minutes. No ``StreamingDataset`` argument reaches those options (``storage_options`` and
-``session_options`` go to boto3, which reads index.json and serves ``ds[i]``), so :func:`install` wraps that one
-function: the store LitData builds (its endpoint, addressing style and credentials) is built again with
-``allow_http`` where the endpoint is http://, and with the connect and read timeouts and number of tries of every
-request to a store (below). The traceback each worker's prefetch thread prints when a read fails is left out: the
-reader raises the error, and :func:`empssl.stream.failed_read` names it in one line. Installed before the loader
-forks its workers, the adapter holds in them too; a spawned worker imports LitData afresh and reads without it (pass
-``multiprocessing_context="fork"`` where something, e.g. ``litdata.optimize``, made spawn the default).
+litdata 0.2.76 reads chunks through obstore, whose ``S3Store`` it builds in ``downloader._build_obstore_s3_store``
+with fixed options: no ``allow_http`` (a plain-http endpoint such as MinIO or moto fails with "HTTP error: builder
+error") and obstore's default retries (a silent endpoint holds a read for minutes); no ``StreamingDataset``
+argument reaches them. :func:`install` wraps that function to build the store again with ``allow_http`` for an
+http:// endpoint and the bounded timeouts and tries below. Installed before the loader forks its workers, it holds
+in them too; a spawned worker reads without it (pass ``multiprocessing_context="fork"``).
 """
 
 from __future__ import annotations
@@ -28,8 +22,7 @@ CONNECT_SECONDS, READ_SECONDS, ATTEMPTS = 3, 30, 3
 
 @functools.cache  # once per process (its forked workers inherit it)
 def install() -> None:
-    """Wrap LitData's obstore store set-up; one line on stderr where litdata is not a version this
-    was tested with (and nothing more where it has no such set-up: a plain-http endpoint then fails as above)."""
+    """Wrap LitData's obstore store set-up; one line on stderr where litdata is not a version tested with."""
     import litdata
     from litdata.streaming import downloader, reader
 

@@ -428,13 +428,9 @@ def apply_params(images: torch.Tensor, params: PatchParams, aug: Augment, n_patc
 def make_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: torch.Generator,
                  out_dtype: torch.dtype = torch.float32,
                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """Cut ``n_patches`` augmented patches from every image of ``images`` (B, 3, H, W), uint8 or float in [0, 1].
-
-    ``generator`` is on the images' device (required: patches drawn from the global generator could not be
-    reproduced). ``out_dtype`` (e.g. bfloat16 for an autocast model) and ``memory_format`` (channels_last) as in
-    :func:`apply_params`. Returns (n_patches, B, 3, aug.size, aug.size): ``patches[i]`` holds patch i of every
-    image, so ``.flatten(0, 1)`` is the official concatenation order.
-    """
+    """(n_patches, B, 3, aug.size, aug.size) augmented patches of ``images`` (B, 3, H, W), uint8 or float in [0, 1]:
+    ``patches[i]`` holds patch i of every image. ``generator``, on the images' device, is required (the global
+    one's patches could not be reproduced); ``out_dtype`` and ``memory_format`` as in :func:`apply_params`."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
     if images.dim() != 4 or images.shape[1] != 3:
@@ -462,14 +458,11 @@ def make_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: 
 
 
 class MultiPatch(nn.Module):
-    """:func:`make_patches` as a transform (torchvision v2 style), for a data pipeline of one's own.
+    """:func:`make_patches` as a transform: (3, H, W) -> (n_patches, 3, s, s); (B, 3, H, W) -> (n_patches, B, 3, s, s).
 
-    ``MultiPatch(20)(image)``: a uint8 (3, H, W) image (or float in [0, 1]) -> (n_patches, 3, size, size); a
-    (B, 3, H, W) batch -> (n_patches, B, 3, size, size). In a ``Dataset`` the ``DataLoader`` stacks them to
-    (B, n_patches, ...): ``.transpose(0, 1)`` gives the loss's patch-major order. ``aug`` defaults to the official
-    CIFAR recipe. ``generator=None`` seeds each call from torch's global generator, which a ``DataLoader`` seeds
-    differently per worker (a generator given here would be copied into every worker, which would then cut the
-    same patches).
+    In a ``Dataset``, the ``DataLoader`` stacks them to (B, n_patches, ...): ``.transpose(0, 1)`` is the loss's
+    order. ``generator=None`` seeds each call from torch's global generator, which a ``DataLoader`` seeds per
+    worker (a generator given here would be copied into every worker, which would then cut the same patches).
     """
 
     def __init__(self, n_patches: int = 20, aug: Augment | None = None,

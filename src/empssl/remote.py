@@ -2,20 +2,14 @@
 ``empssl shard SRC --out s3://bucket/prefix`` written; every other output naming a bucket is refused.
 
 Reading: the folder's small files (manifest.json, each split's index.json and labels.npy) are fetched into a
-mirror under ``--data-dir`` (``remote/<scheme>/<bucket>/<prefix>/``) and checked there by
-:func:`empssl.shard.verify_shards`, the code that checks local folders (plain names, the serializer allow-list,
-counts, labels.npy's sha256); each shard's size is checked against the bucket's listing, and shards are not hashed
-at start (that would read every byte). LitData reads the images (``StreamingDataset("s3://...")``) into a chunk
-cache beside the mirror (:func:`chunk_cache`).
+mirror under ``--data-dir`` and checked there by :func:`empssl.shard.verify_shards`, as local folders are; each
+shard's size is checked against the bucket's listing (hashing would read every byte). LitData reads the images
+into a chunk cache beside the mirror.
 
-Credentials and endpoint come from the standard environment, as boto3 reads it for empssl and LitData alike
-(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE``;
-gs://: google-cloud-storage's ``GOOGLE_APPLICATION_CREDENTIALS``); a plain-http endpoint is read through
-:mod:`empssl.litdata_http`. Every request has the bounded timeouts and tries of
-:mod:`empssl.litdata_http`, empssl's own, LitData's boto3 ones (:func:`litdata_options`) and its obstore chunk
-reads, so that a missing bucket, a missing object, missing credentials or an unreachable endpoint is one line
-(DataError) within seconds, at start or while iterating (:func:`empssl.stream.failed_read`); LitData and obstore
-alone would wait minutes on an endpoint that does not answer.
+Credentials and endpoint come from the environment, as boto3 reads it for empssl and LitData alike
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ...; gs://: ``GOOGLE_APPLICATION_CREDENTIALS``). Every request has
+the bounded timeouts and tries of :mod:`empssl.litdata_http`, so that a missing bucket or object, missing
+credentials or an unreachable endpoint is one line (DataError) within seconds, not a wait of minutes.
 """
 
 from __future__ import annotations
@@ -33,8 +27,6 @@ from .files import OutputError, write_atomic
 from .litdata_http import ATTEMPTS, CONNECT_SECONDS, READ_SECONDS
 from .shard import MANIFEST, Manifest, ShardFile, ShardFolder, check_size, verify_shards, write_shards
 
-SCHEMES = ("s3://", "gs://")
-
 
 class Unreachable(DataError):
     """The store did not answer (after the bounded tries): not a sign that the data changed."""
@@ -42,7 +34,7 @@ class Unreachable(DataError):
 
 def is_remote(spec: str | Path) -> bool:
     """True when ``spec`` names an object store (s3:// or gs://)."""
-    return str(spec).startswith(SCHEMES)
+    return str(spec).startswith(("s3://", "gs://"))
 
 
 def refuse_output(path: str | Path, flag: str = "--out") -> None:
@@ -53,15 +45,14 @@ def refuse_output(path: str | Path, flag: str = "--out") -> None:
 
 
 class RemoteFolder(ShardFolder):
-    """A shard folder at ``url`` as :func:`empssl.shard.verify_shards` reads it: its small files fetched into a
-    local mirror under ``data_dir``, its shards' sizes from the bucket's listing."""
+    """The shard folder at ``url`` for :func:`empssl.shard.verify_shards`: its small files fetched into a mirror
+    under ``data_dir``, its shards' sizes from the bucket's listing."""
 
     def __init__(self, url: str, data_dir: str = "./data") -> None:
         self.url = url.rstrip("/")
         self.scheme, _, rest = self.url.partition("://")
         self.bucket, _, self.prefix = rest.partition("/")
-        parts = self.prefix.split("/")
-        if not self.bucket or not self.prefix or any(p in ("", ".", "..") for p in parts):
+        if not self.bucket or any(p in ("", ".", "..") for p in self.prefix.split("/")):  # also an empty prefix
             raise DataError(f"{url}: expected {self.scheme}://BUCKET/PREFIX, a folder inside a bucket")
         super().__init__(Path(data_dir).expanduser() / "remote" / self.scheme / self.bucket / self.prefix)
         self._client: Any = None
@@ -172,8 +163,8 @@ def client_config() -> Any:
 
 
 def check_listed(split_url: str, shards: list[ShardFile]) -> None:
-    """DataError (one line) unless every shard of ``split_url`` (``s3://BUCKET/PREFIX/SPLIT``) is in the store at
-    its manifest size: what a failed read is checked against (the listing; no shard is read)."""
+    """DataError (one line) unless every shard of ``split_url`` (``s3://BUCKET/PREFIX/SPLIT``) is listed in the
+    store at its manifest size (after a failed read)."""
     root, _, split = split_url.rstrip("/").rpartition("/")
     folder = RemoteFolder(root)
     for f in shards:
@@ -189,27 +180,20 @@ def read_remote(url: str, data_dir: str = "./data") -> Manifest:
     return manifest
 
 
-def chunk_cache(manifest: Manifest, split: str) -> str:
-    """LitData's cache folder for ``split`` of a remote folder: beside its mirror, keyed by the split's shard list,
-    so that a folder rewritten or appended to is not read through an older cache's chunks or index.json."""
-    shards = [[f.name, f.bytes, f.sha256] for f in manifest.splits[split].shards]
-    return str(manifest.root / ".chunks" / split / hashlib.sha256(repr(shards).encode()).hexdigest()[:16])
-
-
 def litdata_options(manifest: Manifest, split: str) -> dict[str, Any]:
-    """``StreamingDataset``'s arguments for ``split`` of a remote folder: its cache folder (:func:`chunk_cache`),
-    the cache's size, LitData's default (75% of the free disk, leaving 50 GB free where it can; ``MAX_CACHE_SIZE``
-    in the environment, e.g. ``50GB``, overrides it), and boto3's bounded timeouts (s3://; gs:// as LitData has it)."""
-    return {"cache_dir": chunk_cache(manifest, split), "max_cache_size": None,
+    """``StreamingDataset``'s arguments for ``split`` of a remote folder: boto3's bounded timeouts (s3://), LitData's
+    default cache size (``MAX_CACHE_SIZE``, e.g. ``50GB``, overrides it) and a cache folder beside the mirror, keyed
+    by the split's shard list so that a folder rewritten or appended to is not read through an older cache."""
+    shards = [[f.name, f.bytes, f.sha256] for f in manifest.splits[split].shards]
+    cache = manifest.root / ".chunks" / split / hashlib.sha256(repr(shards).encode()).hexdigest()[:16]
+    return {"cache_dir": str(cache), "max_cache_size": None,
             "storage_options": {"config": client_config()} if manifest.url.startswith("s3://") else None}
 
 
 def write_remote(spec: str, url: str, data_dir: str = "./data", **kw: Any) -> Manifest:
-    """``empssl shard SRC --out s3://...``: the shards written by :func:`empssl.shard.write_shards` into a local
-    staging folder under ``data_dir`` (resumable as any shard run), then uploaded: every split's chunks and labels,
-    then the index.json files, manifest.json last, so that a reader (which starts from the manifest) never sees half
-    a folder. The staging folder is removed once the manifest is uploaded. A prefix that already holds a manifest is
-    refused; one with the objects of an unfinished upload is written over."""
+    """``empssl shard SRC --out s3://...``: the shards written into a local staging folder under ``data_dir``
+    (resumable), then uploaded, manifest.json last, so that a reader (which starts from it) never sees half a
+    folder. A prefix holding a manifest is refused; one with the objects of an unfinished upload is written over."""
     if not url.startswith("s3://"):
         raise OutputError(f"--out {url}: empssl shard uploads to s3:// only; write locally and copy the folder "
                           f"(gsutil -m cp -r DIR {url})")
@@ -219,11 +203,8 @@ def write_remote(spec: str, url: str, data_dir: str = "./data", **kw: Any) -> Ma
             raise DataError(f"--out {url} already holds a shard folder ({MANIFEST}); give another prefix")
     stage = folder.root.parent / f".{folder.root.name}.upload"
     local = write_shards(spec, stage, data_dir=data_dir, **kw)
-    for split in local.splits:
-        for f in [*local.splits[split].shards, local.splits[split].labels]:
-            folder.upload(stage / split / f.name, f"{split}/{f.name}")
-    for split in local.splits:
-        folder.upload(stage / split / "index.json", f"{split}/index.json")
-    folder.upload(stage / MANIFEST, MANIFEST)
+    data = [f"{name}/{f.name}" for name, split in local.splits.items() for f in [*split.shards, split.labels]]
+    for key in [*data, *(f"{name}/index.json" for name in local.splits), MANIFEST]:
+        folder.upload(stage / key, key)
     shutil.rmtree(stage, ignore_errors=True)
     return verify_shards(RemoteFolder(url, data_dir))
