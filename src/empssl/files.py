@@ -92,9 +92,11 @@ def _probe(folder: Path, what: str) -> None:
     if not probe.is_dir():
         raise OutputError(f"cannot write {what}: {probe} is a file")
     try:
-        tempfile.TemporaryFile(dir=probe, prefix=".empssl-probe.").close()
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".empssl-probe.", suffix=".tmp")
     except OSError as e:
         raise OutputError(f"cannot write {what}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def cut_jsonl(path: str | Path, step: int) -> None:

@@ -240,11 +240,9 @@ def _color_jitter(x: torch.Tensor, params: PatchParams, aug: Augment) -> torch.T
     f = torch.where(active, factors.gather(1, ops.clamp(max=2)), 1.0)
     P = x.shape[0]
     coefs = [t.view(P, 6, 1, 1, 1).unbind(1) for t in _blend_coefficients(ops, f)]  # 3 x 6 x (P, 1, 1, 1)
-    for k in range(3):
-        x = _blend_(x, *(t[k] for t in coefs))
-    if aug.hue > 0:
-        x = torch.where(jit.view(-1, 1, 1, 1), _adjust_hue(x, factors[:, 3]), x, out=x)
-    for k in range(3, 6):
+    for k in range(6):
+        if k == 3 and aug.hue > 0:
+            x = torch.where(jit.view(-1, 1, 1, 1), _adjust_hue(x, factors[:, 3]), x, out=x)
         x = _blend_(x, *(t[k] for t in coefs))
     return x
 
