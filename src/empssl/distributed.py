@@ -261,7 +261,7 @@ def rank_patch_params(images: torch.Tensor, n_patches: int, aug: Augment, genera
         return params
 
     def mine(t: torch.Tensor) -> torch.Tensor:  # (n_patches * B, ...) -> (n_patches * b, ...)
-        return t.view(n_patches, -1, *t.shape[1:])[:, d.rank * b:(d.rank + 1) * b].reshape(-1, *t.shape[1:])
+        return t.view(n_patches, -1, *t.shape[1:])[:, d.rank * b:(d.rank + 1) * b].flatten(0, 1)
 
     return PatchParams(**{f.name: mine(getattr(params, f.name)) for f in fields(params)})
 
