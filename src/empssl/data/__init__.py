@@ -3,15 +3,12 @@
 Everything is decoded once into ``(N, 3, H, W)`` uint8 (60,000 CIFAR images are 184 MB) and kept in memory;
 augmentation happens later on whole batches (see ``patches``), never per image in a DataLoader.
 
-:func:`load_images` gives every image of a folder, tree, archive or dataset with its relative file name (what
-``empssl embed`` embeds); :func:`load_data` gives its (train, test) splits. Both decode with a process pool into
-one cache under ``data_dir`` (:mod:`.cache`) and reuse it. A streamed tier builds on :func:`scan`, a source's
-:class:`Catalog` without decoding (``record.read()`` gives one image's bytes under the same checks: a folder's
-records hold paths, an archive's the member bytes, read in one pass), and :func:`decode_image`, which decodes by
-the same rules (a test holds the two tiers equal).
-
-One module per step: :mod:`.sources` reads files and archives safely, :mod:`.layouts` and :mod:`.imagenet` turn a
-tree into a labelled catalog, then :mod:`.decode`, :mod:`.cache`, and :mod:`.load`, the pipeline.
+:func:`load_images` gives every image of a source with its relative file name (what ``empssl embed`` embeds);
+:func:`load_data` gives its (train, test) splits; both decode with a process pool into one cache under
+``data_dir``. A streamed tier builds on :func:`scan` (a source's :class:`Catalog`, nothing decoded; records read
+under the same checks) and :func:`decode_image` (the same decoding rules). One module per step: :mod:`.sources`
+(files and archives, read safely), :mod:`.layouts` and :mod:`.imagenet` (a tree -> a labelled catalog),
+:mod:`.decode`, :mod:`.cache`, and :mod:`.load`, the pipeline.
 """
 
 from .cache import CACHE_VERSION

@@ -158,7 +158,7 @@ def decode_catalog(catalog: Catalog, image_size: int, progress: bool) -> torch.T
     n = len(records)
     if n == 0:
         raise DataError(f"no images to decode in {catalog.source}")
-    names = [f"image {catalog.root}{r.name} in {catalog.source}" for r in records]
+    names = [f"image {catalog.where(i)}" for i in range(n)]
     workers = _n_workers() if n >= POOL_MIN_IMAGES else 1
     size = max(1, min(256, math.ceil(n / (4 * workers))))  # >= 4 chunks per worker to balance the load
     jobs: list[_Job] = [(i, [r.data for r in records[i: i + size]], names[i: i + size], image_size)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import DataError
-from .layouts import Catalog, _by_class, _catalog, _check_same_classes, _read_text, _scan_classes, _Split
+from .layouts import Catalog, _catalog, _check_same_classes, _read_text, _scan_classes, _Split
 from .sources import MAX_FILE_BYTES, Tree, is_image, read_file, walk_folder
 
 IMAGENET_SPECS = ("imagenet100", "imagenet")
@@ -161,8 +161,7 @@ def _is_flat(val: Path) -> bool:
 
 
 def _tops(base: str) -> list[str]:
-    """Where Kaggle-style files may lie, relative to PATH: PATH itself, and for Kaggle's tree ILSVRC/ and the
-    folder holding train/."""
+    """Where Kaggle's files may lie, relative to PATH: PATH, and for Kaggle's tree ILSVRC/ and train/'s folder."""
     return ["", "ILSVRC/", base] if base else [""]
 
 
@@ -195,8 +194,8 @@ def _label_flat_val(tree: Tree, base: str, path: Path, loose: list[str], classes
                         f"(e.g. {unlabelled[0][len(base):]})")
     wnid = {name: truth[key_of[name]] for name in loose}
     index = {c: i for i, c in enumerate(classes)}
-    label_of = {name: index[wnid[name]] for name in loose if wnid[name] in index}
-    return _by_class(label_of, sorted({wnid[name] for name in (label_of if select else loose)}))
+    label_of: dict[str, int | None] = {name: index[wnid[name]] for name in loose if wnid[name] in index}
+    return _Split(label_of, sorted({wnid[name] for name in (label_of if select else loose)}))
 
 
 def _loc_solution(text: str, shown: str) -> dict[str, str]:

@@ -53,22 +53,23 @@ class Catalog:
     splits: list[tuple[str, int]]
     skipped: list[str]
 
+    def where(self, index: int) -> str:
+        """Image ``index`` as an error message names it: its path inside the source, and the source."""
+        return f"{self.root}{self.records[index].name} in {self.source}"
+
 
 @dataclass
 class _Split:
-    names: list[str]  # paths in the tree, grouped by class in sorted order
-    labels: list[int] | None  # None: a plain folder, without classes
-    classes: list[str]
+    labels: dict[str, int | None]  # path in the tree -> label (None: a plain folder, without classes)
+    classes: list[str]  # [] without classes
     class_names: list[str] | None = None
 
 
 def catalog_tree(tree: Tree, shown: str, unwrap_any: bool, train_test: bool = False) -> Catalog:
-    """Classify ``tree``: Tiny ImageNet, split root (train/ and any of val/, test/), class tree or plain folder.
-
-    ``unwrap_any``: drop a single top-level folder even when it is not a split root (archives wrap their
-    contents in one folder as a rule; a folder the user points at is taken as it is). ``train_test``: refuse
-    first a tree without the splits :func:`empssl.data.load_data` needs. ``shown`` names the source in messages.
-    """
+    """Classify ``tree`` as :func:`empssl.data.load_images` describes (Tiny ImageNet, split root, class tree or
+    plain folder); ``shown`` names it in messages. ``unwrap_any``: drop a single top-level folder even when it is
+    not a split root (archives wrap their contents in one as a rule; a folder the user points at is taken as it is).
+    ``train_test``: refuse first a tree without the splits :func:`empssl.data.load_data` needs."""
     top = sorted(d for d in tree.dirs if "/" not in d)
     # a single top-level folder wrapping a split root or Tiny ImageNet ("cifar10-jpeg75/") is dropped from names
     root = top[0] + "/" if "train" not in top and len(top) == 1 and f"{top[0]}/train" in tree.dirs else ""
@@ -90,17 +91,18 @@ def catalog_tree(tree: Tree, shown: str, unwrap_any: bool, train_test: bool = Fa
     if not below:
         raise DataError(f"no images in {shown} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if any("/" not in f[len(root):] for f in below):  # images at the top: a plain folder, no classes
-        return _catalog(tree, shown, root, [("", _Split(below, None, []))])
+        return _catalog(tree, shown, root, [("", _Split(dict.fromkeys(below), []))])
     return _catalog(tree, shown, root, [("", _scan_classes(tree, root, ""))])
 
 
 def _catalog(tree: Tree, shown: str, root: str, splits: list[tuple[str, _Split]]) -> Catalog:
-    """The catalog of ``splits`` in that order, with the first one's classes; names drop ``root``."""
+    """The catalog of ``splits`` in that order, each grouped by class and sorted by name within, with the first
+    one's classes; names drop ``root``."""
     first = splits[0][1]
-    records = [ImageRecord(n[len(root):], None if s.labels is None else s.labels[i], tree.files[n])
-               for _, s in splits for i, n in enumerate(s.names)]
-    return Catalog(shown, root, records, None if first.labels is None else first.classes, first.class_names,
-                   [(name, len(s.names)) for name, s in splits], list(tree.skipped))
+    records = [ImageRecord(name[len(root):], label, tree.files[name]) for _, s in splits
+               for name, label in sorted(s.labels.items(), key=lambda item: (item[1] or 0, item[0]))]
+    return Catalog(shown, root, records, first.classes or None, first.class_names,
+                   [(name, len(s.labels)) for name, s in splits], list(tree.skipped))
 
 
 def held_out_split(splits: Collection[str], shown: str) -> str:
@@ -127,7 +129,7 @@ def _scan_classes(tree: Tree, prefix: str, shown_prefix: str) -> _Split:
     if not classes:
         raise DataError(f"{shown_prefix} has no class folders (expected {shown_prefix}<class>/<images>)")
     index = {c: i for i, c in enumerate(classes)}
-    label_of: dict[str, int] = {}
+    label_of: dict[str, int | None] = {}
     for name in tree.files:
         rest = name[len(prefix):].split("/", 1)
         if name.startswith(prefix) and len(rest) == 2:  # images directly in split/ belong to no class
@@ -136,13 +138,7 @@ def _scan_classes(tree: Tree, prefix: str, shown_prefix: str) -> _Split:
     for label, c in enumerate(classes):
         if not counts[label]:
             raise DataError(f"{shown_prefix}{c}/ has no images")
-    return _by_class(label_of, classes)
-
-
-def _by_class(label_of: dict[str, int], classes: list[str]) -> _Split:
-    """The images of ``label_of`` (path -> label) grouped by label, sorted by name within a class."""
-    names = sorted(label_of, key=lambda name: (label_of[name], name))
-    return _Split(names, [label_of[name] for name in names], classes)
+    return _Split(label_of, classes)
 
 
 def _read_text(tree: Tree, name: str, shown: str | Path) -> str:
@@ -200,9 +196,7 @@ def _scan_tiny_imagenet(tree: Tree, root: str, shown: str) -> tuple[_Split, _Spl
     if unlabelled:
         raise DataError(f"{len(unlabelled)} image(s) in val/images/ of {shown} have no line in "
                         f"val/val_annotations.txt (e.g. {unlabelled[0][len(root):]})")
-    val = _by_class({name: label_of[name] for name in loose}, classes)
-    val.class_names = train.class_names
-    return train, val
+    return train, _Split({name: label_of[name] for name in loose}, classes, train.class_names)
 
 
 def load_torchvision(name: str, data_dir: str, image_size: int) -> tuple[ImageData, ImageData]:

@@ -22,8 +22,7 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
 def _check_args(spec: object, data_dir: object, image_size: object) -> tuple[str, str]:
-    """(spec, data_dir) as strings (paths accepted); TypeError, saying what is expected, for other types, and
-    DataError for a negative image size."""
+    """(spec, data_dir) as strings (paths accepted); TypeError for other types, DataError for a negative size."""
     spec, data_dir = (os.fspath(a) if isinstance(a, os.PathLike) else a for a in (spec, data_dir))
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"data must be a dataset name, a folder, an archive or an ImageNet spec (a str or a path), "
