@@ -45,9 +45,6 @@ MAX_IMAGE_PIXELS = 89_478_485
 # Below this many images a process pool costs more to start than it saves.
 POOL_MIN_IMAGES = 512
 
-_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
-_ALPHA = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-
 
 def decode_image(data: bytes | Image.Image | np.ndarray, image_size: int = 0, name: str = "image") -> np.ndarray:
     """Decode one image file's bytes into (H, W, 3) uint8 (or (S, S, 3) with ``image_size`` S > 0) by the rules of
@@ -84,10 +81,10 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
         raise DataError(f"{name} is {w}x{h} = {w * h:,} pixels, more than the {MAX_IMAGE_PIXELS:,} "
                         f"allowed (empssl.data.decode.MAX_IMAGE_PIXELS); shrink it or leave it out")
     mode = img.mode
-    if mode in _SIXTEEN_BIT:
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
         return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
-    if mode in _ALPHA or "transparency" in img.info:
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)  # (H, W, 4)
         a = rgba[..., 3:]
         over_white = (rgba[..., :3] * a + 255 * (255 - a) + 127) // 255

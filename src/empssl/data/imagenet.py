@@ -1,14 +1,12 @@
 """ImageNet-1k and ImageNet-100 read from an extracted ImageNet train/val tree: ``--data imagenet100:PATH`` and
 ``--data imagenet:PATH`` (``imagenet100`` / ``imagenet`` alone: ``--data-dir/imagenet``).
 
-``imagenet100`` selects the 100 classes of CMC (``empssl/assets/imagenet100_classes.txt``, with its source), the
-subset solo-learn and the EMP-SSL paper use, and walks only their folders; ``imagenet`` takes every class folder of
-``train/``. Classes are the sorted wnids (torchvision's ``ImageFolder`` order).
-
-The trees read (the tarballs are not read in place: extract them, or let torchvision's ``ImageNet`` do it once):
-``PATH/train/<wnid>/*.JPEG`` and ``PATH/val/`` (torchvision's root, ``valprep.sh`` trees, trees of only the 100
-classes), or Kaggle's ``PATH/ILSVRC/Data/CLS-LOC/train/`` and ``.../val/`` (``LOC_*`` files beside ``ILSVRC/``).
-``val/`` is class folders ``val/<wnid>/*.JPEG``, or flat ``val/*.JPEG`` labelled by the first of:
+``imagenet100`` reads only the folders of CMC's 100 classes (``empssl/assets/imagenet100_classes.txt``, with its
+source), the subset solo-learn and the EMP-SSL paper use; ``imagenet`` every class folder of ``train/``. Classes
+are the sorted wnids (torchvision's ``ImageFolder`` order). The tree (extract the tarballs, or let torchvision's
+``ImageNet`` do it once) is ``PATH/train/<wnid>/*.JPEG`` and ``PATH/val/`` (torchvision's root, ``valprep.sh``
+trees), or Kaggle's ``PATH/ILSVRC/Data/CLS-LOC/{train,val}/``. ``val/`` is class folders ``val/<wnid>/*.JPEG``,
+or flat ``val/*.JPEG`` labelled by the first of:
 
 1. ``LOC_val_solution.csv`` (``ImageId,PredictionString``; the label is the first wnid of the string), in PATH
    (for Kaggle's tree also in ``ILSVRC/`` or beside ``train/``);

@@ -60,8 +60,7 @@ def load_data(
     spec, data_dir = _check_args(spec, data_dir, image_size)
     if spec in TORCHVISION_DATASETS:
         return load_torchvision(spec, data_dir, image_size)
-    path, imagenet = _source(spec, Path(data_dir))
-    images = _image_set(path, Path(data_dir), image_size, progress, train_test=True, imagenet=imagenet)
+    path, images = _image_set(spec, Path(data_dir), image_size, progress, train_test=True)
     rows = split_rows(images.splits)
     held = held_out_split(rows, str(path))  # also refuses a cache that load_images wrote for another layout
     labels, classes = images.labels, images.classes
@@ -97,8 +96,7 @@ def load_images(spec: str, data_dir: str = "./data", image_size: int = 0, progre
         names = [f"train/{i:05d}" for i in range(len(train))] + [f"test/{i:05d}" for i in range(len(test))]
         return ImageSet(torch.cat([train.images, test.images]), names, torch.cat([train.labels, test.labels]),
                         list(train.classes), None, [("train", len(train)), ("test", len(test))])
-    path, imagenet = _source(spec, Path(data_dir))
-    return _image_set(path, Path(data_dir), image_size, progress, train_test=False, imagenet=imagenet)
+    return _image_set(spec, Path(data_dir), image_size, progress, train_test=False)[1]
 
 
 def scan(spec: str, data_dir: str = "./data") -> Catalog:
@@ -123,16 +121,16 @@ def fingerprint(spec: str, data_dir: str = "./data") -> str | None:
                       ).hexdigest()
 
 
-def _image_set(path: Path, data_dir: Path, image_size: int, progress: bool, train_test: bool,
-               imagenet: ImageNetSpec | None = None) -> ImageSet:
-    """The pipeline: walk a folder, look in the cache, else read, catalog and decode, and cache the result.
-    ``train_test``: refuse, before decoding, a tree without the splits :func:`load_data` needs."""
+def _image_set(spec: str, data_dir: Path, image_size: int, progress: bool, train_test: bool) -> tuple[Path, ImageSet]:
+    """The pipeline: walk a folder, look in the cache, else read, catalog and decode, and cache the result; and the
+    folder or archive. ``train_test``: refuse, before decoding, a tree without the splits :func:`load_data` needs."""
+    path, imagenet = _source(spec, data_dir)
     tree = _tree(path, imagenet) if path.is_dir() else None  # an archive is keyed without reading it
     cache = cache_dir(path, data_dir, image_size, tree)
     remove_stale_temps(cache.parent)
     cached = read_cache(cache)
     if cached is not None:
-        return cached
+        return path, cached
     catalog = _catalog(path, imagenet, train_test, tree)
     h = w = image_size
     if catalog.records and not image_size:  # the first image's own size
@@ -147,7 +145,7 @@ def _image_set(path: Path, data_dir: Path, image_size: int, progress: bool, trai
     result = ImageSet(images, [r.name for r in catalog.records], labels, catalog.classes, catalog.class_names,
                       catalog.splits)
     write_cache(cache, result, str(path), image_size)
-    return result
+    return path, result
 
 
 def _tree(path: Path, imagenet: ImageNetSpec | None = None, quiet: bool = False) -> Tree:
