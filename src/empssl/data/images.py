@@ -27,9 +27,7 @@ class ImageData:
     class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
-        _check_images(self.images)
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"labels must be ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+        _check(self.images, self.labels)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -81,11 +79,9 @@ class ImageSet:
     splits: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        n = _check_images(self.images)
+        n = _check(self.images, self.labels)
         if len(self.names) != n:
             raise ValueError(f"need one name per image, got {len(self.names)} names for {n} images")
-        if self.labels is not None and self.labels.shape != (n,):
-            raise ValueError(f"labels must be ({n},), got {tuple(self.labels.shape)}")
         if (self.labels is None) != (self.classes is None):
             raise ValueError("labels and classes are given together or not at all")
         if not self.splits:
@@ -97,10 +93,12 @@ class ImageSet:
         return self.images.shape[0]
 
 
-def _check_images(images: torch.Tensor) -> int:
-    """The number of images, after a ValueError unless they are (N, 3, H, W) uint8."""
+def _check(images: torch.Tensor, labels: torch.Tensor | None) -> int:
+    """The number N of images, after a ValueError unless they are (N, 3, H, W) uint8 and ``labels`` (N,)."""
     if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
         raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+    if labels is not None and labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
     return images.shape[0]
 
 
