@@ -1,26 +1,14 @@
-"""Image datasets as in-memory uint8 tensors: torchvision's CIFAR, ImageFolder trees, Tiny ImageNet, archives.
+"""Image datasets as in-memory uint8 tensors: torchvision's CIFAR, ImageFolder trees, Tiny ImageNet, ImageNet, archives.
 
 Everything is decoded once into ``(N, 3, H, W)`` uint8 (60,000 CIFAR images are 184 MB) and kept in memory;
 augmentation happens later on whole batches (see ``patches``), never per image in a DataLoader.
 
-Two entry points: :func:`load_images` gives every image of a folder, tree, archive or dataset with its relative
-file name (what ``empssl embed`` embeds); :func:`load_data` gives its (train, test) splits, which training and
-evaluation use. Folders and archives are decoded with a process pool into one cache under ``data_dir``
-(``data_dir/cache/<name>-<hash>/``: ``images.npy``, ``labels.npy`` and ``meta.json``) that later calls of
-either reuse.
-
-The pipeline is one module per step, each usable alone (docs/ARCHITECTURE.md lists them); a streamed tier takes
-the scan and the per-image decoder, and feeds its own batches.
-
-:func:`scan` gives a source's :class:`Catalog` without decoding; ``record.read()`` gives one image's bytes
-under the same checks, and :func:`decode_image` decodes them by the same rules as the in-memory tier (a test
-holds the two equal). A folder's records hold paths, read when asked; an archive's hold the member bytes,
-read in one pass (a streamed tier over an archive larger than memory would list the names in a first pass and
-read the members in a second, which :mod:`.sources` does not do yet).
-
-Tiny ImageNet is read as distributed (``tiny-imagenet-200.zip`` or its unpacked folder): ``train/<wnid>/images/``,
-``val/images/`` labelled by ``val/val_annotations.txt``, classes from ``wnids.txt`` (sorted), human-readable names
-from ``words.txt``; the unlabelled ``test/`` is left out.
+:func:`load_images` gives every image of a source with its relative file name (what ``empssl embed`` embeds);
+:func:`load_data` gives its (train, test) splits; both decode with a process pool into one cache under
+``data_dir``. A streamed tier builds on :func:`scan` (a source's :class:`Catalog`, nothing decoded; records read
+under the same checks) and :func:`decode_image` (the same decoding rules). One module per step: :mod:`.sources`
+(files and archives, read safely), :mod:`.layouts` and :mod:`.imagenet` (a tree -> a labelled catalog),
+:mod:`.decode`, :mod:`.cache`, and :mod:`.load`, the pipeline.
 """
 
 from .cache import CACHE_VERSION

@@ -1,15 +1,12 @@
 """The decoded-image cache: ``data_dir/cache/<name>-<hash>/`` holding ``images.npy``, ``labels.npy`` (when the
 source has classes) and ``meta.json`` (names, classes, splits, the source and the cache version), one per source
-and image size; what :func:`empssl.data.load_images` returns, and :func:`empssl.data.load_data` splits.
+and image size: what :func:`empssl.data.load_images` returns.
 
-Guarantees:
-
-- A cache folder is complete or absent: it is written into a temp folder ``.<name>-<hash>.<host>.<pid>.*.tmp``
-  beside it and renamed into place. Temp folders of processes that died (killed while writing) are removed at
-  the next load on the same host; a damaged cache folder is removed and decoded again.
-- Writing is best effort: when the cache cannot be written (full disk, read-only or missing ``data_dir``, a
-  file in its way), the decoded images are returned all the same, with one note on stderr saying why the next
-  load decodes again. Nothing half-written is left behind.
+- A cache folder is complete or absent: written into a temp folder ``.<name>-<hash>.<host>.<pid>.*.tmp`` beside it
+  and renamed into place. Temp folders of dead processes are removed at the next load on the same host; a damaged
+  cache folder is removed and decoded again.
+- Writing is best effort: when the cache cannot be written (full disk, read-only or missing ``data_dir``), the
+  images are returned all the same, with one note on stderr; nothing half-written is left behind.
 - The key covers the source's path, the image size and the cache version, and the archive's size and mtime or
   every file of a folder (size and mtime): a folder's contents can change without its own mtime changing.
 """
@@ -39,8 +36,7 @@ _TMP_SUFFIX = ".tmp"
 
 
 def cache_dir(source: Path, data_dir: Path, image_size: int, tree: Tree | None) -> Path:
-    """``data_dir/cache/<name>-<hash>`` for ``source`` decoded at ``image_size``. An archive (``tree`` None) is
-    keyed by its size and mtime, a folder by the stamps of every file the walk found (:func:`add_stamps`)."""
+    """``data_dir/cache/<name>-<hash>`` for ``source`` (an archive when ``tree`` is None) decoded at ``image_size``."""
     h = add_stamps(hashlib.sha256(f"{source}|{image_size}|{CACHE_VERSION}".encode()), source, tree)
     stem = source.name
     if tree is None:  # an archive: its name without the suffix
@@ -50,16 +46,14 @@ def cache_dir(source: Path, data_dir: Path, image_size: int, tree: Tree | None) 
 
 
 def add_stamps(h: Any, source: Path, tree: Tree | None) -> Any:
-    """``h`` (a hashlib hash) updated with what is known of ``source``'s files without reading them: an archive's
-    (``tree`` None) size and mtime, or every file's name, size and mtime. The cache's key, and a run's record of its
-    data (:func:`empssl.data.load.fingerprint`)."""
+    """``h`` (a hashlib hash) updated with an archive's (``tree`` None) size and mtime, or every file's name, size and
+    mtime: the cache's key, and a run's record of its data (:func:`empssl.data.load.fingerprint`)."""
     if tree is None:
         st = source.stat()
         h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
-        return h
-    for name in sorted(tree.stamps):
-        size, mtime = tree.stamps[name]
-        h.update(f"|{name}|{size}|{mtime}".encode())
+    else:
+        for name, (size, mtime) in sorted(tree.stamps.items()):
+            h.update(f"|{name}|{size}|{mtime}".encode())
     return h
 
 
@@ -81,12 +75,10 @@ def write_cache(cache: Path, images: ImageSet, source: str, image_size: int) -> 
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, cache)
-        except OSError:
-            if not (cache / "meta.json").is_file():
-                raise
-            # another process wrote the same cache first; theirs is as good as ours
-        else:
             tmp = None
+        except OSError:
+            if not (cache / "meta.json").is_file():  # else another process wrote the same cache first: as good
+                raise
     except OSError as e:
         print(f"note: the decoded images were not cached under {cache.parent} ({e.strerror or e}); they are "
               f"decoded again next time (free some space, or pass a writable --data-dir)", file=sys.stderr)
@@ -97,7 +89,7 @@ def write_cache(cache: Path, images: ImageSet, source: str, image_size: int) -> 
 
 def read_cache(cache: Path) -> ImageSet | None:
     """The cached :class:`ImageSet`, or None when absent or unreadable (then the caller decodes again)."""
-    if not cache.exists():
+    if not cache.exists():  # not read and removed: another process may be renaming its cache into place
         return None
     try:
         meta: dict[str, Any] = json.loads((cache / "meta.json").read_text())
@@ -123,24 +115,19 @@ def remove_stale_temps(cache_root: Path) -> None:
     except OSError:
         return
     for entry in entries:
-        parts = entry.name.split(".")
-        # "", <name>-<hash> (dots allowed), host, pid, random, "tmp"
-        if not (entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX) and len(parts) >= 6):
-            continue
-        if parts[-4] != host or not parts[-3].isdigit() or _alive(int(parts[-3])):
-            continue
-        shutil.rmtree(entry.path, ignore_errors=True)
+        parts = entry.name.split(".")  # "", <name>-<hash> (dots allowed), host, pid, random, "tmp"
+        if (entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX) and len(parts) >= 6
+                and parts[-4] == host and parts[-3].isdigit() and not _alive(int(parts[-3]))):
+            shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # EPERM: alive, another user's
-        return True
+        pass
     return True
 
 

@@ -3,11 +3,9 @@
 
 The rules :func:`decode_image` applies, in order:
 
-- **Size first.** The pixel count is read from the header, before anything is decoded; an image of more than
-  :data:`MAX_IMAGE_PIXELS` pixels is refused with one line naming it and its size. PIL's own
-  decompression-bomb check (a warning above ``PIL.Image.MAX_IMAGE_PIXELS``, an error above twice that) is
-  switched off while opening, so that this one rule applies and no warning lines are printed; the process's
-  PIL setting is restored afterwards.
+- **Size first.** An image of more than :data:`MAX_IMAGE_PIXELS` pixels (read from the header) is refused with
+  one line naming it and its size. PIL's own bomb check (a warning above ``PIL.Image.MAX_IMAGE_PIXELS``, an error
+  above twice that) is switched off meanwhile, so that this one rule applies, and then restored.
 - **16-bit images** (PNG/TIFF modes ``I;16``, ``I;16B``, ``I;16L``, and ``I``, which PIL uses for 16-bit
   PNGs) are scaled from 0..65535 to 0..255 (``round(v * 255 / 65535)``; ``I`` is clipped to 0..65535 first),
   then replicated to three channels. 16-bit RGB PNGs are reduced to 8 bits by PIL itself (the high byte).
@@ -29,9 +27,8 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
 
 import numpy as np
 import torch
@@ -48,18 +45,12 @@ MAX_IMAGE_PIXELS = 89_478_485
 # Below this many images a process pool costs more to start than it saves.
 POOL_MIN_IMAGES = 512
 
-_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
-_ALPHA = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-
 
 def decode_image(data: bytes | Image.Image | np.ndarray, image_size: int = 0, name: str = "image") -> np.ndarray:
-    """Decode one image file's bytes into (H, W, 3) uint8 (or (S, S, 3) with ``image_size`` S > 0); a PIL image or
-    an (H, W, 3|1) uint8 array (what a LitData folder may hold, :func:`empssl.shard.read_item`) goes the same way.
-
-    The rules (size limit, 16-bit scaling, transparency over white) are in the module docstring. ``name``
-    is how messages name the image ("image train/cat/1.png in /data/x"). Raises :class:`DataError` with one
-    line for an image that is too large or cannot be decoded.
-    """
+    """Decode one image file's bytes into (H, W, 3) uint8 (or (S, S, 3) with ``image_size`` S > 0) by the rules of
+    the module docstring; a PIL image or an (H, W, 3|1) uint8 array (what a LitData folder may hold,
+    :func:`empssl.shard.read_item`) goes the same way. ``name`` is how the one-line :class:`DataError` for an image
+    that is too large or cannot be decoded names it ("image train/cat/1.png in /data/x")."""
     with _pil_bomb_check_off():
         return _decode(data, image_size, name)
 
@@ -72,10 +63,10 @@ def _decode(data: bytes | Image.Image | np.ndarray, image_size: int, name: str) 
                                 f"or (H, W, 1) uint8")
             data = Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data)
         if isinstance(data, Image.Image):
-            rgb = _checked_rgb(data, name)
+            rgb = _to_rgb(data, name)
         else:
             with Image.open(io.BytesIO(data)) as img:
-                rgb = _checked_rgb(img, name)
+                rgb = _to_rgb(img, name)
         return resize_crop(rgb, image_size) if image_size else np.asarray(rgb, dtype=np.uint8)
     except DataError:
         raise
@@ -83,23 +74,17 @@ def _decode(data: bytes | Image.Image | np.ndarray, image_size: int, name: str) 
         raise DataError(f"cannot decode {name}: {_why(e)}") from e
 
 
-def _checked_rgb(img: Image.Image, name: str) -> Image.Image:
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    """``img`` as 8-bit RGB by the rules of the module docstring, after its size is checked."""
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS:
         raise DataError(f"{name} is {w}x{h} = {w * h:,} pixels, more than the {MAX_IMAGE_PIXELS:,} "
                         f"allowed (empssl.data.decode.MAX_IMAGE_PIXELS); shrink it or leave it out")
-    return _to_rgb(img)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as 8-bit RGB by the rules of the module docstring."""
     mode = img.mode
-    if mode in ("RGB", "L") and "transparency" not in img.info:  # the common case: PIL's conversion
-        return img.convert("RGB")
-    if mode in _SIXTEEN_BIT:
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
         return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
-    if mode in _ALPHA or "transparency" in img.info:
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)  # (H, W, 4)
         a = rgba[..., 3:]
         over_white = (rgba[..., :3] * a + 255 * (255 - a) + 127) // 255
@@ -143,31 +128,27 @@ def _why(e: Exception) -> str:
 
 
 _Job = tuple[int, list[str | bytes], list[str], int]
-_Done = tuple[int, np.ndarray | None, int, str]
 
 
-def _decode_chunk(job: _Job) -> _Done:
-    """Pool worker: decode images ``start, start + 1, ...`` given as paths or bytes, named ``names``.
+class _SizesDiffer(Exception):
+    """Images ``args`` (two rows of the catalog) differ in size."""
 
-    Returns ``(start, (k, 3, H, W) uint8, -1, "")``, or ``(start, None, bad_index, message)`` for the first
-    image that cannot be read or decoded (``message`` the one-line error) or differs in size from the chunk's
-    first (``message`` empty). One stacked array per chunk keeps the pickling between processes cheap.
-    """
+
+def _decode_chunk(job: _Job) -> tuple[int, np.ndarray]:
+    """Pool worker: decode images ``start, start + 1, ...`` (paths or bytes, named ``names``) into ``(start,
+    (k, 3, H, W) uint8)``: one stacked array per chunk keeps the pickling between processes cheap. DataError for
+    the first that cannot be read or decoded, :class:`_SizesDiffer` for the first unlike the chunk's first."""
     start, sources, names, image_size = job
     arrays: list[np.ndarray] = []
     with _pil_bomb_check_off():
         for k, (src, name) in enumerate(zip(sources, names, strict=True)):
-            try:
-                a = _decode(src if isinstance(src, bytes) else read_file(src, name), image_size, name)
-            except DataError as e:
-                return start, None, start + k, str(e)
-            if arrays and a.shape != arrays[0].shape:
-                return start, None, start + k, ""
-            arrays.append(a)
-    return start, np.stack(arrays).transpose(0, 3, 1, 2), -1, ""
+            arrays.append(_decode(read_file(src, name), image_size, name))
+            if arrays[-1].shape != arrays[0].shape:
+                raise _SizesDiffer(start, start + k)
+    return start, np.stack(arrays).transpose(0, 3, 1, 2)
 
 
-def decode_catalog(catalog: Catalog, image_size: int, progress: bool, desc: str = "decoding") -> torch.Tensor:
+def decode_catalog(catalog: Catalog, image_size: int, progress: bool) -> torch.Tensor:
     """Decode every image of ``catalog`` into one (N, 3, H, W) uint8 tensor, with a process pool when there
     are many. DataError names the first image that cannot be decoded, or two images of different size."""
     records = catalog.records
@@ -180,44 +161,35 @@ def decode_catalog(catalog: Catalog, image_size: int, progress: bool, desc: str 
     jobs: list[_Job] = [(i, [r.data for r in records[i: i + size]], names[i: i + size], image_size)
                         for i in range(0, n, size)]
     out: np.ndarray | None = None  # (N, 3, H, W), allocated once the first chunk's image size is known
-    pool = None
-    if workers > 1:
-        # fork: workers need only PIL and numpy, and re-importing torch in each (spawn) costs seconds.
-        # Workers ignore Ctrl-C: the parent alone gets KeyboardInterrupt and terminates them (no traceback per
-        # worker, and no worker that dies of it while the pool replaces it and decoding goes on).
-        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint)
-        results: Iterator[_Done] = pool.imap_unordered(_decode_chunk, jobs)
-    else:
-        results = map(_decode_chunk, jobs)
+    # fork: workers need only PIL and numpy, and re-importing torch in each (spawn) costs seconds.
+    # Workers ignore Ctrl-C: the parent alone gets KeyboardInterrupt and terminates them (no traceback per
+    # worker, and no worker that dies of it while the pool replaces it and decoding goes on).
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool = ctx.Pool(workers, _ignore_sigint) if workers > 1 else None
+    results: Iterator[tuple[int, np.ndarray]] = (pool.imap_unordered(_decode_chunk, jobs) if pool
+                                                 else map(_decode_chunk, jobs))
     try:
-        with tqdm(total=n, desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
-            for start, arr, bad, message in results:
-                if arr is None and message:
-                    raise DataError(message)
-                if arr is None:
-                    _raise_size_mismatch(catalog, (start, bad))
+        with tqdm(total=n, desc="decoding", unit="img", file=sys.stderr, disable=not progress) as bar:
+            for start, arr in results:
                 if out is None:
                     out = np.empty((n, 3, *arr.shape[2:]), dtype=np.uint8)
                 elif arr.shape[2:] != out.shape[2:]:
-                    _raise_size_mismatch(catalog, (0, start))
+                    raise _SizesDiffer(0, start)
                 out[start: start + len(arr)] = arr
                 bar.update(len(arr))
+    except _SizesDiffer as e:
+        sizes = []
+        for i in e.args:
+            record = catalog.records[i]
+            with _pil_bomb_check_off(), Image.open(io.BytesIO(record.read())) as img:
+                sizes.append(f"{catalog.root}{record.name} is {img.size[0]}x{img.size[1]}")
+        raise DataError(f"images differ in size ({', '.join(sizes)}); pass --image-size N to resize them all to "
+                        f"N x N") from None
     finally:
         if pool is not None:
             pool.terminate()
     assert out is not None  # n >= 1 and every chunk either filled its rows or raised
     return torch.from_numpy(out)
-
-
-def _raise_size_mismatch(catalog: Catalog, pair: Sequence[int]) -> NoReturn:
-    sizes = []
-    for i in pair:
-        record = catalog.records[i]
-        with _pil_bomb_check_off(), Image.open(io.BytesIO(record.read())) as img:
-            sizes.append(f"{catalog.root}{record.name} is {img.size[0]}x{img.size[1]}")
-    raise DataError(
-        f"images differ in size ({', '.join(sizes)}); pass --image-size N to resize them all to N x N"
-    )
 
 
 def _ignore_sigint() -> None:

@@ -1,35 +1,24 @@
-"""ImageNet-1k and ImageNet-100 read from an ImageNet train/val tree as distributed: ``--data imagenet100:PATH``
-and ``--data imagenet:PATH`` (``imagenet100`` / ``imagenet`` alone: ``--data-dir/imagenet``).
+"""ImageNet-1k and ImageNet-100 read from an extracted ImageNet train/val tree: ``--data imagenet100:PATH`` and
+``--data imagenet:PATH`` (``imagenet100`` / ``imagenet`` alone: ``--data-dir/imagenet``).
 
-``imagenet100`` selects the 100 classes of CMC (``empssl/assets/imagenet100_classes.txt``, with its source), the
-subset solo-learn and the EMP-SSL paper use; ``imagenet`` takes every class folder of ``train/``. Classes are the
-sorted wnids (the order torchvision's ``ImageFolder`` gives), so label i is ``classes[i]`` either way.
-
-The trees read (PATH is a folder; ImageNet's tarballs are not read in place: extract them, or let torchvision's
-``ImageNet`` class do it once, which leaves the first layout):
-
-- ``PATH/train/<wnid>/*.JPEG`` and ``PATH/val/``: torchvision's ``ImageNet`` root after its first use, the
-  common prepared trees (``valprep.sh``), and trees that hold only the 100 classes;
-- ``PATH/ILSVRC/Data/CLS-LOC/train/`` and ``.../val/``: the Kaggle "ImageNet Object Localization Challenge"
-  download (``LOC_val_solution.csv`` and ``LOC_synset_mapping.txt`` beside ``ILSVRC/``).
-
-``val/`` is either class folders ``val/<wnid>/*.JPEG`` (labelled by the folder), or flat ``val/*.JPEG``
-labelled by the first of:
+``imagenet100`` reads only the folders of CMC's 100 classes (``empssl/assets/imagenet100_classes.txt``, with its
+source), the subset solo-learn and the EMP-SSL paper use; ``imagenet`` every class folder of ``train/``. Classes
+are the sorted wnids (torchvision's ``ImageFolder`` order). The tree (extract the tarballs, or let torchvision's
+``ImageNet`` do it once) is ``PATH/train/<wnid>/*.JPEG`` and ``PATH/val/`` (torchvision's root, ``valprep.sh``
+trees), or Kaggle's ``PATH/ILSVRC/Data/CLS-LOC/{train,val}/``. ``val/`` is class folders ``val/<wnid>/*.JPEG``,
+or flat ``val/*.JPEG`` labelled by the first of:
 
 1. ``LOC_val_solution.csv`` (``ImageId,PredictionString``; the label is the first wnid of the string), in PATH
    (for Kaggle's tree also in ``ILSVRC/`` or beside ``train/``);
 2. the ILSVRC2012 devkit: ``data/ILSVRC2012_validation_ground_truth.txt`` (line i: the 1-based ILSVRC2012_ID of
    ``ILSVRC2012_val_<i, 8 digits>.JPEG``) mapped to wnids by ``data/meta.mat`` (its ``synsets``: ILSVRC2012_ID ->
    WNID, the 1,000 leaves), read from ``PATH/ILSVRC2012_devkit_t12/``, from the two files directly in PATH, or
-   from inside ``PATH/ILSVRC2012_devkit_t12.tar.gz`` (what torchvision reads). torchvision pairs the lines with
-   the sorted file list; here a file is paired with the line its number names, which is the same for the full
-   50,000 and still right for a subset. Reading meta.mat needs scipy.
+   from inside ``PATH/ILSVRC2012_devkit_t12.tar.gz``. torchvision pairs the lines with the sorted file list; here a
+   file is paired with the line its number names: the same for all 50,000, and still right for a subset. Reading
+   meta.mat needs scipy.
 
-Human-readable class names come from meta.mat's ``words``, or ``LOC_synset_mapping.txt`` / Caffe's
-``synset_words.txt`` (``<wnid> <words>`` per line), when present (torchvision's ``meta.bin`` is not read). A missing
-class folder, a flat val/ without ground truth or with an image it does not label, and train/val class lists that
-differ are one-line :class:`DataError`\\ s. Only the selected classes' folders are walked (for ImageNet-100, 100 of
-the 1,000).
+Class names come from meta.mat's ``words``, or ``LOC_synset_mapping.txt`` / Caffe's ``synset_words.txt``
+(``<wnid> <words>`` per line).
 """
 
 from __future__ import annotations
@@ -45,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from .images import DataError
-from .layouts import Catalog, _catalog, _check_same_classes, _read_bytes, _read_text, _scan_classes, _Split
-from .sources import MAX_FILE_BYTES, Tree, is_image, walk_folder
+from .layouts import Catalog, _catalog, _check_same_classes, _read_text, _scan_classes, _Split
+from .sources import MAX_FILE_BYTES, Tree, is_image, read_file, walk_folder
 
 IMAGENET_SPECS = ("imagenet100", "imagenet")
 KAGGLE_ROOT = "ILSVRC/Data/CLS-LOC/"
@@ -83,23 +72,20 @@ class ImageNetSpec:
         train = self.path / base / "train"
         if not train.is_dir():
             raise DataError(f"no train/ folder in {self.path / base} (expected train/<wnid>/*.JPEG)")
-        wanted = self._wanted(train, f"{base}train/")
-        for wnid in wanted:
-            _graft(tree, walk_folder(train / wnid), f"{base}train/{wnid}/")
+        for wnid in self._wanted(train, f"{base}train/"):
+            walk_folder(train / wnid, tree, f"{base}train/{wnid}/")
         val = self.path / base / "val"
         if not val.is_dir():
             raise DataError(f"no val/ folder in {self.path / base} (expected val/<wnid>/*.JPEG, or val/*.JPEG "
                             f"with {LOC_SOLUTION} or the ILSVRC2012 devkit)")
-        if _is_flat(val):
-            flat = walk_folder(val)
-            flat.files = {k: v for k, v in flat.files.items() if "/" not in k}
-            _graft(tree, flat, f"{base}val/")
-        elif self.variant == "imagenet":
-            _graft(tree, walk_folder(val), f"{base}val/")
+        if _is_flat(val) or self.variant == "imagenet":
+            walk_folder(val, tree, f"{base}val/")
         else:
             for wnid in self._wanted(val, f"{base}val/"):
-                _graft(tree, walk_folder(val / wnid), f"{base}val/{wnid}/")
-        for rel in _label_files(base):
+                walk_folder(val / wnid, tree, f"{base}val/{wnid}/")
+        kaggle = [top + name for top in _tops(base) for name in (LOC_SOLUTION, *SYNSET_NAMES)]
+        for rel in [*kaggle, f"{DEVKIT}/data/{GROUND_TRUTH}", f"{DEVKIT}/data/meta.mat", GROUND_TRUTH, "meta.mat",
+                    f"{DEVKIT}.tar.gz"]:
             file = self.path / rel
             if file.is_file():
                 st = file.stat()
@@ -111,7 +97,7 @@ class ImageNetSpec:
         """(train, val) of :meth:`walk`'s tree as a :class:`Catalog`, names relative to the train/ folder's parent."""
         base = _image_root(self.path)
         train = _scan_classes(tree, f"{base}train/", "train/")
-        class_names = _class_names(tree, base, self.path, train.classes)
+        train.class_names = _class_names(tree, base, self.path, train.classes)
         prefix = f"{base}val/"
         loose = sorted(n for n in tree.files if n.startswith(prefix) and "/" not in n[len(prefix):])
         if loose:
@@ -119,9 +105,7 @@ class ImageNetSpec:
         else:
             val = _scan_classes(tree, prefix, "val/")
         _check_same_classes(train, val, "val", self.shown)
-        labels = np.concatenate([train.labels, val.labels]).tolist()
-        return _catalog(tree, str(self.path), base, train.names + val.names, labels, train.classes, class_names,
-                        [("train", len(train.names)), ("val", len(val.names))])
+        return _catalog(tree, str(self.path), base, [("train", train), ("val", val)])
 
     def _wanted(self, folder: Path, shown: str) -> list[str]:
         """The class folders of ``folder`` this spec reads; DataError naming the selected ones that are missing."""
@@ -142,10 +126,10 @@ class ImageNetSpec:
 def parse_spec(spec: str, data_dir: Path) -> ImageNetSpec | None:
     """The :class:`ImageNetSpec` that ``spec`` names, or None when it is not an ImageNet spec."""
     variant, sep, path = spec.partition(":")
-    if variant not in IMAGENET_SPECS or (sep and not path):
-        if variant in IMAGENET_SPECS:
-            raise DataError(f"--data {spec}: give the ImageNet folder after the colon ({variant}:PATH)")
+    if variant not in IMAGENET_SPECS:
         return None
+    if sep and not path:
+        raise DataError(f"--data {spec}: give the ImageNet folder after the colon ({variant}:PATH)")
     folder = Path(path).expanduser() if sep else data_dir / "imagenet"
     if not folder.exists():
         where = "" if sep else f" (--data {variant} reads --data-dir/imagenet; or pass --data {variant}:PATH)"
@@ -154,9 +138,6 @@ def parse_spec(spec: str, data_dir: Path) -> ImageNetSpec | None:
         raise DataError(f"{folder} is not a folder: ImageNet is read from its extracted train/ and val/ folders "
                         f"(extract the tarballs, or let torchvision.datasets.ImageNet do it once)")
     return ImageNetSpec(variant, folder.resolve())
-
-
-# --- the tree ---------------------------------------------------------------------------------------
 
 
 def _image_root(path: Path) -> str:
@@ -168,61 +149,36 @@ def _image_root(path: Path) -> str:
 
 def _is_flat(val: Path) -> bool:
     """Whether val/ holds its images directly (flat) rather than in class folders; DataError when it has both."""
-    has_images = has_dirs = False
-    for entry in val.iterdir():
-        if entry.name.startswith("."):
-            continue
-        has_dirs = has_dirs or entry.is_dir()
-        has_images = has_images or (entry.is_file() and is_image(entry.name))
+    entries = [entry for entry in val.iterdir() if not entry.name.startswith(".")]
+    has_dirs = any(entry.is_dir() for entry in entries)
+    has_images = any(entry.is_file() and is_image(entry.name) for entry in entries)
     if has_images and has_dirs:
         raise DataError(f"{val} holds both images and class folders; keep one layout (val/<wnid>/*.JPEG, or "
                         f"val/*.JPEG with its ground truth)")
     return has_images
 
 
-def _graft(tree: Tree, sub: Tree, prefix: str) -> None:
-    """Add ``sub`` (walked from the folder ``prefix`` names) to ``tree``, its paths prefixed."""
-    parts = prefix.rstrip("/").split("/")
-    tree.dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-    tree.dirs.update(prefix + d for d in sub.dirs)
-    tree.files.update((prefix + k, v) for k, v in sub.files.items())
-    tree.stamps.update((prefix + k, v) for k, v in sub.stamps.items())
-    tree.skipped.extend(prefix + k for k in sub.skipped)
-
-
 def _tops(base: str) -> list[str]:
-    """Where Kaggle-style files may lie, relative to PATH: PATH itself, and for Kaggle's tree ILSVRC/ and the
-    folder holding train/."""
+    """Where Kaggle's files may lie, relative to PATH: PATH, and for Kaggle's tree ILSVRC/ and train/'s folder."""
     return ["", "ILSVRC/", base] if base else [""]
-
-
-def _label_files(base: str) -> list[str]:
-    """Where ground-truth and class-name files may lie, relative to PATH."""
-    found = [top + name for top in _tops(base) for name in (LOC_SOLUTION, *SYNSET_NAMES)]
-    found += [f"{DEVKIT}/data/{GROUND_TRUTH}", f"{DEVKIT}/data/meta.mat", GROUND_TRUTH, "meta.mat",
-              f"{DEVKIT}.tar.gz"]
-    return found
-
-
-# --- labels -------------------------------------------------------------------------------------------
 
 
 def _label_flat_val(tree: Tree, base: str, path: Path, loose: list[str], classes: list[str], select: bool
                     ) -> _Split:
-    """Flat val/ images labelled by their ground truth. ``select``: keep those of ``classes`` (ImageNet-100), and
-    give as val/'s classes the selected ones it has images of; else (ImageNet-1k) keep them all, and give every
-    class the ground truth names, so that a class without a train/ folder is a mismatch."""
+    """Flat val/ images labelled by their ground truth. ``select`` (ImageNet-100): keep those of ``classes``, and
+    give val/ the selected classes it has images of; else keep them all, and give val/ every class its ground truth
+    names, so that a class without a train/ folder is a mismatch."""
     prefix = f"{base}val/"
     solution = next((top + LOC_SOLUTION for top in _tops(base) if top + LOC_SOLUTION in tree.meta), None)
     if solution is not None:
         truth, source = _loc_solution(_read_text(tree, solution, path), f"{solution} in {path}"), solution
         key_of = {name: Path(name).stem for name in loose}
     else:
-        devkit = _devkit(tree, path)
-        if devkit is None:
+        gt_text, meta, source = _devkit_files(tree, path) or (None, b"", "")
+        if gt_text is None:  # no devkit, or a meta.mat without the ground truth
             raise DataError(f"val/ of {path} is flat (val/*.JPEG) but has no ground truth: put {LOC_SOLUTION}, "
                             f"{DEVKIT}/ or {DEVKIT}.tar.gz in {path}, or sort val/ into val/<wnid>/ folders")
-        truth, source = devkit
+        truth = _ground_truth(gt_text, _synsets(meta, f"{source} in {path}")[0], source)
         key_of = {}
         for name in loose:
             m = _VAL_NUMBER.fullmatch(name[len(prefix):])
@@ -236,11 +192,8 @@ def _label_flat_val(tree: Tree, base: str, path: Path, loose: list[str], classes
                         f"(e.g. {unlabelled[0][len(base):]})")
     wnid = {name: truth[key_of[name]] for name in loose}
     index = {c: i for i, c in enumerate(classes)}
-    kept = [name for name in loose if wnid[name] in index]
-    val_classes = sorted({wnid[name] for name in (kept if select else loose)})
-    names = sorted(kept, key=lambda name: (index[wnid[name]], name))  # grouped by class, as the other layouts
-    labels = np.asarray([index[wnid[name]] for name in names], dtype=np.int64)
-    return _Split(names, labels, val_classes)
+    label_of: dict[str, int | None] = {name: index[wnid[name]] for name in loose if wnid[name] in index}
+    return _Split(label_of, sorted({wnid[name] for name in (label_of if select else loose)}))
 
 
 def _loc_solution(text: str, shown: str) -> dict[str, str]:
@@ -265,33 +218,19 @@ def _devkit_files(tree: Tree, path: Path) -> tuple[str | None, bytes, str] | Non
     for folder in (f"{DEVKIT}/data/", ""):
         gt, mat = folder + GROUND_TRUTH, folder + "meta.mat"
         if mat in tree.meta:
-            return (_read_text(tree, gt, path) if gt in tree.meta else None), _read_bytes(tree, mat, path), mat
+            text = _read_text(tree, gt, path) if gt in tree.meta else None
+            return text, read_file(tree.meta[mat], f"{mat} in {path}"), mat
         if gt in tree.meta:
             raise DataError(f"{gt} in {path} needs the devkit's meta.mat beside it (it maps ILSVRC2012_IDs to wnids)")
     archive = f"{DEVKIT}.tar.gz"
     if archive not in tree.meta:
         return None
-    members = _devkit_archive(str(tree.meta[archive]), f"{archive} in {path}")
-    return members[GROUND_TRUTH].decode("utf-8", errors="replace"), members["meta.mat"], archive
-
-
-def _devkit(tree: Tree, path: Path) -> tuple[dict[str, str], str] | None:
-    """The devkit's val ground truth as (8-digit file number -> wnid, where it was read), or None without one."""
-    files = _devkit_files(tree, path)
-    if files is None:
-        return None
-    gt_text, meta, where = files
-    if gt_text is None:
-        return None
-    return _ground_truth(gt_text, _synsets(meta, f"{where} in {path}")[0], where), where
-
-
-def _devkit_archive(file: str, shown: str) -> dict[str, bytes]:
-    """meta.mat and the val ground truth from inside the devkit tarball (each at most the usual size cap)."""
+    # meta.mat and the val ground truth from inside the devkit tarball, each at most the usual size cap
+    shown = f"{archive} in {path}"
     wanted = {f"{DEVKIT}/data/{GROUND_TRUTH}": GROUND_TRUTH, f"{DEVKIT}/data/meta.mat": "meta.mat"}
     found: dict[str, bytes] = {}
     try:
-        with tarfile.open(file, "r:gz") as tf:
+        with tarfile.open(str(tree.meta[archive]), "r:gz") as tf:
             for member in tf:
                 if member.isfile() and member.name in wanted and member.size <= MAX_FILE_BYTES:
                     f = tf.extractfile(member)
@@ -302,7 +241,7 @@ def _devkit_archive(file: str, shown: str) -> dict[str, bytes]:
     missing = sorted(set(wanted.values()) - set(found))
     if missing:
         raise DataError(f"{shown} has no {DEVKIT}/data/{missing[0]}")
-    return found
+    return found[GROUND_TRUTH].decode("utf-8", errors="replace"), found["meta.mat"], archive
 
 
 def _synsets(meta: bytes, shown: str) -> tuple[dict[int, str], dict[str, str]]:

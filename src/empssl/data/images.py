@@ -1,6 +1,5 @@
-"""What the data pipeline gives: :class:`ImageData` (one labelled split) and :class:`ImageSet` (every image of a
-source with its name), :class:`DataError`, the one-line error for bad data, and :func:`resize_crop`, the one resize
-rule of every tier. Imports nothing above it."""
+"""What the data pipeline gives (:class:`ImageData`, :class:`ImageSet`), its one-line error (:class:`DataError`) and
+the one resize rule of every tier (:func:`resize_crop`). Imports nothing above it."""
 
 from __future__ import annotations
 
@@ -18,15 +17,9 @@ class DataError(Exception):
 
 @dataclass
 class ImageData:
-    """A labelled image set held in memory.
-
-    Attributes:
-        images: (N, 3, H, W) uint8, contiguous, on the CPU.
-        labels: (N,) int64 class indices into ``classes``.
-        classes: class names; ``classes[i]`` is the name of label ``i`` (for Tiny ImageNet: the wnids).
-        class_names: human-readable names beside ``classes`` where the data gives them (Tiny ImageNet's
-            words.txt, e.g. "goldfish, Carassius auratus"), else None.
-    """
+    """A labelled image set held in memory: ``images`` (N, 3, H, W) uint8, contiguous, on the CPU; ``labels`` (N,)
+    int64 indices into ``classes`` (Tiny ImageNet, ImageNet: the wnids); ``class_names`` human-readable names beside
+    them where the data gives them ("goldfish, Carassius auratus"), else None."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -34,21 +27,15 @@ class ImageData:
     class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
-        _check_images(self.images)
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"labels must be ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+        _check(self.images, self.labels)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def subset(self, n: int) -> ImageData:
-        """The first ``n`` images, class-balanced, in stored order.
-
-        Classes are interleaved in stored order (first image of every class, then the second of every
-        class, ...) and the first ``n`` of that sequence are kept, so each class gets ceil or floor of
-        ``n / C`` images (a class that runs out leaves its share to the others). Deterministic, and
-        ``subset(n).subset(m) == subset(m)`` for ``m <= n``. ``n >= len(self)`` returns ``self``.
-        """
+        """The first ``n`` images of the classes interleaved (first image of every class, then the second, ...),
+        in stored order: each class gets ceil or floor of ``n / C`` (a class that runs out leaves its share to the
+        others), and ``subset(n).subset(m) == subset(m)`` for ``m <= n``. ``n >= len(self)`` returns ``self``."""
         keep = balanced_indices(self.labels, len(self.classes), n)  # checks n
         if n >= len(self):
             return self
@@ -77,16 +64,11 @@ def balanced_indices(labels: torch.Tensor, num_classes: int, n: int) -> torch.Te
 class ImageSet:
     """Every image of a source, each with its relative file name (what ``empssl embed`` embeds).
 
-    Attributes:
-        images: (N, 3, H, W) uint8, contiguous, on the CPU.
-        names: N relative POSIX paths ("train/cat/0001.png", "val/images/val_0.JPEG", "00012.jpg"; for
-            torchvision arrays "train/00012"), unique, in the stored order.
-        labels: (N,) int64 indices into ``classes``, or None when the source has no classes (a flat folder).
-        classes: class names (Tiny ImageNet: wnids), or None.
-        class_names: human-readable class names where the data gives them (Tiny ImageNet), else None.
-        splits: consecutive blocks of the rows as (split, count): [("train", 50000), ("test", 10000)] for a
-            split root or a dataset, [("", N)] for a folder without splits. Each block holds the images that
-            :func:`load_data` gives for that split, in the same order.
+    As :class:`ImageData`, but ``labels`` and ``classes`` are None for a source without classes (a flat folder);
+    ``names`` are N unique relative POSIX paths in the stored order ("train/cat/0001.png", "00012.jpg"; for
+    torchvision's arrays "train/00012"); ``splits`` are consecutive blocks of the rows as (split, count):
+    [("train", 50000), ("test", 10000)] for a split root or a dataset, [("", N)] for a folder without splits, each
+    block what :func:`load_data` gives for that split, in the same order.
     """
 
     images: torch.Tensor
@@ -97,11 +79,9 @@ class ImageSet:
     splits: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        n = _check_images(self.images)
+        n = _check(self.images, self.labels)
         if len(self.names) != n:
             raise ValueError(f"need one name per image, got {len(self.names)} names for {n} images")
-        if self.labels is not None and self.labels.shape != (n,):
-            raise ValueError(f"labels must be ({n},), got {tuple(self.labels.shape)}")
         if (self.labels is None) != (self.classes is None):
             raise ValueError("labels and classes are given together or not at all")
         if not self.splits:
@@ -113,10 +93,12 @@ class ImageSet:
         return self.images.shape[0]
 
 
-def _check_images(images: torch.Tensor) -> int:
-    """The number of images, after a ValueError unless they are (N, 3, H, W) uint8."""
+def _check(images: torch.Tensor, labels: torch.Tensor | None) -> int:
+    """The number N of images, after a ValueError unless they are (N, 3, H, W) uint8 and ``labels`` (N,)."""
     if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
         raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+    if labels is not None and labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
     return images.shape[0]
 
 
@@ -127,10 +109,8 @@ def split_rows(splits: list[tuple[str, int]]) -> dict[str, slice]:
 
 
 def resize_crop(img: Image.Image, size: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` (bilinear; PIL antialiases when shrinking) and centre-crop.
-
-    Returns (size, size, 3) uint8.
-    """
+    """(size, size, 3) uint8: the shorter side resized to ``size`` (bilinear; PIL antialiases when shrinking), then
+    centre-cropped."""
     w, h = img.size
     if (w, h) != (size, size):
         scale = size / min(w, h)

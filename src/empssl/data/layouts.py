@@ -1,13 +1,11 @@
-"""Layouts: how a tree of files becomes labelled images. ImageFolder split roots, class trees, plain folders, Tiny
-ImageNet as distributed, and torchvision's CIFAR arrays.
-
-A tree (see :mod:`.sources`) is classified once into a :class:`Catalog`: the list of :class:`ImageRecord`
-(relative name, label, where the bytes are) with the classes and the split blocks. The in-memory tier decodes
-a catalog whole (:func:`empssl.data.load_images`); a streamed tier can read the same records one at a time.
+"""Layouts: how a tree of files (:mod:`.sources`) becomes a :class:`Catalog` of labelled images: ImageFolder split
+roots, class trees, plain folders and Tiny ImageNet as distributed; and torchvision's CIFAR arrays. The in-memory
+tier decodes a catalog whole (:func:`empssl.data.load_images`); a streamed tier reads its records one at a time.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +18,13 @@ from .images import DataError, ImageData, resize_crop
 from .sources import IMAGE_EXTENSIONS, Tree, read_file
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100")
+SPLITS = ("train", "val", "test")
 
 
 class ImageRecord(NamedTuple):
-    """One image of a source: what a reader needs to fetch and label it, without decoding it.
-
-    ``name`` is the relative POSIX path the outputs use ("train/cat/0001.png"); ``label`` an index into the
-    catalog's classes, or None for a source without classes; ``data`` the absolute path of a regular file
-    on disk, or the member's bytes when the source is an archive (archives are read in one pass).
-    """
+    """One image of a source, not decoded: ``name`` the relative POSIX path the outputs use ("train/cat/0001.png");
+    ``label`` an index into the catalog's classes, or None without classes; ``data`` the absolute path of a regular
+    file on disk, or the member's bytes when the source is an archive (archives are read in one pass)."""
 
     name: str
     label: int | None
@@ -36,22 +32,17 @@ class ImageRecord(NamedTuple):
 
     def read(self) -> bytes:
         """The image file's bytes, under the same checks as the pipeline's (regular file, size cap)."""
-        return self.data if isinstance(self.data, bytes) else read_file(self.data, self.name)
+        return read_file(self.data, self.name)
 
 
 @dataclass
 class Catalog:
     """Every image of a source, listed and labelled but not decoded, in the order the outputs keep.
 
-    Attributes:
-        source: the folder or archive, as messages name it.
-        root: the prefix that the records' names dropped ("" or a single wrapping folder "wrapped/"); the
-            path inside the source is ``root + record.name``.
-        records: one :class:`ImageRecord` per image, grouped by split and class, sorted by name within.
-        classes: class names (label i is ``classes[i]``), or None without classes.
-        class_names: human-readable names beside ``classes`` (Tiny ImageNet's words.txt), else None.
-        splits: consecutive blocks of ``records`` as (split, count), as in :class:`ImageSet`.
-        skipped: image-named entries that are not regular files, left out (see :mod:`.sources`).
+    ``source`` names the folder or archive in messages; ``root`` is the prefix the records' names dropped ("" or
+    a single wrapping folder "wrapped/"); ``records`` are grouped by split and class, sorted by name within;
+    ``classes``, ``class_names`` and ``splits`` (blocks of ``records``) are as in :class:`ImageSet`; ``skipped``
+    lists the image-named entries that are not regular files, left out (see :mod:`.sources`).
     """
 
     source: str
@@ -69,61 +60,49 @@ class Catalog:
 
 @dataclass
 class _Split:
-    names: list[str]  # paths in the tree, grouped by class in sorted order
-    labels: np.ndarray  # (N,) int64
-    classes: list[str]
+    labels: dict[str, int | None]  # path in the tree -> label (None: a plain folder, without classes)
+    classes: list[str]  # [] without classes
     class_names: list[str] | None = None
 
 
-def catalog_tree(tree: Tree, shown: str, unwrap_any: bool) -> Catalog:
-    """Classify ``tree``: Tiny ImageNet, split root (train/ and any of val/, test/), class tree or plain folder.
-
-    ``unwrap_any``: drop a single top-level folder even when it is not a split root (archives wrap their
-    contents in one folder as a rule; a folder the user points at is taken as it is). ``shown`` names the
-    source in messages.
-    """
-    root = _layout_root(tree)
-    splits: list[tuple[str, _Split]] = []
-    if _is_tiny_imagenet(tree, root):
-        train, val = _scan_tiny_imagenet(tree, root, shown)
-        splits = [("train", train), ("val", val)]
-    elif root + "train" in tree.dirs:
-        splits = [(s, _scan_split(tree, root, s)) for s in ("train", "val", "test") if root + s in tree.dirs]
+def catalog_tree(tree: Tree, shown: str, unwrap_any: bool, train_test: bool = False) -> Catalog:
+    """Classify ``tree`` as :func:`empssl.data.load_images` describes (Tiny ImageNet, split root, class tree or
+    plain folder); ``shown`` names it in messages. ``unwrap_any``: drop a single top-level folder even when it is
+    not a split root (archives wrap their contents in one as a rule; a folder the user points at is taken as it is).
+    ``train_test``: refuse first a tree without the splits :func:`empssl.data.load_data` needs."""
+    top = sorted(d for d in tree.dirs if "/" not in d)
+    # a single top-level folder wrapping a split root or Tiny ImageNet ("cifar10-jpeg75/") is dropped from names
+    root = top[0] + "/" if "train" not in top and len(top) == 1 and f"{top[0]}/train" in tree.dirs else ""
+    tiny = root + "train" in tree.dirs and (root + "wnids.txt" in tree.meta
+                                            or root + "val/val_annotations.txt" in tree.meta)
+    found = ["train", "val"] if tiny else [s for s in SPLITS if root + s in tree.dirs]
+    if train_test:
+        held_out_split(found, shown)
+    if tiny:
+        return _catalog(tree, shown, root, list(zip(found, _scan_tiny_imagenet(tree, root, shown))))
+    if "train" in found:
+        splits = [(s, _scan_classes(tree, f"{root}{s}/", f"{s}/")) for s in found]
         for name, split in splits[1:]:
             _check_same_classes(splits[0][1], split, name, shown)
-    if splits:
-        first = splits[0][1]
-        names = [n for _, s in splits for n in s.names]
-        labels: list[int] | None = np.concatenate([s.labels for _, s in splits]).tolist()
-        return _catalog(tree, shown, root, names, labels, first.classes, first.class_names,
-                        [(name, len(s.names)) for name, s in splits])
-    top_dirs = [d for d in tree.dirs if "/" not in d]
-    if unwrap_any and len(top_dirs) == 1 and not any("/" not in f for f in tree.files):
-        root = top_dirs[0] + "/"
+        return _catalog(tree, shown, root, splits)
+    if unwrap_any and len(top) == 1 and not any("/" not in f for f in tree.files):
+        root = top[0] + "/"
     below = sorted(f for f in tree.files if f.startswith(root))
     if not below:
         raise DataError(f"no images in {shown} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if any("/" not in f[len(root):] for f in below):  # images at the top: a plain folder, no classes
-        return _catalog(tree, shown, root, below, None, None, None, [("", len(below))])
-    split = _scan_classes(tree, root, "")
-    return _catalog(tree, shown, root, split.names, split.labels.tolist(), split.classes, None,
-                    [("", len(split.names))])
+        return _catalog(tree, shown, root, [("", _Split(dict.fromkeys(below), []))])
+    return _catalog(tree, shown, root, [("", _scan_classes(tree, root, ""))])
 
 
-def _catalog(tree: Tree, shown: str, root: str, names: list[str], labels: list[int] | None,
-             classes: list[str] | None, class_names: list[str] | None, splits: list[tuple[str, int]]) -> Catalog:
-    cut = len(root)
-    files = tree.files
-    records = [ImageRecord(n[cut:], None if labels is None else labels[i], files[n]) for i, n in enumerate(names)]
-    return Catalog(shown, root, records, classes, class_names, splits, list(tree.skipped))
-
-
-def split_names(tree: Tree) -> set[str]:
-    """The splits :func:`catalog_tree` will find in ``tree`` (at the top or in a single wrapping folder)."""
-    root = _layout_root(tree)
-    if _is_tiny_imagenet(tree, root):
-        return {"train", "val"}
-    return {s for s in ("train", "val", "test") if root + s in tree.dirs}
+def _catalog(tree: Tree, shown: str, root: str, splits: list[tuple[str, _Split]]) -> Catalog:
+    """The catalog of ``splits`` in that order, each grouped by class and sorted by name within, with the first
+    one's classes; names drop ``root``."""
+    first = splits[0][1]
+    records = [ImageRecord(name[len(root):], label, tree.files[name]) for _, s in splits
+               for name, label in sorted(s.labels.items(), key=lambda item: (item[1] or 0, item[0]))]
+    return Catalog(shown, root, records, first.classes or None, first.class_names,
+                   [(name, len(s.labels)) for name, s in splits], list(tree.skipped))
 
 
 def held_out_split(splits: Collection[str], shown: str) -> str:
@@ -135,22 +114,6 @@ def held_out_split(splits: Collection[str], shown: str) -> str:
     return "test" if "test" in splits else "val"
 
 
-# --- the layouts ----------------------------------------------------------------------------------
-
-
-def _layout_root(tree: Tree) -> str:
-    """"" or the single top-level folder that wraps a split root or Tiny ImageNet (``cifar10-jpeg75/``)."""
-    top = sorted(d for d in tree.dirs if "/" not in d)
-    if "train" not in top and len(top) == 1 and f"{top[0]}/train" in tree.dirs:
-        return top[0] + "/"
-    return ""
-
-
-def _is_tiny_imagenet(tree: Tree, root: str) -> bool:
-    return root + "train" in tree.dirs and (
-        root + "wnids.txt" in tree.meta or root + "val/val_annotations.txt" in tree.meta)
-
-
 def _check_same_classes(train: _Split, other: _Split, other_name: str, shown: str) -> None:
     if train.classes != other.classes:
         only_train = sorted(set(train.classes) - set(other.classes))
@@ -159,72 +122,57 @@ def _check_same_classes(train: _Split, other: _Split, other_name: str, shown: st
                         f"{', '.join(only_train) or '-'}; only in {other_name}: {', '.join(only_other) or '-'}")
 
 
-def _scan_split(tree: Tree, root: str, split: str) -> _Split:
-    return _scan_classes(tree, f"{root}{split}/", f"{split}/")
-
-
 def _scan_classes(tree: Tree, prefix: str, shown_prefix: str) -> _Split:
     """The class tree below ``prefix``: label = first folder, classes sorted, images at any depth below it.
     ``shown_prefix`` is how messages name ``prefix`` ("train/", or "" for the top of a class tree)."""
-    below = (d[len(prefix):] for d in tree.dirs if d.startswith(prefix))
-    classes = sorted(c for c in below if "/" not in c)
+    classes = sorted(d[len(prefix):] for d in tree.dirs if d.startswith(prefix) and "/" not in d[len(prefix):])
     if not classes:
         raise DataError(f"{shown_prefix} has no class folders (expected {shown_prefix}<class>/<images>)")
-    by_class: dict[str, list[str]] = {c: [] for c in classes}
+    index = {c: i for i, c in enumerate(classes)}
+    label_of: dict[str, int | None] = {}
     for name in tree.files:
-        if name.startswith(prefix):
-            rest = name[len(prefix):].split("/", 1)
-            if len(rest) == 2:  # images directly in split/ belong to no class
-                by_class[rest[0]].append(name)
-    names: list[str] = []
-    labels: list[int] = []
+        rest = name[len(prefix):].split("/", 1)
+        if name.startswith(prefix) and len(rest) == 2:  # images directly in split/ belong to no class
+            label_of[name] = index[rest[0]]
+    counts = Counter(label_of.values())
     for label, c in enumerate(classes):
-        if not by_class[c]:
+        if not counts[label]:
             raise DataError(f"{shown_prefix}{c}/ has no images")
-        names += sorted(by_class[c])
-        labels += [label] * len(by_class[c])
-    return _Split(names, np.asarray(labels, dtype=np.int64), classes)
-
-
-def _read_bytes(tree: Tree, name: str, shown: str | Path) -> bytes:
-    src = tree.meta[name]
-    return src if isinstance(src, bytes) else read_file(src, f"{name} in {shown}")
+    return _Split(label_of, classes)
 
 
 def _read_text(tree: Tree, name: str, shown: str | Path) -> str:
-    return _read_bytes(tree, name, shown).decode("utf-8", errors="replace")
+    return read_file(tree.meta[name], f"{name} in {shown}").decode("utf-8", errors="replace")
 
 
 def _scan_tiny_imagenet(tree: Tree, root: str, shown: str) -> tuple[_Split, _Split]:
     """Tiny ImageNet as distributed: (train, val) splits, classes = sorted wnids, names from words.txt.
 
-    train/<wnid>/images/*.JPEG are labelled by their folder (train/<wnid>/<wnid>_boxes.txt is not read);
-    val/images/*.JPEG by val/val_annotations.txt (``file<TAB>wnid<TAB>bbox...``), or, in a copy whose val/
-    was rearranged into val/<wnid>/ folders, by those folders. test/ (unlabelled) is left out.
+    train/<wnid>/images/*.JPEG are labelled by their folder; val/images/*.JPEG by val/val_annotations.txt
+    (``file<TAB>wnid<TAB>bbox...``), or by val/<wnid>/ folders in a copy rearranged so. test/ (unlabelled) is
+    left out.
     """
-    train = _scan_split(tree, root, "train")
+    train = _scan_classes(tree, f"{root}train/", "train/")
+    classes = train.classes  # sorted wnids: the order torchvision's ImageFolder gives the train/ folders too
     if root + "wnids.txt" in tree.meta:
-        wnids = [line.strip() for line in _read_text(tree, root + "wnids.txt", shown).splitlines() if line.strip()]
-        if sorted(set(wnids)) != train.classes:
-            missing = sorted(set(wnids) - set(train.classes))
-            extra = sorted(set(train.classes) - set(wnids))
+        wnids = {line.strip() for line in _read_text(tree, root + "wnids.txt", shown).splitlines() if line.strip()}
+        if sorted(wnids) != classes:
+            missing, extra = sorted(wnids - set(classes)), sorted(set(classes) - wnids)
             raise DataError(f"train/ of {shown} does not match wnids.txt: no train/ folder for "
                             f"{', '.join(missing[:5]) or '-'}; not in wnids.txt: {', '.join(extra[:5]) or '-'}")
-    classes = train.classes  # sorted wnids: the order torchvision's ImageFolder gives the train/ folders too
     if root + "words.txt" in tree.meta:
         lines = _read_text(tree, root + "words.txt", shown).splitlines()
         words = dict(line.split("\t", 1) for line in lines if "\t" in line)
         train.class_names = [words.get(c, c).strip() for c in classes]
     if root + "val" not in tree.dirs:
         raise DataError(f"no val/ folder in {shown} (Tiny ImageNet: val/images/ and val/val_annotations.txt)")
-    prefix = root + "val/images/"
+    prefix, annotations = root + "val/images/", root + "val/val_annotations.txt"
     loose = sorted(name for name in tree.files if name.startswith(prefix) and "/" not in name[len(prefix):])
     if not loose:  # val/ rearranged into class folders by the user
-        val = _scan_split(tree, root, "val")
+        val = _scan_classes(tree, f"{root}val/", "val/")
         _check_same_classes(train, val, "val", shown)
         val.class_names = train.class_names
         return train, val
-    annotations = root + "val/val_annotations.txt"
     if annotations not in tree.meta:
         raise DataError(f"{shown} has val/images/ but no val/val_annotations.txt, which labels those images")
     index = {c: i for i, c in enumerate(classes)}
@@ -241,20 +189,14 @@ def _scan_tiny_imagenet(tree: Tree, root: str, shown: str) -> tuple[_Split, _Spl
             raise DataError(f"{where} names class {wnid!r}, which has no train/ folder (or is not in wnids.txt)")
         if prefix + file not in tree.files:
             raise DataError(f"{where} names {file!r}, which is not in val/images/")
-        if file in label_of:
+        if prefix + file in label_of:
             raise DataError(f"{where} labels {file!r} a second time")
-        label_of[file] = index[wnid]
-    unlabelled = [name for name in loose if name[len(prefix):] not in label_of]
+        label_of[prefix + file] = index[wnid]
+    unlabelled = [name for name in loose if name not in label_of]
     if unlabelled:
         raise DataError(f"{len(unlabelled)} image(s) in val/images/ of {shown} have no line in "
                         f"val/val_annotations.txt (e.g. {unlabelled[0][len(root):]})")
-    # grouped by class like the other layouts, sorted by name within a class
-    names = sorted(loose, key=lambda name: (label_of[name[len(prefix):]], name))
-    labels = np.asarray([label_of[name[len(prefix):]] for name in names], dtype=np.int64)
-    return train, _Split(names, labels, classes, train.class_names)
-
-
-# --- torchvision ------------------------------------------------------------------------------------
+    return train, _Split({name: label_of[name] for name in loose}, classes, train.class_names)
 
 
 def load_torchvision(name: str, data_dir: str, image_size: int) -> tuple[ImageData, ImageData]:
@@ -262,7 +204,7 @@ def load_torchvision(name: str, data_dir: str, image_size: int) -> tuple[ImageDa
     import torchvision
     from PIL import Image
 
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    cls = getattr(torchvision.datasets, name.upper())  # CIFAR10, CIFAR100
     out = []
     for train in (True, False):
         try:
@@ -278,9 +220,6 @@ def load_torchvision(name: str, data_dir: str, image_size: int) -> tuple[ImageDa
         images = np.asarray(ds.data)  # (N, 32, 32, 3) uint8
         if image_size and image_size != images.shape[1]:
             images = np.stack([resize_crop(Image.fromarray(im), image_size) for im in images])
-        out.append(ImageData(
-            torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
-            torch.as_tensor(ds.targets, dtype=torch.int64),
-            list(ds.classes),
-        ))
+        out.append(ImageData(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+                             torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes)))
     return out[0], out[1]

@@ -1,24 +1,20 @@
-"""The in-memory pipeline: a spec -> its source -> one scan into a :class:`Catalog` -> decode -> cache.
-
-:func:`load_images` is the pipeline; :func:`load_data` is its (train, test) splits.
-"""
+"""The in-memory pipeline (:func:`load_images`; :func:`load_data`: its (train, test) splits): a spec -> its source ->
+one scan into a :class:`Catalog` -> decode -> cache."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from . import decode
 from .cache import add_stamps, cache_dir, read_cache, remove_stale_temps, write_cache
 from .imagenet import ImageNetSpec, parse_spec
 from .images import DataError, ImageData, ImageSet, split_rows
-from .layouts import TORCHVISION_DATASETS, Catalog, catalog_tree, held_out_split, load_torchvision, split_names
+from .layouts import TORCHVISION_DATASETS, Catalog, catalog_tree, held_out_split, load_torchvision
 from .sources import ARCHIVE_SUFFIXES, Tree, demo_archive, memory_available, read_archive, walk_folder
 
 TINY_IMAGENET = "tiny-imagenet"
@@ -26,22 +22,18 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
 def _check_args(spec: object, data_dir: object, image_size: object) -> tuple[str, str]:
-    """(spec, data_dir) as strings (paths accepted); TypeError, saying what is expected, for other types, and
-    DataError for a negative image size."""
-    if isinstance(spec, os.PathLike):
-        spec = os.fspath(spec)
+    """(spec, data_dir) as strings (paths accepted); TypeError for other types, DataError for a negative size."""
+    spec, data_dir = (os.fspath(a) if isinstance(a, os.PathLike) else a for a in (spec, data_dir))
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"data must be a dataset name, a folder, an archive or an ImageNet spec (a str or a path), "
                         f"got {spec!r}")
-    if isinstance(data_dir, os.PathLike):
-        data_dir = os.fspath(data_dir)
     if not isinstance(data_dir, str):
         raise TypeError(f"data_dir must be a str or a path, got {data_dir!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int):
         raise TypeError(f"image_size must be a whole number (0 keeps the images' own size), got {image_size!r}")
     if image_size < 0:
         raise DataError(f"image size must be >= 0, got {image_size}")
-    return str(spec), data_dir
+    return spec, data_dir
 
 
 def load_data(
@@ -50,43 +42,38 @@ def load_data(
     """Load a dataset as ``(train, test)``, both :class:`ImageData` with (N, 3, H, W) uint8 images.
 
     The two splits of :func:`load_images` (same scan, same cache): ``train/`` and ``test/`` (``val/`` when there
-    is no ``test/``; Tiny ImageNet: ``val/``). Both are views of one tensor, which also holds ``val/`` when a
-    root has ``train/``, ``val/`` and ``test/``.
+    is no ``test/``, as for Tiny ImageNet and ImageNet), views of one tensor.
 
     Args:
         spec: ``cifar10`` or ``cifar100`` (torchvision, under ``data_dir``); ``demo`` (the bundled
             archive); ``tiny-imagenet`` (``data_dir/tiny-imagenet-200.zip`` or its unpacked folder);
-            ``imagenet100:PATH`` / ``imagenet:PATH`` (an ImageNet tree, :mod:`.imagenet`; test: ``val/``); or a path
-            to an ImageFolder root holding ``train/`` and ``test/`` (or ``val/``), each ``<class>/<images>``,
-            to a Tiny ImageNet folder (test split: ``val/``), or to a .tar/.tar.gz/.tgz/.zip archive of one.
+            ``imagenet100:PATH`` / ``imagenet:PATH`` (an ImageNet tree, :mod:`.imagenet`); or a path to an
+            ImageFolder root holding ``train/`` and ``test/`` (or ``val/``), each ``<class>/<images>``, to a Tiny
+            ImageNet folder, or to a .tar/.tar.gz/.tgz/.zip archive of one.
         data_dir: where torchvision datasets and the decoded-image cache live.
         image_size: 0 keeps the images' own size (they must all agree); S > 0 resizes the shorter side
             to S (bilinear, antialiased) and centre-crops to S x S.
         progress: show a progress bar on stderr while decoding.
 
-    Raises:
-        DataError: with a one-line message for any missing, malformed or undecodable data.
+    Raises :class:`DataError`, one line, for any missing, malformed or undecodable data.
     """
     spec, data_dir = _check_args(spec, data_dir, image_size)
     if spec in TORCHVISION_DATASETS:
         return load_torchvision(spec, data_dir, image_size)
-    path, imagenet = _source(spec, Path(data_dir))
-    images = _image_set(path, Path(data_dir), image_size, progress, train_test=True, imagenet=imagenet)
+    path, images = _image_set(spec, Path(data_dir), image_size, progress, train_test=True)
     rows = split_rows(images.splits)
-    test = held_out_split(rows, str(path))  # also refuses a cache that load_images wrote for another layout
+    held = held_out_split(rows, str(path))  # also refuses a cache that load_images wrote for another layout
     labels, classes = images.labels, images.classes
     assert labels is not None and classes is not None  # split roots have classes
-
-    def split(name: str) -> ImageData:
-        return ImageData(images.images[rows[name]], labels[rows[name]], list(classes), images.class_names)
-
-    return split("train"), split(test)
+    train, test = (ImageData(images.images[rows[s]], labels[rows[s]], list(classes), images.class_names)
+                   for s in ("train", held))
+    return train, test
 
 
 def load_images(spec: str, data_dir: str = "./data", image_size: int = 0, progress: bool = True) -> ImageSet:
     """Every image of ``spec`` with its relative name, in a stable sorted order (see :class:`ImageSet`).
 
-    ``spec`` is one of:
+    ``spec`` is any source of :func:`load_data`, or one without splits:
 
     - a folder of images (images directly in it, maybe more in subfolders): no classes; every image at any
       depth, sorted by name;
@@ -94,27 +81,22 @@ def load_images(spec: str, data_dir: str = "./data", image_size: int = 0, progre
       and sorted by name within it;
     - a split root (``train/`` and any of ``val/``, ``test/``, each a class tree): the splits in that order,
       names keep the split prefix ("train/cat/1.jpg"); the splits must share their classes;
-    - Tiny ImageNet as distributed: ``train/`` then ``val/`` (labelled by val_annotations.txt); ``test/`` has
-      no labels and is left out (pass ``tiny-imagenet-200/test/images`` itself to embed it);
-    - a .tar/.tar.gz/.tgz/.zip archive of any of these (a single folder wrapping the contents is dropped
-      from the names, so an archive and its unpacked folder give the same names);
-    - a dataset: ``demo``, ``tiny-imagenet`` (as in :func:`load_data`), ``cifar10``/``cifar100`` (names
-      "train/00012", "test/00012": the index in torchvision's arrays).
+    - Tiny ImageNet: ``train/`` then ``val/``; its ``test/`` has no labels and is left out (pass
+      ``tiny-imagenet-200/test/images`` itself to embed it);
+    - an archive of any of these (a single folder wrapping the contents is dropped from the names, so an
+      archive and its unpacked folder give the same names);
+    - ``cifar10``/``cifar100``: names "train/00012", "test/00012", the index in torchvision's arrays.
 
-    ``image_size`` and ``progress`` as in :func:`load_data`; folders and archives are decoded once into the
-    cache under ``data_dir``. Raises :class:`DataError` (one line) for missing or bad data, naming the file,
-    and suggesting ``--image-size`` when the images differ in size.
+    Raises :class:`DataError` (one line) for missing or bad data, naming the file, and suggesting
+    ``--image-size`` when the images differ in size.
     """
     spec, data_dir = _check_args(spec, data_dir, image_size)
     if spec in TORCHVISION_DATASETS:
         train, test = load_torchvision(spec, data_dir, image_size)
-        return ImageSet(
-            torch.cat([train.images, test.images]),
-            [f"train/{i:05d}" for i in range(len(train))] + [f"test/{i:05d}" for i in range(len(test))],
-            torch.cat([train.labels, test.labels]), list(train.classes), None,
-            [("train", len(train)), ("test", len(test))])
-    path, imagenet = _source(spec, Path(data_dir))
-    return _image_set(path, Path(data_dir), image_size, progress, train_test=False, imagenet=imagenet)
+        names = [f"train/{i:05d}" for i in range(len(train))] + [f"test/{i:05d}" for i in range(len(test))]
+        return ImageSet(torch.cat([train.images, test.images]), names, torch.cat([train.labels, test.labels]),
+                        list(train.classes), None, [("train", len(train)), ("test", len(test))])
+    return _image_set(spec, Path(data_dir), image_size, progress, train_test=False)[1]
 
 
 def scan(spec: str, data_dir: str = "./data") -> Catalog:
@@ -125,7 +107,7 @@ def scan(spec: str, data_dir: str = "./data") -> Catalog:
     if spec in TORCHVISION_DATASETS:
         raise DataError(f"{spec} is a torchvision array dataset, not a folder or archive: it has no catalog")
     path, imagenet = _source(spec, Path(data_dir))
-    return _catalog(path, _tree(path, imagenet), train_test=False, imagenet=imagenet)
+    return _catalog(path, imagenet, train_test=False)
 
 
 def fingerprint(spec: str, data_dir: str = "./data") -> str | None:
@@ -139,27 +121,31 @@ def fingerprint(spec: str, data_dir: str = "./data") -> str | None:
                       ).hexdigest()
 
 
-def _image_set(path: Path, data_dir: Path, image_size: int, progress: bool, train_test: bool,
-               imagenet: ImageNetSpec | None = None) -> ImageSet:
-    """The pipeline: walk a folder (an archive is keyed without reading it), look in the cache, else read,
-    catalog and decode, and cache the result. ``train_test``: refuse, before decoding, a tree without the
-    splits :func:`load_data` needs."""
-    archive = not path.is_dir()
-    tree = None if archive else _tree(path, imagenet)
+def _image_set(spec: str, data_dir: Path, image_size: int, progress: bool, train_test: bool) -> tuple[Path, ImageSet]:
+    """The pipeline: walk a folder, look in the cache, else read, catalog and decode, and cache the result; and the
+    folder or archive. ``train_test``: refuse, before decoding, a tree without the splits :func:`load_data` needs."""
+    path, imagenet = _source(spec, data_dir)
+    tree = _tree(path, imagenet) if path.is_dir() else None  # an archive is keyed without reading it
     cache = cache_dir(path, data_dir, image_size, tree)
     remove_stale_temps(cache.parent)
     cached = read_cache(cache)
     if cached is not None:
-        return cached
-    catalog = _catalog(path, tree if tree is not None else _tree(path), train_test, imagenet)
-    _check_fits_in_memory(catalog, image_size)
+        return path, cached
+    catalog = _catalog(path, imagenet, train_test, tree)
+    h = w = image_size
+    if catalog.records and not image_size:  # the first image's own size
+        try:
+            h, w = decode.decode_image(catalog.records[0].read()).shape[:2]
+        except DataError:  # decoding names the bad image
+            pass
+    check_fits(len(catalog.records), h, w, catalog.source)  # refused before decoding
     images = decode.decode_catalog(catalog, image_size, progress)
     labels = None if catalog.classes is None else torch.tensor([r.label for r in catalog.records],
                                                                dtype=torch.int64)
     result = ImageSet(images, [r.name for r in catalog.records], labels, catalog.classes, catalog.class_names,
                       catalog.splits)
     write_cache(cache, result, str(path), image_size)
-    return result
+    return path, result
 
 
 def _tree(path: Path, imagenet: ImageNetSpec | None = None, quiet: bool = False) -> Tree:
@@ -172,28 +158,13 @@ def _tree(path: Path, imagenet: ImageNetSpec | None = None, quiet: bool = False)
     return tree
 
 
-def _catalog(path: Path, tree: Tree, train_test: bool, imagenet: ImageNetSpec | None = None) -> Catalog:
+def _catalog(path: Path, imagenet: ImageNetSpec | None, train_test: bool, tree: Tree | None = None) -> Catalog:
+    """The catalog of ``path`` (walked or read unless ``tree`` is given); ``train_test`` as in :func:`_image_set`."""
+    if tree is None:
+        tree = _tree(path, imagenet)
     if imagenet:
         return imagenet.catalog(tree)  # always train/ and val/
-    if train_test:
-        held_out_split(split_names(tree), str(path))
-    return catalog_tree(tree, str(path), unwrap_any=not path.is_dir())
-
-
-def _check_fits_in_memory(catalog: Catalog, image_size: int) -> None:
-    """Refuse, before decoding, a catalog whose decoded images (N x 3 x S x S bytes; S x S the first image's own
-    size when ``image_size`` is 0) cannot fit in the memory available."""
-    if not catalog.records:
-        return
-    if image_size:
-        h = w = image_size
-    else:
-        try:
-            with decode._pil_bomb_check_off(), Image.open(io.BytesIO(catalog.records[0].read())) as img:
-                w, h = img.size
-        except (DataError, OSError, ValueError):  # decoding names the bad image
-            return
-    check_fits(len(catalog.records), h, w, catalog.source)
+    return catalog_tree(tree, str(path), unwrap_any=not path.is_dir(), train_test=train_test)
 
 
 class TooBigForMemory(DataError):

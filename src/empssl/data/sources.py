@@ -20,8 +20,7 @@ from pathlib import Path, PurePosixPath
 from .images import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp"})
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-ARCHIVE_SUFFIXES = (*TAR_SUFFIXES, ".zip")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 # Text files of the Tiny ImageNet layout that are read (every other non-image file is skipped).
 META_FILES = frozenset({"wnids.txt", "words.txt", "val_annotations.txt"})
 # The largest image file read (on disk or unpacked from an archive). An uncompressed TIFF of the largest image
@@ -59,12 +58,12 @@ def _too_big(what: str, size: int) -> DataError:
                      f"(empssl.data.sources.MAX_FILE_BYTES); leave it out of the data")
 
 
-def read_file(path: str, what: str) -> bytes:
-    """The bytes of the regular file ``path``, at most :data:`MAX_FILE_BYTES`; ``what`` names it in errors.
-
-    Opened non-blocking and checked with fstat, so that a FIFO or device put in its place after the scan is
-    refused rather than waited on.
-    """
+def read_file(path: str | bytes, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (bytes, an archive member's, as they are), at most
+    :data:`MAX_FILE_BYTES`; ``what`` names it in errors. Opened non-blocking and checked with fstat, so that a FIFO
+    or device put in its place after the scan is refused rather than waited on."""
+    if isinstance(path, bytes):
+        return path
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as e:
@@ -81,9 +80,12 @@ def read_file(path: str, what: str) -> bytes:
     return data
 
 
-def walk_folder(root: Path) -> Tree:
-    """The image files and Tiny ImageNet text files below ``root`` (paths, not bytes), with their stamps."""
-    tree = Tree(set(), {})
+def walk_folder(root: Path, tree: Tree | None = None, at: str = "") -> Tree:
+    """The image files and Tiny ImageNet text files below ``root`` (paths, not bytes), with their stamps; added to
+    ``tree``, under the folder ``at`` ("train/n01440764/") with its parents, when given."""
+    tree = Tree(set(), {}) if tree is None else tree
+    parents = at.split("/")[:-1]
+    tree.dirs.update("/".join(parents[:i]) for i in range(1, len(parents) + 1))
 
     def unreadable(e: OSError) -> None:
         raise DataError(f"cannot read folder {e.filename}: {e.strerror or type(e).__name__}") from e
@@ -92,82 +94,73 @@ def walk_folder(root: Path) -> Tree:
         dirnames[:] = [d for d in dirnames if not is_hidden(d)]
         rel = Path(dirpath).relative_to(root).as_posix()
         prefix = "" if rel == "." else rel + "/"
-        tree.dirs.update(prefix + d for d in dirnames)
+        tree.dirs.update(at + prefix + d for d in dirnames)
         for name in filenames:
             if is_hidden(name):
                 continue
             into = tree.files if is_image(name) else tree.meta if name in META_FILES else None
             if into is None:
                 continue
-            path = os.path.join(dirpath, name)
+            path, key = os.path.join(dirpath, name), at + prefix + name
             try:
                 st = os.stat(path)  # follows symlinks: a link to a regular file counts as one
             except OSError:  # a symlink that leads nowhere (or the file vanished)
-                tree.skipped.append(prefix + name)
+                tree.skipped.append(key)
                 continue
             if not stat.S_ISREG(st.st_mode):
-                tree.skipped.append(prefix + name)
+                tree.skipped.append(key)
                 continue
             if not os.access(path, os.R_OK):
                 raise DataError(f"cannot read {prefix + name} in {root}: permission denied "
                                 f"(make it readable, or move it out of the folder)")
             if st.st_size > MAX_FILE_BYTES:
                 raise _too_big(f"{prefix + name} in {root}", st.st_size)
-            into[prefix + name] = path
-            tree.stamps[prefix + name] = (st.st_size, st.st_mtime_ns)
+            into[key] = path
+            tree.stamps[key] = (st.st_size, st.st_mtime_ns)
     return tree
 
 
 def read_archive(archive: Path) -> Tree:
     """The image files (as bytes) and folders of ``archive``; DataError for members outside its root.
 
-    Members are read into memory rather than extracted: writing tens of thousands of small files costs
-    more than decoding them (0.7 ms vs 0.16 ms per CIFAR image on our machines). Links, devices and
-    non-image files are skipped. Memory: the archive's image bytes (55 MB for CIFAR-10 as JPEG), refused
-    (from the members' headers, as they come) once they pass half the memory available; for a much larger
-    archive, extract it yourself and pass the folder, whose files are read by the workers.
+    Members are read into memory rather than extracted: writing tens of thousands of small files costs more than
+    decoding them (0.7 ms vs 0.16 ms per CIFAR image on our machines). Their bytes (55 MB for CIFAR-10 as JPEG)
+    are refused, from the members' headers, once they pass half the memory available: extract a larger archive.
     """
     tree = Tree(set(), {})
     budget = memory_available()
     budget = None if budget is None else budget // 2
     held = 0
-
-    def add(name: str, kind: str, size: int, read: Callable[[], bytes]) -> None:
-        """Record member ``name`` of ``kind`` "dir", "file" or "other" (links, devices: name checked only),
-        whose header says it unpacks to ``size`` bytes; ``read()`` gives at most that many + 1."""
-        name = name.replace("\\", "/")
-        parts = [p for p in PurePosixPath(name).parts if p not in ("", ".")]
-        if name.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
-            raise DataError(f"archive {archive} has a member outside its root: {name!r}")
-        if not parts or any(is_hidden(p) for p in parts):
-            return
-        path = "/".join(parts)
-        wanted = kind != "dir" and (is_image(parts[-1]) or parts[-1] in META_FILES)
-        if kind == "other":
-            if wanted:
-                tree.skipped.append(path)
-            return
-        # folders are often implied by their files only
-        n_dirs = len(parts) if kind == "dir" else len(parts) - 1
-        tree.dirs.update("/".join(parts[:i]) for i in range(1, n_dirs + 1))
-        if not wanted:
-            return
-        if size > MAX_FILE_BYTES:  # refused by its header, before a byte of it is unpacked
-            raise _too_big(f"member {path} of {archive}", size)
-        nonlocal held
-        held += size
-        if budget is not None and held > budget:  # many members, each under the cap
-            raise DataError(f"archive {archive} holds more than {held / 2**20:,.0f} MiB of image files, over half "
-                            f"the memory available ({2 * budget / 2**20:,.0f} MiB); extract it and pass the folder, "
-                            f"whose files are read one at a time")
-        data = read()
-        if len(data) > MAX_FILE_BYTES:  # the header lied
-            raise _too_big(f"member {path} of {archive}", len(data))
-        (tree.files if is_image(parts[-1]) else tree.meta)[path] = data
-
     try:
         for name, kind, size, read in _members(archive):
-            add(name, kind, size, read)
+            name = name.replace("\\", "/")
+            parts = [p for p in PurePosixPath(name).parts if p not in ("", ".")]
+            if name.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
+                raise DataError(f"archive {archive} has a member outside its root: {name!r}")
+            if not parts or any(is_hidden(p) for p in parts):
+                continue
+            path = "/".join(parts)
+            wanted = kind != "dir" and (is_image(parts[-1]) or parts[-1] in META_FILES)
+            if kind == "other":
+                if wanted:
+                    tree.skipped.append(path)
+                continue
+            # folders are often implied by their files only
+            n_dirs = len(parts) if kind == "dir" else len(parts) - 1
+            tree.dirs.update("/".join(parts[:i]) for i in range(1, n_dirs + 1))
+            if not wanted:
+                continue
+            if size > MAX_FILE_BYTES:  # refused by its header, before a byte of it is unpacked
+                raise _too_big(f"member {path} of {archive}", size)
+            held += size
+            if budget is not None and held > budget:  # many members, each under the cap
+                raise DataError(f"archive {archive} holds more than {held / 2**20:,.0f} MiB of image files, over "
+                                f"half the memory available ({2 * budget / 2**20:,.0f} MiB); extract it and pass "
+                                f"the folder, whose files are read one at a time")
+            data = read()
+            if len(data) > MAX_FILE_BYTES:  # the header lied
+                raise _too_big(f"member {path} of {archive}", len(data))
+            (tree.files if is_image(parts[-1]) else tree.meta)[path] = data
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError,
             RuntimeError) as e:  # zipfile: an unsupported compression, an encrypted member
         # tarfile's messages can span lines
