@@ -40,7 +40,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -70,16 +70,6 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 # --- where the images come from -----------------------------------------------------------------------------
-
-
-class Items(Protocol):
-    """The images of one split, read one at a time by index."""
-
-    def __len__(self) -> int: ...
-
-    def item(self, i: int) -> tuple[Any, int, str]: ...  # (bytes or a decoded image: shard.read_item, label, name)
-
-    def labels(self) -> torch.Tensor: ...  # (N,) int64, of every image
 
 
 class CatalogItems:
@@ -156,6 +146,11 @@ class ShardItems:
         return None
 
 
+# The images of one split, read one at a time by index: ``item(i)`` is (encoded bytes, or a LitData folder's
+# decoded image: :func:`empssl.shard.read_item`; label, name), ``labels()`` the (N,) int64 labels of all.
+Items = CatalogItems | ShardItems
+
+
 def read_error(items: Items, rows: list[int], message: str) -> DataError:
     """The one-line error for a read of ``rows`` that failed with ``message``: the shard to blame, else ``message``."""
     found = items.culprit(rows, message) if isinstance(items, ShardItems) else None
@@ -164,11 +159,13 @@ def read_error(items: Items, rows: list[int], message: str) -> DataError:
 
 def failed_read(items: Items, error: BaseException) -> DataError:
     """:func:`read_error` of an exception raised while iterating a loader over ``items``: a DataLoader worker's
-    arrives as a traceback, whose last frame's lines torch puts before the words (which may run over several lines)."""
+    arrives as a traceback, whose last frame's lines torch puts before the words (which may run over several lines),
+    an image that does not decode as our own DataError's, named by its module."""
     lines = str(error).strip().splitlines()
     frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
     rest = lines[frames[-1] + 1:] if frames else lines
-    return read_error(items, [], "\n".join(rest[next((i for i, line in enumerate(rest) if line[:1].strip()), 0):]))
+    words = "\n".join(rest[next((i for i, line in enumerate(rest) if line[:1].strip()), 0):])
+    return read_error(items, [], words.removeprefix(f"{DataError.__module__}.{DataError.__name__}: "))
 
 
 def is_shards(spec: str) -> bool:
@@ -449,15 +446,11 @@ def resolve_decode(decode: str, device: torch.device) -> str:
 
 def _prepared(data: Any, name: str, image_size: int, decode: bool) -> tuple[str, Any, str]:
     """What a DataLoader worker hands over for one image (``data``: encoded bytes, or a foreign folder's PIL image
-    or pixel array): ("image", (3, S, S) uint8, name) by the in-memory tier's decoder, ("bytes", (n,) uint8 file,
-    name) for ``--decode cuda`` (bytes only), or ("error", one-line message, name): a worker's exception would reach
-    the main process as a traceback of many lines."""
-    try:
-        if not decode and isinstance(data, bytes):
-            return "bytes", torch.frombuffer(bytearray(data), dtype=torch.uint8), name
-        return "image", _chw(decode_image(data, image_size, f"image {name}")), name
-    except DataError as e:
-        return "error", str(e), name
+    or pixel array): ("image", (3, S, S) uint8, name) by the in-memory tier's decoder, or ("bytes", (n,) uint8 file,
+    name) for ``--decode cuda`` (bytes only); DataError naming an image that does not decode (:func:`failed_read`)."""
+    if not decode and isinstance(data, bytes):
+        return "bytes", torch.frombuffer(bytearray(data), dtype=torch.uint8), name
+    return "image", _chw(decode_image(data, image_size, f"image {name}")), name
 
 
 def _prepared_item(item: dict[str, Any], keys: ItemKeys, image_size: int, decode: bool) -> tuple[str, Any, str]:
@@ -479,7 +472,7 @@ class _Reader(torch.utils.data.Dataset):
         try:
             data, _, name = self.split.items.item(int(self.split.rows[i]))
         except Exception as e:  # a file gone since the scan
-            return "error", f"cannot read image {i} of {self.split.where}: {type(e).__name__}: {e}", str(i)
+            raise DataError(f"cannot read image {i} of {self.split.where}: {type(e).__name__}: {e}") from None
         return _prepared(data, name, self.split.image_size, self.decode)
 
 
@@ -494,12 +487,9 @@ class _Order(torch.utils.data.DistributedSampler):
 
 def _collated(batch: list[tuple[str, Any, str]]) -> tuple[str, Any, list[str]]:
     """A batch of :func:`_prepared` images as a worker hands it over: ("images", (b, 3, S, S) uint8, names),
-    stacked in the worker so that it crosses to the main process as one shared-memory tensor, not one per image;
-    ("bytes", the raw files, names); or ("error", the first failure's one line, names)."""
+    stacked in the worker so that it crosses to the main process as one shared-memory tensor, not one per image; or
+    ("bytes", the raw files, names)."""
     names = [b[2] for b in batch]
-    bad = next((b for b in batch if b[0] == "error"), None)
-    if bad is not None:
-        return "error", bad[1], names
     if batch[0][0] == "bytes":
         return "bytes", [b[1] for b in batch], names
     return "images", torch.stack([b[1] for b in batch]), names
@@ -640,8 +630,6 @@ class StreamBatches:
                     kind, images, names = next(self._it)
                 except Exception as e:
                     raise failed_read(self.split.items, e) from None
-                if kind == "error":
-                    raise read_error(self.split.items, [], images)
                 self.step += 1
                 if kind == "bytes":  # --decode cuda (a folder of decoded pixels comes decoded)
                     images = decode_batch(images, names, self.split.image_size, self.device)
