@@ -1,16 +1,12 @@
-"""The batch sources the training loop iterates, and the in-memory tier's: which images each step trains on,
-delivered to the device without stalling it.
+"""The batch sources the training loop iterates (the streamed tier's: :class:`empssl.stream.StreamBatches`).
 
 In memory, step t (epoch e = t // S, position p = t % S, S steps per epoch, drop_last as the official loader)
 takes the B images ``perm_e[p*B:(p+1)*B]`` of a seeded per-epoch permutation, so a resumed run sees the same
-batches; under torchrun, rank r of N takes the slice r*b:(r+1)*b of them (b = B / N). Two deliveries, the same
-batches: **resident** images (on the training device, e.g. CIFAR's 150 MB on the GPU) give a batch by one on-device
-gather, with no host synchronisation in the step; **streaming** ones (host memory: they do not fit on the device)
-are gathered into pinned memory by a background thread while the GPU works, and copied with ``non_blocking=True``
-(PyTorch's pinned-memory cache does not hand a buffer out again before its copy has finished).
-
-The streamed tier's source is :class:`empssl.stream.StreamBatches`; a user's own iterable of batches is
-:class:`IterableBatches` (``empssl.train(cfg, out, data=loader)``).
+batches; under torchrun, rank r of N takes the slice r*b:(r+1)*b of them (b = B / N). Images resident on the
+training device (e.g. CIFAR's 150 MB on the GPU) give a batch by one on-device gather, with no host synchronisation
+in the step; images in host memory are gathered into pinned memory by a background thread while the GPU works, and
+copied with ``non_blocking=True`` (PyTorch's pinned-memory cache does not hand a buffer out again before its copy
+has finished). A user's own iterable of batches is :class:`IterableBatches`.
 """
 
 from __future__ import annotations
@@ -28,11 +24,9 @@ from .errors import ConfigError
 
 
 class BatchSource(Protocol):
-    """What :func:`empssl.train.loop` iterates: (b, 3, H, W) uint8 batches on the training device, one per step.
-
-    ``steps_per_epoch`` is 0 where the source cannot know it (a stream being filled). ``state_dict()`` is saved with
-    every checkpoint and handed back to ``load_state_dict()`` before ``__iter__`` on resume, so that the resumed run
-    trains on the batches the interrupted one would have. Leaving the ``with`` block stops any background work.
+    """What :func:`empssl.train.loop` iterates: (b, 3, H, W) uint8 batches on the training device, one per step;
+    ``steps_per_epoch`` 0 where unknown (a stream being filled). ``state_dict()``, saved with every checkpoint, goes
+    back to ``load_state_dict()`` before ``__iter__`` on resume; leaving the ``with`` block stops any background work.
     """
 
     steps_per_epoch: int

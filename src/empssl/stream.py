@@ -1,31 +1,26 @@
 """The streamed tier: training images decoded batch by batch, for data that does not fit in memory.
 
-Behind the in-memory tier's interface (:mod:`empssl.data`): the loop gets (b, 3, S, S) uint8 batches on its device,
-one per step (:class:`StreamBatches`), and the monitor and the evaluation get :class:`StreamedSplit` splits whose
-features are computed block by block (:meth:`StreamedSplit.blocks`), so that the features are kept, not the images
-(under torchrun each rank computes its share: :func:`empssl.evaluate.extract_prefix_features`). ``--data-mode``
-chooses (:func:`load_splits`, :func:`eval_splits`): memory, stream, or auto (stream what would not fit in memory:
-:func:`empssl.data.load.check_fits`).
+Behind the in-memory tier's interface: the loop gets (b, 3, S, S) uint8 batches on its device, one per step
+(:class:`StreamBatches`), and the monitor and the evaluation get :class:`StreamedSplit` splits whose features are
+computed block by block, keeping the features, not the images. ``--data-mode`` chooses (:func:`eval_splits`):
+memory, stream, or auto (stream what would not fit in memory).
 
 * What is streamed: shards written by ``empssl shard`` (``DIR/manifest.json``; LitData folders ``DIR/train`` and
   ``DIR/test`` or ``DIR/val`` of items {"image": encoded bytes, "label", "name"}, and each split's labels.npy), a
-  LitData folder empssl did not write (:func:`empssl.shard.foreign_manifest`: its fields found or named by
-  ``--image-key`` / ``--label-key``), or any folder or archive the data package reads, through its catalog.
+  LitData folder empssl did not write (:func:`empssl.shard.foreign_manifest`), or any folder or archive the data
+  package reads, through its catalog.
 * Order: LitData's for shards (chunks shuffled by seed and epoch, dealt to ranks and workers), torch's
   DistributedSampler's for a folder or archive; each image at most once an epoch (``drop_last`` leaves out a few),
   every rank the same number of steps, and a resumed run continues with the next unseen batch (same world size).
   Not the in-memory tier's order, but its decoder (:func:`empssl.data.decode_image`): the same pixels, bitwise.
-* ``--decode cuda``: workers pass the raw bytes and a batch's JPEGs are decoded at once by nvjpeg
-  (:func:`decode_batch`), the rest on the CPU; GPU resizing differs from PIL's by rounding.
+* ``--decode cuda``: a batch's JPEGs are decoded at once by nvjpeg (:func:`decode_batch`), whose resizing differs
+  from PIL's by rounding.
 * ``--image-size`` is required: a batch needs one size, and a stream cannot check ahead that all images agree.
 
-Bad data is refused before training, in one line: a shard missing, truncated or not matching its manifest's
-sha256, counts that disagree, shards without classes. An image that does not decode stops training naming it (the
-last checkpoint is kept): skipping it would change the data unnoticed and leave one rank's batch short. A shard that
-changes after that check is named when a read fails or a DataLoader worker dies of it (SIGBUS)
-(:meth:`ShardItems.culprit`). Shards in an object store (``s3://bucket/prefix``) are read through LitData's cache
-(:mod:`empssl.remote`). A run records what it trains on (:func:`data_record`) and refuses to resume over other data
-(:func:`check_data`).
+Bad data is refused before training, in one line. An image that does not decode stops training naming it: skipping
+it would change the data unnoticed and leave one rank's batch short. A shard that changes after the start checked it
+is named when a read fails or a worker dies of it (:meth:`ShardItems.culprit`). A run records what it trains on
+(:func:`data_record`) and refuses to resume over other data (:func:`check_data`).
 """
 
 from __future__ import annotations
@@ -65,9 +60,6 @@ from .shard import (
 )
 
 T = TypeVar("T")
-
-JPEG_MAGIC = b"\xff\xd8\xff"
-
 
 # --- where the images come from -----------------------------------------------------------------------------
 
@@ -196,13 +188,9 @@ def shard_items(manifest: Manifest, split: str, labels: list[int] | None = None)
 
 def open_shards(root: Path | str, data_dir: str = "./data", keys: tuple[str, str] = ("", "")
                 ) -> tuple[ShardItems, ShardItems, list[str], str]:
-    """(train, held-out split, classes, held-out split's name) of a shard folder checked by :func:`read_manifest`;
-    DataError (one line) for shards of a source without classes: the streamed tier evaluates and monitors by label.
-
-    Every local shard is hashed, or its sha256 taken from the record under ``data_dir`` when its size, mtime and
-    inode are unchanged (:class:`empssl.shard.KnownHashes`): a shard changed in place at its size would otherwise
-    train on other images unnoticed.
-    """
+    """(train, held-out split, classes, held-out split's name) of a shard folder checked by :func:`read_manifest`
+    (every local shard hashed, or its unchanged sha256 taken from the record under ``data_dir``); DataError (one line)
+    for shards of a source without classes: the streamed tier evaluates and monitors by label."""
     manifest = read_manifest(root, data_dir, keys=keys)
     if not manifest.classes:
         raise DataError(f"{root} holds shards of {manifest.source}, which has no classes (label -1); training "
@@ -257,9 +245,8 @@ class StreamedSplit:
 
     def blocks(self, multiple: int, names: list[str] | None = None) -> Iterator[torch.Tensor]:
         """Consecutive (b, 3, S, S) uint8 blocks of the rows, b a multiple of ``multiple`` (the last one: the rest)
-        of about :data:`BLOCK_BYTES` (or ``block_images``; without an ``image_size``: one block), so that no more
-        than one block of images is ever held. ``names`` receives each row's name as its block is read. An image
-        that does not decode raises DataError naming it (as training does)."""
+        of about :data:`BLOCK_BYTES` (or ``block_images``; without an ``image_size``: one block), the only images
+        held; ``names`` receives each row's name as its block is read. DataError names an image that does not decode."""
         if multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {multiple}")
         if self.block_images or not self.image_size:
@@ -444,16 +431,16 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     return decode if decode != "auto" else ("cuda" if device.type == "cuda" else "cpu")
 
 
-def _prepared(data: Any, name: str, image_size: int, decode: bool) -> tuple[str, Any, str]:
-    """What a DataLoader worker hands over for one image (``data``: encoded bytes, or a foreign folder's PIL image
-    or pixel array): ("image", (3, S, S) uint8, name) by the in-memory tier's decoder, or ("bytes", (n,) uint8 file,
-    name) for ``--decode cuda`` (bytes only); DataError naming an image that does not decode (:func:`failed_read`)."""
+def _prepared(data: Any, name: str, image_size: int, decode: bool) -> tuple[torch.Tensor, str]:
+    """What a DataLoader worker hands over for one image (``data``: encoded bytes, or a foreign folder's PIL image or
+    pixel array): ((3, S, S) uint8 by the in-memory tier's decoder, or for ``--decode cuda`` the (n,) uint8 file
+    itself (bytes only); name). DataError for an image that does not decode (:func:`failed_read` names it)."""
     if not decode and isinstance(data, bytes):
-        return "bytes", torch.frombuffer(bytearray(data), dtype=torch.uint8), name
-    return "image", _chw(decode_image(data, image_size, f"image {name}")), name
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), name
+    return _chw(decode_image(data, image_size, f"image {name}")), name
 
 
-def _prepared_item(item: dict[str, Any], keys: ItemKeys, image_size: int, decode: bool) -> tuple[str, Any, str]:
+def _prepared_item(item: dict[str, Any], keys: ItemKeys, image_size: int, decode: bool) -> tuple[torch.Tensor, str]:
     """:func:`_prepared` of a shard's item (LitData's ``transform=``, in its workers)."""
     image, _, name = read_item(item, keys, -1)
     return _prepared(image, name, image_size, decode)
@@ -468,7 +455,7 @@ class _Reader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split.rows)
 
-    def __getitem__(self, i: int) -> tuple[str, Any, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         try:
             data, _, name = self.split.items.item(int(self.split.rows[i]))
         except Exception as e:  # a file gone since the scan
@@ -485,14 +472,11 @@ class _Order(torch.utils.data.DistributedSampler):
         return itertools.islice(super().__iter__(), self.skip, None)
 
 
-def _collated(batch: list[tuple[str, Any, str]]) -> tuple[str, Any, list[str]]:
-    """A batch of :func:`_prepared` images as a worker hands it over: ("images", (b, 3, S, S) uint8, names),
-    stacked in the worker so that it crosses to the main process as one shared-memory tensor, not one per image; or
-    ("bytes", the raw files, names)."""
-    names = [b[2] for b in batch]
-    if batch[0][0] == "bytes":
-        return "bytes", [b[1] for b in batch], names
-    return "images", torch.stack([b[1] for b in batch]), names
+def _collated(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor | list[torch.Tensor], list[str]]:
+    """A batch as a worker hands it over: (b, 3, S, S) uint8, stacked in the worker so that it crosses to the main
+    process as one shared-memory tensor, not one per image (raw files: their list), and the images' names."""
+    images, names = [b[0] for b in batch], [b[1] for b in batch]
+    return (images if images[0].dim() == 1 else torch.stack(images)), names
 
 
 def _chw(image: Any) -> torch.Tensor:
@@ -521,7 +505,7 @@ def decode_batch(raw: list[torch.Tensor], names: list[str], image_size: int, dev
 
     global _noted_fallback
     out: list[torch.Tensor | None] = [None] * len(raw)
-    jpeg = [i for i, r in enumerate(raw) if bytes(r[:3].tolist()) == JPEG_MAGIC]
+    jpeg = [i for i, r in enumerate(raw) if bytes(r[:3].tolist()) == b"\xff\xd8\xff"]  # a JPEG's magic number
     if jpeg:
         try:
             with warnings.catch_warnings():  # torchvision 0.29 marks its decoders deprecated (for TorchCodec)
@@ -549,21 +533,11 @@ def _n_workers() -> int:
 
 class StreamBatches:
     """The (b, 3, S, S) uint8 batches of a streamed training split on ``device``, one per step, epoch after epoch,
-    read and decoded by DataLoader workers; ``steps_per_epoch``, the same on every rank.
-
-    A shard folder is read by LitData's StreamingDataLoader, which owns the order (chunks shuffled by (seed,
-    epoch), dealt to the ranks and their workers with drop_last) and resumes from its ``state_dict()``; a folder or
-    archive by torch's DataLoader over :class:`_Order`. ``split.rows`` (``--train-subset``) go to LitData as a
-    ``subset``.
-
-    Args:
-        batch_size: the global batch B; this rank yields B / world images per step.
-        decode: "cpu" (decoded in the workers) or "cuda" (raw bytes from the workers, :func:`decode_batch`).
-        workers: DataLoader worker processes (default: the CPUs but one, at most 8); a resume takes its
-            checkpoint's, as another count deals the images otherwise.
-
-    Leaving a ``with`` block (or ``close()``) stops the workers; leaving it on a worker's death names the shard that
-    changed under it (:meth:`ShardItems.culprit`).
+    decoded by DataLoader workers (``decode`` "cuda": raw files from them, :func:`decode_batch`): a shard folder's by
+    LitData's StreamingDataLoader, which owns the order and resumes from its ``state_dict()``, a folder's or
+    archive's by torch's over :class:`_Order`. ``batch_size`` is the global one; ``workers`` (default: the CPUs but
+    one, at most 8) is taken from the checkpoint on resume, as another count deals the images otherwise. Leaving the
+    ``with`` block stops the workers, and on a worker's death names the shard that changed under it.
     """
 
     def __init__(self, split: StreamedSplit, *, batch_size: int, seed: int, device: torch.device | str,
@@ -627,11 +601,11 @@ class StreamBatches:
             self._it = iter(self.loader)
             for _ in range(at, self.steps_per_epoch):
                 try:
-                    kind, images, names = next(self._it)
+                    images, names = next(self._it)
                 except Exception as e:
                     raise failed_read(self.split.items, e) from None
                 self.step += 1
-                if kind == "bytes":  # --decode cuda (a folder of decoded pixels comes decoded)
+                if isinstance(images, list):  # --decode cuda's raw files (a folder of decoded pixels comes decoded)
                     images = decode_batch(images, names, self.split.image_size, self.device)
                 elif self.device.type == "cuda":
                     images = images.pin_memory()
