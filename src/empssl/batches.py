@@ -65,11 +65,10 @@ class StepBatches:
     def __init__(self, images: torch.Tensor, *, batch_size: int, seed: int, total_steps: int, start_step: int = 0,
                  device: torch.device | str, rank: int = 0, world: int = 1, stream: bool | None = None,
                  prefetch: int = 3) -> None:
-        self.images, self.device, self.batch_size, self.seed = images, torch.device(device), batch_size, seed
-        self.steps_per_epoch = images.shape[0] // batch_size
+        self.images, self.device, self.n = images, torch.device(device), images.shape[0]
+        self.batch_size, self.seed, self.steps_per_epoch = batch_size, seed, self.n // batch_size
         if self.steps_per_epoch < 1 or batch_size % world:
-            raise ValueError(f"batch size {batch_size} must be <= {images.shape[0]} images and divisible by {world} "
-                             f"ranks")
+            raise ValueError(f"batch size {batch_size} must be <= {self.n} images and divisible by {world} ranks")
         self.step, self.total, self.rank, self.b = start_step, total_steps, rank, batch_size // world
         self.stream = not _same_device(images.device, self.device) if stream is None else stream
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -99,7 +98,7 @@ class StepBatches:
         for step in range(self.step, self.total):
             epoch, pos = divmod(step, self.steps_per_epoch)
             if epoch != perm_epoch:
-                perm, perm_epoch = epoch_permutation(self.images.shape[0], self.seed, epoch), epoch
+                perm, perm_epoch = epoch_permutation(self.n, self.seed, epoch), epoch
             yield perm, pos * self.batch_size + self.rank * self.b
 
     def _resident(self) -> Iterator[torch.Tensor]:
