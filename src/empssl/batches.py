@@ -1,27 +1,18 @@
-"""The batch sources the training loop iterates; the in-memory tier's: which images each step trains on, delivered
-to the device without stalling it.
+"""The batch sources the training loop iterates (the streamed tier's: :class:`empssl.stream.StreamBatches`).
 
 In memory, step t (epoch e = t // S, position p = t % S, S steps per epoch, drop_last as the official loader)
 takes the B images ``perm_e[p*B:(p+1)*B]`` of a seeded per-epoch permutation, so a resumed run sees the same
-batches; under torchrun, rank r of N takes the slice r*b:(r+1)*b of them (b = B / N).
-
-Two deliveries, the same batches:
-
-* **resident** (the images are on the training device, e.g. CIFAR's 150 MB on the GPU): each epoch's
-  permutation is copied to the device once, and a batch is one on-device gather, with no host
-  synchronisation in the step;
-* **streaming** (the images stay in host memory because they do not fit on the device): a background
-  thread gathers upcoming batches into pinned memory while the GPU works, and each is copied to the device
-  with ``non_blocking=True``. PyTorch's pinned-memory cache does not hand a buffer out again before its copy
-  has finished, so the thread may allocate freely.
-
-Every tier is a :class:`BatchSource` to the training loop (the streamed tier's, in LitData's order:
-:class:`empssl.stream.StreamBatches`), and so is a user's own iterable of batches (:class:`IterableBatches`,
-``empssl.train(cfg, out, data=loader)``).
+batches; under torchrun, rank r of N takes the slice r*b:(r+1)*b of them (b = B / N). Images resident on the
+training device (e.g. CIFAR's 150 MB on the GPU) give a batch by one on-device gather, with no host synchronisation
+in the step; images in host memory are gathered into pinned memory by a background thread while the GPU works, and
+copied with ``non_blocking=True`` (PyTorch's pinned-memory cache does not hand a buffer out again before its copy
+has finished). A user's own iterable of batches is :class:`IterableBatches`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import queue
 import threading
 from collections.abc import Generator, Iterable, Iterator
@@ -33,13 +24,9 @@ from .errors import ConfigError
 
 
 class BatchSource(Protocol):
-    """What :func:`empssl.train.loop` iterates, whatever the tier: (b, 3, H, W) uint8 batches on the training device,
-    one per step, from the step its state says on.
-
-    ``steps_per_epoch`` is 0 where the source cannot know it (a stream being filled). ``state_dict()`` is saved
-    with every checkpoint and handed back to ``load_state_dict()`` on resume, before ``__iter__``, so that the
-    resumed run trains on the batches the interrupted one would have. Leaving the ``with`` block stops any
-    background work (threads, DataLoader workers).
+    """What :func:`empssl.train.loop` iterates: (b, 3, H, W) uint8 batches on the training device, one per step;
+    ``steps_per_epoch`` 0 where unknown (a stream being filled). ``state_dict()``, saved with every checkpoint, goes
+    back to ``load_state_dict()`` before ``__iter__`` on resume; leaving the ``with`` block stops any background work.
     """
 
     steps_per_epoch: int
@@ -65,35 +52,28 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 class StepBatches:
-    """Iterator over the (b, 3, H, W) uint8 batches of steps ``start_step`` .. ``total_steps - 1`` on ``device``.
+    """The (b, 3, H, W) uint8 batches of steps ``start_step`` .. ``total_steps - 1`` on ``device``.
 
     Args:
         images: (N, 3, H, W) uint8, on ``device`` (resident) or in host memory.
         batch_size: the global batch B; this rank yields B / world images per step.
-        stream: None picks streaming when ``images`` are not on ``device``; True forces the background
-            thread (also on the CPU, where nothing is pinned: used by tests).
+        stream: None streams when ``images`` are not on ``device``; True forces the background thread (also on the
+            CPU, where nothing is pinned: used by tests).
         prefetch: batches the thread may prepare ahead.
-
-    Use ``close()`` (or a ``with`` block) to stop the thread when leaving early.
     """
 
     def __init__(self, images: torch.Tensor, *, batch_size: int, seed: int, total_steps: int, start_step: int = 0,
                  device: torch.device | str, rank: int = 0, world: int = 1, stream: bool | None = None,
                  prefetch: int = 3) -> None:
-        self.images, self.device = images, torch.device(device)
-        self.n, self.batch_size, self.seed = images.shape[0], batch_size, seed
-        self.steps_per_epoch = self.n // batch_size
+        self.images, self.device, self.n = images, torch.device(device), images.shape[0]
+        self.batch_size, self.seed, self.steps_per_epoch = batch_size, seed, self.n // batch_size
         if self.steps_per_epoch < 1 or batch_size % world:
             raise ValueError(f"batch size {batch_size} must be <= {self.n} images and divisible by {world} ranks")
-        self.start, self.total, self.rank, self.world = start_step, total_steps, rank, world
-        self.b = batch_size // world
+        self.step, self.total, self.rank, self.b = start_step, total_steps, rank, batch_size // world
         self.stream = not _same_device(images.device, self.device) if stream is None else stream
-        self.prefetch = prefetch
-        self._queue: queue.Queue | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    taken = 0  # batches handed out since ``start``
 
     def __enter__(self) -> StepBatches:
         return self
@@ -102,21 +82,20 @@ class StepBatches:
         self.close()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        self.taken = 0
         for batch in self._streamed() if self.stream else self._resident():
-            self.taken += 1
+            self.step += 1
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.start + self.taken}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.start, self.taken = int(state["step"]), 0
+        self.step = int(state["step"])
 
     def _slices(self) -> Iterator[tuple[torch.Tensor, int]]:
         """(that epoch's CPU permutation, start of this rank's slice in it) for every step."""
         perm, perm_epoch = torch.empty(0, dtype=torch.long), -1
-        for step in range(self.start, self.total):
+        for step in range(self.step, self.total):
             epoch, pos = divmod(step, self.steps_per_epoch)
             if epoch != perm_epoch:
                 perm, perm_epoch = epoch_permutation(self.n, self.seed, epoch), epoch
@@ -132,34 +111,23 @@ class StepBatches:
             yield self.images.index_select(0, perm_dev[start:start + self.b]).to(self.device, non_blocking=True)
 
     def _produce(self) -> None:
-        assert self._queue is not None
         pin = self.device.type == "cuda"
         try:
             for perm, start in self._slices():
-                idx = perm[start:start + self.b]
                 out = torch.empty((self.b, *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=pin)
-                torch.index_select(self.images, 0, idx, out=out)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(out, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                torch.index_select(self.images, 0, perm[start:start + self.b], out=out)
                 if self._stop.is_set():
                     return
+                self._queue.put(out)  # (close() empties a full queue while it waits for this thread)
             self._queue.put(None)
         except BaseException as e:  # handed to the consumer, which re-raises it
             self._queue.put(e)
 
     def _streamed(self) -> Iterator[torch.Tensor]:
-        self._queue = queue.Queue(maxsize=self.prefetch)
         self._thread = threading.Thread(target=self._produce, name="empssl-batches", daemon=True)
         self._thread.start()
         try:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    return
+            while (item := self._queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item.to(self.device, non_blocking=True)
@@ -169,25 +137,21 @@ class StepBatches:
     def close(self) -> None:
         """Stop the background thread (if any) and wait for it."""
         self._stop.set()
-        if self._thread is not None:
-            while self._thread.is_alive():
-                try:  # unblock a producer waiting on a full queue
-                    assert self._queue is not None
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    pass
-                self._thread.join(timeout=0.05)
-            self._thread = None
+        while self._thread is not None and self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):  # unblock a producer waiting on a full queue
+                self._queue.get_nowait()
+            self._thread.join(timeout=0.05)
+        self._thread = None
 
 
 class IterableBatches:
     """A user's own batches as a :class:`BatchSource`: any iterable ``data`` of (b, 3, H, W) uint8 tensors or of
     (images, labels, ...) tuples (labels are not used), e.g. a torch DataLoader, moved to ``device``.
 
-    One pass over ``data`` is one epoch of ``len(data)`` steps; it needs a ``len()``, which sets the run's length and
-    its learning-rate schedule. Every batch must hold ``batch_size`` images of one size (a DataLoader: drop_last). The
-    state is ``data.state_dict()`` where ``data`` has one (torchdata's StatefulDataLoader, LitData's
-    StreamingDataLoader, a user's class); a run resumes only where ``data`` also has ``load_state_dict()``.
+    One pass over ``data`` is one epoch of ``len(data)`` steps, which set the run's length and its learning-rate
+    schedule; every batch holds ``batch_size`` images of one size (a DataLoader: drop_last). The state is
+    ``data.state_dict()`` where ``data`` has one (torchdata's StatefulDataLoader, LitData's StreamingDataLoader, a
+    user's class); a run resumes only where ``data`` also has ``load_state_dict()``.
     """
 
     def __init__(self, data: Iterable[Any], *, batch_size: int, device: torch.device | str,
@@ -201,11 +165,10 @@ class IterableBatches:
                               f"one)") from None
         if self.steps_per_epoch < 1:
             raise ConfigError(f"data= ({name}) holds no batch")
-        loader = data if isinstance(data, torch.utils.data.DataLoader) else None
-        if loader is not None and loader.batch_size is not None:  # a DataLoader's batches are known before its first
-            short = not loader.drop_last and len(loader.dataset) % loader.batch_size  # type: ignore[arg-type]
-            if loader.batch_size != batch_size or short:
-                raise ConfigError(f"data= gives batches of {loader.batch_size} images"
+        if isinstance(data, torch.utils.data.DataLoader) and data.batch_size is not None:  # known before its first
+            short = not data.drop_last and len(data.dataset) % data.batch_size  # type: ignore[arg-type]
+            if data.batch_size != batch_size or short:
+                raise ConfigError(f"data= gives batches of {data.batch_size} images"
                                   f"{', the last one short' * bool(short)}; every step trains on "
                                   f"batch_size={batch_size}: make them agree{' and pass drop_last=True' * bool(short)}")
         self.data, self.batch_size, self.device, self.size = data, batch_size, torch.device(device), image_size
@@ -224,15 +187,12 @@ class IterableBatches:
         return self._passes
 
     def _epochs(self) -> Generator[torch.Tensor, None, None]:
-        first = True
-        while True:  # epoch after epoch; the loop stops at its last step
-            empty = True
+        for epoch in itertools.count():  # the loop stops at its last step
+            batch = None
             for batch in self.data:
-                empty = False
                 yield self._checked(batch).to(self.device, non_blocking=True)
-            if empty and not first:  # (the first pass after a resume may be the end of a finished epoch)
+            if batch is None and epoch:  # (the first pass after a resume may be the end of a finished epoch)
                 raise ConfigError(f"data= ({type(self.data).__name__}) yielded no batch in a whole pass")
-            first = False
 
     def _checked(self, batch: Any) -> torch.Tensor:
         """The images of ``batch``, or ConfigError naming what was expected."""

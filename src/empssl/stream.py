@@ -1,46 +1,26 @@
 """The streamed tier: training images decoded batch by batch, for data that does not fit in memory.
 
-Beside the in-memory tier (:mod:`empssl.data`, one decoded uint8 tensor), and behind the same interface: the loop
-gets (b, 3, S, S) uint8 batches on its device, one per step, and the monitor and the evaluation get
-:class:`StreamedSplit` splits, read block by block (:func:`eval_splits`). ``--data-mode`` chooses (:func:`load_splits`):
+Behind the in-memory tier's interface: the loop gets (b, 3, S, S) uint8 batches on its device, one per step
+(:class:`StreamBatches`), and the monitor and the evaluation get :class:`StreamedSplit` splits whose features are
+computed block by block, keeping the features, not the images. ``--data-mode`` chooses (:func:`eval_splits`):
+memory, stream, or auto (stream what would not fit in memory).
 
-* ``memory``: today's path; ``stream``: this one; ``auto``: stream when the decoded images would not fit in the
-  memory available (:func:`empssl.data.load.check_fits`, the in-memory tier's own check).
-* What is streamed: shards written by ``empssl shard`` (``--data DIR`` holding ``manifest.json``, in
-  :mod:`empssl.shard`'s format, read through :func:`empssl.shard.verify_shards`: LitData folders ``DIR/train`` and
+* What is streamed: shards written by ``empssl shard`` (``DIR/manifest.json``; LitData folders ``DIR/train`` and
   ``DIR/test`` or ``DIR/val`` of items {"image": encoded bytes, "label", "name"}, and each split's labels.npy), a
-  LitData folder empssl did not write (:func:`empssl.shard.foreign_manifest`: its fields found or named by
-  ``--image-key`` / ``--label-key``, read by :func:`empssl.shard.read_item`), or any folder or archive the data
-  package reads, through its catalog (``record.read()``).
-* Which images a step trains on: LitData's order for shards (:class:`StreamBatches`: chunks shuffled by seed and
-  epoch, dealt to ranks and workers), torch's DistributedSampler's for a folder or archive; each image at most once
-  an epoch (``drop_last`` leaves out a few), every rank the same number of steps, and a resumed run continues with
-  the next unseen batch (same world size). Not the in-memory tier's order: the two tiers train on other batches.
-  Decoding on the CPU uses the in-memory tier's decoder (:func:`empssl.data.decode_image`: shorter side resized to
-  ``--image-size``, centre crop), so each image's pixels are those of the in-memory tier, bitwise.
-* ``--decode cuda``: DataLoader workers pass the raw bytes and the batch's JPEGs are decoded at once on the GPU
-  (:func:`decode_batch`, batched nvjpeg); what nvjpeg refuses (PNG, CMYK, ...) is decoded on the CPU instead.
-  GPU resizing differs from PIL's by rounding, so those pixels are close to, not equal to, the CPU path's.
-* No split is decoded whole: the monitor (its bank of ``--monitor-bank`` training images and its queries) and
-  the final kNN and linear probe, which train on the whole training split (after ``--train-subset``) as the
-  in-memory tier's do, compute features block by block (:meth:`StreamedSplit.blocks`), keeping the features, not
-  the images (results.json's ``eval_sets`` says what was used); under torchrun each rank computes its share and
-  the features are gathered (:func:`empssl.evaluate.extract_prefix_features`). ``empssl eval``, ``embed`` and
-  the experiments read a streamed split the same way (:func:`eval_splits`).
+  LitData folder empssl did not write (:func:`empssl.shard.foreign_manifest`), or any folder or archive the data
+  package reads, through its catalog.
+* Order: LitData's for shards (chunks shuffled by seed and epoch, dealt to ranks and workers), torch's
+  DistributedSampler's for a folder or archive; each image at most once an epoch (``drop_last`` leaves out a few),
+  every rank the same number of steps, and a resumed run continues with the next unseen batch (same world size).
+  Not the in-memory tier's order, but its decoder (:func:`empssl.data.decode_image`): the same pixels, bitwise.
+* ``--decode cuda``: a batch's JPEGs are decoded at once by nvjpeg (:func:`decode_batch`), whose resizing differs
+  from PIL's by rounding.
 * ``--image-size`` is required: a batch needs one size, and a stream cannot check ahead that all images agree.
 
-Bad data is refused before training, in one line: a shard missing, truncated or not matching its sha256 in the
-manifest, counts that disagree, shards without classes (``empssl shard`` itself refuses a source whose train and
-held-out splits have different classes, so a manifest holds one class list). An image that does
-not decode stops training with a one-line error naming it (the last checkpoint is kept): skipping it would change
-the data unnoticed and leave one rank's batch short (the in-memory tier refuses such an image too). A shard that
-changes after that check (truncated, deleted or replaced while training, ``eval`` or ``embed`` reads it) is named in
-one line when a read fails, or a DataLoader worker dies of it (SIGBUS), found by the shards' sizes against the
-manifest, then the sha256 of the one that failed (:meth:`ShardItems.culprit`); training keeps its last checkpoint.
-Shards in an object store (``--data s3://bucket/prefix``) are read through LitData's cache (:mod:`empssl.remote`).
-
-A run records what it trains on in its checkpoint (:func:`data_record`: the count, and the shard list or the
-source's file stamps) and refuses to resume over other data (:func:`check_data`).
+Bad data is refused before training, in one line. An image that does not decode stops training naming it: skipping
+it would change the data unnoticed and leave one rank's batch short. A shard that changes after the start checked it
+is named when a read fails or a worker dies of it (:meth:`ShardItems.culprit`). A run records what it trains on
+(:func:`data_record`) and refuses to resume over other data (:func:`check_data`).
 """
 
 from __future__ import annotations
@@ -55,7 +35,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -63,7 +43,7 @@ import torch
 from .config import Config, ConfigError
 from .data import TORCHVISION_DATASETS, Catalog, DataError, ImageData, ImageRecord, decode_image, scan
 from .data.decode import cpu_share, decode_catalog
-from .data.images import balanced_indices
+from .data.images import balanced_indices, split_rows
 from .data.layouts import held_out_split
 from .data.load import TooBigForMemory, check_fits, fingerprint
 from .remote import Unreachable, check_listed, is_remote, litdata_options, read_remote
@@ -81,25 +61,7 @@ from .shard import (
 
 T = TypeVar("T")
 
-JPEG_MAGIC = b"\xff\xd8\xff"
-
-
 # --- where the images come from -----------------------------------------------------------------------------
-
-
-class Items(Protocol):
-    """The images of one split, read one at a time by index."""
-
-    def __len__(self) -> int: ...
-
-    def item(self, i: int) -> tuple[Any, int, str]:
-        """(encoded bytes, or a LitData folder's decoded image: :func:`empssl.shard.read_item`; label, name) of
-        image ``i``."""
-        ...
-
-    def labels(self) -> torch.Tensor:
-        """(N,) int64 labels of every image."""
-        ...
 
 
 class CatalogItems:
@@ -120,10 +82,9 @@ class CatalogItems:
 
 
 class ShardItems:
-    """One LitData split folder (``DIR/train``, or its ``s3://`` URL read through LitData's chunk cache, with
-    ``options``: :func:`empssl.remote.litdata_options`): random access by index into its chunks, whose fields
-    ``keys`` names; ``shards``, the manifest's list of them, names the one to blame when a read fails
-    (:meth:`culprit`)."""
+    """One LitData split folder (``DIR/train``, or its ``s3://`` URL read through LitData's chunk cache with
+    ``options``: :func:`empssl.remote.litdata_options`), read by index; ``keys`` names its items' fields, and
+    ``shards``, the manifest's list of them, the one to blame when a read fails (:meth:`culprit`)."""
 
     def __init__(self, folder: Path | str, count: int, labels: list[int] | None = None,
                  shards: list[ShardFile] | None = None, options: dict[str, Any] | None = None,
@@ -139,8 +100,15 @@ class ShardItems:
 
     def item(self, i: int) -> tuple[Any, int, str]:
         if self._ds is None or self._pid != os.getpid():  # a forked worker must not share its parent's connections
-            self._ds, self._pid = _litdata_dataset(self), os.getpid()
+            self._ds, self._pid = self.dataset(), os.getpid()
         return read_item(self._ds[i], self.keys, i)
+
+    def dataset(self, **kw: Any) -> Any:
+        """LitData's dataset of the folder, with the serializers that refuse pickle
+        (:func:`empssl.shard.reader_serializers`): every StreamingDataset of a split is made here."""
+        from litdata import StreamingDataset
+
+        return StreamingDataset(str(self.folder), serializers=reader_serializers(), **self.options, **kw)
 
     def labels(self) -> torch.Tensor:
         # the split's labels.npy (empssl shard writes it); without it, one pass over the split reads them
@@ -148,13 +116,12 @@ class ShardItems:
         return torch.tensor(labels, dtype=torch.int64)
 
     def culprit(self, rows: list[int], message: str = "") -> DataError | None:
-        """Why a read of ``rows`` failed (``message``: the failure's own words), when a shard changed after the start
-        checked them all: one missing or not at its manifest size (a stat of each; in an object store, the bucket's
-        listing), else, on a local disk, one holding ``rows`` or named in ``message`` (LitData names the chunk it
-        failed on) that no longer matches its sha256 (those few are read); None when they all match."""
+        """Why a read of ``rows`` failed (``message``: its own words) when a shard changed after the start checked
+        them: one missing or not at its manifest size (in an object store: by the bucket's listing), else, on a local
+        disk, one holding ``rows`` or named in ``message`` that no longer matches its sha256; None when all match."""
         ends = np.cumsum([f.images for f in self.shards])
         holding = {int(np.searchsorted(ends, r, side="right")) for r in rows} & set(range(len(ends)))
-        holding |= {j for j, f in enumerate(self.shards) if f"/{f.name}" in message}
+        holding |= {j for j, f in enumerate(self.shards) if f"/{f.name}" in message}  # LitData names the chunk
         try:
             if self.cache_dir is not None:
                 check_listed(str(self.folder), self.shards)
@@ -171,35 +138,39 @@ class ShardItems:
         return None
 
 
+# The images of one split, read one at a time by index: ``item(i)`` is (encoded bytes, or a LitData folder's
+# decoded image: :func:`empssl.shard.read_item`; label, name), ``labels()`` the (N,) int64 labels of all.
+Items = CatalogItems | ShardItems
+
+
 def read_error(items: Items, rows: list[int], message: str) -> DataError:
-    """The one-line error for a read of ``rows`` that failed with ``message``: the shard to blame
-    (:meth:`ShardItems.culprit`), else ``message``."""
+    """The one-line error for a read of ``rows`` that failed with ``message``: the shard to blame, else ``message``."""
     found = items.culprit(rows, message) if isinstance(items, ShardItems) else None
     return found or DataError(" ".join(message.split()))  # (a library's message may run over several lines)
 
 
-def _litdata_dataset(items: ShardItems, **kw: Any) -> Any:
-    """LitData's dataset of one split folder (``s3://`` URLs with their cache, size and timeouts), with the
-    serializers that refuse pickle (:func:`empssl.shard.reader_serializers`): every StreamingDataset of a split to
-    train on or evaluate is made here."""
-    from litdata import StreamingDataset
-
-    return StreamingDataset(str(items.folder), serializers=reader_serializers(), **items.options, **kw)
+def failed_read(items: Items, error: BaseException) -> DataError:
+    """:func:`read_error` of an exception raised while iterating a loader over ``items``: a DataLoader worker's
+    arrives as a traceback, whose last frame's lines torch puts before the words (which may run over several lines),
+    an image that does not decode as our own DataError's, named by its module."""
+    lines = str(error).strip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    rest = lines[frames[-1] + 1:] if frames else lines
+    words = "\n".join(rest[next((i for i, line in enumerate(rest) if line[:1].strip()), 0):])
+    return read_error(items, [], words.removeprefix(f"{DataError.__module__}.{DataError.__name__}: "))
 
 
 def is_shards(spec: str) -> bool:
-    """True when ``spec`` is a folder written by ``empssl shard`` (it holds manifest.json) or by LitData
-    (:func:`empssl.shard.is_litdata_folder`), or names an object store (s3://, gs://: where only shard folders are
-    read)."""
+    """True when ``spec`` is a folder written by ``empssl shard`` (it holds manifest.json) or by LitData, or names
+    an object store (s3://, gs://: where only shard folders are read)."""
     return is_remote(spec) or (Path(spec).expanduser() / MANIFEST).is_file() or is_litdata_folder(spec)
 
 
 def read_manifest(root: Path | str, data_dir: str = "./data", hashes: bool = True,
                   keys: tuple[str, str] = ("", "")) -> Manifest:
-    """The manifest of a folder written by ``empssl shard``, after :func:`empssl.shard.verify_shards` checked every
-    shard against it (sizes and, ``hashes``, sha256; in an object store: sizes, :mod:`empssl.remote`); DataError (one
-    line) otherwise, or when LitData is missing. ``keys``: --image-key and --label-key, for a LitData folder that
-    empssl did not write."""
+    """The manifest of a shard folder after :func:`empssl.shard.verify_shards` checked every shard against it (sizes
+    and, ``hashes``, sha256; in an object store: sizes); DataError (one line) otherwise, or when LitData is missing.
+    ``keys``: --image-key and --label-key, for a LitData folder that empssl did not write."""
     if importlib.util.find_spec("litdata") is None:
         raise DataError(f"{root} holds shards, which are read with LitData: pip install 'empssl[stream]'")
     if is_remote(root):
@@ -217,15 +188,9 @@ def shard_items(manifest: Manifest, split: str, labels: list[int] | None = None)
 
 def open_shards(root: Path | str, data_dir: str = "./data", keys: tuple[str, str] = ("", "")
                 ) -> tuple[ShardItems, ShardItems, list[str], str]:
-    """(train, held-out split, classes, held-out split's name) of a folder written by ``empssl shard``, after
-    :func:`empssl.shard.verify_shards` checked it against its manifest (every shard and labels.npy present, at its
-    size and sha256; the counts). DataError (one line) otherwise, and for shards of a source without classes: the
-    streamed tier evaluates and monitors by label, so it needs them.
-
-    Every local shard is hashed, or its sha256 taken from the record under ``data_dir`` when its size, mtime and
-    inode are unchanged (:class:`empssl.shard.KnownHashes`): a shard changed in place at its size would otherwise
-    train on other images unnoticed. Shards in an object store are checked by size.
-    """
+    """(train, held-out split, classes, held-out split's name) of a shard folder checked by :func:`read_manifest`
+    (every local shard hashed, or its unchanged sha256 taken from the record under ``data_dir``); DataError (one line)
+    for shards of a source without classes: the streamed tier evaluates and monitors by label."""
     manifest = read_manifest(root, data_dir, keys=keys)
     if not manifest.classes:
         raise DataError(f"{root} holds shards of {manifest.source}, which has no classes (label -1); training "
@@ -246,8 +211,7 @@ BLOCK_BYTES = 256 * 2**20
 @dataclass
 class StreamedSplit:
     """A split read as it goes: ``rows`` of ``items`` (after ``--train-subset`` / ``--test-subset``), decoded at
-    ``image_size``. Training reads it batch by batch (:class:`StreamBatches`), evaluation block by block
-    (:meth:`blocks`)."""
+    ``image_size``, by training batch by batch (:class:`StreamBatches`), by evaluation block by block."""
 
     items: Items
     rows: torch.Tensor  # (N,) int64
@@ -280,11 +244,9 @@ class StreamedSplit:
         return ImageData(self._decode(self.rows, progress), self.labels.clone(), list(self.classes))
 
     def blocks(self, multiple: int, names: list[str] | None = None) -> Iterator[torch.Tensor]:
-        """The rows decoded block by block: consecutive (b, 3, S, S) uint8 blocks of a multiple of ``multiple``
-        images (the last one: the rest), each about :data:`BLOCK_BYTES` (or ``block_images``; without an
-        ``image_size`` the decoded size is unknown, and the split is one block), decoded by the in-memory tier's
-        decoder, so that no more than one block of images is ever held. ``names``, when given, receives each row's name
-        as its block is read. An image that does not decode raises DataError naming it (as training does)."""
+        """Consecutive (b, 3, S, S) uint8 blocks of the rows, b a multiple of ``multiple`` (the last one: the rest)
+        of about :data:`BLOCK_BYTES` (or ``block_images``; without an ``image_size``: one block), the only images
+        held; ``names`` receives each row's name as its block is read. DataError names an image that does not decode."""
         if multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {multiple}")
         if self.block_images or not self.image_size:
@@ -295,35 +257,28 @@ class StreamedSplit:
             yield self._decode(self.rows[at:at + per], False, names)
 
     def _decode(self, rows: torch.Tensor, progress: bool, names: list[str] | None = None) -> torch.Tensor:
-        """(len(rows), 3, S, S) uint8: ``rows`` of the items decoded (their names added to ``names``)."""
-        records = _records(self.items, rows, self.where)
+        """(len(rows), 3, S, S) uint8 by the in-memory tier's decoder; their names added to ``names``."""
+        records = []
+        for i in rows.tolist():
+            if isinstance(self.items, CatalogItems):  # a folder's files are read by the decoder's workers
+                records.append(self.items.records[i])
+                continue
+            try:
+                data, label, name = self.items.item(i)
+            except Exception as e:  # LitData's own words (a "hung download" for a missing shard) would mislead
+                message = f"cannot read image {i} of {self.where}: {type(e).__name__}: {e}"
+                raise read_error(self.items, [i], message) from None
+            records.append(ImageRecord(name, label, data))
         if names is not None:
             names.extend(r.name for r in records)
         catalog = Catalog(self.where, "", records, self.classes, None, [("", len(records))], [])
         return decode_catalog(catalog, self.image_size, progress)
 
 
-def _records(items: Items, rows: torch.Tensor, source: str) -> list[ImageRecord]:
-    """The :class:`ImageRecord` of rows ``rows`` of ``items`` (a folder's files are read later, by the decoder's
-    workers; a shard's items now, a failure named by :func:`read_error`)."""
-    if isinstance(items, CatalogItems):
-        return [items.records[i] for i in rows.tolist()]
-    out = []
-    for i in rows.tolist():
-        try:
-            data, label, name = items.item(i)
-        except Exception as e:  # LitData's own words (a "hung download" for a missing shard) would mislead
-            raise read_error(items, [i], f"cannot read image {i} of {source}: {type(e).__name__}: {e}") from None
-        out.append(ImageRecord(name, label, data))
-    return out
-
-
 def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[ImageData, ImageData]],
                 log: Callable[[str], None] = print
                 ) -> tuple[ImageData | StreamedSplit, ImageData | StreamedSplit, StreamedSplit | None]:
-    """(train, test, streamed) of ``cfg.data`` for training, as :func:`eval_splits` reads them; ``streamed`` is
-    the training split in the streamed tier (which the monitor and the evaluation read as they go too, from
-    ``train`` and ``test``), None in the in-memory tier."""
+    """(train, test, the training split when streamed, else None) of ``cfg.data`` for training: :func:`eval_splits`."""
     if cfg.decode == "cuda" and (cfg.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("--decode cuda decodes on the training GPU; this run has none (use --decode cpu or auto)")
     train, test = eval_splits(cfg, progress, in_memory, log)
@@ -334,9 +289,7 @@ def eval_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[Image
                 log: Callable[[str], None] = print
                 ) -> tuple[ImageData, ImageData] | tuple[StreamedSplit, StreamedSplit]:
     """(train, test) of ``cfg.data`` after ``--train-subset`` / ``--test-subset``, by ``--data-mode``: both in
-    memory (:class:`ImageData`: what ``in_memory()`` loads, or shards that fit, decoded whole), or, in the streamed
-    tier (shards, or a folder or archive read through its catalog), both as :class:`StreamedSplit`, whose features
-    are computed block by block (:meth:`StreamedSplit.blocks`), so that only the features are kept."""
+    memory (what ``in_memory()`` loads, or shards that fit, decoded whole), or both streamed."""
     shards, mode = is_shards(cfg.data), cfg.data_mode
     if not shards:
         loaded = memory_first(mode, in_memory, log)
@@ -350,9 +303,7 @@ def eval_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[Image
         train_items, test_items, classes, held = open_shards(source, cfg.data_dir, (cfg.image_key, cfg.label_key))
     else:
         catalog = scan(cfg.data, cfg.data_dir)
-        blocks, at = {}, 0
-        for name, count in catalog.splits:
-            blocks[name], at = catalog.records[at:at + count], at + count
+        blocks = {name: catalog.records[rows] for name, rows in split_rows(catalog.splits).items()}
         held = held_out_split(blocks, catalog.source)
         assert catalog.classes is not None  # split roots have classes
         train_items, test_items = CatalogItems(blocks["train"]), CatalogItems(blocks[held])
@@ -402,9 +353,9 @@ def require_image_size(image_size: int) -> None:
 
 
 def choose_tier(mode: str, n: int, image_size: int, source: str, log: Callable[[str], None]) -> str:
-    """"memory" or "stream" for ``n`` images of a shard folder by ``--data-mode``: memory when they fit (without
-    ``--image-size`` the decoded size is unknown: memory), else stream in auto (said in ``log``) and
-    TooBigForMemory in memory. Streaming needs ``--image-size`` (ConfigError)."""
+    """"memory" or "stream" for ``n`` images of a shard folder by ``--data-mode``: memory when they fit (or their
+    decoded size is unknown, without ``--image-size``), else stream in auto (said in ``log``) and TooBigForMemory in
+    memory. Streaming needs ``--image-size`` (ConfigError)."""
 
     def fits() -> bool:
         if image_size:
@@ -423,10 +374,9 @@ def choose_tier(mode: str, n: int, image_size: int, source: str, log: Callable[[
 def data_record(n_train: int, spec: str | None = None, data_dir: str = "./data",
                 keys: tuple[str, str] = ("", ""), shards: list[ShardFile] | None = None) -> dict[str, Any]:
     """What a run trains on, as its checkpoint records it: the ``n_train`` training images (after
-    ``--train-subset``) and, of ``spec`` (``cfg.data``; None for data given as tensors), a shard folder's train
-    shards (name, images, bytes, sha256, from its manifest), or a folder's or archive's stamps (what the decoded-image
-    cache is keyed by: :func:`empssl.data.load.fingerprint`); no image is read for it. ``shards``: the train shards
-    of ``spec`` as the caller read them already (a streamed split's), so that the folder is not read twice."""
+    ``--train-subset``) and, of ``spec`` (``cfg.data``; None for tensors), a shard folder's train shards (from its
+    manifest, or ``shards``, those the caller read already) or a folder's or archive's stamps
+    (:func:`empssl.data.load.fingerprint`); no image is read for it."""
     record: dict[str, Any] = {"train": n_train}
     if spec is not None and is_shards(spec):
         if shards is None:
@@ -440,13 +390,15 @@ def data_record(n_train: int, spec: str | None = None, data_dir: str = "./data",
 def check_data(saved: dict[str, Any] | None, now: dict[str, Any], spec: str, checkpoint: Path,
                log: Callable[[str], None]) -> None:
     """Refuse (DataError, one line) to resume a run whose data changed since its checkpoint recorded them
-    (:func:`data_record`): a resumed run trains on exactly what it started on. A checkpoint without the record (an
-    older empssl's) resumes unchecked, with a note."""
+    (:func:`data_record`). A checkpoint without the record (an older empssl's) resumes unchecked, with a note."""
     if saved is None:
         log(f"note: {checkpoint} does not record the data it was trained on (an older empssl wrote it); resuming "
             f"without checking that {spec} is unchanged")
         return
-    if not _well_formed(saved):
+    files = saved.get("shards", []) if isinstance(saved, dict) else None  # a damaged checkpoint may hold anything
+    if not (isinstance(saved, dict) and type(saved.get("train")) is int
+            and isinstance(saved.get("files"), (str, type(None))) and isinstance(files, list)
+            and all(isinstance(f, list) and [type(x) for x in f] == [str, int, int, str] for f in files)):
         raise DataError(f"{checkpoint} is damaged: its record of the data the run was trained on is not what empssl "
                         f"writes")
     if all(saved[k] == v for k, v in now.items() if k in saved):
@@ -460,14 +412,6 @@ def check_data(saved: dict[str, Any] | None, now: dict[str, Any], spec: str, che
     where = (f"{spec.rstrip('/')}/train" if is_remote(spec) else Path(spec).expanduser() / "train") if shards else spec
     raise DataError(f"{where} {change}: train into a new --out, or restore the data to resume (the run's record: "
                     f"{checkpoint})")
-
-
-def _well_formed(record: Any) -> bool:
-    """``record`` has :func:`data_record`'s shape (a damaged checkpoint may hold anything, tensors included)."""
-    shards = record.get("shards", []) if isinstance(record, dict) else None
-    return (isinstance(record, dict) and type(record.get("train")) is int
-            and isinstance(record.get("files"), (str, type(None))) and isinstance(shards, list)
-            and all(isinstance(f, list) and [type(x) for x in f] == [str, int, int, str] for f in shards))
 
 
 def _described(record: dict[str, Any]) -> str:
@@ -487,20 +431,16 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     return decode if decode != "auto" else ("cuda" if device.type == "cuda" else "cpu")
 
 
-def _prepared(data: Any, name: str, image_size: int, decode: bool) -> tuple[str, Any, str]:
-    """What a DataLoader worker hands over for one image (``data``: encoded bytes, or a foreign folder's PIL image
-    or pixel array): ("image", (3, S, S) uint8, name) by the in-memory tier's decoder, ("bytes", (n,) uint8 file,
-    name) for ``--decode cuda`` (bytes only), or ("error", one-line message, name): a worker's exception would reach
-    the main process as a traceback of many lines."""
-    try:
-        if not decode and isinstance(data, bytes):
-            return "bytes", torch.frombuffer(bytearray(data), dtype=torch.uint8), name
-        return "image", _chw(decode_image(data, image_size, f"image {name}")), name
-    except DataError as e:
-        return "error", str(e), name
+def _prepared(data: Any, name: str, image_size: int, decode: bool) -> tuple[torch.Tensor, str]:
+    """What a DataLoader worker hands over for one image (``data``: encoded bytes, or a foreign folder's PIL image or
+    pixel array): ((3, S, S) uint8 by the in-memory tier's decoder, or for ``--decode cuda`` the (n,) uint8 file
+    itself (bytes only); name). DataError for an image that does not decode (:func:`failed_read` names it)."""
+    if not decode and isinstance(data, bytes):
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), name
+    return _chw(decode_image(data, image_size, f"image {name}")), name
 
 
-def _prepared_item(item: dict[str, Any], keys: ItemKeys, image_size: int, decode: bool) -> tuple[str, Any, str]:
+def _prepared_item(item: dict[str, Any], keys: ItemKeys, image_size: int, decode: bool) -> tuple[torch.Tensor, str]:
     """:func:`_prepared` of a shard's item (LitData's ``transform=``, in its workers)."""
     image, _, name = read_item(item, keys, -1)
     return _prepared(image, name, image_size, decode)
@@ -515,11 +455,11 @@ class _Reader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split.rows)
 
-    def __getitem__(self, i: int) -> tuple[str, Any, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         try:
             data, _, name = self.split.items.item(int(self.split.rows[i]))
         except Exception as e:  # a file gone since the scan
-            return "error", f"cannot read image {i} of {self.split.where}: {type(e).__name__}: {e}", str(i)
+            raise DataError(f"cannot read image {i} of {self.split.where}: {type(e).__name__}: {e}") from None
         return _prepared(data, name, self.split.image_size, self.decode)
 
 
@@ -532,17 +472,11 @@ class _Order(torch.utils.data.DistributedSampler):
         return itertools.islice(super().__iter__(), self.skip, None)
 
 
-def _collated(batch: list[tuple[str, Any, str]]) -> tuple[str, Any, list[str]]:
-    """A batch of :func:`_prepared` images as a worker hands it over: ("images", (b, 3, S, S) uint8, names),
-    stacked in the worker so that it crosses to the main process as one shared-memory tensor, not one per image;
-    ("bytes", the raw files, names) for ``--decode cuda``; or ("error", the first failure's one line, names)."""
-    names = [b[2] for b in batch]
-    bad = next((b for b in batch if b[0] == "error"), None)
-    if bad is not None:
-        return "error", bad[1], names
-    if batch[0][0] == "bytes":
-        return "bytes", [b[1] for b in batch], names
-    return "images", torch.stack([b[1] for b in batch]), names
+def _collated(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor | list[torch.Tensor], list[str]]:
+    """A batch as a worker hands it over: (b, 3, S, S) uint8, stacked in the worker so that it crosses to the main
+    process as one shared-memory tensor, not one per image (raw files: their list), and the images' names."""
+    images, names = [b[0] for b in batch], [b[1] for b in batch]
+    return (images if images[0].dim() == 1 else torch.stack(images)), names
 
 
 def _chw(image: Any) -> torch.Tensor:
@@ -563,15 +497,15 @@ _noted_fallback = False
 def decode_batch(raw: list[torch.Tensor], names: list[str], image_size: int, device: torch.device,
                  gpu_decode: Callable[..., list[torch.Tensor]] | None = None) -> torch.Tensor:
     """(b, 3, S, S) uint8 on ``device`` from b raw image files ((n,) uint8 each): the JPEGs decoded in one batched
-    call (``torchvision.io.decode_jpeg(..., device=device)``, nvjpeg on CUDA), then resized (shorter side, bilinear,
-    antialiased) and centre-cropped there; the rest, and every JPEG of a batch that call refuses, on the CPU by
+    call (``torchvision.io.decode_jpeg``, nvjpeg on CUDA), resized (shorter side, bilinear, antialiased) and
+    centre-cropped there; the rest, and every JPEG of a batch that call refuses, on the CPU by
     :func:`empssl.data.decode_image`."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2.functional import center_crop, resize
 
     global _noted_fallback
     out: list[torch.Tensor | None] = [None] * len(raw)
-    jpeg = [i for i, r in enumerate(raw) if bytes(r[:3].tolist()) == JPEG_MAGIC]
+    jpeg = [i for i, r in enumerate(raw) if bytes(r[:3].tolist()) == b"\xff\xd8\xff"]  # a JPEG's magic number
     if jpeg:
         try:
             with warnings.catch_warnings():  # torchvision 0.29 marks its decoders deprecated (for TorchCodec)
@@ -584,10 +518,9 @@ def decode_batch(raw: list[torch.Tensor], names: list[str], image_size: int, dev
                 print(f"note: decoding a batch's JPEGs on {device} failed ({' '.join(str(e).split())[:120]}); "
                       f"such batches are decoded on the CPU", file=sys.stderr)
                 _noted_fallback = True
-    cpu = [_chw(decode_image(bytes(raw[i].numpy()), image_size, f"image {names[i]}"))
-           for i in range(len(raw)) if out[i] is None]
-    it = iter(cpu)
-    return torch.stack([o if o is not None else next(it).to(device) for o in out])
+    return torch.stack([o if o is not None else
+                        _chw(decode_image(bytes(raw[i].numpy()), image_size, f"image {names[i]}")).to(device)
+                        for i, o in enumerate(out)])
 
 
 # --- the batch source ---------------------------------------------------------------------------------------
@@ -600,22 +533,11 @@ def _n_workers() -> int:
 
 class StreamBatches:
     """The (b, 3, S, S) uint8 batches of a streamed training split on ``device``, one per step, epoch after epoch,
-    read and decoded as they go by DataLoader workers; ``steps_per_epoch``, the same on every rank.
-
-    A shard folder is read by LitData's StreamingDataLoader (:func:`_litdata_dataset`), which owns the order: chunks
-    shuffled by (seed, epoch), dealt to the ranks and their workers with drop_last (each image at most once an
-    epoch, as many batches on every rank), and a ``state_dict()`` to resume from. A folder or archive is read by
-    torch's DataLoader over :class:`_Order`. ``split.rows`` (``--train-subset``) go to LitData as a ``subset``.
-
-    Args:
-        split: the streamed training split.
-        batch_size: the global batch B; this rank yields B / world images per step.
-        decode: "cpu" (decoded in the workers) or "cuda" (raw bytes from the workers, :func:`decode_batch`).
-        workers: DataLoader worker processes (default: the CPUs but one, at most 8); a resume takes its
-            checkpoint's, as another count deals the images otherwise.
-
-    Use a ``with`` block (or ``close()``) to stop the workers when leaving early; leaving the block on a worker's
-    death names the shard that changed under it (:meth:`ShardItems.culprit`).
+    decoded by DataLoader workers (``decode`` "cuda": raw files from them, :func:`decode_batch`): a shard folder's by
+    LitData's StreamingDataLoader, which owns the order and resumes from its ``state_dict()``, a folder's or
+    archive's by torch's over :class:`_Order`. ``batch_size`` is the global one; ``workers`` (default: the CPUs but
+    one, at most 8) is taken from the checkpoint on resume, as another count deals the images otherwise. Leaving the
+    ``with`` block stops the workers, and on a worker's death names the shard that changed under it.
     """
 
     def __init__(self, split: StreamedSplit, *, batch_size: int, seed: int, device: torch.device | str,
@@ -628,7 +550,11 @@ class StreamBatches:
         self.cache_dir = split.items.cache_dir if isinstance(split.items, ShardItems) else None
         self._it: Any = None
         self.loader = self._loader(_n_workers() if workers is None else workers)
-        self.steps_per_epoch = _agreed(len(self.loader), self.device)
+        self.steps_per_epoch = len(self.loader)
+        if torch.distributed.is_initialized():  # the fewest of every rank's, so that the ranks step together
+            steps = torch.tensor([self.steps_per_epoch], device=self.device)
+            torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MIN)
+            self.steps_per_epoch = int(steps.item())
         if self.steps_per_epoch < 1:
             raise ValueError(f"batch size {batch_size} exceeds the {len(split)} images of {split.where}")
 
@@ -643,9 +569,9 @@ class StreamBatches:
             return torch.utils.data.DataLoader(order.dataset, sampler=order, drop_last=True, **kw)
         from litdata import StreamingDataLoader
 
-        ds = _litdata_dataset(split.items, shuffle=True, seed=self.seed, drop_last=True,
-                              transform=functools.partial(_prepared_item, keys=split.items.keys,
-                                                          image_size=split.image_size, decode=decode))
+        ds = split.items.dataset(shuffle=True, seed=self.seed, drop_last=True,
+                                 transform=functools.partial(_prepared_item, keys=split.items.keys,
+                                                             image_size=split.image_size, decode=decode))
         return StreamingDataLoader(ds.subset(split.rows.tolist()) if len(split) < len(split.items) else ds, **kw)
 
     def __enter__(self) -> StreamBatches:
@@ -665,7 +591,8 @@ class StreamBatches:
         return (images for images, _ in self.named())
 
     def named(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
-        """(batch, its images' names) of every step from ``self.step`` on."""
+        """(batch, its images' names) of every step from ``self.step`` on; DataError (one line) naming an image that
+        does not decode, or the shard to blame for a failed read."""
         while True:
             epoch, at = divmod(self.step, self.steps_per_epoch)
             if not self.litdata:  # (LitData keeps its own epoch and position)
@@ -673,26 +600,18 @@ class StreamBatches:
                 self.loader.sampler.skip = at * self.b
             self._it = iter(self.loader)
             for _ in range(at, self.steps_per_epoch):
-                kind, images, names = self._next()
+                try:
+                    images, names = next(self._it)
+                except Exception as e:
+                    raise failed_read(self.split.items, e) from None
                 self.step += 1
-                if kind == "bytes":  # --decode cuda (a folder of decoded pixels comes decoded)
-                    yield decode_batch(images, names, self.split.image_size, self.device), names
-                    continue
-                images = images.pin_memory() if self.device.type == "cuda" else images
+                if isinstance(images, list):  # --decode cuda's raw files (a folder of decoded pixels comes decoded)
+                    images = decode_batch(images, names, self.split.image_size, self.device)
+                elif self.device.type == "cuda":
+                    images = images.pin_memory()
                 yield images.to(self.device, non_blocking=True), names
             for _ in self._it:  # to the epoch's end, where LitData starts the next (nothing left: the ranks agree)
                 pass
-
-    def _next(self) -> tuple[str, Any, list[str]]:
-        """The next batch (:func:`_collated`); DataError (one line) naming an image that does not decode, or the
-        shard to blame for a failed read (a worker's exception arrives as a traceback, LitData's message after it)."""
-        try:
-            kind, images, names = next(self._it)
-        except Exception as e:
-            raise failed_read(self.split.items, e) from None
-        if kind == "error":
-            raise read_error(self.split.items, [], images)
-        return kind, images, names
 
     def state_dict(self) -> dict[str, Any]:
         """The next step, the worker count, the cache folder and, for shards, LitData's loader state."""
@@ -721,27 +640,3 @@ class StreamBatches:
         stop = getattr(it, "close", None) or getattr(it, "_shutdown_workers", None)
         if stop is not None:
             stop()
-
-
-def failed_read(items: Items, error: BaseException) -> DataError:
-    """:func:`read_error` of an exception raised while iterating a loader over ``items`` (a worker's arrives as a
-    traceback, the library's message after it)."""
-    return read_error(items, [], _without_traceback(str(error)))
-
-
-def _without_traceback(message: str) -> str:
-    """The words of a DataLoader worker's exception, without the traceback torch puts before them: what follows
-    the last frame's lines (the message itself may run over several lines)."""
-    lines = message.strip().splitlines()
-    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
-    rest = lines[frames[-1] + 1:] if frames else lines
-    return "\n".join(rest[next((i for i, line in enumerate(rest) if line[:1].strip()), 0):])
-
-
-def _agreed(steps: int, device: torch.device) -> int:
-    """The fewest of every rank's ``steps`` (under torchrun), so that the ranks step together."""
-    if torch.distributed.is_initialized():
-        t = torch.tensor([steps], device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        steps = int(t.item())
-    return steps
