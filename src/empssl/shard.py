@@ -1,43 +1,27 @@
 """Shards: any source the data package reads, written once as LitData chunks of encoded image bytes, for the
-streamed tier (``empssl shard SRC --out DIR``; the format and why it is LitData: docs/DATA.md).
+streamed tier (``empssl shard SRC --out DIR``; the format, its rules and why it is LitData: docs/DATA.md).
 
 On disk::
 
-    DIR/manifest.json             written last: format version, empssl and litdata versions, source, classes,
-                                  per split its image count, stored/re-encoded counts, image formats, and every
-                                  shard file's name, images, bytes and sha256
+    DIR/manifest.json             written last: versions, source, classes, per split its counts and every shard
+                                  and labels file's name, images, bytes and sha256
     DIR/<split>/index.json        LitData's index of that split (what litdata.StreamingDataset(DIR/<split>) reads)
     DIR/<split>/chunk-0-<j>.bin   shard j of the split: items j*K .. j*K+K-1 (K = shard_size), the split's images
-                                  in a seeded random order (:func:`write_order`; LitData shuffles chunks, then
-                                  items within a window, so an order by class would give batches of few classes)
-    DIR/<split>/labels.npy        the split's labels in item order (int32, numpy's .npy; listed with its size and
-                                  sha256 in the manifest): what a reader needs to sample or balance without
-                                  reading every item
+                                  in a seeded random order (:func:`write_order`)
+    DIR/<split>/labels.npy        the split's labels in item order (int32), to sample without reading the items
+
+Each item is ``{"image": bytes, "label": int, "name": str}``: the image file's bytes, as they are unless the longer
+side exceeds ``max_side`` (:func:`prepare_image`); the label, an index into ``classes`` (-1 without classes); the
+name relative to the source ("train/cat/0001.jpg"). Splits are the source's own; a source without split folders is
+one split, ``train``.
+
+Resumable: each shard is written by one worker into a temporary folder, moved into place, then recorded in
+``<split>/.parts/j.json``; the index.json files and the manifest come last, so a killed run is never taken for
+complete, and the same command run again writes only the missing shards, ending with the bytes of an uninterrupted
+run (the order and shard boundaries are fixed by ``.plan.json``, written before the first shard).
 
 A LitData folder that empssl did not write (``DIR/index.json``, or ``DIR/<split>/index.json``, no manifest) is
-read too: :func:`verify_shards` describes it in a :class:`Manifest` of its own (:func:`foreign_manifest`).
-
-Splits are the source's own (``train``, ``val``, ``test``; Tiny ImageNet and ImageNet: ``train``, ``val``); a
-source without split folders (a plain folder or a class tree) is one split, ``train``. Each item is
-``{"image": bytes, "label": int, "name": str}``: the image file's bytes (LitData hands them back as a
-``memoryview``; ``bytes(item["image"])`` copies them), the label (an index into the manifest's ``classes``; -1
-when the source has no classes), and the name relative to the source, as :func:`empssl.data.load_images` names it
-("train/cat/0001.jpg").
-
-Which bytes: an image whose longer side fits ``max_side`` (default: no limit, so every image) is stored byte for
-byte, whatever its format (JPEG, PNG, ...; re-encoding a PNG as JPEG would change the data without being asked).
-A larger one is decoded by the data package's rules (:func:`empssl.data.decode_image`: RGB, transparency over
-white, 16-bit scaled), resized so that its longer side is ``max_side`` (PIL Lanczos, antialiased), and encoded
-once as a baseline JPEG of quality :data:`JPEG_QUALITY`. Every image's header is read (format and size); images
-are not decoded unless re-encoded, so a file damaged past its header is found by the reader, not here.
-
-Resumable: shard j is written into a temporary folder, moved into place, then recorded in ``<split>/.parts/j.json``
-(with its sha256); a split's ``index.json`` is written when all its shards are, and ``manifest.json`` when all
-splits are. A run killed at any point leaves no manifest, so no reader (:func:`verify_shards`) takes it for
-complete; the same command run again skips the recorded shards, rewrites the rest, and gives the same files as an
-uninterrupted run (shard boundaries and the order are fixed by ``.plan.json``, written before the first shard).
-Shards are written by a process pool, each shard by one worker, so a parallel run writes the same bytes as a serial
-one.
+read too (:func:`foreign_manifest`).
 """
 
 from __future__ import annotations
@@ -116,11 +100,9 @@ class ItemKeys:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A shard folder's ``manifest.json``, read and checked by :func:`verify_shards`.
-
-    ``root`` the folder; ``source`` what was sharded (a resolved path, or ``imagenet100:PATH``); ``classes``
-    (label i is ``classes[i]``) or None; ``splits`` by name, in the source's order; ``max_side`` (None: no
-    limit); ``data`` the whole JSON; ``keys`` the fields of its items. A LitData folder that empssl did not write
+    """A shard folder's ``manifest.json``, read and checked by :func:`verify_shards`: ``source`` (a resolved path,
+    or ``imagenet100:PATH``), ``classes`` (label i is ``classes[i]``; None without), ``splits`` in the source's
+    order, ``max_side`` (None: no limit), ``data`` the whole JSON. A LitData folder that empssl did not write
     (:func:`foreign_manifest`) has ``data["format"] == "litdata"``, no sha256s, and its labels in ``label_arrays``.
     """
 
@@ -150,8 +132,8 @@ class Manifest:
         return f"{self.url}/{split}" if self.url else str(self.split_dir(split))
 
     def labels(self, split: str) -> np.ndarray:
-        """(N,) int32 labels of ``split`` in item order (-1: the source has no classes), from its labels.npy
-        (checked by :func:`verify_shards`). DataError (one line) when it cannot be read."""
+        """(N,) int32 labels of ``split`` in item order (-1: the source has no classes). DataError (one line) when
+        its labels.npy cannot be read."""
         if split in self.label_arrays:
             return self.label_arrays[split]
         path = self.split_dir(split) / self.splits[split].labels.name
@@ -171,29 +153,19 @@ class Manifest:
 def write_shards(spec: str, out: str | Path, max_side: int | None = None, workers: int | None = None,
                  shard_size: int | None = None, data_dir: str = "./data", progress: bool = True,
                  seed: int | None = None) -> Manifest:
-    """Write every image of ``spec`` as LitData shards under ``out`` (layout and rules: the module docstring).
+    """Write every image of ``spec`` (any source :func:`empssl.data.scan` reads) as LitData shards under ``out``: a
+    new or empty folder, or an unfinished run of the same command (which is continued).
 
-    Args:
-        spec: a folder, class tree, ImageFolder root, archive, Tiny ImageNet, ``demo``, ``tiny-imagenet``,
-            ``imagenet100:PATH`` or ``imagenet:PATH`` (as :func:`empssl.data.scan` reads them).
-        out: the shard folder: new, empty, or an unfinished run of the same command (which is continued).
-        max_side: images whose longer side is larger are resized to it and re-encoded (JPEG q90); None: no limit.
-        workers: processes writing shards (default: the usable CPU cores, at most 16).
-        shard_size: images per shard (default: about 64 MB of the source's files per shard).
-        data_dir: where ``tiny-imagenet`` and ``imagenet100`` without a path are looked for.
-        progress: a progress bar on stderr.
-        seed: the seed of each split's write order (:func:`write_order`; default 0, or an unfinished run's own).
-
-    Returns the :class:`Manifest` written. Raises DataError (one line, nothing left behind) for a missing source,
-    one without images, an image that cannot be read, an ``out`` that is a file, holds other files, or holds shards
-    of another source or of other settings. KeyboardInterrupt leaves the finished shards for the next run.
+    ``max_side``: larger images are resized to it and re-encoded (None: no limit); ``workers``: processes writing
+    shards (default: the usable CPU cores, at most 16); ``shard_size``: images per shard (default: about 64 MB of
+    the source's files); ``seed``: each split's write order (:func:`write_order`; default 0, or an unfinished run's
+    own). Returns the :class:`Manifest` written. DataError (one line, nothing left behind) for a source that is
+    missing, empty or has an unreadable image, or an ``out`` that is a file, holds other files, or holds shards of
+    another source or settings. KeyboardInterrupt leaves the finished shards for the next run.
     """
-    if max_side is not None and max_side < 1:
-        raise DataError(f"--max-side must be >= 1, got {max_side}")
-    if shard_size is not None and shard_size < 1:
-        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
-    if seed is not None and seed < 0:
-        raise DataError(f"--seed must be >= 0, got {seed}")
+    for value, flag, least in ((max_side, "--max-side", 1), (shard_size, "--shard-size", 1), (seed, "--seed", 0)):
+        if value is not None and value < least:
+            raise DataError(f"{flag} must be >= {least}, got {value}")
     out = Path(out).expanduser()
     source = source_name(spec, data_dir)
     previous = _previous_plan(out, source)  # before the scan, which can take long: refuse a wrong --out at once
@@ -203,7 +175,10 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
         print(f"note: skipped {n} entr{'y' if n == 1 else 'ies'} of {catalog.source} that are not regular files, "
               f"e.g. {catalog.skipped[0]}", file=sys.stderr)
     seed = seed if seed is not None else previous.get("seed", 0)
-    blocks = _blocks(catalog.records, catalog.splits, seed)
+    blocks, at = {}, 0
+    for name, count in catalog.splits:
+        blocks[name or NO_SPLIT] = _in_order(catalog.records[at: at + count], seed)
+        at += count
     plan = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
         "max_side": max_side, "jpeg_quality": JPEG_QUALITY, "seed": seed,
@@ -218,18 +193,17 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
             print(f"{out} already holds every shard of {source} ({MANIFEST}); nothing to do", file=sys.stderr)
             return verify_shards(out, hashes=False)
     fresh = not out.exists()
+    if not previous:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create {out}: {e.strerror or e}") from None
+        write_json(out / PLAN, plan)
     try:
-        if not previous:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise OutputError(f"cannot create {out}: {e.strerror or e}") from None
-            write_json(out / PLAN, plan)
-        manifest = _write_all(out, plan, blocks, workers or _n_workers(), progress)
+        return _write_all(out, plan, blocks, workers or _n_workers(), progress)
     except DataError:
         _remove_run(out, plan, fresh or bool(previous))
         raise
-    return manifest
 
 
 def source_name(spec: str, data_dir: str = "./data") -> str:
@@ -242,23 +216,20 @@ def source_name(spec: str, data_dir: str = "./data") -> str:
     return imagenet.shown if imagenet else str(resolve(spec, Path(data_dir)))
 
 
-def _blocks(records: list[Any], splits: list[tuple[str, int]], seed: int) -> dict[str, list[_Rec]]:
-    """Each split's records in its write order."""
-    out: dict[str, list[_Rec]] = {}
-    at = 0
-    for name, count in splits:
-        split = records[at: at + count]
-        out[name or NO_SPLIT] = [(split[i].name, -1 if split[i].label is None else split[i].label, split[i].data)
-                                 for i in write_order(count, seed)]
-        at += count
-    return out
-
-
 def write_order(n: int, seed: int) -> np.ndarray:
     """(n,) the order a split (or an append) of ``n`` source images is written in: item i is source image
     ``order[i]``. Random, so that every chunk, and every window of it that LitData shuffles within, mixes the
     classes; seeded, so that a resumed run and any number of workers write the same bytes."""
     return np.random.default_rng(seed).permutation(n)
+
+
+def _in_order(records: list[Any], seed: int, labels: dict[int, int] | None = None) -> list[_Rec]:
+    """``records`` in their write order, each label (None: -1) mapped by ``labels`` where given."""
+    recs = []
+    for r in (records[i] for i in write_order(len(records), seed)):
+        label = -1 if r.label is None else r.label
+        recs.append((r.name, labels[label] if labels else label, r.data))
+    return recs
 
 
 def _auto_shard_size(records: list[Any]) -> int:
@@ -329,44 +300,21 @@ def _remove_run(out: Path, plan: dict[str, Any], ours: bool) -> None:
 
 def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], workers: int,
                progress: bool) -> Manifest:
-    size = int(plan["shard_size"])
-    max_side = plan["max_side"]
-    parts: dict[str, dict[int, dict[str, Any]]] = {}
-    jobs: list[_Job] = []
-    for split, recs in blocks.items():
-        folder = out / split
-        done = _done_parts(folder)
-        parts[split] = done
-        if (folder / "index.json").is_file() and len(done) == -(-len(recs) // size):
-            continue
-        for j in range(0, -(-len(recs) // size)):
-            if j not in done:
-                jobs.append((str(folder), j, recs[j * size: (j + 1) * size], size, max_side,
-                             str(plan["source"])))
-    todo = sum(len(job[2]) for job in jobs)
+    jobs = {split: _jobs(out / split, recs, 0, int(plan["shard_size"]), plan["max_side"], str(plan["source"]))
+            for split, recs in blocks.items()}
+    parts = {split: _done_parts(out / split) for split in blocks}
+    todo = [job for split in blocks for job in jobs[split] if job[1] not in parts[split]]
     total = sum(plan["splits"].values())
     try:
-        with tqdm(total=total, initial=total - todo, desc="sharding", unit="img", file=sys.stderr,
-                  disable=not progress) as bar:
-            for part in _run_jobs(jobs, workers, bar):
+        with tqdm(total=total, initial=total - sum(len(job[2]) for job in todo), desc="sharding", unit="img",
+                  file=sys.stderr, disable=not progress) as bar:
+            for part in _run_jobs(todo, workers, bar):
                 parts[Path(part["folder"]).name][part["index"]] = part
     except KeyboardInterrupt:
-        finished = sum(len(p) for p in parts.values())
-        shards = sum(-(-len(r) // size) for r in blocks.values())
-        raise KeyboardInterrupt(f"interrupted: {finished} of {shards} shards are written in {out}; run the same "
-                                f"command again to write the rest") from None
-    splits = {}
-    for split, recs in blocks.items():
-        ordered = [parts[split][j] for j in range(-(-len(recs) // size))]
-        _write_index(out / split, ordered)
-        labels = _write_labels(out / split, [label for _, label, _ in recs])
-        splits[split] = {
-            "images": len(recs),
-            "stored": sum(p["stored"] for p in ordered), "reencoded": sum(p["reencoded"] for p in ordered),
-            "formats": _sum_counts(p["formats"] for p in ordered),
-            "shards": [_listed(p) for p in ordered],
-            "labels": labels,
-        }
+        raise KeyboardInterrupt(f"interrupted: {sum(map(len, parts.values()))} of {sum(map(len, jobs.values()))} "
+                                f"shards are written in {out}; run the same command again to write the rest") from None
+    splits = {split: _list_split(out / split, [parts[split][j] for j in range(len(jobs[split]))],
+                                 [label for _, label, _ in recs]) for split, recs in blocks.items()}
     import litdata
 
     manifest = {
@@ -376,9 +324,7 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
                                 "class_names", "fingerprint")},
         "item": {"image": "the image file's bytes (stored as they are, or re-encoded: JPEG)",
                  "label": "int: index into classes, -1 without classes", "name": "str: path relative to the source"},
-        "images": total,
-        "stored": sum(s["stored"] for s in splits.values()),
-        "reencoded": sum(s["reencoded"] for s in splits.values()),
+        **_totals(splits),
         "splits": splits,
     }
     _write_json(out / MANIFEST, manifest)
@@ -388,19 +334,20 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
     return verify_shards(out, hashes=False)
 
 
+def _jobs(folder: Path, recs: list[_Rec], first: int, size: int, max_side: int | None, source: str) -> list[_Job]:
+    """Shards ``first``, ``first + 1``, ... of ``folder``: ``recs`` cut into ``size`` images each."""
+    return [(str(folder), first + j, recs[at: at + size], size, max_side, source)
+            for j, at in enumerate(range(0, len(recs), size))]
+
+
 def _run_jobs(jobs: list[_Job], workers: int, bar: tqdm) -> Iterator[dict[str, Any]]:
     """Write the shards of ``jobs`` (a process pool of ``workers``, or this process), yielding each one's record
-    as it is done; a shard's error stops the others."""
+    as it is done; a shard's error (raised again here) stops the others."""
     workers = max(1, min(workers, len(jobs)))
     pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint) \
         if workers > 1 else None
-    results: Iterator[dict[str, Any]] = pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs)
     try:
-        for part in results:
-            if "error" in part:
-                raise DataError(part["error"])
-            if "os_error" in part:
-                raise OutputError(part["os_error"])
+        for part in pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs):
             bar.update(part["images"])
             yield part
     finally:
@@ -408,33 +355,38 @@ def _run_jobs(jobs: list[_Job], workers: int, bar: tqdm) -> Iterator[dict[str, A
             pool.terminate()
 
 
-def _listed(part: dict[str, Any]) -> dict[str, Any]:
-    """A written shard's entry in the manifest."""
-    return {"name": part["chunk"]["filename"], "images": part["images"], "bytes": part["bytes"],
-            "sha256": part["sha256"]}
+def _write_shard(job: _Job) -> dict[str, Any]:
+    """Write shard ``j`` of a split with LitData's BinaryWriter and record it in ``.parts/j.json``: its record."""
+    from litdata.streaming.writer import BinaryWriter
 
-
-def _write_labels(folder: Path, labels: list[int], name: str = LABELS) -> dict[str, Any]:
-    """``folder/name`` (int32, in item order) and its manifest entry."""
-    path = folder / name
+    folder, j, recs, size, max_side, source = job
+    split = Path(folder)
+    tmp = split / f".tmp-{j}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    stored, formats = 0, Counter[str]()
     try:
-        with open(path, "wb") as f:
-            np.save(f, np.asarray(labels, dtype=np.int32), allow_pickle=False)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    return {"name": name, "images": len(labels), "bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """:func:`write_json`, readable by others as the umask allows (a shard folder is often shared)."""
-    write_json(path, obj)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _sum_counts(counts: Iterator[dict[str, int]]) -> dict[str, int]:
-    return dict(sorted(sum(map(Counter, counts), Counter()).items()))
+        writer = BinaryWriter(str(tmp), chunk_size=size, chunk_index=j)  # one chunk: recs fit
+        for i, (name, label, data) in enumerate(recs):
+            where = f"image {name} in {source}"
+            image, fmt, kept = prepare_image(data if isinstance(data, bytes) else read_file(data, where), max_side,
+                                             where)
+            stored += kept
+            formats[fmt] += 1
+            writer.add_item(i, {"image": image, "label": label, "name": name})
+        writer.done()
+        index = json.loads(next(tmp.glob("*.index.json")).read_text())
+        (chunk,) = index["chunks"]
+        path = split / chunk["filename"]
+        os.replace(tmp / chunk["filename"], path)
+    except OSError as e:  # disk full, no permission: the shards written so far stay for the next run
+        raise OutputError(f"cannot write shard {j} in {split}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    part = {"folder": folder, "index": j, "images": len(recs), "stored": stored, "reencoded": len(recs) - stored,
+            "formats": dict(formats), "chunk": chunk, "config": index["config"], "bytes": path.stat().st_size,
+            "sha256": _sha256(path)}
+    write_json(split / ".parts" / f"{j}.json", part)
+    return part
 
 
 def _done_parts(folder: Path) -> dict[int, dict[str, Any]]:
@@ -456,52 +408,11 @@ def _done_parts(folder: Path) -> dict[int, dict[str, Any]]:
     return done
 
 
-def _write_shard(job: _Job) -> dict[str, Any]:
-    """Write shard ``j`` of a split with LitData's BinaryWriter; returns its record (or {"error": message})."""
-    from litdata.streaming.writer import BinaryWriter
-
-    folder, j, recs, size, max_side, source = job
-    split = Path(folder)
-    tmp = split / f".tmp-{j}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    stored = reencoded = 0
-    formats: dict[str, int] = {}
-    try:
-        writer = BinaryWriter(str(tmp), chunk_size=size, chunk_index=j)  # one chunk: recs fit
-        for i, (name, label, data) in enumerate(recs):
-            where = f"image {name} in {source}"
-            raw = data if isinstance(data, bytes) else read_file(data, where)
-            image, fmt, kept = prepare_image(raw, max_side, where)
-            stored += kept
-            reencoded += not kept
-            formats[fmt] = formats.get(fmt, 0) + 1
-            writer.add_item(i, {"image": image, "label": label, "name": name})
-        writer.done()
-        index = json.loads(next(tmp.glob("*.index.json")).read_text())
-        (chunk,) = index["chunks"]
-        path = split / chunk["filename"]
-        os.replace(tmp / chunk["filename"], path)
-    except DataError as e:
-        return {"error": str(e)}
-    except OSError as e:  # disk full, no permission: the shards written so far stay for the next run
-        return {"os_error": f"cannot write shard {j} in {split}: {e.strerror or e}"}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    part = {"folder": folder, "index": j, "images": len(recs), "stored": stored, "reencoded": reencoded,
-            "formats": formats, "chunk": chunk, "config": index["config"], "bytes": path.stat().st_size,
-            "sha256": _sha256(path)}
-    write_json(split / ".parts" / f"{j}.json", part)
-    return part
-
-
 def prepare_image(data: bytes, max_side: int | None, name: str = "image") -> tuple[bytes, str, bool]:
-    """The bytes a shard stores for one image file: ``(bytes, format, stored_as_is)``.
-
-    The file itself when its longer side fits ``max_side`` (or there is no limit); else decoded by
-    :func:`empssl.data.decode_image`'s rules, resized so that the longer side is ``max_side`` (Lanczos) and
-    encoded as JPEG quality :data:`JPEG_QUALITY`. ``format`` is the source file's, as PIL names it. DataError
-    (one line, naming ``name``) when the header cannot be read.
-    """
+    """The bytes a shard stores for one image file: ``(bytes, format, stored_as_is)``, ``format`` the file's as PIL
+    names it. The file itself when its longer side fits ``max_side`` (or there is no limit); else decoded by
+    :func:`empssl.data.decode_image`'s rules, resized (Lanczos) to a longer side of ``max_side`` and encoded as JPEG
+    :data:`JPEG_QUALITY`. DataError (one line, naming ``name``) when the header cannot be read."""
     try:
         with _pil_bomb_check_off(), Image.open(io.BytesIO(data)) as img:
             fmt, (w, h) = str(img.format), img.size
@@ -525,6 +436,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _list_split(folder: Path, parts: list[dict[str, Any]], labels: list[int],
+                counted: list[dict[str, Any]] | None = None, name: str = LABELS) -> dict[str, Any]:
+    """Write ``folder``'s index.json, listing the shards ``parts``, then its labels file ``name``: the split's
+    manifest entry, its counts summed over ``counted`` (default: ``parts``)."""
+    _write_index(folder, parts)
+    counted = parts if counted is None else counted
+    formats = sum((Counter(p["formats"]) for p in counted), Counter[str]())
+    return {"images": len(labels), "stored": sum(p["stored"] for p in counted),
+            "reencoded": sum(p["reencoded"] for p in counted), "formats": dict(sorted(formats.items())),
+            "shards": [{"name": p["chunk"]["filename"], **{k: p[k] for k in ("images", "bytes", "sha256")}}
+                       for p in parts],
+            "labels": _write_labels(folder, labels, name)}
+
+
+def _totals(splits: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """The manifest's counts over all its ``splits``."""
+    return {key: sum(s[key] for s in splits.values()) for key in ("images", "stored", "reencoded")}
+
+
 def _write_index(folder: Path, parts: list[dict[str, Any]]) -> None:
     """The split's LitData ``index.json`` (what LitData's own merge of per-worker indexes writes), with
     ``updated_at`` derived from the shards' hashes so that the same shards give the same file."""
@@ -538,6 +468,25 @@ def _write_index(folder: Path, parts: list[dict[str, Any]]) -> None:
                                        "updated_at": digest})
 
 
+def _write_labels(folder: Path, labels: list[int], name: str) -> dict[str, Any]:
+    """``folder/name`` (int32, in item order) and its manifest entry."""
+    path = folder / name
+    try:
+        with open(path, "wb") as f:
+            np.save(f, np.asarray(labels, dtype=np.int32), allow_pickle=False)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    return {"name": name, "images": len(labels), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """:func:`write_json`, readable by others as the umask allows (a shard folder is often shared)."""
+    write_json(path, obj)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 # --- appending ----------------------------------------------------------------------------------------
 
 APPEND_LOCK = ".append.lock"  # held (files.WriterLock) by the one append writing to a folder
@@ -549,17 +498,13 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
     """Add every image of ``spec`` to the train split of the complete shard folder ``out``, as new shards after
     its last one (``empssl shard SRC --out DIR --append``; the rules, and what a reader may rely on: docs/DATA.md).
 
-    Existing shards are never rewritten. The new shard files are written, complete and hashed, before the three
-    files that list them are replaced, each atomically and in this order: the split's LitData ``index.json``, a
-    new ``labels-<N>.npy``, ``manifest.json`` (its ``appends`` records each append). A reader that goes by the
-    manifest sees the folder before or after the append, never half of it.
-
-    ``spec`` is a folder or class tree (a split root may hold ``train/`` only); its classes are mapped by name onto
-    the folder's (a subset is fine); other classes, classes where the folder has none or none where it has them,
-    are refused. ``max_side``, ``shard_size`` and ``seed`` are the folder's (giving others is an error); the
-    appended images are written in their own seeded order (:func:`write_order`). The same source,
-    unchanged, appended again does nothing. DataError (one line) for all that; a failed or killed append leaves
-    the folder as readers saw it before (its unlisted files are removed by the next append).
+    Existing shards are never rewritten: the new ones are written and hashed before the files that list them are
+    replaced, each atomically, in this order: the split's ``index.json``, a new ``labels-<N>.npy``,
+    ``manifest.json`` (its ``appends`` records each append). ``spec`` is a folder or class tree (a split root may
+    hold ``train/`` only) whose classes are mapped by name onto a subset of the folder's. ``max_side``,
+    ``shard_size`` and ``seed`` are the folder's (giving others is an error). The same source, unchanged, appended
+    again does nothing. DataError (one line) for all that; a failed or killed append leaves the folder as readers
+    saw it before (its unlisted files are removed by the next append).
     """
     out = Path(out).expanduser()
     if not (out / MANIFEST).is_file():
@@ -589,13 +534,10 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
                for a in [*appends, {"source": manifest.source, "fingerprint": manifest.data.get("fingerprint")}]):
             print(f"{out} already holds the images of {source} (appended before); nothing to do", file=sys.stderr)
             return manifest
-        folder, train = out / NO_SPLIT, manifest.splits[NO_SPLIT]
+        folder, first = out / NO_SPLIT, len(manifest.splits[NO_SPLIT].shards)
         _remove_unlisted(folder, manifest)
-        size, first = manifest.shard_size, len(train.shards)
-        ordered = [catalog.records[i] for i in write_order(len(catalog.records), manifest.data.get("seed", 0))]
-        recs = [(r.name, labels[-1 if r.label is None else r.label], r.data) for r in ordered]
-        jobs: list[_Job] = [(str(folder), first + j, recs[at: at + size], size, manifest.max_side, source)
-                            for j, at in enumerate(range(0, len(recs), size))]
+        recs = _in_order(catalog.records, manifest.data.get("seed", 0), labels)
+        jobs = _jobs(folder, recs, first, manifest.shard_size, manifest.max_side, source)
         try:
             with tqdm(total=len(recs), desc="appending", unit="img", file=sys.stderr, disable=not progress) as bar:
                 parts = sorted(_run_jobs(jobs, workers or _n_workers(), bar), key=lambda p: p["index"])
@@ -648,20 +590,13 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
     """List the appended shards ``parts`` (written and hashed): index.json, labels, then the manifest."""
     folder, train = out / NO_SPLIT, manifest.splits[NO_SPLIT]
     index = json.loads((folder / "index.json").read_text())
-    old = [{"index": j, "chunk": chunk, "config": index["config"], "sha256": f.sha256}
-           for j, (chunk, f) in enumerate(zip(index["chunks"], train.shards))]
-    _write_index(folder, old + parts)
-    total = train.images + len(labels)
-    entry = _write_labels(folder, [*manifest.labels(NO_SPLIT).tolist(), *labels],
-                          _labels_name(len(manifest.data.get("appends", [])) + 1, total))
+    old = [{"index": j, "chunk": chunk, "config": index["config"], "images": f.images, "bytes": f.bytes,
+            "sha256": f.sha256} for j, (chunk, f) in enumerate(zip(index["chunks"], train.shards))]
     data = json.loads(json.dumps(manifest.data))  # a copy
-    split = data["splits"][NO_SPLIT]
-    stored, reencoded = sum(p["stored"] for p in parts), sum(p["reencoded"] for p in parts)
-    split.update(images=total, stored=split["stored"] + stored, reencoded=split["reencoded"] + reencoded,
-                 formats=_sum_counts(iter([split["formats"], *(p["formats"] for p in parts)])), labels=entry)
-    split["shards"] += [_listed(p) for p in parts]
-    data.update(images=data["images"] + len(labels), stored=data["stored"] + stored,
-                reencoded=data["reencoded"] + reencoded, appends=[*data.get("appends", []), record])
+    data["splits"][NO_SPLIT] = _list_split(
+        folder, old + parts, [*manifest.labels(NO_SPLIT).tolist(), *labels], [data["splits"][NO_SPLIT], *parts],
+        _labels_name(len(data.get("appends", [])) + 1, train.images + len(labels)))
+    data.update(_totals(data["splits"]), appends=[*data.get("appends", []), record])
     _write_json(out / MANIFEST, data)
     published = verify_shards(out, hashes=False)
     _remove_unlisted(folder, published)
