@@ -26,6 +26,7 @@ read too (:func:`foreign_manifest`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -201,8 +202,13 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
         write_json(out / PLAN, plan)
     try:
         return _write_all(out, plan, blocks, workers or _n_workers(), progress)
-    except DataError:
-        _remove_run(out, plan, fresh or bool(previous))
+    except DataError:  # nothing left behind: what the runs wrote, and out itself when a run created it
+        for split in plan["splits"]:
+            shutil.rmtree(out / split, ignore_errors=True)
+        for name in (PLAN, MANIFEST):
+            (out / name).unlink(missing_ok=True)
+        if (fresh or previous) and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         raise
 
 
@@ -285,17 +291,6 @@ def _check_same_plan(out: Path, previous: dict[str, Any], plan: dict[str, Any], 
 
 def _shown(value: Any) -> str:
     return "none" if value is None else str(value)
-
-
-def _remove_run(out: Path, plan: dict[str, Any], ours: bool) -> None:
-    """Remove what the shard runs wrote in ``out``, and ``out`` itself when a shard run created it and it is
-    left empty."""
-    for split in plan["splits"]:
-        shutil.rmtree(out / split, ignore_errors=True)
-    for name in (PLAN, MANIFEST):
-        (out / name).unlink(missing_ok=True)
-    if ours and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
 
 
 def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], workers: int,
@@ -438,26 +433,10 @@ def _sha256(path: Path) -> str:
 
 def _list_split(folder: Path, parts: list[dict[str, Any]], labels: list[int],
                 counted: list[dict[str, Any]] | None = None, name: str = LABELS) -> dict[str, Any]:
-    """Write ``folder``'s index.json, listing the shards ``parts``, then its labels file ``name``: the split's
-    manifest entry, its counts summed over ``counted`` (default: ``parts``)."""
-    _write_index(folder, parts)
-    counted = parts if counted is None else counted
-    formats = sum((Counter(p["formats"]) for p in counted), Counter[str]())
-    return {"images": len(labels), "stored": sum(p["stored"] for p in counted),
-            "reencoded": sum(p["reencoded"] for p in counted), "formats": dict(sorted(formats.items())),
-            "shards": [{"name": p["chunk"]["filename"], **{k: p[k] for k in ("images", "bytes", "sha256")}}
-                       for p in parts],
-            "labels": _write_labels(folder, labels, name)}
-
-
-def _totals(splits: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """The manifest's counts over all its ``splits``."""
-    return {key: sum(s[key] for s in splits.values()) for key in ("images", "stored", "reencoded")}
-
-
-def _write_index(folder: Path, parts: list[dict[str, Any]]) -> None:
-    """The split's LitData ``index.json`` (what LitData's own merge of per-worker indexes writes), with
-    ``updated_at`` derived from the shards' hashes so that the same shards give the same file."""
+    """Write the split's LitData ``index.json`` listing the shards ``parts`` (what LitData's own merge of per-worker
+    indexes writes, with ``updated_at`` derived from the shards' hashes so that the same shards give the same file),
+    then its ``labels`` (int32, in item order) as ``folder/name``: the split's manifest entry, its counts summed
+    over ``counted`` (default: ``parts``)."""
     config = parts[0]["config"]
     for p in parts[1:]:
         if {k: v for k, v in p["config"].items() if k != "types"} != {k: v for k, v in config.items() if k != "types"}:
@@ -466,17 +445,24 @@ def _write_index(folder: Path, parts: list[dict[str, Any]]) -> None:
     digest = hashlib.sha256("".join(p["sha256"] for p in parts).encode()).hexdigest()[:16]
     _write_json(folder / "index.json", {"chunks": [p["chunk"] for p in parts], "config": config,
                                        "updated_at": digest})
-
-
-def _write_labels(folder: Path, labels: list[int], name: str) -> dict[str, Any]:
-    """``folder/name`` (int32, in item order) and its manifest entry."""
     path = folder / name
     try:
         with open(path, "wb") as f:
             np.save(f, np.asarray(labels, dtype=np.int32), allow_pickle=False)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    return {"name": name, "images": len(labels), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    counted = parts if counted is None else counted
+    formats = sum((Counter(p["formats"]) for p in counted), Counter[str]())
+    return {"images": len(labels), "stored": sum(p["stored"] for p in counted),
+            "reencoded": sum(p["reencoded"] for p in counted), "formats": dict(sorted(formats.items())),
+            "shards": [{"name": p["chunk"]["filename"], **{k: p[k] for k in ("images", "bytes", "sha256")}}
+                       for p in parts],
+            "labels": {"name": name, "images": len(labels), "bytes": path.stat().st_size, "sha256": _sha256(path)}}
+
+
+def _totals(splits: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """The manifest's counts over all its ``splits``."""
+    return {key: sum(s[key] for s in splits.values()) for key in ("images", "stored", "reencoded")}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -529,9 +515,8 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
                             f"{NO_SPLIT} folder only")
         labels = _appended_labels(catalog.classes, manifest, source)
         fingerprint = _fingerprint(catalog.records)
-        appends = list(manifest.data.get("appends", []))
-        if any(a["source"] == source and a["fingerprint"] == fingerprint
-               for a in [*appends, {"source": manifest.source, "fingerprint": manifest.data.get("fingerprint")}]):
+        if any(a.get("source") == source and a.get("fingerprint") == fingerprint
+               for a in [manifest.data, *manifest.data.get("appends", [])]):
             print(f"{out} already holds the images of {source} (appended before); nothing to do", file=sys.stderr)
             return manifest
         folder, first = out / NO_SPLIT, len(manifest.splits[NO_SPLIT].shards)
@@ -545,10 +530,8 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
                                    {"source": source, "fingerprint": fingerprint, "images": len(recs),
                                     "first_shard": first, "shards": len(parts), "empssl_version": __version__})
         except BaseException:
-            try:  # the manifest read again: if it was replaced, the new shards are listed and stay
+            with contextlib.suppress(DataError):  # the manifest read again: if replaced, the new shards stay listed
                 _remove_unlisted(folder, verify_shards(out, hashes=False))
-            except DataError:
-                pass
             raise
 
 
@@ -612,9 +595,8 @@ def _labels_name(appends: int, images: int) -> str:
 
 
 class ShardFolder:
-    """Where :func:`verify_shards` reads a shard folder's files: a local folder ``root`` here;
-    :class:`empssl.remote.RemoteFolder` fetches a bucket's small files into a local mirror ``root`` first and checks
-    its shards against the bucket's listing."""
+    """Where :func:`verify_shards` reads a shard folder's files: a local folder ``root``
+    (:class:`empssl.remote.RemoteFolder`: a bucket's, its small files mirrored in ``root``)."""
 
     url = ""
     known: KnownHashes | None = None  # sha256s computed before (set by verify_shards)
@@ -635,9 +617,8 @@ HASHES = "shard-sha256.json"  # under --data-dir: the shards' sha256s, by path a
 
 class KnownHashes:
     """The sha256s of the files :func:`verify_shards` hashed before, in ``data_dir/shard-sha256.json``, each with
-    the (size, mtime_ns, inode) the file had: a file whose stamp has not changed is not read again. The hole: a
-    file replaced by one of the same size, mtime and inode is not hashed again (docs/DATA.md). A damaged record is
-    ignored (one note) and written anew."""
+    the (size, mtime_ns, inode) the file had then: a file with the same stamp is not read again (the hole this
+    leaves: docs/DATA.md). A damaged record is ignored (one note) and written anew."""
 
     def __init__(self, data_dir: str | Path) -> None:
         self.path = Path(data_dir).expanduser() / HASHES
@@ -655,36 +636,31 @@ class KnownHashes:
         st = path.stat()
         key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
         known = self.files.get(key)
-        if isinstance(known, list) and len(known) == 4 and known[:3] == stamp:
-            return str(known[3])
-        self.files[key] = [*stamp, _sha256(path)]
-        self.changed = True
-        return str(self.files[key][3])
+        if not (isinstance(known, list) and len(known) == 4 and known[:3] == stamp):
+            known = self.files[key] = [*stamp, _sha256(path)]
+            self.changed = True
+        return str(known[3])
 
     def save(self) -> None:
-        """Write the record (atomically) when a file was hashed, keeping only files that are still there; a
-        record that cannot be written is a note, not an error (the next start hashes again)."""
-        if not self.changed:
-            return
+        """Write the record when a file was hashed, for the files still there; if it cannot be, a note."""
         try:
-            write_json(self.path, {"files": {k: v for k, v in self.files.items() if os.path.exists(k)}})
+            if self.changed:
+                write_json(self.path, {"files": {k: v for k, v in self.files.items() if os.path.exists(k)}})
         except OutputError as e:
             print(f"note: {e}; the shards will be hashed again at the next start", file=sys.stderr)
 
 
 def verify_shards(root: str | Path | ShardFolder, hashes: bool = True, data_dir: str | Path | None = None,
                   image_key: str = "", label_key: str = "") -> Manifest:
-    """Check a shard folder against its ``manifest.json`` and return it.
+    """Check a shard folder against its ``manifest.json`` and return it; every reader of shard folders goes through
+    it, a folder in an object store too (``root`` an :class:`empssl.remote.RemoteFolder`).
 
-    Checks: the manifest is there and readable (an unfinished run is named as one), every split, shard and labels
-    file name in it and in each split's ``index.json`` is a plain file name (:func:`plain_name`), each index.json
-    lists the manifest's shards with their image counts and reads its items, {"image", "label", "name"}, with safe
-    serializers only (:func:`check_data_format`), every shard file is there with its size, and (``hashes``) its
-    sha256 (with ``data_dir``: recorded there, and read again only for a file changed since, :class:`KnownHashes`);
-    the counts add up. A local LitData folder without a manifest is described by :func:`foreign_manifest`
-    (``image_key``, ``label_key``: its fields, found when not given; its labels cached under ``data_dir``). Raises
-    DataError with one line naming the first problem. Every reader of shard folders goes through it; a folder in an
-    object store too (``root`` an :class:`empssl.remote.RemoteFolder`).
+    Checks that every name in the manifest and each split's ``index.json`` is a plain file name
+    (:func:`plain_name`), each index.json lists the manifest's shards and reads its items with safe serializers only
+    (:func:`check_data_format`), every shard and labels file is there at its size and (``hashes``) sha256 (with
+    ``data_dir``: recorded there, :class:`KnownHashes`), and the counts add up; DataError (one line) for the first
+    problem. A local LitData folder without a manifest is read by :func:`foreign_manifest` (``image_key``,
+    ``label_key``: its fields, found when not given).
     """
     folder = root if isinstance(root, ShardFolder) else ShardFolder(Path(root).expanduser())
     root = folder.root
@@ -713,8 +689,6 @@ def verify_shards(root: str | Path | ShardFolder, hashes: bool = True, data_dir:
                   for name, s in data["splits"].items()}
         manifest = Manifest(root, str(data["source"]), data["classes"], data["class_names"], data["max_side"],
                             int(data["shard_size"]), splits, data, folder.url)
-    except DataError:
-        raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is damaged or not a shard manifest ({type(e).__name__}: {e}); shard the source "
                         f"again") from None
@@ -736,9 +710,8 @@ def _shard_file(f: dict[str, Any], where: Path) -> ShardFile:
 
 
 def plain_name(name: Any, where: Path | str) -> str:
-    """``name``, a file or split name read from ``where`` (a manifest or index.json), when it is a plain file name:
-    a path (a separator, "..", absolute, empty) could name any file on the machine, and a re-signed manifest
-    would vouch for it. DataError (one line) otherwise, before anything is read by it."""
+    """``name``, read from ``where`` (a manifest or index.json), if it is a plain file name, else DataError (one
+    line): a path could name any file on the machine, and a re-signed manifest would vouch for it."""
     if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
         raise DataError(f"{where} names {name!r}, which is not a plain file name in its folder; refusing to read "
                         f"the shard folder")
@@ -771,29 +744,24 @@ def check_data_format(data_format: list[str], where: str) -> list[str]:
 
 
 class _Refused:
-    """LitData's serializer ``key`` for reading shards, where it is not in :data:`SAFE_SERIALIZERS`: reading
-    through it is an error (:func:`check_data_format` refuses such folders before; this is in case it is missed)."""
+    """LitData's serializer ``key`` outside :data:`SAFE_SERIALIZERS`: reading through it is an error, in case
+    :func:`check_data_format` missed it; ``skip``: a field not wanted (the images, where only labels are read)."""
 
-    def __init__(self, key: str) -> None:
-        self.key = key
+    def __init__(self, key: str, skip: bool = False) -> None:
+        self.key, self.skip = key, skip
 
     def setup(self, data_format: Any) -> None:
         pass
 
     def deserialize(self, data: bytes) -> Any:
+        if self.skip:
+            return None
         raise DataError(f"LitData's {self.key!r} serializer builds Python objects; empssl does not read it")
 
 
-class _Skipped(_Refused):
-    """A field not wanted (the images, where only the labels are read): left unread."""
-
-    def deserialize(self, data: bytes) -> Any:
-        return None
-
-
 def reader_serializers() -> dict[str, Any]:
-    """``serializers=`` for ``litdata.StreamingDataset``: every serializer outside :data:`SAFE_SERIALIZERS`
-    replaced by :class:`_Refused` (LitData adds its own for any name not given, so leaving them out is not enough)."""
+    """``serializers=`` for ``litdata.StreamingDataset``: each outside :data:`SAFE_SERIALIZERS` refused (LitData
+    adds its own for any name not given, so leaving them out is not enough)."""
     from litdata.streaming.serializers import _get_serializers
 
     return {key: _Refused(key) for key in _get_serializers(None) if key not in SAFE_SERIALIZERS}
@@ -803,10 +771,9 @@ ITEM_KEYS = ("image", "label", "name")  # what every item of an empssl shard fol
 
 
 def read_index(path: Path, shown: Any, where: str) -> tuple[list[ShardFile], dict[str, str]]:
-    """(its chunks, without sha256; its items' fields: name -> the LitData serializer that reads it) of the LitData
-    index.json ``path`` (``shown`` in messages; ``where`` names its split), after the serializer allow-list and the
-    plain-name check. DataError (one line) for one that is missing, damaged, or whose items are not flat dicts of
-    named fields."""
+    """(its chunks, without sha256; its items' fields: name -> serializer) of the LitData index.json ``path``
+    (``shown`` in messages; ``where`` names its split), names and serializers checked. DataError (one line) for one
+    that is missing, damaged, or whose items are not flat dicts of named fields."""
     try:
         index = read_json(path)
         chunks = [ShardFile(plain_name(c["filename"], shown), int(c["chunk_size"]), int(c["chunk_bytes"]), "")
@@ -860,8 +827,8 @@ def check_size(path: str, size: int | None, f: ShardFile, listed_in: str | Path 
 
 
 def verify_file(folder: Path, f: ShardFile, hashes: bool = True, known: KnownHashes | None = None) -> None:
-    """Check that ``folder/f.name`` is there at its size and (``hashes``) sha256 (``known``: the one recorded for
-    an unchanged file); DataError (one line) if not."""
+    """DataError (one line) unless ``folder/f.name`` is there at its size and (``hashes``) sha256 (``known``: the
+    one recorded for an unchanged file)."""
     path = folder / f.name
     check_size(str(path), path.stat().st_size if path.is_file() else None, f)
     if hashes and (known.sha256(path) if known else _sha256(path)) != f.sha256:
@@ -877,8 +844,7 @@ LABELS_CACHE = "litdata-labels"  # under --data-dir: a foreign folder's labels, 
 
 
 def is_litdata_folder(root: str | Path) -> bool:
-    """True when ``root`` holds a LitData folder that empssl shard did not write: ``root/index.json`` (one split) or
-    ``root/train/index.json``."""
+    """True when ``root`` holds a LitData folder that empssl shard did not write (:func:`foreign_manifest`)."""
     root = Path(root).expanduser()
     if (root / MANIFEST).exists() or (root / PLAN).exists() or (root / NO_SPLIT / LABELS).exists():
         return False  # empssl's, or one of its folders without its manifest: refused, not read without its sha256s
@@ -890,10 +856,9 @@ def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: 
     """The :class:`Manifest` of a LitData folder that empssl did not write: ``root/index.json`` (one split,
     ``train``), or ``root/<split>/index.json`` for ``train`` and ``val`` and/or ``test``.
 
-    Its shards are the index's chunks (names, item counts, sizes: checked against the files; no sha256, so no
-    integrity check beyond sizes), its fields those :func:`item_keys` finds (or ``image_key`` / ``label_key``), its
-    labels one pass over the items (:func:`_foreign_labels`, cached under ``data_dir``), its classes "0" .. "K-1"
-    for labels 0 .. K-1 (None without a label field). One warning line when the items are grouped by class.
+    Its shards are the index's chunks (checked by size only: there is no sha256), its fields those :func:`item_keys`
+    finds, its labels read once (:func:`_foreign_labels`), its classes "0" .. "K-1" for labels 0 .. K-1 (None
+    without a label field). One warning line when the items are grouped by class.
     """
     flat = (root / "index.json").is_file()
     names = [NO_SPLIT] if flat else [s for s in ("train", "val", "test") if (root / s / "index.json").is_file()]
@@ -926,10 +891,9 @@ def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: 
 
 def item_keys(fields: dict[str, str], image_key: str, label_key: str, where: Path) -> ItemKeys:
     """Which of ``fields`` (name -> LitData serializer) hold the image, label and name: ``image_key`` /
-    ``label_key`` where given (--image-key, --label-key); else the field named "image" ("label") when it has an
-    image's (an int's) serializer, else the one field with such a serializer (for images: a PIL or JPEG one first,
-    then bytes or an array). DataError (one line naming the fields) for a field given that is not there or not of
-    that kind, no image field, or two that could be the image or the label."""
+    ``label_key`` where given; else the field named "image" ("label") if it has an image's (an int's) serializer,
+    else the one field with such a serializer (for images: a PIL or JPEG one first, then bytes or an array).
+    DataError (one line naming the fields) when that is not one field."""
     shown = ", ".join(f"{k} ({s})" for k, s in fields.items())
 
     def pick(given: str, default: str, kinds: tuple[tuple[str, ...], ...], what: str, flag: str) -> str | None:
@@ -957,10 +921,9 @@ def item_keys(fields: dict[str, str], image_key: str, label_key: str, where: Pat
 
 
 def read_item(item: dict[str, Any], keys: ItemKeys, index: int) -> tuple[bytes | Image.Image | np.ndarray, int, str]:
-    """One LitData item (as ``StreamingDataset`` returns it) as (image, label, name): the image as encoded bytes
-    (a memoryview copied), a PIL image, or an (H, W, C) array (a tensor's (C, H, W), C 1 or 3, transposed), which
-    :func:`empssl.data.decode_image` decodes (or refuses in one line, for an array that is not uint8 pixels); the
-    label -1 without a label field; the name field, else ``f"item {index}"``."""
+    """One LitData item as (image, label, name) for :func:`empssl.data.decode_image`: the image as encoded bytes, a
+    PIL image or an (H, W, C) array (a tensor's (C, H, W) transposed); the label -1 without a label field; the
+    name field, else ``f"item {index}"``."""
     image = item[keys.image]
     if isinstance(image, (bytes, bytearray, memoryview)):
         image = bytes(image)
@@ -975,9 +938,8 @@ def read_item(item: dict[str, Any], keys: ItemKeys, index: int) -> tuple[bytes |
 def _foreign_labels(folder: Path, chunks: list[ShardFile], label: str | None, serializer: str | None,
                     data_dir: str | Path | None) -> np.ndarray:
     """(N,) int32 labels of the split in ``folder`` (-1 without a ``label`` field): one pass over its items that
-    reads only that field (its ``serializer``; the others are left unread), cached in
-    ``data_dir/litdata-labels/`` keyed by the sha256 of its index.json and its chunks' names, sizes and mtimes, so
-    that a later start does not read the data again. DataError for a label < 0."""
+    decodes only that field, cached in ``data_dir/litdata-labels/`` by its index.json and its chunks' names, sizes
+    and mtimes. DataError for a label < 0."""
     count = sum(f.images for f in chunks)
     if label is None:
         return np.full(count, -1, dtype=np.int32)
@@ -993,7 +955,7 @@ def _foreign_labels(folder: Path, chunks: list[ShardFile], label: str | None, se
             pass  # read again, and written anew
     from litdata import StreamingDataset
 
-    skipped = {k: _Skipped(k) for k in SAFE_SERIALIZERS if k != serializer}  # no image is decoded
+    skipped = {k: _Refused(k, skip=True) for k in SAFE_SERIALIZERS if k != serializer}  # no image is decoded
     ds = StreamingDataset(str(folder), serializers={**reader_serializers(), **skipped})
     labels = np.fromiter((int(ds[i][label]) for i in range(count)), dtype=np.int32, count=count)
     if count and labels.min() < 0:
@@ -1007,8 +969,7 @@ def _foreign_labels(folder: Path, chunks: list[ShardFile], label: str | None, se
 
 
 def _warn_grouped(labels: np.ndarray, where: str) -> None:
-    """One warning line when ``labels`` (in item order) are grouped by class: LitData shuffles the chunks, then
-    items within a window of one chunk, so such a folder gives batches of a few classes."""
+    """One warning line when ``labels`` (in item order) are grouped by class, which LitData's shuffle keeps."""
     if len(labels) < 2:
         return
     same = float(np.mean(labels[1:] == labels[:-1]))
