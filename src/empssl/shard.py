@@ -10,15 +10,13 @@ On disk::
                                   in a seeded random order (:func:`write_order`)
     DIR/<split>/labels.npy        the split's labels in item order (int32), to sample without reading the items
 
-Each item is ``{"image": bytes, "label": int, "name": str}``: the image file's bytes, as they are unless the longer
-side exceeds ``max_side`` (:func:`prepare_image`); the label, an index into ``classes`` (-1 without classes); the
-name relative to the source ("train/cat/0001.jpg"). Splits are the source's own; a source without split folders is
-one split, ``train``.
+Each item is ``{"image": bytes, "label": int, "name": str}``: the image file's bytes (:func:`prepare_image`), an
+index into ``classes`` (-1 without classes), the name relative to the source ("train/cat/0001.jpg").
 
 Resumable: each shard is written by one worker into a temporary folder, moved into place, then recorded in
-``<split>/.parts/j.json``; the index.json files and the manifest come last, so a killed run is never taken for
-complete, and the same command run again writes only the missing shards, ending with the bytes of an uninterrupted
-run (the order and shard boundaries are fixed by ``.plan.json``, written before the first shard).
+``<split>/.parts/j.json``; index.json and the manifest come last, so a killed run is never taken for complete, and
+the same command run again writes only the missing shards, ending with the bytes of an uninterrupted run (its
+order and shard boundaries fixed by ``.plan.json``, written before the first shard).
 
 A LitData folder that empssl did not write (``DIR/index.json``, or ``DIR/<split>/index.json``, no manifest) is
 read too (:func:`foreign_manifest`).
@@ -101,11 +99,9 @@ class ItemKeys:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A shard folder's ``manifest.json``, read and checked by :func:`verify_shards`: ``source`` (a resolved path,
-    or ``imagenet100:PATH``), ``classes`` (label i is ``classes[i]``; None without), ``splits`` in the source's
-    order, ``max_side`` (None: no limit), ``data`` the whole JSON. A LitData folder that empssl did not write
-    (:func:`foreign_manifest`) has ``data["format"] == "litdata"``, no sha256s, and its labels in ``label_arrays``.
-    """
+    """A shard folder's ``manifest.json``, read and checked by :func:`verify_shards` (``data``: the whole JSON;
+    label i is ``classes[i]``). A LitData folder that empssl did not write (:func:`foreign_manifest`) has
+    ``data["format"] == "litdata"``, no sha256s, and its labels in ``label_arrays``."""
 
     root: Path
     source: str
@@ -157,12 +153,10 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
     """Write every image of ``spec`` (any source :func:`empssl.data.scan` reads) as LitData shards under ``out``: a
     new or empty folder, or an unfinished run of the same command (which is continued).
 
-    ``max_side``: larger images are resized to it and re-encoded (None: no limit); ``workers``: processes writing
-    shards (default: the usable CPU cores, at most 16); ``shard_size``: images per shard (default: about 64 MB of
-    the source's files); ``seed``: each split's write order (:func:`write_order`; default 0, or an unfinished run's
-    own). Returns the :class:`Manifest` written. DataError (one line, nothing left behind) for a source that is
-    missing, empty or has an unreadable image, or an ``out`` that is a file, holds other files, or holds shards of
-    another source or settings. KeyboardInterrupt leaves the finished shards for the next run.
+    ``max_side``: larger images are resized to it and re-encoded (None: no limit); ``workers``: processes (default:
+    the usable CPU cores, at most 16); ``shard_size``: images per shard (default: about 64 MB of the source's
+    files); ``seed``: of the write order (default 0, or an unfinished run's own). DataError (one line, nothing left
+    behind) for a bad source or ``out``; KeyboardInterrupt leaves the finished shards for the next run.
     """
     for value, flag, least in ((max_side, "--max-side", 1), (shard_size, "--shard-size", 1), (seed, "--seed", 0)):
         if value is not None and value < least:
@@ -203,7 +197,7 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
     try:
         return _write_all(out, plan, blocks, workers or _n_workers(), progress)
     except DataError:  # nothing left behind: what the runs wrote, and out itself when a run created it
-        for split in plan["splits"]:
+        for split in blocks:
             shutil.rmtree(out / split, ignore_errors=True)
         for name in (PLAN, MANIFEST):
             (out / name).unlink(missing_ok=True)
@@ -261,20 +255,18 @@ def _previous_plan(out: Path, source: str) -> dict[str, Any]:
         raise DataError(f"--out {out} is a file; give a folder for the shards")
     if not out.exists() or not any(out.iterdir()):
         return {}
-    for name in (MANIFEST, PLAN):
-        if (out / name).is_file():
-            try:
-                previous = json.loads((out / name).read_text())
-            except (OSError, ValueError) as e:
-                raise DataError(f"cannot read {out / name} ({type(e).__name__}); remove {out} or pass another --out"
-                                ) from None
-            if not isinstance(previous, dict) or previous.get("format") != FORMAT:
-                break
-            if previous.get("source") != source:
-                raise DataError(f"--out {out} holds shards of another source ({previous.get('source')}), not "
-                                f"{source}; pass another --out or remove it (or add to its train split: --append)")
-            return previous
-    raise DataError(f"--out {out} is a folder that holds other files, not empssl shards; give a new or empty folder")
+    path = next((out / name for name in (MANIFEST, PLAN) if (out / name).is_file()), None)
+    try:
+        previous = json.loads(path.read_text()) if path else None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__}); remove {out} or pass another --out") from None
+    if not isinstance(previous, dict) or previous.get("format") != FORMAT:
+        raise DataError(f"--out {out} is a folder that holds other files, not empssl shards; give a new or empty "
+                        f"folder")
+    if previous.get("source") != source:
+        raise DataError(f"--out {out} holds shards of another source ({previous.get('source')}), not "
+                        f"{source}; pass another --out or remove it (or add to its train split: --append)")
+    return previous
 
 
 def _check_same_plan(out: Path, previous: dict[str, Any], plan: dict[str, Any], size_given: bool) -> None:
@@ -387,8 +379,6 @@ def _write_shard(job: _Job) -> dict[str, Any]:
 def _done_parts(folder: Path) -> dict[int, dict[str, Any]]:
     """The shards of ``folder`` an earlier run finished (recorded in .parts/ and present at their size); stale
     temporary folders of a killed run are removed."""
-    if not folder.is_dir():
-        return {}
     for tmp in folder.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     done = {}
@@ -876,8 +866,7 @@ def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: 
         count = sum(f.images for f in chunks)
         labels[name] = _foreign_labels(folder, chunks, keys.label, fields.get(keys.label or ""), data_dir)
         splits[name] = SplitShards(count, count, 0, {}, chunks, ShardFile(LABELS, count, 0, ""))
-    if keys is None:
-        raise DataError(f"no {MANIFEST}, index.json or train/index.json in {root}: not a LitData folder")
+    assert keys is not None  # verify_shards calls this where is_litdata_folder found an index.json
     classes = None if keys.label is None else [str(c) for c in range(max(int(v.max(initial=-1)) for v in
                                                                          labels.values()) + 1)]
     if keys.label is not None and NO_SPLIT in labels:
@@ -947,12 +936,10 @@ def _foreign_labels(folder: Path, chunks: list[ShardFile], label: str | None, se
     key = hashlib.sha256((folder / "index.json").read_bytes() + json.dumps([label, stamps]).encode()).hexdigest()
     cached = Path(data_dir).expanduser() / LABELS_CACHE / f"{key[:32]}.npy" if data_dir is not None else None
     if cached is not None and cached.is_file():
-        try:
+        with contextlib.suppress(OSError, ValueError):  # else read again, and written anew
             labels = np.load(cached, allow_pickle=False)
             if labels.dtype == np.int32 and labels.shape == (count,):
                 return labels
-        except (OSError, ValueError):
-            pass  # read again, and written anew
     from litdata import StreamingDataset
 
     skipped = {k: _Refused(k, skip=True) for k in SAFE_SERIALIZERS if k != serializer}  # no image is decoded
