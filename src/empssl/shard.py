@@ -816,11 +816,12 @@ def check_size(path: str, size: int | None, f: ShardFile, listed_in: str | Path 
         raise DataError(f"shard {path} is {size:,} bytes, {listed_in} says {f.bytes:,} (truncated or changed)")
 
 
-def verify_file(folder: Path, f: ShardFile, hashes: bool = True, known: KnownHashes | None = None) -> None:
+def verify_file(folder: Path, f: ShardFile, hashes: bool = True, known: KnownHashes | None = None,
+                listed_in: str | Path = MANIFEST) -> None:
     """DataError (one line) unless ``folder/f.name`` is there at its size and (``hashes``) sha256 (``known``: the
     one recorded for an unchanged file)."""
     path = folder / f.name
-    check_size(str(path), path.stat().st_size if path.is_file() else None, f)
+    check_size(str(path), path.stat().st_size if path.is_file() else None, f, listed_in)
     if hashes and (known.sha256(path) if known else _sha256(path)) != f.sha256:
         raise DataError(f"shard {path} does not match its sha256 in {MANIFEST} (changed or corrupt)")
 
@@ -855,14 +856,14 @@ def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: 
     splits, labels, keys = {}, {}, None
     for name in names:
         folder = root if flat else root / name
-        chunks, fields = read_index(folder / "index.json", folder / "index.json", f"split {name} of {root}")
-        found = item_keys(fields, image_key, label_key, folder / "index.json")
+        index = folder / "index.json"
+        chunks, fields = read_index(index, index, f"split {name} of {root}")
+        found = item_keys(fields, image_key, label_key, index)
         if keys is not None and found != keys:
-            raise DataError(f"{folder / 'index.json'}: its items' fields ({found}) are not the train split's ({keys})")
+            raise DataError(f"{index}: its items' fields ({found}) are not the train split's ({keys})")
         keys = found
         for f in chunks:
-            path = folder / f.name
-            check_size(str(path), path.stat().st_size if path.is_file() else None, f, folder / "index.json")
+            verify_file(folder, f, hashes=False, listed_in=index)
         count = sum(f.images for f in chunks)
         labels[name] = _foreign_labels(folder, chunks, keys.label, fields.get(keys.label or ""), data_dir)
         splits[name] = SplitShards(count, count, 0, {}, chunks, ShardFile(LABELS, count, 0, ""))
