@@ -1,47 +1,30 @@
 """Shards: any source the data package reads, written once as LitData chunks of encoded image bytes, for the
-streamed tier (``empssl shard SRC --out DIR``; the format and why it is LitData: docs/DATA.md).
+streamed tier (``empssl shard SRC --out DIR``; the format, its rules and why it is LitData: docs/DATA.md).
 
 On disk::
 
-    DIR/manifest.json             written last: format version, empssl and litdata versions, source, classes,
-                                  per split its image count, stored/re-encoded counts, image formats, and every
-                                  shard file's name, images, bytes and sha256
+    DIR/manifest.json             written last: versions, source, classes, per split its counts and every shard
+                                  and labels file's name, images, bytes and sha256
     DIR/<split>/index.json        LitData's index of that split (what litdata.StreamingDataset(DIR/<split>) reads)
     DIR/<split>/chunk-0-<j>.bin   shard j of the split: items j*K .. j*K+K-1 (K = shard_size), the split's images
-                                  in a seeded random order (:func:`write_order`; LitData shuffles chunks, then
-                                  items within a window, so an order by class would give batches of few classes)
-    DIR/<split>/labels.npy        the split's labels in item order (int32, numpy's .npy; listed with its size and
-                                  sha256 in the manifest): what a reader needs to sample or balance without
-                                  reading every item
+                                  in a seeded random order (:func:`write_order`)
+    DIR/<split>/labels.npy        the split's labels in item order (int32), to sample without reading the items
+
+Each item is ``{"image": bytes, "label": int, "name": str}``: the image file's bytes (:func:`prepare_image`), an
+index into ``classes`` (-1 without classes), the name relative to the source ("train/cat/0001.jpg").
+
+Resumable: each shard is written by one worker into a temporary folder, moved into place, then recorded in
+``<split>/.parts/j.json``; index.json and the manifest come last, so a killed run is never taken for complete, and
+the same command run again writes only the missing shards, ending with the bytes of an uninterrupted run (its
+order and shard boundaries fixed by ``.plan.json``, written before the first shard).
 
 A LitData folder that empssl did not write (``DIR/index.json``, or ``DIR/<split>/index.json``, no manifest) is
-read too: :func:`verify_shards` describes it in a :class:`Manifest` of its own (:func:`foreign_manifest`).
-
-Splits are the source's own (``train``, ``val``, ``test``; Tiny ImageNet and ImageNet: ``train``, ``val``); a
-source without split folders (a plain folder or a class tree) is one split, ``train``. Each item is
-``{"image": bytes, "label": int, "name": str}``: the image file's bytes (LitData hands them back as a
-``memoryview``; ``bytes(item["image"])`` copies them), the label (an index into the manifest's ``classes``; -1
-when the source has no classes), and the name relative to the source, as :func:`empssl.data.load_images` names it
-("train/cat/0001.jpg").
-
-Which bytes: an image whose longer side fits ``max_side`` (default: no limit, so every image) is stored byte for
-byte, whatever its format (JPEG, PNG, ...; re-encoding a PNG as JPEG would change the data without being asked).
-A larger one is decoded by the data package's rules (:func:`empssl.data.decode_image`: RGB, transparency over
-white, 16-bit scaled), resized so that its longer side is ``max_side`` (PIL Lanczos, antialiased), and encoded
-once as a baseline JPEG of quality :data:`JPEG_QUALITY`. Every image's header is read (format and size); images
-are not decoded unless re-encoded, so a file damaged past its header is found by the reader, not here.
-
-Resumable: shard j is written into a temporary folder, moved into place, then recorded in ``<split>/.parts/j.json``
-(with its sha256); a split's ``index.json`` is written when all its shards are, and ``manifest.json`` when all
-splits are. A run killed at any point leaves no manifest, so no reader (:func:`verify_shards`) takes it for
-complete; the same command run again skips the recorded shards, rewrites the rest, and gives the same files as an
-uninterrupted run (shard boundaries and the order are fixed by ``.plan.json``, written before the first shard).
-Shards are written by a process pool, each shard by one worker, so a parallel run writes the same bytes as a serial
-one.
+read too (:func:`foreign_manifest`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -116,13 +99,9 @@ class ItemKeys:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A shard folder's ``manifest.json``, read and checked by :func:`verify_shards`.
-
-    ``root`` the folder; ``source`` what was sharded (a resolved path, or ``imagenet100:PATH``); ``classes``
-    (label i is ``classes[i]``) or None; ``splits`` by name, in the source's order; ``max_side`` (None: no
-    limit); ``data`` the whole JSON; ``keys`` the fields of its items. A LitData folder that empssl did not write
-    (:func:`foreign_manifest`) has ``data["format"] == "litdata"``, no sha256s, and its labels in ``label_arrays``.
-    """
+    """A shard folder's ``manifest.json``, read and checked by :func:`verify_shards` (``data``: the whole JSON;
+    label i is ``classes[i]``). A LitData folder that empssl did not write (:func:`foreign_manifest`) has
+    ``data["format"] == "litdata"``, no sha256s, and its labels in ``label_arrays``."""
 
     root: Path
     source: str
@@ -150,8 +129,8 @@ class Manifest:
         return f"{self.url}/{split}" if self.url else str(self.split_dir(split))
 
     def labels(self, split: str) -> np.ndarray:
-        """(N,) int32 labels of ``split`` in item order (-1: the source has no classes), from its labels.npy
-        (checked by :func:`verify_shards`). DataError (one line) when it cannot be read."""
+        """(N,) int32 labels of ``split`` in item order (-1: the source has no classes). DataError (one line) when
+        its labels.npy cannot be read."""
         if split in self.label_arrays:
             return self.label_arrays[split]
         path = self.split_dir(split) / self.splits[split].labels.name
@@ -171,29 +150,17 @@ class Manifest:
 def write_shards(spec: str, out: str | Path, max_side: int | None = None, workers: int | None = None,
                  shard_size: int | None = None, data_dir: str = "./data", progress: bool = True,
                  seed: int | None = None) -> Manifest:
-    """Write every image of ``spec`` as LitData shards under ``out`` (layout and rules: the module docstring).
+    """Write every image of ``spec`` (any source :func:`empssl.data.scan` reads) as LitData shards under ``out``: a
+    new or empty folder, or an unfinished run of the same command (which is continued).
 
-    Args:
-        spec: a folder, class tree, ImageFolder root, archive, Tiny ImageNet, ``demo``, ``tiny-imagenet``,
-            ``imagenet100:PATH`` or ``imagenet:PATH`` (as :func:`empssl.data.scan` reads them).
-        out: the shard folder: new, empty, or an unfinished run of the same command (which is continued).
-        max_side: images whose longer side is larger are resized to it and re-encoded (JPEG q90); None: no limit.
-        workers: processes writing shards (default: the usable CPU cores, at most 16).
-        shard_size: images per shard (default: about 64 MB of the source's files per shard).
-        data_dir: where ``tiny-imagenet`` and ``imagenet100`` without a path are looked for.
-        progress: a progress bar on stderr.
-        seed: the seed of each split's write order (:func:`write_order`; default 0, or an unfinished run's own).
-
-    Returns the :class:`Manifest` written. Raises DataError (one line, nothing left behind) for a missing source,
-    one without images, an image that cannot be read, an ``out`` that is a file, holds other files, or holds shards
-    of another source or of other settings. KeyboardInterrupt leaves the finished shards for the next run.
+    ``max_side``: larger images are resized to it and re-encoded (None: no limit); ``workers``: processes (default:
+    the usable CPU cores, at most 16); ``shard_size``: images per shard (default: about 64 MB of the source's
+    files); ``seed``: of the write order (default 0, or an unfinished run's own). DataError (one line, nothing left
+    behind) for a bad source or ``out``; KeyboardInterrupt leaves the finished shards for the next run.
     """
-    if max_side is not None and max_side < 1:
-        raise DataError(f"--max-side must be >= 1, got {max_side}")
-    if shard_size is not None and shard_size < 1:
-        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
-    if seed is not None and seed < 0:
-        raise DataError(f"--seed must be >= 0, got {seed}")
+    for value, flag, least in ((max_side, "--max-side", 1), (shard_size, "--shard-size", 1), (seed, "--seed", 0)):
+        if value is not None and value < least:
+            raise DataError(f"{flag} must be >= {least}, got {value}")
     out = Path(out).expanduser()
     source = source_name(spec, data_dir)
     previous = _previous_plan(out, source)  # before the scan, which can take long: refuse a wrong --out at once
@@ -203,7 +170,10 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
         print(f"note: skipped {n} entr{'y' if n == 1 else 'ies'} of {catalog.source} that are not regular files, "
               f"e.g. {catalog.skipped[0]}", file=sys.stderr)
     seed = seed if seed is not None else previous.get("seed", 0)
-    blocks = _blocks(catalog.records, catalog.splits, seed)
+    blocks, at = {}, 0
+    for name, count in catalog.splits:
+        blocks[name or NO_SPLIT] = _in_order(catalog.records[at: at + count], seed)
+        at += count
     plan = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
         "max_side": max_side, "jpeg_quality": JPEG_QUALITY, "seed": seed,
@@ -218,18 +188,22 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
             print(f"{out} already holds every shard of {source} ({MANIFEST}); nothing to do", file=sys.stderr)
             return verify_shards(out, hashes=False)
     fresh = not out.exists()
+    if not previous:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create {out}: {e.strerror or e}") from None
+        write_json(out / PLAN, plan)
     try:
-        if not previous:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise OutputError(f"cannot create {out}: {e.strerror or e}") from None
-            write_json(out / PLAN, plan)
-        manifest = _write_all(out, plan, blocks, workers or _n_workers(), progress)
-    except DataError:
-        _remove_run(out, plan, fresh or bool(previous))
+        return _write_all(out, plan, blocks, workers or _n_workers(), progress)
+    except DataError:  # nothing left behind: what the runs wrote, and out itself when a run created it
+        for split in blocks:
+            shutil.rmtree(out / split, ignore_errors=True)
+        for name in (PLAN, MANIFEST):
+            (out / name).unlink(missing_ok=True)
+        if (fresh or previous) and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         raise
-    return manifest
 
 
 def source_name(spec: str, data_dir: str = "./data") -> str:
@@ -242,23 +216,20 @@ def source_name(spec: str, data_dir: str = "./data") -> str:
     return imagenet.shown if imagenet else str(resolve(spec, Path(data_dir)))
 
 
-def _blocks(records: list[Any], splits: list[tuple[str, int]], seed: int) -> dict[str, list[_Rec]]:
-    """Each split's records in its write order."""
-    out: dict[str, list[_Rec]] = {}
-    at = 0
-    for name, count in splits:
-        split = records[at: at + count]
-        out[name or NO_SPLIT] = [(split[i].name, -1 if split[i].label is None else split[i].label, split[i].data)
-                                 for i in write_order(count, seed)]
-        at += count
-    return out
-
-
 def write_order(n: int, seed: int) -> np.ndarray:
     """(n,) the order a split (or an append) of ``n`` source images is written in: item i is source image
     ``order[i]``. Random, so that every chunk, and every window of it that LitData shuffles within, mixes the
     classes; seeded, so that a resumed run and any number of workers write the same bytes."""
     return np.random.default_rng(seed).permutation(n)
+
+
+def _in_order(records: list[Any], seed: int, labels: dict[int, int] | None = None) -> list[_Rec]:
+    """``records`` in their write order, each label (None: -1) mapped by ``labels`` where given."""
+    recs = []
+    for r in (records[i] for i in write_order(len(records), seed)):
+        label = -1 if r.label is None else r.label
+        recs.append((r.name, labels[label] if labels else label, r.data))
+    return recs
 
 
 def _auto_shard_size(records: list[Any]) -> int:
@@ -284,20 +255,18 @@ def _previous_plan(out: Path, source: str) -> dict[str, Any]:
         raise DataError(f"--out {out} is a file; give a folder for the shards")
     if not out.exists() or not any(out.iterdir()):
         return {}
-    for name in (MANIFEST, PLAN):
-        if (out / name).is_file():
-            try:
-                previous = json.loads((out / name).read_text())
-            except (OSError, ValueError) as e:
-                raise DataError(f"cannot read {out / name} ({type(e).__name__}); remove {out} or pass another --out"
-                                ) from None
-            if not isinstance(previous, dict) or previous.get("format") != FORMAT:
-                break
-            if previous.get("source") != source:
-                raise DataError(f"--out {out} holds shards of another source ({previous.get('source')}), not "
-                                f"{source}; pass another --out or remove it (or add to its train split: --append)")
-            return previous
-    raise DataError(f"--out {out} is a folder that holds other files, not empssl shards; give a new or empty folder")
+    path = next((out / name for name in (MANIFEST, PLAN) if (out / name).is_file()), None)
+    try:
+        previous = json.loads(path.read_text()) if path else None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__}); remove {out} or pass another --out") from None
+    if not isinstance(previous, dict) or previous.get("format") != FORMAT:
+        raise DataError(f"--out {out} is a folder that holds other files, not empssl shards; give a new or empty "
+                        f"folder")
+    if previous.get("source") != source:
+        raise DataError(f"--out {out} holds shards of another source ({previous.get('source')}), not "
+                        f"{source}; pass another --out or remove it (or add to its train split: --append)")
+    return previous
 
 
 def _check_same_plan(out: Path, previous: dict[str, Any], plan: dict[str, Any], size_given: bool) -> None:
@@ -316,57 +285,23 @@ def _shown(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def _remove_run(out: Path, plan: dict[str, Any], ours: bool) -> None:
-    """Remove what the shard runs wrote in ``out``, and ``out`` itself when a shard run created it and it is
-    left empty."""
-    for split in plan["splits"]:
-        shutil.rmtree(out / split, ignore_errors=True)
-    for name in (PLAN, MANIFEST):
-        (out / name).unlink(missing_ok=True)
-    if ours and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-
-
 def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], workers: int,
                progress: bool) -> Manifest:
-    size = int(plan["shard_size"])
-    max_side = plan["max_side"]
-    parts: dict[str, dict[int, dict[str, Any]]] = {}
-    jobs: list[_Job] = []
-    for split, recs in blocks.items():
-        folder = out / split
-        done = _done_parts(folder)
-        parts[split] = done
-        if (folder / "index.json").is_file() and len(done) == -(-len(recs) // size):
-            continue
-        for j in range(0, -(-len(recs) // size)):
-            if j not in done:
-                jobs.append((str(folder), j, recs[j * size: (j + 1) * size], size, max_side,
-                             str(plan["source"])))
-    todo = sum(len(job[2]) for job in jobs)
+    jobs = {split: _jobs(out / split, recs, 0, int(plan["shard_size"]), plan["max_side"], str(plan["source"]))
+            for split, recs in blocks.items()}
+    parts = {split: _done_parts(out / split) for split in blocks}
+    todo = [job for split in blocks for job in jobs[split] if job[1] not in parts[split]]
     total = sum(plan["splits"].values())
     try:
-        with tqdm(total=total, initial=total - todo, desc="sharding", unit="img", file=sys.stderr,
-                  disable=not progress) as bar:
-            for part in _run_jobs(jobs, workers, bar):
+        with tqdm(total=total, initial=total - sum(len(job[2]) for job in todo), desc="sharding", unit="img",
+                  file=sys.stderr, disable=not progress) as bar:
+            for part in _run_jobs(todo, workers, bar):
                 parts[Path(part["folder"]).name][part["index"]] = part
     except KeyboardInterrupt:
-        finished = sum(len(p) for p in parts.values())
-        shards = sum(-(-len(r) // size) for r in blocks.values())
-        raise KeyboardInterrupt(f"interrupted: {finished} of {shards} shards are written in {out}; run the same "
-                                f"command again to write the rest") from None
-    splits = {}
-    for split, recs in blocks.items():
-        ordered = [parts[split][j] for j in range(-(-len(recs) // size))]
-        _write_index(out / split, ordered)
-        labels = _write_labels(out / split, [label for _, label, _ in recs])
-        splits[split] = {
-            "images": len(recs),
-            "stored": sum(p["stored"] for p in ordered), "reencoded": sum(p["reencoded"] for p in ordered),
-            "formats": _sum_counts(p["formats"] for p in ordered),
-            "shards": [_listed(p) for p in ordered],
-            "labels": labels,
-        }
+        raise KeyboardInterrupt(f"interrupted: {sum(map(len, parts.values()))} of {sum(map(len, jobs.values()))} "
+                                f"shards are written in {out}; run the same command again to write the rest") from None
+    splits = {split: _list_split(out / split, [parts[split][j] for j in range(len(jobs[split]))],
+                                 [label for _, label, _ in recs]) for split, recs in blocks.items()}
     import litdata
 
     manifest = {
@@ -376,9 +311,7 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
                                 "class_names", "fingerprint")},
         "item": {"image": "the image file's bytes (stored as they are, or re-encoded: JPEG)",
                  "label": "int: index into classes, -1 without classes", "name": "str: path relative to the source"},
-        "images": total,
-        "stored": sum(s["stored"] for s in splits.values()),
-        "reencoded": sum(s["reencoded"] for s in splits.values()),
+        **_totals(splits),
         "splits": splits,
     }
     _write_json(out / MANIFEST, manifest)
@@ -388,19 +321,20 @@ def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], w
     return verify_shards(out, hashes=False)
 
 
+def _jobs(folder: Path, recs: list[_Rec], first: int, size: int, max_side: int | None, source: str) -> list[_Job]:
+    """Shards ``first``, ``first + 1``, ... of ``folder``: ``recs`` cut into ``size`` images each."""
+    return [(str(folder), first + j, recs[at: at + size], size, max_side, source)
+            for j, at in enumerate(range(0, len(recs), size))]
+
+
 def _run_jobs(jobs: list[_Job], workers: int, bar: tqdm) -> Iterator[dict[str, Any]]:
     """Write the shards of ``jobs`` (a process pool of ``workers``, or this process), yielding each one's record
-    as it is done; a shard's error stops the others."""
+    as it is done; a shard's error (raised again here) stops the others."""
     workers = max(1, min(workers, len(jobs)))
     pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint) \
         if workers > 1 else None
-    results: Iterator[dict[str, Any]] = pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs)
     try:
-        for part in results:
-            if "error" in part:
-                raise DataError(part["error"])
-            if "os_error" in part:
-                raise OutputError(part["os_error"])
+        for part in pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs):
             bar.update(part["images"])
             yield part
     finally:
@@ -408,40 +342,43 @@ def _run_jobs(jobs: list[_Job], workers: int, bar: tqdm) -> Iterator[dict[str, A
             pool.terminate()
 
 
-def _listed(part: dict[str, Any]) -> dict[str, Any]:
-    """A written shard's entry in the manifest."""
-    return {"name": part["chunk"]["filename"], "images": part["images"], "bytes": part["bytes"],
-            "sha256": part["sha256"]}
+def _write_shard(job: _Job) -> dict[str, Any]:
+    """Write shard ``j`` of a split with LitData's BinaryWriter and record it in ``.parts/j.json``: its record."""
+    from litdata.streaming.writer import BinaryWriter
 
-
-def _write_labels(folder: Path, labels: list[int], name: str = LABELS) -> dict[str, Any]:
-    """``folder/name`` (int32, in item order) and its manifest entry."""
-    path = folder / name
+    folder, j, recs, size, max_side, source = job
+    split = Path(folder)
+    tmp = split / f".tmp-{j}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    stored, formats = 0, Counter[str]()
     try:
-        with open(path, "wb") as f:
-            np.save(f, np.asarray(labels, dtype=np.int32), allow_pickle=False)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    return {"name": name, "images": len(labels), "bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """:func:`write_json`, readable by others as the umask allows (a shard folder is often shared)."""
-    write_json(path, obj)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _sum_counts(counts: Iterator[dict[str, int]]) -> dict[str, int]:
-    return dict(sorted(sum(map(Counter, counts), Counter()).items()))
+        writer = BinaryWriter(str(tmp), chunk_size=size, chunk_index=j)  # one chunk: recs fit
+        for i, (name, label, data) in enumerate(recs):
+            where = f"image {name} in {source}"
+            image, fmt, kept = prepare_image(data if isinstance(data, bytes) else read_file(data, where), max_side,
+                                             where)
+            stored += kept
+            formats[fmt] += 1
+            writer.add_item(i, {"image": image, "label": label, "name": name})
+        writer.done()
+        index = json.loads(next(tmp.glob("*.index.json")).read_text())
+        (chunk,) = index["chunks"]
+        path = split / chunk["filename"]
+        os.replace(tmp / chunk["filename"], path)
+    except OSError as e:  # disk full, no permission: the shards written so far stay for the next run
+        raise OutputError(f"cannot write shard {j} in {split}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    part = {"folder": folder, "index": j, "images": len(recs), "stored": stored, "reencoded": len(recs) - stored,
+            "formats": dict(formats), "chunk": chunk, "config": index["config"], "bytes": path.stat().st_size,
+            "sha256": _sha256(path)}
+    write_json(split / ".parts" / f"{j}.json", part)
+    return part
 
 
 def _done_parts(folder: Path) -> dict[int, dict[str, Any]]:
     """The shards of ``folder`` an earlier run finished (recorded in .parts/ and present at their size); stale
     temporary folders of a killed run are removed."""
-    if not folder.is_dir():
-        return {}
     for tmp in folder.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     done = {}
@@ -456,52 +393,11 @@ def _done_parts(folder: Path) -> dict[int, dict[str, Any]]:
     return done
 
 
-def _write_shard(job: _Job) -> dict[str, Any]:
-    """Write shard ``j`` of a split with LitData's BinaryWriter; returns its record (or {"error": message})."""
-    from litdata.streaming.writer import BinaryWriter
-
-    folder, j, recs, size, max_side, source = job
-    split = Path(folder)
-    tmp = split / f".tmp-{j}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    stored = reencoded = 0
-    formats: dict[str, int] = {}
-    try:
-        writer = BinaryWriter(str(tmp), chunk_size=size, chunk_index=j)  # one chunk: recs fit
-        for i, (name, label, data) in enumerate(recs):
-            where = f"image {name} in {source}"
-            raw = data if isinstance(data, bytes) else read_file(data, where)
-            image, fmt, kept = prepare_image(raw, max_side, where)
-            stored += kept
-            reencoded += not kept
-            formats[fmt] = formats.get(fmt, 0) + 1
-            writer.add_item(i, {"image": image, "label": label, "name": name})
-        writer.done()
-        index = json.loads(next(tmp.glob("*.index.json")).read_text())
-        (chunk,) = index["chunks"]
-        path = split / chunk["filename"]
-        os.replace(tmp / chunk["filename"], path)
-    except DataError as e:
-        return {"error": str(e)}
-    except OSError as e:  # disk full, no permission: the shards written so far stay for the next run
-        return {"os_error": f"cannot write shard {j} in {split}: {e.strerror or e}"}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    part = {"folder": folder, "index": j, "images": len(recs), "stored": stored, "reencoded": reencoded,
-            "formats": formats, "chunk": chunk, "config": index["config"], "bytes": path.stat().st_size,
-            "sha256": _sha256(path)}
-    write_json(split / ".parts" / f"{j}.json", part)
-    return part
-
-
 def prepare_image(data: bytes, max_side: int | None, name: str = "image") -> tuple[bytes, str, bool]:
-    """The bytes a shard stores for one image file: ``(bytes, format, stored_as_is)``.
-
-    The file itself when its longer side fits ``max_side`` (or there is no limit); else decoded by
-    :func:`empssl.data.decode_image`'s rules, resized so that the longer side is ``max_side`` (Lanczos) and
-    encoded as JPEG quality :data:`JPEG_QUALITY`. ``format`` is the source file's, as PIL names it. DataError
-    (one line, naming ``name``) when the header cannot be read.
-    """
+    """The bytes a shard stores for one image file: ``(bytes, format, stored_as_is)``, ``format`` the file's as PIL
+    names it. The file itself when its longer side fits ``max_side`` (or there is no limit); else decoded by
+    :func:`empssl.data.decode_image`'s rules, resized (Lanczos) to a longer side of ``max_side`` and encoded as JPEG
+    :data:`JPEG_QUALITY`. DataError (one line, naming ``name``) when the header cannot be read."""
     try:
         with _pil_bomb_check_off(), Image.open(io.BytesIO(data)) as img:
             fmt, (w, h) = str(img.format), img.size
@@ -525,9 +421,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_index(folder: Path, parts: list[dict[str, Any]]) -> None:
-    """The split's LitData ``index.json`` (what LitData's own merge of per-worker indexes writes), with
-    ``updated_at`` derived from the shards' hashes so that the same shards give the same file."""
+def _list_split(folder: Path, parts: list[dict[str, Any]], labels: list[int],
+                counted: list[dict[str, Any]] | None = None, name: str = LABELS) -> dict[str, Any]:
+    """Write the split's LitData ``index.json`` listing the shards ``parts`` (what LitData's own merge of per-worker
+    indexes writes, with ``updated_at`` derived from the shards' hashes so that the same shards give the same file),
+    then its ``labels`` (int32, in item order) as ``folder/name``: the split's manifest entry, its counts summed
+    over ``counted`` (default: ``parts``)."""
     config = parts[0]["config"]
     for p in parts[1:]:
         if {k: v for k, v in p["config"].items() if k != "types"} != {k: v for k, v in config.items() if k != "types"}:
@@ -536,6 +435,32 @@ def _write_index(folder: Path, parts: list[dict[str, Any]]) -> None:
     digest = hashlib.sha256("".join(p["sha256"] for p in parts).encode()).hexdigest()[:16]
     _write_json(folder / "index.json", {"chunks": [p["chunk"] for p in parts], "config": config,
                                        "updated_at": digest})
+    path = folder / name
+    try:
+        with open(path, "wb") as f:
+            np.save(f, np.asarray(labels, dtype=np.int32), allow_pickle=False)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    counted = parts if counted is None else counted
+    formats = sum((Counter(p["formats"]) for p in counted), Counter[str]())
+    return {"images": len(labels), "stored": sum(p["stored"] for p in counted),
+            "reencoded": sum(p["reencoded"] for p in counted), "formats": dict(sorted(formats.items())),
+            "shards": [{"name": p["chunk"]["filename"], **{k: p[k] for k in ("images", "bytes", "sha256")}}
+                       for p in parts],
+            "labels": {"name": name, "images": len(labels), "bytes": path.stat().st_size, "sha256": _sha256(path)}}
+
+
+def _totals(splits: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """The manifest's counts over all its ``splits``."""
+    return {key: sum(s[key] for s in splits.values()) for key in ("images", "stored", "reencoded")}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """:func:`write_json`, readable by others as the umask allows (a shard folder is often shared)."""
+    write_json(path, obj)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 # --- appending ----------------------------------------------------------------------------------------
@@ -549,17 +474,13 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
     """Add every image of ``spec`` to the train split of the complete shard folder ``out``, as new shards after
     its last one (``empssl shard SRC --out DIR --append``; the rules, and what a reader may rely on: docs/DATA.md).
 
-    Existing shards are never rewritten. The new shard files are written, complete and hashed, before the three
-    files that list them are replaced, each atomically and in this order: the split's LitData ``index.json``, a
-    new ``labels-<N>.npy``, ``manifest.json`` (its ``appends`` records each append). A reader that goes by the
-    manifest sees the folder before or after the append, never half of it.
-
-    ``spec`` is a folder or class tree (a split root may hold ``train/`` only); its classes are mapped by name onto
-    the folder's (a subset is fine); other classes, classes where the folder has none or none where it has them,
-    are refused. ``max_side``, ``shard_size`` and ``seed`` are the folder's (giving others is an error); the
-    appended images are written in their own seeded order (:func:`write_order`). The same source,
-    unchanged, appended again does nothing. DataError (one line) for all that; a failed or killed append leaves
-    the folder as readers saw it before (its unlisted files are removed by the next append).
+    Existing shards are never rewritten: the new ones are written and hashed before the files that list them are
+    replaced, each atomically, in this order: the split's ``index.json``, a new ``labels-<N>.npy``,
+    ``manifest.json`` (its ``appends`` records each append). ``spec`` is a folder or class tree (a split root may
+    hold ``train/`` only) whose classes are mapped by name onto a subset of the folder's. ``max_side``,
+    ``shard_size`` and ``seed`` are the folder's (giving others is an error). The same source, unchanged, appended
+    again does nothing. DataError (one line) for all that; a failed or killed append leaves the folder as readers
+    saw it before (its unlisted files are removed by the next append).
     """
     out = Path(out).expanduser()
     if not (out / MANIFEST).is_file():
@@ -584,18 +505,14 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
                             f"{NO_SPLIT} folder only")
         labels = _appended_labels(catalog.classes, manifest, source)
         fingerprint = _fingerprint(catalog.records)
-        appends = list(manifest.data.get("appends", []))
-        if any(a["source"] == source and a["fingerprint"] == fingerprint
-               for a in [*appends, {"source": manifest.source, "fingerprint": manifest.data.get("fingerprint")}]):
+        if any(a.get("source") == source and a.get("fingerprint") == fingerprint
+               for a in [manifest.data, *manifest.data.get("appends", [])]):
             print(f"{out} already holds the images of {source} (appended before); nothing to do", file=sys.stderr)
             return manifest
-        folder, train = out / NO_SPLIT, manifest.splits[NO_SPLIT]
+        folder, first = out / NO_SPLIT, len(manifest.splits[NO_SPLIT].shards)
         _remove_unlisted(folder, manifest)
-        size, first = manifest.shard_size, len(train.shards)
-        ordered = [catalog.records[i] for i in write_order(len(catalog.records), manifest.data.get("seed", 0))]
-        recs = [(r.name, labels[-1 if r.label is None else r.label], r.data) for r in ordered]
-        jobs: list[_Job] = [(str(folder), first + j, recs[at: at + size], size, manifest.max_side, source)
-                            for j, at in enumerate(range(0, len(recs), size))]
+        recs = _in_order(catalog.records, manifest.data.get("seed", 0), labels)
+        jobs = _jobs(folder, recs, first, manifest.shard_size, manifest.max_side, source)
         try:
             with tqdm(total=len(recs), desc="appending", unit="img", file=sys.stderr, disable=not progress) as bar:
                 parts = sorted(_run_jobs(jobs, workers or _n_workers(), bar), key=lambda p: p["index"])
@@ -603,10 +520,8 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
                                    {"source": source, "fingerprint": fingerprint, "images": len(recs),
                                     "first_shard": first, "shards": len(parts), "empssl_version": __version__})
         except BaseException:
-            try:  # the manifest read again: if it was replaced, the new shards are listed and stay
+            with contextlib.suppress(DataError):  # the manifest read again: if replaced, the new shards stay listed
                 _remove_unlisted(folder, verify_shards(out, hashes=False))
-            except DataError:
-                pass
             raise
 
 
@@ -648,20 +563,13 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
     """List the appended shards ``parts`` (written and hashed): index.json, labels, then the manifest."""
     folder, train = out / NO_SPLIT, manifest.splits[NO_SPLIT]
     index = json.loads((folder / "index.json").read_text())
-    old = [{"index": j, "chunk": chunk, "config": index["config"], "sha256": f.sha256}
-           for j, (chunk, f) in enumerate(zip(index["chunks"], train.shards))]
-    _write_index(folder, old + parts)
-    total = train.images + len(labels)
-    entry = _write_labels(folder, [*manifest.labels(NO_SPLIT).tolist(), *labels],
-                          _labels_name(len(manifest.data.get("appends", [])) + 1, total))
+    old = [{"index": j, "chunk": chunk, "config": index["config"], "images": f.images, "bytes": f.bytes,
+            "sha256": f.sha256} for j, (chunk, f) in enumerate(zip(index["chunks"], train.shards))]
     data = json.loads(json.dumps(manifest.data))  # a copy
-    split = data["splits"][NO_SPLIT]
-    stored, reencoded = sum(p["stored"] for p in parts), sum(p["reencoded"] for p in parts)
-    split.update(images=total, stored=split["stored"] + stored, reencoded=split["reencoded"] + reencoded,
-                 formats=_sum_counts(iter([split["formats"], *(p["formats"] for p in parts)])), labels=entry)
-    split["shards"] += [_listed(p) for p in parts]
-    data.update(images=data["images"] + len(labels), stored=data["stored"] + stored,
-                reencoded=data["reencoded"] + reencoded, appends=[*data.get("appends", []), record])
+    data["splits"][NO_SPLIT] = _list_split(
+        folder, old + parts, [*manifest.labels(NO_SPLIT).tolist(), *labels], [data["splits"][NO_SPLIT], *parts],
+        _labels_name(len(data.get("appends", [])) + 1, train.images + len(labels)))
+    data.update(_totals(data["splits"]), appends=[*data.get("appends", []), record])
     _write_json(out / MANIFEST, data)
     published = verify_shards(out, hashes=False)
     _remove_unlisted(folder, published)
@@ -677,9 +585,8 @@ def _labels_name(appends: int, images: int) -> str:
 
 
 class ShardFolder:
-    """Where :func:`verify_shards` reads a shard folder's files: a local folder ``root`` here;
-    :class:`empssl.remote.RemoteFolder` fetches a bucket's small files into a local mirror ``root`` first and checks
-    its shards against the bucket's listing."""
+    """Where :func:`verify_shards` reads a shard folder's files: a local folder ``root``
+    (:class:`empssl.remote.RemoteFolder`: a bucket's, its small files mirrored in ``root``)."""
 
     url = ""
     known: KnownHashes | None = None  # sha256s computed before (set by verify_shards)
@@ -700,9 +607,8 @@ HASHES = "shard-sha256.json"  # under --data-dir: the shards' sha256s, by path a
 
 class KnownHashes:
     """The sha256s of the files :func:`verify_shards` hashed before, in ``data_dir/shard-sha256.json``, each with
-    the (size, mtime_ns, inode) the file had: a file whose stamp has not changed is not read again. The hole: a
-    file replaced by one of the same size, mtime and inode is not hashed again (docs/DATA.md). A damaged record is
-    ignored (one note) and written anew."""
+    the (size, mtime_ns, inode) the file had then: a file with the same stamp is not read again (the hole this
+    leaves: docs/DATA.md). A damaged record is ignored (one note) and written anew."""
 
     def __init__(self, data_dir: str | Path) -> None:
         self.path = Path(data_dir).expanduser() / HASHES
@@ -720,36 +626,31 @@ class KnownHashes:
         st = path.stat()
         key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
         known = self.files.get(key)
-        if isinstance(known, list) and len(known) == 4 and known[:3] == stamp:
-            return str(known[3])
-        self.files[key] = [*stamp, _sha256(path)]
-        self.changed = True
-        return str(self.files[key][3])
+        if not (isinstance(known, list) and len(known) == 4 and known[:3] == stamp):
+            known = self.files[key] = [*stamp, _sha256(path)]
+            self.changed = True
+        return str(known[3])
 
     def save(self) -> None:
-        """Write the record (atomically) when a file was hashed, keeping only files that are still there; a
-        record that cannot be written is a note, not an error (the next start hashes again)."""
-        if not self.changed:
-            return
+        """Write the record when a file was hashed, for the files still there; if it cannot be, a note."""
         try:
-            write_json(self.path, {"files": {k: v for k, v in self.files.items() if os.path.exists(k)}})
+            if self.changed:
+                write_json(self.path, {"files": {k: v for k, v in self.files.items() if os.path.exists(k)}})
         except OutputError as e:
             print(f"note: {e}; the shards will be hashed again at the next start", file=sys.stderr)
 
 
 def verify_shards(root: str | Path | ShardFolder, hashes: bool = True, data_dir: str | Path | None = None,
                   image_key: str = "", label_key: str = "") -> Manifest:
-    """Check a shard folder against its ``manifest.json`` and return it.
+    """Check a shard folder against its ``manifest.json`` and return it; every reader of shard folders goes through
+    it, a folder in an object store too (``root`` an :class:`empssl.remote.RemoteFolder`).
 
-    Checks: the manifest is there and readable (an unfinished run is named as one), every split, shard and labels
-    file name in it and in each split's ``index.json`` is a plain file name (:func:`plain_name`), each index.json
-    lists the manifest's shards with their image counts and reads its items, {"image", "label", "name"}, with safe
-    serializers only (:func:`check_data_format`), every shard file is there with its size, and (``hashes``) its
-    sha256 (with ``data_dir``: recorded there, and read again only for a file changed since, :class:`KnownHashes`);
-    the counts add up. A local LitData folder without a manifest is described by :func:`foreign_manifest`
-    (``image_key``, ``label_key``: its fields, found when not given; its labels cached under ``data_dir``). Raises
-    DataError with one line naming the first problem. Every reader of shard folders goes through it; a folder in an
-    object store too (``root`` an :class:`empssl.remote.RemoteFolder`).
+    Checks that every name in the manifest and each split's ``index.json`` is a plain file name
+    (:func:`plain_name`), each index.json lists the manifest's shards and reads its items with safe serializers only
+    (:func:`check_data_format`), every shard and labels file is there at its size and (``hashes``) sha256 (with
+    ``data_dir``: recorded there, :class:`KnownHashes`), and the counts add up; DataError (one line) for the first
+    problem. A local LitData folder without a manifest is read by :func:`foreign_manifest` (``image_key``,
+    ``label_key``: its fields, found when not given).
     """
     folder = root if isinstance(root, ShardFolder) else ShardFolder(Path(root).expanduser())
     root = folder.root
@@ -778,8 +679,6 @@ def verify_shards(root: str | Path | ShardFolder, hashes: bool = True, data_dir:
                   for name, s in data["splits"].items()}
         manifest = Manifest(root, str(data["source"]), data["classes"], data["class_names"], data["max_side"],
                             int(data["shard_size"]), splits, data, folder.url)
-    except DataError:
-        raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is damaged or not a shard manifest ({type(e).__name__}: {e}); shard the source "
                         f"again") from None
@@ -801,9 +700,8 @@ def _shard_file(f: dict[str, Any], where: Path) -> ShardFile:
 
 
 def plain_name(name: Any, where: Path | str) -> str:
-    """``name``, a file or split name read from ``where`` (a manifest or index.json), when it is a plain file name:
-    a path (a separator, "..", absolute, empty) could name any file on the machine, and a re-signed manifest
-    would vouch for it. DataError (one line) otherwise, before anything is read by it."""
+    """``name``, read from ``where`` (a manifest or index.json), if it is a plain file name, else DataError (one
+    line): a path could name any file on the machine, and a re-signed manifest would vouch for it."""
     if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
         raise DataError(f"{where} names {name!r}, which is not a plain file name in its folder; refusing to read "
                         f"the shard folder")
@@ -836,29 +734,24 @@ def check_data_format(data_format: list[str], where: str) -> list[str]:
 
 
 class _Refused:
-    """LitData's serializer ``key`` for reading shards, where it is not in :data:`SAFE_SERIALIZERS`: reading
-    through it is an error (:func:`check_data_format` refuses such folders before; this is in case it is missed)."""
+    """LitData's serializer ``key`` outside :data:`SAFE_SERIALIZERS`: reading through it is an error, in case
+    :func:`check_data_format` missed it; ``skip``: a field not wanted (the images, where only labels are read)."""
 
-    def __init__(self, key: str) -> None:
-        self.key = key
+    def __init__(self, key: str, skip: bool = False) -> None:
+        self.key, self.skip = key, skip
 
     def setup(self, data_format: Any) -> None:
         pass
 
     def deserialize(self, data: bytes) -> Any:
+        if self.skip:
+            return None
         raise DataError(f"LitData's {self.key!r} serializer builds Python objects; empssl does not read it")
 
 
-class _Skipped(_Refused):
-    """A field not wanted (the images, where only the labels are read): left unread."""
-
-    def deserialize(self, data: bytes) -> Any:
-        return None
-
-
 def reader_serializers() -> dict[str, Any]:
-    """``serializers=`` for ``litdata.StreamingDataset``: every serializer outside :data:`SAFE_SERIALIZERS`
-    replaced by :class:`_Refused` (LitData adds its own for any name not given, so leaving them out is not enough)."""
+    """``serializers=`` for ``litdata.StreamingDataset``: each outside :data:`SAFE_SERIALIZERS` refused (LitData
+    adds its own for any name not given, so leaving them out is not enough)."""
     from litdata.streaming.serializers import _get_serializers
 
     return {key: _Refused(key) for key in _get_serializers(None) if key not in SAFE_SERIALIZERS}
@@ -868,10 +761,9 @@ ITEM_KEYS = ("image", "label", "name")  # what every item of an empssl shard fol
 
 
 def read_index(path: Path, shown: Any, where: str) -> tuple[list[ShardFile], dict[str, str]]:
-    """(its chunks, without sha256; its items' fields: name -> the LitData serializer that reads it) of the LitData
-    index.json ``path`` (``shown`` in messages; ``where`` names its split), after the serializer allow-list and the
-    plain-name check. DataError (one line) for one that is missing, damaged, or whose items are not flat dicts of
-    named fields."""
+    """(its chunks, without sha256; its items' fields: name -> serializer) of the LitData index.json ``path``
+    (``shown`` in messages; ``where`` names its split), names and serializers checked. DataError (one line) for one
+    that is missing, damaged, or whose items are not flat dicts of named fields."""
     try:
         index = read_json(path)
         chunks = [ShardFile(plain_name(c["filename"], shown), int(c["chunk_size"]), int(c["chunk_bytes"]), "")
@@ -924,11 +816,12 @@ def check_size(path: str, size: int | None, f: ShardFile, listed_in: str | Path 
         raise DataError(f"shard {path} is {size:,} bytes, {listed_in} says {f.bytes:,} (truncated or changed)")
 
 
-def verify_file(folder: Path, f: ShardFile, hashes: bool = True, known: KnownHashes | None = None) -> None:
-    """Check that ``folder/f.name`` is there at its size and (``hashes``) sha256 (``known``: the one recorded for
-    an unchanged file); DataError (one line) if not."""
+def verify_file(folder: Path, f: ShardFile, hashes: bool = True, known: KnownHashes | None = None,
+                listed_in: str | Path = MANIFEST) -> None:
+    """DataError (one line) unless ``folder/f.name`` is there at its size and (``hashes``) sha256 (``known``: the
+    one recorded for an unchanged file)."""
     path = folder / f.name
-    check_size(str(path), path.stat().st_size if path.is_file() else None, f)
+    check_size(str(path), path.stat().st_size if path.is_file() else None, f, listed_in)
     if hashes and (known.sha256(path) if known else _sha256(path)) != f.sha256:
         raise DataError(f"shard {path} does not match its sha256 in {MANIFEST} (changed or corrupt)")
 
@@ -942,8 +835,7 @@ LABELS_CACHE = "litdata-labels"  # under --data-dir: a foreign folder's labels, 
 
 
 def is_litdata_folder(root: str | Path) -> bool:
-    """True when ``root`` holds a LitData folder that empssl shard did not write: ``root/index.json`` (one split) or
-    ``root/train/index.json``."""
+    """True when ``root`` holds a LitData folder that empssl shard did not write (:func:`foreign_manifest`)."""
     root = Path(root).expanduser()
     if (root / MANIFEST).exists() or (root / PLAN).exists() or (root / NO_SPLIT / LABELS).exists():
         return False  # empssl's, or one of its folders without its manifest: refused, not read without its sha256s
@@ -955,29 +847,27 @@ def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: 
     """The :class:`Manifest` of a LitData folder that empssl did not write: ``root/index.json`` (one split,
     ``train``), or ``root/<split>/index.json`` for ``train`` and ``val`` and/or ``test``.
 
-    Its shards are the index's chunks (names, item counts, sizes: checked against the files; no sha256, so no
-    integrity check beyond sizes), its fields those :func:`item_keys` finds (or ``image_key`` / ``label_key``), its
-    labels one pass over the items (:func:`_foreign_labels`, cached under ``data_dir``), its classes "0" .. "K-1"
-    for labels 0 .. K-1 (None without a label field). One warning line when the items are grouped by class.
+    Its shards are the index's chunks (checked by size only: there is no sha256), its fields those :func:`item_keys`
+    finds, its labels read once (:func:`_foreign_labels`), its classes "0" .. "K-1" for labels 0 .. K-1 (None
+    without a label field). One warning line when the items are grouped by class.
     """
     flat = (root / "index.json").is_file()
     names = [NO_SPLIT] if flat else [s for s in ("train", "val", "test") if (root / s / "index.json").is_file()]
     splits, labels, keys = {}, {}, None
     for name in names:
         folder = root if flat else root / name
-        chunks, fields = read_index(folder / "index.json", folder / "index.json", f"split {name} of {root}")
-        found = item_keys(fields, image_key, label_key, folder / "index.json")
+        index = folder / "index.json"
+        chunks, fields = read_index(index, index, f"split {name} of {root}")
+        found = item_keys(fields, image_key, label_key, index)
         if keys is not None and found != keys:
-            raise DataError(f"{folder / 'index.json'}: its items' fields ({found}) are not the train split's ({keys})")
+            raise DataError(f"{index}: its items' fields ({found}) are not the train split's ({keys})")
         keys = found
         for f in chunks:
-            path = folder / f.name
-            check_size(str(path), path.stat().st_size if path.is_file() else None, f, folder / "index.json")
+            verify_file(folder, f, hashes=False, listed_in=index)
         count = sum(f.images for f in chunks)
         labels[name] = _foreign_labels(folder, chunks, keys.label, fields.get(keys.label or ""), data_dir)
         splits[name] = SplitShards(count, count, 0, {}, chunks, ShardFile(LABELS, count, 0, ""))
-    if keys is None:
-        raise DataError(f"no {MANIFEST}, index.json or train/index.json in {root}: not a LitData folder")
+    assert keys is not None  # verify_shards calls this where is_litdata_folder found an index.json
     classes = None if keys.label is None else [str(c) for c in range(max(int(v.max(initial=-1)) for v in
                                                                          labels.values()) + 1)]
     if keys.label is not None and NO_SPLIT in labels:
@@ -991,10 +881,9 @@ def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: 
 
 def item_keys(fields: dict[str, str], image_key: str, label_key: str, where: Path) -> ItemKeys:
     """Which of ``fields`` (name -> LitData serializer) hold the image, label and name: ``image_key`` /
-    ``label_key`` where given (--image-key, --label-key); else the field named "image" ("label") when it has an
-    image's (an int's) serializer, else the one field with such a serializer (for images: a PIL or JPEG one first,
-    then bytes or an array). DataError (one line naming the fields) for a field given that is not there or not of
-    that kind, no image field, or two that could be the image or the label."""
+    ``label_key`` where given; else the field named "image" ("label") if it has an image's (an int's) serializer,
+    else the one field with such a serializer (for images: a PIL or JPEG one first, then bytes or an array).
+    DataError (one line naming the fields) when that is not one field."""
     shown = ", ".join(f"{k} ({s})" for k, s in fields.items())
 
     def pick(given: str, default: str, kinds: tuple[tuple[str, ...], ...], what: str, flag: str) -> str | None:
@@ -1022,10 +911,9 @@ def item_keys(fields: dict[str, str], image_key: str, label_key: str, where: Pat
 
 
 def read_item(item: dict[str, Any], keys: ItemKeys, index: int) -> tuple[bytes | Image.Image | np.ndarray, int, str]:
-    """One LitData item (as ``StreamingDataset`` returns it) as (image, label, name): the image as encoded bytes
-    (a memoryview copied), a PIL image, or an (H, W, C) array (a tensor's (C, H, W), C 1 or 3, transposed), which
-    :func:`empssl.data.decode_image` decodes (or refuses in one line, for an array that is not uint8 pixels); the
-    label -1 without a label field; the name field, else ``f"item {index}"``."""
+    """One LitData item as (image, label, name) for :func:`empssl.data.decode_image`: the image as encoded bytes, a
+    PIL image or an (H, W, C) array (a tensor's (C, H, W) transposed); the label -1 without a label field; the
+    name field, else ``f"item {index}"``."""
     image = item[keys.image]
     if isinstance(image, (bytes, bytearray, memoryview)):
         image = bytes(image)
@@ -1040,9 +928,8 @@ def read_item(item: dict[str, Any], keys: ItemKeys, index: int) -> tuple[bytes |
 def _foreign_labels(folder: Path, chunks: list[ShardFile], label: str | None, serializer: str | None,
                     data_dir: str | Path | None) -> np.ndarray:
     """(N,) int32 labels of the split in ``folder`` (-1 without a ``label`` field): one pass over its items that
-    reads only that field (its ``serializer``; the others are left unread), cached in
-    ``data_dir/litdata-labels/`` keyed by the sha256 of its index.json and its chunks' names, sizes and mtimes, so
-    that a later start does not read the data again. DataError for a label < 0."""
+    decodes only that field, cached in ``data_dir/litdata-labels/`` by its index.json and its chunks' names, sizes
+    and mtimes. DataError for a label < 0."""
     count = sum(f.images for f in chunks)
     if label is None:
         return np.full(count, -1, dtype=np.int32)
@@ -1050,15 +937,13 @@ def _foreign_labels(folder: Path, chunks: list[ShardFile], label: str | None, se
     key = hashlib.sha256((folder / "index.json").read_bytes() + json.dumps([label, stamps]).encode()).hexdigest()
     cached = Path(data_dir).expanduser() / LABELS_CACHE / f"{key[:32]}.npy" if data_dir is not None else None
     if cached is not None and cached.is_file():
-        try:
+        with contextlib.suppress(OSError, ValueError):  # else read again, and written anew
             labels = np.load(cached, allow_pickle=False)
             if labels.dtype == np.int32 and labels.shape == (count,):
                 return labels
-        except (OSError, ValueError):
-            pass  # read again, and written anew
     from litdata import StreamingDataset
 
-    skipped = {k: _Skipped(k) for k in SAFE_SERIALIZERS if k != serializer}  # no image is decoded
+    skipped = {k: _Refused(k, skip=True) for k in SAFE_SERIALIZERS if k != serializer}  # no image is decoded
     ds = StreamingDataset(str(folder), serializers={**reader_serializers(), **skipped})
     labels = np.fromiter((int(ds[i][label]) for i in range(count)), dtype=np.int32, count=count)
     if count and labels.min() < 0:
@@ -1072,8 +957,7 @@ def _foreign_labels(folder: Path, chunks: list[ShardFile], label: str | None, se
 
 
 def _warn_grouped(labels: np.ndarray, where: str) -> None:
-    """One warning line when ``labels`` (in item order) are grouped by class: LitData shuffles the chunks, then
-    items within a window of one chunk, so such a folder gives batches of a few classes."""
+    """One warning line when ``labels`` (in item order) are grouped by class, which LitData's shuffle keeps."""
     if len(labels) < 2:
         return
     same = float(np.mean(labels[1:] == labels[:-1]))
