@@ -138,15 +138,6 @@ def extract_features(model: nn.Module, images: Images, aug: Augment, n_patches: 
                                    progress=progress, desc=desc, dist=dist)[n_patches]
 
 
-def _cat_params(parts: Sequence[PatchParams], n_patches: int) -> PatchParams:
-    """The parameters of several image chunks as those of one batch: each field is patch-major
-    (n_patches * b_c, ...), so chunks are joined along the image axis of its (n_patches, b_c, ...) view."""
-    def cat(ts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.view(n_patches, -1, *t.shape[1:]) for t in ts], dim=1).reshape(-1, *ts[0].shape[1:])
-
-    return PatchParams(**{name: cat([getattr(p, name) for p in parts]) for name in PatchParams.__dataclass_fields__})
-
-
 def _group_patches(images: torch.Tensor, start: int, n_patches: int, aug: Augment, seed: int,
                    device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
     """The seeded patches of images ``start .. start + len(images)`` (whole RNG chunks but for the last group):
@@ -154,9 +145,15 @@ def _group_patches(images: torch.Tensor, start: int, n_patches: int, aug: Augmen
     one pass: exactly the patches each chunk would get on its own."""
     x = images.to(device, non_blocking=True)  # (b, 3, H, W) uint8
     b, _, H, W = x.shape
-    params = _cat_params([sample_params(n_patches, min(RNG_CHUNK, b - c), aug,
-                                        _chunk_generator(seed, (start + c) // RNG_CHUNK, device), device,
-                                        image_hw=(H, W)) for c in range(0, b, RNG_CHUNK)], n_patches)
+    chunks = [sample_params(n_patches, min(RNG_CHUNK, b - c), aug,
+                            _chunk_generator(seed, (start + c) // RNG_CHUNK, device), device, image_hw=(H, W))
+              for c in range(0, b, RNG_CHUNK)]
+
+    def joined(name: str) -> torch.Tensor:  # a field is patch-major (n_patches * b_c, ...): join the image axes
+        ts = [getattr(p, name) for p in chunks]
+        return torch.cat([t.view(n_patches, -1, *t.shape[1:]) for t in ts], dim=1).reshape(-1, *ts[0].shape[1:])
+
+    params = PatchParams(**{name: joined(name) for name in PatchParams.__dataclass_fields__})
     return apply_params(x, params, aug, n_patches, dtype, memory_format=memory_format).flatten(0, 1)
 
 

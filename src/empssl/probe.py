@@ -114,10 +114,8 @@ def _cosine(lr: float, total_steps: int) -> list[float]:
 
 @torch.no_grad()
 def _correct(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Top-1 hits of H heads, (H,) float32 counts on the device, without a host sync (percentages are taken
-    on the host, in double precision, so that 45 of 45 reads 100.0).
-
-    x: (M, D); y: (M,); weight: (D, H, C); bias: (H, C).
+    """Top-1 hits of H heads, (H,) float32 counts on the device, without a host sync (percentages are taken on
+    the host, in double precision, so that 45 of 45 reads 100.0). x: (M, D); y: (M,); weight: (D, H, C); bias: (H, C).
     """
     d, h, c = weight.shape
     w, b = weight.reshape(d, h * c), bias.reshape(1, h * c)
@@ -257,11 +255,9 @@ def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor
 
 
 class _HeadTrainer:
-    """H linear heads trained together with the recipe, every tensor on the device and read by device counters.
-
-    ``epoch()`` runs one epoch with no host synchronisation and no host-to-device copy, so that on CUDA it can
-    be captured once as a graph and replayed; ``state()`` lists the tensors it changes.
-    """
+    """H linear heads trained together with the recipe. ``epoch()`` runs one epoch with no host synchronisation
+    and no host-to-device copy (every tensor on the device, read by device counters), so that on CUDA it can be
+    captured once as a graph and replayed; ``state()`` lists the tensors it changes."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequence[float], *, epochs: int,
                  momentum: float, weight_decay: float, batch_size: int, seed: int,
@@ -348,14 +344,11 @@ class _HeadTrainer:
     def heads(self, backend: str) -> _Heads:
         """Every head at its reported epoch (best on validation, else final); the one host sync of training."""
         wb = self.wb if self.x_val is None else self.best_wb
-        d = self.d
-        epochs = self.loss.shape[0]
         vals = [[100.0 * v / self.x_val.shape[0] for v in row] for row in self.val.tolist()] \
             if self.x_val is not None else None
-        return _Heads(weight=wb[:d].permute(1, 2, 0).contiguous(), bias=wb[d].clone(),
-                      train_loss=self.loss.tolist(), val_top1=vals,
-                      epoch=self.best_epoch.tolist() if self.x_val is not None else [epochs] * self.h,
-                      backend=backend)
+        # best_epoch stays at the final epoch without a validation split
+        return _Heads(weight=wb[:self.d].permute(1, 2, 0).contiguous(), bias=wb[self.d].clone(),
+                      train_loss=self.loss.tolist(), val_top1=vals, epoch=self.best_epoch.tolist(), backend=backend)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -375,8 +368,8 @@ def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequen
                  progress: bool = False) -> _Heads:
     """Train one head per learning rate on x: (N, D) float32, y: (N,) int64, on x's device; with (x_val, y_val)
     each head keeps the weights of its best validation epoch (earliest on ties)."""
-    device = x.device
-    backend = _resolve_backend(backend, device)
+    backend = _resolve_backend(backend, x.device)
+
     def new_trainer() -> _HeadTrainer:
         return _HeadTrainer(x, y, num_classes, lrs, epochs=epochs, momentum=momentum, weight_decay=weight_decay,
                             batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val)
@@ -424,18 +417,16 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     Args:
         train_feats: (N, D), train_labels: (N,); test_feats: (M, D), test_labels: (M,); on any device, moved to
             ``device`` (features already there are not copied to the host).
-        lr: the learning rate of the official single-head probe; ignored when ``lrs`` is given.
-        lrs: a sweep: one head per learning rate, trained together (one matmul); the head with the best
-            validation accuracy (at its best epoch; ties: the smallest learning rate) is reported. Needs
-            ``val_fraction`` > 0. Protocol "lr-sweep".
-        val_fraction: 0 -> report the final epoch ("final-epoch"). > 0 -> carve a seeded class-stratified split
-            off the *training* features (:func:`stratified_split`), train on the rest, and report the epoch
-            with the best validation accuracy, earliest on ties ("val-epoch"). The test set is used once,
-            after training, for the reported head only.
-        seed: seeds the head's initialisation, the split and the per-epoch shuffles (global RNG untouched);
-            the same seed gives the same orders and start as :func:`reference_linear_probe`.
-        backend: "cuda-graph" (one epoch captured as a CUDA graph and replayed), "eager" (the same ops run one
-            by one), or "auto": cuda-graph on CUDA, eager elsewhere. ``ProbeResult.backend`` says which ran.
+        lr: the official single-head probe's learning rate; ignored when ``lrs`` is given.
+        lrs: a sweep ("lr-sweep"): one head per learning rate, trained together; the head with the best validation
+            accuracy (ties: the smallest learning rate) is reported. Needs ``val_fraction`` > 0.
+        val_fraction: 0 -> report the final epoch ("final-epoch"); > 0 -> train on the rest of a seeded
+            class-stratified split of the *training* features (:func:`stratified_split`) and report the epoch
+            with the best validation accuracy, earliest on ties ("val-epoch"). The test set is used once, after
+            training, for the reported head only.
+        seed: seeds the head's initialisation, the split and the shuffles, as :func:`reference_linear_probe`'s.
+        backend: "cuda-graph" (one epoch captured and replayed), "eager" (the same ops one by one), or "auto"
+            (cuda-graph on CUDA). ``ProbeResult.backend`` says which ran.
     """
     sweeping = lrs is not None
     heads_lrs = [float(v) for v in lrs] if lrs is not None else [float(lr)]
