@@ -109,12 +109,11 @@ def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: i
     dev = resolve_device(cfg.device)
     model.to(dev)
     source = _open_source(data, data_dir, image_size, data_mode, progress, log)
-    parts = []
-    for split, block in source.splits:  # each split alone, as evaluation extracts it (the seeds follow the index)
-        parts.append(image_features(model, block, cfg, dev, progress=progress,
-                                    desc=f"embedding {split}".strip()).cpu())
-    features = torch.cat(parts).float().contiguous()  # (N, D)
-    names = source.names()
+    # each split alone, as evaluation extracts it (the seeds follow the index)
+    features = torch.cat([image_features(model, block, cfg, dev, progress=progress, desc=f"embedding {split}".strip())
+                          .cpu() for split, block in source.splits]).float().contiguous()  # (N, D)
+    names = source.names if source.names is not None else \
+        [n for _, block in source.splits if isinstance(block, _Named) for n in block.names]  # read with the blocks
 
     view, kind = eval_protocol(cfg)
     protocol = {"checkpoint": str(checkpoint), "step": ckpt.get("step"), "method": cfg.method, "arch": cfg.arch,
@@ -159,12 +158,7 @@ class _Source:
     classes: list[str] | None
     class_names: list[str] | None
     mode: str
-    known_names: list[str] | None = None  # the in-memory tier's; the streamed splits' are read with their blocks
-
-    def names(self) -> list[str]:
-        if self.known_names is not None:
-            return self.known_names
-        return [n for _, block in self.splits if isinstance(block, _Named) for n in block.names]
+    names: list[str] | None = None  # the in-memory tier's (the streamed splits' are read with their blocks)
 
 
 def _open_source(data: str, data_dir: str, image_size: int, mode: str, progress: bool,

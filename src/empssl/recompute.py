@@ -116,16 +116,12 @@ def activation_bytes_per_patch(model: nn.Module, patch_size: int, device: torch.
     return (big - saved_bytes(4)) / 4
 
 
-# Patch sides up to this are measured as they are; a larger side is extrapolated from two measured ones (the
-# activations of a convolutional network grow with the patch area), so that the estimate itself stays small.
-_MEASURED_SIDES = (32, 64)
-
-
 def activation_bytes_at(model: nn.Module, patch_size: int, device: torch.device, amp: torch.dtype | None = None,
                         channels_last: bool = False) -> float:
-    """:func:`activation_bytes_per_patch` at ``patch_size``, measured up to 64 px and beyond that fitted as
-    ``a + b * side**2`` through the measurements at 32 and 64 px (never allocating a patch of the large side)."""
-    lo, hi = _MEASURED_SIDES
+    """:func:`activation_bytes_per_patch` at ``patch_size``, measured up to 64 px; beyond that fitted as
+    ``a + b * side**2`` (a convolutional network's activations grow with the patch area) through the measurements
+    at 32 and 64 px, so that the estimate never allocates a patch of the large side."""
+    lo, hi = 32, 64
     if patch_size <= hi:
         return activation_bytes_per_patch(model, patch_size, device, amp, channels_last)
     a_lo, a_hi = (activation_bytes_per_patch(model, s, device, amp, channels_last) for s in (lo, hi))
