@@ -1,30 +1,18 @@
-"""Embeddings of every image of a folder, class tree, archive or dataset under a checkpoint's evaluation protocol.
+"""Embeddings of every image of a folder, class tree, archive, dataset or shard folder under a checkpoint's
+evaluation protocol.
 
-One row per image, in :func:`empssl.data.load_images`'s stable order, with the image's relative file name and
-its label where the data has classes. A row is the feature evaluation computes: by default the bag of features
-(the mean of the pre-feature over ``test_patches`` seeded augmented patches, as ``empssl eval``); each split of
-the data (train/, val/, test/) is embedded as its own array, exactly as evaluation extracts it (the seeded
-patches follow an image's index in its split), so a row equals the feature ``empssl eval`` computes for that
-image when it evaluates the whole split (no --train-subset/--test-subset), and the same images + checkpoint +
-flags give the same features.
+One row per image, in :func:`empssl.data.load_images`'s stable order (a shard folder's: the shards' order, names
+and manifest classes), with its relative file name and, where the data has classes, its label. Each split (train/,
+val/, test/) is embedded on its own, exactly as evaluation extracts it (the seeded patches follow an image's index
+in its split), so a row equals the feature ``empssl eval`` computes for that image over the whole split.
+``data_mode`` means what ``--data-mode`` means for training: streamed data (shard folders, local or
+``s3://bucket/prefix``, and data too big for memory) is read block by block and gives the same features.
 
-Shard folders (``empssl shard``) and data too big for memory are read block by block
-(:meth:`empssl.stream.StreamedSplit.blocks`): only the features are kept, and they equal the in-memory path's for
-the same images (the blocks hold whole seeded chunks of patches). ``data_mode`` means what ``--data-mode`` means
-for training: ``memory`` decodes every split whole, ``stream`` block by block (needs ``image_size``), ``auto``
-streams what would not fit in memory. A shard folder's rows keep the shards' order, names and labels (its
-manifest's classes); it is checked against its manifest first (:func:`empssl.shard.verify_shards`). ``data`` may
-name a shard folder in an object store (``s3://bucket/prefix``, :mod:`empssl.remote`).
-
-Outputs (written atomically: an interrupted run leaves no partial file):
-
-- ``.npz``: ``features`` (N, D) float32, ``names`` (N,) str, and where known ``labels`` (N,) int64,
-  ``classes`` (C,) str, ``class_names`` (C,) str; ``protocol``: a JSON string (checkpoint, step, test_patches,
-  feature, view, eval_seed, patch and crop settings, data, image_size, splits, empssl version).
-- ``.safetensors``: tensors ``features`` and ``labels``; ``names``, ``classes``, ``class_names`` and
-  ``protocol`` as JSON strings in the metadata.
-
-:func:`load_embedding` reads either back.
+Outputs, written atomically: ``.npz`` holds ``features`` (N, D) float32, ``names`` (N,) str, where known ``labels``
+(N,) int64, ``classes`` and ``class_names`` (C,) str, and ``protocol`` (a JSON string: checkpoint, step,
+test_patches, feature, view, eval_seed, patch and crop settings, data, splits, empssl version); ``.safetensors``
+holds tensors ``features`` and ``labels`` and the rest as JSON strings in its metadata. :func:`load_embedding`
+reads either back.
 """
 
 from __future__ import annotations
@@ -73,15 +61,9 @@ class EmbedError(Exception):
 
 @dataclass
 class Embedding:
-    """An embedding file read back by :func:`load_embedding`.
-
-    Attributes:
-        features: (N, D) float32.
-        names: N relative file names.
-        labels: (N,) int64, or None for data without classes.
-        classes, class_names: the class list (and human-readable names) or None.
-        protocol: how the features were computed (checkpoint, step, test_patches, feature, eval_seed, ...).
-    """
+    """An embedding file read back by :func:`load_embedding`: (N, D) float32 features, N relative file names,
+    (N,) int64 labels and the class list (and human-readable names) where the data has classes, and the protocol
+    (how the features were computed: checkpoint, step, test_patches, feature, eval_seed, ...)."""
 
     features: torch.Tensor
     names: list[str]
@@ -100,17 +82,14 @@ def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: i
 
     Args:
         checkpoint: a run folder or checkpoint file.
-        data: anything :func:`empssl.data.load_images` reads (folder, class tree, split root, Tiny ImageNet,
-            archive, demo, tiny-imagenet, cifar10, cifar100), or a shard folder written by ``empssl shard``.
+        data: anything :func:`empssl.data.load_images` reads, or a shard folder written by ``empssl shard``.
         test_patches, eval_feature, eval_view, eval_seed, eval_batch_size, device: override the checkpoint's
             config (None keeps it), as the same flags of ``empssl eval`` do.
         image_size: 0 keeps the images' own size (they must all agree); S > 0 resizes them to S x S first.
         data_dir: where datasets and the decoded-image cache live.
         data_mode: auto, memory or stream (the module docstring).
 
-    Returns:
-        A summary: out, format, n, dim, labelled, num_classes, seconds, and the protocol (checkpoint, step,
-        test_patches, feature, view, eval_seed, ...).
+    Returns a summary: out, format, n, dim, labelled, num_classes, seconds, and the protocol.
 
     Raises:
         EmbedError: another suffix than .npz/.safetensors, or an output that cannot be written (checked before
@@ -130,12 +109,11 @@ def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: i
     dev = resolve_device(cfg.device)
     model.to(dev)
     source = _open_source(data, data_dir, image_size, data_mode, progress, log)
-    parts = []
-    for split, block in source.splits:  # each split alone, as evaluation extracts it (the seeds follow the index)
-        parts.append(image_features(model, block, cfg, dev, progress=progress,
-                                    desc=f"embedding {split}".strip()).cpu())
-    features = torch.cat(parts).float().contiguous()  # (N, D)
-    names = source.names()
+    # each split alone, as evaluation extracts it (the seeds follow the index)
+    features = torch.cat([image_features(model, block, cfg, dev, progress=progress, desc=f"embedding {split}".strip())
+                          .cpu() for split, block in source.splits]).float().contiguous()  # (N, D)
+    names = source.names if source.names is not None else \
+        [n for _, block in source.splits if isinstance(block, _Named) for n in block.names]  # read with the blocks
 
     view, kind = eval_protocol(cfg)
     protocol = {"checkpoint": str(checkpoint), "step": ckpt.get("step"), "method": cfg.method, "arch": cfg.arch,
@@ -180,12 +158,7 @@ class _Source:
     classes: list[str] | None
     class_names: list[str] | None
     mode: str
-    known_names: list[str] | None = None  # the in-memory tier's; the streamed splits' are read with their blocks
-
-    def names(self) -> list[str]:
-        if self.known_names is not None:
-            return self.known_names
-        return [n for _, block in self.splits if isinstance(block, _Named) for n in block.names]
+    names: list[str] | None = None  # the in-memory tier's (the streamed splits' are read with their blocks)
 
 
 def _open_source(data: str, data_dir: str, image_size: int, mode: str, progress: bool,
@@ -273,15 +246,16 @@ def _output_format(path: Path) -> str:
     return suffix[1:]
 
 
+def _class_lists(e: Embedding) -> dict[str, list[str]]:
+    return {key: v for key, v in (("classes", e.classes), ("class_names", e.class_names)) if v is not None}
+
+
 def _write_npz(path: Path, e: Embedding) -> None:
     arrays: dict[str, np.ndarray] = {"features": e.features.numpy(), "names": np.asarray(e.names, dtype=str),
                                      "protocol": np.asarray(json.dumps(e.protocol))}
     if e.labels is not None:
         arrays["labels"] = e.labels.numpy().astype(np.int64)
-    if e.classes is not None:
-        arrays["classes"] = np.asarray(e.classes, dtype=str)
-    if e.class_names is not None:
-        arrays["class_names"] = np.asarray(e.class_names, dtype=str)
+    arrays.update({key: np.asarray(v, dtype=str) for key, v in _class_lists(e).items()})
     with open(path, "wb") as f:  # a file object: np.savez would append .npz to a name
         np.savez(f, **cast(dict[str, Any], arrays))  # (numpy's stubs type **kwds as allow_pickle)
 
@@ -291,8 +265,5 @@ def _write_safetensors(path: Path, e: Embedding) -> None:
     if e.labels is not None:
         tensors["labels"] = e.labels.to(torch.int64).contiguous()
     meta = {"names": json.dumps(e.names), "protocol": json.dumps(e.protocol)}
-    if e.classes is not None:
-        meta["classes"] = json.dumps(e.classes)
-    if e.class_names is not None:
-        meta["class_names"] = json.dumps(e.class_names)
+    meta.update({key: json.dumps(v) for key, v in _class_lists(e).items()})
     save_file(tensors, str(path), metadata=meta)

@@ -1,19 +1,14 @@
 """Evaluation of a trained encoder: features of every image, a weighted kNN and a linear probe on them.
 
-Two views of an image (``--eval-view``): EMP-SSL's bag of features (Tong et al. 2023, arXiv 2304.03977), where
-every image is cut into ``n_patches`` augmented patches and its feature is the mean of the patch features; or
-the whole image, un-augmented, as solo-learn evaluates SimCLR, VICReg and BYOL. The kNN and the probe are the
-same for every method.
+Two views of an image (``--eval-view``): EMP-SSL's bag of features (arXiv 2304.03977), the mean feature of
+``n_patches`` augmented patches; or the whole image, un-augmented, as solo-learn evaluates SimCLR, VICReg and BYOL.
 
-Honest protocol: the test patches are seeded (same arguments -> same features), the linear probe reports
-its final epoch or the epoch chosen on a validation split carved from the *training* features (never the
-best epoch on the test set, as the official code printed), and the number of test patches is always
-reported with the accuracy.
+Honest protocol: the test patches are seeded (same arguments -> same features), the linear probe reports its final
+epoch or the epoch chosen on a validation split carved from the *training* features (never the best epoch on the
+test set, as the official code printed), and the number of test patches is always reported with the accuracy.
 
-Speed: the patches of a group of images are cut in one pass, straight into the network's layout and dtype
-(channels_last, bf16 under autocast on CUDA), on a second CUDA stream while the previous group runs through
-the network, which is an eval-mode copy with its BatchNorm layers folded into the convolutions; features stay
-on the device for the kNN and the probe.
+Speed: a group's patches are cut in one pass, in the network's layout and dtype, on a second CUDA stream while the
+previous group runs through an eval-mode copy of the network with BatchNorm folded into the convolutions.
 """
 
 from __future__ import annotations
@@ -43,21 +38,17 @@ __all__ = ["EvalError", "ImageBlocks", "LabelledBlocks", "ProbeError", "ProbeRes
            "extract_features", "extract_full_features", "extract_prefix_features", "image_features", "knn_predict",
            "linear_probe", "score_features", "split_images", "stratified_split"]
 
-# Images per seeded generator draw. Fixed (not tied to the forward batch) so that the patches, and hence
-# the features, do not depend on ``batch_images``: chunk c of the images is always augmented by a generator
-# seeded from (seed, c).
+# Images per seeded generator draw. Fixed (not tied to the forward batch) so that the features do not depend on
+# ``batch_images``: chunk c of the images is always augmented by a generator seeded from (seed, c).
 RNG_CHUNK = 32
 # Patches per forward pass when the caller does not say: about 50 MB of float32 32x32 patches on the CPU; on
-# CUDA four times more (the forward of ResNet-18 on 32 px patches is compute-bound there from a few thousand
-# patches on, and fewer, larger passes launch fewer kernels).
+# CUDA four times more (ResNet-18 on 32 px patches is compute-bound there from a few thousand patches on).
 DEFAULT_PATCHES_PER_FORWARD = 4096
 DEFAULT_PATCHES_PER_FORWARD_CUDA = 16384
 
 
 def default_patches_per_forward(device: torch.device, patch_size: int) -> int:
-    """Patches per forward pass when the caller does not say: the defaults above for patches of up to 32 px, fewer
-    for larger ones, in proportion to their pixels (at 224 px, 334 on CUDA: the bytes of 16,384 patches of 32 px;
-    a pass still holds at least one seeded chunk of images)."""
+    """The defaults above for patches of up to 32 px; for larger ones, fewer in proportion to their pixels."""
     base = DEFAULT_PATCHES_PER_FORWARD_CUDA if device.type == "cuda" else DEFAULT_PATCHES_PER_FORWARD
     return max(1, base * 32 * 32 // max(32 * 32, patch_size * patch_size))
 
@@ -72,12 +63,12 @@ class ImageBlocks(Protocol):
     def __len__(self) -> int: ...
 
     def blocks(self, multiple: int) -> Iterator[torch.Tensor]:
-        """Consecutive (b, 3, S, S) uint8 blocks of all the images, in order; each b a multiple of ``multiple``
-        but the last."""
+        """Consecutive (b, 3, S, S) uint8 blocks of all the images, in order; b a multiple of ``multiple`` but
+        the last."""
         ...
 
     def part(self, first: int, stop: int) -> ImageBlocks:
-        """Images ``first .. stop - 1`` (a rank's share of them, :func:`empssl.distributed.rank_rows`)."""
+        """Images ``first .. stop - 1`` (a rank's share, :func:`empssl.distributed.rank_rows`)."""
         ...
 
 
@@ -118,72 +109,59 @@ def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Gener
     return g
 
 
-def _features_of(model: nn.Module) -> Callable[[torch.Tensor, str], torch.Tensor]:
-    """``model.features(x, kind)``: every method's model has it (:meth:`empssl.methods.Method.build_model`)."""
-    return model.features  # type: ignore[return-value]
+def _encoder(model: nn.Module, device: torch.device
+             ) -> tuple[Callable[[torch.Tensor, str], torch.Tensor], torch.memory_format]:
+    """``features(x, kind)`` of an eval-mode copy of ``model`` with BatchNorm folded (a patch's feature does not
+    depend on its batch; the model itself is untouched), and the memory format the copy reads best."""
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return inference_copy(model).features, memory_format  # type: ignore[return-value]
 
 
 def extract_features(model: nn.Module, images: Images, aug: Augment, n_patches: int, *, kind: str = "pre",
                      seed: int = 0, batch_images: int = 0, device: torch.device | str = "cpu",
                      amp_dtype: torch.dtype | None = None, progress: bool = False,
                      desc: str = "features", dist: Dist = SINGLE) -> torch.Tensor:
-    """Bag-of-features: (N, 3, H, W) uint8 images (a tensor, or :class:`ImageBlocks` read block by block) ->
-    (N, D) float32 features on ``device``, the mean over
-    ``n_patches`` augmented patches of ``model.features(patch, kind)`` (D = hidden_dim for "pre", 8*width for
-    "backbone").
+    """Bag-of-features: (N, 3, H, W) uint8 images (a tensor, or :class:`ImageBlocks`) -> (N, D) float32 features on
+    ``device``, the mean of ``model.features(patch, kind)`` over ``n_patches`` augmented patches (D = hidden_dim
+    for "pre", 8*width for "backbone"). The model must already be on ``device``; its train/eval mode is untouched.
 
-    The model must already be on ``device``; an eval-mode copy of it runs (BatchNorm on running statistics, so a
-    patch's feature does not depend on its batch, and folded into the preceding layers:
-    :func:`empssl.models.inference_copy`); the model itself, and its train/eval mode, are left as they are.
-    Determinism: images are augmented in fixed chunks of ``RNG_CHUNK`` images, chunk c with a generator
-    seeded from (seed, c), so the features depend on (seed, n_patches, image order) but not on
-    ``batch_images`` (up to floating-point differences between convolution algorithms).
+    Determinism: chunk c of ``RNG_CHUNK`` images is augmented by a generator seeded from (seed, c), so the features
+    depend on (seed, n_patches, image order) but not on ``batch_images`` (up to convolution algorithms).
 
     Args:
-        batch_images: images per forward pass (each contributes ``n_patches`` patches); 0 -> about
-            :func:`default_patches_per_forward` patches (4,096 of 32 px, 16,384 on CUDA). At least one
-            chunk (``RNG_CHUNK`` images) is augmented at a time, so memory is bounded by
-            max(batch_images, RNG_CHUNK) * n_patches patches.
-        amp_dtype: autocast dtype of the forward pass (e.g. torch.bfloat16; see :mod:`empssl.devices`); None
-            computes in float32. Features are accumulated in float32 either way.
+        batch_images: images per forward pass; 0 -> about :func:`default_patches_per_forward` patches. Memory is
+            bounded by max(batch_images, RNG_CHUNK) * n_patches patches.
+        amp_dtype: autocast dtype of the forward pass (None: float32); features are accumulated in float32.
     """
     return extract_prefix_features(model, images, aug, [n_patches], kind=kind, seed=seed,
                                    batch_images=batch_images, device=device, amp_dtype=amp_dtype,
                                    progress=progress, desc=desc, dist=dist)[n_patches]
 
 
-def _cat_params(parts: Sequence[PatchParams], n_patches: int) -> PatchParams:
-    """The parameters of several image chunks as those of one batch: each field is patch-major
-    (n_patches * b_c, ...), so chunks are joined along the image axis of its (n_patches, b_c, ...) view."""
-    if len(parts) == 1:
-        return parts[0]
-    out = {}
-    for name in PatchParams.__dataclass_fields__:
-        ts = [getattr(p, name) for p in parts]
-        joined = torch.cat([t.view(n_patches, -1, *t.shape[1:]) for t in ts], dim=1)
-        out[name] = joined.reshape(-1, *ts[0].shape[1:])
-    return PatchParams(**out)
-
-
 def _group_patches(images: torch.Tensor, start: int, n_patches: int, aug: Augment, seed: int,
                    device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
-    """The seeded patches of images ``start .. start + len(images)`` (a whole number of RNG chunks, but for the
-    last group): (n_patches * b, 3, s, s), patch-major. The parameters are drawn chunk by chunk from each chunk's
-    own generator and applied in one pass, which gives exactly the patches each chunk would get on its own."""
+    """The seeded patches of images ``start .. start + len(images)`` (whole RNG chunks but for the last group):
+    (n_patches * b, 3, s, s), patch-major. Each chunk's parameters come from its own generator and are applied in
+    one pass: exactly the patches each chunk would get on its own."""
     x = images.to(device, non_blocking=True)  # (b, 3, H, W) uint8
     b, _, H, W = x.shape
-    params = _cat_params([sample_params(n_patches, min(RNG_CHUNK, b - c), aug,
-                                        _chunk_generator(seed, (start + c) // RNG_CHUNK, device), device,
-                                        image_hw=(H, W)) for c in range(0, b, RNG_CHUNK)], n_patches)
+    chunks = [sample_params(n_patches, min(RNG_CHUNK, b - c), aug,
+                            _chunk_generator(seed, (start + c) // RNG_CHUNK, device), device, image_hw=(H, W))
+              for c in range(0, b, RNG_CHUNK)]
+
+    def joined(name: str) -> torch.Tensor:  # a field is patch-major (n_patches * b_c, ...): join the image axes
+        ts = [getattr(p, name) for p in chunks]
+        return torch.cat([t.view(n_patches, -1, *t.shape[1:]) for t in ts], dim=1).reshape(-1, *ts[0].shape[1:])
+
+    params = PatchParams(**{name: joined(name) for name in PatchParams.__dataclass_fields__})
     return apply_params(x, params, aug, n_patches, dtype, memory_format=memory_format).flatten(0, 1)
 
 
 def _prefetched(starts: Sequence[int], make: Callable[[int], torch.Tensor], device: torch.device
                 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, make(start))`` for every start. On CUDA the next group is made on a second stream while the
-    caller's forward pass of the current one runs on the main stream: the augmentation (memory-bound) overlaps
-    the network (compute-bound). Elsewhere, or once the second stream has failed (a note in the results'
-    ``fallbacks``): one after the other, the same groups."""
+    current one runs through the network (the augmentation is memory-bound, the network compute-bound); elsewhere,
+    or once the second stream has failed (a note in the results' ``fallbacks``), one after the other."""
     done = 0
     if _overlap(device):
         try:
@@ -199,7 +177,6 @@ def _prefetched(starts: Sequence[int], make: Callable[[int], torch.Tensor], devi
 
 
 def _overlap(device: torch.device) -> bool:
-    """Whether :func:`_prefetched` makes the next group on a second stream: on CUDA."""
     return device.type == "cuda"
 
 
@@ -232,19 +209,15 @@ def extract_prefix_features(model: nn.Module, images: Images, aug: Augment, coun
                             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
                             progress: bool = False, desc: str = "features", dist: Dist = SINGLE
                             ) -> dict[int, torch.Tensor]:
-    """Bag-of-features at several patch counts from one pass: ``P = max(counts)`` patches are cut and encoded
-    per image, once, and for every m in ``counts`` the feature is the mean of the first m of them.
+    """Bag-of-features at several patch counts from one pass: ``P = max(counts)`` patches are encoded per image,
+    once, and for every m in ``counts`` the feature is the mean of the first m. Returns ``{m: (N, D) float32}``.
 
-    Returns ``{m: (N, D) float32 features on device}``. ``extract_features(..., n_patches=P)`` equals
-    ``extract_prefix_features(..., [P])[P]``; for m < P the m patches are a prefix of the P drawn ones, so
-    they differ from what ``extract_features(..., n_patches=m)`` draws (another sample of the same
-    augmentation), which is why the test-patch ablation uses this function throughout. Memory: one (N, D)
-    result per count (a per-patch (N, P, D) tensor would need 105 GB for CIFAR-10 at P=128, D=4096);
-    other arguments and the determinism guarantees as :func:`extract_features`. Blocks of an
-    :class:`ImageBlocks` are read as they are needed, a multiple of the images augmented together at a time, so
-    the features equal those of the same images in one tensor (bitwise on the CPU). ``dist`` (torchrun): each rank
-    computes the features of its share of the images, whole groups of them (patches are seeded per
-    ``RNG_CHUNK`` images from their index), and every rank gets all of them, the same as one process's.
+    ``extract_features(..., n_patches=P)`` equals ``extract_prefix_features(..., [P])[P]``; for m < P the m patches
+    are a prefix of the P drawn, another sample than ``extract_features(..., n_patches=m)`` draws, which is why the
+    test-patch ablation uses this function throughout. Memory: one (N, D) result per count (a per-patch (N, P, D)
+    tensor would need 105 GB for CIFAR-10 at P=128, D=4096). Other arguments and the determinism as
+    :func:`extract_features`; :class:`ImageBlocks` give the same features as one tensor (bitwise on the CPU), and
+    under torchrun (``dist``) each rank computes its share of whole groups and every rank gets all the features.
     """
     counts = sorted(set(int(m) for m in counts))
     if not counts or counts[0] < 1:
@@ -264,11 +237,10 @@ def extract_prefix_features(model: nn.Module, images: Images, aug: Augment, coun
 
     per_forward = batch_images * n_patches if batch_images > 0 else default_patches_per_forward(device, aug.size)
     group = max(1, per_forward // (n_patches * RNG_CHUNK)) * RNG_CHUNK  # images augmented together
-    # Patches in the layout and dtype the network reads (autocast would cast float32 patches to bf16 in the
-    # first convolution anyway, so the features are the same).
+    # Patches in the dtype the network reads (autocast would cast float32 patches to it in the first convolution
+    # anyway, so the features are the same).
     patch_dtype = amp_dtype if amp_dtype is not None else torch.float32
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    features = _features_of(inference_copy(model))  # eval mode, BatchNorm folded; the model itself is not touched
+    features, memory_format = _encoder(model, device)
 
     def groups(block: torch.Tensor, first: int) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
         def make(start: int) -> torch.Tensor:
@@ -292,16 +264,13 @@ def extract_full_features(model: nn.Module, images: Images, aug: Augment, *, kin
                           batch_images: int = 0, device: torch.device | str = "cpu",
                           amp_dtype: torch.dtype | None = None, progress: bool = False,
                           desc: str = "features", dist: Dist = SINGLE) -> torch.Tensor:
-    """Whole-image features, as solo-learn evaluates its methods: every (N, 3, H, W) uint8 image, un-augmented
-    and at its own size, normalised with ``aug.mean`` / ``aug.std``, through ``model.features(x, kind)`` in eval
-    mode (:class:`ImageBlocks` read block by block, a multiple of ``batch_images`` at a time; ``dist``: each rank
-    its share, as :func:`extract_prefix_features`). Returns (N, D) float32 on ``device``."""
+    """Whole-image features, as solo-learn evaluates: every (N, 3, H, W) uint8 image, un-augmented and at its own
+    size, normalised with ``aug.mean`` / ``aug.std``, through ``model.features(x, kind)`` in eval mode,
+    ``batch_images`` at a time (``dist``: as :func:`extract_prefix_features`). Returns (N, D) float32 on ``device``."""
     _check_images(images)
     device = torch.device(device)
-    batch = batch_images or (DEFAULT_PATCHES_PER_FORWARD_CUDA if device.type == "cuda" else
-                             DEFAULT_PATCHES_PER_FORWARD)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    features = _features_of(inference_copy(model))  # eval mode, BatchNorm folded; the model itself is not touched
+    batch = batch_images or default_patches_per_forward(device, 0)
+    features, memory_format = _encoder(model, device)
 
     def groups(block: torch.Tensor, first: int) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
         for start in range(0, block.shape[0], batch):
@@ -318,12 +287,11 @@ def extract_full_features(model: nn.Module, images: Images, aug: Augment, *, kin
 def _by_groups(images: Images, unit: int, keys: Sequence[int],
                groups: Callable[[torch.Tensor, int], Iterator[tuple[int, dict[int, torch.Tensor]]]],
                device: torch.device, dist: Dist, progress: bool, desc: str) -> dict[int, torch.Tensor]:
-    """``{key: (N, D) float32 features on device}`` of all the images, computed ``unit`` images at a time:
-    ``groups(block, first)`` yields (start, {key: (b, D) features of images start .. start + b - 1 of the block})
-    for a (b, 3, H, W) uint8 block whose first image is image ``first``. A tensor is one block; the blocks of an
-    :class:`ImageBlocks` are multiples of ``unit`` images, so every group holds the images the tensor's would, and
-    the features are the same. Under torchrun (``dist``) each rank computes its share of whole units
-    (:func:`empssl.distributed.rank_rows`) and the features, not the images, are gathered on every rank in order."""
+    """``{key: (N, D) float32 features on device}`` of all the images, ``unit`` images at a time:
+    ``groups(block, first)`` yields (start, {key: (b, D) features of the block's images start .. start + b - 1})
+    for a (b, 3, H, W) uint8 block that starts at image ``first``. Blocks of :class:`ImageBlocks` are multiples of
+    ``unit``, so the groups, and the features, are those of one tensor. Under torchrun each rank computes its share
+    of whole units (:func:`empssl.distributed.rank_rows`) and the features are gathered on every rank in order."""
     from tqdm import tqdm
 
     first, stop = distributed.rank_rows(len(images), unit, dist)
@@ -360,11 +328,9 @@ def view_label(view: str, test_patches: int) -> str:
 def image_features(model: nn.Module, images: Images, cfg: Config, device: torch.device | str, *,
                    n_patches: int | None = None, progress: bool = False, desc: str = "features",
                    dist: Dist = SINGLE) -> torch.Tensor:
-    """(N, D) float32 features on ``device`` of (N, 3, H, W) uint8 images under ``cfg``'s evaluation protocol:
-    the view (``cfg.eval_view``: a bag of ``n_patches`` (default ``cfg.test_patches``) seeded augmented patches,
-    or the whole image) and the feature (``cfg.eval_feature``), "auto" meaning the method's own
-    (:func:`empssl.methods.eval_protocol`); under torchrun (``dist``) each rank computes its share and every rank
-    gets them all. Call ``.cpu()`` on the result for host memory."""
+    """(N, D) float32 features on ``device`` of (N, 3, H, W) uint8 images under ``cfg``'s evaluation protocol
+    (:func:`empssl.methods.eval_protocol`): a bag of ``n_patches`` (default ``cfg.test_patches``) seeded patches, or
+    the whole image; under torchrun (``dist``) every rank gets them all."""
     view, kind = eval_protocol(cfg)
     aug = create_method(cfg).eval_augment()
     device = torch.device(device)
@@ -379,19 +345,15 @@ def image_features(model: nn.Module, images: Images, cfg: Config, device: torch.
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Weighted kNN classifier (Wu et al. 2018, as in DINO and the official EMP-SSL code).
+    """Weighted kNN classifier (Wu et al. 2018, as in DINO and the official EMP-SSL code): (M,) int64 labels.
 
-    Features are L2-normalised; each test point takes its k most cosine-similar training points, each
-    votes for its label with weight exp(sim / temperature), and the label with the largest summed weight
-    wins (ties: the smallest label). ``k`` larger than the training set is clamped to its size (as the
-    official code does), so tiny demo subsets still evaluate.
+    Each L2-normalised test point takes its k most cosine-similar training points, each voting for its label with
+    weight exp(sim / temperature); the largest summed weight wins (ties: the smallest label). ``k`` is clamped to
+    the training set's size (as the official code does), so tiny demo subsets still evaluate.
 
     Args:
         train_feats: (N, D); train_labels: (N,) int64 in [0, num_classes); test_feats: (M, D).
         chunk: test points per similarity matrix ((chunk, N) floats in memory).
-
-    Returns:
-        (M,) int64 predicted labels, on the tensors' device.
     """
     if train_feats.dim() != 2 or test_feats.dim() != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise EvalError(f"kNN needs (N, D) and (M, D) features, got {tuple(train_feats.shape)} and "
@@ -413,18 +375,15 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)
     labels = train_labels.long()
-    preds = []
+    preds = [torch.empty(0, dtype=torch.long, device=test.device)]  # for M = 0
     for i in range(0, test.shape[0], chunk):
-        sim = test[i:i + chunk] @ train.T  # (c, N)
-        top_sim, top_idx = sim.topk(k, dim=1)  # (c, k), most similar first
+        top_sim, top_idx = (test[i:i + chunk] @ train.T).topk(k, dim=1)  # (c, k), most similar first
         # exp((sim - max) / T): the per-row factor exp(-max / T) changes no argmax but keeps small
         # temperatures from overflowing.
         weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
         votes = torch.zeros(top_sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
         votes.scatter_add_(1, labels[top_idx], weights)  # (c, C)
         preds.append(votes.argmax(1))
-    if not preds:
-        return torch.empty(0, dtype=torch.long, device=test_feats.device)
     return torch.cat(preds)
 
 
@@ -453,10 +412,9 @@ def feature_options(cfg: Config, device: torch.device, n_patches: int, progress:
 def score_features(train_f: torch.Tensor, train_labels: torch.Tensor, test_f: torch.Tensor,
                    test_labels: torch.Tensor, num_classes: int, cfg: Config, device: torch.device | str, *,
                    progress: bool = False) -> dict[str, Any]:
-    """Weighted kNN (``cfg.knn_k``, ``cfg.knn_temperature``) and the linear probe (``cfg.probe_*``) on
-    (N, D) train and (M, D) test features (on any device; they are moved to ``device`` once). Returns linear_top1,
-    knn_top1 (in %), probe_epoch, probe_val_top1, knn_k (after clamping to the training set), knn_seconds,
-    probe_seconds, and the probe's protocol ("final-epoch" | "val-epoch" | "lr-sweep"), lr, sweep and backend."""
+    """Weighted kNN and the linear probe of ``cfg`` on (N, D) train and (M, D) test features (moved to ``device``
+    once). Returns linear_top1, knn_top1 (in %), knn_k (after clamping), knn_seconds, probe_seconds, and the probe's
+    protocol ("final-epoch" | "val-epoch" | "lr-sweep"), lr, epoch, val_top1, sweep and backend."""
     device = torch.device(device)
     t0 = time.perf_counter()
     train_f, test_f = train_f.to(device), test_f.to(device)
@@ -478,20 +436,13 @@ def score_features(train_f: torch.Tensor, train_labels: torch.Tensor, test_f: to
 
 def evaluate(model: nn.Module, train: Split, test: Split, cfg: Config, device: torch.device | str,
              *, progress: bool = True, log: Callable[[str], Any] = print, dist: Dist = SINGLE) -> dict[str, Any]:
-    """The full protocol of ``cfg``: features of the train and test images (:func:`image_features`: the
-    method's own view and feature unless ``cfg.eval_view`` / ``cfg.eval_feature`` say otherwise; bags of
-    ``cfg.test_patches`` patches seeded by ``cfg.eval_seed``), weighted kNN (``cfg.knn_k``,
-    ``cfg.knn_temperature``) and the linear probe (``cfg.probe_*``). Either split may be in memory
-    (:class:`ImageData`) or read block by block (:class:`LabelledBlocks`, e.g. a streamed split): only the
-    features are kept, and they are the same either way. Under torchrun (``dist``) every rank computes the
-    features of its share of each split, and gets them all; the kNN and the probe then run on every rank alike.
+    """The full protocol of ``cfg``: :func:`image_features` of the train and test splits (in memory or
+    :class:`LabelledBlocks`: the same features either way; under torchrun every rank gets them all), then
+    :func:`score_features` (weighted kNN and linear probe). Logs one line, and one more per fallback.
 
-    Returns a JSON-serialisable dict: linear_top1, knn_top1 (in %), eval_view, feature, test_patches (None for
-    the whole-image view), probe_epoch, probe_val_top1, feature_seconds, knn_seconds, probe_seconds, n_train,
-    n_test, num_classes, feature_dim, knn_k (after clamping to the training set), knn_temperature, eval_seed,
-    probe_epochs, eval_sets (what the kNN and the probe were trained and tested on: :func:`describe_split`), and
-    fallbacks (the fast paths that failed and fell back, :mod:`empssl.fallbacks`). Logs one
-    line, and one more per fallback.
+    Returns a JSON-serialisable dict: :func:`score_features`'s keys, eval_view, feature, test_patches (None for the
+    whole image), feature_dim, probe_epochs, probe_val_fraction, knn_temperature, eval_seed, feature_seconds,
+    n_train, n_test, num_classes, eval_sets (:func:`describe_split`) and fallbacks (:mod:`empssl.fallbacks`).
     """
     device = torch.device(device)
     num_classes = check_splits(train, test)
@@ -514,7 +465,7 @@ def evaluate(model: nn.Module, train: Split, test: Split, cfg: Config, device: t
         f" ({chosen}epoch {scores['probe_epoch']}, val {scores['probe_val_top1']:.1f}%)"
     log(f"linear {scores['linear_top1']:.1f}%{selected} | kNN {scores['knn_top1']:.1f}% ({how}, {feature_name})")
     return {
-        **scores,  # linear_top1, knn_top1, probe_epoch, probe_val_top1, knn_k, knn_seconds, probe_seconds
+        **scores,
         "eval_view": view,
         "test_patches": cfg.test_patches if view == "patches" else None,
         "feature": kind,
@@ -533,10 +484,9 @@ def evaluate(model: nn.Module, train: Split, test: Split, cfg: Config, device: t
 
 
 def describe_split(split: Split, subset: int = 0) -> dict[str, Any]:
-    """What results.json says of an evaluation split: images, how they were read ("memory": decoded into one
-    tensor; "stream": decoded block by block, only features kept), the split and source where known (a streamed
-    split names them), and ``selection``: every image, or the class-balanced ``--train-subset`` /
-    ``--test-subset`` N that ``subset`` gives."""
+    """What results.json says of an evaluation split: images, how they were read ("memory": one tensor; "stream":
+    block by block), its split and source where a streamed split names them, and ``selection``: every image, or
+    the class-balanced ``--train-subset`` / ``--test-subset`` N that ``subset`` gives."""
     out: dict[str, Any] = {"images": len(split), "read": "memory" if isinstance(split, ImageData) else "stream"}
     for key in ("split", "source"):
         value = getattr(split, key, None)

@@ -1,9 +1,8 @@
 """Export a trained backbone for use without empssl: a torchvision or timm ResNet state dict, or safetensors.
 
-The backbone (:class:`empssl.models.ResNet`) uses torchvision's parameter names (and timm's ResNets use the same), so
-its state dict loads with ``strict=True`` into ``torchvision.models.resnet18()`` (``resnet34()`` for resnet34-cifar)
-or timm's, once the network has the same stem and no classifier (:func:`torchvision_backbone`, :func:`timm_backbone`;
-the code: README.md, "Using the trained encoder"). Only width 64 matches them; other widths export as safetensors.
+The backbone (:class:`empssl.models.ResNet`) uses torchvision's (and timm's) parameter names, so its state dict
+loads with ``strict=True`` into their resnet18/resnet34 once the network has the same stem and no classifier
+(:func:`torchvision_backbone`, :func:`timm_backbone`). Only width 64 matches them; other widths export as safetensors.
 """
 
 from __future__ import annotations
@@ -40,9 +39,8 @@ class ExportError(Exception):
 
 
 def torchvision_backbone(arch: str) -> nn.Module:
-    """The torchvision network that an exported ``arch`` backbone loads into with ``strict=True``: resnet18 or
-    resnet34 with ``fc = Identity``, and for the CIFAR stem ``conv1 = Conv2d(3, 64, 3, 1, 1, bias=False)`` and
-    ``maxpool = Identity``. Its forward gives the (B, 512) backbone feature."""
+    """The torchvision resnet18/34 (``fc = Identity``, the CIFAR stem where ``arch`` has it) that an exported
+    ``arch`` backbone loads into with ``strict=True``; its forward gives the (B, 512) backbone feature."""
     import torchvision
 
     net = _stock(arch, "torchvision", lambda name: getattr(torchvision.models, name)(weights=None))
@@ -51,17 +49,15 @@ def torchvision_backbone(arch: str) -> nn.Module:
 
 
 def timm_backbone(arch: str) -> nn.Module:
-    """The timm network that a ``--format timm`` export of ``arch`` loads into with ``strict=True``:
-    ``timm.create_model("resnet18" or "resnet34", num_classes=0)``, with the CIFAR stem where ``arch`` has it.
-    Its forward gives the (B, 512) backbone feature. Needs timm (``pip install timm``)."""
+    """As :func:`torchvision_backbone` for a ``--format timm`` export: ``timm.create_model("resnet18" or
+    "resnet34", num_classes=0)`` with the CIFAR stem where ``arch`` has it. Needs timm (``pip install timm``)."""
     import timm
 
     return _stock(arch, "timm", lambda name: timm.create_model(name, pretrained=False, num_classes=0))
 
 
 def _stock(arch: str, library: str, build: Callable[[str], nn.Module]) -> nn.Module:
-    """``build(name)``'s ResNet of ``arch`` with the CIFAR stem (3x3 stride-1 first convolution, no max-pool)
-    where ``arch`` has it."""
+    """``build(name)``'s ResNet of ``arch``, with the CIFAR stem (3x3 stride-1 conv1, no max-pool) where it has it."""
     if arch not in _TORCHVISION:
         raise ExportError(f"no {library} network for --arch {arch}; choose from {', '.join(_TORCHVISION)}")
     name, cifar_stem = _TORCHVISION[arch]
@@ -75,16 +71,11 @@ def _stock(arch: str, library: str, build: Callable[[str], nn.Module]) -> nn.Mod
 def export_backbone(checkpoint: str | Path, out: str | Path, fmt: str = "torchvision") -> Path:
     """Write the backbone of ``checkpoint`` (a run folder or checkpoint file) to ``out``; return ``out``.
 
-    Args:
-        fmt: ``torchvision``: a ``torch.save``d state dict that loads into :func:`torchvision_backbone` (plain
-            torchvision, see the module docstring) with ``strict=True``; width 64 only. ``timm``: the same state
-            dict, which loads into :func:`timm_backbone` (plain timm) with ``strict=True``. ``safetensors``: the
-            same state dict as a .safetensors file whose metadata holds arch, width, method, step and the
-            empssl version (any width; :func:`load_backbone` rebuilds it).
-
-    Raises:
-        ExportError: unknown format, a width torchvision has no network for, or an unwritable ``out``.
-        CheckpointError: a missing or unreadable checkpoint.
+    ``fmt``: ``torchvision`` / ``timm``: a ``torch.save``d state dict that loads into :func:`torchvision_backbone` /
+    :func:`timm_backbone` with ``strict=True`` (width 64 only); ``safetensors``: the same state dict, with arch,
+    width, method, step and the empssl version in its metadata (any width; :func:`load_backbone` rebuilds it).
+    Raises ExportError (unknown format, a width torchvision has no network for, an unwritable ``out``) or
+    CheckpointError.
     """
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -1,27 +1,23 @@
 """Linear probe on frozen features: EMP-SSL's evaluation recipe (arXiv 2304.03977), run without launch overhead.
 
-The recipe (the official one): a linear head ``nn.Linear(D, C)`` in its default initialisation, cross-entropy,
-SGD with momentum and weight decay (on the bias too, as ``torch.optim.SGD`` does), batch 100, a learning rate
-annealed per step by a cosine to 0 over all epochs, the training set reshuffled every epoch. It reports the
-final epoch or the epoch with the best accuracy on a validation split carved from the *training* features,
-never an epoch chosen on the test set.
+The recipe (the official one): ``nn.Linear(D, C)`` in its default initialisation, cross-entropy, SGD with momentum
+and weight decay (on the bias too, as ``torch.optim.SGD`` does), batch 100, the learning rate annealed per step by
+a cosine to 0, the training set reshuffled every epoch. It reports the final epoch or the epoch with the best
+accuracy on a validation split carved from the *training* features, never an epoch chosen on the test set.
 
-Two implementations of that recipe, tested equal on CPU:
-
-- :func:`reference_linear_probe`: ``nn.Linear`` + ``torch.optim.SGD``, one Python step at a time (the reference).
-- :func:`linear_probe`: the step written out as a few tensor ops on one (K, H, C) weight tensor (the bias is
-  row D, the features carry a ones column), so that H heads, one per learning rate, train together by one
-  matmul. Shuffles, learning rates and counters live on the device; on CUDA one whole epoch is captured as a
-  CUDA graph and replayed, so the GPU never waits on Python. With several learning rates it is a sweep: the
-  head with the best validation accuracy is reported, nothing is retrained.
+:func:`reference_linear_probe` is that recipe in plain PyTorch; :func:`linear_probe`, tested equal to it on CPU,
+writes the step as a few tensor ops on one (K, H, C) weight tensor (the bias is row D, the features carry a ones
+column), so that H heads, one per learning rate, train together by one matmul, and on CUDA one whole epoch is
+captured as a CUDA graph and replayed. With several learning rates it is a sweep: the head with the best
+validation accuracy is reported, nothing is retrained.
 """
-
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -118,10 +114,8 @@ def _cosine(lr: float, total_steps: int) -> list[float]:
 
 @torch.no_grad()
 def _correct(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Top-1 hits of H heads, (H,) float32 counts on the device, without a host sync (percentages are taken
-    on the host, in double precision, so that 45 of 45 reads 100.0).
-
-    x: (M, D); y: (M,); weight: (D, H, C); bias: (H, C).
+    """Top-1 hits of H heads, (H,) float32 counts on the device, without a host sync (percentages are taken on
+    the host, in double precision, so that 45 of 45 reads 100.0). x: (M, D); y: (M,); weight: (D, H, C); bias: (H, C).
     """
     d, h, c = weight.shape
     w, b = weight.reshape(d, h * c), bias.reshape(1, h * c)
@@ -175,22 +169,34 @@ def _prepare(train_feats: torch.Tensor, train_labels: torch.Tensor, val_fraction
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Training (and validation) features as float32 and labels as int64 on ``device``; the split is taken
     where the features already are, so features on the GPU never travel to the host."""
-    if val_fraction > 0:
-        tr_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
-        src = train_feats.device
-        x_val = train_feats.index_select(0, val_idx.to(src)).to(device, torch.float32)
-        y_val = train_labels.index_select(0, val_idx.to(train_labels.device)).to(device, torch.long)
-        x_tr = train_feats.index_select(0, tr_idx.to(src))
-        y_tr = train_labels.index_select(0, tr_idx.to(train_labels.device))
-    else:
-        x_tr, y_tr, x_val, y_val = train_feats, train_labels, None, None
-    return x_tr.to(device, torch.float32), y_tr.to(device, torch.long), x_val, y_val
+    if val_fraction <= 0:
+        return train_feats.to(device, torch.float32), train_labels.to(device, torch.long), None, None
+
+    def take(t: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t.index_select(0, idx.to(t.device)).to(device, dtype)
+
+    tr_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
+    return (take(train_feats, tr_idx, torch.float32), take(train_labels, tr_idx, torch.long),
+            take(train_feats, val_idx, torch.float32), take(train_labels, val_idx, torch.long))
 
 
-def _history(losses: list[float], vals: list[float] | None) -> list[dict[str, float]]:
+def _history(losses: Sequence[float], vals: Sequence[float] | None) -> list[dict[str, float]]:
     """ProbeResult.history: per epoch its number, training loss and (with a validation split) accuracy."""
     return [{"epoch": e + 1, "train_loss": loss} | ({} if vals is None else {"val_top1": vals[e]})
             for e, loss in enumerate(losses)]
+
+
+def _head_hits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Top-1 hits of one (C, D) head with (C,) bias: a 0-dim float32 count on the device."""
+    return _correct(x, y, weight.T[:, None, :], bias[None])[0]
+
+
+def _result(weight: torch.Tensor, bias: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
+            device: torch.device, t0: float, **fields: Any) -> ProbeResult:
+    """The reported head's ProbeResult: the test set is used here, once, after training."""
+    hits = _head_hits(weight, bias, test_feats.to(device, torch.float32), test_labels.to(device, torch.long))
+    return ProbeResult(top1=100.0 * float(hits) / test_feats.shape[0], seconds=time.perf_counter() - t0,
+                       weight=weight.detach().cpu().clone(), bias=bias.detach().cpu().clone(), **fields)
 
 
 # ---------------------------------------------------------------------------------------- the reference
@@ -209,74 +215,49 @@ def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor
     _check(train_feats, train_labels, test_feats, test_labels, num_classes, epochs, [lr], batch_size, val_fraction)
     t0 = time.perf_counter()
     device = torch.device(device)
-    use_val = val_fraction > 0
     x_tr, y_tr, x_val, y_val = _prepare(train_feats, train_labels, val_fraction, seed, device)
     n, d = x_tr.shape
 
     head = _init_head(d, num_classes, seed).to(device)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(n / batch_size)
-    schedule = _cosine(lr, epochs * steps_per_epoch)
+    schedule = iter(_cosine(lr, epochs * steps_per_epoch))
     orders = _shuffles(n, epochs, seed)
+    losses: list[float] = []
+    vals: list[float] = []
+    best_hits, epoch, weight, bias = -1.0, epochs, head.weight.detach(), head.bias.detach()
 
-    epoch_loss = torch.zeros(epochs, device=device)
-    val_acc = torch.full((epochs,), float("nan"), device=device)
-    best_val = torch.full((), -1.0, device=device)
-    best_epoch = torch.full((), epochs, dtype=torch.long, device=device)
-    best_w, best_b = head.weight.detach().clone(), head.bias.detach().clone()
-
-    def correct(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _correct(x, y, head.weight.detach().T[:, None, :], head.bias.detach()[None])[0]
-
-    step = 0
-    for epoch in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
-        head.train()
-        perm = orders[epoch].to(device)
+    for e in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
+        perm = orders[e].to(device)
+        total = torch.zeros((), device=device)  # the epoch's summed cross-entropy
         for s in range(steps_per_epoch):
             idx = perm[s * batch_size:(s + 1) * batch_size]
             for group in opt.param_groups:
-                group["lr"] = schedule[step]
+                group["lr"] = next(schedule)
             loss = F.cross_entropy(head(x_tr[idx]), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            epoch_loss[epoch] += loss.detach() * idx.numel()
-            step += 1
-        if x_val is not None and y_val is not None:  # use_val: a validation split was carved
-            acc = correct(x_val, y_val)
-            val_acc[epoch] = acc
-            with torch.no_grad():
-                better = acc > best_val  # strict: the earliest epoch wins ties
-                best_val = torch.where(better, acc, best_val)
-                best_epoch = torch.where(better, torch.full_like(best_epoch, epoch + 1), best_epoch)
-                best_w = torch.where(better, head.weight, best_w)
-                best_b = torch.where(better, head.bias, best_b)
+            total += loss.detach() * idx.numel()
+        losses.append(float(total / n))
+        if x_val is not None and y_val is not None:
+            hits = float(_head_hits(head.weight.detach(), head.bias.detach(), x_val, y_val))
+            vals.append(100.0 * hits / x_val.shape[0])
+            if hits > best_hits:  # strict: the earliest epoch wins ties
+                best_hits, epoch, weight, bias = hits, e + 1, head.weight.detach().clone(), head.bias.detach().clone()
 
-    if use_val:
-        with torch.no_grad():
-            head.weight.copy_(best_w)
-            head.bias.copy_(best_b)
-    test_hits = correct(test_feats.to(device, torch.float32), test_labels.to(device, torch.long))
-
-    losses = (epoch_loss / n).tolist()  # the one host synchronisation of the probe
-    vals = [100.0 * v / x_val.shape[0] for v in val_acc.tolist()] if x_val is not None else None
-    epoch = int(best_epoch) if use_val else epochs
-    return ProbeResult(top1=100.0 * float(test_hits) / test_feats.shape[0], epoch=epoch,
-                       val_top1=vals[epoch - 1] if vals else None,
-                       history=_history(losses, vals), seconds=time.perf_counter() - t0, lr=lr,
-                       protocol="val-epoch" if use_val else "final-epoch", sweep=None, backend="reference",
-                       weight=head.weight.detach().cpu().clone(), bias=head.bias.detach().cpu().clone())
+    return _result(weight, bias, test_feats, test_labels, device, t0, epoch=epoch,
+                   val_top1=vals[epoch - 1] if vals else None, history=_history(losses, vals or None), lr=lr,
+                   protocol="val-epoch" if vals else "final-epoch", sweep=None, backend="reference")
 
 
 # ------------------------------------------------------------------------------------------ the fast probe
 
 
 class _HeadTrainer:
-    """H linear heads trained together with the recipe, every tensor on the device and read by device counters.
-
-    ``epoch()`` runs one epoch with no host synchronisation and no host-to-device copy, so that on CUDA it can
-    be captured once as a graph and replayed; ``state()`` lists the tensors it changes.
-    """
+    """H linear heads trained together with the recipe. ``epoch()`` runs one epoch with no host synchronisation
+    and no host-to-device copy (every tensor on the device, read by device counters), so that on CUDA it can be
+    captured once as a graph and replayed; ``state()`` lists the tensors it changes."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequence[float], *, epochs: int,
                  momentum: float, weight_decay: float, batch_size: int, seed: int,
@@ -363,14 +344,11 @@ class _HeadTrainer:
     def heads(self, backend: str) -> _Heads:
         """Every head at its reported epoch (best on validation, else final); the one host sync of training."""
         wb = self.wb if self.x_val is None else self.best_wb
-        d = self.d
-        epochs = self.loss.shape[0]
         vals = [[100.0 * v / self.x_val.shape[0] for v in row] for row in self.val.tolist()] \
             if self.x_val is not None else None
-        return _Heads(weight=wb[:d].permute(1, 2, 0).contiguous(), bias=wb[d].clone(),
-                      train_loss=self.loss.tolist(), val_top1=vals,
-                      epoch=self.best_epoch.tolist() if self.x_val is not None else [epochs] * self.h,
-                      backend=backend)
+        # best_epoch stays at the final epoch without a validation split
+        return _Heads(weight=wb[:self.d].permute(1, 2, 0).contiguous(), bias=wb[self.d].clone(),
+                      train_loss=self.loss.tolist(), val_top1=vals, epoch=self.best_epoch.tolist(), backend=backend)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -390,8 +368,8 @@ def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequen
                  progress: bool = False) -> _Heads:
     """Train one head per learning rate on x: (N, D) float32, y: (N,) int64, on x's device; with (x_val, y_val)
     each head keeps the weights of its best validation epoch (earliest on ties)."""
-    device = x.device
-    backend = _resolve_backend(backend, device)
+    backend = _resolve_backend(backend, x.device)
+
     def new_trainer() -> _HeadTrainer:
         return _HeadTrainer(x, y, num_classes, lrs, epochs=epochs, momentum=momentum, weight_decay=weight_decay,
                             batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val)
@@ -439,18 +417,16 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     Args:
         train_feats: (N, D), train_labels: (N,); test_feats: (M, D), test_labels: (M,); on any device, moved to
             ``device`` (features already there are not copied to the host).
-        lr: the learning rate of the official single-head probe; ignored when ``lrs`` is given.
-        lrs: a sweep: one head per learning rate, trained together (one matmul); the head with the best
-            validation accuracy (at its best epoch; ties: the smallest learning rate) is reported. Needs
-            ``val_fraction`` > 0. Protocol "lr-sweep".
-        val_fraction: 0 -> report the final epoch ("final-epoch"). > 0 -> carve a seeded class-stratified split
-            off the *training* features (:func:`stratified_split`), train on the rest, and report the epoch
-            with the best validation accuracy, earliest on ties ("val-epoch"). The test set is used once,
-            after training, for the reported head only.
-        seed: seeds the head's initialisation, the split and the per-epoch shuffles (global RNG untouched);
-            the same seed gives the same orders and start as :func:`reference_linear_probe`.
-        backend: "cuda-graph" (one epoch captured as a CUDA graph and replayed), "eager" (the same ops run one
-            by one), or "auto": cuda-graph on CUDA, eager elsewhere. ``ProbeResult.backend`` says which ran.
+        lr: the official single-head probe's learning rate; ignored when ``lrs`` is given.
+        lrs: a sweep ("lr-sweep"): one head per learning rate, trained together; the head with the best validation
+            accuracy (ties: the smallest learning rate) is reported. Needs ``val_fraction`` > 0.
+        val_fraction: 0 -> report the final epoch ("final-epoch"); > 0 -> train on the rest of a seeded
+            class-stratified split of the *training* features (:func:`stratified_split`) and report the epoch
+            with the best validation accuracy, earliest on ties ("val-epoch"). The test set is used once, after
+            training, for the reported head only.
+        seed: seeds the head's initialisation, the split and the shuffles, as :func:`reference_linear_probe`'s.
+        backend: "cuda-graph" (one epoch captured and replayed), "eager" (the same ops one by one), or "auto"
+            (cuda-graph on CUDA). ``ProbeResult.backend`` says which ran.
     """
     sweeping = lrs is not None
     heads_lrs = [float(v) for v in lrs] if lrs is not None else [float(lr)]
@@ -462,24 +438,19 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         raise ProbeError("a linear-probe learning-rate sweep chooses on a validation split: val_fraction must be > 0")
     t0 = time.perf_counter()
     device = torch.device(device)
-    use_val = val_fraction > 0
     x_tr, y_tr, x_val, y_val = _prepare(train_feats, train_labels, val_fraction, seed, device)
 
     heads = _train_heads(x_tr, y_tr, num_classes, heads_lrs, epochs=epochs, momentum=momentum,
                          weight_decay=weight_decay, batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val,
                          backend=backend, progress=progress)
-    vals = [[row[i] for row in heads.val_top1] for i in range(len(heads_lrs))] if heads.val_top1 else None
+    vals = list(zip(*heads.val_top1)) if heads.val_top1 else None  # [head][epoch]
     best = [vals[i][heads.epoch[i] - 1] for i in range(len(heads_lrs))] if vals else None
     # The best validation accuracy wins; on a tie the smallest learning rate, whatever the order given.
     chosen = max(range(len(heads_lrs)), key=lambda i: (best[i], -heads_lrs[i])) if best else 0
-    weight, bias = heads.weight[chosen], heads.bias[chosen]  # (C, D), (C,)
-    test_hits = _correct(test_feats.to(device, torch.float32), test_labels.to(device, torch.long),
-                         weight.T[:, None, :], bias[None])[0]
     sweep = [{"lr": v, "val_top1": best[i], "epoch": heads.epoch[i]} for i, v in enumerate(heads_lrs)] \
         if sweeping and best else None
-    return ProbeResult(top1=100.0 * float(test_hits) / test_feats.shape[0], epoch=heads.epoch[chosen],
-                       val_top1=best[chosen] if best else None,
-                       history=_history([row[chosen] for row in heads.train_loss], vals[chosen] if vals else None),
-                       seconds=time.perf_counter() - t0, lr=heads_lrs[chosen],
-                       protocol="lr-sweep" if sweeping else "val-epoch" if use_val else "final-epoch",
-                       sweep=sweep, backend=heads.backend, weight=weight.cpu().clone(), bias=bias.cpu().clone())
+    return _result(heads.weight[chosen], heads.bias[chosen], test_feats, test_labels, device, t0,
+                   epoch=heads.epoch[chosen], val_top1=best[chosen] if best else None,
+                   history=_history([row[chosen] for row in heads.train_loss], vals[chosen] if vals else None),
+                   lr=heads_lrs[chosen], protocol="lr-sweep" if sweeping else "val-epoch" if vals else "final-epoch",
+                   sweep=sweep, backend=heads.backend)

@@ -1,19 +1,13 @@
-"""Training memory for many patches: exact activation recomputation (what PyTorch calls activation
-checkpointing, ``--grad-checkpointing``) of the backbone, and when to use it.
+"""Training memory for many patches: exact activation recomputation (PyTorch's activation checkpointing,
+``--grad-checkpointing``) of the backbone, and when to use it.
 
-A step pushes n_patches * B patches through the encoder at once (20,000 at 200 x 100), and BatchNorm
-normalises over all of them, as in the official code. Splitting the patches into chunks that run forward
-and backward one after the other would change BatchNorm's statistics, so it is *not* the same training.
-Recomputation is: each residual block keeps only its input during the forward pass and runs
-its forward again during the backward pass, on the same patches, so BatchNorm sees the same batch and
-the loss and gradients are unchanged. The one side effect, a second update of BatchNorm's running
-statistics by the recomputation, is undone (they are restored after each block's recomputation), so the
-running statistics are those of the plain step too. Cost: about one extra backbone forward per step
-(~1/3 more compute); saving: the backbone's activations shrink to the block inputs (see
-:func:`activation_bytes_per_patch` and docs/BENCHMARKS.md).
-
-``--grad-checkpointing auto`` (the default) turns it on only on CUDA, only when the step's estimated memory
-exceeds what the GPU has free; ``on`` / ``off`` force it.
+A step pushes n_patches * B patches through the encoder at once (20,000 at 200 x 100), and BatchNorm normalises
+over all of them, as in the official code, so running them in chunks would *not* be the same training.
+Recomputation is: each residual block keeps only its input and runs its forward again during the backward pass,
+on the same patches, so the loss and gradients are unchanged; the recomputation's second update of BatchNorm's
+running statistics is undone. Cost: about one extra backbone forward per step (~1/3 more compute); saving: the
+backbone's activations shrink to the block inputs (docs/BENCHMARKS.md). ``auto`` (the default) turns it on only
+on CUDA, when the step's estimated memory exceeds what the GPU has free.
 """
 
 from __future__ import annotations
@@ -67,13 +61,9 @@ def _recomputed(module: nn.Module, forward: Callable[..., Any], *args: Any) -> A
 
 
 def recompute_backbone(model: nn.Module) -> int:
-    """Turn on activation recomputation for every residual block of ``model.backbone``, in place (any method's
-    model).
-
-    The blocks' ``forward`` is replaced (an instance attribute), so parameter names and the state_dict are
-    unchanged. Only training-mode forwards with gradients are recomputed; evaluation runs as before.
-    Returns the number of blocks wrapped (idempotent: already wrapped blocks are skipped).
-    """
+    """Turn on activation recomputation for every residual block of ``model.backbone``, in place; return the
+    number of blocks wrapped (already wrapped ones are skipped). Each block's ``forward`` becomes an instance
+    attribute, so the state_dict is unchanged; only training-mode forwards with gradients are recomputed."""
     n = 0
     backbone = model.backbone  # every method's model has one (EMPSSLModel, the two-view models)
     assert isinstance(backbone, nn.Module)
@@ -88,9 +78,9 @@ def activation_bytes_per_patch(model: nn.Module, patch_size: int, device: torch.
                                amp: torch.dtype | None = None, channels_last: bool = False) -> float:
     """Bytes that autograd keeps per patch for the backward pass of ``model`` (train mode, as configured).
 
-    Measured, not modelled: a copy of the model runs forward on 4 and on 8 random patches with a hook
-    that records every tensor saved for backward (unique storages), and the difference / 4 is the
-    per-patch cost (the weights' autocast copies cancel out). Takes a fraction of a second on a GPU.
+    Measured, not modelled: a copy of the model runs forward on 8 and on 4 random patches with a hook that
+    records every tensor saved for backward (unique storages); the difference / 4 is the per-patch cost (the
+    weights' autocast copies cancel out).
     """
     replica = copy.deepcopy(model).train()  # the forward passes update BatchNorm statistics: not the model's
     for m in replica.modules():
@@ -103,19 +93,9 @@ def activation_bytes_per_patch(model: nn.Module, patch_size: int, device: torch.
     views_first = not isinstance(model, EMPSSLModel)
 
     def saved_bytes(k: int) -> int:
-        nonlocal views_first
-        try:
-            return saved_bytes_as(k, views_first)
-        except (RuntimeError, ValueError, TypeError):
-            views_first = not views_first
-            return saved_bytes_as(k, views_first)
-
-    def saved_bytes_as(k: int, views: bool) -> int:
         x = torch.randn(k, 3, patch_size, patch_size, device=device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if views:
-            x = x[None]
         storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -125,22 +105,23 @@ def activation_bytes_per_patch(model: nn.Module, patch_size: int, device: torch.
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            replica(x)
+            replica(x[None] if views_first else x)
         return sum(storages.values())
 
-    return (saved_bytes(8) - saved_bytes(4)) / 4
-
-
-# Patch sides up to this are measured as they are; a larger side is extrapolated from two measured ones (the
-# activations of a convolutional network grow with the patch area), so that the estimate itself stays small.
-_MEASURED_SIDES = (32, 64)
+    try:
+        big = saved_bytes(8)
+    except (RuntimeError, ValueError, TypeError):
+        views_first = not views_first
+        big = saved_bytes(8)
+    return (big - saved_bytes(4)) / 4
 
 
 def activation_bytes_at(model: nn.Module, patch_size: int, device: torch.device, amp: torch.dtype | None = None,
                         channels_last: bool = False) -> float:
-    """:func:`activation_bytes_per_patch` at ``patch_size``, measured up to 64 px and beyond that fitted as
-    ``a + b * side**2`` through the measurements at 32 and 64 px (never allocating a patch of the large side)."""
-    lo, hi = _MEASURED_SIDES
+    """:func:`activation_bytes_per_patch` at ``patch_size``, measured up to 64 px; beyond that fitted as
+    ``a + b * side**2`` (a convolutional network's activations grow with the patch area) through the measurements
+    at 32 and 64 px, so that the estimate never allocates a patch of the large side."""
+    lo, hi = 32, 64
     if patch_size <= hi:
         return activation_bytes_per_patch(model, patch_size, device, amp, channels_last)
     a_lo, a_hi = (activation_bytes_per_patch(model, s, device, amp, channels_last) for s in (lo, hi))
@@ -170,10 +151,9 @@ def _gib(n: float) -> str:
 
 def step_memory(model: nn.Module, patches: int, patch_size: int, device: torch.device, amp: torch.dtype | None,
                 channels_last: bool, with_weights: bool = False) -> StepMemory:
-    """Estimated peak memory of one training step on ``patches`` patches of ``model`` (as configured: with
-    recomputation if it is on): saved activations + the float32 patches and their autocast copy + three more
-    patch-sized buffers for the augmentation's temporaries + gradients and momentum for the parameters (and the
-    parameters themselves with ``with_weights``, for a model not yet on the device)."""
+    """Estimated peak memory of one training step on ``patches`` patches of ``model`` as configured: saved
+    activations + the float32 patches, their autocast copy and three patch-sized temporaries of the augmentation +
+    gradients and momentum (and with ``with_weights`` the parameters, for a model not yet on the device)."""
     act = activation_bytes_at(model, patch_size, device, amp, channels_last)
     patch_bytes = 3 * patch_size * patch_size * 4
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -188,12 +168,9 @@ def free_bytes(device: torch.device) -> int:
 
 def want_recompute(mode: str, model: nn.Module, patches: int, patch_size: int, device: torch.device,
                        amp: torch.dtype | None, channels_last: bool) -> tuple[bool, str]:
-    """Decide ``--grad-checkpointing`` (auto | on | off) for a step of ``patches`` patches on this process.
-
-    Returns (use it, a one-line reason for the log). ``auto`` is on only on CUDA, when :func:`step_memory`'s
-    total exceeds 85% of :func:`free_bytes`; on the CPU it is always off (host memory is rarely the limit and
-    recomputation costs time).
-    """
+    """Decide ``--grad-checkpointing`` (auto | on | off) for a step of ``patches`` patches on this process:
+    (use it, a one-line reason for the log). ``auto`` is on only on CUDA, when :func:`step_memory`'s total exceeds
+    85% of :func:`free_bytes`; on the CPU host memory is rarely the limit and recomputation costs time."""
     if mode in ("on", "off"):
         return mode == "on", f"--grad-checkpointing {mode}"
     if device.type != "cuda":
@@ -214,11 +191,9 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def check_step_fits(cfg: Config, device: torch.device, world_size: int = 1) -> None:
-    """Refuse (ConfigError, one line) a run whose training step cannot fit in :func:`available_bytes`, before
-    anything is allocated for it or written: the estimate of :func:`step_memory` for this process's share of the
-    step's views, with activation recomputation where ``--grad-checkpointing`` would turn it on (``on``, or
-    ``auto`` on CUDA). A throwaway copy of the model measures a few small patches (and the global RNG is left as
-    it was)."""
+    """Refuse (ConfigError, one line), before anything is allocated or written, a run whose training step cannot
+    fit in :func:`available_bytes`: :func:`step_memory` of this process's share of the step's views, with
+    recomputation where ``--grad-checkpointing`` would turn it on, measured on a throwaway copy of the model."""
     limit = available_bytes(device)
     if limit is None:
         return
