@@ -425,7 +425,6 @@ def cmd_shard(args: argparse.Namespace) -> None:
           f"manifest {m.where}/manifest.json")
 
 
-
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "ablate-patches": cmd_ablate_patches,
             "ablate-test-patches": cmd_ablate_test_patches, "tsne": cmd_tsne, "compare": cmd_compare,
             "embed": cmd_embed, "export": cmd_export, "report": cmd_report, "shard": cmd_shard}

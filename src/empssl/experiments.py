@@ -166,27 +166,19 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = N
     return result
 
 
-def tsne_path(checkpoint: str | Path, out: str | Path | None) -> Path:
-    """Where ``empssl tsne`` writes its PNG: ``out`` (a .png file, or a folder: ``out/tsne.png``), by default
-    ``RUN/tsne.png``."""
-    if out is None:
-        return run_dir_of(checkpoint) / "tsne.png"
-    path = Path(out)
-    if path.is_dir() or str(out).endswith(("/", os.sep)):
-        return path / "tsne.png"
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"--out must be a .png file or a folder, got {out}")
-    return path
-
-
 def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *, max_points: int = 5000,
              out: str | Path | None = None, seed: int = 0, progress: bool = True,
              log: Callable[[str], Any] = print) -> Path:
     """2-D t-SNE (scikit-learn) of the evaluation features of up to ``max_points`` test images (class-balanced),
-    coloured by class: a PNG (:func:`tsne_path`) with a ``.json`` of its settings beside it. Returns the PNG path."""
+    coloured by class: a PNG (``out``: a .png file or a folder; by default ``RUN/tsne.png``) with a ``.json`` of its
+    settings beside it. Returns the PNG path."""
     if max_points < 2:
         raise ConfigError(f"--max-points must be >= 2, got {max_points}")
-    path = tsne_path(checkpoint, out)
+    path = run_dir_of(checkpoint) if out is None else Path(out)
+    if out is None or path.is_dir() or str(out).endswith(("/", os.sep)):
+        path = path / "tsne.png"
+    elif path.suffix.lower() != ".png":
+        raise ConfigError(f"--out must be a .png file or a folder, got {out}")
     check_writable_file(path)  # before the features and the t-SNE, not after them
     try:
         from sklearn.manifold import TSNE
