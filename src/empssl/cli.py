@@ -28,12 +28,10 @@ from .files import OutputError, check_writable_dir, check_writable_file, write_j
 from .methods import method_names
 from .version import __version__
 
-# The Config fields of the commands that evaluate a checkpoint: its evaluation, where its data are read from,
-# the device.
+# The settings of the commands that evaluate a checkpoint: its evaluation, where its data are read from, the device.
 EVAL_FIELDS = [f.name for f in flag_fields(Config) if f.metadata["group"] == "evaluation"] + [
     "data", "data_dir", "image_size", "data_mode", "train_subset", "test_subset", "device", "precision"]
-# What `empssl compare` lets one set for every method alike: every Config field but the method (each method keeps
-# its own settings and the rest of its recipe unless a flag sets it).
+# What `empssl compare` sets for every method alike: all but the method (each keeps the rest of its own recipe).
 COMPARE_FIELDS = [f.name for f in flag_fields(Config) if f.name != "method"]
 CHECKPOINT_HELP = "checkpoint.pt, or a run directory holding one"
 
@@ -124,19 +122,18 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str], met
     for. The settings ``inherited`` default to the checkpoint's."""
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     hints = type_hints(Config)
-    fields = [(f, hints[f.name], f.metadata["group"], f.default) for f in flag_fields(Config) if f.name in names]
+    fields = [(f, hints[f.name], f.metadata["group"]) for f in flag_fields(Config) if f.name in names]
     if method_settings:
         for m in method_names():
             settings = declared_settings_class(m)  # read from the source: --help imports no torch
-            for f in flag_fields(settings):
-                fields.append((f, type_hints(settings)[f.name], f"{m} (--method {m})", f.default))
+            fields += [(f, type_hints(settings)[f.name], f"{m} (--method {m})") for f in flag_fields(settings)]
     groups: dict[str, Any] = {}
     added: list[str] = []
-    for f, hint, group_name, value in fields:
+    for f, hint, group_name in fields:
         if f.name in added:  # a setting that several methods declare has one flag
             continue
         group = groups.setdefault(group_name, parser.add_argument_group(group_name))
-        shown = "the checkpoint's" if f.name in inherited else _shown(value)
+        shown = "the checkpoint's" if f.name in inherited else _shown(f.default)
         help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
         group.add_argument(flag(f.name), dest=f.name, default=None, help=help_text,
                            **_flag_kwargs(f.name, hint, f.metadata))
@@ -372,6 +369,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .distributed import env_dist
     from .rundir import finished, run_config
     from .train import train
 
@@ -387,8 +385,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         train_online(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
         return
     results = train(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
-    from .distributed import env_dist
-
     # under torchrun, rank 0 reports; with evaluation, train() ends with the results file and where the time went
     if args.no_eval and env_dist().is_main:
         print(f"trained {results['steps']} steps; checkpoint in {out / 'checkpoint.pt'}")
@@ -401,7 +397,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     out = Path(args.out) if args.out else run_dir_of(args.checkpoint) / "results-eval.json"
     check_writable_file(out, "--out")  # before the evaluation, not after it
-    # load_for_eval: another --data than the run's (transfer) gets all its images unless subsets are given
     model, cfg, ckpt, train_data, test_data, device = load_for_eval(
         args.checkpoint, _explicit(args), progress=not args.no_progress)
     results = evaluate(model, train_data, test_data, cfg, device, progress=not args.no_progress)

@@ -75,8 +75,7 @@ def calibrate(cfg: Config, data: tuple[ImageData, ImageData], max_seconds: float
     "process_warm_up_seconds"}; ConfigError when the probe alone takes longer than ``max_seconds``."""
     from .methods import create_method
 
-    steps_per_epoch = len(data[0]) // cfg.batch_size
-    if steps_per_epoch < 1:
+    if len(data[0]) < cfg.batch_size:  # not one step per epoch
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(data[0])} training images")
     views_per_step = cfg.batch_size * create_method(cfg).views_per_image
     global _warm

@@ -332,10 +332,9 @@ def declared_settings_class(method: str) -> type[MethodSettings]:
         return method_settings_class(method)
     names: dict[str, Any] = {"dataclass": dataclass, "MethodSettings": MethodSettings, "setting": setting,
                              "ConfigError": ConfigError, "__name__": __name__}
-    given = set(names)
     exec(compile(source, f"<settings of {method}>", "exec"), names)
-    (declared,) = (v for k, v in names.items() if k not in given and k != "__builtins__")
-    return declared
+    return next(v for v in names.values() if isinstance(v, type) and issubclass(v, MethodSettings)
+                and v is not MethodSettings)
 
 
 def settings_for(method: str, d: Mapping[str, Any]) -> dict[str, Any]:
