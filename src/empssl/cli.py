@@ -135,8 +135,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str], met
         group = groups.setdefault(group_name, parser.add_argument_group(group_name))
         shown = "the checkpoint's" if f.name in inherited else _shown(f.default)
         help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
-        group.add_argument(flag(f.name), dest=f.name, default=None, help=help_text,
-                           **_flag_kwargs(f.name, hint, f.metadata))
+        group.add_argument(flag(f.name), help=help_text, **_flag_kwargs(f.name, hint, f.metadata))
         added.append(f.name)
     parser.set_defaults(config_names=added)
 
@@ -183,9 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the bag of m patches averages the first m; writes test_patch_ablation.json/"
                                    ".md/.png beside the checkpoint.")
     t.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    t.add_argument("--counts", type=parse_counts, default=None,
-                   help="comma-separated numbers of test patches (default: 1, 4, 16, 64 ... up to the run's "
-                        "--test-patches, which is included)")
+    t.add_argument("--counts", type=parse_counts, help="comma-separated numbers of test patches (default: 1, 4, 16, "
+                                                       "64 ... up to the run's --test-patches, which is included)")
     t.add_argument("--out", help="folder for the outputs (default: the run directory)")
     _add_config_flags(t, [k for k in EVAL_FIELDS if k != "test_patches"])  # --counts instead
 
@@ -207,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="comparison folder (one run directory per method inside)")
     c.add_argument("--methods", type=parse_names, default=list(method_names()),
                    help=f"comma-separated methods (default: {','.join(method_names())})")
-    c.add_argument("--budget-seconds", type=float, default=None,
+    c.add_argument("--budget-seconds", type=float,
                    help="training wall time per method, in seconds (required unless --smoke)")
     c.add_argument("--targets", type=parse_floats, default=(), metavar="PCT,PCT,...",
                    help="kNN accuracies (%%) to time besides 50,60,70,80")
