@@ -19,7 +19,7 @@ from .config import (
     flag,
     flag_fields,
     load_preset,
-    method_preset,
+    method_recipe,
     preset_names,
     settings_json,
     type_hints,
@@ -28,13 +28,12 @@ from .files import OutputError, check_writable_dir, check_writable_file, write_j
 from .methods import method_names
 from .version import __version__
 
-# The Config fields of the commands that evaluate a checkpoint: its evaluation, where its data are read from,
-# the device.
+# The settings of the commands that evaluate a checkpoint: its evaluation, where its data are read from, the device.
 EVAL_FIELDS = [f.name for f in flag_fields(Config) if f.metadata["group"] == "evaluation"] + [
     "data", "data_dir", "image_size", "data_mode", "train_subset", "test_subset", "device", "precision"]
-# What `empssl compare` lets one set for every method alike: every Config field but the method (each method keeps
-# its own settings and the rest of its recipe unless a flag sets it).
+# What `empssl compare` sets for every method alike: all but the method (each keeps the rest of its own recipe).
 COMPARE_FIELDS = [f.name for f in flag_fields(Config) if f.name != "method"]
+CHECKPOINT_HELP = "checkpoint.pt, or a run directory holding one"
 
 
 def parse_bool(text: str) -> bool:
@@ -49,8 +48,7 @@ def parse_bool(text: str) -> bool:
 def parse_names(text: str) -> list[str]:
     """``"simclr,byol"`` -> ["simclr", "byol"], each a known method."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in method_names()]
-    if not names or unknown:
+    if not names or not set(names) <= set(method_names()):
         raise argparse.ArgumentTypeError(f"expected comma-separated methods from {','.join(method_names())}, got "
                                          f"{text!r}")
     return names
@@ -65,6 +63,23 @@ def parse_floats(text: str) -> tuple[float, ...]:
     if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
     return values
+
+
+def parse_positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def parse_counts(text: str) -> list[int]:
+    """``"2,5,10"`` -> [2, 5, 10] (sorted, unique); argparse turns the error into a one-line message."""
+    try:
+        counts = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 1, got {text!r}")
+    return counts
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,38 +110,40 @@ def _flag_kwargs(name: str, hint: Any, meta: Any) -> dict[str, Any]:
     return {"type": float if hint == float | None else hint}
 
 
+def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
+    parser.add_argument("--config", help="JSON file of config overrides (applied after --preset, before flags)")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str], method_settings: bool = False,
-                      default: str = "") -> None:
-    """Flags for the Config fields ``names`` (and, with ``method_settings``, every method's own settings), in
-    groups by topic; the command gets ``args.config_names``, the settings it has flags for. ``default`` replaces
-    the shown defaults (e.g. "the checkpoint's")."""
+                      inherited: Sequence[str] = ()) -> None:
+    """``--no-progress`` and the flags of the Config fields ``names`` (and, with ``method_settings``, every
+    method's own settings), in groups by topic; the command gets ``args.config_names``, the settings it has flags
+    for. The settings ``inherited`` default to the checkpoint's."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     hints = type_hints(Config)
-    fields = [(f, hints[f.name], f.metadata["group"], f.default) for f in flag_fields(Config) if f.name in names]
+    fields = [(f, hints[f.name], f.metadata["group"]) for f in flag_fields(Config) if f.name in names]
     if method_settings:
         for m in method_names():
             settings = declared_settings_class(m)  # read from the source: --help imports no torch
-            for f in flag_fields(settings):
-                fields.append((f, type_hints(settings)[f.name], f"{m} (--method {m})", f.default))
+            fields += [(f, type_hints(settings)[f.name], f"{m} (--method {m})") for f in flag_fields(settings)]
     groups: dict[str, Any] = {}
     added: list[str] = []
-    for f, hint, group_name, value in fields:
+    for f, hint, group_name in fields:
         if f.name in added:  # a setting that several methods declare has one flag
             continue
         group = groups.setdefault(group_name, parser.add_argument_group(group_name))
-        help_text = f"{f.metadata['help']} (default: {default or _shown(value)})".replace("%", "%%")
-        group.add_argument(flag(f.name), dest=f.name, default=None, help=help_text,
-                           **_flag_kwargs(f.name, hint, f.metadata))
+        shown = "the checkpoint's" if f.name in inherited else _shown(f.default)
+        help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
+        group.add_argument(flag(f.name), help=help_text, **_flag_kwargs(f.name, hint, f.metadata))
         added.append(f.name)
     parser.set_defaults(config_names=added)
 
 
 def _explicit(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given as flags, by name."""
-    out = {k: getattr(args, k) for k in args.config_names if getattr(args, k) is not None}
-    for key in ("crop_scale", "crop_ratio"):
-        if key in out:
-            out[key] = tuple(out[key])
-    return out
+    given = {k: getattr(args, k) for k in args.config_names if getattr(args, k) is not None}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}  # --crop-scale MIN MAX: a tuple
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,89 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "empssl.cli train ... (--batch-size is the global batch).")
     p.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, checkpoint.pt, "
                                                 "results.json); an existing one is resumed")
-    p.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
-    p.add_argument("--config", help="JSON file of config overrides (applied after --preset, before flags)")
+    _add_recipe_flags(p)
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(p, [f.name for f in flag_fields(Config)], method_settings=True)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (linear probe + kNN)",
                        description="Evaluate a checkpoint with its method's protocol (EMP-SSL: the bag of features; "
                                    "baselines: the whole image), or the one --eval-view / --eval-feature choose.")
-    e.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
+    e.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     e.add_argument("--out", help="where to write the results JSON (default: results-eval.json beside the checkpoint)")
-    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(e, EVAL_FIELDS)
-    _add_experiment_parsers(sub)
-    _add_shard_parser(sub)
-    return parser
-
-
-def _add_shard_parser(sub: Any) -> None:
-    def positive(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-        return int(text)
-
-    s = sub.add_parser("shard", help="write a folder, archive or ImageNet tree as LitData shards for streaming",
-                       description="Write every image of SRC, in a seeded random order, as LitData shards of "
-                                   "encoded image bytes + label + relative name: OUT/<split>/ per split and "
-                                   "OUT/manifest.json (docs/DATA.md). An interrupted run continues where it stopped "
-                                   "when run again.")
-    s.add_argument("src", metavar="SRC", help="a folder of images, a class tree, an ImageFolder root (train/ val/ "
-                                              "test/), Tiny ImageNet, a .zip/.tar/.tar.gz of one, demo, "
-                                              "tiny-imagenet, or imagenet100:PATH / imagenet:PATH")
-    s.add_argument("--out", required=True, help="the shard folder (new, empty, or an unfinished run to continue), "
-                                                "or s3://BUCKET/PREFIX (written under --data-dir, then uploaded)")
-    s.add_argument("--max-side", type=positive, metavar="N",
-                   help="images whose longer side is larger are resized to N and re-encoded (JPEG quality 90); "
-                        "the others are stored byte for byte (default: no limit, every image as it is)")
-    s.add_argument("--workers", type=positive, metavar="N",
-                   help="processes writing shards (default: the usable CPU cores, at most 16)")
-    s.add_argument("--shard-size", type=positive, metavar="N",
-                   help="images per shard (default: about 64 MB of the source's files per shard)")
-    s.add_argument("--seed", type=int, metavar="N",
-                   help="seed of the order each split (and each --append) is written in, so that LitData's chunk "
-                        "shuffle gives batches of mixed classes (default: 0; an unfinished run's own)")
-    s.add_argument("--data-dir", default="./data",
-                   help="where tiny-imagenet and imagenet100 (without :PATH) are looked for (default: ./data)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.add_argument("--append", action="store_true",
-                   help="add SRC's images to the train split of the complete shard folder OUT as new shards, "
-                        "leaving its shards as they are; classes are mapped by name (docs/DATA.md: Appending)")
-
-
-def cmd_shard(args: argparse.Namespace) -> int:
-    from .remote import is_remote, refuse_output, write_remote
-    from .shard import append_shards, write_shards
-
-    if args.append:
-        refuse_output(args.out)  # an append replaces files in place, in an order a bucket cannot promise
-    write = write_remote if is_remote(args.out) else append_shards if args.append else write_shards
-    m = write(args.src, args.out, max_side=args.max_side, workers=args.workers, shard_size=args.shard_size,
-              data_dir=args.data_dir, progress=not args.no_progress, seed=args.seed)
-    splits = ", ".join(f"{name} {s.images:,} images in {len(s.shards)} shards" for name, s in m.splits.items())
-    what = f"{m.root} with {args.src} appended" if args.append else m.source
-    print(f"{what}: {splits}; {m.data['stored']:,} stored as they are, {m.data['reencoded']:,} re-encoded; "
-          f"manifest {m.where}/manifest.json")
-    return 0
-
-
-# --- experiments and reports ---
-
-
-def parse_counts(text: str) -> list[int]:
-    """``"2,5,10"`` -> [2, 5, 10] (sorted, unique); argparse turns the error into a one-line message."""
-    try:
-        counts = sorted({int(t) for t in text.split(",") if t.strip()})
-    except ValueError:
-        counts = []
-    if not counts or counts[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 1, got {text!r}")
-    return counts
-
-
-def _add_experiment_parsers(sub: Any) -> None:
     a = sub.add_parser("ablate-patches", help="train and evaluate the same recipe at several numbers of patches",
                        description="Patch-count ablation: one run per number of training patches in OUT/n{n}/ "
                                    "(finished runs are skipped, interrupted ones resumed), then OUT/ablation.json, "
@@ -230,31 +174,25 @@ def _add_experiment_parsers(sub: Any) -> None:
     a.add_argument("--out", required=True, help="ablation folder (one run directory per count inside)")
     a.add_argument("--patches", type=parse_counts, default=[2, 5, 10, 20, 50, 100, 200],
                    help="comma-separated numbers of training patches (default: 2,5,10,20,50,100,200)")
-    a.add_argument("--preset", help=f"start from a preset: {', '.join(preset_names())}")
-    a.add_argument("--config", help="JSON file of config overrides (applied after --preset, before flags)")
-    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_recipe_flags(a)
     _add_config_flags(a, [f.name for f in flag_fields(Config) if f.name != "num_patches"], method_settings=True)
 
     t = sub.add_parser("ablate-test-patches", help="evaluate one checkpoint at several numbers of test patches",
                        description="Test-patch ablation: features of the largest count are extracted once and "
                                    "the bag of m patches averages the first m; writes test_patch_ablation.json/"
                                    ".md/.png beside the checkpoint.")
-    t.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
-    t.add_argument("--counts", type=parse_counts, default=None,
-                   help="comma-separated numbers of test patches (default: 1, 4, 16, 64 ... up to the run's "
-                        "--test-patches, which is included)")
+    t.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    t.add_argument("--counts", type=parse_counts, help="comma-separated numbers of test patches (default: 1, 4, 16, "
+                                                       "64 ... up to the run's --test-patches, which is included)")
     t.add_argument("--out", help="folder for the outputs (default: the run directory)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(t, [k for k in EVAL_FIELDS if k != "test_patches"])  # --counts instead
 
     s = sub.add_parser("tsne", help="t-SNE map of a checkpoint's test-set features, coloured by class",
                        description="2-D t-SNE (scikit-learn) of the bag-of-features of test images -> RUN/tsne.png.")
-    s.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
-    s.add_argument("--max-points", type=int, default=5000,
-                   help="test images shown, class-balanced (default: 5000)")
+    s.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    s.add_argument("--max-points", type=int, default=5000, help="test images shown, class-balanced (default: 5000)")
     s.add_argument("--tsne-seed", type=int, default=0, help="t-SNE random state (default: 0)")
     s.add_argument("--out", help="PNG path (default: tsne.png in the run directory)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(s, EVAL_FIELDS)
 
     c = sub.add_parser("compare", help="train several methods for the same wall-clock budget and report time to "
@@ -267,7 +205,7 @@ def _add_experiment_parsers(sub: Any) -> None:
     c.add_argument("--out", required=True, help="comparison folder (one run directory per method inside)")
     c.add_argument("--methods", type=parse_names, default=list(method_names()),
                    help=f"comma-separated methods (default: {','.join(method_names())})")
-    c.add_argument("--budget-seconds", type=float, default=None,
+    c.add_argument("--budget-seconds", type=float,
                    help="training wall time per method, in seconds (required unless --smoke)")
     c.add_argument("--targets", type=parse_floats, default=(), metavar="PCT,PCT,...",
                    help="kNN accuracies (%%) to time besides 50,60,70,80")
@@ -276,24 +214,21 @@ def _add_experiment_parsers(sub: Any) -> None:
                         "recipes scaled to the bundled demo data)")
     c.add_argument("--smoke", action="store_true",
                    help="toy size on the CPU with the bundled data (seconds per method): checks the command")
-    c.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(c, COMPARE_FIELDS, method_settings=True)
 
     m = sub.add_parser("embed", help="features of every image of a folder, archive or dataset (.npz or .safetensors)",
                        description="One row per image of --data, in a stable order, with its relative file name "
                                    "and label (where the data has classes), under the checkpoint's evaluation "
                                    "protocol (EMP-SSL: the seeded bag of features).")
-    m.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
+    m.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     m.add_argument("--data", required=True,
                    help="a folder of images, a class tree, an ImageFolder root (train/ val/ test/), Tiny ImageNet, "
                         "a .zip/.tar/.tar.gz of one, demo, tiny-imagenet, cifar10, cifar100, or a shard folder "
                         "(empssl shard; also s3://BUCKET/PREFIX)")
     m.add_argument("--out", required=True, help="output file: .npz (features, names, labels, classes, protocol) "
                                                 "or .safetensors")
-    _add_config_flags(m, ["test_patches", "eval_view", "eval_feature", "eval_seed", "eval_batch_size", "device"],
-                      default="the checkpoint's")
-    _add_config_flags(m, ["image_size", "data_dir", "data_mode"])
-    m.add_argument("--no-progress", action="store_true", help="no progress bars")
+    inherited = ["test_patches", "eval_view", "eval_feature", "eval_seed", "eval_batch_size", "device"]
+    _add_config_flags(m, [*inherited, "image_size", "data_dir", "data_mode"], inherited=inherited)
 
     x = sub.add_parser("export", help="the trained backbone as a torchvision or timm state dict, or safetensors",
                        description="Write the backbone of a checkpoint for use elsewhere (README: Using the "
@@ -314,6 +249,35 @@ def _add_experiment_parsers(sub: Any) -> None:
     r.add_argument("--targets", type=parse_floats, default=(), metavar="PCT,PCT,...",
                    help="kNN accuracies (%%) to time besides 50,60,70,80 in the time-to-accuracy table")
 
+    s = sub.add_parser("shard", help="write a folder, archive or ImageNet tree as LitData shards for streaming",
+                       description="Write every image of SRC, in a seeded random order, as LitData shards of "
+                                   "encoded image bytes + label + relative name: OUT/<split>/ per split and "
+                                   "OUT/manifest.json (docs/DATA.md). An interrupted run continues where it stopped "
+                                   "when run again.")
+    s.add_argument("src", metavar="SRC", help="a folder of images, a class tree, an ImageFolder root (train/ val/ "
+                                              "test/), Tiny ImageNet, a .zip/.tar/.tar.gz of one, demo, "
+                                              "tiny-imagenet, or imagenet100:PATH / imagenet:PATH")
+    s.add_argument("--out", required=True, help="the shard folder (new, empty, or an unfinished run to continue), "
+                                                "or s3://BUCKET/PREFIX (written under --data-dir, then uploaded)")
+    s.add_argument("--max-side", type=parse_positive, metavar="N",
+                   help="images whose longer side is larger are resized to N and re-encoded (JPEG quality 90); "
+                        "the others are stored byte for byte (default: no limit, every image as it is)")
+    s.add_argument("--workers", type=parse_positive, metavar="N",
+                   help="processes writing shards (default: the usable CPU cores, at most 16)")
+    s.add_argument("--shard-size", type=parse_positive, metavar="N",
+                   help="images per shard (default: about 64 MB of the source's files per shard)")
+    s.add_argument("--seed", type=int, metavar="N",
+                   help="seed of the order each split (and each --append) is written in, so that LitData's chunk "
+                        "shuffle gives batches of mixed classes (default: 0; an unfinished run's own)")
+    s.add_argument("--data-dir", default="./data",
+                   help="where tiny-imagenet and imagenet100 (without :PATH) are looked for (default: ./data)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--append", action="store_true",
+                   help="add SRC's images to the train split of the complete shard folder OUT as new shards, "
+                        "leaving its shards as they are; classes are mapped by name (docs/DATA.md: Appending)")
+
+    return parser
+
 
 def _base_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The overrides of ``--preset`` (or, for ``--method`` X without one, X's own preset) then ``--config``
@@ -324,15 +288,12 @@ def _base_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not path.is_file():
             raise ConfigError(f"--config file not found: {path}")
         from_file = settings_json(path.read_text(), f"--config {path}")
-    preset = args.preset
     method = getattr(args, "method", None) or from_file.get("method")
-    if preset is None and method is not None:
-        preset = method_preset(method)
-    base = load_preset(preset) if preset else {}
+    base = load_preset(args.preset) if args.preset else method_recipe(method) if method else {}
     return {**base, **from_file}
 
 
-def cmd_ablate_patches(args: argparse.Namespace) -> int:
+def cmd_ablate_patches(args: argparse.Namespace) -> None:
     from .experiments import ablate_patches
 
     explicit = {**_base_overrides(args), **_explicit(args)}
@@ -340,10 +301,9 @@ def cmd_ablate_patches(args: argparse.Namespace) -> int:
     cfg = Config.from_dict(explicit).validate()
     ablate_patches(cfg, args.out, args.patches, explicit=explicit, progress=not args.no_progress)
     print(f"ablation written to {Path(args.out) / 'ablation.md'}")
-    return 0
 
 
-def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
+def cmd_ablate_test_patches(args: argparse.Namespace) -> None:
     from .experiments import ablate_test_patches
     from .rundir import run_dir_of
 
@@ -351,19 +311,17 @@ def cmd_ablate_test_patches(args: argparse.Namespace) -> int:
     check_writable_dir(out)
     ablate_test_patches(args.checkpoint, args.counts, _explicit(args), out_dir=out, progress=not args.no_progress)
     print(f"results written to {out / 'test_patch_ablation.md'}")
-    return 0
 
 
-def cmd_tsne(args: argparse.Namespace) -> int:
+def cmd_tsne(args: argparse.Namespace) -> None:
     from .experiments import tsne_map
 
     path = tsne_map(args.checkpoint, _explicit(args), max_points=args.max_points, out=args.out,
                     seed=args.tsne_seed, progress=not args.no_progress)
     print(f"t-SNE map written to {path}")
-    return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
     if args.out is None and len(args.runs) > 1:
@@ -371,10 +329,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = args.out or args.runs[0]
     check_writable_dir(out)
     print(f"report written to {write_report(args.runs, out, targets=args.targets)}")
-    return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def cmd_compare(args: argparse.Namespace) -> None:
     from .compare import SMOKE, SMOKE_BUDGET_SECONDS, compare
 
     overrides = _explicit(args)
@@ -390,32 +347,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"{row['method']}: linear {row['linear_top1']:.1f}% | kNN {row['knn_top1']:.1f}% after "
               f"{row['train_seconds']:.0f} s ({row['epochs']:.2f} epochs)")
     print(f"comparison written to {Path(args.out) / 'report.md'}")
-    return 0
 
 
-def cmd_embed(args: argparse.Namespace) -> int:
+def cmd_embed(args: argparse.Namespace) -> None:
     from .embed import embed
     from .evaluate import view_label
 
     check_writable_file(args.out, "--out")  # before the features are computed
-    s = embed(args.checkpoint, args.data, args.out, test_patches=args.test_patches, eval_feature=args.eval_feature,
-              eval_view=args.eval_view, eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size,
-              device=args.device, image_size=args.image_size or 0, data_dir=args.data_dir or Config().data_dir,
-              data_mode=args.data_mode or Config().data_mode, progress=not args.no_progress)
+    s = embed(args.checkpoint, args.data, args.out, progress=not args.no_progress, **_explicit(args))
     how = view_label(s["view"], s["test_patches"]) + (f", seed {s['eval_seed']}" if s["view"] == "patches" else "")
     print(f"{s['n']} images x {s['dim']}-d {s['feature']} features ({how}) written to {s['out']}")
-    return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_backbone
 
     check_writable_file(args.out, "--out")
     print(f"backbone ({args.format}) written to {export_backbone(args.checkpoint, args.out, args.format)}")
-    return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> None:
+    from .distributed import env_dist
     from .rundir import finished, run_config
     from .train import train
 
@@ -424,36 +376,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = run_config(out, Config.from_dict(explicit).validate(), explicit)
     if args.no_eval and finished(out, cfg):
         print(f"{out} is already trained to the end; nothing to do")
-        return 0
+        return
     if cfg.online:  # one pass over a folder being filled (empssl.online)
         from .online import train_online
 
         train_online(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
-        return 0
+        return
     results = train(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
-    from .distributed import env_dist
-
     # under torchrun, rank 0 reports; with evaluation, train() ends with the results file and where the time went
     if args.no_eval and env_dist().is_main:
         print(f"trained {results['steps']} steps; checkpoint in {out / 'checkpoint.pt'}")
-    return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
     from .experiments import load_for_eval
     from .rundir import run_dir_of
 
     out = Path(args.out) if args.out else run_dir_of(args.checkpoint) / "results-eval.json"
     check_writable_file(out, "--out")  # before the evaluation, not after it
-    # load_for_eval: another --data than the run's (transfer) gets all its images unless subsets are given
     model, cfg, ckpt, train_data, test_data, device = load_for_eval(
         args.checkpoint, _explicit(args), progress=not args.no_progress)
     results = evaluate(model, train_data, test_data, cfg, device, progress=not args.no_progress)
     results.update(checkpoint=str(args.checkpoint), step=ckpt.get("step"), data=cfg.data)
     write_json(out, results)
     print(f"results written to {out}")
-    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> None:
+    from .remote import is_remote, refuse_output, write_remote
+    from .shard import append_shards, write_shards
+
+    if args.append:
+        refuse_output(args.out)  # an append replaces files in place, in an order a bucket cannot promise
+    write = write_remote if is_remote(args.out) else append_shards if args.append else write_shards
+    m = write(args.src, args.out, max_side=args.max_side, workers=args.workers, shard_size=args.shard_size,
+              data_dir=args.data_dir, progress=not args.no_progress, seed=args.seed)
+    splits = ", ".join(f"{name} {s.images:,} images in {len(s.shards)} shards" for name, s in m.splits.items())
+    what = f"{m.root} with {args.src} appended" if args.append else m.source
+    print(f"{what}: {splits}; {m.data['stored']:,} stored as they are, {m.data['reencoded']:,} re-encoded; "
+          f"manifest {m.where}/manifest.json")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "ablate-patches": cmd_ablate_patches,
+            "ablate-test-patches": cmd_ablate_test_patches, "tsne": cmd_tsne, "compare": cmd_compare,
+            "embed": cmd_embed, "export": cmd_export, "report": cmd_report, "shard": cmd_shard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -461,8 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         argv = sys.argv[1:] if argv is None else list(argv)
-        names = ",".join(map(str, parser._subparsers._group_actions[0].choices or ()))  # type: ignore[union-attr]
-        usage = f"usage: empssl {{{names}}} [flags] (empssl COMMAND --help lists its flags)"
+        usage = f"usage: empssl {{{','.join(COMMANDS)}}} [flags] (empssl COMMAND --help lists its flags)"
         if not argv:  # bare `empssl`: say how to use it
             raise ConfigError(f"no command given; {usage}")
         if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
@@ -484,10 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ExportError, OutputError)
         if args.command != "shard" and getattr(args, "out", None):
             refuse_output(args.out)  # only empssl shard writes into an object store
-        commands = {"train": cmd_train, "eval": cmd_eval, "ablate-patches": cmd_ablate_patches,
-                    "ablate-test-patches": cmd_ablate_test_patches, "tsne": cmd_tsne, "report": cmd_report,
-                    "compare": cmd_compare, "embed": cmd_embed, "export": cmd_export, "shard": cmd_shard}
-        return commands[args.command](args)
+        COMMANDS[args.command](args)
+        return 0
     except user_errors as e:
         print(f"empssl: error: {e}", file=sys.stderr)
         return 2

@@ -1,26 +1,17 @@
 """The paper's time-to-accuracy comparison in one call: every method trained for the same wall-clock budget on
 the same data and device, monitored with kNN on the way, evaluated with its own protocol, and reported.
 
-For each method, in ``out/<method>/``:
-
-1. **calibrate** (once; the plan is kept in ``out/plan.json``): short eager runs of the method's recipe measure
-   its training throughput on this device, in at most ``CALIBRATION_FRACTION`` of the budget (wall time, set-up
-   included; recorded in plan.json): ``PROBE_STEPS`` steps first, then up to ``CALIBRATION_STEPS`` more where
-   they fit. A budget whose fraction cannot hold the first probe is refused;
-2. **size** the schedule so that it ends at the budget: ``epochs = budget * steps_per_second / steps_per_epoch``
-   (the cosine schedule spans exactly those epochs; a recipe's warm-up is shortened to at most a tenth of them);
-3. **train** it with the kNN monitor on (about ``MONITOR_POINTS`` points per run) and evaluate it.
-
-Then ``out/report.md`` holds the time-to-accuracy table and the plots (:func:`empssl.report.write_report`), and
-``out/compare.json`` the plan and the results. Everything is resumable: a method whose run is finished and
-evaluated is read back; an interrupted one resumes from its checkpoint with the same plan.
+For each method, in ``out/<method>/``: 1. **calibrate** (once; kept in ``out/plan.json``) its training throughput
+on this device in short eager runs (:func:`calibrate`); 2. **size** the schedule to end at the budget:
+``epochs = budget * steps_per_second / steps_per_epoch``; 3. **train** it with the kNN monitor on and evaluate it.
+Then ``out/report.md`` compares them and ``out/compare.json`` holds the plan and the results. Resumable: a finished
+run is read back; an interrupted one resumes with the same plan.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +22,7 @@ from .config import Config, ConfigError, load_preset, method_recipe, settings_fo
 from .data import ImageData
 from .files import read_jsonl, write_json
 from .methods import method_class
-from .report import write_report
+from .report import median_throughput, write_report
 from .train import config_data, train, train_once
 
 CALIBRATION_FRACTION = 0.1  # of the budget, at most, spent calibrating a method (wall time, set-up included)
@@ -45,18 +36,15 @@ MAX_WARMUP_FRACTION = 0.1  # of the sized schedule
 # method's recipe that make each run that small. A lower lr than the recipes': their lr diverges on a network this
 # small (VICReg's covariance term blew up to NaN within 6 steps at lr 0.3, width 4).
 SMOKE = {"data": "demo", "device": "cpu", "train_subset": 512, "test_subset": 200, "width": 4, "hidden_dim": 64,
-         "lr": 0.05,
-         "z_dim": 32, "pred_hidden_dim": 64, "patch_size": 16, "num_patches": 4, "batch_size": 32,
+         "lr": 0.05, "z_dim": 32, "pred_hidden_dim": 64, "patch_size": 16, "num_patches": 4, "batch_size": 32,
          "test_patches": 2, "probe_epochs": 3, "monitor_patches": 2, "monitor_bank": 256, "monitor_test": 100,
          "log_every": 5, "checkpoint_every": 100}
 SMOKE_BUDGET_SECONDS = 20.0  # each calibration may take 2 s (10 %): a run's set-up alone is ~0.5 s here
 
 
 def method_config(method: str, overrides: dict[str, Any], recipes: str | None = None) -> Config:
-    """The method's own recipe (its preset, or the defaults for EMP-SSL), or with ``recipes`` the preset
-    ``{recipes}-{method}`` (e.g. ``compare-demo-simclr``: the recipe scaled to other data), with ``overrides``
-    on top (a method's own settings only for the method that declares them, and ``--patch-chunks`` only for a
-    method that makes its views in groups: EMP-SSL)."""
+    """The method's own recipe, or the preset ``{recipes}-{method}`` (``compare-demo-simclr``), with the
+    ``overrides`` that apply to it on top (a method's own settings; ``--patch-chunks`` for a chunked method)."""
     recipe = load_preset(f"{recipes}-{method}") if recipes else method_recipe(method)
     given = settings_for(method, overrides)
     if not method_class(method).chunked:
@@ -74,30 +62,25 @@ def _throughput(cfg: Config, data: tuple[ImageData, ImageData], steps: int, log_
         probe = cfg.replace(epochs=steps / steps_per_epoch, schedule_epochs=0, warmup_epochs=0, eval_every=0,
                             log_every=log_every, checkpoint_every=10**9, compile="off")
         train(probe, Path(tmp) / "run", progress=False, log=lambda s: None, data=data, evaluate_at_end=False)
-        rates = [r["patches_per_s"] for r in read_jsonl(Path(tmp) / "run" / "metrics.jsonl")]
-    return statistics.median(rates[1:] if len(rates) > 1 else rates), clock() - t0
+        rate = median_throughput(read_jsonl(Path(tmp) / "run" / "metrics.jsonl"))
+    assert rate is not None, "a training run logs its throughput"
+    return rate, clock() - t0
 
 
 def calibrate(cfg: Config, data: tuple[ImageData, ImageData], max_seconds: float, log: Callable[[str], Any],
               clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Training steps per second of ``cfg`` on its device, measured in at most about ``max_seconds`` of wall time:
-    a run of PROBE_STEPS steps, then, if the rest of ``max_seconds`` holds at least 10 more steps, a run of up to
+    """Training steps per second of ``cfg`` on its device, measured in at most about ``max_seconds`` of wall time
+    (by ``clock``): a run of PROBE_STEPS steps, then, if the rest holds at least 10 more steps, a run of up to
     CALIBRATION_STEPS steps whose rate replaces the probe's. Returns {"steps_per_s", "seconds", "steps",
-    "process_warm_up_seconds"}; raises ConfigError when the probe alone takes longer than ``max_seconds``. The
-    runs' wall time is read from ``clock`` (tests give one that does not depend on the machine's speed).
-
-    The first call in a process first runs one untimed step: the process's first steps pay one-time costs
-    (lazy initialisation, seconds on a CPU) that every later run is spared, so they would misjudge the method.
-    """
+    "process_warm_up_seconds"}; ConfigError when the probe alone takes longer than ``max_seconds``."""
     from .methods import create_method
 
-    steps_per_epoch = len(data[0]) // cfg.batch_size
-    if steps_per_epoch < 1:
+    if len(data[0]) < cfg.batch_size:  # not one step per epoch
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(data[0])} training images")
     views_per_step = cfg.batch_size * create_method(cfg).views_per_image
     global _warm
     warm_up = 0.0
-    if not _warm:  # the process's first training steps pay one-time costs (lazy init): not this method's
+    if not _warm:  # a process's first steps pay one-time costs (lazy init, seconds on a CPU): not this method's
         warm_up = _throughput(cfg, data, 1, log_every=1, clock=clock)[1]
         _warm = True
     rate, spent = _throughput(cfg, data, PROBE_STEPS, log_every=1, clock=clock)
@@ -135,11 +118,9 @@ def plan_run(cfg: Config, steps_per_s: float, budget_seconds: float, n_train: in
 def compare(methods: Sequence[str], out_dir: str | Path, budget_seconds: float, overrides: dict[str, Any], *,
             recipes: str | None = None, targets: Sequence[float] = (), progress: bool = True,
             log: Callable[[str], Any] = print, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
-    """Train every method of ``methods`` for ``budget_seconds`` of training wall time on the same data and device
-    (``overrides``: data, model, patch, device, evaluation settings... applied alike on top of each method's
-    recipe, or of the presets ``{recipes}-{method}``), evaluate each with its own protocol, and write
-    ``out_dir/report.md`` and ``out_dir/compare.json``. Returns compare.json. ``clock``: the calibration's
-    (:func:`calibrate`)."""
+    """Train every method of ``methods`` for ``budget_seconds`` of training wall time (``overrides`` applied alike
+    on top of each one's recipe, :func:`method_config`), evaluate each with its own protocol, and write
+    ``out_dir/report.md`` and ``out_dir/compare.json``. Returns compare.json. ``clock``: :func:`calibrate`'s."""
     if not methods:
         raise ConfigError("--methods must name at least one method")
     if len(set(methods)) != len(methods):
@@ -156,9 +137,7 @@ def compare(methods: Sequence[str], out_dir: str | Path, budget_seconds: float, 
     if plan and plan.get("budget_seconds") != budget_seconds:
         raise ConfigError(f"{out} holds a comparison with a budget of {plan['budget_seconds']} s, not "
                           f"{budget_seconds} s; choose a new --out")
-    plan["budget_seconds"] = budget_seconds
-    plan["calibration_max_fraction"] = CALIBRATION_FRACTION
-    plan["recipes"] = recipes
+    plan.update(budget_seconds=budget_seconds, calibration_max_fraction=CALIBRATION_FRACTION, recipes=recipes)
     plan.setdefault("methods", {})
     for m in methods:  # every method calibrated before any trains: a budget too small is refused up front
         if m not in plan["methods"]:
@@ -176,12 +155,9 @@ def compare(methods: Sequence[str], out_dir: str | Path, budget_seconds: float, 
         cfg = plan_run(cfgs[m], plan["methods"][m]["steps_per_s"], budget_seconds, len(data[0]))
         plan["methods"][m].update(epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
         write_json(plan_path, plan)
-        results = train_once(cfg, run, name=f"{m} (budget {budget_seconds:g} s)", progress=progress, log=log,
-                             data=data)
-        rows.append({"method": m, "run": m, "epochs": cfg.epochs, "train_seconds": results.get("train_seconds"),
-                     "linear_top1": results.get("linear_top1"), "knn_top1": results.get("knn_top1"),
-                     "eval_view": results.get("eval_view"), "feature": results.get("feature"),
-                     "test_patches": results.get("test_patches"), "device": results.get("device")})
+        results = train_once(cfg, run, name=f"{m} (budget {budget_seconds:g} s)", progress=progress, log=log, data=data)
+        kept = ("train_seconds", "linear_top1", "knn_top1", "eval_view", "feature", "test_patches", "device")
+        rows.append({"method": m, "run": m, "epochs": cfg.epochs, **{k: results.get(k) for k in kept}})
     summary = {"experiment": "time-to-accuracy comparison", "budget_seconds": budget_seconds,
                "data": first.data, "plan": plan, "rows": rows}
     write_json(out / "compare.json", summary)

@@ -1,23 +1,22 @@
 """One config dataclass whose defaults are the paper's CIFAR-10 recipe; presets override it, flags override both.
 
-Every setting is declared once, with :func:`setting`: its default, its help text (the command line's ``--help``),
-its group of flags and its rule; :meth:`Config.validate` checks every value against its declaration (type,
-finiteness, range, choices) and then the combinations. A method's own settings (EMP-SSL's epsilon, SimCLR's
-temperature, ...) are declared the same way beside the method, as a :class:`MethodSettings` dataclass
-(:mod:`empssl.methods`); a Config holds those given in ``method_settings`` and reads and writes them as flat keys,
-``cfg.to_dict()["temperature"]``, as their flags name them.
+Every setting is declared once, with :func:`setting`: default, ``--help`` text, group of flags and rule, which
+:meth:`Config.validate` checks. A method's own settings (SimCLR's temperature, ...) are declared the same way beside
+the method, as a :class:`MethodSettings`; a Config holds those given in ``method_settings`` and reads and writes them
+as flat keys (``cfg.to_dict()["temperature"]``), as their flags name them.
 
-Nothing here imports torch: a method's settings class is looked up (importing its module) only for a config that
-gives method settings, or when they are read; the command line's flags read their declarations from the source.
+Nothing here imports torch: a method's module is imported only for a config that gives method settings, or when
+they are read; the command line's flags read their declarations from the source.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,17 +32,16 @@ LOGGER_NAMES = ("tensorboard", "wandb", "mlflow")  # --log (empssl.tracking)
 
 
 def logger_names(text: str) -> list[str]:
-    """``--log`` -> the chosen loggers: ``"none"`` -> [], ``"tensorboard,wandb"`` -> ["tensorboard", "wandb"]; empty
-    names are dropped (``",tensorboard,"``)."""
+    """``--log`` -> the chosen loggers, once each: ``"none"`` -> [], ``",tensorboard,wandb"`` -> ["tensorboard",
+    "wandb"]."""
     names = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
     return list(dict.fromkeys(names))
 
 
 def setting(default: Any, help: str, group: str = "", *, low: float | None = None, above: float | None = None,
             high: float | None = None, choices: tuple[str, ...] = (), why: str = "") -> Any:
-    """A dataclass field with everything else that is said about it: its ``help`` text, its ``group`` of flags
-    and its rule, checked by :func:`check_fields`: value >= ``low``, value > ``above``, value <= ``high``, one of
-    ``choices``; ``why`` is added to the message of a broken bound."""
+    """A dataclass field with its ``help`` text, ``group`` of flags and rule (:func:`check_fields`): value >= ``low``,
+    > ``above``, <= ``high``, one of ``choices``; ``why`` is added to the message of a broken bound."""
     meta = {"help": help, "group": group, "low": low, "above": above, "high": high, "choices": choices, "why": why}
     return field(default=default, metadata=meta)
 
@@ -55,9 +53,8 @@ def flag(name: str) -> str:
 
 @dataclass
 class Config:
-    """Every setting of a run but the method's own (``method_settings``, declared by the method); see the module
-    docstring. Build one with ``Config(...)``, ``Config.from_dict(flat)`` or ``cfg.replace(...)``; then
-    :meth:`validate`."""
+    """Every setting of a run; the method's own in ``method_settings``. Build one with ``Config(...)``,
+    ``Config.from_dict(flat)`` or ``cfg.replace(...)``; then :meth:`validate`."""
 
     # --- data ---------------------------------------------------------------------------------------------------
     data: str = setting("cifar10", "cifar10, cifar100, tiny-imagenet, demo (bundled 5,000-image CIFAR-10 subset), "
@@ -85,8 +82,7 @@ class Config:
     num_patches: int = setting(20, "patches per image per step (20 official; 200 in the paper's best runs)",
                                "patches", low=2, why=" (the invariance term compares patches)")
     patch_size: int = setting(32, "patch side in pixels after resizing", "patches", low=1)
-    crop_scale: tuple[float, float] = setting((0.25, 0.25), "crop area as a fraction of the image (min max)",
-                                              "patches")
+    crop_scale: tuple[float, float] = setting((0.25, 0.25), "crop area as a fraction of the image (min max)", "patches")
     crop_ratio: tuple[float, float] = setting((1.0, 1.0), "crop aspect ratio range (min max)", "patches")
     patch_chunks: int = setting(1, "EMP-SSL: make and push a step's patches through the network in this many "
                                 "equal groups (of --num-patches / K patches of every image), so that a step holds "
@@ -163,8 +159,7 @@ class Config:
     eval_every: float = setting(0.0, "kNN accuracy during training (RUN/monitor.jsonl) every N steps (N >= 1) or "
                                 "every fraction of an epoch (0 < N < 1); 0 = off", "monitoring", low=0)
     monitor_patches: int = setting(4, "test patches per image in the kNN during training", "monitoring", low=1)
-    monitor_bank: int = setting(5000, "training images (class-balanced) in its kNN memory bank", "monitoring",
-                                low=1)
+    monitor_bank: int = setting(5000, "training images (class-balanced) in its kNN memory bank", "monitoring", low=1)
     monitor_test: int = setting(2000, "test images (class-balanced) it classifies", "monitoring", low=1)
     # --- online: one pass over a stream (empssl.online) -------------------------------------------------------
     online: bool = setting(False, "learn from a stream in one pass, each image once in arrival order: --data is a "
@@ -197,10 +192,8 @@ class Config:
                            choices=("auto", "on", "off"))
 
     def validate(self) -> Config:
-        """Raise ConfigError (one line) for values that cannot work; return self.
-
-        Each value against its declaration first (:func:`check_fields`), then the combinations, then the method:
-        its name, and its own settings where any are given (which imports the method's module)."""
+        """Raise ConfigError (one line) for values that cannot work; return self. Each value against its declaration,
+        then the combinations, then the method's own settings where any are given (importing its module)."""
         check_fields(self)
         if self.method not in registry.method_names():  # the registry imports no method module for this
             raise ConfigError(f"--method must be one of {', '.join(registry.method_names())}, got {self.method!r}")
@@ -302,9 +295,8 @@ S = TypeVar("S", bound="MethodSettings")
 
 @dataclass(frozen=True)
 class MethodSettings:
-    """A method's own settings: subclass it as a frozen dataclass whose fields are declared with :func:`setting`
-    (default, help text, rule), and override :meth:`check` for rules that tie several of them together. Their
-    flags (``--name-with-dashes``) and config.json keys are the field names."""
+    """A method's own settings: a frozen dataclass subclass whose fields are declared with :func:`setting`; its
+    :meth:`check` holds the rules that tie several of them together."""
 
     def check(self) -> None:
         """Raise ConfigError for combinations of values that cannot work (each value alone is already checked)."""
@@ -333,19 +325,16 @@ def method_settings_class(method: str) -> type[MethodSettings]:
 
 @functools.cache
 def declared_settings_class(method: str) -> type[MethodSettings]:
-    """:func:`method_settings_class` without importing the method's module (and torch) where the registry reads
-    its settings class statement from the source (:func:`empssl.registry.settings_source`): that statement run
-    alone, with the names a settings declaration uses. The command line's flags and help come from it (a test
-    checks that it declares what the imported class does)."""
+    """:func:`method_settings_class` without importing torch where it can: the settings class statement read from
+    the method's source (:func:`empssl.registry.settings_source`) run alone. The command line's flags come from it."""
     source = registry.settings_source(method)
     if not source:
         return method_settings_class(method)
     names: dict[str, Any] = {"dataclass": dataclass, "MethodSettings": MethodSettings, "setting": setting,
                              "ConfigError": ConfigError, "__name__": __name__}
-    given = set(names)
     exec(compile(source, f"<settings of {method}>", "exec"), names)
-    (declared,) = (v for k, v in names.items() if k not in given and k != "__builtins__")
-    return declared
+    return next(v for v in names.values() if isinstance(v, type) and issubclass(v, MethodSettings)
+                and v is not MethodSettings)
 
 
 def settings_for(method: str, d: Mapping[str, Any]) -> dict[str, Any]:
@@ -357,8 +346,7 @@ def settings_for(method: str, d: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field[Any]]:
-    """The fields of a Config or MethodSettings class that are settings (each has a flag): all but
-    ``method_settings``, which holds the method's own ones."""
+    """The fields of a Config or MethodSettings class that are settings (each has a flag)."""
     return [f for f in dataclasses.fields(cls) if f.name != "method_settings"]
 
 
@@ -376,25 +364,20 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _kind(hint: Any) -> tuple[str, Any]:
-    """(what a value of this annotation must be, in words; a test of a value)."""
-    if hint is bool:
-        return "true or false", lambda x: isinstance(x, bool)
-    if hint is int:
-        return "a whole number", lambda x: isinstance(x, int) and not isinstance(x, bool)
-    if hint is float:
-        return "a finite number", _is_number
-    if hint is str:
-        return "a string", lambda x: isinstance(x, str)
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple and args[-1] is Ellipsis:
-        return "a list of finite numbers", lambda x: isinstance(x, tuple) and all(_is_number(v) for v in x)
-    if typing.get_origin(hint) is tuple:
-        return (f"{len(args)} finite numbers",
-                lambda x: isinstance(x, tuple) and len(x) == len(args) and all(_is_number(v) for v in x))
-    if set(args) == {float, type(None)}:
-        return "a finite number or none", lambda x: x is None or _is_number(x)
-    raise TypeError(f"no rule for settings of type {hint}")
+def _numbers(x: Any) -> bool:
+    return isinstance(x, tuple) and all(_is_number(v) for v in x)
+
+
+# The annotations a setting may have: what a value must be, in words, and its test.
+_KINDS: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+    bool: ("true or false", lambda x: isinstance(x, bool)),
+    int: ("a whole number", lambda x: isinstance(x, int) and not isinstance(x, bool)),
+    float: ("a finite number", _is_number),
+    str: ("a string", lambda x: isinstance(x, str)),
+    float | None: ("a finite number or none", lambda x: x is None or _is_number(x)),
+    tuple[float, ...]: ("a list of finite numbers", _numbers),
+    tuple[float, float]: ("2 finite numbers", lambda x: _numbers(x) and len(x) == 2),
+}
 
 
 def check_fields(obj: Any) -> None:
@@ -403,7 +386,7 @@ def check_fields(obj: Any) -> None:
     hints = type_hints(type(obj))
     for f in flag_fields(type(obj)):
         value, meta = getattr(obj, f.name), f.metadata
-        what, ok = _kind(hints[f.name])
+        what, ok = _KINDS[hints[f.name]]
         if not ok(value):
             as_tuple = " (a tuple)" if isinstance(value, list) and typing.get_origin(hints[f.name]) is tuple else ""
             shown = " ".join(repr(value).split())  # one line, even for a tensor in a damaged checkpoint's config
@@ -418,13 +401,13 @@ def check_fields(obj: Any) -> None:
 
 
 def method_preset(method: str) -> str | None:
-    """The preset a method's runs start from when no --preset is given, as the method declares it (a baseline's
-    standard CIFAR recipe: ``simclr-cifar10`` ...); None for EMP-SSL, whose recipe is the defaults."""
+    """The preset a method's runs start from without --preset (``simclr-cifar10`` ...); None for EMP-SSL, whose
+    recipe is the defaults."""
     return registry.method_class(method).preset
 
 
 def method_recipe(method: str) -> dict[str, Any]:
-    """The overrides of ``method``'s own recipe: its preset (:func:`method_preset`), none for EMP-SSL."""
+    """The overrides of ``method``'s own recipe (:func:`method_preset`)."""
     preset = method_preset(method)
     return load_preset(preset) if preset else {}
 
@@ -446,8 +429,6 @@ def load_preset(name: str) -> dict[str, Any]:
 
 def settings_json(text: str, what: str) -> dict[str, Any]:
     """The JSON object of settings in ``text`` (a preset, a --config file); ConfigError naming ``what`` otherwise."""
-    import json
-
     try:
         settings = json.loads(text)
     except json.JSONDecodeError as e:

@@ -16,7 +16,7 @@ from .errors import ConfigError
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: cuda:LOCAL_RANK when CUDA is available, else the CPU; ``cuda``: cuda:LOCAL_RANK; else as named."""
+    """``--device`` as a torch device (``cuda`` is cuda:LOCAL_RANK)."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -27,7 +27,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` (auto | bf16 | fp32) on ``device``; None means float32 (no autocast)."""
+    """The autocast dtype for ``--precision`` on ``device``; None means float32 (no autocast)."""
     if precision == "fp32" or (precision == "auto" and torch.device(device).type != "cuda"):
         return None
     return torch.bfloat16

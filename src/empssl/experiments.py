@@ -1,10 +1,6 @@
 """The paper's experiments as functions: a checkpoint evaluated on its own or on other data (transfer), the
-patch-count ablation (train once per number of patches), the test-patch ablation (evaluate one checkpoint at
-several bag sizes from one feature pass) and the t-SNE map.
-
-Each writes JSON (the numbers), Markdown (a table) and PNG (a plot, via :mod:`empssl.report`) into a folder,
-and is resumable or cheap to re-run. Nothing here changes how a run is trained or evaluated: these are loops
-over :func:`empssl.train.train` and :mod:`empssl.evaluate`.
+patch-count ablation, the test-patch ablation and the t-SNE map. Each writes JSON, Markdown and PNG into a folder
+and is resumable or cheap to re-run; all are loops over :func:`empssl.train.train` and :mod:`empssl.evaluate`.
 """
 
 from __future__ import annotations
@@ -19,8 +15,8 @@ import torch
 from torch import nn
 
 from .checkpoint import read_checkpoint
-from .config import Config, ConfigError
-from .data import ImageData, load_data
+from .config import Config, ConfigError, flag
+from .data import load_data
 from .devices import resolve_device, synchronize
 from .evaluate import (
     Split,
@@ -47,39 +43,28 @@ from .rundir import load_checkpoint, run_config, run_dir_of
 from .stream import eval_splits
 from .train import config_data, train_once
 
-# --- evaluating a checkpoint, possibly on another dataset ---------------------------------------------------
-
 
 def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress: bool = False,
                   log: Callable[[str], Any] = print
                   ) -> tuple[nn.Module, Config, dict[str, Any], Split, Split, torch.device]:
-    """The model of ``checkpoint`` (on its device) and the (train, test) data to evaluate it on.
+    """(model on its device, config, raw checkpoint dict, train, test, device) to evaluate ``checkpoint``, the data
+    read by ``--data-mode`` as training reads them (:func:`empssl.stream.eval_splits`).
 
-    The data are read by ``--data-mode`` as training reads them (:func:`empssl.stream.eval_splits`): a shard
-    folder (``empssl shard``) or data too big for memory give splits read block by block, of which only the
-    features are kept; what fits is decoded into memory. A run trained from shards is evaluated on them without
-    ``--data``.
-
-    ``overrides`` are evaluation flags (``cli.EVAL_FIELDS``). Transfer: when ``overrides["data"]`` names
-    another dataset than the run was trained on, the run's ``train_subset`` / ``test_subset`` (sizes chosen
-    for *its* data) are reset to "all images" unless given again, so a CIFAR run trained on a 200-image
-    subset is not silently evaluated on 2 images per class of a 100-class set. Other classes, image sizes and
-    one-channel images need nothing else: labels come from the new data, patches are cut at a fraction of the
-    image area and resized to the patch size, and gray images are replicated to three channels on loading. The
-    run's ``--data-mode`` is reset to auto too (a run streamed from shards may be evaluated on CIFAR-10).
-
-    Returns (model, config, raw checkpoint dict, train, test, device).
+    ``overrides`` are evaluation flags (``cli.EVAL_FIELDS``). Transfer: when ``overrides["data"]`` names another
+    dataset than the run's, its ``train_subset`` / ``test_subset`` (sizes chosen for *its* data) are reset to all
+    images unless given again, so a run trained on a 200-image CIFAR subset is not silently evaluated on 2 images
+    per class of a 100-class set; its ``--data-mode`` is reset to auto (a run streamed from shards may be evaluated
+    on CIFAR-10).
     """
     overrides = dict(overrides)
     # the config the run was trained with: the checkpoint's own (config.json is only its readable copy), a dict
     saved = read_checkpoint(checkpoint).get("config", {}) if overrides.get("data") else {}
     if overrides.get("data") and overrides["data"] != saved.get("data"):
         reset = [k for k in ("train_subset", "test_subset") if k not in overrides and saved.get(k)]
-        for k in reset:
-            overrides[k] = 0
         if reset:
             log(f"evaluating on {overrides['data']} (trained on {saved.get('data')}): "
-                f"{' and '.join('--' + k.replace('_', '-') for k in reset)} reset to all images")
+                f"{' and '.join(map(flag, reset))} reset to all images")
+        overrides.update(dict.fromkeys(reset, 0))
         overrides.setdefault("data_mode", "auto")
     model, cfg, ckpt = load_checkpoint(checkpoint, overrides)
     device = resolve_device(cfg.device)
@@ -87,29 +72,20 @@ def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress
     return model.to(device), cfg, ckpt, train, test, device
 
 
-# --- patch-count ablation ----------------------------------------------------------------------------------
-
-
 def ablate_patches(cfg: Config, out_dir: str | Path, patch_counts: Sequence[int], *,
-                   explicit: dict[str, Any] | None = None, data: tuple[ImageData, ImageData] | None = None,
-                   progress: bool = True, log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
-    """Train and evaluate the recipe ``cfg`` once per number of training patches n, in ``out_dir/n{n}/``.
+                   explicit: dict[str, Any] | None = None, progress: bool = True,
+                   log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    """Train and evaluate the recipe ``cfg`` once per number of training patches n, in ``out_dir/n{n}/``;
+    ``ablation.json``, ``.md`` and ``.png`` are rewritten after every run. Returns the rows (:func:`ablation_row`).
 
-    Resumable: a run that is finished and evaluated (results.json) is read back, not retrained; an
-    interrupted one resumes from its checkpoint. ``explicit`` holds the flags the user gave, so a rerun with
-    changed weight-affecting flags is refused (as ``empssl train`` does). Writes ``ablation.json``,
-    ``ablation.md`` and ``ablation.png`` into ``out_dir`` (after every run, so partial results are visible).
-
-    Returns one row per n: n, linear_top1, knn_top1, test_patches, train_seconds, eval_seconds, steps,
-    train_patches_per_s, run (folder name).
-    """
+    Resumable: a finished run is read back, an interrupted one resumed. ``explicit`` holds the flags the user gave,
+    so a rerun with changed weight-affecting flags is refused (as ``empssl train`` does)."""
     counts = sorted(set(patch_counts))
     if not counts or counts[0] < 2:
         raise ConfigError(f"--patches must list numbers >= 2 (the invariance term compares patches), got {counts}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if data is None:
-        data = load_data(cfg.data, cfg.data_dir, cfg.image_size, progress)
+    data = load_data(cfg.data, cfg.data_dir, cfg.image_size, progress)
     rows = []
     for n in counts:
         run = out / f"n{n}"
@@ -144,30 +120,16 @@ def write_patch_ablation(out: Path, rows: list[dict[str, Any]], cfg: Config) -> 
     plot_patch_ablation(rows, out / "ablation.png")
 
 
-# --- test-patch ablation -----------------------------------------------------------------------------------
-
-
-def default_test_patch_counts(test_patches: int) -> list[int]:
-    """1, 4, 16, 64 ... below ``test_patches``, and ``test_patches`` itself (the run's own bag size)."""
-    return sorted({4**i for i in range(16) if 4**i < test_patches} | {test_patches})
-
-
 def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = None,
                         overrides: dict[str, Any] | None = None, *,
                         out_dir: str | Path | None = None, progress: bool = True,
                         log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Evaluate one checkpoint with bags of m test patches for every m in ``counts``, from one feature pass.
-
-    The features of ``max(counts)`` patches per image are computed once; the bag of m is the mean of the
-    first m of them (:func:`empssl.evaluate.extract_prefix_features`), so the counts differ only in how
-    many of the same patches are averaged. kNN and the linear probe run per count as in ``empssl eval``.
-    Writes test_patch_ablation.json / .md / .png into ``out_dir`` (default: the run directory).
-
-    Returns the JSON dict: checkpoint, step, data, feature, feature_seconds, rows (test_patches,
-    linear_top1, knn_top1, knn_seconds, probe_seconds, probe_epoch, ...).
-    """
+    """Evaluate one checkpoint with bags of m test patches for every m in ``counts``, from one feature pass: the
+    bag of m averages the first m of ``max(counts)`` patches (:func:`empssl.evaluate.extract_prefix_features`).
+    Writes and returns test_patch_ablation.json (also .md, .png) in ``out_dir`` (default: the run directory)."""
     model, cfg, ckpt, train, test, device = load_for_eval(checkpoint, overrides or {}, progress=progress, log=log)
-    counts = sorted(set(counts)) if counts else default_test_patch_counts(cfg.test_patches)
+    # by default 1, 4, 16, 64 ... below the run's own bag size, and that size
+    counts = sorted(set(counts or [4**i for i in range(16) if 4**i < cfg.test_patches] + [cfg.test_patches]))
     if counts[0] < 1:
         raise ConfigError(f"--counts must list numbers >= 1, got {counts}")
     if eval_protocol(cfg)[0] != "patches":
@@ -204,31 +166,20 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = N
     return result
 
 
-# --- t-SNE -------------------------------------------------------------------------------------------------
-
-
-def tsne_path(checkpoint: str | Path, out: str | Path | None) -> Path:
-    """Where ``empssl tsne`` writes its PNG: ``out`` (a .png file, or a folder: ``out/tsne.png``), by default
-    ``RUN/tsne.png``."""
-    if out is None:
-        return run_dir_of(checkpoint) / "tsne.png"
-    path = Path(out)
-    if path.is_dir() or str(out).endswith(("/", os.sep)):
-        return path / "tsne.png"
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"--out must be a .png file or a folder, got {out}")
-    return path
-
-
 def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *, max_points: int = 5000,
              out: str | Path | None = None, seed: int = 0, progress: bool = True,
              log: Callable[[str], Any] = print) -> Path:
-    """2-D t-SNE (scikit-learn) of the evaluation features (the run's protocol; ``overrides`` may set
-    test_patches, eval_view ...) of up to ``max_points`` test images (class-balanced), coloured by class, saved as
-    a PNG (default ``RUN/tsne.png``) with a ``.json`` of its settings beside it. Returns the PNG path."""
+    """2-D t-SNE (scikit-learn) of the evaluation features of up to ``max_points`` test images (class-balanced),
+    coloured by class: a PNG (``out``: a .png file or a folder; by default ``RUN/tsne.png``) with a ``.json`` of its
+    settings beside it. Returns the PNG path."""
     if max_points < 2:
         raise ConfigError(f"--max-points must be >= 2, got {max_points}")
-    check_writable_file(tsne_path(checkpoint, out))  # before the features and the t-SNE, not after them
+    path = run_dir_of(checkpoint) if out is None else Path(out)
+    if out is None or path.is_dir() or str(out).endswith(("/", os.sep)):
+        path = path / "tsne.png"
+    elif path.suffix.lower() != ".png":
+        raise ConfigError(f"--out must be a .png file or a folder, got {out}")
+    check_writable_file(path)  # before the features and the t-SNE, not after them
     try:
         from sklearn.manifold import TSNE
     except ImportError:
@@ -245,7 +196,6 @@ def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *,
     xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
         torch.nn.functional.normalize(feats, dim=1).numpy())
     log(f"t-SNE of {n} test images ({how}) in {time.perf_counter() - t0:.1f} s")
-    path = tsne_path(checkpoint, out)
     title = f"t-SNE of {cfg.data} test features ({cfg.method}, step {ckpt.get('step')}, {how})"
     plot_tsne(xy, test.labels.numpy(), list(test.classes), path, title=title)
     write_json(path.with_suffix(".json"), {"checkpoint": str(checkpoint), "step": ckpt.get("step"),

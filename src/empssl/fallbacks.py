@@ -1,9 +1,6 @@
-"""Notes of the fast paths that could not run and fell back to their plain twins: the CUDA-graphed linear probe,
-the compiled training step, the second CUDA stream of feature extraction.
-
-A fast path that raises at capture, compile or launch time calls :func:`fall_back`, then runs its plain path (which
-computes the same thing). The note is one line in the log and one entry ``{"path", "why"}`` in the ``fallbacks``
-list of results.json: whoever runs the code sees that it ran slower, and why, instead of losing the run.
+"""Notes of the fast paths (CUDA-graphed probe, compiled step, second CUDA stream) that raised and fell back to
+their plain twins: one line in the log and one entry in results.json's ``fallbacks``, so that whoever runs the code
+sees that it ran slower, and why, instead of losing the run.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from typing import Any
 _OPEN: list[tuple[list[dict[str, str]], Callable[[str], Any]]] = []
 
 
-def fall_back(path: str, plain: str, error: BaseException) -> dict[str, str]:
+def fall_back(path: str, plain: str, error: BaseException) -> None:
     """Record that ``path`` (e.g. "compiled training step") raised ``error`` and ``plain`` runs instead."""
     why = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}".rstrip(": ")
     note = {"path": path, "fallback": plain, "why": why[:300]}
@@ -28,7 +25,6 @@ def fall_back(path: str, plain: str, error: BaseException) -> dict[str, str]:
         _OPEN[-1][1](line)
     else:
         print(f"empssl: {line}", file=sys.stderr)
-    return note
 
 
 @contextlib.contextmanager

@@ -1,14 +1,9 @@
 """The method registry: which class is ``--method NAME``, found without importing torch.
 
-It imports nothing above :mod:`empssl.errors` (the config asks the registry for the method names and the method
-modules import the config, so the registry sits below both) and knows nothing of what a method is: it holds the
-classes that ``@register`` names; :mod:`empssl.methods` re-exports it with the types of a method.
-
-It imports no method module until one is asked for: the method modules import torch (seconds), and validating a
-config, listing the names or the command line's ``--help`` must not. :func:`method_names` reads the names of the
-package's methods from their modules' ``@register("...")`` lines (``src/empssl/methods/*.py``) and
-:func:`settings_source` their settings class statements; a method defined elsewhere (a test, a user's script) is
-listed once its module has been imported and has registered it.
+It sits below the config and the methods (which both use it) and imports no method module until one is asked for:
+they import torch (seconds), which validating a config, listing the names or ``--help`` must not. The package's
+methods are found in their modules' source (``@register("...")`` classes, settings class statements); a method
+defined elsewhere (a test, a user's script) is listed once its module has registered it.
 """
 
 from __future__ import annotations
@@ -17,7 +12,6 @@ import ast
 import dataclasses
 import functools
 import importlib
-import re
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, TypeVar
@@ -27,18 +21,14 @@ from .errors import ConfigError
 M = TypeVar("M", bound=type[Any])
 
 _PACKAGE = __name__.rpartition(".")[0]  # empssl
-METHODS_PACKAGE = f"{_PACKAGE}.methods"  # the package whose modules register its methods
 _REGISTERED: dict[str, type[Any]] = {}
 _ORDER: dict[str, int] = {}
-_REGISTER_LINE = re.compile(r'^@register\("([^"]+)"(?:, order=(\d+))?\)', re.MULTILINE)
 LAST = 1000  # the place of a method that gives no order: after the package's own, by name
 
 
 def register(name: str, order: int = LAST) -> Callable[[M], M]:
-    """Class decorator: ``@register("vicreg", order=2)`` makes the class the method ``--method vicreg`` (and sets
-    its ``name``); ``order`` places it in :func:`method_names` (the default of ``empssl compare --methods``). A
-    name taken by another class is an error. In this package, write it on one line as ``@register("name")`` or
-    ``@register("name", order=N)``: that line is how the registry finds the method without importing it."""
+    """Class decorator: ``@register("vicreg", order=2)`` makes the class ``--method vicreg``; ``order`` places it in
+    :func:`method_names`. The package's methods are found by this line in their source, without importing them."""
 
     def add(cls: M) -> M:
         known = _REGISTERED.get(name)
@@ -51,25 +41,31 @@ def register(name: str, order: int = LAST) -> Callable[[M], M]:
     return add
 
 
-def _source(module: str) -> str:
-    return (resources.files(_PACKAGE) / "methods" / f"{module}.py").read_text()
-
-
 @functools.cache
-def _package_methods() -> dict[str, tuple[str, int]]:
-    """{method name: (module, order)} of the package's methods, read from their modules' source (not imported)."""
+def _package_methods() -> dict[str, tuple[str, int, str]]:
+    """{method name: (module, order, settings class statement)} of the package's methods, read from their modules'
+    source without importing them: each class that ``@register(...)`` decorates, and the class ``X`` of its
+    ``Settings = X`` where X is defined in the same module ("" otherwise)."""
     out = {}
     for entry in resources.files(_PACKAGE).joinpath("methods").iterdir():
-        if entry.name.endswith(".py") and not entry.name.startswith("_"):
-            for name, order in _REGISTER_LINE.findall(_source(entry.name[:-3])):
-                out[name] = (entry.name[:-3], int(order or LAST))
+        if not entry.name.endswith(".py") or entry.name.startswith("_"):
+            continue
+        classes = {node.name: node for node in ast.parse(entry.read_text()).body if isinstance(node, ast.ClassDef)}
+        for cls in classes.values():
+            for d in cls.decorator_list:
+                if isinstance(d, ast.Call) and ast.unparse(d.func) == "register" and d.args:
+                    order = next((ast.literal_eval(k.value) for k in d.keywords if k.arg == "order"), LAST)
+                    settings = [ast.unparse(classes[stmt.value.id]) for stmt in cls.body
+                                if isinstance(stmt, ast.Assign) and ast.unparse(stmt.targets[0]) == "Settings"
+                                and isinstance(stmt.value, ast.Name) and stmt.value.id in classes]
+                    out[ast.literal_eval(d.args[0])] = (entry.name[:-3], order, "".join(settings))
     return out
 
 
 def method_names() -> tuple[str, ...]:
     """Every method's ``--method`` name, in their declared order (EMP-SSL, SimCLR, VICReg, BYOL, then any other by
     name). Imports no method module."""
-    order = {**{n: o for n, (_, o) in _package_methods().items()}, **_ORDER}
+    order = {**{n: o for n, (_, o, _) in _package_methods().items()}, **_ORDER}
     return tuple(sorted(order, key=lambda n: (order[n], n)))
 
 
@@ -79,7 +75,7 @@ def method_class(name: str) -> type[Any]:
     if not isinstance(name, str):
         raise ConfigError(f"--method must be a string, got {name!r}")
     if name not in _REGISTERED and name in _package_methods():
-        importlib.import_module(f"{METHODS_PACKAGE}.{_package_methods()[name][0]}")
+        importlib.import_module(f"{_PACKAGE}.methods.{_package_methods()[name][0]}")
     if name not in _REGISTERED:
         raise ConfigError(f"unknown --method {name!r}; choose from {', '.join(method_names())}")
     return _REGISTERED[name]
@@ -92,19 +88,6 @@ def settings_owners(key: str) -> list[str]:
 
 @functools.cache
 def settings_source(name: str) -> str:
-    """The class statement (decorators included) of the settings class that the package's method ``name``
-    declares, read from its module without importing it: the class named by ``Settings = X`` in the class that
-    ``@register("name")`` decorates, defined in the same module. "" for a method outside the package, one already
-    imported (its class is at hand) or one without settings of its own."""
-    if name in _REGISTERED or name not in _package_methods():
-        return ""
-    tree = ast.parse(_source(_package_methods()[name][0]))
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-    for cls in classes.values():
-        if any(isinstance(d, ast.Call) and ast.unparse(d.func) == "register" and d.args
-               and ast.literal_eval(d.args[0]) == name for d in cls.decorator_list):
-            for stmt in cls.body:
-                if (isinstance(stmt, ast.Assign) and ast.unparse(stmt.targets[0]) == "Settings"
-                        and isinstance(stmt.value, ast.Name) and stmt.value.id in classes):
-                    return ast.unparse(classes[stmt.value.id])
-    return ""
+    """The class statement of the settings class that the package's method ``name`` declares, read without
+    importing it; "" for a method outside the package, one already imported or one without settings of its own."""
+    return "" if name in _REGISTERED or name not in _package_methods() else _package_methods()[name][2]
