@@ -289,7 +289,8 @@ def _base_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--config file not found: {path}")
         from_file = settings_json(path.read_text(), f"--config {path}")
     method = getattr(args, "method", None) or from_file.get("method")
-    base = load_preset(args.preset) if args.preset else method_recipe(method) if method else {}
+    # --preset "" starts from the defaults, even for a method with its own recipe
+    base = load_preset(args.preset) if args.preset else method_recipe(method) if method and args.preset is None else {}
     return {**base, **from_file}
 
 
