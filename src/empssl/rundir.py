@@ -212,13 +212,12 @@ class MetricsLog:
     """
 
     def __init__(self, path: Path | None, terms: tuple[str, ...], device: torch.device, *, start_step: int,
-                 steps_per_epoch: int, views_per_step: int, bar: Any = None,
-                 on_record: Callable[[dict[str, Any]], None] | None = None,
+                 steps_per_epoch: int, views_per_step: int, bar: Any = None, tracker: Tracking = NO_TRACKING,
                  state: dict[str, Any] | None = None) -> None:
         if path is not None:
             cut_jsonl(path, start_step)
         self.terms, self.steps_per_epoch, self.views_per_step, self.bar = terms, steps_per_epoch, views_per_step, bar
-        self.on_record = on_record  # e.g. the --log trackers, given every line as it is written
+        self.tracker = tracker  # the --log trackers, given every line as it is written
         self.file: IO[str] = open(path if path is not None else os.devnull, "a")  # noqa: SIM115 (closed in close())
         self.sums = torch.zeros(len(terms), device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step whose update was skipped
@@ -258,8 +257,7 @@ class MetricsLog:
                "patches_per_s": self.timed * self.views_per_step / max(dt, 1e-9)}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
-        if self.on_record is not None:
-            self.on_record(rec)
+        self.tracker.log_scalars(rec, step=step, wall_time=time.time(), prefix="train/")
         if self.bar is not None:
             self.bar.set_postfix({k: f"{rec[k]:.3g}" for k in self.terms[:3]}
                                  | {"views/s": f"{rec['patches_per_s']:.0f}"})

@@ -344,9 +344,7 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
                dynamic_ncols=True, desc="train", unit="step")
     metrics = MetricsLog(run.out / "metrics.jsonl" if dist.is_main else None, method.terms, device, bar=bar,
                          start_step=step, steps_per_epoch=run.steps_per_epoch, views_per_step=run.views_per_step,
-                         on_record=lambda rec: run.session.tracker.log_scalars(rec, step=rec["step"],
-                                                                               wall_time=time.time(), prefix="train/"),
-                         state=run.metrics_state)
+                         tracker=run.session.tracker, state=run.metrics_state)
     stopping = False
     with stop, closing(metrics), batches, bar:
         try:
