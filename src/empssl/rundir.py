@@ -50,18 +50,6 @@ def run_dir_of(checkpoint: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def saved_config(out_dir: str | Path) -> Config | None:
-    """The config saved in ``out_dir/config.json``, or None when there is none."""
-    path = Path(out_dir) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return Config.from_dict(read_json(path)["config"])
-    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
-        raise ConfigError(f"{path} is not an empssl config ({type(e).__name__}: {e}); delete it and it is "
-                          f"rewritten from the checkpoint") from None
-
-
 def _trained_config(ckpt: dict[str, Any], path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """The config of checkpoint ``ckpt`` (read from ``path``), updated by ``overrides``."""
     try:
@@ -88,15 +76,18 @@ def run_config(out_dir: str | Path, cfg: Config, explicit: dict[str, Any]) -> Co
     if not path.is_file():
         return cfg
     truth = _trained_config(read_checkpoint(path), path)
-    t = truth.to_dict()
-    copy = saved_config(out)
-    if copy is not None:
-        c = copy.to_dict()
+    t, copy = truth.to_dict(), out / "config.json"
+    if copy.is_file():
+        try:
+            c = Config.from_dict(read_json(copy)["config"]).to_dict()
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            raise ConfigError(f"{copy} is not an empssl config ({type(e).__name__}: {e}); delete it and it is "
+                              f"rewritten from the checkpoint") from None
         edited = [k for k in {**c, **t} if k not in RESUMABLE_CHANGES and c.get(k) != t.get(k)]
         if edited:
-            raise ConfigError(f"{out / 'config.json'} says {_shown(c, edited)} but the checkpoint was trained "
-                              f"with {_shown(t, edited)}; the checkpoint is the run's truth: restore "
-                              f"config.json or delete it (it is rewritten from the checkpoint)")
+            raise ConfigError(f"{copy} says {_shown(c, edited)} but the checkpoint was trained with "
+                              f"{_shown(t, edited)}; the checkpoint is the run's truth: restore config.json or "
+                              f"delete it (it is rewritten from the checkpoint)")
     # --epochs may change where --schedule-epochs fixes the schedule and the new stop lies within it: the run goes
     # on along the same schedule, so its weights are those of a run started with the new --epochs
     same_schedule = 0 < truth.schedule_epochs == cfg.schedule_epochs and cfg.epochs <= cfg.schedule_epochs
