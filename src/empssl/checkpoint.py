@@ -1,7 +1,6 @@
 """Checkpoint files: one dict (model, optimiser, step, RNG states, config), written atomically, read safely.
 
-A leaf: it reads and writes dicts and loads a state dict into a model it is given. Rebuilding the model a
-run trained is :func:`empssl.rundir.load_checkpoint`.
+A leaf: rebuilding the model a run trained is :func:`empssl.rundir.load_checkpoint`.
 """
 
 from __future__ import annotations
@@ -39,13 +38,9 @@ RESUMED = ("optimizer", "step", "rng", "rng.torch", "rng.patches")  # what a tra
 
 
 def read_checkpoint(path: str | Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Load a checkpoint dict with ``weights_only=True`` (no pickled code is executed).
-
-    Anything that is not an empssl checkpoint (an empty or truncated file, another format, a pickle of Python
-    objects, an entry of :data:`ENTRIES` of another type, a ``require``d entry missing) is a one-line
-    CheckpointError. It never suggests ``weights_only=False``: loading a file that way would run whatever code it
-    holds.
-    """
+    """Load a checkpoint dict with ``weights_only=True`` (no pickled code is executed). Anything else (an empty or
+    truncated file, another format, pickled objects, an entry of :data:`ENTRIES` of another type, a ``require``d
+    entry missing) is a one-line CheckpointError, which never suggests ``weights_only=False``."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"

@@ -1,9 +1,8 @@
 """``--compile`` (auto | on | off): whether the training step runs through torch.compile, and the module it calls.
 
-``on`` and ``off`` are decided at set-up. ``auto`` is eager on the CPU; on CUDA it times
-``COMPILE_TRIAL_STEPS`` eager steps (after cudnn's autotuning) and compiles only if the rest of the run saves
-more than compiling costs (:func:`want_compile`). The plain model is never wrapped in place, so its
-state_dict (what checkpoints hold) keeps plain keys.
+``auto`` is eager on the CPU; on CUDA it times ``COMPILE_TRIAL_STEPS`` eager steps and compiles only if the rest
+of the run saves more than compiling costs (:func:`want_compile`). The plain model is never wrapped in place, so
+its state_dict (what checkpoints hold) keeps plain keys.
 """
 
 from __future__ import annotations
@@ -33,16 +32,16 @@ COMPILE_SECONDS = 60.0  # what compiling the training step costs, once
 
 def want_compile(mode: str, device: torch.device, remaining_steps: int, step_seconds: float | None
                  ) -> tuple[bool, str]:
-    """Decide ``--compile`` (auto | on | off). Returns (compile now, a one-line reason for the log and results).
-
-    ``auto`` compiles only on CUDA, and only when ``remaining_steps * step_seconds * COMPILE_GAIN`` exceeds
-    ``COMPILE_SECONDS``: a one-epoch CIFAR run (500 steps of ~34 ms) saves ~3 s and stays eager.
-    """
+    """(compile now, a one-line reason). ``auto`` compiles only on CUDA, once measured, and only when
+    ``remaining_steps * step_seconds * COMPILE_GAIN`` exceeds ``COMPILE_SECONDS``: a one-epoch CIFAR run (500 steps
+    of ~34 ms) saves ~3 s and stays eager."""
     if mode in ("on", "off"):
         return mode == "on", f"--compile {mode}"
     if device.type != "cuda":
         return False, "auto: eager on the CPU"
     if step_seconds is None:
+        if remaining_steps < COMPILE_TRIAL_STEPS:
+            return False, f"auto: {remaining_steps} steps, too few to win back compiling"
         return False, "auto: eager while the step time is measured"
     saving = remaining_steps * step_seconds * COMPILE_GAIN
     use = saving > COMPILE_SECONDS
@@ -52,12 +51,9 @@ def want_compile(mode: str, device: torch.device, remaining_steps: int, step_sec
 
 class Compiler:
     """The module the training step calls (``net``: the model, wrapped in DDP under torchrun and/or compiled),
-    with ``--compile`` decided for steps ``start_step`` .. ``total_steps``.
-
-    ``reason`` is the decision's one-line reason and ``compile_seconds`` the time the compiled first step took.
-    The loop runs every step through :meth:`call`, calls :meth:`before` and :meth:`after` around it, and
-    :meth:`exclude` for time spent outside the step (monitoring) so that it stays out of ``auto``'s step-time
-    measurement.
+    with ``--compile`` decided for steps ``start_step`` .. ``total_steps``; ``reason`` says why, in one line, and
+    ``compile_seconds`` is the time the compiled first step took. The loop runs every step through :meth:`call`,
+    between :meth:`before` and :meth:`after`; :meth:`exclude` leaves time spent outside it (monitoring) out.
     """
 
     def __init__(self, mode: str, model: nn.Module, device: torch.device, dist: Dist, *, start_step: int,
@@ -66,23 +62,17 @@ class Compiler:
         compiled, self.reason = want_compile(mode, device, total_steps - start_step, None)
         self.net = self._module(compiled)
         self.compile_from = start_step if compiled else None  # the step whose wall time includes compiling
-        self.decide_at = -1
-        if mode == "auto" and device.type == "cuda":
-            self.decide_at = start_step + COMPILE_TRIAL_STEPS
-            if self.decide_at > total_steps:
-                self.decide_at = -1
-                self.reason = f"auto: {total_steps - start_step} steps, too few to win back compiling"
+        measured = mode == "auto" and device.type == "cuda" and total_steps - start_step >= COMPILE_TRIAL_STEPS
+        self.decide_at = start_step + COMPILE_TRIAL_STEPS if measured else -1
         self.compile_seconds = 0.0
         self._t_compile = self._t_trial = 0.0
 
     def call(self, run_step: Callable[..., T], *args: Any, generator: torch.Generator) -> T:
         """``run_step(self.net, *args)``: one training step that draws from ``generator``.
 
-        While compiled, a step that raises (compiling happens at the first call, and again at a recompilation)
-        falls back to the eager module and runs again from the random states it started from, so the run keeps
-        its training; a note goes to the log and the results (:mod:`empssl.fallbacks`). An error of the step
-        itself raises again from the eager one. Under torchrun every rank compiles the same step, so they fail,
-        and fall back, together."""
+        While compiled, a step that raises (compiling happens at the first call, and at a recompilation) runs
+        again eager from the random states it started from, with a note (:mod:`empssl.fallbacks`); an error of
+        the step itself raises again from the eager one. Under torchrun the ranks fail, and fall back, together."""
         if self.compile_from is None:
             return run_step(self.net, *args)
         states = generator.get_state(), torch.get_rng_state()

@@ -1,22 +1,18 @@
 """Time-to-accuracy during training: a cheap kNN check every few steps, and the run's wall-time clock.
 
 Every ``cfg.eval_every`` steps (an integer number of steps, or a fraction of an epoch when < 1) the encoder's
-features (the run's evaluation view: for EMP-SSL a bag of ``cfg.monitor_patches`` patches, for the baselines
-the whole image) of a fixed class-balanced subset of the test set are
-classified by a weighted kNN (``cfg.knn_k``, ``cfg.knn_temperature``) against a fixed class-balanced subset of
+features (the run's evaluation view: for EMP-SSL a bag of ``cfg.monitor_patches`` patches) of a fixed
+class-balanced subset of the test set are classified by a weighted kNN against a fixed class-balanced subset of
 the training set, and one line is appended to ``RUN/monitor.jsonl``::
 
     {"step", "epoch", "elapsed_s", "train_s", "patches_seen", "images_seen", "knn_top1", "monitor_patches",
      "monitor_s", "n_bank", "n_test"}
 
-(``epoch`` is left out when there are no epochs: ``steps_per_epoch`` 0, the online mode.)
-
-``train_s`` is the training wall time excluding every monitor evaluation, ``elapsed_s`` includes them; both
-continue across resumes (the clock is saved in the checkpoint). The check does not disturb training: the
-features come from an eval-mode copy of the model (:func:`empssl.models.inference_copy`: BatchNorm on its
-running statistics, folded into the convolutions; the model itself is not touched), the patches come from
-generators seeded by ``cfg.eval_seed`` (the global RNG and the training patch generator are untouched), and
-no gradient is computed, so a run with and without monitoring ends with bitwise-identical weights.
+(no ``epoch`` without epochs: the online mode). ``train_s`` is the training wall time excluding every check,
+``elapsed_s`` includes them; both continue across resumes (the checkpoint keeps the clock). The check does not
+disturb training: it uses an eval-mode copy of the model (:func:`empssl.models.inference_copy`), patches from
+generators seeded by ``cfg.eval_seed`` and no gradient, so a run with and without monitoring ends with
+bitwise-identical weights.
 """
 
 from __future__ import annotations
@@ -50,23 +46,13 @@ def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
 class Monitor:
     """The run's clock (training vs monitoring wall time) and, when ``cfg.eval_every > 0``, the kNN check.
 
-    Use: ``start()`` right before the loop, ``after_step(model, step)`` after every optimisation step (it
-    returns the seconds it spent, so the caller can leave them out of its own throughput figures), and
-    ``clock()`` for the checkpoint and the run summary.
-
-    Args:
-        train, test: the run's splits, in memory or streamed; their first ``cfg.monitor_bank`` /
-            ``cfg.monitor_test`` images (class-balanced, :meth:`ImageData.subset`) are the memory bank and the
-            query set, whose features are computed at each check (a streamed split's block by block: the check
-            holds their features, not their images).
-        out_dir: the run directory (``monitor.jsonl`` is written there).
-        patches_per_step: patches processed per optimisation step over all processes.
-        start_step: the step the run starts or resumes at; records after it (written by an interrupted
-            session whose last steps were lost) are dropped.
-        clock_state: the ``clock()`` dict saved in the checkpoint being resumed, or None.
-        dist: under torchrun every rank computes the features of its share of the bank and the queries at the
-            same steps (:func:`empssl.evaluate.image_features`); rank 0 writes.
-        tracker: also receives every record (``--log``).
+    ``start()`` right before the loop, ``after_step(model, step)`` after every step (it returns the seconds it
+    spent, which the caller leaves out of its throughput), ``clock()`` for the checkpoint and the run summary.
+    The first ``cfg.monitor_bank`` / ``cfg.monitor_test`` images of ``train`` / ``test`` (in memory or streamed,
+    :meth:`ImageData.subset`) are the bank and the queries, whose features are computed at each check.
+    ``patches_per_step`` counts all processes; records after ``start_step`` (written by an interrupted session)
+    are dropped, and the clock goes on from ``clock_state`` (the checkpoint's ``clock()``). Under torchrun every
+    rank computes its share of the features (``dist``); rank 0 writes, also to ``tracker`` (``--log``).
     """
 
     def __init__(self, cfg: Config, train: Split, test: Split, device: torch.device, out_dir: Path, *,
@@ -75,12 +61,9 @@ class Monitor:
                  tracker: Tracking = NO_TRACKING) -> None:
         self.cfg, self.device = cfg, torch.device(device)
         self.steps_per_epoch, self.total_steps, self.patches_per_step = steps_per_epoch, total_steps, patches_per_step
-        self.start_step, self.dist = start_step, dist
-        self.tracker = tracker
+        self.start_step, self.dist, self.tracker = start_step, dist, tracker
         self.interval = monitor_interval(cfg.eval_every, steps_per_epoch)
-        prior = clock_state or {}
-        self._train_before = float(prior.get("train_seconds", 0.0))
-        self._monitor_before = float(prior.get("monitor_seconds", 0.0))
+        self._before = clock_state or {}  # the sessions' before a resume
         self._t0: float | None = None
         self._monitor_now = 0.0  # monitor seconds spent in this session
         self.path = Path(out_dir) / "monitor.jsonl"
@@ -96,23 +79,24 @@ class Monitor:
         synchronize(self.device)
         self._t0 = time.perf_counter()
         if self.interval and self.start_step == 0:
-            self._evaluate(model, 0)
+            self.evaluate(model, 0)
 
     def clock(self) -> dict[str, float]:
         """Wall time so far: ``train_seconds`` (excluding monitoring), ``monitor_seconds``, ``elapsed_seconds``."""
         now = 0.0 if self._t0 is None else time.perf_counter() - self._t0
-        train = self._train_before + now - self._monitor_now
-        monitor = self._monitor_before + self._monitor_now
+        train = self._before.get("train_seconds", 0.0) + now - self._monitor_now
+        monitor = self._before.get("monitor_seconds", 0.0) + self._monitor_now
         return {"train_seconds": train, "monitor_seconds": monitor, "elapsed_seconds": train + monitor}
 
     def after_step(self, model: nn.Module, step: int) -> float:
         """Evaluate if ``step`` is due (every ``interval`` steps and the last one); return the seconds spent."""
         if not self.interval or (step % self.interval and step != self.total_steps):
             return 0.0
-        return self._evaluate(model, step)
+        return self.evaluate(model, step)
 
     @torch.no_grad()
-    def _evaluate(self, model: nn.Module, step: int) -> float:
+    def evaluate(self, model: nn.Module, step: int) -> float:
+        """Run the kNN check of ``model`` at ``step`` now; return the seconds it took."""
         synchronize(self.device)
         t = time.perf_counter()
         clock = self.clock()

@@ -1,48 +1,41 @@
 """Online learning: one pass over a stream of images, each learned once, in arrival order (``train --online``).
 
-``--data`` is either a folder that keeps receiving image files (a camera, a crawler, another process), or a shard
-folder (``empssl shard``) that ``empssl shard SRC --out DIR --append`` keeps adding shards to.
+``--data`` is a folder that keeps receiving image files (a camera, a crawler, another process), or a shard folder
+(``empssl shard``) that ``empssl shard SRC --out DIR --append`` keeps adding shards to. Either is looked at every
+``online_settle / 2`` seconds (at most every 0.5 s).
 
-**A folder of image files** (:class:`FolderStream`) is looked at every ``online_settle / 2`` seconds (at most every
-0.5 s), its subfolders included, and each new file is handled by these rules:
+**A folder of image files** (:class:`FolderStream`), subfolders included:
 
 - **Which files**: regular files with an image suffix (:data:`empssl.data.IMAGE_EXTENSIONS`); names starting
   with ``.`` are ignored, so a writer that writes ``.name.tmp`` and renames it when done is read only then.
-- **When a file is ready**: its size and modification time have stayed the same for ``online_settle`` seconds
-  (a file still being written keeps changing).
+- **When a file is ready**: its size and modification time have stayed the same for ``online_settle`` seconds.
 - **Arrival order**: by the poll that first saw the file ready, then by modification time, then by name. A
-  file already learned is never read again, even if it is rewritten.
-- **Position**: the names learned, in order (the checkpoint holds them).
+  file already learned is never read again, even if it is rewritten. **Position**: the names learned, in order.
 
 **A shard folder** (:class:`ShardStream`; it holds ``manifest.json``, or ``.plan.json`` while ``empssl shard`` is
-still writing it) is read through its manifest, looked at as often (read again only when it changed):
+still writing it) is read through its manifest (read again only when it changed):
 
-- **Which images**: the train split's items, shard after shard in the manifest's order (the order ``--append``
-  added them: arrival order), each shard's items in order. Only shards the manifest lists are read.
-- **When a shard is ready**: once listed. ``--append`` writes a shard, complete and hashed, before it lists it,
-  so a listed shard that is missing, of another size or another sha256 than the manifest says is an error, not
-  one still arriving: one line, exit 2, after checkpointing the steps learned (the run resumes once the shard is
-  fixed). Each shard is hashed when the stream reaches it; the manifest's other shards are checked by size.
-- **Only appends**: the shards listed before must stay listed as they were; a folder rewritten (another source
-  sharded into it) is an error, also at resume (the checkpoint names the shard it stands in, with its sha256).
-- **Position**: (shard, item) after the last image learned, so appends made while a run is stopped are simply
-  read after it. ``stream.jsonl`` also gives each step's ``from`` and ``to`` positions.
+- **Which images**: the train split's items, shard after shard in the manifest's order (arrival order).
+- **When a shard is ready**: once listed. ``--append`` lists a shard only once it is complete and hashed, so a
+  listed shard that is missing, of another size or sha256 than the manifest says is an error: one line, exit 2,
+  after checkpointing the steps learned. Each shard is hashed when the stream reaches it; the others by size.
+- **Only appends**: the shards listed before must stay listed as they were; a folder rewritten is an error, also
+  at resume (the checkpoint names the shard it stands in, with its sha256).
+- **Position**: (shard, item) after the last image learned, so appends made while a run is stopped are read
+  after it. ``stream.jsonl`` also gives each step's ``from`` and ``to`` positions.
 
 For both: an image that does not decode, or whose size differs from the stream's (``--image-size`` 0 keeps the
 first image's size), is skipped, named in one line (the first 10), counted in results.json and not read again.
-A step waits until ``--batch-size`` images are there. At a stop (``--online-stop``, Ctrl-C, ``--online-timeout``)
-the images of an unfilled batch are not learned and not counted as seen: a resumed run learns them first.
+A step waits until ``--batch-size`` images are there; at a stop (``--online-stop``, Ctrl-C, ``--online-timeout``)
+the images of an unfilled batch are not learned: a resumed run learns them first.
 
-The stream is a batch source (:class:`OnlineBatches`) of the one training loop (:func:`empssl.train.loop`), in a
-run directory like any other (:class:`empssl.rundir.RunSession`), plus ``stream.jsonl``: one line per step,
-``{"step", "images": [names]}`` (a shard item's name is its path relative to the source it was sharded from). The
-checkpoint holds the stream position: a resumed run continues with the next unseen image. There are no epochs:
-the learning rate stays at ``--lr`` after ``--online-warmup`` images (:meth:`empssl.train.Run.lr`), the kNN
-monitor (``--online-eval``) records accuracy against ``images_seen``, and the time spent waiting for images stays
-out of the throughput. One process (no torchrun). A batch's images are decoded on the CPU between steps, by up to
-8 threads side by side (PIL releases the GIL; a shard's items are read through LitData one at a time). A LitData
-folder without empssl's manifest (``litdata.optimize(..., mode="append")``) is refused in one line: nothing checks
-its chunks' contents, and its items need not be image files (docs/DATA.md).
+The stream is a batch source (:class:`OnlineBatches`) of the one training loop (:func:`empssl.train.loop`), plus
+``stream.jsonl``: one line per step, ``{"step", "images": [names]}`` (a shard item's name is its path relative
+to the source it was sharded from). There are no epochs: the learning rate stays at ``--lr`` after
+``--online-warmup`` images (:meth:`empssl.train.Run.lr`), the kNN monitor (``--online-eval``) records accuracy
+against ``images_seen``, and the time spent waiting for images stays out of the throughput. One process (no
+torchrun); a batch's images are decoded by up to 8 threads (PIL releases the GIL). A LitData folder without
+empssl's manifest is refused in one line: nothing checks its chunks, and its items need not be images.
 """
 
 from __future__ import annotations
@@ -55,7 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import IO, Any
 
@@ -73,29 +66,20 @@ from .stream import ShardItems, eval_splits
 from .train import NO_IMAGES, TrainError, config_data, train
 
 
-@dataclass
 class FolderStream:
     """The ready, unseen image files of a folder, in arrival order (the rules are in the module docstring).
+    A key is a file's relative name; the position (``state``) is the names learned, in order, and those skipped."""
 
-    ``seen`` holds the relative names already learned (or skipped); :meth:`poll` adds newly ready files to
-    ``ready`` (relative names, in arrival order) without reading them. A key of this stream is the file's
-    relative name; ``learned`` lists the names learned, in order (the stream position).
-    """
+    kind = "folder"
 
-    root: Path
-    settle: float
-    seen: set[str] = field(default_factory=set)
-    ready: deque[str] = field(default_factory=deque)
-    learned: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    _pending: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> (size, mtime_ns, since)
-
-    @classmethod
-    def resume(cls, root: Path, settle: float, state: dict[str, Any]) -> FolderStream:
-        """The stream after the checkpoint's ``state`` (:meth:`state`): its learned and skipped files are not read
-        again."""
-        learned, skipped = list(state.get("names", [])), list(state.get("skipped", []))
-        return cls(root, settle, seen=set(learned) | set(skipped), learned=learned, skipped=skipped)
+    def __init__(self, root: Path, settle: float, state: dict[str, Any] | None = None) -> None:
+        state = state or {}
+        self.root, self.settle = root, settle
+        self.learned: list[str] = list(state.get("names", []))
+        self.skipped: list[str] = list(state.get("skipped", []))
+        self.seen = set(self.learned) | set(self.skipped)  # never read again
+        self.ready: deque[str] = deque()
+        self._pending: dict[str, tuple[int, int, float]] = {}  # name -> (size, mtime_ns, since)
 
     @property
     def images_learned(self) -> int:
@@ -125,8 +109,7 @@ class FolderStream:
                     self._pending[rel] = (*sig, now)
                 elif now - was[2] >= self.settle and st.st_size > 0:
                     found.append((st.st_mtime_ns, rel))
-        for rel in set(self._pending) - listed:  # gone before it was ready
-            del self._pending[rel]
+        self._pending = {rel: v for rel, v in self._pending.items() if rel in listed}  # the others are gone
         for _, rel in sorted(found):
             del self._pending[rel]
             self.seen.add(rel)
@@ -150,8 +133,7 @@ class FolderStream:
         self.skipped.append(rel)
 
     def state(self) -> dict[str, Any]:
-        """The stream position for the checkpoint: the names learned, in order, and those skipped."""
-        return {"kind": "folder", "names": self.learned, "skipped": self.skipped}
+        return {"kind": self.kind, "names": self.learned, "skipped": self.skipped}
 
     def waiting(self) -> str:
         return f"waiting for images in {self.root} ..."
@@ -161,38 +143,30 @@ Key = tuple[int, int]  # (shard, item in that shard) of a shard folder's train s
 
 
 class ShardStream:
-    """The listed, unlearned items of a shard folder's train split (``empssl shard``, appended to with
-    ``--append``), in shard order: the order the shards were listed in its manifest, i.e. arrival order.
+    """The listed, unlearned items of a shard folder's train split, in the order its manifest lists the shards
+    (arrival order). A key is (shard, item); the position ``pos`` is the item after the last one learned.
 
-    :meth:`poll` reads ``manifest.json`` again when it changed (size, mtime, inode) and checks it
-    (:func:`empssl.shard.verify_shards`, sizes): the shards it listed before must be listed as they were. Then it
-    takes the next listed shard, checks its size and sha256 against the manifest and queues its items, one shard
-    at a time. Items are read through LitData (:class:`empssl.stream.ShardItems`), one read at a time; their
-    decoding runs in the caller's threads. The stream position is ``pos``: the item after the last one learned.
+    :meth:`poll` reads ``manifest.json`` again when it changed (size, mtime, inode), checks that the shards it
+    listed before are listed as they were, then checks the next listed shard's size and sha256 and queues its
+    items. Items are read through LitData (:class:`empssl.stream.ShardItems`), one read at a time.
     """
 
-    def __init__(self, root: Path, pos: Key = (0, 0), expect: tuple[str, str] | None = None, learned: int = 0,
-                 skipped: list[list[Any]] | None = None) -> None:
+    kind = "shards"
+
+    def __init__(self, root: Path, state: dict[str, Any] | None = None) -> None:
+        state = state or {}
         self.root, self.split = root, root / NO_SPLIT
         self.shards: list[ShardFile] = []
         self.offsets = [0]  # offsets[i]: the split's index of shard i's first item
-        self.pos, self.next = pos, pos  # the position; the next item to queue
-        self.expect = expect  # (name, sha256) of shard pos[0], as the checkpoint recorded it
-        self.images_learned = learned
-        self.skipped: list[list[Any]] = list(skipped or [])  # [shard, item, name] of each item skipped
+        self.pos = self.next = (int(state.get("shard", 0)), int(state.get("item", 0)))  # the next to learn, to queue
+        # (name, sha256) of shard pos[0], as the checkpoint recorded it
+        self.expect = (str(state["shard_name"]), str(state["shard_sha256"])) if state.get("shard_name") else None
+        self.images_learned = int(state.get("images", 0))
+        self.skipped: list[list[Any]] = list(state.get("skipped", []))  # [shard, item, name] of each item skipped
         self.ready: deque[Key] = deque()
         self._sig: tuple[int, int, int] | None = None
         self._items: ShardItems | None = None
         self._read = threading.Lock()  # LitData's reader is used by one thread at a time
-
-    @classmethod
-    def resume(cls, root: Path, state: dict[str, Any]) -> ShardStream:
-        """The stream at the checkpoint's ``state`` (:meth:`state`)."""
-        if not state:
-            return cls(root)
-        expect = (str(state["shard_name"]), str(state["shard_sha256"])) if state.get("shard_name") else None
-        return cls(root, (int(state["shard"]), int(state["item"])), expect, int(state["images"]),
-                   state.get("skipped", []))
 
     def poll(self) -> int:
         """Queue the next listed shard's items (reading the manifest again when it changed); return how many."""
@@ -237,9 +211,7 @@ class ShardStream:
         self._sig = sig
         if len(shards) > len(self.shards):
             self.shards = list(shards)
-            self.offsets = [0]
-            for f in shards:
-                self.offsets.append(self.offsets[-1] + f.images)
+            self.offsets = [0, *accumulate(f.images for f in shards)]
             with self._read:
                 self._items = None  # reopened with the longer index on the next read
 
@@ -275,7 +247,7 @@ class ShardStream:
         learned, the images learned, those skipped before it (the rest are read, and skipped, again)."""
         i, k = self.pos
         shard = self.shards[i] if i < len(self.shards) else None
-        return {"kind": "shards", "shard": i, "item": k, "shard_name": shard.name if shard else None,
+        return {"kind": self.kind, "shard": i, "item": k, "shard_name": shard.name if shard else None,
                 "shard_sha256": shard.sha256 if shard else None, "images": self.images_learned,
                 "skipped": [s for s in self.skipped if (s[0], s[1]) < self.pos]}
 
@@ -299,21 +271,14 @@ class OnlineBatches:
 
     def __init__(self, cfg: Config, folder: Path, sharded: bool, device: torch.device, out: Path, stop: StopFlag,
                  log: Callable[[str], None]) -> None:
+        self.cfg, self.device, self.out, self.stop, self.log = cfg, device, out, stop, log
         self.stream: Stream = ShardStream(folder) if sharded else FolderStream(folder, cfg.online_settle)
-        self.kind = "shards" if sharded else "folder"
-        self.batch_size, self.image_size, self.timeout = cfg.batch_size, cfg.image_size, cfg.online_timeout
-        self.settle = cfg.online_settle
-        self.device, self.out, self.stop, self.log = device, out, stop, log
         self.shape: tuple[int, ...] | None = None  # (H, W, 3) of the stream's images, fixed by the first one
-        self.keys: list[Any] = []  # the batch being filled: the stream's keys, names and images
-        self.names: list[str] = []
-        self.arrays: list[np.ndarray] = []
-        self.taken: tuple[list[Any], list[str]] = ([], [])  # keys and names of the batch handed out
+        self.filling: list[tuple[Any, str, np.ndarray]] = []  # (the stream's key, name, image) of the next batch
+        self.taken: list[tuple[Any, str, np.ndarray]] = []  # the batch handed out
         self.n_skipped = 0
-        self.poll_every = min(0.5, cfg.online_settle / 2)
         self.waited = self.reported = 0.0  # seconds spent waiting for images this session; as after_step said
         self.stopped = f"learned --online-stop {cfg.online_stop} images"
-        self.online_eval = cfg.online_eval
         self.trail: IO[str] | None = None  # stream.jsonl
         # PIL releases the GIL while decoding: the images of a batch are decoded side by side, kept in order
         self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
@@ -331,32 +296,32 @@ class OnlineBatches:
                 "shape": list(self.shape) if self.shape else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ckpt = self.out / "checkpoint.pt"
+        ckpt, root, kind = self.out / "checkpoint.pt", self.stream.root, self.stream.kind
         if "kind" not in state:
             raise TrainError(f"{ckpt} holds no stream position: not an online run's checkpoint")
-        if state["kind"] != self.kind:
+        if state["kind"] != kind:
             shown = {"folder": "folder of image files", "shards": "shard folder"}
             raise TrainError(f"{ckpt} belongs to an online run over a {shown[state['kind']]}; --data "
-                             f"{self.stream.root} is a {shown[self.kind]}: give another --out")
-        root = self.stream.root
-        self.stream = ShardStream.resume(root, state) if self.kind == "shards" else \
-            FolderStream.resume(root, self.settle, state)
+                             f"{root} is a {shown[kind]}: give another --out")
+        self.stream = ShardStream(root, state) if kind == "shards" else FolderStream(root, self.cfg.online_settle,
+                                                                                     state)
         self.shape = tuple(state["shape"]) if state.get("shape") else None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         trail = self.out / "stream.jsonl"
-        cut_jsonl(trail, self.stream.images_learned // self.batch_size)
+        cut_jsonl(trail, self.stream.images_learned // self.cfg.batch_size)
         self.trail = trail.open("a")
-        while (got := self._next()) is not None:
-            self.taken = got[:2]
-            yield got[2].to(self.device)
+        while self._fill():
+            self.taken, self.filling = self.filling, []
+            batch = torch.from_numpy(np.stack([img for *_, img in self.taken])).permute(0, 3, 1, 2)  # (B, 3, H, W)
+            yield batch.contiguous().to(self.device)
 
     def after_step(self, step: int) -> float:
         """Step ``step`` learned the batch handed out last: the stream moves past it and stream.jsonl says so.
         Returns the seconds spent waiting for images since the last call (left out of the throughput)."""
         assert self.trail is not None
-        keys, names = self.taken
-        self.trail.write(json.dumps({"step": step, "images": names, **self.stream.commit(keys)}) + "\n")
+        moved = self.stream.commit([key for key, *_ in self.taken])
+        self.trail.write(json.dumps({"step": step, "images": [name for _, name, _ in self.taken], **moved}) + "\n")
         self.trail.flush()
         waited, self.reported = self.waited - self.reported, self.waited
         return waited
@@ -364,79 +329,65 @@ class OnlineBatches:
     def summary(self) -> dict[str, Any]:
         """results.json's account of the stream (the monitor's curve against the images seen included)."""
         monitor = self.out / "monitor.jsonl"
-        return {"mode": "online", "epochs": None, "images": None, "source": str(self.stream.root), "stream": self.kind,
-                "images_seen": self.stream.images_learned, "images_skipped": len(self.stream.skipped),
-                "stopped": self.stopped, "images_pending": self.pending, "wait_seconds": self.waited,
-                "data": self.online_eval or None,
+        return {"mode": "online", "epochs": None, "images": None, "source": str(self.stream.root),
+                "stream": self.stream.kind, "images_seen": self.stream.images_learned,
+                "images_skipped": len(self.stream.skipped), "stopped": self.stopped,
+                "images_pending": self.pending, "wait_seconds": self.waited,
+                "data": self.cfg.online_eval or None,
                 "accuracy_vs_images": [{"images_seen": r["images_seen"], "knn_top1": r["knn_top1"], "step": r["step"]}
                                        for r in (read_jsonl(monitor) if monitor.is_file() else [])]}
 
-    def _next(self) -> tuple[list[Any], list[str], torch.Tensor] | None:
-        """(keys, names, (B, 3, H, W) uint8) of the next full batch, or None at a stop; the time it takes, decoding
-        included, is time waited for images."""
+    def _fill(self) -> bool:
+        """Fill the next batch; False at a stop. The time it takes, decoding included, is time waited for images."""
         t0 = last_arrival = time.monotonic()
-        told = False
+        told, size, timeout = False, self.cfg.batch_size, self.cfg.online_timeout
         try:
-            while len(self.names) < self.batch_size:
+            while len(self.filling) < size:
                 if not self.stream.ready and not self.stream.poll():
                     if self.stop.requested:
-                        return None
-                    if self.timeout and time.monotonic() - last_arrival >= self.timeout:
-                        self._timed_out()
-                        return None
+                        return False
+                    if timeout and time.monotonic() - last_arrival >= timeout:
+                        self.stopped = f"no new image for {timeout:g} s"
+                        if not self.stream.images_learned:  # nothing ever learned: the run fails
+                            few = f" ({self.pending}, fewer than a batch of {size})" if self.pending else ""
+                            raise DataError(f"no images to learn arrived in {self.stream.root}{few} within "
+                                            f"{timeout:g} s (--online-timeout); nothing learned")
+                        return False
                     if not told:
-                        have = f" ({len(self.names)}/{self.batch_size} of the next batch there)" if self.names else ""
+                        have = f" ({len(self.filling)}/{size} of the next batch there)" if self.filling else ""
                         self.log(self.stream.waiting() + have)
                         told = True
-                    time.sleep(self.poll_every)
+                    time.sleep(min(0.5, self.cfg.online_settle / 2))
                     continue
                 last_arrival, told = time.monotonic(), False
-                while self.stream.ready and len(self.names) < self.batch_size:
+                while self.stream.ready and len(self.filling) < size:
                     take = [self.stream.ready.popleft()
-                            for _ in range(min(len(self.stream.ready), self.batch_size - len(self.names)))]
-                    loaded = self.pool.map(lambda key: self.stream.load(key, self.image_size), take)
+                            for _ in range(min(len(self.stream.ready), size - len(self.filling)))]
+                    loaded = self.pool.map(lambda key: self.stream.load(key, self.cfg.image_size), take)
                     for key, (name, img) in zip(take, loaded):
                         self._add(key, name, img)
         finally:
             self.waited += time.monotonic() - t0
-        keys, names, arrays = self.keys, self.names, self.arrays
-        self.keys, self.names, self.arrays = [], [], []
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-        return keys, names, batch
-
-    def _timed_out(self) -> None:
-        """No new image for ``timeout`` seconds: the stream stops, or, when nothing was ever learned, the run."""
-        self.stopped = f"no new image for {self.timeout:g} s"
-        if not self.stream.images_learned:
-            few = f" ({self.pending}, fewer than a batch of {self.batch_size})" if self.pending else ""
-            raise DataError(f"no images to learn arrived in {self.stream.root}{few} within {self.timeout:g} s "
-                            f"(--online-timeout); nothing learned")
-
-    def _add(self, key: Any, name: str, img: np.ndarray | str) -> None:
-        if isinstance(img, str):
-            self._skip(key, name, img)
-            return
-        if self.shape is None:
-            self.shape = img.shape
-        if img.shape != self.shape:
-            self._skip(key, name, f"{name} in {self.stream.root} is {img.shape[1]}x{img.shape[0]}, not "
-                                  f"{self.shape[1]}x{self.shape[0]} as the stream's first image (give --image-size "
-                                  f"to resize every image)")
-            return
-        self.keys.append(key)
-        self.names.append(name)
-        self.arrays.append(img)
-
-    def _skip(self, key: Any, name: str, why: str) -> None:
-        self.stream.skip(key, name)
-        self.n_skipped += 1
-        if self.n_skipped <= 10:
-            self.log(f"skipped: {why}" + (" (further skips are only counted)" if self.n_skipped == 10 else ""))
+        return True
 
     @property
     def pending(self) -> int:
         """Ready images not learned yet: the unfilled batch and the ready queue."""
-        return len(self.names) + len(self.stream.ready)
+        return len(self.filling) + len(self.stream.ready)
+
+    def _add(self, key: Any, name: str, img: np.ndarray | str) -> None:
+        """Add a loaded image to the batch, or skip it: ``img`` is why it cannot be read, or of another size."""
+        if not isinstance(img, str):
+            self.shape = self.shape or img.shape
+            if img.shape == self.shape:
+                self.filling.append((key, name, img))
+                return
+            img = (f"{name} in {self.stream.root} is {img.shape[1]}x{img.shape[0]}, not {self.shape[1]}x"
+                   f"{self.shape[0]} as the stream's first image (give --image-size to resize every image)")
+        self.stream.skip(key, name)
+        self.n_skipped += 1
+        if self.n_skipped <= 10:
+            self.log(f"skipped: {img}" + (" (further skips are only counted)" if self.n_skipped == 10 else ""))
 
 
 def _held_out(cfg: Config, progress: bool) -> tuple[ImageData, ImageData]:
@@ -472,10 +423,8 @@ def open_online(cfg: Config, device: torch.device, out: Path, stop: StopFlag, lo
 def train_online(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
                  evaluate_at_end: bool = True) -> dict[str, Any]:
     """Learn from the folder or shard folder ``cfg.data`` in one pass (the module docstring) into ``out_dir``, or
-    resume there; then, with ``cfg.online_eval`` and ``evaluate_at_end``, evaluate on it (linear probe + kNN):
-    :func:`empssl.train.train` with ``cfg.online`` set. Returns the results dict (written to results.json):
-    ``stream`` ("folder" or "shards"), ``images_seen``, ``images_skipped``, ``stopped`` (why),
-    ``accuracy_vs_images`` (the monitor's curve), the clock and the evaluation. DataError (one line) for a shard
-    that does not match its manifest, after checkpointing."""
+    resume there; then, with ``cfg.online_eval``, evaluate: :func:`empssl.train.train` with ``cfg.online`` set.
+    The results (results.json) add ``stream``, ``images_seen``, ``images_skipped``, ``stopped`` (why) and
+    ``accuracy_vs_images`` (the monitor's curve)."""
     return train(cfg.replace(online=True), out_dir, progress=progress, log=log, evaluate_at_end=evaluate_at_end,
                  open_source=open_online)

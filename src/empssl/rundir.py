@@ -4,10 +4,8 @@ A run directory holds config.json (the resolved config and the empssl version), 
 (model, optimiser, step, RNG states, config), monitor.jsonl with --eval-every, and results.json. This module
 holds the rules that training, evaluation, the experiments and the CLI share about it (which settings may
 change on resume, whether a run is finished, rebuilding its model), and what a training session keeps while
-it writes one: the metrics file (:class:`MetricsLog`), the stop flag (:class:`StopFlag`), and the one object that
-owns a run's life in its directory for every kind of run (:class:`RunSession`: lock, config.json, checkpoints,
-trackers, the wall-clock account from process start, results.json). None of them needs the trainer to read a
-run.
+it writes one: :class:`MetricsLog`, :class:`StopFlag` and :class:`RunSession` (lock, config.json, checkpoints,
+trackers, the wall-clock account, results.json). None of them needs the trainer.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
@@ -52,41 +50,15 @@ def run_dir_of(checkpoint: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def saved_config(out_dir: str | Path) -> Config | None:
-    """The config saved in ``out_dir/config.json``, or None when there is none."""
-    path = Path(out_dir) / "config.json"
-    if not path.is_file():
-        return None
+def _trained_config(ckpt: dict[str, Any], path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """The config of checkpoint ``ckpt`` (read from ``path``), updated by ``overrides``."""
     try:
-        return Config.from_dict(read_json(path)["config"])
-    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
-        raise ConfigError(f"{path} is not an empssl config ({type(e).__name__}: {e}); delete it and it is "
-                          f"rewritten from the checkpoint") from None
-
-
-def checkpoint_config(out_dir: str | Path) -> Config | None:
-    """The config the checkpoint of ``out_dir`` was trained with (the run's truth), or None without a checkpoint."""
-    path = Path(out_dir) / "checkpoint.pt"
-    if not path.is_file():
-        return None
-    try:
-        return Config.from_dict(read_checkpoint(path).get("config", {})).validate()
+        return Config.from_dict({**ckpt.get("config", {}), **(overrides or {})}).validate()
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from None
 
 
-def _differences(a: Config, b: Config, keys: Iterable[str], may_change: frozenset[str] = RESUMABLE_CHANGES
-                 ) -> list[str]:
-    """The keys among ``keys`` whose values differ between ``a`` and ``b`` and are not in ``may_change``."""
-    da, db = a.to_dict(), b.to_dict()
-    return [k for k in keys if k not in may_change and da.get(k, _ABSENT) != db.get(k, _ABSENT)]
-
-
-_ABSENT = object()
-
-
-def _shown(cfg: Config, keys: list[str]) -> str:
-    d = cfg.to_dict()
+def _shown(d: dict[str, Any], keys: list[str]) -> str:
     return ", ".join(f"{k}={d.get(k)!r}" for k in keys)
 
 
@@ -100,31 +72,33 @@ def run_config(out_dir: str | Path, cfg: Config, explicit: dict[str, Any]) -> Co
     checkpoint is left by a start that never reached its first checkpoint: it binds nothing (and is rewritten
     with the first checkpoint), so a corrected command starts afresh.
     """
-    out = Path(out_dir)
-    truth = checkpoint_config(out)
-    if truth is None:
+    out, path = Path(out_dir), Path(out_dir) / "checkpoint.pt"
+    if not path.is_file():
         return cfg
-    copy = saved_config(out)
-    if copy is not None:
-        edited = _differences(truth, copy, {**copy.to_dict(), **truth.to_dict()})
+    truth = _trained_config(read_checkpoint(path), path)
+    t, copy = truth.to_dict(), out / "config.json"
+    if copy.is_file():
+        try:
+            c = Config.from_dict(read_json(copy)["config"]).to_dict()
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            raise ConfigError(f"{copy} is not an empssl config ({type(e).__name__}: {e}); delete it and it is "
+                              f"rewritten from the checkpoint") from None
+        edited = [k for k in {**c, **t} if k not in RESUMABLE_CHANGES and c.get(k) != t.get(k)]
         if edited:
-            raise ConfigError(f"{out / 'config.json'} says {_shown(copy, edited)} but the checkpoint was trained "
-                              f"with {_shown(truth, edited)}; the checkpoint is the run's truth: restore "
-                              f"config.json or delete it (it is rewritten from the checkpoint)")
-    may_change = RESUMABLE_CHANGES | {"epochs"} if _same_schedule(truth, cfg) else RESUMABLE_CHANGES
-    changed = _differences(truth, cfg, explicit, may_change)
+            raise ConfigError(f"{copy} says {_shown(c, edited)} but the checkpoint was trained with "
+                              f"{_shown(t, edited)}; the checkpoint is the run's truth: restore config.json or "
+                              f"delete it (it is rewritten from the checkpoint)")
+    # --epochs may change where --schedule-epochs fixes the schedule and the new stop lies within it: the run goes
+    # on along the same schedule, so its weights are those of a run started with the new --epochs
+    same_schedule = 0 < truth.schedule_epochs == cfg.schedule_epochs and cfg.epochs <= cfg.schedule_epochs
+    may_change = RESUMABLE_CHANGES | {"epochs"} if same_schedule else RESUMABLE_CHANGES
+    given = cfg.to_dict()
+    changed = [k for k in explicit if k not in may_change and given.get(k) != t.get(k)]
     if changed:
-        raise ConfigError(f"{out} holds a run with {_shown(truth, changed)}, not {_shown(cfg, changed)}; drop "
+        raise ConfigError(f"{out} holds a run with {_shown(t, changed)}, not {_shown(given, changed)}; drop "
                           f"{', '.join(flag(k) for k in changed)} to resume it or choose a new --out (only "
                           f"the settings listed in the README may change on resume)")
     return truth.replace(**{k: getattr(cfg, k) for k in explicit if k in may_change}).validate()
-
-
-def _same_schedule(truth: Config, cfg: Config) -> bool:
-    """``--epochs`` may change on resume where ``--schedule-epochs`` fixes the learning-rate schedule and the new
-    stop lies within it: the run goes on along the same schedule, so its weights are those of a run started with
-    the new ``--epochs``."""
-    return 0 < truth.schedule_epochs == cfg.schedule_epochs and cfg.epochs <= cfg.schedule_epochs
 
 
 def write_config(out_dir: str | Path, cfg: Config) -> None:
@@ -146,10 +120,7 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
     """Rebuild the model a run (or its checkpoint file) trained, from its saved config updated by ``overrides``,
     and load its weights strictly. Returns (model on CPU, config, raw checkpoint dict)."""
     ckpt = read_checkpoint(path)
-    try:
-        cfg = Config.from_dict({**ckpt.get("config", {}), **(overrides or {})}).validate()
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} has an unusable config: {e}") from None
+    cfg = _trained_config(ckpt, path, overrides)
     model = create_method(cfg).build_model()
     load_model_state(model, ckpt["model"], f"checkpoint {path} ({cfg.method}, {cfg.arch}, width {cfg.width}, "
                                            f"hidden {cfg.hidden_dim}, z {cfg.z_dim})")
@@ -166,16 +137,6 @@ class RunLock(WriterLock):
     def __init__(self, out_dir: Path, log: Callable[[str], None]) -> None:
         super().__init__(out_dir / ".lock", lambda holder: f"{out_dir} is being written by {holder}; wait for it to "
                                                            f"finish or choose another --out", log)
-        self.out = out_dir
-
-    def __enter__(self) -> RunLock:
-        super().__enter__()
-        try:
-            refuse_links(self.out)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
 
 
 def refuse_links(out_dir: Path) -> None:
@@ -242,13 +203,12 @@ class MetricsLog:
     """
 
     def __init__(self, path: Path | None, terms: tuple[str, ...], device: torch.device, *, start_step: int,
-                 steps_per_epoch: int, views_per_step: int, bar: Any = None,
-                 on_record: Callable[[dict[str, Any]], None] | None = None,
+                 steps_per_epoch: int, views_per_step: int, bar: Any = None, tracker: Tracking = NO_TRACKING,
                  state: dict[str, Any] | None = None) -> None:
         if path is not None:
             cut_jsonl(path, start_step)
         self.terms, self.steps_per_epoch, self.views_per_step, self.bar = terms, steps_per_epoch, views_per_step, bar
-        self.on_record = on_record  # e.g. the --log trackers, given every line as it is written
+        self.tracker = tracker  # the --log trackers, given every line as it is written
         self.file: IO[str] = open(path if path is not None else os.devnull, "a")  # noqa: SIM115 (closed in close())
         self.sums = torch.zeros(len(terms), device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step whose update was skipped
@@ -288,8 +248,7 @@ class MetricsLog:
                "patches_per_s": self.timed * self.views_per_step / max(dt, 1e-9)}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
-        if self.on_record is not None:
-            self.on_record(rec)
+        self.tracker.log_scalars(rec, step=step, wall_time=time.time(), prefix="train/")
         if self.bar is not None:
             self.bar.set_postfix({k: f"{rec[k]:.3g}" for k in self.terms[:3]}
                                  | {"views/s": f"{rec['patches_per_s']:.0f}"})
@@ -298,12 +257,6 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
-
-    def __enter__(self) -> MetricsLog:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class StopFlag:
@@ -332,19 +285,16 @@ class StopFlag:
 # --- a run's life in its directory --------------------------------------------------------------------------
 
 class RunSession:
-    """One run's life in its directory, the same for every run (training in memory or streamed, a user's batches,
-    the online mode, the comparison's runs): a ``with`` block around the whole run.
+    """One run's life in its directory, the same for every kind of run: a ``with`` block around the whole run.
 
-    :meth:`open` creates the directory once the run can start (rank 0), takes its :class:`RunLock` and removes
-    the temporary files (``.NAME.*.tmp``, :func:`empssl.files.write_atomic`) of a killed process. :meth:`save`
-    writes a checkpoint, and config.json with the first one: nothing binds the directory before a checkpoint.
-    The wall-clock account gets seconds per phase (:data:`TIMING_FIELDS`, :meth:`add`); it starts at process
-    start for the first run of a process (the CLI's case; the time before the call is ``startup``) and at the
-    session for later ones (a notebook, the experiments' loops), so that runs do not count each other's time.
-    :meth:`finish` writes results.json, gives it to the --log trackers and ends with the time line. Leaving the
-    block by an error or Ctrl-C before any checkpoint removes a directory this session created (nothing was
-    learned, nothing is left behind); a bare Ctrl-C outside the loop is reworded by what the directory keeps.
-    ``stop`` is the run's Ctrl-C flag (:class:`StopFlag`), shared by the loop and a batch source that waits.
+    :meth:`open` creates and locks the directory once the run can start (rank 0); :meth:`save` writes a
+    checkpoint, and config.json with the first one: nothing binds the directory before a checkpoint. The
+    wall-clock account (:meth:`add`, :data:`TIMING_FIELDS`) starts at process start for the first run of a process
+    (the time before the call is ``startup``) and at the session for later ones (a notebook, the experiments'
+    loops), so that runs do not count each other's time. :meth:`finish` writes results.json. Leaving the block by
+    an error or Ctrl-C before any checkpoint removes a directory this session created; a bare Ctrl-C outside the
+    loop is reworded by what the directory keeps. ``stop`` is the run's Ctrl-C flag, shared by the loop and a
+    batch source that waits.
     """
 
     def __init__(self, out: Path, log: Callable[[str], None], *, main: bool = True) -> None:
@@ -369,12 +319,14 @@ class RunSession:
         return self
 
     def open(self) -> None:
-        """Create the run directory (rank 0), lock it and remove the temporary files of a killed process."""
+        """Create the run directory (rank 0), lock it and remove the temporary files (``.NAME.*.tmp``,
+        :func:`empssl.files.write_atomic`) of a killed process."""
         if not self.main:
             return
         self.created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         self._held.enter_context(RunLock(self.out, self.log))
+        refuse_links(self.out)  # (the lock is released by __exit__)
         orphans = sorted(self.out.glob(".*.tmp"))  # no writer uses them: the lock is held
         for p in orphans:
             p.unlink(missing_ok=True)

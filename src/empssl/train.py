@@ -1,14 +1,11 @@
-"""The training loop, the same for every method: views -> method loss -> LARS step, with logging, checkpoints,
-resume and a wall-clock account of the whole run.
+"""The training loop, the same for every method: views -> method loss -> LARS step.
 
-``train()`` reads top to bottom: :func:`setup` (data and its batch source, run directory, model, optimiser,
-resume, and the speed decisions: activation recomputation and ``--compile``), :func:`loop` (one :func:`train_step`
-per batch; logging, monitoring and checkpoints at their steps), then the evaluation. The loop is the same for every
-source of batches: images in memory, streamed shards, a user's iterable and the online stream
-(:mod:`empssl.online`), which differ only in their :class:`empssl.batches.BatchSource` and two hooks of the
-:class:`Run`. The method (:mod:`empssl.methods`) supplies the model, the views and the loss; the loop knows nothing
-else about it. The run's life in its directory (lock, config.json, checkpoints, trackers, timing, results.json)
-is a :class:`empssl.rundir.RunSession`.
+``train()`` reads top to bottom: :func:`setup` (data and its batch source, model, optimiser, resume, and the speed
+decisions: activation recomputation and ``--compile``), :func:`loop` (one :func:`train_step` per batch; logging,
+monitoring and checkpoints at their steps), then the evaluation. Every source of batches (images in memory,
+streamed shards, a user's iterable, the online stream of :mod:`empssl.online`) is an
+:class:`empssl.batches.BatchSource`; the method (:mod:`empssl.methods`) supplies the model, the views and the
+loss; the run's life in its directory is a :class:`empssl.rundir.RunSession`.
 """
 
 from __future__ import annotations
@@ -18,9 +15,10 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,16 +54,11 @@ class TrainError(RuntimeError):
     """Training cannot go on (non-finite loss, incompatible run directory...): reported in one line."""
 
 
-class OwnSource(BatchSource, Protocol):
-    """A source that brings its own data and hooks: the online stream (:class:`empssl.online.OnlineBatches`)."""
-
-    def after_step(self, step: int) -> float: ...
-
-    def summary(self) -> dict[str, Any]: ...
-
-
-# what opens an own source: (cfg, device, out, the stop flag, log, progress) -> (source, monitor bank, test data)
-SourceOpener = Callable[..., tuple[OwnSource, ImageData, ImageData]]
+# What opens a source with data of its own (the online stream, :class:`empssl.online.OnlineBatches`): (cfg, device,
+# out, the stop flag, log, progress) -> (source, monitor bank, test data). Such a source may have two hooks:
+# ``after_step(step)``, once a step commits (its record of the step), returning the seconds it waited for data
+# since the last call (left out of the throughput), and ``summary()``, its account of the run for results.json.
+SourceOpener = Callable[..., tuple[BatchSource, ImageData, ImageData]]
 
 
 def train_step(net: nn.Module, opt: LARS, method: Method, images: torch.Tensor, generator: torch.Generator,
@@ -114,11 +107,6 @@ class Run:
     metrics_state: dict[str, Any] | None = None  # the checkpoint's running loss sums since its last log step
     data: dict[str, Any] | None = None  # what it trains on (stream.data_record): saved, checked on resume
     n_train: int = 0  # training images (of an epoch; 0 for a stream)
-    # the source's hooks (the online stream's; none for the others): once a step commits, its record of the step,
-    # returning the seconds it waited for data since the last one (left out of the throughput); and its account
-    # of the run for results.json
-    after_step: Callable[[int], float] = lambda step: 0.0
-    summary: Callable[[], dict[str, Any]] = dict
 
     @property
     def ckpt_path(self) -> Path:
@@ -152,11 +140,6 @@ def config_data(cfg: Config, progress: bool = True, data: tuple[ImageData, Image
     return train, test
 
 
-def _is_splits(data: Any) -> bool:
-    """``data`` is (train, test) ImageData, not a user's iterable of batches."""
-    return isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, ImageData) for d in data)
-
-
 NO_IMAGES = ImageData(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), [])
 
 
@@ -164,13 +147,13 @@ def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | Iterable[Any] | 
                device: torch.device, progress: bool, evaluating: bool
                ) -> tuple[ImageData | StreamedSplit, ImageData | StreamedSplit, StreamedSplit | None,
                           IterableBatches | None, int]:
-    """(train, test, the streamed split or None: --data-mode, the user's batches or None, the images of an epoch);
-    with a user's batches, train and test are ``cfg.data``'s for the monitor and the evaluation (loaded only for
-    them). A batch that the data cannot fill is a user error."""
+    """(train, test, the streamed split or None, the user's batches or None, the images of an epoch); with a user's
+    batches, train and test are ``cfg.data``'s for the monitor and the evaluation (loaded only for them)."""
     own = None
     train_data: ImageData | StreamedSplit
     test_data: ImageData | StreamedSplit
-    if data is not None and not _is_splits(data):
+    splits = isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, ImageData) for d in data)
+    if data is not None and not splits:
         if dist.enabled:
             raise ConfigError("data= (an iterable of batches) trains in one process: under torchrun each rank's "
                               "position in it would need its own checkpoint")
@@ -209,22 +192,19 @@ def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | 
           ) -> Run:
     """Data and its batch source, run directory, model, optimiser and generator; resumed from the session's
     checkpoint if there is one; then the speed decisions, made once: activation recomputation
-    (``--grad-checkpointing``) and ``--compile``.
-
-    The run directory is opened (:meth:`empssl.rundir.RunSession.open`) only once the data has loaded and the batch
-    fits it, and config.json is written with the first checkpoint, so a failed or interrupted start leaves nothing
-    that binds the next command.
-    """
+    (``--grad-checkpointing``) and ``--compile``. The run directory is opened only once the data has loaded and
+    the batch fits it, so a failed start leaves nothing that binds the next command."""
     t0, out = time.perf_counter(), session.out
     dist, device, own_group = distributed.setup(cfg.device)  # torchrun: join the group, take cuda:LOCAL_RANK
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     check_step_fits(cfg, device, dist.world_size)  # a step that cannot fit: one line, before any data or file
-    streamed, record, n_train, online, own = None, None, 0, None, None
+    streamed, record, n_train = None, None, 0
+    own: BatchSource | None  # a source with its own steps: the online stream's, a user's batches
     train_data: ImageData | StreamedSplit
     test_data: ImageData | StreamedSplit
     if open_source is not None:  # a collection that grows while the run learns it once, in arrival order
-        online, train_data, test_data = open_source(cfg, device, out, session.stop, log, progress)
+        own, train_data, test_data = open_source(cfg, device, out, session.stop, log, progress)
     else:
         train_data, test_data, streamed, own, n_train = _load_data(cfg, data, dist, device, progress, evaluating)
         read = streamed.items.shards if streamed is not None and isinstance(streamed.items, ShardItems) else None
@@ -235,7 +215,7 @@ def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | 
 
     order: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, rank=dist.rank,
                                  world=dist.world_size)
-    sized = online if online is not None else own if own is not None else \
+    sized = own if own is not None else \
         StreamBatches(streamed, decode=resolve_decode(cfg.decode, device), **order) if streamed else None
     # a stream's steps: LitData's, per rank; the online stream's: none (0)
     steps_per_epoch = sized.steps_per_epoch if sized is not None else n_train // cfg.batch_size
@@ -252,8 +232,6 @@ def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | 
               warmup_steps=warmup_steps, amp=autocast_dtype(cfg.precision, device), memory_format=memory_format,
               session=session, source=source, eval_every=eval_every,
               data=record, n_train=n_train)
-    if online is not None:
-        run.after_step, run.summary = online.after_step, online.summary
     # torchrun: every rank sees rank 0's run directory and the same checkpoint, or every rank stops here
     ckpt = distributed.shared_checkpoint(out, dist, lambda path: read_checkpoint(path, require=RESUMED))
     if ckpt is not None:
@@ -329,7 +307,7 @@ def resume(run: Run, log: Callable[[str], None], ckpt: dict[str, Any] | None = N
 def save(run: Run, step: int, clock: dict[str, float], metrics: dict[str, Any] | None = None) -> None:
     """A checkpoint of the run at ``step`` (:meth:`empssl.rundir.RunSession.save`: atomic, rank 0, config.json with
     the first), with ``metrics`` (:meth:`MetricsLog.state`) and the source's position."""
-    if not run.dist.is_main:
+    if not run.dist.is_main:  # (only rank 0 asks the source for its state)
         return
     run.session.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "step": step,
                       "epoch": step / run.steps_per_epoch if run.steps_per_epoch else None,
@@ -353,6 +331,7 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
     cfg, dist, device, model, opt, method = run.cfg, run.dist, run.device, run.model, run.opt, run.method
     compiler, batches, stop = run.compiler, run.source, run.session.stop
     assert compiler is not None, "setup() prepares the compiler"
+    after_step = getattr(batches, "after_step", lambda step: 0.0)  # a source's hook (SourceOpener)
     endless = run.total_steps == ENDLESS
     steps = "until the stream stops" if endless else f"{run.total_steps - run.step} steps"
     log(f"training {cfg.method} ({cfg.arch}, width {cfg.width}) on {run.n_train or 'the arriving'} images, batch "
@@ -365,11 +344,9 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
                dynamic_ncols=True, desc="train", unit="step")
     metrics = MetricsLog(run.out / "metrics.jsonl" if dist.is_main else None, method.terms, device, bar=bar,
                          start_step=step, steps_per_epoch=run.steps_per_epoch, views_per_step=run.views_per_step,
-                         on_record=lambda rec: run.session.tracker.log_scalars(rec, step=rec["step"],
-                                                                               wall_time=time.time(), prefix="train/"),
-                         state=run.metrics_state)
+                         tracker=run.session.tracker, state=run.metrics_state)
     stopping = False
-    with stop, metrics, batches, bar:
+    with stop, closing(metrics), batches, bar:
         try:
             for images in batches:  # from the step of its state: a resumed run sees the same batches
                 lr = run.lr(step)
@@ -381,7 +358,7 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
                 method.after_step(model, step + 1, run.schedule_steps, applied)  # e.g. BYOL's target
                 metrics.add(values, applied, step + 1)
                 step += 1
-                waited = run.after_step(step)  # the source's record of the step (the stream's position)
+                waited = after_step(step)
                 bar.update(1)
                 compiler.after(step)
 
@@ -414,7 +391,7 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
             if metrics.n:
                 metrics.write(step, run.lr(step - 1))
             if monitor.interval and step % monitor.interval:  # the accuracy at the stop
-                monitor._evaluate(model, step)
+                monitor.evaluate(model, step)
             save(run, step, monitor.clock(), metrics.state())
     if (stopping or stop.requested) and step < run.total_steps:
         if step == 0:
@@ -439,25 +416,17 @@ def _check_finite(run: Run, metrics: MetricsLog, step: int, last_good: int) -> N
 # --- the whole run ------------------------------------------------------------------------------------------
 
 
-def _silent(message: str) -> None:
-    """The log of ranks other than 0."""
-
-
 def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
           data: tuple[ImageData, ImageData] | Iterable[Any] | None = None, evaluate_at_end: bool = True,
           open_source: SourceOpener | None = None) -> dict[str, Any]:
     """Train (or resume) a run of ``cfg.method`` in ``out_dir`` and, unless ``evaluate_at_end`` is False, evaluate it.
 
-    ``out_dir`` receives config.json, metrics.jsonl, checkpoint.pt and results.json. ``data`` may pass
-    (train, test) ImageData directly (used by tests and notebooks); otherwise ``cfg.data`` is loaded. ``data`` may
-    also be the training batches themselves: any iterable with a ``len()`` of (b, 3, H, W) uint8 tensors or
-    (images, labels) pairs, e.g. a DataLoader (:class:`empssl.batches.IterableBatches`: one pass is an epoch; resumable
-    where it has ``state_dict()`` / ``load_state_dict()``, else a resume is a ConfigError); the monitor and the
-    evaluation then use ``cfg.data`` (loaded only for them). ``open_source`` opens a source with data of its own
-    (:func:`empssl.online.train_online`: the online stream, ``cfg.online``; results.json is then written at every
-    stop, and the evaluation uses ``cfg.online_eval``, none without it).
-    Returns the results dict (or a summary when evaluation is skipped). Its ``timing`` entry accounts for the
-    wall clock from process start, phase by phase (:data:`empssl.rundir.TIMING_FIELDS`) and in ``total``.
+    ``out_dir`` receives config.json, metrics.jsonl, checkpoint.pt and results.json. ``data`` is (train, test)
+    ImageData, or the training batches themselves: any iterable with a ``len()`` of (b, 3, H, W) uint8 tensors or
+    (images, labels) pairs, e.g. a DataLoader (:class:`empssl.batches.IterableBatches`; the monitor and the
+    evaluation then use ``cfg.data``); by default ``cfg.data`` is loaded. ``open_source`` opens a source with data of
+    its own (the online stream: :func:`empssl.online.train_online`). Returns the results dict (a summary without
+    evaluation), whose ``timing`` accounts for the wall clock phase by phase (:data:`empssl.rundir.TIMING_FIELDS`).
     """
     cfg.validate()
     refuse_output(out_dir)  # a run directory on an object store: one line (it needs a lock and atomic renames)
@@ -470,7 +439,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
     check_writable_dir(out_dir, "--out")  # a read-only place or a file: one line before anything loads
     main = distributed.env_dist().is_main
     if not main:
-        progress, log = False, _silent
+        progress, log = False, lambda message: None  # ranks other than 0 say nothing
     # the run directory's lock until its results are written; the fast paths that failed and ran eager instead
     with RunSession(Path(out_dir), log, main=main) as session, collecting(log) as fallbacks:
         run = setup(cfg, session, data, progress, log, evaluate_at_end, open_source)
@@ -483,13 +452,14 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
             loop(run, monitor, progress, log)
         elif run.ckpt_path.exists():
             log(f"{run.out} is trained to the end (step {run.step}); nothing to train")
+        accounted: dict[str, Any] = getattr(run.source, "summary", dict)()  # a source's hook (SourceOpener)
         del run.source  # the training images on the device, freed for the evaluation
         synchronize(run.device)
         clock = monitor.clock()
         summary = {"method": cfg.method, "steps": run.step, "epochs": cfg.epochs, "images": run.n_train, **clock,
                    "device": device_name(run.device),
                    "compile": run.compiler.reason if run.compiler else None,  # monitoring: wall time and hardware
-                   "fallbacks": fallbacks, **run.summary()}
+                   "fallbacks": fallbacks, **accounted}
         session.account(clock, run.clock_state, waited=summary.get("wait_seconds", 0.0),
                         compile_seconds=run.compiler.compile_seconds if run.compiler else 0.0)
         # an online run without --online-eval has no labelled data: it ends with its summary
@@ -525,8 +495,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
 def train_once(cfg: Config, out_dir: str | Path, *, name: str, progress: bool = True,
                log: Callable[[str], None] = print, data: tuple[ImageData, ImageData] | None = None) -> dict[str, Any]:
     """The results of the run in ``out_dir``: read back when it is finished and evaluated, else trained (or
-    resumed) and evaluated by :func:`train`. ``name`` labels the log lines (for the loops over runs of the
-    experiments and the comparison)."""
+    resumed) and evaluated by :func:`train`. ``name`` labels the log lines."""
     out = Path(out_dir)
     if (out / "results.json").is_file() and finished(out, cfg):
         log(f"{name}: finished run found in {out}, not retrained")
