@@ -51,6 +51,9 @@ def test_train_then_eval_roundtrip(tiny_run, data_dir, capsys, tmp_path):
     res = json.loads(out.read_text())
     assert res["test_patches"] == 3 and "linear_top1" in res and "knn_top1" in res
     assert "test patches" in stdout
+    # the run session's one timing account, as train's results.json has it, and its last line
+    assert {"data", "features", "knn", "probe", "total"} <= set(res["timing"]), res["timing"]
+    assert stdout.rstrip().splitlines()[-1].startswith("time: ")
 
 
 def test_rerun_of_finished_run_does_not_retrain(tiny_run, capsys):

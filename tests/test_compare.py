@@ -11,6 +11,7 @@ from empssl import compare as cmp
 from empssl.cli import build_parser, main
 from empssl.compare import CALIBRATION_FRACTION, MONITOR_POINTS, method_config, plan_run
 from empssl.config import Config, ConfigError
+from empssl.rundir import RunLock
 
 METHOD_NAMES = ("emp-ssl", "simclr", "vicreg", "byol")  # the methods with a compare-demo recipe
 
@@ -100,6 +101,19 @@ def test_compare_refuses_a_budget_too_small_for_one_calibration(tmp_path, data_d
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "3 steps took 1.0 s" in err[0] and "--budget-seconds >= 10 " in err[0], err
     assert not (tmp_path / "cmp" / "simclr").exists()  # nothing trained
+
+
+def test_compare_refuses_a_folder_another_comparison_writes(tmp_path, data_dir, capsys, monkeypatch):
+    compare_with_clock(monkeypatch, ticking(0.05))
+    out = tmp_path / "cmp"
+    out.mkdir()
+    argv = ["compare", "--smoke", "--budget-seconds", "20", "--out", str(out), "--data-dir", str(data_dir),
+            "--no-progress", "--methods", "simclr"]
+    with RunLock(out, print):  # the folder's lock, as a running comparison holds it
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out} is being written by" in err[0], err
+    assert not (out / "plan.json").exists() and not (out / "simclr").exists()
 
 
 @pytest.mark.slow

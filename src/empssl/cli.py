@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,7 +25,7 @@ from .config import (
     settings_json,
     type_hints,
 )
-from .files import OutputError, check_writable_dir, check_writable_file, write_json
+from .files import OutputError, check_writable_dir, check_writable_file
 from .methods import method_names
 from .version import __version__
 
@@ -392,16 +393,20 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
     from .experiments import load_for_eval
-    from .rundir import run_dir_of
+    from .rundir import RunSession, run_dir_of
 
     out = Path(args.out) if args.out else run_dir_of(args.checkpoint) / "results-eval.json"
     check_writable_file(out, "--out")  # before the evaluation, not after it
-    model, cfg, ckpt, train_data, test_data, device = load_for_eval(
-        args.checkpoint, _explicit(args), progress=not args.no_progress)
-    results = evaluate(model, train_data, test_data, cfg, device, progress=not args.no_progress)
-    results.update(checkpoint=str(args.checkpoint), step=ckpt.get("step"), data=cfg.data)
-    write_json(out, results)
-    print(f"results written to {out}")
+    # not opened: no lock, so that a run's checkpoint can be evaluated while it trains on
+    with RunSession(out.parent, print, trains=False) as session:
+        t0 = time.perf_counter()
+        model, cfg, ckpt, train_data, test_data, device = load_for_eval(
+            args.checkpoint, _explicit(args), progress=not args.no_progress)
+        session.add("data", time.perf_counter() - t0)
+        results = evaluate(model, train_data, test_data, cfg, device, progress=not args.no_progress)
+        session.evaluated(results)
+        results.update(checkpoint=str(args.checkpoint), step=ckpt.get("step"), data=cfg.data)
+        session.finish(results, int(ckpt.get("step") or 0), path=out)
 
 
 def cmd_shard(args: argparse.Namespace) -> None:

@@ -23,6 +23,7 @@ from .data import ImageData
 from .files import read_jsonl, write_json
 from .methods import method_class
 from .report import median_throughput, write_report
+from .rundir import RunSession
 from .train import config_data, train, train_once
 
 CALIBRATION_FRACTION = 0.1  # of the budget, at most, spent calibrating a method (wall time, set-up included)
@@ -131,37 +132,39 @@ def compare(methods: Sequence[str], out_dir: str | Path, budget_seconds: float, 
     first = cfgs[methods[0]]
     data = config_data(first, progress)  # loaded once: every method trains on the same images
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plan_path = out / "plan.json"
-    plan: dict[str, Any] = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
-    if plan and plan.get("budget_seconds") != budget_seconds:
-        raise ConfigError(f"{out} holds a comparison with a budget of {plan['budget_seconds']} s, not "
-                          f"{budget_seconds} s; choose a new --out")
-    plan.update(budget_seconds=budget_seconds, calibration_max_fraction=CALIBRATION_FRACTION, recipes=recipes)
-    plan.setdefault("methods", {})
-    for m in methods:  # every method calibrated before any trains: a budget too small is refused up front
-        if m not in plan["methods"]:
-            log(f"{m}: calibrating on {len(data[0])} images")
-            measured = calibrate(cfgs[m], data, CALIBRATION_FRACTION * budget_seconds, log, clock)
-            share = round(measured["seconds"] / budget_seconds, 4)
-            plan["methods"][m] = {"steps_per_s": measured["steps_per_s"],
-                                  "calibration": {"seconds": measured["seconds"], "steps": measured["steps"],
-                                                  "fraction_of_budget": share,
-                                                  "process_warm_up_seconds": measured["process_warm_up_seconds"]}}
+    # the comparison's folder is locked for its plan.json and compare.json, as each run's directory is for its own
+    with RunSession(out, log, trains=False) as session:
+        session.open()
+        plan_path = out / "plan.json"
+        plan: dict[str, Any] = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+        if plan and plan.get("budget_seconds") != budget_seconds:
+            raise ConfigError(f"{out} holds a comparison with a budget of {plan['budget_seconds']} s, not "
+                              f"{budget_seconds} s; choose a new --out")
+        plan.update(budget_seconds=budget_seconds, calibration_max_fraction=CALIBRATION_FRACTION, recipes=recipes)
+        plan.setdefault("methods", {})
+        for m in methods:  # every method calibrated before any trains: a budget too small is refused up front
+            if m not in plan["methods"]:
+                log(f"{m}: calibrating on {len(data[0])} images")
+                measured = calibrate(cfgs[m], data, CALIBRATION_FRACTION * budget_seconds, log, clock)
+                share = round(measured["seconds"] / budget_seconds, 4)
+                calibration = {"seconds": measured["seconds"], "steps": measured["steps"], "fraction_of_budget": share,
+                               "process_warm_up_seconds": measured["process_warm_up_seconds"]}
+                plan["methods"][m] = {"steps_per_s": measured["steps_per_s"], "calibration": calibration}
+                write_json(plan_path, plan)
+        rows = []
+        for m in methods:
+            run = out / m
+            cfg = plan_run(cfgs[m], plan["methods"][m]["steps_per_s"], budget_seconds, len(data[0]))
+            plan["methods"][m].update(epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
             write_json(plan_path, plan)
-    rows = []
-    for m in methods:
-        run = out / m
-        cfg = plan_run(cfgs[m], plan["methods"][m]["steps_per_s"], budget_seconds, len(data[0]))
-        plan["methods"][m].update(epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
-        write_json(plan_path, plan)
-        results = train_once(cfg, run, name=f"{m} (budget {budget_seconds:g} s)", progress=progress, log=log, data=data)
-        kept = ("train_seconds", "linear_top1", "knn_top1", "eval_view", "feature", "test_patches", "device")
-        rows.append({"method": m, "run": m, "epochs": cfg.epochs, **{k: results.get(k) for k in kept}})
-    summary = {"experiment": "time-to-accuracy comparison", "budget_seconds": budget_seconds,
-               "data": first.data, "plan": plan, "rows": rows}
-    write_json(out / "compare.json", summary)
-    report = write_report([out / m for m in methods], out, targets=targets)
-    log(f"report written to {report}")
-    return summary
+            results = train_once(cfg, run, name=f"{m} (budget {budget_seconds:g} s)", progress=progress, log=log,
+                                 data=data)
+            kept = ("train_seconds", "linear_top1", "knn_top1", "eval_view", "feature", "test_patches", "device")
+            rows.append({"method": m, "run": m, "epochs": cfg.epochs, **{k: results.get(k) for k in kept}})
+        summary = {"experiment": "time-to-accuracy comparison", "budget_seconds": budget_seconds,
+                   "data": first.data, "plan": plan, "rows": rows}
+        write_json(out / "compare.json", summary)
+        report = write_report([out / m for m in methods], out, targets=targets)
+        log(f"report written to {report}")
+        return summary
 

@@ -294,12 +294,13 @@ class RunSession:
     loops), so that runs do not count each other's time. :meth:`finish` writes results.json. Leaving the block by
     an error or Ctrl-C before any checkpoint removes a directory this session created; a bare Ctrl-C outside the
     loop is reworded by what the directory keeps. ``stop`` is the run's Ctrl-C flag, shared by the loop and a
-    batch source that waits.
+    batch source that waits. ``trains=False``: a session that trains nothing itself (``empssl eval``, a
+    comparison's folder), which neither removes its directory nor rewords a Ctrl-C.
     """
 
-    def __init__(self, out: Path, log: Callable[[str], None], *, main: bool = True) -> None:
+    def __init__(self, out: Path, log: Callable[[str], None], *, main: bool = True, trains: bool = True) -> None:
         global _CLOCK_ORIGIN
-        self.out, self.log, self.main = Path(out), log, main  # main: rank 0, the one that writes
+        self.out, self.log, self.main, self.trains = Path(out), log, main, trains  # main: rank 0, the one that writes
         self.parts: dict[str, float] = {}  # seconds per phase
         if _CLOCK_ORIGIN is None:
             _CLOCK_ORIGIN, self.parts["startup"] = 0.0, process_seconds()
@@ -363,15 +364,22 @@ class RunSession:
         self.add("train", clock["train_seconds"] - before.get("train_seconds", 0.0) - compile_seconds - waited)
         self.add("monitor", clock["monitor_seconds"] - before.get("monitor_seconds", 0.0))
 
-    def finish(self, results: dict[str, Any], step: int, *, write: bool = True) -> dict[str, Any]:
+    def evaluated(self, results: dict[str, Any]) -> None:
+        """The phases of an evaluation's ``results`` (:func:`empssl.evaluate.evaluate`)."""
+        for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
+            self.add(key, results[name])
+
+    def finish(self, results: dict[str, Any], step: int, *, write: bool = True,
+               path: Path | None = None) -> dict[str, Any]:
         """``results`` with the timing (the phases that took time, in :data:`TIMING_FIELDS` order, and ``total``:
-        seconds from the account's start to now), written to results.json when ``write`` (and rank 0), given to
-        the trackers; the run's last line says where the time went."""
+        seconds from the account's start to now), written to ``path`` (default: results.json) when ``write`` (and
+        rank 0), given to the trackers; the run's last line says where the time went."""
         results["timing"] = {k: round(self.parts[k], 3) for k in TIMING_FIELDS if self.parts.get(k)}
         results["timing"]["total"] = round(process_seconds() - self.origin, 3)
         if write and self.main:
-            write_json(self.out / "results.json", results)
-            self.log(f"results written to {self.out / 'results.json'}")
+            path = path or self.out / "results.json"
+            write_json(path, results)
+            self.log(f"results written to {path}")
             self.log(time_line(results["timing"]))
         self.tracker.log_results(results, step=step)
         self.tracker.close()
@@ -379,7 +387,7 @@ class RunSession:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
         self._held.close()
-        if kind is None:
+        if kind is None or not self.trains:
             return
         if self.created and not self.ckpt_path.exists():  # nothing learned: nothing left behind
             shutil.rmtree(self.out, ignore_errors=True)

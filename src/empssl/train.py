@@ -471,8 +471,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         # share of the features, and rank 0 writes
         results = {**summary, **evaluate(run.model, run.train_data, run.test_data, cfg, run.device, progress=progress,
                                          log=log, dist=run.dist)}
-        for key, name in (("features", "feature_seconds"), ("knn", "knn_seconds"), ("probe", "probe_seconds")):
-            session.add(key, results[name])
+        session.evaluated(results)
         if cfg.compare_random_init:
             torch.manual_seed(cfg.seed)  # the same initialisation the run started from
             baseline = run.method.build_model().to(run.device)
