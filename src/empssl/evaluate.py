@@ -41,15 +41,13 @@ __all__ = ["EvalError", "ImageBlocks", "LabelledBlocks", "ProbeError", "ProbeRes
 # Images per seeded generator draw. Fixed (not tied to the forward batch) so that the features do not depend on
 # ``batch_images``: chunk c of the images is always augmented by a generator seeded from (seed, c).
 RNG_CHUNK = 32
-# Patches per forward pass when the caller does not say: about 50 MB of float32 32x32 patches on the CPU; on
-# CUDA four times more (ResNet-18 on 32 px patches is compute-bound there from a few thousand patches on).
-DEFAULT_PATCHES_PER_FORWARD = 4096
-DEFAULT_PATCHES_PER_FORWARD_CUDA = 16384
 
 
 def default_patches_per_forward(device: torch.device, patch_size: int) -> int:
-    """The defaults above for patches of up to 32 px; for larger ones, fewer in proportion to their pixels."""
-    base = DEFAULT_PATCHES_PER_FORWARD_CUDA if device.type == "cuda" else DEFAULT_PATCHES_PER_FORWARD
+    """Patches per forward pass when the caller does not say. For patches of up to 32 px: 4096 on the CPU (about
+    50 MB of float32 patches), four times more on CUDA (ResNet-18 on 32 px patches is compute-bound there from a
+    few thousand patches on); for larger ones, fewer in proportion to their pixels."""
+    base = 16384 if device.type == "cuda" else 4096
     return max(1, base * 32 * 32 // max(32 * 32, patch_size * patch_size))
 
 
