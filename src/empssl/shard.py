@@ -584,15 +584,14 @@ def _labels_name(appends: int, images: int) -> str:
 # --- checking ------------------------------------------------------------------------------------------
 
 
+@dataclass
 class ShardFolder:
     """Where :func:`verify_shards` reads a shard folder's files: a local folder ``root``
     (:class:`empssl.remote.RemoteFolder`: a bucket's, its small files mirrored in ``root``)."""
 
-    url = ""
+    root: Path
     known: KnownHashes | None = None  # sha256s computed before (set by verify_shards)
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    url = ""
 
     def fetch(self, name: str) -> None:
         """Bring ``root/name`` (a plain name's path, checked before) up to date: nothing to do here."""
