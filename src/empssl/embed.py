@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -131,22 +131,15 @@ def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: i
             "seconds": time.perf_counter() - t0, **protocol}
 
 
-class _Named:
-    """A streamed split whose rows' names are kept as its blocks are read (the features' consumer sees blocks)."""
+@dataclass
+class _Named(StreamedSplit):
+    """A streamed split that keeps its rows' names as its blocks are read (the features' consumer sees blocks)."""
 
-    def __init__(self, split: StreamedSplit) -> None:
-        self.split = split
-        self.names: list[str] = []
+    names: list[str] = field(default_factory=list)
 
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def blocks(self, multiple: int) -> Iterator[torch.Tensor]:
+    def blocks(self, multiple: int, names: list[str] | None = None) -> Iterator[torch.Tensor]:
         self.names.clear()  # a second pass reads them again
-        return self.split.blocks(multiple, names=self.names)
-
-    def part(self, first: int, stop: int) -> _Named:
-        return _Named(self.split.part(first, stop))
+        return super().blocks(multiple, self.names)
 
 
 @dataclass
@@ -197,7 +190,7 @@ def _shard_source(root: str, data_dir: str, image_size: int, mode: str, log: Cal
         lab = torch.from_numpy(manifest.labels(name).astype(np.int64))
         streamed = _streamed(shard_items(manifest, name, lab.tolist()), lab, classes, image_size, root, name)
         if mode == "memory":
-            streamed.split.block_images = len(lab)
+            streamed.block_images = len(lab)
         splits.append((name, streamed))
         labels.append(lab)
     return _Source(splits, torch.cat(labels) if classes else None, classes, manifest.class_names, mode)
@@ -205,7 +198,7 @@ def _shard_source(root: str, data_dir: str, image_size: int, mode: str, log: Cal
 
 def _streamed(items: Items, labels: torch.Tensor, classes: list[str] | None, image_size: int, source: str,
               split: str) -> _Named:
-    return _Named(StreamedSplit(items, torch.arange(len(labels)), labels, classes or [], image_size, source, split))
+    return _Named(items, torch.arange(len(labels)), labels, classes or [], image_size, source, split)
 
 
 def load_embedding(path: str | Path) -> Embedding:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,23 +33,22 @@ from .methods import create_method, eval_protocol
 from .models import inference_copy
 from .patches import Augment, PatchParams, apply_params, sample_params
 from .probe import ProbeError, ProbeResult, check_finite, linear_probe, stratified_split
+from .stream import StreamedSplit
 
-__all__ = ["EvalError", "ImageBlocks", "LabelledBlocks", "ProbeError", "ProbeResult", "describe_split", "evaluate",
-           "extract_features", "extract_full_features", "extract_prefix_features", "image_features", "knn_predict",
-           "linear_probe", "score_features", "split_images", "stratified_split"]
+__all__ = ["EvalError", "ProbeError", "ProbeResult", "describe_split", "evaluate", "extract_features",
+           "extract_full_features", "extract_prefix_features", "image_features", "knn_predict", "linear_probe",
+           "score_features", "split_images", "stratified_split"]
 
 # Images per seeded generator draw. Fixed (not tied to the forward batch) so that the features do not depend on
 # ``batch_images``: chunk c of the images is always augmented by a generator seeded from (seed, c).
 RNG_CHUNK = 32
-# Patches per forward pass when the caller does not say: about 50 MB of float32 32x32 patches on the CPU; on
-# CUDA four times more (ResNet-18 on 32 px patches is compute-bound there from a few thousand patches on).
-DEFAULT_PATCHES_PER_FORWARD = 4096
-DEFAULT_PATCHES_PER_FORWARD_CUDA = 16384
 
 
 def default_patches_per_forward(device: torch.device, patch_size: int) -> int:
-    """The defaults above for patches of up to 32 px; for larger ones, fewer in proportion to their pixels."""
-    base = DEFAULT_PATCHES_PER_FORWARD_CUDA if device.type == "cuda" else DEFAULT_PATCHES_PER_FORWARD
+    """Patches per forward pass when the caller does not say. For patches of up to 32 px: 4096 on the CPU (about
+    50 MB of float32 patches), four times more on CUDA (ResNet-18 on 32 px patches is compute-bound there from a
+    few thousand patches on); for larger ones, fewer in proportion to their pixels."""
+    base = 16384 if device.type == "cuda" else 4096
     return max(1, base * 32 * 32 // max(32 * 32, patch_size * patch_size))
 
 
@@ -57,35 +56,9 @@ class EvalError(ValueError):
     """A user-facing evaluation error (bad shapes, empty data, mismatched classes ...): one line."""
 
 
-class ImageBlocks(Protocol):
-    """Images too many to hold at once, read block by block (:class:`empssl.stream.StreamedSplit`)."""
-
-    def __len__(self) -> int: ...
-
-    def blocks(self, multiple: int) -> Iterator[torch.Tensor]:
-        """Consecutive (b, 3, S, S) uint8 blocks of all the images, in order; b a multiple of ``multiple`` but
-        the last."""
-        ...
-
-    def part(self, first: int, stop: int) -> ImageBlocks:
-        """Images ``first .. stop - 1`` (a rank's share, :func:`empssl.distributed.rank_rows`)."""
-        ...
-
-
-class LabelledBlocks(ImageBlocks, Protocol):
-    """A labelled split read block by block: what :func:`evaluate` takes besides an in-memory ImageData."""
-
-    labels: torch.Tensor  # (N,) int64
-    classes: list[str]
-
-    def subset(self, n: int) -> LabelledBlocks:
-        """The rows :meth:`empssl.data.ImageData.subset` keeps (class-balanced, in order)."""
-        ...
-
-
-# Images for the feature extractors: one (N, 3, H, W) uint8 tensor in memory, or blocks of it.
-Images = torch.Tensor | ImageBlocks
-Split = ImageData | LabelledBlocks
+# Images for the feature extractors: one (N, 3, H, W) uint8 tensor in memory, or a streamed split read in blocks.
+Images = torch.Tensor | StreamedSplit
+Split = ImageData | StreamedSplit
 
 
 def _check_images(images: Images) -> None:
@@ -121,7 +94,7 @@ def extract_features(model: nn.Module, images: Images, aug: Augment, n_patches: 
                      seed: int = 0, batch_images: int = 0, device: torch.device | str = "cpu",
                      amp_dtype: torch.dtype | None = None, progress: bool = False,
                      desc: str = "features", dist: Dist = SINGLE) -> torch.Tensor:
-    """Bag-of-features: (N, 3, H, W) uint8 images (a tensor, or :class:`ImageBlocks`) -> (N, D) float32 features on
+    """Bag-of-features: (N, 3, H, W) uint8 images (a tensor, or a streamed split) -> (N, D) float32 features on
     ``device``, the mean of ``model.features(patch, kind)`` over ``n_patches`` augmented patches (D = hidden_dim
     for "pre", 8*width for "backbone"). The model must already be on ``device``; its train/eval mode is untouched.
 
@@ -216,7 +189,7 @@ def extract_prefix_features(model: nn.Module, images: Images, aug: Augment, coun
     are a prefix of the P drawn, another sample than ``extract_features(..., n_patches=m)`` draws, which is why the
     test-patch ablation uses this function throughout. Memory: one (N, D) result per count (a per-patch (N, P, D)
     tensor would need 105 GB for CIFAR-10 at P=128, D=4096). Other arguments and the determinism as
-    :func:`extract_features`; :class:`ImageBlocks` give the same features as one tensor (bitwise on the CPU), and
+    :func:`extract_features`; a streamed split gives the same features as one tensor (bitwise on the CPU), and
     under torchrun (``dist``) each rank computes its share of whole groups and every rank gets all the features.
     """
     counts = sorted(set(int(m) for m in counts))
@@ -289,7 +262,7 @@ def _by_groups(images: Images, unit: int, keys: Sequence[int],
                device: torch.device, dist: Dist, progress: bool, desc: str) -> dict[int, torch.Tensor]:
     """``{key: (N, D) float32 features on device}`` of all the images, ``unit`` images at a time:
     ``groups(block, first)`` yields (start, {key: (b, D) features of the block's images start .. start + b - 1})
-    for a (b, 3, H, W) uint8 block that starts at image ``first``. Blocks of :class:`ImageBlocks` are multiples of
+    for a (b, 3, H, W) uint8 block that starts at image ``first``. A streamed split's blocks are multiples of
     ``unit``, so the groups, and the features, are those of one tensor. Under torchrun each rank computes its share
     of whole units (:func:`empssl.distributed.rank_rows`) and the features are gathered on every rank in order."""
     from tqdm import tqdm
@@ -437,7 +410,7 @@ def score_features(train_f: torch.Tensor, train_labels: torch.Tensor, test_f: to
 def evaluate(model: nn.Module, train: Split, test: Split, cfg: Config, device: torch.device | str,
              *, progress: bool = True, log: Callable[[str], Any] = print, dist: Dist = SINGLE) -> dict[str, Any]:
     """The full protocol of ``cfg``: :func:`image_features` of the train and test splits (in memory or
-    :class:`LabelledBlocks`: the same features either way; under torchrun every rank gets them all), then
+    streamed: the same features either way; under torchrun every rank gets them all), then
     :func:`score_features` (weighted kNN and linear probe). Logs one line, and one more per fallback.
 
     Returns a JSON-serialisable dict: :func:`score_features`'s keys, eval_view, feature, test_patches (None for the
@@ -488,9 +461,7 @@ def describe_split(split: Split, subset: int = 0) -> dict[str, Any]:
     block by block), its split and source where a streamed split names them, and ``selection``: every image, or
     the class-balanced ``--train-subset`` / ``--test-subset`` N that ``subset`` gives."""
     out: dict[str, Any] = {"images": len(split), "read": "memory" if isinstance(split, ImageData) else "stream"}
-    for key in ("split", "source"):
-        value = getattr(split, key, None)
-        if isinstance(value, str):
-            out[key] = value
+    if isinstance(split, StreamedSplit):
+        out.update(split=split.split, source=split.source)
     out["selection"] = f"class-balanced subset of {subset}" if 0 < subset <= len(split) else "every image"
     return out

@@ -160,33 +160,28 @@ def step_memory(model: nn.Module, patches: int, patch_size: int, device: torch.d
     return StepMemory(int(patches * act), int(patches * 5 * patch_bytes), (3 if with_weights else 2) * params)
 
 
-def free_bytes(device: torch.device) -> int:
-    """Memory still available to this process on a CUDA device: free on the card + cached by PyTorch."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-
-
 def want_recompute(mode: str, model: nn.Module, patches: int, patch_size: int, device: torch.device,
-                       amp: torch.dtype | None, channels_last: bool) -> tuple[bool, str]:
+                   amp: torch.dtype | None, channels_last: bool) -> tuple[bool, str]:
     """Decide ``--grad-checkpointing`` (auto | on | off) for a step of ``patches`` patches on this process:
     (use it, a one-line reason for the log). ``auto`` is on only on CUDA, when :func:`step_memory`'s total exceeds
-    85% of :func:`free_bytes`; on the CPU host memory is rarely the limit and recomputation costs time."""
+    85% of :func:`available_bytes`; on the CPU host memory is rarely the limit and recomputation costs time."""
     if mode in ("on", "off"):
         return mode == "on", f"--grad-checkpointing {mode}"
     if device.type != "cuda":
         return False, "auto: off on CPU"
     need = step_memory(model, patches, patch_size, device, amp, channels_last).total
-    free = free_bytes(device)
+    free = available_bytes(device) or 0  # never None on CUDA
     use = need > _FREE_FRACTION * free
     return use, (f"auto: a step needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free -> "
                  f"{'on' if use else 'off'}")
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Memory a training step may use: what the CUDA device has free (:func:`free_bytes`), or on the CPU the
-    host's (:func:`empssl.data.sources.memory_available`); None where it cannot be read."""
+    """Memory a training step may use: on a CUDA device what is free on the card + cached by PyTorch, on the CPU
+    the host's (:func:`empssl.data.sources.memory_available`); None where it cannot be read."""
     if device.type == "cuda":
-        return free_bytes(device)
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     return memory_available() if device.type == "cpu" else None
 
 

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
 from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
 from .data.imagenet import parse_spec
+from .data.images import split_rows
 from .data.load import resolve
 from .data.sources import read_file
 from .files import OutputError, WriterLock, read_json, write_atomic, write_json
@@ -170,10 +171,8 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
         print(f"note: skipped {n} entr{'y' if n == 1 else 'ies'} of {catalog.source} that are not regular files, "
               f"e.g. {catalog.skipped[0]}", file=sys.stderr)
     seed = seed if seed is not None else previous.get("seed", 0)
-    blocks, at = {}, 0
-    for name, count in catalog.splits:
-        blocks[name or NO_SPLIT] = _in_order(catalog.records[at: at + count], seed)
-        at += count
+    blocks = {name or NO_SPLIT: _in_order(catalog.records[rows], seed)
+              for name, rows in split_rows(catalog.splits).items()}
     plan = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
         "max_side": max_side, "jpeg_quality": JPEG_QUALITY, "seed": seed,
@@ -195,7 +194,7 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
             raise OutputError(f"cannot create {out}: {e.strerror or e}") from None
         write_json(out / PLAN, plan)
     try:
-        return _write_all(out, plan, blocks, workers or _n_workers(), progress)
+        return _write_all(out, plan, blocks, workers, progress)
     except DataError:  # nothing left behind: what the runs wrote, and out itself when a run created it
         for split in blocks:
             shutil.rmtree(out / split, ignore_errors=True)
@@ -285,18 +284,15 @@ def _shown(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], workers: int,
+def _write_all(out: Path, plan: dict[str, Any], blocks: dict[str, list[_Rec]], workers: int | None,
                progress: bool) -> Manifest:
     jobs = {split: _jobs(out / split, recs, 0, int(plan["shard_size"]), plan["max_side"], str(plan["source"]))
             for split, recs in blocks.items()}
     parts = {split: _done_parts(out / split) for split in blocks}
     todo = [job for split in blocks for job in jobs[split] if job[1] not in parts[split]]
-    total = sum(plan["splits"].values())
     try:
-        with tqdm(total=total, initial=total - sum(len(job[2]) for job in todo), desc="sharding", unit="img",
-                  file=sys.stderr, disable=not progress) as bar:
-            for part in _run_jobs(todo, workers, bar):
-                parts[Path(part["folder"]).name][part["index"]] = part
+        for part in _run_jobs(todo, workers, "sharding", progress, sum(plan["splits"].values())):
+            parts[Path(part["folder"]).name][part["index"]] = part
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted: {sum(map(len, parts.values()))} of {sum(map(len, jobs.values()))} "
                                 f"shards are written in {out}; run the same command again to write the rest") from None
@@ -327,16 +323,21 @@ def _jobs(folder: Path, recs: list[_Rec], first: int, size: int, max_side: int |
             for j, at in enumerate(range(0, len(recs), size))]
 
 
-def _run_jobs(jobs: list[_Job], workers: int, bar: tqdm) -> Iterator[dict[str, Any]]:
-    """Write the shards of ``jobs`` (a process pool of ``workers``, or this process), yielding each one's record
-    as it is done; a shard's error (raised again here) stops the others."""
-    workers = max(1, min(workers, len(jobs)))
+def _run_jobs(jobs: list[_Job], workers: int | None, desc: str, progress: bool,
+              total: int = 0) -> Iterator[dict[str, Any]]:
+    """Write the shards of ``jobs`` (a process pool of ``workers``, default the usable cores, or this process),
+    yielding each one's record as it is done, behind a bar of ``total`` images (default: the jobs'); a shard's error
+    (raised again here) stops the others."""
+    todo = sum(len(job[2]) for job in jobs)
+    workers = max(1, min(workers or _n_workers(), len(jobs)))
     pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint) \
         if workers > 1 else None
     try:
-        for part in pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs):
-            bar.update(part["images"])
-            yield part
+        with tqdm(total=total or todo, initial=(total or todo) - todo, desc=desc, unit="img", file=sys.stderr,
+                  disable=not progress) as bar:
+            for part in pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs):
+                bar.update(part["images"])
+                yield part
     finally:
         if pool is not None:
             pool.terminate()
@@ -514,8 +515,7 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
         recs = _in_order(catalog.records, manifest.data.get("seed", 0), labels)
         jobs = _jobs(folder, recs, first, manifest.shard_size, manifest.max_side, source)
         try:
-            with tqdm(total=len(recs), desc="appending", unit="img", file=sys.stderr, disable=not progress) as bar:
-                parts = sorted(_run_jobs(jobs, workers or _n_workers(), bar), key=lambda p: p["index"])
+            parts = sorted(_run_jobs(jobs, workers, "appending", progress), key=lambda p: p["index"])
             return _publish_append(out, manifest, parts, [label for _, label, _ in recs],
                                    {"source": source, "fingerprint": fingerprint, "images": len(recs),
                                     "first_shard": first, "shards": len(parts), "empssl_version": __version__})
@@ -584,15 +584,14 @@ def _labels_name(appends: int, images: int) -> str:
 # --- checking ------------------------------------------------------------------------------------------
 
 
+@dataclass
 class ShardFolder:
     """Where :func:`verify_shards` reads a shard folder's files: a local folder ``root``
     (:class:`empssl.remote.RemoteFolder`: a bucket's, its small files mirrored in ``root``)."""
 
-    url = ""
+    root: Path
     known: KnownHashes | None = None  # sha256s computed before (set by verify_shards)
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    url = ""
 
     def fetch(self, name: str) -> None:
         """Bring ``root/name`` (a plain name's path, checked before) up to date: nothing to do here."""
