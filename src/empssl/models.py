@@ -156,18 +156,16 @@ def inference_copy(model: nn.Module) -> nn.Module:
     backbone = getattr(net, "backbone", None)
     if isinstance(backbone, ResNet):
         channels_last = backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-        pairs: list[tuple[nn.Module, str, str]] = [(backbone, "conv1", "bn1")]
-        for block in backbone.modules():
-            if isinstance(block, BasicBlock):
-                pairs += [(block, "conv1", "bn1"), (block, "conv2", "bn2")]
-                if block.downsample is not None:
-                    pairs.append((block.downsample, "0", "1"))
-        for owner, conv, bn in pairs:
-            fused = fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn))
-            if channels_last:
-                fused = fused.to(memory_format=torch.channels_last)
-            setattr(owner, conv, fused)
-            setattr(owner, bn, nn.Identity())
+        # the stem's and each block's (conv1, bn1), (conv2, bn2); a downsample Sequential's ("0", "1")
+        for owner in list(backbone.modules()):
+            for conv, bn in (("conv1", "bn1"), ("conv2", "bn2"), ("0", "1")):
+                c, b = getattr(owner, conv, None), getattr(owner, bn, None)
+                if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    fused = fuse_conv_bn_eval(c, b)
+                    if channels_last:
+                        fused = fused.to(memory_format=torch.channels_last)
+                    setattr(owner, conv, fused)
+                    setattr(owner, bn, nn.Identity())
     pre = getattr(net, "pre_feature", None)
     if isinstance(pre, nn.Sequential) and isinstance(pre[0], nn.Linear) and isinstance(pre[1], nn.BatchNorm1d):
         pre[0] = fuse_linear_bn_eval(pre[0], pre[1])

@@ -35,11 +35,9 @@ class TrackingError(ConfigError):
 def scalars(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
     """The numeric leaves of ``record`` as (``prefix`` + slash-joined key, value); ``step`` (the x axis), booleans
     and text are left out. ``{"timing": {"total": 3.0}}`` -> ``("timing/total", 3.0)``."""
-    for key, value in record.items():
-        if isinstance(value, Mapping):
-            yield from scalars(value, f"{prefix}{key}/")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-            yield f"{prefix}{key}", value
+    for key, value in _flat(record, prefix).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key.rpartition("/")[2] != "step":
+            yield key, value
 
 
 class Tracker(ABC):
@@ -51,8 +49,8 @@ class Tracker(ABC):
 
     @abstractmethod
     def open(self, run_dir: Path, config: dict[str, Any], start_step: int, saved: dict[str, Any]) -> dict[str, Any]:
-        """Start (``saved`` empty) or continue (``saved``: what an earlier session's ``open`` returned) the run of
-        ``run_dir`` at ``start_step``; record ``config``. Returns what a resumed session needs (ids)."""
+        """Start (``saved`` empty) or continue (``saved``: what an earlier ``open`` returned) the run of ``run_dir``
+        at ``start_step``; record ``config``. Returns what a resumed session needs (ids)."""
 
     @abstractmethod
     def log_scalars(self, values: dict[str, float], step: int, wall_time: float) -> None:
@@ -64,7 +62,7 @@ class Tracker(ABC):
 
     @abstractmethod
     def close(self, ok: bool) -> None:
-        """Flush and end the run; ``ok`` False marks it as failed (the process is exiting without finishing)."""
+        """Flush and end the run; ``ok`` False marks it as failed."""
 
 
 class TensorBoardTracker(Tracker):

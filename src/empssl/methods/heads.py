@@ -7,7 +7,7 @@ BatchNorm normalises over the b images of one view, never over both views at onc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -80,6 +80,11 @@ def solo_augment(cfg: Config, **colour: float) -> Augment:
 class TwoViewMethod(Method):
     """A method with two views per image (the baselines), view v made with ``view_augments()[v]``, evaluated as
     solo-learn evaluates it (the base class's default): the whole image, the backbone feature."""
+
+    colour: ClassVar[dict[str, float]] = {}  # both views' colour settings (the method's solo-learn YAML)
+
+    def view_augments(self) -> list[Augment]:
+        return [solo_augment(self.cfg, **self.colour)] * 2
 
     def views(self, images: torch.Tensor, generator: torch.Generator, dist: Dist = SINGLE,
               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:

@@ -18,13 +18,8 @@ from ..config import MethodSettings, setting
 from ..distributed import SINGLE, Dist
 from ..losses import vicreg_loss
 from ..models import create_backbone
-from ..patches import Augment
 from . import register
-from .heads import TwoViewMethod, TwoViewModel, mlp, solo_augment
-
-# vicreg.yaml (solo-learn e74719b9): the same recipe for both views.
-COLOUR = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2,
-              blur_p=0.0, solarize_p=0.1)
+from .heads import TwoViewMethod, TwoViewModel, mlp
 
 
 @dataclass(frozen=True)
@@ -39,6 +34,8 @@ class VICReg(TwoViewMethod):
     Settings = VICRegSettings
     settings: VICRegSettings
     preset = "vicreg-cifar10"
+    colour = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2,
+                  blur_p=0.0, solarize_p=0.1)  # vicreg.yaml (solo-learn e74719b9)
     terms = ("loss", "invariance", "variance", "covariance")
 
     def build_model(self) -> nn.Module:
@@ -46,9 +43,6 @@ class VICReg(TwoViewMethod):
         backbone = create_backbone(cfg.arch, cfg.width)
         dims = [backbone.out_dim, cfg.hidden_dim, cfg.hidden_dim, cfg.z_dim]
         return TwoViewModel(backbone, mlp(dims, batch_norm=True))
-
-    def view_augments(self) -> list[Augment]:
-        return [solo_augment(self.cfg, **COLOUR)] * 2
 
     def loss(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None,
              dist: Dist = SINGLE) -> torch.Tensor:
