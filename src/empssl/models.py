@@ -1,8 +1,8 @@
 """ResNet backbones and the EMP-SSL encoder (backbone -> 4096-d pre-feature -> projector -> unit sphere).
 
-The backbone uses torchvision's parameter names (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), so a
-width-64 backbone's state_dict loads into ``torchvision.models.resnet18`` with ``strict=True`` once the
-stem (``conv1``, 3x3 in the CIFAR variant) and ``fc`` are set aside.
+The backbone uses torchvision's parameter names, so a width-64 backbone's state_dict loads into
+``torchvision.models.resnet18`` (``strict=True``) once the stem (3x3 ``conv1`` in the CIFAR variant) and ``fc``
+are set aside.
 """
 
 from __future__ import annotations
@@ -37,10 +37,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample: nn.Module | None = None
         if stride != 1 or inplanes != planes:
-            # Named like torchvision's (downsample.0 = conv, downsample.1 = BN).
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            # named like torchvision's: downsample.0 = conv, downsample.1 = BN
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -121,12 +119,8 @@ class EMPSSLModel(nn.Module):
         self.backbone = create_backbone(arch, width)
         d = self.backbone.out_dim
         self.pre_feature = nn.Sequential(nn.Linear(d, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True))
-        self.projection = nn.Sequential(
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, z_dim),
-        )
+        self.projection = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, z_dim))
         self.hidden_dim, self.z_dim = hidden_dim, z_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,11 +139,10 @@ class EMPSSLModel(nn.Module):
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
-    """An eval-mode, gradient-free copy of ``model`` for feature extraction, with every BatchNorm that follows a
-    convolution of its ResNet ``backbone`` (and the BatchNorm1d of an EMP-SSL ``pre_feature``) folded into that
-    layer's weights and bias: in eval mode BatchNorm is an affine map, so the features are the same up to float
-    rounding, and each forward skips the 20 BatchNorm passes over the activations. ``model`` is left as it is;
-    modules without this structure are copied unchanged."""
+    """An eval-mode, gradient-free copy of ``model`` for feature extraction, each BatchNorm after a convolution of
+    its ResNet ``backbone`` (and an EMP-SSL ``pre_feature``'s BatchNorm1d) folded into that layer: an affine map in
+    eval mode, so the features are the same up to rounding, without 20 BatchNorm passes per forward. Modules
+    without this structure are copied unchanged."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     net = copy.deepcopy(model).eval().requires_grad_(False)

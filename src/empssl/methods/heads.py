@@ -29,27 +29,21 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
 def mlp(dims: Sequence[int], batch_norm: bool = True) -> nn.Sequential:
-    """Linear layers of widths dims[0] -> dims[1] -> ... -> dims[-1], with BatchNorm1d (when ``batch_norm``) and
-    ReLU after every layer but the last: the shape of solo-learn's projectors and BYOL's predictor."""
+    """Linear layers dims[0] -> ... -> dims[-1], with BatchNorm1d (when ``batch_norm``) and ReLU after all but the
+    last: solo-learn's projectors and BYOL's predictor."""
     if len(dims) < 2:
         raise ValueError(f"an MLP needs an input and an output width, got {list(dims)}")
     for d in dims:
         check_size("an MLP width", d)
     layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(d_in, d_out))
-        if i < len(dims) - 2:
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(d_out))
-            layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_in, d_out), *([nn.BatchNorm1d(d_out)] if batch_norm else []), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1]))
 
 
 class TwoViewModel(nn.Module):
-    """backbone (B, 8*width) -> projector (B, z_dim), applied to each view separately.
-
-    Evaluated on the backbone feature (solo-learn's linear and kNN protocols), so it has no pre-feature.
-    """
+    """backbone (B, 8*width) -> projector (B, z_dim), applied to each view separately; evaluated on the backbone
+    feature (solo-learn's protocols), so it has no pre-feature."""
 
     def __init__(self, backbone: ResNet, projector: nn.Module) -> None:
         super().__init__()
@@ -88,11 +82,8 @@ class TwoViewMethod(Method):
 
     def views(self, images: torch.Tensor, generator: torch.Generator, dist: Dist = SINGLE,
               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-        """(b, 3, H, W) uint8 images -> (V, b, 3, s, s) normalised views, view v made with ``view_augments()[v]``.
-
-        Each view's random parameters are drawn for the whole step's batch on every rank
-        (:func:`empssl.distributed.rank_patches`), so a rank's views are the single process's views of the same
-        images."""
+        """(b, 3, H, W) uint8 images -> (V, b, 3, s, s) normalised views; a rank's views are the single process's
+        (:func:`empssl.distributed.rank_patches` draws each view's parameters for the whole step's batch)."""
         parts = [distributed.rank_patches(images, 1, aug, generator, dist, memory_format=memory_format)[0]
                  for aug in self.view_augments()]  # V x (b, 3, s, s)
         # cat keeps the parts' memory format, and (V*b, ...) -> (V, b, ...) is a view in either format

@@ -1,15 +1,10 @@
 """Plots and the Markdown report of one or several run directories.
 
-``write_report(run_dirs, out, targets=...)`` reads what each run left behind (config.json, results.json,
-results-*.json, metrics.jsonl, monitor.jsonl, test_patch_ablation.json, tsne.png, and ablation.json for a
-patch-count ablation folder, whose n*/ runs join the report) and writes ``out/report.md`` with tables and PNG
-plots beside it, several runs (of one or several methods) side by side and overlaid: accuracy with its
-evaluation protocol and the random-initialisation baseline, where the time went, and the time and epochs each
-run took to reach kNN accuracy targets (:func:`time_to_targets`). A missing file is a note in the report,
-never an error.
-
-:mod:`.runs` reads run directories and :mod:`.plots` draws the figures; this module makes the Markdown tables and
-puts them together.
+``write_report(run_dirs, out, targets=...)`` reads what each run left behind (:mod:`.runs`; a patch-count
+ablation folder's n*/ runs join them) and writes ``out/report.md`` with its tables and PNG plots (:mod:`.plots`):
+several runs, of one or several methods, side by side and overlaid: accuracy with its evaluation protocol and the
+random-initialisation baseline, where the time went, and the time and epochs each run took to reach kNN accuracy
+targets (:func:`time_to_targets`). A missing file is a note in the report, never an error.
 """
 
 from __future__ import annotations
@@ -46,11 +41,9 @@ def report_targets(extra: Sequence[float] = ()) -> list[float]:
 def time_to_targets(records: Sequence[dict[str, Any]], targets: Sequence[float]) -> list[dict[str, Any]]:
     """When the kNN accuracy of monitor.jsonl ``records`` (in the order written) first reached each target.
 
-    One dict per target, sorted by target, duplicates dropped: ``target``, ``reached`` and ``train_s``,
-    ``epoch``, ``step``, ``knn_top1`` of the first record with ``knn_top1 >= target`` (no interpolation
-    between records; the step-0 record of the untrained encoder counts). A target never reached gets
-    ``reached`` False and the numbers of the last record (how long the run tried); with no record holding
-    ``knn_top1``, they are None.
+    One dict per target, sorted, unique: ``target``, ``reached`` and ``train_s``, ``epoch``, ``step``, ``knn_top1``
+    of the first record with ``knn_top1 >= target`` (not interpolated; the untrained encoder's step-0 record
+    counts). A target never reached: ``reached`` False and the last record's numbers (None without kNN records).
     """
     recs = [r for r in records if r.get("knn_top1") is not None]
     out = []
@@ -126,16 +119,6 @@ def test_patch_ablation_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 CONFIG_SUMMARY = ("method", "data", "train_subset", "image_size", "arch", "width", "hidden_dim", "num_patches",
                   "patch_size", "epochs", "schedule_epochs", "batch_size", "lr", "seed", "precision", "test_patches",
                   "eval_view", "eval_feature", "probe_epochs", "probe_lrs", "knn_k", "eval_every")
-# The order of results.json's "timing" keys in the table (the trainer's list); other keys follow in their own order.
-TIMING_KEYS = (*TIMING_FIELDS, "total")
-
-
-def _probe_protocol(res: dict[str, Any]) -> str | None:
-    """The probe protocol (final-epoch, val-epoch or lr-sweep) and its lr."""
-    protocol = res.get("probe_protocol")
-    if protocol is not None and res.get("probe_lr") is not None:
-        protocol += f", lr {res['probe_lr']:g}"
-    return protocol
 
 
 def accuracy_table(runs: Sequence[Run]) -> list[str]:
@@ -143,11 +126,13 @@ def accuracy_table(runs: Sequence[Run]) -> list[str]:
     rows = []
     for r in runs:
         for name, res in r.result_files():
-            view = res.get("eval_view")
+            view, protocol = res.get("eval_view"), res.get("probe_protocol")  # final-epoch, val-epoch or lr-sweep
+            if protocol is not None and res.get("probe_lr") is not None:
+                protocol += f", lr {res['probe_lr']:g}"
             rows.append([r.label, r.method, name, res.get("data", r.config.get("data")), view,
                          res.get("linear_top1"), res.get("knn_top1"),
                          res.get("test_patches") if view == "patches" else None, res.get("feature"),
-                         _probe_protocol(res), res.get("probe_epoch"), res.get("n_train"), res.get("n_test")])
+                         protocol, res.get("probe_epoch"), res.get("n_train"), res.get("n_test")])
     if not rows:
         return ["No results.json in any run (train without --no-eval, or run empssl eval).", ""]
     return table(["run", "method", "file", "evaluated on", "eval view", "linear top-1 (%)", "kNN top-1 (%)",
@@ -182,7 +167,8 @@ def timing_table(runs: Sequence[Run]) -> list[str]:
     timed = [(r, r.results["timing"]) for r in runs if r.results and r.results.get("timing")]
     if not timed:
         return ["No results.json holds a timing breakdown (runs from before it was recorded).", ""]
-    keys = [k for k in TIMING_KEYS if any(k in timing for _, timing in timed)]
+    # the trainer's parts in its order, then any other key in its own
+    keys = [k for k in (*TIMING_FIELDS, "total") if any(k in timing for _, timing in timed)]
     for _, timing in timed:
         keys += [k for k in timing if k not in keys]
     rows = []
@@ -259,9 +245,8 @@ def online_tables(runs: Sequence[Run]) -> list[str]:
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets: Sequence[float] = ()) -> Path:
     """Write ``out_dir/report.md`` and its PNG plots for the given run (or patch-ablation) directories.
 
-    ``targets`` are kNN accuracies (%) added to ``DEFAULT_TARGETS`` in the time-to-accuracy table.
-    Returns the path of report.md. Raises ReportError if a directory does not exist or holds neither a run
-    nor an ablation, or for a target outside (0, 100].
+    ``targets``: kNN accuracies (%) added to ``DEFAULT_TARGETS`` in the time-to-accuracy table. Returns report.md's
+    path; ReportError for a directory that is missing or holds neither a run nor an ablation, or a bad target.
     """
     goals = report_targets(targets)
     out = Path(out_dir)
@@ -365,8 +350,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
 
     for d, abl in ablations:
         md += [f"## Patch-count ablation: `{d}`", ""]
-        cfg = abl.get("config", {})
-        md += [", ".join(f"{k} {v}" for k, v in cfg.items()), ""]
+        md += [", ".join(f"{k} {v}" for k, v in abl.get("config", {}).items()), ""]
         md += patch_ablation_table(abl.get("rows", []))
         png = d / "ablation.png"
         if not png.is_file() and abl.get("rows"):
