@@ -23,9 +23,8 @@ class LARS(torch.optim.Optimizer):
     decay, as in the wrapper, which zeroes the SGD weight decay of every group.
 
     A step is a fixed number of multi-tensor ops (``torch._foreach_*``, then torch's fused SGD kernel, which can
-    skip the whole update on the device), whatever the number of parameters, and reads nothing back to the host:
-    ``lr`` must be a Python float and all parameters on one device. The momentum buffers are
-    ``state[p]["momentum_buffer"]``, as in the per-parameter version, so checkpoints carry over.
+    skip the update on the device) and reads nothing back to the host: ``lr`` must be a Python float, all
+    parameters on one device. Momentum buffers are ``state[p]["momentum_buffer"]``, as in ``torch.optim.SGD``.
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,

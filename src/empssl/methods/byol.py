@@ -30,12 +30,9 @@ from .heads import TwoViewMethod, TwoViewModel, mlp, solo_augment
 
 
 def byol_tau(step: int, total_steps: int, base: float, final: float) -> float:
-    """The target momentum after ``step`` of ``total_steps`` steps (solo-learn's ``MomentumUpdater.update_tau``):
+    """The target momentum after ``step`` of ``total_steps`` steps (BYOL Sec. 3.2, solo-learn's ``update_tau``):
 
         tau = final - (final - base) * (cos(pi * step / total_steps) + 1) / 2
-
-    ``base`` at step 0, ``final`` at the last step: BYOL's schedule (Sec. 3.2; base 0.996 in the paper's ImageNet
-    runs, 0.99 in solo-learn's CIFAR recipe).
     """
     t = min(max(step, 0), total_steps) / max(total_steps, 1)
     return final - (final - base) * (math.cos(math.pi * t) + 1) / 2
@@ -62,10 +59,8 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float | torch.Tensor)
 
 
 class BYOLModel(TwoViewModel):
-    """Online backbone -> projector -> predictor, and the target backbone -> projector (no gradients).
-
-    ``tau`` (a buffer, so checkpoints keep it) is the momentum of the next target update; the loss logs it.
-    """
+    """Online backbone -> projector -> predictor, and the target backbone -> projector (no gradients). ``tau`` (a
+    buffer, so checkpoints keep it) is the momentum of the next target update; the loss logs it."""
 
     tau: torch.Tensor
 

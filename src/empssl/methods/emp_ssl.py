@@ -94,12 +94,6 @@ class EMPSSL(Method):
         return chunked_gradients(self, net, images, generator, amp, memory_format, dist)
 
 
-def _no_sync(net: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """DDP's ``no_sync()`` for a DDP-wrapped (maybe compiled) module; nothing otherwise."""
-    no_sync = getattr(net, "no_sync", None)
-    return no_sync() if no_sync is not None else contextlib.nullcontext()
-
-
 def chunked_gradients(method: EMPSSL, net: nn.Module, images: torch.Tensor, generator: torch.Generator,
                       amp: torch.dtype | None, memory_format: torch.memory_format, dist: Dist = SINGLE
                       ) -> torch.Tensor:
@@ -131,7 +125,8 @@ def chunked_gradients(method: EMPSSL, net: nn.Module, images: torch.Tensor, gene
     (dz,) = torch.autograd.grad(terms[0], z)
     with keep_batchnorm_stats(net):  # the second forward of each group leaves the running statistics as they are
         for k in range(k_groups):
-            with _no_sync(net) if k < k_groups - 1 else contextlib.nullcontext():
+            # DDP's no_sync (a compiled module forwards it) for every group but the last; nothing without DDP
+            with contextlib.nullcontext() if k == k_groups - 1 else getattr(net, "no_sync", contextlib.nullcontext)():
                 zk = project(k)
                 zk.backward(dz[k * per_group:(k + 1) * per_group].to(zk.dtype))
     return terms.detach()

@@ -1,7 +1,6 @@
 """What the two-view baselines (SimCLR, VICReg, BYOL) share: MLP heads, a two-view model, solo-learn's views.
 
-Each view is forwarded on its own, as solo-learn's ``BaseMethod.training_step`` does (one call per crop), so
-BatchNorm normalises over the b images of one view, never over both views at once.
+Each view is forwarded on its own, as solo-learn does, so BatchNorm normalises over the b images of one view.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """SimCLR (Chen, Kornblith, Norouzi, Hinton 2020, arXiv 2002.05709) with solo-learn's CIFAR recipe.
 
-Two views per image with the symmetric augmentation of solo-learn's ``scripts/pretrain/cifar/augmentations/
-symmetric.yaml``; ResNet -> projector Linear(512, 2048) + ReLU + Linear(2048, 256) (no BatchNorm, as in
-solo-learn's ``solo/methods/simclr.py``); the NT-Xent loss (:func:`empssl.losses.simclr_loss`) over the projections
-of the whole step's batch, all-gathered from every rank as solo-learn does. Evaluated on the 512-d backbone feature
-of the whole image. Settings and sources: docs/RECIPE.md.
+Two views per image with solo-learn's ``symmetric.yaml`` augmentation; ResNet -> projector Linear(512, 2048) + ReLU
++ Linear(2048, 256) (no BatchNorm, as solo-learn); the NT-Xent loss (:func:`empssl.losses.simclr_loss`) over the
+whole step's batch, all-gathered from every rank as solo-learn does. Settings and sources: docs/RECIPE.md.
 """
 
 from __future__ import annotations

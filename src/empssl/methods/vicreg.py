@@ -1,10 +1,9 @@
 """VICReg (Bardes, Ponce, LeCun 2022, arXiv 2105.04906) with solo-learn's CIFAR recipe.
 
-Two views per image with the augmentation written in solo-learn's ``scripts/pretrain/cifar/vicreg.yaml`` (its own,
-not symmetric.yaml: crops of 20-100 % of the image, solarization, no blur); ResNet -> projector
-Linear(512, 2048) + BN + ReLU + Linear(2048, 2048) + BN + ReLU + Linear(2048, 2048) (``solo/methods/vicreg.py``);
-the VICReg loss (:func:`empssl.losses.vicreg_loss`) over the projections of the whole step's batch, all-gathered
-from every rank. Evaluated on the 512-d backbone feature of the whole image. Settings and sources: docs/RECIPE.md.
+Two views per image with the augmentation of solo-learn's ``vicreg.yaml`` (not symmetric.yaml: crops of 20-100 %
+of the image, solarization, no blur); ResNet -> projector Linear(512, 2048) + BN + ReLU + Linear(2048, 2048) + BN
++ ReLU + Linear(2048, 2048); :func:`empssl.losses.vicreg_loss` over the whole step's batch, all-gathered from every
+rank. Settings and sources: docs/RECIPE.md.
 """
 
 from __future__ import annotations

@@ -267,11 +267,10 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
             raise ReportError(f"{d} holds no run (a config.json, results.json or metrics.jsonl as empssl "
                               f"writes them) and no ablation.json")
     labels = [r.label for r in runs]
-    for r in runs:  # same folder names in different places: add the parent
-        if labels.count(r.label) > 1:
-            r.label = f"{r.path.parent.name}/{r.path.name}"
     several_methods = len({r.method for r in runs}) > 1
     for r in runs:
+        if labels.count(r.label) > 1:  # same folder names in different places: add the parent
+            r.label = f"{r.path.parent.name}/{r.path.name}"
         r.legend = f"{r.label} ({r.method})" if several_methods else r.label
 
     def link(p: Path) -> str:
