@@ -78,16 +78,10 @@ class LARS(torch.optim.Optimizer):
     def _momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each parameter's momentum buffer (zeros at first), laid out as the parameter: the fused kernel walks
         parameter, gradient and buffer memory in the same order (a checkpoint's buffer is re-laid once)."""
-        bufs = []
         for p in params:
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif buf.stride() != p.stride():
-                buf = state["momentum_buffer"] = _like(buf, p)
-            bufs.append(buf)
-        return bufs
+            buf = self.state[p].get("momentum_buffer")
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p) if buf is None else _like(buf, p)
+        return [self.state[p]["momentum_buffer"] for p in params]
 
 
 def _like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

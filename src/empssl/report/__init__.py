@@ -86,13 +86,13 @@ def median_throughput(metrics: list[dict[str, Any]]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def fmt(x: Any, digits: int = 1) -> str:
+def fmt(x: Any) -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
-        return f"{x:.{digits}f}"
+        return f"{x:.1f}"
     if isinstance(x, (list, tuple)):
-        return " ".join(fmt(v, digits) for v in x)
+        return " ".join(map(fmt, x))
     return str(x)
 
 
