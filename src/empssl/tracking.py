@@ -1,9 +1,8 @@
 """Runs in the tools people watch them with: TensorBoard, Weights & Biases and MLflow (``--log``).
 
-metrics.jsonl, monitor.jsonl and results.json are always written; ``--log`` also streams the same scalars, the
-resolved config and the results through each project's own client library (an extra), from rank 0 only. Where each
-one writes, and how a resumed run continues the same runs (their ids in ``RUN/trackers.json``): README.md,
-"Watching a run".
+``--log`` streams the scalars of metrics.jsonl and monitor.jsonl, the resolved config and the results through each
+project's own client library (an extra), from rank 0 only. Where each writes, and how a resumed run continues the
+same runs (ids in ``RUN/trackers.json``): README.md, "Watching a run".
 """
 
 from __future__ import annotations

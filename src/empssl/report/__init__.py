@@ -28,10 +28,8 @@ DEFAULT_TARGETS: tuple[float, ...] = (50.0, 60.0, 70.0, 80.0)
 
 
 def report_targets(extra: Sequence[float] = ()) -> list[float]:
-    """The kNN targets (%) of the time-to-accuracy table: ``DEFAULT_TARGETS`` and ``extra``, sorted, unique.
-
-    Raises ReportError for a target outside (0, 100].
-    """
+    """The kNN targets (%) of the time-to-accuracy table: ``DEFAULT_TARGETS`` and ``extra``, sorted, unique;
+    ReportError for a target outside (0, 100]."""
     bad = [t for t in extra if not 0 < t <= 100]  # also catches NaN
     if bad:
         raise ReportError(f"--targets are kNN accuracies in % and must lie in (0, 100], got {bad[0]:g}")
