@@ -14,13 +14,9 @@ from torch import nn
 def total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
     """Total Coding Rate R(Z) = 1/2 logdet(I_d + d / (b * eps) Z^T Z)  (paper Eq. 2).
 
-    Args:
-        z: (..., b, d) embeddings; every leading index is one independent batch (one patch index).
-        eps: the distortion epsilon (0.2 in the official recipe).
-
-    Returns:
-        (...) coding rates, a 0-d tensor for a (b, d) input. Larger = more spread-out embeddings; the
-        EMP-SSL loss *subtracts* it. Computed in float32 whatever the input dtype.
+    z: (..., b, d) embeddings, every leading index one independent batch (one patch index); eps: the distortion
+    epsilon (0.2 in the official recipe). Returns (...) coding rates in float32 (0-d for a (b, d) input). Larger =
+    more spread-out embeddings; the EMP-SSL loss *subtracts* it.
 
     By Sylvester's identity logdet(I_d + c Z^T Z) = logdet(I_b + c Z Z^T), so the smaller of the two
     Gram matrices is factorised (100 x 100 rather than 1024 x 1024 for the official batch). Both are
@@ -56,14 +52,9 @@ def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 2
 
         loss = -(1/n) sum_i R(z_i) - invariance_weight * (1/n) sum_i mean_b cos(z_i, z_mean)
 
-    Args:
-        z: (n_patches, b, d) projector outputs with L2-normalised rows; z[i] holds patch i of every image.
-        eps: coding-rate epsilon.
-        invariance_weight: lambda, 200 in the official recipe.
-
-    Returns:
-        EMPSSLTerms(loss, tcr, invariance), each a 0-d float32 tensor. ``z_mean`` (b, d) is the mean
-        over patches and is *not* detached, as in the official code.
+    z: (n_patches, b, d) projector outputs with L2-normalised rows; z[i] holds patch i of every image.
+    invariance_weight: lambda, 200 in the official recipe. Returns EMPSSLTerms(loss, tcr, invariance), 0-d float32
+    tensors. ``z_mean`` (b, d), the mean over patches, is *not* detached, as in the official code.
     """
     if z.dim() != 3:
         raise ValueError(f"z must have shape (n_patches, b, d); got {tuple(z.shape)}")
@@ -134,13 +125,9 @@ def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) ->
         l(i, j) = -log exp(cos(z_i, z_j) / T) / sum_{k != i} exp(cos(z_i, z_k) / T)
         loss = 1/(2b) sum_n [l(n, n + b) + l(n + b, n)]
 
-    Args:
-        z1, z2: (b, d) projections of view 1 and view 2; row n of both comes from image n. Not normalised.
-        temperature: T (0.2 in solo-learn's CIFAR recipe).
-
-    Returns:
-        0-d float32 loss (a cross-entropy over 2b - 1 candidates: log(2b - 1) at chance). Computed in float32
-        with autocast off, whatever the input dtype.
+    z1, z2: (b, d) projections (not normalised) of view 1 and view 2, row n of both from image n; temperature: T
+    (0.2 in solo-learn's CIFAR recipe). Returns a 0-d float32 loss, a cross-entropy over 2b - 1 candidates
+    (log(2b - 1) at chance), computed with autocast off.
     """
     _check_pair("simclr_loss", z1, z2, min_batch=2)  # negatives
     with torch.autocast(device_type=z1.device.type, enabled=False):
@@ -187,18 +174,12 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0, va
     ``F.mse_loss`` (a mean over them), with the coefficients 25 / 25 / 1.
 
     The variance term is the *sum* v(Z1) + v(Z2), as the paper's Eq. 6 and solo-learn write it.
-    facebookresearch/vicreg (``main_vicreg.py``: ``std_loss = mean(relu(1 - std_x)) / 2 + mean(relu(1 - std_y))
-    / 2``) and lightly take the *mean* of the two, so with the same 25 / 25 / 1 their variance weight is in effect
-    half of this one (theirs is ours with var_weight 12.5); ``variance_mean=True`` computes their form. The
-    covariance term is the sum c(Z1) + c(Z2) in all three.
+    facebookresearch/vicreg (``std_loss = mean(relu(1 - std_x)) / 2 + mean(relu(1 - std_y)) / 2``) and lightly
+    take the *mean*, i.e. ours with var_weight 12.5: ``variance_mean=True`` computes their form. The covariance
+    term is the sum c(Z1) + c(Z2) in all three.
 
-    Args:
-        z1, z2: (n, d) projections of view 1 and view 2; row n of both comes from image n.
-        variance_mean: use (v(Z1) + v(Z2)) / 2 (facebookresearch/vicreg, lightly) instead of the sum.
-
-    Returns:
-        VICRegLoss(loss, invariance, variance, covariance), 0-d float32 tensors, computed in float32 with
-        autocast off whatever the input dtype.
+    z1, z2: (n, d) projections of view 1 and view 2, row n of both from image n. Returns VICRegLoss(loss,
+    invariance, variance, covariance), 0-d float32 tensors computed with autocast off.
     """
     _check_pair("vicreg_loss", z1, z2, min_batch=2)  # a variance
     with torch.autocast(device_type=z1.device.type, enabled=False):
@@ -216,14 +197,9 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
         loss = mean_n || p_n / ||p_n|| - z_n / ||z_n|| ||^2 = mean_n (2 - 2 cos(p_n, z_n))
 
-    Args:
-        p: (b, d) online predictions q(z) of one view.
-        z: (b, d) target projections of the other view; a constant (stop-gradient, as in the paper): no
-            gradient flows into it.
-
-    Returns:
-        0-d float32 loss in [0, 4]: 0 when every p_n points along z_n, 4 when opposite. BYOL's symmetrised
-        loss is the sum over the two directions (Eq. 2 plus its swapped twin).
+    p: (b, d) online predictions q(z) of one view; z: (b, d) target projections of the other view, a constant
+    (stop-gradient, as in the paper). Returns a 0-d float32 loss in [0, 4]: 0 when every p_n points along z_n, 4
+    when opposite. BYOL's symmetrised loss is the sum over the two directions (Eq. 2 plus its swapped twin).
     """
     _check_pair("byol_loss", p, z)
     with torch.autocast(device_type=p.device.type, enabled=False):

@@ -1,8 +1,8 @@
 """ResNet backbones and the EMP-SSL encoder (backbone -> 4096-d pre-feature -> projector -> unit sphere).
 
-The backbone uses torchvision's parameter names (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), so a
-width-64 backbone's state_dict loads into ``torchvision.models.resnet18`` with ``strict=True`` once the
-stem (``conv1``, 3x3 in the CIFAR variant) and ``fc`` are set aside.
+The backbone uses torchvision's parameter names, so a width-64 backbone's state_dict loads into
+``torchvision.models.resnet18`` (``strict=True``) once the stem (3x3 ``conv1`` in the CIFAR variant) and ``fc``
+are set aside.
 """
 
 from __future__ import annotations
@@ -37,10 +37,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample: nn.Module | None = None
         if stride != 1 or inplanes != planes:
-            # Named like torchvision's (downsample.0 = conv, downsample.1 = BN).
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            # named like torchvision's: downsample.0 = conv, downsample.1 = BN
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -121,12 +119,8 @@ class EMPSSLModel(nn.Module):
         self.backbone = create_backbone(arch, width)
         d = self.backbone.out_dim
         self.pre_feature = nn.Sequential(nn.Linear(d, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True))
-        self.projection = nn.Sequential(
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, z_dim),
-        )
+        self.projection = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, z_dim))
         self.hidden_dim, self.z_dim = hidden_dim, z_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,29 +139,26 @@ class EMPSSLModel(nn.Module):
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
-    """An eval-mode, gradient-free copy of ``model`` for feature extraction, with every BatchNorm that follows a
-    convolution of its ResNet ``backbone`` (and the BatchNorm1d of an EMP-SSL ``pre_feature``) folded into that
-    layer's weights and bias: in eval mode BatchNorm is an affine map, so the features are the same up to float
-    rounding, and each forward skips the 20 BatchNorm passes over the activations. ``model`` is left as it is;
-    modules without this structure are copied unchanged."""
+    """An eval-mode, gradient-free copy of ``model`` for feature extraction, each BatchNorm after a convolution of
+    its ResNet ``backbone`` (and an EMP-SSL ``pre_feature``'s BatchNorm1d) folded into that layer: an affine map in
+    eval mode, so the features are the same up to rounding, without 20 BatchNorm passes per forward. Modules
+    without this structure are copied unchanged."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     net = copy.deepcopy(model).eval().requires_grad_(False)
     backbone = getattr(net, "backbone", None)
     if isinstance(backbone, ResNet):
         channels_last = backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-        pairs: list[tuple[nn.Module, str, str]] = [(backbone, "conv1", "bn1")]
-        for block in backbone.modules():
-            if isinstance(block, BasicBlock):
-                pairs += [(block, "conv1", "bn1"), (block, "conv2", "bn2")]
-                if block.downsample is not None:
-                    pairs.append((block.downsample, "0", "1"))
-        for owner, conv, bn in pairs:
-            fused = fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn))
-            if channels_last:
-                fused = fused.to(memory_format=torch.channels_last)
-            setattr(owner, conv, fused)
-            setattr(owner, bn, nn.Identity())
+        # the stem's and each block's (conv1, bn1), (conv2, bn2); a downsample Sequential's ("0", "1")
+        for owner in list(backbone.modules()):
+            for conv, bn in (("conv1", "bn1"), ("conv2", "bn2"), ("0", "1")):
+                c, b = getattr(owner, conv, None), getattr(owner, bn, None)
+                if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    fused = fuse_conv_bn_eval(c, b)
+                    if channels_last:
+                        fused = fused.to(memory_format=torch.channels_last)
+                    setattr(owner, conv, fused)
+                    setattr(owner, bn, nn.Identity())
     pre = getattr(net, "pre_feature", None)
     if isinstance(pre, nn.Sequential) and isinstance(pre[0], nn.Linear) and isinstance(pre[1], nn.BatchNorm1d):
         pre[0] = fuse_linear_bn_eval(pre[0], pre[1])

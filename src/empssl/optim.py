@@ -19,15 +19,12 @@ class LARS(torch.optim.Optimizer):
         trust = min(trust / lr, 1)                         (clipping)
         g    <- (g + weight_decay * p) * trust               (only where ||p|| > 0 and ||g|| > 0)
 
-    then a plain SGD step. Groups with ``lars=False`` (biases and norm parameters, excluded by the wrapper)
-    get neither scaling nor weight decay, as in the wrapper, which zeroes the SGD weight decay of every group.
+    then a plain SGD step. Groups with ``lars=False`` (biases and norm parameters) get neither scaling nor weight
+    decay, as in the wrapper, which zeroes the SGD weight decay of every group.
 
-    A step is a fixed number of multi-tensor ops whatever the number of parameters: all gradient and weight
-    norms come from ``torch._foreach_norm``, a group's trust ratios are one stacked tensor, the scaled gradients
-    are made with ``torch._foreach_*`` ops, and momentum, Nesterov and the update run in torch's fused SGD
-    kernel (``torch.optim.SGD(fused=True)``'s), which can skip the whole update on the device. Nothing is read
-    back to the host: ``lr`` must be a Python float. All parameters must be on one device. The momentum
-    buffers are ``state[p]["momentum_buffer"]``, as in the per-parameter version, so checkpoints carry over.
+    A step is a fixed number of multi-tensor ops (``torch._foreach_*``, then torch's fused SGD kernel, which can
+    skip the update on the device) and reads nothing back to the host: ``lr`` must be a Python float, all
+    parameters on one device. Momentum buffers are ``state[p]["momentum_buffer"]``, as in ``torch.optim.SGD``.
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
@@ -45,11 +42,10 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: None = None, *, finite: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         """Update every parameter that has a gradient, unless ``finite`` (a 0-d bool tensor, e.g.
-        ``torch.isfinite(loss)``) is False or a gradient holds a NaN or an infinity.
+        ``torch.isfinite(loss)``) is False or a gradient (or its float32 norm) is not finite.
 
-        Returns a 0-d bool tensor on the parameters' device: True where the update was applied. A skipped step
-        leaves the parameters and the momentum buffers bitwise unchanged, and the decision is taken on the
-        device (no host synchronisation). A gradient whose norm overflows float32 counts as non-finite.
+        Returns a 0-d bool device tensor, True where the update was applied. A skipped step leaves parameters and
+        momentum buffers bitwise unchanged, decided on the device (no host synchronisation).
         """
         if closure is not None:
             raise ValueError("LARS does not support closures")
@@ -65,10 +61,7 @@ class LARS(torch.optim.Optimizer):
         if finite is not None:
             applied = applied & finite
         skip = (~applied).float()  # the fused kernel's found_inf: 1.0 leaves everything untouched
-        start = 0
-        for group, ps in groups:
-            g_norms = grad_norms[start:start + len(ps)]
-            start += len(ps)
+        for (group, ps), g_norms in zip(groups, grad_norms.split([len(ps) for _, ps in groups])):
             if not ps:
                 continue
             grads: list[torch.Tensor] | tuple[torch.Tensor, ...] = [_like(p.grad, p) for p in ps]
@@ -83,19 +76,12 @@ class LARS(torch.optim.Optimizer):
         return applied
 
     def _momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The momentum buffer of each parameter, created as zeros, laid out as the parameter (the fused kernel
-        walks parameter, gradient and buffer memory in the same order; a buffer loaded from a checkpoint
-        written with another memory format is re-laid once)."""
-        bufs = []
+        """Each parameter's momentum buffer (zeros at first), laid out as the parameter: the fused kernel walks
+        parameter, gradient and buffer memory in the same order (a checkpoint's buffer is re-laid once)."""
         for p in params:
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif buf.stride() != p.stride():
-                buf = state["momentum_buffer"] = _like(buf, p)
-            bufs.append(buf)
-        return bufs
+            buf = self.state[p].get("momentum_buffer")
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p) if buf is None else _like(buf, p)
+        return [self.state[p]["momentum_buffer"] for p in params]
 
 
 def _like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -105,8 +91,7 @@ def _like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def _lars_gradients(group: dict, params: list[torch.Tensor], grads: list[torch.Tensor] | tuple[torch.Tensor, ...],
                     g_norms: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(g + weight_decay * p) * trust for every parameter of a LARS group, as new tensors laid out like the
-    parameters. g_norms: (n,) the gradients' norms."""
+    """(g + weight_decay * p) * trust of a LARS group's parameters, laid out like them; g_norms: (n,)."""
     lr, wd = group["lr"], group["weight_decay"]
     p_norms = torch.stack(torch._foreach_norm(params))  # (n,)
     trust = group["eta"] * p_norms / (g_norms + p_norms * wd + 1e-8)
@@ -133,15 +118,12 @@ def lr_at(step: int, total_steps: int, base_lr: float, *, warmup_steps: int = 0,
     """Learning rate of optimisation step ``step`` (0-based): a linear warm-up over ``warmup_steps`` steps,
     then a cosine decay that reaches ``min_lr`` at step ``total_steps`` (and stays there after it).
 
-    The closed form of solo-learn's ``warmup_cosine`` schedule (pl_bolts' LinearWarmupCosineAnnealingLR with
-    ``warmup_epochs=warmup_steps, max_epochs=total_steps``, stepped every optimisation step): step 0 runs at
-    ``warmup_start_lr``, the warm-up rises by (base_lr - warmup_start_lr) / (warmup_steps - 1) per step, so
-    that steps ``warmup_steps - 1`` and ``warmup_steps`` both run at ``base_lr``; then
+    The closed form of solo-learn's ``warmup_cosine`` (pl_bolts' LinearWarmupCosineAnnealingLR, stepped per
+    optimisation step): step 0 runs at ``warmup_start_lr`` and the warm-up rises by (base_lr - warmup_start_lr) /
+    (warmup_steps - 1) per step, so steps ``warmup_steps - 1`` and ``warmup_steps`` both run at ``base_lr`` (with
+    one warm-up step, step 0 runs at ``warmup_start_lr``); then
     min_lr + (base_lr - min_lr) (1 + cos(pi (step - warmup_steps) / (total_steps - warmup_steps))) / 2.
-    With one warm-up step, step 0 runs at ``warmup_start_lr`` (the scheduler's stepped form; its closed form
-    divides by zero there). With ``warmup_steps=0`` this is the official ``CosineAnnealingLR(T_max=total_steps)``
-    stepped per optimisation step (``warmup_start_lr`` unused, as solo-learn passes ``base_lr`` as the start when
-    there is no warm-up).
+    ``warmup_steps=0`` is the official ``CosineAnnealingLR(T_max=total_steps)`` (``warmup_start_lr`` unused).
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")

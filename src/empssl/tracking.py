@@ -1,9 +1,8 @@
 """Runs in the tools people watch them with: TensorBoard, Weights & Biases and MLflow (``--log``).
 
-metrics.jsonl, monitor.jsonl and results.json are always written; ``--log`` also streams the same scalars, the
-resolved config and the results through each project's own client library (an extra), from rank 0 only. Where each
-one writes, and how a resumed run continues the same runs (their ids in ``RUN/trackers.json``): README.md,
-"Watching a run".
+``--log`` streams the scalars of metrics.jsonl and monitor.jsonl, the resolved config and the results through each
+project's own client library (an extra), from rank 0 only. Where each writes, and how a resumed run continues the
+same runs (ids in ``RUN/trackers.json``): README.md, "Watching a run".
 """
 
 from __future__ import annotations
@@ -35,11 +34,9 @@ class TrackingError(ConfigError):
 def scalars(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
     """The numeric leaves of ``record`` as (``prefix`` + slash-joined key, value); ``step`` (the x axis), booleans
     and text are left out. ``{"timing": {"total": 3.0}}`` -> ``("timing/total", 3.0)``."""
-    for key, value in record.items():
-        if isinstance(value, Mapping):
-            yield from scalars(value, f"{prefix}{key}/")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-            yield f"{prefix}{key}", value
+    for key, value in _flat(record, prefix).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key.rpartition("/")[2] != "step":
+            yield key, value
 
 
 class Tracker(ABC):
@@ -51,8 +48,8 @@ class Tracker(ABC):
 
     @abstractmethod
     def open(self, run_dir: Path, config: dict[str, Any], start_step: int, saved: dict[str, Any]) -> dict[str, Any]:
-        """Start (``saved`` empty) or continue (``saved``: what an earlier session's ``open`` returned) the run of
-        ``run_dir`` at ``start_step``; record ``config``. Returns what a resumed session needs (ids)."""
+        """Start (``saved`` empty) or continue (``saved``: what an earlier ``open`` returned) the run of ``run_dir``
+        at ``start_step``; record ``config``. Returns what a resumed session needs (ids)."""
 
     @abstractmethod
     def log_scalars(self, values: dict[str, float], step: int, wall_time: float) -> None:
@@ -64,7 +61,7 @@ class Tracker(ABC):
 
     @abstractmethod
     def close(self, ok: bool) -> None:
-        """Flush and end the run; ``ok`` False marks it as failed (the process is exiting without finishing)."""
+        """Flush and end the run; ``ok`` False marks it as failed."""
 
 
 class TensorBoardTracker(Tracker):
@@ -164,9 +161,8 @@ TRACKERS: dict[str, type[Tracker]] = {t.name: t for t in (TensorBoardTracker, Wa
 
 
 def require_trackers(log: str) -> None:
-    """Raise TrackingError (one line, with the pip command) when a logger chosen in ``log`` is not installed.
-
-    Cheap (nothing is imported), so a run checks it before it loads data or trains."""
+    """Raise TrackingError (one line, with the pip command) when a logger chosen in ``log`` is not installed; cheap
+    (nothing is imported), so a run checks it before it loads data."""
     missing = [n for n in logger_names(log) if importlib.util.find_spec(TRACKERS[n].package) is None]
     if missing:
         raise TrackingError(f"--log {','.join(missing)} needs {', '.join(TRACKERS[n].package for n in missing)}: "
@@ -174,11 +170,9 @@ def require_trackers(log: str) -> None:
 
 
 class Tracking:
-    """The fan-out over the chosen trackers: what the training loop calls (a no-op when none is chosen).
-
-    A tracker that fails mid-run is reported in one line and dropped; training goes on (the JSONL files have
-    everything). If the process exits without :meth:`close` (an error, Ctrl-C), the runs are ended as failed.
-    """
+    """The fan-out over the chosen trackers that the training loop calls (a no-op when none is chosen). A tracker
+    that fails mid-run is reported in one line and dropped (the JSONL files have everything); if the process exits
+    without :meth:`close` (an error, Ctrl-C), the runs are ended as failed."""
 
     def __init__(self, trackers: Sequence[Tracker] = ()) -> None:
         self.trackers = list(trackers)
@@ -187,12 +181,10 @@ class Tracking:
 
     def log_scalars(self, record: Mapping[str, Any], *, step: int, wall_time: float, prefix: str = "") -> None:
         """The numeric fields of a metrics.jsonl / monitor.jsonl record at ``step``, as ``prefix`` + name."""
-        if self.trackers:
-            self._each("log_scalars", dict(scalars(record, prefix)), step, wall_time)
+        self._each("log_scalars", dict(scalars(record, prefix)), step, wall_time)
 
     def log_results(self, results: Mapping[str, Any], *, step: int) -> None:
-        if self.trackers:
-            self._each("log_results", _jsonable(results), step)
+        self._each("log_results", _jsonable(results), step)
 
     def close(self, ok: bool = True) -> None:
         self._each("close", ok)
@@ -219,17 +211,14 @@ def open_tracking(log: str, run_dir: str | Path, config: dict[str, Any], *, star
                   enabled: bool = True) -> Tracking:
     """Open the loggers chosen in ``log`` (``--log``) for ``run_dir`` at ``start_step``, continuing the runs whose
     ids ``run_dir/trackers.json`` holds. ``enabled`` False (ranks other than 0) or no logger: :data:`NO_TRACKING`.
-
-    Raises:
-        TrackingError: a logger is not installed or cannot start its run (one line).
+    TrackingError (one line) when a logger is not installed or cannot start its run.
     """
     names = logger_names(log)
     if not enabled or not names:
         return NO_TRACKING
     require_trackers(log)
     run_dir = Path(run_dir)
-    ids_path = run_dir / IDS_FILE
-    ids = _saved_ids(ids_path)
+    ids = _saved_ids(run_dir / IDS_FILE)
     document = _jsonable({"empssl_version": __version__, **config})
     opened: list[Tracker] = []
     for name in names:
@@ -241,7 +230,7 @@ def open_tracking(log: str, run_dir: str | Path, config: dict[str, Any], *, star
                 t.close(ok=False)
             raise TrackingError(f"--log {name}: cannot start the run ({type(e).__name__}: {_first_line(e)})") from None
         opened.append(tracker)
-        write_json(ids_path, ids)  # at once: a session killed later still resumes the same runs
+        write_json(run_dir / IDS_FILE, ids)  # at once: a session killed later still resumes the same runs
     return Tracking(opened)
 
 
@@ -262,7 +251,7 @@ def _saved_ids(path: Path) -> dict[str, Any]:
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> one level with slash-joined keys (MLflow parameters)."""
+    """Nested mappings -> one level with slash-joined keys (MLflow parameters, :func:`scalars`)."""
     out: dict[str, Any] = {}
     for key, value in d.items():
         if isinstance(value, Mapping) and value:

@@ -1,16 +1,9 @@
-"""Self-supervised methods as plug-ins: one module per method, registered by its ``--method`` name.
-
-    from empssl.methods import create_method
-    method = create_method(cfg)            # cfg.method: one of method_names()
-    model = method.build_model()
+"""Self-supervised methods as plug-ins: ``create_method(cfg)`` (``cfg.method``: one of ``method_names()``).
 
 A method is a :class:`empssl.methods.base.Method` subclass in a module of its own, registered with
-``@register("name")``; the module declares everything else about it (its settings, preset, views, model, loss and
-logged terms). README.md ("Adding a method") walks through writing one.
-
-The registry itself (:func:`register`, :func:`method_names`, :func:`method_class`, :func:`settings_owners`) lives
-in :mod:`empssl.registry`, below the config, which asks it too; it imports no method module until one is asked
-for (the method modules import torch, seconds) and does not know the :class:`Method` type, which
+``@register("name")``, that declares its settings, preset, views, model, loss and logged terms (README.md,
+"Adding a method"). The registry lives in :mod:`empssl.registry`, below the config, which asks it too; it imports
+no method module (torch: seconds) until one is asked for, and does not know the :class:`Method` type, which
 :func:`method_class` here adds.
 """
 

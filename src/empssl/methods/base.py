@@ -1,18 +1,10 @@
-"""What a self-supervised method is to the training loop: a model, its views, its loss, and its own evaluation.
+"""What a self-supervised method is to the training loop (:mod:`empssl.train`), which knows nothing else about it.
 
-The loop (:mod:`empssl.train`) knows nothing else about a method. Per step it asks for the views of a batch of
-images (:meth:`Method.views`), for the loss terms of those views under the training module
-(:meth:`Method.loss`), lets the method touch the gradients (:meth:`Method.before_optimizer_step`), takes one
-optimiser step, and lets the method update any extra state (:meth:`Method.after_step`, e.g. BYOL's momentum
-target).
-
-Views of several sizes: :meth:`Method.views` returns one (V, b, 3, s, s) tensor when all views share a size
-(EMP-SSL's patches, the baselines' two crops), or a list of (V_i, b, 3, s_i, s_i) tensors when they do not
-(SwAV-style multi-crop: ``[two 32 px global crops, six 16 px local crops]``). The loop never looks inside: it
-passes what ``views`` returned to :meth:`Method.loss` untouched.
-
-Adding a method is one module under ``empssl/methods/`` with a ``@register("name")`` class, its preset and the
-tests that the registry already runs over it (README.md, "Adding a method").
+Per step the loop asks for the views of a batch (:meth:`Method.views`) and their loss terms (:meth:`Method.loss`),
+lets the method edit the gradients (:meth:`Method.before_optimizer_step`), steps the optimiser, and lets the
+method update its own state (:meth:`Method.after_step`, e.g. BYOL's momentum target). Views of one size are one
+(V, b, 3, s, s) tensor; views of several sizes (SwAV-style multi-crop) a list of (V_i, b, 3, s_i, s_i) tensors,
+which the loop passes to :meth:`Method.loss` untouched. Adding a method: README.md, "Adding a method".
 """
 
 from __future__ import annotations
@@ -31,22 +23,20 @@ Views: TypeAlias = "torch.Tensor | list[torch.Tensor]"
 
 
 class Method:
-    """Base class of the methods. Subclasses set the class attributes and implement ``build_model``,
+    """Base class of the methods: subclasses set the class attributes and implement ``build_model``,
     ``view_augments``, ``views`` and ``loss``; the other hooks do nothing unless overridden.
 
     Attributes:
         name: the ``--method`` value (set by ``@register``).
-        Settings: the method's own settings, a frozen :class:`empssl.config.MethodSettings` dataclass whose fields
-            (default, help text, rule) become flags and config.json keys; ``self.settings`` holds their values.
-        preset: the preset (src/empssl/presets/NAME.json) a run of this method starts from when no --preset is
-            given; None: the Config defaults (EMP-SSL's recipe).
-        eval_view: the method's own evaluation view: ``"patches"`` (bag of features over augmented patches, as
-            EMP-SSL) or ``"full"`` (one un-augmented view of the whole image, as solo-learn evaluates).
-        eval_feature: the method's own evaluated representation: ``"pre"`` (EMP-SSL's 4096-d pre-feature) or
+        Settings: the method's own settings (a frozen :class:`empssl.config.MethodSettings`), which become flags
+            and config.json keys; ``self.settings`` holds their values.
+        preset: the preset (src/empssl/presets/NAME.json) a run starts from without --preset; None: the Config
+            defaults (EMP-SSL's recipe).
+        eval_view: ``"patches"`` (bag of features over augmented patches, as EMP-SSL) or ``"full"`` (the whole
+            image, as solo-learn evaluates); eval_feature: ``"pre"`` (EMP-SSL's 4096-d pre-feature) or
             ``"backbone"`` (the 512-d ResNet feature).
-        terms: names of the logged loss terms; the first is the loss that is minimised.
-        chunked: the method implements ``--patch-chunks`` (its :meth:`gradients` makes and consumes the views in
-            groups); the others refuse a value above 1.
+        terms: names of the logged loss terms, the minimised loss first.
+        chunked: the method implements ``--patch-chunks`` (its :meth:`gradients`); the others refuse a value > 1.
     """
 
     name: ClassVar[str]
@@ -66,8 +56,6 @@ class Method:
             raise ConfigError(f"--patch-chunks splits EMP-SSL's patches of a step into groups; {name} does not "
                               f"take it (leave it at 1)")
 
-    # --- what the method is made of -------------------------------------------------------------------------
-
     def build_model(self) -> nn.Module:
         """A new model (on the CPU). It has ``.backbone`` (a :class:`empssl.models.ResNet`) and
         ``.features(x, kind)``; its ``state_dict()`` is what checkpoints hold."""
@@ -83,40 +71,33 @@ class Method:
         return len(self.view_augments())
 
     def eval_augment(self) -> Augment:
-        """The augmentation of the patches of the bag-of-features evaluation (``--eval-view patches``), and the
-        normalisation of the whole-image view (``--eval-view full``)."""
+        """The augmentation of ``--eval-view patches``, and the normalisation of ``--eval-view full``."""
         return self.view_augments()[0]
-
-    # --- one training step ----------------------------------------------------------------------------------
 
     def views(self, images: torch.Tensor, generator: torch.Generator, dist: Dist = SINGLE,
               memory_format: torch.memory_format = torch.contiguous_format) -> Views:
-        """(b, 3, H, W) uint8 images (this rank's slice of the step's batch) -> (V, b, 3, s, s) normalised views,
-        or a list of such tensors of different sizes (see the module docstring)."""
+        """(b, 3, H, W) uint8 images (this rank's slice of the step's batch) -> (V, b, 3, s, s) normalised views
+        (or a list of them, of different sizes)."""
         raise NotImplementedError
 
     def loss(self, net: nn.Module, views: Any, amp: torch.dtype | None, dist: Dist = SINGLE) -> torch.Tensor:
-        """Forward ``views`` (what :meth:`views` returned) through ``net`` (the training module: maybe DDP-wrapped
-        or compiled) under autocast to ``amp``, and return the (len(terms),) float32 loss terms, the minimised loss
-        first."""
+        """The (len(terms),) float32 loss terms of ``views`` (what :meth:`views` returned) through ``net`` (the
+        training module: maybe DDP-wrapped or compiled) under autocast to ``amp``."""
         raise NotImplementedError
 
     def gradients(self, net: nn.Module, images: torch.Tensor, generator: torch.Generator, amp: torch.dtype | None,
                   memory_format: torch.memory_format, dist: Dist = SINGLE) -> torch.Tensor:
-        """The step's gradients, accumulated into the parameters (zeroed by the caller), and its detached
-        (len(terms),) loss terms: :meth:`views`, :meth:`loss`, one backward pass. A method may do it otherwise
-        (EMP-SSL with ``--patch-chunks``: in groups of patches)."""
+        """Accumulate the step's gradients into the (zeroed) parameters; return its detached (len(terms),) loss
+        terms. EMP-SSL's ``--patch-chunks`` does it in groups of patches."""
         views = self.views(images, generator, dist, memory_format)
         terms = self.loss(net, views, amp, dist)
         terms[0].backward()
         return terms.detach()
 
     def before_optimizer_step(self, model: nn.Module) -> None:
-        """Called after the backward pass and before the optimiser step, with the training module (as
-        :meth:`loss` gets it): the place to edit gradients (e.g. SwAV zeroes its prototypes' gradients in the
-        first iterations). Default: nothing."""
+        """Between the backward pass and the optimiser step, with the training module: the place to edit
+        gradients (e.g. SwAV zeroes its prototypes' gradients in the first iterations)."""
 
     def after_step(self, model: nn.Module, step: int, total_steps: int, applied: torch.Tensor) -> None:
-        """Called after every optimiser step (``step`` counts the steps done, ``total_steps`` is the length of the
-        learning-rate schedule). ``applied`` is a 0-d bool device tensor, False when the update was skipped
-        (non-finite loss or gradient). Default: nothing."""
+        """After every optimiser step (``step`` steps done of the schedule's ``total_steps``); ``applied``: a 0-d
+        bool device tensor, False when the update was skipped (non-finite loss or gradient)."""

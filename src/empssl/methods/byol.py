@@ -1,14 +1,12 @@
 """BYOL (Grill et al. 2020, arXiv 2006.07733) with solo-learn's CIFAR recipe.
 
-Two views per image with solo-learn's asymmetric augmentation (``scripts/pretrain/cifar/augmentations/
-asymmetric.yaml``: only the second view is solarized; no blur on CIFAR). The online network is ResNet -> projector
-Linear(512, 4096) + BN + ReLU + Linear(4096, 256) -> predictor Linear(256, 4096) + BN + ReLU + Linear(4096, 256);
-the target network is a copy of the online backbone and projector, never trained by gradients and moved towards
-the online one after every step by an exponential moving average whose momentum tau follows solo-learn's cosine
-schedule from ``tau_base`` to ``tau_final`` (``solo/utils/momentum.py``). The loss is
-``byol_loss(p1, z2') + byol_loss(p2, z1')``, each view's prediction regressed onto the target projection of the
-other view (:func:`empssl.losses.byol_loss`). Evaluated on the online 512-d backbone feature of the whole image.
-Settings and sources: docs/RECIPE.md.
+Two views per image with solo-learn's ``asymmetric.yaml`` augmentation (only the second view is solarized; no blur
+on CIFAR). Online network: ResNet -> projector Linear(512, 4096) + BN + ReLU + Linear(4096, 256) -> predictor
+Linear(256, 4096) + BN + ReLU + Linear(4096, 256). The target network, a copy of the online backbone and
+projector, is never trained by gradients: after every step it moves towards the online one by an exponential
+moving average whose momentum tau follows solo-learn's cosine schedule from ``tau_base`` to ``tau_final``. Loss:
+``byol_loss(p1, z2') + byol_loss(p2, z1')`` (:func:`empssl.losses.byol_loss`). Evaluated on the online backbone
+feature of the whole image. Settings and sources: docs/RECIPE.md.
 """
 
 from __future__ import annotations
@@ -30,19 +28,11 @@ from ..patches import Augment
 from . import register
 from .heads import TwoViewMethod, TwoViewModel, mlp, solo_augment
 
-# asymmetric.yaml (solo-learn 24322891): the two views differ only in solarization.
-COLOUR = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2,
-              blur_p=0.0)
-SOLARIZE_P = (0.0, 0.2)
-
 
 def byol_tau(step: int, total_steps: int, base: float, final: float) -> float:
-    """The target momentum after ``step`` of ``total_steps`` steps (solo-learn's ``MomentumUpdater.update_tau``):
+    """The target momentum after ``step`` of ``total_steps`` steps (BYOL Sec. 3.2, solo-learn's ``update_tau``):
 
         tau = final - (final - base) * (cos(pi * step / total_steps) + 1) / 2
-
-    ``base`` at step 0, ``final`` at the last step: BYOL's schedule (Sec. 3.2; base 0.996 in the paper's ImageNet
-    runs, 0.99 in solo-learn's CIFAR recipe).
     """
     t = min(max(step, 0), total_steps) / max(total_steps, 1)
     return final - (final - base) * (math.cos(math.pi * t) + 1) / 2
@@ -52,9 +42,8 @@ def byol_tau(step: int, total_steps: int, base: float, final: float) -> float:
 def ema_update_(target: nn.Module, online: nn.Module, tau: float | torch.Tensor) -> None:
     """target <- tau * target + (1 - tau) * online, parameter by parameter, in place (BYOL Sec. 3.1).
 
-    ``tau`` is a float or a 0-d tensor on the parameters' device (no host sync). Only parameters are averaged:
-    the target's BatchNorm statistics are its own running averages, as in solo-learn. tau = 1 leaves the target
-    bit for bit as it was, tau = 0 copies the online network.
+    ``tau``: a float or a 0-d tensor on the parameters' device (no host sync). Only parameters are averaged (the
+    target's BatchNorm statistics are its own, as in solo-learn); tau = 1 keeps the target bit for bit.
     """
     targets, onlines = list(target.parameters()), list(online.parameters())
     if len(targets) != len(onlines):
@@ -70,10 +59,8 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float | torch.Tensor)
 
 
 class BYOLModel(TwoViewModel):
-    """Online backbone -> projector -> predictor, and the target backbone -> projector (no gradients).
-
-    ``tau`` (a buffer, so checkpoints keep it) is the momentum of the next target update; the loss logs it.
-    """
+    """Online backbone -> projector -> predictor, and the target backbone -> projector (no gradients). ``tau`` (a
+    buffer, so checkpoints keep it) is the momentum of the next target update; the loss logs it."""
 
     tau: torch.Tensor
 
@@ -87,10 +74,8 @@ class BYOLModel(TwoViewModel):
         self.register_buffer("tau", torch.tensor(float(tau)))
 
     def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        """(V, b, 3, s, s) views -> (online predictions (V, b, z_dim), target projections (V, b, z_dim), tau ()).
-
-        Each view goes through each network on its own (BatchNorm statistics per view, as in solo-learn).
-        """
+        """(V, b, 3, s, s) views -> (online predictions (V, b, z_dim), target projections (V, b, z_dim), tau ()),
+        each view through each network on its own (BatchNorm statistics per view, as in solo-learn)."""
         p = torch.stack([self.predictor(self.projector(self.backbone(x))) for x in views.unbind(0)])
         with torch.no_grad():
             z = torch.stack([self.target_projector(self.target_backbone(x)) for x in views.unbind(0)])
@@ -115,6 +100,9 @@ class BYOL(TwoViewMethod):
     Settings = BYOLSettings
     settings: BYOLSettings
     preset = "byol-cifar10"
+    # asymmetric.yaml (solo-learn 24322891): the two views differ only in solarization (0 and 0.2)
+    colour = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2,
+                  blur_p=0.0)
     terms = ("loss", "tau")
 
     def build_model(self) -> nn.Module:
@@ -125,7 +113,7 @@ class BYOL(TwoViewMethod):
         return BYOLModel(backbone, projector, predictor, s.tau_base)
 
     def view_augments(self) -> list[Augment]:
-        return [solo_augment(self.cfg, solarize_p=s, **COLOUR) for s in SOLARIZE_P]
+        return [solo_augment(self.cfg, solarize_p=s, **self.colour) for s in (0.0, 0.2)]
 
     def loss(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None,
              dist: Dist = SINGLE) -> torch.Tensor:

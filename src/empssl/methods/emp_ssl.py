@@ -1,22 +1,18 @@
 """EMP-SSL (Tong, Chen, Ma, LeCun 2023, arXiv 2304.03977): many fixed-size augmented patches per image, a total
 coding rate term against collapse and a cosine term pulling each patch embedding to its image's mean.
 
-The model is :class:`empssl.models.EMPSSLModel` (ResNet -> 4096-d pre-feature -> projector -> unit sphere); all
-``n_patches * b`` patches of a step go through it in one batch, so BatchNorm normalises over all of them as in
-the official code on one GPU. Evaluated by the bag of features: the pre-feature averaged over augmented test
-patches.
+Model: :class:`empssl.models.EMPSSLModel`. All ``n_patches * b`` patches of a step go through it in one batch, so
+BatchNorm normalises over all of them, as the official code on one GPU. Evaluated by the bag of features: the
+pre-feature averaged over augmented test patches.
 
-``--patch-chunks K`` (:func:`chunked_gradients`) bounds a step's memory for many large patches (200 x 224 px
-is 20,000 patches a step): the patches are made and consumed in K groups of n_patches / K patches of every
-image. The loss couples all patches (the coding rate of each patch's batch, the cosine to each image's mean over
-all its patches), so each group runs forward twice: once without gradients, to get every projection z of the
-step; then the loss and dL/dz over all of them; then, group by group, forward again and backward from that
-group's rows of dL/dz, which accumulates exactly the gradient of the whole step's loss (gradient caching). The
-groups' patches are cut from parameters drawn once for the step, as :func:`empssl.patches.make_patches` draws
-them, so they are the unchunked step's patches. What differs from one batch: BatchNorm normalises each group by
-that group's statistics, and the running statistics take the first group's, which is what the official code's
-``nn.DataParallel`` does on K GPUs (it splits the patch-major concatenation into K contiguous pieces, one per
-GPU, and keeps the first replica's buffers).
+``--patch-chunks K`` (:func:`chunked_gradients`) bounds a step's memory (200 x 224 px patches is 20,000 patches a
+step) by making and consuming the patches in K groups of n_patches / K per image. The loss couples all patches,
+so each group runs forward twice (gradient caching): first without gradients, for every projection z of the
+step, then the loss and dL/dz over all of them; then group by group forward again and backward from its rows of
+dL/dz, which accumulates exactly the whole step's gradient. The groups' patches are cut from parameters drawn
+once for the step, so they are the unchunked step's patches. What differs: BatchNorm normalises each group by its
+own statistics, and the running statistics take the first group's, as the official code's ``nn.DataParallel``
+does on K GPUs.
 """
 
 from __future__ import annotations
@@ -49,10 +45,9 @@ class EMPSSLSettings(MethodSettings):
 def rank_loss(z: torch.Tensor, eps: float, invariance_weight: float, d: Dist, tcr_global: bool) -> EMPSSLTerms:
     """The EMP-SSL loss (paper Eq. 3) of this rank's projections z (n_patches, b, d), unit rows.
 
-    ``tcr_global``: the coding rate R(Z_i) over the all-gathered (n_patches, world*b, d) batch, the same on
-    every rank; else over the local b images. The invariance term is always the local mean (DDP's gradient
-    average turns it into the global mean, all ranks having b images). One process: :func:`emp_ssl_loss`.
-    Why the coding rate is global by default: :mod:`empssl.distributed`.
+    ``tcr_global``: the coding rate R(Z_i) over the all-gathered (n_patches, world*b, d) batch (why:
+    :mod:`empssl.distributed`); else over the local b images. The invariance term is the local mean, which DDP's
+    gradient average turns into the global one. One process: :func:`emp_ssl_loss`.
     """
     if not (d.enabled and tcr_global):
         return emp_ssl_loss(z, eps, invariance_weight)
@@ -72,8 +67,7 @@ class EMPSSL(Method):
     chunked = True
 
     def build_model(self) -> nn.Module:
-        cfg = self.cfg
-        return EMPSSLModel(cfg.arch, cfg.width, cfg.hidden_dim, cfg.z_dim)
+        return EMPSSLModel(self.cfg.arch, self.cfg.width, self.cfg.hidden_dim, self.cfg.z_dim)
 
     def view_augments(self) -> list[Augment]:
         return [Augment.from_config(self.cfg)] * self.cfg.num_patches
@@ -90,7 +84,6 @@ class EMPSSL(Method):
         n, b = views.shape[:2]
         with autocast(views.device, amp):
             z = net(views.flatten(0, 1)).view(n, b, -1)  # (n_patches, b, z_dim), unit rows, float32
-        # under torchrun, the coding rate over the all-gathered global batch (--tcr-global)
         out = rank_loss(z, self.settings.eps, self.settings.invariance_weight, dist, self.cfg.tcr_global)
         return torch.stack(list(out))  # (loss, tcr, invariance)
 
@@ -101,21 +94,13 @@ class EMPSSL(Method):
         return chunked_gradients(self, net, images, generator, amp, memory_format, dist)
 
 
-def _no_sync(net: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """DDP's ``no_sync()`` (gradients accumulate locally, not all-reduced) for a DDP-wrapped (maybe compiled)
-    module; nothing to do otherwise."""
-    no_sync = getattr(net, "no_sync", None)
-    return no_sync() if no_sync is not None else contextlib.nullcontext()
-
-
 def chunked_gradients(method: EMPSSL, net: nn.Module, images: torch.Tensor, generator: torch.Generator,
                       amp: torch.dtype | None, memory_format: torch.memory_format, dist: Dist = SINGLE
                       ) -> torch.Tensor:
     """:meth:`EMPSSL.gradients` in ``--patch-chunks`` groups (the module docstring says how and what it equals).
 
-    Peak memory: one group's patches and activations (saved ones in the second pass), plus the step's
-    (n_patches, b, z_dim) float32 projections and their gradient. Under torchrun every group but the last
-    accumulates its gradient without DDP's all-reduce (``no_sync``); the last one reduces the sum.
+    Peak memory: one group's patches and activations, plus the step's (n_patches, b, z_dim) float32 projections
+    and their gradient. Under torchrun only the last group's backward all-reduces (the others ``no_sync``).
     """
     cfg = method.cfg
     k_groups = cfg.patch_chunks
@@ -140,7 +125,8 @@ def chunked_gradients(method: EMPSSL, net: nn.Module, images: torch.Tensor, gene
     (dz,) = torch.autograd.grad(terms[0], z)
     with keep_batchnorm_stats(net):  # the second forward of each group leaves the running statistics as they are
         for k in range(k_groups):
-            with _no_sync(net) if k < k_groups - 1 else contextlib.nullcontext():
+            # DDP's no_sync (a compiled module forwards it) for every group but the last; nothing without DDP
+            with contextlib.nullcontext() if k == k_groups - 1 else getattr(net, "no_sync", contextlib.nullcontext)():
                 zk = project(k)
                 zk.backward(dz[k * per_group:(k + 1) * per_group].to(zk.dtype))
     return terms.detach()

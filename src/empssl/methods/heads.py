@@ -1,13 +1,12 @@
 """What the two-view baselines (SimCLR, VICReg, BYOL) share: MLP heads, a two-view model, solo-learn's views.
 
-Each view is forwarded on its own, as solo-learn's ``BaseMethod.training_step`` does (one call per crop), so
-BatchNorm normalises over the b images of one view, never over both views at once.
+Each view is forwarded on its own, as solo-learn does, so BatchNorm normalises over the b images of one view.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,27 +28,21 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
 def mlp(dims: Sequence[int], batch_norm: bool = True) -> nn.Sequential:
-    """Linear layers of widths dims[0] -> dims[1] -> ... -> dims[-1], with BatchNorm1d (when ``batch_norm``) and
-    ReLU after every layer but the last: the shape of solo-learn's projectors and BYOL's predictor."""
+    """Linear layers dims[0] -> ... -> dims[-1], with BatchNorm1d (when ``batch_norm``) and ReLU after all but the
+    last: solo-learn's projectors and BYOL's predictor."""
     if len(dims) < 2:
         raise ValueError(f"an MLP needs an input and an output width, got {list(dims)}")
     for d in dims:
         check_size("an MLP width", d)
     layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(d_in, d_out))
-        if i < len(dims) - 2:
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(d_out))
-            layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_in, d_out), *([nn.BatchNorm1d(d_out)] if batch_norm else []), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1]))
 
 
 class TwoViewModel(nn.Module):
-    """backbone (B, 8*width) -> projector (B, z_dim), applied to each view separately.
-
-    Evaluated on the backbone feature (solo-learn's linear and kNN protocols), so it has no pre-feature.
-    """
+    """backbone (B, 8*width) -> projector (B, z_dim), applied to each view separately; evaluated on the backbone
+    feature (solo-learn's protocols), so it has no pre-feature."""
 
     def __init__(self, backbone: ResNet, projector: nn.Module) -> None:
         super().__init__()
@@ -81,13 +74,15 @@ class TwoViewMethod(Method):
     """A method with two views per image (the baselines), view v made with ``view_augments()[v]``, evaluated as
     solo-learn evaluates it (the base class's default): the whole image, the backbone feature."""
 
+    colour: ClassVar[dict[str, float]] = {}  # both views' colour settings (the method's solo-learn YAML)
+
+    def view_augments(self) -> list[Augment]:
+        return [solo_augment(self.cfg, **self.colour)] * 2
+
     def views(self, images: torch.Tensor, generator: torch.Generator, dist: Dist = SINGLE,
               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-        """(b, 3, H, W) uint8 images -> (V, b, 3, s, s) normalised views, view v made with ``view_augments()[v]``.
-
-        Each view's random parameters are drawn for the whole step's batch on every rank
-        (:func:`empssl.distributed.rank_patches`), so a rank's views are the single process's views of the same
-        images."""
+        """(b, 3, H, W) uint8 images -> (V, b, 3, s, s) normalised views; a rank's views are the single process's
+        (:func:`empssl.distributed.rank_patches` draws each view's parameters for the whole step's batch)."""
         parts = [distributed.rank_patches(images, 1, aug, generator, dist, memory_format=memory_format)[0]
                  for aug in self.view_augments()]  # V x (b, 3, s, s)
         # cat keeps the parts' memory format, and (V*b, ...) -> (V, b, ...) is a view in either format

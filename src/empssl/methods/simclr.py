@@ -1,10 +1,8 @@
 """SimCLR (Chen, Kornblith, Norouzi, Hinton 2020, arXiv 2002.05709) with solo-learn's CIFAR recipe.
 
-Two views per image with the symmetric augmentation of solo-learn's ``scripts/pretrain/cifar/augmentations/
-symmetric.yaml``; ResNet -> projector Linear(512, 2048) + ReLU + Linear(2048, 256) (no BatchNorm, as in
-solo-learn's ``solo/methods/simclr.py``); the NT-Xent loss (:func:`empssl.losses.simclr_loss`) over the projections
-of the whole step's batch, all-gathered from every rank as solo-learn does. Evaluated on the 512-d backbone feature
-of the whole image. Settings and sources: docs/RECIPE.md.
+Two views per image with solo-learn's ``symmetric.yaml`` augmentation; ResNet -> projector Linear(512, 2048) + ReLU
++ Linear(2048, 256) (no BatchNorm, as solo-learn); the NT-Xent loss (:func:`empssl.losses.simclr_loss`) over the
+whole step's batch, all-gathered from every rank as solo-learn does. Settings and sources: docs/RECIPE.md.
 """
 
 from __future__ import annotations
@@ -18,13 +16,8 @@ from ..config import MethodSettings, setting
 from ..distributed import SINGLE, Dist
 from ..losses import simclr_loss
 from ..models import create_backbone
-from ..patches import Augment
 from . import register
-from .heads import TwoViewMethod, TwoViewModel, mlp, solo_augment
-
-# symmetric.yaml (solo-learn 8676d223): the same recipe for both views.
-COLOUR = dict(flip_p=0.5, jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, gray_p=0.2,
-              blur_p=0.5, solarize_p=0.0)
+from .heads import TwoViewMethod, TwoViewModel, mlp
 
 
 @dataclass(frozen=True)
@@ -37,15 +30,13 @@ class SimCLR(TwoViewMethod):
     Settings = SimCLRSettings
     settings: SimCLRSettings
     preset = "simclr-cifar10"
-    terms = ("loss",)
+    colour = dict(flip_p=0.5, jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, gray_p=0.2,
+                  blur_p=0.5, solarize_p=0.0)  # symmetric.yaml (solo-learn 8676d223)
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         backbone = create_backbone(cfg.arch, cfg.width)
         return TwoViewModel(backbone, mlp([backbone.out_dim, cfg.hidden_dim, cfg.z_dim], batch_norm=False))
-
-    def view_augments(self) -> list[Augment]:
-        return [solo_augment(self.cfg, **COLOUR)] * 2
 
     def loss(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None,
              dist: Dist = SINGLE) -> torch.Tensor:

@@ -1,10 +1,9 @@
 """VICReg (Bardes, Ponce, LeCun 2022, arXiv 2105.04906) with solo-learn's CIFAR recipe.
 
-Two views per image with the augmentation written in solo-learn's ``scripts/pretrain/cifar/vicreg.yaml`` (its own,
-not symmetric.yaml: crops of 20-100 % of the image, solarization, no blur); ResNet -> projector
-Linear(512, 2048) + BN + ReLU + Linear(2048, 2048) + BN + ReLU + Linear(2048, 2048) (``solo/methods/vicreg.py``);
-the VICReg loss (:func:`empssl.losses.vicreg_loss`) over the projections of the whole step's batch, all-gathered
-from every rank. Evaluated on the 512-d backbone feature of the whole image. Settings and sources: docs/RECIPE.md.
+Two views per image with the augmentation of solo-learn's ``vicreg.yaml`` (not symmetric.yaml: crops of 20-100 %
+of the image, solarization, no blur); ResNet -> projector Linear(512, 2048) + BN + ReLU + Linear(2048, 2048) + BN
++ ReLU + Linear(2048, 2048); :func:`empssl.losses.vicreg_loss` over the whole step's batch, all-gathered from every
+rank. Settings and sources: docs/RECIPE.md.
 """
 
 from __future__ import annotations
@@ -18,13 +17,8 @@ from ..config import MethodSettings, setting
 from ..distributed import SINGLE, Dist
 from ..losses import vicreg_loss
 from ..models import create_backbone
-from ..patches import Augment
 from . import register
-from .heads import TwoViewMethod, TwoViewModel, mlp, solo_augment
-
-# vicreg.yaml (solo-learn e74719b9): the same recipe for both views.
-COLOUR = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2,
-              blur_p=0.0, solarize_p=0.1)
+from .heads import TwoViewMethod, TwoViewModel, mlp
 
 
 @dataclass(frozen=True)
@@ -39,6 +33,8 @@ class VICReg(TwoViewMethod):
     Settings = VICRegSettings
     settings: VICRegSettings
     preset = "vicreg-cifar10"
+    colour = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2,
+                  blur_p=0.0, solarize_p=0.1)  # vicreg.yaml (solo-learn e74719b9)
     terms = ("loss", "invariance", "variance", "covariance")
 
     def build_model(self) -> nn.Module:
@@ -46,9 +42,6 @@ class VICReg(TwoViewMethod):
         backbone = create_backbone(cfg.arch, cfg.width)
         dims = [backbone.out_dim, cfg.hidden_dim, cfg.hidden_dim, cfg.z_dim]
         return TwoViewModel(backbone, mlp(dims, batch_norm=True))
-
-    def view_augments(self) -> list[Augment]:
-        return [solo_augment(self.cfg, **COLOUR)] * 2
 
     def loss(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None,
              dist: Dist = SINGLE) -> torch.Tensor:

@@ -1,57 +1,250 @@
 """Plots and the Markdown report of one or several run directories.
 
-``write_report(run_dirs, out, targets=...)`` reads what each run left behind (config.json, results.json,
-results-*.json, metrics.jsonl, monitor.jsonl, test_patch_ablation.json, tsne.png, and ablation.json for a
-patch-count ablation folder, whose n*/ runs join the report) and writes ``out/report.md`` with tables and PNG
-plots beside it, several runs (of one or several methods) side by side and overlaid: accuracy with its
-evaluation protocol and the random-initialisation baseline, where the time went, and the time and epochs each
-run took to reach kNN accuracy targets (:func:`time_to_targets`). A missing file is a note in the report,
-never an error.
-
-Three parts: :mod:`.runs` reads run directories, :mod:`.tables` makes the Markdown tables, :mod:`.plots` draws
-the figures; this module puts them together.
+``write_report(run_dirs, out, targets=...)`` reads what each run left behind (:mod:`.runs`; a patch-count
+ablation folder's n*/ runs join them) and writes ``out/report.md`` with its tables and PNG plots (:mod:`.plots`):
+several runs, of one or several methods, side by side and overlaid: accuracy with its evaluation protocol and the
+random-initialisation baseline, where the time went, and the time and epochs each run took to reach kNN accuracy
+targets (:func:`time_to_targets`). A missing file is a note in the report, never an error.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..files import write_text
+from ..rundir import TIMING_FIELDS
 from .plots import plot_curves, plot_patch_ablation, plot_test_patch_ablation, plot_tsne
 from .runs import ReportError, Run, is_run, loss_terms, read_json, read_run
-from .tables import (
-    CONFIG_SUMMARY,
-    DEFAULT_TARGETS,
-    accuracy_table,
-    fmt,
-    median_throughput,
-    monitor_table,
-    online_tables,
-    patch_ablation_table,
-    probe_sweep_tables,
-    random_init_table,
-    report_targets,
-    table,
-    test_patch_ablation_table,
-    time_to_accuracy_table,
-    time_to_targets,
-    timing_table,
-)
 
 __all__ = ["DEFAULT_TARGETS", "ReportError", "Run", "patch_ablation_table", "plot_patch_ablation",
            "plot_test_patch_ablation", "plot_tsne", "read_run", "report_targets", "test_patch_ablation_table",
            "time_to_targets", "write_report"]
 
+DEFAULT_TARGETS: tuple[float, ...] = (50.0, 60.0, 70.0, 80.0)
+
+
+def report_targets(extra: Sequence[float] = ()) -> list[float]:
+    """The kNN targets (%) of the time-to-accuracy table: ``DEFAULT_TARGETS`` and ``extra``, sorted, unique;
+    ReportError for a target outside (0, 100]."""
+    bad = [t for t in extra if not 0 < t <= 100]  # also catches NaN
+    if bad:
+        raise ReportError(f"--targets are kNN accuracies in % and must lie in (0, 100], got {bad[0]:g}")
+    return sorted({float(t) for t in (*DEFAULT_TARGETS, *extra)})
+
+
+def time_to_targets(records: Sequence[dict[str, Any]], targets: Sequence[float]) -> list[dict[str, Any]]:
+    """When the kNN accuracy of monitor.jsonl ``records`` (in the order written) first reached each target.
+
+    One dict per target, sorted, unique: ``target``, ``reached`` and ``train_s``, ``epoch``, ``step``, ``knn_top1``
+    of the first record with ``knn_top1 >= target`` (not interpolated; the untrained encoder's step-0 record
+    counts). A target never reached: ``reached`` False and the last record's numbers (None without kNN records).
+    """
+    recs = [r for r in records if r.get("knn_top1") is not None]
+    out = []
+    for target in sorted(set(targets)):
+        hit = next((r for r in recs if r["knn_top1"] >= target), None)
+        at = hit or (recs[-1] if recs else {})
+        out.append({"target": target, "reached": hit is not None, "train_s": at.get("train_s"),
+                    "epoch": at.get("epoch"), "step": at.get("step"), "knn_top1": at.get("knn_top1")})
+    return out
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+
+
+def _epochs(x: float) -> str:
+    # two decimals show quarter epochs (--eval-every 0.25) without printing "4.00"
+    s = f"{x:.2f}".rstrip("0")
+    return s + "0" if s.endswith(".") else s
+
+
+def _target_cell(t: dict[str, Any]) -> str:
+    if t["train_s"] is None:
+        return "no kNN record"
+    when = f"{_seconds(t['train_s'])} s" + (f" ({_epochs(t['epoch'])} epochs)" if t["epoch"] is not None else "")
+    return when if t["reached"] else f"not reached in {when}"
+
+
+def time_to_accuracy_table(runs: Sequence[Run], targets: Sequence[float]) -> list[str]:
+    """Markdown lines: one row per run with monitor records, one column per target (time and epochs)."""
+    rows = [[r.label, r.method, *[_target_cell(t) for t in time_to_targets(r.monitor, targets)]]
+            for r in runs if r.monitor]
+    return table(["run", "method", *[f"kNN >= {t:g} %" for t in sorted(set(targets))]], rows)
+
+
+def median_throughput(metrics: list[dict[str, Any]]) -> float | None:
+    # The first logged interval holds warm-up (cudnn autotuning, compilation): leave it out when others exist.
+    vals = [m["patches_per_s"] for m in metrics if "patches_per_s" in m]
+    vals = vals[1:] if len(vals) > 1 else vals
+    return statistics.median(vals) if vals else None
+
+
+def fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.1f}"
+    if isinstance(x, (list, tuple)):
+        return " ".join(map(fmt, x))
+    return str(x)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(fmt, row)) + " |" for row in rows]
+    return lines + [""]
+
+
+def patch_ablation_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the patch-count table (rows as ``experiments.ablation_row`` makes them)."""
+    return table(["training patches", "linear top-1 (%)", "kNN top-1 (%)", "test patches", "train time (s)",
+                   "eval time (s)", "train patches/s"],
+                  [[r["n"], r.get("linear_top1"), r.get("knn_top1"), r.get("test_patches"), r.get("train_seconds"),
+                    r.get("eval_seconds"), r.get("train_patches_per_s")] for r in rows])
+
+
+def test_patch_ablation_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the test-patch table (rows of ``test_patch_ablation.json``)."""
+    return table(["test patches", "linear top-1 (%)", "kNN top-1 (%)", "probe time (s)"],
+                  [[r["test_patches"], r["linear_top1"], r["knn_top1"], r.get("probe_seconds")] for r in rows])
+
+
+CONFIG_SUMMARY = ("method", "data", "train_subset", "image_size", "arch", "width", "hidden_dim", "num_patches",
+                  "patch_size", "epochs", "schedule_epochs", "batch_size", "lr", "seed", "precision", "test_patches",
+                  "eval_view", "eval_feature", "probe_epochs", "probe_lrs", "knn_k", "eval_every")
+
+
+def accuracy_table(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines: one row per results file of every run, with its method and evaluation protocol."""
+    rows = []
+    for r in runs:
+        for name, res in r.result_files():
+            view, protocol = res.get("eval_view"), res.get("probe_protocol")  # final-epoch, val-epoch or lr-sweep
+            if protocol is not None and res.get("probe_lr") is not None:
+                protocol += f", lr {res['probe_lr']:g}"
+            rows.append([r.label, r.method, name, res.get("data", r.config.get("data")), view,
+                         res.get("linear_top1"), res.get("knn_top1"),
+                         res.get("test_patches") if view == "patches" else None, res.get("feature"),
+                         protocol, res.get("probe_epoch"), res.get("n_train"), res.get("n_test")])
+    if not rows:
+        return ["No results.json in any run (train without --no-eval, or run empssl eval).", ""]
+    return table(["run", "method", "file", "evaluated on", "eval view", "linear top-1 (%)", "kNN top-1 (%)",
+                   "test patches", "feature", "probe", "probe epoch", "train images", "test images"], rows)
+
+
+def random_init_table(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines: trained vs randomly initialised encoder (``random_init`` of results), or none."""
+    rows = []
+    for r in runs:
+        for name, res in r.result_files():
+            base = res.get("random_init")
+            if not base:
+                continue
+            row: list[Any] = [r.label, r.method, name]
+            for key in ("linear_top1", "knn_top1"):
+                trained, rand = res.get(key), base.get(key)
+                gap = f"{trained - rand:+.1f}" if trained is not None and rand is not None else None
+                row += [trained, rand, gap]
+            rows.append(row)
+    if not rows:
+        return []
+    return ["## Trained vs random initialisation", "",
+            "The same evaluation of the encoder the run started from (--compare-random-init); the gap is in "
+            "points of top-1 accuracy.", ""] + \
+        table(["run", "method", "file", "linear trained (%)", "linear random init (%)", "linear gap",
+                "kNN trained (%)", "kNN random init (%)", "kNN gap"], rows)
+
+
+def timing_table(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines of "Where the time went": one row per run, a column per ``timing`` key any run holds."""
+    timed = [(r, r.results["timing"]) for r in runs if r.results and r.results.get("timing")]
+    if not timed:
+        return ["No results.json holds a timing breakdown (runs from before it was recorded).", ""]
+    # the trainer's parts in its order, then any other key in its own
+    keys = [k for k in (*TIMING_FIELDS, "total") if any(k in timing for _, timing in timed)]
+    for _, timing in timed:
+        keys += [k for k in timing if k not in keys]
+    rows = []
+    for r, timing in timed:
+        total = timing.get("total")
+        cells: list[str | None] = []
+        for k in keys:
+            v = timing.get(k)
+            share = f" ({100 * v / total:.0f} %)" if v is not None and k != "total" and total else ""
+            cells.append(None if v is None else f"{fmt(float(v))}{share}")
+        rows.append([r.label, r.method, (r.results or {}).get("device"), *cells])
+    lines = table(["run", "method", "device", *[f"{k} (s)" for k in keys]], rows)
+    lines += ["Seconds from results.json's timing, with each part's share of the total; \"-\": not recorded "
+              "by that run.", ""]
+    untimed = [r.label for r in runs if r.results and not r.results.get("timing")]
+    if untimed:
+        lines += [f"No timing in results.json of {', '.join(untimed)} (recorded before it existed).", ""]
+    return lines
+
+
+def probe_sweep_tables(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines: for every results file of a linear-probe lr sweep, its heads' validation accuracy."""
+    lines: list[str] = []
+    for r in runs:
+        for name, res in r.result_files():
+            sweep = res.get("probe_sweep")
+            if not sweep:
+                continue
+            chosen = res.get("probe_lr")
+            lines += [f"### Linear-probe sweep: {r.label} ({name})", ""]
+            lines += table(["probe lr", "val top-1 (%)", "epoch", "chosen"],
+                            [[f"{h['lr']:g}", h.get("val_top1"), h.get("epoch"), "yes" if h["lr"] == chosen else ""]
+                             for h in sweep])
+    if lines:
+        lines = ["## Linear-probe learning-rate sweeps", "",
+                 "One head per learning rate, scored on a validation split of the training features; the head "
+                 "with the best validation accuracy gives the test accuracy above.", ""] + lines
+    return lines
+
+
+def monitor_table(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines: the kNN probe of each monitored run (its size, first, last and best accuracy)."""
+    mon = [r for r in runs if any(m.get("knn_top1") is not None for m in r.monitor)]
+    rows = []
+    for r in mon:
+        recs = [m for m in r.monitor if m.get("knn_top1") is not None]
+        best = max(recs, key=lambda m: m["knn_top1"])
+        rows.append([r.label, r.method, recs[-1].get("monitor_patches"),
+                     f"{recs[-1].get('n_bank')} / {recs[-1].get('n_test')}", recs[0]["knn_top1"],
+                     recs[-1]["knn_top1"], best["knn_top1"], best.get("train_s")])
+    return table(["run", "method", "monitor test patches", "bank / test images", "first kNN (%)", "last kNN (%)",
+                   "best kNN (%)", "at train time (s)"], rows) if rows else []
+
+
+def online_tables(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines for the online runs (``train --online``): what each learned from its stream, and its kNN
+    accuracy against the images seen (monitor.jsonl's ``images_seen``); none when no run is online."""
+    online = [r for r in runs if (r.results or {}).get("mode") == "online" or r.config.get("online")]
+    if not online:
+        return []
+    rows = [[r.label, r.method, (r.results or {}).get("source", r.config.get("data")),
+             (r.results or {}).get("images_seen"), (r.results or {}).get("images_skipped"),
+             (r.results or {}).get("stopped")] for r in online]
+    lines = table(["run", "method", "stream", "images learned", "images skipped", "stopped"], rows)
+    curve = [[r.label, m.get("images_seen"), m.get("step"), m.get("knn_top1"), m.get("elapsed_s")]
+             for r in online for m in r.monitor if m.get("knn_top1") is not None]
+    if curve:
+        lines += table(["run", "images seen", "step", "kNN top-1 (%)", "wall time (s)"], curve)
+    else:
+        lines += ["No kNN records (train --online with --online-eval DATA --online-eval-every N).", ""]
+    return lines
+
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets: Sequence[float] = ()) -> Path:
     """Write ``out_dir/report.md`` and its PNG plots for the given run (or patch-ablation) directories.
 
-    ``targets`` are kNN accuracies (%) added to ``DEFAULT_TARGETS`` in the time-to-accuracy table.
-    Returns the path of report.md. Raises ReportError if a directory does not exist or holds neither a run
-    nor an ablation, or for a target outside (0, 100].
+    ``targets``: kNN accuracies (%) added to ``DEFAULT_TARGETS`` in the time-to-accuracy table. Returns report.md's
+    path; ReportError for a directory that is missing or holds neither a run nor an ablation, or a bad target.
     """
     goals = report_targets(targets)
     out = Path(out_dir)
@@ -72,23 +265,21 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
             raise ReportError(f"{d} holds no run (a config.json, results.json or metrics.jsonl as empssl "
                               f"writes them) and no ablation.json")
     labels = [r.label for r in runs]
-    for r in runs:  # same folder names in different places: add the parent
-        if labels.count(r.label) > 1:
-            r.label = f"{r.path.parent.name}/{r.path.name}"
     several_methods = len({r.method for r in runs}) > 1
     for r in runs:
+        if labels.count(r.label) > 1:  # same folder names in different places: add the parent
+            r.label = f"{r.path.parent.name}/{r.path.name}"
         r.legend = f"{r.label} ({r.method})" if several_methods else r.label
 
     def link(p: Path) -> str:
         return Path(os.path.relpath(p.resolve(), out.resolve())).as_posix()
 
-    def figure(title: str, p: Path | None, missing: str) -> list[str]:
-        return [f"{title}: {missing}", ""] if p is None else [f"### {title}", "", f"![{title}]({link(p)})", ""]
-
     def curves(title: str, png: str, source: str, x: str, ys: list[tuple[str, str]], xlabel: str) -> list[str]:
         """A figure of :func:`plot_curves` (every run's ``source`` records), or the note that none has them."""
         drawn = plot_curves(runs, out / png, source, x, ys, xlabel) if ys else None
-        return figure(title, drawn, f"no {source}.jsonl in any run.")
+        if drawn is None:
+            return [f"{title}: no {source}.jsonl in any run.", ""]
+        return [f"### {title}", "", f"![{title}]({link(drawn)})", ""]
 
     knn = [("knn_top1", "kNN top-1 (%)")]
 
@@ -156,8 +347,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
 
     for d, abl in ablations:
         md += [f"## Patch-count ablation: `{d}`", ""]
-        cfg = abl.get("config", {})
-        md += [", ".join(f"{k} {v}" for k, v in cfg.items()), ""]
+        md += [", ".join(f"{k} {v}" for k, v in abl.get("config", {}).items()), ""]
         md += patch_ablation_table(abl.get("rows", []))
         png = d / "ablation.png"
         if not png.is_file() and abl.get("rows"):

@@ -43,7 +43,11 @@ class Run:
 
 
 def read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
-    """The JSON object in ``path``; None, with a note, for a file that cannot be read or holds no object."""
+    """The JSON object in ``path``; None, with a note, for a missing file (or a FIFO, which would block), a file that
+    cannot be read or one that holds no object."""
+    if not path.is_file():
+        notes.append(f"no {path.name} in {path.parent}")
+        return None
     try:
         data = files.read_json(path)
     except (OSError, ValueError) as e:
@@ -58,37 +62,26 @@ def read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
 def is_run(path: Path) -> bool:
     """True when ``path`` holds files of an empssl run: a config.json, results.json or metrics.jsonl with the keys
     empssl writes (another program's results.json is not a run)."""
-    ignored: list[str] = []
-    config = read_json(path / "config.json", ignored) if (path / "config.json").is_file() else None
-    if isinstance(config, dict) and isinstance(config.get("config"), dict) and "method" in config["config"]:
+    config = read_json(path / "config.json", [])
+    if config and isinstance(config.get("config"), dict) and "method" in config["config"]:
         return True
-    results = read_json(path / "results.json", ignored) if (path / "results.json").is_file() else None
-    if isinstance(results, dict) and "method" in results and ("linear_top1" in results or "steps" in results):
+    results = read_json(path / "results.json", [])
+    if results and "method" in results and ("linear_top1" in results or "steps" in results):
         return True
     metrics = read_jsonl(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
-    return any(isinstance(r, dict) and {"step", "loss", "lr"} <= set(r) for r in metrics[:1])
+    return any({"step", "loss", "lr"} <= set(r) for r in metrics[:1])
 
 
 def read_run(path: Path) -> Run:
     """Everything :func:`write_report` uses from one run directory; missing files become notes."""
     run = Run(Path(path), label=Path(path).name)
-    notes = run.notes
-    for name, attr in (("config.json", "config"), ("results.json", "results"),
-                       ("test_patch_ablation.json", "test_patch_ablation")):
-        p = run.path / name
-        if not p.is_file():
-            notes.append(f"no {name} in {run.path}")
-            continue
-        data = read_json(p, notes)
-        if data is None:
-            continue
-        if attr == "config":
-            config = data.get("config")
-            run.config, run.version = config if isinstance(config, dict) else {}, data.get("version")
-        else:
-            setattr(run, attr, data)
+    saved = read_json(run.path / "config.json", run.notes) or {}
+    config = saved.get("config")
+    run.config, run.version = config if isinstance(config, dict) else {}, saved.get("version")
+    run.results = read_json(run.path / "results.json", run.notes)
+    run.test_patch_ablation = read_json(run.path / "test_patch_ablation.json", run.notes)
     for p in sorted(run.path.glob("results-*.json")):  # empssl eval's default name and --out files beside it
-        data = read_json(p, notes)
+        data = read_json(p, run.notes)
         if data is not None:
             run.extra_results[p.name] = data
     for name in ("metrics", "monitor"):
@@ -96,12 +89,12 @@ def read_run(path: Path) -> Run:
         if p.is_file():
             setattr(run, name, read_jsonl(p))
         else:
-            notes.append(f"no {name}.jsonl in {run.path}" + (" (train with --eval-every to record accuracy "
-                                                            "during training)" if name == "monitor" else ""))
+            run.notes.append(f"no {name}.jsonl in {run.path}" + (" (train with --eval-every to record accuracy "
+                                                                "during training)" if name == "monitor" else ""))
     if (run.path / "tsne.png").is_file():
         run.tsne = run.path / "tsne.png"
     else:
-        notes.append(f"no tsne.png in {run.path} (empssl tsne --checkpoint {run.path})")
+        run.notes.append(f"no tsne.png in {run.path} (empssl tsne --checkpoint {run.path})")
     return run
 
 
