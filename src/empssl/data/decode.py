@@ -180,9 +180,8 @@ def decode_catalog(catalog: Catalog, image_size: int, progress: bool) -> torch.T
     except _SizesDiffer as e:
         sizes = []
         for i in e.args:
-            record = catalog.records[i]
-            with _pil_bomb_check_off(), Image.open(io.BytesIO(record.read())) as img:
-                sizes.append(f"{catalog.root}{record.name} is {img.size[0]}x{img.size[1]}")
+            h, w, _ = decode_image(catalog.records[i].read()).shape
+            sizes.append(f"{catalog.root}{catalog.records[i].name} is {w}x{h}")
         raise DataError(f"images differ in size ({', '.join(sizes)}); pass --image-size N to resize them all to "
                         f"N x N") from None
     finally:
