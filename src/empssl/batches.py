@@ -52,15 +52,10 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 class StepBatches:
-    """The (b, 3, H, W) uint8 batches of steps ``start_step`` .. ``total_steps - 1`` on ``device``.
-
-    Args:
-        images: (N, 3, H, W) uint8, on ``device`` (resident) or in host memory.
-        batch_size: the global batch B; this rank yields B / world images per step.
-        stream: None streams when ``images`` are not on ``device``; True forces the background thread (also on the
-            CPU, where nothing is pinned: used by tests).
-        prefetch: batches the thread may prepare ahead.
-    """
+    """The (b, 3, H, W) uint8 batches of steps ``start_step`` .. ``total_steps - 1`` on ``device``, from ``images``
+    (N, 3, H, W) uint8 on ``device`` or in host memory; b = ``batch_size`` (the global B) / world. ``stream``: None
+    streams when ``images`` are not on ``device``; True forces the background thread (tests); ``prefetch``: batches
+    it may prepare ahead."""
 
     def __init__(self, images: torch.Tensor, *, batch_size: int, seed: int, total_steps: int, start_step: int = 0,
                  device: torch.device | str, rank: int = 0, world: int = 1, stream: bool | None = None,

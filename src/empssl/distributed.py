@@ -35,7 +35,7 @@ from .data.decode import usable_cpus
 from .devices import resolve_device
 from .errors import ConfigError
 from .files import OutputError, write_text
-from .patches import Augment, PatchParams, apply_params, make_patches, sample_params
+from .patches import Augment, PatchParams, apply_params, sample_params
 
 # Generous: the other ranks wait in a collective while rank 0 runs the --eval-every monitor, and while it
 # decodes a dataset into the cache before them.
@@ -121,11 +121,9 @@ def _launcher_env() -> dict[str, str] | None:
 
 
 def die_with_parent() -> None:
-    """Have Linux SIGKILL this process when its parent dies (elsewhere: nothing).
-
-    torchrun starts every rank in a session of its own, so a SIGKILLed launcher would leave its ranks training as
-    orphans. (The signal comes when the parent *thread* ends: torchrun starts its ranks from its main thread.)
-    """
+    """Have Linux SIGKILL this process when its parent dies: torchrun starts every rank in a session of its own, so a
+    SIGKILLed launcher would leave its ranks training as orphans (the signal comes when the parent *thread* ends:
+    torchrun starts its ranks from its main thread)."""
     if sys.platform != "linux":
         return
     parent = os.getppid()
@@ -245,8 +243,6 @@ def rank_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: 
                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """(n_patches, b, 3, s, s): the single-process patches of this rank's images (b, 3, H, W), its slice of the
     step's B = b * world images; ``generator`` is in the same state on every rank."""
-    if not d.enabled:
-        return make_patches(images, n_patches, aug, generator, out_dtype, memory_format=memory_format)
     mine = rank_patch_params(images, n_patches, aug, generator, d)
     return apply_params(images, mine, aug, n_patches, out_dtype, memory_format=memory_format)
 
@@ -270,11 +266,8 @@ def rank_patch_params(images: torch.Tensor, n_patches: int, aug: Augment, genera
 
 
 class _GatherBatch(torch.autograd.Function):
-    """(n, b, d) on every rank -> (n, world*b, d), rank-major along dim 1.
-
-    Backward sums the gradient over ranks before taking this rank's slice (every rank's loss depends on every
-    rank's projections); with DDP's averaging that is the gradient of the mean of the ranks' losses.
-    """
+    """(n, b, d) on every rank -> (n, world*b, d), rank-major along dim 1. Backward sums the gradient over ranks
+    before taking this rank's slice: with DDP's averaging, the gradient of the mean of the ranks' losses."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor) -> torch.Tensor:

@@ -66,11 +66,8 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def check_writable_dir(path: str | Path, what: str = "output folder") -> None:
-    """OutputError (one line) unless files can be created in the folder ``path``, which need not exist yet.
-
-    The nearest existing folder is probed with a temporary file, removed at once, so that a read-only mount or a
-    missing permission is found before long work starts (``os.access`` says yes to root on a read-only mount).
-    """
+    """OutputError (one line) unless files can be created in the folder ``path``, which need not exist yet: its
+    nearest existing folder is probed with a temporary file (``os.access`` says yes to root on a read-only mount)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is a file, not a folder")
@@ -177,11 +174,10 @@ class WriterLock:
                 raise OutputError(self.busy(f"another empssl process{f' (PID {holder})' if holder else ''}")
                                   ) from None
             st = os.fstat(fd)
-            try:  # a holder that released between our open and lockf removed the file: lock the new one
+            # a holder that released between our open and lockf removed the file: lock the new one
+            with contextlib.suppress(FileNotFoundError):
                 if os.path.samestat(st, os.lstat(self.path)):
                     break
-            except FileNotFoundError:
-                pass
             os.close(fd)
         if os.pread(fd, 1, 0):  # a clean release removes the file: its writer was killed
             self.log(f"{self.path} was left by a writer that was killed (or copied with its folder); lock taken "
@@ -195,10 +191,8 @@ class WriterLock:
     def _open(self) -> int:
         """A descriptor of ``path`` (created if missing), checked to be a plain file this process does not hold
         before opening it (a device is not even opened) and after (replaced meanwhile)."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self._check(os.lstat(self.path))
-        except FileNotFoundError:
-            pass
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as e:

@@ -103,14 +103,9 @@ class PatchParams:
 
 def _crop_boxes(P: int, aug: Augment, image_hw: tuple[int, int], uniform: Callable[..., torch.Tensor],
                 rand: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """(P, 4) long crop boxes (left, top, width, height) in pixels, drawn as torchvision's
-    ``RandomResizedCrop.get_params`` draws them.
-
-    Per patch, up to 10 attempts: area = H W U(scale), aspect = exp(U(log ratio)), w = round(sqrt(area aspect)),
-    h = round(sqrt(area / aspect)) (half to even), accepted when 0 < w <= W and 0 < h <= H, then top ~ U{0 .. H - h}
-    and left ~ U{0 .. W - w}; none accepted: the centred largest box with the aspect clamped to ``ratio``. All
-    attempts are drawn at once and the first accepted one taken: the same distribution, no loop.
-    """
+    """(P, 4) long crop boxes (left, top, width, height) in pixels, as torchvision's
+    ``RandomResizedCrop.get_params`` draws them: its 10 attempts drawn at once and the first accepted one taken
+    (the same distribution, no loop); none accepted: the centred fallback box."""
     height, width = image_hw
     if height < 1 or width < 1:
         raise AugmentError(f"image height and width must be >= 1, got {image_hw}")
@@ -124,13 +119,8 @@ def _crop_boxes(P: int, aug: Augment, image_hw: tuple[int, int], uniform: Callab
     valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = valid.to(torch.uint8).argmax(0, keepdim=True)  # first accepted attempt (0 if none)
     w, h = w.gather(0, first)[0].long(), h.gather(0, first)[0].long()
-    in_ratio = width / height
-    if in_ratio < aug.ratio[0]:
-        fb_w, fb_h = width, int(round(width / aug.ratio[0]))
-    elif in_ratio > aug.ratio[1]:
-        fb_w, fb_h = int(round(height * aug.ratio[1])), height
-    else:
-        fb_w, fb_h = width, height
+    # the fallback: the whole image, its aspect clamped to ``ratio``
+    fb_w, fb_h = min(width, round(height * aug.ratio[1])), min(height, round(width / aug.ratio[0]))
     any_valid = valid.any(0)
     w = torch.where(any_valid, w, fb_w)
     h = torch.where(any_valid, h, fb_h)
@@ -226,12 +216,8 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def _color_jitter(x: torch.Tensor, params: PatchParams, aug: Augment) -> torch.Tensor:
-    """ColorJitter with a per-patch random order, applied where ``params.jitter``. x: (P, 3, h, w).
-
-    The costly hue shift runs once for all patches: each patch's slots before its hue slot are applied first,
-    then hue, then the slots after it, the other three ops sharing one blend pass per slot: 3 + 1 + 3 passes
-    rather than 4 slots x 4 ops.
-    """
+    """ColorJitter with a per-patch random order, applied where ``params.jitter``. x: (P, 3, h, w). The costly hue
+    runs once for all patches, between the slots before and after each patch's hue slot: 3 + 1 + 3 passes."""
     jit, order, factors = params.jitter, params.order, params.factors
     hue_slot = order.argsort(dim=1)[:, 3:]  # (P, 1) position of the hue op in each patch's order
     ops = torch.cat([order[:, :3], order[:, 1:]], dim=1)  # (P, 6): slots 0, 1, 2 before hue, 1, 2, 3 after
@@ -262,11 +248,9 @@ def _blur_basis(s: int, radius: int, device: torch.device) -> tuple[torch.Tensor
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> torch.Tensor:
-    """Separable Gaussian blur with a per-patch sigma and reflect padding. x: (P, 3, s, s); sigma: (P,).
-
-    Radius ceil(3 sigma_max), clipped to the patch. Each patch's 1-D blur is an (s, s) banded matrix M and the
-    2-D blur M @ x @ M^T: two batched matmuls, several times faster on CPU than a grouped convolution.
-    """
+    """Separable Gaussian blur with a per-patch sigma and reflect padding, radius ceil(3 sigma_max) clipped to the
+    patch. x: (P, 3, s, s); sigma: (P,). M @ x @ M^T with M each patch's banded (s, s) 1-D blur: two batched
+    matmuls, several times faster on CPU than a grouped convolution."""
     s = x.shape[-1]
     neg_sq_taps, onehot = _blur_basis(s, min(math.ceil(3 * sigma_max), (s - 1) // 2), x.device)
     w = torch.exp(neg_sq_taps / (2 * sigma.view(-1, 1) ** 2))
@@ -319,13 +303,9 @@ def _sample_positions(start: torch.Tensor, length: torch.Tensor, size: int, n_in
 
 
 def _crop_flip(images: torch.Tensor, params: PatchParams, aug: Augment, n_patches: int) -> torch.Tensor:
-    """Resized crops with the flips folded into the sampling. images: (B, 3, H, W) float.
-
-    Returns (n_patches * B, 3, size, size), torchvision's ``hflip(resized_crop(..., antialias=True))`` per patch.
-    No crop larger than the patch (the CIFAR recipes): plain bilinear, one ``grid_sample`` per image with all its
-    patches stacked along the grid's height. Else (downsampling): Wy @ image @ Wx^T per patch with the weights of
-    :func:`_resize_weights`, all of an image's patches' columns in one product.
-    """
+    """(n_patches * B, 3, size, size): torchvision's ``hflip(resized_crop(..., antialias=True))`` per patch of
+    images (B, 3, H, W) float. No crop larger than the patch (the CIFAR recipes): one bilinear ``grid_sample`` per
+    image, its patches stacked along the grid's height; else Wy @ image @ Wx^T (:func:`_resize_weights`)."""
     B, _, H, W = images.shape
     size = aug.size
     left, top, width, height = params.crop.unbind(1)
@@ -458,10 +438,8 @@ def make_patches(images: torch.Tensor, n_patches: int, aug: Augment, generator: 
 class MultiPatch(nn.Module):
     """:func:`make_patches` as a transform: (3, H, W) -> (n_patches, 3, s, s); (B, 3, H, W) -> (n_patches, B, 3, s, s).
 
-    In a ``Dataset``, the ``DataLoader`` stacks them to (B, n_patches, ...): ``.transpose(0, 1)`` is the loss's
-    order. ``generator=None`` seeds each call from torch's global generator, which a ``DataLoader`` seeds per
-    worker (a generator given here would be copied into every worker, which would then cut the same patches).
-    """
+    ``generator=None`` seeds each call from torch's global generator, which a ``DataLoader`` seeds per worker (a
+    generator given here would be copied into every worker, which would then cut the same patches)."""
 
     def __init__(self, n_patches: int = 20, aug: Augment | None = None,
                  generator: torch.Generator | None = None) -> None:
@@ -469,7 +447,6 @@ class MultiPatch(nn.Module):
         self.n_patches, self.aug, self.generator = n_patches, aug or Augment(), generator
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) -> (n_patches, 3, s, s); (B, 3, H, W) -> (n_patches, B, 3, s, s)."""
         one = isinstance(images, torch.Tensor) and images.dim() == 3
         generator = self.generator
         if generator is None and isinstance(images, torch.Tensor):

@@ -6,10 +6,9 @@ mirror under ``--data-dir`` and checked there by :func:`empssl.shard.verify_shar
 shard's size is checked against the bucket's listing (hashing would read every byte). LitData reads the images
 into a chunk cache beside the mirror.
 
-Credentials and endpoint come from the environment, as boto3 reads it for empssl and LitData alike
-(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ...; gs://: ``GOOGLE_APPLICATION_CREDENTIALS``). Every request has
-the bounded timeouts and tries of :mod:`empssl.litdata_http`, so that a missing bucket or object, missing
-credentials or an unreachable endpoint is one line (DataError) within seconds, not a wait of minutes.
+Credentials and endpoint come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ...; gs://:
+``GOOGLE_APPLICATION_CREDENTIALS``). Every request has the bounded timeouts and tries of :mod:`empssl.litdata_http`:
+a missing bucket, object or credentials, or an unreachable endpoint, is one line (DataError) within seconds.
 """
 
 from __future__ import annotations

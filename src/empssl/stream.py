@@ -1,14 +1,11 @@
 """The streamed tier: training images decoded batch by batch, for data that does not fit in memory.
 
-Behind the in-memory tier's interface: the loop gets (b, 3, S, S) uint8 batches on its device, one per step
-(:class:`StreamBatches`), and the monitor and the evaluation get :class:`StreamedSplit` splits whose features are
-computed block by block, keeping the features, not the images. ``--data-mode`` chooses (:func:`eval_splits`):
-memory, stream, or auto (stream what would not fit in memory).
+The loop gets (b, 3, S, S) uint8 batches on its device, one per step (:class:`StreamBatches`); the monitor and the
+evaluation get :class:`StreamedSplit` splits whose features are computed block by block. ``--data-mode`` chooses
+(:func:`eval_splits`): memory, stream, or auto (stream what would not fit in memory).
 
-* What is streamed: shards written by ``empssl shard`` (``DIR/manifest.json``; LitData folders ``DIR/train`` and
-  ``DIR/test`` or ``DIR/val`` of items {"image": encoded bytes, "label", "name"}, and each split's labels.npy), a
-  LitData folder empssl did not write (:func:`empssl.shard.foreign_manifest`), or any folder or archive the data
-  package reads, through its catalog.
+* What is streamed: shards written by ``empssl shard`` (``DIR/manifest.json``), a LitData folder empssl did not
+  write (:func:`empssl.shard.foreign_manifest`), or any folder or archive the data package reads (its catalog).
 * Order: LitData's for shards (chunks shuffled by seed and epoch, dealt to ranks and workers), torch's
   DistributedSampler's for a folder or archive; each image at most once an epoch (``drop_last`` leaves out a few),
   every rank the same number of steps, and a resumed run continues with the next unseen batch (same world size).
@@ -83,8 +80,7 @@ class CatalogItems:
 
 class ShardItems:
     """One LitData split folder (``DIR/train``, or its ``s3://`` URL read through LitData's chunk cache with
-    ``options``: :func:`empssl.remote.litdata_options`), read by index; ``keys`` names its items' fields, and
-    ``shards``, the manifest's list of them, the one to blame when a read fails (:meth:`culprit`)."""
+    ``options``), read by index; ``shards``, the manifest's list, name the one to blame (:meth:`culprit`)."""
 
     def __init__(self, folder: Path | str, count: int, labels: list[int] | None = None,
                  shards: list[ShardFile] | None = None, options: dict[str, Any] | None = None,
@@ -104,8 +100,7 @@ class ShardItems:
         return read_item(self._ds[i], self.keys, i)
 
     def dataset(self, **kw: Any) -> Any:
-        """LitData's dataset of the folder, with the serializers that refuse pickle
-        (:func:`empssl.shard.reader_serializers`): every StreamingDataset of a split is made here."""
+        """LitData's dataset of the folder, with the serializers that refuse pickle (every one is made here)."""
         from litdata import StreamingDataset
 
         return StreamingDataset(str(self.folder), serializers=reader_serializers(), **self.options, **kw)
@@ -150,9 +145,8 @@ def read_error(items: Items, rows: list[int], message: str) -> DataError:
 
 
 def failed_read(items: Items, error: BaseException) -> DataError:
-    """:func:`read_error` of an exception raised while iterating a loader over ``items``: a DataLoader worker's
-    arrives as a traceback, whose last frame's lines torch puts before the words (which may run over several lines),
-    an image that does not decode as our own DataError's, named by its module."""
+    """:func:`read_error` of an exception raised by a loader over ``items``: a worker's arrives as a traceback,
+    whose words follow its last frame (our own DataError's prefixed by its module)."""
     lines = str(error).strip().splitlines()
     frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
     rest = lines[frames[-1] + 1:] if frames else lines
@@ -168,9 +162,8 @@ def is_shards(spec: str) -> bool:
 
 def read_manifest(root: Path | str, data_dir: str = "./data", hashes: bool = True,
                   keys: tuple[str, str] = ("", "")) -> Manifest:
-    """The manifest of a shard folder after :func:`empssl.shard.verify_shards` checked every shard against it (sizes
-    and, ``hashes``, sha256; in an object store: sizes); DataError (one line) otherwise, or when LitData is missing.
-    ``keys``: --image-key and --label-key, for a LitData folder that empssl did not write."""
+    """The manifest of a shard folder once :func:`empssl.shard.verify_shards` checked its shards (sizes, and with
+    ``hashes`` sha256); DataError (one line) otherwise. ``keys``: --image-key and --label-key."""
     if importlib.util.find_spec("litdata") is None:
         raise DataError(f"{root} holds shards, which are read with LitData: pip install 'empssl[stream]'")
     if is_remote(root):
@@ -188,9 +181,8 @@ def shard_items(manifest: Manifest, split: str, labels: list[int] | None = None)
 
 def open_shards(root: Path | str, data_dir: str = "./data", keys: tuple[str, str] = ("", "")
                 ) -> tuple[ShardItems, ShardItems, list[str], str]:
-    """(train, held-out split, classes, held-out split's name) of a shard folder checked by :func:`read_manifest`
-    (every local shard hashed, or its unchanged sha256 taken from the record under ``data_dir``); DataError (one line)
-    for shards of a source without classes: the streamed tier evaluates and monitors by label."""
+    """(train, held-out split, classes, held-out split's name) of a shard folder checked by :func:`read_manifest`;
+    DataError (one line) for shards without classes: the streamed tier evaluates and monitors by label."""
     manifest = read_manifest(root, data_dir, keys=keys)
     if not manifest.classes:
         raise DataError(f"{root} holds shards of {manifest.source}, which has no classes (label -1); training "
@@ -244,9 +236,8 @@ class StreamedSplit:
         return ImageData(self._decode(self.rows, progress), self.labels.clone(), list(self.classes))
 
     def blocks(self, multiple: int, names: list[str] | None = None) -> Iterator[torch.Tensor]:
-        """Consecutive (b, 3, S, S) uint8 blocks of the rows, b a multiple of ``multiple`` (the last one: the rest)
-        of about :data:`BLOCK_BYTES` (or ``block_images``; without an ``image_size``: one block), the only images
-        held; ``names`` receives each row's name as its block is read. DataError names an image that does not decode."""
+        """Consecutive (b, 3, S, S) uint8 blocks of the rows, b a multiple of ``multiple`` (the last: the rest), of
+        about :data:`BLOCK_BYTES` (or ``block_images``); ``names`` receives each row's name as its block is read."""
         if multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {multiple}")
         if self.block_images or not self.image_size:
@@ -256,19 +247,21 @@ class StreamedSplit:
         for at in range(0, len(self.rows), per):
             yield self._decode(self.rows[at:at + per], False, names)
 
+    def _item(self, i: int) -> tuple[Any, int, str]:
+        """Image ``i`` of ``items``; DataError naming the shard to blame (LitData's own words, a "hung download" for
+        a missing shard, would mislead), else the failed read."""
+        try:
+            return self.items.item(i)
+        except Exception as e:  # (a folder's file gone since the scan)
+            raise read_error(self.items, [i], f"cannot read image {i} of {self.where}: {type(e).__name__}: {e}"
+                             ) from None
+
     def _decode(self, rows: torch.Tensor, progress: bool, names: list[str] | None = None) -> torch.Tensor:
         """(len(rows), 3, S, S) uint8 by the in-memory tier's decoder; their names added to ``names``."""
-        records = []
-        for i in rows.tolist():
-            if isinstance(self.items, CatalogItems):  # a folder's files are read by the decoder's workers
-                records.append(self.items.records[i])
-                continue
-            try:
-                data, label, name = self.items.item(i)
-            except Exception as e:  # LitData's own words (a "hung download" for a missing shard) would mislead
-                message = f"cannot read image {i} of {self.where}: {type(e).__name__}: {e}"
-                raise read_error(self.items, [i], message) from None
-            records.append(ImageRecord(name, label, data))
+        if isinstance(self.items, CatalogItems):  # a folder's files are read by the decoder's workers
+            records = [self.items.records[i] for i in rows.tolist()]
+        else:
+            records = [ImageRecord(name, label, data) for data, label, name in map(self._item, rows.tolist())]
         if names is not None:
             names.extend(r.name for r in records)
         catalog = Catalog(self.where, "", records, self.classes, None, [("", len(records))], [])
@@ -353,9 +346,8 @@ def require_image_size(image_size: int) -> None:
 
 
 def choose_tier(mode: str, n: int, image_size: int, source: str, log: Callable[[str], None]) -> str:
-    """"memory" or "stream" for ``n`` images of a shard folder by ``--data-mode``: memory when they fit (or their
-    decoded size is unknown, without ``--image-size``), else stream in auto (said in ``log``) and TooBigForMemory in
-    memory. Streaming needs ``--image-size`` (ConfigError)."""
+    """"memory" or "stream" for ``n`` images of a shard folder by ``--data-mode`` (:func:`memory_first`); memory
+    also where their decoded size is unknown (no ``--image-size``, which streaming needs)."""
 
     def fits() -> bool:
         if image_size:
@@ -373,10 +365,9 @@ def choose_tier(mode: str, n: int, image_size: int, source: str, log: Callable[[
 
 def data_record(n_train: int, spec: str | None = None, data_dir: str = "./data",
                 keys: tuple[str, str] = ("", ""), shards: list[ShardFile] | None = None) -> dict[str, Any]:
-    """What a run trains on, as its checkpoint records it: the ``n_train`` training images (after
-    ``--train-subset``) and, of ``spec`` (``cfg.data``; None for tensors), a shard folder's train shards (from its
-    manifest, or ``shards``, those the caller read already) or a folder's or archive's stamps
-    (:func:`empssl.data.load.fingerprint`); no image is read for it."""
+    """What a run trains on, as its checkpoint records it: ``n_train`` (after ``--train-subset``) and, of ``spec``
+    (None for tensors), a shard folder's train shards (``shards``, if the caller read them) or a folder's or
+    archive's :func:`empssl.data.load.fingerprint`; no image is read for it."""
     record: dict[str, Any] = {"train": n_train}
     if spec is not None and is_shards(spec):
         if shards is None:
@@ -432,12 +423,12 @@ def resolve_decode(decode: str, device: torch.device) -> str:
 
 
 def _prepared(data: Any, name: str, image_size: int, decode: bool) -> tuple[torch.Tensor, str]:
-    """What a DataLoader worker hands over for one image (``data``: encoded bytes, or a foreign folder's PIL image or
-    pixel array): ((3, S, S) uint8 by the in-memory tier's decoder, or for ``--decode cuda`` the (n,) uint8 file
-    itself (bytes only); name). DataError for an image that does not decode (:func:`failed_read` names it)."""
+    """What a worker hands over for one image (``data``: encoded bytes, or a foreign folder's PIL image or array):
+    (its (3, S, S) uint8 decoded, or without ``decode`` the (n,) uint8 file itself, name)."""
     if not decode and isinstance(data, bytes):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), name
-    return _chw(decode_image(data, image_size, f"image {name}")), name
+    # (3, S, S), copied: PIL's arrays are read-only
+    return torch.tensor(decode_image(data, image_size, f"image {name}")).permute(2, 0, 1), name
 
 
 def _prepared_item(item: dict[str, Any], keys: ItemKeys, image_size: int, decode: bool) -> tuple[torch.Tensor, str]:
@@ -456,10 +447,7 @@ class _Reader(torch.utils.data.Dataset):
         return len(self.split.rows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        try:
-            data, _, name = self.split.items.item(int(self.split.rows[i]))
-        except Exception as e:  # a file gone since the scan
-            raise DataError(f"cannot read image {i} of {self.split.where}: {type(e).__name__}: {e}") from None
+        data, _, name = self.split._item(int(self.split.rows[i]))
         return _prepared(data, name, self.split.image_size, self.decode)
 
 
@@ -479,11 +467,6 @@ def _collated(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor | lis
     return (images if images[0].dim() == 1 else torch.stack(images)), names
 
 
-def _chw(image: Any) -> torch.Tensor:
-    """(3, H, W) uint8 of a decoded (H, W, 3) array (copied: PIL's arrays are read-only)."""
-    return torch.tensor(image).permute(2, 0, 1)
-
-
 def _quiet_bus_error(worker: int) -> None:
     """A worker killed by SIGBUS (a shard cut short under its memory map) dies without torch's note blaming shared
     memory: the main process names the shard (:meth:`StreamBatches.__exit__`)."""
@@ -496,10 +479,8 @@ _noted_fallback = False
 
 def decode_batch(raw: list[torch.Tensor], names: list[str], image_size: int, device: torch.device,
                  gpu_decode: Callable[..., list[torch.Tensor]] | None = None) -> torch.Tensor:
-    """(b, 3, S, S) uint8 on ``device`` from b raw image files ((n,) uint8 each): the JPEGs decoded in one batched
-    call (``torchvision.io.decode_jpeg``, nvjpeg on CUDA), resized (shorter side, bilinear, antialiased) and
-    centre-cropped there; the rest, and every JPEG of a batch that call refuses, on the CPU by
-    :func:`empssl.data.decode_image`."""
+    """(b, 3, S, S) uint8 on ``device`` from b raw image files ((n,) uint8 each): the JPEGs decoded, resized and
+    cropped in one batched call there (nvjpeg on CUDA); the rest, or all where that call fails, on the CPU."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2.functional import center_crop, resize
 
@@ -518,9 +499,8 @@ def decode_batch(raw: list[torch.Tensor], names: list[str], image_size: int, dev
                 print(f"note: decoding a batch's JPEGs on {device} failed ({' '.join(str(e).split())[:120]}); "
                       f"such batches are decoded on the CPU", file=sys.stderr)
                 _noted_fallback = True
-    return torch.stack([o if o is not None else
-                        _chw(decode_image(bytes(raw[i].numpy()), image_size, f"image {names[i]}")).to(device)
-                        for i, o in enumerate(out)])
+    return torch.stack([_prepared(bytes(r.numpy()), name, image_size, True)[0].to(device) if o is None else o
+                        for r, name, o in zip(raw, names, out, strict=True)])
 
 
 # --- the batch source ---------------------------------------------------------------------------------------
@@ -532,13 +512,10 @@ def _n_workers() -> int:
 
 
 class StreamBatches:
-    """The (b, 3, S, S) uint8 batches of a streamed training split on ``device``, one per step, epoch after epoch,
-    decoded by DataLoader workers (``decode`` "cuda": raw files from them, :func:`decode_batch`): a shard folder's by
-    LitData's StreamingDataLoader, which owns the order and resumes from its ``state_dict()``, a folder's or
-    archive's by torch's over :class:`_Order`. ``batch_size`` is the global one; ``workers`` (default: the CPUs but
-    one, at most 8) is taken from the checkpoint on resume, as another count deals the images otherwise. Leaving the
-    ``with`` block stops the workers, and on a worker's death names the shard that changed under it.
-    """
+    """The (b, 3, S, S) uint8 batches of a streamed training split on ``device``, one per step, decoded by DataLoader
+    workers: a shard folder's by LitData's StreamingDataLoader, which owns the order, a folder's or archive's by
+    torch's over :class:`_Order`. ``batch_size`` is the global one; ``workers`` comes from the checkpoint on resume,
+    as another count deals the images otherwise. Leaving the ``with`` block stops the workers."""
 
     def __init__(self, split: StreamedSplit, *, batch_size: int, seed: int, device: torch.device | str,
                  rank: int = 0, world: int = 1, decode: str = "cpu", workers: int | None = None) -> None:

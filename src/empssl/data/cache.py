@@ -64,9 +64,7 @@ def write_cache(cache: Path, images: ImageSet, source: str, image_size: int) -> 
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.{_host()}.{os.getpid()}.", suffix=_TMP_SUFFIX,
                                     dir=cache.parent))
-        arrays = {"images": images.images.numpy()}
-        if images.labels is not None:
-            arrays["labels"] = images.labels.numpy()
+        arrays = {k: t.numpy() for k, t in (("images", images.images), ("labels", images.labels)) if t is not None}
         for key, array in arrays.items():
             np.save(tmp / f"{key}.npy", array)
         meta = {"version": CACHE_VERSION, "arrays": sorted(arrays), "source": source, "image_size": image_size,

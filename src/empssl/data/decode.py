@@ -19,6 +19,7 @@ The rules :func:`decode_image` applies, in order:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import multiprocessing as mp
@@ -28,7 +29,6 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -62,11 +62,9 @@ def _decode(data: bytes | Image.Image | np.ndarray, image_size: int, name: str) 
                 raise DataError(f"cannot decode {name}: a {data.dtype} array of shape {data.shape}, not (H, W, 3) "
                                 f"or (H, W, 1) uint8")
             data = Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data)
-        if isinstance(data, Image.Image):
-            rgb = _to_rgb(data, name)
-        else:
-            with Image.open(io.BytesIO(data)) as img:
-                rgb = _to_rgb(img, name)
+        # (a PIL image given is the caller's: not closed here)
+        with contextlib.nullcontext(data) if isinstance(data, Image.Image) else Image.open(io.BytesIO(data)) as img:
+            rgb = _to_rgb(img, name)
         return resize_crop(rgb, image_size) if image_size else np.asarray(rgb, dtype=np.uint8)
     except DataError:
         raise
@@ -98,7 +96,7 @@ _bomb_users = 0
 _bomb_saved: int | None = None
 
 
-@contextmanager
+@contextlib.contextmanager
 def _pil_bomb_check_off() -> Iterator[None]:
     global _bomb_users, _bomb_saved
     with _bomb_lock:
@@ -180,9 +178,8 @@ def decode_catalog(catalog: Catalog, image_size: int, progress: bool) -> torch.T
     except _SizesDiffer as e:
         sizes = []
         for i in e.args:
-            record = catalog.records[i]
-            with _pil_bomb_check_off(), Image.open(io.BytesIO(record.read())) as img:
-                sizes.append(f"{catalog.root}{record.name} is {img.size[0]}x{img.size[1]}")
+            h, w, _ = decode_image(catalog.records[i].read()).shape
+            sizes.append(f"{catalog.root}{catalog.records[i].name} is {w}x{h}")
         raise DataError(f"images differ in size ({', '.join(sizes)}); pass --image-size N to resize them all to "
                         f"N x N") from None
     finally:

@@ -35,7 +35,7 @@ import numpy as np
 
 from .images import DataError
 from .layouts import Catalog, _catalog, _check_same_classes, _read_text, _scan_classes, _Split
-from .sources import MAX_FILE_BYTES, Tree, is_image, read_file, walk_folder
+from .sources import MAX_FILE_BYTES, Tree, _members, is_image, read_file, walk_folder
 
 IMAGENET_SPECS = ("imagenet100", "imagenet")
 KAGGLE_ROOT = "ILSVRC/Data/CLS-LOC/"
@@ -230,12 +230,9 @@ def _devkit_files(tree: Tree, path: Path) -> tuple[str | None, bytes, str] | Non
     wanted = {f"{DEVKIT}/data/{GROUND_TRUTH}": GROUND_TRUTH, f"{DEVKIT}/data/meta.mat": "meta.mat"}
     found: dict[str, bytes] = {}
     try:
-        with tarfile.open(str(tree.meta[archive]), "r:gz") as tf:
-            for member in tf:
-                if member.isfile() and member.name in wanted and member.size <= MAX_FILE_BYTES:
-                    f = tf.extractfile(member)
-                    assert f is not None  # regular member
-                    found[wanted[member.name]] = f.read()
+        for name, kind, size, read in _members(Path(str(tree.meta[archive]))):
+            if kind == "file" and name in wanted and size <= MAX_FILE_BYTES:
+                found[wanted[name]] = read()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"cannot read {shown}: {type(e).__name__}: {e}") from e
     missing = sorted(set(wanted.values()) - set(found))

@@ -37,13 +37,9 @@ class ImageRecord(NamedTuple):
 
 @dataclass
 class Catalog:
-    """Every image of a source, listed and labelled but not decoded, in the order the outputs keep.
-
-    ``source`` names the folder or archive in messages; ``root`` is the prefix the records' names dropped ("" or
-    a single wrapping folder "wrapped/"); ``records`` are grouped by split and class, sorted by name within;
-    ``classes``, ``class_names`` and ``splits`` (blocks of ``records``) are as in :class:`ImageSet`; ``skipped``
-    lists the image-named entries that are not regular files, left out (see :mod:`.sources`).
-    """
+    """Every image of a source, listed and labelled but not decoded, grouped by split and class, sorted by name
+    within. ``root`` is the prefix the records' names dropped ("" or a wrapping folder "wrapped/"); ``classes``,
+    ``class_names`` and ``splits`` are as in :class:`ImageSet`; ``skipped``: entries that are not regular files."""
 
     source: str
     root: str

@@ -3,6 +3,7 @@ one scan into a :class:`Catalog` -> decode -> cache."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -45,15 +46,14 @@ def load_data(
     is no ``test/``, as for Tiny ImageNet and ImageNet), views of one tensor.
 
     Args:
-        spec: ``cifar10`` or ``cifar100`` (torchvision, under ``data_dir``); ``demo`` (the bundled
-            archive); ``tiny-imagenet`` (``data_dir/tiny-imagenet-200.zip`` or its unpacked folder);
-            ``imagenet100:PATH`` / ``imagenet:PATH`` (an ImageNet tree, :mod:`.imagenet`); or a path to an
-            ImageFolder root holding ``train/`` and ``test/`` (or ``val/``), each ``<class>/<images>``, to a Tiny
-            ImageNet folder, or to a .tar/.tar.gz/.tgz/.zip archive of one.
+        spec: ``cifar10`` or ``cifar100`` (torchvision, under ``data_dir``); ``demo`` (the bundled archive);
+            ``tiny-imagenet`` (``data_dir/tiny-imagenet-200.zip`` or its folder); ``imagenet100:PATH`` /
+            ``imagenet:PATH`` (:mod:`.imagenet`); or a path to an ImageFolder root holding ``train/`` and ``test/``
+            (or ``val/``), each ``<class>/<images>``, to a Tiny ImageNet folder, or to an archive of one.
         data_dir: where torchvision datasets and the decoded-image cache live.
-        image_size: 0 keeps the images' own size (they must all agree); S > 0 resizes the shorter side
-            to S (bilinear, antialiased) and centre-crops to S x S.
-        progress: show a progress bar on stderr while decoding.
+        image_size: 0 keeps the images' own size (they must all agree); S > 0 resizes the shorter side to S
+            (bilinear, antialiased) and centre-crops to S x S.
+        progress: a progress bar on stderr while decoding.
 
     Raises :class:`DataError`, one line, for any missing, malformed or undecodable data.
     """
@@ -107,7 +107,7 @@ def scan(spec: str, data_dir: str = "./data") -> Catalog:
     if spec in TORCHVISION_DATASETS:
         raise DataError(f"{spec} is a torchvision array dataset, not a folder or archive: it has no catalog")
     path, imagenet = _source(spec, Path(data_dir))
-    return _catalog(path, imagenet, train_test=False)
+    return _catalog(path, imagenet, False, _tree(path, imagenet))
 
 
 def fingerprint(spec: str, data_dir: str = "./data") -> str | None:
@@ -131,13 +131,11 @@ def _image_set(spec: str, data_dir: Path, image_size: int, progress: bool, train
     cached = read_cache(cache)
     if cached is not None:
         return path, cached
-    catalog = _catalog(path, imagenet, train_test, tree)
+    catalog = _catalog(path, imagenet, train_test, tree or _tree(path, imagenet))
     h = w = image_size
     if catalog.records and not image_size:  # the first image's own size
-        try:
+        with contextlib.suppress(DataError):  # decoding names the bad image
             h, w = decode.decode_image(catalog.records[0].read()).shape[:2]
-        except DataError:  # decoding names the bad image
-            pass
     check_fits(len(catalog.records), h, w, catalog.source)  # refused before decoding
     images = decode.decode_catalog(catalog, image_size, progress)
     labels = None if catalog.classes is None else torch.tensor([r.label for r in catalog.records],
@@ -158,10 +156,8 @@ def _tree(path: Path, imagenet: ImageNetSpec | None = None, quiet: bool = False)
     return tree
 
 
-def _catalog(path: Path, imagenet: ImageNetSpec | None, train_test: bool, tree: Tree | None = None) -> Catalog:
-    """The catalog of ``path`` (walked or read unless ``tree`` is given); ``train_test`` as in :func:`_image_set`."""
-    if tree is None:
-        tree = _tree(path, imagenet)
+def _catalog(path: Path, imagenet: ImageNetSpec | None, train_test: bool, tree: Tree) -> Catalog:
+    """The catalog of ``path``'s ``tree``; ``train_test`` as in :func:`_image_set`."""
     if imagenet:
         return imagenet.catalog(tree)  # always train/ and val/
     return catalog_tree(tree, str(path), unwrap_any=not path.is_dir(), train_test=train_test)

@@ -7,6 +7,7 @@ archives never extracted, no member outside the archive's root, hidden entries a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tarfile
@@ -177,12 +178,10 @@ def memory_available() -> int | None:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, ValueError, IndexError, StopIteration):
         return None
-    try:  # a container's limit, when it is below what the host has
+    with contextlib.suppress(OSError, ValueError):  # a container's limit, when it is below what the host has
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit != "max":
             avail = min(avail, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
     return avail
 
 
