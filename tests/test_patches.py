@@ -225,6 +225,9 @@ CROP_CASES = [  # (image height, width, patch size, scale, ratio)
     (64, 64, 32, (0.08, 1.0), (3 / 4, 4 / 3)),  # baselines on 64 px images: up- and downsampled crops
     (48, 64, 24, (0.2, 1.0), (0.5, 2.0)),  # non-square images, downsampled
     (20, 30, 16, (0.05, 0.6), (0.3, 3.0)),  # small odd sizes, strongly non-square boxes
+    # an image narrower than the ratios allow: the fallback box (14 x 19) is taller than any accepted attempt and
+    # than the patch, so it must take the antialiased path
+    (20, 14, 18, (0.85, 0.9), (3 / 4, 3.0)),
 ]
 
 

@@ -287,8 +287,13 @@ def _max_crop_side(aug: Augment, height: int, width: int) -> int:
     w_min, h_min = round(math.sqrt(lo * aug.ratio[0])), round(math.sqrt(lo / aug.ratio[1]))
     side = max(min(width, w_max), min(height, h_max))
     if w_max > width or h_max > height or min(w_min, h_min) < 1:  # an attempt can fail: the fallback box
-        in_ratio = width / height
-        side = max(side, width if in_ratio <= aug.ratio[1] else 0, height if in_ratio >= aug.ratio[0] else 0)
+        in_ratio = width / height  # torchvision's fallback: the image clipped to the nearest allowed ratio
+        if in_ratio < aug.ratio[0]:
+            side = max(side, width, round(width / aug.ratio[0]))
+        elif in_ratio > aug.ratio[1]:
+            side = max(side, round(height * aug.ratio[1]), height)
+        else:
+            side = max(side, width, height)
     return side
 
 
