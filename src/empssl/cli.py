@@ -32,8 +32,6 @@ from .version import __version__
 # The settings of the commands that evaluate a checkpoint: its evaluation, where its data are read from, the device.
 EVAL_FIELDS = [f.name for f in flag_fields(Config) if f.metadata["group"] == "evaluation"] + [
     "data", "data_dir", "image_size", "data_mode", "train_subset", "test_subset", "device", "precision"]
-# What `empssl compare` sets for every method alike: all but the method (each keeps the rest of its own recipe).
-COMPARE_FIELDS = [f.name for f in flag_fields(Config) if f.name != "method"]
 CHECKPOINT_HELP = "checkpoint.pt, or a run directory holding one"
 
 
@@ -60,7 +58,7 @@ def parse_floats(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = ()
     if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
     return values
@@ -215,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipes scaled to the bundled demo data)")
     c.add_argument("--smoke", action="store_true",
                    help="toy size on the CPU with the bundled data (seconds per method): checks the command")
-    _add_config_flags(c, COMPARE_FIELDS, method_settings=True)
+    # every method gets the same settings but --method (each keeps the rest of its own recipe)
+    _add_config_flags(c, [f.name for f in flag_fields(Config) if f.name != "method"], method_settings=True)
 
     m = sub.add_parser("embed", help="features of every image of a folder, archive or dataset (.npz or .safetensors)",
                        description="One row per image of --data, in a stable order, with its relative file name "
@@ -234,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="the trained backbone as a torchvision or timm state dict, or safetensors",
                        description="Write the backbone of a checkpoint for use elsewhere (README: Using the "
                                    "encoder).")
-    x.add_argument("--checkpoint", required=True, help="checkpoint.pt, or a run directory holding one")
+    x.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     x.add_argument("--out", required=True, help="output file")
     x.add_argument("--format", default="torchvision", choices=["torchvision", "timm", "safetensors"],
                    help="torchvision: loads into torchvision.models.resnet18() with strict=True after the CIFAR "
@@ -370,6 +369,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .distributed import env_dist
+    from .online import train_online
     from .rundir import finished, run_config
     from .train import train
 
@@ -379,14 +379,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.no_eval and finished(out, cfg):
         print(f"{out} is already trained to the end; nothing to do")
         return
-    if cfg.online:  # one pass over a folder being filled (empssl.online)
-        from .online import train_online
-
-        train_online(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
-        return
-    results = train(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
+    run = train_online if cfg.online else train  # online: one pass over a folder being filled
+    results = run(cfg, out, progress=not args.no_progress, evaluate_at_end=not args.no_eval)
     # under torchrun, rank 0 reports; with evaluation, train() ends with the results file and where the time went
-    if args.no_eval and env_dist().is_main:
+    if args.no_eval and not cfg.online and env_dist().is_main:
         print(f"trained {results['steps']} steps; checkpoint in {out / 'checkpoint.pt'}")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from .config import Config, ConfigError, load_preset, method_recipe, settings_for
 from .data import ImageData
 from .files import read_jsonl, write_json
-from .methods import method_class
+from .methods import create_method, method_class
 from .report import median_throughput, write_report
 from .rundir import RunSession
 from .train import config_data, train, train_once
@@ -74,8 +74,6 @@ def calibrate(cfg: Config, data: tuple[ImageData, ImageData], max_seconds: float
     (by ``clock``): a run of PROBE_STEPS steps, then, if the rest holds at least 10 more steps, a run of up to
     CALIBRATION_STEPS steps whose rate replaces the probe's. Returns {"steps_per_s", "seconds", "steps",
     "process_warm_up_seconds"}; ConfigError when the probe alone takes longer than ``max_seconds``."""
-    from .methods import create_method
-
     if len(data[0]) < cfg.batch_size:  # not one step per epoch
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(data[0])} training images")
     views_per_step = cfg.batch_size * create_method(cfg).views_per_image

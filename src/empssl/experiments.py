@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import read_checkpoint
 from .config import Config, ConfigError, flag
 from .data import load_data
 from .devices import resolve_device, synchronize
@@ -56,17 +55,14 @@ def load_for_eval(checkpoint: str | Path, overrides: dict[str, Any], *, progress
     per class of a 100-class set; its ``--data-mode`` is reset to auto (a run streamed from shards may be evaluated
     on CIFAR-10).
     """
-    overrides = dict(overrides)
-    # the config the run was trained with: the checkpoint's own (config.json is only its readable copy), a dict
-    saved = read_checkpoint(checkpoint).get("config", {}) if overrides.get("data") else {}
+    model, cfg, ckpt = load_checkpoint(checkpoint, overrides)
+    saved = ckpt.get("config", {})  # the config the run was trained with (config.json is only its readable copy)
     if overrides.get("data") and overrides["data"] != saved.get("data"):
         reset = [k for k in ("train_subset", "test_subset") if k not in overrides and saved.get(k)]
         if reset:
             log(f"evaluating on {overrides['data']} (trained on {saved.get('data')}): "
                 f"{' and '.join(map(flag, reset))} reset to all images")
-        overrides.update(dict.fromkeys(reset, 0))
-        overrides.setdefault("data_mode", "auto")
-    model, cfg, ckpt = load_checkpoint(checkpoint, overrides)
+        cfg = cfg.replace(data_mode=overrides.get("data_mode", "auto"), **dict.fromkeys(reset, 0))
     device = resolve_device(cfg.device)
     train, test = eval_splits(cfg, progress, lambda: config_data(cfg, progress), log)
     return model.to(device), cfg, ckpt, train, test, device

@@ -46,13 +46,10 @@ def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
 class Monitor:
     """The run's clock (training vs monitoring wall time) and, when ``cfg.eval_every > 0``, the kNN check.
 
-    ``start()`` right before the loop, ``after_step(model, step)`` after every step (it returns the seconds it
-    spent, which the caller leaves out of its throughput), ``clock()`` for the checkpoint and the run summary.
-    The first ``cfg.monitor_bank`` / ``cfg.monitor_test`` images of ``train`` / ``test`` (in memory or streamed,
-    :meth:`ImageData.subset`) are the bank and the queries, whose features are computed at each check.
-    ``patches_per_step`` counts all processes; records after ``start_step`` (written by an interrupted session)
+    The first ``cfg.monitor_bank`` / ``cfg.monitor_test`` images of ``train`` / ``test`` are the bank and the
+    queries. ``patches_per_step`` counts all processes; records after ``start_step`` (an interrupted session's)
     are dropped, and the clock goes on from ``clock_state`` (the checkpoint's ``clock()``). Under torchrun every
-    rank computes its share of the features (``dist``); rank 0 writes, also to ``tracker`` (``--log``).
+    rank computes its share of the features; rank 0 writes, also to ``tracker`` (``--log``).
     """
 
     def __init__(self, cfg: Config, train: Split, test: Split, device: torch.device, out_dir: Path, *,

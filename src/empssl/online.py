@@ -60,7 +60,7 @@ from .config import Config, ConfigError
 from .data import IMAGE_EXTENSIONS, DataError, ImageData, decode_image
 from .data.sources import read_file
 from .files import cut_jsonl, read_jsonl
-from .rundir import StopFlag
+from .rundir import RunSession
 from .shard import MANIFEST, NO_SPLIT, PLAN, ShardFile, verify_file, verify_shards
 from .stream import ShardItems, eval_splits
 from .train import NO_IMAGES, TrainError, config_data, train
@@ -144,11 +144,8 @@ Key = tuple[int, int]  # (shard, item in that shard) of a shard folder's train s
 
 class ShardStream:
     """The listed, unlearned items of a shard folder's train split, in the order its manifest lists the shards
-    (arrival order). A key is (shard, item); the position ``pos`` is the item after the last one learned.
-
-    :meth:`poll` reads ``manifest.json`` again when it changed (size, mtime, inode), checks that the shards it
-    listed before are listed as they were, then checks the next listed shard's size and sha256 and queues its
-    items. Items are read through LitData (:class:`empssl.stream.ShardItems`), one read at a time.
+    (arrival order; the rules are in the module docstring). A key is (shard, item); the position ``pos`` is the
+    item after the last one learned. Items are read through LitData (:class:`empssl.stream.ShardItems`).
     """
 
     kind = "shards"
@@ -169,7 +166,8 @@ class ShardStream:
         self._read = threading.Lock()  # LitData's reader is used by one thread at a time
 
     def poll(self) -> int:
-        """Queue the next listed shard's items (reading the manifest again when it changed); return how many."""
+        """Queue the next listed shard's items (reading the manifest again when its size, mtime or inode changed,
+        checking the shard's size and sha256); return how many."""
         while True:
             if self.next[0] >= len(self.shards):
                 self._read_manifest()
@@ -263,15 +261,14 @@ Stream = FolderStream | ShardStream
 class OnlineBatches:
     """The stream as the training loop's batch source (:class:`empssl.batches.BatchSource`): full batches of
     decoded images from a :class:`FolderStream` or :class:`ShardStream`, in arrival order, on ``device``, waiting
-    for images as they arrive. The iteration ends at a stop: Ctrl-C (``stop``), or no new image for
+    for images as they arrive. The iteration ends at a stop: Ctrl-C (the session's ``stop``), or no new image for
     ``cfg.online_timeout`` seconds (DataError when nothing was ever learned). The state is the stream position;
     :meth:`after_step`, once a step commits, moves it and writes the step's stream.jsonl line."""
 
     steps_per_epoch = 0  # a stream has no epochs
 
-    def __init__(self, cfg: Config, folder: Path, sharded: bool, device: torch.device, out: Path, stop: StopFlag,
-                 log: Callable[[str], None]) -> None:
-        self.cfg, self.device, self.out, self.stop, self.log = cfg, device, out, stop, log
+    def __init__(self, cfg: Config, folder: Path, sharded: bool, device: torch.device, session: RunSession) -> None:
+        self.cfg, self.device, self.out, self.stop, self.log = cfg, device, session.out, session.stop, session.log
         self.stream: Stream = ShardStream(folder) if sharded else FolderStream(folder, cfg.online_settle)
         self.shape: tuple[int, ...] | None = None  # (H, W, 3) of the stream's images, fixed by the first one
         self.filling: list[tuple[Any, str, np.ndarray]] = []  # (the stream's key, name, image) of the next batch
@@ -398,8 +395,8 @@ def _held_out(cfg: Config, progress: bool) -> tuple[ImageData, ImageData]:
     return bank, queries
 
 
-def open_online(cfg: Config, device: torch.device, out: Path, stop: StopFlag, log: Callable[[str], None],
-                progress: bool) -> tuple[OnlineBatches, ImageData, ImageData]:
+def open_online(cfg: Config, device: torch.device, session: RunSession, progress: bool
+                ) -> tuple[OnlineBatches, ImageData, ImageData]:
     """The stream of ``cfg.data`` as a batch source, and ``--online-eval``'s (train, test) splits in memory, cut
     to --train-subset / --test-subset (the monitor's bank and queries and the evaluation's data; empty without
     it). A setting that cannot work online is a one-line error, before anything is written."""
@@ -417,7 +414,7 @@ def open_online(cfg: Config, device: torch.device, out: Path, stop: StopFlag, lo
     if shards and importlib.util.find_spec("litdata") is None:
         raise DataError(f"{folder} holds shards, which are read with LitData: pip install 'empssl[stream]'")
     bank, queries = _held_out(cfg, progress) if cfg.online_eval else (NO_IMAGES, NO_IMAGES)
-    return OnlineBatches(cfg, folder, shards, device, out, stop, log), bank, queries
+    return OnlineBatches(cfg, folder, shards, device, session), bank, queries
 
 
 def train_online(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,

@@ -112,8 +112,7 @@ def finished(out_dir: str | Path, cfg: Config | None = None) -> bool:
     if not p.exists():
         return False
     ckpt = read_checkpoint(p)
-    trained = ckpt.get("config", {}).get("epochs", 0)
-    return bool(ckpt.get("finished", False)) and (cfg is None or trained >= cfg.epochs)
+    return bool(ckpt.get("finished", False)) and (cfg is None or ckpt.get("config", {}).get("epochs", 0) >= cfg.epochs)
 
 
 def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[nn.Module, Config, dict]:
@@ -193,13 +192,10 @@ METRICS_FIELDS = ("step", "epoch", "lr", "patches_per_s")
 
 
 class MetricsLog:
-    """The running loss terms (summed on the device, no host sync) and a metrics.jsonl line per log step.
-
-    Also remembers the first step whose update was skipped (a non-finite loss or gradient), read at the steps
-    that sync anyway. ``path`` None (ranks other than 0) keeps the sums and writes nothing. The file is first
-    cut back to ``start_step`` (the checkpoint a resumed run starts from), so that every step has one line, and
-    the sums start from ``state`` (:meth:`state`, saved with that checkpoint), so that the next line averages
-    the same steps as an uninterrupted run's.
+    """The running loss terms (summed on the device, no host sync) and a metrics.jsonl line per log step, and the
+    first step whose update was skipped (read at the steps that sync anyway). ``path`` None (ranks other than 0)
+    writes nothing. A resumed run cuts the file back to ``start_step`` and starts the sums from ``state`` (saved
+    with that checkpoint), so that every step has one line and each line averages an uninterrupted run's steps.
     """
 
     def __init__(self, path: Path | None, terms: tuple[str, ...], device: torch.device, *, start_step: int,
@@ -285,17 +281,13 @@ class StopFlag:
 # --- a run's life in its directory --------------------------------------------------------------------------
 
 class RunSession:
-    """One run's life in its directory, the same for every kind of run: a ``with`` block around the whole run.
+    """One run's life in its directory: a ``with`` block around the whole run (``stop``: its Ctrl-C flag).
 
-    :meth:`open` creates and locks the directory once the run can start (rank 0); :meth:`save` writes a
-    checkpoint, and config.json with the first one: nothing binds the directory before a checkpoint. The
-    wall-clock account (:meth:`add`, :data:`TIMING_FIELDS`) starts at process start for the first run of a process
-    (the time before the call is ``startup``) and at the session for later ones (a notebook, the experiments'
-    loops), so that runs do not count each other's time. :meth:`finish` writes results.json. Leaving the block by
-    an error or Ctrl-C before any checkpoint removes a directory this session created; a bare Ctrl-C outside the
-    loop is reworded by what the directory keeps. ``stop`` is the run's Ctrl-C flag, shared by the loop and a
-    batch source that waits. ``trains=False``: a session that trains nothing itself (``empssl eval``, a
-    comparison's folder), which neither removes its directory nor rewords a Ctrl-C.
+    Nothing binds the directory before the first checkpoint (config.json comes with it); leaving the block by an
+    error or Ctrl-C before one removes a directory this session created, and a bare Ctrl-C outside the loop is
+    reworded by what the directory keeps. The wall-clock account (:data:`TIMING_FIELDS`) starts at process start
+    for a process's first run (``startup``) and at the session for later ones, so that runs do not count each
+    other's time. ``trains=False`` (``empssl eval``, a comparison's folder) neither removes nor rewords.
     """
 
     def __init__(self, out: Path, log: Callable[[str], None], *, main: bool = True, trains: bool = True) -> None:

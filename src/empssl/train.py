@@ -55,9 +55,10 @@ class TrainError(RuntimeError):
 
 
 # What opens a source with data of its own (the online stream, :class:`empssl.online.OnlineBatches`): (cfg, device,
-# out, the stop flag, log, progress) -> (source, monitor bank, test data). Such a source may have two hooks:
-# ``after_step(step)``, once a step commits (its record of the step), returning the seconds it waited for data
-# since the last call (left out of the throughput), and ``summary()``, its account of the run for results.json.
+# the run's session (its folder, Ctrl-C flag and log), progress) -> (source, monitor bank, test data). Such a source
+# may have two hooks: ``after_step(step)``, once a step commits (its record of the step), returning the seconds it
+# waited for data since the last call (left out of the throughput), and ``summary()``, its account of the run for
+# results.json.
 SourceOpener = Callable[..., tuple[BatchSource, ImageData, ImageData]]
 
 
@@ -204,7 +205,7 @@ def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | 
     train_data: ImageData | StreamedSplit
     test_data: ImageData | StreamedSplit
     if open_source is not None:  # a collection that grows while the run learns it once, in arrival order
-        own, train_data, test_data = open_source(cfg, device, out, session.stop, log, progress)
+        own, train_data, test_data = open_source(cfg, device, session, progress)
     else:
         train_data, test_data, streamed, own, n_train = _load_data(cfg, data, dist, device, progress, evaluating)
         read = streamed.items.shards if streamed is not None and isinstance(streamed.items, ShardItems) else None
@@ -225,7 +226,15 @@ def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | 
     source = sized if sized is not None else StepBatches(images.to(device) if images.numel() < 4 * 2**30 else images,
                                                          total_steps=total_steps, **order)
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
-    method, model, opt, generator = build_training(cfg, device, dist, memory_format)
+    method = create_method(cfg)
+    torch.manual_seed(cfg.seed)  # model initialisation
+    model = method.build_model().to(device, memory_format=memory_format)  # type: ignore[call-overload]
+    if dist.enabled and cfg.sync_bn:  # before the optimiser: the converted layers have new parameters
+        model = distributed.convert_sync_batchnorm(model, device)
+    opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+               eta=cfg.lars_eta, nesterov=cfg.nesterov)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
     run = Run(cfg=cfg, out=out, dist=dist, device=device, own_group=own_group, train_data=train_data,
               test_data=test_data, method=method, model=model, opt=opt, generator=generator,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule_steps=schedule_steps,
@@ -246,23 +255,6 @@ def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | 
         run.compiler = Compiler(cfg.compile, model, device, dist, start_step=run.step, total_steps=total_steps,
                                 log=log)
     return run
-
-
-def build_training(cfg: Config, device: torch.device, dist: Dist = SINGLE,
-                   memory_format: torch.memory_format = torch.contiguous_format
-                   ) -> tuple[Method, nn.Module, LARS, torch.Generator]:
-    """What every run starts from: the method, its model (initialised from ``cfg.seed``), LARS over it and the
-    views' generator (seeded too)."""
-    method = create_method(cfg)
-    torch.manual_seed(cfg.seed)  # model initialisation
-    model = method.build_model().to(device, memory_format=memory_format)  # type: ignore[call-overload]
-    if dist.enabled and cfg.sync_bn:  # before the optimiser: the converted layers have new parameters
-        model = distributed.convert_sync_batchnorm(model, device)
-    opt = LARS(lars_param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-               eta=cfg.lars_eta, nesterov=cfg.nesterov)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.seed)
-    return method, model, opt, generator
 
 
 def resume(run: Run, log: Callable[[str], None], ckpt: dict[str, Any] | None = None) -> None:
