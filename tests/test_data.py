@@ -734,6 +734,22 @@ def test_archive_bytes_bounded_by_the_memory_available(tmp_path: Path, monkeypat
     check_tree_data(*load_data(str(path), data_dir=str(tmp_path / "d"), progress=False))
 
 
+def test_memory_check_reads_the_first_images_size_from_its_header(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first image whose header is whole but whose pixels are cut off still sizes the memory check: the source
+    that cannot fit is refused as such, before any decoding."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (folder / "a.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])  # the header, half the scan
+    for i in range(3):
+        (folder / f"b{i}.jpg").write_bytes(buf.getvalue())
+    monkeypatch.setattr(data.load, "memory_available", lambda: 4 * 3 * 64 * 48 - 1)
+    with pytest.raises(data.load.TooBigForMemory, match="64x48 px"):
+        load_images(str(folder), data_dir=str(tmp_path / "d"), progress=False)
+
+
 # --- bounded, honest reading: only regular files -------------------------------------------------------------
 
 
