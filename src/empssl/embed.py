@@ -75,8 +75,8 @@ class Embedding:
 
 def embed(checkpoint: str | Path, data: str, out: str | Path, *, test_patches: int | None = None,
           eval_feature: str | None = None, eval_view: str | None = None, eval_seed: int | None = None,
-          eval_batch_size: int | None = None, device: str | None = None, image_size: int = 0,
-          data_dir: str = "./data", data_mode: str = "auto", progress: bool = True,
+          eval_batch_size: int | None = None, device: str | None = None, image_size: int = Config.image_size,
+          data_dir: str = Config.data_dir, data_mode: str = Config.data_mode, progress: bool = True,
           log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Embed every image of ``data`` with ``checkpoint`` and write the result to ``out`` (.npz or .safetensors).
 
