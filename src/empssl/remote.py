@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -54,76 +55,60 @@ class RemoteFolder(ShardFolder):
         if not self.bucket or any(p in ("", ".", "..") for p in self.prefix.split("/")):  # also an empty prefix
             raise DataError(f"{url}: expected {self.scheme}://BUCKET/PREFIX, a folder inside a bucket")
         super().__init__(Path(data_dir).expanduser() / "remote" / self.scheme / self.bucket / self.prefix)
-        self._client: Any = None
         self._listed: dict[str, dict[str, int]] = {}
 
     def fetch(self, name: str) -> None:
-        path = self.root / name
+        path, key, data = self.root / name, f"{self.prefix}/{name}", None
         with self.errors():
-            try:
-                data = self._get(f"{self.prefix}/{name}")
-            except FileNotFoundError:
-                path.unlink(missing_ok=True)
-                if name == MANIFEST:
-                    raise DataError(f"no {MANIFEST} in {self.url}: not a folder of empssl shards (make them with: "
-                                    f"empssl shard SRC --out {self.url})") from None
-                raise DataError(f"missing {self.url}/{name} (listed in {MANIFEST})") from None
+            if self.scheme == "gs":
+                from google.api_core.exceptions import NotFound
+
+                with suppress(NotFound):
+                    data = bytes(self.client.bucket(self.bucket).blob(key).download_as_bytes(timeout=READ_SECONDS))
+            else:
+                from botocore.exceptions import ClientError
+
+                try:
+                    data = bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+                except ClientError as e:
+                    if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                        raise
+        if data is None:
+            path.unlink(missing_ok=True)
+            if name == MANIFEST:
+                raise DataError(f"no {MANIFEST} in {self.url}: not a folder of empssl shards (make them with: "
+                                f"empssl shard SRC --out {self.url})")
+            raise DataError(f"missing {self.url}/{name} (listed in {MANIFEST})")
         write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
     def check_shard(self, split: str, f: ShardFile, hashes: bool) -> None:
         if split not in self._listed:
-            with self.errors():
-                self._listed[split] = self.sizes(f"{split}/")
+            self._listed[split] = self.sizes(f"{split}/")
         check_size(f"{self.url}/{split}/{f.name}", self._listed[split].get(f.name), f)
 
     def sizes(self, under: str) -> dict[str, int]:
         """Size of every object under ``prefix/under``, by its name below it."""
-        at = f"{self.prefix}/{under}"
-        if self.scheme == "gs":
-            return {b.name[len(at):]: int(b.size) for b in self._gs().list_blobs(self.bucket, prefix=at)}
-        out = {}
-        for page in self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=at):
-            out.update({o["Key"][len(at):]: int(o["Size"]) for o in page.get("Contents", [])})
+        at, out = f"{self.prefix}/{under}", dict[str, int]()
+        with self.errors():
+            if self.scheme == "gs":
+                return {b.name[len(at):]: int(b.size) for b in self.client.list_blobs(self.bucket, prefix=at)}
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=at):
+                out.update({o["Key"][len(at):]: int(o["Size"]) for o in page.get("Contents", [])})
         return out
 
-    def upload(self, local: Path, name: str) -> None:
-        """``local`` to ``prefix/name`` (s3:// only)."""
-        with self.errors():
-            self._s3().upload_file(str(local), self.bucket, f"{self.prefix}/{name}")
-
-    def _get(self, key: str) -> bytes:
-        if self.scheme == "gs":
-            from google.api_core.exceptions import NotFound
-
-            try:
-                return bytes(self._gs().bucket(self.bucket).blob(key).download_as_bytes(timeout=READ_SECONDS))
-            except NotFound:
-                raise FileNotFoundError(key) from None
-        from botocore.exceptions import ClientError
-
-        try:
-            return bytes(self._s3().get_object(Bucket=self.bucket, Key=key)["Body"].read())
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise FileNotFoundError(key) from None
-            raise
-
-    def _s3(self) -> Any:
-        if self._client is None:
+    @cached_property
+    def client(self) -> Any:
+        """boto3's S3 client (s3://) or google-cloud-storage's (gs://), made from the environment when first used."""
+        if self.scheme == "s3":
             import boto3
 
-            self._client = boto3.session.Session().client("s3", config=client_config())  # the environment now
-        return self._client
-
-    def _gs(self) -> Any:
-        if self._client is None:
-            try:
-                from google.cloud import storage
-            except ImportError:
-                raise DataError(f"{self.url}: gs:// is read with google-cloud-storage, as LitData reads it: pip "
-                                f"install google-cloud-storage") from None
-            self._client = storage.Client()
-        return self._client
+            return boto3.session.Session().client("s3", config=client_config())
+        try:
+            from google.cloud import storage
+        except ImportError:
+            raise DataError(f"{self.url}: gs:// is read with google-cloud-storage, as LitData reads it: pip "
+                            f"install google-cloud-storage") from None
+        return storage.Client()
 
     @contextmanager
     def errors(self) -> Iterator[None]:
@@ -140,17 +125,14 @@ class RemoteFolder(ShardFolder):
                             f"AWS_PROFILE)") from None
         except ClientError as e:
             code = str(e.response.get("Error", {}).get("Code"))
-            why = {"NoSuchBucket": f"bucket {self.bucket} not found at {self._endpoint()}",
+            why = {"NoSuchBucket": f"bucket {self.bucket} not found at {self.client.meta.endpoint_url}",
                    "InvalidAccessKeyId": "the access key is not known to the store",
                    "SignatureDoesNotMatch": "the secret key does not match the access key",
                    "AccessDenied": "access denied", "403": "access denied"}.get(code, f"{code}: {e}")
             raise DataError(f"{self.url}: {why}") from None
         except BotoCoreError as e:  # no connection, a timeout: after the bounded retries
-            raise Unreachable(f"{self.url}: cannot reach {self._endpoint()} after {ATTEMPTS} tries "
-                            f"({type(e).__name__}); check AWS_ENDPOINT_URL and the network") from None
-
-    def _endpoint(self) -> str:
-        return str(self._s3().meta.endpoint_url)
+            raise Unreachable(f"{self.url}: cannot reach {self.client.meta.endpoint_url} after {ATTEMPTS} tries "
+                              f"({type(e).__name__}); check AWS_ENDPOINT_URL and the network") from None
 
 
 def client_config() -> Any:
@@ -197,13 +179,13 @@ def write_remote(spec: str, url: str, data_dir: str = "./data", **kw: Any) -> Ma
         raise OutputError(f"--out {url}: empssl shard uploads to s3:// only; write locally and copy the folder "
                           f"(gsutil -m cp -r DIR {url})")
     folder = RemoteFolder(url, data_dir)
-    with folder.errors():
-        if MANIFEST in folder.sizes(""):
-            raise DataError(f"--out {url} already holds a shard folder ({MANIFEST}); give another prefix")
+    if MANIFEST in folder.sizes(""):
+        raise DataError(f"--out {url} already holds a shard folder ({MANIFEST}); give another prefix")
     stage = folder.root.parent / f".{folder.root.name}.upload"
     local = write_shards(spec, stage, data_dir=data_dir, **kw)
     data = [f"{name}/{f.name}" for name, split in local.splits.items() for f in [*split.shards, split.labels]]
-    for key in [*data, *(f"{name}/index.json" for name in local.splits), MANIFEST]:
-        folder.upload(stage / key, key)
+    with folder.errors():
+        for key in [*data, *(f"{name}/index.json" for name in local.splits), MANIFEST]:
+            folder.client.upload_file(str(stage / key), folder.bucket, f"{folder.prefix}/{key}")
     shutil.rmtree(stage, ignore_errors=True)
     return verify_shards(RemoteFolder(url, data_dir))

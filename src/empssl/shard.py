@@ -121,20 +121,18 @@ class Manifest:
         """How messages name the folder: its path or URL."""
         return self.url or str(self.root)
 
-    def split_dir(self, split: str) -> Path:
-        """The local folder of ``split``'s index.json and labels (a local folder's shards too)."""
-        return self.root if self.data.get("layout") == "flat" else self.root / split
-
     def split_source(self, split: str) -> str:
         """What ``litdata.StreamingDataset`` reads for ``split``: its folder, or its URL."""
-        return f"{self.url}/{split}" if self.url else str(self.split_dir(split))
+        if self.url:
+            return f"{self.url}/{split}"
+        return str(self.root if self.data.get("layout") == "flat" else self.root / split)
 
     def labels(self, split: str) -> np.ndarray:
         """(N,) int32 labels of ``split`` in item order (-1: the source has no classes). DataError (one line) when
         its labels.npy cannot be read."""
-        if split in self.label_arrays:
+        if split in self.label_arrays:  # a foreign folder's, every split's (a flat one's too)
             return self.label_arrays[split]
-        path = self.split_dir(split) / self.splits[split].labels.name
+        path = self.root / split / self.splits[split].labels.name
         try:
             labels = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -182,7 +180,7 @@ def write_shards(spec: str, out: str | Path, max_side: int | None = None, worker
         "fingerprint": _fingerprint(catalog.records),
     }
     if previous:
-        _check_same_plan(out, previous, plan, shard_size is not None)
+        _check_same_plan(out, previous, plan)
         if (out / MANIFEST).is_file():
             print(f"{out} already holds every shard of {source} ({MANIFEST}); nothing to do", file=sys.stderr)
             return verify_shards(out, hashes=False)
@@ -224,11 +222,8 @@ def write_order(n: int, seed: int) -> np.ndarray:
 
 def _in_order(records: list[Any], seed: int, labels: dict[int, int] | None = None) -> list[_Rec]:
     """``records`` in their write order, each label (None: -1) mapped by ``labels`` where given."""
-    recs = []
-    for r in (records[i] for i in write_order(len(records), seed)):
-        label = -1 if r.label is None else r.label
-        recs.append((r.name, labels[label] if labels else label, r.data))
-    return recs
+    ordered = (records[i] for i in write_order(len(records), seed))
+    return [(r.name, -1 if r.label is None else labels[r.label] if labels else r.label, r.data) for r in ordered]
 
 
 def _auto_shard_size(records: list[Any]) -> int:
@@ -268,10 +263,11 @@ def _previous_plan(out: Path, source: str) -> dict[str, Any]:
     return previous
 
 
-def _check_same_plan(out: Path, previous: dict[str, Any], plan: dict[str, Any], size_given: bool) -> None:
-    """Refuse to continue (or call complete) a run in ``out`` that another source state or other settings made."""
+def _check_same_plan(out: Path, previous: dict[str, Any], plan: dict[str, Any]) -> None:
+    """Refuse to continue (or call complete) a run in ``out`` that another source state or other settings made (the
+    plan's shard size and seed are the previous run's unless given)."""
     for key, flag in (("max_side", "--max-side"), ("shard_size", "--shard-size"), ("seed", "--seed")):
-        if previous.get(key) != plan[key] and (key != "shard_size" or size_given):
+        if previous.get(key) != plan[key]:
             raise DataError(f"--out {out} holds shards of {plan['source']} written with {flag} "
                             f"{_shown(previous.get(key))}, not {_shown(plan[key])}; pass another --out or "
                             f"remove it")
@@ -529,7 +525,7 @@ def _appended_labels(classes: list[str] | None, manifest: Manifest, source: str)
     """The appended source's label -> the folder's label, mapping classes by name (-1: no classes)."""
     if classes is None or manifest.classes is None:
         if classes is None and manifest.classes is None:
-            return {-1: -1}
+            return {}
         has = "has no classes" if classes is None else f"has classes ({', '.join(classes[:3])} ...)"
         where = "has classes" if manifest.classes else "has none"
         raise DataError(f"--append: {source} {has}, but the shard folder {where}; their labels would not mean the "
@@ -548,8 +544,8 @@ def _remove_unlisted(folder: Path, manifest: Manifest) -> None:
     for a reader that read that one, docs/DATA.md)."""
     split, appends = manifest.splits[NO_SPLIT], manifest.data.get("appends", [])
     listed = {f.name for f in split.shards} | {split.labels.name}
-    if appends:
-        listed.add(_labels_name(len(appends) - 1, split.images - appends[-1]["images"]))
+    if appends:  # the previous manifest's labels: labels.npy before the second append
+        listed.add(f"labels-{split.images - appends[-1]['images']}.npy" if len(appends) > 1 else LABELS)
     for path in [*folder.glob("chunk-*.bin"), *folder.glob("labels*.npy")]:
         if path.name not in listed:
             path.unlink(missing_ok=True)
@@ -568,17 +564,12 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
     data = json.loads(json.dumps(manifest.data))  # a copy
     data["splits"][NO_SPLIT] = _list_split(
         folder, old + parts, [*manifest.labels(NO_SPLIT).tolist(), *labels], [data["splits"][NO_SPLIT], *parts],
-        _labels_name(len(data.get("appends", [])) + 1, train.images + len(labels)))
+        f"labels-{train.images + len(labels)}.npy")
     data.update(_totals(data["splits"]), appends=[*data.get("appends", []), record])
     _write_json(out / MANIFEST, data)
     published = verify_shards(out, hashes=False)
     _remove_unlisted(folder, published)
     return published
-
-
-def _labels_name(appends: int, images: int) -> str:
-    """The train split's labels file after ``appends`` appends, when it holds ``images`` images."""
-    return f"labels-{images}.npy" if appends else LABELS
 
 
 # --- checking ------------------------------------------------------------------------------------------
