@@ -13,10 +13,8 @@ On disk::
 Each item is ``{"image": bytes, "label": int, "name": str}``: the image file's bytes (:func:`prepare_image`), an
 index into ``classes`` (-1 without classes), the name relative to the source ("train/cat/0001.jpg").
 
-Resumable: each shard is written by one worker into a temporary folder, moved into place, then recorded in
-``<split>/.parts/j.json``; index.json and the manifest come last, so a killed run is never taken for complete, and
-the same command run again writes only the missing shards, ending with the bytes of an uninterrupted run (its
-order and shard boundaries fixed by ``.plan.json``, written before the first shard).
+Resumable (docs/DATA.md, "Interrupted runs"): a shard is recorded in ``<split>/.parts/j.json`` once in place, and
+index.json and the manifest come last; ``.plan.json`` fixes the order and shard boundaries before the first shard.
 
 A LitData folder that empssl did not write (``DIR/index.json``, or ``DIR/<split>/index.json``, no manifest) is
 read too (:func:`foreign_manifest`).
@@ -332,7 +330,7 @@ def _run_jobs(jobs: list[_Job], workers: int | None, desc: str, progress: bool,
         with tqdm(total=total or todo, initial=(total or todo) - todo, desc=desc, unit="img", file=sys.stderr,
                   disable=not progress) as bar:
             for part in pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard, jobs):
-                bar.update(part["images"])
+                bar.update(part["shard"]["images"])
                 yield part
     finally:
         if pool is not None:
@@ -366,9 +364,10 @@ def _write_shard(job: _Job) -> dict[str, Any]:
         raise OutputError(f"cannot write shard {j} in {split}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    part = {"folder": folder, "index": j, "images": len(recs), "stored": stored, "reencoded": len(recs) - stored,
-            "formats": dict(formats), "chunk": chunk, "config": index["config"], "bytes": path.stat().st_size,
-            "sha256": _sha256(path)}
+    # "shard": its manifest entry; "chunk", "config": what index.json lists; the rest is counted in the manifest
+    part = {"folder": folder, "index": j, "stored": stored, "reencoded": len(recs) - stored, "formats": dict(formats),
+            "chunk": chunk, "config": index["config"],
+            "shard": {"name": path.name, "images": len(recs), "bytes": path.stat().st_size, "sha256": _sha256(path)}}
     write_json(split / ".parts" / f"{j}.json", part)
     return part
 
@@ -382,8 +381,8 @@ def _done_parts(folder: Path) -> dict[int, dict[str, Any]]:
     for record in sorted((folder / ".parts").glob("*.json")):
         try:
             part = json.loads(record.read_text())
-            chunk = folder / part["chunk"]["filename"]
-            if chunk.is_file() and chunk.stat().st_size == part["bytes"]:
+            chunk = folder / part["shard"]["name"]
+            if chunk.is_file() and chunk.stat().st_size == part["shard"]["bytes"]:
                 done[int(part["index"])] = part
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a torn or foreign record: the shard is written again
@@ -429,7 +428,7 @@ def _list_split(folder: Path, parts: list[dict[str, Any]], labels: list[int],
         if {k: v for k, v in p["config"].items() if k != "types"} != {k: v for k, v in config.items() if k != "types"}:
             raise DataError(f"shard {p['index']} of {folder} was written with another LitData layout than shard 0 "
                             f"(another litdata version?); remove {folder} and run again")
-    digest = hashlib.sha256("".join(p["sha256"] for p in parts).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("".join(p["shard"]["sha256"] for p in parts).encode()).hexdigest()[:16]
     _write_json(folder / "index.json", {"chunks": [p["chunk"] for p in parts], "config": config,
                                        "updated_at": digest})
     path = folder / name
@@ -442,8 +441,7 @@ def _list_split(folder: Path, parts: list[dict[str, Any]], labels: list[int],
     formats = sum((Counter(p["formats"]) for p in counted), Counter[str]())
     return {"images": len(labels), "stored": sum(p["stored"] for p in counted),
             "reencoded": sum(p["reencoded"] for p in counted), "formats": dict(sorted(formats.items())),
-            "shards": [{"name": p["chunk"]["filename"], **{k: p[k] for k in ("images", "bytes", "sha256")}}
-                       for p in parts],
+            "shards": [p["shard"] for p in parts],
             "labels": {"name": name, "images": len(labels), "bytes": path.stat().st_size, "sha256": _sha256(path)}}
 
 
@@ -468,16 +466,13 @@ APPEND_LOCK = ".append.lock"  # held (files.WriterLock) by the one append writin
 def append_shards(spec: str, out: str | Path, max_side: int | None = None, workers: int | None = None,
                   shard_size: int | None = None, data_dir: str = "./data", progress: bool = True,
                   seed: int | None = None) -> Manifest:
-    """Add every image of ``spec`` to the train split of the complete shard folder ``out``, as new shards after
-    its last one (``empssl shard SRC --out DIR --append``; the rules, and what a reader may rely on: docs/DATA.md).
+    """Add every image of ``spec`` (a folder or class tree; a split root may hold ``train/`` only) to the train
+    split of the complete shard folder ``out``, as new shards after its last one (``empssl shard SRC --out DIR
+    --append``; the rules, the order of writes and what a reader may rely on: docs/DATA.md, "Appending").
 
-    Existing shards are never rewritten: the new ones are written and hashed before the files that list them are
-    replaced, each atomically, in this order: the split's ``index.json``, a new ``labels-<N>.npy``,
-    ``manifest.json`` (its ``appends`` records each append). ``spec`` is a folder or class tree (a split root may
-    hold ``train/`` only) whose classes are mapped by name onto a subset of the folder's. ``max_side``,
-    ``shard_size`` and ``seed`` are the folder's (giving others is an error). The same source, unchanged, appended
-    again does nothing. DataError (one line) for all that; a failed or killed append leaves the folder as readers
-    saw it before (its unlisted files are removed by the next append).
+    Classes are mapped by name onto the folder's; ``max_side``, ``shard_size`` and ``seed`` are the folder's (giving
+    others is an error). DataError (one line) for what it refuses; a failed or killed append leaves the folder as
+    readers saw it before.
     """
     out = Path(out).expanduser()
     if not (out / MANIFEST).is_file():
@@ -522,7 +517,7 @@ def append_shards(spec: str, out: str | Path, max_side: int | None = None, worke
 
 
 def _appended_labels(classes: list[str] | None, manifest: Manifest, source: str) -> dict[int, int]:
-    """The appended source's label -> the folder's label, mapping classes by name (-1: no classes)."""
+    """The appended source's label -> the folder's label, mapping classes by name (empty: neither has classes)."""
     if classes is None or manifest.classes is None:
         if classes is None and manifest.classes is None:
             return {}
@@ -557,14 +552,12 @@ def _remove_unlisted(folder: Path, manifest: Manifest) -> None:
 def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], labels: list[int],
                     record: dict[str, Any]) -> Manifest:
     """List the appended shards ``parts`` (written and hashed): index.json, labels, then the manifest."""
-    folder, train = out / NO_SPLIT, manifest.splits[NO_SPLIT]
-    index = json.loads((folder / "index.json").read_text())
-    old = [{"index": j, "chunk": chunk, "config": index["config"], "images": f.images, "bytes": f.bytes,
-            "sha256": f.sha256} for j, (chunk, f) in enumerate(zip(index["chunks"], train.shards))]
-    data = json.loads(json.dumps(manifest.data))  # a copy
-    data["splits"][NO_SPLIT] = _list_split(
-        folder, old + parts, [*manifest.labels(NO_SPLIT).tolist(), *labels], [data["splits"][NO_SPLIT], *parts],
-        f"labels-{train.images + len(labels)}.npy")
+    folder, data = out / NO_SPLIT, json.loads(json.dumps(manifest.data))  # a copy
+    index, train = json.loads((folder / "index.json").read_text()), data["splits"][NO_SPLIT]
+    # the shards listed before; index.json may list more, of an append that failed before its manifest
+    old = [{"chunk": c, "config": index["config"], "shard": f} for c, f in zip(index["chunks"], train["shards"])]
+    data["splits"][NO_SPLIT] = _list_split(folder, old + parts, [*manifest.labels(NO_SPLIT).tolist(), *labels],
+                                           [train, *parts], f"labels-{train['images'] + len(labels)}.npy")
     data.update(_totals(data["splits"]), appends=[*data.get("appends", []), record])
     _write_json(out / MANIFEST, data)
     published = verify_shards(out, hashes=False)
@@ -876,14 +869,15 @@ def item_keys(fields: dict[str, str], image_key: str, label_key: str, where: Pat
     DataError (one line naming the fields) when that is not one field."""
     shown = ", ".join(f"{k} ({s})" for k, s in fields.items())
 
-    def pick(given: str, default: str, kinds: tuple[tuple[str, ...], ...], what: str, flag: str) -> str | None:
+    def pick(what: str, given: str, kinds: tuple[tuple[str, ...], ...]) -> str | None:
+        flag = f"--{what}-key"
         if given:
             if fields.get(given) not in sum(kinds, ()):
                 raise DataError(f"{where}: {flag} {given}: its items have no {what} field of that name; they hold "
                                 f"{shown}")
             return given
-        if fields.get(default) in sum(kinds, ()):
-            return default
+        if fields.get(what) in sum(kinds, ()):
+            return what
         for kind in kinds:
             hits = [k for k, s in fields.items() if s in kind]
             if len(hits) > 1:
@@ -892,11 +886,10 @@ def item_keys(fields: dict[str, str], image_key: str, label_key: str, where: Pat
                 return hits[0]
         return None
 
-    image = pick(image_key, "image", (IMAGE_SERIALIZERS, PIXEL_SERIALIZERS), "image", "--image-key")
+    image = pick("image", image_key, (IMAGE_SERIALIZERS, PIXEL_SERIALIZERS))
     if image is None:
         raise DataError(f"{where}: no field of its items holds an image ({shown}); name it with --image-key")
-    label = pick(label_key, "label", (("int",),) if not label_key else (LABEL_SERIALIZERS,), "label",
-                 "--label-key")
+    label = pick("label", label_key, (LABEL_SERIALIZERS,) if label_key else (("int",),))
     return ItemKeys(image, label, "name" if fields.get("name") == "str" and "name" not in (image, label) else None)
 
 
