@@ -783,8 +783,7 @@ def _verify_split(source: ShardFolder, name: str, split: SplitShards, hashes: bo
                         f"{sum(f.images for f in split.shards)} ({split.stored} stored + {split.reencoded} "
                         f"re-encoded)")
     if split.labels.images != split.images:
-        raise DataError(f"{MANIFEST} counts {split.images} images in {name}, but {split.labels.images} "
-                        f"labels")
+        raise DataError(f"{MANIFEST} counts {split.images} images in {name}, but {split.labels.images} labels")
     for f in split.shards:
         source.check_shard(name, f, hashes)
     source.fetch(f"{name}/{split.labels.name}")
