@@ -13,6 +13,7 @@ validation accuracy is reported, nothing is retrained.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -180,23 +181,29 @@ def _prepare(train_feats: torch.Tensor, train_labels: torch.Tensor, val_fraction
             take(train_feats, val_idx, torch.float32), take(train_labels, val_idx, torch.long))
 
 
-def _history(losses: Sequence[float], vals: Sequence[float] | None) -> list[dict[str, float]]:
-    """ProbeResult.history: per epoch its number, training loss and (with a validation split) accuracy."""
-    return [{"epoch": e + 1, "train_loss": loss} | ({} if vals is None else {"val_top1": vals[e]})
-            for e, loss in enumerate(losses)]
-
-
 def _head_hits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Top-1 hits of one (C, D) head with (C,) bias: a 0-dim float32 count on the device."""
     return _correct(x, y, weight.T[:, None, :], bias[None])[0]
 
 
-def _result(weight: torch.Tensor, bias: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
-            device: torch.device, t0: float, **fields: Any) -> ProbeResult:
-    """The reported head's ProbeResult: the test set is used here, once, after training."""
+def _report(heads: _Heads, lrs: Sequence[float], sweeping: bool, test_feats: torch.Tensor,
+            test_labels: torch.Tensor, device: torch.device, t0: float) -> ProbeResult:
+    """The ProbeResult of the reported head: the one with the best validation accuracy (on a tie the smallest
+    learning rate, whatever the order given), else the only one. The test set is used here, once, after training."""
+    vals = list(zip(*heads.val_top1)) if heads.val_top1 else None  # [head][epoch]
+    best = [vals[i][heads.epoch[i] - 1] for i in range(len(lrs))] if vals else None
+    chosen = max(range(len(lrs)), key=lambda i: (best[i], -lrs[i])) if best else 0
+    weight, bias = heads.weight[chosen], heads.bias[chosen]
     hits = _head_hits(weight, bias, test_feats.to(device, torch.float32), test_labels.to(device, torch.long))
-    return ProbeResult(top1=100.0 * float(hits) / test_feats.shape[0], seconds=time.perf_counter() - t0,
-                       weight=weight.detach().cpu().clone(), bias=bias.detach().cpu().clone(), **fields)
+    history = [{"epoch": e + 1, "train_loss": row[chosen]} | ({} if vals is None else {"val_top1": vals[chosen][e]})
+               for e, row in enumerate(heads.train_loss)]
+    sweep = [{"lr": v, "val_top1": best[i], "epoch": heads.epoch[i]} for i, v in enumerate(lrs)] \
+        if sweeping and best else None
+    return ProbeResult(top1=100.0 * float(hits) / test_feats.shape[0], epoch=heads.epoch[chosen],
+                       val_top1=best[chosen] if best else None, history=history, seconds=time.perf_counter() - t0,
+                       lr=lrs[chosen], protocol="lr-sweep" if sweeping else "val-epoch" if vals else "final-epoch",
+                       sweep=sweep, backend=heads.backend, weight=weight.detach().cpu().clone(),
+                       bias=bias.detach().cpu().clone())
 
 
 # ---------------------------------------------------------------------------------------- the reference
@@ -246,9 +253,9 @@ def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor
             if hits > best_hits:  # strict: the earliest epoch wins ties
                 best_hits, epoch, weight, bias = hits, e + 1, head.weight.detach().clone(), head.bias.detach().clone()
 
-    return _result(weight, bias, test_feats, test_labels, device, t0, epoch=epoch,
-                   val_top1=vals[epoch - 1] if vals else None, history=_history(losses, vals or None), lr=lr,
-                   protocol="val-epoch" if vals else "final-epoch", sweep=None, backend="reference")
+    heads = _Heads(weight[None], bias[None], [[loss] for loss in losses], [[v] for v in vals] or None, [epoch],
+                   "reference")
+    return _report(heads, [lr], False, test_feats, test_labels, device, t0)
 
 
 # ------------------------------------------------------------------------------------------ the fast probe
@@ -362,18 +369,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequence[float], *, epochs: int,
-                 momentum: float, weight_decay: float, batch_size: int, seed: int,
-                 x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None, backend: str = "auto",
-                 progress: bool = False) -> _Heads:
-    """Train one head per learning rate on x: (N, D) float32, y: (N,) int64, on x's device; with (x_val, y_val)
-    each head keeps the weights of its best validation epoch (earliest on ties)."""
+def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequence[float], *, backend: str = "auto",
+                 progress: bool = False, **settings: Any) -> _Heads:
+    """Train one head per learning rate on x: (N, D) float32, y: (N,) int64, on x's device, with the
+    :class:`_HeadTrainer` ``settings``; with (x_val, y_val) each head keeps the weights of its best validation epoch
+    (earliest on ties)."""
     backend = _resolve_backend(backend, x.device)
-
-    def new_trainer() -> _HeadTrainer:
-        return _HeadTrainer(x, y, num_classes, lrs, epochs=epochs, momentum=momentum, weight_decay=weight_decay,
-                            batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val)
-
+    new_trainer = functools.partial(_HeadTrainer, x, y, num_classes, lrs, **settings)
+    epochs = settings["epochs"]
     trainer = new_trainer()
     if backend == "cuda-graph":
         try:
@@ -443,14 +446,4 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     heads = _train_heads(x_tr, y_tr, num_classes, heads_lrs, epochs=epochs, momentum=momentum,
                          weight_decay=weight_decay, batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val,
                          backend=backend, progress=progress)
-    vals = list(zip(*heads.val_top1)) if heads.val_top1 else None  # [head][epoch]
-    best = [vals[i][heads.epoch[i] - 1] for i in range(len(heads_lrs))] if vals else None
-    # The best validation accuracy wins; on a tie the smallest learning rate, whatever the order given.
-    chosen = max(range(len(heads_lrs)), key=lambda i: (best[i], -heads_lrs[i])) if best else 0
-    sweep = [{"lr": v, "val_top1": best[i], "epoch": heads.epoch[i]} for i, v in enumerate(heads_lrs)] \
-        if sweeping and best else None
-    return _result(heads.weight[chosen], heads.bias[chosen], test_feats, test_labels, device, t0,
-                   epoch=heads.epoch[chosen], val_top1=best[chosen] if best else None,
-                   history=_history([row[chosen] for row in heads.train_loss], vals[chosen] if vals else None),
-                   lr=heads_lrs[chosen], protocol="lr-sweep" if sweeping else "val-epoch" if vals else "final-epoch",
-                   sweep=sweep, backend=heads.backend)
+    return _report(heads, heads_lrs, sweeping, test_feats, test_labels, device, t0)
