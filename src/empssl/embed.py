@@ -175,10 +175,10 @@ def _open_source(data: str, data_dir: str, image_size: int, mode: str, progress:
     require_image_size(image_size)
     catalog = scan(data, data_dir)
     every = torch.tensor([-1 if r.label is None else r.label for r in catalog.records], dtype=torch.int64)
-    parts = [(name, CatalogItems(catalog.records[rows]), every[rows])
-             for name, rows in split_rows(catalog.splits).items()]
+    blocks = [(name, CatalogItems(catalog.records[rows]), every[rows])
+              for name, rows in split_rows(catalog.splits).items()]
     classes = list(catalog.classes) if catalog.classes is not None else None
-    return _streamed(parts, classes, catalog.class_names, image_size, catalog.source, "stream")
+    return _streamed(blocks, classes, catalog.class_names, image_size, catalog.source, "stream")
 
 
 def _memory_source(images: ImageSet) -> _Source:
@@ -186,7 +186,7 @@ def _memory_source(images: ImageSet) -> _Source:
     return _Source(splits, images.labels, images.classes, images.class_names, "memory", images.names)
 
 
-def _streamed(parts: list[tuple[str, Items, torch.Tensor]], classes: list[str] | None,
+def _streamed(parts: Sequence[tuple[str, Items, torch.Tensor]], classes: list[str] | None,
               class_names: list[str] | None, image_size: int, source: str, mode: str) -> _Source:
     """The splits ``(name, items, labels)`` read block by block; in "memory" mode each split as one block."""
     splits = [(name, _Named(items, torch.arange(len(lab)), lab, classes or [], image_size, source, name,

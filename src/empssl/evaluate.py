@@ -269,11 +269,9 @@ def _by_groups(images: Images, unit: int, keys: Sequence[int],
 
     first, stop = distributed.rank_rows(len(images), unit, dist)
     blocks: Iterable[torch.Tensor]  # this rank's images
-    if stop == first:
-        blocks = []
-    elif isinstance(images, torch.Tensor):
-        blocks = [images[first:stop]]
-    else:
+    if isinstance(images, torch.Tensor):
+        blocks = [images[first:stop]] if stop > first else []
+    else:  # (an empty part has no blocks)
         blocks = (images.part(first, stop) if dist.enabled else images).blocks(unit)
     out: dict[int, torch.Tensor] = {}  # key -> (stop - first, D) on device
     at = 0  # images of the share done
