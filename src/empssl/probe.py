@@ -62,8 +62,8 @@ class _Heads:
     """H linear heads after training, the reported epoch's weights of each (its best on validation, else final)."""
     weight: torch.Tensor  # (H, C, D) on the training device
     bias: torch.Tensor  # (H, C)
-    train_loss: list[list[float]]  # [epoch][head] mean training cross-entropy
-    val_top1: list[list[float]] | None  # [epoch][head] validation accuracy in % (None without a validation set)
+    train_loss: list[list[float]]  # [head][epoch] mean training cross-entropy
+    val_top1: list[list[float]] | None  # [head][epoch] validation accuracy in % (None without a validation set)
     epoch: list[int]  # [head] reported epoch, 1-based
     backend: str
 
@@ -190,13 +190,13 @@ def _report(heads: _Heads, lrs: Sequence[float], sweeping: bool, test_feats: tor
             test_labels: torch.Tensor, device: torch.device, t0: float) -> ProbeResult:
     """The ProbeResult of the reported head: the one with the best validation accuracy (on a tie the smallest
     learning rate, whatever the order given), else the only one. The test set is used here, once, after training."""
-    vals = list(zip(*heads.val_top1)) if heads.val_top1 else None  # [head][epoch]
+    vals = heads.val_top1
     best = [vals[i][heads.epoch[i] - 1] for i in range(len(lrs))] if vals else None
     chosen = max(range(len(lrs)), key=lambda i: (best[i], -lrs[i])) if best else 0
     weight, bias = heads.weight[chosen], heads.bias[chosen]
     hits = _head_hits(weight, bias, test_feats.to(device, torch.float32), test_labels.to(device, torch.long))
-    history = [{"epoch": e + 1, "train_loss": row[chosen]} | ({} if vals is None else {"val_top1": vals[chosen][e]})
-               for e, row in enumerate(heads.train_loss)]
+    history = [{"epoch": e + 1, "train_loss": loss} | ({} if vals is None else {"val_top1": vals[chosen][e]})
+               for e, loss in enumerate(heads.train_loss[chosen])]
     sweep = [{"lr": v, "val_top1": best[i], "epoch": heads.epoch[i]} for i, v in enumerate(lrs)] \
         if sweeping and best else None
     return ProbeResult(top1=100.0 * float(hits) / test_feats.shape[0], epoch=heads.epoch[chosen],
@@ -253,8 +253,7 @@ def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor
             if hits > best_hits:  # strict: the earliest epoch wins ties
                 best_hits, epoch, weight, bias = hits, e + 1, head.weight.detach().clone(), head.bias.detach().clone()
 
-    heads = _Heads(weight[None], bias[None], [[loss] for loss in losses], [[v] for v in vals] or None, [epoch],
-                   "reference")
+    heads = _Heads(weight[None], bias[None], [losses], [vals] if vals else None, [epoch], "reference")
     return _report(heads, [lr], False, test_feats, test_labels, device, t0)
 
 
@@ -351,11 +350,11 @@ class _HeadTrainer:
     def heads(self, backend: str) -> _Heads:
         """Every head at its reported epoch (best on validation, else final); the one host sync of training."""
         wb = self.wb if self.x_val is None else self.best_wb
-        vals = [[100.0 * v / self.x_val.shape[0] for v in row] for row in self.val.tolist()] \
+        vals = [[100.0 * v / self.x_val.shape[0] for v in row] for row in self.val.T.tolist()] \
             if self.x_val is not None else None
         # best_epoch stays at the final epoch without a validation split
         return _Heads(weight=wb[:self.d].permute(1, 2, 0).contiguous(), bias=wb[self.d].clone(),
-                      train_loss=self.loss.tolist(), val_top1=vals, epoch=self.best_epoch.tolist(), backend=backend)
+                      train_loss=self.loss.T.tolist(), val_top1=vals, epoch=self.best_epoch.tolist(), backend=backend)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
