@@ -227,8 +227,7 @@ def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor
 
     head = _init_head(d, num_classes, seed).to(device)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(n / batch_size)
-    schedule = iter(_cosine(lr, epochs * steps_per_epoch))
+    schedule = iter(_cosine(lr, epochs * math.ceil(n / batch_size)))
     orders = _shuffles(n, epochs, seed)
     losses: list[float] = []
     vals: list[float] = []
@@ -237,8 +236,7 @@ def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor
     for e in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
         perm = orders[e].to(device)
         total = torch.zeros((), device=device)  # the epoch's summed cross-entropy
-        for s in range(steps_per_epoch):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
+        for idx in perm.split(batch_size):
             for group in opt.param_groups:
                 group["lr"] = next(schedule)
             loss = F.cross_entropy(head(x_tr[idx]), y_tr[idx])
