@@ -157,9 +157,8 @@ class _Source:
 def _open_source(data: str, data_dir: str, image_size: int, mode: str, progress: bool,
                  log: Callable[[str], Any]) -> _Source:
     """``data`` by ``mode``: a folder, archive or dataset in memory (:func:`empssl.data.load_images`, its cache),
-    or shards / a folder's catalog read block by block. Every split of a shard folder (a path or an object store's
-    URL) in the manifest's order; "memory" (and "auto" for what fits, or without an image size) takes each split of
-    it as one block."""
+    or read block by block: a folder's catalog, or every split of a shard folder (a path or an object store's URL)
+    in the manifest's order, a split a block in "memory" mode (and in "auto" where it fits or has no image size)."""
     if is_shards(data):
         root = data if is_remote(data) else str(Path(data).expanduser().resolve())
         manifest = read_manifest(root, data_dir)
