@@ -101,9 +101,8 @@ def test_sweep_heads_are_independent(noisy):
         assert (together.weight[i] - alone.weight[0]).abs().max() < 1e-5
         assert (together.bias[i] - alone.bias[0]).abs().max() < 1e-5
         assert together.epoch[i] == alone.epoch[0]
-        assert [row[i] for row in together.val_top1] == [row[0] for row in alone.val_top1]
-        assert [row[i] for row in together.train_loss] == pytest.approx([row[0] for row in alone.train_loss],
-                                                                          abs=1e-5)
+        assert together.val_top1[i] == alone.val_top1[0]
+        assert together.train_loss[i] == pytest.approx(alone.train_loss[0], abs=1e-5)
 
 
 def test_sweep_reports_every_head_and_the_chosen_one(noisy):

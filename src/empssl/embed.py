@@ -157,21 +157,27 @@ class _Source:
 def _open_source(data: str, data_dir: str, image_size: int, mode: str, progress: bool,
                  log: Callable[[str], Any]) -> _Source:
     """``data`` by ``mode``: a folder, archive or dataset in memory (:func:`empssl.data.load_images`, its cache),
-    or shards / a folder's catalog read block by block."""
+    or read block by block: a folder's catalog, or every split of a shard folder (a path or an object store's URL)
+    in the manifest's order, a split a block in "memory" mode (and in "auto" where it fits or has no image size)."""
     if is_shards(data):
-        return _shard_source(data if is_remote(data) else str(Path(data).expanduser().resolve()), data_dir, image_size,
-                             mode, log)
+        root = data if is_remote(data) else str(Path(data).expanduser().resolve())
+        manifest = read_manifest(root, data_dir)
+        mode = choose_tier(mode, sum(s.images for s in manifest.splits.values()), image_size, root, log)
+        labels = {name: torch.from_numpy(manifest.labels(name).astype(np.int64)) for name in manifest.splits}
+        parts = [(name, shard_items(manifest, name, lab.tolist()), lab) for name, lab in labels.items()]
+        classes = [str(c) for c in manifest.classes] if manifest.classes else None
+        return _streamed(parts, classes, manifest.class_names, image_size, root, mode)
     loaded = memory_first(mode, lambda: _memory_source(load_images(data, data_dir, image_size, progress)), log)
     if loaded is not None:
         return loaded
     refuse_arrays(data)
     require_image_size(image_size)
     catalog = scan(data, data_dir)
+    every = torch.tensor([-1 if r.label is None else r.label for r in catalog.records], dtype=torch.int64)
+    blocks = [(name, CatalogItems(catalog.records[rows]), every[rows])
+              for name, rows in split_rows(catalog.splits).items()]
     classes = list(catalog.classes) if catalog.classes is not None else None
-    labels = torch.tensor([-1 if r.label is None else r.label for r in catalog.records], dtype=torch.int64)
-    splits = [(name, _streamed(CatalogItems(catalog.records[rows]), labels[rows], classes, image_size, catalog.source,
-                               name)) for name, rows in split_rows(catalog.splits).items()]
-    return _Source(splits, labels if classes is not None else None, classes, catalog.class_names, "stream")
+    return _streamed(blocks, classes, catalog.class_names, image_size, catalog.source, "stream")
 
 
 def _memory_source(images: ImageSet) -> _Source:
@@ -179,26 +185,13 @@ def _memory_source(images: ImageSet) -> _Source:
     return _Source(splits, images.labels, images.classes, images.class_names, "memory", images.names)
 
 
-def _shard_source(root: str, data_dir: str, image_size: int, mode: str, log: Callable[[str], Any]) -> _Source:
-    """Every split of a shard folder (a path or an object store's URL), in the manifest's order, read block by
-    block; "memory" (and "auto" for what fits, or without an image size) takes each split as one block."""
-    manifest = read_manifest(root, data_dir)
-    mode = choose_tier(mode, sum(s.images for s in manifest.splits.values()), image_size, root, log)
-    classes = [str(c) for c in manifest.classes] if manifest.classes else None
-    splits, labels = [], []
-    for name in manifest.splits:
-        lab = torch.from_numpy(manifest.labels(name).astype(np.int64))
-        streamed = _streamed(shard_items(manifest, name, lab.tolist()), lab, classes, image_size, root, name)
-        if mode == "memory":
-            streamed.block_images = len(lab)
-        splits.append((name, streamed))
-        labels.append(lab)
-    return _Source(splits, torch.cat(labels) if classes else None, classes, manifest.class_names, mode)
-
-
-def _streamed(items: Items, labels: torch.Tensor, classes: list[str] | None, image_size: int, source: str,
-              split: str) -> _Named:
-    return _Named(items, torch.arange(len(labels)), labels, classes or [], image_size, source, split)
+def _streamed(parts: Sequence[tuple[str, Items, torch.Tensor]], classes: list[str] | None,
+              class_names: list[str] | None, image_size: int, source: str, mode: str) -> _Source:
+    """The splits ``(name, items, labels)`` read block by block; in "memory" mode each split as one block."""
+    splits = [(name, _Named(items, torch.arange(len(lab)), lab, classes or [], image_size, source, name,
+                            block_images=len(lab) if mode == "memory" else 0)) for name, items, lab in parts]
+    labels = torch.cat([lab for _, _, lab in parts]) if classes is not None else None
+    return _Source(splits, labels, classes, class_names, mode)
 
 
 def load_embedding(path: str | Path) -> Embedding:

@@ -123,8 +123,7 @@ def _group_patches(images: torch.Tensor, start: int, n_patches: int, aug: Augmen
               for c in range(0, b, RNG_CHUNK)]
 
     def joined(name: str) -> torch.Tensor:  # a field is patch-major (n_patches * b_c, ...): join the image axes
-        ts = [getattr(p, name) for p in chunks]
-        return torch.cat([t.view(n_patches, -1, *t.shape[1:]) for t in ts], dim=1).reshape(-1, *ts[0].shape[1:])
+        return torch.cat([getattr(p, name).unflatten(0, (n_patches, -1)) for p in chunks], dim=1).flatten(0, 1)
 
     params = PatchParams(**{name: joined(name) for name in PatchParams.__dataclass_fields__})
     return apply_params(x, params, aug, n_patches, dtype, memory_format=memory_format).flatten(0, 1)
@@ -221,12 +220,9 @@ def extract_prefix_features(model: nn.Module, images: Images, aug: Augment, coun
                                   patch_dtype, memory_format)
 
         for start, patches in _prefetched(range(0, block.shape[0], group), make, device):
-            b = patches.shape[0] // n_patches
-            feats = []
-            for i in range(0, patches.shape[0], per_forward):
-                with autocast(device, amp_dtype):
-                    feats.append(features(patches[i:i + per_forward], kind).float())
-            f = torch.cat(feats).view(n_patches, b, -1)  # (n_patches, b, D)
+            with autocast(device, amp_dtype):
+                feats = [features(chunk, kind).float() for chunk in patches.split(per_forward)]
+            f = torch.cat(feats).unflatten(0, (n_patches, -1))  # (n_patches, b, D)
             yield start, {m: f[:m].mean(0) for m in counts}  # (b, D) each
 
     return _by_groups(images, group, counts, groups, device, dist, progress, desc)
@@ -269,11 +265,9 @@ def _by_groups(images: Images, unit: int, keys: Sequence[int],
 
     first, stop = distributed.rank_rows(len(images), unit, dist)
     blocks: Iterable[torch.Tensor]  # this rank's images
-    if stop == first:
-        blocks = []
-    elif isinstance(images, torch.Tensor):
-        blocks = [images[first:stop]]
-    else:
+    if isinstance(images, torch.Tensor):
+        blocks = [images[first:stop]] if stop > first else []
+    else:  # (an empty part has no blocks)
         blocks = (images.part(first, stop) if dist.enabled else images).blocks(unit)
     out: dict[int, torch.Tensor] = {}  # key -> (stop - first, D) on device
     at = 0  # images of the share done

@@ -13,6 +13,7 @@ validation accuracy is reported, nothing is retrained.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -61,8 +62,8 @@ class _Heads:
     """H linear heads after training, the reported epoch's weights of each (its best on validation, else final)."""
     weight: torch.Tensor  # (H, C, D) on the training device
     bias: torch.Tensor  # (H, C)
-    train_loss: list[list[float]]  # [epoch][head] mean training cross-entropy
-    val_top1: list[list[float]] | None  # [epoch][head] validation accuracy in % (None without a validation set)
+    train_loss: list[list[float]]  # [head][epoch] mean training cross-entropy
+    val_top1: list[list[float]] | None  # [head][epoch] validation accuracy in % (None without a validation set)
     epoch: list[int]  # [head] reported epoch, 1-based
     backend: str
 
@@ -180,23 +181,29 @@ def _prepare(train_feats: torch.Tensor, train_labels: torch.Tensor, val_fraction
             take(train_feats, val_idx, torch.float32), take(train_labels, val_idx, torch.long))
 
 
-def _history(losses: Sequence[float], vals: Sequence[float] | None) -> list[dict[str, float]]:
-    """ProbeResult.history: per epoch its number, training loss and (with a validation split) accuracy."""
-    return [{"epoch": e + 1, "train_loss": loss} | ({} if vals is None else {"val_top1": vals[e]})
-            for e, loss in enumerate(losses)]
-
-
 def _head_hits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Top-1 hits of one (C, D) head with (C,) bias: a 0-dim float32 count on the device."""
     return _correct(x, y, weight.T[:, None, :], bias[None])[0]
 
 
-def _result(weight: torch.Tensor, bias: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
-            device: torch.device, t0: float, **fields: Any) -> ProbeResult:
-    """The reported head's ProbeResult: the test set is used here, once, after training."""
+def _report(heads: _Heads, lrs: Sequence[float], sweeping: bool, test_feats: torch.Tensor,
+            test_labels: torch.Tensor, device: torch.device, t0: float) -> ProbeResult:
+    """The ProbeResult of the reported head: the one with the best validation accuracy (on a tie the smallest
+    learning rate, whatever the order given), else the only one. The test set is used here, once, after training."""
+    vals = heads.val_top1
+    best = [vals[i][heads.epoch[i] - 1] for i in range(len(lrs))] if vals else None
+    chosen = max(range(len(lrs)), key=lambda i: (best[i], -lrs[i])) if best else 0
+    weight, bias = heads.weight[chosen], heads.bias[chosen]
     hits = _head_hits(weight, bias, test_feats.to(device, torch.float32), test_labels.to(device, torch.long))
-    return ProbeResult(top1=100.0 * float(hits) / test_feats.shape[0], seconds=time.perf_counter() - t0,
-                       weight=weight.detach().cpu().clone(), bias=bias.detach().cpu().clone(), **fields)
+    history = [{"epoch": e + 1, "train_loss": loss} | ({} if vals is None else {"val_top1": vals[chosen][e]})
+               for e, loss in enumerate(heads.train_loss[chosen])]
+    sweep = [{"lr": v, "val_top1": best[i], "epoch": heads.epoch[i]} for i, v in enumerate(lrs)] \
+        if sweeping and best else None
+    return ProbeResult(top1=100.0 * float(hits) / test_feats.shape[0], epoch=heads.epoch[chosen],
+                       val_top1=best[chosen] if best else None, history=history, seconds=time.perf_counter() - t0,
+                       lr=lrs[chosen], protocol="lr-sweep" if sweeping else "val-epoch" if vals else "final-epoch",
+                       sweep=sweep, backend=heads.backend, weight=weight.detach().cpu().clone(),
+                       bias=bias.detach().cpu().clone())
 
 
 # ---------------------------------------------------------------------------------------- the reference
@@ -220,8 +227,7 @@ def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor
 
     head = _init_head(d, num_classes, seed).to(device)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(n / batch_size)
-    schedule = iter(_cosine(lr, epochs * steps_per_epoch))
+    schedule = iter(_cosine(lr, epochs * math.ceil(n / batch_size)))
     orders = _shuffles(n, epochs, seed)
     losses: list[float] = []
     vals: list[float] = []
@@ -230,8 +236,7 @@ def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor
     for e in tqdm(range(epochs), desc="linear probe", unit="ep", disable=not progress, leave=False):
         perm = orders[e].to(device)
         total = torch.zeros((), device=device)  # the epoch's summed cross-entropy
-        for s in range(steps_per_epoch):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
+        for idx in perm.split(batch_size):
             for group in opt.param_groups:
                 group["lr"] = next(schedule)
             loss = F.cross_entropy(head(x_tr[idx]), y_tr[idx])
@@ -246,9 +251,8 @@ def reference_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor
             if hits > best_hits:  # strict: the earliest epoch wins ties
                 best_hits, epoch, weight, bias = hits, e + 1, head.weight.detach().clone(), head.bias.detach().clone()
 
-    return _result(weight, bias, test_feats, test_labels, device, t0, epoch=epoch,
-                   val_top1=vals[epoch - 1] if vals else None, history=_history(losses, vals or None), lr=lr,
-                   protocol="val-epoch" if vals else "final-epoch", sweep=None, backend="reference")
+    heads = _Heads(weight[None], bias[None], [losses], [vals] if vals else None, [epoch], "reference")
+    return _report(heads, [lr], False, test_feats, test_labels, device, t0)
 
 
 # ------------------------------------------------------------------------------------------ the fast probe
@@ -344,11 +348,11 @@ class _HeadTrainer:
     def heads(self, backend: str) -> _Heads:
         """Every head at its reported epoch (best on validation, else final); the one host sync of training."""
         wb = self.wb if self.x_val is None else self.best_wb
-        vals = [[100.0 * v / self.x_val.shape[0] for v in row] for row in self.val.tolist()] \
+        vals = [[100.0 * v / self.x_val.shape[0] for v in row] for row in self.val.T.tolist()] \
             if self.x_val is not None else None
         # best_epoch stays at the final epoch without a validation split
         return _Heads(weight=wb[:self.d].permute(1, 2, 0).contiguous(), bias=wb[self.d].clone(),
-                      train_loss=self.loss.tolist(), val_top1=vals, epoch=self.best_epoch.tolist(), backend=backend)
+                      train_loss=self.loss.T.tolist(), val_top1=vals, epoch=self.best_epoch.tolist(), backend=backend)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -362,18 +366,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequence[float], *, epochs: int,
-                 momentum: float, weight_decay: float, batch_size: int, seed: int,
-                 x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None, backend: str = "auto",
-                 progress: bool = False) -> _Heads:
-    """Train one head per learning rate on x: (N, D) float32, y: (N,) int64, on x's device; with (x_val, y_val)
-    each head keeps the weights of its best validation epoch (earliest on ties)."""
+def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequence[float], *, backend: str = "auto",
+                 progress: bool = False, **settings: Any) -> _Heads:
+    """Train one head per learning rate on x: (N, D) float32, y: (N,) int64, on x's device, with the
+    :class:`_HeadTrainer` ``settings``; with (x_val, y_val) each head keeps the weights of its best validation epoch
+    (earliest on ties)."""
     backend = _resolve_backend(backend, x.device)
-
-    def new_trainer() -> _HeadTrainer:
-        return _HeadTrainer(x, y, num_classes, lrs, epochs=epochs, momentum=momentum, weight_decay=weight_decay,
-                            batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val)
-
+    new_trainer = functools.partial(_HeadTrainer, x, y, num_classes, lrs, **settings)
+    epochs = settings["epochs"]
     trainer = new_trainer()
     if backend == "cuda-graph":
         try:
@@ -443,14 +443,4 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     heads = _train_heads(x_tr, y_tr, num_classes, heads_lrs, epochs=epochs, momentum=momentum,
                          weight_decay=weight_decay, batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val,
                          backend=backend, progress=progress)
-    vals = list(zip(*heads.val_top1)) if heads.val_top1 else None  # [head][epoch]
-    best = [vals[i][heads.epoch[i] - 1] for i in range(len(heads_lrs))] if vals else None
-    # The best validation accuracy wins; on a tie the smallest learning rate, whatever the order given.
-    chosen = max(range(len(heads_lrs)), key=lambda i: (best[i], -heads_lrs[i])) if best else 0
-    sweep = [{"lr": v, "val_top1": best[i], "epoch": heads.epoch[i]} for i, v in enumerate(heads_lrs)] \
-        if sweeping and best else None
-    return _result(heads.weight[chosen], heads.bias[chosen], test_feats, test_labels, device, t0,
-                   epoch=heads.epoch[chosen], val_top1=best[chosen] if best else None,
-                   history=_history([row[chosen] for row in heads.train_loss], vals[chosen] if vals else None),
-                   lr=heads_lrs[chosen], protocol="lr-sweep" if sweeping else "val-epoch" if vals else "final-epoch",
-                   sweep=sweep, backend=heads.backend)
+    return _report(heads, heads_lrs, sweeping, test_feats, test_labels, device, t0)
