@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import DataError
-from .layouts import Catalog, _catalog, _check_same_classes, _read_text, _scan_classes, _Split
+from .layouts import Catalog, _catalog, _read_text, _scan_classes, _Split
 from .sources import MAX_FILE_BYTES, Tree, _members, is_image, read_file, walk_folder
 
 IMAGENET_SPECS = ("imagenet100", "imagenet")
@@ -104,8 +104,7 @@ class ImageNetSpec:
             val = _label_flat_val(tree, base, self.path, loose, train.classes, self.variant == "imagenet100")
         else:
             val = _scan_classes(tree, prefix, "val/")
-        _check_same_classes(train, val, "val", self.shown)
-        return _catalog(tree, str(self.path), base, [("train", train), ("val", val)])
+        return _catalog(tree, self.shown, base, [("train", train), ("val", val)], str(self.path))
 
     def _wanted(self, folder: Path, shown: str) -> list[str]:
         """The class folders of ``folder`` this spec reads; DataError naming the selected ones that are missing."""
