@@ -74,11 +74,10 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     if w * h > MAX_IMAGE_PIXELS:
         raise DataError(f"{name} is {w}x{h} = {w * h:,} pixels, more than the {MAX_IMAGE_PIXELS:,} "
                         f"allowed (empssl.data.decode.MAX_IMAGE_PIXELS); shrink it or leave it out")
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
         return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)  # (H, W, 4)
         a = rgba[..., 3:]
         over_white = (rgba[..., :3] * a + 255 * (255 - a) + 127) // 255
