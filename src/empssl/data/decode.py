@@ -164,7 +164,8 @@ def decode_catalog(catalog: Catalog, image_size: int, progress: bool) -> torch.T
         with tqdm(total=n, desc="decoding", unit="img", file=sys.stderr, disable=not progress) as bar:
             for start, arr in results:
                 if out is None:
-                    out, first = np.empty((n, 3, *arr.shape[2:]), dtype=np.uint8), start
+                    out = np.empty((n, 3, *arr.shape[2:]), dtype=np.uint8)
+                    first = start  # the chunk whose image size every other must have
                 elif arr.shape[2:] != out.shape[2:]:
                     raise _SizesDiffer((first, out.shape[2:]), (start, arr.shape[2:]))
                 out[start: start + len(arr)] = arr

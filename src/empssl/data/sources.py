@@ -131,7 +131,7 @@ def read_archive(archive: Path) -> Tree:
     try:
         for name, kind, size, read in _members(archive):
             name = name.replace("\\", "/")
-            parts = [p for p in PurePosixPath(name).parts if p not in ("", ".")]
+            parts = list(PurePosixPath(name).parts)  # "." and empty parts dropped
             if name.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
                 raise DataError(f"archive {archive} has a member outside its root: {name!r}")
             if not parts or any(is_hidden(p) for p in parts):
