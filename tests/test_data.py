@@ -889,7 +889,7 @@ from empssl.data import load_data
 
 
 dec.POOL_MIN_IMAGES, dec._n_workers = 1, lambda: 2
-real, parent, once = dec._decode, os.getpid(), sys.argv[1] + ".interrupted"
+real, parent, once = dec.decode_image, os.getpid(), sys.argv[1] + ".interrupted"
 def slow(*args):
     if os.getpid() != parent:  # a pool worker decodes: Ctrl-C now (once), however fast or busy the machine is
         try:
@@ -899,7 +899,7 @@ def slow(*args):
             pass
     time.sleep(0.2)  # 16 images: the load cannot end before the interrupt is handled
     return real(*args)
-dec._decode = slow
+dec.decode_image = slow
 try:
     load_data(sys.argv[1], data_dir=sys.argv[2], progress=False)
 except KeyboardInterrupt:

@@ -105,27 +105,20 @@ def read_cache(cache: Path) -> ImageSet | None:
 
 def remove_stale_temps(cache_root: Path) -> None:
     """Remove the temp folders under ``cache_root`` left by processes of this host that no longer run."""
-    if os.name != "posix" or not cache_root.is_dir():  # os.kill(pid, 0) probes a process only on POSIX
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
         return
     host = _host()
-    try:
-        entries = list(os.scandir(cache_root))
-    except OSError:
-        return
-    for entry in entries:
+    for entry in cache_root.glob(f".*{_TMP_SUFFIX}"):  # none when there is no cache folder yet
         parts = entry.name.split(".")  # "", <name>-<hash> (dots allowed), host, pid, random, "tmp"
-        if (entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX) and len(parts) >= 6
-                and parts[-4] == host and parts[-3].isdigit() and not _alive(int(parts[-3]))):
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if len(parts) >= 6 and parts[-4] == host and parts[-3].isdigit() and not _alive(int(parts[-3])):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        pass
+    except OSError as e:  # EPERM: alive, another user's
+        return not isinstance(e, ProcessLookupError)
     return True
 
 

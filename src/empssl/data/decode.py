@@ -51,11 +51,6 @@ def decode_image(data: bytes | Image.Image | np.ndarray, image_size: int = 0, na
     the module docstring; a PIL image or an (H, W, 3|1) uint8 array (what a LitData folder may hold,
     :func:`empssl.shard.read_item`) goes the same way. ``name`` is how the one-line :class:`DataError` for an image
     that is too large or cannot be decoded names it ("image train/cat/1.png in /data/x")."""
-    with _pil_bomb_check_off():
-        return _decode(data, image_size, name)
-
-
-def _decode(data: bytes | Image.Image | np.ndarray, image_size: int, name: str) -> np.ndarray:
     try:
         if isinstance(data, np.ndarray):
             if data.dtype != np.uint8 or data.ndim != 3 or data.shape[-1] not in (1, 3):
@@ -63,9 +58,10 @@ def _decode(data: bytes | Image.Image | np.ndarray, image_size: int, name: str) 
                                 f"or (H, W, 1) uint8")
             data = Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data)
         # (a PIL image given is the caller's: not closed here)
-        with contextlib.nullcontext(data) if isinstance(data, Image.Image) else Image.open(io.BytesIO(data)) as img:
+        with _pil_bomb_check_off(), \
+                contextlib.nullcontext(data) if isinstance(data, Image.Image) else Image.open(io.BytesIO(data)) as img:
             rgb = _to_rgb(img, name)
-        return resize_crop(rgb, image_size) if image_size else np.asarray(rgb, dtype=np.uint8)
+            return resize_crop(rgb, image_size) if image_size else np.asarray(rgb, dtype=np.uint8)
     except DataError:
         raise
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
@@ -78,11 +74,10 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     if w * h > MAX_IMAGE_PIXELS:
         raise DataError(f"{name} is {w}x{h} = {w * h:,} pixels, more than the {MAX_IMAGE_PIXELS:,} "
                         f"allowed (empssl.data.decode.MAX_IMAGE_PIXELS); shrink it or leave it out")
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
         return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)  # (H, W, 4)
         a = rgba[..., 3:]
         over_white = (rgba[..., :3] * a + 255 * (255 - a) + 127) // 255
@@ -129,7 +124,7 @@ _Job = tuple[int, list[str | bytes], list[str], int]
 
 
 class _SizesDiffer(Exception):
-    """Images ``args`` (two rows of the catalog) differ in size."""
+    """Two images differ in size: ``args`` are (row of the catalog, (H, W)) of each."""
 
 
 def _decode_chunk(job: _Job) -> tuple[int, np.ndarray]:
@@ -138,11 +133,10 @@ def _decode_chunk(job: _Job) -> tuple[int, np.ndarray]:
     the first that cannot be read or decoded, :class:`_SizesDiffer` for the first unlike the chunk's first."""
     start, sources, names, image_size = job
     arrays: list[np.ndarray] = []
-    with _pil_bomb_check_off():
-        for k, (src, name) in enumerate(zip(sources, names, strict=True)):
-            arrays.append(_decode(read_file(src, name), image_size, name))
-            if arrays[-1].shape != arrays[0].shape:
-                raise _SizesDiffer(start, start + k)
+    for k, (src, name) in enumerate(zip(sources, names, strict=True)):
+        arrays.append(decode_image(read_file(src, name), image_size, name))
+        if arrays[-1].shape != arrays[0].shape:
+            raise _SizesDiffer((start, arrays[0].shape[:2]), (start + k, arrays[-1].shape[:2]))
     return start, np.stack(arrays).transpose(0, 3, 1, 2)
 
 
@@ -171,17 +165,14 @@ def decode_catalog(catalog: Catalog, image_size: int, progress: bool) -> torch.T
             for start, arr in results:
                 if out is None:
                     out = np.empty((n, 3, *arr.shape[2:]), dtype=np.uint8)
+                    first = start  # the chunk whose image size every other must have
                 elif arr.shape[2:] != out.shape[2:]:
-                    raise _SizesDiffer(0, start)
+                    raise _SizesDiffer((first, out.shape[2:]), (start, arr.shape[2:]))
                 out[start: start + len(arr)] = arr
                 bar.update(len(arr))
     except _SizesDiffer as e:
-        sizes = []
-        for i in e.args:
-            h, w, _ = decode_image(catalog.records[i].read()).shape
-            sizes.append(f"{catalog.root}{catalog.records[i].name} is {w}x{h}")
-        raise DataError(f"images differ in size ({', '.join(sizes)}); pass --image-size N to resize them all to "
-                        f"N x N") from None
+        sizes = ", ".join(f"{catalog.root}{records[i].name} is {w}x{h}" for i, (h, w) in e.args)
+        raise DataError(f"images differ in size ({sizes}); pass --image-size N to resize them all to N x N") from None
     finally:
         if pool is not None:
             pool.terminate()

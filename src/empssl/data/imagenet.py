@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import DataError
-from .layouts import Catalog, _catalog, _check_same_classes, _read_text, _scan_classes, _Split
+from .layouts import Catalog, _catalog, _read_text, _scan_classes, _Split
 from .sources import MAX_FILE_BYTES, Tree, _members, is_image, read_file, walk_folder
 
 IMAGENET_SPECS = ("imagenet100", "imagenet")
@@ -44,7 +44,7 @@ GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 LOC_SOLUTION = "LOC_val_solution.csv"
 # "<wnid> <words>" per line: Kaggle's file, and the same format as Caffe's synset_words.txt
 SYNSET_NAMES = ("LOC_synset_mapping.txt", "synset_words.txt")
-_VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})\.[A-Za-z]+")
+_VAL_NAME = re.compile(r"ILSVRC2012_val_\d{8}\.[A-Za-z]+")
 
 
 def imagenet100_classes() -> list[str]:
@@ -104,8 +104,7 @@ class ImageNetSpec:
             val = _label_flat_val(tree, base, self.path, loose, train.classes, self.variant == "imagenet100")
         else:
             val = _scan_classes(tree, prefix, "val/")
-        _check_same_classes(train, val, "val", self.shown)
-        return _catalog(tree, str(self.path), base, [("train", train), ("val", val)])
+        return _catalog(tree, self.shown, base, [("train", train), ("val", val)], str(self.path))
 
     def _wanted(self, folder: Path, shown: str) -> list[str]:
         """The class folders of ``folder`` this spec reads; DataError naming the selected ones that are missing."""
@@ -168,29 +167,24 @@ def _label_flat_val(tree: Tree, base: str, path: Path, loose: list[str], classes
     """Flat val/ images labelled by their ground truth. ``select`` (ImageNet-100): keep those of ``classes``, and
     give val/ the selected classes it has images of; else keep them all, and give val/ every class its ground truth
     names, so that a class without a train/ folder is a mismatch."""
-    prefix = f"{base}val/"
     solution = next((top + LOC_SOLUTION for top in _tops(base) if top + LOC_SOLUTION in tree.meta), None)
     if solution is not None:
         truth, source = _loc_solution(_read_text(tree, solution, path), f"{solution} in {path}"), solution
-        key_of = {name: Path(name).stem for name in loose}
     else:
         gt_text, meta, source = _devkit_files(tree, path) or (None, b"", "")
         if gt_text is None:  # no devkit, or a meta.mat without the ground truth
             raise DataError(f"val/ of {path} is flat (val/*.JPEG) but has no ground truth: put {LOC_SOLUTION}, "
                             f"{DEVKIT}/ or {DEVKIT}.tar.gz in {path}, or sort val/ into val/<wnid>/ folders")
         truth = _ground_truth(gt_text, _synsets(meta, f"{source} in {path}")[0], source)
-        key_of = {}
-        for name in loose:
-            m = _VAL_NUMBER.fullmatch(name[len(prefix):])
-            if m is None:
-                raise DataError(f"{name} in {path} is not named ILSVRC2012_val_<8 digits>.JPEG, so the devkit's "
-                                f"{GROUND_TRUTH} (one line per numbered file) cannot label it")
-            key_of[name] = m.group(1)
-    unlabelled = [name for name in loose if key_of[name] not in truth]
+        misnamed = [name for name in loose if not _VAL_NAME.fullmatch(Path(name).name)]
+        if misnamed:
+            raise DataError(f"{misnamed[0]} in {path} is not named ILSVRC2012_val_<8 digits>.JPEG, so the devkit's "
+                            f"{GROUND_TRUTH} (one line per numbered file) cannot label it")
+    unlabelled = [name for name in loose if Path(name).stem not in truth]
     if unlabelled:
         raise DataError(f"{len(unlabelled)} image(s) in val/ of {path} have no ground truth in {source} "
                         f"(e.g. {unlabelled[0][len(base):]})")
-    wnid = {name: truth[key_of[name]] for name in loose}
+    wnid = {name: truth[Path(name).stem] for name in loose}
     index = {c: i for i, c in enumerate(classes)}
     label_of: dict[str, int | None] = {name: index[wnid[name]] for name in loose if wnid[name] in index}
     return _Split(label_of, sorted({wnid[name] for name in (label_of if select else loose)}))
@@ -259,13 +253,13 @@ def _synsets(meta: bytes, shown: str) -> tuple[dict[int, str], dict[str, str]]:
 
 
 def _ground_truth(text: str, wnid_of: dict[int, str], shown: str) -> dict[str, str]:
-    """ILSVRC2012_validation_ground_truth.txt: 8-digit file number -> wnid."""
+    """ILSVRC2012_validation_ground_truth.txt: the stem of the file it numbers (ILSVRC2012_val_<8 digits>) -> wnid."""
     truth: dict[str, str] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            truth[f"{lineno:08d}"] = wnid_of[int(line)]
+            truth[f"ILSVRC2012_val_{lineno:08d}"] = wnid_of[int(line)]
         except (ValueError, KeyError):
             raise DataError(f"{shown} line {lineno}: expected an ILSVRC2012_ID of meta.mat's 1,000 classes, got "
                             f"{line.strip()[:40]!r}") from None

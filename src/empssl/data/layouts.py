@@ -5,7 +5,6 @@ tier decodes a catalog whole (:func:`empssl.data.load_images`); a streamed tier 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,10 +76,7 @@ def catalog_tree(tree: Tree, shown: str, unwrap_any: bool, train_test: bool = Fa
     if tiny:
         return _catalog(tree, shown, root, list(zip(found, _scan_tiny_imagenet(tree, root, shown))))
     if "train" in found:
-        splits = [(s, _scan_classes(tree, f"{root}{s}/", f"{s}/")) for s in found]
-        for name, split in splits[1:]:
-            _check_same_classes(splits[0][1], split, name, shown)
-        return _catalog(tree, shown, root, splits)
+        return _catalog(tree, shown, root, [(s, _scan_classes(tree, f"{root}{s}/", f"{s}/")) for s in found])
     if unwrap_any and len(top) == 1 and not any("/" not in f for f in tree.files):
         root = top[0] + "/"
     below = sorted(f for f in tree.files if f.startswith(root))
@@ -91,13 +87,20 @@ def catalog_tree(tree: Tree, shown: str, unwrap_any: bool, train_test: bool = Fa
     return _catalog(tree, shown, root, [("", _scan_classes(tree, root, ""))])
 
 
-def _catalog(tree: Tree, shown: str, root: str, splits: list[tuple[str, _Split]]) -> Catalog:
+def _catalog(tree: Tree, shown: str, root: str, splits: list[tuple[str, _Split]], source: str = "") -> Catalog:
     """The catalog of ``splits`` in that order, each grouped by class and sorted by name within, with the first
-    one's classes; names drop ``root``."""
+    one's classes, which every split must have; names drop ``root``; ``source`` as :attr:`Catalog.source` names
+    the data when not ``shown``."""
     first = splits[0][1]
+    for other_name, other in splits[1:]:
+        if other.classes != first.classes:
+            only_train = sorted(set(first.classes) - set(other.classes))
+            only_other = sorted(set(other.classes) - set(first.classes))
+            raise DataError(f"train/ and {other_name}/ of {shown} have different classes: only in train: "
+                            f"{', '.join(only_train) or '-'}; only in {other_name}: {', '.join(only_other) or '-'}")
     records = [ImageRecord(name[len(root):], label, tree.files[name]) for _, s in splits
                for name, label in sorted(s.labels.items(), key=lambda item: (item[1] or 0, item[0]))]
-    return Catalog(shown, root, records, first.classes or None, first.class_names,
+    return Catalog(source or shown, root, records, first.classes or None, first.class_names,
                    [(name, len(s.labels)) for name, s in splits], list(tree.skipped))
 
 
@@ -108,14 +111,6 @@ def held_out_split(splits: Collection[str], shown: str) -> str:
         missing = "train/" if "train" not in splits else "test/ or val/"
         raise DataError(f"no {missing} folder in {shown} (expected train/ and test/, each <class>/<images>)")
     return "test" if "test" in splits else "val"
-
-
-def _check_same_classes(train: _Split, other: _Split, other_name: str, shown: str) -> None:
-    if train.classes != other.classes:
-        only_train = sorted(set(train.classes) - set(other.classes))
-        only_other = sorted(set(other.classes) - set(train.classes))
-        raise DataError(f"train/ and {other_name}/ of {shown} have different classes: only in train: "
-                        f"{', '.join(only_train) or '-'}; only in {other_name}: {', '.join(only_other) or '-'}")
 
 
 def _scan_classes(tree: Tree, prefix: str, shown_prefix: str) -> _Split:
@@ -130,10 +125,9 @@ def _scan_classes(tree: Tree, prefix: str, shown_prefix: str) -> _Split:
         rest = name[len(prefix):].split("/", 1)
         if name.startswith(prefix) and len(rest) == 2:  # images directly in split/ belong to no class
             label_of[name] = index[rest[0]]
-    counts = Counter(label_of.values())
-    for label, c in enumerate(classes):
-        if not counts[label]:
-            raise DataError(f"{shown_prefix}{c}/ has no images")
+    empty = sorted(set(range(len(classes))) - set(label_of.values()))
+    if empty:
+        raise DataError(f"{shown_prefix}{classes[empty[0]]}/ has no images")
     return _Split(label_of, classes)
 
 
@@ -165,10 +159,7 @@ def _scan_tiny_imagenet(tree: Tree, root: str, shown: str) -> tuple[_Split, _Spl
     prefix, annotations = root + "val/images/", root + "val/val_annotations.txt"
     loose = sorted(name for name in tree.files if name.startswith(prefix) and "/" not in name[len(prefix):])
     if not loose:  # val/ rearranged into class folders by the user
-        val = _scan_classes(tree, f"{root}val/", "val/")
-        _check_same_classes(train, val, "val", shown)
-        val.class_names = train.class_names
-        return train, val
+        return train, _scan_classes(tree, f"{root}val/", "val/")
     if annotations not in tree.meta:
         raise DataError(f"{shown} has val/images/ but no val/val_annotations.txt, which labels those images")
     index = {c: i for i, c in enumerate(classes)}
@@ -192,7 +183,7 @@ def _scan_tiny_imagenet(tree: Tree, root: str, shown: str) -> tuple[_Split, _Spl
     if unlabelled:
         raise DataError(f"{len(unlabelled)} image(s) in val/images/ of {shown} have no line in "
                         f"val/val_annotations.txt (e.g. {unlabelled[0][len(root):]})")
-    return train, _Split({name: label_of[name] for name in loose}, classes, train.class_names)
+    return train, _Split({name: label_of[name] for name in loose}, classes)
 
 
 def load_torchvision(name: str, data_dir: str, image_size: int) -> tuple[ImageData, ImageData]:

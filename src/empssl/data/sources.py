@@ -97,18 +97,15 @@ def walk_folder(root: Path, tree: Tree | None = None, at: str = "") -> Tree:
         prefix = "" if rel == "." else rel + "/"
         tree.dirs.update(at + prefix + d for d in dirnames)
         for name in filenames:
-            if is_hidden(name):
-                continue
-            into = tree.files if is_image(name) else tree.meta if name in META_FILES else None
-            if into is None:
+            if is_hidden(name) or not (is_image(name) or name in META_FILES):
                 continue
             path, key = os.path.join(dirpath, name), at + prefix + name
             try:
                 st = os.stat(path)  # follows symlinks: a link to a regular file counts as one
+                regular = stat.S_ISREG(st.st_mode)
             except OSError:  # a symlink that leads nowhere (or the file vanished)
-                tree.skipped.append(key)
-                continue
-            if not stat.S_ISREG(st.st_mode):
+                regular = False
+            if not regular:
                 tree.skipped.append(key)
                 continue
             if not os.access(path, os.R_OK):
@@ -116,7 +113,7 @@ def walk_folder(root: Path, tree: Tree | None = None, at: str = "") -> Tree:
                                 f"(make it readable, or move it out of the folder)")
             if st.st_size > MAX_FILE_BYTES:
                 raise _too_big(f"{prefix + name} in {root}", st.st_size)
-            into[key] = path
+            (tree.files if is_image(name) else tree.meta)[key] = path
             tree.stamps[key] = (st.st_size, st.st_mtime_ns)
     return tree
 
@@ -129,13 +126,12 @@ def read_archive(archive: Path) -> Tree:
     are refused, from the members' headers, once they pass half the memory available: extract a larger archive.
     """
     tree = Tree(set(), {})
-    budget = memory_available()
-    budget = None if budget is None else budget // 2
+    available = memory_available()
     held = 0
     try:
         for name, kind, size, read in _members(archive):
             name = name.replace("\\", "/")
-            parts = [p for p in PurePosixPath(name).parts if p not in ("", ".")]
+            parts = list(PurePosixPath(name).parts)  # "." and empty parts dropped
             if name.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
                 raise DataError(f"archive {archive} has a member outside its root: {name!r}")
             if not parts or any(is_hidden(p) for p in parts):
@@ -154,9 +150,9 @@ def read_archive(archive: Path) -> Tree:
             if size > MAX_FILE_BYTES:  # refused by its header, before a byte of it is unpacked
                 raise _too_big(f"member {path} of {archive}", size)
             held += size
-            if budget is not None and held > budget:  # many members, each under the cap
+            if available is not None and 2 * held > available:  # many members, each under the cap
                 raise DataError(f"archive {archive} holds more than {held / 2**20:,.0f} MiB of image files, over "
-                                f"half the memory available ({2 * budget / 2**20:,.0f} MiB); extract it and pass "
+                                f"half the memory available ({available / 2**20:,.0f} MiB); extract it and pass "
                                 f"the folder, whose files are read one at a time")
             data = read()
             if len(data) > MAX_FILE_BYTES:  # the header lied
