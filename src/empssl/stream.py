@@ -271,7 +271,8 @@ class StreamedSplit:
 def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[ImageData, ImageData]],
                 log: Callable[[str], None] = print
                 ) -> tuple[ImageData | StreamedSplit, ImageData | StreamedSplit, StreamedSplit | None]:
-    """(train, test, the training split when streamed, else None) of ``cfg.data`` for training: :func:`eval_splits`."""
+    """(train, test, the training split when streamed, else None) of ``cfg.data`` for training: :func:`eval_splits`;
+    ConfigError, before any data is read, for ``--decode cuda`` on a run without a GPU."""
     if cfg.decode == "cuda" and (cfg.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("--decode cuda decodes on the training GPU; this run has none (use --decode cpu or auto)")
     train, test = eval_splits(cfg, progress, in_memory, log)
@@ -416,9 +417,7 @@ def _described(record: dict[str, Any]) -> str:
 
 
 def resolve_decode(decode: str, device: torch.device) -> str:
-    """``--decode`` for this device: cpu or cuda."""
-    if decode == "cuda" and device.type != "cuda":
-        raise ConfigError(f"--decode cuda decodes on the training GPU, but training runs on {device}")
+    """``--decode`` for this device: cpu or cuda (:func:`load_splits` refused cuda without a GPU)."""
     return decode if decode != "auto" else ("cuda" if device.type == "cuda" else "cpu")
 
 
