@@ -86,23 +86,21 @@ class StepBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
 
-    def _slices(self) -> Iterator[tuple[torch.Tensor, int]]:
-        """(that epoch's CPU permutation, start of this rank's slice in it) for every step."""
-        perm, perm_epoch = torch.empty(0, dtype=torch.long), -1
-        for step in range(self.step, self.total):
+    def _rows(self) -> Iterator[torch.Tensor]:
+        """This rank's (b,) rows of ``images`` for every step, on their device: the epoch's permutation is copied
+        there once, from pinned memory so that the copy does not wait for the GPU to drain its queue."""
+        first, device = self.step, self.images.device
+        for step in range(first, self.total):
             epoch, pos = divmod(step, self.steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = epoch_permutation(self.n, self.seed, epoch), epoch
-            yield perm, pos * self.batch_size + self.rank * self.b
+            if step == first or pos == 0:
+                perm = epoch_permutation(self.n, self.seed, epoch)
+                perm = (perm.pin_memory() if device.type == "cuda" else perm).to(device, non_blocking=True)
+            start = pos * self.batch_size + self.rank * self.b
+            yield perm[start:start + self.b]
 
     def _resident(self) -> Generator[torch.Tensor, None, None]:
-        perm_dev, last = torch.empty(0, dtype=torch.long), None
-        for perm, start in self._slices():
-            if perm is not last:  # once per epoch: the only host-to-device copy of indices, from pinned memory
-                # so that it does not wait for the GPU to drain its queue
-                src = perm.pin_memory() if self.images.device.type == "cuda" else perm
-                perm_dev, last = src.to(self.images.device, non_blocking=True), perm
-            yield self.images.index_select(0, perm_dev[start:start + self.b]).to(self.device, non_blocking=True)
+        for rows in self._rows():
+            yield self.images.index_select(0, rows).to(self.device, non_blocking=True)
 
     def _gathered(self, rows: torch.Tensor) -> torch.Tensor:
         out = torch.empty((self.b, *self.images.shape[1:]), dtype=self.images.dtype,
@@ -111,7 +109,7 @@ class StepBatches:
 
     def _streamed(self) -> Generator[torch.Tensor, None, None]:
         with ThreadPoolExecutor(1, thread_name_prefix="empssl-batches") as thread:
-            gathering = (thread.submit(self._gathered, perm[start:start + self.b]) for perm, start in self._slices())
+            gathering = (thread.submit(self._gathered, rows) for rows in self._rows())
             ahead = deque(itertools.islice(gathering, self.prefetch + 1))  # the batch handed out next, and more
             while ahead:
                 ahead.extend(itertools.islice(gathering, 1))
