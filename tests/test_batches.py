@@ -60,9 +60,9 @@ def test_leaving_early_stops_the_thread(images):
                      prefetch=2)
     it = iter(sb)
     next(it)
-    assert any(t.name == "empssl-batches" for t in threading.enumerate())
+    assert any(t.name == "empssl-batches_0" for t in threading.enumerate())
     sb.close()
-    assert not any(t.name == "empssl-batches" and t.is_alive() for t in threading.enumerate())
+    assert not any(t.name == "empssl-batches_0" and t.is_alive() for t in threading.enumerate())
 
 
 def test_errors_in_the_thread_reach_the_loop(images, monkeypatch):

@@ -11,11 +11,10 @@ has finished). A user's own iterable of batches is :class:`IterableBatches`.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import queue
-import threading
+from collections import deque
 from collections.abc import Generator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
@@ -66,9 +65,8 @@ class StepBatches:
             raise ValueError(f"batch size {batch_size} must be <= {self.n} images and divisible by {world} ranks")
         self.step, self.total, self.rank, self.b = start_step, total_steps, rank, batch_size // world
         self.stream = not _same_device(images.device, self.device) if stream is None else stream
-        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.prefetch = prefetch
+        self._batches: Generator[torch.Tensor, None, None] | None = None
 
     def __enter__(self) -> StepBatches:
         return self
@@ -77,7 +75,8 @@ class StepBatches:
         self.close()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for batch in self._streamed() if self.stream else self._resident():
+        self._batches = self._streamed() if self.stream else self._resident()
+        for batch in self._batches:
             self.step += 1
             yield batch
 
@@ -87,56 +86,39 @@ class StepBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
 
-    def _slices(self) -> Iterator[tuple[torch.Tensor, int]]:
-        """(that epoch's CPU permutation, start of this rank's slice in it) for every step."""
-        perm, perm_epoch = torch.empty(0, dtype=torch.long), -1
-        for step in range(self.step, self.total):
+    def _rows(self) -> Iterator[torch.Tensor]:
+        """This rank's (b,) rows of ``images`` for every step, on their device: the epoch's permutation is copied
+        there once, from pinned memory so that the copy does not wait for the GPU to drain its queue."""
+        first, device = self.step, self.images.device
+        for step in range(first, self.total):
             epoch, pos = divmod(step, self.steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = epoch_permutation(self.n, self.seed, epoch), epoch
-            yield perm, pos * self.batch_size + self.rank * self.b
+            if step == first or pos == 0:
+                perm = epoch_permutation(self.n, self.seed, epoch)
+                perm = (perm.pin_memory() if device.type == "cuda" else perm).to(device, non_blocking=True)
+            start = pos * self.batch_size + self.rank * self.b
+            yield perm[start:start + self.b]
 
-    def _resident(self) -> Iterator[torch.Tensor]:
-        perm_dev, last = torch.empty(0, dtype=torch.long), None
-        for perm, start in self._slices():
-            if perm is not last:  # once per epoch: the only host-to-device copy of indices, from pinned memory
-                # so that it does not wait for the GPU to drain its queue
-                src = perm.pin_memory() if self.images.device.type == "cuda" else perm
-                perm_dev, last = src.to(self.images.device, non_blocking=True), perm
-            yield self.images.index_select(0, perm_dev[start:start + self.b]).to(self.device, non_blocking=True)
+    def _resident(self) -> Generator[torch.Tensor, None, None]:
+        for rows in self._rows():
+            yield self.images.index_select(0, rows).to(self.device, non_blocking=True)
 
-    def _produce(self) -> None:
-        pin = self.device.type == "cuda"
-        try:
-            for perm, start in self._slices():
-                out = torch.empty((self.b, *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=pin)
-                torch.index_select(self.images, 0, perm[start:start + self.b], out=out)
-                if self._stop.is_set():
-                    return
-                self._queue.put(out)  # (close() empties a full queue while it waits for this thread)
-            self._queue.put(None)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            self._queue.put(e)
+    def _gathered(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((self.b, *self.images.shape[1:]), dtype=self.images.dtype,
+                          pin_memory=self.device.type == "cuda")
+        return torch.index_select(self.images, 0, rows, out=out)
 
-    def _streamed(self) -> Iterator[torch.Tensor]:
-        self._thread = threading.Thread(target=self._produce, name="empssl-batches", daemon=True)
-        self._thread.start()
-        try:
-            while (item := self._queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item.to(self.device, non_blocking=True)
-        finally:
-            self.close()
+    def _streamed(self) -> Generator[torch.Tensor, None, None]:
+        with ThreadPoolExecutor(1, thread_name_prefix="empssl-batches") as thread:
+            gathering = (thread.submit(self._gathered, rows) for rows in self._rows())
+            ahead = deque(itertools.islice(gathering, self.prefetch + 1))  # the batch handed out next, and more
+            while ahead:
+                ahead.extend(itertools.islice(gathering, 1))
+                yield ahead.popleft().result().to(self.device, non_blocking=True)
 
     def close(self) -> None:
         """Stop the background thread (if any) and wait for it."""
-        self._stop.set()
-        while self._thread is not None and self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):  # unblock a producer waiting on a full queue
-                self._queue.get_nowait()
-            self._thread.join(timeout=0.05)
-        self._thread = None
+        if self._batches is not None:
+            self._batches.close()
 
 
 class IterableBatches:

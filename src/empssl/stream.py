@@ -88,14 +88,13 @@ class ShardItems:
         self.folder, self.count, self._labels, self.shards = folder, count, labels, shards or []
         self.options, self.keys = options or {}, keys or ItemKeys()
         self.cache_dir: str | None = self.options.get("cache_dir")
-        self._ds: Any = None  # opened in the process that reads (a forked one opens its own)
-        self._pid = 0
+        self._pid = 0  # LitData's dataset is opened in the process that reads (a forked one opens its own)
 
     def __len__(self) -> int:
         return self.count
 
     def item(self, i: int) -> tuple[Any, int, str]:
-        if self._ds is None or self._pid != os.getpid():  # a forked worker must not share its parent's connections
+        if self._pid != os.getpid():  # a forked worker must not share its parent's connections
             self._ds, self._pid = self.dataset(), os.getpid()
         return read_item(self._ds[i], self.keys, i)
 
@@ -271,7 +270,8 @@ class StreamedSplit:
 def load_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[ImageData, ImageData]],
                 log: Callable[[str], None] = print
                 ) -> tuple[ImageData | StreamedSplit, ImageData | StreamedSplit, StreamedSplit | None]:
-    """(train, test, the training split when streamed, else None) of ``cfg.data`` for training: :func:`eval_splits`."""
+    """(train, test, the training split when streamed, else None) of ``cfg.data`` for training: :func:`eval_splits`;
+    ConfigError, before any data is read, for ``--decode cuda`` on a run without a GPU."""
     if cfg.decode == "cuda" and (cfg.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("--decode cuda decodes on the training GPU; this run has none (use --decode cpu or auto)")
     train, test = eval_splits(cfg, progress, in_memory, log)
@@ -283,11 +283,9 @@ def eval_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[Image
                 ) -> tuple[ImageData, ImageData] | tuple[StreamedSplit, StreamedSplit]:
     """(train, test) of ``cfg.data`` after ``--train-subset`` / ``--test-subset``, by ``--data-mode``: both in
     memory (what ``in_memory()`` loads, or shards that fit, decoded whole), or both streamed."""
-    shards, mode = is_shards(cfg.data), cfg.data_mode
-    if not shards:
-        loaded = memory_first(mode, in_memory, log)
-        if loaded is not None:
-            return loaded
+    shards = is_shards(cfg.data)
+    if not shards and (loaded := memory_first(cfg.data_mode, in_memory, log)) is not None:
+        return loaded
     refuse_arrays(cfg.data)
     train_items: Items
     test_items: Items
@@ -302,19 +300,18 @@ def eval_splits(cfg: Config, progress: bool, in_memory: Callable[[], tuple[Image
         train_items, test_items = CatalogItems(blocks["train"]), CatalogItems(blocks[held])
         classes, source = list(catalog.classes), catalog.source
     # a folder or archive here is streamed (forced, or too big for the in-memory tier)
-    mode = choose_tier(mode if shards else "stream", len(train_items) + len(test_items), cfg.image_size, source, log)
-    labels = train_items.labels()
-    test_labels = test_items.labels()
-    for split, lab in (("train", labels), (held, test_labels)):
-        if len(lab) and not 0 <= int(lab.min()) <= int(lab.max()) < len(classes):
-            raise DataError(f"{source}: {split} labels run outside its {len(classes)} classes")
-    rows = balanced_indices(labels, len(classes), cfg.train_subset) if cfg.train_subset else torch.arange(len(labels))
-    test_rows = balanced_indices(test_labels, len(classes), cfg.test_subset or len(test_labels))
-    train = StreamedSplit(train_items, rows, labels[rows], classes, cfg.image_size, source)
-    test = StreamedSplit(test_items, test_rows, test_labels[test_rows], classes, cfg.image_size, source, held)
+    mode = choose_tier(cfg.data_mode if shards else "stream", len(train_items) + len(test_items), cfg.image_size,
+                       source, log)
+    splits = []
+    for name, items, n in (("train", train_items, cfg.train_subset), (held, test_items, cfg.test_subset)):
+        labels = items.labels()
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
+            raise DataError(f"{source}: {name} labels run outside its {len(classes)} classes")
+        rows = balanced_indices(labels, len(classes), n) if n else torch.arange(len(labels))
+        splits.append(StreamedSplit(items, rows, labels[rows], classes, cfg.image_size, source, name))
     if mode == "memory":  # shards that fit: the in-memory tier
-        return train.decoded(progress), test.decoded(progress)
-    return train, test
+        return splits[0].decoded(progress), splits[1].decoded(progress)
+    return splits[0], splits[1]
 
 
 def memory_first(mode: str, load: Callable[[], T], log: Callable[[str], None]) -> T | None:
@@ -416,9 +413,7 @@ def _described(record: dict[str, Any]) -> str:
 
 
 def resolve_decode(decode: str, device: torch.device) -> str:
-    """``--decode`` for this device: cpu or cuda."""
-    if decode == "cuda" and device.type != "cuda":
-        raise ConfigError(f"--decode cuda decodes on the training GPU, but training runs on {device}")
+    """``--decode`` for this device: cpu or cuda (:func:`load_splits` refused cuda without a GPU)."""
     return decode if decode != "auto" else ("cuda" if device.type == "cuda" else "cpu")
 
 
