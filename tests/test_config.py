@@ -197,6 +197,7 @@ def test_every_method_preset_names_its_method():
     (dict(eps=math.inf), "--eps must be a finite number, got inf"),
     (dict(method="byol", tau_base="high"), "--tau-base must be a finite number, got 'high'"),
     (dict(method=3), "--method must be a string, got 3"),
+    (dict(method={}, tau_base=0.9), "--method must be a string, got {}"),
 ])
 def test_every_value_is_checked_once_with_one_message_style(given, needle):
     with pytest.raises(ConfigError) as e:

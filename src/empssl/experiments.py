@@ -126,8 +126,6 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = N
     model, cfg, ckpt, train, test, device = load_for_eval(checkpoint, overrides or {}, progress=progress, log=log)
     # by default 1, 4, 16, 64 ... below the run's own bag size, and that size
     counts = sorted(set(counts or [4**i for i in range(16) if 4**i < cfg.test_patches] + [cfg.test_patches]))
-    if counts[0] < 1:
-        raise ConfigError(f"--counts must list numbers >= 1, got {counts}")
     if eval_protocol(cfg)[0] != "patches":
         raise ConfigError(f"the test-patch ablation averages patches, but {cfg.method} is evaluated on the whole "
                           f"image; add --eval-view patches")

@@ -80,13 +80,19 @@ def method_names() -> tuple[str, ...]:
     return tuple(sorted(order, key=lambda n: (order[n], n)))
 
 
+def _declared(name: str) -> Declared | None:
+    """What the package's method ``name`` declares (None for any other method)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"--method must be a string, got {name!r}")
+    return _package_methods().get(name)
+
+
 def method_class(name: str) -> type[Any]:
     """The class registered as ``name`` (importing the package's module of it on first use); typed as a method by
     :func:`empssl.methods.method_class`."""
-    if not isinstance(name, str):
-        raise ConfigError(f"--method must be a string, got {name!r}")
-    if name not in _REGISTERED and name in _package_methods():
-        importlib.import_module(f"{_PACKAGE}.methods.{_package_methods()[name].module}")
+    declared = _declared(name)
+    if name not in _REGISTERED and declared:
+        importlib.import_module(f"{_PACKAGE}.methods.{declared.module}")
     if name not in _REGISTERED:
         raise ConfigError(f"unknown --method {name!r}; choose from {', '.join(method_names())}")
     return _REGISTERED[name]
@@ -99,18 +105,21 @@ def settings_owners(key: str) -> list[str]:
 
 def setting_names(name: str) -> tuple[str, ...]:
     """The names of the settings that method ``name`` declares (imports none of the package's modules)."""
-    if name in _package_methods():
-        return _package_methods()[name].setting_names
+    declared = _declared(name)
+    if declared:
+        return declared.setting_names
     return tuple(f.name for f in dataclasses.fields(method_class(name).Settings))
 
 
 def method_preset(name: str) -> str | None:
     """The preset method ``name``'s runs start from without --preset (``simclr-cifar10`` ...); None for one whose
     recipe is the Config defaults (EMP-SSL). Imports none of the package's modules."""
-    return _package_methods()[name].preset if name in _package_methods() else method_class(name).preset
+    declared = _declared(name)
+    return declared.preset if declared else method_class(name).preset
 
 
 def settings_source(name: str) -> str:
     """The class statement of the settings class that the package's method ``name`` declares, read without
     importing it; "" for a method outside the package or one without settings of its own."""
-    return _package_methods()[name].settings if name in _package_methods() else ""
+    declared = _declared(name)
+    return declared.settings if declared else ""
