@@ -101,7 +101,7 @@ def test_every_setting_declares_its_help_group_and_a_valid_default():
 
 def test_settings_read_from_the_source_declare_what_the_imported_classes_do(monkeypatch):
     """The command line's flags come from the settings class statements read from the method modules' source
-    (empssl.registry.settings_source): the same fields, defaults, help, rules and types as the imported classes."""
+    (empssl.registry.declared): the same fields, defaults, help, rules and types as the imported classes."""
     from empssl import config, registry
 
     def described(cls):
@@ -120,8 +120,9 @@ def test_presets_and_setting_names_read_from_the_source_are_the_classes_own():
 
     for name in method_names():
         cls = method_class(name)
-        assert registry.method_preset(name) == method_preset(name) == cls.preset
-        assert registry.setting_names(name) == tuple(f.name for f in dataclasses.fields(cls.Settings))
+        source = registry.declared(name)
+        assert source.preset == method_preset(name) == cls.preset
+        assert source.setting_names == tuple(f.name for f in dataclasses.fields(cls.Settings))
 
 
 def test_method_settings_and_recipes_need_no_torch():

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import registry
 from .errors import ConfigError as ConfigError  # raised here and by the registry; importable from here as before
-from .registry import method_preset as method_preset  # read from the method's source, importable from here
 
 # The architecture names, declared here so that validating a config imports neither torch nor the models;
 # empssl.models.ARCHS has an implementation of each (a test checks that both agree). Method names come from
@@ -320,10 +319,12 @@ class MethodSettings:
 
 def declared_settings_class(method: str) -> type[MethodSettings]:
     """The settings class ``method`` declares; for the package's methods, without importing torch: their settings
-    class statement read from the source (:func:`empssl.registry.settings_source`), run alone. Validating a config
-    and the command line's flags use it."""
-    source = registry.settings_source(method)
-    return _settings_class(source, method) if source else registry.method_class(method).Settings
+    class statement read from the source (:func:`empssl.registry.declared`), run alone. Validating a config and the
+    command line's flags use it."""
+    source = registry.declared(method)
+    if source and source.settings:
+        return _settings_class(source.settings, method)
+    return registry.method_class(method).Settings
 
 
 @functools.cache
@@ -338,8 +339,8 @@ def _settings_class(source: str, method: str) -> type[MethodSettings]:
 def settings_for(method: str, d: Mapping[str, Any]) -> dict[str, Any]:
     """``d`` without the settings that only other methods declare: what settings given to several methods alike
     (``empssl compare``) mean for ``method``."""
-    own = registry.setting_names(method)
-    return {k: v for k, v in d.items() if k in own or not registry.settings_owners(k)}
+    owners = {k: registry.settings_owners(k) for k in d}
+    return {k: v for k, v in d.items() if not owners[k] or method in owners[k]}
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field[Any]]:
@@ -395,6 +396,13 @@ def check_fields(obj: Any) -> None:
             bound = meta.get(key)
             if bound is not None and broken(value, bound):
                 raise ConfigError(f"{flag(f.name)} must be {sign} {bound:g}{meta['why']}, got {value:g}")
+
+
+def method_preset(method: str) -> str | None:
+    """The preset a method's runs start from without --preset (``simclr-cifar10`` ...); None for EMP-SSL, whose
+    recipe is the defaults. Read from the source for the package's methods."""
+    source = registry.declared(method)
+    return source.preset if source else registry.method_class(method).preset
 
 
 def method_recipe(method: str) -> dict[str, Any]:

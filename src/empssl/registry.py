@@ -80,8 +80,8 @@ def method_names() -> tuple[str, ...]:
     return tuple(sorted(order, key=lambda n: (order[n], n)))
 
 
-def _declared(name: str) -> Declared | None:
-    """What the package's method ``name`` declares (None for any other method)."""
+def declared(name: str) -> Declared | None:
+    """What the package's method ``name`` declares, read from its source (None for any other method)."""
     if not isinstance(name, str):
         raise ConfigError(f"--method must be a string, got {name!r}")
     return _package_methods().get(name)
@@ -90,9 +90,9 @@ def _declared(name: str) -> Declared | None:
 def method_class(name: str) -> type[Any]:
     """The class registered as ``name`` (importing the package's module of it on first use); typed as a method by
     :func:`empssl.methods.method_class`."""
-    declared = _declared(name)
-    if name not in _REGISTERED and declared:
-        importlib.import_module(f"{_PACKAGE}.methods.{declared.module}")
+    source = declared(name)
+    if name not in _REGISTERED and source:
+        importlib.import_module(f"{_PACKAGE}.methods.{source.module}")
     if name not in _REGISTERED:
         raise ConfigError(f"unknown --method {name!r}; choose from {', '.join(method_names())}")
     return _REGISTERED[name]
@@ -100,26 +100,9 @@ def method_class(name: str) -> type[Any]:
 
 def settings_owners(key: str) -> list[str]:
     """The methods that declare a setting called ``key`` (the package's read from their source)."""
-    return [m for m in method_names() if key in setting_names(m)]
-
-
-def setting_names(name: str) -> tuple[str, ...]:
-    """The names of the settings that method ``name`` declares (imports none of the package's modules)."""
-    declared = _declared(name)
-    if declared:
-        return declared.setting_names
-    return tuple(f.name for f in dataclasses.fields(method_class(name).Settings))
-
-
-def method_preset(name: str) -> str | None:
-    """The preset method ``name``'s runs start from without --preset (``simclr-cifar10`` ...); None for one whose
-    recipe is the Config defaults (EMP-SSL). Imports none of the package's modules."""
-    declared = _declared(name)
-    return declared.preset if declared else method_class(name).preset
-
-
-def settings_source(name: str) -> str:
-    """The class statement of the settings class that the package's method ``name`` declares, read without
-    importing it; "" for a method outside the package or one without settings of its own."""
-    declared = _declared(name)
-    return declared.settings if declared else ""
+    owners = []
+    for m in method_names():
+        source = declared(m)
+        if key in (source.setting_names if source else {f.name for f in dataclasses.fields(method_class(m).Settings)}):
+            owners.append(m)
+    return owners
