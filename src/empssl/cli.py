@@ -297,12 +297,10 @@ def cmd_ablate_patches(args: argparse.Namespace) -> None:
 
 def cmd_ablate_test_patches(args: argparse.Namespace) -> None:
     from .experiments import ablate_test_patches
-    from .rundir import run_dir_of
 
-    out = Path(args.out or run_dir_of(args.checkpoint))
-    check_writable_dir(out)
-    ablate_test_patches(args.checkpoint, args.counts, _explicit(args), out_dir=out, progress=not args.no_progress)
-    print(f"results written to {out / 'test_patch_ablation.md'}")
+    md = ablate_test_patches(args.checkpoint, args.counts, _explicit(args), out_dir=args.out,
+                             progress=not args.no_progress)
+    print(f"results written to {md}")
 
 
 def cmd_tsne(args: argparse.Namespace) -> None:
@@ -435,14 +433,13 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        parser = build_parser()
         argv = sys.argv[1:] if argv is None else list(argv)
         usage = f"usage: empssl {{{','.join(COMMANDS)}}} [flags] (empssl COMMAND --help lists its flags)"
         if not argv:  # bare `empssl`: say how to use it
             raise ConfigError(f"no command given; {usage}")
         if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
             raise ConfigError(f"unrecognized option {argv[0]} before the command; {usage}")
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         if args.command != "shard" and "://" in str(getattr(args, "out", None)):  # a URL: empssl.remote decides
             from .remote import refuse_output
 
