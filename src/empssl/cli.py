@@ -415,7 +415,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "ablate-patches": cmd_ablate_p
             "embed": cmd_embed, "export": cmd_export, "report": cmd_report, "shard": cmd_shard}
 
 
-def user_errors() -> tuple[type[Exception], ...]:
+def _user_errors() -> tuple[type[Exception], ...]:
     """The errors that are a user's mistake or bad data, each answered in one line. Their modules load torch
     (seconds): imported once an error other than a ConfigError is raised, not before a flag's error is answered."""
     from .checkpoint import CheckpointError
@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"empssl: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if not isinstance(e, ConfigError) and not isinstance(e, user_errors()):
+        if not isinstance(e, ConfigError) and not isinstance(e, _user_errors()):
             raise
         print(f"empssl: error: {e}", file=sys.stderr)
         return 2
