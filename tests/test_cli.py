@@ -169,6 +169,26 @@ def test_help_and_flag_errors_do_not_import_torch():
     assert shown == ["train", "ablate-patches", "compare"]
 
 
+def test_a_bad_method_setting_is_answered_before_torch_loads(tmp_path):
+    """`empssl train --tau-base 2`: a method's setting out of bounds, or one of another method, is checked against
+    the declarations read from the methods' source, before torch loads (seconds); nothing is written."""
+    out = str(tmp_path / "run")
+    argvs = [["train", "--out", out, "--method", "byol", "--tau-base", "2"], ["train", "--out", out, "--tau-base", "1"],
+             ["ablate-patches", "--out", out, "--method", "simclr", "--temperature", "0"]]
+    code = ("import contextlib, io, json, sys\nfrom empssl.cli import main\nout = []\n"
+            f"for argv in {argvs!r}:\n"
+            "    with contextlib.redirect_stderr(io.StringIO()) as err:\n        status = main(argv)\n"
+            "    out.append([status, err.getvalue(), 'torch' in sys.modules])\n"
+            "print(json.dumps(out))")
+    got = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert [(status, err, torch_loaded) for status, err, torch_loaded in got] == [
+        (2, "empssl: error: --tau-base must be <= 1, got 2\n", False),
+        (2, "empssl: error: --tau-base is a setting of byol, not of --method emp-ssl\n", False),
+        (2, "empssl: error: --temperature must be > 0, got 0\n", False)]
+    assert not (tmp_path / "run").exists()
+
+
 def test_compare_takes_the_model_patch_and_optimisation_flags_of_train():
     compare, train = subcommand("compare"), subcommand("train")
     names = {a.dest for a in compare._actions}

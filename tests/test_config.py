@@ -101,7 +101,7 @@ def test_every_setting_declares_its_help_group_and_a_valid_default():
 
 def test_settings_read_from_the_source_declare_what_the_imported_classes_do(monkeypatch):
     """The command line's flags come from the settings class statements read from the method modules' source
-    (empssl.registry.settings_source): the same fields, defaults, help, rules and types as the imported classes."""
+    (empssl.registry.declared): the same fields, defaults, help, rules and types as the imported classes."""
     from empssl import config, registry
 
     def described(cls):
@@ -109,16 +109,35 @@ def test_settings_read_from_the_source_declare_what_the_imported_classes_do(monk
 
     imported = {name: method_class(name).Settings for name in method_names()}
     monkeypatch.setattr(registry, "_REGISTERED", {})  # as in a process that has imported no method module
-    for cached in (registry.settings_source, config.declared_settings_class):
-        cached.cache_clear()
-    try:
-        for name, cls in imported.items():
-            declared = config.declared_settings_class(name)
-            assert declared is not cls and issubclass(declared, MethodSettings)
-            assert described(declared) == described(cls), name
-    finally:
-        for cached in (registry.settings_source, config.declared_settings_class):
-            cached.cache_clear()
+    for name, cls in imported.items():
+        declared = config.declared_settings_class(name)
+        assert declared is not cls and issubclass(declared, MethodSettings)
+        assert described(declared) == described(cls), name
+
+
+def test_presets_and_setting_names_read_from_the_source_are_the_classes_own():
+    from empssl import registry
+
+    for name in method_names():
+        cls = method_class(name)
+        source = registry.declared(name)
+        assert source.preset == method_preset(name) == cls.preset
+        assert source.setting_names == tuple(f.name for f in dataclasses.fields(cls.Settings))
+
+
+def test_method_settings_and_recipes_need_no_torch():
+    """A method setting out of bounds (--tau-base 2), one of another method, a method's own recipe and what
+    `empssl compare` gives each method are all answered from the methods' source, before torch loads."""
+    code = ("import sys\nfrom empssl.config import Config, ConfigError, method_recipe, settings_for\n"
+            "for given in ({'method': 'byol', 'tau_base': 2}, {'tau_base': 2}):\n"
+            "    try:\n        Config.from_dict(given).validate()\n    except ConfigError as e:\n        print(e)\n"
+            "print(method_recipe('byol')['method'], Config(method='simclr').to_dict()['temperature'],\n"
+            "      sorted(settings_for('vicreg', {'temperature': 1, 'sim_weight': 2, 'lr': 3})))\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["--tau-base must be <= 1, got 2",
+                                "--tau-base is a setting of byol, not of --method emp-ssl",
+                                "byol 0.2 ['lr', 'sim_weight']", "False"]
 
 
 def test_method_settings_read_and_write_as_flat_keys():
@@ -179,6 +198,7 @@ def test_every_method_preset_names_its_method():
     (dict(eps=math.inf), "--eps must be a finite number, got inf"),
     (dict(method="byol", tau_base="high"), "--tau-base must be a finite number, got 'high'"),
     (dict(method=3), "--method must be a string, got 3"),
+    (dict(method={}, tau_base=0.9), "--method must be a string, got {}"),
 ])
 def test_every_value_is_checked_once_with_one_message_style(given, needle):
     with pytest.raises(ConfigError) as e:

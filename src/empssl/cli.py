@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -44,41 +44,31 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def parse_names(text: str) -> list[str]:
-    """``"simclr,byol"`` -> ["simclr", "byol"], each a known method."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names or not set(names) <= set(method_names()):
-        raise argparse.ArgumentTypeError(f"expected comma-separated methods from {','.join(method_names())}, got "
-                                         f"{text!r}")
-    return names
+def comma_separated(convert: Callable[[str], Any], expected: str,
+                    valid: Callable[[list[Any]], bool] = bool) -> Callable[[str], list[Any]]:
+    """An argparse type: ``"a,b"`` -> [convert("a"), convert("b")]; a list that is empty, that ``convert`` refuses
+    (ValueError) or that is not ``valid`` is argparse's one-line "expected comma-separated {expected}"."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [convert(t.strip()) for t in text.split(",") if t.strip()]
+        except ValueError:
+            values = []
+        if not values or not valid(values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {expected}, got {text!r}")
+        return values
+
+    return parse
 
 
-def parse_floats(text: str) -> tuple[float, ...]:
-    """``"0.01,0.1"`` -> (0.01, 0.1); argparse turns the error into a one-line message."""
-    try:
-        values = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        values = ()
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    return values
+parse_floats = comma_separated(float, "numbers")
+parse_counts = comma_separated(int, "numbers >= 1", lambda counts: min(counts) >= 1)  # their users sort them
 
 
 def parse_positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
-
-
-def parse_counts(text: str) -> list[int]:
-    """``"2,5,10"`` -> [2, 5, 10] (sorted, unique); argparse turns the error into a one-line message."""
-    try:
-        counts = sorted({int(t) for t in text.split(",") if t.strip()})
-    except ValueError:
-        counts = []
-    if not counts or counts[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 1, got {text!r}")
-    return counts
 
 
 class _Parser(argparse.ArgumentParser):
@@ -202,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "them. The settings flags apply to every method alike, on top of its own "
                                    "recipe. Resumable: run the same command again.")
     c.add_argument("--out", required=True, help="comparison folder (one run directory per method inside)")
-    c.add_argument("--methods", type=parse_names, default=list(method_names()),
+    names = comma_separated(str, f"methods from {','.join(method_names())}", lambda m: set(m) <= set(method_names()))
+    c.add_argument("--methods", type=names, default=list(method_names()),
                    help=f"comma-separated methods (default: {','.join(method_names())})")
     c.add_argument("--budget-seconds", type=float,
                    help="training wall time per method, in seconds (required unless --smoke)")
@@ -295,23 +286,21 @@ def _base_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_ablate_patches(args: argparse.Namespace) -> None:
-    from .experiments import ablate_patches
-
     explicit = {**_base_overrides(args), **_explicit(args)}
     explicit.pop("num_patches", None)
-    cfg = Config.from_dict(explicit).validate()
+    cfg = Config.from_dict(explicit).validate()  # before torch loads (seconds), as train's
+    from .experiments import ablate_patches
+
     ablate_patches(cfg, args.out, args.patches, explicit=explicit, progress=not args.no_progress)
     print(f"ablation written to {Path(args.out) / 'ablation.md'}")
 
 
 def cmd_ablate_test_patches(args: argparse.Namespace) -> None:
     from .experiments import ablate_test_patches
-    from .rundir import run_dir_of
 
-    out = Path(args.out or run_dir_of(args.checkpoint))
-    check_writable_dir(out)
-    ablate_test_patches(args.checkpoint, args.counts, _explicit(args), out_dir=out, progress=not args.no_progress)
-    print(f"results written to {out / 'test_patch_ablation.md'}")
+    md = ablate_test_patches(args.checkpoint, args.counts, _explicit(args), out_dir=args.out,
+                             progress=not args.no_progress)
+    print(f"results written to {md}")
 
 
 def cmd_tsne(args: argparse.Namespace) -> None:
@@ -368,14 +357,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    explicit = {**_base_overrides(args), **_explicit(args)}
+    given = Config.from_dict(explicit).validate()  # a flag's error answers before torch loads (seconds)
     from .distributed import env_dist
     from .online import train_online
     from .rundir import finished, run_config
     from .train import train
 
-    explicit = {**_base_overrides(args), **_explicit(args)}
     out = Path(args.out)
-    cfg = run_config(out, Config.from_dict(explicit).validate(), explicit)
+    cfg = run_config(out, given, explicit)
     if args.no_eval and finished(out, cfg):
         print(f"{out} is already trained to the end; nothing to do")
         return
@@ -425,45 +415,49 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "ablate-patches": cmd_ablate_p
             "embed": cmd_embed, "export": cmd_export, "report": cmd_report, "shard": cmd_shard}
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors that are a user's mistake or bad data, each answered in one line. Their modules load torch
+    (seconds): imported once an error other than a ConfigError is raised, not before a flag's error is answered."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .embed import EmbedError
+    from .evaluate import EvalError
+    from .export import ExportError
+    from .probe import ProbeError
+    from .report import ReportError
+    from .train import TrainError
+
+    return (DataError, CheckpointError, EvalError, ProbeError, TrainError, ReportError, EmbedError, ExportError,
+            OutputError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    user_errors: tuple[type[BaseException], ...] = (ConfigError,)
     try:
-        parser = build_parser()
         argv = sys.argv[1:] if argv is None else list(argv)
         usage = f"usage: empssl {{{','.join(COMMANDS)}}} [flags] (empssl COMMAND --help lists its flags)"
         if not argv:  # bare `empssl`: say how to use it
             raise ConfigError(f"no command given; {usage}")
         if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
             raise ConfigError(f"unrecognized option {argv[0]} before the command; {usage}")
-        args = parser.parse_args(argv)
-        # Only now, past --help and the flag errors, which must not wait for torch; inside the try, so that a
-        # Ctrl-C while torch loads is one line like any other.
-        from .checkpoint import CheckpointError
-        from .data import DataError
-        from .embed import EmbedError
-        from .evaluate import EvalError
-        from .export import ExportError
-        from .probe import ProbeError
-        from .remote import refuse_output
-        from .report import ReportError
-        from .train import TrainError
+        args = build_parser().parse_args(argv)
+        if args.command != "shard" and "://" in str(getattr(args, "out", None)):  # a URL: empssl.remote decides
+            from .remote import refuse_output
 
-        user_errors += (DataError, CheckpointError, EvalError, ProbeError, TrainError, ReportError, EmbedError,
-                        ExportError, OutputError)
-        if args.command != "shard" and getattr(args, "out", None):
             refuse_output(args.out)  # only empssl shard writes into an object store
         COMMANDS[args.command](args)
         return 0
-    except user_errors as e:
-        print(f"empssl: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as e:  # train() says what the run directory kept
+        print(f"empssl: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
     except OSError as e:  # the environment's refusal that no module turned into its own error (read-only, full)
         where = f"{e.filename}: " if e.filename else ""
         print(f"empssl: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # train() says what the run directory kept
-        print(f"empssl: {str(e) or 'interrupted'}", file=sys.stderr)
-        return 130
+    except Exception as e:
+        if not isinstance(e, ConfigError) and not isinstance(e, _user_errors()):
+            raise
+        print(f"empssl: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

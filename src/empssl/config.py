@@ -5,8 +5,8 @@ Every setting is declared once, with :func:`setting`: default, ``--help`` text, 
 the method, as a :class:`MethodSettings`; a Config holds those given in ``method_settings`` and reads and writes them
 as flat keys (``cfg.to_dict()["temperature"]``), as their flags name them.
 
-Nothing here imports torch: a method's module is imported only for a config that gives method settings, or when
-they are read; the command line's flags read their declarations from the source.
+Nothing here imports torch: the package's methods' settings and presets are read from their source
+(:mod:`empssl.registry`), so that validating a config and the command line's flags answer before torch loads.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ConfigError (one line) for values that cannot work; return self. Each value against its declaration,
-        then the combinations, then the method's own settings where any are given (importing its module)."""
+        then the combinations, then the method's own settings where any are given."""
         check_fields(self)
         if self.method not in registry.method_names():  # the registry imports no method module for this
             raise ConfigError(f"--method must be one of {', '.join(registry.method_names())}, got {self.method!r}")
@@ -235,9 +235,8 @@ class Config:
         return self
 
     def settings(self) -> MethodSettings:
-        """The method's own settings: its declared defaults with ``method_settings`` applied, validated. Imports
-        the method's module (and torch)."""
-        return method_settings_class(self.method).from_dict(self.method_settings, self.method)
+        """The method's own settings: its declared defaults with ``method_settings`` applied, validated."""
+        return declared_settings_class(self.method).from_dict(self.method_settings, self.method)
 
     def probe_val(self) -> float:
         """The validation fraction the probe uses: as given, else 0.1 when sweeping --probe-lrs and 0 otherwise."""
@@ -318,18 +317,18 @@ class MethodSettings:
         return settings
 
 
-def method_settings_class(method: str) -> type[MethodSettings]:
-    """The settings class ``method`` declares (importing the method's module)."""
+def declared_settings_class(method: str) -> type[MethodSettings]:
+    """The settings class ``method`` declares; for the package's methods, without importing torch: their settings
+    class statement read from the source (:func:`empssl.registry.declared`), run alone. Validating a config and the
+    command line's flags use it."""
+    source = registry.declared(method)
+    if source and source.settings:
+        return _settings_class(source.settings, method)
     return registry.method_class(method).Settings
 
 
 @functools.cache
-def declared_settings_class(method: str) -> type[MethodSettings]:
-    """:func:`method_settings_class` without importing torch where it can: the settings class statement read from
-    the method's source (:func:`empssl.registry.settings_source`) run alone. The command line's flags come from it."""
-    source = registry.settings_source(method)
-    if not source:
-        return method_settings_class(method)
+def _settings_class(source: str, method: str) -> type[MethodSettings]:
     names: dict[str, Any] = {"dataclass": dataclass, "MethodSettings": MethodSettings, "setting": setting,
                              "ConfigError": ConfigError, "__name__": __name__}
     exec(compile(source, f"<settings of {method}>", "exec"), names)
@@ -340,9 +339,8 @@ def declared_settings_class(method: str) -> type[MethodSettings]:
 def settings_for(method: str, d: Mapping[str, Any]) -> dict[str, Any]:
     """``d`` without the settings that only other methods declare: what settings given to several methods alike
     (``empssl compare``) mean for ``method``."""
-    own = {f.name for f in dataclasses.fields(method_settings_class(method))}
-    others = {f.name for m in registry.method_names() for f in dataclasses.fields(method_settings_class(m))} - own
-    return {k: v for k, v in d.items() if k not in others}
+    owners = {k: registry.settings_owners(k) for k in d}
+    return {k: v for k, v in d.items() if not owners[k] or method in owners[k]}
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field[Any]]:
@@ -402,8 +400,9 @@ def check_fields(obj: Any) -> None:
 
 def method_preset(method: str) -> str | None:
     """The preset a method's runs start from without --preset (``simclr-cifar10`` ...); None for EMP-SSL, whose
-    recipe is the defaults."""
-    return registry.method_class(method).preset
+    recipe is the defaults. Read from the source for the package's methods."""
+    source = registry.declared(method)
+    return source.preset if source else registry.method_class(method).preset
 
 
 def method_recipe(method: str) -> dict[str, Any]:

@@ -21,9 +21,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} requested but CUDA is not available")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
 
 
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:

@@ -28,7 +28,7 @@ from .evaluate import (
     split_images,
     view_label,
 )
-from .files import check_writable_file, write_json, write_text
+from .files import check_writable_dir, check_writable_file, write_json, write_text
 from .methods import create_method, eval_protocol
 from .report import (
     ReportError,
@@ -119,15 +119,16 @@ def write_patch_ablation(out: Path, rows: list[dict[str, Any]], cfg: Config) -> 
 def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = None,
                         overrides: dict[str, Any] | None = None, *,
                         out_dir: str | Path | None = None, progress: bool = True,
-                        log: Callable[[str], Any] = print) -> dict[str, Any]:
+                        log: Callable[[str], Any] = print) -> Path:
     """Evaluate one checkpoint with bags of m test patches for every m in ``counts``, from one feature pass: the
     bag of m averages the first m of ``max(counts)`` patches (:func:`empssl.evaluate.extract_prefix_features`).
-    Writes and returns test_patch_ablation.json (also .md, .png) in ``out_dir`` (default: the run directory)."""
+    Writes test_patch_ablation.json, .md and .png in ``out_dir`` (default: the run directory); returns the .md's
+    path."""
+    out = Path(out_dir) if out_dir else run_dir_of(checkpoint)
+    check_writable_dir(out)  # before the features, not after them
     model, cfg, ckpt, train, test, device = load_for_eval(checkpoint, overrides or {}, progress=progress, log=log)
     # by default 1, 4, 16, 64 ... below the run's own bag size, and that size
     counts = sorted(set(counts or [4**i for i in range(16) if 4**i < cfg.test_patches] + [cfg.test_patches]))
-    if counts[0] < 1:
-        raise ConfigError(f"--counts must list numbers >= 1, got {counts}")
     if eval_protocol(cfg)[0] != "patches":
         raise ConfigError(f"the test-patch ablation averages patches, but {cfg.method} is evaluated on the whole "
                           f"image; add --eval-view patches")
@@ -151,7 +152,6 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = N
               "eval_sets": {"train": describe_split(train, cfg.train_subset),
                             "test": describe_split(test, cfg.test_subset)},
               "max_patches": counts[-1], "rows": rows}
-    out = Path(out_dir) if out_dir else run_dir_of(checkpoint)
     write_json(out / "test_patch_ablation.json", result)
     lines = [f"# Test-patch ablation: {checkpoint} (step {ckpt.get('step')}) on {cfg.data}", "",
              *test_patch_ablation_table(rows),
@@ -159,7 +159,7 @@ def ablate_test_patches(checkpoint: str | Path, counts: Sequence[int] | None = N
              f"{len(train)} train + {len(test)} test images); the bag of m patches averages the first m.", ""]
     write_text(out / "test_patch_ablation.md", "\n".join(lines))
     plot_test_patch_ablation(rows, out / "test_patch_ablation.png")
-    return result
+    return out / "test_patch_ablation.md"
 
 
 def tsne_map(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *, max_points: int = 5000,
