@@ -95,8 +95,7 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
         return d, device, False
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                             rank=d.rank, world_size=d.world_size, timeout=_COLLECTIVE_TIMEOUT)
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_COLLECTIVE_TIMEOUT)
     return d, device, True
 
 
@@ -163,27 +162,24 @@ def shared_checkpoint(out: Path, d: Dist, read: Callable[[Path], dict[str, Any]]
             seen = token_path.read_text() == token[0]
         except OSError:
             seen = False
-        views = _gather(seen, out, d)
-        if d.is_main:
-            token_path.unlink(missing_ok=True)  # every rank has read it
-        _agree(views, lambda seen: "the token rank 0 has just written" if seen else "no token from rank 0")
+        try:
+            _agree(seen, out, d, lambda seen: "the token rank 0 has just written" if seen else "no token from rank 0")
+        finally:
+            if d.is_main:
+                token_path.unlink(missing_ok=True)  # every rank has read it: _agree gathered from all
     ckpt = read(path) if path.exists() else None
     if d.enabled:
-        _agree(_gather(ckpt and ckpt["step"], out, d),
+        _agree(ckpt and ckpt["step"], out, d,
                lambda step: "no checkpoint" if step is None else f"the checkpoint of step {step}")
     return ckpt
 
 
-def _gather(mine: object, out: Path, d: Dist) -> list[tuple[Any, str]]:
-    """(every rank's ``mine``, where it runs and its --out) in rank order, on every rank."""
+def _agree(mine: object, out: Path, d: Dist, said: Callable[[Any], str]) -> None:
+    """OutputError, worded the same on every rank, unless every rank sees what rank 0 sees: every rank's
+    ``mine``, where it runs and its --out, gathered on every rank."""
     views: list[Any] = [None] * d.world_size
     where = f"node {os.environ.get('GROUP_RANK', '?')}, host {socket.gethostname()}, --out {out}"
     tdist.all_gather_object(views, (mine, where))
-    return views
-
-
-def _agree(views: list[tuple[Any, str]], said: Callable[[Any], str]) -> None:
-    """OutputError, worded the same on every rank, unless every rank saw what rank 0 saw."""
     odd = next((r for r, (seen, _) in enumerate(views) if seen != views[0][0]), None)
     if odd is not None:
         raise OutputError(f"--out must be on storage every node shares: rank {odd} ({views[odd][1]}) sees "
@@ -229,10 +225,7 @@ def gather_rows(x: torch.Tensor, n: int, unit: int, d: Dist) -> torch.Tensor:
     tdist.all_reduce(dim, op=tdist.ReduceOp.MAX)
     if x.shape[0] < per:  # the last shares are short: padded to one slot
         x = torch.cat([x.expand(-1, int(dim)), x.new_zeros(per - x.shape[0], int(dim))])
-    out = x.new_empty(d.world_size * per, int(dim))
-    gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor  # older torch: that name only
-    gather(out, x.contiguous())
-    return out[:n]
+    return gather_batch(x[None], d)[0, :n]
 
 
 # --- patches ------------------------------------------------------------------------------------------
