@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 from torch import nn
+from torch.distributed import _functional_collectives as funcol
 
 from .data.decode import usable_cpus
 from .devices import resolve_device
@@ -42,6 +43,8 @@ from .patches import Augment, PatchParams, apply_params, sample_params
 _COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 SHARED_TOKEN = ".shared-token"  # in --out for a moment at each start: do all ranks see the same folder?
+# torch 2.14's name; older releases have only the one it deprecates
+_all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,10 @@ def gather_rows(x: torch.Tensor, n: int, unit: int, d: Dist) -> torch.Tensor:
     tdist.all_reduce(dim, op=tdist.ReduceOp.MAX)
     if x.shape[0] < per:  # the last shares are short: padded to one slot
         x = torch.cat([x.expand(-1, int(dim)), x.new_zeros(per - x.shape[0], int(dim))])
-    return gather_batch(x[None], d)[0, :n]
+    out = x.new_empty(d.world_size * per, int(dim))
+    gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor  # older torch: that name only
+    gather(out, x.contiguous())
+    return out[:n]
 
 
 # --- patches ------------------------------------------------------------------------------------------
@@ -258,28 +264,14 @@ def rank_patch_params(images: torch.Tensor, n_patches: int, aug: Augment, genera
 # --- the loss: one batch over all ranks -----------------------------------------------------------------
 
 
-class _GatherBatch(torch.autograd.Function):
-    """(n, b, d) on every rank -> (n, world*b, d), rank-major along dim 1. Backward sums the gradient over ranks
-    before taking this rank's slice: with DDP's averaging, the gradient of the mean of the ranks' losses."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
-        z = z.contiguous()
-        parts = [torch.empty_like(z) for _ in range(tdist.get_world_size())]
-        tdist.all_gather(parts, z)
-        ctx.rank, ctx.b = tdist.get_rank(), z.shape[1]
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        tdist.all_reduce(grad)
-        return grad.narrow(1, ctx.rank * ctx.b, ctx.b)
-
-
 def gather_batch(z: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Differentiable all-gather of (n_patches, b, dim) along the batch: (n_patches, world*b, dim)."""
-    return _GatherBatch.apply(z) if d.enabled else z
+    """Differentiable all-gather of (n_patches, b, dim) along the batch: (n_patches, world*b, dim), rank-major. Its
+    backward sums the gradient over ranks into this rank's slice (a reduce-scatter): with DDP's averaging, the
+    gradient of the mean of the ranks' losses."""
+    if not d.enabled:
+        return z
+    assert tdist.group.WORLD is not None  # the group setup() joined
+    return _all_gather(z.contiguous(), 1, tdist.group.WORLD)
 
 
 # --- the model ------------------------------------------------------------------------------------------
