@@ -6,9 +6,6 @@ applied by batched ops (:func:`apply_params`): no per-patch loop, no PIL, no hos
 RandomResizedCrop + RandomHorizontalFlip (torchvision's boxes and antialiased resize), ColorJitter with
 probability ``jitter_p`` in a random order per patch (v2's float semantics: clamp to [0, 1] after each op),
 RandomGrayscale, Gaussian blur (per-patch sigma), Solarize, Normalize.
-
-Patch ``p`` of the flat parameters is patch ``p // B`` of image ``p % B``: the output (n_patches, B, 3, s, s)
-flattened over its first two dims is the official concatenation order.
 """
 
 from __future__ import annotations
@@ -88,7 +85,8 @@ class Augment:
 
 @dataclass
 class PatchParams:
-    """Random parameters of P = n_patches * B patches (index p = patch p // B of image p % B)."""
+    """Random parameters of P = n_patches * B patches, index p = patch p // B of image p % B: the output
+    (n_patches, B, 3, s, s) flattened over its first two dims is the official concatenation order."""
 
     crop: torch.Tensor  # (P, 4) long: left, top, width, height of the crop box in pixels of the image
     flip: torch.Tensor  # (P,) bool: mirror horizontally
@@ -101,8 +99,7 @@ class PatchParams:
     solarize: torch.Tensor  # (P,) bool
 
 
-def _crop_boxes(P: int, aug: Augment, image_hw: tuple[int, int], uniform: Callable[..., torch.Tensor],
-                rand: Callable[..., torch.Tensor]) -> torch.Tensor:
+def _crop_boxes(P: int, aug: Augment, image_hw: tuple[int, int], uniform: Callable[..., torch.Tensor]) -> torch.Tensor:
     """(P, 4) long crop boxes (left, top, width, height) in pixels, as torchvision's
     ``RandomResizedCrop.get_params`` draws them: its 10 attempts drawn at once and the first accepted one taken
     (the same distribution, no loop); none accepted: the centred fallback box."""
@@ -124,7 +121,7 @@ def _crop_boxes(P: int, aug: Augment, image_hw: tuple[int, int], uniform: Callab
     w = torch.where(any_valid, w, fb_w)
     h = torch.where(any_valid, h, fb_h)
     # Offsets uniform over the whole pixels that keep the box inside (torch.randint's range), centred otherwise.
-    u = rand(2, P)
+    u = uniform(0, 1, 2, P)
     left = torch.minimum((u[0] * (width - w + 1)).long(), width - w)
     top = torch.minimum((u[1] * (height - h + 1)).long(), height - h)
     left = torch.where(any_valid, left, (width - fb_w) // 2)
@@ -147,26 +144,22 @@ def sample_params(n_patches: int, batch: int, aug: Augment, generator: torch.Gen
     P = n_patches * batch
     device = torch.device(device)
 
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator, device=device)
-
-    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
-        # Consumes the generator exactly as rand does, in one op instead of three.
+    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:  # torch.rand is uniform(0, 1)
         return torch.empty(*shape, device=device).uniform_(lo, hi, generator=generator)
 
-    crop = _crop_boxes(P, aug, image_hw, uniform, rand)
+    crop = _crop_boxes(P, aug, image_hw, uniform)
     strengths = (aug.brightness, aug.contrast, aug.saturation)
     factors = [uniform(max(0.0, 1 - v), 1 + v, P) for v in strengths] + [uniform(-aug.hue, aug.hue, P)]
     return PatchParams(
         crop=crop,
-        flip=rand(P) < aug.flip_p,
-        jitter=rand(P) < aug.jitter_p,
+        flip=uniform(0, 1, P) < aug.flip_p,
+        jitter=uniform(0, 1, P) < aug.jitter_p,
         factors=torch.stack(factors, dim=1),
-        order=rand(P, 4).argsort(dim=1),  # a uniform random permutation per patch
-        gray=rand(P) < aug.gray_p,
-        blur=rand(P) < aug.blur_p,
+        order=uniform(0, 1, P, 4).argsort(dim=1),  # a uniform random permutation per patch
+        gray=uniform(0, 1, P) < aug.gray_p,
+        blur=uniform(0, 1, P) < aug.blur_p,
         sigma=uniform(aug.blur_sigma[0], aug.blur_sigma[1], P),
-        solarize=rand(P) < aug.solarize_p,
+        solarize=uniform(0, 1, P) < aug.solarize_p,
     )
 
 
