@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 from torch import nn
+from torch.distributed import _functional_collectives as funcol
 
 from .data.decode import usable_cpus
 from .devices import resolve_device
@@ -42,6 +43,8 @@ from .patches import Augment, PatchParams, apply_params, sample_params
 _COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 SHARED_TOKEN = ".shared-token"  # in --out for a moment at each start: do all ranks see the same folder?
+# torch's differentiable all-gather: 2.14's name; older releases have only the one it deprecates
+_FUNCOL_GATHER = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,7 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
         return d, device, False
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                             rank=d.rank, world_size=d.world_size, timeout=_COLLECTIVE_TIMEOUT)
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_COLLECTIVE_TIMEOUT)
     return d, device, True
 
 
@@ -163,27 +165,24 @@ def shared_checkpoint(out: Path, d: Dist, read: Callable[[Path], dict[str, Any]]
             seen = token_path.read_text() == token[0]
         except OSError:
             seen = False
-        views = _gather(seen, out, d)
-        if d.is_main:
-            token_path.unlink(missing_ok=True)  # every rank has read it
-        _agree(views, lambda seen: "the token rank 0 has just written" if seen else "no token from rank 0")
+        try:
+            _agree(seen, out, d, lambda seen: "the token rank 0 has just written" if seen else "no token from rank 0")
+        finally:
+            if d.is_main:
+                token_path.unlink(missing_ok=True)  # every rank has read it: _agree gathered from all
     ckpt = read(path) if path.exists() else None
     if d.enabled:
-        _agree(_gather(ckpt and ckpt["step"], out, d),
+        _agree(ckpt and ckpt["step"], out, d,
                lambda step: "no checkpoint" if step is None else f"the checkpoint of step {step}")
     return ckpt
 
 
-def _gather(mine: object, out: Path, d: Dist) -> list[tuple[Any, str]]:
-    """(every rank's ``mine``, where it runs and its --out) in rank order, on every rank."""
+def _agree(mine: object, out: Path, d: Dist, said: Callable[[Any], str]) -> None:
+    """OutputError, worded the same on every rank, unless every rank sees what rank 0 sees: every rank's
+    ``mine``, where it runs and its --out, gathered on every rank."""
     views: list[Any] = [None] * d.world_size
     where = f"node {os.environ.get('GROUP_RANK', '?')}, host {socket.gethostname()}, --out {out}"
     tdist.all_gather_object(views, (mine, where))
-    return views
-
-
-def _agree(views: list[tuple[Any, str]], said: Callable[[Any], str]) -> None:
-    """OutputError, worded the same on every rank, unless every rank saw what rank 0 saw."""
     odd = next((r for r, (seen, _) in enumerate(views) if seen != views[0][0]), None)
     if odd is not None:
         raise OutputError(f"--out must be on storage every node shares: rank {odd} ({views[odd][1]}) sees "
@@ -229,10 +228,7 @@ def gather_rows(x: torch.Tensor, n: int, unit: int, d: Dist) -> torch.Tensor:
     tdist.all_reduce(dim, op=tdist.ReduceOp.MAX)
     if x.shape[0] < per:  # the last shares are short: padded to one slot
         x = torch.cat([x.expand(-1, int(dim)), x.new_zeros(per - x.shape[0], int(dim))])
-    out = x.new_empty(d.world_size * per, int(dim))
-    gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor  # older torch: that name only
-    gather(out, x.contiguous())
-    return out[:n]
+    return funcol.wait_tensor(_all_gather(x, 0))[:n]  # waited for here: a plain tensor for the caller
 
 
 # --- patches ------------------------------------------------------------------------------------------
@@ -265,52 +261,25 @@ def rank_patch_params(images: torch.Tensor, n_patches: int, aug: Augment, genera
 # --- the loss: one batch over all ranks -----------------------------------------------------------------
 
 
-class _GatherBatch(torch.autograd.Function):
-    """(n, b, d) on every rank -> (n, world*b, d), rank-major along dim 1. Backward sums the gradient over ranks
-    before taking this rank's slice: with DDP's averaging, the gradient of the mean of the ranks' losses."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
-        z = z.contiguous()
-        parts = [torch.empty_like(z) for _ in range(tdist.get_world_size())]
-        tdist.all_gather(parts, z)
-        ctx.rank, ctx.b = tdist.get_rank(), z.shape[1]
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        tdist.all_reduce(grad)
-        return grad.narrow(1, ctx.rank * ctx.b, ctx.b)
+def _all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Differentiable all-gather along ``dim``, rank-major; its backward sums the gradient over ranks into this
+    rank's slice (a reduce-scatter)."""
+    assert tdist.group.WORLD is not None  # the group setup() joined
+    return _FUNCOL_GATHER(x.contiguous(), dim, tdist.group.WORLD)
 
 
 def gather_batch(z: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Differentiable all-gather of (n_patches, b, dim) along the batch: (n_patches, world*b, dim)."""
-    return _GatherBatch.apply(z) if d.enabled else z
+    """Differentiable all-gather of (n_patches, b, dim) along the batch: (n_patches, world*b, dim). With DDP's
+    averaging, the gradient is that of the mean of the ranks' losses."""
+    return _all_gather(z, 1) if d.enabled else z
 
 
 # --- the model ------------------------------------------------------------------------------------------
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable all-reduce (sum); the gradient of the sum is the sum of the ranks' gradients."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        tdist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        tdist.all_reduce(grad)
-        return grad
-
-
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics span all ranks, for CPU tensors (gloo), which ``nn.SyncBatchNorm``
-    refuses: its mathematics with two differentiable all-reduces, and BatchNorm's parameters and buffers (so
+    refuses: its mathematics with two differentiable sums over ranks, and BatchNorm's parameters and buffers (so
     checkpoints are interchangeable). Outside training or without a process group: plain BatchNorm."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -323,11 +292,11 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = x.new_tensor([x.numel() // x.shape[1]], dtype=torch.float32)
-        sums = _AllReduceSum.apply(torch.cat([x.float().sum(dims), count]))
+        sums = _all_gather(torch.cat([x.float().sum(dims), count])[None], 0).sum(0)  # over ranks
         n = sums[-1]
         mean = sums[:-1] / n
         xc = x.float() - mean.view(shape)
-        var = _AllReduceSum.apply((xc * xc).sum(dims)) / n  # biased, as BatchNorm normalises
+        var = _all_gather((xc * xc).sum(dims)[None], 0).sum(0) / n  # biased, as BatchNorm normalises
         if self.track_running_stats:
             assert self.num_batches_tracked is not None and self.running_mean is not None
             assert self.running_var is not None  # they exist when track_running_stats

@@ -102,9 +102,8 @@ def cut_jsonl(path: str | Path, step: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    records = read_jsonl(path)
-    keep = [r for r in records if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) <= step]
-    if len(keep) != len(records) or len(records) != len(_lines(path)):
+    keep = [r for r in read_jsonl(path) if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) <= step]
+    if len(keep) != len(_lines(path)):  # a record cut, or a line that holds none
         write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 

@@ -6,9 +6,6 @@ applied by batched ops (:func:`apply_params`): no per-patch loop, no PIL, no hos
 RandomResizedCrop + RandomHorizontalFlip (torchvision's boxes and antialiased resize), ColorJitter with
 probability ``jitter_p`` in a random order per patch (v2's float semantics: clamp to [0, 1] after each op),
 RandomGrayscale, Gaussian blur (per-patch sigma), Solarize, Normalize.
-
-Patch ``p`` of the flat parameters is patch ``p // B`` of image ``p % B``: the output (n_patches, B, 3, s, s)
-flattened over its first two dims is the official concatenation order.
 """
 
 from __future__ import annotations
@@ -88,7 +85,8 @@ class Augment:
 
 @dataclass
 class PatchParams:
-    """Random parameters of P = n_patches * B patches (index p = patch p // B of image p % B)."""
+    """Random parameters of P = n_patches * B patches, index p = patch p // B of image p % B: the output
+    (n_patches, B, 3, s, s) flattened over its first two dims is the official concatenation order."""
 
     crop: torch.Tensor  # (P, 4) long: left, top, width, height of the crop box in pixels of the image
     flip: torch.Tensor  # (P,) bool: mirror horizontally
@@ -101,8 +99,7 @@ class PatchParams:
     solarize: torch.Tensor  # (P,) bool
 
 
-def _crop_boxes(P: int, aug: Augment, image_hw: tuple[int, int], uniform: Callable[..., torch.Tensor],
-                rand: Callable[..., torch.Tensor]) -> torch.Tensor:
+def _crop_boxes(P: int, aug: Augment, image_hw: tuple[int, int], uniform: Callable[..., torch.Tensor]) -> torch.Tensor:
     """(P, 4) long crop boxes (left, top, width, height) in pixels, as torchvision's
     ``RandomResizedCrop.get_params`` draws them: its 10 attempts drawn at once and the first accepted one taken
     (the same distribution, no loop); none accepted: the centred fallback box."""
@@ -119,18 +116,23 @@ def _crop_boxes(P: int, aug: Augment, image_hw: tuple[int, int], uniform: Callab
     valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = valid.to(torch.uint8).argmax(0, keepdim=True)  # first accepted attempt (0 if none)
     w, h = w.gather(0, first)[0].long(), h.gather(0, first)[0].long()
-    # the fallback: the whole image, its aspect clamped to ``ratio``
-    fb_w, fb_h = min(width, round(height * aug.ratio[1])), min(height, round(width / aug.ratio[0]))
+    fb_w, fb_h = _fallback_box(aug, height, width)
     any_valid = valid.any(0)
     w = torch.where(any_valid, w, fb_w)
     h = torch.where(any_valid, h, fb_h)
     # Offsets uniform over the whole pixels that keep the box inside (torch.randint's range), centred otherwise.
-    u = rand(2, P)
+    u = uniform(0, 1, 2, P)
     left = torch.minimum((u[0] * (width - w + 1)).long(), width - w)
     top = torch.minimum((u[1] * (height - h + 1)).long(), height - h)
     left = torch.where(any_valid, left, (width - fb_w) // 2)
     top = torch.where(any_valid, top, (height - fb_h) // 2)
     return torch.stack([left, top, w, h], dim=1)
+
+
+def _fallback_box(aug: Augment, height: int, width: int) -> tuple[int, int]:
+    """(width, height) of torchvision's crop where no attempt is accepted: the whole image, its aspect clamped to
+    ``ratio``."""
+    return min(width, round(height * aug.ratio[1])), min(height, round(width / aug.ratio[0]))
 
 
 def sample_params(n_patches: int, batch: int, aug: Augment, generator: torch.Generator, device: torch.device | str,
@@ -142,26 +144,22 @@ def sample_params(n_patches: int, batch: int, aug: Augment, generator: torch.Gen
     P = n_patches * batch
     device = torch.device(device)
 
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator, device=device)
-
-    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
-        # Consumes the generator exactly as rand does, in one op instead of three.
+    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:  # torch.rand is uniform(0, 1)
         return torch.empty(*shape, device=device).uniform_(lo, hi, generator=generator)
 
-    crop = _crop_boxes(P, aug, image_hw, uniform, rand)
+    crop = _crop_boxes(P, aug, image_hw, uniform)
     strengths = (aug.brightness, aug.contrast, aug.saturation)
     factors = [uniform(max(0.0, 1 - v), 1 + v, P) for v in strengths] + [uniform(-aug.hue, aug.hue, P)]
     return PatchParams(
         crop=crop,
-        flip=rand(P) < aug.flip_p,
-        jitter=rand(P) < aug.jitter_p,
+        flip=uniform(0, 1, P) < aug.flip_p,
+        jitter=uniform(0, 1, P) < aug.jitter_p,
         factors=torch.stack(factors, dim=1),
-        order=rand(P, 4).argsort(dim=1),  # a uniform random permutation per patch
-        gray=rand(P) < aug.gray_p,
-        blur=rand(P) < aug.blur_p,
+        order=uniform(0, 1, P, 4).argsort(dim=1),  # a uniform random permutation per patch
+        gray=uniform(0, 1, P) < aug.gray_p,
+        blur=uniform(0, 1, P) < aug.blur_p,
         sigma=uniform(aug.blur_sigma[0], aug.blur_sigma[1], P),
-        solarize=rand(P) < aug.solarize_p,
+        solarize=uniform(0, 1, P) < aug.solarize_p,
     )
 
 
@@ -171,21 +169,13 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
 
 
-def _blend_coefficients(op: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(f, a, c) of :func:`_blend_` for brightness (op 0), contrast (1) or saturation (2); any shape.
-
-    torchvision's ``_blend`` is clamp(f x + (1 - f) ref, 0, 1) with ref = 0, the patch's mean luma or the pixel's
-    luma: (1 - f) ref = a luma + c mean(luma). Factor 1 leaves a patch bit-exactly unchanged: how patches that
-    skip a slot are masked.
-    """
-    one_minus = 1 - factor
-    return factor, torch.where(op == 2, one_minus, 0.0), torch.where(op == 1, one_minus, 0.0)
-
-
-def _blend_(x: torch.Tensor, f: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """x <- clamp(f x + a luma + c mean(luma), 0, 1) in place. x: (P, 3, h, w); f, a, c: (P, 1, 1, 1)."""
+def _blend_(x: torch.Tensor, op: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """x <- clamp(f x + (1 - f) ref, 0, 1) in place: torchvision's ``_blend`` for brightness (op 0, ref = 0),
+    contrast (1, the patch's mean luma) or saturation (2, the pixel's luma). x: (P, 3, h, w); op, f: (P, 1, 1, 1).
+    Factor 1 leaves a patch bit-exactly unchanged: how patches that skip a slot are masked."""
     gray = _grayscale(x)  # (P, 1, h, w)
     mean = gray.mean(dim=(-2, -1), keepdim=True)  # (P, 1, 1, 1)
+    a, c = torch.where(op == 2, 1 - f, 0.0), torch.where(op == 1, 1 - f, 0.0)  # (1 - f) ref = a luma + c mean
     # Two multiply-adds (one pass over x instead of two) and the clamp, all in place.
     ref = torch.addcmul(c * mean, gray, a, out=gray)
     return torch.addcmul(ref, x, f, out=x).clamp_(0, 1)
@@ -224,12 +214,10 @@ def _color_jitter(x: torch.Tensor, params: PatchParams, aug: Augment) -> torch.T
     pos = torch.arange(4, device=x.device)
     active = torch.cat([pos[:3] < hue_slot, pos[1:] > hue_slot], dim=1) & jit.unsqueeze(1) & (ops != 3)
     f = torch.where(active, factors.gather(1, ops.clamp(max=2)), 1.0)
-    P = x.shape[0]
-    coefs = [t.view(P, 6, 1, 1, 1).unbind(1) for t in _blend_coefficients(ops, f)]  # 3 x 6 x (P, 1, 1, 1)
     for k in range(6):
         if k == 3 and aug.hue > 0:
             x = torch.where(jit.view(-1, 1, 1, 1), _adjust_hue(x, factors[:, 3]), x, out=x)
-        x = _blend_(x, *(t[k] for t in coefs))
+        x = _blend_(x, ops[:, k].view(-1, 1, 1, 1), f[:, k].view(-1, 1, 1, 1))
     return x
 
 
@@ -287,13 +275,7 @@ def _max_crop_side(aug: Augment, height: int, width: int) -> int:
     w_min, h_min = round(math.sqrt(lo * aug.ratio[0])), round(math.sqrt(lo / aug.ratio[1]))
     side = max(min(width, w_max), min(height, h_max))
     if w_max > width or h_max > height or min(w_min, h_min) < 1:  # an attempt can fail: the fallback box
-        in_ratio = width / height  # torchvision's fallback: the image clipped to the nearest allowed ratio
-        if in_ratio < aug.ratio[0]:
-            side = max(side, width, round(width / aug.ratio[0]))
-        elif in_ratio > aug.ratio[1]:
-            side = max(side, round(height * aug.ratio[1]), height)
-        else:
-            side = max(side, width, height)
+        side = max(side, *_fallback_box(aug, height, width))
     return side
 
 
@@ -352,8 +334,7 @@ def _per_channel(values: tuple[float, float, float], device: torch.device) -> to
     return t
 
 
-def _pixel_augment_(x: torch.Tensor, params: PatchParams, aug: Augment, out: torch.Tensor, mean: torch.Tensor,
-                    std: torch.Tensor) -> torch.Tensor:
+def _pixel_augment_(x: torch.Tensor, params: PatchParams, aug: Augment, out: torch.Tensor) -> torch.Tensor:
     """Colour jitter, grayscale, blur, solarize and normalisation of cropped patches x: (P, 3, s, s) float32,
     overwritten; the result goes into ``out``, whose dtype and layout ride on the last pass (or ``x`` itself)."""
     if aug.jitter_p > 0:
@@ -368,7 +349,7 @@ def _pixel_augment_(x: torch.Tensor, params: PatchParams, aug: Augment, out: tor
         # solarized) folds the per-patch draw into the one comparison.
         threshold = torch.where(params.solarize, 0.5, math.inf).view(-1, 1, 1, 1)
         x = torch.where(x >= threshold, 1 - x, x, out=x)
-    return torch.div(x.sub_(mean), std, out=out)
+    return torch.div(x.sub_(_per_channel(aug.mean, x.device)), _per_channel(aug.std, x.device), out=out)
 
 
 @torch.no_grad()
@@ -380,8 +361,6 @@ def apply_params(images: torch.Tensor, params: PatchParams, aug: Augment, n_patc
     Returns (n_patches, B, 3, size, size) in ``out_dtype``, normalised; with ``torch.channels_last`` its
     ``.flatten(0, 1)`` is channels_last. Computed in float32 (autocast off), whatever the output dtype.
     """
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise AugmentError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
     if memory_format not in (torch.contiguous_format, torch.channels_last):
         raise AugmentError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format}")
     B = images.shape[0]
@@ -397,13 +376,12 @@ def apply_params(images: torch.Tensor, params: PatchParams, aug: Augment, n_patc
             out = x  # normalised in place
         else:
             out = torch.empty(P, 3, size, size, dtype=out_dtype, device=device, memory_format=memory_format)
-        mean, std = _per_channel(aug.mean, device), _per_channel(aug.std, device)
         # The pixel ops are a chain of memory-bound elementwise passes. On CPU, chunks whose temporaries
         # stay in cache and get reused by the allocator are faster; on GPU one chunk keeps launches few.
         chunk = P if device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // x[0].numel())
         for start in range(0, P, chunk):
             stop = min(start + chunk, P)
-            _pixel_augment_(x[start:stop], take_patches(params, start, stop), aug, out[start:stop], mean, std)
+            _pixel_augment_(x[start:stop], take_patches(params, start, stop), aug, out[start:stop])
     # Splitting the leading dim keeps the strides of `out`: flatten(0, 1) gives back the (P, 3, s, s) layout.
     return out.view(n_patches, B, 3, size, size)
 
