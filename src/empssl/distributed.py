@@ -30,7 +30,6 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 from torch import nn
-from torch.distributed import _functional_collectives as funcol
 
 from .data.decode import usable_cpus
 from .devices import resolve_device
@@ -43,8 +42,6 @@ from .patches import Augment, PatchParams, apply_params, sample_params
 _COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 SHARED_TOKEN = ".shared-token"  # in --out for a moment at each start: do all ranks see the same folder?
-# torch's differentiable all-gather: 2.14's name; older releases have only the one it deprecates
-_FUNCOL_GATHER = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 
 
 @dataclass(frozen=True)
@@ -228,7 +225,10 @@ def gather_rows(x: torch.Tensor, n: int, unit: int, d: Dist) -> torch.Tensor:
     tdist.all_reduce(dim, op=tdist.ReduceOp.MAX)
     if x.shape[0] < per:  # the last shares are short: padded to one slot
         x = torch.cat([x.expand(-1, int(dim)), x.new_zeros(per - x.shape[0], int(dim))])
-    return funcol.wait_tensor(_all_gather(x, 0))[:n]  # waited for here: a plain tensor for the caller
+    out = x.new_empty(d.world_size * per, int(dim))
+    gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor  # older torch: that name only
+    gather(out, x.contiguous())
+    return out[:n]
 
 
 # --- patches ------------------------------------------------------------------------------------------
@@ -261,25 +261,52 @@ def rank_patch_params(images: torch.Tensor, n_patches: int, aug: Augment, genera
 # --- the loss: one batch over all ranks -----------------------------------------------------------------
 
 
-def _all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Differentiable all-gather along ``dim``, rank-major; its backward sums the gradient over ranks into this
-    rank's slice (a reduce-scatter)."""
-    assert tdist.group.WORLD is not None  # the group setup() joined
-    return _FUNCOL_GATHER(x.contiguous(), dim, tdist.group.WORLD)
+class _GatherBatch(torch.autograd.Function):
+    """(n, b, d) on every rank -> (n, world*b, d), rank-major along dim 1. Backward sums the gradient over ranks
+    before taking this rank's slice: with DDP's averaging, the gradient of the mean of the ranks' losses."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        z = z.contiguous()
+        parts = [torch.empty_like(z) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(parts, z)
+        ctx.rank, ctx.b = tdist.get_rank(), z.shape[1]
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        tdist.all_reduce(grad)
+        return grad.narrow(1, ctx.rank * ctx.b, ctx.b)
 
 
 def gather_batch(z: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Differentiable all-gather of (n_patches, b, dim) along the batch: (n_patches, world*b, dim). With DDP's
-    averaging, the gradient is that of the mean of the ranks' losses."""
-    return _all_gather(z, 1) if d.enabled else z
+    """Differentiable all-gather of (n_patches, b, dim) along the batch: (n_patches, world*b, dim)."""
+    return _GatherBatch.apply(z) if d.enabled else z
 
 
 # --- the model ------------------------------------------------------------------------------------------
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum); the gradient of the sum is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        tdist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        tdist.all_reduce(grad)
+        return grad
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics span all ranks, for CPU tensors (gloo), which ``nn.SyncBatchNorm``
-    refuses: its mathematics with two differentiable sums over ranks, and BatchNorm's parameters and buffers (so
+    refuses: its mathematics with two differentiable all-reduces, and BatchNorm's parameters and buffers (so
     checkpoints are interchangeable). Outside training or without a process group: plain BatchNorm."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -292,11 +319,11 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = x.new_tensor([x.numel() // x.shape[1]], dtype=torch.float32)
-        sums = _all_gather(torch.cat([x.float().sum(dims), count])[None], 0).sum(0)  # over ranks
+        sums = _AllReduceSum.apply(torch.cat([x.float().sum(dims), count]))
         n = sums[-1]
         mean = sums[:-1] / n
         xc = x.float() - mean.view(shape)
-        var = _all_gather((xc * xc).sum(dims)[None], 0).sum(0) / n  # biased, as BatchNorm normalises
+        var = _AllReduceSum.apply((xc * xc).sum(dims)) / n  # biased, as BatchNorm normalises
         if self.track_running_stats:
             assert self.num_batches_tracked is not None and self.running_mean is not None
             assert self.running_var is not None  # they exist when track_running_stats
