@@ -888,7 +888,7 @@ import empssl.data.decode as dec
 from empssl.data import load_data
 
 
-dec.POOL_MIN_IMAGES, dec._n_workers = 1, lambda: 2
+dec.POOL_MIN_IMAGES, dec.pool_workers = 1, lambda: 2
 real, parent, once = dec.decode_image, os.getpid(), sys.argv[1] + ".interrupted"
 def slow(*args):
     if os.getpid() != parent:  # a pool worker decodes: Ctrl-C now (once), however fast or busy the machine is
@@ -924,6 +924,6 @@ def test_the_decode_pool_takes_this_rank_s_share_of_the_cpus(monkeypatch: pytest
 
     monkeypatch.setattr(decode, "usable_cpus", lambda: 6)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert decode._n_workers() == 6
+    assert decode.pool_workers() == 6
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two ranks on this node share its CPUs
-    assert decode._n_workers() == 3
+    assert decode.pool_workers() == 3

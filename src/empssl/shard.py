@@ -41,7 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data import TORCHVISION_DATASETS, DataError, decode_image, scan
-from .data.decode import _ignore_sigint, _n_workers, _pil_bomb_check_off, _why
+from .data.decode import ignore_sigint, pool_workers, read_header
 from .data.imagenet import parse_spec
 from .data.images import split_rows
 from .data.load import resolve
@@ -323,8 +323,8 @@ def _run_jobs(jobs: list[_Job], workers: int | None, desc: str, progress: bool,
     yielding each one's record as it is done, behind a bar of ``total`` images (default: the jobs'); a shard's error
     (raised again here) stops the others."""
     todo = sum(len(job[2]) for job in jobs)
-    workers = max(1, min(workers or _n_workers(), len(jobs)))
-    pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint) \
+    workers = max(1, min(workers or pool_workers(), len(jobs)))
+    pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, ignore_sigint) \
         if workers > 1 else None
     try:
         with tqdm(total=total or todo, initial=(total or todo) - todo, desc=desc, unit="img", file=sys.stderr,
@@ -394,11 +394,7 @@ def prepare_image(data: bytes, max_side: int | None, name: str = "image") -> tup
     names it. The file itself when its longer side fits ``max_side`` (or there is no limit); else decoded by
     :func:`empssl.data.decode_image`'s rules, resized (Lanczos) to a longer side of ``max_side`` and encoded as JPEG
     :data:`JPEG_QUALITY`. DataError (one line, naming ``name``) when the header cannot be read."""
-    try:
-        with _pil_bomb_check_off(), Image.open(io.BytesIO(data)) as img:
-            fmt, (w, h) = str(img.format), img.size
-    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise DataError(f"cannot decode {name}: {_why(e)}") from e
+    fmt, (w, h) = read_header(data, name)
     if max_side is None or max(w, h) <= max_side:
         return data, fmt, True
     rgb = Image.fromarray(decode_image(data, 0, name))

@@ -68,6 +68,16 @@ def decode_image(data: bytes | Image.Image | np.ndarray, image_size: int = 0, na
         raise DataError(f"cannot decode {name}: {_why(e)}") from e
 
 
+def read_header(data: bytes, name: str = "image") -> tuple[str, tuple[int, int]]:
+    """(format as PIL names it, (width, height)) from an image file's header, without decoding its pixels;
+    DataError (one line, naming ``name``) when it cannot be read."""
+    try:
+        with _pil_bomb_check_off(), Image.open(io.BytesIO(data)) as img:
+            return str(img.format), img.size
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise DataError(f"cannot decode {name}: {_why(e)}") from e
+
+
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     """``img`` as 8-bit RGB by the rules of the module docstring, after its size is checked."""
     w, h = img.size
@@ -148,7 +158,7 @@ def decode_catalog(catalog: Catalog, image_size: int, progress: bool) -> torch.T
     if n == 0:
         raise DataError(f"no images to decode in {catalog.source}")
     names = [f"image {catalog.where(i)}" for i in range(n)]
-    workers = _n_workers() if n >= POOL_MIN_IMAGES else 1
+    workers = pool_workers() if n >= POOL_MIN_IMAGES else 1
     size = max(1, min(256, math.ceil(n / (4 * workers))))  # >= 4 chunks per worker to balance the load
     jobs: list[_Job] = [(i, [r.data for r in records[i: i + size]], names[i: i + size], image_size)
                         for i in range(0, n, size)]
@@ -157,7 +167,7 @@ def decode_catalog(catalog: Catalog, image_size: int, progress: bool) -> torch.T
     # Workers ignore Ctrl-C: the parent alone gets KeyboardInterrupt and terminates them (no traceback per
     # worker, and no worker that dies of it while the pool replaces it and decoding goes on).
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = ctx.Pool(workers, _ignore_sigint) if workers > 1 else None
+    pool = ctx.Pool(workers, ignore_sigint) if workers > 1 else None
     results: Iterator[tuple[int, np.ndarray]] = (pool.imap_unordered(_decode_chunk, jobs) if pool
                                                  else map(_decode_chunk, jobs))
     try:
@@ -180,7 +190,8 @@ def decode_catalog(catalog: Catalog, image_size: int, progress: bool) -> torch.T
     return torch.from_numpy(out)
 
 
-def _ignore_sigint() -> None:
+def ignore_sigint() -> None:
+    """A pool worker's initialiser: Ctrl-C is the parent's to handle."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -194,5 +205,6 @@ def cpu_share() -> int:
     return max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
-def _n_workers() -> int:
+def pool_workers() -> int:
+    """Processes for a decoding or writing pool: this process's CPU share, at most 16."""
     return min(cpu_share(), 16)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from . import decode
 from .cache import add_stamps, cache_dir, read_cache, remove_stale_temps, write_cache
@@ -136,9 +134,8 @@ def _image_set(spec: str, data_dir: Path, image_size: int, progress: bool, train
     catalog = _catalog(path, imagenet, train_test, tree or _tree(path, imagenet))
     h = w = image_size
     if catalog.records and not image_size:  # the first image's own size, from its header (decoding names a bad one)
-        with contextlib.suppress(DataError, OSError, ValueError), decode._pil_bomb_check_off(), \
-                Image.open(io.BytesIO(catalog.records[0].read())) as img:
-            w, h = img.size
+        with contextlib.suppress(DataError, OSError):
+            w, h = decode.read_header(catalog.records[0].read())[1]
     check_fits(len(catalog.records), h, w, catalog.source)  # refused before decoding
     images = decode.decode_catalog(catalog, image_size, progress)
     labels = None if catalog.classes is None else torch.tensor([r.label for r in catalog.records],
