@@ -176,13 +176,26 @@ def test_a_pickle_field_is_refused_as_in_empssl_folders(tmp_path):
         verify_shards(root)
 
 
-def test_a_folder_in_class_order_is_warned_of_in_one_line(tmp_path, capsys):
+def test_a_folder_in_class_order_is_warned_of_in_one_line_where_training_streams_it(tmp_path, capsys):
+    from empssl.stream import StreamBatches, StreamedSplit, shard_items
+
+    def stream(root: Path, rank: int = 0) -> None:
+        m = verify_shards(root)
+        items = shard_items(m, "train", m.labels("train").tolist())
+        labels = items.labels()
+        split = StreamedSplit(items, torch.arange(len(labels)), labels, m.classes, 8, str(root))
+        with StreamBatches(split, batch_size=4, seed=0, device="cpu", workers=0, rank=rank, world=1):
+            pass
+
     verify_shards(optimize("sorted", tmp_path / "sorted", n=40, chunk=20))
+    assert capsys.readouterr().err == ""  # only read (eval, embed): nothing to warn of
+    stream(tmp_path / "sorted")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "grouped by class (92% of neighbouring items are of one class" in err
-    assert "write the images with empssl shard" in err
-    optimize("bytes", tmp_path / "mixed", n=40, chunk=20)  # labels i % 3
-    verify_shards(tmp_path / "mixed")
+    assert f"the train split of {tmp_path / 'sorted'}" in err and "write the images with empssl shard" in err
+    stream(tmp_path / "sorted", rank=1)  # said once, by rank 0
+    assert capsys.readouterr().err == ""
+    stream(optimize("bytes", tmp_path / "mixed", n=40, chunk=20))  # labels i % 3
     assert capsys.readouterr().err == ""
 
 

@@ -827,7 +827,7 @@ def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: 
 
     Its shards are the index's chunks (checked by size only: there is no sha256), its fields those :func:`item_keys`
     finds, its labels read once (:func:`_foreign_labels`), its classes "0" .. "K-1" for labels 0 .. K-1 (None
-    without a label field). One warning line when the items are grouped by class.
+    without a label field).
     """
     flat = (root / "index.json").is_file()
     names = [NO_SPLIT] if flat else [s for s in ("train", "val", "test") if (root / s / "index.json").is_file()]
@@ -848,8 +848,6 @@ def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: 
     assert keys is not None  # verify_shards calls this where is_litdata_folder found an index.json
     classes = None if keys.label is None else [str(c) for c in range(max(int(v.max(initial=-1)) for v in
                                                                          labels.values()) + 1)]
-    if keys.label is not None and NO_SPLIT in labels:
-        _warn_grouped(labels[NO_SPLIT], f"the {NO_SPLIT} split of {root}")
     total = sum(s.images for s in splits.values())
     data = {"format": "litdata", "layout": "flat" if flat else "splits", "source": str(root), "images": total,
             "stored": total, "reencoded": 0, "keys": [keys.image, keys.label, keys.name]}
@@ -934,8 +932,9 @@ def _foreign_labels(folder: Path, chunks: list[ShardFile], label: str | None, se
     return labels
 
 
-def _warn_grouped(labels: np.ndarray, where: str) -> None:
-    """One warning line when ``labels`` (in item order) are grouped by class, which LitData's shuffle keeps."""
+def warn_grouped(labels: np.ndarray, where: str) -> None:
+    """One warning line when ``labels`` (in item order) are grouped by class, which LitData's shuffle keeps: said
+    where training streams a split (:class:`empssl.stream.StreamBatches`), not where a folder is only read."""
     if len(labels) < 2:
         return
     same = float(np.mean(labels[1:] == labels[:-1]))

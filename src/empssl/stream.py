@@ -54,6 +54,7 @@ from .shard import (
     reader_serializers,
     verify_file,
     verify_shards,
+    warn_grouped,
 )
 
 T = TypeVar("T")
@@ -519,6 +520,8 @@ class StreamBatches:
         self.split, self.seed, self.device, self.decode = split, seed, torch.device(device), decode
         self.b, self.rank, self.world, self.step = batch_size // world, rank, world, 0
         self.litdata = isinstance(split.items, ShardItems)
+        if self.litdata and rank == 0:  # LitData shuffles chunks, and items within a window: the write order shows
+            warn_grouped(split.labels.numpy(), f"the {split.split} split of {split.source}")
         self.cache_dir = split.items.cache_dir if isinstance(split.items, ShardItems) else None
         self._it: Any = None
         self.loader = self._loader(_n_workers() if workers is None else workers)
