@@ -9,11 +9,10 @@ the training set, and one line is appended to ``RUN/monitor.jsonl``::
      "monitor_s", "n_bank", "n_test"}
 
 (no ``epoch`` without epochs: the online mode). ``train_s`` is the training wall time excluding every check,
-``elapsed_s`` includes them: the run's clock (:meth:`empssl.rundir.RunSession.clock`), which goes on across
-resumes, and to which each check reports its seconds. The check does not
-disturb training: it uses an eval-mode copy of the model (:func:`empssl.models.inference_copy`), patches from
-generators seeded by ``cfg.eval_seed`` and no gradient, so a run with and without monitoring ends with
-bitwise-identical weights.
+``elapsed_s`` includes them: the run's clock (:meth:`empssl.rundir.RunSession.clock`, to which each check reports
+its seconds), which goes on across resumes. The check does not disturb training: it uses an eval-mode copy of the
+model (:func:`empssl.models.inference_copy`), patches from generators seeded by ``cfg.eval_seed`` and no
+gradient, so a run with and without monitoring ends with bitwise-identical weights.
 """
 
 from __future__ import annotations
