@@ -18,7 +18,7 @@ from empssl.files import read_jsonl
 from empssl.methods import create_method
 from empssl.monitor import Monitor, monitor_interval
 from empssl.patches import Augment, make_patches
-from empssl.rundir import load_checkpoint
+from empssl.rundir import RunSession, load_checkpoint
 from empssl.train import config_data, train
 
 from .conftest import TINY, assert_hit_rate
@@ -108,13 +108,15 @@ def test_monitor_resume_keeps_clock_and_drops_lost_records(demo_data, tmp_path):
     lines = [json.dumps({"step": s, "knn_top1": 1.0}) for s in (0, 2, 4)]
     (tmp_path / "monitor.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "kn')
     cfg = Config(eval_every=2, monitor_bank=10, monitor_test=10)
+    session = RunSession(tmp_path, quiet)
+    session.before = {"train_seconds": 7.0, "monitor_seconds": 3.0}  # as resume() reads the checkpoint's clock
     mon = Monitor(cfg, *demo_data, torch.device("cpu"), tmp_path, steps_per_epoch=10, total_steps=10,
-                  patches_per_step=1, start_step=2, clock_state={"train_seconds": 7.0, "monitor_seconds": 3.0})
+                  patches_per_step=1, start_step=2, session=session)
     assert [r["step"] for r in read_jsonl(tmp_path / "monitor.jsonl")] == [0, 2]
-    clock = mon.clock()
+    clock = session.clock()
     assert clock == {"train_seconds": 7.0, "monitor_seconds": 3.0, "elapsed_seconds": 10.0}
     mon.start(create_method(Config(width=4, hidden_dim=32, z_dim=16)).build_model())  # resumed: no step-0 record
-    assert mon.clock()["train_seconds"] >= 7.0 and len(read_jsonl(tmp_path / "monitor.jsonl")) == 2
+    assert session.clock()["train_seconds"] >= 7.0 and len(read_jsonl(tmp_path / "monitor.jsonl")) == 2
 
 
 @pytest.mark.parametrize("value", [-1.0, 1.5, 2.25])

@@ -53,7 +53,7 @@ class Compiler:
     """The module the training step calls (``net``: the model, wrapped in DDP under torchrun and/or compiled),
     with ``--compile`` decided for steps ``start_step`` .. ``total_steps``; ``reason`` says why, in one line, and
     ``compile_seconds`` is the time the compiled first step took. The loop runs every step through :meth:`call`,
-    between :meth:`before` and :meth:`after`; :meth:`exclude` leaves time spent outside it (monitoring) out.
+    then :meth:`after`; :meth:`exclude` leaves time spent outside it (monitoring) out.
     """
 
     def __init__(self, mode: str, model: nn.Module, device: torch.device, dist: Dist, *, start_step: int,
@@ -67,14 +67,17 @@ class Compiler:
         self.compile_seconds = 0.0
         self._t_compile = self._t_trial = 0.0
 
-    def call(self, run_step: Callable[..., T], *args: Any, generator: torch.Generator) -> T:
-        """``run_step(self.net, *args)``: one training step that draws from ``generator``.
+    def call(self, run_step: Callable[..., T], *args: Any, generator: torch.Generator, step: int) -> T:
+        """``run_step(self.net, *args)``: step ``step``, which draws from ``generator``.
 
         While compiled, a step that raises (compiling happens at the first call, and at a recompilation) runs
         again eager from the random states it started from, with a note (:mod:`empssl.fallbacks`); an error of
         the step itself raises again from the eager one. Under torchrun the ranks fail, and fall back, together."""
         if self.compile_from is None:
             return run_step(self.net, *args)
+        if step == self.compile_from:  # the step that compiles: timed until after() has synchronised
+            synchronize(self.device)
+            self._t_compile = time.perf_counter()
         states = generator.get_state(), torch.get_rng_state()
         try:
             return run_step(self.net, *args)
@@ -92,11 +95,6 @@ class Compiler:
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` (e.g. monitoring) out of the step-time measurement."""
         self._t_trial += seconds
-
-    def before(self, step: int) -> None:
-        if step == self.compile_from:
-            synchronize(self.device)
-            self._t_compile = time.perf_counter()
 
     def after(self, step: int) -> None:
         """After ``step`` steps are done: account the compile time, or time the eager steps and decide."""

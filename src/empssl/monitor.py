@@ -1,4 +1,4 @@
-"""Time-to-accuracy during training: a cheap kNN check every few steps, and the run's wall-time clock.
+"""Time-to-accuracy during training: a cheap kNN check every few steps.
 
 Every ``cfg.eval_every`` steps (an integer number of steps, or a fraction of an epoch when < 1) the encoder's
 features (the run's evaluation view: for EMP-SSL a bag of ``cfg.monitor_patches`` patches) of a fixed
@@ -9,10 +9,10 @@ the training set, and one line is appended to ``RUN/monitor.jsonl``::
      "monitor_s", "n_bank", "n_test"}
 
 (no ``epoch`` without epochs: the online mode). ``train_s`` is the training wall time excluding every check,
-``elapsed_s`` includes them; both continue across resumes (the checkpoint keeps the clock). The check does not
-disturb training: it uses an eval-mode copy of the model (:func:`empssl.models.inference_copy`), patches from
-generators seeded by ``cfg.eval_seed`` and no gradient, so a run with and without monitoring ends with
-bitwise-identical weights.
+``elapsed_s`` includes them: the run's clock (:meth:`empssl.rundir.RunSession.clock`, to which each check reports
+its seconds), which goes on across resumes. The check does not disturb training: it uses an eval-mode copy of the
+model (:func:`empssl.models.inference_copy`), patches from generators seeded by ``cfg.eval_seed`` and no
+gradient, so a run with and without monitoring ends with bitwise-identical weights.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .devices import synchronize
 from .distributed import SINGLE, Dist
 from .evaluate import Split, image_features, knn_predict, split_images
 from .files import cut_jsonl
-from .tracking import NO_TRACKING, Tracking
+from .rundir import RunSession
 
 
 def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
@@ -44,25 +44,22 @@ def monitor_interval(eval_every: float, steps_per_epoch: int) -> int:
 
 
 class Monitor:
-    """The run's clock (training vs monitoring wall time) and, when ``cfg.eval_every > 0``, the kNN check.
+    """The kNN check, when ``cfg.eval_every > 0``, timed on ``session``'s clock (a check outside a run: its own).
 
     The first ``cfg.monitor_bank`` / ``cfg.monitor_test`` images of ``train`` / ``test`` are the bank and the
     queries. ``patches_per_step`` counts all processes; records after ``start_step`` (an interrupted session's)
-    are dropped, and the clock goes on from ``clock_state`` (the checkpoint's ``clock()``). Under torchrun every
-    rank computes its share of the features; rank 0 writes, also to ``tracker`` (``--log``).
+    are dropped. Under torchrun every rank computes its share of the features; rank 0 writes, also to the session's
+    trackers (``--log``).
     """
 
     def __init__(self, cfg: Config, train: Split, test: Split, device: torch.device, out_dir: Path, *,
                  steps_per_epoch: int, total_steps: int, patches_per_step: int, start_step: int = 0,
-                 clock_state: dict[str, float] | None = None, dist: Dist = SINGLE,
-                 tracker: Tracking = NO_TRACKING) -> None:
+                 session: RunSession | None = None, dist: Dist = SINGLE) -> None:
         self.cfg, self.device = cfg, torch.device(device)
         self.steps_per_epoch, self.total_steps, self.patches_per_step = steps_per_epoch, total_steps, patches_per_step
-        self.start_step, self.dist, self.tracker = start_step, dist, tracker
+        self.start_step, self.dist = start_step, dist
         self.interval = monitor_interval(cfg.eval_every, steps_per_epoch)
-        self._before = clock_state or {}  # the sessions' before a resume
-        self._t0: float | None = None
-        self._monitor_now = 0.0  # monitor seconds spent in this session
+        self.session = session or RunSession(out_dir, print, trains=False)
         self.path = Path(out_dir) / "monitor.jsonl"
         if not self.interval:
             return
@@ -72,18 +69,11 @@ class Monitor:
             cut_jsonl(self.path, start_step)
 
     def start(self, model: nn.Module) -> None:
-        """Start the clock; on a fresh run, also record the untrained encoder (step 0)."""
+        """Start the run's clock; on a fresh run, also record the untrained encoder (step 0)."""
         synchronize(self.device)
-        self._t0 = time.perf_counter()
+        self.session.started = time.perf_counter()
         if self.interval and self.start_step == 0:
             self.evaluate(model, 0)
-
-    def clock(self) -> dict[str, float]:
-        """Wall time so far: ``train_seconds`` (excluding monitoring), ``monitor_seconds``, ``elapsed_seconds``."""
-        now = 0.0 if self._t0 is None else time.perf_counter() - self._t0
-        train = self._before.get("train_seconds", 0.0) + now - self._monitor_now
-        monitor = self._before.get("monitor_seconds", 0.0) + self._monitor_now
-        return {"train_seconds": train, "monitor_seconds": monitor, "elapsed_seconds": train + monitor}
 
     def after_step(self, model: nn.Module, step: int) -> float:
         """Evaluate if ``step`` is due (every ``interval`` steps and the last one); return the seconds spent."""
@@ -96,7 +86,7 @@ class Monitor:
         """Run the kNN check of ``model`` at ``step`` now; return the seconds it took."""
         synchronize(self.device)
         t = time.perf_counter()
-        clock = self.clock()
+        clock = self.session.clock()
         cfg = self.cfg
         # the run's evaluation view and feature (a bag of monitor_patches patches for EMP-SSL)
         bank, query = (image_features(model, split_images(s), cfg, self.device, n_patches=cfg.monitor_patches,
@@ -105,7 +95,7 @@ class Monitor:
                            temperature=cfg.knn_temperature)
         top1 = (pred.cpu() == self.query.labels).double().mean().item() * 100  # the check's one host sync
         spent = time.perf_counter() - t
-        self._monitor_now += spent
+        self.session.add("monitor", spent)
         rec: dict[str, Any] = {
             "step": step, **({"epoch": round(step / self.steps_per_epoch, 4)} if self.steps_per_epoch else {}),
             "elapsed_s": clock["elapsed_seconds"], "train_s": clock["train_seconds"],
@@ -116,5 +106,5 @@ class Monitor:
         if self.dist.is_main:
             with self.path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
-            self.tracker.log_scalars(rec, step=step, wall_time=time.time(), prefix="monitor/")
+            self.session.tracker.log_scalars(rec, step=step, wall_time=time.time(), prefix="monitor/")
         return spent

@@ -255,9 +255,6 @@ class ShardStream:
         return f"waiting for shards in {self.root} (empssl shard SRC --out {self.root} --append adds them) ..."
 
 
-Stream = FolderStream | ShardStream
-
-
 class OnlineBatches:
     """The stream as the training loop's batch source (:class:`empssl.batches.BatchSource`): full batches of
     decoded images from a :class:`FolderStream` or :class:`ShardStream`, in arrival order, on ``device``, waiting
@@ -267,9 +264,10 @@ class OnlineBatches:
 
     steps_per_epoch = 0  # a stream has no epochs
 
-    def __init__(self, cfg: Config, folder: Path, sharded: bool, device: torch.device, session: RunSession) -> None:
+    def __init__(self, cfg: Config, stream: FolderStream | ShardStream, device: torch.device,
+                 session: RunSession) -> None:
         self.cfg, self.device, self.out, self.stop, self.log = cfg, device, session.out, session.stop, session.log
-        self.stream: Stream = ShardStream(folder) if sharded else FolderStream(folder, cfg.online_settle)
+        self.stream = stream
         self.shape: tuple[int, ...] | None = None  # (H, W, 3) of the stream's images, fixed by the first one
         self.filling: list[tuple[Any, str, np.ndarray]] = []  # (the stream's key, name, image) of the next batch
         self.taken: list[tuple[Any, str, np.ndarray]] = []  # the batch handed out
@@ -414,7 +412,8 @@ def open_online(cfg: Config, device: torch.device, session: RunSession, progress
     if shards and importlib.util.find_spec("litdata") is None:
         raise DataError(f"{folder} holds shards, which are read with LitData: pip install 'empssl[stream]'")
     bank, queries = _held_out(cfg, progress) if cfg.online_eval else (NO_IMAGES, NO_IMAGES)
-    return OnlineBatches(cfg, folder, shards, device, session), bank, queries
+    stream = ShardStream(folder) if shards else FolderStream(folder, cfg.online_settle)
+    return OnlineBatches(cfg, stream, device, session), bank, queries
 
 
 def train_online(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,

@@ -5,7 +5,7 @@ A run directory holds config.json (the resolved config and the empssl version), 
 holds the rules that training, evaluation, the experiments and the CLI share about it (which settings may
 change on resume, whether a run is finished, rebuilding its model), and what a training session keeps while
 it writes one: :class:`MetricsLog`, :class:`StopFlag` and :class:`RunSession` (lock, config.json, checkpoints,
-trackers, the wall-clock account, results.json). None of them needs the trainer.
+trackers, the run's clock and the wall-clock account, results.json). None of them needs the trainer.
 """
 
 from __future__ import annotations
@@ -286,19 +286,17 @@ class RunSession:
     Nothing binds the directory before the first checkpoint (config.json comes with it); leaving the block by an
     error or Ctrl-C before one removes a directory this session created, and a bare Ctrl-C outside the loop is
     reworded by what the directory keeps. The wall-clock account (:data:`TIMING_FIELDS`) starts at process start
-    for a process's first run (``startup``) and at the session for later ones, so that runs do not count each
-    other's time. ``trains=False`` (``empssl eval``, a comparison's folder) neither removes nor rewords.
+    for a process's first run (``startup``) and at the block's start for later ones, so that runs do not count each
+    other's time; its "train" and "monitor" phases are this session's share of the run's clock (:meth:`clock`),
+    which checkpoints keep. ``trains=False`` (``empssl eval``, a comparison's folder) neither removes nor rewords.
     """
 
     def __init__(self, out: Path, log: Callable[[str], None], *, main: bool = True, trains: bool = True) -> None:
-        global _CLOCK_ORIGIN
         self.out, self.log, self.main, self.trains = Path(out), log, main, trains  # main: rank 0, the one that writes
         self.parts: dict[str, float] = {}  # seconds per phase
-        if _CLOCK_ORIGIN is None:
-            _CLOCK_ORIGIN, self.parts["startup"] = 0.0, process_seconds()
-        else:
-            _CLOCK_ORIGIN = process_seconds()
-        self.origin = _CLOCK_ORIGIN
+        self.origin = 0.0  # process_seconds() at the account's start
+        self.before: dict[str, float] = {}  # the run's clock as a resume finds it (its checkpoint's "clock")
+        self.started: float | None = None  # perf_counter() when this session's training began (Monitor.start)
         self.stop = StopFlag()
         self.tracker: Tracking = NO_TRACKING
         self.created = self.config_written = False
@@ -309,6 +307,12 @@ class RunSession:
         return self.out / "checkpoint.pt"
 
     def __enter__(self) -> RunSession:
+        global _CLOCK_ORIGIN
+        if _CLOCK_ORIGIN is None:
+            _CLOCK_ORIGIN, self.parts["startup"] = 0.0, process_seconds()
+        else:
+            _CLOCK_ORIGIN = process_seconds()
+        self.origin = _CLOCK_ORIGIN
         return self
 
     def open(self) -> None:
@@ -346,15 +350,22 @@ class RunSession:
             write_config(self.out, cfg)
             self.config_written = True
 
-    def account(self, clock: dict[str, float], before: dict[str, float] | None, *, compile_seconds: float = 0.0,
-                waited: float = 0.0) -> None:
-        """This session's share of the run's clock (:meth:`empssl.monitor.Monitor.clock`, which goes on across
-        resumes from ``before``): compiling, training (less the seconds a source ``waited`` for data, left in
-        "other") and monitoring."""
-        before = before or {}
+    def clock(self) -> dict[str, float]:
+        """The run's wall time so far, going on across resumes from :attr:`before`: ``train_seconds`` (all but the
+        monitor's checks, which :meth:`add` their seconds as "monitor"), ``monitor_seconds``, ``elapsed_seconds``."""
+        now = 0.0 if self.started is None else time.perf_counter() - self.started
+        monitor = self.parts.get("monitor", 0.0)
+        train = self.before.get("train_seconds", 0.0) + now - monitor
+        monitor += self.before.get("monitor_seconds", 0.0)
+        return {"train_seconds": train, "monitor_seconds": monitor, "elapsed_seconds": train + monitor}
+
+    def trained(self, compile_seconds: float, waited: float) -> dict[str, float]:
+        """The run's clock at the end of training; this session's training time is the "compile" phase and the
+        "train" one (less the seconds a source ``waited`` for data, left in "other")."""
+        clock = self.clock()
         self.add("compile", compile_seconds)
-        self.add("train", clock["train_seconds"] - before.get("train_seconds", 0.0) - compile_seconds - waited)
-        self.add("monitor", clock["monitor_seconds"] - before.get("monitor_seconds", 0.0))
+        self.add("train", clock["train_seconds"] - self.before.get("train_seconds", 0.0) - compile_seconds - waited)
+        return clock
 
     def evaluated(self, results: dict[str, Any]) -> None:
         """The phases of an evaluation's ``results`` (:func:`empssl.evaluate.evaluate`)."""

@@ -59,7 +59,7 @@ class TrainError(RuntimeError):
 # may have two hooks: ``after_step(step)``, once a step commits (its record of the step), returning the seconds it
 # waited for data since the last call (left out of the throughput), and ``summary()``, its account of the run for
 # results.json.
-SourceOpener = Callable[..., tuple[BatchSource, ImageData, ImageData]]
+SourceOpener = Callable[..., tuple[BatchSource, ImageData | StreamedSplit, ImageData | StreamedSplit]]
 
 
 def train_step(net: nn.Module, opt: LARS, method: Method, images: torch.Tensor, generator: torch.Generator,
@@ -103,7 +103,6 @@ class Run:
     source: BatchSource  # the training batches, whatever the tier
     eval_every: float  # the kNN monitor's interval (--eval-every; online: --online-eval-every's images in steps)
     step: int = 0
-    clock_state: dict[str, float] | None = None  # the monitor clock of the sessions before a resume
     compiler: Compiler | None = None  # the module the step calls (set up once the step to start from is known)
     metrics_state: dict[str, Any] | None = None  # the checkpoint's running loss sums since its last log step
     data: dict[str, Any] | None = None  # what it trains on (stream.data_record): saved, checked on resume
@@ -146,10 +145,10 @@ NO_IMAGES = ImageData(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0,
 
 def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | Iterable[Any] | None, dist: Dist,
                device: torch.device, progress: bool, evaluating: bool
-               ) -> tuple[ImageData | StreamedSplit, ImageData | StreamedSplit, StreamedSplit | None,
-                          IterableBatches | None, int]:
-    """(train, test, the streamed split or None, the user's batches or None, the images of an epoch); with a user's
-    batches, train and test are ``cfg.data``'s for the monitor and the evaluation (loaded only for them)."""
+               ) -> tuple[BatchSource, ImageData | StreamedSplit, ImageData | StreamedSplit, int, dict[str, Any]]:
+    """(the batch source, train, test, the images of an epoch, what it trains on: :func:`empssl.stream.data_record`);
+    with a user's batches, train and test are ``cfg.data``'s for the monitor and the evaluation (loaded only for
+    them)."""
     own = None
     train_data: ImageData | StreamedSplit
     test_data: ImageData | StreamedSplit
@@ -172,7 +171,22 @@ def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | Iterable[Any] | 
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                           f"{dist.world_size} processes")
-    return train_data, test_data, streamed, own, n_train
+    read = streamed.items.shards if streamed is not None and isinstance(streamed.items, ShardItems) else None
+    record = data_record(n_train, cfg.data if data is None else None, cfg.data_dir, (cfg.image_key, cfg.label_key),
+                         read)
+    order: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, rank=dist.rank,
+                                 world=dist.world_size)
+    source: BatchSource
+    if own is not None:
+        source = own
+    elif streamed is not None:  # its steps: LitData's, per rank
+        source = StreamBatches(streamed, decode=resolve_decode(cfg.decode, device), **order)
+    else:  # in memory the images live on the device as uint8 when they fit (CIFAR-10: 150 MB), and views are cut there
+        assert isinstance(train_data, ImageData)  # (not streamed)
+        images = train_data.images
+        source = StepBatches(images.to(device) if images.numel() < 4 * 2**30 else images, **order,
+                             total_steps=_schedule(cfg, n_train // cfg.batch_size)[0])
+    return source, train_data, test_data, n_train, record
 
 
 def _schedule(cfg: Config, steps_per_epoch: int) -> tuple[int, int, int, float]:
@@ -200,31 +214,15 @@ def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     check_step_fits(cfg, device, dist.world_size)  # a step that cannot fit: one line, before any data or file
-    streamed, record, n_train = None, None, 0
-    own: BatchSource | None  # a source with its own steps: the online stream's, a user's batches
-    train_data: ImageData | StreamedSplit
-    test_data: ImageData | StreamedSplit
     if open_source is not None:  # a collection that grows while the run learns it once, in arrival order
-        own, train_data, test_data = open_source(cfg, device, session, progress)
+        source, train_data, test_data = open_source(cfg, device, session, progress)
+        n_train, record = 0, None  # (no epochs, no record: it follows a growing collection)
     else:
-        train_data, test_data, streamed, own, n_train = _load_data(cfg, data, dist, device, progress, evaluating)
-        read = streamed.items.shards if streamed is not None and isinstance(streamed.items, ShardItems) else None
-        record = data_record(n_train, cfg.data if data is None else None, cfg.data_dir,
-                             (cfg.image_key, cfg.label_key), read)
+        source, train_data, test_data, n_train, record = _load_data(cfg, data, dist, device, progress, evaluating)
     session.add("data", time.perf_counter() - t0)
     session.open()
 
-    order: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, rank=dist.rank,
-                                 world=dist.world_size)
-    sized = own if own is not None else \
-        StreamBatches(streamed, decode=resolve_decode(cfg.decode, device), **order) if streamed else None
-    # a stream's steps: LitData's, per rank; the online stream's: none (0)
-    steps_per_epoch = sized.steps_per_epoch if sized is not None else n_train // cfg.batch_size
-    total_steps, schedule_steps, warmup_steps, eval_every = _schedule(cfg, steps_per_epoch)
-    # in memory the images live on the device as uint8 when they fit (CIFAR-10: 150 MB), and views are cut there
-    images = train_data.images if isinstance(train_data, ImageData) else NO_IMAGES.images  # streamed: StreamBatches
-    source = sized if sized is not None else StepBatches(images.to(device) if images.numel() < 4 * 2**30 else images,
-                                                         total_steps=total_steps, **order)
+    total_steps, schedule_steps, warmup_steps, eval_every = _schedule(cfg, source.steps_per_epoch)
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
     method = create_method(cfg)
     torch.manual_seed(cfg.seed)  # model initialisation
@@ -237,10 +235,9 @@ def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | 
     generator.manual_seed(cfg.seed)
     run = Run(cfg=cfg, out=out, dist=dist, device=device, own_group=own_group, train_data=train_data,
               test_data=test_data, method=method, model=model, opt=opt, generator=generator,
-              steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule_steps=schedule_steps,
+              steps_per_epoch=source.steps_per_epoch, total_steps=total_steps, schedule_steps=schedule_steps,
               warmup_steps=warmup_steps, amp=autocast_dtype(cfg.precision, device), memory_format=memory_format,
-              session=session, source=source, eval_every=eval_every,
-              data=record, n_train=n_train)
+              session=session, source=source, eval_every=eval_every, data=record, n_train=n_train)
     # torchrun: every rank sees rank 0's run directory and the same checkpoint, or every rank stops here
     ckpt = distributed.shared_checkpoint(out, dist, lambda path: read_checkpoint(path, require=RESUMED))
     if ckpt is not None:
@@ -259,7 +256,7 @@ def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | 
 
 def resume(run: Run, log: Callable[[str], None], ckpt: dict[str, Any] | None = None) -> None:
     """Load the checkpoint of ``run.out`` (``ckpt``, if read already) into the run: weights, optimiser, step, RNG
-    states, clock."""
+    states, the run's clock."""
     ckpt = ckpt if ckpt is not None else read_checkpoint(run.ckpt_path, require=RESUMED)  # every rank loads it
     cfg, dist = run.cfg, run.dist
     if run.data is not None:  # (the online mode records none: it follows a growing collection)
@@ -269,7 +266,7 @@ def resume(run: Run, log: Callable[[str], None], ckpt: dict[str, Any] | None = N
                          f"(only --tcr-global and --sync-bn make the run independent of that number)")
     load_model_state(run.model, ckpt["model"], f"checkpoint {run.ckpt_path}")
     run.opt.load_state_dict(ckpt["optimizer"])
-    run.step, run.clock_state, run.metrics_state = int(ckpt["step"]), ckpt.get("clock"), ckpt.get("metrics")
+    run.step, run.session.before, run.metrics_state = int(ckpt["step"]), ckpt.get("clock") or {}, ckpt.get("metrics")
     state = ckpt.get("source") or ckpt.get("stream")  # (an older checkpoint holds the step alone)
     if state or run.step < run.total_steps:  # the position also counts what a finished stream learned
         run.source.load_state_dict(state or {"step": run.step})
@@ -296,9 +293,9 @@ def resume(run: Run, log: Callable[[str], None], ckpt: dict[str, Any] | None = N
         log(f"resuming {run.out} at step {run.step}" + (f"/{run.total_steps}" if run.total_steps < ENDLESS else ""))
 
 
-def save(run: Run, step: int, clock: dict[str, float], metrics: dict[str, Any] | None = None) -> None:
+def save(run: Run, step: int, metrics: dict[str, Any] | None = None) -> None:
     """A checkpoint of the run at ``step`` (:meth:`empssl.rundir.RunSession.save`: atomic, rank 0, config.json with
-    the first), with ``metrics`` (:meth:`MetricsLog.state`) and the source's position."""
+    the first), with the run's clock, ``metrics`` (:meth:`MetricsLog.state`) and the source's position."""
     if not run.dist.is_main:  # (only rank 0 asks the source for its state)
         return
     run.session.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "step": step,
@@ -307,7 +304,7 @@ def save(run: Run, step: int, clock: dict[str, float], metrics: dict[str, Any] |
                       "finished": step >= run.total_steps,
                       "rng": {"patches": run.generator.get_state(), "torch": torch.get_rng_state(),
                               "device": run.device.type},
-                      "clock": clock, "config": run.cfg.to_dict(), "version": __version__,
+                      "clock": run.session.clock(), "config": run.cfg.to_dict(), "version": __version__,
                       "world_size": run.dist.world_size, "metrics": metrics, "data": run.data,
                       "source": run.source.state_dict()}, run.cfg)
 
@@ -344,9 +341,8 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
                 lr = run.lr(step)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                compiler.before(step)
                 values, applied = compiler.call(train_step, opt, method, images, run.generator, run.amp,
-                                                run.memory_format, dist, generator=run.generator)
+                                                run.memory_format, dist, generator=run.generator, step=step)
                 method.after_step(model, step + 1, run.schedule_steps, applied)  # e.g. BYOL's target
                 metrics.add(values, applied, step + 1)
                 step += 1
@@ -369,14 +365,14 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
                 metrics.exclude(spent)  # waiting and monitoring stay out of patches_per_s and the compile decision
                 compiler.exclude(spent)
                 if at_ckpt or stopping:
-                    save(run, step, monitor.clock(), metrics.state())
+                    save(run, step, metrics.state())
                     last_good = step
                 if stopping or step == run.total_steps:
                     break
         except DataError:  # the source's data went bad (a shard that changed): the steps learned are kept
             if step != last_good:
                 _check_finite(run, metrics, step, last_good)
-                save(run, step, monitor.clock(), metrics.state())
+                save(run, step, metrics.state())
             raise
         if step != last_good:  # the source stopped first (a stream): its last step is the run's last
             _check_finite(run, metrics, step, last_good)
@@ -384,7 +380,7 @@ def loop(run: Run, monitor: Monitor, progress: bool, log: Callable[[str], None])
                 metrics.write(step, run.lr(step - 1))
             if monitor.interval and step % monitor.interval:  # the accuracy at the stop
                 monitor.evaluate(model, step)
-            save(run, step, monitor.clock(), metrics.state())
+            save(run, step, metrics.state())
     if (stopping or stop.requested) and step < run.total_steps:
         if step == 0:
             raise KeyboardInterrupt  # nothing was kept (the session says so)
@@ -438,8 +434,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         session.open_tracking(cfg, run.step)
         monitor = Monitor(cfg.replace(eval_every=run.eval_every), run.train_data, run.test_data, run.device, run.out,
                           steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps,
-                          patches_per_step=run.views_per_step, start_step=run.step, clock_state=run.clock_state,
-                          dist=run.dist, tracker=session.tracker)
+                          patches_per_step=run.views_per_step, start_step=run.step, session=session, dist=run.dist)
         if run.step < run.total_steps:
             loop(run, monitor, progress, log)
         elif run.ckpt_path.exists():
@@ -447,13 +442,12 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
         accounted: dict[str, Any] = getattr(run.source, "summary", dict)()  # a source's hook (SourceOpener)
         del run.source  # the training images on the device, freed for the evaluation
         synchronize(run.device)
-        clock = monitor.clock()
+        clock = session.trained(run.compiler.compile_seconds if run.compiler else 0.0,
+                                accounted.get("wait_seconds", 0.0))
         summary = {"method": cfg.method, "steps": run.step, "epochs": cfg.epochs, "images": run.n_train, **clock,
                    "device": device_name(run.device),
                    "compile": run.compiler.reason if run.compiler else None,  # monitoring: wall time and hardware
                    "fallbacks": fallbacks, **accounted}
-        session.account(clock, run.clock_state, waited=summary.get("wait_seconds", 0.0),
-                        compile_seconds=run.compiler.compile_seconds if run.compiler else 0.0)
         # an online run without --online-eval has no labelled data: it ends with its summary
         if not evaluate_at_end or not len(run.test_data):
             distributed.teardown(run.own_group)
