@@ -71,10 +71,14 @@ def _target_cell(t: dict[str, Any]) -> str:
 
 
 def time_to_accuracy_table(runs: Sequence[Run], targets: Sequence[float]) -> list[str]:
-    """Markdown lines: one row per run with monitor records, one column per target (time and epochs)."""
+    """Markdown lines: one row per run with monitor records, one column per target (time and epochs), and how to
+    read them; none when no run has monitor records."""
     rows = [[r.label, r.method, *[_target_cell(t) for t in time_to_targets(r.monitor, targets)]]
             for r in runs if r.monitor]
-    return table(["run", "method", *[f"kNN >= {t:g} %" for t in sorted(set(targets))]], rows)
+    return table(["run", "method", *[f"kNN >= {t:g} %" for t in sorted(set(targets))]], rows) + [
+        "Each figure is the first kNN evaluation at or above the target, not interpolated between evaluations: the "
+        "target may have been crossed up to one evaluation interval earlier. \"not reached\" gives the time and "
+        "epochs of the run's last evaluation.", ""] if rows else []
 
 
 def median_throughput(metrics: list[dict[str, Any]]) -> float | None:
@@ -169,15 +173,13 @@ def timing_table(runs: Sequence[Run]) -> list[str]:
     keys = [k for k in (*TIMING_FIELDS, "total") if any(k in timing for _, timing in timed)]
     for _, timing in timed:
         keys += [k for k in timing if k not in keys]
-    rows = []
-    for r, timing in timed:
-        total = timing.get("total")
-        cells: list[str | None] = []
-        for k in keys:
-            v = timing.get(k)
-            share = f" ({100 * v / total:.0f} %)" if v is not None and k != "total" and total else ""
-            cells.append(None if v is None else f"{fmt(float(v))}{share}")
-        rows.append([r.label, r.method, (r.results or {}).get("device"), *cells])
+
+    def cell(seconds: Any, total: Any) -> str | None:  # with its share of the total (none for the total itself)
+        share = f" ({100 * seconds / total:.0f} %)" if seconds is not None and total else ""
+        return None if seconds is None else f"{fmt(float(seconds))}{share}"
+
+    rows = [[r.label, r.method, r.results.get("device"), *[cell(t.get(k), k != "total" and t.get("total"))
+                                                           for k in keys]] for r, t in timed]
     lines = table(["run", "method", "device", *[f"{k} (s)" for k in keys]], rows)
     lines += ["Seconds from results.json's timing, with each part's share of the total; \"-\": not recorded "
               "by that run.", ""]
@@ -224,12 +226,11 @@ def monitor_table(runs: Sequence[Run]) -> list[str]:
 def online_tables(runs: Sequence[Run]) -> list[str]:
     """Markdown lines for the online runs (``train --online``): what each learned from its stream, and its kNN
     accuracy against the images seen (monitor.jsonl's ``images_seen``); none when no run is online."""
-    online = [r for r in runs if (r.results or {}).get("mode") == "online" or r.config.get("online")]
+    online = [r for r in runs if r.results.get("mode") == "online" or r.config.get("online")]
     if not online:
         return []
-    rows = [[r.label, r.method, (r.results or {}).get("source", r.config.get("data")),
-             (r.results or {}).get("images_seen"), (r.results or {}).get("images_skipped"),
-             (r.results or {}).get("stopped")] for r in online]
+    rows = [[r.label, r.method, r.results.get("source", r.config.get("data")),
+             *[r.results.get(k) for k in ("images_seen", "images_skipped", "stopped")]] for r in online]
     lines = table(["run", "method", "stream", "images learned", "images skipped", "stopped"], rows)
     curve = [[r.label, m.get("images_seen"), m.get("step"), m.get("knn_top1"), m.get("elapsed_s")]
              for r in online for m in r.monitor if m.get("knn_top1") is not None]
@@ -301,7 +302,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
         md += ["## Time and throughput", ""]
         rows = []
         for r in runs:
-            res = r.results or {}
+            res = r.results
             eval_s = sum(res.get(k, 0.0) for k in ("feature_seconds", "knn_seconds", "probe_seconds")) or None
             last = r.metrics[-1] if r.metrics else {}
             rows.append([r.label, r.method, res.get("device"), res.get("steps", last.get("step")),
@@ -315,11 +316,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
         md += ["## Time to accuracy", "",
                "Training wall time (monitoring excluded) and epochs until the kNN accuracy measured during "
                "training (--eval-every) first reached each target.", ""]
-        if any(r.monitor for r in runs):
-            md += time_to_accuracy_table(runs, goals)
-            md += ["Each figure is the first kNN evaluation at or above the target, not interpolated between "
-                   "evaluations: the target may have been crossed up to one evaluation interval earlier. "
-                   "\"not reached\" gives the time and epochs of the run's last evaluation.", ""]
+        md += time_to_accuracy_table(runs, goals)
         unmonitored = [r.label for r in runs if not r.monitor]
         if unmonitored:
             md += [f"No monitor.jsonl in {', '.join(unmonitored)}, so no time to accuracy there (train with "
