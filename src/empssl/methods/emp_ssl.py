@@ -21,14 +21,13 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
 from ..config import MethodSettings, setting
 from ..devices import autocast
 from ..distributed import SINGLE, Dist, gather_batch
-from ..losses import EMPSSLTerms, emp_ssl_loss, total_coding_rate
+from ..losses import EMPSSLTerms, emp_ssl_loss
 from ..models import EMPSSLModel
 from ..patches import Augment, apply_params, take_patches
 from ..recompute import keep_batchnorm_stats
@@ -49,12 +48,8 @@ def rank_loss(z: torch.Tensor, eps: float, invariance_weight: float, d: Dist, tc
     :mod:`empssl.distributed`); else over the local b images. The invariance term is the local mean, which DDP's
     gradient average turns into the global one. One process: :func:`emp_ssl_loss`.
     """
-    if not (d.enabled and tcr_global):
-        return emp_ssl_loss(z, eps, invariance_weight)
-    z = z.float()
-    tcr = total_coding_rate(gather_batch(z, d), eps).mean()
-    invariance = F.cosine_similarity(z, z.mean(dim=0, keepdim=True), dim=-1).mean()
-    return EMPSSLTerms(-tcr - invariance_weight * invariance, tcr, invariance)
+    gathered = gather_batch(z.float(), d) if d.enabled and tcr_global else None
+    return emp_ssl_loss(z, eps, invariance_weight, tcr_over=gathered)
 
 
 @register("emp-ssl", order=0)
