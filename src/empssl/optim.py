@@ -51,12 +51,11 @@ class LARS(torch.optim.Optimizer):
             raise ValueError("LARS does not support closures")
         groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
         params = [p for _, ps in groups for p in ps]
-        if not params:
-            device = next(p.device for group in self.param_groups for p in group["params"])
-            applied = torch.ones((), dtype=torch.bool, device=device)
-            return applied if finite is None else applied & finite
         # One norm per gradient; a NaN or inf element makes its norm non-finite, so these decide the skip too.
-        grad_norms = torch.stack(torch._foreach_norm([p.grad for p in params]))  # (n_params,)
+        if params:
+            grad_norms = torch.stack(torch._foreach_norm([p.grad for p in params]))  # (n_params,)
+        else:  # no gradient at all: nothing to update, and the step counts as applied (all() of none)
+            grad_norms = torch.zeros(0, device=next(p.device for group in self.param_groups for p in group["params"]))
         applied = grad_norms.isfinite().all()
         if finite is not None:
             applied = applied & finite

@@ -177,7 +177,7 @@ class Tracking:
     def __init__(self, trackers: Sequence[Tracker] = ()) -> None:
         self.trackers = list(trackers)
         if self.trackers:
-            atexit.register(self._abandon)
+            atexit.register(self.close, False)
 
     def log_scalars(self, record: Mapping[str, Any], *, step: int, wall_time: float, prefix: str = "") -> None:
         """The numeric fields of a metrics.jsonl / monitor.jsonl record at ``step``, as ``prefix`` + name."""
@@ -189,10 +189,7 @@ class Tracking:
     def close(self, ok: bool = True) -> None:
         self._each("close", ok)
         self.trackers = []
-        atexit.unregister(self._abandon)
-
-    def _abandon(self) -> None:
-        self.close(ok=False)
+        atexit.unregister(self.close)
 
     def _each(self, method: str, *args: Any) -> None:
         for tracker in list(self.trackers):

@@ -53,20 +53,13 @@ def time_to_targets(records: Sequence[dict[str, Any]], targets: Sequence[float])
     return out
 
 
-def _seconds(x: float) -> str:
-    return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
-
-
-def _epochs(x: float) -> str:
-    # two decimals show quarter epochs (--eval-every 0.25) without printing "4.00"
-    s = f"{x:.2f}".rstrip("0")
-    return s + "0" if s.endswith(".") else s
-
-
 def _target_cell(t: dict[str, Any]) -> str:
-    if t["train_s"] is None:
+    seconds, epoch = t["train_s"], t["epoch"]
+    if seconds is None:
         return "no kNN record"
-    when = f"{_seconds(t['train_s'])} s" + (f" ({_epochs(t['epoch'])} epochs)" if t["epoch"] is not None else "")
+    when = f"{seconds:.{1 if seconds < 1000 else 0}f} s"
+    if epoch is not None:  # two decimals at most: quarter epochs (--eval-every 0.25), but "4.0", not "4.00"
+        when += f" ({round(float(epoch), 2)} epochs)"
     return when if t["reached"] else f"not reached in {when}"
 
 
@@ -123,18 +116,21 @@ CONFIG_SUMMARY = ("method", "data", "train_subset", "image_size", "arch", "width
                   "eval_view", "eval_feature", "probe_epochs", "probe_lrs", "knn_k", "eval_every")
 
 
+def _result_files(runs: Sequence[Run]) -> list[tuple[Run, str, dict[str, Any]]]:
+    """(run, file name, results) of every results file of ``runs`` (:meth:`Run.result_files`)."""
+    return [(r, name, res) for r in runs for name, res in r.result_files()]
+
+
 def accuracy_table(runs: Sequence[Run]) -> list[str]:
     """Markdown lines: one row per results file of every run, with its method and evaluation protocol."""
     rows = []
-    for r in runs:
-        for name, res in r.result_files():
-            view, protocol = res.get("eval_view"), res.get("probe_protocol")  # final-epoch, val-epoch or lr-sweep
-            if protocol is not None and res.get("probe_lr") is not None:
-                protocol += f", lr {res['probe_lr']:g}"
-            rows.append([r.label, r.method, name, res.get("data", r.config.get("data")), view,
-                         res.get("linear_top1"), res.get("knn_top1"),
-                         res.get("test_patches") if view == "patches" else None, res.get("feature"),
-                         protocol, res.get("probe_epoch"), res.get("n_train"), res.get("n_test")])
+    for r, name, res in _result_files(runs):
+        view, protocol = res.get("eval_view"), res.get("probe_protocol")  # final-epoch, val-epoch or lr-sweep
+        if protocol is not None and res.get("probe_lr") is not None:
+            protocol += f", lr {res['probe_lr']:g}"
+        rows.append([r.label, r.method, name, res.get("data", r.config.get("data")), view, res.get("linear_top1"),
+                     res.get("knn_top1"), res.get("test_patches") if view == "patches" else None, res.get("feature"),
+                     protocol, res.get("probe_epoch"), res.get("n_train"), res.get("n_test")])
     if not rows:
         return ["No results.json in any run (train without --no-eval, or run empssl eval).", ""]
     return table(["run", "method", "file", "evaluated on", "eval view", "linear top-1 (%)", "kNN top-1 (%)",
@@ -143,18 +139,12 @@ def accuracy_table(runs: Sequence[Run]) -> list[str]:
 
 def random_init_table(runs: Sequence[Run]) -> list[str]:
     """Markdown lines: trained vs randomly initialised encoder (``random_init`` of results), or none."""
-    rows = []
-    for r in runs:
-        for name, res in r.result_files():
-            base = res.get("random_init")
-            if not base:
-                continue
-            row: list[Any] = [r.label, r.method, name]
-            for key in ("linear_top1", "knn_top1"):
-                trained, rand = res.get(key), base.get(key)
-                gap = f"{trained - rand:+.1f}" if trained is not None and rand is not None else None
-                row += [trained, rand, gap]
-            rows.append(row)
+    def versus(key: str, res: dict[str, Any]) -> list[Any]:  # trained, random init, the gap
+        trained, rand = res.get(key), res["random_init"].get(key)
+        return [trained, rand, f"{trained - rand:+.1f}" if trained is not None and rand is not None else None]
+
+    rows = [[r.label, r.method, name, *versus("linear_top1", res), *versus("knn_top1", res)]
+            for r, name, res in _result_files(runs) if res.get("random_init")]
     if not rows:
         return []
     return ["## Trained vs random initialisation", "",
@@ -192,16 +182,13 @@ def timing_table(runs: Sequence[Run]) -> list[str]:
 def probe_sweep_tables(runs: Sequence[Run]) -> list[str]:
     """Markdown lines: for every results file of a linear-probe lr sweep, its heads' validation accuracy."""
     lines: list[str] = []
-    for r in runs:
-        for name, res in r.result_files():
-            sweep = res.get("probe_sweep")
-            if not sweep:
-                continue
+    for r, name, res in _result_files(runs):
+        if res.get("probe_sweep"):
             chosen = res.get("probe_lr")
             lines += [f"### Linear-probe sweep: {r.label} ({name})", ""]
             lines += table(["probe lr", "val top-1 (%)", "epoch", "chosen"],
                             [[f"{h['lr']:g}", h.get("val_top1"), h.get("epoch"), "yes" if h["lr"] == chosen else ""]
-                             for h in sweep])
+                             for h in res["probe_sweep"]])
     if lines:
         lines = ["## Linear-probe learning-rate sweeps", "",
                  "One head per learning rate, scored on a validation split of the training features; the head "
