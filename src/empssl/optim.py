@@ -128,10 +128,8 @@ def lr_at(step: int, total_steps: int, base_lr: float, *, warmup_steps: int = 0,
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if warmup_steps and warmup_steps >= total_steps:
         raise ValueError(f"warmup_steps ({warmup_steps}) must be fewer than the schedule's {total_steps} steps")
-    if step < warmup_steps:
-        if warmup_steps == 1:
-            return warmup_start_lr
-        return warmup_start_lr + step * (base_lr - warmup_start_lr) / (warmup_steps - 1)
+    if step < warmup_steps:  # a one-step warm-up: step 0 at warmup_start_lr
+        return warmup_start_lr + step * (base_lr - warmup_start_lr) / max(warmup_steps - 1, 1)
     t = (min(step, total_steps) - warmup_steps) / max(total_steps - warmup_steps, 1)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 

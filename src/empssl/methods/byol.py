@@ -52,8 +52,7 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float | torch.Tensor)
         return
     # A 0-d tensor weight keeps lerp_ on the device; torch._foreach_lerp_ would take it as a Python scalar
     # (.item(), a host sync per step). lerp_ is exact at both ends: weight 0 keeps t, weight 1 gives o.
-    weight = (1 - tau) if isinstance(tau, torch.Tensor) else torch.tensor(1.0 - tau)
-    weight = weight.to(targets[0].device, targets[0].dtype)
+    weight = torch.as_tensor(1 - tau).to(targets[0].device, targets[0].dtype)
     for t, o in zip(targets, onlines):
         t.lerp_(o, weight)
 

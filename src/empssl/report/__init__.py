@@ -168,8 +168,8 @@ def timing_table(runs: Sequence[Run]) -> list[str]:
         share = f" ({100 * seconds / total:.0f} %)" if seconds is not None and total else ""
         return None if seconds is None else f"{fmt(float(seconds))}{share}"
 
-    rows = [[r.label, r.method, r.results.get("device"), *[cell(t.get(k), k != "total" and t.get("total"))
-                                                           for k in keys]] for r, t in timed]
+    rows = [[r.label, r.method, r.results.get("device"),
+             *[cell(t.get(k), k != "total" and t.get("total")) for k in keys]] for r, t in timed]
     lines = table(["run", "method", "device", *[f"{k} (s)" for k in keys]], rows)
     lines += ["Seconds from results.json's timing, with each part's share of the total; \"-\": not recorded "
               "by that run.", ""]
