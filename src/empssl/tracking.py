@@ -138,8 +138,8 @@ class MlflowTracker(Tracker):
                                          tags={"empssl.run_dir": str(run_dir.resolve())})
             self.run_id, logged = run.info.run_id, {}
         # MLflow refuses to change a parameter: a resumed session adds the new ones; config.json has them all.
-        params = {k: str(v)[:6000] for k, v in _flat(config).items() if k not in logged}
-        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+        params = [Param(k, str(v)[:6000]) for k, v in _flat(config).items() if k not in logged]
+        self.client.log_batch(self.run_id, params=params)
         self.client.log_dict(self.run_id, config, "config.json")
         return {"run_id": self.run_id, "tracking_uri": uri}
 

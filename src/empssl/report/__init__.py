@@ -117,8 +117,9 @@ CONFIG_SUMMARY = ("method", "data", "train_subset", "image_size", "arch", "width
 
 
 def _result_files(runs: Sequence[Run]) -> list[tuple[Run, str, dict[str, Any]]]:
-    """(run, file name, results) of every results file of ``runs`` (:meth:`Run.result_files`)."""
-    return [(r, name, res) for r in runs for name, res in r.result_files()]
+    """(run, file name, results) of each run's results.json, then its results-*.json."""
+    return [(r, name, res) for r in runs
+            for name, res in ([("results.json", r.results)] if r.results else []) + list(r.extra_results.items())]
 
 
 def accuracy_table(runs: Sequence[Run]) -> list[str]:

@@ -37,10 +37,6 @@ class Run:
         """The training method (from config.json, else results.json; "-" when neither is there)."""
         return self.config.get("method") or self.results.get("method") or "-"
 
-    def result_files(self) -> list[tuple[str, dict[str, Any]]]:
-        """(file name, results) of results.json then every results-*.json."""
-        return ([("results.json", self.results)] if self.results else []) + list(self.extra_results.items())
-
 
 def read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
     """The JSON object in ``path``; None, with a note, for a missing file (or a FIFO, which would block), a file that
