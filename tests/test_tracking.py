@@ -8,6 +8,7 @@ under the test's folder.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import struct
@@ -297,10 +298,14 @@ def test_fan_out_scalars_and_a_failing_logger_is_dropped_in_one_line(capsys: pyt
     assert dict(scalars({"a": {"b": 1, "c": "x"}, "step": 3})) == {"a/b": 1}
 
 
-def test_a_run_that_exits_without_finishing_ends_its_loggers_as_failed() -> None:
+def test_a_run_that_exits_without_finishing_ends_its_loggers_as_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    hooks: list[Any] = []
+    monkeypatch.setattr(atexit, "register", lambda hook, *args: hooks.append((hook, args)))
     rec = _Recorder()
-    tracking = Tracking([rec])
-    tracking._abandon()  # what the exit hook does when train() raised before close()
+    Tracking([rec])
+    assert len(hooks) == 1
+    hook, args = hooks[0]
+    hook(*args)  # what the exit hook does when train() raised before close()
     assert rec.calls == [("close", False)]
 
 

@@ -47,13 +47,15 @@ class EMPSSLTerms(NamedTuple):
     invariance: torch.Tensor  # (1/n) sum_i mean_b cos(z_i, z_mean), in [-1, 1]
 
 
-def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0) -> EMPSSLTerms:
+def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0, *,
+                 tcr_over: torch.Tensor | None = None) -> EMPSSLTerms:
     """EMP-SSL objective (paper Eq. 3), the quantity to *minimise*:
 
         loss = -(1/n) sum_i R(z_i) - invariance_weight * (1/n) sum_i mean_b cos(z_i, z_mean)
 
     z: (n_patches, b, d) projector outputs with L2-normalised rows; z[i] holds patch i of every image.
-    invariance_weight: lambda, 200 in the official recipe. Returns EMPSSLTerms(loss, tcr, invariance), 0-d float32
+    invariance_weight: lambda, 200 in the official recipe. ``tcr_over``: the (n_patches, B, d) batch the coding rates
+    span instead of z (all ranks' z, z being one rank's rows). Returns EMPSSLTerms(loss, tcr, invariance), 0-d float32
     tensors. ``z_mean`` (b, d), the mean over patches, is *not* detached, as in the official code.
     """
     if z.dim() != 3:
@@ -63,7 +65,7 @@ def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 2
                          f"got z of shape {tuple(z.shape)}")
     _check_weight("invariance_weight", invariance_weight)
     z = z.float()
-    tcr = total_coding_rate(z, eps).mean()
+    tcr = total_coding_rate(z if tcr_over is None else tcr_over, eps).mean()
     z_mean = z.mean(dim=0, keepdim=True)  # (1, b, d)
     invariance = F.cosine_similarity(z, z_mean, dim=-1).mean()  # mean over (n, b)
     return EMPSSLTerms(-tcr - invariance_weight * invariance, tcr, invariance)

@@ -55,14 +55,11 @@ class ResNet(nn.Module):
     def __init__(self, layers: tuple[int, ...] = (2, 2, 2, 2), width: int = 64, stem: str = "cifar") -> None:
         super().__init__()
         check_size("width", width)
-        if stem == "cifar":
-            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-            self.maxpool: nn.Module = nn.Identity()
-        elif stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-        else:
+        if stem not in ("cifar", "imagenet"):
             raise ValueError(f"unknown stem {stem!r}")
+        cifar = stem == "cifar"
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False) if cifar else nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         stages = []
@@ -79,7 +76,7 @@ class ResNet(nn.Module):
         # torchvision's 7x7 conv1 for a fresh nn.Conv2d, which keeps PyTorch's default init
         # (U(+-1/sqrt(fan_in)), std 1/sqrt(3 * 27) = 0.111 for the 3x3 RGB stem).
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) and not (stem == "cifar" and m is self.conv1):
+            if isinstance(m, nn.Conv2d) and not (cifar and m is self.conv1):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

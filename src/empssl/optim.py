@@ -51,12 +51,11 @@ class LARS(torch.optim.Optimizer):
             raise ValueError("LARS does not support closures")
         groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
         params = [p for _, ps in groups for p in ps]
-        if not params:
-            device = next(p.device for group in self.param_groups for p in group["params"])
-            applied = torch.ones((), dtype=torch.bool, device=device)
-            return applied if finite is None else applied & finite
         # One norm per gradient; a NaN or inf element makes its norm non-finite, so these decide the skip too.
-        grad_norms = torch.stack(torch._foreach_norm([p.grad for p in params]))  # (n_params,)
+        if params:
+            grad_norms = torch.stack(torch._foreach_norm([p.grad for p in params]))  # (n_params,)
+        else:  # no gradient at all: nothing to update, and the step counts as applied (all() of none)
+            grad_norms = torch.zeros(0, device=next(p.device for group in self.param_groups for p in group["params"]))
         applied = grad_norms.isfinite().all()
         if finite is not None:
             applied = applied & finite
@@ -129,10 +128,8 @@ def lr_at(step: int, total_steps: int, base_lr: float, *, warmup_steps: int = 0,
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if warmup_steps and warmup_steps >= total_steps:
         raise ValueError(f"warmup_steps ({warmup_steps}) must be fewer than the schedule's {total_steps} steps")
-    if step < warmup_steps:
-        if warmup_steps == 1:
-            return warmup_start_lr
-        return warmup_start_lr + step * (base_lr - warmup_start_lr) / (warmup_steps - 1)
+    if step < warmup_steps:  # a one-step warm-up: step 0 at warmup_start_lr
+        return warmup_start_lr + step * (base_lr - warmup_start_lr) / max(warmup_steps - 1, 1)
     t = (min(step, total_steps) - warmup_steps) / max(total_steps - warmup_steps, 1)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 

@@ -138,8 +138,8 @@ class MlflowTracker(Tracker):
                                          tags={"empssl.run_dir": str(run_dir.resolve())})
             self.run_id, logged = run.info.run_id, {}
         # MLflow refuses to change a parameter: a resumed session adds the new ones; config.json has them all.
-        params = {k: str(v)[:6000] for k, v in _flat(config).items() if k not in logged}
-        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+        params = [Param(k, str(v)[:6000]) for k, v in _flat(config).items() if k not in logged]
+        self.client.log_batch(self.run_id, params=params)
         self.client.log_dict(self.run_id, config, "config.json")
         return {"run_id": self.run_id, "tracking_uri": uri}
 
@@ -177,7 +177,7 @@ class Tracking:
     def __init__(self, trackers: Sequence[Tracker] = ()) -> None:
         self.trackers = list(trackers)
         if self.trackers:
-            atexit.register(self._abandon)
+            atexit.register(self.close, False)
 
     def log_scalars(self, record: Mapping[str, Any], *, step: int, wall_time: float, prefix: str = "") -> None:
         """The numeric fields of a metrics.jsonl / monitor.jsonl record at ``step``, as ``prefix`` + name."""
@@ -189,10 +189,7 @@ class Tracking:
     def close(self, ok: bool = True) -> None:
         self._each("close", ok)
         self.trackers = []
-        atexit.unregister(self._abandon)
-
-    def _abandon(self) -> None:
-        self.close(ok=False)
+        atexit.unregister(self.close)
 
     def _each(self, method: str, *args: Any) -> None:
         for tracker in list(self.trackers):

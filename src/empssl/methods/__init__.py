@@ -32,9 +32,8 @@ def create_method(cfg: Config) -> Method:
 def eval_protocol(cfg: Config) -> tuple[str, str]:
     """(view, feature) of the evaluation: ``cfg.eval_view`` / ``cfg.eval_feature``, or the method's own for auto."""
     cls = method_class(cfg.method)
-    view = cls.eval_view if cfg.eval_view == "auto" else cfg.eval_view
-    feature = cls.eval_feature if cfg.eval_feature == "auto" else cfg.eval_feature
-    return view, feature
+    return (cls.eval_view if cfg.eval_view == "auto" else cfg.eval_view,
+            cls.eval_feature if cfg.eval_feature == "auto" else cfg.eval_feature)
 
 
 def __getattr__(name: str) -> object:

@@ -23,7 +23,7 @@ from ..config import ConfigError, MethodSettings, setting
 from ..devices import autocast
 from ..distributed import SINGLE, Dist
 from ..losses import byol_loss
-from ..models import ResNet, create_backbone
+from ..models import ResNet
 from ..patches import Augment
 from . import register
 from .heads import TwoViewMethod, TwoViewModel, mlp, solo_augment
@@ -52,8 +52,7 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float | torch.Tensor)
         return
     # A 0-d tensor weight keeps lerp_ on the device; torch._foreach_lerp_ would take it as a Python scalar
     # (.item(), a host sync per step). lerp_ is exact at both ends: weight 0 keeps t, weight 1 gives o.
-    weight = (1 - tau) if isinstance(tau, torch.Tensor) else torch.tensor(1.0 - tau)
-    weight = weight.to(targets[0].device, targets[0].dtype)
+    weight = torch.as_tensor(1 - tau).to(targets[0].device, targets[0].dtype)
     for t, o in zip(targets, onlines):
         t.lerp_(o, weight)
 
@@ -105,12 +104,10 @@ class BYOL(TwoViewMethod):
                   blur_p=0.0)
     terms = ("loss", "tau")
 
-    def build_model(self) -> nn.Module:
-        cfg, s = self.cfg, self.settings
-        backbone = create_backbone(cfg.arch, cfg.width)
-        projector = mlp([backbone.out_dim, cfg.hidden_dim, cfg.z_dim], batch_norm=True)
-        predictor = mlp([cfg.z_dim, s.pred_hidden_dim, cfg.z_dim], batch_norm=True)
-        return BYOLModel(backbone, projector, predictor, s.tau_base)
+    def build_model(self) -> BYOLModel:
+        online = super().build_model()  # backbone and projector
+        predictor = mlp([self.cfg.z_dim, self.settings.pred_hidden_dim, self.cfg.z_dim], batch_norm=True)
+        return BYOLModel(online.backbone, online.projector, predictor, self.settings.tau_base)
 
     def view_augments(self) -> list[Augment]:
         return [solo_augment(self.cfg, solarize_p=s, **self.colour) for s in (0.0, 0.2)]

@@ -5,7 +5,7 @@ Model: :class:`empssl.models.EMPSSLModel`. All ``n_patches * b`` patches of a st
 BatchNorm normalises over all of them, as the official code on one GPU. Evaluated by the bag of features: the
 pre-feature averaged over augmented test patches.
 
-``--patch-chunks K`` (:func:`chunked_gradients`) bounds a step's memory (200 x 224 px patches is 20,000 patches a
+``--patch-chunks K`` (:meth:`EMPSSL.gradients`) bounds a step's memory (200 x 224 px patches is 20,000 patches a
 step) by making and consuming the patches in K groups of n_patches / K per image. The loss couples all patches,
 so each group runs forward twice (gradient caching): first without gradients, for every projection z of the
 step, then the loss and dL/dz over all of them; then group by group forward again and backward from its rows of
@@ -21,14 +21,13 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
 from ..config import MethodSettings, setting
 from ..devices import autocast
 from ..distributed import SINGLE, Dist, gather_batch
-from ..losses import EMPSSLTerms, emp_ssl_loss, total_coding_rate
+from ..losses import EMPSSLTerms, emp_ssl_loss
 from ..models import EMPSSLModel
 from ..patches import Augment, apply_params, take_patches
 from ..recompute import keep_batchnorm_stats
@@ -49,12 +48,8 @@ def rank_loss(z: torch.Tensor, eps: float, invariance_weight: float, d: Dist, tc
     :mod:`empssl.distributed`); else over the local b images. The invariance term is the local mean, which DDP's
     gradient average turns into the global one. One process: :func:`emp_ssl_loss`.
     """
-    if not (d.enabled and tcr_global):
-        return emp_ssl_loss(z, eps, invariance_weight)
-    z = z.float()
-    tcr = total_coding_rate(gather_batch(z, d), eps).mean()
-    invariance = F.cosine_similarity(z, z.mean(dim=0, keepdim=True), dim=-1).mean()
-    return EMPSSLTerms(-tcr - invariance_weight * invariance, tcr, invariance)
+    gathered = gather_batch(z.float(), d) if d.enabled and tcr_global else None
+    return emp_ssl_loss(z, eps, invariance_weight, tcr_over=gathered)
 
 
 @register("emp-ssl", order=0)
@@ -89,44 +84,39 @@ class EMPSSL(Method):
 
     def gradients(self, net: nn.Module, images: torch.Tensor, generator: torch.Generator, amp: torch.dtype | None,
                   memory_format: torch.memory_format, dist: Dist = SINGLE) -> torch.Tensor:
+        """The base class's, or with ``--patch-chunks`` in groups (the module docstring says how and what it equals).
+
+        Peak memory: one group's patches and activations, plus the step's (n_patches, b, z_dim) float32 projections
+        and their gradient. Under torchrun only the last group's backward all-reduces (the others ``no_sync``).
+        """
         if self.cfg.patch_chunks == 1:
             return super().gradients(net, images, generator, amp, memory_format, dist)
-        return chunked_gradients(self, net, images, generator, amp, memory_format, dist)
+        cfg = self.cfg
+        k_groups = cfg.patch_chunks
+        per_group = cfg.num_patches // k_groups
+        b = images.shape[0]
+        aug = Augment.from_config(cfg)
+        params = distributed.rank_patch_params(images, cfg.num_patches, aug, generator, dist)
 
+        def project(k: int) -> torch.Tensor:  # group k: patches k*c .. (k+1)*c of every image -> (c, b, z_dim)
+            group = take_patches(params, k * per_group * b, (k + 1) * per_group * b)
+            patches = apply_params(images, group, aug, per_group, memory_format=memory_format)
+            with autocast(images.device, amp):
+                return net(patches.flatten(0, 1)).view(per_group, b, -1)
 
-def chunked_gradients(method: EMPSSL, net: nn.Module, images: torch.Tensor, generator: torch.Generator,
-                      amp: torch.dtype | None, memory_format: torch.memory_format, dist: Dist = SINGLE
-                      ) -> torch.Tensor:
-    """:meth:`EMPSSL.gradients` in ``--patch-chunks`` groups (the module docstring says how and what it equals).
-
-    Peak memory: one group's patches and activations, plus the step's (n_patches, b, z_dim) float32 projections
-    and their gradient. Under torchrun only the last group's backward all-reduces (the others ``no_sync``).
-    """
-    cfg = method.cfg
-    k_groups = cfg.patch_chunks
-    per_group = cfg.num_patches // k_groups
-    b = images.shape[0]
-    aug = Augment.from_config(cfg)
-    params = distributed.rank_patch_params(images, cfg.num_patches, aug, generator, dist)
-
-    def project(k: int) -> torch.Tensor:  # group k: patches k*c .. (k+1)*c of every image -> (c, b, z_dim)
-        group = take_patches(params, k * per_group * b, (k + 1) * per_group * b)
-        patches = apply_params(images, group, aug, per_group, memory_format=memory_format)
-        with autocast(images.device, amp):
-            return net(patches.flatten(0, 1)).view(per_group, b, -1)
-
-    with torch.no_grad():  # every projection of the step; the running statistics take the first group's
-        zs = [project(0)]
-        with keep_batchnorm_stats(net):
-            zs += [project(k) for k in range(1, k_groups)]
-    z = torch.cat(zs).float().requires_grad_(True)
-    out = rank_loss(z, method.settings.eps, method.settings.invariance_weight, dist, cfg.tcr_global)
-    terms = torch.stack(list(out))
-    (dz,) = torch.autograd.grad(terms[0], z)
-    with keep_batchnorm_stats(net):  # the second forward of each group leaves the running statistics as they are
-        for k in range(k_groups):
-            # DDP's no_sync (a compiled module forwards it) for every group but the last; nothing without DDP
-            with contextlib.nullcontext() if k == k_groups - 1 else getattr(net, "no_sync", contextlib.nullcontext)():
-                zk = project(k)
-                zk.backward(dz[k * per_group:(k + 1) * per_group].to(zk.dtype))
-    return terms.detach()
+        with torch.no_grad():  # every projection of the step; the running statistics take the first group's
+            zs = [project(0)]
+            with keep_batchnorm_stats(net):
+                zs += [project(k) for k in range(1, k_groups)]
+        z = torch.cat(zs).float().requires_grad_(True)
+        out = rank_loss(z, self.settings.eps, self.settings.invariance_weight, dist, cfg.tcr_global)
+        terms = torch.stack(list(out))
+        (dz,) = torch.autograd.grad(terms[0], z)
+        with keep_batchnorm_stats(net):  # the second forward of each group leaves the running statistics as they are
+            for k in range(k_groups):
+                # DDP's no_sync (a compiled module forwards it) for every group but the last; nothing without DDP
+                last = k == k_groups - 1
+                with contextlib.nullcontext() if last else getattr(net, "no_sync", contextlib.nullcontext)():
+                    zk = project(k)
+                    zk.backward(dz[k * per_group:(k + 1) * per_group].to(zk.dtype))
+        return terms.detach()

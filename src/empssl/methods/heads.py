@@ -15,7 +15,7 @@ from .. import distributed
 from ..config import Config
 from ..devices import autocast
 from ..distributed import SINGLE, Dist
-from ..models import ResNet, check_size
+from ..models import ResNet, check_size, create_backbone
 from ..patches import Augment
 from .base import Method
 
@@ -75,6 +75,15 @@ class TwoViewMethod(Method):
     solo-learn evaluates it (the base class's default): the whole image, the backbone feature."""
 
     colour: ClassVar[dict[str, float]] = {}  # both views' colour settings (the method's solo-learn YAML)
+    projector_layers: ClassVar[int] = 1  # hidden layers of the projector, --hidden-dim wide
+    projector_bn: ClassVar[bool] = True  # BatchNorm1d after each of them
+
+    def build_model(self) -> TwoViewModel:
+        """A :class:`TwoViewModel`: the ``cfg.arch`` backbone and the projector the class attributes describe."""
+        cfg = self.cfg
+        backbone = create_backbone(cfg.arch, cfg.width)
+        dims = [backbone.out_dim, *[cfg.hidden_dim] * self.projector_layers, cfg.z_dim]
+        return TwoViewModel(backbone, mlp(dims, batch_norm=self.projector_bn))
 
     def view_augments(self) -> list[Augment]:
         return [solo_augment(self.cfg, **self.colour)] * 2

@@ -15,9 +15,8 @@ from torch import nn
 from ..config import MethodSettings, setting
 from ..distributed import SINGLE, Dist
 from ..losses import simclr_loss
-from ..models import create_backbone
 from . import register
-from .heads import TwoViewMethod, TwoViewModel, mlp
+from .heads import TwoViewMethod
 
 
 @dataclass(frozen=True)
@@ -32,11 +31,7 @@ class SimCLR(TwoViewMethod):
     preset = "simclr-cifar10"
     colour = dict(flip_p=0.5, jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, gray_p=0.2,
                   blur_p=0.5, solarize_p=0.0)  # symmetric.yaml (solo-learn 8676d223)
-
-    def build_model(self) -> nn.Module:
-        cfg = self.cfg
-        backbone = create_backbone(cfg.arch, cfg.width)
-        return TwoViewModel(backbone, mlp([backbone.out_dim, cfg.hidden_dim, cfg.z_dim], batch_norm=False))
+    projector_bn = False
 
     def loss(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None,
              dist: Dist = SINGLE) -> torch.Tensor:

@@ -16,9 +16,8 @@ from torch import nn
 from ..config import MethodSettings, setting
 from ..distributed import SINGLE, Dist
 from ..losses import vicreg_loss
-from ..models import create_backbone
 from . import register
-from .heads import TwoViewMethod, TwoViewModel, mlp
+from .heads import TwoViewMethod
 
 
 @dataclass(frozen=True)
@@ -36,12 +35,7 @@ class VICReg(TwoViewMethod):
     colour = dict(flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2,
                   blur_p=0.0, solarize_p=0.1)  # vicreg.yaml (solo-learn e74719b9)
     terms = ("loss", "invariance", "variance", "covariance")
-
-    def build_model(self) -> nn.Module:
-        cfg = self.cfg
-        backbone = create_backbone(cfg.arch, cfg.width)
-        dims = [backbone.out_dim, cfg.hidden_dim, cfg.hidden_dim, cfg.z_dim]
-        return TwoViewModel(backbone, mlp(dims, batch_norm=True))
+    projector_layers = 2
 
     def loss(self, net: nn.Module, views: torch.Tensor, amp: torch.dtype | None,
              dist: Dist = SINGLE) -> torch.Tensor:

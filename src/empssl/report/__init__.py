@@ -53,28 +53,25 @@ def time_to_targets(records: Sequence[dict[str, Any]], targets: Sequence[float])
     return out
 
 
-def _seconds(x: float) -> str:
-    return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
-
-
-def _epochs(x: float) -> str:
-    # two decimals show quarter epochs (--eval-every 0.25) without printing "4.00"
-    s = f"{x:.2f}".rstrip("0")
-    return s + "0" if s.endswith(".") else s
-
-
 def _target_cell(t: dict[str, Any]) -> str:
-    if t["train_s"] is None:
+    seconds, epoch = t["train_s"], t["epoch"]
+    if seconds is None:
         return "no kNN record"
-    when = f"{_seconds(t['train_s'])} s" + (f" ({_epochs(t['epoch'])} epochs)" if t["epoch"] is not None else "")
+    when = f"{seconds:.{1 if seconds < 1000 else 0}f} s"
+    if epoch is not None:  # two decimals at most: quarter epochs (--eval-every 0.25), but "4.0", not "4.00"
+        when += f" ({round(float(epoch), 2)} epochs)"
     return when if t["reached"] else f"not reached in {when}"
 
 
 def time_to_accuracy_table(runs: Sequence[Run], targets: Sequence[float]) -> list[str]:
-    """Markdown lines: one row per run with monitor records, one column per target (time and epochs)."""
+    """Markdown lines: one row per run with monitor records, one column per target (time and epochs), and how to
+    read them; none when no run has monitor records."""
     rows = [[r.label, r.method, *[_target_cell(t) for t in time_to_targets(r.monitor, targets)]]
             for r in runs if r.monitor]
-    return table(["run", "method", *[f"kNN >= {t:g} %" for t in sorted(set(targets))]], rows)
+    return table(["run", "method", *[f"kNN >= {t:g} %" for t in sorted(set(targets))]], rows) + [
+        "Each figure is the first kNN evaluation at or above the target, not interpolated between evaluations: the "
+        "target may have been crossed up to one evaluation interval earlier. \"not reached\" gives the time and "
+        "epochs of the run's last evaluation.", ""] if rows else []
 
 
 def median_throughput(metrics: list[dict[str, Any]]) -> float | None:
@@ -119,18 +116,22 @@ CONFIG_SUMMARY = ("method", "data", "train_subset", "image_size", "arch", "width
                   "eval_view", "eval_feature", "probe_epochs", "probe_lrs", "knn_k", "eval_every")
 
 
+def _result_files(runs: Sequence[Run]) -> list[tuple[Run, str, dict[str, Any]]]:
+    """(run, file name, results) of each run's results.json, then its results-*.json."""
+    return [(r, name, res) for r in runs
+            for name, res in ([("results.json", r.results)] if r.results else []) + list(r.extra_results.items())]
+
+
 def accuracy_table(runs: Sequence[Run]) -> list[str]:
     """Markdown lines: one row per results file of every run, with its method and evaluation protocol."""
     rows = []
-    for r in runs:
-        for name, res in r.result_files():
-            view, protocol = res.get("eval_view"), res.get("probe_protocol")  # final-epoch, val-epoch or lr-sweep
-            if protocol is not None and res.get("probe_lr") is not None:
-                protocol += f", lr {res['probe_lr']:g}"
-            rows.append([r.label, r.method, name, res.get("data", r.config.get("data")), view,
-                         res.get("linear_top1"), res.get("knn_top1"),
-                         res.get("test_patches") if view == "patches" else None, res.get("feature"),
-                         protocol, res.get("probe_epoch"), res.get("n_train"), res.get("n_test")])
+    for r, name, res in _result_files(runs):
+        view, protocol = res.get("eval_view"), res.get("probe_protocol")  # final-epoch, val-epoch or lr-sweep
+        if protocol is not None and res.get("probe_lr") is not None:
+            protocol += f", lr {res['probe_lr']:g}"
+        rows.append([r.label, r.method, name, res.get("data", r.config.get("data")), view, res.get("linear_top1"),
+                     res.get("knn_top1"), res.get("test_patches") if view == "patches" else None, res.get("feature"),
+                     protocol, res.get("probe_epoch"), res.get("n_train"), res.get("n_test")])
     if not rows:
         return ["No results.json in any run (train without --no-eval, or run empssl eval).", ""]
     return table(["run", "method", "file", "evaluated on", "eval view", "linear top-1 (%)", "kNN top-1 (%)",
@@ -139,18 +140,12 @@ def accuracy_table(runs: Sequence[Run]) -> list[str]:
 
 def random_init_table(runs: Sequence[Run]) -> list[str]:
     """Markdown lines: trained vs randomly initialised encoder (``random_init`` of results), or none."""
-    rows = []
-    for r in runs:
-        for name, res in r.result_files():
-            base = res.get("random_init")
-            if not base:
-                continue
-            row: list[Any] = [r.label, r.method, name]
-            for key in ("linear_top1", "knn_top1"):
-                trained, rand = res.get(key), base.get(key)
-                gap = f"{trained - rand:+.1f}" if trained is not None and rand is not None else None
-                row += [trained, rand, gap]
-            rows.append(row)
+    def versus(key: str, res: dict[str, Any]) -> list[Any]:  # trained, random init, the gap
+        trained, rand = res.get(key), res["random_init"].get(key)
+        return [trained, rand, f"{trained - rand:+.1f}" if trained is not None and rand is not None else None]
+
+    rows = [[r.label, r.method, name, *versus("linear_top1", res), *versus("knn_top1", res)]
+            for r, name, res in _result_files(runs) if res.get("random_init")]
     if not rows:
         return []
     return ["## Trained vs random initialisation", "",
@@ -169,15 +164,13 @@ def timing_table(runs: Sequence[Run]) -> list[str]:
     keys = [k for k in (*TIMING_FIELDS, "total") if any(k in timing for _, timing in timed)]
     for _, timing in timed:
         keys += [k for k in timing if k not in keys]
-    rows = []
-    for r, timing in timed:
-        total = timing.get("total")
-        cells: list[str | None] = []
-        for k in keys:
-            v = timing.get(k)
-            share = f" ({100 * v / total:.0f} %)" if v is not None and k != "total" and total else ""
-            cells.append(None if v is None else f"{fmt(float(v))}{share}")
-        rows.append([r.label, r.method, (r.results or {}).get("device"), *cells])
+
+    def cell(seconds: Any, total: Any) -> str | None:  # with its share of the total (none for the total itself)
+        share = f" ({100 * seconds / total:.0f} %)" if seconds is not None and total else ""
+        return None if seconds is None else f"{fmt(float(seconds))}{share}"
+
+    rows = [[r.label, r.method, r.results.get("device"),
+             *[cell(t.get(k), k != "total" and t.get("total")) for k in keys]] for r, t in timed]
     lines = table(["run", "method", "device", *[f"{k} (s)" for k in keys]], rows)
     lines += ["Seconds from results.json's timing, with each part's share of the total; \"-\": not recorded "
               "by that run.", ""]
@@ -190,16 +183,13 @@ def timing_table(runs: Sequence[Run]) -> list[str]:
 def probe_sweep_tables(runs: Sequence[Run]) -> list[str]:
     """Markdown lines: for every results file of a linear-probe lr sweep, its heads' validation accuracy."""
     lines: list[str] = []
-    for r in runs:
-        for name, res in r.result_files():
-            sweep = res.get("probe_sweep")
-            if not sweep:
-                continue
+    for r, name, res in _result_files(runs):
+        if res.get("probe_sweep"):
             chosen = res.get("probe_lr")
             lines += [f"### Linear-probe sweep: {r.label} ({name})", ""]
             lines += table(["probe lr", "val top-1 (%)", "epoch", "chosen"],
                             [[f"{h['lr']:g}", h.get("val_top1"), h.get("epoch"), "yes" if h["lr"] == chosen else ""]
-                             for h in sweep])
+                             for h in res["probe_sweep"]])
     if lines:
         lines = ["## Linear-probe learning-rate sweeps", "",
                  "One head per learning rate, scored on a validation split of the training features; the head "
@@ -224,12 +214,11 @@ def monitor_table(runs: Sequence[Run]) -> list[str]:
 def online_tables(runs: Sequence[Run]) -> list[str]:
     """Markdown lines for the online runs (``train --online``): what each learned from its stream, and its kNN
     accuracy against the images seen (monitor.jsonl's ``images_seen``); none when no run is online."""
-    online = [r for r in runs if (r.results or {}).get("mode") == "online" or r.config.get("online")]
+    online = [r for r in runs if r.results.get("mode") == "online" or r.config.get("online")]
     if not online:
         return []
-    rows = [[r.label, r.method, (r.results or {}).get("source", r.config.get("data")),
-             (r.results or {}).get("images_seen"), (r.results or {}).get("images_skipped"),
-             (r.results or {}).get("stopped")] for r in online]
+    rows = [[r.label, r.method, r.results.get("source", r.config.get("data")),
+             *[r.results.get(k) for k in ("images_seen", "images_skipped", "stopped")]] for r in online]
     lines = table(["run", "method", "stream", "images learned", "images skipped", "stopped"], rows)
     curve = [[r.label, m.get("images_seen"), m.get("step"), m.get("knn_top1"), m.get("elapsed_s")]
              for r in online for m in r.monitor if m.get("knn_top1") is not None]
@@ -301,7 +290,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
         md += ["## Time and throughput", ""]
         rows = []
         for r in runs:
-            res = r.results or {}
+            res = r.results
             eval_s = sum(res.get(k, 0.0) for k in ("feature_seconds", "knn_seconds", "probe_seconds")) or None
             last = r.metrics[-1] if r.metrics else {}
             rows.append([r.label, r.method, res.get("device"), res.get("steps", last.get("step")),
@@ -315,11 +304,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, targets
         md += ["## Time to accuracy", "",
                "Training wall time (monitoring excluded) and epochs until the kNN accuracy measured during "
                "training (--eval-every) first reached each target.", ""]
-        if any(r.monitor for r in runs):
-            md += time_to_accuracy_table(runs, goals)
-            md += ["Each figure is the first kNN evaluation at or above the target, not interpolated between "
-                   "evaluations: the target may have been crossed up to one evaluation interval earlier. "
-                   "\"not reached\" gives the time and epochs of the run's last evaluation.", ""]
+        md += time_to_accuracy_table(runs, goals)
         unmonitored = [r.label for r in runs if not r.monitor]
         if unmonitored:
             md += [f"No monitor.jsonl in {', '.join(unmonitored)}, so no time to accuracy there (train with "

@@ -24,7 +24,7 @@ class Run:
     legend: str = ""  # the name of its lines in plots: the label, with the method when runs differ in it
     config: dict[str, Any] = field(default_factory=dict)
     version: str | None = None
-    results: dict[str, Any] | None = None
+    results: dict[str, Any] = field(default_factory=dict)
     extra_results: dict[str, dict[str, Any]] = field(default_factory=dict)  # results-*.json by file name
     metrics: list[dict[str, Any]] = field(default_factory=list)
     monitor: list[dict[str, Any]] = field(default_factory=list)
@@ -35,11 +35,7 @@ class Run:
     @property
     def method(self) -> str:
         """The training method (from config.json, else results.json; "-" when neither is there)."""
-        return self.config.get("method") or (self.results or {}).get("method") or "-"
-
-    def result_files(self) -> list[tuple[str, dict[str, Any]]]:
-        """(file name, results) of results.json then every results-*.json."""
-        return ([("results.json", self.results)] if self.results else []) + list(self.extra_results.items())
+        return self.config.get("method") or self.results.get("method") or "-"
 
 
 def read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
@@ -78,7 +74,7 @@ def read_run(path: Path) -> Run:
     saved = read_json(run.path / "config.json", run.notes) or {}
     config = saved.get("config")
     run.config, run.version = config if isinstance(config, dict) else {}, saved.get("version")
-    run.results = read_json(run.path / "results.json", run.notes)
+    run.results = read_json(run.path / "results.json", run.notes) or {}
     run.test_patch_ablation = read_json(run.path / "test_patch_ablation.json", run.notes)
     for p in sorted(run.path.glob("results-*.json")):  # empssl eval's default name and --out files beside it
         data = read_json(p, run.notes)
