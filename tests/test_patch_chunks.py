@@ -1,4 +1,4 @@
-"""--patch-chunks: a step's patches made and consumed in groups (empssl.methods.emp_ssl.chunked_gradients).
+"""--patch-chunks: a step's patches made and consumed in groups (empssl.methods.emp_ssl.EMPSSL.gradients).
 
 What it must equal: the loss over all of the step's patches, with BatchNorm per group as the official code's
 nn.DataParallel has it on K GPUs (each GPU normalises its contiguous piece of the patch-major batch; the
