@@ -145,10 +145,11 @@ NO_IMAGES = ImageData(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0,
 
 def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | Iterable[Any] | None, dist: Dist,
                device: torch.device, progress: bool, evaluating: bool
-               ) -> tuple[BatchSource, ImageData | StreamedSplit, ImageData | StreamedSplit, int, dict[str, Any]]:
-    """(the batch source, train, test, the images of an epoch, what it trains on: :func:`empssl.stream.data_record`);
-    with a user's batches, train and test are ``cfg.data``'s for the monitor and the evaluation (loaded only for
-    them)."""
+               ) -> tuple[Callable[[], BatchSource], ImageData | StreamedSplit, ImageData | StreamedSplit, int,
+                          dict[str, Any]]:
+    """(what builds the batch source, called once the run directory is locked, as it may copy the images to the
+    GPU; train, test, the images of an epoch, what it trains on: :func:`empssl.stream.data_record`); with a user's
+    batches, train and test are ``cfg.data``'s for the monitor and the evaluation (loaded only for them)."""
     own = None
     train_data: ImageData | StreamedSplit
     test_data: ImageData | StreamedSplit
@@ -176,16 +177,18 @@ def _load_data(cfg: Config, data: tuple[ImageData, ImageData] | Iterable[Any] | 
                          read)
     order: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, rank=dist.rank,
                                  world=dist.world_size)
-    source: BatchSource
-    if own is not None:
-        source = own
-    elif streamed is not None:  # its steps: LitData's, per rank
-        source = StreamBatches(streamed, decode=resolve_decode(cfg.decode, device), **order)
-    else:  # in memory the images live on the device as uint8 when they fit (CIFAR-10: 150 MB), and views are cut there
+
+    def source() -> BatchSource:
+        if own is not None:
+            return own
+        if streamed is not None:  # its steps: LitData's, per rank
+            return StreamBatches(streamed, decode=resolve_decode(cfg.decode, device), **order)
+        # in memory the images live on the device as uint8 when they fit (CIFAR-10: 150 MB), and views are cut there
         assert isinstance(train_data, ImageData)  # (not streamed)
         images = train_data.images
-        source = StepBatches(images.to(device) if images.numel() < 4 * 2**30 else images, **order,
-                             total_steps=_schedule(cfg, n_train // cfg.batch_size)[0])
+        return StepBatches(images.to(device) if images.numel() < 4 * 2**30 else images, **order,
+                           total_steps=_schedule(cfg, n_train // cfg.batch_size)[0])
+
     return source, train_data, test_data, n_train, record
 
 
@@ -215,12 +218,13 @@ def setup(cfg: Config, session: RunSession, data: tuple[ImageData, ImageData] | 
         torch.backends.cudnn.benchmark = True
     check_step_fits(cfg, device, dist.world_size)  # a step that cannot fit: one line, before any data or file
     if open_source is not None:  # a collection that grows while the run learns it once, in arrival order
-        source, train_data, test_data = open_source(cfg, device, session, progress)
-        n_train, record = 0, None  # (no epochs, no record: it follows a growing collection)
+        opened, train_data, test_data = open_source(cfg, device, session, progress)
+        build, n_train, record = lambda: opened, 0, None  # (no epochs, no record: it follows a growing collection)
     else:
-        source, train_data, test_data, n_train, record = _load_data(cfg, data, dist, device, progress, evaluating)
+        build, train_data, test_data, n_train, record = _load_data(cfg, data, dist, device, progress, evaluating)
     session.add("data", time.perf_counter() - t0)
     session.open()
+    source = build()
 
     total_steps, schedule_steps, warmup_steps, eval_every = _schedule(cfg, source.steps_per_epoch)
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
