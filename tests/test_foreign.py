@@ -216,3 +216,13 @@ def test_decode_image_refuses_an_array_that_is_not_pixels_in_one_line():
     with pytest.raises(DataError, match=r"cannot decode item 3: a float32 array of shape \(4, 4, 3\)"):
         decode_image(np.zeros((4, 4, 3), np.float32), 0, "item 3")
     assert decode_image(np.full((4, 4, 1), 7, np.uint8)).tolist() == np.full((4, 4, 3), 7).tolist()
+
+
+def test_a_split_without_chunks_is_refused_in_one_line(tmp_path):
+    root = user_folder("pil", tmp_path / "ds")
+    index = json.loads((root / "test" / "index.json").read_text())
+    for chunk in index["chunks"]:
+        (root / "test" / chunk["filename"]).unlink()
+    (root / "test" / "index.json").write_text(json.dumps({**index, "chunks": []}))
+    with pytest.raises(DataError, match=r"ds/test/index.json lists no chunks: the test split holds no items"):
+        verify_shards(root, data_dir=tmp_path / "data")

@@ -121,8 +121,10 @@ def test_parallel_run_writes_the_same_files_as_a_serial_run(tree: Path, tmp_path
     assert len(serial) == 6 + 3 + 2 + 2 + 1 and serial == parallel  # 6 + 3 shards, 2 index.json, 2 labels.npy
 
 
+@pytest.mark.parametrize("records_of_0_3", [False, True])
 def test_resume_after_an_interruption_gives_the_uninterrupted_files(tree: Path, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     records_of_0_3: bool) -> None:
     write_shards(str(tree), tmp_path / "clean", workers=1, shard_size=2, progress=False)
     real, calls = shard.prepare_image, [0]
 
@@ -138,6 +140,11 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_files(tree: Path, 
         write_shards(str(tree), out, workers=1, shard_size=2, progress=False)
     with pytest.raises(DataError, match="unfinished shard run"):
         verify_shards(out)
+    if records_of_0_3:  # an unfinished run of empssl 0.3.0, whose records held the shard's fields at the top
+        for record in (out / "train" / ".parts").glob("*.json"):
+            part = json.loads(record.read_text())
+            entry = part.pop("shard")
+            record.write_text(json.dumps({**part, **{k: entry[k] for k in ("images", "bytes", "sha256")}}))
     monkeypatch.setattr(shard, "prepare_image", real)
     calls[0] = 0
     rerun, counted = shard.prepare_image, []

@@ -381,6 +381,9 @@ def _done_parts(folder: Path) -> dict[int, dict[str, Any]]:
     for record in sorted((folder / ".parts").glob("*.json")):
         try:
             part = json.loads(record.read_text())
+            if "shard" not in part:  # empssl 0.3's record of a shard (a run it left unfinished, resumed now)
+                part["shard"] = {"name": part["chunk"]["filename"], **{k: part[k] for k in ("images", "bytes",
+                                                                                            "sha256")}}
             chunk = folder / part["shard"]["name"]
             if chunk.is_file() and chunk.stat().st_size == part["shard"]["bytes"]:
                 done[int(part["index"])] = part
@@ -836,6 +839,8 @@ def foreign_manifest(root: Path, data_dir: str | Path | None = None, image_key: 
         folder = root if flat else root / name
         index = folder / "index.json"
         chunks, fields = read_index(index, index, f"split {name} of {root}")
+        if not chunks:  # (LitData's reader fails on it with an assertion)
+            raise DataError(f"{index} lists no chunks: the {name} split holds no items")
         found = item_keys(fields, image_key, label_key, index)
         if keys is not None and found != keys:
             raise DataError(f"{index}: its items' fields ({found}) are not the train split's ({keys})")
