@@ -120,6 +120,8 @@ def compare(methods: Sequence[str], out_dir: str | Path, budget_seconds: float, 
     """Train every method of ``methods`` for ``budget_seconds`` of training wall time (``overrides`` applied alike
     on top of each one's recipe, :func:`method_config`), evaluate each with its own protocol, and write
     ``out_dir/report.md`` and ``out_dir/compare.json``. Returns compare.json. ``clock``: :func:`calibrate`'s."""
+    if not methods:
+        raise ConfigError("--methods must name at least one method")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods names a method twice: {','.join(methods)}")
     if not budget_seconds > 0:
