@@ -41,7 +41,9 @@ def test_two_steps_train_and_evaluate(tmp_path, data_dir, method):
     timing = on_disk["timing"]
     # "startup" is there only for the first run of a process, so it is not asked for here
     assert {"data", "train", "features", "knn", "probe", "total"} <= set(timing)
-    assert timing["train"] > 0 and timing["total"] >= sum(v for k, v in timing.items() if k != "total") - 1e-6
+    # each figure is rounded to the millisecond: the parts' sum may exceed the total by half a unit each
+    parts = sum(v for k, v in timing.items() if k != "total")
+    assert timing["train"] > 0 and timing["total"] >= parts - 5e-4 * len(timing)
 
 
 BATCH = 50

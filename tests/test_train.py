@@ -291,7 +291,8 @@ def test_results_account_for_the_wall_clock(tmp_path, data_dir, monkeypatch):
     results = train(tiny_cfg(data_dir, epochs=1), tmp_path / "run", progress=False, log=lines.append)
     timing = results["timing"]
     assert {"startup", "data", "train", "features", "knn", "probe", "total"} <= set(timing)
-    assert timing["total"] >= sum(v for k, v in timing.items() if k != "total") - 1e-6
+    # each figure is rounded to the millisecond: the parts' sum may exceed the total by half a unit each
+    assert timing["total"] >= sum(v for k, v in timing.items() if k != "total") - 5e-4 * len(timing)
     assert lines[-2] == f"results written to {tmp_path / 'run' / 'results.json'}"
     assert lines[-1].startswith(f"time: {timing['total']:.1f} s from process start = startup")
     assert results["method"] == "emp-ssl" and results["compile"] == "auto: eager on the CPU"
@@ -301,7 +302,8 @@ def test_results_account_for_the_wall_clock(tmp_path, data_dir, monkeypatch):
     again = train(tiny_cfg(data_dir, epochs=1), tmp_path / "run2", progress=False, log=lines.append)["timing"]
     elapsed = time.perf_counter() - t0
     other = again["total"] - sum(v for k, v in again.items() if k != "total")
-    assert "startup" not in again and 0 <= other and again["total"] <= elapsed + 0.01  # not the process's age
+    # not the process's age (each figure rounded to the millisecond, as above)
+    assert "startup" not in again and -5e-4 * len(again) <= other and again["total"] <= elapsed + 5e-4
     assert lines[-1].startswith(f"time: {again['total']:.1f} s from the start of this run = data")
 
 

@@ -169,7 +169,9 @@ def process_seconds() -> float:
 
 
 _IMPORTED = time.perf_counter()
-_CLOCK_ORIGIN: float | None = None  # process_seconds() at which the current run's account starts
+# perf_counter() at which the current run's account starts (the process's start, estimated, for its first run): the
+# phases are timed by perf_counter too, where /proc's process age moves in clock ticks (10 ms)
+_CLOCK_ORIGIN: float | None = None
 
 # The phases of results.json's "timing", in their order ("total" follows them); the report uses the same list.
 TIMING_FIELDS = ("startup", "data", "loggers", "compile", "train", "monitor", "features", "knn", "probe",
@@ -294,7 +296,7 @@ class RunSession:
     def __init__(self, out: Path, log: Callable[[str], None], *, main: bool = True, trains: bool = True) -> None:
         self.out, self.log, self.main, self.trains = Path(out), log, main, trains  # main: rank 0, the one that writes
         self.parts: dict[str, float] = {}  # seconds per phase
-        self.origin = 0.0  # process_seconds() at the account's start
+        self.origin = 0.0  # perf_counter() at the account's start
         self.before: dict[str, float] = {}  # the run's clock as a resume finds it (its checkpoint's "clock")
         self.started: float | None = None  # perf_counter() when this session's training began (Monitor.start)
         self.stop = StopFlag()
@@ -308,10 +310,12 @@ class RunSession:
 
     def __enter__(self) -> RunSession:
         global _CLOCK_ORIGIN
+        now = time.perf_counter()
         if _CLOCK_ORIGIN is None:
-            _CLOCK_ORIGIN, self.parts["startup"] = 0.0, process_seconds()
+            self.parts["startup"] = process_seconds()
+            _CLOCK_ORIGIN = now - self.parts["startup"]
         else:
-            _CLOCK_ORIGIN = process_seconds()
+            _CLOCK_ORIGIN = now
         self.origin = _CLOCK_ORIGIN
         return self
 
@@ -378,7 +382,7 @@ class RunSession:
         seconds from the account's start to now), written to ``path`` (default: results.json) when ``write`` (and
         rank 0), given to the trackers; the run's last line says where the time went."""
         results["timing"] = {k: round(self.parts[k], 3) for k in TIMING_FIELDS if self.parts.get(k)}
-        results["timing"]["total"] = round(process_seconds() - self.origin, 3)
+        results["timing"]["total"] = round(time.perf_counter() - self.origin, 3)
         if write and self.main:
             path = path or self.out / "results.json"
             write_json(path, results)
