@@ -1,5 +1,5 @@
-"""Wall and CPU time of the command line's start: ``empssl --help``, ``empssl train --help`` and a bad flag, each in
-a new process (medians of ``--runs``), and whether it imported torch.
+"""Wall and CPU time of the command line's start: ``empssl --help``, ``empssl train --help``, a bad flag and a bad
+method setting, each in a new process (medians of ``--runs``), and whether it imported torch.
 
     PYTHONPATH=src python bench/cli_startup.py            # this checkout
     cd OTHER && .venv/bin/python /path/to/bench/cli_startup.py   # another checkout's empssl (its editable install)
@@ -22,7 +22,9 @@ import sys
 import time
 
 CASES = {"empssl --help": ["--help"], "empssl train --help": ["train", "--help"],
-         "empssl train --epochs x (bad flag)": ["train", "--out", "x", "--epochs", "x"]}
+         "empssl train --epochs x (bad flag)": ["train", "--out", "x", "--epochs", "x"],
+         "empssl train --method byol --tau-base 2 (bad method setting)": ["train", "--out", "x", "--method", "byol",
+                                                                          "--tau-base", "2"]}
 
 
 def cpu_name() -> str:
