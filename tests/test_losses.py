@@ -98,6 +98,11 @@ def test_rejects_bad_shapes():
         emp_ssl_loss(torch.randn(4, 8))
     with pytest.raises(ValueError):
         total_coding_rate(torch.randn(8))
+    z = unit(4, 8, 16)
+    for wrong in (unit(3, 16, 16), unit(4, 16, 8), unit(64, 16)):  # other patches, other d, no patch axis
+        with pytest.raises(ValueError, match=r"tcr_over must have z's n_patches and d, shape \(4, B, 16\); got"):
+            emp_ssl_loss(z, tcr_over=wrong)
+    emp_ssl_loss(z, tcr_over=unit(4, 16, 16))  # all ranks' rows: more images, the same patches and d
 
 
 def test_the_module_is_the_function_and_keeps_the_terms():

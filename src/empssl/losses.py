@@ -63,6 +63,9 @@ def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 2
     if z.shape[0] < 2:
         raise ValueError(f"emp_ssl_loss needs at least 2 patches per image (the invariance term compares them); "
                          f"got z of shape {tuple(z.shape)}")
+    if tcr_over is not None and (tcr_over.dim() != 3 or tcr_over.shape[::2] != z.shape[::2]):
+        raise ValueError(f"tcr_over must have z's n_patches and d, shape ({z.shape[0]}, B, {z.shape[2]}); got "
+                         f"{tuple(tcr_over.shape)}")
     _check_weight("invariance_weight", invariance_weight)
     z = z.float()
     tcr = total_coding_rate(z if tcr_over is None else tcr_over, eps).mean()
