@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", required=True,
                    help="a folder of images, a class tree, an ImageFolder root (train/ val/ test/), Tiny ImageNet, "
                         "a .zip/.tar/.tar.gz of one, demo, tiny-imagenet, cifar10, cifar100, or a shard folder "
-                        "(empssl shard; also s3://BUCKET/PREFIX)")
+                        "(empssl shard; also s3:// or gs://BUCKET/PREFIX)")
     m.add_argument("--out", required=True, help="output file: .npz (features, names, labels, classes, protocol) "
                                                 "or .safetensors")
     inherited = ["test_patches", "eval_view", "eval_feature", "eval_seed", "eval_batch_size", "device"]
@@ -248,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", metavar="SRC", help="a folder of images, a class tree, an ImageFolder root (train/ val/ "
                                               "test/), Tiny ImageNet, a .zip/.tar/.tar.gz of one, demo, "
                                               "tiny-imagenet, or imagenet100:PATH / imagenet:PATH")
-    s.add_argument("--out", required=True, help="the shard folder (new, empty, or an unfinished run to continue), "
-                                                "or s3://BUCKET/PREFIX (written under --data-dir, then uploaded)")
+    s.add_argument("--out", required=True, help="the shard folder (new, empty, or an unfinished run to continue), or "
+                                                "s3:// or gs://BUCKET/PREFIX (written under --data-dir, then uploaded)")
     s.add_argument("--max-side", type=parse_positive, metavar="N",
                    help="images whose longer side is larger are resized to N and re-encoded (JPEG quality 90); "
                         "the others are stored byte for byte (default: no limit, every image as it is)")

@@ -60,7 +60,8 @@ class Config:
     data: str = setting("cifar10", "cifar10, cifar100, tiny-imagenet, demo (bundled 5,000-image CIFAR-10 subset), "
                         "imagenet100:PATH or imagenet:PATH (an ImageNet train/val tree), or a path to an "
                         "ImageFolder root with train/ and test/ (or val/), Tiny ImageNet as distributed, or a "
-                        ".tar/.tar.gz/.zip of one; or a shard folder (empssl shard), also s3://BUCKET/PREFIX", "data")
+                        ".tar/.tar.gz/.zip of one; or a shard folder (empssl shard), also s3:// or "
+                        "gs://BUCKET/PREFIX", "data")
     data_dir: str = setting("./data", "folder for torchvision datasets, the decoded-image cache and the cache of "
                                       "shards read from an object store", "data")
     image_size: int = setting(0, "resize images (shorter side + centre crop) to this size; 0 keeps their own size "

@@ -1,5 +1,5 @@
-"""Shard folders in an object store: ``--data s3://bucket/prefix`` (and ``gs://``) read by train, eval and embed,
-``empssl shard SRC --out s3://bucket/prefix`` written; every other output naming a bucket is refused.
+"""Shard folders in an object store: ``--data s3://bucket/prefix`` (or ``gs://``) read by train, eval and embed,
+``empssl shard SRC --out s3://bucket/prefix`` (or ``gs://``) written; every other output naming a bucket is refused.
 
 Reading: the folder's small files (manifest.json, each split's index.json and labels.npy) are fetched into a
 mirror under ``--data-dir`` and checked there by :func:`empssl.shard.verify_shards`, as local folders are; each
@@ -7,8 +7,9 @@ shard's size is checked against the bucket's listing (hashing would read every b
 into a chunk cache beside the mirror.
 
 Credentials and endpoint come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ...; gs://:
-``GOOGLE_APPLICATION_CREDENTIALS``). Every request has the bounded timeouts and tries of :mod:`empssl.litdata_http`:
-a missing bucket, object or credentials, or an unreachable endpoint, is one line (DataError) within seconds.
+``GOOGLE_APPLICATION_CREDENTIALS``, ``STORAGE_EMULATOR_HOST``). Every request has the bounded timeouts and tries of
+:mod:`empssl.litdata_http` (gs://: :data:`GS_RETRY_SECONDS` of tries): a missing bucket, object or credentials, or an
+unreachable endpoint, is one line (DataError) within seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from .data import DataError
 from .files import OutputError, write_atomic
 from .litdata_http import ATTEMPTS, CONNECT_SECONDS, READ_SECONDS
 from .shard import MANIFEST, Manifest, ShardFile, ShardFolder, check_size, verify_shards, write_shards
+
+GS_RETRY_SECONDS = CONNECT_SECONDS * ATTEMPTS  # google-cloud-storage counts its retries by time, not by tries
 
 
 class Unreachable(DataError):
@@ -64,7 +67,7 @@ class RemoteFolder(ShardFolder):
                 from google.api_core.exceptions import NotFound
 
                 with suppress(NotFound):
-                    data = bytes(self.client.bucket(self.bucket).blob(key).download_as_bytes(timeout=READ_SECONDS))
+                    data = bytes(self.client.bucket(self.bucket).blob(key).download_as_bytes(**gs_bounds()))
             else:
                 from botocore.exceptions import ClientError
 
@@ -76,6 +79,7 @@ class RemoteFolder(ShardFolder):
         if data is None:
             path.unlink(missing_ok=True)
             if name == MANIFEST:
+                self.sizes(MANIFEST)  # a missing bucket (gs:// answers its reads as a missing object's; not a list)
                 raise DataError(f"no {MANIFEST} in {self.url}: not a folder of empssl shards (make them with: "
                                 f"empssl shard SRC --out {self.url})")
             raise DataError(f"missing {self.url}/{name} (listed in {MANIFEST})")
@@ -91,7 +95,8 @@ class RemoteFolder(ShardFolder):
         at, out = f"{self.prefix}/{under}", dict[str, int]()
         with self.errors():
             if self.scheme == "gs":
-                return {b.name[len(at):]: int(b.size) for b in self.client.list_blobs(self.bucket, prefix=at)}
+                return {b.name[len(at):]: int(b.size)
+                        for b in self.client.list_blobs(self.bucket, prefix=at, **gs_bounds())}
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=at):
                 out.update({o["Key"][len(at):]: int(o["Size"]) for o in page.get("Contents", [])})
         return out
@@ -108,13 +113,15 @@ class RemoteFolder(ShardFolder):
         except ImportError:
             raise DataError(f"{self.url}: gs:// is read with google-cloud-storage, as LitData reads it: pip "
                             f"install google-cloud-storage") from None
-        return storage.Client()
+        with self.errors():
+            return storage.Client()
 
     @contextmanager
     def errors(self) -> Iterator[None]:
         """The store's refusals as one line naming the folder (and the endpoint where it matters)."""
         if self.scheme == "gs":
-            yield  # google-cloud-storage's errors are one line already; untested here (no GCS emulator)
+            with self._gs_errors():
+                yield
             return
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -134,6 +141,24 @@ class RemoteFolder(ShardFolder):
             raise Unreachable(f"{self.url}: cannot reach {self.client.meta.endpoint_url} after {ATTEMPTS} tries "
                               f"({type(e).__name__}); check AWS_ENDPOINT_URL and the network") from None
 
+    @contextmanager
+    def _gs_errors(self) -> Iterator[None]:
+        from google.api_core import exceptions as api
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            yield
+        except DefaultCredentialsError:
+            raise DataError(f"{self.url}: no credentials found; set GOOGLE_APPLICATION_CREDENTIALS (or run: gcloud "
+                            f"auth application-default login)") from None
+        except api.NotFound:  # only where a listing or a bucket is refused: a missing object is answered in fetch
+            raise DataError(f"{self.url}: bucket {self.bucket} not found at {self.client.api_endpoint}") from None
+        except (api.Forbidden, api.Unauthorized) as e:
+            raise DataError(f"{self.url}: access denied ({e.code})") from None
+        except api.RetryError:  # no connection, a timeout: after the bounded retries
+            raise Unreachable(f"{self.url}: cannot reach {self.client.api_endpoint} within {GS_RETRY_SECONDS} s of "
+                              f"tries; check STORAGE_EMULATOR_HOST (if set) and the network") from None
+
 
 def client_config() -> Any:
     """boto3's bounded timeouts and tries, for empssl's requests and LitData's."""
@@ -141,6 +166,13 @@ def client_config() -> Any:
 
     return Config(connect_timeout=CONNECT_SECONDS, read_timeout=READ_SECONDS,
                   retries={"total_max_attempts": ATTEMPTS, "mode": "standard"})
+
+
+def gs_bounds() -> dict[str, Any]:
+    """google-cloud-storage's arguments for empssl's own requests: each of them bounded as boto3's are."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return {"timeout": (CONNECT_SECONDS, READ_SECONDS), "retry": DEFAULT_RETRY.with_timeout(GS_RETRY_SECONDS)}
 
 
 def check_listed(split_url: str, shards: list[ShardFile]) -> None:
@@ -172,12 +204,9 @@ def litdata_options(manifest: Manifest, split: str) -> dict[str, Any]:
 
 
 def write_remote(spec: str, url: str, data_dir: str = "./data", **kw: Any) -> Manifest:
-    """``empssl shard SRC --out s3://...``: the shards written into a local staging folder under ``data_dir``
+    """``empssl shard SRC --out s3://...`` (or gs://): the shards written into a local staging folder under ``data_dir``
     (resumable), then uploaded, manifest.json last, so that a reader (which starts from it) never sees half a
     folder. A prefix holding a manifest is refused; one with the objects of an unfinished upload is written over."""
-    if not url.startswith("s3://"):
-        raise OutputError(f"--out {url}: empssl shard uploads to s3:// only; write locally and copy the folder "
-                          f"(gsutil -m cp -r DIR {url})")
     folder = RemoteFolder(url, data_dir)
     if MANIFEST in folder.sizes(""):
         raise DataError(f"--out {url} already holds a shard folder ({MANIFEST}); give another prefix")
@@ -186,6 +215,10 @@ def write_remote(spec: str, url: str, data_dir: str = "./data", **kw: Any) -> Ma
     data = [f"{name}/{f.name}" for name, split in local.splits.items() for f in [*split.shards, split.labels]]
     with folder.errors():
         for key in [*data, *(f"{name}/index.json" for name in local.splits), MANIFEST]:
-            folder.client.upload_file(str(stage / key), folder.bucket, f"{folder.prefix}/{key}")
+            if folder.scheme == "gs":
+                folder.client.bucket(folder.bucket).blob(f"{folder.prefix}/{key}").upload_from_filename(
+                    str(stage / key), **gs_bounds())
+            else:
+                folder.client.upload_file(str(stage / key), folder.bucket, f"{folder.prefix}/{key}")
     shutil.rmtree(stage, ignore_errors=True)
     return verify_shards(RemoteFolder(url, data_dir))

@@ -1,0 +1,100 @@
+"""gs:// shard folders (empssl.remote) against a GCS emulator on 127.0.0.1: ``empssl shard --out gs://`` writes the
+local folder's bytes, train and eval read ``gs://bucket/prefix`` as they read the local copy, and bad input is one
+line and exit 2.
+
+The emulator is gcp-storage-emulator (pure Python, in memory, a free port), which google-cloud-storage reaches through
+``STORAGE_EMULATOR_HOST`` with anonymous credentials. LitData reads gs:// chunks through obstore where it is
+installed, building obstore's store from the client's credentials without the emulator's address (litdata 0.2.76,
+``GCPDownloader._get_store``); here it reads them through google-cloud-storage, LitData's other path, as it does
+without obstore. The google credential lookup's metadata-server probe is off: nothing beyond 127.0.0.1 is asked.
+"""
+
+import json
+
+import pytest
+import torch
+
+from empssl.checkpoint import read_checkpoint
+from empssl.cli import main
+
+from .conftest import TINY
+from .test_remote import _free_port
+from .test_stream import _one_line, image_tree, shards_of
+
+pytest.importorskip("litdata")
+emulator = pytest.importorskip("gcp_storage_emulator.server")  # the test extra
+storage = pytest.importorskip("google.cloud.storage")
+
+BUCKET = "empssl-test"
+PER_CLASS = {"train": 10, "test": 4}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, data_dir):
+    """(local shard folder, its source tree, data dir): the emulator running, the shards not yet in it."""
+    port = _free_port()
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        from litdata.streaming import downloader
+
+        mp.setattr(downloader, "_OBSTORE_AVAILABLE", False)  # the module docstring; forked workers inherit it
+        mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        mp.setenv("NO_GCE_CHECK", "True")
+        mp.setenv("CLOUDSDK_CONFIG", str(tmp_path_factory.mktemp("gcloud")))  # no gcloud credentials
+        mp.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+        src = image_tree(tmp_path_factory.mktemp("src"), data_dir, PER_CLASS)
+        local = shards_of(src, tmp_path_factory.mktemp("shards") / "shards", shard_size=30)
+        try:
+            yield local, src, tmp_path_factory.mktemp("dd")
+        finally:
+            server.stop()
+
+
+def _train(tmp_path, data, data_dir, out="out"):
+    return main(["train", "--data", str(data), "--data-mode", "stream", "--image-size", "32", "--out",
+                 str(tmp_path / out), "--data-dir", str(data_dir), "--no-progress", "--epochs", "1",
+                 "--monitor-bank", "20", *TINY])
+
+
+def test_shard_into_the_bucket_then_train_and_eval_from_it_as_from_the_local_copy(store, tmp_path, capsys):
+    local, src, dd = store
+    url = f"gs://{BUCKET}/demo"
+    argv = ["shard", str(src), "--out", url, "--shard-size", "30", "--workers", "1", "--no-progress",
+            "--data-dir", str(dd)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert f"manifest {url}/manifest.json" in capsys.readouterr().out
+    blobs = {b.name[len("demo/"):]: b for b in storage.Client().list_blobs(BUCKET, prefix="demo/")}
+    assert blobs.keys() == {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    for name, blob in blobs.items():  # the local folder's bytes
+        assert blob.download_as_bytes() == (local / name).read_bytes(), name
+    assert main(argv) == 2
+    _one_line(capsys, f"--out {url} already holds a shard folder")
+
+    runs = {}
+    for name, data in (("local", local), ("gs", url)):
+        assert _train(tmp_path, data, dd, name) == 0, capsys.readouterr().err
+        runs[name] = read_checkpoint(tmp_path / name), json.loads((tmp_path / name / "results.json").read_text())
+    (ckpt, results), (ref_ckpt, ref_results) = runs["gs"], runs["local"]
+    assert ckpt["step"] == ref_ckpt["step"] == 5
+    for key, value in ref_ckpt["model"].items():
+        assert torch.equal(value, ckpt["model"][key]), key
+    for key in ("linear_top1", "knn_top1", "n_train", "n_test"):
+        assert results[key] == ref_results[key], key
+    assert results["eval_sets"]["train"]["source"] == url
+    assert ckpt["data"] == ref_ckpt["data"]  # what a resumed run checks its data against
+
+
+def test_a_missing_bucket_folder_or_endpoint_and_no_credentials_are_one_line(store, tmp_path, capsys, monkeypatch):
+    _, _, dd = store
+    assert _train(tmp_path, "gs://no-such-bucket/demo", dd) == 2
+    _one_line(capsys, "gs://no-such-bucket/demo: bucket no-such-bucket not found at http://127.0.0.1:")
+    assert _train(tmp_path, f"gs://{BUCKET}/nothing", dd) == 2
+    _one_line(capsys, f"no manifest.json in gs://{BUCKET}/nothing: not a folder of empssl shards")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    assert _train(tmp_path, f"gs://{BUCKET}/demo", dd) == 2
+    _one_line(capsys, f"gs://{BUCKET}/demo: cannot reach http://127.0.0.1:", "within 9 s of tries")
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")  # Google's own endpoint, without credentials: refused before asking
+    assert _train(tmp_path, f"gs://{BUCKET}/demo", dd) == 2
+    _one_line(capsys, f"gs://{BUCKET}/demo: no credentials found; set GOOGLE_APPLICATION_CREDENTIALS")
+    assert not (tmp_path / "out").exists()
