@@ -10,10 +10,12 @@ without obstore. The google credential lookup's metadata-server probe is off: no
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from empssl import stream
 from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
 
@@ -49,6 +51,16 @@ def store(tmp_path_factory, data_dir):
             yield local, src, tmp_path_factory.mktemp("dd")
         finally:
             server.stop()
+
+
+def upload(folder: Path, prefix: str, change=lambda name, data: data) -> str:
+    """Every file of ``folder`` to gs://BUCKET/prefix/ (``change(name, bytes)`` may edit one, None leaves it out)."""
+    bucket = storage.Client().bucket(BUCKET)
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and (data := change(name, path.read_bytes())) is not None:
+            bucket.blob(f"{prefix}/{name}").upload_from_string(data)
+    return f"gs://{BUCKET}/{prefix}"
 
 
 def _train(tmp_path, data, data_dir, out="out"):
@@ -98,3 +110,23 @@ def test_a_missing_bucket_folder_or_endpoint_and_no_credentials_are_one_line(sto
     assert _train(tmp_path, f"gs://{BUCKET}/demo", dd) == 2
     _one_line(capsys, f"gs://{BUCKET}/demo: no credentials found; set GOOGLE_APPLICATION_CREDENTIALS")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_index_or_a_shard_of_another_size_in_the_bucket_is_one_line(store, tmp_path, capsys):
+    local, _, dd = store
+    upload(local, "noindex", lambda name, data: None if name == "test/index.json" else data)
+    upload(local, "cut", lambda name, data: data[:-1] if name == "train/chunk-0-1.bin" else data)
+    assert _train(tmp_path, f"gs://{BUCKET}/noindex", dd) == 2
+    _one_line(capsys, f"missing gs://{BUCKET}/noindex/test/index.json (listed in manifest.json)")
+    assert _train(tmp_path, f"gs://{BUCKET}/cut", dd) == 2
+    _one_line(capsys, f"shard gs://{BUCKET}/cut/train/chunk-0-1.bin is ", "manifest.json says")
+
+
+def test_a_shard_that_vanishes_from_the_bucket_while_read_is_named_in_one_line(store, tmp_path):
+    url = upload(store[0], "vanish")
+    items = stream.shard_items(stream.read_manifest(url, str(tmp_path)), "train")
+    gone = sorted(p.name for p in (store[0] / "train").glob("chunk-*.bin"))[1]
+    storage.Client().bucket(BUCKET).blob(f"vanish/train/{gone}").delete()
+    err = str(stream.read_error(items, [40], "cannot read image 40:\nhung download"))
+    assert err.startswith(f"missing shard {url}/train/{gone} (listed in manifest.json); it changed after this "
+                          f"command checked it") and "\n" not in err
