@@ -935,18 +935,3 @@ def _foreign_labels(folder: Path, chunks: list[ShardFile], label: str | None, se
         np.save(buf, labels, allow_pickle=False)
         write_atomic(cached, lambda tmp: tmp.write_bytes(buf.getvalue()))
     return labels
-
-
-def warn_grouped(labels: np.ndarray, where: str) -> None:
-    """One warning line when ``labels`` (in item order) are grouped by class, which LitData's shuffle keeps: said
-    where training streams a split (:class:`empssl.stream.StreamBatches`), not where a folder is only read."""
-    if len(labels) < 2:
-        return
-    same = float(np.mean(labels[1:] == labels[:-1]))
-    shares = np.bincount(labels) / len(labels)
-    chance = float((shares**2).sum())  # neighbours of one class in a random order
-    if same > 0.5 and same > 2 * chance:
-        print(f"warning: {where} holds its items grouped by class ({same:.0%} of neighbouring items are of one "
-              f"class; {chance:.0%} in a random order), so LitData's shuffle (chunks, then items within a window of "
-              f"one chunk) gives batches of few classes; write the images with empssl shard, which mixes them",
-              file=sys.stderr)

@@ -54,7 +54,6 @@ from .shard import (
     reader_serializers,
     verify_file,
     verify_shards,
-    warn_grouped,
 )
 
 T = TypeVar("T")
@@ -505,6 +504,21 @@ def decode_batch(raw: list[torch.Tensor], names: list[str], image_size: int, dev
 def _n_workers() -> int:
     """The CPUs but one of this process's share (torchrun: the node's CPUs over its ranks), at most 8."""
     return max(1, min(8, cpu_share() - 1))
+
+
+def warn_grouped(labels: np.ndarray, where: str) -> None:
+    """One warning line when ``labels`` (in item order) are grouped by class, which LitData's shuffle keeps: said
+    where training streams a split (:class:`empssl.stream.StreamBatches`), not where a folder is only read."""
+    if len(labels) < 2:
+        return
+    same = float(np.mean(labels[1:] == labels[:-1]))
+    shares = np.bincount(labels) / len(labels)
+    chance = float((shares**2).sum())  # neighbours of one class in a random order
+    if same > 0.5 and same > 2 * chance:
+        print(f"warning: {where} holds its items grouped by class ({same:.0%} of neighbouring items are of one "
+              f"class; {chance:.0%} in a random order), so LitData's shuffle (chunks, then items within a window of "
+              f"one chunk) gives batches of few classes; write the images with empssl shard, which mixes them",
+              file=sys.stderr)
 
 
 class StreamBatches:
