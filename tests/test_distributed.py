@@ -6,6 +6,7 @@ milliseconds) and join through the same env:// rendezvous torchrun sets up; one 
 """
 
 import contextlib
+import gc
 import importlib
 import json
 import multiprocessing as mp
@@ -64,9 +65,22 @@ def interrupt_after(k: int) -> None:
     train_module.train_step = step
 
 
+def _checked_destroy(destroy):
+    """torch.distributed.destroy_process_group, refusing to run while a DDP wrapper is alive: its Reducer would then
+    hold the group's last reference and free it with the GIL held, which deadlocks torch 2.11's gloo."""
+
+    def checked(*args, **kw):
+        if any(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects()):
+            raise AssertionError("a DDP wrapper outlives the process group")
+        return destroy(*args, **kw)
+
+    return checked
+
+
 def _rank_main(rank: int, port: int, cfg: Config, out: str, data, interrupt: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
+    torch.distributed.destroy_process_group = _checked_destroy(torch.distributed.destroy_process_group)
     torch.set_num_threads(1)  # two ranks on a two-core machine; also keeps the forked OpenMP pool unused
     if interrupt and rank == WORLD - 1:  # a stop asked on the last rank must stop rank 0 too
         interrupt_after(interrupt)

@@ -15,6 +15,7 @@ must be shared storage (:func:`shared_checkpoint`).
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import secrets
 import signal
@@ -133,8 +134,12 @@ def die_with_parent() -> None:
 
 
 def teardown(created: bool) -> None:
+    """Destroy the process group this session created, once the DDP wrapper is gone: a DDP Reducer freed after
+    this holds the group's last reference and destroys it with the GIL held, which deadlocks torch 2.11's gloo (a
+    worker thread needs the GIL to free a finished collective's tensors; tests/test_distributed.py hung so)."""
     if created and tdist.is_initialized():
-        tdist.destroy_process_group()
+        gc.collect()  # a DDP wrapper in a reference cycle goes now, while the group still holds a reference
+        tdist.destroy_process_group()  # torch frees the group itself with the GIL released
 
 
 @contextmanager

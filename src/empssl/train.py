@@ -452,6 +452,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, log: Calla
                    "device": device_name(run.device),
                    "compile": run.compiler.reason if run.compiler else None,  # monitoring: wall time and hardware
                    "fallbacks": fallbacks, **accounted}
+        run.compiler = None  # the DDP wrapper goes while the process group is alive (distributed.teardown)
         # an online run without --online-eval has no labelled data: it ends with its summary
         if not evaluate_at_end or not len(run.test_data):
             distributed.teardown(run.own_group)
