@@ -79,7 +79,7 @@ class RemoteFolder(ShardFolder):
         if data is None:
             path.unlink(missing_ok=True)
             if name == MANIFEST:
-                self.sizes(MANIFEST)  # a missing bucket (gs:// answers its reads as a missing object's; not a list)
+                self.sizes(MANIFEST)  # names a missing bucket (a gs:// read there answers as for a missing object)
                 raise DataError(f"no {MANIFEST} in {self.url}: not a folder of empssl shards (make them with: "
                                 f"empssl shard SRC --out {self.url})")
             raise DataError(f"missing {self.url}/{name} (listed in {MANIFEST})")
@@ -100,6 +100,15 @@ class RemoteFolder(ShardFolder):
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=at):
                 out.update({o["Key"][len(at):]: int(o["Size"]) for o in page.get("Contents", [])})
         return out
+
+    def upload(self, local: Path, name: str) -> None:
+        """``local`` to ``prefix/name``."""
+        key = f"{self.prefix}/{name}"
+        with self.errors():
+            if self.scheme == "gs":
+                self.client.bucket(self.bucket).blob(key).upload_from_filename(str(local), **gs_bounds())
+            else:
+                self.client.upload_file(str(local), self.bucket, key)
 
     @cached_property
     def client(self) -> Any:
@@ -213,12 +222,7 @@ def write_remote(spec: str, url: str, data_dir: str = "./data", **kw: Any) -> Ma
     stage = folder.root.parent / f".{folder.root.name}.upload"
     local = write_shards(spec, stage, data_dir=data_dir, **kw)
     data = [f"{name}/{f.name}" for name, split in local.splits.items() for f in [*split.shards, split.labels]]
-    with folder.errors():
-        for key in [*data, *(f"{name}/index.json" for name in local.splits), MANIFEST]:
-            if folder.scheme == "gs":
-                folder.client.bucket(folder.bucket).blob(f"{folder.prefix}/{key}").upload_from_filename(
-                    str(stage / key), **gs_bounds())
-            else:
-                folder.client.upload_file(str(stage / key), folder.bucket, f"{folder.prefix}/{key}")
+    for key in [*data, *(f"{name}/index.json" for name in local.splits), MANIFEST]:
+        folder.upload(stage / key, key)
     shutil.rmtree(stage, ignore_errors=True)
     return verify_shards(RemoteFolder(url, data_dir))
