@@ -538,8 +538,8 @@ def _remove_unlisted(folder: Path, manifest: Manifest) -> None:
     for a reader that read that one, docs/DATA.md)."""
     split, appends = manifest.splits[NO_SPLIT], manifest.data.get("appends", [])
     listed = {f.name for f in split.shards} | {split.labels.name}
-    if appends:  # the previous manifest's labels: labels.npy before the second append
-        listed.add(f"labels-{split.images - appends[-1]['images']}.npy" if len(appends) > 1 else LABELS)
+    if appends:  # the previous manifest's labels
+        listed.add(_labels_name(len(appends) - 1, split.images - appends[-1]["images"]))
     for path in [*folder.glob("chunk-*.bin"), *folder.glob("labels*.npy")]:
         if path.name not in listed:
             path.unlink(missing_ok=True)
@@ -555,13 +555,19 @@ def _publish_append(out: Path, manifest: Manifest, parts: list[dict[str, Any]], 
     index, train = json.loads((folder / "index.json").read_text()), data["splits"][NO_SPLIT]
     # the shards listed before; index.json may list more, of an append that failed before its manifest
     old = [{"chunk": c, "config": index["config"], "shard": f} for c, f in zip(index["chunks"], train["shards"])]
+    name = _labels_name(len(data.get("appends", [])) + 1, train["images"] + len(labels))
     data["splits"][NO_SPLIT] = _list_split(folder, old + parts, [*manifest.labels(NO_SPLIT).tolist(), *labels],
-                                           [train, *parts], f"labels-{train['images'] + len(labels)}.npy")
+                                           [train, *parts], name)
     data.update(_totals(data["splits"]), appends=[*data.get("appends", []), record])
     _write_json(out / MANIFEST, data)
     published = verify_shards(out, hashes=False)
     _remove_unlisted(folder, published)
     return published
+
+
+def _labels_name(appends: int, images: int) -> str:
+    """The train split's labels file after ``appends`` appends, when it holds ``images`` images."""
+    return f"labels-{images}.npy" if appends else LABELS
 
 
 # --- checking ------------------------------------------------------------------------------------------
