@@ -120,6 +120,9 @@ def test_compare_refuses_a_folder_another_comparison_writes(tmp_path, data_dir, 
 def test_compare_smoke_trains_every_method_and_reports(tmp_path, data_dir, capsys, monkeypatch):
     tick = 0.05  # each calibration run: the probe alone, or the probe and a longer run, within 10 % of 20 s
     compare_with_clock(monkeypatch, ticking(tick))
+    # every run's measured rate 1,280 views/s: schedules of 200 (emp-ssl, 128 views a step) or 400 steps (the
+    # others, 64), however fast the machine is (a faster CI machine's longer VICReg schedule once went non-finite)
+    monkeypatch.setattr(cmp, "median_throughput", lambda rows: 1280.0)
     out = tmp_path / "cmp"
     argv = ["compare", "--smoke", "--budget-seconds", "20", "--out", str(out), "--data-dir", str(data_dir),
             "--no-progress", "--targets", "15"]
@@ -128,6 +131,7 @@ def test_compare_smoke_trains_every_method_and_reports(tmp_path, data_dir, capsy
     summary = json.loads((out / "compare.json").read_text())
     assert [r["method"] for r in summary["rows"]] == ["emp-ssl", "simclr", "vicreg", "byol"]
     for m, entry in summary["plan"]["methods"].items():  # each calibration timed by the clock, run by run
+        assert entry["steps_per_s"] == (10.0 if m == "emp-ssl" else 20.0)
         calibration = entry["calibration"]
         runs = 1 + (calibration["steps"] > cmp.PROBE_STEPS)
         assert calibration["seconds"] == pytest.approx(runs * tick), (m, entry)
