@@ -88,7 +88,8 @@ class ShardItems:
         self.folder, self.count, self._labels, self.shards = folder, count, labels, shards or []
         self.options, self.keys = options or {}, keys or ItemKeys()
         self.cache_dir: str | None = self.options.get("cache_dir")
-        self._pid = 0  # LitData's dataset is opened in the process that reads (a forked one opens its own)
+        self._ds: Any = None  # LitData's dataset, opened in the process that reads (a forked one opens its own)
+        self._pid = 0  # the process that opened it
 
     def __len__(self) -> int:
         return self.count
