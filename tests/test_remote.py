@@ -307,6 +307,14 @@ def test_an_endpoint_gone_while_iterating_is_one_line_after_bounded_tries(store,
     url = f"s3://{BUCKET}/demo"
     loader, items = _loader(url, tmp_path, workers=1)  # index.json read; no chunk yet
     server.stop()
+    failed = _read_failing(loader, items)
+    err = str(failed)
+    assert err.startswith(f"{url}: cannot reach {endpoint} after 3 tries") and "\n" not in err, err
+    assert "max_retries: 2," in str(failed.__cause__)  # the workers' obstore reads tried 3 times too
+
+
+def _read_failing(loader, items) -> BaseException:
+    """What :func:`_read` raised, read in a thread under a ceiling (unbounded, obstore retries for up to 180 s)."""
     failed: list[BaseException] = []
 
     def iterate():
@@ -317,11 +325,9 @@ def test_an_endpoint_gone_while_iterating_is_one_line_after_bounded_tries(store,
 
     reader = threading.Thread(target=iterate, daemon=True)
     reader.start()
-    reader.join(timeout=150)  # a ceiling, not a timing: unbounded, obstore retries for up to 180 s
+    reader.join(timeout=150)  # a ceiling, not a timing
     assert failed, "still reading"
-    err = str(failed[0])
-    assert err.startswith(f"{url}: cannot reach {endpoint} after 3 tries") and "\n" not in err, err
-    assert "max_retries: 2," in str(failed[0].__cause__)  # the workers' obstore reads tried 3 times too
+    return failed[0]
 
 
 def test_another_litdata_version_is_named_in_one_line(monkeypatch, capsys):
@@ -337,5 +343,5 @@ def test_another_litdata_version_is_named_in_one_line(monkeypatch, capsys):
         litdata_http.install()
     finally:
         litdata_http.install.cache_clear()
-    _one_line(capsys, "empssl: litdata 9.9.9 is not a version the plain-http adapter was tested with (0.2.76)",
+    _one_line(capsys, "empssl: litdata 9.9.9 is not a version the object-store adapter was tested with (0.2.76)",
               "not installed")

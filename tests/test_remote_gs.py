@@ -3,13 +3,16 @@ local folder's bytes, train and eval read ``gs://bucket/prefix`` as they read th
 line and exit 2.
 
 The emulator is gcp-storage-emulator (pure Python, in memory, a free port), which google-cloud-storage reaches through
-``STORAGE_EMULATOR_HOST`` with anonymous credentials. LitData reads gs:// chunks through obstore where it is
-installed, building obstore's store from the client's credentials without the emulator's address (litdata 0.2.76,
-``GCPDownloader._get_store``); here it reads them through google-cloud-storage, LitData's other path, as it does
-without obstore. The google credential lookup's metadata-server probe is off: nothing beyond 127.0.0.1 is asked.
+``STORAGE_EMULATOR_HOST`` with anonymous credentials. LitData reads the chunks through obstore (its dependency), as it
+does for every user, in the store that empssl.litdata_http builds where the client points. The emulator's XML-API
+download (the one obstore asks) leaves out the Last-Modified and ETag headers that Google's sends and obstore
+requires; :func:`_xml_reads` adds them. The google credential lookup's metadata-server probe is off: nothing beyond
+127.0.0.1 is asked.
 """
 
+import contextlib
 import json
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from empssl.checkpoint import read_checkpoint
 from empssl.cli import main
 
 from .conftest import TINY
-from .test_remote import _free_port
+from .test_remote import _free_port, _loader, _read_failing
 from .test_stream import _one_line, image_tree, shards_of
 
 pytest.importorskip("litdata")
@@ -38,9 +41,7 @@ def store(tmp_path_factory, data_dir):
     server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     with pytest.MonkeyPatch.context() as mp:
-        from litdata.streaming import downloader
-
-        mp.setattr(downloader, "_OBSTORE_AVAILABLE", False)  # the module docstring; forked workers inherit it
+        _xml_reads(mp)
         mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
         mp.setenv("NO_GCE_CHECK", "True")
         mp.setenv("CLOUDSDK_CONFIG", str(tmp_path_factory.mktemp("gcloud")))  # no gcloud credentials
@@ -51,6 +52,34 @@ def store(tmp_path_factory, data_dir):
             yield local, src, tmp_path_factory.mktemp("dd")
         finally:
             server.stop()
+
+
+XML_READS: list[str] = []  # the objects read through the emulator's XML API (obstore's requests), in any process
+
+
+def _xml_reads(mp: pytest.MonkeyPatch) -> None:
+    """The emulator's XML-API download as obstore asks it and Google answers it: the bucket's name percent-encoded
+    in the path, and the Last-Modified and ETag headers in the answer; each object read is recorded in XML_READS (the
+    emulator runs in this process: every reader's request lands here)."""
+    from email.utils import format_datetime
+
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    def download(request, response, storage, *args, **kwargs):
+        objects.download(request, response, storage, *args, **kwargs)
+        bucket, name = request.params["bucket_name"], request.params["object_id"]
+        with contextlib.suppress(NotFound):  # (the emulator's own 404 stands)
+            obj = storage.get_file_obj(bucket, name)
+            response["Last-Modified"] = format_datetime(datetime.fromisoformat(obj["updated"]), usegmt=True)
+            response["ETag"] = f'"{obj["etag"]}"'
+            XML_READS.append(name)
+
+    xml = "^/(?P<bucket_name>[-.\\w]+)/"
+    assert sum(pattern.startswith(xml) for pattern, _ in emulator.HANDLERS) == 1, "the emulator's XML route changed"
+    mp.setattr(emulator, "HANDLERS", tuple(  # obstore percent-encodes the bucket's name too ("empssl%2Dtest")
+        (pattern.replace("[-.\\w]+", "[-.\\w%]+", 1), {**methods, "GET": download}) if pattern.startswith(xml)
+        else (pattern, methods) for pattern, methods in emulator.HANDLERS))
 
 
 def upload(folder: Path, prefix: str, change=lambda name, data: data) -> str:
@@ -84,6 +113,7 @@ def test_shard_into_the_bucket_then_train_and_eval_from_it_as_from_the_local_cop
     _one_line(capsys, f"--out {url} already holds a shard folder")
 
     runs = {}
+    XML_READS.clear()
     for name, data in (("local", local), ("gs", url)):
         assert _train(tmp_path, data, dd, name) == 0, capsys.readouterr().err
         runs[name] = read_checkpoint(tmp_path / name), json.loads((tmp_path / name / "results.json").read_text())
@@ -95,6 +125,7 @@ def test_shard_into_the_bucket_then_train_and_eval_from_it_as_from_the_local_cop
         assert results[key] == ref_results[key], key
     assert results["eval_sets"]["train"]["source"] == url
     assert ckpt["data"] == ref_ckpt["data"]  # what a resumed run checks its data against
+    assert {n.rpartition("/")[2] for n in XML_READS} >= {p.name for p in local.rglob("chunk-*.bin")}  # by obstore
 
 
 def test_a_missing_bucket_folder_or_endpoint_and_no_credentials_are_one_line(store, tmp_path, capsys, monkeypatch):
@@ -130,3 +161,19 @@ def test_a_shard_that_vanishes_from_the_bucket_while_read_is_named_in_one_line(s
     err = str(stream.read_error(items, [40], "cannot read image 40:\nhung download"))
     assert err.startswith(f"missing shard {url}/train/{gone} (listed in manifest.json); it changed after this "
                           f"command checked it") and "\n" not in err
+
+
+def test_an_endpoint_gone_while_iterating_is_one_line_after_bounded_tries(store, tmp_path, monkeypatch):
+    port = _free_port()  # a second emulator, with its own objects, stopped once the loader is open
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+    server.start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        url = upload(store[0], "gone")
+        loader, items = _loader(url, tmp_path, workers=1)  # manifest and index.json read; no chunk yet
+    finally:
+        server.stop()
+    failed = _read_failing(loader, items)
+    err = str(failed)
+    assert err.startswith(f"{url}: cannot reach http://127.0.0.1:{port} within 9 s of tries") and "\n" not in err, err
+    assert "max_retries: 2," in str(failed.__cause__)  # the worker's obstore reads tried 3 times

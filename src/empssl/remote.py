@@ -197,8 +197,7 @@ def read_remote(url: str, data_dir: str = "./data") -> Manifest:
     """The manifest of the shard folder at ``url``, checked (the module docstring); DataError (one line) otherwise."""
     folder = RemoteFolder(url, data_dir)
     manifest = verify_shards(folder)
-    if folder.scheme == "s3":
-        litdata_http.install()
+    litdata_http.install()
     return manifest
 
 
