@@ -108,6 +108,7 @@ def test_a_file_being_written_waits_and_a_broken_one_is_skipped(tmp_path, data_d
     folder, out = tmp_path / "in", tmp_path / "run"
     folder.mkdir()
     data = [png_bytes(p) for p in pictures[:21]]
+    settle = 1.0  # the half-written file's second half must come within it: half of it is left for a busy machine
 
     def slow_writer() -> None:
         for i in range(10):
@@ -115,10 +116,10 @@ def test_a_file_being_written_waits_and_a_broken_one_is_skipped(tmp_path, data_d
             time.sleep(0.01)
         (folder / "broken.png").write_bytes(data[10][: len(data[10]) // 2])  # stays truncated: skipped
         (folder / ".b00.png.tmp").write_bytes(data[11])  # hidden while written, renamed when done
-        with (folder / "b01.png").open("wb") as f:  # written in two halves, SETTLE / 2 apart: read whole
+        with (folder / "b01.png").open("wb") as f:  # written in two halves, settle / 2 apart: read whole
             f.write(data[12][:100])
             f.flush()
-            time.sleep(SETTLE / 2)
+            time.sleep(settle / 2)
             f.write(data[12][100:])
         time.sleep(0.05)
         os.rename(folder / ".b00.png.tmp", folder / "b00.png")
@@ -129,7 +130,8 @@ def test_a_file_being_written_waits_and_a_broken_one_is_skipped(tmp_path, data_d
     t = threading.Thread(target=slow_writer, daemon=True)
     t.start()
     lines: list[str] = []
-    res = train_online(online_cfg(folder, data_dir, online_stop=20), out, progress=False, log=lines.append)
+    res = train_online(online_cfg(folder, data_dir, online_stop=20, online_settle=settle), out, progress=False,
+                       log=lines.append)
     t.join()
     got = learned(out)
     assert res["images_skipped"] == 1 and any("broken.png" in line for line in lines)
