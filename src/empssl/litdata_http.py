@@ -26,6 +26,7 @@ TESTED = ("0.2.76",)  # the litdata versions this adapter was tested with (tests
 # every request to a store, empssl's (boto3, empssl.remote) and LitData's chunk reads: worst case about 3 x 3 s plus
 # back-off on a silent endpoint
 CONNECT_SECONDS, READ_SECONDS, ATTEMPTS = 3, 30, 3
+RETRY: Any = {"max_retries": ATTEMPTS - 1}  # obstore's retry_config: ATTEMPTS tries in all
 
 
 @functools.cache  # once per process (its forked workers inherit it)
@@ -52,7 +53,7 @@ def install() -> None:
         store = build(bucket, s3_client)
         options: Any = {**store.client_options, **bounds(str(s3_client.client.meta.endpoint_url))}
         config: Any = {k: v for k, v in store.config.items() if k != "bucket"}  # the bucket is given once
-        return S3Store(bucket, config=config, client_options=options, retry_config={"max_retries": ATTEMPTS - 1},
+        return S3Store(bucket, config=config, client_options=options, retry_config=RETRY,
                        credential_provider=store.credential_provider)
 
     def gcs_store(self: Any, bucket: str) -> Any:
@@ -65,14 +66,13 @@ def install() -> None:
             endpoint, anonymous = str(client.api_endpoint), isinstance(client._credentials, AnonymousCredentials)
             options: Any = bounds(endpoint)
             return GCSStore(bucket, config={"base_url": endpoint, "skip_signature": anonymous},
-                            client_options=options, retry_config={"max_retries": ATTEMPTS - 1},
+                            client_options=options, retry_config=RETRY,
                             credential_provider=None if anonymous else
                             GoogleCredentialProvider(credentials=client._credentials))
 
         return downloader._cached_obstore_store(self, build_gcs)
 
     bounded.litdata_build = build  # type: ignore[attr-defined]  # LitData's own (the tests read it)
-    gcs_store.litdata_build = downloader.GCPDownloader._get_store  # type: ignore[attr-defined]
     downloader._build_obstore_s3_store = bounded
     downloader.GCPDownloader._get_store = gcs_store
     # A failed chunk read is raised by the reader, with its cause, and named in one line by stream.failed_read:
